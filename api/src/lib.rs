@@ -1,0 +1,112 @@
+//! Capibara's HTTP API (axum). [`app`] builds the router so tests can serve it in-process;
+//! `main.rs` only wires config, telemetry and shutdown.
+//!
+//! # Layout
+//! - [`routes`]: one module per resource (`jobs`, `admin`).
+//! - [`auth`]: API keys, roles, rate limits.
+//! - [`extract`]: JSON bodies, `Prefer`, `Idempotency-Key`, query parsing — all failing as problems.
+//! - [`error`]: the only place errors become HTTP responses (RFC 9457).
+//! - [`wait`]: `Prefer: wait` on top of stream hints.
+//! - [`openapi`]: the generated OpenAPI document and Swagger UI.
+
+pub mod auth;
+pub mod error;
+pub mod extract;
+pub mod openapi;
+pub mod routes;
+pub mod wait;
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use axum::{
+    extract::DefaultBodyLimit,
+    routing::{get, post},
+    Router,
+};
+use capibara_shared::{config::Config, hints::StreamWatch, ops, queue::Queue, store::Store};
+use tokio::net::TcpListener;
+use tower_http::{catch_panic::CatchPanicLayer, timeout::TimeoutLayer, trace::TraceLayer};
+use utoipa::OpenApi;
+
+use crate::error::ApiError;
+
+/// Everything a handler needs; cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Store,
+    pub queue: Queue,
+    /// Wake-ups for `Prefer: wait` and SSE followers.
+    pub watch: StreamWatch,
+    pub config: Arc<Config>,
+    pub keys: auth::KeyCache,
+    pub limiter: auth::RateLimiter,
+}
+
+impl AppState {
+    pub fn new(store: Store, queue: Queue, config: Arc<Config>) -> Self {
+        let watch = StreamWatch::start(&queue);
+        Self {
+            keys: auth::KeyCache::new(config.admin_key.as_deref()),
+            limiter: auth::RateLimiter::new(config.rate_limit_rps),
+            store,
+            queue,
+            watch,
+            config,
+        }
+    }
+}
+
+/// The whole HTTP app.
+pub fn app(state: AppState) -> Router {
+    use routes::{admin, jobs};
+    let v1 = Router::new()
+        .route("/v1/jobs", post(jobs::submit).get(jobs::list))
+        .route("/v1/jobs/batch", post(jobs::submit_batch))
+        .route("/v1/jobs/{id}", get(jobs::get))
+        .route("/v1/jobs/{id}/events", get(jobs::events))
+        .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
+        .route("/v1/jobs/{id}/retry", post(jobs::retry))
+        .route("/v1/workers", get(admin::workers))
+        .route("/v1/queues", get(admin::queues))
+        .route("/v1/kinds", get(admin::kinds_list))
+        .route("/v1/api-keys", post(admin::create_key).get(admin::list_keys))
+        .with_state(state.clone());
+    let spec = openapi::ApiDoc::openapi();
+    Router::new()
+        .merge(v1)
+        .merge(utoipa_swagger_ui::SwaggerUi::new("/docs").url("/openapi.json", spec))
+        .merge(ops::router(ops::Readiness {
+            store: state.store.clone(),
+            queue: state.queue.clone(),
+        }))
+        .fallback(|| async { ApiError::NotFound("no such route".into()) })
+        .method_not_allowed_fallback(|| async { MethodNotAllowed })
+        .layer(DefaultBodyLimit::max(state.config.body_limit_bytes))
+        .layer(TimeoutLayer::with_status_code(axum::http::StatusCode::SERVICE_UNAVAILABLE, Duration::from_secs(75)))
+        .layer(CatchPanicLayer::custom(|_| {
+            axum::response::IntoResponse::into_response(ApiError::Internal("handler panicked".into()))
+        }))
+        .layer(TraceLayer::new_for_http())
+}
+
+struct MethodNotAllowed;
+
+impl axum::response::IntoResponse for MethodNotAllowed {
+    fn into_response(self) -> axum::response::Response {
+        let mut res = ApiError::Conflict(String::new()).into_response();
+        *res.status_mut() = axum::http::StatusCode::METHOD_NOT_ALLOWED;
+        let body = serde_json::json!({
+            "type": "urn:capibara:problem:method-not-allowed",
+            "title": "Method Not Allowed",
+            "status": 405,
+            "detail": "this route does not accept that method",
+        });
+        *res.body_mut() = axum::body::Body::from(body.to_string());
+        res
+    }
+}
+
+/// Serve until `shutdown` resolves; in-flight requests finish first.
+pub async fn serve(listener: TcpListener, state: AppState, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+    axum::serve(listener, app(state)).with_graceful_shutdown(shutdown).await
+}

@@ -1,0 +1,26 @@
+//! `capibara-api`: telemetry → config → connect → serve until SIGTERM.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use capibara_shared::{config::Config, queue::Queue, shutdown, store, telemetry};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = Arc::new(Config::from_env()?);
+    telemetry::init_logs(config.log_format);
+    telemetry::metrics_handle();
+    let pool = store::connect(&config.database_url, config.db_max_connections).await?;
+    store::migrate(&pool).await.context("applying migrations")?;
+    let queue = Queue::connect(&config.redis_url, &config.redis_prefix)
+        .await
+        .context("connecting to Redis")?;
+    let appender = store::Appender::start(pool.clone(), Some(queue.clone()), Default::default());
+    let state = capibara_api::AppState::new(store::Store::new(pool, appender), queue, config.clone());
+    let listener = tokio::net::TcpListener::bind(config.api_addr)
+        .await
+        .with_context(|| format!("binding {}", config.api_addr))?;
+    tracing::info!(addr = %listener.local_addr()?, "capibara-api listening");
+    capibara_api::serve(listener, state, shutdown::signal()).await?;
+    Ok(())
+}

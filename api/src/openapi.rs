@@ -1,0 +1,31 @@
+//! The OpenAPI 3.1 document (generated from the handlers) and Swagger UI served from the binary.
+
+use utoipa::{
+    openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme},
+    Modify, OpenApi,
+};
+
+use crate::routes::{admin, jobs};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Capibara API", description = "Event-sourced jobs: submit, wait, stream and inspect every event."),
+    paths(jobs::submit, jobs::submit_batch, jobs::list, jobs::get, jobs::events, jobs::cancel, jobs::retry,
+          admin::workers, admin::queues, admin::kinds_list, admin::create_key, admin::list_keys),
+    components(schemas(crate::error::Problem, capibara_shared::domain::FieldError)),
+    modifiers(&BearerAuth),
+    tags((name = "jobs"), (name = "operations"))
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}

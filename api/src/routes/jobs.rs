@@ -1,0 +1,583 @@
+//! `/v1/jobs`: submit (one or a batch), list, get, events (JSON and SSE), cancel, retry.
+
+use std::{collections::BTreeMap, convert::Infallible, time::Duration};
+
+use axum::{
+    extract::{Path, RawQuery, State},
+    http::{header, HeaderMap, HeaderValue, StatusCode},
+    response::{
+        sse::{Event, KeepAlive, Sse},
+        IntoResponse, Response,
+    },
+    Json,
+};
+use base64::Engine;
+use capibara_shared::{
+    domain::{
+        self,
+        auth::Role,
+        event::{EventEnvelope, EventMetadata},
+        job::{validate_tags, Job, JobEvent, JobStatus, Priority, Submission},
+        kinds,
+        retry::Backoff,
+        FieldError,
+    },
+    store::{
+        self,
+        append::CommandRecord,
+        jobs::{job_append, JobFilter, JobWrite},
+        AppendError, StoreError,
+    },
+};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio_stream::wrappers::ReceiverStream;
+use uuid::Uuid;
+
+use crate::{
+    auth::Auth,
+    error::ApiError,
+    extract::{idempotency_key, parse_limit, prefer_wait, query_pairs, wants_sse, ApiJson},
+    AppState,
+};
+
+/// A job submission (contract body).
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitJob {
+    /// Job kind: `echo`, `sleep`, `fail`, … (`GET /v1/kinds` lists them).
+    pub kind: String,
+    /// Kind-specific input (default `{}`).
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub input: Option<Value>,
+    /// Queue (default: the kind's queue).
+    #[serde(default)]
+    pub queue: Option<String>,
+    #[serde(default)]
+    pub priority: Option<Priority>,
+    /// Run no earlier than this time (RFC 3339).
+    #[serde(default)]
+    pub run_at: Option<DateTime<Utc>>,
+    /// Attempts before the job fails (default 3, at most 100).
+    #[serde(default)]
+    pub max_attempts: Option<u32>,
+    /// Per-attempt timeout in seconds (at most 86,400).
+    #[serde(default)]
+    pub timeout_s: Option<u32>,
+    #[serde(default)]
+    pub backoff: Option<Backoff>,
+    /// Not available yet: rejected with 422 until callback delivery lands.
+    #[serde(default)]
+    pub callback_url: Option<String>,
+    #[serde(default)]
+    pub tags: Option<BTreeMap<String, String>>,
+}
+
+/// `POST /v1/jobs/batch` body.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitBatch {
+    pub jobs: Vec<SubmitJob>,
+}
+
+/// A page of items.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub next_cursor: Option<String>,
+}
+
+/// Most jobs in one batch.
+pub const MAX_BATCH: usize = 1000;
+
+fn valid_queue_name(q: &str) -> bool {
+    !q.is_empty() && q.len() <= 64 && q.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+/// Validate a submission into the domain type; errors name the field.
+pub fn to_submission(s: SubmitJob, input_limit: usize) -> Result<Submission, ApiError> {
+    let spec = kinds::find(&s.kind).ok_or_else(|| {
+        ApiError::field("kind", format!("unknown kind `{}`; available: {}", s.kind, kinds::names().join(", ")))
+    })?;
+    let input = s.input.unwrap_or_else(|| Value::Object(Default::default()));
+    let size = serde_json::to_vec(&input).map(|v| v.len()).unwrap_or(0);
+    if size > input_limit {
+        return Err(ApiError::PayloadTooLarge(format!(
+            "input is {size} bytes; the limit is {input_limit} bytes"
+        )));
+    }
+    spec.validate_input(&input)?;
+    let queue = s.queue.unwrap_or_else(|| spec.default_queue.to_string());
+    if !valid_queue_name(&queue) {
+        return Err(ApiError::field("queue", "must be 1-64 characters of letters, digits, '.', '_' or '-'"));
+    }
+    let max_attempts = s.max_attempts.unwrap_or(3);
+    if !(1..=100).contains(&max_attempts) {
+        return Err(ApiError::field("max_attempts", "must be between 1 and 100"));
+    }
+    if let Some(t) = s.timeout_s {
+        if !(1..=86_400).contains(&t) {
+            return Err(ApiError::field("timeout_s", "must be between 1 and 86400"));
+        }
+    }
+    if let Some(b) = &s.backoff {
+        b.validate()?;
+    }
+    if s.callback_url.is_some() {
+        return Err(ApiError::field(
+            "callback_url",
+            "callback delivery is not available in this version; poll, wait or stream the job's events",
+        ));
+    }
+    let tags = s.tags.unwrap_or_default();
+    validate_tags(&tags)?;
+    Ok(Submission {
+        kind: spec.name.to_string(),
+        input,
+        queue,
+        priority: s.priority.unwrap_or_default(),
+        run_at: s.run_at.map(domain::truncate_micros),
+        max_attempts,
+        timeout_s: s.timeout_s,
+        backoff: s.backoff,
+        callback_url: None,
+        tags,
+    })
+}
+
+fn submit_events(sub: Submission, now: DateTime<Utc>) -> Vec<JobEvent> {
+    let delayed = sub.run_at.filter(|t| *t > now);
+    let mut events = vec![JobEvent::JobSubmitted(sub)];
+    if let Some(run_at) = delayed {
+        events.push(JobEvent::JobScheduled {
+            run_at,
+            reason: "delayed".into(),
+        });
+    }
+    events
+}
+
+fn metadata(auth: &Auth) -> EventMetadata {
+    EventMetadata {
+        namespace: auth.namespace().to_string(),
+        actor: Some(auth.actor()),
+        correlation_id: None,
+        causation_id: None,
+    }
+}
+
+fn location(id: Uuid) -> HeaderValue {
+    HeaderValue::from_str(&format!("/v1/jobs/{id}")).expect("ascii")
+}
+
+/// 200 with a finished job, else 202 + `Location`.
+fn job_response(job: &Job, waited: Option<Duration>, replayed: bool) -> Response {
+    let status = if job.status.is_terminal() && waited.is_some() {
+        StatusCode::OK
+    } else {
+        StatusCode::ACCEPTED
+    };
+    let mut res = (status, Json(job)).into_response();
+    let h = res.headers_mut();
+    h.insert(header::LOCATION, location(job.id));
+    if let Some(w) = waited {
+        if let Ok(v) = HeaderValue::from_str(&format!("wait={}", w.as_secs())) {
+            h.insert("preference-applied", v);
+        }
+    }
+    if replayed {
+        h.insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    res
+}
+
+#[utoipa::path(post, path = "/v1/jobs", tag = "jobs", request_body = SubmitJob,
+    params(("Prefer" = Option<String>, Header, description = "wait=N: wait up to N seconds (≤ 60) for the result"),
+           ("Idempotency-Key" = Option<String>, Header, description = "replays return the same job")),
+    responses((status = 200, description = "finished within the wait", body = Job),
+              (status = 202, description = "accepted; see Location", body = Job),
+              (status = 400, body = crate::error::Problem), (status = 413, body = crate::error::Problem),
+              (status = 422, body = crate::error::Problem), (status = 429, body = crate::error::Problem)),
+    security(("bearer" = [])))]
+pub async fn submit(
+    State(state): State<AppState>,
+    auth: Auth,
+    headers: HeaderMap,
+    body: ApiJson<SubmitJob>,
+) -> Result<Response, ApiError> {
+    auth.require(Role::Submit)?;
+    let wait = prefer_wait(&headers)?;
+    let key = idempotency_key(&headers)?;
+    if let Some(key) = &key {
+        if let Some(job) = replay(&state, &auth, key, &body.hash).await? {
+            return finish(&state, &auth, job, wait, true).await;
+        }
+    }
+    let sub = to_submission(body.value, state.config.input_limit_bytes)?;
+    let now = domain::now();
+    let id = Uuid::now_v7();
+    let mut w = JobWrite::new(metadata(&auth), now);
+    w.command = Some(CommandRecord {
+        id: Uuid::now_v7(),
+        namespace: auth.namespace().to_string(),
+        command_type: "SubmitJob".into(),
+        idempotency_key: key.clone(),
+        request_hash: body.hash.clone(),
+        status_code: 202,
+        response: key.as_ref().map(|_| serde_json::json!({"job_id": id})),
+        stream_id: Some(id),
+        actor: Some(auth.actor()),
+        received_at: now,
+    });
+    let (job, append) = job_append(None, id, &submit_events(sub, now), w).map_err(|e| ApiError::Internal(e.to_string()))?;
+    match state.store.appender.append(append).await {
+        Ok(_) => {}
+        Err(AppendError::DuplicateCommand) => {
+            let key = key.as_deref().unwrap_or_default();
+            let job = replay(&state, &auth, key, &body.hash)
+                .await?
+                .ok_or_else(|| ApiError::Conflict("idempotency key is in use".into()))?;
+            return finish(&state, &auth, job, wait, true).await;
+        }
+        Err(e) => return Err(StoreError::from(e).into()),
+    }
+    metrics::counter!("capibara_jobs_submitted_total", "kind" => job.kind.clone()).increment(1);
+    finish(&state, &auth, job, wait, false).await
+}
+
+async fn finish(state: &AppState, auth: &Auth, job: Job, wait: Option<Duration>, replayed: bool) -> Result<Response, ApiError> {
+    let job = match wait {
+        Some(d) if !job.status.is_terminal() => crate::wait::until_terminal(state, auth.namespace(), job.id, d)
+            .await?
+            .unwrap_or(job),
+        _ => job,
+    };
+    Ok(job_response(&job, wait, replayed))
+}
+
+/// The job a previous command with this key created; 422 if the key was used for another body.
+async fn replay(state: &AppState, auth: &Auth, key: &str, hash: &str) -> Result<Option<Job>, ApiError> {
+    let Some(cmd) = store::commands::find_by_key(&state.store.pool, auth.namespace(), key).await? else {
+        return Ok(None);
+    };
+    if cmd.request_hash != *hash || cmd.command_type != "SubmitJob" {
+        return Err(ApiError::Validation {
+            detail: "this Idempotency-Key was already used with a different request".into(),
+            errors: vec![FieldError::new("Idempotency-Key", "reused with a different body")],
+        });
+    }
+    let id = cmd
+        .stream_id
+        .ok_or_else(|| ApiError::Internal("command without stream".into()))?;
+    Ok(store::jobs::get(&state.store.pool, auth.namespace(), id).await?)
+}
+
+#[utoipa::path(post, path = "/v1/jobs/batch", tag = "jobs", request_body = SubmitBatch,
+    responses((status = 202, description = "all accepted, in order", body = Page<Job>),
+              (status = 422, body = crate::error::Problem)),
+    security(("bearer" = [])))]
+pub async fn submit_batch(
+    State(state): State<AppState>,
+    auth: Auth,
+    body: ApiJson<SubmitBatch>,
+) -> Result<Response, ApiError> {
+    auth.require(Role::Submit)?;
+    let jobs = body.value.jobs;
+    if jobs.is_empty() || jobs.len() > MAX_BATCH {
+        return Err(ApiError::field("jobs", format!("must hold 1 to {MAX_BATCH} jobs")));
+    }
+    let now = domain::now();
+    let mut appends = Vec::with_capacity(jobs.len());
+    let mut created = Vec::with_capacity(jobs.len());
+    for (i, s) in jobs.into_iter().enumerate() {
+        let sub = to_submission(s, state.config.input_limit_bytes).map_err(|e| nest(e, &format!("jobs[{i}]")))?;
+        let (job, append) = job_append(None, Uuid::now_v7(), &submit_events(sub, now), JobWrite::new(metadata(&auth), now))
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        appends.push(append);
+        created.push(job);
+    }
+    state
+        .store
+        .appender
+        .append_all(appends)
+        .await
+        .map_err(StoreError::from)?;
+    metrics::counter!("capibara_jobs_submitted_total", "kind" => "batch").increment(created.len() as u64);
+    Ok((StatusCode::ACCEPTED, Json(serde_json::json!({"items": created}))).into_response())
+}
+
+fn nest(e: ApiError, prefix: &str) -> ApiError {
+    match e {
+        ApiError::Validation { errors, .. } => {
+            let errors: Vec<FieldError> = errors.into_iter().map(|f| f.under(prefix)).collect();
+            ApiError::Validation {
+                detail: errors.iter().map(|f| format!("{}: {}", f.field, f.message)).collect::<Vec<_>>().join("; "),
+                errors,
+            }
+        }
+        ApiError::PayloadTooLarge(m) => ApiError::PayloadTooLarge(format!("{prefix}: {m}")),
+        other => other,
+    }
+}
+
+fn encode_cursor(id: Uuid) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(id.as_bytes())
+}
+
+fn decode_cursor(s: &str) -> Result<Uuid, ApiError> {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(s)
+        .ok()
+        .and_then(|b| Uuid::from_slice(&b).ok())
+        .ok_or_else(|| ApiError::field("cursor", "is not a cursor returned by this API"))
+}
+
+#[utoipa::path(get, path = "/v1/jobs", tag = "jobs",
+    params(("status" = Option<String>, Query), ("kind" = Option<String>, Query), ("queue" = Option<String>, Query),
+           ("tag" = Option<String>, Query, description = "k:v, repeatable"), ("limit" = Option<i64>, Query),
+           ("cursor" = Option<String>, Query)),
+    responses((status = 200, body = Page<Job>), (status = 422, body = crate::error::Problem)),
+    security(("bearer" = [])))]
+pub async fn list(State(state): State<AppState>, auth: Auth, RawQuery(q): RawQuery) -> Result<Json<Page<Job>>, ApiError> {
+    auth.require(Role::Read)?;
+    let mut f = JobFilter::default();
+    let mut limit = None;
+    for (k, v) in query_pairs(q.as_deref())? {
+        match k.as_str() {
+            "status" => f.status = Some(v.parse().map_err(|e: String| ApiError::field("status", e))?),
+            "kind" => f.kind = Some(v),
+            "queue" => f.queue = Some(v),
+            "tag" => {
+                let (tk, tv) = v
+                    .split_once(':')
+                    .ok_or_else(|| ApiError::field("tag", "must look like key:value"))?;
+                f.tags.push((tk.to_string(), tv.to_string()));
+            }
+            "limit" => limit = Some(v),
+            "cursor" => f.before = Some(decode_cursor(&v)?),
+            other => return Err(ApiError::field(other, "unknown query parameter (status, kind, queue, tag, limit, cursor)")),
+        }
+    }
+    let limit = parse_limit(limit.as_deref())?;
+    let mut items = store::jobs::list(&state.store.pool, auth.namespace(), &f, limit + 1).await?;
+    let next_cursor = if items.len() as i64 > limit {
+        items.truncate(limit as usize);
+        items.last().map(|j| encode_cursor(j.id))
+    } else {
+        None
+    };
+    Ok(Json(Page { items, next_cursor }))
+}
+
+fn parse_id(id: &str) -> Result<Uuid, ApiError> {
+    id.parse()
+        .map_err(|_| ApiError::NotFound(format!("no job `{id}` (ids are UUIDs)")))
+}
+
+async fn load(state: &AppState, auth: &Auth, id: Uuid) -> Result<Job, ApiError> {
+    store::jobs::get(&state.store.pool, auth.namespace(), id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no job `{id}`")))
+}
+
+#[utoipa::path(get, path = "/v1/jobs/{id}", tag = "jobs",
+    params(("id" = String, Path), ("Prefer" = Option<String>, Header, description = "wait=N")),
+    responses((status = 200, body = Job), (status = 202, description = "still running after the wait", body = Job),
+              (status = 404, body = crate::error::Problem)),
+    security(("bearer" = [])))]
+pub async fn get(State(state): State<AppState>, auth: Auth, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, ApiError> {
+    auth.require(Role::Read)?;
+    let id = parse_id(&id)?;
+    let wait = prefer_wait(&headers)?;
+    let job = load(&state, &auth, id).await?;
+    match wait {
+        None => Ok(Json(job).into_response()),
+        Some(_) => finish(&state, &auth, job, wait, false).await,
+    }
+}
+
+fn terminal_type(t: &str) -> bool {
+    matches!(t, "JobSucceeded" | "JobFailed" | "JobCanceled")
+}
+
+fn parse_after(headers: &HeaderMap, q: &[(String, String)]) -> Result<i64, ApiError> {
+    let from_query = q.iter().find(|(k, _)| k == "after").map(|(_, v)| v.clone());
+    let from_header = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    match from_header.or(from_query) {
+        None => Ok(0),
+        Some(s) => s
+            .trim()
+            .parse::<i64>()
+            .ok()
+            .filter(|n| *n >= 0)
+            .ok_or_else(|| ApiError::field("after", "must be an event id returned by this API")),
+    }
+}
+
+#[utoipa::path(get, path = "/v1/jobs/{id}/events", tag = "jobs",
+    params(("id" = String, Path), ("after" = Option<String>, Query), ("Last-Event-ID" = Option<String>, Header),
+           ("limit" = Option<i64>, Query)),
+    responses((status = 200, description = "JSON page, or text/event-stream with Accept: text/event-stream",
+               body = Page<EventEnvelope>)),
+    security(("bearer" = [])))]
+pub async fn events(
+    State(state): State<AppState>,
+    auth: Auth,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    RawQuery(q): RawQuery,
+) -> Result<Response, ApiError> {
+    auth.require(Role::Read)?;
+    let id = parse_id(&id)?;
+    let pairs = query_pairs(q.as_deref())?;
+    let after = parse_after(&headers, &pairs)?;
+    let limit = parse_limit(pairs.iter().find(|(k, _)| k == "limit").map(|(_, v)| v.as_str()))?;
+    load(&state, &auth, id).await?;
+    if wants_sse(&headers) {
+        return Ok(sse(state, auth.namespace().to_string(), id, after).into_response());
+    }
+    let items = store::events::read_stream(&state.store.pool, id, after, limit).await?;
+    let next_cursor = (items.len() as i64 == limit).then(|| items.last().map(|e| e.id.clone())).flatten();
+    Ok(Json(Page { items, next_cursor }).into_response())
+}
+
+/// Follow one stream: everything after `after`, then live events, closing after the terminal one.
+fn sse(state: AppState, namespace: String, id: Uuid, mut after: i64) -> impl IntoResponse {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Event, Infallible>>(64);
+    tokio::spawn(async move {
+        let notify = state.watch.watch(id);
+        loop {
+            let notified = notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let batch = match store::events::read_stream(&state.store.pool, id, after, 500).await {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::warn!(error = %e, "SSE read failed; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            let full = batch.len() == 500;
+            let mut ended = false;
+            for ev in batch {
+                after = ev.position();
+                ended = terminal_type(&ev.event_type);
+                let data = serde_json::to_string(&ev).unwrap_or_default();
+                let event = Event::default().id(ev.id.clone()).event(ev.event_type.clone()).data(data);
+                if tx.send(Ok(event)).await.is_err() {
+                    return;
+                }
+            }
+            if ended {
+                return;
+            }
+            if full {
+                continue;
+            }
+            if let Ok(Some(job)) = store::jobs::get(&state.store.pool, &namespace, id).await {
+                // Resumed after the terminal event: nothing more will come.
+                if job.status.is_terminal() {
+                    let last = store::events::read_stream(&state.store.pool, id, after, 1).await.unwrap_or_default();
+                    if last.is_empty() {
+                        return;
+                    }
+                    continue;
+                }
+            }
+            tokio::select! {
+                _ = &mut notified => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = tx.closed() => return,
+            }
+        }
+    });
+    Sse::new(ReceiverStream::new(rx)).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+}
+
+#[utoipa::path(post, path = "/v1/jobs/{id}/cancel", tag = "jobs", params(("id" = String, Path)),
+    responses((status = 200, description = "canceled", body = Job),
+              (status = 202, description = "running; the worker was told to stop", body = Job),
+              (status = 409, description = "already finished", body = crate::error::Problem)),
+    security(("bearer" = [])))]
+pub async fn cancel(State(state): State<AppState>, auth: Auth, Path(id): Path<String>) -> Result<Response, ApiError> {
+    auth.require(Role::Submit)?;
+    let id = parse_id(&id)?;
+    for _ in 0..10 {
+        let job = load(&state, &auth, id).await?;
+        if job.status.is_terminal() {
+            return Err(ApiError::Conflict(format!("job is already {}", job.status)));
+        }
+        let running = job.status == JobStatus::Running;
+        if running && job.cancel_requested {
+            return Ok((StatusCode::ACCEPTED, Json(job)).into_response());
+        }
+        let mut events = vec![JobEvent::JobCancelRequested { reason: None }];
+        if !running {
+            events.push(JobEvent::JobCanceled { attempt: None });
+        }
+        let (new, append) = job_append(Some(&job), id, &events, JobWrite::new(metadata(&auth), domain::now()))
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        match state.store.appender.append(append).await {
+            Ok(_) => {
+                if running {
+                    if let Err(e) = state.queue.publish_cancel(id).await {
+                        tracing::warn!(error = %e, "cancel notice not published; the worker sees it at its next heartbeat");
+                    }
+                    return Ok((StatusCode::ACCEPTED, Json(new)).into_response());
+                }
+                let _ = state.queue.remove(&new.queue, id).await;
+                return Ok((StatusCode::OK, Json(new)).into_response());
+            }
+            Err(AppendError::Conflict { .. }) => continue,
+            Err(e) => return Err(StoreError::from(e).into()),
+        }
+    }
+    Err(ApiError::Conflict("the job is changing too fast; retry".into()))
+}
+
+#[utoipa::path(post, path = "/v1/jobs/{id}/retry", tag = "jobs", params(("id" = String, Path)),
+    responses((status = 202, description = "queued again with a fresh budget of attempts", body = Job),
+              (status = 409, description = "not failed or canceled", body = crate::error::Problem)),
+    security(("bearer" = [])))]
+pub async fn retry(State(state): State<AppState>, auth: Auth, Path(id): Path<String>) -> Result<Response, ApiError> {
+    auth.require(Role::Submit)?;
+    let id = parse_id(&id)?;
+    for _ in 0..10 {
+        let job = load(&state, &auth, id).await?;
+        if !matches!(job.status, JobStatus::Failed | JobStatus::Canceled) {
+            return Err(ApiError::Conflict(format!(
+                "only failed or canceled jobs can be retried; this one is {}",
+                job.status
+            )));
+        }
+        let budget = submitted_max_attempts(&state, id).await?.unwrap_or(job.max_attempts);
+        let events = [JobEvent::JobQueued {
+            reason: "manual_retry".into(),
+            max_attempts: Some(job.attempt + budget),
+        }];
+        let (new, append) = job_append(Some(&job), id, &events, JobWrite::new(metadata(&auth), domain::now()))
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        match state.store.appender.append(append).await {
+            Ok(_) => return Ok((StatusCode::ACCEPTED, [(header::LOCATION, location(id))], Json(new)).into_response()),
+            Err(AppendError::Conflict { .. }) => continue,
+            Err(e) => return Err(StoreError::from(e).into()),
+        }
+    }
+    Err(ApiError::Conflict("the job is changing too fast; retry".into()))
+}
+
+async fn submitted_max_attempts(state: &AppState, id: Uuid) -> Result<Option<u32>, ApiError> {
+    let first = store::events::read_stream(&state.store.pool, id, 0, 1).await?;
+    Ok(first.into_iter().next().and_then(|e| {
+        match JobEvent::from_parts(&e.event_type, e.data).ok()? {
+            JobEvent::JobSubmitted(s) => Some(s.max_attempts),
+            _ => None,
+        }
+    }))
+}

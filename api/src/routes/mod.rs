@@ -1,0 +1,4 @@
+//! One module per resource.
+
+pub mod admin;
+pub mod jobs;

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Installs what building and testing Capibara needs on Debian/Ubuntu: PostgreSQL, Redis,
+# espeak-ng (TTS executor) and build tools. Idempotent: apt is not touched when everything
+# is already there. Docker is never needed.
+set -euo pipefail
+
+log() { printf 'install-deps: %s\n' "$*" >&2; }
+
+missing=()
+have_cmd() { command -v "$1" >/dev/null 2>&1; }
+
+# The PostgreSQL server lives outside PATH on Debian.
+have_postgres=false
+for bin in /usr/lib/postgresql/*/bin/postgres; do
+    [[ -x "$bin" ]] && have_postgres=true
+done
+$have_postgres || missing+=("postgres (/usr/lib/postgresql/*/bin/postgres)")
+have_cmd psql || missing+=(psql)
+have_cmd redis-server || missing+=(redis-server)
+have_cmd espeak-ng || missing+=(espeak-ng)
+[[ -f /usr/include/espeak-ng/speak_lib.h ]] || missing+=("libespeak-ng-dev headers")
+have_cmd pkg-config || missing+=(pkg-config)
+have_cmd curl || missing+=(curl)
+[[ -f /etc/ssl/certs/ca-certificates.crt ]] || missing+=(ca-certificates)
+
+if ((${#missing[@]} > 0)); then
+    log "missing: ${missing[*]}"
+    if ! have_cmd apt-get; then
+        log "error: apt-get not found; install the packages postgresql redis-server espeak-ng" \
+            "libespeak-ng-dev curl ca-certificates pkg-config with your package manager"
+        exit 1
+    fi
+    sudo=()
+    if [[ $(id -u) -ne 0 ]]; then
+        if have_cmd sudo; then
+            sudo=(sudo)
+        else
+            log "error: not root and sudo not found; run this script as root"
+            exit 1
+        fi
+    fi
+    "${sudo[@]}" apt-get update
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+        postgresql redis-server espeak-ng libespeak-ng-dev curl ca-certificates pkg-config
+else
+    log "system packages present (postgres, psql, redis-server, espeak-ng, build tools)"
+fi
+
+if ! have_cmd cargo; then
+    log "error: cargo not found; install a Rust toolchain with rustup (https://rustup.rs)," \
+        "then open a new shell or run: source \"\$HOME/.cargo/env\""
+    exit 1
+fi
+
+if ! have_cmd cargo-nextest && ! cargo nextest --version >/dev/null 2>&1; then
+    log "installing cargo-nextest"
+    cargo install cargo-nextest --locked
+fi

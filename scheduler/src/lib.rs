@@ -1,0 +1,7 @@
+//! Capibara's scheduler: owns time and housekeeping (promotion of delayed jobs, the dispatch
+//! relay, the lease reaper). Cron schedules and inbound triggers build on this.
+//!
+//! # Layout
+//! - [`housekeeping`]: promoter, relay, reaper and queue gauges.
+
+pub mod housekeeping;

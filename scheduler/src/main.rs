@@ -1,0 +1,38 @@
+//! `capibara-scheduler`: housekeeping loops plus `/healthz`, `/readyz`, `/metrics`.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use capibara_scheduler::housekeeping;
+use capibara_shared::{config::Config, ops, queue::Queue, shutdown, store, telemetry};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = Arc::new(Config::from_env()?);
+    telemetry::init_logs(config.log_format);
+    telemetry::metrics_handle();
+    let pool = store::connect(&config.database_url, config.db_max_connections).await?;
+    store::migrate(&pool).await.context("applying migrations")?;
+    let queue = Queue::connect(&config.redis_url, &config.redis_prefix)
+        .await
+        .context("connecting to Redis")?;
+    let store = store::Store::new(pool.clone(), store::Appender::start(pool, Some(queue.clone()), Default::default()));
+    let listener = tokio::net::TcpListener::bind(config.scheduler_addr)
+        .await
+        .with_context(|| format!("binding {}", config.scheduler_addr))?;
+    tracing::info!(addr = %listener.local_addr()?, "capibara-scheduler listening");
+    let stop = shutdown::token();
+    let http_stop = stop.clone();
+    let router = ops::router(ops::Readiness {
+        store: store.clone(),
+        queue: queue.clone(),
+    });
+    let http = tokio::spawn(async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(async move { http_stop.cancelled().await })
+            .await
+    });
+    housekeeping::run(store, queue, housekeeping::HousekeepingOptions::new(config.visibility_timeout), stop).await;
+    let _ = http.await;
+    Ok(())
+}

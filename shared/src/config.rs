@@ -1,0 +1,116 @@
+//! Configuration from `CAPIBARA_*` environment variables (contract names: DESIGN §8).
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Json,
+    Pretty,
+}
+
+/// Settings shared by every binary.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub database_url: String,
+    pub redis_url: String,
+    /// Prefix of every Redis key (one per deployment, or per test).
+    pub redis_prefix: String,
+    pub api_addr: SocketAddr,
+    pub scheduler_addr: SocketAddr,
+    pub worker_addr: SocketAddr,
+    /// Bootstrap admin key for namespace `default`.
+    pub admin_key: Option<String>,
+    pub assets_dir: PathBuf,
+    pub artifacts: String,
+    pub webhook_secret: Option<String>,
+    pub outbound_allow_private: bool,
+    /// How long a running attempt's lease lasts without a heartbeat.
+    pub visibility_timeout: Duration,
+    pub body_limit_bytes: usize,
+    pub input_limit_bytes: usize,
+    /// Requests per second per API key (token bucket; burst = 2×).
+    pub rate_limit_rps: u32,
+    pub db_max_connections: u32,
+    pub log_format: LogFormat,
+}
+
+/// A setting that does not parse.
+#[derive(Debug, thiserror::Error)]
+#[error("{var}: {message}")]
+pub struct ConfigError {
+    pub var: &'static str,
+    pub message: String,
+}
+
+fn var(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+fn parse<T: std::str::FromStr>(name: &'static str, default: T) -> Result<T, ConfigError>
+where
+    T::Err: std::fmt::Display,
+{
+    match var(name) {
+        None => Ok(default),
+        Some(v) => v.trim().parse().map_err(|e: T::Err| ConfigError {
+            var: name,
+            message: format!("cannot parse `{v}`: {e}"),
+        }),
+    }
+}
+
+fn flag(name: &'static str, default: bool) -> Result<bool, ConfigError> {
+    match var(name).as_deref().map(str::to_ascii_lowercase).as_deref() {
+        None => Ok(default),
+        Some("1" | "true" | "yes" | "on") => Ok(true),
+        Some("0" | "false" | "no" | "off") => Ok(false),
+        Some(v) => Err(ConfigError {
+            var: name,
+            message: format!("expected true or false, got `{v}`"),
+        }),
+    }
+}
+
+impl Config {
+    /// Read the environment.
+    pub fn from_env() -> Result<Config, ConfigError> {
+        let webhook_secret = var("CAPIBARA_WEBHOOK_SECRET");
+        if let Some(s) = &webhook_secret {
+            if !s.starts_with("whsec_") {
+                return Err(ConfigError {
+                    var: "CAPIBARA_WEBHOOK_SECRET",
+                    message: "must look like whsec_<base64>".into(),
+                });
+            }
+        }
+        Ok(Config {
+            database_url: var("CAPIBARA_DATABASE_URL").unwrap_or_else(|| "postgres://capibara@127.0.0.1:5432/capibara".into()),
+            redis_url: var("CAPIBARA_REDIS_URL").unwrap_or_else(|| "redis://127.0.0.1:6379/".into()),
+            redis_prefix: var("CAPIBARA_REDIS_PREFIX").unwrap_or_else(|| "capibara".into()),
+            api_addr: parse("CAPIBARA_API_ADDR", "127.0.0.1:8080".parse().expect("literal"))?,
+            scheduler_addr: parse("CAPIBARA_SCHEDULER_ADDR", "127.0.0.1:8081".parse().expect("literal"))?,
+            worker_addr: parse("CAPIBARA_WORKER_ADDR", "127.0.0.1:8082".parse().expect("literal"))?,
+            admin_key: var("CAPIBARA_ADMIN_KEY"),
+            assets_dir: var("CAPIBARA_ASSETS_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(".capibara/assets")),
+            artifacts: var("CAPIBARA_ARTIFACTS").unwrap_or_else(|| ".capibara/artifacts".into()),
+            webhook_secret,
+            outbound_allow_private: flag("CAPIBARA_OUTBOUND_ALLOW_PRIVATE", false)?,
+            visibility_timeout: Duration::from_secs_f64(parse("CAPIBARA_VISIBILITY_TIMEOUT_S", 30.0f64)?.max(0.5)),
+            body_limit_bytes: parse("CAPIBARA_BODY_LIMIT_BYTES", 10 * 1024 * 1024)?,
+            input_limit_bytes: parse("CAPIBARA_INPUT_LIMIT_BYTES", 1024 * 1024)?,
+            rate_limit_rps: parse("CAPIBARA_RATE_LIMIT_RPS", 2000)?,
+            db_max_connections: parse("CAPIBARA_DB_MAX_CONNECTIONS", 16)?,
+            log_format: match var("CAPIBARA_LOG_FORMAT").as_deref() {
+                Some("pretty") => LogFormat::Pretty,
+                Some("json") | None => LogFormat::Json,
+                Some(other) => {
+                    return Err(ConfigError {
+                        var: "CAPIBARA_LOG_FORMAT",
+                        message: format!("expected json or pretty, got `{other}`"),
+                    })
+                }
+            },
+        })
+    }
+}

@@ -1,0 +1,636 @@
+//! The job model: submission, status, the job event catalog and the fold from events to the
+//! `jobs` projection row.
+//!
+//! The same [`Job::apply`] runs when an event is appended (inline projection) and when
+//! `capibara admin rebuild-projections` replays the log, so both produce identical rows.
+
+use std::{collections::BTreeMap, fmt, str::FromStr};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::{retry::Backoff, FieldError};
+
+/// Job status (contract).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum JobStatus {
+    /// `run_at` is in the future, or the job waits for a retry.
+    Scheduled,
+    /// Due and waiting for a worker.
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Canceled,
+}
+
+impl JobStatus {
+    pub const ALL: [JobStatus; 6] = [
+        JobStatus::Scheduled,
+        JobStatus::Queued,
+        JobStatus::Running,
+        JobStatus::Succeeded,
+        JobStatus::Failed,
+        JobStatus::Canceled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::Scheduled => "scheduled",
+            JobStatus::Queued => "queued",
+            JobStatus::Running => "running",
+            JobStatus::Succeeded => "succeeded",
+            JobStatus::Failed => "failed",
+            JobStatus::Canceled => "canceled",
+        }
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(self, JobStatus::Succeeded | JobStatus::Failed | JobStatus::Canceled)
+    }
+}
+
+impl fmt::Display for JobStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for JobStatus {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        JobStatus::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| {
+                format!("unknown status `{s}` (expected scheduled, queued, running, succeeded, failed or canceled)")
+            })
+    }
+}
+
+/// Dispatch priority within a queue.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Priority {
+    Low,
+    #[default]
+    Normal,
+    High,
+    Critical,
+}
+
+impl Priority {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::Low => "low",
+            Priority::Normal => "normal",
+            Priority::High => "high",
+            Priority::Critical => "critical",
+        }
+    }
+
+    /// How many milliseconds of waiting this priority is worth in the dispatch order.
+    ///
+    /// A job's dispatch score is `enqueued_at_ms - head_start_ms`: a `critical` job jumps ahead of
+    /// everything enqueued up to five minutes before it, but a `low` job that has waited longer
+    /// than that is served first — so no priority starves.
+    pub fn head_start_ms(self) -> i64 {
+        match self {
+            Priority::Low => 0,
+            Priority::Normal => 10_000,
+            Priority::High => 60_000,
+            Priority::Critical => 300_000,
+        }
+    }
+}
+
+impl fmt::Display for Priority {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Priority {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "low" => Ok(Priority::Low),
+            "normal" => Ok(Priority::Normal),
+            "high" => Ok(Priority::High),
+            "critical" => Ok(Priority::Critical),
+            other => Err(format!("unknown priority `{other}` (expected low, normal, high or critical)")),
+        }
+    }
+}
+
+/// An error recorded on a failed attempt or a failed job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct JobError {
+    /// `executor_error`, `timeout`, `worker_lost`, `canceled`, `invalid_input`, …
+    #[serde(rename = "type")]
+    pub error_type: String,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub details: Option<serde_json::Value>,
+}
+
+impl JobError {
+    pub fn new(error_type: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            error_type: error_type.into(),
+            message: message.into(),
+            details: None,
+        }
+    }
+}
+
+/// An artifact a job produced (e.g. `audio.wav`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Artifact {
+    pub name: String,
+    pub content_type: String,
+    pub size: u64,
+    /// Where the artifact store keeps it.
+    pub location: String,
+}
+
+/// A validated job submission: what `JobSubmitted` records.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Submission {
+    pub kind: String,
+    pub input: serde_json::Value,
+    pub queue: String,
+    pub priority: Priority,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_at: Option<DateTime<Utc>>,
+    pub max_attempts: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_s: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff: Option<Backoff>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callback_url: Option<String>,
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+}
+
+/// Events of the job stream (contract names, DESIGN §3). `JobQueued` is Capibara's addition: a
+/// delayed or retrying job became due, or an operator asked for a retry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", content = "data")]
+pub enum JobEvent {
+    JobSubmitted(Submission),
+    JobScheduled {
+        run_at: DateTime<Utc>,
+        /// `delayed` (run_at on submission) or `retry`.
+        reason: String,
+    },
+    JobQueued {
+        /// `due`, `manual_retry`, or `released` (a worker shutting down gave the attempt back).
+        reason: String,
+        /// A manual retry grants a fresh budget of attempts up to this number.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_attempts: Option<u32>,
+    },
+    JobStarted {
+        attempt: u32,
+        worker: String,
+    },
+    JobProgress {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        percent: Option<f64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        message: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        data: Option<serde_json::Value>,
+    },
+    JobLog {
+        level: String,
+        message: String,
+    },
+    JobOutputChunk {
+        seq: u64,
+        data: serde_json::Value,
+    },
+    JobSucceeded {
+        attempt: u32,
+        output: serde_json::Value,
+        #[serde(default)]
+        artifacts: Vec<Artifact>,
+    },
+    JobAttemptFailed {
+        attempt: u32,
+        error: JobError,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        retry_at: Option<DateTime<Utc>>,
+    },
+    JobFailed {
+        attempt: u32,
+        error: JobError,
+    },
+    JobCancelRequested {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
+    JobCanceled {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        attempt: Option<u32>,
+    },
+    JobTimedOut {
+        attempt: u32,
+    },
+}
+
+impl JobEvent {
+    /// The event's type name, as stored in `events.type`.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            JobEvent::JobSubmitted(_) => "JobSubmitted",
+            JobEvent::JobScheduled { .. } => "JobScheduled",
+            JobEvent::JobQueued { .. } => "JobQueued",
+            JobEvent::JobStarted { .. } => "JobStarted",
+            JobEvent::JobProgress { .. } => "JobProgress",
+            JobEvent::JobLog { .. } => "JobLog",
+            JobEvent::JobOutputChunk { .. } => "JobOutputChunk",
+            JobEvent::JobSucceeded { .. } => "JobSucceeded",
+            JobEvent::JobAttemptFailed { .. } => "JobAttemptFailed",
+            JobEvent::JobFailed { .. } => "JobFailed",
+            JobEvent::JobCancelRequested { .. } => "JobCancelRequested",
+            JobEvent::JobCanceled { .. } => "JobCanceled",
+            JobEvent::JobTimedOut { .. } => "JobTimedOut",
+        }
+    }
+
+    /// Split into (`type`, `data`) for storage.
+    pub fn to_parts(&self) -> (&'static str, serde_json::Value) {
+        let mut v = serde_json::to_value(self).expect("job events serialize");
+        let data = v
+            .get_mut("data")
+            .map(serde_json::Value::take)
+            .unwrap_or_else(|| serde_json::json!({}));
+        (self.type_name(), data)
+    }
+
+    /// Rebuild from stored (`type`, `data`).
+    pub fn from_parts(event_type: &str, data: serde_json::Value) -> Result<Self, serde_json::Error> {
+        serde_json::from_value(serde_json::json!({"type": event_type, "data": data}))
+    }
+
+    /// Whether this event ends the job.
+    pub fn is_terminal(&self) -> bool {
+        matches!(
+            self,
+            JobEvent::JobSucceeded { .. } | JobEvent::JobFailed { .. } | JobEvent::JobCanceled { .. }
+        )
+    }
+}
+
+/// The `jobs` projection row, and the job as the API returns it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Job {
+    pub id: Uuid,
+    pub namespace: String,
+    pub kind: String,
+    pub queue: String,
+    pub priority: Priority,
+    pub status: JobStatus,
+    #[schema(value_type = Object)]
+    pub input: serde_json::Value,
+    #[schema(value_type = Option<Object>)]
+    pub output: Option<serde_json::Value>,
+    pub error: Option<JobError>,
+    /// Last `JobProgress` (percent, message, data).
+    #[schema(value_type = Option<Object>)]
+    pub progress: Option<serde_json::Value>,
+    pub tags: BTreeMap<String, String>,
+    /// Number of attempts started so far.
+    pub attempt: u32,
+    pub max_attempts: u32,
+    pub timeout_s: Option<u32>,
+    pub backoff: Option<Backoff>,
+    pub callback_url: Option<String>,
+    /// When a scheduled job becomes due (delay or retry).
+    pub run_at: Option<DateTime<Utc>>,
+    pub cancel_requested: bool,
+    /// Worker running (or that last ran) the job.
+    pub worker_id: Option<String>,
+    pub artifacts: Vec<Artifact>,
+    /// Stream version after the last applied event (optimistic concurrency).
+    pub version: i64,
+    pub created_at: DateTime<Utc>,
+    pub queued_at: Option<DateTime<Utc>>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A job event could not be applied to the current state (a bug or a corrupted log).
+#[derive(Debug, thiserror::Error)]
+#[error("event {event} cannot apply to job in status {status}")]
+pub struct InvalidTransition {
+    pub event: &'static str,
+    pub status: JobStatus,
+}
+
+impl Job {
+    /// The state right after `JobSubmitted`.
+    pub fn submitted(id: Uuid, namespace: &str, s: &Submission, at: DateTime<Utc>) -> Job {
+        Job {
+            id,
+            namespace: namespace.to_string(),
+            kind: s.kind.clone(),
+            queue: s.queue.clone(),
+            priority: s.priority,
+            status: JobStatus::Queued,
+            input: s.input.clone(),
+            output: None,
+            error: None,
+            progress: None,
+            tags: s.tags.clone(),
+            attempt: 0,
+            max_attempts: s.max_attempts,
+            timeout_s: s.timeout_s,
+            backoff: s.backoff,
+            callback_url: s.callback_url.clone(),
+            run_at: s.run_at,
+            cancel_requested: false,
+            worker_id: None,
+            artifacts: Vec::new(),
+            version: 1,
+            created_at: at,
+            queued_at: Some(at),
+            started_at: None,
+            finished_at: None,
+            updated_at: at,
+        }
+    }
+
+    /// Fold a whole stream (used by rebuilds and tests).
+    pub fn replay<'a>(
+        id: Uuid,
+        namespace: &str,
+        events: impl IntoIterator<Item = (&'a JobEvent, DateTime<Utc>)>,
+    ) -> Result<Option<Job>, InvalidTransition> {
+        let mut job: Option<Job> = None;
+        for (ev, at) in events {
+            match (&mut job, ev) {
+                (None, JobEvent::JobSubmitted(s)) => job = Some(Job::submitted(id, namespace, s, at)),
+                (None, other) => {
+                    return Err(InvalidTransition {
+                        event: other.type_name(),
+                        status: JobStatus::Queued,
+                    })
+                }
+                (Some(j), ev) => j.apply(ev, at)?,
+            }
+        }
+        Ok(job)
+    }
+
+    /// Apply one event that follows the current state. Bumps `version`.
+    pub fn apply(&mut self, ev: &JobEvent, at: DateTime<Utc>) -> Result<(), InvalidTransition> {
+        use JobStatus::*;
+        let bad = |status| InvalidTransition {
+            event: ev.type_name(),
+            status,
+        };
+        match ev {
+            JobEvent::JobSubmitted(_) => return Err(bad(self.status)),
+            JobEvent::JobScheduled { run_at, .. } => {
+                if self.status.is_terminal() || self.status == Running {
+                    return Err(bad(self.status));
+                }
+                self.status = Scheduled;
+                self.run_at = Some(*run_at);
+                self.queued_at = None;
+            }
+            JobEvent::JobQueued { max_attempts, reason } => {
+                if matches!(self.status, Running | Succeeded | Queued) {
+                    return Err(bad(self.status));
+                }
+                if let Some(m) = max_attempts {
+                    self.max_attempts = *m;
+                }
+                if reason == "manual_retry" {
+                    self.error = None;
+                    self.output = None;
+                    self.finished_at = None;
+                    self.cancel_requested = false;
+                }
+                self.status = Queued;
+                self.run_at = None;
+                self.queued_at = Some(at);
+            }
+            JobEvent::JobStarted { attempt, worker } => {
+                if self.status != Queued {
+                    return Err(bad(self.status));
+                }
+                self.status = Running;
+                self.attempt = *attempt;
+                self.worker_id = Some(worker.clone());
+                self.started_at = Some(at);
+                self.progress = None;
+            }
+            JobEvent::JobProgress { percent, message, data } => {
+                let mut p = serde_json::Map::new();
+                if let Some(v) = percent {
+                    p.insert("percent".into(), serde_json::json!(v));
+                }
+                if let Some(v) = message {
+                    p.insert("message".into(), serde_json::json!(v));
+                }
+                if let Some(v) = data {
+                    p.insert("data".into(), v.clone());
+                }
+                self.progress = Some(serde_json::Value::Object(p));
+            }
+            JobEvent::JobLog { .. } | JobEvent::JobOutputChunk { .. } | JobEvent::JobTimedOut { .. } => {}
+            JobEvent::JobSucceeded { output, artifacts, .. } => {
+                if self.status != Running {
+                    return Err(bad(self.status));
+                }
+                self.status = Succeeded;
+                self.output = Some(output.clone());
+                self.artifacts = artifacts.clone();
+                self.error = None;
+                self.finished_at = Some(at);
+            }
+            JobEvent::JobAttemptFailed { error, retry_at, .. } => {
+                if self.status != Running {
+                    return Err(bad(self.status));
+                }
+                self.error = Some(error.clone());
+                // Followed by JobScheduled (retry) or JobFailed; until then the job is queued-less.
+                self.status = Scheduled;
+                self.run_at = *retry_at;
+                self.queued_at = None;
+            }
+            JobEvent::JobFailed { error, .. } => {
+                if self.status.is_terminal() {
+                    return Err(bad(self.status));
+                }
+                self.status = Failed;
+                self.error = Some(error.clone());
+                self.run_at = None;
+                self.queued_at = None;
+                self.finished_at = Some(at);
+            }
+            JobEvent::JobCancelRequested { .. } => {
+                if self.status.is_terminal() {
+                    return Err(bad(self.status));
+                }
+                self.cancel_requested = true;
+            }
+            JobEvent::JobCanceled { .. } => {
+                if self.status.is_terminal() {
+                    return Err(bad(self.status));
+                }
+                self.status = Canceled;
+                self.run_at = None;
+                self.queued_at = None;
+                self.finished_at = Some(at);
+            }
+        }
+        self.version += 1;
+        self.updated_at = at;
+        Ok(())
+    }
+
+    /// The backoff policy in force.
+    pub fn backoff_policy(&self) -> Backoff {
+        self.backoff.unwrap_or_default()
+    }
+
+    /// Events that end attempt `attempt` with `error`: a retry if attempts remain and
+    /// `retryable`, else the terminal failure. `retry_after` overrides the backoff.
+    pub fn attempt_failure_events(
+        &self,
+        attempt: u32,
+        error: JobError,
+        retryable: bool,
+        retry_after: Option<std::time::Duration>,
+        now: DateTime<Utc>,
+    ) -> Vec<JobEvent> {
+        if retryable && attempt < self.max_attempts {
+            let delay = retry_after.unwrap_or_else(|| self.backoff_policy().delay(attempt));
+            let retry_at = now + chrono::Duration::from_std(delay).unwrap_or_default();
+            let retry_at = crate::domain::truncate_micros(retry_at);
+            vec![
+                JobEvent::JobAttemptFailed {
+                    attempt,
+                    error,
+                    retry_at: Some(retry_at),
+                },
+                JobEvent::JobScheduled {
+                    run_at: retry_at,
+                    reason: "retry".into(),
+                },
+            ]
+        } else {
+            vec![
+                JobEvent::JobAttemptFailed {
+                    attempt,
+                    error: error.clone(),
+                    retry_at: None,
+                },
+                JobEvent::JobFailed { attempt, error },
+            ]
+        }
+    }
+}
+
+/// Validate common submission fields (kind-specific input is checked in [`super::kinds`]).
+pub fn validate_tags(tags: &BTreeMap<String, String>) -> Result<(), FieldError> {
+    if tags.len() > 32 {
+        return Err(FieldError::new("tags", "at most 32 tags"));
+    }
+    for (k, v) in tags {
+        if k.is_empty() || k.len() > 64 || k.contains(':') {
+            return Err(FieldError::new(format!("tags.{k}"), "tag keys are 1-64 characters without ':'"));
+        }
+        if v.len() > 256 {
+            return Err(FieldError::new(format!("tags.{k}"), "tag values are at most 256 characters"));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn submission() -> Submission {
+        Submission {
+            kind: "echo".into(),
+            input: serde_json::json!({"a": 1}),
+            queue: "default".into(),
+            priority: Priority::Normal,
+            run_at: None,
+            max_attempts: 3,
+            timeout_s: None,
+            backoff: None,
+            callback_url: None,
+            tags: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn events_round_trip_through_type_and_data() {
+        let ev = JobEvent::JobStarted {
+            attempt: 2,
+            worker: "w1".into(),
+        };
+        let (t, d) = ev.to_parts();
+        assert_eq!(t, "JobStarted");
+        assert_eq!(d, serde_json::json!({"attempt": 2, "worker": "w1"}));
+        assert_eq!(JobEvent::from_parts(t, d).unwrap(), ev);
+    }
+
+    #[test]
+    fn a_job_runs_through_retry_to_success() {
+        let now = crate::domain::now();
+        let mut job = Job::submitted(Uuid::now_v7(), "default", &submission(), now);
+        assert_eq!(job.status, JobStatus::Queued);
+        job.apply(&JobEvent::JobStarted { attempt: 1, worker: "w".into() }, now).unwrap();
+        for ev in job.attempt_failure_events(1, JobError::new("x", "boom"), true, None, now) {
+            job.apply(&ev, now).unwrap();
+        }
+        assert_eq!(job.status, JobStatus::Scheduled);
+        assert!(job.run_at.unwrap() > now);
+        job.apply(&JobEvent::JobQueued { reason: "due".into(), max_attempts: None }, now).unwrap();
+        job.apply(&JobEvent::JobStarted { attempt: 2, worker: "w".into() }, now).unwrap();
+        job.apply(
+            &JobEvent::JobSucceeded {
+                attempt: 2,
+                output: serde_json::json!(1),
+                artifacts: vec![],
+            },
+            now,
+        )
+        .unwrap();
+        assert_eq!(job.status, JobStatus::Succeeded);
+        assert_eq!(job.version, 7);
+    }
+
+    #[test]
+    fn the_last_attempt_fails_the_job() {
+        let now = crate::domain::now();
+        let mut job = Job::submitted(Uuid::now_v7(), "default", &submission(), now);
+        job.max_attempts = 1;
+        job.apply(&JobEvent::JobStarted { attempt: 1, worker: "w".into() }, now).unwrap();
+        for ev in job.attempt_failure_events(1, JobError::new("x", "boom"), true, None, now) {
+            job.apply(&ev, now).unwrap();
+        }
+        assert_eq!(job.status, JobStatus::Failed);
+    }
+
+    #[test]
+    fn a_finished_job_cannot_start_again() {
+        let now = crate::domain::now();
+        let mut job = Job::submitted(Uuid::now_v7(), "default", &submission(), now);
+        job.apply(&JobEvent::JobCanceled { attempt: None }, now).unwrap();
+        assert!(job.apply(&JobEvent::JobStarted { attempt: 1, worker: "w".into() }, now).is_err());
+    }
+}

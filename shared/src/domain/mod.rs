@@ -1,0 +1,32 @@
+//! Domain types: pure data and rules, free of SQL, HTTP and Redis.
+//!
+//! # Layout
+//! - [`job`]: the job model, its event catalog and the fold that turns events into the `jobs` row.
+//! - [`kinds`]: the job kinds Capibara knows, their default queues and input validation.
+//! - [`event`]: stream types and the event envelope clients see.
+//! - [`retry`]: backoff policy.
+//! - [`problem`]: field-level validation errors.
+//! - [`auth`]: roles of an API key.
+
+pub mod auth;
+pub mod event;
+pub mod job;
+pub mod kinds;
+pub mod problem;
+pub mod retry;
+
+pub use problem::FieldError;
+
+/// Current time truncated to microseconds, the precision Postgres stores.
+///
+/// Every timestamp that ends up in an event and in a projection goes through here, so a projection
+/// rebuilt from the log compares equal to the one written inline.
+pub fn now() -> chrono::DateTime<chrono::Utc> {
+    truncate_micros(chrono::Utc::now())
+}
+
+/// Drop sub-microsecond precision (Postgres keeps microseconds).
+pub fn truncate_micros(t: chrono::DateTime<chrono::Utc>) -> chrono::DateTime<chrono::Utc> {
+    use chrono::SubsecRound;
+    t.trunc_subsecs(6)
+}

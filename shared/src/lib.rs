@@ -1,0 +1,23 @@
+//! Capibara's shared crate: domain types, the Postgres event store, the Redis dispatch queue,
+//! configuration and telemetry used by every binary.
+//!
+//! # Layout
+//! - [`domain`]: pure types and rules (jobs, events, kinds, retries, roles). No SQL, HTTP or Redis.
+//! - [`store`]: the event store, projections and operational tables in Postgres.
+//! - [`queue`]: the Redis dispatch structure.
+//! - [`hints`]: cross-process wake-ups for stream readers.
+//! - [`config`], [`telemetry`], [`ops`], [`shutdown`]: process plumbing.
+//! - [`local_services`]: starts real local Postgres/Redis servers for `capibara dev` and tests.
+
+pub mod config;
+pub mod domain;
+pub mod hints;
+pub mod local_services;
+pub mod ops;
+pub mod queue;
+pub mod shutdown;
+pub mod store;
+pub mod telemetry;
+
+/// Version of this build, reported by workers and `/healthz`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

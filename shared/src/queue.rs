@@ -1,0 +1,211 @@
+//! The Redis dispatch structure (owned by Capibara; see docs/queue.md).
+//!
+//! One sorted set per queue, `{<prefix>}:queue:<name>`, member = job id, score =
+//! `enqueued_at_ms - priority head start` ([`crate::domain::job::Priority::head_start_ms`]).
+//! Lowest score is served first, so higher priorities go first but an old low-priority job
+//! eventually beats new critical ones. Pushes are `ZADD NX` (idempotent: the relay can re-push
+//! freely); pops are atomic (`BZPOPMIN` when idle, a Lua multi-pop when busy).
+//!
+//! Redis holds no state of record: a popped job that never started stays `queued` in Postgres and
+//! is re-pushed by the relay; the `epoch` key tells the relay that Redis lost its data.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use redis::{aio::ConnectionManager, AsyncCommands, Script};
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::domain::job::Priority;
+
+/// A queued job to hand to Redis.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DispatchEntry {
+    pub job_id: Uuid,
+    pub namespace: String,
+    pub queue: String,
+    pub score: i64,
+    pub enqueued_at: DateTime<Utc>,
+}
+
+impl DispatchEntry {
+    pub fn new(job_id: Uuid, namespace: &str, queue: &str, priority: Priority, enqueued_at: DateTime<Utc>) -> Self {
+        Self {
+            job_id,
+            namespace: namespace.to_string(),
+            queue: queue.to_string(),
+            score: enqueued_at.timestamp_millis() - priority.head_start_ms(),
+            enqueued_at,
+        }
+    }
+}
+
+/// Redis errors, kept opaque at this boundary.
+#[derive(Debug, thiserror::Error)]
+#[error("redis: {0}")]
+pub struct QueueError(#[from] redis::RedisError);
+
+const POP_SCRIPT: &str = r#"
+local count = tonumber(ARGV[1])
+local best = {}
+for _, key in ipairs(KEYS) do
+  local items = redis.call('ZRANGE', key, 0, count - 1, 'WITHSCORES')
+  for j = 1, #items, 2 do
+    best[#best + 1] = {items[j], tonumber(items[j + 1]), key}
+  end
+end
+table.sort(best, function(a, b) return a[2] < b[2] end)
+local out = {}
+for i = 1, math.min(count, #best) do
+  redis.call('ZREM', best[i][3], best[i][1])
+  out[#out + 1] = best[i][1]
+end
+return out
+"#;
+
+/// Handle to the dispatch queues; cheap to clone.
+#[derive(Clone)]
+pub struct Queue {
+    client: redis::Client,
+    conn: ConnectionManager,
+    prefix: String,
+    pop: Script,
+}
+
+fn manager_config() -> redis::aio::ConnectionManagerConfig {
+    redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Duration::from_secs(2))
+        .set_response_timeout(Duration::from_secs(5))
+        .set_number_of_retries(2)
+        .set_max_delay(500)
+}
+
+impl Queue {
+    /// Connect; `prefix` namespaces every key (tests use one per test).
+    pub async fn connect(url: &str, prefix: &str) -> Result<Queue, QueueError> {
+        let client = redis::Client::open(url)?;
+        let conn = client.get_connection_manager_with_config(manager_config()).await?;
+        Ok(Queue {
+            client,
+            conn,
+            prefix: prefix.to_string(),
+            pop: Script::new(POP_SCRIPT),
+        })
+    }
+
+    pub fn client(&self) -> &redis::Client {
+        &self.client
+    }
+
+    /// The key of one queue. The `{prefix}` hash tag keeps all keys in one cluster slot.
+    pub fn queue_key(&self, queue: &str) -> String {
+        format!("{{{}}}:queue:{}", self.prefix, queue)
+    }
+
+    fn epoch_key(&self) -> String {
+        format!("{{{}}}:epoch", self.prefix)
+    }
+
+    /// Channel carrying ids of streams that just changed.
+    pub fn hints_channel(&self) -> String {
+        format!("{{{}}}:hints", self.prefix)
+    }
+
+    /// Channel carrying ids of running jobs whose cancel was requested.
+    pub fn cancel_channel(&self) -> String {
+        format!("{{{}}}:cancel", self.prefix)
+    }
+
+    /// Add entries (idempotent). Also marks the epoch so a wipe can be detected.
+    pub async fn push(&self, entries: &[DispatchEntry]) -> Result<(), QueueError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("SET").arg(self.epoch_key()).arg(1).arg("NX").ignore();
+        for e in entries {
+            pipe.cmd("ZADD")
+                .arg(self.queue_key(&e.queue))
+                .arg("NX")
+                .arg(e.score)
+                .arg(e.job_id.to_string())
+                .ignore();
+        }
+        let mut conn = self.conn.clone();
+        pipe.query_async::<()>(&mut conn).await?;
+        Ok(())
+    }
+
+    /// Pop up to `max` jobs across `queues`, lowest score first, without blocking.
+    pub async fn pop(&self, queues: &[String], max: usize) -> Result<Vec<Uuid>, QueueError> {
+        let mut inv = self.pop.prepare_invoke();
+        for q in queues {
+            inv.key(self.queue_key(q));
+        }
+        inv.arg(max);
+        let mut conn = self.conn.clone();
+        let ids: Vec<String> = inv.invoke_async(&mut conn).await?;
+        Ok(ids.iter().filter_map(|s| s.parse().ok()).collect())
+    }
+
+    /// A connection for blocking pops (a blocked command stalls its connection, so each fetcher
+    /// has its own).
+    pub async fn blocking_connection(&self) -> Result<ConnectionManager, QueueError> {
+        Ok(self.client.get_connection_manager_with_config(manager_config()).await?)
+    }
+
+    /// Wait up to `timeout` for one job across `queues`.
+    pub async fn blocking_pop(
+        &self,
+        conn: &mut ConnectionManager,
+        queues: &[String],
+        timeout: Duration,
+    ) -> Result<Option<Uuid>, QueueError> {
+        let keys: Vec<String> = queues.iter().map(|q| self.queue_key(q)).collect();
+        let res: Option<(String, String, f64)> = redis::cmd("BZPOPMIN")
+            .arg(&keys)
+            .arg(timeout.as_secs_f64())
+            .query_async(conn)
+            .await?;
+        Ok(res.and_then(|(_, member, _)| member.parse().ok()))
+    }
+
+    /// Remove a job from its queue (after cancel); harmless if absent.
+    pub async fn remove(&self, queue: &str, job_id: Uuid) -> Result<(), QueueError> {
+        let mut conn = self.conn.clone();
+        conn.zrem::<_, _, ()>(self.queue_key(queue), job_id.to_string()).await?;
+        Ok(())
+    }
+
+    /// Number of jobs waiting in Redis for `queue`.
+    pub async fn len(&self, queue: &str) -> Result<u64, QueueError> {
+        let mut conn = self.conn.clone();
+        Ok(conn.zcard(self.queue_key(queue)).await?)
+    }
+
+    /// Whether Redis still holds the epoch mark (false after a wipe or on a fresh Redis).
+    pub async fn epoch_present(&self) -> Result<bool, QueueError> {
+        let mut conn = self.conn.clone();
+        Ok(conn.exists(self.epoch_key()).await?)
+    }
+
+    /// Best-effort notice that streams changed (waiters fall back to polling if it is lost).
+    pub async fn publish_hints(&self, streams: &[Uuid]) {
+        let payload = streams.iter().map(Uuid::to_string).collect::<Vec<_>>().join(",");
+        let mut conn = self.conn.clone();
+        if let Err(e) = conn.publish::<_, _, ()>(self.hints_channel(), payload).await {
+            tracing::debug!(error = %e, "publishing stream hints failed");
+        }
+    }
+
+    /// Tell workers that a running job's cancel was requested.
+    pub async fn publish_cancel(&self, job_id: Uuid) -> Result<(), QueueError> {
+        let mut conn = self.conn.clone();
+        conn.publish::<_, _, ()>(self.cancel_channel(), job_id.to_string()).await?;
+        Ok(())
+    }
+
+    /// Liveness check for `/readyz`.
+    pub async fn ping(&self) -> Result<(), QueueError> {
+        let mut conn = self.conn.clone();
+        redis::cmd("PING").query_async::<String>(&mut conn).await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,624 @@
+//! Group-committed appends.
+//!
+//! Callers hand an [`Append`] to the [`Appender`] and await its result. A few flusher tasks take
+//! everything that queued up while the previous flush ran and write it in one transaction:
+//! lock the touched streams in id order, check each append's expected version in arrival order,
+//! then one multi-row statement each for commands, streams, events and every side effect. A
+//! conflicting append fails alone; the rest of the batch commits.
+//!
+//! After commit, dispatch entries are pushed to Redis (the fast path; the relay sweeps what this
+//! misses) and the changed stream ids are published as hints for waiters and SSE readers.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+    time::Instant,
+};
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::Value;
+use sqlx::{PgPool, Postgres, Transaction};
+use tokio::sync::{mpsc, oneshot, Mutex};
+use uuid::Uuid;
+
+use super::StoreError;
+use crate::{
+    domain::{event::EventMetadata, event::StreamType, job::Job},
+    queue::{DispatchEntry, Queue},
+};
+
+/// What a stream's version must be for an append to apply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expected {
+    /// The stream must not exist yet.
+    NoStream,
+    /// The stream must be at exactly this version.
+    Version(i64),
+}
+
+/// One event to append.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    pub event_type: String,
+    pub data: Value,
+}
+
+/// A command to record with the append (for `Idempotency-Key` replays).
+#[derive(Debug, Clone, Serialize)]
+pub struct CommandRecord {
+    pub id: Uuid,
+    pub namespace: String,
+    #[serde(rename = "type")]
+    pub command_type: String,
+    pub idempotency_key: Option<String>,
+    pub request_hash: String,
+    pub status_code: i32,
+    pub response: Option<Value>,
+    pub stream_id: Option<Uuid>,
+    pub actor: Option<String>,
+    pub received_at: DateTime<Utc>,
+}
+
+/// A lease on a running attempt.
+#[derive(Debug, Clone, Serialize)]
+pub struct Lease {
+    pub job_id: Uuid,
+    pub attempt: i32,
+    pub worker_id: String,
+    pub namespace: String,
+    pub queue: String,
+    pub started_at: DateTime<Utc>,
+    pub lease_until: DateTime<Utc>,
+}
+
+/// Rows written in the same transaction as the events.
+#[derive(Debug, Clone)]
+pub enum Effect {
+    UpsertJob(Box<Job>),
+    Dispatch(DispatchEntry),
+    Undispatch(Uuid),
+    Lease(Lease),
+    ReleaseLease(Uuid),
+}
+
+/// Events for one stream, with everything that must commit with them.
+#[derive(Debug, Clone)]
+pub struct Append {
+    pub stream_id: Uuid,
+    pub stream_type: StreamType,
+    pub namespace: String,
+    pub expected: Expected,
+    pub events: Vec<NewEvent>,
+    pub metadata: EventMetadata,
+    pub recorded_at: DateTime<Utc>,
+    pub command: Option<CommandRecord>,
+    pub effects: Vec<Effect>,
+}
+
+impl Append {
+    fn new_version(&self) -> i64 {
+        let base = match self.expected {
+            Expected::NoStream => 0,
+            Expected::Version(v) => v,
+        };
+        base + self.events.len() as i64
+    }
+}
+
+/// A committed append.
+#[derive(Debug, Clone)]
+pub struct Appended {
+    /// Stream version after the append.
+    pub version: i64,
+    /// Global positions of the appended events, in order.
+    pub positions: Vec<i64>,
+}
+
+/// Why an append did not apply.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum AppendError {
+    #[error("stream version conflict (actual version {actual:?})")]
+    Conflict { actual: Option<i64> },
+    #[error("a command with this idempotency key already exists")]
+    DuplicateCommand,
+    #[error("event store unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl From<AppendError> for StoreError {
+    fn from(e: AppendError) -> Self {
+        match e {
+            AppendError::Conflict { .. } => StoreError::Conflict,
+            AppendError::DuplicateCommand => StoreError::DuplicateCommand,
+            AppendError::Unavailable(m) => StoreError::Unavailable(m),
+        }
+    }
+}
+
+struct Pending {
+    append: Append,
+    reply: oneshot::Sender<Result<Appended, AppendError>>,
+}
+
+/// Settings of the group commit.
+#[derive(Debug, Clone, Copy)]
+pub struct AppenderOptions {
+    /// Flushes that may run at once (each on its own connection).
+    pub flushers: usize,
+    /// Most appends in one transaction.
+    pub max_batch: usize,
+}
+
+impl Default for AppenderOptions {
+    fn default() -> Self {
+        Self {
+            flushers: 3,
+            max_batch: 1000,
+        }
+    }
+}
+
+/// Handle to the group-commit writer; cheap to clone.
+#[derive(Clone)]
+pub struct Appender {
+    tx: mpsc::UnboundedSender<Pending>,
+    pool: PgPool,
+    queue: Option<Queue>,
+}
+
+impl Appender {
+    /// Start the flusher tasks. `queue` receives dispatch entries after commit (fast path).
+    pub fn start(pool: PgPool, queue: Option<Queue>, opts: AppenderOptions) -> Appender {
+        let (tx, rx) = mpsc::unbounded_channel::<Pending>();
+        let rx = Arc::new(Mutex::new(rx));
+        for _ in 0..opts.flushers.max(1) {
+            let rx = rx.clone();
+            let pool = pool.clone();
+            let queue = queue.clone();
+            tokio::spawn(async move {
+                loop {
+                    let batch = {
+                        let mut rx = rx.lock().await;
+                        let Some(first) = rx.recv().await else { return };
+                        let mut batch = vec![first];
+                        while batch.len() < opts.max_batch {
+                            match rx.try_recv() {
+                                Ok(p) => batch.push(p),
+                                Err(_) => break,
+                            }
+                        }
+                        batch
+                    };
+                    flush(&pool, queue.as_ref(), batch).await;
+                }
+            });
+        }
+        Appender { tx, pool, queue }
+    }
+
+    /// Append all in one transaction, or none (batch submission).
+    pub async fn append_all(&self, appends: Vec<Append>) -> Result<Vec<Appended>, AppendError> {
+        let mut results: Vec<Option<Result<Appended, AppendError>>> = vec![None; appends.len()];
+        match try_flush(&self.pool, &appends, &mut results, &HashSet::new(), true).await {
+            Ok(Ok(done)) => {
+                after_commit(self.queue.as_ref(), done).await;
+                results
+                    .into_iter()
+                    .map(|r| r.unwrap_or_else(|| Err(AppendError::Unavailable("not flushed".into()))))
+                    .collect()
+            }
+            Ok(Err(_)) => Err(results
+                .into_iter()
+                .flatten()
+                .find_map(Result::err)
+                .unwrap_or(AppendError::Conflict { actual: None })),
+            Err(e) => Err(AppendError::Unavailable(e.to_string())),
+        }
+    }
+
+    /// Append and wait for the commit.
+    pub async fn append(&self, append: Append) -> Result<Appended, AppendError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Pending { append, reply })
+            .map_err(|_| AppendError::Unavailable("appender stopped".into()))?;
+        rx.await
+            .map_err(|_| AppendError::Unavailable("appender dropped the request".into()))?
+    }
+
+    /// Append several (each succeeds or fails on its own).
+    pub async fn append_many(&self, appends: Vec<Append>) -> Vec<Result<Appended, AppendError>> {
+        let mut rxs = Vec::with_capacity(appends.len());
+        for append in appends {
+            let (reply, rx) = oneshot::channel();
+            if self.tx.send(Pending { append, reply }).is_err() {
+                rxs.push(None);
+            } else {
+                rxs.push(Some(rx));
+            }
+        }
+        let mut out = Vec::with_capacity(rxs.len());
+        for rx in rxs {
+            out.push(match rx {
+                Some(rx) => rx
+                    .await
+                    .unwrap_or_else(|_| Err(AppendError::Unavailable("appender dropped the request".into()))),
+                None => Err(AppendError::Unavailable("appender stopped".into())),
+            });
+        }
+        out
+    }
+}
+
+async fn flush(pool: &PgPool, queue: Option<&Queue>, batch: Vec<Pending>) {
+    let started = Instant::now();
+    let size = batch.len();
+    let (appends, replies): (Vec<Append>, Vec<_>) = batch.into_iter().map(|p| (p.append, p.reply)).unzip();
+    let mut results: Vec<Option<Result<Appended, AppendError>>> = vec![None; appends.len()];
+    // Appends that failed a check inside the transaction are excluded and the batch is retried.
+    let mut excluded: HashSet<usize> = HashSet::new();
+    let committed = loop {
+        match try_flush(pool, &appends, &mut results, &excluded, false).await {
+            Ok(Ok(done)) => break Ok(done),
+            Ok(Err(losers)) => {
+                excluded.extend(losers);
+            }
+            Err(e) => break Err(e),
+        }
+    };
+    match committed {
+        Ok(done) => after_commit(queue, done).await,
+        Err(e) => {
+            let msg = e.to_string();
+            tracing::warn!(error = %msg, size, "append batch failed");
+            for r in results.iter_mut() {
+                if r.as_ref().is_none_or(|r| r.is_ok()) {
+                    *r = Some(Err(AppendError::Unavailable(msg.clone())));
+                }
+            }
+        }
+    }
+    metrics::histogram!("capibara_append_batch_size").record(size as f64);
+    metrics::histogram!("capibara_append_batch_seconds").record(started.elapsed().as_secs_f64());
+    for (reply, result) in replies.into_iter().zip(results) {
+        let _ = reply.send(result.unwrap_or_else(|| Err(AppendError::Unavailable("not flushed".into()))));
+    }
+}
+
+/// Fast-path dispatch and stream hints, after the commit.
+async fn after_commit(queue: Option<&Queue>, done: Committed) {
+    let Some(queue) = queue else { return };
+    if !done.dispatched.is_empty() {
+        if let Err(e) = queue.push(&done.dispatched).await {
+            tracing::warn!(error = %e, "fast-path dispatch to Redis failed; the relay will retry");
+        }
+    }
+    if !done.streams.is_empty() {
+        queue.publish_hints(&done.streams).await;
+    }
+}
+
+struct Committed {
+    dispatched: Vec<DispatchEntry>,
+    streams: Vec<Uuid>,
+}
+
+/// One attempt at writing the batch. `Ok(Err(losers))` = roll back and retry without them.
+async fn try_flush(
+    pool: &PgPool,
+    appends: &[Append],
+    results: &mut [Option<Result<Appended, AppendError>>],
+    excluded: &HashSet<usize>,
+    atomic: bool,
+) -> Result<Result<Committed, Vec<usize>>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+
+    // 1. Lock the existing streams we touch, in id order (no deadlocks between flushers).
+    let mut lock_ids: Vec<Uuid> = appends
+        .iter()
+        .enumerate()
+        .filter(|(i, a)| !excluded.contains(i) && matches!(a.expected, Expected::Version(_)))
+        .map(|(_, a)| a.stream_id)
+        .collect();
+    lock_ids.sort_unstable();
+    lock_ids.dedup();
+    let mut current: HashMap<Uuid, Option<i64>> = HashMap::new();
+    if !lock_ids.is_empty() {
+        let rows: Vec<(Uuid, i64)> = sqlx::query_as(
+            "SELECT stream_id, version FROM streams WHERE stream_id = ANY($1) ORDER BY stream_id FOR UPDATE",
+        )
+        .bind(&lock_ids)
+        .fetch_all(&mut *tx)
+        .await?;
+        for id in &lock_ids {
+            current.insert(*id, None);
+        }
+        for (id, v) in rows {
+            current.insert(id, Some(v));
+        }
+    }
+
+    // 2. Check expected versions in arrival order; a stream may appear more than once.
+    let mut ok: Vec<usize> = Vec::with_capacity(appends.len());
+    let mut keys_seen: HashSet<(&str, &str)> = HashSet::new();
+    for (i, a) in appends.iter().enumerate() {
+        if excluded.contains(&i) {
+            if results[i].is_none() {
+                results[i] = Some(Err(AppendError::Conflict { actual: None }));
+            }
+            continue;
+        }
+        let actual = match a.expected {
+            Expected::NoStream => current.get(&a.stream_id).copied().flatten(),
+            Expected::Version(_) => current.get(&a.stream_id).copied().flatten(),
+        };
+        let matches = match a.expected {
+            Expected::NoStream => actual.is_none(),
+            Expected::Version(v) => actual == Some(v),
+        };
+        if !matches {
+            results[i] = Some(Err(AppendError::Conflict { actual }));
+            continue;
+        }
+        if let Some(key) = a.command.as_ref().and_then(|c| c.idempotency_key.as_deref()) {
+            if !keys_seen.insert((a.namespace.as_str(), key)) {
+                results[i] = Some(Err(AppendError::DuplicateCommand));
+                continue;
+            }
+        }
+        current.insert(a.stream_id, Some(a.new_version()));
+        results[i] = None;
+        ok.push(i);
+    }
+    if atomic && ok.len() != appends.len() {
+        tx.rollback().await?;
+        return Ok(Err(Vec::new()));
+    }
+    if ok.is_empty() {
+        tx.rollback().await?;
+        return Ok(Ok(Committed {
+            dispatched: vec![],
+            streams: vec![],
+        }));
+    }
+
+    // 3. Commands: a duplicate idempotency key loses.
+    let commands: Vec<(usize, &CommandRecord)> = ok
+        .iter()
+        .filter_map(|&i| appends[i].command.as_ref().map(|c| (i, c)))
+        .collect();
+    if !commands.is_empty() {
+        let rows = serde_json::to_value(commands.iter().map(|(_, c)| c).collect::<Vec<_>>()).expect("commands serialize");
+        let inserted: Vec<(Uuid,)> = sqlx::query_as(
+            "INSERT INTO commands (id, namespace, type, idempotency_key, request_hash, status_code, response, stream_id, actor, received_at)
+             SELECT id, namespace, type, idempotency_key, request_hash, status_code, response, stream_id, actor, received_at
+             FROM jsonb_to_recordset($1) AS c(id uuid, namespace text, type text, idempotency_key text, request_hash text,
+                  status_code int, response jsonb, stream_id uuid, actor text, received_at timestamptz)
+             ON CONFLICT (namespace, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+             RETURNING id",
+        )
+        .bind(rows)
+        .fetch_all(&mut *tx)
+        .await?;
+        let inserted: HashSet<Uuid> = inserted.into_iter().map(|(id,)| id).collect();
+        let losers: Vec<usize> = commands
+            .iter()
+            .filter(|(_, c)| !inserted.contains(&c.id))
+            .map(|(i, _)| *i)
+            .collect();
+        if !losers.is_empty() {
+            tx.rollback().await?;
+            for &i in &losers {
+                results[i] = Some(Err(AppendError::DuplicateCommand));
+            }
+            return Ok(Err(losers));
+        }
+    }
+
+    // 4. Streams: create new ones, bump existing ones.
+    let mut new_ids = Vec::new();
+    let mut new_types = Vec::new();
+    let mut new_ns = Vec::new();
+    let mut new_versions = Vec::new();
+    let mut final_version: HashMap<Uuid, i64> = HashMap::new();
+    for &i in &ok {
+        let a = &appends[i];
+        if a.expected == Expected::NoStream {
+            new_ids.push(a.stream_id);
+            new_types.push(a.stream_type.as_str());
+            new_ns.push(a.namespace.as_str());
+            new_versions.push(a.new_version());
+        }
+        final_version.insert(a.stream_id, a.new_version());
+    }
+    if !new_ids.is_empty() {
+        let created: Vec<(Uuid,)> = sqlx::query_as(
+            "INSERT INTO streams (stream_id, stream_type, namespace, version)
+             SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bigint[])
+             ON CONFLICT (stream_id) DO NOTHING RETURNING stream_id",
+        )
+        .bind(&new_ids)
+        .bind(&new_types)
+        .bind(&new_ns)
+        .bind(&new_versions)
+        .fetch_all(&mut *tx)
+        .await?;
+        if created.len() != new_ids.len() {
+            let created: HashSet<Uuid> = created.into_iter().map(|(id,)| id).collect();
+            let losers: Vec<usize> = ok
+                .iter()
+                .copied()
+                .filter(|&i| appends[i].expected == Expected::NoStream && !created.contains(&appends[i].stream_id))
+                .collect();
+            tx.rollback().await?;
+            for &i in &losers {
+                results[i] = Some(Err(AppendError::Conflict { actual: None }));
+            }
+            return Ok(Err(losers));
+        }
+    }
+    let (upd_ids, upd_versions): (Vec<Uuid>, Vec<i64>) = final_version
+        .iter()
+        .filter(|(id, _)| current.get(id).is_some() && lock_ids.binary_search(id).is_ok())
+        .map(|(id, v)| (*id, *v))
+        .unzip();
+    if !upd_ids.is_empty() {
+        sqlx::query(
+            "UPDATE streams s SET version = u.version
+             FROM unnest($1::uuid[], $2::bigint[]) AS u(id, version) WHERE s.stream_id = u.id",
+        )
+        .bind(&upd_ids)
+        .bind(&upd_versions)
+        .execute(&mut *tx)
+        .await?;
+    }
+
+    // 5. Events.
+    let mut ev_stream = Vec::new();
+    let mut ev_type_stream = Vec::new();
+    let mut ev_version = Vec::new();
+    let mut ev_type = Vec::new();
+    let mut ev_data = Vec::new();
+    let mut ev_meta = Vec::new();
+    let mut ev_at = Vec::new();
+    for &i in &ok {
+        let a = &appends[i];
+        let base = a.new_version() - a.events.len() as i64;
+        let meta = serde_json::to_value(&a.metadata).expect("metadata serializes");
+        for (k, e) in a.events.iter().enumerate() {
+            ev_stream.push(a.stream_id);
+            ev_type_stream.push(a.stream_type.as_str());
+            ev_version.push(base + 1 + k as i64);
+            ev_type.push(e.event_type.as_str());
+            ev_data.push(e.data.clone());
+            ev_meta.push(meta.clone());
+            ev_at.push(a.recorded_at);
+        }
+    }
+    let positions: Vec<(i64, Uuid, i64)> = sqlx::query_as(
+        "INSERT INTO events (stream_id, stream_type, version, type, data, metadata, recorded_at)
+         SELECT * FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::text[], $5::jsonb[], $6::jsonb[], $7::timestamptz[])
+         RETURNING position, stream_id, version",
+    )
+    .bind(&ev_stream)
+    .bind(&ev_type_stream)
+    .bind(&ev_version)
+    .bind(&ev_type)
+    .bind(&ev_data)
+    .bind(&ev_meta)
+    .bind(&ev_at)
+    .fetch_all(&mut *tx)
+    .await?;
+    let position_of: HashMap<(Uuid, i64), i64> = positions.into_iter().map(|(p, s, v)| ((s, v), p)).collect();
+
+    // 6. Side effects, the last one per row winning.
+    let dispatched = write_effects(&mut tx, appends, &ok).await?;
+
+    tx.commit().await?;
+
+    let mut streams = Vec::with_capacity(ok.len());
+    for &i in &ok {
+        let a = &appends[i];
+        let base = a.new_version() - a.events.len() as i64;
+        let positions = (1..=a.events.len() as i64)
+            .map(|k| position_of.get(&(a.stream_id, base + k)).copied().unwrap_or_default())
+            .collect();
+        results[i] = Some(Ok(Appended {
+            version: a.new_version(),
+            positions,
+        }));
+        streams.push(a.stream_id);
+    }
+    streams.sort_unstable();
+    streams.dedup();
+    Ok(Ok(Committed { dispatched, streams }))
+}
+
+async fn write_effects(
+    tx: &mut Transaction<'_, Postgres>,
+    appends: &[Append],
+    ok: &[usize],
+) -> Result<Vec<DispatchEntry>, sqlx::Error> {
+    let mut jobs: HashMap<Uuid, &Job> = HashMap::new();
+    let mut dispatch: HashMap<Uuid, Option<&DispatchEntry>> = HashMap::new();
+    let mut leases: HashMap<Uuid, Option<&Lease>> = HashMap::new();
+    for &i in ok {
+        for e in &appends[i].effects {
+            match e {
+                Effect::UpsertJob(j) => {
+                    jobs.insert(j.id, j);
+                }
+                Effect::Dispatch(d) => {
+                    dispatch.insert(d.job_id, Some(d));
+                }
+                Effect::Undispatch(id) => {
+                    dispatch.insert(*id, None);
+                }
+                Effect::Lease(l) => {
+                    leases.insert(l.job_id, Some(l));
+                }
+                Effect::ReleaseLease(id) => {
+                    leases.insert(*id, None);
+                }
+            }
+        }
+    }
+    if !jobs.is_empty() {
+        let rows = serde_json::to_value(jobs.values().collect::<Vec<_>>()).expect("jobs serialize");
+        sqlx::query(super::jobs::UPSERT_JOBS).bind(rows).execute(&mut **tx).await?;
+    }
+    let (to_dispatch, to_undispatch) = split(&dispatch);
+    if !to_undispatch.is_empty() {
+        sqlx::query("DELETE FROM dispatch WHERE job_id = ANY($1)")
+            .bind(&to_undispatch)
+            .execute(&mut **tx)
+            .await?;
+    }
+    if !to_dispatch.is_empty() {
+        let rows = serde_json::to_value(&to_dispatch).expect("dispatch serializes");
+        sqlx::query(
+            "INSERT INTO dispatch (job_id, namespace, queue, score, enqueued_at)
+             SELECT job_id, namespace, queue, score, enqueued_at FROM jsonb_to_recordset($1)
+                 AS d(job_id uuid, namespace text, queue text, score bigint, enqueued_at timestamptz)
+             ON CONFLICT (job_id) DO UPDATE SET queue = EXCLUDED.queue, score = EXCLUDED.score,
+                 enqueued_at = EXCLUDED.enqueued_at, pushed_at = NULL",
+        )
+        .bind(rows)
+        .execute(&mut **tx)
+        .await?;
+    }
+    let (to_lease, to_release) = split(&leases);
+    if !to_release.is_empty() {
+        sqlx::query("DELETE FROM leases WHERE job_id = ANY($1)")
+            .bind(&to_release)
+            .execute(&mut **tx)
+            .await?;
+    }
+    if !to_lease.is_empty() {
+        let rows = serde_json::to_value(&to_lease).expect("leases serialize");
+        sqlx::query(
+            "INSERT INTO leases (job_id, attempt, worker_id, namespace, queue, started_at, lease_until)
+             SELECT * FROM jsonb_to_recordset($1) AS l(job_id uuid, attempt int, worker_id text, namespace text,
+                 queue text, started_at timestamptz, lease_until timestamptz)
+             ON CONFLICT (job_id) DO UPDATE SET attempt = EXCLUDED.attempt, worker_id = EXCLUDED.worker_id,
+                 started_at = EXCLUDED.started_at, lease_until = EXCLUDED.lease_until",
+        )
+        .bind(rows)
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(to_dispatch.into_iter().cloned().collect())
+}
+
+fn split<'a, T>(m: &HashMap<Uuid, Option<&'a T>>) -> (Vec<&'a T>, Vec<Uuid>) {
+    let mut put = Vec::new();
+    let mut delete = Vec::new();
+    for (id, v) in m {
+        match v {
+            Some(v) => put.push(*v),
+            None => delete.push(*id),
+        }
+    }
+    (put, delete)
+}

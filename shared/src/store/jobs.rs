@@ -1,0 +1,257 @@
+//! Job projection queries, and [`job_append`] which turns job events into an [`Append`].
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use super::{
+    append::{CommandRecord, Lease},
+    Append, Effect, Expected, NewEvent, StoreError,
+};
+use crate::{
+    domain::{
+        event::{EventMetadata, StreamType},
+        job::{InvalidTransition, Job, JobEvent, JobStatus},
+    },
+    queue::DispatchEntry,
+};
+
+/// Upsert of whole rows from a JSON array of [`Job`]s (column names = field names).
+pub const UPSERT_JOBS: &str = "
+INSERT INTO jobs SELECT * FROM jsonb_populate_recordset(NULL::jobs, $1)
+ON CONFLICT (id) DO UPDATE SET
+    namespace = EXCLUDED.namespace, kind = EXCLUDED.kind, queue = EXCLUDED.queue,
+    priority = EXCLUDED.priority, status = EXCLUDED.status, input = EXCLUDED.input,
+    output = EXCLUDED.output, error = EXCLUDED.error, progress = EXCLUDED.progress,
+    tags = EXCLUDED.tags, attempt = EXCLUDED.attempt, max_attempts = EXCLUDED.max_attempts,
+    timeout_s = EXCLUDED.timeout_s, backoff = EXCLUDED.backoff, callback_url = EXCLUDED.callback_url,
+    run_at = EXCLUDED.run_at, cancel_requested = EXCLUDED.cancel_requested,
+    worker_id = EXCLUDED.worker_id, artifacts = EXCLUDED.artifacts, version = EXCLUDED.version,
+    created_at = EXCLUDED.created_at, queued_at = EXCLUDED.queued_at,
+    started_at = EXCLUDED.started_at, finished_at = EXCLUDED.finished_at,
+    updated_at = EXCLUDED.updated_at";
+
+/// Context for turning job events into an append.
+#[derive(Debug, Clone)]
+pub struct JobWrite {
+    pub metadata: EventMetadata,
+    pub at: DateTime<Utc>,
+    pub command: Option<CommandRecord>,
+    /// When the events start an attempt: the worker and how long its lease lasts.
+    pub lease: Option<(String, Duration)>,
+}
+
+impl JobWrite {
+    pub fn new(metadata: EventMetadata, at: DateTime<Utc>) -> Self {
+        Self {
+            metadata,
+            at,
+            command: None,
+            lease: None,
+        }
+    }
+}
+
+/// Apply `events` to `prev` (or start a new job from `JobSubmitted`) and build the append:
+/// the events, the new `jobs` row and the dispatch/lease rows that follow from the status change.
+pub fn job_append(
+    prev: Option<&Job>,
+    id: Uuid,
+    events: &[JobEvent],
+    w: JobWrite,
+) -> Result<(Job, Append), InvalidTransition> {
+    let new = match prev {
+        Some(p) => {
+            let mut j = p.clone();
+            for e in events {
+                j.apply(e, w.at)?;
+            }
+            j
+        }
+        None => Job::replay(id, &w.metadata.namespace, events.iter().map(|e| (e, w.at)))?.ok_or(
+            InvalidTransition {
+                event: "none",
+                status: JobStatus::Queued,
+            },
+        )?,
+    };
+    let old_status = prev.map(|p| p.status);
+    let mut effects = vec![Effect::UpsertJob(Box::new(new.clone()))];
+    if new.status == JobStatus::Queued && old_status != Some(JobStatus::Queued) {
+        let at = new.queued_at.unwrap_or(w.at);
+        effects.push(Effect::Dispatch(DispatchEntry::new(
+            new.id,
+            &new.namespace,
+            &new.queue,
+            new.priority,
+            at,
+        )));
+    }
+    if old_status == Some(JobStatus::Queued) && new.status != JobStatus::Queued {
+        effects.push(Effect::Undispatch(new.id));
+    }
+    if new.status == JobStatus::Running && old_status != Some(JobStatus::Running) {
+        let (worker, lease) = w.lease.clone().unwrap_or_else(|| ("unknown".into(), Duration::from_secs(30)));
+        effects.push(Effect::Lease(Lease {
+            job_id: new.id,
+            attempt: new.attempt as i32,
+            worker_id: worker,
+            namespace: new.namespace.clone(),
+            queue: new.queue.clone(),
+            started_at: w.at,
+            lease_until: w.at + chrono::Duration::from_std(lease).unwrap_or_default(),
+        }));
+    }
+    if old_status == Some(JobStatus::Running) && new.status != JobStatus::Running {
+        effects.push(Effect::ReleaseLease(new.id));
+    }
+    let append = Append {
+        stream_id: id,
+        stream_type: StreamType::Job,
+        namespace: w.metadata.namespace.clone(),
+        expected: match prev {
+            Some(p) => Expected::Version(p.version),
+            None => Expected::NoStream,
+        },
+        events: events
+            .iter()
+            .map(|e| {
+                let (t, data) = e.to_parts();
+                NewEvent {
+                    event_type: t.to_string(),
+                    data,
+                }
+            })
+            .collect(),
+        metadata: w.metadata,
+        recorded_at: w.at,
+        command: w.command,
+        effects,
+    };
+    Ok((new, append))
+}
+
+fn decode(v: Value) -> Result<Job, StoreError> {
+    serde_json::from_value(v).map_err(|e| StoreError::Internal(format!("jobs row does not decode: {e}")))
+}
+
+/// One job of a namespace.
+pub async fn get(pool: &PgPool, namespace: &str, id: Uuid) -> Result<Option<Job>, StoreError> {
+    let row: Option<(Value,)> = sqlx::query_as("SELECT to_jsonb(j) FROM jobs j WHERE id = $1 AND namespace = $2")
+        .bind(id)
+        .bind(namespace)
+        .fetch_optional(pool)
+        .await?;
+    row.map(|(v,)| decode(v)).transpose()
+}
+
+/// Jobs by id, any namespace (workers, housekeeping).
+pub async fn get_many(pool: &PgPool, ids: &[Uuid]) -> Result<Vec<Job>, StoreError> {
+    let rows: Vec<(Value,)> = sqlx::query_as("SELECT to_jsonb(j) FROM jobs j WHERE id = ANY($1)")
+        .bind(ids)
+        .fetch_all(pool)
+        .await?;
+    rows.into_iter().map(|(v,)| decode(v)).collect()
+}
+
+/// One job by id, any namespace.
+pub async fn get_any(pool: &PgPool, id: Uuid) -> Result<Option<Job>, StoreError> {
+    Ok(get_many(pool, &[id]).await?.into_iter().next())
+}
+
+/// Filters of `GET /v1/jobs`.
+#[derive(Debug, Clone, Default)]
+pub struct JobFilter {
+    pub status: Option<JobStatus>,
+    pub kind: Option<String>,
+    pub queue: Option<String>,
+    pub tags: Vec<(String, String)>,
+    /// Only jobs with an id below this (cursor; ids are time-ordered UUIDv7).
+    pub before: Option<Uuid>,
+}
+
+/// Newest first.
+pub async fn list(pool: &PgPool, namespace: &str, f: &JobFilter, limit: i64) -> Result<Vec<Job>, StoreError> {
+    let tags = if f.tags.is_empty() {
+        None
+    } else {
+        let m: serde_json::Map<String, Value> = f.tags.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect();
+        Some(Value::Object(m))
+    };
+    let rows: Vec<(Value,)> = sqlx::query_as(
+        "SELECT to_jsonb(j) FROM jobs j
+         WHERE namespace = $1
+           AND ($2::text IS NULL OR status = $2)
+           AND ($3::text IS NULL OR kind = $3)
+           AND ($4::text IS NULL OR queue = $4)
+           AND ($5::jsonb IS NULL OR (tags <> '{}'::jsonb AND tags @> $5))
+           AND ($6::uuid IS NULL OR id < $6)
+         ORDER BY id DESC LIMIT $7",
+    )
+    .bind(namespace)
+    .bind(f.status.map(|s| s.as_str()))
+    .bind(&f.kind)
+    .bind(&f.queue)
+    .bind(tags)
+    .bind(f.before)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    rows.into_iter().map(|(v,)| decode(v)).collect()
+}
+
+/// Scheduled jobs whose `run_at` has passed, oldest first.
+pub async fn due(pool: &PgPool, limit: i64) -> Result<Vec<Job>, StoreError> {
+    let rows: Vec<(Value,)> = sqlx::query_as(
+        "SELECT to_jsonb(j) FROM jobs j WHERE status = 'scheduled' AND run_at <= now() ORDER BY run_at LIMIT $1",
+    )
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    rows.into_iter().map(|(v,)| decode(v)).collect()
+}
+
+/// Queue statistics for `GET /v1/queues`.
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+pub struct QueueStats {
+    pub name: String,
+    /// Jobs due and waiting for a worker.
+    pub depth: i64,
+    /// Jobs being run now.
+    pub running: i64,
+    /// Jobs waiting for their `run_at` or a retry.
+    pub scheduled: i64,
+    /// Age in seconds of the oldest waiting job.
+    pub oldest_age_s: Option<f64>,
+}
+
+/// Per-queue depth, running and oldest age for a namespace (`None` = all namespaces).
+pub async fn queue_stats(pool: &PgPool, namespace: Option<&str>) -> Result<Vec<QueueStats>, StoreError> {
+    let rows: Vec<(String, i64, i64, i64, Option<f64>)> = sqlx::query_as(
+        "WITH d AS (SELECT queue, count(*) AS depth, extract(epoch FROM now() - min(enqueued_at))::float8 AS oldest
+                    FROM dispatch WHERE $1::text IS NULL OR namespace = $1 GROUP BY queue),
+              r AS (SELECT queue, count(*) AS running FROM leases WHERE $1::text IS NULL OR namespace = $1 GROUP BY queue),
+              s AS (SELECT queue, count(*) AS scheduled FROM jobs
+                    WHERE status = 'scheduled' AND ($1::text IS NULL OR namespace = $1) GROUP BY queue)
+         SELECT q.queue, coalesce(d.depth, 0), coalesce(r.running, 0), coalesce(s.scheduled, 0), d.oldest
+         FROM (SELECT queue FROM d UNION SELECT queue FROM r UNION SELECT queue FROM s) q
+         LEFT JOIN d ON d.queue = q.queue LEFT JOIN r ON r.queue = q.queue LEFT JOIN s ON s.queue = q.queue
+         ORDER BY q.queue",
+    )
+    .bind(namespace)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(name, depth, running, scheduled, oldest)| QueueStats {
+            name,
+            depth,
+            running,
+            scheduled,
+            oldest_age_s: oldest,
+        })
+        .collect())
+}

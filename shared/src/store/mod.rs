@@ -1,0 +1,105 @@
+//! The event store and projections in Postgres.
+//!
+//! # Layout
+//! - [`append`]: group-committed appends with optimistic concurrency and side effects.
+//! - [`jobs`]: job projection queries and the helper that turns job events into an append.
+//! - [`events`]: reading a stream and the gap-safe read of the global log.
+//! - [`commands`]: idempotency-key lookups.
+//! - [`keys`]: API keys.
+//! - [`workers`]: worker registration, heartbeats and leases.
+//! - [`dispatch`]: the outbox the relay sweeps.
+//! - [`rebuild`]: rebuilding projections from the log.
+
+pub mod append;
+pub mod commands;
+pub mod dispatch;
+pub mod events;
+pub mod jobs;
+pub mod keys;
+pub mod rebuild;
+pub mod workers;
+
+use std::time::Duration;
+
+use sqlx::{postgres::PgPoolOptions, PgPool};
+
+pub use append::{Append, AppendError, Appended, Appender, AppenderOptions, Effect, Expected, NewEvent};
+
+/// Errors at the store boundary.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("not found")]
+    NotFound,
+    #[error("concurrent modification")]
+    Conflict,
+    #[error("duplicate idempotency key")]
+    DuplicateCommand,
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    #[error("database error: {0}")]
+    Internal(String),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        match e {
+            sqlx::Error::RowNotFound => StoreError::NotFound,
+            sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::Protocol(_)
+            | sqlx::Error::WorkerCrashed => StoreError::Unavailable(e.to_string()),
+            sqlx::Error::Database(ref db) if is_unavailable_code(db.code().as_deref()) => {
+                StoreError::Unavailable(e.to_string())
+            }
+            other => StoreError::Internal(other.to_string()),
+        }
+    }
+}
+
+/// Admin shutdown, crash recovery, cannot connect, too many connections, read-only.
+fn is_unavailable_code(code: Option<&str>) -> bool {
+    matches!(code, Some(c) if c.starts_with("57P") || c.starts_with("08") || c == "53300" || c == "25006")
+}
+
+/// Open a pool that fails fast while Postgres is down and recovers by itself when it returns.
+pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, StoreError> {
+    let pool = PgPoolOptions::new()
+        .max_connections(max_connections)
+        .min_connections(0)
+        .acquire_timeout(Duration::from_secs(3))
+        .idle_timeout(Duration::from_secs(300))
+        .test_before_acquire(false)
+        .connect_lazy(url)
+        .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+    Ok(pool)
+}
+
+/// Apply pending migrations. sqlx holds an advisory lock meanwhile, so replicas starting together
+/// migrate once.
+pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
+    sqlx::migrate!("../migrations")
+        .run(pool)
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("migration failed: {e}")))
+}
+
+/// Store handle: the pool and the group-commit appender.
+#[derive(Clone)]
+pub struct Store {
+    pub pool: PgPool,
+    pub appender: Appender,
+}
+
+impl Store {
+    pub fn new(pool: PgPool, appender: Appender) -> Self {
+        Self { pool, appender }
+    }
+
+    /// Liveness check for `/readyz`.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,149 @@
+//! Worker registration, heartbeats and leases.
+
+use chrono::{DateTime, Utc};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use super::StoreError;
+
+/// A worker process as registered.
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+pub struct WorkerInfo {
+    pub id: Uuid,
+    /// `host-pid-suffix`; unique per process start.
+    pub name: String,
+    pub host: String,
+    pub pid: i32,
+    pub queues: Vec<String>,
+    pub kinds: Vec<String>,
+    pub concurrency: i32,
+    pub version: String,
+    pub started_at: DateTime<Utc>,
+    pub last_heartbeat_at: DateTime<Utc>,
+    pub stopped_at: Option<DateTime<Utc>>,
+    /// `active`, `stopped`, or `lost` (no heartbeat for three lease periods).
+    pub status: String,
+    /// Attempts holding a lease right now.
+    pub running: i64,
+}
+
+/// Register a worker process.
+pub async fn register(pool: &PgPool, w: &WorkerInfo) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO workers (id, name, host, pid, queues, kinds, concurrency, version, started_at, last_heartbeat_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9)",
+    )
+    .bind(w.id)
+    .bind(&w.name)
+    .bind(&w.host)
+    .bind(w.pid)
+    .bind(&w.queues)
+    .bind(&w.kinds)
+    .bind(w.concurrency)
+    .bind(&w.version)
+    .bind(w.started_at)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Extend the worker's leases and record its heartbeat. Returns the ids of its running jobs whose
+/// cancel was requested, and the jobs it holds no lease for any more (fenced off).
+pub async fn heartbeat(
+    pool: &PgPool,
+    worker_id: Uuid,
+    worker_name: &str,
+    lease_s: f64,
+) -> Result<Vec<Uuid>, StoreError> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SET LOCAL synchronous_commit = off").execute(&mut *tx).await?;
+    sqlx::query("UPDATE workers SET last_heartbeat_at = now() WHERE id = $1")
+        .bind(worker_id)
+        .execute(&mut *tx)
+        .await?;
+    let canceled: Vec<(Uuid, bool)> = sqlx::query_as(
+        "WITH l AS (UPDATE leases SET lease_until = now() + make_interval(secs => $2)
+                    WHERE worker_id = $1 RETURNING job_id)
+         SELECT j.id, j.cancel_requested FROM l JOIN jobs j ON j.id = l.job_id",
+    )
+    .bind(worker_name)
+    .bind(lease_s)
+    .fetch_all(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(canceled.into_iter().filter(|(_, c)| *c).map(|(id, _)| id).collect())
+}
+
+/// Mark a worker stopped (graceful shutdown).
+pub async fn stopped(pool: &PgPool, worker_id: Uuid) -> Result<(), StoreError> {
+    sqlx::query("UPDATE workers SET stopped_at = now() WHERE id = $1")
+        .bind(worker_id)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// Workers seen in the last hour (stopped ones included), newest first.
+pub async fn list(pool: &PgPool, lease_s: f64) -> Result<Vec<WorkerInfo>, StoreError> {
+    type Row = (
+        Uuid,
+        String,
+        String,
+        i32,
+        Vec<String>,
+        Vec<String>,
+        i32,
+        String,
+        DateTime<Utc>,
+        DateTime<Utc>,
+        Option<DateTime<Utc>>,
+        String,
+        i64,
+    );
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT w.id, w.name, w.host, w.pid, w.queues, w.kinds, w.concurrency, w.version, w.started_at,
+                w.last_heartbeat_at, w.stopped_at,
+                CASE WHEN w.stopped_at IS NOT NULL THEN 'stopped'
+                     WHEN w.last_heartbeat_at < now() - make_interval(secs => $1 * 3) THEN 'lost'
+                     ELSE 'active' END,
+                (SELECT count(*) FROM leases l WHERE l.worker_id = w.name)
+         FROM workers w
+         WHERE w.last_heartbeat_at > now() - interval '1 hour'
+         ORDER BY w.started_at DESC LIMIT 500",
+    )
+    .bind(lease_s)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(
+            |(id, name, host, pid, queues, kinds, concurrency, version, started_at, last_heartbeat_at, stopped_at, status, running)| {
+                WorkerInfo {
+                    id,
+                    name,
+                    host,
+                    pid,
+                    queues,
+                    kinds,
+                    concurrency,
+                    version,
+                    started_at,
+                    last_heartbeat_at,
+                    stopped_at,
+                    status,
+                    running,
+                }
+            },
+        )
+        .collect())
+}
+
+/// Jobs whose lease expired (their worker died or hung), oldest first.
+pub async fn expired_leases(pool: &PgPool, limit: i64) -> Result<Vec<(Uuid, i32)>, StoreError> {
+    Ok(sqlx::query_as(
+        "SELECT job_id, attempt FROM leases WHERE lease_until < now() ORDER BY lease_until LIMIT $1",
+    )
+    .bind(limit)
+    .fetch_all(pool)
+    .await?)
+}

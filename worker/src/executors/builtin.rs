@@ -1,0 +1,76 @@
+//! Built-in kinds for tests, demos and benchmarks: `echo`, `sleep`, `fail`.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use capibara_shared::domain::job::JobError;
+use serde_json::json;
+
+use super::{ExecError, Executor, JobContext, Output};
+
+/// Output = input.
+pub struct Echo;
+
+#[async_trait]
+impl Executor for Echo {
+    async fn execute(&self, ctx: JobContext) -> Result<Output, ExecError> {
+        Ok(Output {
+            output: ctx.input,
+            artifacts: Vec::new(),
+        })
+    }
+}
+
+/// Sleeps `ms`, reporting progress every second; stops at once when canceled.
+pub struct Sleep;
+
+#[async_trait]
+impl Executor for Sleep {
+    async fn execute(&self, ctx: JobContext) -> Result<Output, ExecError> {
+        let ms = ctx.input.get("ms").and_then(|v| v.as_u64()).unwrap_or(0);
+        let total = Duration::from_millis(ms);
+        let started = tokio::time::Instant::now();
+        loop {
+            let left = total.saturating_sub(started.elapsed());
+            if left.is_zero() {
+                break;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(left.min(Duration::from_secs(1))) => {}
+                _ = ctx.cancel.cancelled() => {
+                    return Err(ExecError::Abort(JobError::new("canceled", "sleep interrupted")));
+                }
+            }
+            if total >= Duration::from_secs(2) && !started.elapsed().ge(&total) {
+                let pct = (started.elapsed().as_secs_f64() / total.as_secs_f64() * 100.0).min(100.0);
+                ctx.progress.progress(Some((pct * 10.0).round() / 10.0), None).await;
+            }
+        }
+        Ok(Output {
+            output: json!({"slept_ms": ms}),
+            artifacts: Vec::new(),
+        })
+    }
+}
+
+/// Fails the first `times` attempts (always when `times` is absent) with `message`.
+pub struct Fail;
+
+#[async_trait]
+impl Executor for Fail {
+    async fn execute(&self, ctx: JobContext) -> Result<Output, ExecError> {
+        let message = ctx
+            .input
+            .get("message")
+            .and_then(|v| v.as_str())
+            .unwrap_or("failed on purpose")
+            .to_string();
+        match ctx.input.get("times").and_then(|v| v.as_u64()) {
+            Some(times) if u64::from(ctx.attempt) > times => Ok(Output {
+                output: json!({"attempt": ctx.attempt}),
+                artifacts: Vec::new(),
+            }),
+            _ => Err(ExecError::Retryable(JobError::new("executor_error", message))),
+        }
+    }
+}

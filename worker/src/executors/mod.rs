@@ -1,0 +1,84 @@
+//! Executors: one per job kind family, one file each. They implement [`Executor`] and know
+//! nothing of Redis or SQL; the runtime owns claiming, leases, timeouts, retries and reporting.
+
+pub mod builtin;
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use async_trait::async_trait;
+use capibara_shared::domain::job::{Artifact, JobError};
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// What an executor gets for one attempt.
+pub struct JobContext {
+    pub job_id: Uuid,
+    pub kind: String,
+    pub attempt: u32,
+    pub input: Value,
+    /// Cancelled when the job is canceled or the worker must stop; long work checks it.
+    pub cancel: CancellationToken,
+    pub progress: Arc<dyn ProgressSink>,
+}
+
+/// Where executors report progress (recorded as `JobProgress` events).
+#[async_trait]
+pub trait ProgressSink: Send + Sync {
+    async fn progress(&self, percent: Option<f64>, message: Option<String>);
+}
+
+/// A successful attempt.
+#[derive(Debug, Clone, Default)]
+pub struct Output {
+    pub output: Value,
+    pub artifacts: Vec<Artifact>,
+}
+
+/// A failed attempt, typed by what should happen next.
+#[derive(Debug, Clone)]
+pub enum ExecError {
+    /// Retry with the job's backoff if attempts remain.
+    Retryable(JobError),
+    /// Do not retry: the job fails now.
+    Abort(JobError),
+    /// Retry after this delay (if attempts remain), instead of the backoff.
+    RetryAfter(Duration, JobError),
+}
+
+/// Runs one kind of job.
+#[async_trait]
+pub trait Executor: Send + Sync {
+    async fn execute(&self, ctx: JobContext) -> Result<Output, ExecError>;
+}
+
+/// Executors by kind name.
+#[derive(Clone, Default)]
+pub struct Registry {
+    by_kind: HashMap<String, Arc<dyn Executor>>,
+}
+
+impl Registry {
+    /// Every executor built into this worker.
+    pub fn builtin() -> Self {
+        let mut r = Registry::default();
+        r.register("echo", Arc::new(builtin::Echo));
+        r.register("sleep", Arc::new(builtin::Sleep));
+        r.register("fail", Arc::new(builtin::Fail));
+        r
+    }
+
+    pub fn register(&mut self, kind: &str, executor: Arc<dyn Executor>) {
+        self.by_kind.insert(kind.to_string(), executor);
+    }
+
+    pub fn get(&self, kind: &str) -> Option<Arc<dyn Executor>> {
+        self.by_kind.get(kind).cloned()
+    }
+
+    pub fn kinds(&self) -> Vec<String> {
+        let mut k: Vec<String> = self.by_kind.keys().cloned().collect();
+        k.sort();
+        k
+    }
+}

@@ -1,0 +1,10 @@
+//! Capibara's worker: the runtime that claims, runs and reports jobs, and the executors.
+//!
+//! # Layout
+//! - [`runtime`]: fetch, claim (fenced), heartbeat, timeout, cancel, report, graceful shutdown.
+//! - [`executors`]: the [`executors::Executor`] trait and one module per executor.
+
+pub mod executors;
+pub mod runtime;
+
+pub use runtime::{run, WorkerOptions};

@@ -1,0 +1,59 @@
+//! `capibara-worker [--queues a,b] [--concurrency N]`: runs jobs until SIGTERM, then drains.
+
+use std::{sync::Arc, time::Duration};
+
+use anyhow::Context;
+use capibara_shared::{config::Config, ops, queue::Queue, shutdown, store, telemetry};
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(name = "capibara-worker", version, about = "Runs Capibara jobs")]
+struct Args {
+    /// Queues to take jobs from, comma-separated.
+    #[arg(long, env = "CAPIBARA_WORKER_QUEUES", value_delimiter = ',', default_value = "default")]
+    queues: Vec<String>,
+    /// Jobs run at once.
+    #[arg(long, env = "CAPIBARA_WORKER_CONCURRENCY", default_value_t = 32)]
+    concurrency: usize,
+    /// Seconds in-flight jobs may finish after SIGTERM before they are given back.
+    #[arg(long, env = "CAPIBARA_SHUTDOWN_GRACE_S", default_value_t = 25.0)]
+    shutdown_grace_s: f64,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let config = Arc::new(Config::from_env()?);
+    telemetry::init_logs(config.log_format);
+    telemetry::metrics_handle();
+    let pool = store::connect(&config.database_url, config.db_max_connections).await?;
+    store::migrate(&pool).await.context("applying migrations")?;
+    let queue = Queue::connect(&config.redis_url, &config.redis_prefix)
+        .await
+        .context("connecting to Redis")?;
+    let store = store::Store::new(pool.clone(), store::Appender::start(pool, Some(queue.clone()), Default::default()));
+
+    let listener = tokio::net::TcpListener::bind(config.worker_addr)
+        .await
+        .with_context(|| format!("binding {}", config.worker_addr))?;
+    tracing::info!(addr = %listener.local_addr()?, "worker health/metrics listening");
+    let ops = ops::router(ops::Readiness {
+        store: store.clone(),
+        queue: queue.clone(),
+    });
+    let stop = shutdown::token();
+    let http_stop = stop.clone();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, ops)
+            .with_graceful_shutdown(async move { http_stop.cancelled().await })
+            .await;
+    });
+
+    let opts = capibara_worker::WorkerOptions {
+        queues: args.queues,
+        concurrency: args.concurrency.max(1),
+        lease: config.visibility_timeout,
+        shutdown_grace: Duration::from_secs_f64(args.shutdown_grace_s.max(0.0)),
+    };
+    capibara_worker::run(store, queue, capibara_worker::executors::Registry::builtin(), opts, stop).await
+}
