@@ -40,7 +40,7 @@ if ((${#missing[@]} > 0)); then
         fi
     fi
     "${sudo[@]}" apt-get update
-    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y \
         postgresql redis-server espeak-ng libespeak-ng-dev curl ca-certificates pkg-config
 else
     log "system packages present (postgres, psql, redis-server, espeak-ng, build tools)"

@@ -36,15 +36,20 @@ impl Auth {
         if self.key.allows(role) {
             Ok(())
         } else {
-            Err(ApiError::Forbidden(format!("this API key lacks the `{role}` role")))
+            Err(ApiError::Forbidden(format!(
+                "this API key lacks the `{role}` role"
+            )))
         }
     }
 }
 
+/// A cached lookup: the key (or its absence) and when it was read.
+type CachedKey = (Option<ApiKey>, Instant);
+
 /// Looked-up keys by secret hash, for a few seconds (revocations apply within the TTL).
 #[derive(Clone, Default)]
 pub struct KeyCache {
-    entries: Arc<Mutex<HashMap<String, (Option<ApiKey>, Instant)>>>,
+    entries: Arc<Mutex<HashMap<String, CachedKey>>>,
     admin: Option<(String, ApiKey)>,
 }
 
@@ -129,16 +134,26 @@ impl RateLimiter {
 impl FromRequestParts<AppState> for Auth {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
         let secret = parts
             .headers
             .get(axum::http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
             .map(str::trim)
             .filter(|s| !s.is_empty())
             .ok_or(ApiError::Unauthorized)?;
-        let key = state.keys.lookup(state, secret).await?.ok_or(ApiError::Unauthorized)?;
+        let key = state
+            .keys
+            .lookup(state, secret)
+            .await?
+            .ok_or(ApiError::Unauthorized)?;
         state
             .limiter
             .check(key.id)

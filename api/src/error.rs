@@ -23,7 +23,10 @@ pub enum ApiError {
     #[error("{0}")]
     Conflict(String),
     #[error("{detail}")]
-    Validation { detail: String, errors: Vec<FieldError> },
+    Validation {
+        detail: String,
+        errors: Vec<FieldError>,
+    },
     #[error("{0}")]
     UnsupportedMediaType(String),
     #[error("{0}")]
@@ -49,16 +52,36 @@ impl ApiError {
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden", "Forbidden"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not-found", "Not Found"),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict", "Conflict"),
-            ApiError::Validation { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "validation", "Validation Failed"),
+            ApiError::Validation { .. } => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "validation",
+                "Validation Failed",
+            ),
             ApiError::UnsupportedMediaType(_) => (
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "unsupported-media-type",
                 "Unsupported Media Type",
             ),
-            ApiError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload-too-large", "Payload Too Large"),
-            ApiError::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate-limited", "Too Many Requests"),
-            ApiError::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", "Service Unavailable"),
-            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal", "Internal Server Error"),
+            ApiError::PayloadTooLarge(_) => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload-too-large",
+                "Payload Too Large",
+            ),
+            ApiError::RateLimited { .. } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate-limited",
+                "Too Many Requests",
+            ),
+            ApiError::Unavailable => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "Service Unavailable",
+            ),
+            ApiError::Internal(_) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "Internal Server Error",
+            ),
         }
     }
 }
@@ -76,8 +99,12 @@ impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::NotFound => ApiError::NotFound("not found".into()),
-            StoreError::Conflict => ApiError::Conflict("the resource changed concurrently; retry".into()),
-            StoreError::DuplicateCommand => ApiError::Conflict("idempotency key already used".into()),
+            StoreError::Conflict => {
+                ApiError::Conflict("the resource changed concurrently; retry".into())
+            }
+            StoreError::DuplicateCommand => {
+                ApiError::Conflict("idempotency key already used".into())
+            }
             StoreError::Unavailable(m) => {
                 tracing::warn!(error = %m, "store unavailable");
                 ApiError::Unavailable
@@ -104,7 +131,9 @@ impl IntoResponse for ApiError {
         let (status, slug, title) = self.parts();
         let retry_after = match &self {
             ApiError::Unavailable => Some("1".to_string()),
-            ApiError::RateLimited { retry_after } => Some((retry_after.as_secs_f64().ceil().max(1.0) as u64).to_string()),
+            ApiError::RateLimited { retry_after } => {
+                Some((retry_after.as_secs_f64().ceil().max(1.0) as u64).to_string())
+            }
             _ => None,
         };
         let detail = match &self {
@@ -112,7 +141,9 @@ impl IntoResponse for ApiError {
                 tracing::error!(error = %m, "internal error");
                 "an unexpected error occurred; it has been logged".to_string()
             }
-            ApiError::Unavailable => "the database or queue is unavailable; retry shortly".to_string(),
+            ApiError::Unavailable => {
+                "the database or queue is unavailable; retry shortly".to_string()
+            }
             other => other.to_string(),
         };
         let errors = match self {
@@ -128,7 +159,10 @@ impl IntoResponse for ApiError {
         };
         let mut res = (status, serde_json::to_string(&body).unwrap_or_default()).into_response();
         let h = res.headers_mut();
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
         if let Some(v) = retry_after.and_then(|v| HeaderValue::from_str(&v).ok()) {
             h.insert(header::RETRY_AFTER, v);
         }

@@ -29,7 +29,12 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .map(|ct| {
-                let ct = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+                let ct = ct
+                    .split(';')
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .to_ascii_lowercase();
                 ct == "application/json" || ct.ends_with("+json")
             })
             .unwrap_or(false);
@@ -69,7 +74,10 @@ pub fn prefer_wait(headers: &HeaderMap) -> Result<Option<Duration>, ApiError> {
                     .parse()
                     .map_err(|_| ApiError::field("Prefer", "wait must be a number of seconds"))?;
                 if !(0.0..=60.0).contains(&secs) {
-                    return Err(ApiError::field("Prefer", "wait must be between 0 and 60 seconds"));
+                    return Err(ApiError::field(
+                        "Prefer",
+                        "wait must be between 0 and 60 seconds",
+                    ));
                 }
                 return Ok(Some(Duration::from_secs_f64(secs)));
             }
@@ -89,7 +97,10 @@ pub fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> 
                 .trim()
                 .trim_matches('"');
             if s.is_empty() || s.len() > 255 {
-                return Err(ApiError::field("Idempotency-Key", "must be 1-255 characters"));
+                return Err(ApiError::field(
+                    "Idempotency-Key",
+                    "must be 1-255 characters",
+                ));
             }
             Ok(Some(s.to_string()))
         }
@@ -98,7 +109,8 @@ pub fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> 
 
 /// Query pairs in order (repeated keys kept).
 pub fn query_pairs(raw: Option<&str>) -> Result<Vec<(String, String)>, ApiError> {
-    serde_urlencoded::from_str(raw.unwrap_or("")).map_err(|e| ApiError::BadRequest(format!("malformed query string: {e}")))
+    serde_urlencoded::from_str(raw.unwrap_or(""))
+        .map_err(|e| ApiError::BadRequest(format!("malformed query string: {e}")))
 }
 
 /// `limit` in 1..=500 (default 50).
@@ -107,7 +119,10 @@ pub fn parse_limit(v: Option<&str>) -> Result<i64, ApiError> {
         None => Ok(50),
         Some(s) => match s.parse::<i64>() {
             Ok(n) if (1..=500).contains(&n) => Ok(n),
-            _ => Err(ApiError::field("limit", "must be an integer between 1 and 500")),
+            _ => Err(ApiError::field(
+                "limit",
+                "must be an integer between 1 and 500",
+            )),
         },
     }
 }

@@ -69,7 +69,10 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/workers", get(admin::workers))
         .route("/v1/queues", get(admin::queues))
         .route("/v1/kinds", get(admin::kinds_list))
-        .route("/v1/api-keys", post(admin::create_key).get(admin::list_keys))
+        .route(
+            "/v1/api-keys",
+            post(admin::create_key).get(admin::list_keys),
+        )
         .with_state(state.clone());
     let spec = openapi::ApiDoc::openapi();
     Router::new()
@@ -82,9 +85,14 @@ pub fn app(state: AppState) -> Router {
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .method_not_allowed_fallback(|| async { MethodNotAllowed })
         .layer(DefaultBodyLimit::max(state.config.body_limit_bytes))
-        .layer(TimeoutLayer::with_status_code(axum::http::StatusCode::SERVICE_UNAVAILABLE, Duration::from_secs(75)))
+        .layer(TimeoutLayer::with_status_code(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            Duration::from_secs(75),
+        ))
         .layer(CatchPanicLayer::custom(|_| {
-            axum::response::IntoResponse::into_response(ApiError::Internal("handler panicked".into()))
+            axum::response::IntoResponse::into_response(ApiError::Internal(
+                "handler panicked".into(),
+            ))
         }))
         .layer(TraceLayer::new_for_http())
 }
@@ -107,6 +115,12 @@ impl axum::response::IntoResponse for MethodNotAllowed {
 }
 
 /// Serve until `shutdown` resolves; in-flight requests finish first.
-pub async fn serve(listener: TcpListener, state: AppState, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
-    axum::serve(listener, app(state)).with_graceful_shutdown(shutdown).await
+pub async fn serve(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, app(state))
+        .with_graceful_shutdown(shutdown)
+        .await
 }

@@ -16,7 +16,8 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("connecting to Redis")?;
     let appender = store::Appender::start(pool.clone(), Some(queue.clone()), Default::default());
-    let state = capibara_api::AppState::new(store::Store::new(pool, appender), queue, config.clone());
+    let state =
+        capibara_api::AppState::new(store::Store::new(pool, appender), queue, config.clone());
     let listener = tokio::net::TcpListener::bind(config.api_addr)
         .await
         .with_context(|| format!("binding {}", config.api_addr))?;

@@ -12,7 +12,12 @@ use crate::{error::ApiError, AppState};
 const POLL: Duration = Duration::from_millis(500);
 
 /// The job once terminal, or its latest state when `timeout` passes (never cancels it).
-pub async fn until_terminal(state: &AppState, namespace: &str, id: Uuid, timeout: Duration) -> Result<Option<Job>, ApiError> {
+pub async fn until_terminal(
+    state: &AppState,
+    namespace: &str,
+    id: Uuid,
+    timeout: Duration,
+) -> Result<Option<Job>, ApiError> {
     let deadline = Instant::now() + timeout;
     let notify = state.watch.watch(id);
     loop {

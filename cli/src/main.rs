@@ -1,1 +1,112 @@
-fn main() {}
+//! `capibara`: the command line. `dev` runs everything on a laptop; `migrate` and `admin` act on
+//! the database; `submit`, `get`, `wait` and `events` are API clients; `bench` measures.
+
+mod bench;
+mod client;
+mod dev;
+
+use anyhow::Context;
+use capibara_shared::{config::Config, store, telemetry};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "capibara",
+    version,
+    about = "Capibara: event-sourced jobs and workflows"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start Postgres and Redis under ./.capibara, migrate, and run api + worker + scheduler.
+    Dev(dev::DevArgs),
+    /// Apply database migrations (CAPIBARA_DATABASE_URL).
+    Migrate,
+    /// Administrative commands.
+    Admin {
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
+    /// Submit a job: `capibara submit echo '{"hello":"world"}'`.
+    Submit(client::SubmitArgs),
+    /// Show a job.
+    Get(client::GetArgs),
+    /// Wait for a job to finish and print it.
+    Wait(client::WaitArgs),
+    /// Print a job's events (`--follow` streams them live over SSE).
+    Events(client::EventsArgs),
+    /// Run the throughput/latency benchmark (starts its own Postgres, Redis and processes).
+    Bench(bench::BenchArgs),
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// Rebuild the projections (`jobs`) from the event log.
+    RebuildProjections,
+    /// Create an API key: `capibara admin create-key --name ci --roles submit`.
+    CreateKey {
+        #[arg(long)]
+        name: String,
+        #[arg(long, value_delimiter = ',', default_value = "submit")]
+        roles: Vec<String>,
+        #[arg(long, default_value = "default")]
+        namespace: String,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Dev(args) => dev::run(args).await,
+        Command::Migrate => {
+            let config = Config::from_env()?;
+            telemetry::init_logs(config.log_format);
+            let pool = store::connect(&config.database_url, 2).await?;
+            store::migrate(&pool).await?;
+            println!("migrations applied");
+            Ok(())
+        }
+        Command::Admin { command } => {
+            let config = Config::from_env()?;
+            let pool = store::connect(&config.database_url, 4).await?;
+            store::migrate(&pool).await?;
+            match command {
+                AdminCommand::RebuildProjections => {
+                    let report = store::rebuild::rebuild_jobs(&pool).await?;
+                    println!("rebuilt {} jobs from {} events", report.jobs, report.events);
+                }
+                AdminCommand::CreateKey {
+                    name,
+                    roles,
+                    namespace,
+                } => {
+                    let roles = roles
+                        .iter()
+                        .map(|r| r.parse())
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(anyhow::Error::msg)?;
+                    capibara_shared::domain::auth::validate_namespace(&namespace)
+                        .map_err(|m| anyhow::anyhow!("namespace: {m}"))?;
+                    let (key, secret) = store::keys::create(&pool, &namespace, &name, &roles)
+                        .await
+                        .context("creating the key")?;
+                    println!(
+                        "{}",
+                        serde_json::json!({"id": key.id, "namespace": key.namespace, "key": secret})
+                    );
+                }
+            }
+            Ok(())
+        }
+        Command::Submit(a) => client::submit(a).await,
+        Command::Get(a) => client::get(a).await,
+        Command::Wait(a) => client::wait(a).await,
+        Command::Events(a) => client::events(a).await,
+        Command::Bench(a) => bench::run(a).await,
+    }
+}

@@ -102,7 +102,12 @@ pub async fn promote_due(store: &Store) -> Result<usize, store::StoreError> {
             reason: "due".into(),
             max_attempts: None,
         }];
-        if let Ok((_, a)) = job_append(Some(job), job.id, &events, JobWrite::new(scheduler_metadata(job), domain::now())) {
+        if let Ok((_, a)) = job_append(
+            Some(job),
+            job.id,
+            &events,
+            JobWrite::new(scheduler_metadata(job), domain::now()),
+        ) {
             appends.push(a);
         }
     }
@@ -113,12 +118,19 @@ pub async fn promote_due(store: &Store) -> Result<usize, store::StoreError> {
 }
 
 /// Push dispatch rows that Redis may not hold.
-pub async fn relay(store: &Store, queue: &Queue, opts: &HousekeepingOptions) -> Result<usize, store::StoreError> {
+pub async fn relay(
+    store: &Store,
+    queue: &Queue,
+    opts: &HousekeepingOptions,
+) -> Result<usize, store::StoreError> {
     match queue.epoch_present().await {
         Ok(false) => {
             let n = store::dispatch::reset_pushed(&store.pool).await?;
             if n > 0 {
-                tracing::warn!(rows = n, "Redis lost its dispatch data; re-dispatching every queued job");
+                tracing::warn!(
+                    rows = n,
+                    "Redis lost its dispatch data; re-dispatching every queued job"
+                );
             }
             // Mark the epoch even with nothing queued, so the next sweep does not repeat this.
             queue
@@ -130,7 +142,13 @@ pub async fn relay(store: &Store, queue: &Queue, opts: &HousekeepingOptions) -> 
         Err(e) => return Err(store::StoreError::Unavailable(e.to_string())),
     }
     let grace_ms = opts.relay_grace.as_millis() as i64;
-    let entries = store::dispatch::claim_for_push(&store.pool, grace_ms, opts.repush_after.as_secs().max(1) as i64, 1000).await?;
+    let entries = store::dispatch::claim_for_push(
+        &store.pool,
+        grace_ms,
+        opts.repush_after.as_secs().max(1) as i64,
+        1000,
+    )
+    .await?;
     if entries.is_empty() {
         return Ok(0);
     }
@@ -140,7 +158,11 @@ pub async fn relay(store: &Store, queue: &Queue, opts: &HousekeepingOptions) -> 
         .map_err(|e| store::StoreError::Unavailable(e.to_string()))?;
     metrics::counter!("capibara_relay_pushed_total").increment(entries.len() as u64);
     tracing::debug!(count = entries.len(), "relay pushed queued jobs");
-    Ok(if entries.len() == 1000 { entries.len() } else { 0 })
+    Ok(if entries.len() == 1000 {
+        entries.len()
+    } else {
+        0
+    })
 }
 
 /// End attempts whose lease expired.
@@ -154,7 +176,9 @@ pub async fn reap(store: &Store) -> Result<usize, store::StoreError> {
     let now = domain::now();
     let mut appends = Vec::new();
     for job in &jobs {
-        let Some((_, attempt)) = expired.iter().find(|(id, _)| *id == job.id) else { continue };
+        let Some((_, attempt)) = expired.iter().find(|(id, _)| *id == job.id) else {
+            continue;
+        };
         if job.status != JobStatus::Running || job.attempt as i32 != *attempt {
             continue;
         }
@@ -165,13 +189,21 @@ pub async fn reap(store: &Store) -> Result<usize, store::StoreError> {
         } else {
             job.attempt_failure_events(
                 job.attempt,
-                JobError::new("worker_lost", "the worker stopped heartbeating (crashed or hung); lease expired"),
+                JobError::new(
+                    "worker_lost",
+                    "the worker stopped heartbeating (crashed or hung); lease expired",
+                ),
                 true,
                 None,
                 now,
             )
         };
-        if let Ok((_, a)) = job_append(Some(job), job.id, &events, JobWrite::new(scheduler_metadata(job), now)) {
+        if let Ok((_, a)) = job_append(
+            Some(job),
+            job.id,
+            &events,
+            JobWrite::new(scheduler_metadata(job), now),
+        ) {
             appends.push(a);
         }
     }
@@ -188,8 +220,10 @@ async fn gauges(store: &Store) -> Result<usize, store::StoreError> {
     for q in store::jobs::queue_stats(&store.pool, None).await? {
         metrics::gauge!("capibara_queue_depth", "queue" => q.name.clone()).set(q.depth as f64);
         metrics::gauge!("capibara_queue_running", "queue" => q.name.clone()).set(q.running as f64);
-        metrics::gauge!("capibara_queue_scheduled", "queue" => q.name.clone()).set(q.scheduled as f64);
-        metrics::gauge!("capibara_queue_oldest_age_seconds", "queue" => q.name.clone()).set(q.oldest_age_s.unwrap_or(0.0));
+        metrics::gauge!("capibara_queue_scheduled", "queue" => q.name.clone())
+            .set(q.scheduled as f64);
+        metrics::gauge!("capibara_queue_oldest_age_seconds", "queue" => q.name.clone())
+            .set(q.oldest_age_s.unwrap_or(0.0));
     }
     Ok(0)
 }

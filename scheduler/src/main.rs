@@ -16,7 +16,10 @@ async fn main() -> anyhow::Result<()> {
     let queue = Queue::connect(&config.redis_url, &config.redis_prefix)
         .await
         .context("connecting to Redis")?;
-    let store = store::Store::new(pool.clone(), store::Appender::start(pool, Some(queue.clone()), Default::default()));
+    let store = store::Store::new(
+        pool.clone(),
+        store::Appender::start(pool, Some(queue.clone()), Default::default()),
+    );
     let listener = tokio::net::TcpListener::bind(config.scheduler_addr)
         .await
         .with_context(|| format!("binding {}", config.scheduler_addr))?;
@@ -32,7 +35,13 @@ async fn main() -> anyhow::Result<()> {
             .with_graceful_shutdown(async move { http_stop.cancelled().await })
             .await
     });
-    housekeeping::run(store, queue, housekeeping::HousekeepingOptions::new(config.visibility_timeout), stop).await;
+    housekeeping::run(
+        store,
+        queue,
+        housekeeping::HousekeepingOptions::new(config.visibility_timeout),
+        stop,
+    )
+    .await;
     let _ = http.await;
     Ok(())
 }

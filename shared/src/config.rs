@@ -85,18 +85,33 @@ impl Config {
             }
         }
         Ok(Config {
-            database_url: var("CAPIBARA_DATABASE_URL").unwrap_or_else(|| "postgres://capibara@127.0.0.1:5432/capibara".into()),
-            redis_url: var("CAPIBARA_REDIS_URL").unwrap_or_else(|| "redis://127.0.0.1:6379/".into()),
+            database_url: var("CAPIBARA_DATABASE_URL")
+                .unwrap_or_else(|| "postgres://capibara@127.0.0.1:5432/capibara".into()),
+            redis_url: var("CAPIBARA_REDIS_URL")
+                .unwrap_or_else(|| "redis://127.0.0.1:6379/".into()),
             redis_prefix: var("CAPIBARA_REDIS_PREFIX").unwrap_or_else(|| "capibara".into()),
-            api_addr: parse("CAPIBARA_API_ADDR", "127.0.0.1:8080".parse().expect("literal"))?,
-            scheduler_addr: parse("CAPIBARA_SCHEDULER_ADDR", "127.0.0.1:8081".parse().expect("literal"))?,
-            worker_addr: parse("CAPIBARA_WORKER_ADDR", "127.0.0.1:8082".parse().expect("literal"))?,
+            api_addr: parse(
+                "CAPIBARA_API_ADDR",
+                "127.0.0.1:8080".parse().expect("literal"),
+            )?,
+            scheduler_addr: parse(
+                "CAPIBARA_SCHEDULER_ADDR",
+                "127.0.0.1:8081".parse().expect("literal"),
+            )?,
+            worker_addr: parse(
+                "CAPIBARA_WORKER_ADDR",
+                "127.0.0.1:8082".parse().expect("literal"),
+            )?,
             admin_key: var("CAPIBARA_ADMIN_KEY"),
-            assets_dir: var("CAPIBARA_ASSETS_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(".capibara/assets")),
+            assets_dir: var("CAPIBARA_ASSETS_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from(".capibara/assets")),
             artifacts: var("CAPIBARA_ARTIFACTS").unwrap_or_else(|| ".capibara/artifacts".into()),
             webhook_secret,
             outbound_allow_private: flag("CAPIBARA_OUTBOUND_ALLOW_PRIVATE", false)?,
-            visibility_timeout: Duration::from_secs_f64(parse("CAPIBARA_VISIBILITY_TIMEOUT_S", 30.0f64)?.max(0.5)),
+            visibility_timeout: Duration::from_secs_f64(
+                parse("CAPIBARA_VISIBILITY_TIMEOUT_S", 30.0f64)?.max(0.5),
+            ),
             body_limit_bytes: parse("CAPIBARA_BODY_LIMIT_BYTES", 10 * 1024 * 1024)?,
             input_limit_bytes: parse("CAPIBARA_INPUT_LIMIT_BYTES", 1024 * 1024)?,
             rate_limit_rps: parse("CAPIBARA_RATE_LIMIT_RPS", 2000)?,

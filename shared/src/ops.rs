@@ -45,7 +45,10 @@ async fn readyz(State(r): State<Readiness>) -> Response {
         problem["checks"] = body;
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            [(header::CONTENT_TYPE, "application/problem+json"), (header::RETRY_AFTER, "1")],
+            [
+                (header::CONTENT_TYPE, "application/problem+json"),
+                (header::RETRY_AFTER, "1"),
+            ],
             problem.to_string(),
         )
             .into_response()

@@ -29,7 +29,13 @@ pub struct DispatchEntry {
 }
 
 impl DispatchEntry {
-    pub fn new(job_id: Uuid, namespace: &str, queue: &str, priority: Priority, enqueued_at: DateTime<Utc>) -> Self {
+    pub fn new(
+        job_id: Uuid,
+        namespace: &str,
+        queue: &str,
+        priority: Priority,
+        enqueued_at: DateTime<Utc>,
+    ) -> Self {
         Self {
             job_id,
             namespace: namespace.to_string(),
@@ -84,7 +90,9 @@ impl Queue {
     /// Connect; `prefix` namespaces every key (tests use one per test).
     pub async fn connect(url: &str, prefix: &str) -> Result<Queue, QueueError> {
         let client = redis::Client::open(url)?;
-        let conn = client.get_connection_manager_with_config(manager_config()).await?;
+        let conn = client
+            .get_connection_manager_with_config(manager_config())
+            .await?;
         Ok(Queue {
             client,
             conn,
@@ -119,7 +127,11 @@ impl Queue {
     /// Add entries (idempotent). Also marks the epoch so a wipe can be detected.
     pub async fn push(&self, entries: &[DispatchEntry]) -> Result<(), QueueError> {
         let mut pipe = redis::pipe();
-        pipe.cmd("SET").arg(self.epoch_key()).arg(1).arg("NX").ignore();
+        pipe.cmd("SET")
+            .arg(self.epoch_key())
+            .arg(1)
+            .arg("NX")
+            .ignore();
         for e in entries {
             pipe.cmd("ZADD")
                 .arg(self.queue_key(&e.queue))
@@ -148,7 +160,10 @@ impl Queue {
     /// A connection for blocking pops (a blocked command stalls its connection, so each fetcher
     /// has its own).
     pub async fn blocking_connection(&self) -> Result<ConnectionManager, QueueError> {
-        Ok(self.client.get_connection_manager_with_config(manager_config()).await?)
+        Ok(self
+            .client
+            .get_connection_manager_with_config(manager_config())
+            .await?)
     }
 
     /// Wait up to `timeout` for one job across `queues`.
@@ -170,7 +185,8 @@ impl Queue {
     /// Remove a job from its queue (after cancel); harmless if absent.
     pub async fn remove(&self, queue: &str, job_id: Uuid) -> Result<(), QueueError> {
         let mut conn = self.conn.clone();
-        conn.zrem::<_, _, ()>(self.queue_key(queue), job_id.to_string()).await?;
+        conn.zrem::<_, _, ()>(self.queue_key(queue), job_id.to_string())
+            .await?;
         Ok(())
     }
 
@@ -188,9 +204,16 @@ impl Queue {
 
     /// Best-effort notice that streams changed (waiters fall back to polling if it is lost).
     pub async fn publish_hints(&self, streams: &[Uuid]) {
-        let payload = streams.iter().map(Uuid::to_string).collect::<Vec<_>>().join(",");
+        let payload = streams
+            .iter()
+            .map(Uuid::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
         let mut conn = self.conn.clone();
-        if let Err(e) = conn.publish::<_, _, ()>(self.hints_channel(), payload).await {
+        if let Err(e) = conn
+            .publish::<_, _, ()>(self.hints_channel(), payload)
+            .await
+        {
             tracing::debug!(error = %e, "publishing stream hints failed");
         }
     }
@@ -198,7 +221,8 @@ impl Queue {
     /// Tell workers that a running job's cancel was requested.
     pub async fn publish_cancel(&self, job_id: Uuid) -> Result<(), QueueError> {
         let mut conn = self.conn.clone();
-        conn.publish::<_, _, ()>(self.cancel_channel(), job_id.to_string()).await?;
+        conn.publish::<_, _, ()>(self.cancel_channel(), job_id.to_string())
+            .await?;
         Ok(())
     }
 

@@ -9,9 +9,14 @@ use crate::config::LogFormat;
 
 /// Install the global log subscriber once (later calls are ignored).
 pub fn init_logs(format: LogFormat) {
-    let filter = EnvFilter::try_from_env("CAPIBARA_LOG").unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
+    let filter = EnvFilter::try_from_env("CAPIBARA_LOG")
+        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
     let _ = match format {
-        LogFormat::Json => fmt().json().with_env_filter(filter).with_current_span(false).try_init(),
+        LogFormat::Json => fmt()
+            .json()
+            .with_env_filter(filter)
+            .with_current_span(false)
+            .try_init(),
         LogFormat::Pretty => fmt().with_env_filter(filter).compact().try_init(),
     };
 }
@@ -22,16 +27,27 @@ static RECORDER: OnceLock<PrometheusHandle> = OnceLock::new();
 pub fn metrics_handle() -> PrometheusHandle {
     RECORDER
         .get_or_init(|| {
-            let latency = [0.0005, 0.001, 0.002, 0.003, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
-            let run = [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0];
+            let latency = [
+                0.0005, 0.001, 0.002, 0.003, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                5.0, 10.0,
+            ];
+            let run = [
+                0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0,
+            ];
             let builder = PrometheusBuilder::new()
-                .set_buckets_for_metric(Matcher::Full("capibara_job_pickup_latency_seconds".into()), &latency)
+                .set_buckets_for_metric(
+                    Matcher::Full("capibara_job_pickup_latency_seconds".into()),
+                    &latency,
+                )
                 .expect("buckets")
                 .set_buckets_for_metric(Matcher::Full("capibara_job_run_seconds".into()), &run)
                 .expect("buckets")
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &latency)
                 .expect("buckets")
-                .set_buckets_for_metric(Matcher::Full("capibara_append_batch_size".into()), &[1.0, 2.0, 5.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0])
+                .set_buckets_for_metric(
+                    Matcher::Full("capibara_append_batch_size".into()),
+                    &[1.0, 2.0, 5.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0],
+                )
                 .expect("buckets");
             let recorder = builder.build_recorder();
             let handle = recorder.handle();

@@ -10,7 +10,12 @@ use clap::Parser;
 #[command(name = "capibara-worker", version, about = "Runs Capibara jobs")]
 struct Args {
     /// Queues to take jobs from, comma-separated.
-    #[arg(long, env = "CAPIBARA_WORKER_QUEUES", value_delimiter = ',', default_value = "default")]
+    #[arg(
+        long,
+        env = "CAPIBARA_WORKER_QUEUES",
+        value_delimiter = ',',
+        default_value = "default"
+    )]
     queues: Vec<String>,
     /// Jobs run at once.
     #[arg(long, env = "CAPIBARA_WORKER_CONCURRENCY", default_value_t = 32)]
@@ -31,7 +36,10 @@ async fn main() -> anyhow::Result<()> {
     let queue = Queue::connect(&config.redis_url, &config.redis_prefix)
         .await
         .context("connecting to Redis")?;
-    let store = store::Store::new(pool.clone(), store::Appender::start(pool, Some(queue.clone()), Default::default()));
+    let store = store::Store::new(
+        pool.clone(),
+        store::Appender::start(pool, Some(queue.clone()), Default::default()),
+    );
 
     let listener = tokio::net::TcpListener::bind(config.worker_addr)
         .await
@@ -55,5 +63,12 @@ async fn main() -> anyhow::Result<()> {
         lease: config.visibility_timeout,
         shutdown_grace: Duration::from_secs_f64(args.shutdown_grace_s.max(0.0)),
     };
-    capibara_worker::run(store, queue, capibara_worker::executors::Registry::builtin(), opts, stop).await
+    capibara_worker::run(
+        store,
+        queue,
+        capibara_worker::executors::Registry::builtin(),
+        opts,
+        stop,
+    )
+    .await
 }

@@ -75,10 +75,20 @@ struct Inner {
 }
 
 /// Run a worker until `shutdown` is cancelled, then drain.
-pub async fn run(store: Store, queue: Queue, registry: Registry, opts: WorkerOptions, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    store: Store,
+    queue: Queue,
+    registry: Registry,
+    opts: WorkerOptions,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let id = Uuid::now_v7();
     let host = hostname();
-    let name = format!("{host}-{}-{}", std::process::id(), &id.simple().to_string()[24..]);
+    let name = format!(
+        "{host}-{}-{}",
+        std::process::id(),
+        &id.simple().to_string()[24..]
+    );
     let info = WorkerInfo {
         id,
         name: name.clone(),
@@ -127,8 +137,15 @@ pub async fn run(store: Store, queue: Queue, registry: Registry, opts: WorkerOpt
     // Drain: let running jobs finish within the grace period, then give them back.
     tasks.close();
     let running = inner.running.lock().expect("running lock").len();
-    tracing::info!(running, grace_s = inner.opts.shutdown_grace.as_secs_f64(), "worker draining");
-    if tokio::time::timeout(inner.opts.shutdown_grace, tasks.wait()).await.is_err() {
+    tracing::info!(
+        running,
+        grace_s = inner.opts.shutdown_grace.as_secs_f64(),
+        "worker draining"
+    );
+    if tokio::time::timeout(inner.opts.shutdown_grace, tasks.wait())
+        .await
+        .is_err()
+    {
         inner.hard_stop.cancel();
         tasks.wait().await;
     }
@@ -256,7 +273,10 @@ async fn run_job(inner: &Arc<Inner>, job: Job) {
     };
     let id = started.id;
     if let Some(q) = started.queued_at {
-        let latency = (started.started_at.unwrap_or(q) - q).num_microseconds().unwrap_or(0) as f64 / 1e6;
+        let latency = (started.started_at.unwrap_or(q) - q)
+            .num_microseconds()
+            .unwrap_or(0) as f64
+            / 1e6;
         metrics::histogram!("capibara_job_pickup_latency_seconds", "queue" => started.queue.clone()).record(latency);
     }
     let user_cancel = CancellationToken::new();
@@ -267,7 +287,10 @@ async fn run_job(inner: &Arc<Inner>, job: Job) {
         },
     );
     let exec_cancel = CancellationToken::new();
-    let executor = inner.registry.get(&started.kind).expect("kind checked before claim");
+    let executor = inner
+        .registry
+        .get(&started.kind)
+        .expect("kind checked before claim");
     let state = Arc::new(Mutex::new(started.clone()));
     let ctx = JobContext {
         job_id: id,
@@ -307,7 +330,8 @@ async fn run_job(inner: &Arc<Inner>, job: Job) {
         Outcome::Canceled => "canceled",
         Outcome::Released => "released",
     };
-    metrics::counter!("capibara_jobs_total", "kind" => started.kind.clone(), "outcome" => label).increment(1);
+    metrics::counter!("capibara_jobs_total", "kind" => started.kind.clone(), "outcome" => label)
+        .increment(1);
     metrics::histogram!("capibara_job_run_seconds", "kind" => started.kind.clone()).record(elapsed);
     report(inner, &state, attempt, outcome).await;
     inner.running.lock().expect("running lock").remove(&id);
@@ -333,7 +357,10 @@ async fn claim(inner: &Arc<Inner>, mut job: Job, attempt: u32) -> Option<Job> {
         match inner.store.appender.append(append).await {
             Ok(_) => return Some(started),
             Err(AppendError::Conflict { .. }) => {
-                let fresh = store::jobs::get_any(&inner.store.pool, job.id).await.ok().flatten()?;
+                let fresh = store::jobs::get_any(&inner.store.pool, job.id)
+                    .await
+                    .ok()
+                    .flatten()?;
                 if fresh.status != JobStatus::Queued || fresh.attempt + 1 != attempt {
                     metrics::counter!("capibara_dispatch_duplicates_total").increment(1);
                     tracing::debug!(job_id = %job.id, "duplicate delivery fenced off");
@@ -358,13 +385,21 @@ fn outcome_events(job: &Job, attempt: u32, outcome: &Outcome) -> Vec<JobEvent> {
             output: out.output.clone(),
             artifacts: out.artifacts.clone(),
         }],
-        Outcome::Done(Err(ExecError::Retryable(e))) => job.attempt_failure_events(attempt, e.clone(), true, None, now),
+        Outcome::Done(Err(ExecError::Retryable(e))) => {
+            job.attempt_failure_events(attempt, e.clone(), true, None, now)
+        }
         Outcome::Done(Err(ExecError::Abort(e))) if job.cancel_requested => {
             let _ = e;
-            vec![JobEvent::JobCanceled { attempt: Some(attempt) }]
+            vec![JobEvent::JobCanceled {
+                attempt: Some(attempt),
+            }]
         }
-        Outcome::Done(Err(ExecError::Abort(e))) => job.attempt_failure_events(attempt, e.clone(), false, None, now),
-        Outcome::Done(Err(ExecError::RetryAfter(d, e))) => job.attempt_failure_events(attempt, e.clone(), true, Some(*d), now),
+        Outcome::Done(Err(ExecError::Abort(e))) => {
+            job.attempt_failure_events(attempt, e.clone(), false, None, now)
+        }
+        Outcome::Done(Err(ExecError::RetryAfter(d, e))) => {
+            job.attempt_failure_events(attempt, e.clone(), true, Some(*d), now)
+        }
         Outcome::TimedOut => {
             let secs = job.timeout_s.unwrap_or_default();
             let mut evs = vec![JobEvent::JobTimedOut { attempt }];
@@ -377,11 +412,16 @@ fn outcome_events(job: &Job, attempt: u32, outcome: &Outcome) -> Vec<JobEvent> {
             ));
             evs
         }
-        Outcome::Canceled => vec![JobEvent::JobCanceled { attempt: Some(attempt) }],
+        Outcome::Canceled => vec![JobEvent::JobCanceled {
+            attempt: Some(attempt),
+        }],
         Outcome::Released => vec![
             JobEvent::JobAttemptFailed {
                 attempt,
-                error: JobError::new("worker_shutdown", "the worker stopped before the attempt finished"),
+                error: JobError::new(
+                    "worker_shutdown",
+                    "the worker stopped before the attempt finished",
+                ),
                 retry_at: Some(now),
             },
             JobEvent::JobQueued {
@@ -401,7 +441,12 @@ async fn report(inner: &Arc<Inner>, state: &Arc<Mutex<Job>>, attempt: u32, outco
     loop {
         let mut job = state.lock().await;
         let events = outcome_events(&job, attempt, &outcome);
-        let (new, append) = match job_append(Some(&job), job.id, &events, JobWrite::new(metadata(inner, &job), domain::now())) {
+        let (new, append) = match job_append(
+            Some(&job),
+            job.id,
+            &events,
+            JobWrite::new(metadata(inner, &job), domain::now()),
+        ) {
             Ok(x) => x,
             Err(e) => {
                 tracing::warn!(job_id = %job.id, error = %e, "outcome does not apply; dropping it");
@@ -413,15 +458,21 @@ async fn report(inner: &Arc<Inner>, state: &Arc<Mutex<Job>>, attempt: u32, outco
                 *job = new;
                 return;
             }
-            Err(AppendError::Conflict { .. }) => match store::jobs::get_any(&inner.store.pool, job.id).await {
-                Ok(Some(fresh)) if fresh.status == JobStatus::Running && fresh.attempt == attempt => *job = fresh,
-                Ok(_) => {
-                    metrics::counter!("capibara_results_fenced_total").increment(1);
-                    tracing::info!(job_id = %job.id, attempt, "attempt was taken away; result discarded");
-                    return;
+            Err(AppendError::Conflict { .. }) => {
+                match store::jobs::get_any(&inner.store.pool, job.id).await {
+                    Ok(Some(fresh))
+                        if fresh.status == JobStatus::Running && fresh.attempt == attempt =>
+                    {
+                        *job = fresh
+                    }
+                    Ok(_) => {
+                        metrics::counter!("capibara_results_fenced_total").increment(1);
+                        tracing::info!(job_id = %job.id, attempt, "attempt was taken away; result discarded");
+                        return;
+                    }
+                    Err(_) => {}
                 }
-                Err(_) => {}
-            },
+            }
             Err(e) => {
                 if tokio::time::Instant::now() > deadline {
                     tracing::error!(job_id = %job.id, error = %e, "could not record the outcome; the lease will expire and the job runs again");
@@ -450,13 +501,19 @@ impl ProgressSink for Progress {
             message,
             data: None,
         }];
-        let Ok((new, append)) = job_append(Some(&job), job.id, &events, JobWrite::new(metadata(&self.inner, &job), domain::now())) else {
+        let Ok((new, append)) = job_append(
+            Some(&job),
+            job.id,
+            &events,
+            JobWrite::new(metadata(&self.inner, &job), domain::now()),
+        ) else {
             return;
         };
         match self.inner.store.appender.append(append).await {
             Ok(_) => *job = new,
             Err(AppendError::Conflict { .. }) => {
-                if let Ok(Some(fresh)) = store::jobs::get_any(&self.inner.store.pool, job.id).await {
+                if let Ok(Some(fresh)) = store::jobs::get_any(&self.inner.store.pool, job.id).await
+                {
                     *job = fresh;
                 }
             }
@@ -472,7 +529,14 @@ async fn heartbeat_loop(inner: Arc<Inner>, stop: CancellationToken) {
             _ = tokio::time::sleep(every) => {}
             _ = stop.cancelled() => return,
         }
-        match store::workers::heartbeat(&inner.store.pool, inner.id, &inner.name, inner.opts.lease.as_secs_f64()).await {
+        match store::workers::heartbeat(
+            &inner.store.pool,
+            inner.id,
+            &inner.name,
+            inner.opts.lease.as_secs_f64(),
+        )
+        .await
+        {
             Ok(canceled) => {
                 for id in canceled {
                     cancel_running(&inner, id);

@@ -6,12 +6,7 @@ use capibara_shared::{
         auth::{validate_namespace, Role},
         kinds,
     },
-    store::{
-        self,
-        jobs::QueueStats,
-        keys::ApiKey,
-        workers::WorkerInfo,
-    },
+    store::{self, jobs::QueueStats, keys::ApiKey, workers::WorkerInfo},
 };
 use serde::{Deserialize, Serialize};
 
@@ -19,18 +14,34 @@ use crate::{auth::Auth, error::ApiError, extract::ApiJson, routes::jobs::Page, A
 
 #[utoipa::path(get, path = "/v1/workers", tag = "operations",
     responses((status = 200, body = Page<WorkerInfo>)), security(("bearer" = [])))]
-pub async fn workers(State(state): State<AppState>, auth: Auth) -> Result<Json<Page<WorkerInfo>>, ApiError> {
+pub async fn workers(
+    State(state): State<AppState>,
+    auth: Auth,
+) -> Result<Json<Page<WorkerInfo>>, ApiError> {
     auth.require(Role::Read)?;
-    let items = store::workers::list(&state.store.pool, state.config.visibility_timeout.as_secs_f64()).await?;
-    Ok(Json(Page { items, next_cursor: None }))
+    let items = store::workers::list(
+        &state.store.pool,
+        state.config.visibility_timeout.as_secs_f64(),
+    )
+    .await?;
+    Ok(Json(Page {
+        items,
+        next_cursor: None,
+    }))
 }
 
 #[utoipa::path(get, path = "/v1/queues", tag = "operations",
     responses((status = 200, body = Page<QueueStats>)), security(("bearer" = [])))]
-pub async fn queues(State(state): State<AppState>, auth: Auth) -> Result<Json<Page<QueueStats>>, ApiError> {
+pub async fn queues(
+    State(state): State<AppState>,
+    auth: Auth,
+) -> Result<Json<Page<QueueStats>>, ApiError> {
     auth.require(Role::Read)?;
     let items = store::jobs::queue_stats(&state.store.pool, Some(auth.namespace())).await?;
-    Ok(Json(Page { items, next_cursor: None }))
+    Ok(Json(Page {
+        items,
+        next_cursor: None,
+    }))
 }
 
 /// A job kind this deployment accepts.
@@ -53,7 +64,10 @@ pub async fn kinds_list(auth: Auth) -> Result<Json<Page<KindInfo>>, ApiError> {
             description: k.description,
         })
         .collect();
-    Ok(Json(Page { items, next_cursor: None }))
+    Ok(Json(Page {
+        items,
+        next_cursor: None,
+    }))
 }
 
 /// `POST /v1/api-keys` body.
@@ -79,7 +93,11 @@ pub struct CreatedKey {
     responses((status = 201, body = CreatedKey), (status = 403, body = crate::error::Problem),
               (status = 422, body = crate::error::Problem)),
     security(("bearer" = [])))]
-pub async fn create_key(State(state): State<AppState>, auth: Auth, body: ApiJson<CreateKey>) -> Result<impl IntoResponse, ApiError> {
+pub async fn create_key(
+    State(state): State<AppState>,
+    auth: Auth,
+    body: ApiJson<CreateKey>,
+) -> Result<impl IntoResponse, ApiError> {
     auth.require(Role::Admin)?;
     let req = body.value;
     let name = req.name.trim();
@@ -87,12 +105,22 @@ pub async fn create_key(State(state): State<AppState>, auth: Auth, body: ApiJson
         return Err(ApiError::field("name", "must be 1-100 characters"));
     }
     if req.roles.is_empty() {
-        return Err(ApiError::field("roles", format!("name at least one of: {}", Role::ALL.map(|r| r.as_str()).join(", "))));
+        return Err(ApiError::field(
+            "roles",
+            format!(
+                "name at least one of: {}",
+                Role::ALL.map(|r| r.as_str()).join(", ")
+            ),
+        ));
     }
-    let namespace = req.namespace.unwrap_or_else(|| auth.namespace().to_string());
+    let namespace = req
+        .namespace
+        .unwrap_or_else(|| auth.namespace().to_string());
     validate_namespace(&namespace).map_err(|m| ApiError::field("namespace", m))?;
     if namespace != auth.namespace() && auth.namespace() != "default" {
-        return Err(ApiError::Forbidden("only admins of namespace `default` create keys for other namespaces".into()));
+        return Err(ApiError::Forbidden(
+            "only admins of namespace `default` create keys for other namespaces".into(),
+        ));
     }
     let (info, key) = store::keys::create(&state.store.pool, &namespace, name, &req.roles).await?;
     Ok((StatusCode::CREATED, Json(CreatedKey { info, key })))
@@ -100,8 +128,14 @@ pub async fn create_key(State(state): State<AppState>, auth: Auth, body: ApiJson
 
 #[utoipa::path(get, path = "/v1/api-keys", tag = "operations",
     responses((status = 200, body = Page<ApiKey>)), security(("bearer" = [])))]
-pub async fn list_keys(State(state): State<AppState>, auth: Auth) -> Result<Json<Page<ApiKey>>, ApiError> {
+pub async fn list_keys(
+    State(state): State<AppState>,
+    auth: Auth,
+) -> Result<Json<Page<ApiKey>>, ApiError> {
     auth.require(Role::Admin)?;
     let items = store::keys::list(&state.store.pool, auth.namespace()).await?;
-    Ok(Json(Page { items, next_cursor: None }))
+    Ok(Json(Page {
+        items,
+        next_cursor: None,
+    }))
 }

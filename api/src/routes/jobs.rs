@@ -93,13 +93,23 @@ pub struct Page<T> {
 pub const MAX_BATCH: usize = 1000;
 
 fn valid_queue_name(q: &str) -> bool {
-    !q.is_empty() && q.len() <= 64 && q.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    !q.is_empty()
+        && q.len() <= 64
+        && q.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
 }
 
 /// Validate a submission into the domain type; errors name the field.
 pub fn to_submission(s: SubmitJob, input_limit: usize) -> Result<Submission, ApiError> {
     let spec = kinds::find(&s.kind).ok_or_else(|| {
-        ApiError::field("kind", format!("unknown kind `{}`; available: {}", s.kind, kinds::names().join(", ")))
+        ApiError::field(
+            "kind",
+            format!(
+                "unknown kind `{}`; available: {}",
+                s.kind,
+                kinds::names().join(", ")
+            ),
+        )
     })?;
     let input = s.input.unwrap_or_else(|| Value::Object(Default::default()));
     let size = serde_json::to_vec(&input).map(|v| v.len()).unwrap_or(0);
@@ -111,7 +121,10 @@ pub fn to_submission(s: SubmitJob, input_limit: usize) -> Result<Submission, Api
     spec.validate_input(&input)?;
     let queue = s.queue.unwrap_or_else(|| spec.default_queue.to_string());
     if !valid_queue_name(&queue) {
-        return Err(ApiError::field("queue", "must be 1-64 characters of letters, digits, '.', '_' or '-'"));
+        return Err(ApiError::field(
+            "queue",
+            "must be 1-64 characters of letters, digits, '.', '_' or '-'",
+        ));
     }
     let max_attempts = s.max_attempts.unwrap_or(3);
     if !(1..=100).contains(&max_attempts) {
@@ -231,7 +244,8 @@ pub async fn submit(
         actor: Some(auth.actor()),
         received_at: now,
     });
-    let (job, append) = job_append(None, id, &submit_events(sub, now), w).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let (job, append) = job_append(None, id, &submit_events(sub, now), w)
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
     match state.store.appender.append(append).await {
         Ok(_) => {}
         Err(AppendError::DuplicateCommand) => {
@@ -247,25 +261,42 @@ pub async fn submit(
     finish(&state, &auth, job, wait, false).await
 }
 
-async fn finish(state: &AppState, auth: &Auth, job: Job, wait: Option<Duration>, replayed: bool) -> Result<Response, ApiError> {
+async fn finish(
+    state: &AppState,
+    auth: &Auth,
+    job: Job,
+    wait: Option<Duration>,
+    replayed: bool,
+) -> Result<Response, ApiError> {
     let job = match wait {
-        Some(d) if !job.status.is_terminal() => crate::wait::until_terminal(state, auth.namespace(), job.id, d)
-            .await?
-            .unwrap_or(job),
+        Some(d) if !job.status.is_terminal() => {
+            crate::wait::until_terminal(state, auth.namespace(), job.id, d)
+                .await?
+                .unwrap_or(job)
+        }
         _ => job,
     };
     Ok(job_response(&job, wait, replayed))
 }
 
 /// The job a previous command with this key created; 422 if the key was used for another body.
-async fn replay(state: &AppState, auth: &Auth, key: &str, hash: &str) -> Result<Option<Job>, ApiError> {
-    let Some(cmd) = store::commands::find_by_key(&state.store.pool, auth.namespace(), key).await? else {
+async fn replay(
+    state: &AppState,
+    auth: &Auth,
+    key: &str,
+    hash: &str,
+) -> Result<Option<Job>, ApiError> {
+    let Some(cmd) = store::commands::find_by_key(&state.store.pool, auth.namespace(), key).await?
+    else {
         return Ok(None);
     };
     if cmd.request_hash != *hash || cmd.command_type != "SubmitJob" {
         return Err(ApiError::Validation {
             detail: "this Idempotency-Key was already used with a different request".into(),
-            errors: vec![FieldError::new("Idempotency-Key", "reused with a different body")],
+            errors: vec![FieldError::new(
+                "Idempotency-Key",
+                "reused with a different body",
+            )],
         });
     }
     let id = cmd
@@ -286,15 +317,24 @@ pub async fn submit_batch(
     auth.require(Role::Submit)?;
     let jobs = body.value.jobs;
     if jobs.is_empty() || jobs.len() > MAX_BATCH {
-        return Err(ApiError::field("jobs", format!("must hold 1 to {MAX_BATCH} jobs")));
+        return Err(ApiError::field(
+            "jobs",
+            format!("must hold 1 to {MAX_BATCH} jobs"),
+        ));
     }
     let now = domain::now();
     let mut appends = Vec::with_capacity(jobs.len());
     let mut created = Vec::with_capacity(jobs.len());
     for (i, s) in jobs.into_iter().enumerate() {
-        let sub = to_submission(s, state.config.input_limit_bytes).map_err(|e| nest(e, &format!("jobs[{i}]")))?;
-        let (job, append) = job_append(None, Uuid::now_v7(), &submit_events(sub, now), JobWrite::new(metadata(&auth), now))
-            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        let sub = to_submission(s, state.config.input_limit_bytes)
+            .map_err(|e| nest(e, &format!("jobs[{i}]")))?;
+        let (job, append) = job_append(
+            None,
+            Uuid::now_v7(),
+            &submit_events(sub, now),
+            JobWrite::new(metadata(&auth), now),
+        )
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
         appends.push(append);
         created.push(job);
     }
@@ -304,8 +344,13 @@ pub async fn submit_batch(
         .append_all(appends)
         .await
         .map_err(StoreError::from)?;
-    metrics::counter!("capibara_jobs_submitted_total", "kind" => "batch").increment(created.len() as u64);
-    Ok((StatusCode::ACCEPTED, Json(serde_json::json!({"items": created}))).into_response())
+    metrics::counter!("capibara_jobs_submitted_total", "kind" => "batch")
+        .increment(created.len() as u64);
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({"items": created})),
+    )
+        .into_response())
 }
 
 fn nest(e: ApiError, prefix: &str) -> ApiError {
@@ -313,7 +358,11 @@ fn nest(e: ApiError, prefix: &str) -> ApiError {
         ApiError::Validation { errors, .. } => {
             let errors: Vec<FieldError> = errors.into_iter().map(|f| f.under(prefix)).collect();
             ApiError::Validation {
-                detail: errors.iter().map(|f| format!("{}: {}", f.field, f.message)).collect::<Vec<_>>().join("; "),
+                detail: errors
+                    .iter()
+                    .map(|f| format!("{}: {}", f.field, f.message))
+                    .collect::<Vec<_>>()
+                    .join("; "),
                 errors,
             }
         }
@@ -340,13 +389,22 @@ fn decode_cursor(s: &str) -> Result<Uuid, ApiError> {
            ("cursor" = Option<String>, Query)),
     responses((status = 200, body = Page<Job>), (status = 422, body = crate::error::Problem)),
     security(("bearer" = [])))]
-pub async fn list(State(state): State<AppState>, auth: Auth, RawQuery(q): RawQuery) -> Result<Json<Page<Job>>, ApiError> {
+pub async fn list(
+    State(state): State<AppState>,
+    auth: Auth,
+    RawQuery(q): RawQuery,
+) -> Result<Json<Page<Job>>, ApiError> {
     auth.require(Role::Read)?;
     let mut f = JobFilter::default();
     let mut limit = None;
     for (k, v) in query_pairs(q.as_deref())? {
         match k.as_str() {
-            "status" => f.status = Some(v.parse().map_err(|e: String| ApiError::field("status", e))?),
+            "status" => {
+                f.status = Some(
+                    v.parse()
+                        .map_err(|e: String| ApiError::field("status", e))?,
+                )
+            }
             "kind" => f.kind = Some(v),
             "queue" => f.queue = Some(v),
             "tag" => {
@@ -357,7 +415,12 @@ pub async fn list(State(state): State<AppState>, auth: Auth, RawQuery(q): RawQue
             }
             "limit" => limit = Some(v),
             "cursor" => f.before = Some(decode_cursor(&v)?),
-            other => return Err(ApiError::field(other, "unknown query parameter (status, kind, queue, tag, limit, cursor)")),
+            other => {
+                return Err(ApiError::field(
+                    other,
+                    "unknown query parameter (status, kind, queue, tag, limit, cursor)",
+                ))
+            }
         }
     }
     let limit = parse_limit(limit.as_deref())?;
@@ -387,7 +450,12 @@ async fn load(state: &AppState, auth: &Auth, id: Uuid) -> Result<Job, ApiError> 
     responses((status = 200, body = Job), (status = 202, description = "still running after the wait", body = Job),
               (status = 404, body = crate::error::Problem)),
     security(("bearer" = [])))]
-pub async fn get(State(state): State<AppState>, auth: Auth, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, ApiError> {
+pub async fn get(
+    State(state): State<AppState>,
+    auth: Auth,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     auth.require(Role::Read)?;
     let id = parse_id(&id)?;
     let wait = prefer_wait(&headers)?;
@@ -436,13 +504,20 @@ pub async fn events(
     let id = parse_id(&id)?;
     let pairs = query_pairs(q.as_deref())?;
     let after = parse_after(&headers, &pairs)?;
-    let limit = parse_limit(pairs.iter().find(|(k, _)| k == "limit").map(|(_, v)| v.as_str()))?;
+    let limit = parse_limit(
+        pairs
+            .iter()
+            .find(|(k, _)| k == "limit")
+            .map(|(_, v)| v.as_str()),
+    )?;
     load(&state, &auth, id).await?;
     if wants_sse(&headers) {
         return Ok(sse(state, auth.namespace().to_string(), id, after).into_response());
     }
     let items = store::events::read_stream(&state.store.pool, id, after, limit).await?;
-    let next_cursor = (items.len() as i64 == limit).then(|| items.last().map(|e| e.id.clone())).flatten();
+    let next_cursor = (items.len() as i64 == limit)
+        .then(|| items.last().map(|e| e.id.clone()))
+        .flatten();
     Ok(Json(Page { items, next_cursor }).into_response())
 }
 
@@ -469,7 +544,10 @@ fn sse(state: AppState, namespace: String, id: Uuid, mut after: i64) -> impl Int
                 after = ev.position();
                 ended = terminal_type(&ev.event_type);
                 let data = serde_json::to_string(&ev).unwrap_or_default();
-                let event = Event::default().id(ev.id.clone()).event(ev.event_type.clone()).data(data);
+                let event = Event::default()
+                    .id(ev.id.clone())
+                    .event(ev.event_type.clone())
+                    .data(data);
                 if tx.send(Ok(event)).await.is_err() {
                     return;
                 }
@@ -483,7 +561,9 @@ fn sse(state: AppState, namespace: String, id: Uuid, mut after: i64) -> impl Int
             if let Ok(Some(job)) = store::jobs::get(&state.store.pool, &namespace, id).await {
                 // Resumed after the terminal event: nothing more will come.
                 if job.status.is_terminal() {
-                    let last = store::events::read_stream(&state.store.pool, id, after, 1).await.unwrap_or_default();
+                    let last = store::events::read_stream(&state.store.pool, id, after, 1)
+                        .await
+                        .unwrap_or_default();
                     if last.is_empty() {
                         return;
                     }
@@ -505,7 +585,11 @@ fn sse(state: AppState, namespace: String, id: Uuid, mut after: i64) -> impl Int
               (status = 202, description = "running; the worker was told to stop", body = Job),
               (status = 409, description = "already finished", body = crate::error::Problem)),
     security(("bearer" = [])))]
-pub async fn cancel(State(state): State<AppState>, auth: Auth, Path(id): Path<String>) -> Result<Response, ApiError> {
+pub async fn cancel(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     auth.require(Role::Submit)?;
     let id = parse_id(&id)?;
     for _ in 0..10 {
@@ -521,8 +605,13 @@ pub async fn cancel(State(state): State<AppState>, auth: Auth, Path(id): Path<St
         if !running {
             events.push(JobEvent::JobCanceled { attempt: None });
         }
-        let (new, append) = job_append(Some(&job), id, &events, JobWrite::new(metadata(&auth), domain::now()))
-            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        let (new, append) = job_append(
+            Some(&job),
+            id,
+            &events,
+            JobWrite::new(metadata(&auth), domain::now()),
+        )
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
         match state.store.appender.append(append).await {
             Ok(_) => {
                 if running {
@@ -538,14 +627,20 @@ pub async fn cancel(State(state): State<AppState>, auth: Auth, Path(id): Path<St
             Err(e) => return Err(StoreError::from(e).into()),
         }
     }
-    Err(ApiError::Conflict("the job is changing too fast; retry".into()))
+    Err(ApiError::Conflict(
+        "the job is changing too fast; retry".into(),
+    ))
 }
 
 #[utoipa::path(post, path = "/v1/jobs/{id}/retry", tag = "jobs", params(("id" = String, Path)),
     responses((status = 202, description = "queued again with a fresh budget of attempts", body = Job),
               (status = 409, description = "not failed or canceled", body = crate::error::Problem)),
     security(("bearer" = [])))]
-pub async fn retry(State(state): State<AppState>, auth: Auth, Path(id): Path<String>) -> Result<Response, ApiError> {
+pub async fn retry(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     auth.require(Role::Submit)?;
     let id = parse_id(&id)?;
     for _ in 0..10 {
@@ -556,20 +651,36 @@ pub async fn retry(State(state): State<AppState>, auth: Auth, Path(id): Path<Str
                 job.status
             )));
         }
-        let budget = submitted_max_attempts(&state, id).await?.unwrap_or(job.max_attempts);
+        let budget = submitted_max_attempts(&state, id)
+            .await?
+            .unwrap_or(job.max_attempts);
         let events = [JobEvent::JobQueued {
             reason: "manual_retry".into(),
             max_attempts: Some(job.attempt + budget),
         }];
-        let (new, append) = job_append(Some(&job), id, &events, JobWrite::new(metadata(&auth), domain::now()))
-            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        let (new, append) = job_append(
+            Some(&job),
+            id,
+            &events,
+            JobWrite::new(metadata(&auth), domain::now()),
+        )
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
         match state.store.appender.append(append).await {
-            Ok(_) => return Ok((StatusCode::ACCEPTED, [(header::LOCATION, location(id))], Json(new)).into_response()),
+            Ok(_) => {
+                return Ok((
+                    StatusCode::ACCEPTED,
+                    [(header::LOCATION, location(id))],
+                    Json(new),
+                )
+                    .into_response())
+            }
             Err(AppendError::Conflict { .. }) => continue,
             Err(e) => return Err(StoreError::from(e).into()),
         }
     }
-    Err(ApiError::Conflict("the job is changing too fast; retry".into()))
+    Err(ApiError::Conflict(
+        "the job is changing too fast; retry".into(),
+    ))
 }
 
 async fn submitted_max_attempts(state: &AppState, id: Uuid) -> Result<Option<u32>, ApiError> {

@@ -3,7 +3,19 @@ use std::{fmt, str::FromStr};
 use serde::{Deserialize, Serialize};
 
 /// What an API key may do. `admin` implies `submit`, which implies `read`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     Read,
@@ -41,7 +53,9 @@ impl FromStr for Role {
             "read" => Ok(Role::Read),
             "submit" => Ok(Role::Submit),
             "admin" => Ok(Role::Admin),
-            other => Err(format!("unknown role `{other}` (expected admin, submit or read)")),
+            other => Err(format!(
+                "unknown role `{other}` (expected admin, submit or read)"
+            )),
         }
     }
 }

@@ -48,7 +48,10 @@ impl JobStatus {
     }
 
     pub fn is_terminal(self) -> bool {
-        matches!(self, JobStatus::Succeeded | JobStatus::Failed | JobStatus::Canceled)
+        matches!(
+            self,
+            JobStatus::Succeeded | JobStatus::Failed | JobStatus::Canceled
+        )
     }
 }
 
@@ -71,7 +74,20 @@ impl FromStr for JobStatus {
 }
 
 /// Dispatch priority within a queue.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Priority {
     Low,
@@ -120,7 +136,9 @@ impl FromStr for Priority {
             "normal" => Ok(Priority::Normal),
             "high" => Ok(Priority::High),
             "critical" => Ok(Priority::Critical),
-            other => Err(format!("unknown priority `{other}` (expected low, normal, high or critical)")),
+            other => Err(format!(
+                "unknown priority `{other}` (expected low, normal, high or critical)"
+            )),
         }
     }
 }
@@ -274,7 +292,10 @@ impl JobEvent {
     }
 
     /// Rebuild from stored (`type`, `data`).
-    pub fn from_parts(event_type: &str, data: serde_json::Value) -> Result<Self, serde_json::Error> {
+    pub fn from_parts(
+        event_type: &str,
+        data: serde_json::Value,
+    ) -> Result<Self, serde_json::Error> {
         serde_json::from_value(serde_json::json!({"type": event_type, "data": data}))
     }
 
@@ -282,7 +303,9 @@ impl JobEvent {
     pub fn is_terminal(&self) -> bool {
         matches!(
             self,
-            JobEvent::JobSucceeded { .. } | JobEvent::JobFailed { .. } | JobEvent::JobCanceled { .. }
+            JobEvent::JobSucceeded { .. }
+                | JobEvent::JobFailed { .. }
+                | JobEvent::JobCanceled { .. }
         )
     }
 }
@@ -376,7 +399,9 @@ impl Job {
         let mut job: Option<Job> = None;
         for (ev, at) in events {
             match (&mut job, ev) {
-                (None, JobEvent::JobSubmitted(s)) => job = Some(Job::submitted(id, namespace, s, at)),
+                (None, JobEvent::JobSubmitted(s)) => {
+                    job = Some(Job::submitted(id, namespace, s, at))
+                }
                 (None, other) => {
                     return Err(InvalidTransition {
                         event: other.type_name(),
@@ -406,7 +431,10 @@ impl Job {
                 self.run_at = Some(*run_at);
                 self.queued_at = None;
             }
-            JobEvent::JobQueued { max_attempts, reason } => {
+            JobEvent::JobQueued {
+                max_attempts,
+                reason,
+            } => {
                 if matches!(self.status, Running | Succeeded | Queued) {
                     return Err(bad(self.status));
                 }
@@ -433,7 +461,11 @@ impl Job {
                 self.started_at = Some(at);
                 self.progress = None;
             }
-            JobEvent::JobProgress { percent, message, data } => {
+            JobEvent::JobProgress {
+                percent,
+                message,
+                data,
+            } => {
                 let mut p = serde_json::Map::new();
                 if let Some(v) = percent {
                     p.insert("percent".into(), serde_json::json!(v));
@@ -446,8 +478,12 @@ impl Job {
                 }
                 self.progress = Some(serde_json::Value::Object(p));
             }
-            JobEvent::JobLog { .. } | JobEvent::JobOutputChunk { .. } | JobEvent::JobTimedOut { .. } => {}
-            JobEvent::JobSucceeded { output, artifacts, .. } => {
+            JobEvent::JobLog { .. }
+            | JobEvent::JobOutputChunk { .. }
+            | JobEvent::JobTimedOut { .. } => {}
+            JobEvent::JobSucceeded {
+                output, artifacts, ..
+            } => {
                 if self.status != Running {
                     return Err(bad(self.status));
                 }
@@ -457,7 +493,9 @@ impl Job {
                 self.error = None;
                 self.finished_at = Some(at);
             }
-            JobEvent::JobAttemptFailed { error, retry_at, .. } => {
+            JobEvent::JobAttemptFailed {
+                error, retry_at, ..
+            } => {
                 if self.status != Running {
                     return Err(bad(self.status));
                 }
@@ -548,10 +586,16 @@ pub fn validate_tags(tags: &BTreeMap<String, String>) -> Result<(), FieldError> 
     }
     for (k, v) in tags {
         if k.is_empty() || k.len() > 64 || k.contains(':') {
-            return Err(FieldError::new(format!("tags.{k}"), "tag keys are 1-64 characters without ':'"));
+            return Err(FieldError::new(
+                format!("tags.{k}"),
+                "tag keys are 1-64 characters without ':'",
+            ));
         }
         if v.len() > 256 {
-            return Err(FieldError::new(format!("tags.{k}"), "tag values are at most 256 characters"));
+            return Err(FieldError::new(
+                format!("tags.{k}"),
+                "tag values are at most 256 characters",
+            ));
         }
     }
     Ok(())
@@ -593,14 +637,35 @@ mod tests {
         let now = crate::domain::now();
         let mut job = Job::submitted(Uuid::now_v7(), "default", &submission(), now);
         assert_eq!(job.status, JobStatus::Queued);
-        job.apply(&JobEvent::JobStarted { attempt: 1, worker: "w".into() }, now).unwrap();
+        job.apply(
+            &JobEvent::JobStarted {
+                attempt: 1,
+                worker: "w".into(),
+            },
+            now,
+        )
+        .unwrap();
         for ev in job.attempt_failure_events(1, JobError::new("x", "boom"), true, None, now) {
             job.apply(&ev, now).unwrap();
         }
         assert_eq!(job.status, JobStatus::Scheduled);
         assert!(job.run_at.unwrap() > now);
-        job.apply(&JobEvent::JobQueued { reason: "due".into(), max_attempts: None }, now).unwrap();
-        job.apply(&JobEvent::JobStarted { attempt: 2, worker: "w".into() }, now).unwrap();
+        job.apply(
+            &JobEvent::JobQueued {
+                reason: "due".into(),
+                max_attempts: None,
+            },
+            now,
+        )
+        .unwrap();
+        job.apply(
+            &JobEvent::JobStarted {
+                attempt: 2,
+                worker: "w".into(),
+            },
+            now,
+        )
+        .unwrap();
         job.apply(
             &JobEvent::JobSucceeded {
                 attempt: 2,
@@ -619,7 +684,14 @@ mod tests {
         let now = crate::domain::now();
         let mut job = Job::submitted(Uuid::now_v7(), "default", &submission(), now);
         job.max_attempts = 1;
-        job.apply(&JobEvent::JobStarted { attempt: 1, worker: "w".into() }, now).unwrap();
+        job.apply(
+            &JobEvent::JobStarted {
+                attempt: 1,
+                worker: "w".into(),
+            },
+            now,
+        )
+        .unwrap();
         for ev in job.attempt_failure_events(1, JobError::new("x", "boom"), true, None, now) {
             job.apply(&ev, now).unwrap();
         }
@@ -630,7 +702,16 @@ mod tests {
     fn a_finished_job_cannot_start_again() {
         let now = crate::domain::now();
         let mut job = Job::submitted(Uuid::now_v7(), "default", &submission(), now);
-        job.apply(&JobEvent::JobCanceled { attempt: None }, now).unwrap();
-        assert!(job.apply(&JobEvent::JobStarted { attempt: 1, worker: "w".into() }, now).is_err());
+        job.apply(&JobEvent::JobCanceled { attempt: None }, now)
+            .unwrap();
+        assert!(job
+            .apply(
+                &JobEvent::JobStarted {
+                    attempt: 1,
+                    worker: "w".into()
+                },
+                now
+            )
+            .is_err());
     }
 }

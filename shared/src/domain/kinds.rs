@@ -64,7 +64,10 @@ fn object(input: &Value) -> Result<&serde_json::Map<String, Value>, FieldError> 
 
 fn reject_unknown(obj: &serde_json::Map<String, Value>, known: &[&str]) -> Result<(), FieldError> {
     match obj.keys().find(|k| !known.contains(&k.as_str())) {
-        Some(k) => Err(FieldError::new(k.clone(), format!("unknown field (expected one of: {})", known.join(", ")))),
+        Some(k) => Err(FieldError::new(
+            k.clone(),
+            format!("unknown field (expected one of: {})", known.join(", ")),
+        )),
         None => Ok(()),
     }
 }
@@ -79,7 +82,10 @@ fn validate_sleep(input: &Value) -> Result<(), FieldError> {
         None => Err(FieldError::new("ms", "is required")),
         Some(v) => match v.as_u64() {
             Some(ms) if ms <= MAX_SLEEP_MS => Ok(()),
-            Some(_) => Err(FieldError::new("ms", format!("must be at most {MAX_SLEEP_MS}"))),
+            Some(_) => Err(FieldError::new(
+                "ms",
+                format!("must be at most {MAX_SLEEP_MS}"),
+            )),
             None => Err(FieldError::new("ms", "must be a non-negative integer")),
         },
     }
@@ -111,8 +117,16 @@ mod tests {
         let k = find("sleep").unwrap();
         assert!(k.validate_input(&json!({"ms": 10})).is_ok());
         assert_eq!(k.validate_input(&json!({})).unwrap_err().field, "input.ms");
-        assert_eq!(k.validate_input(&json!({"ms": "x"})).unwrap_err().field, "input.ms");
-        assert_eq!(k.validate_input(&json!({"ms": 1, "x": 1})).unwrap_err().field, "input.x");
+        assert_eq!(
+            k.validate_input(&json!({"ms": "x"})).unwrap_err().field,
+            "input.ms"
+        );
+        assert_eq!(
+            k.validate_input(&json!({"ms": 1, "x": 1}))
+                .unwrap_err()
+                .field,
+            "input.x"
+        );
         assert_eq!(k.validate_input(&json!([1])).unwrap_err().field, "input");
     }
 

@@ -45,13 +45,19 @@ impl Backoff {
 
     pub fn validate(&self) -> Result<(), FieldError> {
         if !(1.0..=10.0).contains(&self.factor) {
-            return Err(FieldError::new("backoff.factor", "must be between 1 and 10"));
+            return Err(FieldError::new(
+                "backoff.factor",
+                "must be between 1 and 10",
+            ));
         }
         if self.max_ms > 7 * 24 * 3_600_000 {
             return Err(FieldError::new("backoff.max_ms", "must be at most 7 days"));
         }
         if self.initial_ms > self.max_ms {
-            return Err(FieldError::new("backoff.initial_ms", "must not exceed max_ms"));
+            return Err(FieldError::new(
+                "backoff.initial_ms",
+                "must not exceed max_ms",
+            ));
         }
         Ok(())
     }

@@ -205,7 +205,9 @@ impl Appender {
                 after_commit(self.queue.as_ref(), done).await;
                 results
                     .into_iter()
-                    .map(|r| r.unwrap_or_else(|| Err(AppendError::Unavailable("not flushed".into()))))
+                    .map(|r| {
+                        r.unwrap_or_else(|| Err(AppendError::Unavailable("not flushed".into())))
+                    })
                     .collect()
             }
             Ok(Err(_)) => Err(results
@@ -241,9 +243,11 @@ impl Appender {
         let mut out = Vec::with_capacity(rxs.len());
         for rx in rxs {
             out.push(match rx {
-                Some(rx) => rx
-                    .await
-                    .unwrap_or_else(|_| Err(AppendError::Unavailable("appender dropped the request".into()))),
+                Some(rx) => rx.await.unwrap_or_else(|_| {
+                    Err(AppendError::Unavailable(
+                        "appender dropped the request".into(),
+                    ))
+                }),
                 None => Err(AppendError::Unavailable("appender stopped".into())),
             });
         }
@@ -254,7 +258,8 @@ impl Appender {
 async fn flush(pool: &PgPool, queue: Option<&Queue>, batch: Vec<Pending>) {
     let started = Instant::now();
     let size = batch.len();
-    let (appends, replies): (Vec<Append>, Vec<_>) = batch.into_iter().map(|p| (p.append, p.reply)).unzip();
+    let (appends, replies): (Vec<Append>, Vec<_>) =
+        batch.into_iter().map(|p| (p.append, p.reply)).unzip();
     let mut results: Vec<Option<Result<Appended, AppendError>>> = vec![None; appends.len()];
     // Appends that failed a check inside the transaction are excluded and the batch is retried.
     let mut excluded: HashSet<usize> = HashSet::new();
@@ -282,7 +287,8 @@ async fn flush(pool: &PgPool, queue: Option<&Queue>, batch: Vec<Pending>) {
     metrics::histogram!("capibara_append_batch_size").record(size as f64);
     metrics::histogram!("capibara_append_batch_seconds").record(started.elapsed().as_secs_f64());
     for (reply, result) in replies.into_iter().zip(results) {
-        let _ = reply.send(result.unwrap_or_else(|| Err(AppendError::Unavailable("not flushed".into()))));
+        let _ = reply
+            .send(result.unwrap_or_else(|| Err(AppendError::Unavailable("not flushed".into()))));
     }
 }
 
@@ -361,7 +367,11 @@ async fn try_flush(
             results[i] = Some(Err(AppendError::Conflict { actual }));
             continue;
         }
-        if let Some(key) = a.command.as_ref().and_then(|c| c.idempotency_key.as_deref()) {
+        if let Some(key) = a
+            .command
+            .as_ref()
+            .and_then(|c| c.idempotency_key.as_deref())
+        {
             if !keys_seen.insert((a.namespace.as_str(), key)) {
                 results[i] = Some(Err(AppendError::DuplicateCommand));
                 continue;
@@ -389,7 +399,8 @@ async fn try_flush(
         .filter_map(|&i| appends[i].command.as_ref().map(|c| (i, c)))
         .collect();
     if !commands.is_empty() {
-        let rows = serde_json::to_value(commands.iter().map(|(_, c)| c).collect::<Vec<_>>()).expect("commands serialize");
+        let rows = serde_json::to_value(commands.iter().map(|(_, c)| c).collect::<Vec<_>>())
+            .expect("commands serialize");
         let inserted: Vec<(Uuid,)> = sqlx::query_as(
             "INSERT INTO commands (id, namespace, type, idempotency_key, request_hash, status_code, response, stream_id, actor, received_at)
              SELECT id, namespace, type, idempotency_key, request_hash, status_code, response, stream_id, actor, received_at
@@ -449,7 +460,10 @@ async fn try_flush(
             let losers: Vec<usize> = ok
                 .iter()
                 .copied()
-                .filter(|&i| appends[i].expected == Expected::NoStream && !created.contains(&appends[i].stream_id))
+                .filter(|&i| {
+                    appends[i].expected == Expected::NoStream
+                        && !created.contains(&appends[i].stream_id)
+                })
                 .collect();
             tx.rollback().await?;
             for &i in &losers {
@@ -460,7 +474,7 @@ async fn try_flush(
     }
     let (upd_ids, upd_versions): (Vec<Uuid>, Vec<i64>) = final_version
         .iter()
-        .filter(|(id, _)| current.get(id).is_some() && lock_ids.binary_search(id).is_ok())
+        .filter(|(id, _)| current.contains_key(id) && lock_ids.binary_search(id).is_ok())
         .map(|(id, v)| (*id, *v))
         .unzip();
     if !upd_ids.is_empty() {
@@ -510,7 +524,8 @@ async fn try_flush(
     .bind(&ev_at)
     .fetch_all(&mut *tx)
     .await?;
-    let position_of: HashMap<(Uuid, i64), i64> = positions.into_iter().map(|(p, s, v)| ((s, v), p)).collect();
+    let position_of: HashMap<(Uuid, i64), i64> =
+        positions.into_iter().map(|(p, s, v)| ((s, v), p)).collect();
 
     // 6. Side effects, the last one per row winning.
     let dispatched = write_effects(&mut tx, appends, &ok).await?;
@@ -522,7 +537,12 @@ async fn try_flush(
         let a = &appends[i];
         let base = a.new_version() - a.events.len() as i64;
         let positions = (1..=a.events.len() as i64)
-            .map(|k| position_of.get(&(a.stream_id, base + k)).copied().unwrap_or_default())
+            .map(|k| {
+                position_of
+                    .get(&(a.stream_id, base + k))
+                    .copied()
+                    .unwrap_or_default()
+            })
             .collect();
         results[i] = Some(Ok(Appended {
             version: a.new_version(),
@@ -532,7 +552,10 @@ async fn try_flush(
     }
     streams.sort_unstable();
     streams.dedup();
-    Ok(Ok(Committed { dispatched, streams }))
+    Ok(Ok(Committed {
+        dispatched,
+        streams,
+    }))
 }
 
 async fn write_effects(
@@ -566,7 +589,10 @@ async fn write_effects(
     }
     if !jobs.is_empty() {
         let rows = serde_json::to_value(jobs.values().collect::<Vec<_>>()).expect("jobs serialize");
-        sqlx::query(super::jobs::UPSERT_JOBS).bind(rows).execute(&mut **tx).await?;
+        sqlx::query(super::jobs::UPSERT_JOBS)
+            .bind(rows)
+            .execute(&mut **tx)
+            .await?;
     }
     let (to_dispatch, to_undispatch) = split(&dispatch);
     if !to_undispatch.is_empty() {

@@ -7,9 +7,10 @@ use uuid::Uuid;
 use super::StoreError;
 
 /// A command as stored.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, sqlx::FromRow)]
 pub struct StoredCommand {
     pub id: Uuid,
+    #[sqlx(rename = "type")]
     pub command_type: String,
     pub request_hash: String,
     pub status_code: i32,
@@ -18,21 +19,17 @@ pub struct StoredCommand {
 }
 
 /// The command recorded under `key` in `namespace`, if any.
-pub async fn find_by_key(pool: &PgPool, namespace: &str, key: &str) -> Result<Option<StoredCommand>, StoreError> {
-    let row: Option<(Uuid, String, String, i32, Option<Value>, Option<Uuid>)> = sqlx::query_as(
+pub async fn find_by_key(
+    pool: &PgPool,
+    namespace: &str,
+    key: &str,
+) -> Result<Option<StoredCommand>, StoreError> {
+    Ok(sqlx::query_as(
         "SELECT id, type, request_hash, status_code, response, stream_id FROM commands
          WHERE namespace = $1 AND idempotency_key = $2",
     )
     .bind(namespace)
     .bind(key)
     .fetch_optional(pool)
-    .await?;
-    Ok(row.map(|(id, command_type, request_hash, status_code, response, stream_id)| StoredCommand {
-        id,
-        command_type,
-        request_hash,
-        status_code,
-        response,
-        stream_id,
-    }))
+    .await?)
 }

@@ -10,7 +10,12 @@ use crate::queue::DispatchEntry;
 /// Queued jobs Redis may not hold: never confirmed by the relay and older than `grace_ms`
 /// (the fast path usually pushed them), or confirmed more than `repush_s` ago (Redis may have
 /// lost them since, or a worker popped them and died before starting). Marks them pushed.
-pub async fn claim_for_push(pool: &PgPool, grace_ms: i64, repush_s: i64, limit: i64) -> Result<Vec<DispatchEntry>, StoreError> {
+pub async fn claim_for_push(
+    pool: &PgPool,
+    grace_ms: i64,
+    repush_s: i64,
+    limit: i64,
+) -> Result<Vec<DispatchEntry>, StoreError> {
     let rows: Vec<(Uuid, String, String, i64, DateTime<Utc>)> = sqlx::query_as(
         "UPDATE dispatch d SET pushed_at = now()
          FROM (SELECT job_id FROM dispatch
@@ -27,20 +32,24 @@ pub async fn claim_for_push(pool: &PgPool, grace_ms: i64, repush_s: i64, limit: 
     .await?;
     Ok(rows
         .into_iter()
-        .map(|(job_id, namespace, queue, score, enqueued_at)| DispatchEntry {
-            job_id,
-            namespace,
-            queue,
-            score,
-            enqueued_at,
-        })
+        .map(
+            |(job_id, namespace, queue, score, enqueued_at)| DispatchEntry {
+                job_id,
+                namespace,
+                queue,
+                score,
+                enqueued_at,
+            },
+        )
         .collect())
 }
 
 /// Forget every push confirmation (Redis lost its data): the relay pushes everything again.
 pub async fn reset_pushed(pool: &PgPool) -> Result<u64, StoreError> {
-    Ok(sqlx::query("UPDATE dispatch SET pushed_at = NULL WHERE pushed_at IS NOT NULL")
-        .execute(pool)
-        .await?
-        .rows_affected())
+    Ok(
+        sqlx::query("UPDATE dispatch SET pushed_at = NULL WHERE pushed_at IS NOT NULL")
+            .execute(pool)
+            .await?
+            .rows_affected(),
+    )
 }

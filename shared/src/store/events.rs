@@ -18,8 +18,22 @@ use super::StoreError;
 use crate::domain::event::EventEnvelope;
 
 type Row = (i64, String, Uuid, i64, String, Value, Value, DateTime<Utc>);
+/// A row of the global read: the transaction id (as text) and the event.
+type LogRow = (
+    String,
+    i64,
+    String,
+    Uuid,
+    i64,
+    String,
+    Value,
+    Value,
+    DateTime<Utc>,
+);
 
-fn envelope((position, stream_type, stream_id, version, event_type, data, metadata, recorded_at): Row) -> EventEnvelope {
+fn envelope(
+    (position, stream_type, stream_id, version, event_type, data, metadata, recorded_at): Row,
+) -> EventEnvelope {
     EventEnvelope {
         id: position.to_string(),
         stream_type,
@@ -33,7 +47,12 @@ fn envelope((position, stream_type, stream_id, version, event_type, data, metada
 }
 
 /// Events of one stream after global position `after` (0 = from the start), in order.
-pub async fn read_stream(pool: &PgPool, stream_id: Uuid, after: i64, limit: i64) -> Result<Vec<EventEnvelope>, StoreError> {
+pub async fn read_stream(
+    pool: &PgPool,
+    stream_id: Uuid,
+    after: i64,
+    limit: i64,
+) -> Result<Vec<EventEnvelope>, StoreError> {
     let rows: Vec<Row> = sqlx::query_as(
         "SELECT position, stream_type, stream_id, version, type, data, metadata, recorded_at
          FROM events WHERE stream_id = $1 AND position > $2 ORDER BY version LIMIT $3",
@@ -59,10 +78,11 @@ impl LogCursor {
         if position <= 0 {
             return Ok(LogCursor::default());
         }
-        let tx: Option<(String,)> = sqlx::query_as("SELECT tx_id::text FROM events WHERE position = $1")
-            .bind(position)
-            .fetch_optional(pool)
-            .await?;
+        let tx: Option<(String,)> =
+            sqlx::query_as("SELECT tx_id::text FROM events WHERE position = $1")
+                .bind(position)
+                .fetch_optional(pool)
+                .await?;
         let tx_id = match tx {
             Some((t,)) => t.parse().unwrap_or(0),
             None => return Err(StoreError::NotFound),
@@ -73,8 +93,12 @@ impl LogCursor {
 
 /// Events of the whole log after `cursor`, gap-safe (see the module docs). Returns the events and
 /// the cursor to continue from.
-pub async fn read_all(pool: &PgPool, cursor: LogCursor, limit: i64) -> Result<(Vec<EventEnvelope>, LogCursor), StoreError> {
-    let rows: Vec<(String, i64, String, Uuid, i64, String, Value, Value, DateTime<Utc>)> = sqlx::query_as(
+pub async fn read_all(
+    pool: &PgPool,
+    cursor: LogCursor,
+    limit: i64,
+) -> Result<(Vec<EventEnvelope>, LogCursor), StoreError> {
+    let rows: Vec<LogRow> = sqlx::query_as(
         "SELECT tx_id::text, position, stream_type, stream_id, version, type, data, metadata, recorded_at
          FROM events
          WHERE (tx_id, position) > ($1::text::xid8, $2)

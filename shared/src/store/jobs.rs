@@ -94,7 +94,10 @@ pub fn job_append(
         effects.push(Effect::Undispatch(new.id));
     }
     if new.status == JobStatus::Running && old_status != Some(JobStatus::Running) {
-        let (worker, lease) = w.lease.clone().unwrap_or_else(|| ("unknown".into(), Duration::from_secs(30)));
+        let (worker, lease) = w
+            .lease
+            .clone()
+            .unwrap_or_else(|| ("unknown".into(), Duration::from_secs(30)));
         effects.push(Effect::Lease(Lease {
             job_id: new.id,
             attempt: new.attempt as i32,
@@ -135,16 +138,18 @@ pub fn job_append(
 }
 
 fn decode(v: Value) -> Result<Job, StoreError> {
-    serde_json::from_value(v).map_err(|e| StoreError::Internal(format!("jobs row does not decode: {e}")))
+    serde_json::from_value(v)
+        .map_err(|e| StoreError::Internal(format!("jobs row does not decode: {e}")))
 }
 
 /// One job of a namespace.
 pub async fn get(pool: &PgPool, namespace: &str, id: Uuid) -> Result<Option<Job>, StoreError> {
-    let row: Option<(Value,)> = sqlx::query_as("SELECT to_jsonb(j) FROM jobs j WHERE id = $1 AND namespace = $2")
-        .bind(id)
-        .bind(namespace)
-        .fetch_optional(pool)
-        .await?;
+    let row: Option<(Value,)> =
+        sqlx::query_as("SELECT to_jsonb(j) FROM jobs j WHERE id = $1 AND namespace = $2")
+            .bind(id)
+            .bind(namespace)
+            .fetch_optional(pool)
+            .await?;
     row.map(|(v,)| decode(v)).transpose()
 }
 
@@ -174,11 +179,20 @@ pub struct JobFilter {
 }
 
 /// Newest first.
-pub async fn list(pool: &PgPool, namespace: &str, f: &JobFilter, limit: i64) -> Result<Vec<Job>, StoreError> {
+pub async fn list(
+    pool: &PgPool,
+    namespace: &str,
+    f: &JobFilter,
+    limit: i64,
+) -> Result<Vec<Job>, StoreError> {
     let tags = if f.tags.is_empty() {
         None
     } else {
-        let m: serde_json::Map<String, Value> = f.tags.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect();
+        let m: serde_json::Map<String, Value> = f
+            .tags
+            .iter()
+            .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+            .collect();
         Some(Value::Object(m))
     };
     let rows: Vec<(Value,)> = sqlx::query_as(
@@ -229,7 +243,10 @@ pub struct QueueStats {
 }
 
 /// Per-queue depth, running and oldest age for a namespace (`None` = all namespaces).
-pub async fn queue_stats(pool: &PgPool, namespace: Option<&str>) -> Result<Vec<QueueStats>, StoreError> {
+pub async fn queue_stats(
+    pool: &PgPool,
+    namespace: Option<&str>,
+) -> Result<Vec<QueueStats>, StoreError> {
     let rows: Vec<(String, i64, i64, i64, Option<f64>)> = sqlx::query_as(
         "WITH d AS (SELECT queue, count(*) AS depth, extract(epoch FROM now() - min(enqueued_at))::float8 AS oldest
                     FROM dispatch WHERE $1::text IS NULL OR namespace = $1 GROUP BY queue),

@@ -36,19 +36,34 @@ pub fn hash_secret(secret: &str) -> String {
 
 /// A new random secret: `cap_` + 32 alphanumerics.
 pub fn new_secret() -> String {
-    let body: String = rand::rng().sample_iter(&Alphanumeric).take(32).map(char::from).collect();
+    let body: String = rand::rng()
+        .sample_iter(&Alphanumeric)
+        .take(32)
+        .map(char::from)
+        .collect();
     format!("cap_{body}")
 }
 
 /// Create a key; returns it and its secret (shown once).
-pub async fn create(pool: &PgPool, namespace: &str, name: &str, roles: &[Role]) -> Result<(ApiKey, String), StoreError> {
+pub async fn create(
+    pool: &PgPool,
+    namespace: &str,
+    name: &str,
+    roles: &[Role],
+) -> Result<(ApiKey, String), StoreError> {
     let secret = new_secret();
     let key = insert(pool, namespace, name, roles, &secret).await?;
     Ok((key, secret))
 }
 
 /// Store a key with a given secret (the bootstrap admin key, the dev demo key).
-pub async fn insert(pool: &PgPool, namespace: &str, name: &str, roles: &[Role], secret: &str) -> Result<ApiKey, StoreError> {
+pub async fn insert(
+    pool: &PgPool,
+    namespace: &str,
+    name: &str,
+    roles: &[Role],
+    secret: &str,
+) -> Result<ApiKey, StoreError> {
     let id = Uuid::now_v7();
     let prefix: String = secret.chars().take(8).collect();
     let role_names: Vec<&str> = roles.iter().map(|r| r.as_str()).collect();
@@ -74,42 +89,48 @@ pub async fn insert(pool: &PgPool, namespace: &str, name: &str, roles: &[Role], 
     })
 }
 
+#[derive(sqlx::FromRow)]
+struct KeyRow {
+    id: Uuid,
+    namespace: String,
+    name: String,
+    prefix: String,
+    roles: Vec<String>,
+    created_at: DateTime<Utc>,
+}
+
+impl From<KeyRow> for ApiKey {
+    fn from(r: KeyRow) -> Self {
+        ApiKey {
+            id: r.id,
+            namespace: r.namespace,
+            name: r.name,
+            prefix: r.prefix,
+            roles: r.roles.iter().filter_map(|r| r.parse().ok()).collect(),
+            created_at: r.created_at,
+        }
+    }
+}
+
 /// The live key with this secret.
 pub async fn find_by_secret(pool: &PgPool, secret: &str) -> Result<Option<ApiKey>, StoreError> {
-    let row: Option<(Uuid, String, String, String, Vec<String>, DateTime<Utc>)> = sqlx::query_as(
+    let row: Option<KeyRow> = sqlx::query_as(
         "SELECT id, namespace, name, prefix, roles, created_at FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL",
     )
     .bind(hash_secret(secret))
     .fetch_optional(pool)
     .await?;
-    Ok(row.map(|(id, namespace, name, prefix, roles, created_at)| ApiKey {
-        id,
-        namespace,
-        name,
-        prefix,
-        roles: roles.iter().filter_map(|r| r.parse().ok()).collect(),
-        created_at,
-    }))
+    Ok(row.map(ApiKey::from))
 }
 
 /// Keys of a namespace.
 pub async fn list(pool: &PgPool, namespace: &str) -> Result<Vec<ApiKey>, StoreError> {
-    let rows: Vec<(Uuid, String, String, String, Vec<String>, DateTime<Utc>)> = sqlx::query_as(
+    let rows: Vec<KeyRow> = sqlx::query_as(
         "SELECT id, namespace, name, prefix, roles, created_at FROM api_keys
          WHERE namespace = $1 AND revoked_at IS NULL ORDER BY created_at",
     )
     .bind(namespace)
     .fetch_all(pool)
     .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(id, namespace, name, prefix, roles, created_at)| ApiKey {
-            id,
-            namespace,
-            name,
-            prefix,
-            roles: roles.iter().filter_map(|r| r.parse().ok()).collect(),
-            created_at,
-        })
-        .collect())
+    Ok(rows.into_iter().map(ApiKey::from).collect())
 }

@@ -23,7 +23,9 @@ use std::time::Duration;
 
 use sqlx::{postgres::PgPoolOptions, PgPool};
 
-pub use append::{Append, AppendError, Appended, Appender, AppenderOptions, Effect, Expected, NewEvent};
+pub use append::{
+    Append, AppendError, Appended, Appender, AppenderOptions, Effect, Expected, NewEvent,
+};
 
 /// Errors at the store boundary.
 #[derive(Debug, thiserror::Error)]

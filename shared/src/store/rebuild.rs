@@ -22,7 +22,9 @@ pub struct RebuildReport {
 /// Rebuild the `jobs` projection in one transaction (readers see the old rows until commit).
 pub async fn rebuild_jobs(pool: &PgPool) -> Result<RebuildReport, StoreError> {
     let mut tx = pool.begin().await?;
-    sqlx::query("LOCK TABLE jobs IN EXCLUSIVE MODE").execute(&mut *tx).await?;
+    sqlx::query("LOCK TABLE jobs IN EXCLUSIVE MODE")
+        .execute(&mut *tx)
+        .await?;
     sqlx::query("DELETE FROM jobs").execute(&mut *tx).await?;
     let mut report = RebuildReport::default();
     let mut rows: Vec<Job> = Vec::new();
@@ -36,8 +38,11 @@ pub async fn rebuild_jobs(pool: &PgPool) -> Result<RebuildReport, StoreError> {
         let mut current: Option<Job> = None;
         while let Some((stream_id, event_type, data, namespace, at)) = stream.try_next().await? {
             report.events += 1;
-            let ev = JobEvent::from_parts(&event_type, data)
-                .map_err(|e| StoreError::Internal(format!("event {event_type} of {stream_id} does not decode: {e}")))?;
+            let ev = JobEvent::from_parts(&event_type, data).map_err(|e| {
+                StoreError::Internal(format!(
+                    "event {event_type} of {stream_id} does not decode: {e}"
+                ))
+            })?;
             match current.as_mut() {
                 Some(j) if j.id == stream_id => j
                     .apply(&ev, at)
@@ -52,8 +57,12 @@ pub async fn rebuild_jobs(pool: &PgPool) -> Result<RebuildReport, StoreError> {
             }
             if rows.len() >= 500 {
                 report.jobs += rows.len() as u64;
-                let batch = serde_json::to_value(std::mem::take(&mut rows)).expect("jobs serialize");
-                sqlx::query(UPSERT_JOBS).bind(batch).execute(&mut *tx).await?;
+                let batch =
+                    serde_json::to_value(std::mem::take(&mut rows)).expect("jobs serialize");
+                sqlx::query(UPSERT_JOBS)
+                    .bind(batch)
+                    .execute(&mut *tx)
+                    .await?;
             }
         }
         if let Some(done) = current.take() {
@@ -63,7 +72,10 @@ pub async fn rebuild_jobs(pool: &PgPool) -> Result<RebuildReport, StoreError> {
     if !rows.is_empty() {
         report.jobs += rows.len() as u64;
         let batch = serde_json::to_value(rows).expect("jobs serialize");
-        sqlx::query(UPSERT_JOBS).bind(batch).execute(&mut *tx).await?;
+        sqlx::query(UPSERT_JOBS)
+            .bind(batch)
+            .execute(&mut *tx)
+            .await?;
     }
     tx.commit().await?;
     Ok(report)

@@ -56,7 +56,9 @@ pub async fn heartbeat(
     lease_s: f64,
 ) -> Result<Vec<Uuid>, StoreError> {
     let mut tx = pool.begin().await?;
-    sqlx::query("SET LOCAL synchronous_commit = off").execute(&mut *tx).await?;
+    sqlx::query("SET LOCAL synchronous_commit = off")
+        .execute(&mut *tx)
+        .await?;
     sqlx::query("UPDATE workers SET last_heartbeat_at = now() WHERE id = $1")
         .bind(worker_id)
         .execute(&mut *tx)
@@ -71,7 +73,11 @@ pub async fn heartbeat(
     .fetch_all(&mut *tx)
     .await?;
     tx.commit().await?;
-    Ok(canceled.into_iter().filter(|(_, c)| *c).map(|(id, _)| id).collect())
+    Ok(canceled
+        .into_iter()
+        .filter(|(_, c)| *c)
+        .map(|(id, _)| id)
+        .collect())
 }
 
 /// Mark a worker stopped (graceful shutdown).
@@ -117,7 +123,21 @@ pub async fn list(pool: &PgPool, lease_s: f64) -> Result<Vec<WorkerInfo>, StoreE
     Ok(rows
         .into_iter()
         .map(
-            |(id, name, host, pid, queues, kinds, concurrency, version, started_at, last_heartbeat_at, stopped_at, status, running)| {
+            |(
+                id,
+                name,
+                host,
+                pid,
+                queues,
+                kinds,
+                concurrency,
+                version,
+                started_at,
+                last_heartbeat_at,
+                stopped_at,
+                status,
+                running,
+            )| {
                 WorkerInfo {
                     id,
                     name,

@@ -42,8 +42,11 @@ impl Executor for Sleep {
                 }
             }
             if total >= Duration::from_secs(2) && !started.elapsed().ge(&total) {
-                let pct = (started.elapsed().as_secs_f64() / total.as_secs_f64() * 100.0).min(100.0);
-                ctx.progress.progress(Some((pct * 10.0).round() / 10.0), None).await;
+                let pct =
+                    (started.elapsed().as_secs_f64() / total.as_secs_f64() * 100.0).min(100.0);
+                ctx.progress
+                    .progress(Some((pct * 10.0).round() / 10.0), None)
+                    .await;
             }
         }
         Ok(Output {
@@ -70,7 +73,10 @@ impl Executor for Fail {
                 output: json!({"attempt": ctx.attempt}),
                 artifacts: Vec::new(),
             }),
-            _ => Err(ExecError::Retryable(JobError::new("executor_error", message))),
+            _ => Err(ExecError::Retryable(JobError::new(
+                "executor_error",
+                message,
+            ))),
         }
     }
 }

@@ -1,0 +1,172 @@
+//! `capibara dev`: everything on one machine, in one process.
+//!
+//! Starts Postgres and Redis under the data directory (reusing them when already running),
+//! applies migrations, creates a demo admin key (kept across runs), then runs the API, a worker
+//! for every queue and the scheduler's housekeeping until Ctrl-C.
+
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use capibara_shared::{
+    config::{Config, LogFormat},
+    domain::{auth::Role, kinds},
+    local_services::{PostgresOptions, PostgresServer, RedisOptions, RedisServer},
+    ops,
+    queue::Queue,
+    shutdown, store, telemetry,
+};
+use clap::Args;
+
+#[derive(Args)]
+pub struct DevArgs {
+    /// Where Postgres and Redis keep their data.
+    #[arg(long, env = "CAPIBARA_DATA_DIR", default_value = ".capibara")]
+    data_dir: PathBuf,
+    /// Port of the local Postgres.
+    #[arg(long, default_value_t = 54329)]
+    pg_port: u16,
+    /// Port of the local Redis.
+    #[arg(long, default_value_t = 63799)]
+    redis_port: u16,
+    /// Worker concurrency.
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+}
+
+pub async fn run(args: DevArgs) -> anyhow::Result<()> {
+    let mut config = Config::from_env()?;
+    if std::env::var("CAPIBARA_LOG_FORMAT").is_err() {
+        config.log_format = LogFormat::Pretty;
+    }
+    telemetry::init_logs(config.log_format);
+    telemetry::metrics_handle();
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("creating {}", args.data_dir.display()))?;
+
+    // Local servers, unless the environment points elsewhere.
+    let mut _pg = None;
+    if std::env::var("CAPIBARA_DATABASE_URL").is_err() {
+        let dir = args.data_dir.join("postgres").join("data");
+        let port = args.pg_port;
+        let pg = tokio::task::spawn_blocking(move || {
+            let pg = PostgresServer::start(PostgresOptions {
+                data_dir: dir,
+                port,
+                fast_unsafe: false,
+            })?;
+            pg.ensure_database("capibara")?;
+            anyhow::Ok(pg)
+        })
+        .await??;
+        config.database_url = pg.url("capibara");
+        _pg = Some(pg);
+    }
+    let mut _redis = None;
+    if std::env::var("CAPIBARA_REDIS_URL").is_err() {
+        let dir = args.data_dir.join("redis");
+        let port = args.redis_port;
+        let redis = tokio::task::spawn_blocking(move || {
+            RedisServer::start(RedisOptions {
+                dir,
+                port,
+                persist: true,
+            })
+        })
+        .await??;
+        config.redis_url = redis.url();
+        _redis = Some(redis);
+    }
+    config.outbound_allow_private = true;
+    let config = Arc::new(config);
+
+    let pool = store::connect(&config.database_url, config.db_max_connections).await?;
+    store::migrate(&pool).await.context("applying migrations")?;
+    let queue = Queue::connect(&config.redis_url, &config.redis_prefix)
+        .await
+        .context("connecting to Redis")?;
+    let store = store::Store::new(
+        pool.clone(),
+        store::Appender::start(pool.clone(), Some(queue.clone()), Default::default()),
+    );
+
+    let key_file = args.data_dir.join("demo-key");
+    let demo_key = match std::fs::read_to_string(&key_file) {
+        Ok(k) if !k.trim().is_empty() => k.trim().to_string(),
+        _ => {
+            let k = store::keys::new_secret();
+            std::fs::write(&key_file, &k)
+                .with_context(|| format!("writing {}", key_file.display()))?;
+            k
+        }
+    };
+    store::keys::insert(
+        &pool,
+        "default",
+        "demo (capibara dev)",
+        &[Role::Admin],
+        &demo_key,
+    )
+    .await?;
+
+    let stop = shutdown::token();
+    let api_listener = tokio::net::TcpListener::bind(config.api_addr)
+        .await
+        .with_context(|| format!("binding {} (set CAPIBARA_API_ADDR)", config.api_addr))?;
+    let api_addr = api_listener.local_addr()?;
+    let state = capibara_api::AppState::new(store.clone(), queue.clone(), config.clone());
+    let api_stop = stop.clone();
+    let api = tokio::spawn(capibara_api::serve(api_listener, state, async move {
+        api_stop.cancelled().await
+    }));
+
+    for addr in [config.scheduler_addr, config.worker_addr] {
+        let router = ops::router(ops::Readiness {
+            store: store.clone(),
+            queue: queue.clone(),
+        });
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => {
+                let s = stop.clone();
+                tokio::spawn(async move {
+                    axum::serve(l, router)
+                        .with_graceful_shutdown(async move { s.cancelled().await })
+                        .await
+                });
+            }
+            Err(e) => tracing::warn!(%addr, error = %e, "health/metrics port busy; skipping"),
+        }
+    }
+
+    let mut queues: Vec<String> = kinds::KINDS
+        .iter()
+        .map(|k| k.default_queue.to_string())
+        .collect();
+    queues.sort();
+    queues.dedup();
+    let worker = tokio::spawn(capibara_worker::run(
+        store.clone(),
+        queue.clone(),
+        capibara_worker::executors::Registry::builtin(),
+        capibara_worker::WorkerOptions {
+            queues,
+            concurrency: args.concurrency,
+            lease: config.visibility_timeout,
+            shutdown_grace: Duration::from_secs(10),
+        },
+        stop.clone(),
+    ));
+    let housekeeping = tokio::spawn(capibara_scheduler::housekeeping::run(
+        store.clone(),
+        queue.clone(),
+        capibara_scheduler::housekeeping::HousekeepingOptions::new(config.visibility_timeout),
+        stop.clone(),
+    ));
+
+    println!(
+        "\n  Capibara is running.\n\n  API          http://{api_addr}\n  Swagger UI   http://{api_addr}/docs\n  Demo key     {demo_key}\n\n  Try it:\n\n    curl -s -X POST http://{api_addr}/v1/jobs \\\n      -H 'Authorization: Bearer {demo_key}' -H 'Content-Type: application/json' \\\n      -H 'Prefer: wait=10' -d '{{\"kind\": \"echo\", \"input\": {{\"hello\": \"capibara\"}}}}'\n\n  Press Ctrl-C to stop.\n"
+    );
+
+    stop.cancelled().await;
+    let _ = tokio::join!(api, worker, housekeeping);
+    Ok(())
+}
