@@ -305,8 +305,7 @@ async fn run_job(inner: &Arc<Inner>, job: Job) {
     };
     let timer = std::time::Instant::now();
     let timeout = started.timeout_s.map(|s| Duration::from_secs(s as u64));
-    let exec = executor.execute(ctx);
-    tokio::pin!(exec);
+    let mut exec = executor.execute(ctx);
     let outcome = tokio::select! {
         r = async {
             match timeout {
@@ -320,7 +319,9 @@ async fn run_job(inner: &Arc<Inner>, job: Job) {
         _ = user_cancel.cancelled() => Outcome::Canceled,
         _ = inner.hard_stop.cancelled() => Outcome::Released,
     };
-    // Dropping the future stops async executors; blocking ones watch this token.
+    // Dropping the future stops async executors (and releases whatever it held); blocking ones
+    // watch this token.
+    drop(exec);
     exec_cancel.cancel();
     let elapsed = timer.elapsed().as_secs_f64();
     let label = match &outcome {

@@ -1,0 +1,314 @@
+//! Failure tests: real processes are killed; nothing accepted is lost and nothing runs twice.
+
+use std::time::Duration;
+
+use capibara_tests::{
+    eventually, types, PostgresOptions, PostgresServer, RedisOptions, RedisServer, TestEnv,
+};
+use serde_json::json;
+
+fn temp_dir(tag: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("capibara-{tag}-{}", uuid::Uuid::now_v7().simple()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+async fn count(pool: &sqlx::PgPool, sql: &str) -> i64 {
+    let (n,): (i64,) = sqlx::query_as(sql).fetch_one(pool).await.unwrap();
+    n
+}
+
+/// Every job has exactly one `JobSucceeded`, and no attempt started twice.
+async fn assert_each_succeeded_once(pool: &sqlx::PgPool, jobs: i64) {
+    assert_eq!(
+        count(pool, "SELECT count(*) FROM jobs WHERE status = 'succeeded'").await,
+        jobs
+    );
+    assert_eq!(
+        count(
+            pool,
+            "SELECT count(*) FROM events WHERE type = 'JobSucceeded'"
+        )
+        .await,
+        jobs
+    );
+    let dup_starts = count(
+        pool,
+        "SELECT count(*) FROM (SELECT stream_id, data->>'attempt' FROM events WHERE type = 'JobStarted'
+         GROUP BY 1, 2 HAVING count(*) > 1) d",
+    )
+    .await;
+    assert_eq!(dup_starts, 0, "an attempt was started twice");
+}
+
+#[tokio::test]
+async fn a_sigkilled_worker_loses_nothing_and_each_job_completes_once() {
+    let mut env = TestEnv::new().await;
+    env.visibility_timeout_s = 2.0;
+    let _api = env.spawn_api().await;
+    let _scheduler = env.spawn_scheduler();
+    let api = env.client();
+    let pool = env.pool().await;
+    let mut doomed = env.spawn_worker(&["--concurrency", "20"]);
+
+    for _ in 0..20 {
+        api.submit_id(json!({"kind": "sleep", "input": {"ms": 3000}}))
+            .await;
+    }
+    eventually(
+        "jobs running on the doomed worker",
+        Duration::from_secs(10),
+        || async {
+            (count(&pool, "SELECT count(*) FROM jobs WHERE status = 'running'").await == 20)
+                .then_some(())
+        },
+    )
+    .await;
+    doomed.kill();
+    let _survivor = env.spawn_worker(&["--concurrency", "20"]);
+
+    eventually("all jobs done", Duration::from_secs(40), || async {
+        (count(
+            &pool,
+            "SELECT count(*) FROM jobs WHERE status = 'succeeded'",
+        )
+        .await
+            == 20)
+            .then_some(())
+    })
+    .await;
+    assert_each_succeeded_once(&pool, 20).await;
+    let lost = count(&pool, "SELECT count(*) FROM events WHERE type = 'JobAttemptFailed' AND data->'error'->>'type' = 'worker_lost'").await;
+    assert_eq!(lost, 20, "each killed attempt is recorded as worker_lost");
+}
+
+#[tokio::test]
+async fn jobs_survive_redis_restarting_empty() {
+    let dir = temp_dir("redis");
+    let mut redis = RedisServer::start(RedisOptions {
+        dir: dir.clone(),
+        port: 0,
+        persist: false,
+    })
+    .unwrap();
+    let env = TestEnv::on(
+        std::env::var("CAPIBARA_TEST_DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://capibara@127.0.0.1:55432/postgres".into()),
+        redis.url(),
+    )
+    .await;
+    let _api = env.spawn_api().await;
+    let _scheduler = env.spawn_scheduler();
+    let api = env.client();
+    let pool = env.pool().await;
+
+    // Accepted while Redis is up, but no worker yet: they wait in Redis.
+    for i in 0..30 {
+        api.submit_id(json!({"kind": "echo", "input": {"i": i}}))
+            .await;
+    }
+    redis.kill().unwrap();
+    // Accepted while Redis is down: Postgres is the source of truth.
+    for i in 30..35 {
+        let r = api.submit(json!({"kind": "echo", "input": {"i": i}})).await;
+        assert_eq!(r.status, 202, "{r:?}");
+    }
+    redis.restart_empty().unwrap();
+    let _worker = env.spawn_worker(&[]);
+
+    eventually(
+        "all 35 jobs done after the wipe",
+        Duration::from_secs(40),
+        || async {
+            (count(
+                &pool,
+                "SELECT count(*) FROM jobs WHERE status = 'succeeded'",
+            )
+            .await
+                == 35)
+                .then_some(())
+        },
+    )
+    .await;
+    assert_each_succeeded_once(&pool, 35).await;
+    drop(redis);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn the_api_answers_503_while_postgres_is_down_and_recovers_by_itself() {
+    let dir = temp_dir("pg");
+    let mut pg = tokio::task::spawn_blocking({
+        let dir = dir.clone();
+        move || {
+            PostgresServer::start(PostgresOptions {
+                data_dir: dir.join("data"),
+                port: 0,
+                fast_unsafe: false,
+            })
+            .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    let env = TestEnv::on(
+        pg.url("postgres"),
+        std::env::var("CAPIBARA_TEST_REDIS_URL")
+            .unwrap_or_else(|_| "redis://127.0.0.1:56379/".into()),
+    )
+    .await;
+    let _procs = env.spawn_all().await;
+    let api = env.client();
+    let before = api
+        .submit_id(json!({"kind": "echo", "input": {"before": true}}))
+        .await;
+    api.wait_terminal(&before, Duration::from_secs(10)).await;
+
+    pg = tokio::task::spawn_blocking(move || {
+        pg.kill().unwrap();
+        pg
+    })
+    .await
+    .unwrap();
+    let down = api.submit(json!({"kind": "echo"})).await;
+    assert_eq!(down.status, 503, "{down:?}");
+    assert_eq!(
+        down.header("content-type").as_deref(),
+        Some("application/problem+json")
+    );
+    assert!(down.header("retry-after").is_some());
+    assert!(
+        !down.body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("postgres://"),
+        "no internals leak"
+    );
+    let ready = api.get("/readyz").await;
+    assert_eq!(ready.status, 503);
+
+    let pg = tokio::task::spawn_blocking(move || {
+        pg.restart().unwrap();
+        pg
+    })
+    .await
+    .unwrap();
+    let after = eventually("the API recovers", Duration::from_secs(30), || async {
+        let r = api
+            .submit(json!({"kind": "echo", "input": {"after": true}}))
+            .await;
+        (r.status == 202).then(|| r.body["id"].as_str().unwrap().to_string())
+    })
+    .await;
+    let job = api.wait_terminal(&after, Duration::from_secs(30)).await;
+    assert_eq!(job["status"], "succeeded");
+    assert_eq!(
+        api.job(&before).await["status"],
+        "succeeded",
+        "nothing committed was lost"
+    );
+    drop(env);
+    drop(pg);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn duplicate_deliveries_never_record_a_second_start_or_success() {
+    let env = TestEnv::new().await;
+    let _api = env.spawn_api().await;
+    let _scheduler = env.spawn_scheduler();
+    let api = env.client();
+    let pool = env.pool().await;
+    let mut ids = Vec::new();
+    for _ in 0..40 {
+        ids.push(
+            api.submit_id(json!({"kind": "sleep", "input": {"ms": 200}}))
+                .await,
+        );
+    }
+    let _w1 = env.spawn_worker(&["--concurrency", "16"]);
+    let _w2 = env.spawn_worker(&["--concurrency", "16"]);
+
+    // Deliver every job again and again while the workers run them.
+    let client = redis::Client::open(env.redis_url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let key = format!("{{{}}}:queue:default", env.redis_prefix);
+    for _ in 0..30 {
+        for id in &ids {
+            let _: () = redis::cmd("ZADD")
+                .arg(&key)
+                .arg(0)
+                .arg(id)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eventually("all jobs done", Duration::from_secs(30), || async {
+        (count(
+            &pool,
+            "SELECT count(*) FROM jobs WHERE status = 'succeeded'",
+        )
+        .await
+            == 40)
+            .then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_each_succeeded_once(&pool, 40).await;
+    for id in &ids {
+        assert_eq!(
+            types(&api.events(id).await),
+            ["JobSubmitted", "JobStarted", "JobSucceeded"]
+        );
+    }
+}
+
+#[tokio::test]
+async fn sigterm_lets_running_jobs_finish_within_the_grace_period() {
+    let env = TestEnv::new().await;
+    let _api = env.spawn_api().await;
+    let api = env.client();
+    let mut worker = env.spawn_worker(&["--shutdown-grace-s", "10"]);
+    let id = api
+        .submit_id(json!({"kind": "sleep", "input": {"ms": 1500}}))
+        .await;
+    eventually("running", Duration::from_secs(10), || async {
+        (api.job(&id).await["status"] == "running").then_some(())
+    })
+    .await;
+    assert!(
+        worker.terminate(Duration::from_secs(15)),
+        "worker exits after draining"
+    );
+    let job = api.job(&id).await;
+    assert_eq!(job["status"], "succeeded");
+    let workers = api.get("/v1/workers").await;
+    assert_eq!(workers.body["items"][0]["status"], "stopped");
+}
+
+#[tokio::test]
+async fn sigterm_gives_unfinished_jobs_back_without_using_up_an_attempt() {
+    let env = TestEnv::new().await;
+    let _api = env.spawn_api().await;
+    let _scheduler = env.spawn_scheduler();
+    let api = env.client();
+    let mut worker = env.spawn_worker(&["--shutdown-grace-s", "0.5"]);
+    let id = api
+        .submit_id(json!({"kind": "sleep", "input": {"ms": 4000}, "max_attempts": 1}))
+        .await;
+    eventually("running", Duration::from_secs(10), || async {
+        (api.job(&id).await["status"] == "running").then_some(())
+    })
+    .await;
+    assert!(worker.terminate(Duration::from_secs(10)));
+    assert_eq!(api.job(&id).await["status"], "queued", "given back at once");
+
+    let _next = env.spawn_worker(&[]);
+    let job = api.wait_terminal(&id, Duration::from_secs(20)).await;
+    assert_eq!(job["status"], "succeeded");
+    assert_eq!(job["attempt"], 2);
+    let t = types(&api.events(&id).await);
+    assert!(t.contains(&"JobQueued".to_string()), "{t:?}");
+}

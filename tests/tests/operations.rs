@@ -1,0 +1,190 @@
+//! Operations: health, readiness and metrics on every binary, OpenAPI and Swagger UI, workers
+//! and queues, and the CLI client commands.
+
+use std::time::Duration;
+
+use capibara_tests::{eventually, find_free_port, wait_http_ok, TestEnv, ADMIN_KEY};
+use serde_json::json;
+
+#[tokio::test]
+async fn every_binary_serves_health_readiness_and_metrics() {
+    let mut env = TestEnv::new().await;
+    let (wport, sport) = (find_free_port(), find_free_port());
+    env.extra_env
+        .push(("CAPIBARA_WORKER_ADDR".into(), format!("127.0.0.1:{wport}")));
+    env.extra_env.push((
+        "CAPIBARA_SCHEDULER_ADDR".into(),
+        format!("127.0.0.1:{sport}"),
+    ));
+    let _procs = env.spawn_all().await;
+    let api = env.client();
+    let id = api.submit_id(json!({"kind": "echo"})).await;
+    api.wait_terminal(&id, Duration::from_secs(10)).await;
+
+    let http = reqwest::Client::new();
+    for base in [
+        env.api_url(),
+        format!("http://127.0.0.1:{wport}"),
+        format!("http://127.0.0.1:{sport}"),
+    ] {
+        wait_http_ok(&format!("{base}/healthz")).await;
+        let ready = http.get(format!("{base}/readyz")).send().await.unwrap();
+        assert_eq!(ready.status(), 200);
+        let body: serde_json::Value = ready.json().await.unwrap();
+        assert_eq!(body, json!({"postgres": "ok", "redis": "ok"}));
+        let metrics = http.get(format!("{base}/metrics")).send().await.unwrap();
+        assert_eq!(metrics.status(), 200);
+    }
+    let worker_metrics = http
+        .get(format!("http://127.0.0.1:{wport}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        worker_metrics.contains("capibara_jobs_total{kind=\"echo\",outcome=\"succeeded\"} 1"),
+        "{worker_metrics}"
+    );
+    assert!(worker_metrics.contains("capibara_job_pickup_latency_seconds_bucket"));
+    assert!(worker_metrics.contains("capibara_job_run_seconds_bucket"));
+    let scheduler_metrics = eventually("queue gauges", Duration::from_secs(10), || async {
+        let m = http
+            .get(format!("http://127.0.0.1:{sport}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        m.contains("capibara_queue_depth").then_some(m)
+    })
+    .await;
+    assert!(scheduler_metrics.contains("capibara_queue_oldest_age_seconds"));
+}
+
+#[tokio::test]
+async fn openapi_and_swagger_ui_are_served_from_the_binary() {
+    let env = TestEnv::new().await;
+    let _api = env.spawn_api().await;
+    let http = reqwest::Client::new();
+    let spec: serde_json::Value = http
+        .get(format!("{}/openapi.json", env.api_url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(spec["openapi"].as_str().unwrap().starts_with("3.1"));
+    for path in [
+        "/v1/jobs",
+        "/v1/jobs/batch",
+        "/v1/jobs/{id}",
+        "/v1/jobs/{id}/events",
+        "/v1/jobs/{id}/cancel",
+        "/v1/jobs/{id}/retry",
+        "/v1/workers",
+        "/v1/queues",
+        "/v1/api-keys",
+    ] {
+        assert!(
+            spec["paths"][path].is_object(),
+            "{path} missing from the spec"
+        );
+    }
+    assert!(spec["components"]["schemas"]["Problem"].is_object());
+    let ui = http
+        .get(format!("{}/docs/", env.api_url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ui.status(), 200);
+    assert!(ui.text().await.unwrap().contains("swagger-ui"));
+}
+
+#[tokio::test]
+async fn workers_and_queues_are_listed() {
+    let env = TestEnv::new().await;
+    let _api = env.spawn_api().await;
+    let api = env.client();
+    let _w1 = env.spawn_worker(&["--queues", "default,reports", "--concurrency", "2"]);
+    let _w2 = env.spawn_worker(&["--queues", "reports", "--concurrency", "1"]);
+
+    let workers = eventually(
+        "two workers registered",
+        Duration::from_secs(10),
+        || async {
+            let r = api.get("/v1/workers").await;
+            let items = r.body["items"].as_array().cloned().unwrap_or_default();
+            (items.len() == 2).then_some(items)
+        },
+    )
+    .await;
+    assert_ne!(
+        workers[0]["name"], workers[1]["name"],
+        "worker ids are unique"
+    );
+    assert!(workers.iter().all(|w| w["status"] == "active"));
+    assert!(workers
+        .iter()
+        .any(|w| w["queues"] == json!(["default", "reports"])));
+
+    let sleeper = api
+        .submit_id(json!({"kind": "sleep", "input": {"ms": 3000}, "queue": "reports"}))
+        .await;
+    api.submit_id(json!({"kind": "sleep", "input": {"ms": 3000}, "queue": "reports"}))
+        .await;
+    api.submit_id(json!({"kind": "sleep", "input": {"ms": 3000}, "queue": "reports"}))
+        .await;
+    api.submit_id(json!({"kind": "echo", "queue": "idle"}))
+        .await;
+    let queues = eventually("queue stats", Duration::from_secs(10), || async {
+        let r = api.get("/v1/queues").await;
+        let items = r.body["items"].as_array().cloned().unwrap_or_default();
+        let reports = items.iter().find(|q| q["name"] == "reports")?.clone();
+        (reports["running"] == 3).then_some(items)
+    })
+    .await;
+    let idle = queues.iter().find(|q| q["name"] == "idle").unwrap();
+    assert_eq!(idle["depth"], 1, "nobody serves `idle`");
+    assert!(idle["oldest_age_s"].as_f64().unwrap() >= 0.0);
+    assert_eq!(api.job(&sleeper).await["status"], "running");
+}
+
+#[tokio::test]
+async fn the_cli_submits_waits_and_streams() {
+    let env = TestEnv::new().await;
+    let _procs = env.spawn_all().await;
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(capibara_tests::bin("capibara"))
+            .args(args)
+            .env("CAPIBARA_URL", env.api_url())
+            .env("CAPIBARA_API_KEY", ADMIN_KEY)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+        )
+    };
+    let (ok, out) = run(&["submit", "echo", r#"{"x": 1}"#, "--wait", "10"]);
+    assert!(ok, "{out}");
+    let job: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(job["output"], json!({"x": 1}));
+    let id = job["id"].as_str().unwrap();
+
+    let (ok, out) = run(&["get", id]);
+    assert!(ok && out.contains("succeeded"));
+    let (ok, out) = run(&["wait", id]);
+    assert!(ok, "{out}");
+    let (ok, out) = run(&["events", id, "--follow"]);
+    assert!(ok);
+    assert_eq!(out.lines().count(), 3, "{out}");
+    assert!(out.lines().last().unwrap().contains("JobSucceeded"));
+
+    let (ok, out) = run(&["submit", "nope"]);
+    assert!(!ok, "a problem exits non-zero");
+    assert!(out.contains("unknown kind"));
+}
