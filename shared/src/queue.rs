@@ -233,3 +233,34 @@ impl Queue {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn score(p: Priority, secs_ago: i64) -> i64 {
+        let at = chrono::Utc::now() - chrono::Duration::seconds(secs_ago);
+        DispatchEntry::new(Uuid::now_v7(), "default", "q", p, at).score
+    }
+
+    #[test]
+    fn higher_priorities_are_served_first_among_jobs_of_similar_age() {
+        let mut jobs = [
+            (score(Priority::Low, 0), "low"),
+            (score(Priority::Critical, 0), "critical"),
+            (score(Priority::Normal, 0), "normal"),
+            (score(Priority::High, 0), "high"),
+        ];
+        jobs.sort();
+        assert_eq!(jobs.map(|(_, p)| p), ["critical", "high", "normal", "low"]);
+    }
+
+    #[test]
+    fn a_low_priority_job_that_waited_long_enough_beats_new_critical_work() {
+        let old_low = score(Priority::Low, 301);
+        let new_critical = score(Priority::Critical, 0);
+        assert!(old_low < new_critical, "no priority starves");
+        let fresh_low = score(Priority::Low, 10);
+        assert!(fresh_low > new_critical);
+    }
+}
