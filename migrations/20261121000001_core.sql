@@ -88,17 +88,17 @@ CREATE INDEX jobs_due ON jobs (run_at) WHERE status = 'scheduled';
 CREATE INDEX jobs_tags ON jobs USING gin (tags jsonb_path_ops) WHERE tags <> '{}'::jsonb;
 
 -- Dispatch outbox: one row per queued job, written with the event that queued it and removed
--- with the one that started or ended it. The API pushes to Redis right after commit; the relay
--- re-pushes rows Redis may have lost.
+-- with the one that started or ended it. The writer pushes to Redis right after commit; the relay
+-- checks Redis for rows past a grace period and re-pushes those it lost (read-only here).
 CREATE TABLE dispatch (
     job_id      uuid PRIMARY KEY,
     namespace   text NOT NULL,
     queue       text NOT NULL,
     score       bigint NOT NULL,
-    enqueued_at timestamptz NOT NULL,
-    pushed_at   timestamptz
+    enqueued_at timestamptz NOT NULL
 );
 CREATE INDEX dispatch_by_queue ON dispatch (queue, enqueued_at);
+CREATE INDEX dispatch_by_age ON dispatch (enqueued_at, job_id);
 
 -- Leases of running attempts; heartbeats extend them, the reaper expires them.
 CREATE TABLE leases (

@@ -2,7 +2,7 @@
 //! a stream version or claimed with `FOR UPDATE SKIP LOCKED`.
 //!
 //! - promoter: scheduled jobs whose `run_at` passed get `JobQueued` (and so a dispatch row);
-//! - relay: dispatch rows Redis may have lost are pushed again (all of them after a Redis wipe);
+//! - relay: queued jobs Redis does not hold are pushed again (checked without writing to Postgres);
 //! - reaper: attempts whose lease expired (their worker died) fail with `worker_lost` and are
 //!   retried per their policy;
 //! - gauges: queue depth, running and oldest age for `/metrics`.
@@ -30,9 +30,9 @@ pub struct HousekeepingOptions {
     pub promote_every: Duration,
     pub relay_every: Duration,
     pub reap_every: Duration,
-    /// A dispatch row unconfirmed for this long is pushed by the relay (the fast path usually did).
+    /// A dispatch row older than this is checked against Redis (the fast path usually pushed it).
     pub relay_grace: Duration,
-    /// A pushed row still queued after this long is pushed again (popped by a worker that died).
+    /// How often every queued row is checked again (finds jobs popped by a worker that died).
     pub repush_after: Duration,
 }
 
@@ -61,10 +61,28 @@ fn scheduler_metadata(job: &Job) -> EventMetadata {
 pub async fn run(store: Store, queue: Queue, opts: HousekeepingOptions, stop: CancellationToken) {
     tokio::join!(
         every(opts.promote_every, &stop, || promote_due(&store)),
-        every(opts.relay_every, &stop, || relay(&store, &queue, &opts)),
+        relay_loop(&store, &queue, &opts, &stop),
         every(opts.reap_every, &stop, || reap(&store)),
         every(Duration::from_secs(2), &stop, || gauges(&store)),
     );
+}
+
+async fn relay_loop(
+    store: &Store,
+    queue: &Queue,
+    opts: &HousekeepingOptions,
+    stop: &CancellationToken,
+) {
+    let mut relay = Relay::new(opts.clone());
+    loop {
+        if let Err(e) = relay.sweep(store, queue).await {
+            tracing::debug!(error = %e, "relay sweep failed");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(opts.relay_every) => {}
+            _ = stop.cancelled() => return,
+        }
+    }
 }
 
 async fn every<F, Fut>(period: Duration, stop: &CancellationToken, mut f: F)
@@ -117,52 +135,86 @@ pub async fn promote_due(store: &Store) -> Result<usize, store::StoreError> {
     Ok(if n == 500 { n } else { 0 })
 }
 
-/// Push dispatch rows that Redis may not hold.
-pub async fn relay(
-    store: &Store,
-    queue: &Queue,
-    opts: &HousekeepingOptions,
-) -> Result<usize, store::StoreError> {
-    match queue.epoch_present().await {
-        Ok(false) => {
-            let n = store::dispatch::reset_pushed(&store.pool).await?;
-            if n > 0 {
-                tracing::warn!(
-                    rows = n,
-                    "Redis lost its dispatch data; re-dispatching every queued job"
-                );
-            }
-            // Mark the epoch even with nothing queued, so the next sweep does not repeat this.
-            queue
-                .push(&[])
-                .await
-                .map_err(|e| store::StoreError::Unavailable(e.to_string()))?;
+/// The relay: makes sure Redis holds every queued job, without writing to Postgres.
+///
+/// Rows that just passed the grace period are checked once (the writer's fast path normally
+/// pushed them: the check is a pipelined `ZSCORE`), and every `repush_after` all rows are checked
+/// again, which finds jobs popped by a worker that died before starting them. A Redis that lost
+/// its data (no epoch mark) triggers a full pass at once. Pushes are `ZADD NX`, so replicas and
+/// races with the fast path are harmless.
+pub struct Relay {
+    opts: HousekeepingOptions,
+    /// Rows enqueued up to here have been checked at least once.
+    checked_until: Option<chrono::DateTime<chrono::Utc>>,
+    last_full: Option<tokio::time::Instant>,
+}
+
+const RELAY_PAGE: i64 = 2000;
+
+impl Relay {
+    pub fn new(opts: HousekeepingOptions) -> Self {
+        Self {
+            opts,
+            checked_until: None,
+            last_full: None,
         }
-        Ok(true) => {}
-        Err(e) => return Err(store::StoreError::Unavailable(e.to_string())),
     }
-    let grace_ms = opts.relay_grace.as_millis() as i64;
-    let entries = store::dispatch::claim_for_push(
-        &store.pool,
-        grace_ms,
-        opts.repush_after.as_secs().max(1) as i64,
-        1000,
-    )
-    .await?;
-    if entries.is_empty() {
-        return Ok(0);
+
+    /// One sweep; returns how many jobs were pushed.
+    pub async fn sweep(
+        &mut self,
+        store: &Store,
+        queue: &Queue,
+    ) -> Result<usize, store::StoreError> {
+        let unavailable =
+            |e: capibara_shared::queue::QueueError| store::StoreError::Unavailable(e.to_string());
+        let wiped = !queue.epoch_present().await.map_err(unavailable)?;
+        if wiped {
+            // Mark the epoch first: jobs pushed from now on count as held.
+            queue.push(&[]).await.map_err(unavailable)?;
+        }
+        let now = domain::now();
+        let horizon = now - chrono::Duration::from_std(self.opts.relay_grace).unwrap_or_default();
+        let full_due = wiped
+            || self.checked_until.is_none()
+            || self
+                .last_full
+                .is_none_or(|t| t.elapsed() >= self.opts.repush_after);
+        let mut cursor = match (full_due, self.checked_until) {
+            (false, Some(at)) => Some((at, uuid::Uuid::max())),
+            _ => None,
+        };
+        let mut pushed = 0;
+        loop {
+            let page = store::dispatch::page(&store.pool, cursor, horizon, RELAY_PAGE).await?;
+            let Some(last) = page.last() else { break };
+            cursor = Some((last.enqueued_at, last.job_id));
+            let missing = queue.missing(&page).await.map_err(unavailable)?;
+            if !missing.is_empty() {
+                queue.push(&missing).await.map_err(unavailable)?;
+                pushed += missing.len();
+            }
+            if (page.len() as i64) < RELAY_PAGE {
+                break;
+            }
+        }
+        self.checked_until = Some(horizon);
+        if full_due {
+            self.last_full = Some(tokio::time::Instant::now());
+        }
+        if pushed > 0 {
+            metrics::counter!("capibara_relay_pushed_total").increment(pushed as u64);
+            if wiped {
+                tracing::warn!(
+                    pushed,
+                    "Redis lost its dispatch data; re-dispatched queued jobs from Postgres"
+                );
+            } else {
+                tracing::info!(pushed, "relay re-dispatched queued jobs Redis did not hold");
+            }
+        }
+        Ok(0)
     }
-    queue
-        .push(&entries)
-        .await
-        .map_err(|e| store::StoreError::Unavailable(e.to_string()))?;
-    metrics::counter!("capibara_relay_pushed_total").increment(entries.len() as u64);
-    tracing::debug!(count = entries.len(), "relay pushed queued jobs");
-    Ok(if entries.len() == 1000 {
-        entries.len()
-    } else {
-        0
-    })
 }
 
 /// End attempts whose lease expired.

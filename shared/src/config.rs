@@ -32,6 +32,8 @@ pub struct Config {
     /// Requests per second per API key (token bucket; burst = 2×).
     pub rate_limit_rps: u32,
     pub db_max_connections: u32,
+    /// Group-commit flushes that may run at once per process.
+    pub append_flushers: usize,
     pub log_format: LogFormat,
 }
 
@@ -116,6 +118,7 @@ impl Config {
             input_limit_bytes: parse("CAPIBARA_INPUT_LIMIT_BYTES", 1024 * 1024)?,
             rate_limit_rps: parse("CAPIBARA_RATE_LIMIT_RPS", 2000)?,
             db_max_connections: parse("CAPIBARA_DB_MAX_CONNECTIONS", 16)?,
+            append_flushers: parse("CAPIBARA_APPEND_FLUSHERS", 2usize)?.max(1),
             log_format: match var("CAPIBARA_LOG_FORMAT").as_deref() {
                 Some("pretty") => LogFormat::Pretty,
                 Some("json") | None => LogFormat::Json,

@@ -145,6 +145,31 @@ impl Queue {
         Ok(())
     }
 
+    /// The entries Redis does not hold (lost in a wipe, never pushed, or popped by a worker that
+    /// died before starting the job).
+    pub async fn missing(
+        &self,
+        entries: &[DispatchEntry],
+    ) -> Result<Vec<DispatchEntry>, QueueError> {
+        if entries.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for e in entries {
+            pipe.cmd("ZSCORE")
+                .arg(self.queue_key(&e.queue))
+                .arg(e.job_id.to_string());
+        }
+        let mut conn = self.conn.clone();
+        let scores: Vec<Option<f64>> = pipe.query_async(&mut conn).await?;
+        Ok(entries
+            .iter()
+            .zip(scores)
+            .filter(|(_, s)| s.is_none())
+            .map(|(e, _)| e.clone())
+            .collect())
+    }
+
     /// Pop up to `max` jobs across `queues`, lowest score first, without blocking.
     pub async fn pop(&self, queues: &[String], max: usize) -> Result<Vec<Uuid>, QueueError> {
         let mut inv = self.pop.prepare_invoke();

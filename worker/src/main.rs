@@ -38,7 +38,7 @@ async fn main() -> anyhow::Result<()> {
         .context("connecting to Redis")?;
     let store = store::Store::new(
         pool.clone(),
-        store::Appender::start(pool, Some(queue.clone()), Default::default()),
+        store::Appender::start(pool, Some(queue.clone()), config.as_ref().into()),
     );
 
     let listener = tokio::net::TcpListener::bind(config.worker_addr)

@@ -232,14 +232,16 @@ pub async fn submit(
     let now = domain::now();
     let id = Uuid::now_v7();
     let mut w = JobWrite::new(metadata(&auth), now);
-    w.command = Some(CommandRecord {
+    // Commands are recorded when they carry an Idempotency-Key (the event metadata records the
+    // actor of every command anyway).
+    w.command = key.as_ref().map(|key| CommandRecord {
         id: Uuid::now_v7(),
         namespace: auth.namespace().to_string(),
         command_type: "SubmitJob".into(),
-        idempotency_key: key.clone(),
+        idempotency_key: Some(key.clone()),
         request_hash: body.hash.clone(),
         status_code: 202,
-        response: key.as_ref().map(|_| serde_json::json!({"job_id": id})),
+        response: Some(serde_json::json!({"job_id": id})),
         stream_id: Some(id),
         actor: Some(auth.actor()),
         received_at: now,

@@ -153,8 +153,17 @@ pub struct AppenderOptions {
 impl Default for AppenderOptions {
     fn default() -> Self {
         Self {
-            flushers: 3,
+            flushers: 2,
             max_batch: 1000,
+        }
+    }
+}
+
+impl From<&crate::config::Config> for AppenderOptions {
+    fn from(c: &crate::config::Config) -> Self {
+        Self {
+            flushers: c.append_flushers,
+            ..Self::default()
         }
     }
 }
@@ -608,7 +617,7 @@ async fn write_effects(
              SELECT job_id, namespace, queue, score, enqueued_at FROM jsonb_to_recordset($1)
                  AS d(job_id uuid, namespace text, queue text, score bigint, enqueued_at timestamptz)
              ON CONFLICT (job_id) DO UPDATE SET queue = EXCLUDED.queue, score = EXCLUDED.score,
-                 enqueued_at = EXCLUDED.enqueued_at, pushed_at = NULL",
+                 enqueued_at = EXCLUDED.enqueued_at",
         )
         .bind(rows)
         .execute(&mut **tx)

@@ -1,4 +1,4 @@
-//! The dispatch outbox, swept by the relay.
+//! The dispatch outbox, read by the relay.
 
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
@@ -7,26 +7,25 @@ use uuid::Uuid;
 use super::StoreError;
 use crate::queue::DispatchEntry;
 
-/// Queued jobs Redis may not hold: never confirmed by the relay and older than `grace_ms`
-/// (the fast path usually pushed them), or confirmed more than `repush_s` ago (Redis may have
-/// lost them since, or a worker popped them and died before starting). Marks them pushed.
-pub async fn claim_for_push(
+/// Where a relay pass stands: the last row seen, in `(enqueued_at, job_id)` order.
+pub type DispatchCursor = (DateTime<Utc>, Uuid);
+
+/// Queued jobs enqueued after `after` and no later than `until`, oldest first.
+pub async fn page(
     pool: &PgPool,
-    grace_ms: i64,
-    repush_s: i64,
+    after: Option<DispatchCursor>,
+    until: DateTime<Utc>,
     limit: i64,
 ) -> Result<Vec<DispatchEntry>, StoreError> {
+    let (after_at, after_id) = after.unwrap_or((DateTime::<Utc>::MIN_UTC, Uuid::nil()));
     let rows: Vec<(Uuid, String, String, i64, DateTime<Utc>)> = sqlx::query_as(
-        "UPDATE dispatch d SET pushed_at = now()
-         FROM (SELECT job_id FROM dispatch
-               WHERE (pushed_at IS NULL AND enqueued_at < now() - make_interval(secs => $1::float8 / 1000))
-                  OR pushed_at < now() - make_interval(secs => $2::float8)
-               ORDER BY enqueued_at LIMIT $3 FOR UPDATE SKIP LOCKED) due
-         WHERE d.job_id = due.job_id
-         RETURNING d.job_id, d.namespace, d.queue, d.score, d.enqueued_at",
+        "SELECT job_id, namespace, queue, score, enqueued_at FROM dispatch
+         WHERE (enqueued_at, job_id) > ($1, $2) AND enqueued_at <= $3
+         ORDER BY enqueued_at, job_id LIMIT $4",
     )
-    .bind(grace_ms)
-    .bind(repush_s)
+    .bind(after_at)
+    .bind(after_id)
+    .bind(until)
     .bind(limit)
     .fetch_all(pool)
     .await?;
@@ -42,14 +41,4 @@ pub async fn claim_for_push(
             },
         )
         .collect())
-}
-
-/// Forget every push confirmation (Redis lost its data): the relay pushes everything again.
-pub async fn reset_pushed(pool: &PgPool) -> Result<u64, StoreError> {
-    Ok(
-        sqlx::query("UPDATE dispatch SET pushed_at = NULL WHERE pushed_at IS NOT NULL")
-            .execute(pool)
-            .await?
-            .rows_affected(),
-    )
 }
