@@ -63,7 +63,7 @@ pub async fn run(store: Store, queue: Queue, opts: HousekeepingOptions, stop: Ca
         every(opts.promote_every, &stop, || promote_due(&store)),
         relay_loop(&store, &queue, &opts, &stop),
         every(opts.reap_every, &stop, || reap(&store)),
-        every(Duration::from_secs(2), &stop, || gauges(&store)),
+        gauges_loop(&store, &stop),
     );
 }
 
@@ -76,7 +76,7 @@ async fn relay_loop(
     let mut relay = Relay::new(opts.clone());
     loop {
         if let Err(e) = relay.sweep(store, queue).await {
-            tracing::debug!(error = %e, "relay sweep failed");
+            tracing::warn!(error = %e, "relay sweep failed; retrying");
         }
         tokio::select! {
             _ = tokio::time::sleep(opts.relay_every) => {}
@@ -268,14 +268,31 @@ pub async fn reap(store: &Store) -> Result<usize, store::StoreError> {
     Ok(0)
 }
 
-async fn gauges(store: &Store) -> Result<usize, store::StoreError> {
-    for q in store::jobs::queue_stats(&store.pool, None).await? {
-        metrics::gauge!("capibara_queue_depth", "queue" => q.name.clone()).set(q.depth as f64);
-        metrics::gauge!("capibara_queue_running", "queue" => q.name.clone()).set(q.running as f64);
-        metrics::gauge!("capibara_queue_scheduled", "queue" => q.name.clone())
-            .set(q.scheduled as f64);
-        metrics::gauge!("capibara_queue_oldest_age_seconds", "queue" => q.name.clone())
-            .set(q.oldest_age_s.unwrap_or(0.0));
+/// Queue gauges for `/metrics`. Queues seen once keep being reported (at zero when empty).
+async fn gauges_loop(store: &Store, stop: &CancellationToken) {
+    let mut known: std::collections::BTreeSet<String> = ["default".to_string()].into();
+    loop {
+        match store::jobs::queue_stats(&store.pool, None).await {
+            Ok(stats) => {
+                known.extend(stats.iter().map(|q| q.name.clone()));
+                for name in &known {
+                    let q = stats.iter().find(|q| &q.name == name);
+                    let label = name.clone();
+                    metrics::gauge!("capibara_queue_depth", "queue" => label.clone())
+                        .set(q.map_or(0.0, |q| q.depth as f64));
+                    metrics::gauge!("capibara_queue_running", "queue" => label.clone())
+                        .set(q.map_or(0.0, |q| q.running as f64));
+                    metrics::gauge!("capibara_queue_scheduled", "queue" => label.clone())
+                        .set(q.map_or(0.0, |q| q.scheduled as f64));
+                    metrics::gauge!("capibara_queue_oldest_age_seconds", "queue" => label)
+                        .set(q.and_then(|q| q.oldest_age_s).unwrap_or(0.0));
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "queue gauges failed"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            _ = stop.cancelled() => return,
+        }
     }
-    Ok(0)
 }

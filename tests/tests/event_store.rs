@@ -28,6 +28,7 @@ fn append(stream: Uuid, expected: Expected, n: usize) -> Append {
             .map(|i| NewEvent {
                 event_type: "TestEvent".into(),
                 data: json!({"i": i}),
+                recorded_at: None,
             })
             .collect(),
         metadata: EventMetadata {

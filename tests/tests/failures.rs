@@ -312,3 +312,27 @@ async fn sigterm_gives_unfinished_jobs_back_without_using_up_an_attempt() {
     let t = types(&api.events(&id).await);
     assert!(t.contains(&"JobQueued".to_string()), "{t:?}");
 }
+
+#[tokio::test]
+async fn the_relay_re_dispatches_a_job_redis_lost_without_a_wipe() {
+    let env = TestEnv::new().await;
+    let _api = env.spawn_api().await;
+    let _scheduler = env.spawn_scheduler();
+    let api = env.client();
+    let id = api.submit_id(json!({"kind": "echo"})).await;
+    // As if a worker popped it and died before starting it.
+    let client = redis::Client::open(env.redis_url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let key = format!("{{{}}}:queue:default", env.redis_prefix);
+    let removed: i64 = redis::cmd("ZREM")
+        .arg(&key)
+        .arg(&id)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(removed, 1);
+
+    let _worker = env.spawn_worker(&[]);
+    let job = api.wait_terminal(&id, Duration::from_secs(20)).await;
+    assert_eq!(job["status"], "succeeded");
+}

@@ -17,7 +17,7 @@ use capibara_shared::{
         event::EventMetadata,
         job::{Job, JobError, JobEvent, JobStatus},
     },
-    queue::Queue,
+    queue::{DispatchEntry, Queue},
     store::{
         self,
         jobs::{job_append, JobWrite},
@@ -222,7 +222,7 @@ async fn fetch_loop(inner: &Arc<Inner>, tasks: &TaskTracker, shutdown: &Cancella
             }
             if inner.registry.get(&job.kind).is_none() {
                 tracing::warn!(job_id = %job.id, kind = %job.kind, "this worker cannot run this kind; returning it");
-                let entry = capibara_shared::queue::DispatchEntry::new(
+                let entry = DispatchEntry::new(
                     job.id,
                     &job.namespace,
                     &job.queue,
@@ -266,18 +266,33 @@ enum Outcome {
     Released,
 }
 
+/// One attempt's view of its job, shared by the runner and the progress sink.
+struct AttemptState {
+    /// The job as last written (or read) by this attempt.
+    job: Job,
+    /// Whether `JobStarted` is recorded. Until then the job is still `queued` in Postgres.
+    claimed: bool,
+    attempt: u32,
+    /// When execution began (`JobStarted.recorded_at`, even when recorded later).
+    started_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// How long an attempt runs before its `JobStarted` is written on its own. Attempts that end
+/// sooner record `JobStarted` and their outcome in one append (docs/queue.md, "fast attempts").
+const CLAIM_AFTER: Duration = Duration::from_millis(25);
+
 async fn run_job(inner: &Arc<Inner>, job: Job) {
     let attempt = job.attempt + 1;
-    let Some(started) = claim(inner, job, attempt).await else {
+    let id = job.id;
+    let kind = job.kind.clone();
+    let Some(executor) = inner.registry.get(&kind) else {
         return;
     };
-    let id = started.id;
-    if let Some(q) = started.queued_at {
-        let latency = (started.started_at.unwrap_or(q) - q)
-            .num_microseconds()
-            .unwrap_or(0) as f64
-            / 1e6;
-        metrics::histogram!("capibara_job_pickup_latency_seconds", "queue" => started.queue.clone()).record(latency);
+    let started_at = domain::now();
+    if let Some(q) = job.queued_at {
+        let latency = (started_at - q).num_microseconds().unwrap_or(0) as f64 / 1e6;
+        metrics::histogram!("capibara_job_pickup_latency_seconds", "queue" => job.queue.clone())
+            .record(latency);
     }
     let user_cancel = CancellationToken::new();
     inner.running.lock().expect("running lock").insert(
@@ -287,16 +302,18 @@ async fn run_job(inner: &Arc<Inner>, job: Job) {
         },
     );
     let exec_cancel = CancellationToken::new();
-    let executor = inner
-        .registry
-        .get(&started.kind)
-        .expect("kind checked before claim");
-    let state = Arc::new(Mutex::new(started.clone()));
+    let timeout = job.timeout_s.map(|s| Duration::from_secs(s as u64));
+    let state = Arc::new(Mutex::new(AttemptState {
+        job: job.clone(),
+        claimed: false,
+        attempt,
+        started_at,
+    }));
     let ctx = JobContext {
         job_id: id,
-        kind: started.kind.clone(),
+        kind: kind.clone(),
         attempt,
-        input: started.input.clone(),
+        input: job.input.clone(),
         cancel: exec_cancel.clone(),
         progress: Arc::new(Progress {
             inner: inner.clone(),
@@ -304,24 +321,46 @@ async fn run_job(inner: &Arc<Inner>, job: Job) {
         }),
     };
     let timer = std::time::Instant::now();
-    let timeout = started.timeout_s.map(|s| Duration::from_secs(s as u64));
-    let mut exec = executor.execute(ctx);
-    let outcome = tokio::select! {
-        r = async {
-            match timeout {
-                Some(t) => tokio::time::timeout(t, &mut exec).await.map_err(|_| ()),
-                None => Ok((&mut exec).await),
+    let exec = executor.execute(ctx);
+    let mut run = Box::pin(async move {
+        match timeout {
+            Some(t) => tokio::time::timeout(t, exec).await.map_err(|_| ()),
+            None => Ok(exec.await),
+        }
+    });
+    let to_outcome = |r: Result<Result<Output, ExecError>, ()>| match r {
+        Ok(r) => Outcome::Done(r),
+        Err(()) => Outcome::TimedOut,
+    };
+    // Phase 1: run unclaimed for a moment; most short jobs end here.
+    let early = tokio::select! {
+        r = &mut run => Some(to_outcome(r)),
+        _ = tokio::time::sleep(CLAIM_AFTER) => None,
+        _ = user_cancel.cancelled() => Some(Outcome::Canceled),
+        _ = inner.hard_stop.cancelled() => Some(Outcome::Released),
+    };
+    let outcome = match early {
+        Some(o) => o,
+        None => {
+            // Phase 2: record the start (fenced), then keep running under the lease.
+            let claimed = {
+                let mut st = state.lock().await;
+                claim(inner, &mut st).await
+            };
+            if !claimed {
+                inner.running.lock().expect("running lock").remove(&id);
+                return;
             }
-        } => match r {
-            Ok(r) => Outcome::Done(r),
-            Err(()) => Outcome::TimedOut,
-        },
-        _ = user_cancel.cancelled() => Outcome::Canceled,
-        _ = inner.hard_stop.cancelled() => Outcome::Released,
+            tokio::select! {
+                r = &mut run => to_outcome(r),
+                _ = user_cancel.cancelled() => Outcome::Canceled,
+                _ = inner.hard_stop.cancelled() => Outcome::Released,
+            }
+        }
     };
     // Dropping the future stops async executors (and releases whatever it held); blocking ones
     // watch this token.
-    drop(exec);
+    drop(run);
     exec_cancel.cancel();
     let elapsed = timer.elapsed().as_secs_f64();
     let label = match &outcome {
@@ -331,51 +370,55 @@ async fn run_job(inner: &Arc<Inner>, job: Job) {
         Outcome::Canceled => "canceled",
         Outcome::Released => "released",
     };
-    metrics::counter!("capibara_jobs_total", "kind" => started.kind.clone(), "outcome" => label)
+    metrics::counter!("capibara_jobs_total", "kind" => kind.clone(), "outcome" => label)
         .increment(1);
-    metrics::histogram!("capibara_job_run_seconds", "kind" => started.kind.clone()).record(elapsed);
-    report(inner, &state, attempt, outcome).await;
+    metrics::histogram!("capibara_job_run_seconds", "kind" => kind).record(elapsed);
+    report(inner, &state, outcome).await;
     inner.running.lock().expect("running lock").remove(&id);
 }
 
 /// Append `JobStarted` with the version we loaded: a duplicate delivery, or a job canceled or
-/// started elsewhere meanwhile, loses the version check and is dropped here.
-async fn claim(inner: &Arc<Inner>, mut job: Job, attempt: u32) -> Option<Job> {
+/// started elsewhere meanwhile, loses the version check. Returns whether the attempt is ours.
+async fn claim(inner: &Arc<Inner>, st: &mut AttemptState) -> bool {
+    if st.claimed {
+        return true;
+    }
     for _ in 0..3 {
-        let mut w = JobWrite::new(metadata(inner, &job), domain::now());
+        let mut w = JobWrite::new(metadata(inner, &st.job), domain::now());
         w.lease = Some((inner.name.clone(), inner.opts.lease));
+        w.started_at = Some(st.started_at);
         let events = [JobEvent::JobStarted {
-            attempt,
+            attempt: st.attempt,
             worker: inner.name.clone(),
         }];
-        let (started, append) = match job_append(Some(&job), job.id, &events, w) {
-            Ok(x) => x,
-            Err(e) => {
-                tracing::debug!(job_id = %job.id, error = %e, "job no longer claimable");
-                return None;
-            }
+        let Ok((started, append)) = job_append(Some(&st.job), st.job.id, &events, w) else {
+            return false;
         };
         match inner.store.appender.append(append).await {
-            Ok(_) => return Some(started),
+            Ok(_) => {
+                st.job = started;
+                st.claimed = true;
+                return true;
+            }
             Err(AppendError::Conflict { .. }) => {
-                let fresh = store::jobs::get_any(&inner.store.pool, job.id)
-                    .await
-                    .ok()
-                    .flatten()?;
-                if fresh.status != JobStatus::Queued || fresh.attempt + 1 != attempt {
+                let Ok(Some(fresh)) = store::jobs::get_any(&inner.store.pool, st.job.id).await
+                else {
+                    return false;
+                };
+                if fresh.status != JobStatus::Queued || fresh.attempt + 1 != st.attempt {
                     metrics::counter!("capibara_dispatch_duplicates_total").increment(1);
-                    tracing::debug!(job_id = %job.id, "duplicate delivery fenced off");
-                    return None;
+                    tracing::debug!(job_id = %st.job.id, "duplicate delivery fenced off");
+                    return false;
                 }
-                job = fresh;
+                st.job = fresh;
             }
             Err(e) => {
-                tracing::warn!(job_id = %job.id, error = %e, "claim failed; the relay will dispatch the job again");
-                return None;
+                tracing::warn!(job_id = %st.job.id, error = %e, "claim failed; the relay will dispatch the job again");
+                return false;
             }
         }
     }
-    None
+    false
 }
 
 fn outcome_events(job: &Job, attempt: u32, outcome: &Outcome) -> Vec<JobEvent> {
@@ -389,8 +432,7 @@ fn outcome_events(job: &Job, attempt: u32, outcome: &Outcome) -> Vec<JobEvent> {
         Outcome::Done(Err(ExecError::Retryable(e))) => {
             job.attempt_failure_events(attempt, e.clone(), true, None, now)
         }
-        Outcome::Done(Err(ExecError::Abort(e))) if job.cancel_requested => {
-            let _ = e;
+        Outcome::Done(Err(ExecError::Abort(_))) if job.cancel_requested => {
             vec![JobEvent::JobCanceled {
                 attempt: Some(attempt),
             }]
@@ -433,42 +475,79 @@ fn outcome_events(job: &Job, attempt: u32, outcome: &Outcome) -> Vec<JobEvent> {
     }
 }
 
-/// Record the outcome. A version conflict means someone else wrote to the job meanwhile: if it is
-/// still our attempt (a cancel request, say), write again on top; if the lease was taken away,
-/// our result is fenced off.
-async fn report(inner: &Arc<Inner>, state: &Arc<Mutex<Job>>, attempt: u32, outcome: Outcome) {
+/// Record the outcome. An unclaimed attempt records `JobStarted` with it (one append). A version
+/// conflict means someone else wrote to the job meanwhile: if it is still our attempt (a cancel
+/// request, say), write again on top; otherwise our result is fenced off.
+async fn report(inner: &Arc<Inner>, state: &Arc<Mutex<AttemptState>>, outcome: Outcome) {
     let mut delay = Duration::from_millis(100);
     let deadline = tokio::time::Instant::now() + inner.opts.lease;
+    let mut st = state.lock().await;
+    if !st.claimed {
+        if matches!(outcome, Outcome::Released) {
+            // Never started as far as Postgres knows: just hand the id back to Redis.
+            let j = &st.job;
+            let entry = DispatchEntry::new(
+                j.id,
+                &j.namespace,
+                &j.queue,
+                j.priority,
+                j.queued_at.unwrap_or_else(domain::now),
+            );
+            let _ = inner.queue.push(&[entry]).await;
+            return;
+        }
+        if matches!(outcome, Outcome::Canceled) {
+            // Canceled while queued: the API already recorded JobCanceled.
+            return;
+        }
+    }
     loop {
-        let mut job = state.lock().await;
-        let events = outcome_events(&job, attempt, &outcome);
-        let (new, append) = match job_append(
-            Some(&job),
-            job.id,
-            &events,
-            JobWrite::new(metadata(inner, &job), domain::now()),
-        ) {
+        let attempt = st.attempt;
+        let mut events = Vec::new();
+        if !st.claimed {
+            events.push(JobEvent::JobStarted {
+                attempt,
+                worker: inner.name.clone(),
+            });
+        }
+        events.extend(outcome_events(&st.job, attempt, &outcome));
+        let mut w = JobWrite::new(metadata(inner, &st.job), domain::now());
+        if !st.claimed {
+            w.started_at = Some(st.started_at);
+            w.lease = Some((inner.name.clone(), inner.opts.lease));
+        }
+        let (new, append) = match job_append(Some(&st.job), st.job.id, &events, w) {
             Ok(x) => x,
             Err(e) => {
-                tracing::warn!(job_id = %job.id, error = %e, "outcome does not apply; dropping it");
+                tracing::warn!(job_id = %st.job.id, error = %e, "outcome does not apply; dropping it");
                 return;
             }
         };
         match inner.store.appender.append(append).await {
             Ok(_) => {
-                *job = new;
+                st.job = new;
+                st.claimed = true;
                 return;
             }
             Err(AppendError::Conflict { .. }) => {
-                match store::jobs::get_any(&inner.store.pool, job.id).await {
+                match store::jobs::get_any(&inner.store.pool, st.job.id).await {
                     Ok(Some(fresh))
-                        if fresh.status == JobStatus::Running && fresh.attempt == attempt =>
+                        if st.claimed
+                            && fresh.status == JobStatus::Running
+                            && fresh.attempt == attempt =>
                     {
-                        *job = fresh
+                        st.job = fresh
+                    }
+                    Ok(Some(fresh))
+                        if !st.claimed
+                            && fresh.status == JobStatus::Queued
+                            && fresh.attempt + 1 == attempt =>
+                    {
+                        st.job = fresh
                     }
                     Ok(_) => {
                         metrics::counter!("capibara_results_fenced_total").increment(1);
-                        tracing::info!(job_id = %job.id, attempt, "attempt was taken away; result discarded");
+                        tracing::info!(job_id = %st.job.id, attempt, "attempt was taken away or duplicated; result discarded");
                         return;
                     }
                     Err(_) => {}
@@ -476,10 +555,9 @@ async fn report(inner: &Arc<Inner>, state: &Arc<Mutex<Job>>, attempt: u32, outco
             }
             Err(e) => {
                 if tokio::time::Instant::now() > deadline {
-                    tracing::error!(job_id = %job.id, error = %e, "could not record the outcome; the lease will expire and the job runs again");
+                    tracing::error!(job_id = %st.job.id, error = %e, "could not record the outcome; the job runs again");
                     return;
                 }
-                drop(job);
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(2));
             }
@@ -487,35 +565,39 @@ async fn report(inner: &Arc<Inner>, state: &Arc<Mutex<Job>>, attempt: u32, outco
     }
 }
 
-/// Records `JobProgress` on the job's stream.
+/// Records `JobProgress` on the job's stream (claiming the attempt first if needed).
 struct Progress {
     inner: Arc<Inner>,
-    state: Arc<Mutex<Job>>,
+    state: Arc<Mutex<AttemptState>>,
 }
 
 #[async_trait]
 impl ProgressSink for Progress {
     async fn progress(&self, percent: Option<f64>, message: Option<String>) {
-        let mut job = self.state.lock().await;
+        let mut st = self.state.lock().await;
+        if !claim(&self.inner, &mut st).await {
+            return;
+        }
         let events = [JobEvent::JobProgress {
             percent,
             message,
             data: None,
         }];
         let Ok((new, append)) = job_append(
-            Some(&job),
-            job.id,
+            Some(&st.job),
+            st.job.id,
             &events,
-            JobWrite::new(metadata(&self.inner, &job), domain::now()),
+            JobWrite::new(metadata(&self.inner, &st.job), domain::now()),
         ) else {
             return;
         };
         match self.inner.store.appender.append(append).await {
-            Ok(_) => *job = new,
+            Ok(_) => st.job = new,
             Err(AppendError::Conflict { .. }) => {
-                if let Ok(Some(fresh)) = store::jobs::get_any(&self.inner.store.pool, job.id).await
+                if let Ok(Some(fresh)) =
+                    store::jobs::get_any(&self.inner.store.pool, st.job.id).await
                 {
-                    *job = fresh;
+                    st.job = fresh;
                 }
             }
             Err(_) => {}

@@ -42,6 +42,8 @@ pub enum Expected {
 pub struct NewEvent {
     pub event_type: String,
     pub data: Value,
+    /// When it happened, if earlier than the append (default: the append's `recorded_at`).
+    pub recorded_at: Option<DateTime<Utc>>,
 }
 
 /// A command to record with the append (for `Idempotency-Key` replays).
@@ -516,7 +518,7 @@ async fn try_flush(
             ev_type.push(e.event_type.as_str());
             ev_data.push(e.data.clone());
             ev_meta.push(meta.clone());
-            ev_at.push(a.recorded_at);
+            ev_at.push(e.recorded_at.unwrap_or(a.recorded_at));
         }
     }
     let positions: Vec<(i64, Uuid, i64)> = sqlx::query_as(

@@ -17,10 +17,10 @@ pub async fn page(
     until: DateTime<Utc>,
     limit: i64,
 ) -> Result<Vec<DispatchEntry>, StoreError> {
-    let (after_at, after_id) = after.unwrap_or((DateTime::<Utc>::MIN_UTC, Uuid::nil()));
+    let (after_at, after_id) = (after.map(|a| a.0), after.map(|a| a.1).unwrap_or_default());
     let rows: Vec<(Uuid, String, String, i64, DateTime<Utc>)> = sqlx::query_as(
         "SELECT job_id, namespace, queue, score, enqueued_at FROM dispatch
-         WHERE (enqueued_at, job_id) > ($1, $2) AND enqueued_at <= $3
+         WHERE ($1::timestamptz IS NULL OR (enqueued_at, job_id) > ($1, $2)) AND enqueued_at <= $3
          ORDER BY enqueued_at, job_id LIMIT $4",
     )
     .bind(after_at)

@@ -42,6 +42,9 @@ pub struct JobWrite {
     pub command: Option<CommandRecord>,
     /// When the events start an attempt: the worker and how long its lease lasts.
     pub lease: Option<(String, Duration)>,
+    /// When the attempt really started, if `JobStarted` is recorded later than that (a worker
+    /// reports a fast attempt's start and end in one append).
+    pub started_at: Option<DateTime<Utc>>,
 }
 
 impl JobWrite {
@@ -51,6 +54,7 @@ impl JobWrite {
             at,
             command: None,
             lease: None,
+            started_at: None,
         }
     }
 }
@@ -63,15 +67,19 @@ pub fn job_append(
     events: &[JobEvent],
     w: JobWrite,
 ) -> Result<(Job, Append), InvalidTransition> {
+    let at = |e: &JobEvent| match (e, w.started_at) {
+        (JobEvent::JobStarted { .. }, Some(t)) => t,
+        _ => w.at,
+    };
     let new = match prev {
         Some(p) => {
             let mut j = p.clone();
             for e in events {
-                j.apply(e, w.at)?;
+                j.apply(e, at(e))?;
             }
             j
         }
-        None => Job::replay(id, &w.metadata.namespace, events.iter().map(|e| (e, w.at)))?.ok_or(
+        None => Job::replay(id, &w.metadata.namespace, events.iter().map(|e| (e, at(e))))?.ok_or(
             InvalidTransition {
                 event: "none",
                 status: JobStatus::Queued,
@@ -104,7 +112,7 @@ pub fn job_append(
             worker_id: worker,
             namespace: new.namespace.clone(),
             queue: new.queue.clone(),
-            started_at: w.at,
+            started_at: w.started_at.unwrap_or(w.at),
             lease_until: w.at + chrono::Duration::from_std(lease).unwrap_or_default(),
         }));
     }
@@ -126,6 +134,7 @@ pub fn job_append(
                 NewEvent {
                     event_type: t.to_string(),
                     data,
+                    recorded_at: Some(at(e)).filter(|t| *t != w.at),
                 }
             })
             .collect(),
