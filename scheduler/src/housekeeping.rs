@@ -54,6 +54,7 @@ fn scheduler_metadata(job: &Job) -> EventMetadata {
         actor: Some("scheduler".into()),
         correlation_id: None,
         causation_id: None,
+        ..Default::default()
     }
 }
 

@@ -6,6 +6,7 @@
 //! - [`store`]: the event store, projections and operational tables in Postgres.
 //! - [`queue`]: the Redis dispatch structure.
 //! - [`hints`]: cross-process wake-ups for stream readers.
+//! - [`outbound`]: SSRF guard for URLs Capibara calls out to.
 //! - [`config`], [`telemetry`], [`ops`], [`shutdown`]: process plumbing.
 //! - [`local_services`]: starts real local Postgres/Redis servers for `capibara dev` and tests.
 
@@ -14,6 +15,7 @@ pub mod domain;
 pub mod hints;
 pub mod local_services;
 pub mod ops;
+pub mod outbound;
 pub mod queue;
 pub mod shutdown;
 pub mod store;

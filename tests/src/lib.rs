@@ -14,6 +14,8 @@ use std::{
 use serde_json::Value;
 use uuid::Uuid;
 
+pub mod receiver;
+
 pub use capibara_shared::local_services::{
     find_free_port, PostgresOptions, PostgresServer, RedisOptions, RedisServer,
 };

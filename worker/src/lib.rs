@@ -3,8 +3,10 @@
 //! # Layout
 //! - [`runtime`]: fetch, claim (fenced), heartbeat, timeout, cancel, report, graceful shutdown.
 //! - [`executors`]: the [`executors::Executor`] trait and one module per executor.
+//! - [`http`]: safe outbound HTTP (SSRF guard, pinned DNS, no redirects, capped response).
 
 pub mod executors;
+pub mod http;
 pub mod runtime;
 
 pub use runtime::{run, WorkerOptions};

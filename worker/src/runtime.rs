@@ -254,6 +254,7 @@ fn metadata(inner: &Inner, job: &Job) -> EventMetadata {
         actor: Some(format!("worker:{}", inner.name)),
         correlation_id: None,
         causation_id: None,
+        ..Default::default()
     }
 }
 

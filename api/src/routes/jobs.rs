@@ -178,6 +178,7 @@ fn metadata(auth: &Auth) -> EventMetadata {
         actor: Some(auth.actor()),
         correlation_id: None,
         causation_id: None,
+        ..Default::default()
     }
 }
 

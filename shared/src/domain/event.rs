@@ -66,6 +66,12 @@ pub struct EventMetadata {
     pub correlation_id: Option<Uuid>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub causation_id: Option<Uuid>,
+    /// Job kind, on job events (lets `/v1/events?kind=` filter without a join).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// Job tags, on job events (for `/v1/events?tag=k:v`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tags: Option<std::collections::BTreeMap<String, String>>,
 }
 
 /// An event as clients see it (contract envelope).

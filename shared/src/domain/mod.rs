@@ -7,6 +7,7 @@
 //! - [`retry`]: backoff policy.
 //! - [`problem`]: field-level validation errors.
 //! - [`auth`]: roles of an API key.
+//! - [`webhook`]: Standard Webhooks secrets, signing and verification.
 
 pub mod auth;
 pub mod event;
@@ -14,6 +15,7 @@ pub mod job;
 pub mod kinds;
 pub mod problem;
 pub mod retry;
+pub mod webhook;
 
 pub use problem::FieldError;
 

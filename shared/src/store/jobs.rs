@@ -87,6 +87,9 @@ pub fn job_append(
         )?,
     };
     let old_status = prev.map(|p| p.status);
+    let mut metadata = w.metadata.clone();
+    metadata.kind = Some(new.kind.clone());
+    metadata.tags = (!new.tags.is_empty()).then(|| new.tags.clone());
     let mut effects = vec![Effect::UpsertJob(Box::new(new.clone()))];
     if new.status == JobStatus::Queued && old_status != Some(JobStatus::Queued) {
         let at = new.queued_at.unwrap_or(w.at);
@@ -138,7 +141,7 @@ pub fn job_append(
                 }
             })
             .collect(),
-        metadata: w.metadata,
+        metadata,
         recorded_at: w.at,
         command: w.command,
         effects,
