@@ -12,7 +12,9 @@
 pub mod auth;
 pub mod error;
 pub mod extract;
+pub mod firehose;
 pub mod openapi;
+pub mod outbound;
 pub mod routes;
 pub mod wait;
 
@@ -40,6 +42,8 @@ pub struct AppState {
     pub config: Arc<Config>,
     pub keys: auth::KeyCache,
     pub limiter: auth::RateLimiter,
+    /// This process's tailer of the global log, for `GET /v1/events` over SSE.
+    pub firehose: firehose::Firehose,
 }
 
 impl AppState {
@@ -48,6 +52,7 @@ impl AppState {
         Self {
             keys: auth::KeyCache::new(config.admin_key.as_deref()),
             limiter: auth::RateLimiter::new(config.rate_limit_rps),
+            firehose: firehose::Firehose::new(store.pool.clone(), &watch),
             store,
             queue,
             watch,
@@ -58,7 +63,7 @@ impl AppState {
 
 /// The whole HTTP app.
 pub fn app(state: AppState) -> Router {
-    use routes::{admin, jobs};
+    use routes::{admin, deliveries, jobs, orchestrate, subscriptions};
     let v1 = Router::new()
         .route("/v1/jobs", post(jobs::submit).get(jobs::list))
         .route("/v1/jobs/batch", post(jobs::submit_batch))
@@ -66,6 +71,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/jobs/{id}/events", get(jobs::events))
         .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
         .route("/v1/jobs/{id}/retry", post(jobs::retry))
+        .route("/v1/events", get(routes::events::list))
         .route("/v1/workers", get(admin::workers))
         .route("/v1/queues", get(admin::queues))
         .route("/v1/kinds", get(admin::kinds_list))
@@ -73,6 +79,22 @@ pub fn app(state: AppState) -> Router {
             "/v1/api-keys",
             post(admin::create_key).get(admin::list_keys),
         )
+        .route(
+            "/v1/subscriptions",
+            post(subscriptions::create).get(subscriptions::list),
+        )
+        .route(
+            "/v1/subscriptions/{id}",
+            get(subscriptions::get)
+                .patch(subscriptions::update)
+                .delete(subscriptions::delete),
+        )
+        .route("/v1/subscriptions/{id}/pause", post(subscriptions::pause))
+        .route("/v1/subscriptions/{id}/resume", post(subscriptions::resume))
+        .route("/v1/deliveries", get(deliveries::list))
+        .route("/v1/deliveries/{id}", get(deliveries::get))
+        .route("/v1/deliveries/{id}/redeliver", post(deliveries::redeliver))
+        .route("/v1/orchestrate", post(orchestrate::orchestrate))
         .with_state(state.clone());
     let spec = openapi::ApiDoc::openapi();
     Router::new()

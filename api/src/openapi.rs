@@ -5,16 +5,19 @@ use utoipa::{
     Modify, OpenApi,
 };
 
-use crate::routes::{admin, jobs};
+use crate::routes::{admin, deliveries, events, jobs, orchestrate, subscriptions};
 
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Capibara API", description = "Event-sourced jobs: submit, wait, stream and inspect every event."),
-    paths(jobs::submit, jobs::submit_batch, jobs::list, jobs::get, jobs::events, jobs::cancel, jobs::retry,
-          admin::workers, admin::queues, admin::kinds_list, admin::create_key, admin::list_keys),
+    paths(jobs::submit, jobs::submit_batch, jobs::list, jobs::get, jobs::events, jobs::cancel, jobs::retry, events::list,
+          admin::workers, admin::queues, admin::kinds_list, admin::create_key, admin::list_keys,
+          subscriptions::create, subscriptions::list, subscriptions::get, subscriptions::update,
+          subscriptions::pause, subscriptions::resume, subscriptions::delete,
+          deliveries::list, deliveries::get, deliveries::redeliver, orchestrate::orchestrate),
     components(schemas(crate::error::Problem, capibara_shared::domain::FieldError)),
     modifiers(&BearerAuth),
-    tags((name = "jobs"), (name = "operations"))
+    tags((name = "jobs"), (name = "events"), (name = "deliveries"), (name = "operations"))
 )]
 pub struct ApiDoc;
 

@@ -77,6 +77,18 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         _redis = Some(redis);
     }
     config.outbound_allow_private = true;
+    if config.webhook_secret.is_none() {
+        let file = args.data_dir.join("webhook-secret");
+        let secret = match std::fs::read_to_string(&file) {
+            Ok(s) if s.trim().starts_with("whsec_") => s.trim().to_string(),
+            _ => {
+                let (_, s) = capibara_shared::domain::webhook::WebhookSecret::generate();
+                std::fs::write(&file, &s).with_context(|| format!("writing {}", file.display()))?;
+                s
+            }
+        };
+        config.webhook_secret = Some(secret);
+    }
     let config = Arc::new(config);
 
     let pool = store::connect(&config.database_url, config.db_max_connections).await?;
@@ -146,13 +158,19 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let worker = tokio::spawn(capibara_worker::run(
         store.clone(),
         queue.clone(),
-        capibara_worker::executors::Registry::builtin(),
+        capibara_worker::registry(&store, &config),
         capibara_worker::WorkerOptions {
             queues,
             concurrency: args.concurrency,
             lease: config.visibility_timeout,
             shutdown_grace: Duration::from_secs(10),
         },
+        stop.clone(),
+    ));
+    let deliverer = tokio::spawn(capibara_scheduler::deliverer::run(
+        store.clone(),
+        queue.clone(),
+        capibara_scheduler::deliverer::DelivererOptions::new(&config),
         stop.clone(),
     ));
     let housekeeping = tokio::spawn(capibara_scheduler::housekeeping::run(
@@ -162,11 +180,12 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         stop.clone(),
     ));
 
+    let secret_file = args.data_dir.join("webhook-secret").display().to_string();
     println!(
-        "\n  Capibara is running.\n\n  API          http://{api_addr}\n  Swagger UI   http://{api_addr}/docs\n  Demo key     {demo_key}\n\n  Try it:\n\n    curl -s -X POST http://{api_addr}/v1/jobs \\\n      -H 'Authorization: Bearer {demo_key}' -H 'Content-Type: application/json' \\\n      -H 'Prefer: wait=10' -d '{{\"kind\": \"echo\", \"input\": {{\"hello\": \"capibara\"}}}}'\n\n  Press Ctrl-C to stop.\n"
+        "\n  Capibara is running.\n\n  API          http://{api_addr}\n  Swagger UI   http://{api_addr}/docs\n  Demo key     {demo_key}\n  Callbacks    signed with the secret in {secret_file}\n\n  Try it:\n\n    curl -s -X POST http://{api_addr}/v1/jobs \\\n      -H 'Authorization: Bearer {demo_key}' -H 'Content-Type: application/json' \\\n      -H 'Prefer: wait=10' -d '{{\"kind\": \"echo\", \"input\": {{\"hello\": \"capibara\"}}}}'\n\n  Press Ctrl-C to stop.\n"
     );
 
     stop.cancelled().await;
-    let _ = tokio::join!(api, worker, housekeeping);
+    let _ = tokio::join!(api, worker, housekeeping, deliverer);
     Ok(())
 }

@@ -2,6 +2,7 @@
 //! the database; `submit`, `get`, `wait` and `events` are API clients; `bench` measures.
 
 mod bench;
+mod bench_fanout;
 mod client;
 mod dev;
 
@@ -41,6 +42,8 @@ enum Command {
     Events(client::EventsArgs),
     /// Run the throughput/latency benchmark (starts its own Postgres, Redis and processes).
     Bench(bench::BenchArgs),
+    /// Measure the event firehose's live fan-out to many SSE clients (own Postgres, Redis, processes).
+    BenchFanout(bench_fanout::FanoutArgs),
 }
 
 #[derive(Subcommand)]
@@ -108,5 +111,6 @@ async fn main() -> anyhow::Result<()> {
         Command::Wait(a) => client::wait(a).await,
         Command::Events(a) => client::events(a).await,
         Command::Bench(a) => bench::run(a).await,
+        Command::BenchFanout(a) => bench_fanout::run(a).await,
     }
 }

@@ -3,5 +3,7 @@
 //!
 //! # Layout
 //! - [`housekeeping`]: promoter, relay, reaper and queue gauges.
+//! - [`deliverer`]: turns job events into webhook deliveries (callbacks, subscriptions).
 
+pub mod deliverer;
 pub mod housekeeping;

@@ -35,6 +35,12 @@ async fn main() -> anyhow::Result<()> {
             .with_graceful_shutdown(async move { http_stop.cancelled().await })
             .await
     });
+    let deliverer = tokio::spawn(capibara_scheduler::deliverer::run(
+        store.clone(),
+        queue.clone(),
+        capibara_scheduler::deliverer::DelivererOptions::new(&config),
+        stop.clone(),
+    ));
     housekeeping::run(
         store,
         queue,
@@ -42,6 +48,7 @@ async fn main() -> anyhow::Result<()> {
         stop,
     )
     .await;
+    let _ = deliverer.await;
     let _ = http.await;
     Ok(())
 }

@@ -34,6 +34,11 @@ pub struct Config {
     pub db_max_connections: u32,
     /// Group-commit flushes that may run at once per process.
     pub append_flushers: usize,
+    /// Delays between webhook delivery attempts (`CAPIBARA_DELIVERY_RETRY_SCHEDULE`,
+    /// e.g. `5s,30s,2m`); a delivery is tried once more than the schedule is long.
+    pub delivery_retry_schedule: Vec<Duration>,
+    /// How long `POST /v1/orchestrate` waits for the result before answering 202.
+    pub orchestrate_wait_s: f64,
     pub log_format: LogFormat,
 }
 
@@ -72,6 +77,36 @@ fn flag(name: &'static str, default: bool) -> Result<bool, ConfigError> {
             message: format!("expected true or false, got `{v}`"),
         }),
     }
+}
+
+/// About 24 hours of retries: 5 s, 30 s, 2 min, 10 min, 30 min, 1 h, 2 h, 4 h, 8 h, 8 h.
+pub const DEFAULT_DELIVERY_SCHEDULE: &str = "5s,30s,2m,10m,30m,1h,2h,4h,8h,8h";
+
+/// Parse a duration like `250ms`, `5s`, `2m`, `1h`.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit() && c != '.')?);
+    let n: f64 = num.parse().ok()?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return None,
+    };
+    Some(Duration::from_secs_f64(secs))
+}
+
+fn parse_schedule(var: &'static str, v: &str) -> Result<Vec<Duration>, ConfigError> {
+    v.split(',')
+        .filter(|p| !p.trim().is_empty())
+        .map(|p| {
+            parse_duration(p).ok_or_else(|| ConfigError {
+                var,
+                message: format!("`{p}` is not a duration like 500ms, 5s, 2m or 1h"),
+            })
+        })
+        .collect()
 }
 
 impl Config {
@@ -119,6 +154,13 @@ impl Config {
             rate_limit_rps: parse("CAPIBARA_RATE_LIMIT_RPS", 2000)?,
             db_max_connections: parse("CAPIBARA_DB_MAX_CONNECTIONS", 16)?,
             append_flushers: parse("CAPIBARA_APPEND_FLUSHERS", 2usize)?.max(1),
+            orchestrate_wait_s: parse("CAPIBARA_ORCHESTRATE_WAIT_S", 8.0f64)?.clamp(0.0, 60.0),
+            delivery_retry_schedule: parse_schedule(
+                "CAPIBARA_DELIVERY_RETRY_SCHEDULE",
+                var("CAPIBARA_DELIVERY_RETRY_SCHEDULE")
+                    .as_deref()
+                    .unwrap_or(DEFAULT_DELIVERY_SCHEDULE),
+            )?,
             log_format: match var("CAPIBARA_LOG_FORMAT").as_deref() {
                 Some("pretty") => LogFormat::Pretty,
                 Some("json") | None => LogFormat::Json,

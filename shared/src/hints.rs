@@ -21,6 +21,8 @@ use crate::queue::Queue;
 #[derive(Clone, Default)]
 pub struct StreamWatch {
     waiters: Arc<Mutex<HashMap<Uuid, Weak<Notify>>>>,
+    /// Notified on every hint, whatever the streams (followers of the whole log).
+    any: Arc<Notify>,
 }
 
 impl StreamWatch {
@@ -39,6 +41,7 @@ impl StreamWatch {
                             while let Some(msg) = messages.next().await {
                                 let payload: String = msg.get_payload().unwrap_or_default();
                                 w.wake(payload.split(',').filter_map(|s| s.parse().ok()));
+                                w.any.notify_waiters();
                             }
                         }
                     }
@@ -76,7 +79,15 @@ impl StreamWatch {
         }
     }
 
+    /// Notified (`notify_waiters`) on every hint message and whenever hints may have been
+    /// missed; for readers that follow the whole log. Enable the `notified()` future before
+    /// reading, as with [`StreamWatch::watch`].
+    pub fn any(&self) -> Arc<Notify> {
+        self.any.clone()
+    }
+
     fn wake_all(&self) {
+        self.any.notify_waiters();
         let map = self.waiters.lock().expect("watch lock");
         for n in map.values().filter_map(Weak::upgrade) {
             n.notify_waiters();

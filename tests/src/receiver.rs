@@ -24,6 +24,8 @@ pub struct ReceiverOptions {
     pub always: Option<u16>,
     /// Accepted clock skew of `webhook-timestamp`, seconds (default 300).
     pub tolerance_s: Option<u64>,
+    /// Listen on this port (default: any free one).
+    pub port: Option<u16>,
 }
 
 /// A running receiver; killed and reaped on drop.
@@ -49,7 +51,11 @@ impl Receiver {
             uuid::Uuid::now_v7().simple()
         ));
         let mut c = Command::new("python3");
-        c.arg(SCRIPT).arg("--port").arg("0").arg("--log").arg(&log);
+        c.arg(SCRIPT)
+            .arg("--port")
+            .arg(opts.port.unwrap_or(0).to_string())
+            .arg("--log")
+            .arg(&log);
         for s in secrets {
             c.arg("--secret").arg(s);
         }

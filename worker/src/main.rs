@@ -14,7 +14,7 @@ struct Args {
         long,
         env = "CAPIBARA_WORKER_QUEUES",
         value_delimiter = ',',
-        default_value = "default"
+        default_value = "default,callbacks"
     )]
     queues: Vec<String>,
     /// Jobs run at once.
@@ -63,12 +63,6 @@ async fn main() -> anyhow::Result<()> {
         lease: config.visibility_timeout,
         shutdown_grace: Duration::from_secs_f64(args.shutdown_grace_s.max(0.0)),
     };
-    capibara_worker::run(
-        store,
-        queue,
-        capibara_worker::executors::Registry::builtin(),
-        opts,
-        stop,
-    )
-    .await
+    let registry = capibara_worker::registry(&store, &config);
+    capibara_worker::run(store, queue, registry, opts, stop).await
 }

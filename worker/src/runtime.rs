@@ -314,6 +314,7 @@ async fn run_job(inner: &Arc<Inner>, job: Job) {
         job_id: id,
         kind: kind.clone(),
         attempt,
+        max_attempts: job.max_attempts,
         input: job.input.clone(),
         cancel: exec_cancel.clone(),
         progress: Arc::new(Progress {

@@ -58,6 +58,7 @@ pub async fn kinds_list(auth: Auth) -> Result<Json<Page<KindInfo>>, ApiError> {
     auth.require(Role::Read)?;
     let items = kinds::KINDS
         .iter()
+        .filter(|k| !k.internal)
         .map(|k| KindInfo {
             name: k.name,
             default_queue: k.default_queue,

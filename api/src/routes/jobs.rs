@@ -13,9 +13,11 @@ use axum::{
 };
 use base64::Engine;
 use capibara_shared::{
+    config::Config,
     domain::{
         self,
         auth::Role,
+        delivery::validate_patterns,
         event::{EventEnvelope, EventMetadata},
         job::{validate_tags, Job, JobEvent, JobStatus, Priority, Submission},
         kinds,
@@ -68,9 +70,14 @@ pub struct SubmitJob {
     pub timeout_s: Option<u32>,
     #[serde(default)]
     pub backoff: Option<Backoff>,
-    /// Not available yet: rejected with 422 until callback delivery lands.
+    /// POSTed a signed `{type, timestamp, data: <job>}` (Standard Webhooks) on the events in
+    /// `callback_events`. Private and loopback addresses are refused unless
+    /// `CAPIBARA_OUTBOUND_ALLOW_PRIVATE=true`.
     #[serde(default)]
     pub callback_url: Option<String>,
+    /// Events sent to `callback_url` (default `["job.succeeded", "job.failed", "job.canceled"]`).
+    #[serde(default)]
+    pub callback_events: Option<Vec<String>>,
     #[serde(default)]
     pub tags: Option<BTreeMap<String, String>>,
 }
@@ -100,8 +107,9 @@ fn valid_queue_name(q: &str) -> bool {
 }
 
 /// Validate a submission into the domain type; errors name the field.
-pub fn to_submission(s: SubmitJob, input_limit: usize) -> Result<Submission, ApiError> {
-    let spec = kinds::find(&s.kind).ok_or_else(|| {
+pub async fn to_submission(s: SubmitJob, config: &Config) -> Result<Submission, ApiError> {
+    let input_limit = config.input_limit_bytes;
+    let spec = kinds::find_public(&s.kind).ok_or_else(|| {
         ApiError::field(
             "kind",
             format!(
@@ -138,11 +146,19 @@ pub fn to_submission(s: SubmitJob, input_limit: usize) -> Result<Submission, Api
     if let Some(b) = &s.backoff {
         b.validate()?;
     }
-    if s.callback_url.is_some() {
-        return Err(ApiError::field(
+    let callback_url = match &s.callback_url {
+        Some(_) if config.webhook_secret.is_none() => return Err(ApiError::field(
             "callback_url",
-            "callback delivery is not available in this version; poll, wait or stream the job's events",
-        ));
+            "callbacks are signed with CAPIBARA_WEBHOOK_SECRET, which this server does not have",
+        )),
+        Some(url) => Some(crate::outbound::check_url("callback_url", url, config).await?),
+        None => None,
+    };
+    if let Some(events) = &s.callback_events {
+        if callback_url.is_none() {
+            return Err(ApiError::field("callback_events", "needs a callback_url"));
+        }
+        validate_patterns(events, false).map_err(|m| ApiError::field("callback_events", m))?;
     }
     let tags = s.tags.unwrap_or_default();
     validate_tags(&tags)?;
@@ -155,7 +171,8 @@ pub fn to_submission(s: SubmitJob, input_limit: usize) -> Result<Submission, Api
         max_attempts,
         timeout_s: s.timeout_s,
         backoff: s.backoff,
-        callback_url: None,
+        callback_url,
+        callback_events: s.callback_events,
         tags,
     })
 }
@@ -187,7 +204,7 @@ fn location(id: Uuid) -> HeaderValue {
 }
 
 /// 200 with a finished job, else 202 + `Location`.
-fn job_response(job: &Job, waited: Option<Duration>, replayed: bool) -> Response {
+pub fn job_response(job: &Job, waited: Option<Duration>, replayed: bool) -> Response {
     let status = if job.status.is_terminal() && waited.is_some() {
         StatusCode::OK
     } else {
@@ -224,23 +241,37 @@ pub async fn submit(
     auth.require(Role::Submit)?;
     let wait = prefer_wait(&headers)?;
     let key = idempotency_key(&headers)?;
+    let (job, replayed) = create(&state, &auth, body.value, key, &body.hash, "SubmitJob").await?;
+    finish(&state, &auth, job, wait, replayed).await
+}
+
+/// Create a job (or return the one an earlier command with the same idempotency key created).
+/// Returns the job and whether it was a replay.
+pub async fn create(
+    state: &AppState,
+    auth: &Auth,
+    submission: SubmitJob,
+    key: Option<String>,
+    hash: &str,
+    command_type: &str,
+) -> Result<(Job, bool), ApiError> {
     if let Some(key) = &key {
-        if let Some(job) = replay(&state, &auth, key, &body.hash).await? {
-            return finish(&state, &auth, job, wait, true).await;
+        if let Some(job) = replay(state, auth, key, hash, command_type).await? {
+            return Ok((job, true));
         }
     }
-    let sub = to_submission(body.value, state.config.input_limit_bytes)?;
+    let sub = to_submission(submission, &state.config).await?;
     let now = domain::now();
     let id = Uuid::now_v7();
-    let mut w = JobWrite::new(metadata(&auth), now);
+    let mut w = JobWrite::new(metadata(auth), now);
     // Commands are recorded when they carry an Idempotency-Key (the event metadata records the
     // actor of every command anyway).
     w.command = key.as_ref().map(|key| CommandRecord {
         id: Uuid::now_v7(),
         namespace: auth.namespace().to_string(),
-        command_type: "SubmitJob".into(),
+        command_type: command_type.into(),
         idempotency_key: Some(key.clone()),
-        request_hash: body.hash.clone(),
+        request_hash: hash.to_string(),
         status_code: 202,
         response: Some(serde_json::json!({"job_id": id})),
         stream_id: Some(id),
@@ -253,18 +284,18 @@ pub async fn submit(
         Ok(_) => {}
         Err(AppendError::DuplicateCommand) => {
             let key = key.as_deref().unwrap_or_default();
-            let job = replay(&state, &auth, key, &body.hash)
+            let job = replay(state, auth, key, hash, command_type)
                 .await?
                 .ok_or_else(|| ApiError::Conflict("idempotency key is in use".into()))?;
-            return finish(&state, &auth, job, wait, true).await;
+            return Ok((job, true));
         }
         Err(e) => return Err(StoreError::from(e).into()),
     }
     metrics::counter!("capibara_jobs_submitted_total", "kind" => job.kind.clone()).increment(1);
-    finish(&state, &auth, job, wait, false).await
+    Ok((job, false))
 }
 
-async fn finish(
+pub async fn finish(
     state: &AppState,
     auth: &Auth,
     job: Job,
@@ -288,12 +319,13 @@ async fn replay(
     auth: &Auth,
     key: &str,
     hash: &str,
+    command_type: &str,
 ) -> Result<Option<Job>, ApiError> {
     let Some(cmd) = store::commands::find_by_key(&state.store.pool, auth.namespace(), key).await?
     else {
         return Ok(None);
     };
-    if cmd.request_hash != *hash || cmd.command_type != "SubmitJob" {
+    if cmd.request_hash != *hash || cmd.command_type != command_type {
         return Err(ApiError::Validation {
             detail: "this Idempotency-Key was already used with a different request".into(),
             errors: vec![FieldError::new(
@@ -329,7 +361,8 @@ pub async fn submit_batch(
     let mut appends = Vec::with_capacity(jobs.len());
     let mut created = Vec::with_capacity(jobs.len());
     for (i, s) in jobs.into_iter().enumerate() {
-        let sub = to_submission(s, state.config.input_limit_bytes)
+        let sub = to_submission(s, &state.config)
+            .await
             .map_err(|e| nest(e, &format!("jobs[{i}]")))?;
         let (job, append) = job_append(
             None,

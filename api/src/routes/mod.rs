@@ -1,4 +1,8 @@
 //! One module per resource.
 
 pub mod admin;
+pub mod deliveries;
+pub mod events;
 pub mod jobs;
+pub mod orchestrate;
+pub mod subscriptions;

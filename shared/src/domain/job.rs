@@ -190,6 +190,9 @@ pub struct Submission {
     pub backoff: Option<Backoff>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub callback_url: Option<String>,
+    /// Public event names sent to `callback_url` (default: the terminal ones).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callback_events: Option<Vec<String>>,
     #[serde(default)]
     pub tags: BTreeMap<String, String>,
 }
@@ -334,6 +337,8 @@ pub struct Job {
     pub timeout_s: Option<u32>,
     pub backoff: Option<Backoff>,
     pub callback_url: Option<String>,
+    /// Events sent to `callback_url` (null = job.succeeded, job.failed, job.canceled).
+    pub callback_events: Option<Vec<String>>,
     /// When a scheduled job becomes due (delay or retry).
     pub run_at: Option<DateTime<Utc>>,
     pub cancel_requested: bool,
@@ -377,6 +382,7 @@ impl Job {
             timeout_s: s.timeout_s,
             backoff: s.backoff,
             callback_url: s.callback_url.clone(),
+            callback_events: s.callback_events.clone(),
             run_at: s.run_at,
             cancel_requested: false,
             worker_id: None,
@@ -616,6 +622,7 @@ mod tests {
             timeout_s: None,
             backoff: None,
             callback_url: None,
+            callback_events: None,
             tags: BTreeMap::new(),
         }
     }

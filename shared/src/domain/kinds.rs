@@ -13,6 +13,8 @@ pub struct KindSpec {
     pub name: &'static str,
     pub default_queue: &'static str,
     pub description: &'static str,
+    /// Created by Capibara itself; clients cannot submit it.
+    pub internal: bool,
     validate: fn(&Value) -> Result<(), FieldError>,
 }
 
@@ -30,19 +32,30 @@ pub const KINDS: &[KindSpec] = &[
         name: "echo",
         default_queue: "default",
         description: "Returns its input as output.",
+        internal: false,
         validate: |_| Ok(()),
     },
     KindSpec {
         name: "sleep",
         default_queue: "default",
         description: "Sleeps for `ms` milliseconds (cancelable), then returns {slept_ms}.",
+        internal: false,
         validate: validate_sleep,
     },
     KindSpec {
         name: "fail",
         default_queue: "default",
         description: "Fails the first `times` attempts (or always) with `message`.",
+        internal: false,
         validate: validate_fail,
+    },
+    KindSpec {
+        name: "callback.deliver",
+        default_queue: "callbacks",
+        description:
+            "Delivers one signed webhook (created by Capibara for callbacks and subscriptions).",
+        internal: true,
+        validate: |_| Ok(()),
     },
 ];
 
@@ -51,9 +64,18 @@ pub fn find(name: &str) -> Option<&'static KindSpec> {
     KINDS.iter().find(|k| k.name == name)
 }
 
-/// Names of every available kind, for error messages.
+/// A kind clients may submit.
+pub fn find_public(name: &str) -> Option<&'static KindSpec> {
+    find(name).filter(|k| !k.internal)
+}
+
+/// Names of the kinds clients may submit, for error messages.
 pub fn names() -> Vec<&'static str> {
-    KINDS.iter().map(|k| k.name).collect()
+    KINDS
+        .iter()
+        .filter(|k| !k.internal)
+        .map(|k| k.name)
+        .collect()
 }
 
 fn object(input: &Value) -> Result<&serde_json::Map<String, Value>, FieldError> {

@@ -7,14 +7,17 @@
 //! - [`retry`]: backoff policy.
 //! - [`problem`]: field-level validation errors.
 //! - [`auth`]: roles of an API key.
+//! - [`delivery`], [`subscription`]: webhook deliveries and event subscriptions.
 //! - [`webhook`]: Standard Webhooks secrets, signing and verification.
 
 pub mod auth;
+pub mod delivery;
 pub mod event;
 pub mod job;
 pub mod kinds;
 pub mod problem;
 pub mod retry;
+pub mod subscription;
 pub mod webhook;
 
 pub use problem::FieldError;

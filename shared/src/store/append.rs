@@ -82,6 +82,12 @@ pub enum Effect {
     Undispatch(Uuid),
     Lease(Lease),
     ReleaseLease(Uuid),
+    UpsertDelivery(Box<crate::domain::delivery::Delivery>),
+    /// Move a log follower's checkpoint in the same transaction as what it produced.
+    Checkpoint {
+        name: String,
+        cursor: super::events::LogCursor,
+    },
 }
 
 /// Events for one stream, with everything that must commit with them.
@@ -577,6 +583,8 @@ async fn write_effects(
     let mut jobs: HashMap<Uuid, &Job> = HashMap::new();
     let mut dispatch: HashMap<Uuid, Option<&DispatchEntry>> = HashMap::new();
     let mut leases: HashMap<Uuid, Option<&Lease>> = HashMap::new();
+    let mut deliveries: HashMap<Uuid, &crate::domain::delivery::Delivery> = HashMap::new();
+    let mut checkpoints: Vec<(&str, super::events::LogCursor)> = Vec::new();
     for &i in ok {
         for e in &appends[i].effects {
             match e {
@@ -595,6 +603,10 @@ async fn write_effects(
                 Effect::ReleaseLease(id) => {
                     leases.insert(*id, None);
                 }
+                Effect::UpsertDelivery(d) => {
+                    deliveries.insert(d.id, d);
+                }
+                Effect::Checkpoint { name, cursor } => checkpoints.push((name, *cursor)),
             }
         }
     }
@@ -602,6 +614,22 @@ async fn write_effects(
         let rows = serde_json::to_value(jobs.values().collect::<Vec<_>>()).expect("jobs serialize");
         sqlx::query(super::jobs::UPSERT_JOBS)
             .bind(rows)
+            .execute(&mut **tx)
+            .await?;
+    }
+    if !deliveries.is_empty() {
+        let rows = serde_json::to_value(deliveries.values().collect::<Vec<_>>())
+            .expect("deliveries serialize");
+        sqlx::query(super::deliveries::UPSERT_DELIVERIES)
+            .bind(rows)
+            .execute(&mut **tx)
+            .await?;
+    }
+    for (name, cursor) in checkpoints {
+        sqlx::query(super::checkpoints::SAVE)
+            .bind(name)
+            .bind(cursor.tx_id.to_string())
+            .bind(cursor.position)
             .execute(&mut **tx)
             .await?;
     }

@@ -33,3 +33,23 @@ pub async fn find_by_key(
     .fetch_optional(pool)
     .await?)
 }
+
+/// Forget the command under `key` if it is older than `max_age_s` (content-hash keys that
+/// deduplicate only within a window).
+pub async fn expire_key(
+    pool: &PgPool,
+    namespace: &str,
+    key: &str,
+    max_age_s: i64,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "DELETE FROM commands WHERE namespace = $1 AND idempotency_key = $2
+           AND received_at < now() - make_interval(secs => $3::float8)",
+    )
+    .bind(namespace)
+    .bind(key)
+    .bind(max_age_s)
+    .execute(pool)
+    .await?;
+    Ok(())
+}

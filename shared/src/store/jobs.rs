@@ -28,6 +28,7 @@ ON CONFLICT (id) DO UPDATE SET
     output = EXCLUDED.output, error = EXCLUDED.error, progress = EXCLUDED.progress,
     tags = EXCLUDED.tags, attempt = EXCLUDED.attempt, max_attempts = EXCLUDED.max_attempts,
     timeout_s = EXCLUDED.timeout_s, backoff = EXCLUDED.backoff, callback_url = EXCLUDED.callback_url,
+    callback_events = EXCLUDED.callback_events,
     run_at = EXCLUDED.run_at, cancel_requested = EXCLUDED.cancel_requested,
     worker_id = EXCLUDED.worker_id, artifacts = EXCLUDED.artifacts, version = EXCLUDED.version,
     created_at = EXCLUDED.created_at, queued_at = EXCLUDED.queued_at,

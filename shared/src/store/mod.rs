@@ -9,14 +9,18 @@
 //! - [`workers`]: worker registration, heartbeats and leases.
 //! - [`dispatch`]: the outbox the relay sweeps.
 //! - [`rebuild`]: rebuilding projections from the log.
+//! - [`deliveries`], [`subscriptions`], [`checkpoints`]: webhook deliveries and log followers.
 
 pub mod append;
+pub mod checkpoints;
 pub mod commands;
+pub mod deliveries;
 pub mod dispatch;
 pub mod events;
 pub mod jobs;
 pub mod keys;
 pub mod rebuild;
+pub mod subscriptions;
 pub mod workers;
 
 use std::time::Duration;

@@ -2,6 +2,7 @@
 //! nothing of Redis or SQL; the runtime owns claiming, leases, timeouts, retries and reporting.
 
 pub mod builtin;
+pub mod callback;
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
@@ -16,6 +17,8 @@ pub struct JobContext {
     pub job_id: Uuid,
     pub kind: String,
     pub attempt: u32,
+    /// Attempts the job may use in all (this one included).
+    pub max_attempts: u32,
     pub input: Value,
     /// Cancelled when the job is canceled or the worker must stop; long work checks it.
     pub cancel: CancellationToken,
@@ -65,6 +68,13 @@ impl Registry {
         r.register("echo", Arc::new(builtin::Echo));
         r.register("sleep", Arc::new(builtin::Sleep));
         r.register("fail", Arc::new(builtin::Fail));
+        r
+    }
+
+    /// Built-ins plus `callback.deliver`.
+    pub fn with_callbacks(callback: callback::CallbackDeliver) -> Self {
+        let mut r = Self::builtin();
+        r.register("callback.deliver", Arc::new(callback));
         r
     }
 

@@ -1,0 +1,192 @@
+//! `/v1/deliveries`: every webhook delivery with its attempts, and redelivery.
+
+use axum::{
+    extract::{Path, RawQuery, State},
+    http::StatusCode,
+    response::{IntoResponse, Response},
+    Json,
+};
+use base64::Engine;
+use capibara_shared::{
+    domain::{
+        self,
+        auth::Role,
+        delivery::{Delivery, DeliveryEvent, DeliveryStatus},
+        event::{EventEnvelope, EventMetadata},
+        job::{JobEvent, Priority, Submission},
+    },
+    store::{
+        self,
+        deliveries::{delivery_append, DeliveryFilter},
+        jobs::{job_append, JobWrite},
+        AppendError, StoreError,
+    },
+};
+use serde::Serialize;
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::{
+    auth::Auth,
+    error::ApiError,
+    extract::{parse_limit, query_pairs},
+    routes::jobs::Page,
+    AppState,
+};
+
+/// A delivery with its attempts (`DeliveryAttempted` events).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct DeliveryDetail {
+    #[serde(flatten)]
+    pub delivery: Delivery,
+    pub attempts_log: Vec<EventEnvelope>,
+}
+
+fn parse_uuid(field: &str, v: &str) -> Result<Uuid, ApiError> {
+    v.parse()
+        .map_err(|_| ApiError::field(field, "must be a UUID"))
+}
+
+#[utoipa::path(get, path = "/v1/deliveries", tag = "deliveries",
+    params(("job_id" = Option<String>, Query), ("subscription_id" = Option<String>, Query),
+           ("status" = Option<String>, Query, description = "waiting, pending, succeeded or failed"),
+           ("limit" = Option<i64>, Query), ("cursor" = Option<String>, Query)),
+    responses((status = 200, body = Page<Delivery>), (status = 422, body = crate::error::Problem)),
+    security(("bearer" = [])))]
+pub async fn list(
+    State(state): State<AppState>,
+    auth: Auth,
+    RawQuery(q): RawQuery,
+) -> Result<Json<Page<Delivery>>, ApiError> {
+    auth.require(Role::Read)?;
+    let mut f = DeliveryFilter::default();
+    let mut limit = None;
+    for (k, v) in query_pairs(q.as_deref())? {
+        match k.as_str() {
+            "job_id" => f.job_id = Some(parse_uuid("job_id", &v)?),
+            "subscription_id" => f.subscription_id = Some(parse_uuid("subscription_id", &v)?),
+            "status" => {
+                f.status = Some(
+                    v.parse::<DeliveryStatus>()
+                        .map_err(|e| ApiError::field("status", e))?,
+                )
+            }
+            "limit" => limit = Some(v),
+            "cursor" => {
+                f.before = Some(
+                    base64::engine::general_purpose::URL_SAFE_NO_PAD
+                        .decode(&v)
+                        .ok()
+                        .and_then(|b| Uuid::from_slice(&b).ok())
+                        .ok_or_else(|| {
+                            ApiError::field("cursor", "is not a cursor returned by this API")
+                        })?,
+                )
+            }
+            other => {
+                return Err(ApiError::field(
+                    other,
+                    "unknown query parameter (job_id, subscription_id, status, limit, cursor)",
+                ))
+            }
+        }
+    }
+    let limit = parse_limit(limit.as_deref())?;
+    let mut items =
+        store::deliveries::list(&state.store.pool, auth.namespace(), &f, limit + 1).await?;
+    let next_cursor = if items.len() as i64 > limit {
+        items.truncate(limit as usize);
+        items
+            .last()
+            .map(|d| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(d.id.as_bytes()))
+    } else {
+        None
+    };
+    Ok(Json(Page { items, next_cursor }))
+}
+
+async fn load(state: &AppState, auth: &Auth, id: &str) -> Result<Delivery, ApiError> {
+    let id: Uuid = id
+        .parse()
+        .map_err(|_| ApiError::NotFound(format!("no delivery `{id}`")))?;
+    store::deliveries::get(&state.store.pool, auth.namespace(), id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no delivery `{id}`")))
+}
+
+#[utoipa::path(get, path = "/v1/deliveries/{id}", tag = "deliveries", params(("id" = String, Path)),
+    responses((status = 200, body = DeliveryDetail), (status = 404, body = crate::error::Problem)),
+    security(("bearer" = [])))]
+pub async fn get(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+) -> Result<Json<DeliveryDetail>, ApiError> {
+    auth.require(Role::Read)?;
+    let delivery = load(&state, &auth, &id).await?;
+    let attempts_log = store::deliveries::attempts(&state.store.pool, delivery.id).await?;
+    Ok(Json(DeliveryDetail {
+        delivery,
+        attempts_log,
+    }))
+}
+
+#[utoipa::path(post, path = "/v1/deliveries/{id}/redeliver", tag = "deliveries", params(("id" = String, Path)),
+    responses((status = 202, description = "queued again", body = Delivery),
+              (status = 409, description = "still being delivered", body = crate::error::Problem)),
+    security(("bearer" = [])))]
+pub async fn redeliver(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    auth.require(Role::Submit)?;
+    for _ in 0..5 {
+        let d = load(&state, &auth, &id).await?;
+        if !d.status.is_final() {
+            return Err(ApiError::Conflict(format!(
+                "the delivery is {}; redeliver it once it has finished",
+                d.status
+            )));
+        }
+        let now = domain::now();
+        let job_id = Uuid::now_v7();
+        let meta = EventMetadata {
+            namespace: d.namespace.clone(),
+            actor: Some(auth.actor()),
+            ..Default::default()
+        };
+        let events = [DeliveryEvent::DeliveryQueued {
+            delivery_job_id: job_id,
+            reason: "redeliver".into(),
+        }];
+        let (new, a) = delivery_append(Some(&d), d.id, &d.namespace, &events, meta.clone(), now)
+            .ok_or_else(|| ApiError::Internal("delivery state".into()))?;
+        let sub = Submission {
+            kind: "callback.deliver".into(),
+            input: json!({"delivery_id": d.id}),
+            queue: "callbacks".into(),
+            priority: Priority::High,
+            run_at: None,
+            max_attempts: state.config.delivery_retry_schedule.len() as u32 + 1,
+            timeout_s: Some(60),
+            backoff: None,
+            callback_url: None,
+            callback_events: None,
+            tags: [("delivery_id".to_string(), d.id.to_string())].into(),
+        };
+        let (_, j) = job_append(
+            None,
+            job_id,
+            &[JobEvent::JobSubmitted(sub)],
+            JobWrite::new(meta, now),
+        )
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+        match state.store.appender.append_all(vec![a, j]).await {
+            Ok(_) => return Ok((StatusCode::ACCEPTED, Json(new)).into_response()),
+            Err(AppendError::Conflict { .. }) => continue,
+            Err(e) => return Err(StoreError::from(e).into()),
+        }
+    }
+    Err(ApiError::Conflict("the delivery is changing; retry".into()))
+}

@@ -1,0 +1,806 @@
+//! `capibara bench-fanout`: live fan-out of the event firehose (`GET /v1/events` over SSE).
+//!
+//! Self-contained like `capibara bench`: starts a private Postgres and Redis under a bench
+//! directory and the real `capibara-api`, `capibara-scheduler` and one `capibara-worker` found
+//! next to this executable (build them in the same profile). Then:
+//!
+//! 1. runs a few warm-up jobs and reads the API's resident memory (VmRSS);
+//! 2. opens C SSE clients on `/v1/events` (default 1,000; `--clients`), each on its own HTTP
+//!    connection, and reads the RSS again → memory per connected client;
+//! 3. submits `echo` jobs at a paced rate (default 200/s for 10 s) while the worker runs them;
+//! 4. every client timestamps each event frame when its bytes arrive; fan-out latency is that
+//!    time minus the event's `recorded_at` (same machine, same clock). `recorded_at` is set by
+//!    the writer just before its append, so the figure includes the group commit, the Redis hint,
+//!    the tailer's read and the fan-out to every client;
+//! 5. waits until every client has received every event written during the phase, and checks
+//!    that each got exactly that many.
+//!
+//! It prints a line per step and a markdown table for `docs/benchmarks.md`. The bench client
+//! shares the machine with everything it measures; its CPU use is reported.
+
+use std::{
+    fs::{self, File},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, bail, Context, Result};
+use capibara_shared::{
+    local_services::{find_free_port, PostgresOptions, PostgresServer, RedisOptions, RedisServer},
+    shutdown,
+};
+use clap::Args;
+use futures::StreamExt;
+use reqwest::{header, Client};
+use serde_json::json;
+use sqlx::PgPool;
+
+/// `capibara bench-fanout` options.
+#[derive(Args, Debug, Clone)]
+pub struct FanoutArgs {
+    /// Concurrent SSE clients on `GET /v1/events`.
+    #[arg(long, default_value_t = 1000)]
+    clients: usize,
+    /// Paced submit rate, jobs/s.
+    #[arg(long, default_value_t = 200)]
+    rate: u32,
+    /// Length of the paced phase, seconds.
+    #[arg(long, default_value_t = 10.0)]
+    secs: f64,
+    /// `--concurrency` of the worker process.
+    #[arg(long, default_value_t = 64)]
+    worker_concurrency: usize,
+    /// Run Postgres with fsync/synchronous_commit/full_page_writes off (not durable).
+    #[arg(long)]
+    unsafe_pg: bool,
+    /// Directory for the servers' data and the logs (default `target/bench/fanout-<time>` next
+    /// to a cargo target directory, else under the temp directory).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Keep the data (not only the logs) after a successful run.
+    #[arg(long)]
+    keep: bool,
+}
+
+/// Set when this process re-executed itself under a raised `ulimit -n`.
+const FD_RAISED: &str = "CAPIBARA_BENCH_FD_RAISED";
+
+/// Runs the benchmark (see the module docs).
+pub async fn run(a: FanoutArgs) -> Result<()> {
+    if a.clients == 0 || a.rate == 0 || a.secs <= 0.0 {
+        bail!("--clients, --rate and --secs must be positive");
+    }
+    // Each client is a socket here and one in the API (which inherits this limit).
+    let needed = a.clients as u64 + 512;
+    let (soft, hard) = open_files_limit();
+    if soft < needed {
+        if std::env::var_os(FD_RAISED).is_none() && hard >= needed {
+            println!(
+                "raising the open-files limit from {soft} to {needed} (ulimit -n) and re-running"
+            );
+            let status = Command::new("sh")
+                .arg("-c")
+                .arg(format!("ulimit -n {needed} && exec \"$0\" \"$@\""))
+                .arg(std::env::current_exe()?)
+                .args(std::env::args_os().skip(1))
+                .env(FD_RAISED, "1")
+                .status()
+                .context("re-running under sh")?;
+            std::process::exit(status.code().unwrap_or(1));
+        }
+        bail!(
+            "{} clients need about {needed} open files; the limit is {soft} (hard {hard}): \
+             raise it with `ulimit -n {needed}`",
+            a.clients
+        );
+    }
+    let exe = std::env::current_exe().context("locating this executable")?;
+    let bin_dir = exe
+        .parent()
+        .ok_or_else(|| anyhow!("{} has no parent directory", exe.display()))?
+        .to_path_buf();
+    for b in ["capibara-api", "capibara-scheduler", "capibara-worker"] {
+        if !bin_dir.join(b).is_file() {
+            bail!(
+                "{} is missing: build all binaries in the same profile (`cargo build --workspace --bins`, \
+                 with `--release` for figures worth quoting)",
+                bin_dir.join(b).display()
+            );
+        }
+    }
+    let dir = match &a.dir {
+        Some(d) => d.clone(),
+        None => default_dir(&bin_dir),
+    };
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let dir = std::path::absolute(&dir)?;
+
+    let machine = machine();
+    println!(
+        "capibara bench-fanout — {}",
+        chrono::Utc::now().format("%Y-%m-%d %H:%M UTC")
+    );
+    println!("machine: {machine}");
+    println!(
+        "build: {}; {} SSE clients; {} jobs/s for {} s; bench dir: {}",
+        profile(),
+        a.clients,
+        a.rate,
+        a.secs,
+        dir.display()
+    );
+
+    let mut env = Env::start(&a, &dir, &bin_dir).await?;
+    let outcome = tokio::select! {
+        r = measure(&a, &mut env, &machine) => r,
+        _ = shutdown::signal() => Err(anyhow!("interrupted")),
+    };
+    let pg_dir = env.pg.as_ref().map(|p| p.data_dir().to_path_buf());
+    drop(env);
+    match outcome {
+        Ok(table) => {
+            println!("\n{table}");
+            if !a.keep {
+                if let Some(d) = pg_dir {
+                    let _ = fs::remove_dir_all(&d);
+                }
+                let _ = fs::remove_dir_all(dir.join("redis"));
+            }
+            println!("logs: {}", dir.display());
+            Ok(())
+        }
+        Err(e) => {
+            eprintln!("bench failed; logs and data are in {}", dir.display());
+            Err(e)
+        }
+    }
+}
+
+fn profile() -> &'static str {
+    if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    }
+}
+
+fn default_dir(bin_dir: &Path) -> PathBuf {
+    let stamp = chrono::Utc::now().format("%Y%m%d-%H%M%S").to_string();
+    let name = format!("fanout-{stamp}-{}", std::process::id());
+    match bin_dir.parent() {
+        Some(target) if target.join("CACHEDIR.TAG").is_file() => target.join("bench").join(name),
+        _ => std::env::temp_dir().join("capibara-bench").join(name),
+    }
+}
+
+/// (soft, hard) `Max open files` of this process.
+fn open_files_limit() -> (u64, u64) {
+    let s = fs::read_to_string("/proc/self/limits").unwrap_or_default();
+    let line = s.lines().find(|l| l.starts_with("Max open files"));
+    let nums: Vec<u64> = line
+        .map(|l| {
+            l.split_whitespace()
+                .filter_map(|w| match w {
+                    "unlimited" => Some(u64::MAX),
+                    w => w.parse().ok(),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    (
+        nums.first().copied().unwrap_or(1024),
+        nums.get(1).copied().unwrap_or(1024),
+    )
+}
+
+fn machine() -> String {
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, v)| v.trim().to_string())
+        .unwrap_or_else(|| "unknown CPU".into());
+    let meminfo = fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem_gib = meminfo
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .map(|kb| kb / 1024.0 / 1024.0)
+        .unwrap_or(0.0);
+    format!("{cores} cores (nproc), {cpu}, {mem_gib:.1} GiB memory")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Processes
+// ---------------------------------------------------------------------------------------------
+
+struct Proc {
+    name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+/// Dropping it kills and reaps every child, then stops Redis and Postgres.
+struct Env {
+    procs: Vec<Proc>,
+    /// Held so that dropping the `Env` stops it (after the children).
+    _redis: Option<RedisServer>,
+    pg: Option<PostgresServer>,
+    dir: PathBuf,
+    bin_dir: PathBuf,
+    db_url: String,
+    redis_url: String,
+    admin_key: String,
+    api_port: u16,
+    pool: PgPool,
+    http: Client,
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        for p in &mut self.procs {
+            let _ = p.child.kill();
+            let _ = p.child.wait();
+        }
+    }
+}
+
+impl Env {
+    async fn start(a: &FanoutArgs, dir: &Path, bin_dir: &Path) -> Result<Env> {
+        let pg_dir = dir.join("postgres").join("data");
+        let fast_unsafe = a.unsafe_pg;
+        let redis_dir = dir.join("redis");
+        let (pg, redis) = tokio::task::spawn_blocking(move || {
+            let pg = PostgresServer::start(PostgresOptions {
+                data_dir: pg_dir,
+                port: 0,
+                fast_unsafe,
+            })
+            .context("starting Postgres")?;
+            pg.ensure_database("bench")?;
+            let redis = RedisServer::start(RedisOptions {
+                dir: redis_dir,
+                port: 0,
+                persist: false,
+            })
+            .context("starting Redis")?;
+            anyhow::Ok((pg, redis))
+        })
+        .await??;
+        let admin_key = format!("bench-{}", uuid::Uuid::new_v4().simple());
+        let mut headers = header::HeaderMap::new();
+        headers.insert(
+            header::AUTHORIZATION,
+            format!("Bearer {admin_key}").parse()?,
+        );
+        let http = Client::builder()
+            .default_headers(headers)
+            .pool_max_idle_per_host(256)
+            .timeout(Duration::from_secs(120))
+            .build()?;
+        let db_url = pg.url("bench");
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(2)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect(&db_url)
+            .await
+            .context("connecting to the bench database")?;
+        let mut env = Env {
+            procs: Vec::new(),
+            redis_url: redis.url(),
+            _redis: Some(redis),
+            pg: Some(pg),
+            dir: dir.to_path_buf(),
+            bin_dir: bin_dir.to_path_buf(),
+            db_url,
+            admin_key,
+            api_port: find_free_port(),
+            pool,
+            http,
+        };
+        let api_port = env.api_port;
+        env.spawn("api", "capibara-api", &[], api_port)?;
+        env.wait_healthy(api_port).await?;
+        let port = find_free_port();
+        env.spawn("scheduler", "capibara-scheduler", &[], port)?;
+        env.wait_healthy(port).await?;
+        let port = find_free_port();
+        let conc = a.worker_concurrency.to_string();
+        env.spawn("worker", "capibara-worker", &["--concurrency", &conc], port)?;
+        env.wait_healthy(port).await?;
+        Ok(env)
+    }
+
+    fn api(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.api_port)
+    }
+
+    fn spawn(&mut self, name: &str, bin: &str, args: &[&str], port: u16) -> Result<()> {
+        let log = self.dir.join(format!("{name}.log"));
+        let out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let err = out.try_clone()?;
+        let mut c = Command::new(self.bin_dir.join(bin));
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("CAPIBARA_") {
+                c.env_remove(k);
+            }
+        }
+        let own = format!("127.0.0.1:{port}");
+        let addr = |b: &str| {
+            if bin == b {
+                own.clone()
+            } else {
+                "127.0.0.1:0".to_string()
+            }
+        };
+        c.args(args)
+            .env("CAPIBARA_DATABASE_URL", &self.db_url)
+            .env("CAPIBARA_REDIS_URL", &self.redis_url)
+            .env("CAPIBARA_REDIS_PREFIX", "bench")
+            .env("CAPIBARA_ADMIN_KEY", &self.admin_key)
+            .env("CAPIBARA_API_ADDR", format!("127.0.0.1:{}", self.api_port))
+            .env("CAPIBARA_SCHEDULER_ADDR", addr("capibara-scheduler"))
+            .env("CAPIBARA_WORKER_ADDR", addr("capibara-worker"))
+            .env("CAPIBARA_RATE_LIMIT_RPS", "1000000")
+            .env("CAPIBARA_LOG", "warn")
+            .env("CAPIBARA_LOG_FORMAT", "json")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err);
+        let child = c
+            .spawn()
+            .with_context(|| format!("starting {}", self.bin_dir.join(bin).display()))?;
+        self.procs.push(Proc {
+            name: name.to_string(),
+            child,
+            log,
+        });
+        Ok(())
+    }
+
+    fn check_alive(&mut self) -> Result<()> {
+        for p in &mut self.procs {
+            if let Some(status) = p.child.try_wait()? {
+                let log = fs::read_to_string(&p.log).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(20).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                bail!(
+                    "{} exited ({status}); end of {}:\n{}",
+                    p.name,
+                    p.log.display(),
+                    tail.join("\n")
+                );
+            }
+        }
+        Ok(())
+    }
+
+    async fn wait_healthy(&mut self, port: u16) -> Result<()> {
+        let url = format!("http://127.0.0.1:{port}/healthz");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            self.check_alive()?;
+            if let Ok(r) = self.http.get(&url).send().await {
+                if r.status().is_success() {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("{url} did not answer within 60 s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn api_pid(&self) -> u32 {
+        self.procs
+            .iter()
+            .find(|p| p.name == "api")
+            .map(|p| p.child.id())
+            .unwrap_or(0)
+    }
+
+    async fn count(&self, sql: &str) -> Result<i64> {
+        Ok(sqlx::query_scalar(sql).fetch_one(&self.pool).await?)
+    }
+
+    /// Polls until no job is open; fails when nothing moved for 60 s.
+    async fn wait_drained(&mut self) -> Result<()> {
+        let mut last = i64::MAX;
+        let mut last_change = Instant::now();
+        loop {
+            self.check_alive()?;
+            let open = self
+                .count(
+                    "SELECT count(*) FROM jobs WHERE namespace = 'default' \
+                     AND status IN ('queued', 'running', 'scheduled')",
+                )
+                .await?;
+            if open == 0 {
+                return Ok(());
+            }
+            if open < last {
+                last = open;
+                last_change = Instant::now();
+            } else if last_change.elapsed() > Duration::from_secs(60) {
+                bail!("{open} jobs still open and no progress for 60 s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// One counter of the API's `/metrics` (0 when absent).
+    async fn api_metric(&self, name: &str) -> f64 {
+        let Ok(r) = self.http.get(self.api("/metrics")).send().await else {
+            return 0.0;
+        };
+        let text = r.text().await.unwrap_or_default();
+        text.lines()
+            .filter_map(|l| {
+                let mut it = l.split_whitespace();
+                (it.next() == Some(name))
+                    .then(|| it.next().and_then(|v| v.parse::<f64>().ok()))
+                    .flatten()
+            })
+            .sum()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// /proc
+// ---------------------------------------------------------------------------------------------
+
+/// VmRSS of a process in MiB.
+fn rss_mib(pid: u32) -> f64 {
+    let s = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+/// utime + stime of a process, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let s = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let Some(close) = s.rfind(')') else { return 0 };
+    let f: Vec<&str> = s[close + 1..].split_whitespace().collect();
+    let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    n(11) + n(12)
+}
+
+/// (busy, total) ticks of all CPUs.
+fn machine_ticks() -> (u64, u64) {
+    let s = fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(line) = s.lines().find(|l| l.starts_with("cpu ")) else {
+        return (0, 0);
+    };
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let total: u64 = v.iter().sum();
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    (total.saturating_sub(idle), total)
+}
+
+fn clock_ticks() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Clients
+// ---------------------------------------------------------------------------------------------
+
+/// What one SSE client saw.
+#[derive(Default)]
+struct Seen {
+    /// Fan-out latency of each event, ms.
+    lat_ms: Vec<f32>,
+    events: usize,
+    error: Option<String>,
+}
+
+/// Opens one SSE connection (returns once the headers arrived: the client is subscribed).
+async fn open(http: &Client, url: &str) -> Result<reqwest::Response> {
+    let r = http
+        .get(url)
+        .header(header::ACCEPT, "text/event-stream")
+        .send()
+        .await
+        .with_context(|| format!("GET {url}"))?;
+    if !r.status().is_success() {
+        bail!("GET {url} answered {}", r.status());
+    }
+    Ok(r)
+}
+
+/// `recorded_at` of an SSE frame (the envelope's last field), parsed without decoding the JSON.
+fn recorded_at(frame: &[u8]) -> Option<chrono::DateTime<chrono::Utc>> {
+    const KEY: &[u8] = b"\"recorded_at\":\"";
+    let start = frame.windows(KEY.len()).rposition(|w| w == KEY)? + KEY.len();
+    let len = frame[start..].iter().position(|b| *b == b'"')?;
+    let s = std::str::from_utf8(&frame[start..start + len]).ok()?;
+    chrono::DateTime::parse_from_rfc3339(s)
+        .ok()
+        .map(|t| t.with_timezone(&chrono::Utc))
+}
+
+/// Reads frames until `stop`; timestamps each event frame when its bytes arrive.
+async fn read_client(
+    mut res: reqwest::Response,
+    total: Arc<AtomicUsize>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Seen {
+    let mut seen = Seen::default();
+    let mut buf: Vec<u8> = Vec::with_capacity(4096);
+    loop {
+        let chunk = tokio::select! {
+            c = res.chunk() => c,
+            _ = stop.changed() => return seen,
+        };
+        let bytes = match chunk {
+            Ok(Some(b)) => b,
+            Ok(None) => {
+                seen.error = Some("the stream closed".into());
+                return seen;
+            }
+            Err(e) => {
+                seen.error = Some(e.to_string());
+                return seen;
+            }
+        };
+        let now = chrono::Utc::now();
+        buf.extend_from_slice(&bytes);
+        let mut done = 0;
+        while let Some(end) = buf[done..].windows(2).position(|w| w == b"\n\n") {
+            let frame = &buf[done..done + end];
+            done += end + 2;
+            if !frame.starts_with(b"id:") {
+                continue; // keep-alive comment
+            }
+            seen.events += 1;
+            total.fetch_add(1, Ordering::Relaxed);
+            if let Some(at) = recorded_at(frame) {
+                let ms = (now - at).num_microseconds().unwrap_or(0) as f64 / 1000.0;
+                seen.lat_ms.push(ms as f32);
+            }
+        }
+        buf.drain(..done);
+    }
+}
+
+async fn post(http: &Client, url: &str, body: Vec<u8>) -> Result<()> {
+    let r = http
+        .post(url)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(body)
+        .send()
+        .await
+        .with_context(|| format!("POST {url}"))?;
+    let status = r.status();
+    let text = r.bytes().await?;
+    if !status.is_success() {
+        bail!(
+            "POST {url} answered {status}: {}",
+            String::from_utf8_lossy(&text[..text.len().min(500)])
+        );
+    }
+    Ok(())
+}
+
+fn percentile(sorted: &[f32], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1] as f64
+}
+
+/// Paced single submits: `total` jobs at `rate`/s; returns the achieved rate.
+async fn paced_submits(env: &Env, total: usize, rate: u32, tag: &str) -> Result<f64> {
+    let body = serde_json::to_vec(&json!({"kind": "echo", "input": {}, "tags": {"phase": tag}}))?;
+    let mut interval = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let started = Instant::now();
+    let mut tasks = Vec::with_capacity(total);
+    for _ in 0..total {
+        interval.tick().await;
+        let (http, url, body) = (env.http.clone(), env.api("/v1/jobs"), body.clone());
+        tasks.push(tokio::spawn(async move { post(&http, &url, body).await }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(total as f64 / started.elapsed().as_secs_f64())
+}
+
+async fn measure(a: &FanoutArgs, env: &mut Env, machine: &str) -> Result<String> {
+    let api_pid = env.api_pid();
+
+    // 1. Warm up, then the idle API's memory.
+    paced_submits(env, 200, 1000, "warmup").await?;
+    env.wait_drained().await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_idle = rss_mib(api_pid);
+    println!("1. API idle after 200 warm-up jobs: VmRSS {rss_idle:.1} MiB");
+
+    // 2. Connect the clients, each on its own connection (HTTP/1.1: a streaming response holds
+    //    its connection).
+    let sse = Client::builder()
+        .default_headers({
+            let mut h = header::HeaderMap::new();
+            h.insert(
+                header::AUTHORIZATION,
+                format!("Bearer {}", env.admin_key).parse()?,
+            );
+            h
+        })
+        .pool_max_idle_per_host(0)
+        .build()?;
+    let url = env.api("/v1/events");
+    let started = Instant::now();
+    let responses: Vec<Result<reqwest::Response>> = futures::stream::iter(0..a.clients)
+        .map(|_| {
+            let (sse, url) = (sse.clone(), url.clone());
+            async move { open(&sse, &url).await }
+        })
+        .buffer_unordered(64)
+        .collect()
+        .await;
+    let connect_time = started.elapsed();
+    let total = Arc::new(AtomicUsize::new(0));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut readers = Vec::with_capacity(a.clients);
+    for r in responses {
+        readers.push(tokio::spawn(read_client(
+            r?,
+            total.clone(),
+            stop_rx.clone(),
+        )));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    env.check_alive()?;
+    let rss_connected = rss_mib(api_pid);
+    let per_client_kib = (rss_connected - rss_idle) * 1024.0 / a.clients as f64;
+    println!(
+        "2. {} SSE clients connected in {:.2} s: API VmRSS {rss_connected:.1} MiB → {per_client_kib:.1} KiB per client",
+        a.clients,
+        connect_time.as_secs_f64()
+    );
+
+    // 3. Paced submits while the worker runs them.
+    let events0 = env.count("SELECT count(*) FROM events").await?;
+    let lagged0 = env.api_metric("capibara_firehose_lagged_total").await;
+    let hz = clock_ticks();
+    let me = std::process::id();
+    let (api0, me0, m0, t0) = (
+        cpu_ticks(api_pid),
+        cpu_ticks(me),
+        machine_ticks(),
+        Instant::now(),
+    );
+    let n = ((a.rate as f64) * a.secs).round().max(1.0) as usize;
+    let achieved = paced_submits(env, n, a.rate, "fanout").await?;
+    env.wait_drained().await?;
+    let events1 = env.count("SELECT count(*) FROM events").await?;
+    let expected = (events1 - events0) as usize;
+    // Every client gets every event of the phase.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while total.load(Ordering::Relaxed) < expected * a.clients {
+        if Instant::now() > deadline {
+            bail!(
+                "clients received {} of {} events after 60 s",
+                total.load(Ordering::Relaxed),
+                expected * a.clients
+            );
+        }
+        env.check_alive()?;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let (api1, me1, m1) = (cpu_ticks(api_pid), cpu_ticks(me), machine_ticks());
+    let rss_after = rss_mib(api_pid);
+    let lagged = env.api_metric("capibara_firehose_lagged_total").await - lagged0;
+    let _ = stop_tx.send(true);
+    let mut lat: Vec<f32> = Vec::with_capacity(expected * a.clients);
+    let (mut min_events, mut max_events, mut errors) = (usize::MAX, 0, 0);
+    for r in readers {
+        let seen = r.await?;
+        if let Some(e) = &seen.error {
+            errors += 1;
+            if errors == 1 {
+                eprintln!("a client failed: {e}");
+            }
+        }
+        min_events = min_events.min(seen.events);
+        max_events = max_events.max(seen.events);
+        lat.extend(seen.lat_ms);
+    }
+    if errors > 0 || min_events != expected || max_events != expected {
+        bail!(
+            "each client should have {expected} events; got {min_events}..={max_events} ({errors} failed)"
+        );
+    }
+    lat.sort_by(f32::total_cmp);
+    let api_cpu = (api1 - api0) as f64 / hz / secs * 100.0;
+    let me_cpu = (me1 - me0) as f64 / hz / secs * 100.0;
+    let busy = (m1.0 - m0.0) as f64 / (m1.1 - m0.1).max(1) as f64 * 100.0;
+    let (p50, p90, p99, max) = (
+        percentile(&lat, 0.5),
+        percentile(&lat, 0.9),
+        percentile(&lat, 0.99),
+        lat.last().copied().unwrap_or(f32::NAN),
+    );
+    println!(
+        "3. {n} jobs at {} jobs/s (achieved {achieved:.0}/s) → {expected} events, each delivered to all {} clients ({} deliveries, {:.0}/s)",
+        a.rate,
+        a.clients,
+        lat.len(),
+        lat.len() as f64 / secs
+    );
+    println!(
+        "   fan-out latency (client receipt − recorded_at): p50 {p50:.2} ms, p90 {p90:.2} ms, p99 {p99:.2} ms, max {max:.2} ms; lagged receivers: {lagged}"
+    );
+    println!(
+        "   CPU, % of one core: API {api_cpu:.0}%, bench client {me_cpu:.0}% (machine busy {busy:.0}%); API VmRSS after: {rss_after:.1} MiB"
+    );
+
+    let mut t = String::new();
+    t.push_str(&format!(
+        "Build: {}; {} SSE clients; {n} `echo` jobs at {} jobs/s; 1 worker (`--concurrency {}`); Postgres {}; {machine}.\n",
+        profile(),
+        a.clients,
+        a.rate,
+        a.worker_concurrency,
+        if a.unsafe_pg { "fsync off" } else { "with durable commits" },
+    ));
+    t.push_str("\n| Figure | Value |\n|---|---|\n");
+    t.push_str(&format!(
+        "| Clients connected (each its own connection) | {} in {:.2} s |\n",
+        a.clients,
+        connect_time.as_secs_f64()
+    ));
+    t.push_str(&format!(
+        "| Events fanned out | {expected} events × {} clients = {} deliveries ({:.0}/s), every client got every event once |\n",
+        a.clients,
+        lat.len(),
+        lat.len() as f64 / secs
+    ));
+    t.push_str(&format!(
+        "| Fan-out latency (receipt − `recorded_at`) | **p50 {p50:.2} ms**, p90 {p90:.2} ms, **p99 {p99:.2} ms**, max {max:.2} ms |\n"
+    ));
+    t.push_str(&format!(
+        "| API VmRSS: idle → {} clients connected → after the phase | {rss_idle:.1} → {rss_connected:.1} → {rss_after:.1} MiB |\n",
+        a.clients
+    ));
+    t.push_str(&format!(
+        "| Memory per connected client | **{per_client_kib:.1} KiB** |\n"
+    ));
+    t.push_str(&format!(
+        "| CPU during the phase, % of one core | API {api_cpu:.0}%, bench client (parsing {} streams) {me_cpu:.0}%; machine busy {busy:.0}% |\n",
+        a.clients
+    ));
+    t.push_str(&format!(
+        "| Receivers that lagged and caught up from Postgres | {lagged} |\n"
+    ));
+    Ok(t)
+}

@@ -1,0 +1,507 @@
+//! The deliverer: follows the global event log (gap-safe) and turns job events into webhook
+//! deliveries — one per `callback_url` event and per matching subscription — each with a
+//! `callback.deliver` job on the `callbacks` queue. The checkpoint moves in the same transaction
+//! as the deliveries it produced, so each event is turned into deliveries exactly once.
+//!
+//! One replica leads (session advisory lock); the others wait. Deliveries of one job to one
+//! target go out in event order: a delivery created while an earlier one of the same job and
+//! target is unfinished waits, and [`release_waiting`] queues it once the earlier one finished.
+
+use std::{
+    collections::{HashMap, HashSet},
+    time::{Duration, Instant},
+};
+
+use capibara_shared::{
+    domain::{
+        self,
+        delivery::{public_job_event, DeliveryEvent, DEFAULT_CALLBACK_EVENTS},
+        event::{EventEnvelope, EventMetadata},
+        job::{Job, JobEvent, Priority, Submission},
+        kinds,
+        subscription::Subscription,
+    },
+    queue::Queue,
+    store::{
+        self,
+        deliveries::delivery_append,
+        events::LogCursor,
+        jobs::{job_append, JobWrite},
+        Append, Effect, Store,
+    },
+};
+use futures::StreamExt;
+use serde_json::{json, Value};
+use sqlx::PgPool;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// Name of the deliverer's checkpoint.
+pub const CHECKPOINT: &str = "deliverer";
+const LEADER_LOCK: i64 = 0x6361_7069_6465_6c76; // "capidelv"
+const PAGE: i64 = 500;
+
+/// Settings of the deliverer.
+#[derive(Debug, Clone)]
+pub struct DelivererOptions {
+    /// Attempts of a `callback.deliver` job (retry schedule length + 1).
+    pub max_attempts: u32,
+    /// Fallback poll when no hint arrives.
+    pub poll: Duration,
+}
+
+impl DelivererOptions {
+    pub fn new(config: &capibara_shared::config::Config) -> Self {
+        Self {
+            max_attempts: config.delivery_retry_schedule.len() as u32 + 1,
+            poll: Duration::from_millis(200),
+        }
+    }
+}
+
+/// Run until `stop`: lead when possible, follow the log, create deliveries.
+pub async fn run(store: Store, queue: Queue, opts: DelivererOptions, stop: CancellationToken) {
+    let wake = std::sync::Arc::new(Notify::new());
+    tokio::spawn(listen_hints(queue.clone(), wake.clone(), stop.clone()));
+    loop {
+        if stop.is_cancelled() {
+            return;
+        }
+        match lead(&store, &opts, &wake, &stop).await {
+            Ok(()) => return,
+            Err(e) => tracing::debug!(error = %e, "deliverer not leading; retrying"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            _ = stop.cancelled() => return,
+        }
+    }
+}
+
+/// Wake the follower on every stream hint (any committed append).
+async fn listen_hints(queue: Queue, wake: std::sync::Arc<Notify>, stop: CancellationToken) {
+    let channel = queue.hints_channel();
+    loop {
+        if let Ok(mut pubsub) = queue.client().get_async_pubsub().await {
+            if pubsub.subscribe(&channel).await.is_ok() {
+                let mut messages = pubsub.on_message();
+                loop {
+                    tokio::select! {
+                        m = messages.next() => match m {
+                            Some(_) => wake.notify_one(),
+                            None => break,
+                        },
+                        _ = stop.cancelled() => return,
+                    }
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = stop.cancelled() => return,
+        }
+    }
+}
+
+async fn lead(
+    store: &Store,
+    opts: &DelivererOptions,
+    wake: &Notify,
+    stop: &CancellationToken,
+) -> Result<(), store::StoreError> {
+    let mut lock_conn = store.pool.acquire().await?;
+    let (got,): (bool,) = sqlx::query_as("SELECT pg_try_advisory_lock($1)")
+        .bind(LEADER_LOCK)
+        .fetch_one(&mut *lock_conn)
+        .await?;
+    if !got {
+        return Err(store::StoreError::Conflict);
+    }
+    tracing::info!("deliverer leading");
+    let mut cursor = match store::checkpoints::load(&store.pool, CHECKPOINT).await? {
+        Some(c) => c,
+        None => {
+            let head = store::checkpoints::head(&store.pool).await?;
+            store::checkpoints::save(&store.pool, CHECKPOINT, head).await?;
+            head
+        }
+    };
+    let mut subs = SubscriptionCache::default();
+    let mut last_check = Instant::now();
+    let mut last_release = Instant::now();
+    loop {
+        if stop.is_cancelled() {
+            return Ok(());
+        }
+        if last_check.elapsed() > Duration::from_secs(1) {
+            // Still holding the lock? (its connection may have died)
+            sqlx::query("SELECT 1").execute(&mut *lock_conn).await?;
+            last_check = Instant::now();
+        }
+        if last_release.elapsed() > Duration::from_millis(200) {
+            release_waiting(store, opts).await?;
+            last_release = Instant::now();
+        }
+        let notified = wake.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let (events, next) = store::events::read_all(&store.pool, cursor, PAGE).await?;
+        if events.is_empty() {
+            tokio::select! {
+                _ = &mut notified => {}
+                _ = tokio::time::sleep(opts.poll) => {}
+                _ = stop.cancelled() => return Ok(()),
+            }
+            continue;
+        }
+        subs.refresh(&store.pool).await?;
+        match process(store, opts, &subs, &events, next).await {
+            Ok(n) => {
+                if n > 0 {
+                    metrics::counter!("capibara_deliveries_created_total").increment(n as u64);
+                }
+                cursor = next;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "creating deliveries failed; reloading the checkpoint");
+                cursor = store::checkpoints::load(&store.pool, CHECKPOINT)
+                    .await?
+                    .unwrap_or(cursor);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct SubscriptionCache {
+    by_namespace: HashMap<String, Vec<Subscription>>,
+    loaded: Option<Instant>,
+}
+
+impl SubscriptionCache {
+    async fn refresh(&mut self, pool: &PgPool) -> Result<(), store::StoreError> {
+        if self
+            .loaded
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
+        {
+            return Ok(());
+        }
+        self.by_namespace.clear();
+        for s in store::subscriptions::active(pool).await? {
+            self.by_namespace
+                .entry(s.namespace.clone())
+                .or_default()
+                .push(s);
+        }
+        self.loaded = Some(Instant::now());
+        Ok(())
+    }
+}
+
+/// A delivery to create.
+struct Planned {
+    namespace: String,
+    subscription_id: Option<Uuid>,
+    target: String,
+    url: String,
+    job_id: Uuid,
+    event_type: String,
+    source_position: i64,
+    payload: Value,
+}
+
+/// Turn one page of events into deliveries; returns how many were created.
+async fn process(
+    store: &Store,
+    opts: &DelivererOptions,
+    subs: &SubscriptionCache,
+    events: &[EventEnvelope],
+    next: LogCursor,
+) -> Result<usize, store::StoreError> {
+    // Job events of public kinds only (deliveries are jobs too: never deliver those).
+    let job_events: Vec<&EventEnvelope> = events
+        .iter()
+        .filter(|e| e.stream_type == "job")
+        .filter(|e| {
+            e.metadata
+                .get("kind")
+                .and_then(Value::as_str)
+                .is_some_and(|k| kinds::find(k).is_some_and(|s| !s.internal))
+        })
+        .collect();
+    let namespace_of = |e: &EventEnvelope| {
+        e.metadata
+            .get("namespace")
+            .and_then(Value::as_str)
+            .unwrap_or("default")
+            .to_string()
+    };
+    // Which jobs might need deliveries: those with a callback, or in a namespace with subscriptions.
+    let ids: Vec<Uuid> = job_events
+        .iter()
+        .map(|e| e.stream_id)
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .collect();
+    let callbacks: HashMap<Uuid, (String, Option<Vec<String>>)> = if ids.is_empty() {
+        HashMap::new()
+    } else {
+        sqlx::query_as::<_, (Uuid, String, Option<sqlx::types::Json<Vec<String>>>)>(
+            "SELECT id, callback_url, callback_events FROM jobs WHERE id = ANY($1) AND callback_url IS NOT NULL",
+        )
+        .bind(&ids)
+        .fetch_all(&store.pool)
+        .await?
+        .into_iter()
+        .map(|(id, url, ev)| (id, (url, ev.map(|j| j.0))))
+        .collect()
+    };
+    let interesting: Vec<&EventEnvelope> = job_events
+        .into_iter()
+        .filter(|e| {
+            callbacks.contains_key(&e.stream_id) || subs.by_namespace.contains_key(&namespace_of(e))
+        })
+        .collect();
+    let mut planned: Vec<Planned> = Vec::new();
+    if !interesting.is_empty() {
+        let states = job_states(&store.pool, &interesting).await?;
+        for e in &interesting {
+            let Some(name) = public_job_event(&e.event_type) else {
+                continue;
+            };
+            let Some(job) = states.get(&(e.stream_id, e.version)) else {
+                continue;
+            };
+            let ns = namespace_of(e);
+            let payload = json!({"type": name, "timestamp": e.recorded_at, "data": job});
+            if let Some((url, wanted)) = callbacks.get(&e.stream_id) {
+                let wanted = wanted
+                    .as_ref()
+                    .map(|w| w.contains(&name))
+                    .unwrap_or_else(|| DEFAULT_CALLBACK_EVENTS.contains(&name.as_str()));
+                if wanted {
+                    planned.push(Planned {
+                        namespace: ns.clone(),
+                        subscription_id: None,
+                        target: "callback".into(),
+                        url: url.clone(),
+                        job_id: e.stream_id,
+                        event_type: name.clone(),
+                        source_position: e.position(),
+                        payload: payload.clone(),
+                    });
+                }
+            }
+            for s in subs.by_namespace.get(&ns).into_iter().flatten() {
+                if s.wants(&name, job) {
+                    planned.push(Planned {
+                        namespace: ns.clone(),
+                        subscription_id: Some(s.id),
+                        target: s.id.to_string(),
+                        url: s.url.clone(),
+                        job_id: e.stream_id,
+                        event_type: name.clone(),
+                        source_position: e.position(),
+                        payload: payload.clone(),
+                    });
+                }
+            }
+        }
+    }
+    let checkpoint = Effect::Checkpoint {
+        name: CHECKPOINT.into(),
+        cursor: next,
+    };
+    if planned.is_empty() {
+        store::checkpoints::save(&store.pool, CHECKPOINT, next).await?;
+        return Ok(0);
+    }
+    // Order per (target, job): a delivery waits while an earlier one is unfinished.
+    let job_ids: Vec<Uuid> = planned
+        .iter()
+        .map(|p| p.job_id)
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .collect();
+    let mut open: HashSet<(String, Uuid)> = store::deliveries::open_keys(&store.pool, &job_ids)
+        .await?
+        .into_iter()
+        .collect();
+    let now = domain::now();
+    let mut appends: Vec<Append> = Vec::new();
+    let n = planned.len();
+    for p in planned {
+        let waiting = !open.insert((p.target.clone(), p.job_id));
+        let id = Uuid::now_v7();
+        let mut events = vec![DeliveryEvent::DeliveryCreated {
+            subscription_id: p.subscription_id,
+            job_id: Some(p.job_id),
+            event_type: p.event_type,
+            source_position: p.source_position,
+            target: p.target,
+            url: p.url,
+            payload: p.payload,
+        }];
+        let job_id = Uuid::now_v7();
+        if !waiting {
+            events.push(DeliveryEvent::DeliveryQueued {
+                delivery_job_id: job_id,
+                reason: "created".into(),
+            });
+        }
+        let Some((_, a)) =
+            delivery_append(None, id, &p.namespace, &events, meta(&p.namespace), now)
+        else {
+            continue;
+        };
+        appends.push(a);
+        if !waiting {
+            appends.push(delivery_job(id, job_id, &p.namespace, opts, now)?);
+        }
+    }
+    if let Some(first) = appends.first_mut() {
+        first.effects.push(checkpoint);
+    }
+    store
+        .appender
+        .append_all(appends)
+        .await
+        .map_err(store::StoreError::from)?;
+    Ok(n)
+}
+
+fn meta(namespace: &str) -> EventMetadata {
+    EventMetadata {
+        namespace: namespace.to_string(),
+        actor: Some("deliverer".into()),
+        ..Default::default()
+    }
+}
+
+/// The `callback.deliver` job that sends delivery `delivery_id`.
+pub fn delivery_job(
+    delivery_id: Uuid,
+    job_id: Uuid,
+    namespace: &str,
+    opts: &DelivererOptions,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<Append, store::StoreError> {
+    let sub = Submission {
+        kind: "callback.deliver".into(),
+        input: json!({"delivery_id": delivery_id}),
+        queue: "callbacks".into(),
+        priority: Priority::Normal,
+        run_at: None,
+        max_attempts: opts.max_attempts,
+        timeout_s: Some(60),
+        backoff: None,
+        callback_url: None,
+        callback_events: None,
+        tags: [("delivery_id".to_string(), delivery_id.to_string())].into(),
+    };
+    job_append(
+        None,
+        job_id,
+        &[JobEvent::JobSubmitted(sub)],
+        JobWrite::new(meta(namespace), now),
+    )
+    .map(|(_, a)| a)
+    .map_err(|e| store::StoreError::Internal(e.to_string()))
+}
+
+/// The job as it was right after each of the given events (folding its stream up to there).
+async fn job_states(
+    pool: &PgPool,
+    events: &[&EventEnvelope],
+) -> Result<HashMap<(Uuid, i64), Job>, store::StoreError> {
+    let ids: Vec<Uuid> = events
+        .iter()
+        .map(|e| e.stream_id)
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .collect();
+    let max_version: HashMap<Uuid, i64> = events.iter().fold(HashMap::new(), |mut m, e| {
+        let v = m.entry(e.stream_id).or_insert(0);
+        *v = (*v).max(e.version);
+        m
+    });
+    let wanted: HashSet<(Uuid, i64)> = events.iter().map(|e| (e.stream_id, e.version)).collect();
+    let rows: Vec<(
+        Uuid,
+        i64,
+        String,
+        Value,
+        Value,
+        chrono::DateTime<chrono::Utc>,
+    )> = sqlx::query_as(
+        "SELECT stream_id, version, type, data, metadata, recorded_at FROM events
+         WHERE stream_id = ANY($1) ORDER BY stream_id, version",
+    )
+    .bind(&ids)
+    .fetch_all(pool)
+    .await?;
+    let mut out = HashMap::new();
+    let mut current: Option<Job> = None;
+    for (stream_id, version, t, data, metadata, at) in rows {
+        if version > max_version.get(&stream_id).copied().unwrap_or(0) {
+            continue;
+        }
+        let Ok(ev) = JobEvent::from_parts(&t, data) else {
+            continue;
+        };
+        let ns = metadata
+            .get("namespace")
+            .and_then(Value::as_str)
+            .unwrap_or("default")
+            .to_string();
+        current = match current.take() {
+            Some(mut j) if j.id == stream_id => {
+                if j.apply(&ev, at).is_err() {
+                    continue;
+                }
+                Some(j)
+            }
+            _ => Job::replay(stream_id, &ns, [(&ev, at)]).ok().flatten(),
+        };
+        if wanted.contains(&(stream_id, version)) {
+            if let Some(j) = &current {
+                out.insert((stream_id, version), j.clone());
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Queue waiting deliveries whose earlier deliveries (same job, same target) have finished.
+pub async fn release_waiting(
+    store: &Store,
+    opts: &DelivererOptions,
+) -> Result<usize, store::StoreError> {
+    let ready = store::deliveries::releasable(&store.pool, 100).await?;
+    let now = domain::now();
+    let mut released = 0;
+    for d in ready {
+        let job_id = Uuid::now_v7();
+        let events = [DeliveryEvent::DeliveryQueued {
+            delivery_job_id: job_id,
+            reason: "released".into(),
+        }];
+        let Some((_, a)) = delivery_append(
+            Some(&d),
+            d.id,
+            &d.namespace,
+            &events,
+            meta(&d.namespace),
+            now,
+        ) else {
+            continue;
+        };
+        let j = delivery_job(d.id, job_id, &d.namespace, opts, now)?;
+        if store.appender.append_all(vec![a, j]).await.is_ok() {
+            released += 1;
+        }
+    }
+    Ok(released)
+}

@@ -1,0 +1,85 @@
+//! The Postgres side of `callback.deliver`: loads deliveries and their signing secret, and
+//! records attempts on the delivery stream (fenced by its version).
+
+use async_trait::async_trait;
+use capibara_shared::{
+    domain::{self, delivery::DeliveryEvent, event::EventMetadata, webhook::WebhookSecret},
+    store::{self, deliveries::delivery_append, AppendError, Store},
+};
+use uuid::Uuid;
+
+use crate::executors::callback::{AttemptRecord, DeliveryPort, DeliveryToSend};
+
+pub struct PgDeliveryPort {
+    pub store: Store,
+    /// `CAPIBARA_WEBHOOK_SECRET`: signs callbacks (subscriptions have their own).
+    pub default_secret: Option<String>,
+}
+
+#[async_trait]
+impl DeliveryPort for PgDeliveryPort {
+    async fn load(&self, id: Uuid) -> Result<Option<DeliveryToSend>, String> {
+        let Some(d) = store::deliveries::get_any(&self.store.pool, id)
+            .await
+            .map_err(|e| e.to_string())?
+        else {
+            return Ok(None);
+        };
+        let secret = match d.subscription_id {
+            Some(sid) => store::subscriptions::secret(&self.store.pool, sid)
+                .await
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| format!("subscription {sid} was deleted"))?,
+            None => self
+                .default_secret
+                .clone()
+                .ok_or("CAPIBARA_WEBHOOK_SECRET is not set on the worker")?,
+        };
+        let secret = WebhookSecret::parse(&secret).map_err(|e| e.to_string())?;
+        Ok(Some(DeliveryToSend {
+            url: d.url,
+            payload: d.payload,
+            secret,
+            attempts: d.attempts,
+            finished: d.status == domain::delivery::DeliveryStatus::Succeeded,
+        }))
+    }
+
+    async fn record(&self, id: Uuid, r: AttemptRecord) -> Result<(), String> {
+        for _ in 0..5 {
+            let d = store::deliveries::get_any(&self.store.pool, id)
+                .await
+                .map_err(|e| e.to_string())?
+                .ok_or("delivery vanished")?;
+            let mut events = vec![DeliveryEvent::DeliveryAttempted {
+                attempt: r.attempt,
+                status_code: r.status_code,
+                duration_ms: r.duration_ms,
+                response_snippet: r.response_snippet.clone(),
+                error: r.error.clone(),
+            }];
+            match r.final_outcome {
+                Some(true) => events.push(DeliveryEvent::DeliverySucceeded { attempt: r.attempt }),
+                Some(false) => events.push(DeliveryEvent::DeliveryFailed {
+                    attempt: r.attempt,
+                    reason: r.error.clone().unwrap_or_else(|| "failed".into()),
+                }),
+                None => {}
+            }
+            let meta = EventMetadata {
+                namespace: d.namespace.clone(),
+                actor: Some("worker".into()),
+                ..Default::default()
+            };
+            let (_, append) =
+                delivery_append(Some(&d), id, &d.namespace, &events, meta, domain::now())
+                    .ok_or("delivery state invalid")?;
+            match self.store.appender.append(append).await {
+                Ok(_) => return Ok(()),
+                Err(AppendError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        Err("delivery kept changing".into())
+    }
+}
