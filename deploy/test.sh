@@ -6,7 +6,8 @@
 # create their own databases / key prefixes on them, so they run in parallel.
 # Extra arguments go to the test runner, e.g. `deploy/test.sh -E 'test(cancel)'`.
 #
-# Env: CAPIBARA_TEST_PG_PORT (default 55432), CAPIBARA_TEST_REDIS_PORT (default 56379).
+# Env: CAPIBARA_TEST_PG_PORT (default 25432), CAPIBARA_TEST_REDIS_PORT (default 26379). Both sit
+# below the ephemeral port range, so no outgoing connection can be holding them.
 # Servers already answering on those ports are reused and left running; servers this run
 # starts are stopped on exit, whatever the outcome. Safe to re-run; concurrent runs queue.
 set -euo pipefail
@@ -19,8 +20,8 @@ log() { printf 'test.sh: %s\n' "$*" >&2; }
 
 bash deploy/install-deps.sh
 
-PG_PORT=${CAPIBARA_TEST_PG_PORT:-55432}
-REDIS_PORT=${CAPIBARA_TEST_REDIS_PORT:-56379}
+PG_PORT=${CAPIBARA_TEST_PG_PORT:-25432}
+REDIS_PORT=${CAPIBARA_TEST_REDIS_PORT:-26379}
 STATE=$ROOT/target/capibara-test
 PG_DATA=$STATE/pg
 PG_LOG=$STATE/postgres.log

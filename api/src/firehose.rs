@@ -46,8 +46,12 @@ const TAIL_READ: i64 = 1000;
 const CHANNEL_BATCHES: usize = 1024;
 /// Fallback poll when no hint arrives.
 const POLL: Duration = Duration::from_millis(100);
-/// First re-read while committed events wait behind a running transaction.
-const RETRY_MIN: Duration = Duration::from_millis(1);
+/// Least time between two reads: under a stream of commits, events are published in batches
+/// of at least this span instead of one batch per hint, which divides the writes to every client
+/// (the cost of fan-out) without delaying a lone event.
+const MIN_GAP: Duration = Duration::from_millis(5);
+/// First re-read while committed events wait behind a running transaction (then doubling).
+const RETRY_MIN: Duration = MIN_GAP;
 /// Events a catch-up read returns, and rows it scans at most.
 const CATCH_UP_LIMIT: i64 = 500;
 const CATCH_UP_SCAN: i64 = 5000;
@@ -144,11 +148,14 @@ impl Firehose {
 /// A hint arrives right after its transaction committed, but the gap-safe read only returns it
 /// once every older transaction has ended too; such a transaction (a worker's claim, a lease
 /// update) may publish no hint of its own. When committed events wait behind one
-/// (`TailRead::pending`), the tailer re-reads after 1, 2, 4, … ms (up to the 100 ms poll)
+/// (`TailRead::pending`), the tailer re-reads after 5, 10, 20, … ms (up to the 100 ms poll)
 /// instead of waiting for the next hint or the poll.
 async fn tail(inner: Weak<Inner>, mut cursor: LogCursor) {
     let mut retry = RETRY_MIN;
+    let mut last_read = tokio::time::Instant::now();
     loop {
+        tokio::time::sleep_until(last_read + MIN_GAP).await;
+        last_read = tokio::time::Instant::now();
         let Some(me) = inner.upgrade() else { return };
         let wake = me.wake.clone();
         let notified = wake.notified();
@@ -177,6 +184,7 @@ async fn tail(inner: Weak<Inner>, mut cursor: LogCursor) {
                 })
                 .collect();
             metrics::counter!("capibara_firehose_events_total").increment(batch.len() as u64);
+            metrics::counter!("capibara_firehose_batches_total").increment(1);
             let mut published = me.published.lock().expect("firehose lock");
             // No receiver is not an error: the batch is simply not kept.
             let _ = me.tx.send(Arc::new(batch));
@@ -247,17 +255,38 @@ pub async fn follow(
         tokio::select! {
             r = rx.recv() => match r {
                 Ok(batch) => {
-                    let mut sent = false;
+                    // One write for the batch: the shared frame itself when one event
+                    // matches, else the matching frames copied together.
+                    let mut one: Option<&Bytes> = None;
+                    let mut many: Option<Vec<u8>> = None;
                     for ev in batch.iter() {
                         if ev.cursor <= cursor {
                             continue;
                         }
                         cursor = ev.cursor;
-                        if filter.matches(&ev.envelope) {
-                            if out.send(Ok(ev.frame.clone())).await.is_err() {
-                                return;
+                        if !filter.matches(&ev.envelope) {
+                            continue;
+                        }
+                        match (&mut many, one.take()) {
+                            (Some(m), _) => m.extend_from_slice(&ev.frame),
+                            (None, None) => one = Some(&ev.frame),
+                            (None, Some(first)) => {
+                                let mut m = Vec::with_capacity(first.len() * 4);
+                                m.extend_from_slice(first);
+                                m.extend_from_slice(&ev.frame);
+                                many = Some(m);
                             }
-                            sent = true;
+                        }
+                    }
+                    let chunk = match (many, one) {
+                        (Some(m), _) => Some(Bytes::from(m)),
+                        (None, Some(f)) => Some(f.clone()),
+                        (None, None) => None,
+                    };
+                    let sent = chunk.is_some();
+                    if let Some(chunk) = chunk {
+                        if out.send(Ok(chunk)).await.is_err() {
+                            return;
                         }
                     }
                     if sent {

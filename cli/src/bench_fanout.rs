@@ -8,12 +8,13 @@
 //! 2. opens C SSE clients on `/v1/events` (default 1,000; `--clients`), each on its own HTTP
 //!    connection, and reads the RSS again → memory per connected client;
 //! 3. submits `echo` jobs at a paced rate (default 200/s for 10 s) while the worker runs them;
-//! 4. every client timestamps each event frame when its bytes arrive; fan-out latency is that
-//!    time minus the event's `recorded_at` (same machine, same clock). `recorded_at` is set by
+//! 4. every client timestamps each event frame when its bytes arrive (it only parses the frame's
+//!    `id`); fan-out latency is that time minus the event's `recorded_at`, read from Postgres by
+//!    id at the end (same machine, same clock). `recorded_at` is set by
 //!    the writer just before its append, so the figure includes the group commit, the Redis hint,
 //!    the tailer's read and the fan-out to every client;
 //! 5. waits until every client has received every event written during the phase, and checks
-//!    that each got exactly that many.
+//!    that each got each of them exactly once.
 //!
 //! It prints a line per step and a markdown table for `docs/benchmarks.md`. The bench client
 //! shares the machine with everything it measures; its CPU use is reported.
@@ -513,9 +514,8 @@ fn clock_ticks() -> f64 {
 /// What one SSE client saw.
 #[derive(Default)]
 struct Seen {
-    /// Fan-out latency of each event, ms.
-    lat_ms: Vec<f32>,
-    events: usize,
+    /// `(event id, receipt time in µs since the Unix epoch)` of each event frame.
+    got: Vec<(i64, i64)>,
     error: Option<String>,
 }
 
@@ -533,18 +533,36 @@ async fn open(http: &Client, url: &str) -> Result<reqwest::Response> {
     Ok(r)
 }
 
-/// `recorded_at` of an SSE frame (the envelope's last field), parsed without decoding the JSON.
-fn recorded_at(frame: &[u8]) -> Option<chrono::DateTime<chrono::Utc>> {
-    const KEY: &[u8] = b"\"recorded_at\":\"";
-    let start = frame.windows(KEY.len()).rposition(|w| w == KEY)? + KEY.len();
-    let len = frame[start..].iter().position(|b| *b == b'"')?;
-    let s = std::str::from_utf8(&frame[start..start + len]).ok()?;
-    chrono::DateTime::parse_from_rfc3339(s)
-        .ok()
-        .map(|t| t.with_timezone(&chrono::Utc))
+/// Splits complete SSE frames off the front of `buf`: calls `on_id` with each event frame's id
+/// and returns how many bytes were consumed. Lines are found with `BufRead::skip_until` (a
+/// memchr), so the client keeps up with a thousand streams on a small machine.
+fn frames(buf: &[u8], mut on_id: impl FnMut(i64)) -> usize {
+    use std::io::BufRead;
+    let mut consumed = 0;
+    let mut rest = buf;
+    let mut id: Option<i64> = None;
+    loop {
+        let line_start = rest;
+        let n = rest.skip_until(b'\n').unwrap_or(0);
+        if n == 0 || line_start[n - 1] != b'\n' {
+            return consumed; // incomplete line
+        }
+        let line = &line_start[..n - 1];
+        if line.is_empty() {
+            // End of a frame (a keep-alive comment has no id).
+            if let Some(id) = id.take() {
+                on_id(id);
+            }
+            consumed = buf.len() - rest.len();
+        } else if let Some(v) = line.strip_prefix(b"id:") {
+            id = std::str::from_utf8(v)
+                .ok()
+                .and_then(|v| v.trim().parse().ok());
+        }
+    }
 }
 
-/// Reads frames until `stop`; timestamps each event frame when its bytes arrive.
+/// Reads frames until `stop`; notes the receipt time of each event frame.
 async fn read_client(
     mut res: reqwest::Response,
     total: Arc<AtomicUsize>,
@@ -568,23 +586,18 @@ async fn read_client(
                 return seen;
             }
         };
-        let now = chrono::Utc::now();
-        buf.extend_from_slice(&bytes);
-        let mut done = 0;
-        while let Some(end) = buf[done..].windows(2).position(|w| w == b"\n\n") {
-            let frame = &buf[done..done + end];
-            done += end + 2;
-            if !frame.starts_with(b"id:") {
-                continue; // keep-alive comment
-            }
-            seen.events += 1;
-            total.fetch_add(1, Ordering::Relaxed);
-            if let Some(at) = recorded_at(frame) {
-                let ms = (now - at).num_microseconds().unwrap_or(0) as f64 / 1000.0;
-                seen.lat_ms.push(ms as f32);
-            }
-        }
+        let now = chrono::Utc::now().timestamp_micros();
+        let before = seen.got.len();
+        let done = if buf.is_empty() {
+            let done = frames(&bytes, |id| seen.got.push((id, now)));
+            buf.extend_from_slice(&bytes[done..]);
+            0
+        } else {
+            buf.extend_from_slice(&bytes);
+            frames(&buf, |id| seen.got.push((id, now)))
+        };
         buf.drain(..done);
+        total.fetch_add(seen.got.len() - before, Ordering::Relaxed);
     }
 }
 
@@ -612,7 +625,7 @@ fn percentile(sorted: &[f32], p: f64) -> f64 {
         return f64::NAN;
     }
     let rank = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
-    sorted[rank - 1] as f64
+    f64::from(sorted[rank - 1])
 }
 
 /// Paced single submits: `total` jobs at `rate`/s; returns the achieved rate.
@@ -689,6 +702,10 @@ async fn measure(a: &FanoutArgs, env: &mut Env, machine: &str) -> Result<String>
 
     // 3. Paced submits while the worker runs them.
     let events0 = env.count("SELECT count(*) FROM events").await?;
+    let position0 = env
+        .count("SELECT coalesce(max(position), 0) FROM events")
+        .await?;
+    let batches0 = env.api_metric("capibara_firehose_batches_total").await;
     let lagged0 = env.api_metric("capibara_firehose_lagged_total").await;
     let hz = clock_ticks();
     let me = std::process::id();
@@ -720,9 +737,20 @@ async fn measure(a: &FanoutArgs, env: &mut Env, machine: &str) -> Result<String>
     let (api1, me1, m1) = (cpu_ticks(api_pid), cpu_ticks(me), machine_ticks());
     let rss_after = rss_mib(api_pid);
     let lagged = env.api_metric("capibara_firehose_lagged_total").await - lagged0;
+    let batches = env.api_metric("capibara_firehose_batches_total").await - batches0;
     let _ = stop_tx.send(true);
+    // recorded_at of every event of the phase, by id.
+    let rows: Vec<(i64, i64)> = sqlx::query_as(
+        "SELECT position, (extract(epoch FROM recorded_at) * 1000000)::bigint FROM events \
+         WHERE position > $1",
+    )
+    .bind(position0)
+    .fetch_all(&env.pool)
+    .await?;
+    let recorded: std::collections::HashMap<i64, i64> = rows.into_iter().collect();
     let mut lat: Vec<f32> = Vec::with_capacity(expected * a.clients);
-    let (mut min_events, mut max_events, mut errors) = (usize::MAX, 0, 0);
+    let (mut min_events, mut max_events, mut errors, mut unknown, mut dups) =
+        (usize::MAX, 0, 0, 0, 0);
     for r in readers {
         let seen = r.await?;
         if let Some(e) = &seen.error {
@@ -731,13 +759,23 @@ async fn measure(a: &FanoutArgs, env: &mut Env, machine: &str) -> Result<String>
                 eprintln!("a client failed: {e}");
             }
         }
-        min_events = min_events.min(seen.events);
-        max_events = max_events.max(seen.events);
-        lat.extend(seen.lat_ms);
+        min_events = min_events.min(seen.got.len());
+        max_events = max_events.max(seen.got.len());
+        let mut ids: Vec<i64> = seen.got.iter().map(|(id, _)| *id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        dups += seen.got.len() - ids.len();
+        for (id, at) in seen.got {
+            match recorded.get(&id) {
+                Some(rec) => lat.push((at - rec) as f32 / 1000.0),
+                None => unknown += 1,
+            }
+        }
     }
-    if errors > 0 || min_events != expected || max_events != expected {
+    if errors > 0 || min_events != expected || max_events != expected || unknown > 0 || dups > 0 {
         bail!(
-            "each client should have {expected} events; got {min_events}..={max_events} ({errors} failed)"
+            "each client should have the {expected} events once; got {min_events}..={max_events} \
+             ({errors} failed, {unknown} unknown ids, {dups} duplicates)"
         );
     }
     lat.sort_by(f32::total_cmp);
@@ -758,7 +796,8 @@ async fn measure(a: &FanoutArgs, env: &mut Env, machine: &str) -> Result<String>
         lat.len() as f64 / secs
     );
     println!(
-        "   fan-out latency (client receipt − recorded_at): p50 {p50:.2} ms, p90 {p90:.2} ms, p99 {p99:.2} ms, max {max:.2} ms; lagged receivers: {lagged}"
+        "   fan-out latency (client receipt − recorded_at): p50 {p50:.2} ms, p90 {p90:.2} ms, p99 {p99:.2} ms, max {max:.2} ms; lagged receivers: {lagged}; tailer batches: {batches} ({:.1} events each)",
+        expected as f64 / batches.max(1.0)
     );
     println!(
         "   CPU, % of one core: API {api_cpu:.0}%, bench client {me_cpu:.0}% (machine busy {busy:.0}%); API VmRSS after: {rss_after:.1} MiB"
@@ -798,6 +837,10 @@ async fn measure(a: &FanoutArgs, env: &mut Env, machine: &str) -> Result<String>
     t.push_str(&format!(
         "| CPU during the phase, % of one core | API {api_cpu:.0}%, bench client (parsing {} streams) {me_cpu:.0}%; machine busy {busy:.0}% |\n",
         a.clients
+    ));
+    t.push_str(&format!(
+        "| Tailer batches (one write per client each) | {batches} ({:.1} events per batch) |\n",
+        expected as f64 / batches.max(1.0)
     ));
     t.push_str(&format!(
         "| Receivers that lagged and caught up from Postgres | {lagged} |\n"

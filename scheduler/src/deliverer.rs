@@ -119,14 +119,11 @@ async fn lead(
         return Err(store::StoreError::Conflict);
     }
     tracing::info!("deliverer leading");
-    let mut cursor = match store::checkpoints::load(&store.pool, CHECKPOINT).await? {
-        Some(c) => c,
-        None => {
-            let head = store::checkpoints::head(&store.pool).await?;
-            store::checkpoints::save(&store.pool, CHECKPOINT, head).await?;
-            head
-        }
-    };
+    // A first run starts at the beginning of the log: only jobs with a callback_url and
+    // subscriptions created before an event produce deliveries, so old history sends nothing.
+    let mut cursor = store::checkpoints::load(&store.pool, CHECKPOINT)
+        .await?
+        .unwrap_or_default();
     let mut subs = SubscriptionCache::default();
     let mut last_check = Instant::now();
     let mut last_release = Instant::now();
@@ -155,7 +152,7 @@ async fn lead(
             }
             continue;
         }
-        subs.refresh(&store.pool).await?;
+        subs.refresh_for(&store.pool, &events).await?;
         match process(store, opts, &subs, &events, next).await {
             Ok(n) => {
                 if n > 0 {
@@ -174,20 +171,26 @@ async fn lead(
     }
 }
 
+/// Active subscriptions, reloaded whenever a page holds events newer than the last load (so a
+/// subscription gets every event recorded after its creation, and none before).
 #[derive(Default)]
 struct SubscriptionCache {
     by_namespace: HashMap<String, Vec<Subscription>>,
-    loaded: Option<Instant>,
+    /// Database-independent wall clock of the last load (events carry `recorded_at`).
+    loaded_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 impl SubscriptionCache {
-    async fn refresh(&mut self, pool: &PgPool) -> Result<(), store::StoreError> {
-        if self
-            .loaded
-            .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
-        {
+    async fn refresh_for(
+        &mut self,
+        pool: &PgPool,
+        events: &[EventEnvelope],
+    ) -> Result<(), store::StoreError> {
+        let newest = events.iter().map(|e| e.recorded_at).max();
+        if self.loaded_at.is_some_and(|l| newest.is_none_or(|n| n < l)) {
             return Ok(());
         }
+        let at = domain::now();
         self.by_namespace.clear();
         for s in store::subscriptions::active(pool).await? {
             self.by_namespace
@@ -195,7 +198,7 @@ impl SubscriptionCache {
                 .or_default()
                 .push(s);
         }
-        self.loaded = Some(Instant::now());
+        self.loaded_at = Some(at);
         Ok(())
     }
 }
@@ -295,7 +298,7 @@ async fn process(
                 }
             }
             for s in subs.by_namespace.get(&ns).into_iter().flatten() {
-                if s.wants(&name, job) {
+                if s.created_at <= e.recorded_at && s.wants(&name, job) {
                     planned.push(Planned {
                         namespace: ns.clone(),
                         subscription_id: Some(s.id),

@@ -71,9 +71,9 @@ impl TestEnv {
     pub async fn new() -> TestEnv {
         let admin_url = env_or(
             "CAPIBARA_TEST_DATABASE_URL",
-            "postgres://capibara@127.0.0.1:55432/postgres",
+            "postgres://capibara@127.0.0.1:25432/postgres",
         );
-        let redis_url = env_or("CAPIBARA_TEST_REDIS_URL", "redis://127.0.0.1:56379/");
+        let redis_url = env_or("CAPIBARA_TEST_REDIS_URL", "redis://127.0.0.1:26379/");
         Self::on(admin_url, redis_url).await
     }
 

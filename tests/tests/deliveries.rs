@@ -357,7 +357,21 @@ async fn a_receiver_that_was_down_gets_everything_in_order_per_job() {
             ..Default::default()
         },
     );
-    let got = wait_requests(&receiver, 9, Duration::from_secs(40)).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    while receiver.requests().len() < 9 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let got = receiver.requests();
+    if got.len() < 9 {
+        let d = api.get("/v1/deliveries?limit=50").await;
+        let jobs = api.get("/v1/jobs?kind=callback.deliver&limit=50").await;
+        panic!(
+            "only {} requests: {got:?}\ndeliveries: {}\njobs: {}",
+            got.len(),
+            d.body,
+            jobs.body
+        );
+    }
     for id in &ids {
         let per_job: Vec<&str> = got
             .iter()

@@ -93,7 +93,7 @@ async fn jobs_survive_redis_restarting_empty() {
     .unwrap();
     let env = TestEnv::on(
         std::env::var("CAPIBARA_TEST_DATABASE_URL")
-            .unwrap_or_else(|_| "postgres://capibara@127.0.0.1:55432/postgres".into()),
+            .unwrap_or_else(|_| "postgres://capibara@127.0.0.1:25432/postgres".into()),
         redis.url(),
     )
     .await;
@@ -154,7 +154,7 @@ async fn the_api_answers_503_while_postgres_is_down_and_recovers_by_itself() {
     let env = TestEnv::on(
         pg.url("postgres"),
         std::env::var("CAPIBARA_TEST_REDIS_URL")
-            .unwrap_or_else(|_| "redis://127.0.0.1:56379/".into()),
+            .unwrap_or_else(|_| "redis://127.0.0.1:26379/".into()),
     )
     .await;
     let _procs = env.spawn_all().await;

@@ -17,21 +17,6 @@ pub async fn load(pool: &PgPool, name: &str) -> Result<Option<LogCursor>, StoreE
     }))
 }
 
-/// The cursor at the current end of the log (a new follower starts here).
-pub async fn head(pool: &PgPool) -> Result<LogCursor, StoreError> {
-    let row: Option<(String, i64)> = sqlx::query_as(
-        "SELECT tx_id::text, position FROM events ORDER BY tx_id DESC, position DESC LIMIT 1",
-    )
-    .fetch_optional(pool)
-    .await?;
-    Ok(row
-        .map(|(tx, position)| LogCursor {
-            tx_id: tx.parse().unwrap_or(0),
-            position,
-        })
-        .unwrap_or_default())
-}
-
 /// The statement that saves a checkpoint (used inside append transactions and alone).
 pub const SAVE: &str = "INSERT INTO log_checkpoints (name, tx_id, position, updated_at) VALUES ($1, $2, $3, now())
      ON CONFLICT (name) DO UPDATE SET tx_id = EXCLUDED.tx_id, position = EXCLUDED.position, updated_at = now()";
