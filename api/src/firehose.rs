@@ -42,7 +42,8 @@ use tokio::sync::{broadcast, mpsc, Notify, OnceCell};
 
 /// Events per tailer read (and at most per batch).
 const TAIL_READ: i64 = 1000;
-/// Batches a receiver may fall behind before it lags and catches up from Postgres.
+/// Batches a receiver may fall behind before it lags and catches up from Postgres (default of
+/// `CAPIBARA_FIREHOSE_BUFFER`; tests set it tiny to exercise the lag path).
 const CHANNEL_BATCHES: usize = 1024;
 /// Fallback poll when no hint arrives.
 const POLL: Duration = Duration::from_millis(100);
@@ -104,7 +105,12 @@ struct Inner {
 
 impl Firehose {
     pub fn new(pool: PgPool, watch: &StreamWatch) -> Firehose {
-        let (tx, _) = broadcast::channel(CHANNEL_BATCHES);
+        let batches = std::env::var("CAPIBARA_FIREHOSE_BUFFER")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|n| *n > 0)
+            .unwrap_or(CHANNEL_BATCHES);
+        let (tx, _) = broadcast::channel(batches);
         Firehose {
             inner: Arc::new(Inner {
                 pool,

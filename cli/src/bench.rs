@@ -162,7 +162,7 @@ pub async fn run(mut a: BenchArgs) -> Result<()> {
     }
 }
 
-fn profile() -> &'static str {
+pub(crate) fn profile() -> &'static str {
     if cfg!(debug_assertions) {
         "debug"
     } else {
@@ -172,7 +172,7 @@ fn profile() -> &'static str {
 
 /// `<target>/bench/run-<unix time>` when the binary is in `<target>/<profile>/`, else a
 /// directory under the temp dir.
-fn default_dir(bin_dir: &Path) -> PathBuf {
+pub(crate) fn default_dir(bin_dir: &Path) -> PathBuf {
     let stamp = chrono::Utc::now().format("%Y%m%d-%H%M%S").to_string();
     let name = format!("run-{stamp}-{}", std::process::id());
     match bin_dir.parent() {
@@ -186,29 +186,29 @@ fn default_dir(bin_dir: &Path) -> PathBuf {
 // ---------------------------------------------------------------------------------------------
 
 /// A spawned binary.
-struct Proc {
-    name: String,
-    child: Child,
-    log: PathBuf,
+pub(crate) struct Proc {
+    pub(crate) name: String,
+    pub(crate) child: Child,
+    pub(crate) log: PathBuf,
     /// Port of its health/metrics listener.
-    port: u16,
+    pub(crate) port: u16,
 }
 
 /// The servers and processes of one run. Dropping it kills and reaps every child, then stops
 /// Redis and Postgres (fields drop in declaration order after `drop`).
-struct Env {
-    procs: Vec<Proc>,
-    redis: Option<RedisServer>,
-    pg: Option<PostgresServer>,
-    dir: PathBuf,
-    bin_dir: PathBuf,
-    db_url: String,
-    redis_url: String,
-    admin_key: String,
-    api_port: u16,
-    pool: PgPool,
-    http: Client,
-    worker_concurrency: usize,
+pub(crate) struct Env {
+    pub(crate) procs: Vec<Proc>,
+    pub(crate) redis: Option<RedisServer>,
+    pub(crate) pg: Option<PostgresServer>,
+    pub(crate) dir: PathBuf,
+    pub(crate) bin_dir: PathBuf,
+    pub(crate) db_url: String,
+    pub(crate) redis_url: String,
+    pub(crate) admin_key: String,
+    pub(crate) api_port: u16,
+    pub(crate) pool: PgPool,
+    pub(crate) http: Client,
+    pub(crate) worker_concurrency: usize,
 }
 
 impl Drop for Env {
@@ -290,7 +290,7 @@ impl Env {
         Ok(env)
     }
 
-    fn api(&self, path: &str) -> String {
+    pub(crate) fn api(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.api_port)
     }
 
@@ -355,7 +355,7 @@ impl Env {
     }
 
     /// Fails when a child exited, quoting the end of its log.
-    fn check_alive(&mut self) -> Result<()> {
+    pub(crate) fn check_alive(&mut self) -> Result<()> {
         for p in &mut self.procs {
             if let Some(status) = p.child.try_wait()? {
                 let log = fs::read_to_string(&p.log).unwrap_or_default();
@@ -372,7 +372,7 @@ impl Env {
         Ok(())
     }
 
-    async fn wait_healthy(&mut self, port: u16) -> Result<()> {
+    pub(crate) async fn wait_healthy(&mut self, port: u16) -> Result<()> {
         let url = format!("http://127.0.0.1:{port}/healthz");
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
@@ -418,7 +418,7 @@ impl Env {
         .await?)
     }
 
-    async fn count(&self, sql: &str) -> Result<i64> {
+    pub(crate) async fn count(&self, sql: &str) -> Result<i64> {
         Ok(sqlx::query_scalar(sql).fetch_one(&self.pool).await?)
     }
 
@@ -433,7 +433,7 @@ impl Env {
     }
 
     /// Polls every 50 ms until no job is open; fails when nothing moved for 60 s.
-    async fn wait_drained(&mut self) -> Result<()> {
+    pub(crate) async fn wait_drained(&mut self) -> Result<()> {
         let mut last = i64::MAX;
         let mut last_change = Instant::now();
         loop {
@@ -488,7 +488,7 @@ impl Env {
     }
 
     /// CPU time (ticks) of each process group, and of the whole machine.
-    fn cpu_snapshot(&self) -> CpuSnapshot {
+    pub(crate) fn cpu_snapshot(&self) -> CpuSnapshot {
         let mut groups: BTreeMap<String, u64> = BTreeMap::new();
         let procs = all_procs();
         if let Some(pm) = self
@@ -632,20 +632,20 @@ fn rss_mib(pid: u32) -> Option<f64> {
     Some(kb / 1024.0)
 }
 
-struct CpuSnapshot {
+pub(crate) struct CpuSnapshot {
     at: Instant,
     groups: BTreeMap<String, u64>,
     machine: (u64, u64),
 }
 
 /// CPU use between two snapshots: % of one core per group, and the machine's busy %.
-struct CpuUse {
+pub(crate) struct CpuUse {
     groups: Vec<(String, f64)>,
     machine_busy: f64,
 }
 
 impl CpuUse {
-    fn between(a: &CpuSnapshot, b: &CpuSnapshot) -> CpuUse {
+    pub(crate) fn between(a: &CpuSnapshot, b: &CpuSnapshot) -> CpuUse {
         let secs = b.at.duration_since(a.at).as_secs_f64().max(1e-9);
         let hz = clock_ticks();
         let mut groups: Vec<(String, f64)> = b
@@ -672,7 +672,7 @@ impl CpuUse {
         }
     }
 
-    fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         let parts: Vec<String> = self
             .groups
             .iter()
@@ -690,16 +690,16 @@ impl CpuUse {
 // Machine facts
 // ---------------------------------------------------------------------------------------------
 
-struct Facts {
+pub(crate) struct Facts {
     cores: usize,
     cpu: String,
     mem_gib: f64,
-    git: String,
-    date: String,
+    pub(crate) git: String,
+    pub(crate) date: String,
 }
 
 impl Facts {
-    fn collect() -> Facts {
+    pub(crate) fn collect() -> Facts {
         let cores = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1);
@@ -747,7 +747,7 @@ impl Facts {
         }
     }
 
-    fn machine(&self) -> String {
+    pub(crate) fn machine(&self) -> String {
         format!(
             "{} cores (nproc), {}, {:.1} GiB memory",
             self.cores, self.cpu, self.mem_gib
@@ -843,13 +843,13 @@ async fn submit_batches(
     Ok(started.elapsed())
 }
 
-fn bytes(v: &serde_json::Value) -> Result<Vec<u8>> {
+pub(crate) fn bytes(v: &serde_json::Value) -> Result<Vec<u8>> {
     Ok(serde_json::to_vec(v)?)
 }
 
 /// POSTs JSON bytes; fails on a non-2xx answer. The body is read (and dropped) so the
 /// connection goes back to the pool.
-async fn post(http: &Client, url: &str, body: Vec<u8>) -> Result<()> {
+pub(crate) async fn post(http: &Client, url: &str, body: Vec<u8>) -> Result<()> {
     let r = http
         .post(url)
         .header(header::CONTENT_TYPE, "application/json")
@@ -868,7 +868,7 @@ async fn post(http: &Client, url: &str, body: Vec<u8>) -> Result<()> {
     Ok(())
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }
@@ -876,12 +876,12 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[rank - 1]
 }
 
-fn sorted(mut v: Vec<f64>) -> Vec<f64> {
+pub(crate) fn sorted(mut v: Vec<f64>) -> Vec<f64> {
     v.sort_by(f64::total_cmp);
     v
 }
 
-fn thousands(x: f64) -> String {
+pub(crate) fn thousands(x: f64) -> String {
     let n = x.round() as i64;
     let s = n.abs().to_string();
     let mut out = String::new();

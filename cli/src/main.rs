@@ -2,6 +2,7 @@
 //! the database; `submit`, `get`, `wait` and `events` are API clients; `bench` measures.
 
 mod bench;
+mod bench_deliveries;
 mod bench_fanout;
 mod client;
 mod dev;
@@ -44,6 +45,9 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Measure the event firehose's live fan-out to many SSE clients (own Postgres, Redis, processes).
     BenchFanout(bench_fanout::FanoutArgs),
+    /// Measure webhook deliveries (`callback_url`): throughput and event→receipt latency.
+    #[command(name = "bench-deliveries")]
+    BenchDeliveries(bench_deliveries::Args),
 }
 
 #[derive(Subcommand)]
@@ -112,5 +116,6 @@ async fn main() -> anyhow::Result<()> {
         Command::Events(a) => client::events(a).await,
         Command::Bench(a) => bench::run(a).await,
         Command::BenchFanout(a) => bench_fanout::run(a).await,
+        Command::BenchDeliveries(a) => bench_deliveries::run(a).await,
     }
 }

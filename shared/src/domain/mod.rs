@@ -17,6 +17,7 @@ pub mod job;
 pub mod kinds;
 pub mod problem;
 pub mod retry;
+pub mod schedule;
 pub mod subscription;
 pub mod webhook;
 
