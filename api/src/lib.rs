@@ -63,7 +63,7 @@ impl AppState {
 
 /// The whole HTTP app.
 pub fn app(state: AppState) -> Router {
-    use routes::{admin, deliveries, jobs, orchestrate, subscriptions};
+    use routes::{admin, deliveries, jobs, orchestrate, schedules, subscriptions};
     let v1 = Router::new()
         .route("/v1/jobs", post(jobs::submit).get(jobs::list))
         .route("/v1/jobs/batch", post(jobs::submit_batch))
@@ -95,6 +95,15 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/deliveries/{id}", get(deliveries::get))
         .route("/v1/deliveries/{id}/redeliver", post(deliveries::redeliver))
         .route("/v1/orchestrate", post(orchestrate::orchestrate))
+        .route("/v1/schedules", post(schedules::create).get(schedules::list))
+        .route(
+            "/v1/schedules/{id}",
+            get(schedules::get).patch(schedules::update).delete(schedules::delete),
+        )
+        .route("/v1/schedules/{id}/pause", post(schedules::pause))
+        .route("/v1/schedules/{id}/resume", post(schedules::resume))
+        .route("/v1/schedules/{id}/trigger", post(schedules::trigger))
+        .route("/v1/schedules/{id}/backfill", post(schedules::backfill))
         .with_state(state.clone());
     let spec = openapi::ApiDoc::openapi();
     Router::new()

@@ -5,7 +5,7 @@ use utoipa::{
     Modify, OpenApi,
 };
 
-use crate::routes::{admin, deliveries, events, jobs, orchestrate, subscriptions};
+use crate::routes::{admin, deliveries, events, jobs, orchestrate, schedules, subscriptions};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -14,10 +14,12 @@ use crate::routes::{admin, deliveries, events, jobs, orchestrate, subscriptions}
           admin::workers, admin::queues, admin::kinds_list, admin::create_key, admin::list_keys,
           subscriptions::create, subscriptions::list, subscriptions::get, subscriptions::update,
           subscriptions::pause, subscriptions::resume, subscriptions::delete,
-          deliveries::list, deliveries::get, deliveries::redeliver, orchestrate::orchestrate),
+          deliveries::list, deliveries::get, deliveries::redeliver, orchestrate::orchestrate,
+          schedules::create, schedules::list, schedules::get, schedules::update, schedules::pause,
+          schedules::resume, schedules::delete, schedules::trigger, schedules::backfill),
     components(schemas(crate::error::Problem, capibara_shared::domain::FieldError)),
     modifiers(&BearerAuth),
-    tags((name = "jobs"), (name = "events"), (name = "deliveries"), (name = "operations"))
+    tags((name = "jobs"), (name = "events"), (name = "deliveries"), (name = "schedules"), (name = "operations"))
 )]
 pub struct ApiDoc;
 

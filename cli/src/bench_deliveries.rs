@@ -555,8 +555,11 @@ struct Stages {
     retried: i64,
 }
 
+/// Delivery id, event → created ms, created → started ms, started (epoch s), attempts.
+type StageRow = (String, f64, Option<f64>, Option<f64>, i32);
+
 async fn stages(env: &Env, receipts: &[Receipt], phase: &str) -> Result<Stages> {
-    let rows: Vec<(String, f64, Option<f64>, Option<f64>, i32)> = sqlx::query_as(
+    let rows: Vec<StageRow> = sqlx::query_as(
         "SELECT d.id::text, \
            (extract(epoch FROM d.created_at - (d.payload->>'timestamp')::timestamptz) * 1000)::float8, \
            (extract(epoch FROM cj.started_at - d.created_at) * 1000)::float8, \

@@ -167,6 +167,11 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         },
         stop.clone(),
     ));
+    let ticker = tokio::spawn(capibara_scheduler::ticker::run(
+        store.clone(),
+        capibara_scheduler::ticker::Clock::from_env(),
+        stop.clone(),
+    ));
     let deliverer = tokio::spawn(capibara_scheduler::deliverer::run(
         store.clone(),
         queue.clone(),
@@ -186,6 +191,6 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     );
 
     stop.cancelled().await;
-    let _ = tokio::join!(api, worker, housekeeping, deliverer);
+    let _ = tokio::join!(api, worker, housekeeping, deliverer, ticker);
     Ok(())
 }

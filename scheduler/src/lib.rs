@@ -3,7 +3,9 @@
 //!
 //! # Layout
 //! - [`housekeeping`]: promoter, relay, reaper and queue gauges.
+//! - [`ticker`]: fires cron schedules, exactly once across replicas.
 //! - [`deliverer`]: turns job events into webhook deliveries (callbacks, subscriptions).
 
 pub mod deliverer;
 pub mod housekeeping;
+pub mod ticker;

@@ -35,6 +35,11 @@ async fn main() -> anyhow::Result<()> {
             .with_graceful_shutdown(async move { http_stop.cancelled().await })
             .await
     });
+    let ticker = tokio::spawn(capibara_scheduler::ticker::run(
+        store.clone(),
+        capibara_scheduler::ticker::Clock::from_env(),
+        stop.clone(),
+    ));
     let deliverer = tokio::spawn(capibara_scheduler::deliverer::run(
         store.clone(),
         queue.clone(),
@@ -49,6 +54,7 @@ async fn main() -> anyhow::Result<()> {
     )
     .await;
     let _ = deliverer.await;
+    let _ = ticker.await;
     let _ = http.await;
     Ok(())
 }

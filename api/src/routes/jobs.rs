@@ -389,7 +389,7 @@ pub async fn submit_batch(
         .into_response())
 }
 
-fn nest(e: ApiError, prefix: &str) -> ApiError {
+pub fn nest(e: ApiError, prefix: &str) -> ApiError {
     match e {
         ApiError::Validation { errors, .. } => {
             let errors: Vec<FieldError> = errors.into_iter().map(|f| f.under(prefix)).collect();

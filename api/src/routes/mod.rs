@@ -5,4 +5,5 @@ pub mod deliveries;
 pub mod events;
 pub mod jobs;
 pub mod orchestrate;
+pub mod schedules;
 pub mod subscriptions;

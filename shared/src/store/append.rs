@@ -83,6 +83,12 @@ pub enum Effect {
     Lease(Lease),
     ReleaseLease(Uuid),
     UpsertDelivery(Box<crate::domain::delivery::Delivery>),
+    UpsertSchedule(Box<crate::domain::schedule::Schedule>),
+    /// Fired ticks: `(schedule_id, fire_time)` is unique, so a tick fires once across replicas.
+    InsertTicks {
+        schedule_id: Uuid,
+        ticks: Vec<(DateTime<Utc>, Option<Uuid>)>,
+    },
     /// Move a log follower's checkpoint in the same transaction as what it produced.
     Checkpoint {
         name: String,
@@ -585,6 +591,8 @@ async fn write_effects(
     let mut leases: HashMap<Uuid, Option<&Lease>> = HashMap::new();
     let mut deliveries: HashMap<Uuid, &crate::domain::delivery::Delivery> = HashMap::new();
     let mut checkpoints: Vec<(&str, super::events::LogCursor)> = Vec::new();
+    let mut schedules: HashMap<Uuid, &crate::domain::schedule::Schedule> = HashMap::new();
+    let (mut tick_sched, mut tick_time, mut tick_job) = (Vec::new(), Vec::new(), Vec::new());
     for &i in ok {
         for e in &appends[i].effects {
             match e {
@@ -607,6 +615,16 @@ async fn write_effects(
                     deliveries.insert(d.id, d);
                 }
                 Effect::Checkpoint { name, cursor } => checkpoints.push((name, *cursor)),
+                Effect::UpsertSchedule(s) => {
+                    schedules.insert(s.id, s);
+                }
+                Effect::InsertTicks { schedule_id, ticks } => {
+                    for (t, j) in ticks {
+                        tick_sched.push(*schedule_id);
+                        tick_time.push(*t);
+                        tick_job.push(*j);
+                    }
+                }
             }
         }
     }
@@ -624,6 +642,24 @@ async fn write_effects(
             .bind(rows)
             .execute(&mut **tx)
             .await?;
+    }
+    if !schedules.is_empty() {
+        let rows = serde_json::to_value(schedules.values().collect::<Vec<_>>()).expect("schedules serialize");
+        sqlx::query(super::schedules::UPSERT_SCHEDULES)
+            .bind(rows)
+            .execute(&mut **tx)
+            .await?;
+    }
+    if !tick_sched.is_empty() {
+        sqlx::query(
+            "INSERT INTO schedule_ticks (schedule_id, fire_time, job_id)
+             SELECT * FROM unnest($1::uuid[], $2::timestamptz[], $3::uuid[])",
+        )
+        .bind(&tick_sched)
+        .bind(&tick_time)
+        .bind(&tick_job)
+        .execute(&mut **tx)
+        .await?;
     }
     for (name, cursor) in checkpoints {
         sqlx::query(super::checkpoints::SAVE)

@@ -20,6 +20,7 @@ pub mod events;
 pub mod jobs;
 pub mod keys;
 pub mod rebuild;
+pub mod schedules;
 pub mod subscriptions;
 pub mod workers;
 

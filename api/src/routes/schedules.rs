@@ -1,0 +1,383 @@
+//! `/v1/schedules`: cron schedules that submit jobs (or, later, start workflow runs).
+
+use axum::{
+    extract::{Path, State},
+    http::StatusCode,
+    response::{IntoResponse, Response},
+    Json,
+};
+use capibara_shared::{
+    domain::{
+        self,
+        auth::Role,
+        event::EventMetadata,
+        schedule::{CatchUp, CronSpec, Overlap, Schedule, ScheduleEvent, ScheduleSpec, ScheduleTarget},
+    },
+    store::{self, jobs::job_append, schedules::schedule_append, AppendError, StoreError},
+};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::{
+    auth::Auth,
+    error::ApiError,
+    extract::ApiJson,
+    routes::jobs::{nest, to_submission, Page, SubmitJob},
+    AppState,
+};
+
+/// Where a tick goes (contract shape).
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum TargetBody {
+    /// Submit this job.
+    Job { job: SubmitJob },
+    /// Start a workflow run (available once workflows land).
+    Workflow {
+        workflow_id: String,
+        #[serde(default)]
+        #[schema(value_type = Object)]
+        input: Option<serde_json::Value>,
+    },
+}
+
+/// `POST /v1/schedules` body.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSchedule {
+    pub name: String,
+    /// 5 fields, 6 fields (with seconds) or `@hourly`, `@daily`, `@weekly`, `@monthly`, `@yearly`.
+    pub cron: String,
+    /// IANA timezone (default `UTC`).
+    #[serde(default)]
+    pub timezone: Option<String>,
+    pub target: TargetBody,
+    /// Default `skip`.
+    #[serde(default)]
+    pub overlap: Option<Overlap>,
+    /// Default `latest`.
+    #[serde(default)]
+    pub catch_up: Option<CatchUp>,
+    /// With `catch_up: all`: how far back missed ticks are fired (default 3600 s).
+    #[serde(default)]
+    pub catch_up_window_s: Option<i64>,
+    /// Delay each tick by up to this many seconds (default 0).
+    #[serde(default)]
+    pub jitter_s: Option<i64>,
+    #[serde(default)]
+    pub start_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub end_at: Option<DateTime<Utc>>,
+}
+
+/// `PATCH /v1/schedules/{id}` body: any subset of the fields of a schedule.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateSchedule {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub cron: Option<String>,
+    #[serde(default)]
+    pub timezone: Option<String>,
+    #[serde(default)]
+    pub target: Option<TargetBody>,
+    #[serde(default)]
+    pub overlap: Option<Overlap>,
+    #[serde(default)]
+    pub catch_up: Option<CatchUp>,
+    #[serde(default)]
+    pub catch_up_window_s: Option<i64>,
+    #[serde(default)]
+    pub jitter_s: Option<i64>,
+    #[serde(default)]
+    pub start_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub end_at: Option<DateTime<Utc>>,
+}
+
+/// A schedule with its next fire times.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ScheduleView {
+    #[serde(flatten)]
+    pub schedule: Schedule,
+    pub next_fire_times: Vec<DateTime<Utc>>,
+}
+
+impl From<Schedule> for ScheduleView {
+    fn from(s: Schedule) -> Self {
+        let next_fire_times = s.upcoming(5);
+        ScheduleView {
+            schedule: s,
+            next_fire_times,
+        }
+    }
+}
+
+/// `POST /v1/schedules/{id}/backfill` body.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Backfill {
+    pub from: DateTime<Utc>,
+    pub to: DateTime<Utc>,
+}
+
+/// Most ticks one backfill may fire.
+const MAX_BACKFILL: usize = 1000;
+
+async fn target(t: TargetBody, state: &AppState) -> Result<ScheduleTarget, ApiError> {
+    match t {
+        TargetBody::Job { job } => Ok(ScheduleTarget::Job {
+            job: to_submission(job, &state.config).await.map_err(|e| nest(e, "target.job"))?,
+        }),
+        TargetBody::Workflow { .. } => Err(ApiError::field(
+            "target.type",
+            "workflow targets are not available in this version; use {\"type\": \"job\", \"job\": {...}}",
+        )),
+    }
+}
+
+fn check_spec(s: &ScheduleSpec) -> Result<(), ApiError> {
+    if s.name.trim().is_empty() || s.name.len() > 200 {
+        return Err(ApiError::field("name", "must be 1-200 characters"));
+    }
+    CronSpec::parse(&s.cron, &s.timezone).map_err(|(field, m)| ApiError::field(field, m))?;
+    if !(0..=7 * 86_400).contains(&s.catch_up_window_s) {
+        return Err(ApiError::field("catch_up_window_s", "must be between 0 and 604800"));
+    }
+    if !(0..=3600).contains(&s.jitter_s) {
+        return Err(ApiError::field("jitter_s", "must be between 0 and 3600"));
+    }
+    if let (Some(a), Some(b)) = (s.start_at, s.end_at) {
+        if b <= a {
+            return Err(ApiError::field("end_at", "must be after start_at"));
+        }
+    }
+    Ok(())
+}
+
+fn meta(auth: &Auth) -> EventMetadata {
+    EventMetadata {
+        namespace: auth.namespace().to_string(),
+        actor: Some(auth.actor()),
+        ..Default::default()
+    }
+}
+
+fn parse_id(id: &str) -> Result<Uuid, ApiError> {
+    id.parse().map_err(|_| ApiError::NotFound(format!("no schedule `{id}`")))
+}
+
+async fn load(state: &AppState, auth: &Auth, id: &str) -> Result<Schedule, ApiError> {
+    let id = parse_id(id)?;
+    store::schedules::get(&state.store.pool, auth.namespace(), id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no schedule `{id}`")))
+}
+
+/// Append schedule events (and jobs) atomically; a concurrent change is a 409.
+async fn write(
+    state: &AppState,
+    auth: &Auth,
+    prev: Option<&Schedule>,
+    id: Uuid,
+    events: &[ScheduleEvent],
+    jobs: Vec<store::Append>,
+) -> Result<Schedule, ApiError> {
+    let (new, a) = schedule_append(prev, id, auth.namespace(), events, meta(auth), domain::now())
+        .ok_or_else(|| ApiError::Internal("schedule state".into()))?;
+    let mut all = vec![a];
+    all.extend(jobs);
+    match state.store.appender.append_all(all).await {
+        Ok(_) => Ok(new),
+        Err(AppendError::Conflict { .. }) => Err(ApiError::Conflict("the schedule changed concurrently; retry".into())),
+        Err(e) => Err(StoreError::from(e).into()),
+    }
+}
+
+#[utoipa::path(post, path = "/v1/schedules", tag = "schedules", request_body = CreateSchedule,
+    responses((status = 201, body = ScheduleView), (status = 422, body = crate::error::Problem)),
+    security(("bearer" = [])))]
+pub async fn create(State(state): State<AppState>, auth: Auth, body: ApiJson<CreateSchedule>) -> Result<Response, ApiError> {
+    auth.require(Role::Submit)?;
+    let b = body.value;
+    let spec = ScheduleSpec {
+        name: b.name,
+        cron: b.cron,
+        timezone: b.timezone.unwrap_or_else(|| "UTC".into()),
+        target: target(b.target, &state).await?,
+        overlap: b.overlap.unwrap_or(Overlap::Skip),
+        catch_up: b.catch_up.unwrap_or(CatchUp::Latest),
+        catch_up_window_s: b.catch_up_window_s.unwrap_or(3600),
+        jitter_s: b.jitter_s.unwrap_or(0),
+        start_at: b.start_at,
+        end_at: b.end_at,
+    };
+    check_spec(&spec)?;
+    let s = write(&state, &auth, None, Uuid::now_v7(), &[ScheduleEvent::ScheduleCreated(spec)], vec![]).await?;
+    Ok((StatusCode::CREATED, Json(ScheduleView::from(s))).into_response())
+}
+
+#[utoipa::path(get, path = "/v1/schedules", tag = "schedules",
+    responses((status = 200, body = Page<ScheduleView>)), security(("bearer" = [])))]
+pub async fn list(State(state): State<AppState>, auth: Auth) -> Result<Json<Page<ScheduleView>>, ApiError> {
+    auth.require(Role::Read)?;
+    let items = store::schedules::list(&state.store.pool, auth.namespace())
+        .await?
+        .into_iter()
+        .map(ScheduleView::from)
+        .collect();
+    Ok(Json(Page { items, next_cursor: None }))
+}
+
+#[utoipa::path(get, path = "/v1/schedules/{id}", tag = "schedules", params(("id" = String, Path)),
+    responses((status = 200, body = ScheduleView), (status = 404, body = crate::error::Problem)),
+    security(("bearer" = [])))]
+pub async fn get(State(state): State<AppState>, auth: Auth, Path(id): Path<String>) -> Result<Json<ScheduleView>, ApiError> {
+    auth.require(Role::Read)?;
+    Ok(Json(load(&state, &auth, &id).await?.into()))
+}
+
+#[utoipa::path(patch, path = "/v1/schedules/{id}", tag = "schedules", params(("id" = String, Path)),
+    request_body = UpdateSchedule, responses((status = 200, body = ScheduleView), (status = 422, body = crate::error::Problem)),
+    security(("bearer" = [])))]
+pub async fn update(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+    body: ApiJson<UpdateSchedule>,
+) -> Result<Json<ScheduleView>, ApiError> {
+    auth.require(Role::Submit)?;
+    let s = load(&state, &auth, &id).await?;
+    let b = body.value;
+    let current_target: ScheduleTarget =
+        serde_json::from_value(s.target.clone()).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let spec = ScheduleSpec {
+        name: b.name.unwrap_or_else(|| s.name.clone()),
+        cron: b.cron.unwrap_or_else(|| s.cron.clone()),
+        timezone: b.timezone.unwrap_or_else(|| s.timezone.clone()),
+        target: match b.target {
+            Some(t) => target(t, &state).await?,
+            None => current_target,
+        },
+        overlap: b.overlap.unwrap_or(s.overlap),
+        catch_up: b.catch_up.unwrap_or(s.catch_up),
+        catch_up_window_s: b.catch_up_window_s.unwrap_or(s.catch_up_window_s),
+        jitter_s: b.jitter_s.unwrap_or(s.jitter_s),
+        start_at: b.start_at.or(s.start_at),
+        end_at: b.end_at.or(s.end_at),
+    };
+    check_spec(&spec)?;
+    Ok(Json(write(&state, &auth, Some(&s), s.id, &[ScheduleEvent::ScheduleUpdated(spec)], vec![]).await?.into()))
+}
+
+async fn simple(state: &AppState, auth: &Auth, id: &str, ev: ScheduleEvent) -> Result<Json<ScheduleView>, ApiError> {
+    auth.require(Role::Submit)?;
+    let s = load(state, auth, id).await?;
+    Ok(Json(write(state, auth, Some(&s), s.id, &[ev], vec![]).await?.into()))
+}
+
+#[utoipa::path(post, path = "/v1/schedules/{id}/pause", tag = "schedules", params(("id" = String, Path)),
+    responses((status = 200, body = ScheduleView)), security(("bearer" = [])))]
+pub async fn pause(State(state): State<AppState>, auth: Auth, Path(id): Path<String>) -> Result<Json<ScheduleView>, ApiError> {
+    simple(&state, &auth, &id, ScheduleEvent::SchedulePaused {}).await
+}
+
+#[utoipa::path(post, path = "/v1/schedules/{id}/resume", tag = "schedules", params(("id" = String, Path)),
+    responses((status = 200, description = "ticks continue from now (missed ones are not fired)", body = ScheduleView)),
+    security(("bearer" = [])))]
+pub async fn resume(State(state): State<AppState>, auth: Auth, Path(id): Path<String>) -> Result<Json<ScheduleView>, ApiError> {
+    simple(&state, &auth, &id, ScheduleEvent::ScheduleResumed {}).await
+}
+
+#[utoipa::path(delete, path = "/v1/schedules/{id}", tag = "schedules", params(("id" = String, Path)),
+    responses((status = 204, description = "deleted (its history stays in the log)")), security(("bearer" = [])))]
+pub async fn delete(State(state): State<AppState>, auth: Auth, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
+    let _deleted = simple(&state, &auth, &id, ScheduleEvent::ScheduleDeleted {}).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(post, path = "/v1/schedules/{id}/trigger", tag = "schedules", params(("id" = String, Path)),
+    responses((status = 202, description = "fired now; `last_job_id` is the job", body = ScheduleView)),
+    security(("bearer" = [])))]
+pub async fn trigger(State(state): State<AppState>, auth: Auth, Path(id): Path<String>) -> Result<Response, ApiError> {
+    auth.require(Role::Submit)?;
+    let s = load(&state, &auth, &id).await?;
+    let now = domain::now();
+    let job_id = Uuid::now_v7();
+    let job = tick_job(&s, job_id, now, &auth)?;
+    let ev = ScheduleEvent::TickFired {
+        fire_time: now,
+        job_id: Some(job_id),
+        run_id: None,
+        trigger: "manual".into(),
+    };
+    let s = write(&state, &auth, Some(&s), s.id, &[ev], vec![job]).await?;
+    Ok((StatusCode::ACCEPTED, Json(ScheduleView::from(s))).into_response())
+}
+
+fn tick_job(s: &Schedule, job_id: Uuid, fire_time: DateTime<Utc>, auth: &Auth) -> Result<store::Append, ApiError> {
+    let target: ScheduleTarget = serde_json::from_value(s.target.clone()).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let ScheduleTarget::Job { job: mut sub } = target else {
+        return Err(ApiError::Conflict("this schedule's target cannot run in this version".into()));
+    };
+    sub.tags.insert("schedule_id".into(), s.id.to_string());
+    sub.tags.insert("fire_time".into(), fire_time.to_rfc3339());
+    sub.run_at = None;
+    job_append(
+        None,
+        job_id,
+        &[capibara_shared::domain::job::JobEvent::JobSubmitted(sub)],
+        store::jobs::JobWrite::new(meta(auth), domain::now()),
+    )
+    .map(|(_, a)| a)
+    .map_err(|e| ApiError::Internal(e.to_string()))
+}
+
+#[utoipa::path(post, path = "/v1/schedules/{id}/backfill", tag = "schedules", params(("id" = String, Path)),
+    request_body = Backfill,
+    responses((status = 202, description = "every tick in [from, to] not fired yet is fired now", body = ScheduleView),
+              (status = 422, body = crate::error::Problem)),
+    security(("bearer" = [])))]
+pub async fn backfill(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+    body: ApiJson<Backfill>,
+) -> Result<Response, ApiError> {
+    auth.require(Role::Submit)?;
+    let b = body.value;
+    if b.to < b.from {
+        return Err(ApiError::field("to", "must not be before from"));
+    }
+    let s = load(&state, &auth, &id).await?;
+    let spec = s.cron_spec().ok_or_else(|| ApiError::Internal("stored cron does not parse".into()))?;
+    let times: Vec<DateTime<Utc>> = spec
+        .after(b.from - chrono::Duration::microseconds(1))
+        .take_while(|t| *t <= b.to)
+        .take(MAX_BACKFILL + 1)
+        .collect();
+    if times.len() > MAX_BACKFILL {
+        return Err(ApiError::field("to", format!("the range holds more than {MAX_BACKFILL} ticks")));
+    }
+    let done = store::schedules::fired_between(&state.store.pool, s.id, b.from, b.to).await?;
+    let mut events = Vec::new();
+    let mut jobs = Vec::new();
+    for t in times.into_iter().filter(|t| !done.contains(t)) {
+        let job_id = Uuid::now_v7();
+        jobs.push(tick_job(&s, job_id, t, &auth)?);
+        events.push(ScheduleEvent::TickFired {
+            fire_time: t,
+            job_id: Some(job_id),
+            run_id: None,
+            trigger: "backfill".into(),
+        });
+    }
+    let s = if events.is_empty() {
+        s
+    } else {
+        write(&state, &auth, Some(&s), s.id, &events, jobs).await?
+    };
+    Ok((StatusCode::ACCEPTED, Json(ScheduleView::from(s))).into_response())
+}

@@ -1,0 +1,163 @@
+//! The ticker: fires cron schedules. Any number of replicas run it; each tick is decided by
+//! appending to the schedule's stream at the version read (the loser of a race sees a version
+//! conflict and drops its attempt) and recorded in `schedule_ticks`, unique per
+//! (schedule, fire time) — so every tick fires exactly once.
+
+use std::time::Duration;
+
+use capibara_shared::{
+    domain::{
+        self,
+        event::EventMetadata,
+        job::{JobEvent, Submission},
+        schedule::{plan, Schedule, ScheduleEvent, ScheduleTarget, TickAction},
+    },
+    store::{
+        self,
+        jobs::{job_append, JobWrite},
+        schedules::schedule_append,
+        Append, AppendError, Store,
+    },
+};
+use chrono::{DateTime, Utc};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// The scheduler's clock: real time plus an offset (`CAPIBARA_CLOCK_OFFSET_S`, for tests that
+/// need "an hour later" without waiting an hour).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Clock {
+    pub offset: chrono::Duration,
+}
+
+impl Clock {
+    pub fn from_env() -> Clock {
+        let offset = std::env::var("CAPIBARA_CLOCK_OFFSET_S")
+            .ok()
+            .and_then(|v| v.parse::<f64>().ok())
+            .map(|s| chrono::Duration::milliseconds((s * 1000.0) as i64))
+            .unwrap_or_else(chrono::Duration::zero);
+        Clock { offset }
+    }
+
+    pub fn now(&self) -> DateTime<Utc> {
+        domain::now() + self.offset
+    }
+}
+
+/// How often due schedules are looked for.
+const POLL: Duration = Duration::from_millis(100);
+
+/// Run until `stop`.
+pub async fn run(store: Store, clock: Clock, stop: CancellationToken) {
+    loop {
+        match tick_once(&store, clock).await {
+            Ok(n) if n > 0 => tracing::debug!(schedules = n, "schedules ticked"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "ticking schedules failed"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(POLL) => {}
+            _ = stop.cancelled() => return,
+        }
+    }
+}
+
+/// One pass over the due schedules; returns how many had something to do.
+pub async fn tick_once(store: &Store, clock: Clock) -> Result<usize, store::StoreError> {
+    let now = clock.now();
+    let due = store::schedules::due(&store.pool, now, 200).await?;
+    let mut acted = 0;
+    for s in due {
+        let previous_running = match s.last_job_id {
+            Some(j) => store::jobs::get_any(&store.pool, j)
+                .await?
+                .is_some_and(|job| !job.status.is_terminal()),
+            None => false,
+        };
+        let actions = plan(&s, now, previous_running);
+        if actions.is_empty() {
+            continue;
+        }
+        match apply(store, &s, &actions, now).await {
+            Ok(()) => acted += 1,
+            // Another replica decided these ticks first.
+            Err(AppendError::Conflict { .. }) => {}
+            Err(AppendError::Unavailable(m)) if m.contains("schedule_ticks_pkey") => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(acted)
+}
+
+fn meta(namespace: &str) -> EventMetadata {
+    EventMetadata {
+        namespace: namespace.to_string(),
+        actor: Some("scheduler".into()),
+        ..Default::default()
+    }
+}
+
+/// The job a tick submits: the schedule's template, tagged with the schedule and tick.
+pub fn tick_job(s: &Schedule, job_id: Uuid, fire_time: DateTime<Utc>, at: DateTime<Utc>) -> Option<Append> {
+    let target: ScheduleTarget = serde_json::from_value(s.target.clone()).ok()?;
+    let ScheduleTarget::Job { job } = target else { return None };
+    let mut sub: Submission = job;
+    sub.tags.insert("schedule_id".into(), s.id.to_string());
+    sub.tags.insert("fire_time".into(), fire_time.to_rfc3339());
+    sub.run_at = None;
+    job_append(None, job_id, &[JobEvent::JobSubmitted(sub)], JobWrite::new(meta(&s.namespace), at))
+        .ok()
+        .map(|(_, a)| a)
+}
+
+/// Turn planned actions into one atomic write: the schedule's events and the jobs they submit.
+pub async fn apply(store: &Store, s: &Schedule, actions: &[TickAction], at: DateTime<Utc>) -> Result<(), AppendError> {
+    let mut events = Vec::new();
+    let mut jobs = Vec::new();
+    for a in actions {
+        match a {
+            TickAction::Fire { fire_time, trigger } => {
+                let job_id = Uuid::now_v7();
+                if let Some(j) = tick_job(s, job_id, *fire_time, at) {
+                    jobs.push(j);
+                    events.push(ScheduleEvent::TickFired {
+                        fire_time: *fire_time,
+                        job_id: Some(job_id),
+                        run_id: None,
+                        trigger: trigger.to_string(),
+                    });
+                } else {
+                    events.push(ScheduleEvent::TickSkipped {
+                        fire_time: *fire_time,
+                        reason: "target_unavailable".into(),
+                        count: 1,
+                    });
+                }
+            }
+            TickAction::Skip { fire_time, reason, count } => events.push(ScheduleEvent::TickSkipped {
+                fire_time: *fire_time,
+                reason: reason.to_string(),
+                count: *count,
+            }),
+            TickAction::Buffer { fire_time } => events.push(ScheduleEvent::TickBuffered { fire_time: *fire_time }),
+        }
+    }
+    let Some((_, append)) = schedule_append(Some(s), s.id, &s.namespace, &events, meta(&s.namespace), at) else {
+        return Ok(());
+    };
+    let mut all = vec![append];
+    all.extend(jobs);
+    let fired = events.iter().filter(|e| matches!(e, ScheduleEvent::TickFired { .. })).count();
+    store.appender.append_all(all).await?;
+    if fired > 0 {
+        metrics::counter!("capibara_schedule_ticks_fired_total").increment(fired as u64);
+        for e in &events {
+            if let ScheduleEvent::TickFired { fire_time, .. } = e {
+                let late = (at - *fire_time).num_milliseconds().max(0) as f64 / 1000.0;
+                metrics::histogram!("capibara_schedule_fire_lateness_seconds").record(late);
+            }
+        }
+    }
+    Ok(())
+}
