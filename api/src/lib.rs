@@ -95,10 +95,15 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/deliveries/{id}", get(deliveries::get))
         .route("/v1/deliveries/{id}/redeliver", post(deliveries::redeliver))
         .route("/v1/orchestrate", post(orchestrate::orchestrate))
-        .route("/v1/schedules", post(schedules::create).get(schedules::list))
+        .route(
+            "/v1/schedules",
+            post(schedules::create).get(schedules::list),
+        )
         .route(
             "/v1/schedules/{id}",
-            get(schedules::get).patch(schedules::update).delete(schedules::delete),
+            get(schedules::get)
+                .patch(schedules::update)
+                .delete(schedules::delete),
         )
         .route("/v1/schedules/{id}/pause", post(schedules::pause))
         .route("/v1/schedules/{id}/resume", post(schedules::resume))

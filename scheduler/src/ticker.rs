@@ -99,20 +99,37 @@ fn meta(namespace: &str) -> EventMetadata {
 }
 
 /// The job a tick submits: the schedule's template, tagged with the schedule and tick.
-pub fn tick_job(s: &Schedule, job_id: Uuid, fire_time: DateTime<Utc>, at: DateTime<Utc>) -> Option<Append> {
+pub fn tick_job(
+    s: &Schedule,
+    job_id: Uuid,
+    fire_time: DateTime<Utc>,
+    at: DateTime<Utc>,
+) -> Option<Append> {
     let target: ScheduleTarget = serde_json::from_value(s.target.clone()).ok()?;
-    let ScheduleTarget::Job { job } = target else { return None };
+    let ScheduleTarget::Job { job } = target else {
+        return None;
+    };
     let mut sub: Submission = job;
     sub.tags.insert("schedule_id".into(), s.id.to_string());
     sub.tags.insert("fire_time".into(), fire_time.to_rfc3339());
     sub.run_at = None;
-    job_append(None, job_id, &[JobEvent::JobSubmitted(sub)], JobWrite::new(meta(&s.namespace), at))
-        .ok()
-        .map(|(_, a)| a)
+    job_append(
+        None,
+        job_id,
+        &[JobEvent::JobSubmitted(sub)],
+        JobWrite::new(meta(&s.namespace), at),
+    )
+    .ok()
+    .map(|(_, a)| a)
 }
 
 /// Turn planned actions into one atomic write: the schedule's events and the jobs they submit.
-pub async fn apply(store: &Store, s: &Schedule, actions: &[TickAction], at: DateTime<Utc>) -> Result<(), AppendError> {
+pub async fn apply(
+    store: &Store,
+    s: &Schedule,
+    actions: &[TickAction],
+    at: DateTime<Utc>,
+) -> Result<(), AppendError> {
     let mut events = Vec::new();
     let mut jobs = Vec::new();
     for a in actions {
@@ -135,20 +152,31 @@ pub async fn apply(store: &Store, s: &Schedule, actions: &[TickAction], at: Date
                     });
                 }
             }
-            TickAction::Skip { fire_time, reason, count } => events.push(ScheduleEvent::TickSkipped {
+            TickAction::Skip {
+                fire_time,
+                reason,
+                count,
+            } => events.push(ScheduleEvent::TickSkipped {
                 fire_time: *fire_time,
                 reason: reason.to_string(),
                 count: *count,
             }),
-            TickAction::Buffer { fire_time } => events.push(ScheduleEvent::TickBuffered { fire_time: *fire_time }),
+            TickAction::Buffer { fire_time } => events.push(ScheduleEvent::TickBuffered {
+                fire_time: *fire_time,
+            }),
         }
     }
-    let Some((_, append)) = schedule_append(Some(s), s.id, &s.namespace, &events, meta(&s.namespace), at) else {
+    let Some((_, append)) =
+        schedule_append(Some(s), s.id, &s.namespace, &events, meta(&s.namespace), at)
+    else {
         return Ok(());
     };
     let mut all = vec![append];
     all.extend(jobs);
-    let fired = events.iter().filter(|e| matches!(e, ScheduleEvent::TickFired { .. })).count();
+    let fired = events
+        .iter()
+        .filter(|e| matches!(e, ScheduleEvent::TickFired { .. }))
+        .count();
     store.appender.append_all(all).await?;
     if fired > 0 {
         metrics::counter!("capibara_schedule_ticks_fired_total").increment(fired as u64);

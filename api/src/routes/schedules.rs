@@ -11,7 +11,9 @@ use capibara_shared::{
         self,
         auth::Role,
         event::EventMetadata,
-        schedule::{CatchUp, CronSpec, Overlap, Schedule, ScheduleEvent, ScheduleSpec, ScheduleTarget},
+        schedule::{
+            CatchUp, CronSpec, Overlap, Schedule, ScheduleEvent, ScheduleSpec, ScheduleTarget,
+        },
     },
     store::{self, jobs::job_append, schedules::schedule_append, AppendError, StoreError},
 };
@@ -144,7 +146,10 @@ fn check_spec(s: &ScheduleSpec) -> Result<(), ApiError> {
     }
     CronSpec::parse(&s.cron, &s.timezone).map_err(|(field, m)| ApiError::field(field, m))?;
     if !(0..=7 * 86_400).contains(&s.catch_up_window_s) {
-        return Err(ApiError::field("catch_up_window_s", "must be between 0 and 604800"));
+        return Err(ApiError::field(
+            "catch_up_window_s",
+            "must be between 0 and 604800",
+        ));
     }
     if !(0..=3600).contains(&s.jitter_s) {
         return Err(ApiError::field("jitter_s", "must be between 0 and 3600"));
@@ -166,7 +171,8 @@ fn meta(auth: &Auth) -> EventMetadata {
 }
 
 fn parse_id(id: &str) -> Result<Uuid, ApiError> {
-    id.parse().map_err(|_| ApiError::NotFound(format!("no schedule `{id}`")))
+    id.parse()
+        .map_err(|_| ApiError::NotFound(format!("no schedule `{id}`")))
 }
 
 async fn load(state: &AppState, auth: &Auth, id: &str) -> Result<Schedule, ApiError> {
@@ -185,13 +191,22 @@ async fn write(
     events: &[ScheduleEvent],
     jobs: Vec<store::Append>,
 ) -> Result<Schedule, ApiError> {
-    let (new, a) = schedule_append(prev, id, auth.namespace(), events, meta(auth), domain::now())
-        .ok_or_else(|| ApiError::Internal("schedule state".into()))?;
+    let (new, a) = schedule_append(
+        prev,
+        id,
+        auth.namespace(),
+        events,
+        meta(auth),
+        domain::now(),
+    )
+    .ok_or_else(|| ApiError::Internal("schedule state".into()))?;
     let mut all = vec![a];
     all.extend(jobs);
     match state.store.appender.append_all(all).await {
         Ok(_) => Ok(new),
-        Err(AppendError::Conflict { .. }) => Err(ApiError::Conflict("the schedule changed concurrently; retry".into())),
+        Err(AppendError::Conflict { .. }) => Err(ApiError::Conflict(
+            "the schedule changed concurrently; retry".into(),
+        )),
         Err(e) => Err(StoreError::from(e).into()),
     }
 }
@@ -199,7 +214,11 @@ async fn write(
 #[utoipa::path(post, path = "/v1/schedules", tag = "schedules", request_body = CreateSchedule,
     responses((status = 201, body = ScheduleView), (status = 422, body = crate::error::Problem)),
     security(("bearer" = [])))]
-pub async fn create(State(state): State<AppState>, auth: Auth, body: ApiJson<CreateSchedule>) -> Result<Response, ApiError> {
+pub async fn create(
+    State(state): State<AppState>,
+    auth: Auth,
+    body: ApiJson<CreateSchedule>,
+) -> Result<Response, ApiError> {
     auth.require(Role::Submit)?;
     let b = body.value;
     let spec = ScheduleSpec {
@@ -215,26 +234,44 @@ pub async fn create(State(state): State<AppState>, auth: Auth, body: ApiJson<Cre
         end_at: b.end_at,
     };
     check_spec(&spec)?;
-    let s = write(&state, &auth, None, Uuid::now_v7(), &[ScheduleEvent::ScheduleCreated(spec)], vec![]).await?;
+    let s = write(
+        &state,
+        &auth,
+        None,
+        Uuid::now_v7(),
+        &[ScheduleEvent::ScheduleCreated(spec)],
+        vec![],
+    )
+    .await?;
     Ok((StatusCode::CREATED, Json(ScheduleView::from(s))).into_response())
 }
 
 #[utoipa::path(get, path = "/v1/schedules", tag = "schedules",
     responses((status = 200, body = Page<ScheduleView>)), security(("bearer" = [])))]
-pub async fn list(State(state): State<AppState>, auth: Auth) -> Result<Json<Page<ScheduleView>>, ApiError> {
+pub async fn list(
+    State(state): State<AppState>,
+    auth: Auth,
+) -> Result<Json<Page<ScheduleView>>, ApiError> {
     auth.require(Role::Read)?;
     let items = store::schedules::list(&state.store.pool, auth.namespace())
         .await?
         .into_iter()
         .map(ScheduleView::from)
         .collect();
-    Ok(Json(Page { items, next_cursor: None }))
+    Ok(Json(Page {
+        items,
+        next_cursor: None,
+    }))
 }
 
 #[utoipa::path(get, path = "/v1/schedules/{id}", tag = "schedules", params(("id" = String, Path)),
     responses((status = 200, body = ScheduleView), (status = 404, body = crate::error::Problem)),
     security(("bearer" = [])))]
-pub async fn get(State(state): State<AppState>, auth: Auth, Path(id): Path<String>) -> Result<Json<ScheduleView>, ApiError> {
+pub async fn get(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+) -> Result<Json<ScheduleView>, ApiError> {
     auth.require(Role::Read)?;
     Ok(Json(load(&state, &auth, &id).await?.into()))
 }
@@ -269,31 +306,63 @@ pub async fn update(
         end_at: b.end_at.or(s.end_at),
     };
     check_spec(&spec)?;
-    Ok(Json(write(&state, &auth, Some(&s), s.id, &[ScheduleEvent::ScheduleUpdated(spec)], vec![]).await?.into()))
+    Ok(Json(
+        write(
+            &state,
+            &auth,
+            Some(&s),
+            s.id,
+            &[ScheduleEvent::ScheduleUpdated(spec)],
+            vec![],
+        )
+        .await?
+        .into(),
+    ))
 }
 
-async fn simple(state: &AppState, auth: &Auth, id: &str, ev: ScheduleEvent) -> Result<Json<ScheduleView>, ApiError> {
+async fn simple(
+    state: &AppState,
+    auth: &Auth,
+    id: &str,
+    ev: ScheduleEvent,
+) -> Result<Json<ScheduleView>, ApiError> {
     auth.require(Role::Submit)?;
     let s = load(state, auth, id).await?;
-    Ok(Json(write(state, auth, Some(&s), s.id, &[ev], vec![]).await?.into()))
+    Ok(Json(
+        write(state, auth, Some(&s), s.id, &[ev], vec![])
+            .await?
+            .into(),
+    ))
 }
 
 #[utoipa::path(post, path = "/v1/schedules/{id}/pause", tag = "schedules", params(("id" = String, Path)),
     responses((status = 200, body = ScheduleView)), security(("bearer" = [])))]
-pub async fn pause(State(state): State<AppState>, auth: Auth, Path(id): Path<String>) -> Result<Json<ScheduleView>, ApiError> {
+pub async fn pause(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+) -> Result<Json<ScheduleView>, ApiError> {
     simple(&state, &auth, &id, ScheduleEvent::SchedulePaused {}).await
 }
 
 #[utoipa::path(post, path = "/v1/schedules/{id}/resume", tag = "schedules", params(("id" = String, Path)),
     responses((status = 200, description = "ticks continue from now (missed ones are not fired)", body = ScheduleView)),
     security(("bearer" = [])))]
-pub async fn resume(State(state): State<AppState>, auth: Auth, Path(id): Path<String>) -> Result<Json<ScheduleView>, ApiError> {
+pub async fn resume(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+) -> Result<Json<ScheduleView>, ApiError> {
     simple(&state, &auth, &id, ScheduleEvent::ScheduleResumed {}).await
 }
 
 #[utoipa::path(delete, path = "/v1/schedules/{id}", tag = "schedules", params(("id" = String, Path)),
     responses((status = 204, description = "deleted (its history stays in the log)")), security(("bearer" = [])))]
-pub async fn delete(State(state): State<AppState>, auth: Auth, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
+pub async fn delete(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
     let _deleted = simple(&state, &auth, &id, ScheduleEvent::ScheduleDeleted {}).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -301,7 +370,11 @@ pub async fn delete(State(state): State<AppState>, auth: Auth, Path(id): Path<St
 #[utoipa::path(post, path = "/v1/schedules/{id}/trigger", tag = "schedules", params(("id" = String, Path)),
     responses((status = 202, description = "fired now; `last_job_id` is the job", body = ScheduleView)),
     security(("bearer" = [])))]
-pub async fn trigger(State(state): State<AppState>, auth: Auth, Path(id): Path<String>) -> Result<Response, ApiError> {
+pub async fn trigger(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     auth.require(Role::Submit)?;
     let s = load(&state, &auth, &id).await?;
     let now = domain::now();
@@ -317,10 +390,18 @@ pub async fn trigger(State(state): State<AppState>, auth: Auth, Path(id): Path<S
     Ok((StatusCode::ACCEPTED, Json(ScheduleView::from(s))).into_response())
 }
 
-fn tick_job(s: &Schedule, job_id: Uuid, fire_time: DateTime<Utc>, auth: &Auth) -> Result<store::Append, ApiError> {
-    let target: ScheduleTarget = serde_json::from_value(s.target.clone()).map_err(|e| ApiError::Internal(e.to_string()))?;
+fn tick_job(
+    s: &Schedule,
+    job_id: Uuid,
+    fire_time: DateTime<Utc>,
+    auth: &Auth,
+) -> Result<store::Append, ApiError> {
+    let target: ScheduleTarget =
+        serde_json::from_value(s.target.clone()).map_err(|e| ApiError::Internal(e.to_string()))?;
     let ScheduleTarget::Job { job: mut sub } = target else {
-        return Err(ApiError::Conflict("this schedule's target cannot run in this version".into()));
+        return Err(ApiError::Conflict(
+            "this schedule's target cannot run in this version".into(),
+        ));
     };
     sub.tags.insert("schedule_id".into(), s.id.to_string());
     sub.tags.insert("fire_time".into(), fire_time.to_rfc3339());
@@ -352,14 +433,19 @@ pub async fn backfill(
         return Err(ApiError::field("to", "must not be before from"));
     }
     let s = load(&state, &auth, &id).await?;
-    let spec = s.cron_spec().ok_or_else(|| ApiError::Internal("stored cron does not parse".into()))?;
+    let spec = s
+        .cron_spec()
+        .ok_or_else(|| ApiError::Internal("stored cron does not parse".into()))?;
     let times: Vec<DateTime<Utc>> = spec
         .after(b.from - chrono::Duration::microseconds(1))
         .take_while(|t| *t <= b.to)
         .take(MAX_BACKFILL + 1)
         .collect();
     if times.len() > MAX_BACKFILL {
-        return Err(ApiError::field("to", format!("the range holds more than {MAX_BACKFILL} ticks")));
+        return Err(ApiError::field(
+            "to",
+            format!("the range holds more than {MAX_BACKFILL} ticks"),
+        ));
     }
     let done = store::schedules::fired_between(&state.store.pool, s.id, b.from, b.to).await?;
     let mut events = Vec::new();

@@ -81,10 +81,16 @@ impl CronSpec {
             match fields {
                 5 => format!("0 {trimmed}"),
                 6 => trimmed.to_string(),
-                _ => return Err(("cron", format!("expected 5 or 6 fields (or @hourly, @daily, …), got {fields}"))),
+                _ => {
+                    return Err((
+                        "cron",
+                        format!("expected 5 or 6 fields (or @hourly, @daily, …), got {fields}"),
+                    ))
+                }
             }
         };
-        let schedule = cron::Schedule::from_str(&full).map_err(|e| ("cron", format!("invalid cron expression: {e}")))?;
+        let schedule = cron::Schedule::from_str(&full)
+            .map_err(|e| ("cron", format!("invalid cron expression: {e}")))?;
         Ok(CronSpec { schedule, tz })
     }
 
@@ -118,7 +124,9 @@ impl CronSpec {
                 let mut probe = local;
                 for _ in 0..(24 * 60) {
                     probe += Duration::minutes(1);
-                    if let LocalResult::Single(t) | LocalResult::Ambiguous(t, _) = self.tz.from_local_datetime(&probe) {
+                    if let LocalResult::Single(t) | LocalResult::Ambiguous(t, _) =
+                        self.tz.from_local_datetime(&probe)
+                    {
                         return t.with_timezone(&Utc);
                     }
                 }
@@ -229,7 +237,12 @@ impl ScheduleEvent {
 
     pub fn to_parts(&self) -> (&'static str, serde_json::Value) {
         let mut v = serde_json::to_value(self).expect("schedule events serialize");
-        (self.type_name(), v.get_mut("data").map(serde_json::Value::take).unwrap_or_default())
+        (
+            self.type_name(),
+            v.get_mut("data")
+                .map(serde_json::Value::take)
+                .unwrap_or_default(),
+        )
     }
 
     pub fn from_parts(t: &str, data: serde_json::Value) -> Result<Self, serde_json::Error> {
@@ -290,7 +303,13 @@ impl Schedule {
     }
 
     /// Fold one event (the first must be `ScheduleCreated`).
-    pub fn apply(prev: Option<Schedule>, id: Uuid, namespace: &str, ev: &ScheduleEvent, at: DateTime<Utc>) -> Option<Schedule> {
+    pub fn apply(
+        prev: Option<Schedule>,
+        id: Uuid,
+        namespace: &str,
+        ev: &ScheduleEvent,
+        at: DateTime<Utc>,
+    ) -> Option<Schedule> {
         let mut s = match (prev, ev) {
             (None, ScheduleEvent::ScheduleCreated(spec)) => {
                 let mut s = Schedule {
@@ -363,7 +382,9 @@ impl Schedule {
                     _ => s.next_fire_time = s.next_after(*fire_time),
                 }
             }
-            ScheduleEvent::TickSkipped { fire_time, count, .. } => {
+            ScheduleEvent::TickSkipped {
+                fire_time, count, ..
+            } => {
                 s.skipped_count += *count as i64;
                 if s.next_fire_time.is_some_and(|n| n <= *fire_time) {
                     s.next_fire_time = s.next_after(*fire_time);
@@ -385,7 +406,8 @@ impl Schedule {
             return Duration::zero();
         }
         let seed = self.id.as_u128() as u64 ^ fire_time.timestamp_millis() as u64;
-        let spread = (seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11) % (self.jitter_s as u64 * 1000);
+        let spread =
+            (seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11) % (self.jitter_s as u64 * 1000);
         Duration::milliseconds(spread as i64)
     }
 }
@@ -394,9 +416,18 @@ impl Schedule {
 #[derive(Debug, Clone, PartialEq)]
 pub enum TickAction {
     /// Fire this tick (`trigger`: schedule, catch_up or buffered).
-    Fire { fire_time: DateTime<Utc>, trigger: &'static str },
-    Skip { fire_time: DateTime<Utc>, reason: &'static str, count: u64 },
-    Buffer { fire_time: DateTime<Utc> },
+    Fire {
+        fire_time: DateTime<Utc>,
+        trigger: &'static str,
+    },
+    Skip {
+        fire_time: DateTime<Utc>,
+        reason: &'static str,
+        count: u64,
+    },
+    Buffer {
+        fire_time: DateTime<Utc>,
+    },
 }
 
 /// A tick is "missed" when the scheduler reaches it this much after its time.
@@ -412,9 +443,14 @@ pub fn plan(s: &Schedule, now: DateTime<Utc>, previous_running: bool) -> Vec<Tic
         return actions;
     }
     if let (Some(b), false) = (s.buffered_fire_time, previous_running) {
-        actions.push(TickAction::Fire { fire_time: b, trigger: "buffered" });
+        actions.push(TickAction::Fire {
+            fire_time: b,
+            trigger: "buffered",
+        });
     }
-    let Some(first) = s.next_fire_time else { return actions };
+    let Some(first) = s.next_fire_time else {
+        return actions;
+    };
     if first + s.jitter(first) > now {
         return actions;
     }
@@ -447,7 +483,8 @@ pub fn plan(s: &Schedule, now: DateTime<Utc>, previous_running: bool) -> Vec<Tic
             }
             CatchUp::All => {
                 let window_start = now - Duration::seconds(s.catch_up_window_s.max(0));
-                let (old, inside): (Vec<_>, Vec<_>) = missed.iter().partition(|t| **t < window_start);
+                let (old, inside): (Vec<_>, Vec<_>) =
+                    missed.iter().partition(|t| **t < window_start);
                 if let Some(&last_old) = old.last() {
                     actions.push(TickAction::Skip {
                         fire_time: last_old,
@@ -489,7 +526,10 @@ pub fn plan(s: &Schedule, now: DateTime<Utc>, previous_running: bool) -> Vec<Tic
                 }
             }
         }
-        actions.push(TickAction::Fire { fire_time: t, trigger });
+        actions.push(TickAction::Fire {
+            fire_time: t,
+            trigger,
+        });
         running = true;
     }
     actions
@@ -529,7 +569,10 @@ mod tests {
         assert!(CronSpec::parse("@hourly", "UTC").is_ok());
         assert_eq!(CronSpec::parse("0 9 * *", "UTC").unwrap_err().0, "cron");
         assert_eq!(CronSpec::parse("0 99 * * *", "UTC").unwrap_err().0, "cron");
-        assert_eq!(CronSpec::parse("0 9 * * *", "Mars/Base").unwrap_err().0, "timezone");
+        assert_eq!(
+            CronSpec::parse("0 9 * * *", "Mars/Base").unwrap_err().0,
+            "timezone"
+        );
         assert_eq!(
             ticks("@hourly", "UTC", "2026-01-01T10:20:00Z", 2),
             ["2026-01-01T11:00:00+00:00", "2026-01-01T12:00:00+00:00"]
@@ -567,7 +610,11 @@ mod tests {
     fn month_ends_and_leap_days_are_respected() {
         assert_eq!(
             ticks("0 0 31 * *", "UTC", "2027-01-15T00:00:00Z", 3),
-            ["2027-01-31T00:00:00+00:00", "2027-03-31T00:00:00+00:00", "2027-05-31T00:00:00+00:00"]
+            [
+                "2027-01-31T00:00:00+00:00",
+                "2027-03-31T00:00:00+00:00",
+                "2027-05-31T00:00:00+00:00"
+            ]
         );
         assert_eq!(
             ticks("0 12 29 2 *", "UTC", "2026-01-01T00:00:00Z", 2),
@@ -596,58 +643,162 @@ mod tests {
             start_at: None,
             end_at: None,
         };
-        Schedule::apply(None, Uuid::now_v7(), "default", &ScheduleEvent::ScheduleCreated(spec), utc(created)).unwrap()
+        Schedule::apply(
+            None,
+            Uuid::now_v7(),
+            "default",
+            &ScheduleEvent::ScheduleCreated(spec),
+            utc(created),
+        )
+        .unwrap()
     }
 
     #[test]
     fn an_hour_down_catches_up_per_policy() {
         // Every minute, created at 10:00:30; the scheduler comes back at 11:00:30.
         let now = utc("2026-05-01T11:00:30Z");
-        let s = schedule("* * * * *", CatchUp::None, Overlap::Allow, "2026-05-01T10:00:30Z");
+        let s = schedule(
+            "* * * * *",
+            CatchUp::None,
+            Overlap::Allow,
+            "2026-05-01T10:00:30Z",
+        );
+        assert_eq!(
+            plan(&s, now, false),
+            [TickAction::Skip {
+                fire_time: utc("2026-05-01T11:00:00Z"),
+                reason: "missed",
+                count: 60
+            }]
+        );
+        let s = schedule(
+            "* * * * *",
+            CatchUp::Latest,
+            Overlap::Allow,
+            "2026-05-01T10:00:30Z",
+        );
         assert_eq!(
             plan(&s, now, false),
             [
-                TickAction::Skip { fire_time: utc("2026-05-01T11:00:00Z"), reason: "missed", count: 60 }
+                TickAction::Skip {
+                    fire_time: utc("2026-05-01T10:59:00Z"),
+                    reason: "missed",
+                    count: 59
+                },
+                TickAction::Fire {
+                    fire_time: utc("2026-05-01T11:00:00Z"),
+                    trigger: "catch_up"
+                },
             ]
         );
-        let s = schedule("* * * * *", CatchUp::Latest, Overlap::Allow, "2026-05-01T10:00:30Z");
-        assert_eq!(
-            plan(&s, now, false),
-            [
-                TickAction::Skip { fire_time: utc("2026-05-01T10:59:00Z"), reason: "missed", count: 59 },
-                TickAction::Fire { fire_time: utc("2026-05-01T11:00:00Z"), trigger: "catch_up" },
-            ]
+        let s = schedule(
+            "* * * * *",
+            CatchUp::All,
+            Overlap::Allow,
+            "2026-05-01T10:00:30Z",
         );
-        let s = schedule("* * * * *", CatchUp::All, Overlap::Allow, "2026-05-01T10:00:30Z");
         let actions = plan(&s, now, false);
-        assert_eq!(actions[0], TickAction::Skip { fire_time: utc("2026-05-01T10:30:00Z"), reason: "outside_catch_up", count: 30 });
-        let fired: Vec<_> = actions.iter().filter(|a| matches!(a, TickAction::Fire { .. })).collect();
+        assert_eq!(
+            actions[0],
+            TickAction::Skip {
+                fire_time: utc("2026-05-01T10:30:00Z"),
+                reason: "outside_catch_up",
+                count: 30
+            }
+        );
+        let fired: Vec<_> = actions
+            .iter()
+            .filter(|a| matches!(a, TickAction::Fire { .. }))
+            .collect();
         assert_eq!(fired.len(), 30, "the 30 ticks inside the 30-minute window");
     }
 
     #[test]
     fn overlap_policies_decide_while_the_previous_job_runs() {
         let now = utc("2026-05-01T10:01:00.100Z");
-        let s = schedule("* * * * *", CatchUp::Latest, Overlap::Skip, "2026-05-01T10:00:30Z");
-        assert_eq!(plan(&s, now, true), [TickAction::Skip { fire_time: utc("2026-05-01T10:01:00Z"), reason: "overlap", count: 1 }]);
-        assert_eq!(plan(&s, now, false), [TickAction::Fire { fire_time: utc("2026-05-01T10:01:00Z"), trigger: "schedule" }]);
-        let s = schedule("* * * * *", CatchUp::Latest, Overlap::BufferOne, "2026-05-01T10:00:30Z");
-        assert_eq!(plan(&s, now, true), [TickAction::Buffer { fire_time: utc("2026-05-01T10:01:00Z") }]);
-        let s = schedule("* * * * *", CatchUp::Latest, Overlap::Allow, "2026-05-01T10:00:30Z");
-        assert_eq!(plan(&s, now, true), [TickAction::Fire { fire_time: utc("2026-05-01T10:01:00Z"), trigger: "schedule" }]);
+        let s = schedule(
+            "* * * * *",
+            CatchUp::Latest,
+            Overlap::Skip,
+            "2026-05-01T10:00:30Z",
+        );
+        assert_eq!(
+            plan(&s, now, true),
+            [TickAction::Skip {
+                fire_time: utc("2026-05-01T10:01:00Z"),
+                reason: "overlap",
+                count: 1
+            }]
+        );
+        assert_eq!(
+            plan(&s, now, false),
+            [TickAction::Fire {
+                fire_time: utc("2026-05-01T10:01:00Z"),
+                trigger: "schedule"
+            }]
+        );
+        let s = schedule(
+            "* * * * *",
+            CatchUp::Latest,
+            Overlap::BufferOne,
+            "2026-05-01T10:00:30Z",
+        );
+        assert_eq!(
+            plan(&s, now, true),
+            [TickAction::Buffer {
+                fire_time: utc("2026-05-01T10:01:00Z")
+            }]
+        );
+        let s = schedule(
+            "* * * * *",
+            CatchUp::Latest,
+            Overlap::Allow,
+            "2026-05-01T10:00:30Z",
+        );
+        assert_eq!(
+            plan(&s, now, true),
+            [TickAction::Fire {
+                fire_time: utc("2026-05-01T10:01:00Z"),
+                trigger: "schedule"
+            }]
+        );
         // Nothing is due before the tick's time.
         assert!(plan(&s, utc("2026-05-01T10:00:59Z"), false).is_empty());
     }
 
     #[test]
     fn ticks_fold_into_the_next_fire_time() {
-        let s = schedule("0 * * * *", CatchUp::Latest, Overlap::Allow, "2026-05-01T10:20:00Z");
+        let s = schedule(
+            "0 * * * *",
+            CatchUp::Latest,
+            Overlap::Allow,
+            "2026-05-01T10:20:00Z",
+        );
         assert_eq!(s.next_fire_time, Some(utc("2026-05-01T11:00:00Z")));
-        let fired = ScheduleEvent::TickFired { fire_time: utc("2026-05-01T11:00:00Z"), job_id: Some(Uuid::nil()), run_id: None, trigger: "schedule".into() };
-        let s = Schedule::apply(Some(s), Uuid::nil(), "default", &fired, utc("2026-05-01T11:00:00.2Z")).unwrap();
+        let fired = ScheduleEvent::TickFired {
+            fire_time: utc("2026-05-01T11:00:00Z"),
+            job_id: Some(Uuid::nil()),
+            run_id: None,
+            trigger: "schedule".into(),
+        };
+        let s = Schedule::apply(
+            Some(s),
+            Uuid::nil(),
+            "default",
+            &fired,
+            utc("2026-05-01T11:00:00.2Z"),
+        )
+        .unwrap();
         assert_eq!(s.next_fire_time, Some(utc("2026-05-01T12:00:00Z")));
         assert_eq!(s.upcoming(3).len(), 3);
-        let paused = Schedule::apply(Some(s), Uuid::nil(), "default", &ScheduleEvent::SchedulePaused {}, utc("2026-05-01T11:10:00Z")).unwrap();
+        let paused = Schedule::apply(
+            Some(s),
+            Uuid::nil(),
+            "default",
+            &ScheduleEvent::SchedulePaused {},
+            utc("2026-05-01T11:10:00Z"),
+        )
+        .unwrap();
         assert_eq!(paused.next_fire_time, None);
     }
 }

@@ -644,7 +644,8 @@ async fn write_effects(
             .await?;
     }
     if !schedules.is_empty() {
-        let rows = serde_json::to_value(schedules.values().collect::<Vec<_>>()).expect("schedules serialize");
+        let rows = serde_json::to_value(schedules.values().collect::<Vec<_>>())
+            .expect("schedules serialize");
         sqlx::query(super::schedules::UPSERT_SCHEDULES)
             .bind(rows)
             .execute(&mut **tx)

@@ -37,14 +37,20 @@ pub fn schedule_append(
     let mut ticks = Vec::new();
     for e in events {
         state = Some(Schedule::apply(state, id, namespace, e, at)?);
-        if let ScheduleEvent::TickFired { fire_time, job_id, .. } = e {
+        if let ScheduleEvent::TickFired {
+            fire_time, job_id, ..
+        } = e
+        {
             ticks.push((*fire_time, *job_id));
         }
     }
     let new = state?;
     let mut effects = vec![Effect::UpsertSchedule(Box::new(new.clone()))];
     if !ticks.is_empty() {
-        effects.push(Effect::InsertTicks { schedule_id: id, ticks });
+        effects.push(Effect::InsertTicks {
+            schedule_id: id,
+            ticks,
+        });
     }
     let append = Append {
         stream_id: id,
@@ -74,7 +80,8 @@ pub fn schedule_append(
 }
 
 fn decode(v: Value) -> Result<Schedule, StoreError> {
-    serde_json::from_value(v).map_err(|e| StoreError::Internal(format!("schedules row does not decode: {e}")))
+    serde_json::from_value(v)
+        .map_err(|e| StoreError::Internal(format!("schedules row does not decode: {e}")))
 }
 
 pub async fn get(pool: &PgPool, namespace: &str, id: Uuid) -> Result<Option<Schedule>, StoreError> {
@@ -98,7 +105,11 @@ pub async fn list(pool: &PgPool, namespace: &str) -> Result<Vec<Schedule>, Store
 }
 
 /// Active schedules with a tick due by `now` (jitter is applied by the planner) or a buffered tick.
-pub async fn due(pool: &PgPool, now: DateTime<Utc>, limit: i64) -> Result<Vec<Schedule>, StoreError> {
+pub async fn due(
+    pool: &PgPool,
+    now: DateTime<Utc>,
+    limit: i64,
+) -> Result<Vec<Schedule>, StoreError> {
     let rows: Vec<(Value,)> = sqlx::query_as(
         "SELECT to_jsonb(s) FROM schedules s
          WHERE status = 'active' AND (next_fire_time <= $1 OR buffered_fire_time IS NOT NULL)
