@@ -63,7 +63,7 @@ impl AppState {
 
 /// The whole HTTP app.
 pub fn app(state: AppState) -> Router {
-    use routes::{admin, deliveries, jobs, orchestrate, schedules, subscriptions};
+    use routes::{admin, deliveries, jobs, orchestrate, schedules, subscriptions, triggers};
     let v1 = Router::new()
         .route("/v1/jobs", post(jobs::submit).get(jobs::list))
         .route("/v1/jobs/batch", post(jobs::submit_batch))
@@ -109,6 +109,11 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/schedules/{id}/resume", post(schedules::resume))
         .route("/v1/schedules/{id}/trigger", post(schedules::trigger))
         .route("/v1/schedules/{id}/backfill", post(schedules::backfill))
+        .route("/v1/triggers", post(triggers::create).get(triggers::list))
+        .route(
+            "/v1/triggers/{id}",
+            get(triggers::get).delete(triggers::delete),
+        )
         .with_state(state.clone());
     let spec = openapi::ApiDoc::openapi();
     Router::new()

@@ -5,7 +5,9 @@ use utoipa::{
     Modify, OpenApi,
 };
 
-use crate::routes::{admin, deliveries, events, jobs, orchestrate, schedules, subscriptions};
+use crate::routes::{
+    admin, deliveries, events, jobs, orchestrate, schedules, subscriptions, triggers,
+};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -16,7 +18,8 @@ use crate::routes::{admin, deliveries, events, jobs, orchestrate, schedules, sub
           subscriptions::pause, subscriptions::resume, subscriptions::delete,
           deliveries::list, deliveries::get, deliveries::redeliver, orchestrate::orchestrate,
           schedules::create, schedules::list, schedules::get, schedules::update, schedules::pause,
-          schedules::resume, schedules::delete, schedules::trigger, schedules::backfill),
+          schedules::resume, schedules::delete, schedules::trigger, schedules::backfill,
+          triggers::create, triggers::list, triggers::get, triggers::delete),
     components(schemas(crate::error::Problem, capibara_shared::domain::FieldError)),
     modifiers(&BearerAuth),
     tags((name = "jobs"), (name = "events"), (name = "deliveries"), (name = "schedules"), (name = "operations"))

@@ -76,6 +76,9 @@ pub struct Args {
     /// Keep the data (not only the logs) after a successful run.
     #[arg(long)]
     keep: bool,
+    /// `CAPIBARA_LOG` of the spawned processes (e.g. `info,sqlx=warn` to see more).
+    #[arg(long, default_value = "warn")]
+    log: String,
 }
 
 /// Runs the benchmark (see the module docs).
@@ -136,6 +139,7 @@ pub async fn run(mut a: Args) -> Result<()> {
     let extra = [
         ("CAPIBARA_WEBHOOK_SECRET", encoded),
         ("CAPIBARA_OUTBOUND_ALLOW_PRIVATE", "true".to_string()),
+        ("CAPIBARA_LOG", a.log.clone()),
     ];
     let mut env = start_env(&a, &dir, &bin_dir, &extra).await?;
     let outcome = tokio::select! {
@@ -419,11 +423,27 @@ impl Receiver {
                 last = got;
                 last_change = Instant::now();
             } else if last_change.elapsed() > Duration::from_secs(60) {
-                bail!("phase {phase}: {got} of {n} deliveries arrived, none for 60 s");
+                let (jobs, created, succeeded) = progress(env, phase).await?;
+                bail!(
+                    "phase {phase}: {got} of {n} deliveries arrived, none for 60 s \
+                     ({jobs} jobs succeeded, {created} deliveries created, {succeeded} delivered)"
+                );
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
+}
+
+/// Jobs of `phase` succeeded, their deliveries created, and those delivered (from the DB).
+async fn progress(env: &Env, phase: &str) -> Result<(i64, i64, i64)> {
+    Ok(sqlx::query_as(
+        "SELECT (SELECT count(*) FROM jobs WHERE tags->>'phase' = $1 AND status = 'succeeded'), \
+           count(*), count(*) FILTER (WHERE d.status = 'succeeded') \
+         FROM deliveries d JOIN jobs j ON j.id = d.job_id WHERE j.tags->>'phase' = $1",
+    )
+    .bind(phase)
+    .fetch_one(&env.pool)
+    .await?)
 }
 
 /// Verifies, parses and records one delivery; 401 for a bad signature, else 200.

@@ -132,10 +132,16 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     }));
 
     for addr in [config.scheduler_addr, config.worker_addr] {
-        let router = ops::router(ops::Readiness {
+        let mut router = ops::router(ops::Readiness {
             store: store.clone(),
             queue: queue.clone(),
         });
+        if addr == config.scheduler_addr {
+            // Inbound webhook triggers are served next to the scheduler's health endpoints.
+            router = router.merge(capibara_scheduler::hooks::router(
+                capibara_scheduler::hooks::HookState::new(store.clone()),
+            ));
+        }
         match tokio::net::TcpListener::bind(addr).await {
             Ok(l) => {
                 let s = stop.clone();

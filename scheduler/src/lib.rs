@@ -3,9 +3,11 @@
 //!
 //! # Layout
 //! - [`housekeeping`]: promoter, relay, reaper and queue gauges.
+//! - [`hooks`]: `POST /hooks/{id}`, inbound webhook triggers.
 //! - [`ticker`]: fires cron schedules, exactly once across replicas.
 //! - [`deliverer`]: turns job events into webhook deliveries (callbacks, subscriptions).
 
 pub mod deliverer;
+pub mod hooks;
 pub mod housekeeping;
 pub mod ticker;

@@ -29,7 +29,10 @@ async fn main() -> anyhow::Result<()> {
     let router = ops::router(ops::Readiness {
         store: store.clone(),
         queue: queue.clone(),
-    });
+    })
+    .merge(capibara_scheduler::hooks::router(
+        capibara_scheduler::hooks::HookState::new(store.clone()),
+    ));
     let http = tokio::spawn(async move {
         axum::serve(listener, router)
             .with_graceful_shutdown(async move { http_stop.cancelled().await })

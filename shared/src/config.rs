@@ -37,6 +37,8 @@ pub struct Config {
     /// Delays between webhook delivery attempts (`CAPIBARA_DELIVERY_RETRY_SCHEDULE`,
     /// e.g. `5s,30s,2m`); a delivery is tried once more than the schedule is long.
     pub delivery_retry_schedule: Vec<Duration>,
+    /// Base URL under which the scheduler serves `/hooks/{id}` (returned when a trigger is created).
+    pub hooks_public_url: String,
     /// How long `POST /v1/orchestrate` waits for the result before answering 202.
     pub orchestrate_wait_s: f64,
     pub log_format: LogFormat,
@@ -154,6 +156,12 @@ impl Config {
             rate_limit_rps: parse("CAPIBARA_RATE_LIMIT_RPS", 2000)?,
             db_max_connections: parse("CAPIBARA_DB_MAX_CONNECTIONS", 16)?,
             append_flushers: parse("CAPIBARA_APPEND_FLUSHERS", 2usize)?.max(1),
+            hooks_public_url: var("CAPIBARA_HOOKS_PUBLIC_URL").unwrap_or_else(|| {
+                format!(
+                    "http://{}",
+                    var("CAPIBARA_SCHEDULER_ADDR").unwrap_or_else(|| "127.0.0.1:8081".into())
+                )
+            }),
             orchestrate_wait_s: parse("CAPIBARA_ORCHESTRATE_WAIT_S", 8.0f64)?.clamp(0.0, 60.0),
             delivery_retry_schedule: parse_schedule(
                 "CAPIBARA_DELIVERY_RETRY_SCHEDULE",

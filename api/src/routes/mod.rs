@@ -7,3 +7,4 @@ pub mod jobs;
 pub mod orchestrate;
 pub mod schedules;
 pub mod subscriptions;
+pub mod triggers;

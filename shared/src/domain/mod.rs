@@ -19,6 +19,7 @@ pub mod problem;
 pub mod retry;
 pub mod schedule;
 pub mod subscription;
+pub mod trigger;
 pub mod webhook;
 
 pub use problem::FieldError;

@@ -84,6 +84,7 @@ pub enum Effect {
     ReleaseLease(Uuid),
     UpsertDelivery(Box<crate::domain::delivery::Delivery>),
     UpsertSchedule(Box<crate::domain::schedule::Schedule>),
+    UpsertTrigger(Box<crate::domain::trigger::Trigger>),
     /// Fired ticks: `(schedule_id, fire_time)` is unique, so a tick fires once across replicas.
     InsertTicks {
         schedule_id: Uuid,
@@ -592,6 +593,7 @@ async fn write_effects(
     let mut deliveries: HashMap<Uuid, &crate::domain::delivery::Delivery> = HashMap::new();
     let mut checkpoints: Vec<(&str, super::events::LogCursor)> = Vec::new();
     let mut schedules: HashMap<Uuid, &crate::domain::schedule::Schedule> = HashMap::new();
+    let mut triggers: HashMap<Uuid, &crate::domain::trigger::Trigger> = HashMap::new();
     let (mut tick_sched, mut tick_time, mut tick_job) = (Vec::new(), Vec::new(), Vec::new());
     for &i in ok {
         for e in &appends[i].effects {
@@ -617,6 +619,9 @@ async fn write_effects(
                 Effect::Checkpoint { name, cursor } => checkpoints.push((name, *cursor)),
                 Effect::UpsertSchedule(s) => {
                     schedules.insert(s.id, s);
+                }
+                Effect::UpsertTrigger(t) => {
+                    triggers.insert(t.id, t);
                 }
                 Effect::InsertTicks { schedule_id, ticks } => {
                     for (t, j) in ticks {
@@ -647,6 +652,14 @@ async fn write_effects(
         let rows = serde_json::to_value(schedules.values().collect::<Vec<_>>())
             .expect("schedules serialize");
         sqlx::query(super::schedules::UPSERT_SCHEDULES)
+            .bind(rows)
+            .execute(&mut **tx)
+            .await?;
+    }
+    if !triggers.is_empty() {
+        let rows = serde_json::to_value(triggers.values().collect::<Vec<_>>())
+            .expect("triggers serialize");
+        sqlx::query(super::triggers::UPSERT_TRIGGERS)
             .bind(rows)
             .execute(&mut **tx)
             .await?;

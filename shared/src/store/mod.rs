@@ -22,6 +22,7 @@ pub mod keys;
 pub mod rebuild;
 pub mod schedules;
 pub mod subscriptions;
+pub mod triggers;
 pub mod workers;
 
 use std::time::Duration;

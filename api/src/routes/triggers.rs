@@ -1,0 +1,228 @@
+//! `/v1/triggers`: inbound webhooks that start jobs. The hook itself is served by the scheduler
+//! at `POST /hooks/{id}`.
+
+use axum::{
+    extract::{Path, State},
+    http::StatusCode,
+    response::{IntoResponse, Response},
+    Json,
+};
+use capibara_shared::{
+    domain::{
+        self,
+        auth::Role,
+        event::EventMetadata,
+        schedule::ScheduleTarget,
+        trigger::{check_template, Trigger, TriggerAuth, TriggerEvent},
+        webhook::WebhookSecret,
+    },
+    store::{self, triggers::trigger_append, AppendError, StoreError},
+};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::{
+    auth::Auth,
+    error::ApiError,
+    extract::ApiJson,
+    routes::{
+        jobs::{nest, to_submission, Page},
+        schedules::TargetBody,
+    },
+    AppState,
+};
+
+/// `POST /v1/triggers` body.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTrigger {
+    pub name: String,
+    pub target: TargetBody,
+    pub auth: TriggerAuth,
+    /// Template of the job input over `body` and `headers` (minijinja; a string that is exactly
+    /// `{{ expr }}` keeps its JSON type). Omitted: the request body is the input.
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub input: Option<serde_json::Value>,
+    /// Calls accepted per minute (default 600).
+    #[serde(default)]
+    pub rate_limit_per_minute: Option<i32>,
+}
+
+/// A trigger with its hook URL (secrets are never returned).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct TriggerView {
+    #[serde(flatten)]
+    pub trigger: Trigger,
+    /// Where to send calls: `POST` here.
+    pub url: String,
+}
+
+fn view(state: &AppState, mut t: Trigger) -> TriggerView {
+    if let Ok(auth) = serde_json::from_value::<TriggerAuth>(t.auth.clone()) {
+        t.auth = serde_json::to_value(auth.redacted()).unwrap_or_default();
+    }
+    let url = format!(
+        "{}/hooks/{}",
+        state.config.hooks_public_url.trim_end_matches('/'),
+        t.id
+    );
+    TriggerView { trigger: t, url }
+}
+
+fn meta(auth: &Auth) -> EventMetadata {
+    EventMetadata {
+        namespace: auth.namespace().to_string(),
+        actor: Some(auth.actor()),
+        ..Default::default()
+    }
+}
+
+#[utoipa::path(post, path = "/v1/triggers", tag = "schedules", request_body = CreateTrigger,
+    responses((status = 201, body = TriggerView), (status = 422, body = crate::error::Problem)),
+    security(("bearer" = [])))]
+pub async fn create(
+    State(state): State<AppState>,
+    auth: Auth,
+    body: ApiJson<CreateTrigger>,
+) -> Result<Response, ApiError> {
+    auth.require(Role::Submit)?;
+    let b = body.value;
+    if b.name.trim().is_empty() || b.name.len() > 200 {
+        return Err(ApiError::field("name", "must be 1-200 characters"));
+    }
+    let target = match b.target {
+        TargetBody::Job { job } => ScheduleTarget::Job {
+            job: to_submission(job, &state.config)
+                .await
+                .map_err(|e| nest(e, "target.job"))?,
+        },
+        TargetBody::Workflow { .. } => {
+            return Err(ApiError::field(
+                "target.type",
+                "workflow targets are not available in this version",
+            ))
+        }
+    };
+    match &b.auth {
+        TriggerAuth::Bearer { token } if token.len() < 16 => {
+            return Err(ApiError::field("auth.token", "use at least 16 characters"))
+        }
+        TriggerAuth::StandardWebhooks { secret } => {
+            WebhookSecret::parse(secret)
+                .map_err(|e| ApiError::field("auth.secret", e.to_string()))?;
+        }
+        TriggerAuth::HmacSha256 { secret, header } => {
+            if secret.len() < 16 {
+                return Err(ApiError::field("auth.secret", "use at least 16 characters"));
+            }
+            if header
+                .as_ref()
+                .is_some_and(|h| h.is_empty() || h.len() > 100)
+            {
+                return Err(ApiError::field("auth.header", "must be a header name"));
+            }
+        }
+        _ => {}
+    }
+    if let Some(t) = &b.input {
+        check_template(t).map_err(|m| ApiError::field("input", m))?;
+    }
+    let rate = b.rate_limit_per_minute.unwrap_or(600);
+    if !(1..=100_000).contains(&rate) {
+        return Err(ApiError::field(
+            "rate_limit_per_minute",
+            "must be between 1 and 100000",
+        ));
+    }
+    let ev = TriggerEvent::TriggerCreated {
+        name: b.name,
+        target: serde_json::to_value(&target).map_err(|e| ApiError::Internal(e.to_string()))?,
+        auth: serde_json::to_value(&b.auth).map_err(|e| ApiError::Internal(e.to_string()))?,
+        input: b.input,
+        rate_limit_per_minute: rate,
+    };
+    let (t, a) = trigger_append(
+        None,
+        Uuid::now_v7(),
+        auth.namespace(),
+        &[ev],
+        meta(&auth),
+        domain::now(),
+    )
+    .ok_or_else(|| ApiError::Internal("trigger state".into()))?;
+    state
+        .store
+        .appender
+        .append(a)
+        .await
+        .map_err(StoreError::from)?;
+    Ok((StatusCode::CREATED, Json(view(&state, t))).into_response())
+}
+
+#[utoipa::path(get, path = "/v1/triggers", tag = "schedules",
+    responses((status = 200, body = Page<TriggerView>)), security(("bearer" = [])))]
+pub async fn list(
+    State(state): State<AppState>,
+    auth: Auth,
+) -> Result<Json<Page<TriggerView>>, ApiError> {
+    auth.require(Role::Read)?;
+    let items = store::triggers::list(&state.store.pool, auth.namespace())
+        .await?
+        .into_iter()
+        .map(|t| view(&state, t))
+        .collect();
+    Ok(Json(Page {
+        items,
+        next_cursor: None,
+    }))
+}
+
+async fn load(state: &AppState, auth: &Auth, id: &str) -> Result<Trigger, ApiError> {
+    let uid: Uuid = id
+        .parse()
+        .map_err(|_| ApiError::NotFound(format!("no trigger `{id}`")))?;
+    store::triggers::get(&state.store.pool, auth.namespace(), uid)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no trigger `{id}`")))
+}
+
+#[utoipa::path(get, path = "/v1/triggers/{id}", tag = "schedules", params(("id" = String, Path)),
+    responses((status = 200, body = TriggerView), (status = 404, body = crate::error::Problem)),
+    security(("bearer" = [])))]
+pub async fn get(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+) -> Result<Json<TriggerView>, ApiError> {
+    auth.require(Role::Read)?;
+    Ok(Json(view(&state, load(&state, &auth, &id).await?)))
+}
+
+#[utoipa::path(delete, path = "/v1/triggers/{id}", tag = "schedules", params(("id" = String, Path)),
+    responses((status = 204, description = "deleted; its hook answers 404 from now on")), security(("bearer" = [])))]
+pub async fn delete(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    auth.require(Role::Submit)?;
+    for _ in 0..5 {
+        let t = load(&state, &auth, &id).await?;
+        let (_, a) = trigger_append(
+            Some(&t),
+            t.id,
+            auth.namespace(),
+            &[TriggerEvent::TriggerDeleted {}],
+            meta(&auth),
+            domain::now(),
+        )
+        .ok_or_else(|| ApiError::Internal("trigger state".into()))?;
+        match state.store.appender.append(a).await {
+            Ok(_) => return Ok(StatusCode::NO_CONTENT),
+            Err(AppendError::Conflict { .. }) => continue,
+            Err(e) => return Err(StoreError::from(e).into()),
+        }
+    }
+    Err(ApiError::Conflict("the trigger is busy; retry".into()))
+}

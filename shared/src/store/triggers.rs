@@ -1,0 +1,107 @@
+//! The `triggers` projection, [`trigger_append`] and replay receipts.
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use super::{Append, Effect, Expected, NewEvent, StoreError};
+use crate::domain::{
+    event::{EventMetadata, StreamType},
+    trigger::{Trigger, TriggerEvent},
+};
+
+pub const UPSERT_TRIGGERS: &str = "
+INSERT INTO triggers SELECT * FROM jsonb_populate_recordset(NULL::triggers, $1)
+ON CONFLICT (id) DO UPDATE SET status = EXCLUDED.status, invocations = EXCLUDED.invocations,
+    rejections = EXCLUDED.rejections, version = EXCLUDED.version, updated_at = EXCLUDED.updated_at";
+
+pub fn trigger_append(
+    prev: Option<&Trigger>,
+    id: Uuid,
+    namespace: &str,
+    events: &[TriggerEvent],
+    metadata: EventMetadata,
+    at: DateTime<Utc>,
+) -> Option<(Trigger, Append)> {
+    let mut state = prev.cloned();
+    for e in events {
+        state = Some(Trigger::apply(state, id, namespace, e, at)?);
+    }
+    let new = state?;
+    Some((
+        new.clone(),
+        Append {
+            stream_id: id,
+            stream_type: StreamType::Trigger,
+            namespace: namespace.to_string(),
+            expected: match prev {
+                Some(p) => Expected::Version(p.version),
+                None => Expected::NoStream,
+            },
+            events: events
+                .iter()
+                .map(|e| {
+                    let (t, data) = e.to_parts();
+                    NewEvent {
+                        event_type: t.to_string(),
+                        data,
+                        recorded_at: None,
+                    }
+                })
+                .collect(),
+            metadata,
+            recorded_at: at,
+            command: None,
+            effects: vec![Effect::UpsertTrigger(Box::new(new))],
+        },
+    ))
+}
+
+fn decode(v: Value) -> Result<Trigger, StoreError> {
+    serde_json::from_value(v)
+        .map_err(|e| StoreError::Internal(format!("triggers row does not decode: {e}")))
+}
+
+/// A live trigger, any namespace (the hook endpoint).
+pub async fn get_any(pool: &PgPool, id: Uuid) -> Result<Option<Trigger>, StoreError> {
+    let row: Option<(Value,)> =
+        sqlx::query_as("SELECT to_jsonb(t) FROM triggers t WHERE id = $1 AND status = 'active'")
+            .bind(id)
+            .fetch_optional(pool)
+            .await?;
+    row.map(|(v,)| decode(v)).transpose()
+}
+
+pub async fn get(pool: &PgPool, namespace: &str, id: Uuid) -> Result<Option<Trigger>, StoreError> {
+    Ok(get_any(pool, id)
+        .await?
+        .filter(|t| t.namespace == namespace))
+}
+
+pub async fn list(pool: &PgPool, namespace: &str) -> Result<Vec<Trigger>, StoreError> {
+    let rows: Vec<(Value,)> = sqlx::query_as(
+        "SELECT to_jsonb(t) FROM triggers t WHERE namespace = $1 AND status = 'active' ORDER BY id LIMIT 1000",
+    )
+    .bind(namespace)
+    .fetch_all(pool)
+    .await?;
+    rows.into_iter().map(|(v,)| decode(v)).collect()
+}
+
+/// Remember a Standard Webhooks message id; false if it was seen before (a replay).
+pub async fn first_receipt(
+    pool: &PgPool,
+    trigger_id: Uuid,
+    message_id: &str,
+) -> Result<bool, StoreError> {
+    Ok(sqlx::query(
+        "INSERT INTO trigger_receipts (trigger_id, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+    )
+    .bind(trigger_id)
+    .bind(message_id)
+    .execute(pool)
+    .await?
+    .rows_affected()
+        == 1)
+}
