@@ -20,7 +20,7 @@ pub struct Conn {
 }
 
 impl Conn {
-    fn client(&self) -> anyhow::Result<Client> {
+    pub fn client(&self) -> anyhow::Result<Client> {
         let mut h = header::HeaderMap::new();
         h.insert(
             header::AUTHORIZATION,
@@ -29,7 +29,7 @@ impl Conn {
         Ok(Client::builder().default_headers(h).build()?)
     }
 
-    fn at(&self, path: &str) -> String {
+    pub fn at(&self, path: &str) -> String {
         format!("{}{}", self.url.trim_end_matches('/'), path)
     }
 }
@@ -64,7 +64,7 @@ pub struct SubmitArgs {
     idempotency_key: Option<String>,
 }
 
-async fn print(res: Response) -> anyhow::Result<Value> {
+pub async fn print(res: Response) -> anyhow::Result<Value> {
     let status = res.status();
     let body: Value = res.json().await.context("reading the response")?;
     println!("{}", serde_json::to_string_pretty(&body)?);

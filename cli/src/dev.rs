@@ -187,7 +187,10 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let housekeeping = tokio::spawn(capibara_scheduler::housekeeping::run(
         store.clone(),
         queue.clone(),
-        capibara_scheduler::housekeeping::HousekeepingOptions::new(config.visibility_timeout),
+        capibara_scheduler::housekeeping::HousekeepingOptions {
+            retention: config.retention,
+            ..capibara_scheduler::housekeeping::HousekeepingOptions::new(config.visibility_timeout)
+        },
         stop.clone(),
     ));
 

@@ -6,6 +6,7 @@ mod bench_deliveries;
 mod bench_fanout;
 mod client;
 mod dev;
+mod manage;
 
 use anyhow::Context;
 use capibara_shared::{config::Config, store, telemetry};
@@ -41,6 +42,16 @@ enum Command {
     Wait(client::WaitArgs),
     /// Print a job's events (`--follow` streams them live over SSE).
     Events(client::EventsArgs),
+    /// Cron schedules: list, create, pause, resume, trigger.
+    Schedules {
+        #[command(subcommand)]
+        command: manage::SchedulesCommand,
+    },
+    /// Inbound webhook triggers: create, list.
+    Triggers {
+        #[command(subcommand)]
+        command: manage::TriggersCommand,
+    },
     /// Run the throughput/latency benchmark (starts its own Postgres, Redis and processes).
     Bench(bench::BenchArgs),
     /// Measure the event firehose's live fan-out to many SSE clients (own Postgres, Redis, processes).
@@ -115,6 +126,8 @@ async fn main() -> anyhow::Result<()> {
         Command::Wait(a) => client::wait(a).await,
         Command::Events(a) => client::events(a).await,
         Command::Bench(a) => bench::run(a).await,
+        Command::Schedules { command } => manage::schedules(command).await,
+        Command::Triggers { command } => manage::triggers(command).await,
         Command::BenchFanout(a) => bench_fanout::run(a).await,
         Command::BenchDeliveries(a) => bench_deliveries::run(a).await,
     }

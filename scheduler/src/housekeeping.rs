@@ -34,6 +34,8 @@ pub struct HousekeepingOptions {
     pub relay_grace: Duration,
     /// How often every queued row is checked again (finds jobs popped by a worker that died).
     pub repush_after: Duration,
+    /// Age after which terminal jobs' projection rows are pruned (None = never).
+    pub retention: Option<Duration>,
 }
 
 impl HousekeepingOptions {
@@ -44,6 +46,7 @@ impl HousekeepingOptions {
             reap_every: Duration::from_millis(500),
             relay_grace: Duration::from_secs(2),
             repush_after: visibility_timeout,
+            retention: None,
         }
     }
 }
@@ -65,6 +68,10 @@ pub async fn run(store: Store, queue: Queue, opts: HousekeepingOptions, stop: Ca
         relay_loop(&store, &queue, &opts, &stop),
         every(opts.reap_every, &stop, || reap(&store)),
         gauges_loop(&store, &stop),
+        every(Duration::from_secs(5), &stop, || retention(
+            &store,
+            opts.retention
+        )),
     );
 }
 
@@ -216,6 +223,50 @@ impl Relay {
         }
         Ok(0)
     }
+}
+
+/// Prune projections of finished work older than the retention period, in batches. The event
+/// log keeps everything (`capibara admin rebuild-projections` would bring the rows back).
+pub async fn retention(store: &Store, keep: Option<Duration>) -> Result<usize, store::StoreError> {
+    let Some(keep) = keep else { return Ok(0) };
+    let secs = keep.as_secs_f64();
+    let jobs = sqlx::query(
+        "DELETE FROM jobs WHERE id IN (
+             SELECT id FROM jobs WHERE status IN ('succeeded', 'failed', 'canceled')
+               AND finished_at < now() - make_interval(secs => $1) LIMIT 1000)",
+    )
+    .bind(secs)
+    .execute(&store.pool)
+    .await?
+    .rows_affected();
+    let deliveries = sqlx::query(
+        "DELETE FROM deliveries WHERE id IN (
+             SELECT id FROM deliveries WHERE status IN ('succeeded', 'failed')
+               AND updated_at < now() - make_interval(secs => $1) LIMIT 1000)",
+    )
+    .bind(secs)
+    .execute(&store.pool)
+    .await?
+    .rows_affected();
+    sqlx::query("DELETE FROM trigger_receipts WHERE received_at < now() - interval '1 day'")
+        .execute(&store.pool)
+        .await?;
+    sqlx::query(
+        "DELETE FROM commands WHERE received_at < now() - make_interval(secs => greatest($1, 86400))",
+    )
+    .bind(secs)
+    .execute(&store.pool)
+    .await?;
+    let n = (jobs + deliveries) as usize;
+    if n > 0 {
+        metrics::counter!("capibara_retention_pruned_total").increment(n as u64);
+        tracing::info!(jobs, deliveries, "retention pruned finished projections");
+    }
+    Ok(if jobs == 1000 || deliveries == 1000 {
+        n
+    } else {
+        0
+    })
 }
 
 /// End attempts whose lease expired.

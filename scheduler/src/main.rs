@@ -52,7 +52,10 @@ async fn main() -> anyhow::Result<()> {
     housekeeping::run(
         store,
         queue,
-        housekeeping::HousekeepingOptions::new(config.visibility_timeout),
+        housekeeping::HousekeepingOptions {
+            retention: config.retention,
+            ..capibara_scheduler::housekeeping::HousekeepingOptions::new(config.visibility_timeout)
+        },
         stop,
     )
     .await;

@@ -37,6 +37,9 @@ pub struct Config {
     /// Delays between webhook delivery attempts (`CAPIBARA_DELIVERY_RETRY_SCHEDULE`,
     /// e.g. `5s,30s,2m`); a delivery is tried once more than the schedule is long.
     pub delivery_retry_schedule: Vec<Duration>,
+    /// Terminal jobs' projection rows (and finished deliveries) older than this are pruned; the
+    /// event log keeps everything. `CAPIBARA_RETENTION` (`30d` default, `0` = keep forever).
+    pub retention: Option<Duration>,
     /// Base URL under which the scheduler serves `/hooks/{id}` (returned when a trigger is created).
     pub hooks_public_url: String,
     /// How long `POST /v1/orchestrate` waits for the result before answering 202.
@@ -94,6 +97,7 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
         "s" => n,
         "m" => n * 60.0,
         "h" => n * 3600.0,
+        "d" => n * 86400.0,
         _ => return None,
     };
     Some(Duration::from_secs_f64(secs))
@@ -156,6 +160,14 @@ impl Config {
             rate_limit_rps: parse("CAPIBARA_RATE_LIMIT_RPS", 2000)?,
             db_max_connections: parse("CAPIBARA_DB_MAX_CONNECTIONS", 16)?,
             append_flushers: parse("CAPIBARA_APPEND_FLUSHERS", 2usize)?.max(1),
+            retention: match var("CAPIBARA_RETENTION").as_deref() {
+                None => Some(Duration::from_secs(30 * 86400)),
+                Some("0") => None,
+                Some(v) => Some(parse_duration(v).ok_or_else(|| ConfigError {
+                    var: "CAPIBARA_RETENTION",
+                    message: format!("`{v}` is not a duration like 30d, 12h or 0"),
+                })?),
+            },
             hooks_public_url: var("CAPIBARA_HOOKS_PUBLIC_URL").unwrap_or_else(|| {
                 format!(
                     "http://{}",

@@ -188,3 +188,93 @@ async fn the_cli_submits_waits_and_streams() {
     assert!(!ok, "a problem exits non-zero");
     assert!(out.contains("unknown kind"));
 }
+
+#[tokio::test]
+async fn retention_prunes_finished_jobs_but_keeps_the_event_log() {
+    let mut env = TestEnv::new().await;
+    env.extra_env
+        .push(("CAPIBARA_RETENTION".into(), "1s".into()));
+    let _procs = env.spawn_all().await;
+    let api = env.client();
+    let done = api.submit_id(json!({"kind": "echo"})).await;
+    api.wait_terminal(&done, Duration::from_secs(10)).await;
+    let waiting = api
+        .submit_id(json!({"kind": "echo", "run_at": (chrono::Utc::now() + chrono::Duration::hours(1)).to_rfc3339()}))
+        .await;
+    eventually(
+        "the finished job is pruned",
+        Duration::from_secs(20),
+        || async { (api.get(&format!("/v1/jobs/{done}")).await.status == 404).then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        api.job(&waiting).await["status"],
+        "scheduled",
+        "unfinished jobs stay"
+    );
+    let pool = env.pool().await;
+    let (events,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM events WHERE stream_id = $1::uuid")
+            .bind(&done)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(events, 3, "the log keeps the pruned job's history");
+}
+
+#[tokio::test]
+async fn the_cli_manages_schedules_and_triggers() {
+    let env = TestEnv::new().await;
+    let _procs = env.spawn_all().await;
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(capibara_tests::bin("capibara"))
+            .args(args)
+            .env("CAPIBARA_URL", env.api_url())
+            .env("CAPIBARA_API_KEY", ADMIN_KEY)
+            .output()
+            .unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        (out.status.success(), body)
+    };
+    let (ok, s) = run(&[
+        "schedules",
+        "create",
+        "--name",
+        "n",
+        "--cron",
+        "@daily",
+        "--kind",
+        "echo",
+        "--input",
+        r#"{"a":1}"#,
+    ]);
+    assert!(ok, "{s}");
+    let id = s["id"].as_str().unwrap();
+    assert_eq!(s["next_fire_times"].as_array().unwrap().len(), 5);
+    let (ok, list) = run(&["schedules", "list"]);
+    assert!(ok && list["items"].as_array().unwrap().len() == 1);
+    let (ok, fired) = run(&["schedules", "trigger", id]);
+    assert!(ok && fired["fired_count"] == 1, "{fired}");
+    let (ok, paused) = run(&["schedules", "pause", id]);
+    assert!(ok && paused["status"] == "paused");
+    let (ok, resumed) = run(&["schedules", "resume", id]);
+    assert!(ok && resumed["status"] == "active");
+    let (ok, t) = run(&[
+        "triggers",
+        "create",
+        "--name",
+        "t",
+        "--kind",
+        "echo",
+        "--auth",
+        "bearer:a-long-enough-token-123",
+    ]);
+    assert!(ok, "{t}");
+    assert!(t["url"].as_str().unwrap().contains("/hooks/"));
+    let (ok, tl) = run(&["triggers", "list"]);
+    assert!(ok && tl["items"].as_array().unwrap().len() == 1);
+    let (ok, _) = run(&[
+        "triggers", "create", "--name", "t", "--kind", "echo", "--auth", "magic:x",
+    ]);
+    assert!(!ok);
+}
