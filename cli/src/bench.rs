@@ -221,7 +221,7 @@ impl Drop for Env {
 }
 
 impl Env {
-    async fn start(a: &BenchArgs, dir: &Path, bin_dir: &Path) -> Result<Env> {
+    pub(crate) async fn start(a: &BenchArgs, dir: &Path, bin_dir: &Path) -> Result<Env> {
         let pg_dir = dir.join("postgres").join("data");
         let fast_unsafe = a.unsafe_pg;
         let redis_dir = dir.join("redis");
@@ -295,7 +295,7 @@ impl Env {
     }
 
     /// Spawns a binary with the bench environment; logs go to `<dir>/<name>.log`.
-    fn spawn(&mut self, name: &str, bin: &str, args: &[&str], port: u16) -> Result<()> {
+    pub(crate) fn spawn(&mut self, name: &str, bin: &str, args: &[&str], port: u16) -> Result<()> {
         let log = self.dir.join(format!("{name}.log"));
         let out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let err = out.try_clone()?;
@@ -347,7 +347,7 @@ impl Env {
         Ok(())
     }
 
-    async fn spawn_worker(&mut self, name: &str) -> Result<()> {
+    pub(crate) async fn spawn_worker(&mut self, name: &str) -> Result<()> {
         let port = find_free_port();
         let conc = self.worker_concurrency.to_string();
         self.spawn(name, "capibara-worker", &["--concurrency", &conc], port)?;

@@ -4,6 +4,7 @@
 mod bench;
 mod bench_deliveries;
 mod bench_fanout;
+mod bench_schedules;
 mod client;
 mod dev;
 mod manage;
@@ -42,6 +43,8 @@ enum Command {
     Wait(client::WaitArgs),
     /// Print a job's events (`--follow` streams them live over SSE).
     Events(client::EventsArgs),
+    /// Fire accuracy of cron schedules with several scheduler replicas.
+    BenchSchedules(bench_schedules::ScheduleBenchArgs),
     /// Cron schedules: list, create, pause, resume, trigger.
     Schedules {
         #[command(subcommand)]
@@ -126,6 +129,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Wait(a) => client::wait(a).await,
         Command::Events(a) => client::events(a).await,
         Command::Bench(a) => bench::run(a).await,
+        Command::BenchSchedules(a) => bench_schedules::run(a).await,
         Command::Schedules { command } => manage::schedules(command).await,
         Command::Triggers { command } => manage::triggers(command).await,
         Command::BenchFanout(a) => bench_fanout::run(a).await,
