@@ -79,6 +79,12 @@ pub struct Args {
     /// `CAPIBARA_LOG` of the spawned processes (e.g. `info,sqlx=warn` to see more).
     #[arg(long, default_value = "warn")]
     log: String,
+    /// Before starting the processes, use up transaction ids of the fresh cluster (one
+    /// statement each) until the next one is at least this. A fresh cluster starts near 730, so
+    /// a run crosses 1000 early; `--start-xid 990` makes the crossing happen under load on
+    /// purpose, `--start-xid 1100` keeps a run within four digits.
+    #[arg(long)]
+    start_xid: Option<u64>,
 }
 
 /// Runs the benchmark (see the module docs).
@@ -220,6 +226,10 @@ async fn start_env(a: &Args, dir: &Path, bin_dir: &Path, extra: &[(&str, String)
         .connect(&db_url)
         .await
         .context("connecting to the bench database")?;
+    if let Some(target) = a.start_xid {
+        let next = advance_xids(&pool, target).await?;
+        println!("transaction ids advanced to {next} (--start-xid {target})");
+    }
     let mut env = Env {
         procs: Vec::new(),
         redis_url: redis.url(),
@@ -260,6 +270,28 @@ async fn start_env(a: &Args, dir: &Path, bin_dir: &Path, extra: &[(&str, String)
     )?;
     env.wait_healthy(worker_port).await?;
     Ok(env)
+}
+
+/// Uses up transaction ids until the next one is at least `target`; returns the next one.
+async fn advance_xids(pool: &sqlx::PgPool, target: u64) -> Result<u64> {
+    loop {
+        let next = next_xid(pool).await?;
+        if next >= target {
+            return Ok(next);
+        }
+        // Assigns (and commits) one transaction id.
+        sqlx::query("SELECT pg_current_xact_id()")
+            .execute(pool)
+            .await?;
+    }
+}
+
+/// The next transaction id Postgres will assign (uses none up).
+async fn next_xid(pool: &sqlx::PgPool) -> Result<u64> {
+    let x: String = sqlx::query_scalar("SELECT pg_snapshot_xmax(pg_current_snapshot())::text")
+        .fetch_one(pool)
+        .await?;
+    Ok(x.parse()?)
 }
 
 /// `capibara bench`'s environment for a child plus `extra`; logs go to `<dir>/<name>.log`. The
@@ -656,6 +688,7 @@ fn latency_text(lat: &[f64]) -> String {
 async fn phases(a: &Args, env: &mut Env, rx: &Receiver, facts: &Facts) -> Result<String> {
     let mut rows: Vec<(String, String)> = Vec::new();
     let n = a.jobs;
+    let xid0 = next_xid(&env.pool).await?;
 
     // A. throughput.
     let cpu0 = env.cpu_snapshot();
@@ -768,10 +801,12 @@ async fn phases(a: &Args, env: &mut Env, rx: &Receiver, facts: &Facts) -> Result
             "{bad_sig} signature failures, {bad_body} bad bodies, {delivered} of {expected} deliveries succeeded"
         );
     }
+    let xid1 = next_xid(&env.pool).await?;
+    println!("transaction ids used: {xid0} → {xid1}");
     rows.push((
         "Checks".into(),
         format!(
-            "{bad_sig} signature failures, {dups} duplicates, {} retried deliveries",
+            "{bad_sig} signature failures, {dups} duplicates, {} retried deliveries (transaction ids {xid0} → {xid1})",
             st_a.retried + st_b.retried
         ),
     ));

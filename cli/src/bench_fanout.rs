@@ -403,6 +403,39 @@ impl Env {
         }
     }
 
+    /// CPU ticks of Postgres (postmaster and backends), the worker and the scheduler.
+    fn other_ticks(&self) -> Vec<(String, u64)> {
+        let mut out = Vec::new();
+        let pm = self.pg.as_ref().and_then(|pg| {
+            fs::read_to_string(pg.data_dir().join("postmaster.pid"))
+                .ok()?
+                .lines()
+                .next()?
+                .trim()
+                .parse::<u32>()
+                .ok()
+        });
+        if let Some(pm) = pm {
+            let mut t = cpu_ticks(pm);
+            if let Ok(rd) = fs::read_dir("/proc") {
+                for e in rd.flatten() {
+                    let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok())
+                    else {
+                        continue;
+                    };
+                    if parent_pid(pid) == Some(pm) {
+                        t += cpu_ticks(pid);
+                    }
+                }
+            }
+            out.push(("Postgres".to_string(), t));
+        }
+        for p in self.procs.iter().filter(|p| p.name != "api") {
+            out.push((p.name.clone(), cpu_ticks(p.child.id())));
+        }
+        out
+    }
+
     fn api_pid(&self) -> u32 {
         self.procs
             .iter()
@@ -481,6 +514,12 @@ fn cpu_ticks(pid: u32) -> u64 {
     n(11) + n(12)
 }
 
+fn parent_pid(pid: u32) -> Option<u32> {
+    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let close = s.rfind(')')?;
+    s[close + 1..].split_whitespace().nth(1)?.parse().ok()
+}
+
 /// (busy, total) ticks of all CPUs.
 fn machine_ticks() -> (u64, u64) {
     let s = fs::read_to_string("/proc/stat").unwrap_or_default();
@@ -519,18 +558,51 @@ struct Seen {
     error: Option<String>,
 }
 
-/// Opens one SSE connection (returns once the headers arrived: the client is subscribed).
-async fn open(http: &Client, url: &str) -> Result<reqwest::Response> {
-    let r = http
-        .get(url)
-        .header(header::ACCEPT, "text/event-stream")
-        .send()
+/// One SSE client: a plain TCP connection that sent `GET /v1/events` and read the response
+/// head (so the server has subscribed it). Not reqwest: at ~600,000 frames/s on a small machine
+/// the client must cost as little as possible, so it reads the socket itself and never decodes
+/// the chunked framing (the server writes whole SSE frames per chunk; chunk-size lines are just
+/// lines that are neither `id:` nor empty).
+struct RawSse {
+    stream: tokio::net::TcpStream,
+    /// Bytes read after the response head.
+    rest: Vec<u8>,
+}
+
+async fn open(addr: &str, key: &str) -> Result<RawSse> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr)
         .await
-        .with_context(|| format!("GET {url}"))?;
-    if !r.status().is_success() {
-        bail!("GET {url} answered {}", r.status());
+        .with_context(|| format!("connecting to {addr}"))?;
+    stream.set_nodelay(true)?;
+    stream
+        .write_all(
+            format!(
+                "GET /v1/events HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {key}\r\n\
+                 Accept: text/event-stream\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await?;
+    let mut buf = Vec::with_capacity(1024);
+    let mut tmp = [0u8; 1024];
+    loop {
+        let n = stream.read(&mut tmp).await?;
+        if n == 0 {
+            bail!("the API closed the connection before answering");
+        }
+        buf.extend_from_slice(&tmp[..n]);
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..i]).to_string();
+            if !head.starts_with("HTTP/1.1 200") {
+                bail!("GET /v1/events answered: {head}");
+            }
+            return Ok(RawSse {
+                stream,
+                rest: buf[i + 4..].to_vec(),
+            });
+        }
     }
-    Ok(r)
 }
 
 /// Splits complete SSE frames off the front of `buf`: calls `on_id` with each event frame's id
@@ -564,23 +636,32 @@ fn frames(buf: &[u8], mut on_id: impl FnMut(i64)) -> usize {
 
 /// Reads frames until `stop`; notes the receipt time of each event frame.
 async fn read_client(
-    mut res: reqwest::Response,
+    sse: RawSse,
     total: Arc<AtomicUsize>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> Seen {
+    use tokio::io::AsyncReadExt;
+    let RawSse {
+        mut stream,
+        rest: mut buf,
+    } = sse;
     let mut seen = Seen::default();
-    let mut buf: Vec<u8> = Vec::with_capacity(4096);
+    let now = chrono::Utc::now().timestamp_micros();
+    let done = frames(&buf, |id| seen.got.push((id, now)));
+    buf.drain(..done);
+    total.fetch_add(seen.got.len(), Ordering::Relaxed);
+    let mut tmp = vec![0u8; 16 * 1024];
     loop {
-        let chunk = tokio::select! {
-            c = res.chunk() => c,
+        let n = tokio::select! {
+            r = stream.read(&mut tmp) => r,
             _ = stop.changed() => return seen,
         };
-        let bytes = match chunk {
-            Ok(Some(b)) => b,
-            Ok(None) => {
+        let n = match n {
+            Ok(0) => {
                 seen.error = Some("the stream closed".into());
                 return seen;
             }
+            Ok(n) => n,
             Err(e) => {
                 seen.error = Some(e.to_string());
                 return seen;
@@ -589,11 +670,11 @@ async fn read_client(
         let now = chrono::Utc::now().timestamp_micros();
         let before = seen.got.len();
         let done = if buf.is_empty() {
-            let done = frames(&bytes, |id| seen.got.push((id, now)));
-            buf.extend_from_slice(&bytes[done..]);
+            let done = frames(&tmp[..n], |id| seen.got.push((id, now)));
+            buf.extend_from_slice(&tmp[done..n]);
             0
         } else {
-            buf.extend_from_slice(&bytes);
+            buf.extend_from_slice(&tmp[..n]);
             frames(&buf, |id| seen.got.push((id, now)))
         };
         buf.drain(..done);
@@ -658,23 +739,12 @@ async fn measure(a: &FanoutArgs, env: &mut Env, machine: &str) -> Result<String>
 
     // 2. Connect the clients, each on its own connection (HTTP/1.1: a streaming response holds
     //    its connection).
-    let sse = Client::builder()
-        .default_headers({
-            let mut h = header::HeaderMap::new();
-            h.insert(
-                header::AUTHORIZATION,
-                format!("Bearer {}", env.admin_key).parse()?,
-            );
-            h
-        })
-        .pool_max_idle_per_host(0)
-        .build()?;
-    let url = env.api("/v1/events");
+    let addr = format!("127.0.0.1:{}", env.api_port);
     let started = Instant::now();
-    let responses: Vec<Result<reqwest::Response>> = futures::stream::iter(0..a.clients)
+    let responses: Vec<Result<RawSse>> = futures::stream::iter(0..a.clients)
         .map(|_| {
-            let (sse, url) = (sse.clone(), url.clone());
-            async move { open(&sse, &url).await }
+            let (addr, key) = (addr.clone(), env.admin_key.clone());
+            async move { open(&addr, &key).await }
         })
         .buffer_unordered(64)
         .collect()
@@ -709,9 +779,10 @@ async fn measure(a: &FanoutArgs, env: &mut Env, machine: &str) -> Result<String>
     let lagged0 = env.api_metric("capibara_firehose_lagged_total").await;
     let hz = clock_ticks();
     let me = std::process::id();
-    let (api0, me0, m0, t0) = (
+    let (api0, me0, others0, m0, t0) = (
         cpu_ticks(api_pid),
         cpu_ticks(me),
+        env.other_ticks(),
         machine_ticks(),
         Instant::now(),
     );
@@ -734,7 +805,12 @@ async fn measure(a: &FanoutArgs, env: &mut Env, machine: &str) -> Result<String>
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let secs = t0.elapsed().as_secs_f64();
-    let (api1, me1, m1) = (cpu_ticks(api_pid), cpu_ticks(me), machine_ticks());
+    let (api1, me1, others1, m1) = (
+        cpu_ticks(api_pid),
+        cpu_ticks(me),
+        env.other_ticks(),
+        machine_ticks(),
+    );
     let rss_after = rss_mib(api_pid);
     let lagged = env.api_metric("capibara_firehose_lagged_total").await - lagged0;
     let batches = env.api_metric("capibara_firehose_batches_total").await - batches0;
@@ -782,6 +858,17 @@ async fn measure(a: &FanoutArgs, env: &mut Env, machine: &str) -> Result<String>
     let api_cpu = (api1 - api0) as f64 / hz / secs * 100.0;
     let me_cpu = (me1 - me0) as f64 / hz / secs * 100.0;
     let busy = (m1.0 - m0.0) as f64 / (m1.1 - m0.1).max(1) as f64 * 100.0;
+    let others = others1
+        .iter()
+        .zip(&others0)
+        .map(|((name, t1), (_, t0))| {
+            format!(
+                "{name} {:.0}%",
+                t1.saturating_sub(*t0) as f64 / hz / secs * 100.0
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
     let (p50, p90, p99, max) = (
         percentile(&lat, 0.5),
         percentile(&lat, 0.9),
@@ -800,7 +887,7 @@ async fn measure(a: &FanoutArgs, env: &mut Env, machine: &str) -> Result<String>
         expected as f64 / batches.max(1.0)
     );
     println!(
-        "   CPU, % of one core: API {api_cpu:.0}%, bench client {me_cpu:.0}% (machine busy {busy:.0}%); API VmRSS after: {rss_after:.1} MiB"
+        "   CPU, % of one core: API {api_cpu:.0}%, bench client {me_cpu:.0}%, {others} (machine busy {busy:.0}%); API VmRSS after: {rss_after:.1} MiB"
     );
 
     let mut t = String::new();
@@ -835,7 +922,7 @@ async fn measure(a: &FanoutArgs, env: &mut Env, machine: &str) -> Result<String>
         "| Memory per connected client | **{per_client_kib:.1} KiB** |\n"
     ));
     t.push_str(&format!(
-        "| CPU during the phase, % of one core | API {api_cpu:.0}%, bench client (parsing {} streams) {me_cpu:.0}%; machine busy {busy:.0}% |\n",
+        "| CPU during the phase, % of one core | API {api_cpu:.0}%, bench client (reading {} streams) {me_cpu:.0}%, {others}; machine busy {busy:.0}% |\n",
         a.clients
     ));
     t.push_str(&format!(

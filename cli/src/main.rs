@@ -66,7 +66,7 @@ enum Command {
 
 #[derive(Subcommand)]
 enum AdminCommand {
-    /// Rebuild the projections (`jobs`) from the event log.
+    /// Rebuild the projections (jobs, deliveries, schedules, triggers) from the event log.
     RebuildProjections,
     /// Create an API key: `capibara admin create-key --name ci --roles submit`.
     CreateKey {
@@ -98,8 +98,11 @@ async fn main() -> anyhow::Result<()> {
             store::migrate(&pool).await?;
             match command {
                 AdminCommand::RebuildProjections => {
-                    let report = store::rebuild::rebuild_jobs(&pool).await?;
-                    println!("rebuilt {} jobs from {} events", report.jobs, report.events);
+                    let r = store::rebuild::rebuild_all(&pool).await?;
+                    println!(
+                        "rebuilt {} jobs, {} deliveries, {} schedules, {} triggers from {} events",
+                        r.jobs, r.deliveries, r.schedules, r.triggers, r.events
+                    );
                 }
                 AdminCommand::CreateKey {
                     name,

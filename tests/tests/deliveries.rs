@@ -507,3 +507,84 @@ async fn orchestrate_answers_synchronously_and_deduplicates_identical_requests()
     assert_eq!(unknown.body["errors"][0]["field"], "intent");
     assert!(unknown.body["detail"].as_str().unwrap().contains("echo"));
 }
+
+#[tokio::test]
+async fn rebuilding_deliveries_schedules_and_triggers_gives_identical_rows() {
+    let env = env_with_callbacks().await;
+    let _procs = env.spawn_all().await;
+    let api = env.client();
+    let receiver = Receiver::start(
+        &[SECRET],
+        ReceiverOptions {
+            fail_first: Some(1),
+            ..Default::default()
+        },
+    );
+    let id = api
+        .submit_id(json!({"kind": "echo", "callback_url": receiver.url}))
+        .await;
+    let s = api
+        .post(
+            "/v1/schedules",
+            json!({"name": "r", "cron": "@hourly", "target": {"type": "job", "job": {"kind": "echo"}}}),
+        )
+        .await;
+    let sid = s.body["id"].as_str().unwrap().to_string();
+    api.post(&format!("/v1/schedules/{sid}/trigger"), json!({}))
+        .await;
+    api.post(&format!("/v1/schedules/{sid}/pause"), json!({}))
+        .await;
+    let t = api
+        .post(
+            "/v1/triggers",
+            json!({"name": "t", "auth": {"type": "bearer", "token": "a-long-enough-token-123"},
+                   "target": {"type": "job", "job": {"kind": "echo"}}}),
+        )
+        .await;
+    assert_eq!(t.status, 201);
+    eventually(
+        "delivered after a retry",
+        Duration::from_secs(20),
+        || async {
+            let r = api
+                .get(&format!("/v1/deliveries?job_id={id}&status=succeeded"))
+                .await;
+            (r.body["items"].as_array().map(|a| a.len()) == Some(1)).then_some(())
+        },
+    )
+    .await;
+    let pool = env.pool().await;
+    let snapshot = |table: &'static str| {
+        let pool = pool.clone();
+        async move {
+            let rows: Vec<(Value,)> =
+                sqlx::query_as(&format!("SELECT to_jsonb(t) FROM {table} t ORDER BY id"))
+                    .fetch_all(&pool)
+                    .await
+                    .unwrap();
+            rows
+        }
+    };
+    let before = (
+        snapshot("deliveries").await,
+        snapshot("schedules").await,
+        snapshot("triggers").await,
+    );
+    assert_eq!((before.0.len(), before.1.len(), before.2.len()), (1, 1, 1));
+    let out = std::process::Command::new(capibara_tests::bin("capibara"))
+        .args(["admin", "rebuild-projections"])
+        .env("CAPIBARA_DATABASE_URL", &env.database_url)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let after = (
+        snapshot("deliveries").await,
+        snapshot("schedules").await,
+        snapshot("triggers").await,
+    );
+    assert_eq!(before, after);
+}

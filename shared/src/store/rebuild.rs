@@ -80,3 +80,125 @@ pub async fn rebuild_jobs(pool: &PgPool) -> Result<RebuildReport, StoreError> {
     tx.commit().await?;
     Ok(report)
 }
+
+/// The fold of a projection row: previous row, stream id, namespace, event, recorded at.
+type Fold<T, E> = fn(Option<T>, Uuid, &str, &E, DateTime<Utc>) -> Option<T>;
+
+/// Rebuild a projection whose rows fold from one stream type with `apply`.
+async fn rebuild_stream<T, E>(
+    pool: &PgPool,
+    stream_type: &str,
+    table: &str,
+    upsert: &str,
+    apply: Fold<T, E>,
+) -> Result<(u64, u64), StoreError>
+where
+    T: serde::Serialize,
+    E: serde::de::DeserializeOwned,
+{
+    let mut tx = pool.begin().await?;
+    sqlx::query(&format!("LOCK TABLE {table} IN EXCLUSIVE MODE"))
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(&format!("DELETE FROM {table}"))
+        .execute(&mut *tx)
+        .await?;
+    let (mut events, mut written) = (0u64, 0u64);
+    let mut rows: Vec<T> = Vec::new();
+    {
+        let mut reader = pool.acquire().await?;
+        let mut stream = sqlx::query_as::<_, (Uuid, String, Value, String, DateTime<Utc>)>(
+            "SELECT stream_id, type, data, metadata->>'namespace', recorded_at FROM events
+             WHERE stream_type = $1 ORDER BY stream_id, version",
+        )
+        .bind(stream_type)
+        .fetch(&mut *reader);
+        let mut current: Option<(Uuid, T)> = None;
+        while let Some((stream_id, t, data, namespace, at)) = stream.try_next().await? {
+            events += 1;
+            let ev: E = serde_json::from_value(serde_json::json!({"type": t, "data": data}))
+                .map_err(|e| {
+                    StoreError::Internal(format!("{stream_type} event {t} of {stream_id}: {e}"))
+                })?;
+            let prev = match current.take() {
+                Some((id, row)) if id == stream_id => Some(row),
+                Some((_, row)) => {
+                    rows.push(row);
+                    None
+                }
+                None => None,
+            };
+            if let Some(next) = apply(prev, stream_id, &namespace, &ev, at) {
+                current = Some((stream_id, next));
+            }
+            if rows.len() >= 500 {
+                written += rows.len() as u64;
+                let batch =
+                    serde_json::to_value(std::mem::take(&mut rows)).expect("rows serialize");
+                sqlx::query(upsert).bind(batch).execute(&mut *tx).await?;
+            }
+        }
+        if let Some((_, row)) = current {
+            rows.push(row);
+        }
+    }
+    if !rows.is_empty() {
+        written += rows.len() as u64;
+        let batch = serde_json::to_value(rows).expect("rows serialize");
+        sqlx::query(upsert).bind(batch).execute(&mut *tx).await?;
+    }
+    tx.commit().await?;
+    Ok((events, written))
+}
+
+/// Everything a full rebuild did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FullRebuild {
+    pub events: u64,
+    pub jobs: u64,
+    pub deliveries: u64,
+    pub schedules: u64,
+    pub triggers: u64,
+}
+
+/// Rebuild every projection: `jobs`, `deliveries`, `schedules`, `triggers` (each in its own
+/// transaction).
+pub async fn rebuild_all(pool: &PgPool) -> Result<FullRebuild, StoreError> {
+    use crate::domain::{
+        delivery::{Delivery, DeliveryEvent},
+        schedule::{Schedule, ScheduleEvent},
+        trigger::{Trigger, TriggerEvent},
+    };
+    let jobs = rebuild_jobs(pool).await?;
+    let (de, deliveries) = rebuild_stream::<Delivery, DeliveryEvent>(
+        pool,
+        "delivery",
+        "deliveries",
+        super::deliveries::UPSERT_DELIVERIES,
+        Delivery::apply,
+    )
+    .await?;
+    let (se, schedules) = rebuild_stream::<Schedule, ScheduleEvent>(
+        pool,
+        "schedule",
+        "schedules",
+        super::schedules::UPSERT_SCHEDULES,
+        Schedule::apply,
+    )
+    .await?;
+    let (te, triggers) = rebuild_stream::<Trigger, TriggerEvent>(
+        pool,
+        "trigger",
+        "triggers",
+        super::triggers::UPSERT_TRIGGERS,
+        Trigger::apply,
+    )
+    .await?;
+    Ok(FullRebuild {
+        events: jobs.events + de + se + te,
+        jobs: jobs.jobs,
+        deliveries,
+        schedules,
+        triggers,
+    })
+}
