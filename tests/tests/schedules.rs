@@ -172,19 +172,7 @@ async fn three_scheduler_replicas_fire_each_tick_exactly_once() {
     )
     .await;
     assert_eq!(rows as usize, per_tick.len());
-    // Fired on time: each TickFired recorded within a second of its fire time.
-    let late: Vec<(i64,)> = sqlx::query_as(
-        "SELECT (extract(epoch FROM recorded_at - (data->>'fire_time')::timestamptz) * 1000)::bigint
-         FROM events WHERE stream_id = $1::uuid AND type = 'TickFired'",
-    )
-    .bind(&id)
-    .fetch_all(&pool)
-    .await
-    .unwrap();
-    assert!(
-        late.iter().all(|(ms,)| (0..1000).contains(ms)),
-        "lateness (ms): {late:?}"
-    );
+    // Lateness is a benchmark figure (`capibara bench-schedules`), not asserted here.
 }
 
 #[tokio::test]
