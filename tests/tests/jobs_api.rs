@@ -52,7 +52,11 @@ async fn a_wait_that_runs_out_answers_202_and_the_job_keeps_running() {
     assert_eq!(r.status, 202, "{r:?}");
     let id = r.body["id"].as_str().unwrap().to_string();
     assert_eq!(r.header("location").unwrap(), format!("/v1/jobs/{id}"));
-    assert_eq!(r.body["status"], "running");
+    assert!(
+        r.body["status"] == "running" || r.body["status"] == "queued",
+        "still in progress: {:?}",
+        r.body["status"]
+    );
     let done = api.wait_terminal(&id, Duration::from_secs(20)).await;
     assert_eq!(done["status"], "succeeded");
     assert_eq!(done["output"], json!({"slept_ms": 2500}));
