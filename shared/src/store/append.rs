@@ -112,6 +112,36 @@ pub struct Append {
 }
 
 impl Append {
+    /// Events for a stream at `prev_version` (`None`: a new stream), all recorded at `at`.
+    pub fn for_stream(
+        stream_type: StreamType,
+        stream_id: Uuid,
+        prev_version: Option<i64>,
+        events: impl IntoIterator<Item = (&'static str, Value)>,
+        metadata: EventMetadata,
+        at: DateTime<Utc>,
+        effects: Vec<Effect>,
+    ) -> Append {
+        Append {
+            stream_id,
+            stream_type,
+            namespace: metadata.namespace.clone(),
+            expected: prev_version.map_or(Expected::NoStream, Expected::Version),
+            events: events
+                .into_iter()
+                .map(|(t, data)| NewEvent {
+                    event_type: t.to_string(),
+                    data,
+                    recorded_at: None,
+                })
+                .collect(),
+            metadata,
+            recorded_at: at,
+            command: None,
+            effects,
+        }
+    }
+
     fn new_version(&self) -> i64 {
         let base = match self.expected {
             Expected::NoStream => 0,

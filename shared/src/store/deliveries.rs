@@ -6,7 +6,7 @@ use serde_json::Value;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use super::{Append, Effect, Expected, NewEvent, StoreError};
+use super::{Append, Effect, StoreError};
 use crate::domain::{
     delivery::{Delivery, DeliveryEvent, DeliveryStatus},
     event::{EventEnvelope, EventMetadata, StreamType},
@@ -34,30 +34,18 @@ pub fn delivery_append(
         state = Some(Delivery::apply(state, id, namespace, e, at)?);
     }
     let new = state?;
-    let append = Append {
-        stream_id: id,
-        stream_type: StreamType::Delivery,
-        namespace: namespace.to_string(),
-        expected: match prev {
-            Some(p) => Expected::Version(p.version),
-            None => Expected::NoStream,
+    let append = Append::for_stream(
+        StreamType::Delivery,
+        id,
+        prev.map(|p| p.version),
+        events.iter().map(|e| e.to_parts()),
+        EventMetadata {
+            namespace: namespace.to_string(),
+            ..metadata
         },
-        events: events
-            .iter()
-            .map(|e| {
-                let (t, data) = e.to_parts();
-                NewEvent {
-                    event_type: t.to_string(),
-                    data,
-                    recorded_at: None,
-                }
-            })
-            .collect(),
-        metadata,
-        recorded_at: at,
-        command: None,
-        effects: vec![Effect::UpsertDelivery(Box::new(new.clone()))],
-    };
+        at,
+        vec![Effect::UpsertDelivery(Box::new(new.clone()))],
+    );
     Some((new, append))
 }
 

@@ -5,7 +5,7 @@ use serde_json::Value;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use super::{Append, Effect, Expected, NewEvent, StoreError};
+use super::{Append, Effect, StoreError};
 use crate::domain::{
     event::{EventMetadata, StreamType},
     schedule::{Schedule, ScheduleEvent},
@@ -52,30 +52,18 @@ pub fn schedule_append(
             ticks,
         });
     }
-    let append = Append {
-        stream_id: id,
-        stream_type: StreamType::Schedule,
-        namespace: namespace.to_string(),
-        expected: match prev {
-            Some(p) => Expected::Version(p.version),
-            None => Expected::NoStream,
+    let append = Append::for_stream(
+        StreamType::Schedule,
+        id,
+        prev.map(|p| p.version),
+        events.iter().map(|e| e.to_parts()),
+        EventMetadata {
+            namespace: namespace.to_string(),
+            ..metadata
         },
-        events: events
-            .iter()
-            .map(|e| {
-                let (t, data) = e.to_parts();
-                NewEvent {
-                    event_type: t.to_string(),
-                    data,
-                    recorded_at: None,
-                }
-            })
-            .collect(),
-        metadata,
-        recorded_at: at,
-        command: None,
+        at,
         effects,
-    };
+    );
     Some((new, append))
 }
 

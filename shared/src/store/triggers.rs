@@ -5,7 +5,7 @@ use serde_json::Value;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use super::{Append, Effect, Expected, NewEvent, StoreError};
+use super::{Append, Effect, StoreError};
 use crate::domain::{
     event::{EventMetadata, StreamType},
     trigger::{Trigger, TriggerEvent},
@@ -29,33 +29,19 @@ pub fn trigger_append(
         state = Some(Trigger::apply(state, id, namespace, e, at)?);
     }
     let new = state?;
-    Some((
-        new.clone(),
-        Append {
-            stream_id: id,
-            stream_type: StreamType::Trigger,
+    let append = Append::for_stream(
+        StreamType::Trigger,
+        id,
+        prev.map(|p| p.version),
+        events.iter().map(|e| e.to_parts()),
+        EventMetadata {
             namespace: namespace.to_string(),
-            expected: match prev {
-                Some(p) => Expected::Version(p.version),
-                None => Expected::NoStream,
-            },
-            events: events
-                .iter()
-                .map(|e| {
-                    let (t, data) = e.to_parts();
-                    NewEvent {
-                        event_type: t.to_string(),
-                        data,
-                        recorded_at: None,
-                    }
-                })
-                .collect(),
-            metadata,
-            recorded_at: at,
-            command: None,
-            effects: vec![Effect::UpsertTrigger(Box::new(new))],
+            ..metadata
         },
-    ))
+        at,
+        vec![Effect::UpsertTrigger(Box::new(new.clone()))],
+    );
+    Some((new, append))
 }
 
 fn decode(v: Value) -> Result<Trigger, StoreError> {
