@@ -120,8 +120,8 @@ pub async fn run(a: ScheduleBenchArgs) -> Result<()> {
     println!("| Ticks fired twice | {dups} |");
     println!(
         "| Lateness (recorded_at − fire_time) | p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms |",
-        percentile(&late, 50.0),
-        percentile(&late, 99.0),
+        percentile(&late, 0.50),
+        percentile(&late, 0.99),
         late.last().copied().unwrap_or(0.0)
     );
     println!();

@@ -63,28 +63,53 @@ pub async fn run(store: Store, clock: Clock, stop: CancellationToken) {
     }
 }
 
+/// Schedules handled at once in one pass (each is its own small transaction).
+const CONCURRENCY: usize = 16;
+
 /// One pass over the due schedules; returns how many had something to do.
 pub async fn tick_once(store: &Store, clock: Clock) -> Result<usize, store::StoreError> {
+    use futures::StreamExt;
+    use rand::seq::SliceRandom;
     let now = clock.now();
-    let due = store::schedules::due(&store.pool, now, 200).await?;
+    let mut due = store::schedules::due(&store.pool, now, 500).await?;
+    if due.is_empty() {
+        return Ok(0);
+    }
+    // Replicas take the due schedules in different orders, so they rarely race on the same one.
+    due.shuffle(&mut rand::rng());
+    let previous: Vec<Uuid> = due.iter().filter_map(|s| s.last_job_id).collect();
+    let running: std::collections::HashSet<Uuid> = store::jobs::get_many(&store.pool, &previous)
+        .await?
+        .into_iter()
+        .filter(|j| !j.status.is_terminal())
+        .map(|j| j.id)
+        .collect();
+    let results: Vec<Result<bool, store::StoreError>> = futures::stream::iter(due)
+        .map(|s| {
+            let previous_running = s.last_job_id.is_some_and(|j| running.contains(&j));
+            async move {
+                let actions = plan(&s, now, previous_running);
+                if actions.is_empty() {
+                    return Ok(false);
+                }
+                match apply(store, &s, &actions, clock.now()).await {
+                    Ok(()) => Ok(true),
+                    // Another replica decided these ticks first.
+                    Err(AppendError::Conflict { .. }) => Ok(false),
+                    Err(AppendError::Unavailable(m)) if m.contains("schedule_ticks_pkey") => {
+                        Ok(false)
+                    }
+                    Err(e) => Err(e.into()),
+                }
+            }
+        })
+        .buffer_unordered(CONCURRENCY)
+        .collect()
+        .await;
     let mut acted = 0;
-    for s in due {
-        let previous_running = match s.last_job_id {
-            Some(j) => store::jobs::get_any(&store.pool, j)
-                .await?
-                .is_some_and(|job| !job.status.is_terminal()),
-            None => false,
-        };
-        let actions = plan(&s, now, previous_running);
-        if actions.is_empty() {
-            continue;
-        }
-        match apply(store, &s, &actions, now).await {
-            Ok(()) => acted += 1,
-            // Another replica decided these ticks first.
-            Err(AppendError::Conflict { .. }) => {}
-            Err(AppendError::Unavailable(m)) if m.contains("schedule_ticks_pkey") => {}
-            Err(e) => return Err(e.into()),
+    for r in results {
+        if r? {
+            acted += 1;
         }
     }
     Ok(acted)

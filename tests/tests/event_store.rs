@@ -270,3 +270,59 @@ async fn rebuilding_projections_gives_identical_rows() {
     let after = snapshot().await;
     assert_eq!(before, after);
 }
+
+/// Transaction ids are compared as numbers, not text: a page that crosses a power of ten
+/// (9999 → 10000) must stay in order (a text sort once put "10000" before "9999").
+#[tokio::test]
+async fn the_global_log_reader_orders_transaction_ids_numerically_across_a_power_of_ten() {
+    let env = TestEnv::new().await;
+    let (pool, appender) = appender(&env).await;
+    let (current,): (i64,) = sqlx::query_as("SELECT txid_current()")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let next_power = 10i64.pow((current as f64).log10().floor() as u32 + 1);
+    let gap = next_power - current;
+    if gap > 20 && gap < 3_000_000 {
+        // Use up transaction ids (one subtransaction each) until just before the boundary.
+        sqlx::query("CREATE TABLE burn (x int)")
+            .execute(&pool)
+            .await
+            .unwrap();
+        let burn = format!(
+            "DO $$ BEGIN FOR i IN 1..{} LOOP
+                 BEGIN INSERT INTO burn VALUES (i); EXCEPTION WHEN OTHERS THEN NULL; END;
+             END LOOP; END $$",
+            gap - 15
+        );
+        sqlx::raw_sql(&burn).execute(&pool).await.unwrap();
+    }
+    for _ in 0..40 {
+        appender
+            .append(append(Uuid::now_v7(), Expected::NoStream, 1))
+            .await
+            .unwrap();
+    }
+    let rows: Vec<(String,)> = sqlx::query_as("SELECT tx_id::text FROM events")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    let lens: HashSet<usize> = rows.iter().map(|(t,)| t.len()).collect();
+    let mut cursor = LogCursor::default();
+    let mut seen = Vec::new();
+    loop {
+        let (events, next) = store::events::read_all(&pool, cursor, 7).await.unwrap();
+        if events.is_empty() {
+            break;
+        }
+        seen.extend(events.iter().map(|e| e.position()));
+        cursor = next;
+    }
+    assert_eq!(
+        seen.len(),
+        rows.len(),
+        "every event read once (tx id digit counts: {lens:?})"
+    );
+    let unique: HashSet<i64> = seen.iter().copied().collect();
+    assert_eq!(unique.len(), seen.len());
+}

@@ -104,7 +104,7 @@ pub async fn read_all(
          FROM events
          WHERE (tx_id, position) > ($1::text::xid8, $2)
            AND tx_id < pg_snapshot_xmin(pg_current_snapshot())
-         ORDER BY tx_id, position LIMIT $3",
+         ORDER BY events.tx_id, position LIMIT $3",
     )
     .bind(cursor.tx_id.to_string())
     .bind(cursor.position)
@@ -132,7 +132,7 @@ pub async fn head(pool: &PgPool) -> Result<LogCursor, StoreError> {
     let row: Option<(String, i64)> = sqlx::query_as(
         "SELECT tx_id::text, position FROM events
          WHERE tx_id < pg_snapshot_xmin(pg_current_snapshot())
-         ORDER BY tx_id DESC, position DESC LIMIT 1",
+         ORDER BY events.tx_id DESC, position DESC LIMIT 1",
     )
     .fetch_optional(pool)
     .await?;
@@ -180,7 +180,7 @@ pub async fn read_all_tail(
           FROM events
           WHERE (tx_id, position) > ($1::text::xid8, $2)
             AND tx_id < pg_snapshot_xmin(pg_current_snapshot())
-          ORDER BY tx_id, position LIMIT $3)
+          ORDER BY events.tx_id, position LIMIT $3)
          UNION ALL
          SELECT true, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL
          WHERE EXISTS (SELECT 1 FROM events
@@ -350,9 +350,9 @@ pub async fn read_all_filtered(
              SELECT tx_id, position, (SELECT count(*) FROM scan) AS scanned
              FROM scan ORDER BY tx_id DESC, position DESC LIMIT 1
          )
-         SELECT true, tx_id::text, position, stream_type, stream_id, version, type, data, metadata,
+         (SELECT true, tx_id::text, position, stream_type, stream_id, version, type, data, metadata,
                 recorded_at, 0::bigint
-         FROM hits
+         FROM hits ORDER BY hits.tx_id, hits.position)
          UNION ALL
          SELECT false, tx_id::text, position, NULL, NULL, NULL, NULL, NULL, NULL, NULL, scanned
          FROM last",
