@@ -322,6 +322,17 @@ async fn run_job(inner: &Arc<Inner>, job: Job) {
             state: state.clone(),
         }),
     };
+    // Attempts with outside effects are claimed before they start (no duplicate runs).
+    if !executor.repeatable() {
+        let claimed = {
+            let mut st = state.lock().await;
+            claim(inner, &mut st).await
+        };
+        if !claimed {
+            inner.running.lock().expect("running lock").remove(&id);
+            return;
+        }
+    }
     let timer = std::time::Instant::now();
     let exec = executor.execute(ctx);
     let mut run = Box::pin(async move {
@@ -335,9 +346,14 @@ async fn run_job(inner: &Arc<Inner>, job: Job) {
         Err(()) => Outcome::TimedOut,
     };
     // Phase 1: run unclaimed for a moment; most short jobs end here.
+    let claim_after = if state.lock().await.claimed {
+        Duration::ZERO
+    } else {
+        CLAIM_AFTER
+    };
     let early = tokio::select! {
         r = &mut run => Some(to_outcome(r)),
-        _ = tokio::time::sleep(CLAIM_AFTER) => None,
+        _ = tokio::time::sleep(claim_after) => None,
         _ = user_cancel.cancelled() => Some(Outcome::Canceled),
         _ = inner.hard_stop.cancelled() => Some(Outcome::Released),
     };

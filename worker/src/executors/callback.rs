@@ -70,6 +70,11 @@ fn classify(r: &Result<http::HttpResponse, HttpError>) -> Verdict {
 
 #[async_trait]
 impl Executor for CallbackDeliver {
+    /// A webhook POST is an outside effect: claim the attempt before sending.
+    fn repeatable(&self) -> bool {
+        false
+    }
+
     async fn execute(&self, ctx: JobContext) -> Result<Output, ExecError> {
         let id: Uuid = ctx
             .input

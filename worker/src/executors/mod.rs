@@ -53,6 +53,13 @@ pub enum ExecError {
 #[async_trait]
 pub trait Executor: Send + Sync {
     async fn execute(&self, ctx: JobContext) -> Result<Output, ExecError>;
+
+    /// Whether running an attempt twice is harmless (no effect outside Capibara). Such attempts
+    /// may start before their `JobStarted` is written (fast attempts); others are claimed first,
+    /// so a duplicate delivery never runs them twice.
+    fn repeatable(&self) -> bool {
+        true
+    }
 }
 
 /// Executors by kind name.
