@@ -97,7 +97,9 @@ impl CronSpec {
     /// Fire instants strictly after `after`, in order (see the module docs for DST).
     pub fn after(&self, after: DateTime<Utc>) -> impl Iterator<Item = DateTime<Utc>> + '_ {
         // Walk the wall-clock timeline: cron on naive local times, then map each to an instant.
-        let local_after = after.with_timezone(&self.tz).naive_local() - Duration::hours(3);
+        // From the wall-clock time of `after` (a second earlier, so that time itself is a
+        // candidate); instants not after `after` (a repeated hour's first pass) are filtered out.
+        let local_after = after.with_timezone(&self.tz).naive_local() - Duration::seconds(1);
         let naive_start = Utc.from_utc_datetime(&local_after);
         let horizon = after + Duration::days(HORIZON_DAYS);
         let mut last: Option<DateTime<Utc>> = None;
