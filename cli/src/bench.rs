@@ -209,6 +209,8 @@ pub(crate) struct Env {
     pub(crate) pool: PgPool,
     pub(crate) http: Client,
     pub(crate) worker_concurrency: usize,
+    /// More `CAPIBARA_*` settings for every child (e.g. a webhook secret).
+    pub(crate) extra_env: Vec<(String, String)>,
 }
 
 impl Drop for Env {
@@ -222,8 +224,18 @@ impl Drop for Env {
 
 impl Env {
     pub(crate) async fn start(a: &BenchArgs, dir: &Path, bin_dir: &Path) -> Result<Env> {
+        Self::start_with(a.unsafe_pg, a.worker_concurrency, Vec::new(), dir, bin_dir).await
+    }
+
+    /// Postgres, Redis, the API and the scheduler; every child also gets `extra_env`.
+    pub(crate) async fn start_with(
+        fast_unsafe: bool,
+        worker_concurrency: usize,
+        extra_env: Vec<(String, String)>,
+        dir: &Path,
+        bin_dir: &Path,
+    ) -> Result<Env> {
         let pg_dir = dir.join("postgres").join("data");
-        let fast_unsafe = a.unsafe_pg;
         let redis_dir = dir.join("redis");
         let (pg, redis) = tokio::task::spawn_blocking(move || {
             let pg = PostgresServer::start(PostgresOptions {
@@ -278,7 +290,8 @@ impl Env {
             api_port: find_free_port(),
             pool,
             http,
-            worker_concurrency: a.worker_concurrency,
+            worker_concurrency,
+            extra_env,
         };
         // The API applies the migrations; start it alone first.
         let api_port = env.api_port;
@@ -332,6 +345,7 @@ impl Env {
             .env("CAPIBARA_RATE_LIMIT_RPS", "1000000")
             .env("CAPIBARA_LOG", "warn")
             .env("CAPIBARA_LOG_FORMAT", "json")
+            .envs(self.extra_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err);

@@ -18,9 +18,8 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    fs::{self, File},
+    fs,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
     sync::{
         atomic::{AtomicUsize, Ordering},
         Arc, Mutex,
@@ -30,17 +29,13 @@ use std::{
 
 use anyhow::{anyhow, bail, Context, Result};
 use axum::{body::Bytes, extract::State, http::HeaderMap, http::StatusCode, Router};
-use capibara_shared::{
-    domain::webhook::WebhookSecret,
-    local_services::{find_free_port, PostgresOptions, PostgresServer, RedisOptions, RedisServer},
-    shutdown,
-};
+use capibara_shared::{domain::webhook::WebhookSecret, local_services::find_free_port, shutdown};
 use chrono::{DateTime, Utc};
-use reqwest::{header, Client};
+use reqwest::Client;
 use serde_json::{json, Value};
 
 use crate::bench::{
-    bytes, default_dir, percentile, post, profile, sorted, thousands, CpuUse, Env, Facts, Proc,
+    bytes, default_dir, percentile, post, profile, sorted, thousands, CpuUse, Env, Facts,
 };
 
 /// `capibara bench-deliveries` options.
@@ -79,12 +74,6 @@ pub struct Args {
     /// `CAPIBARA_LOG` of the spawned processes (e.g. `info,sqlx=warn` to see more).
     #[arg(long, default_value = "warn")]
     log: String,
-    /// Before starting the processes, use up transaction ids of the fresh cluster (one
-    /// statement each) until the next one is at least this. A fresh cluster starts near 730, so
-    /// a run crosses 1000 early; `--start-xid 990` makes the crossing happen under load on
-    /// purpose, `--start-xid 1100` keeps a run within four digits.
-    #[arg(long)]
-    start_xid: Option<u64>,
 }
 
 /// Runs the benchmark (see the module docs).
@@ -179,114 +168,7 @@ pub async fn run(mut a: Args) -> Result<()> {
 // Processes
 // ---------------------------------------------------------------------------------------------
 
-/// Postgres, Redis, the API, the scheduler and one worker (`--queues default,callbacks`), all
-/// with `extra` in their environment.
-async fn start_env(a: &Args, dir: &Path, bin_dir: &Path, extra: &[(&str, String)]) -> Result<Env> {
-    let pg_dir = dir.join("postgres").join("data");
-    let fast_unsafe = a.unsafe_pg;
-    let redis_dir = dir.join("redis");
-    let (pg, redis) = tokio::task::spawn_blocking(move || {
-        let pg = PostgresServer::start(PostgresOptions {
-            data_dir: pg_dir,
-            port: 0,
-            fast_unsafe,
-        })
-        .context("starting Postgres")?;
-        pg.ensure_database("bench")?;
-        let redis = RedisServer::start(RedisOptions {
-            dir: redis_dir,
-            port: 0,
-            persist: false,
-        })
-        .context("starting Redis")?;
-        anyhow::Ok((pg, redis))
-    })
-    .await??;
-    println!(
-        "postgres: {} (log {}); redis: {}",
-        pg.url("bench"),
-        pg.log_path().display(),
-        redis.url()
-    );
-    let admin_key = format!("bench-{}", uuid::Uuid::new_v4().simple());
-    let mut headers = header::HeaderMap::new();
-    headers.insert(
-        header::AUTHORIZATION,
-        format!("Bearer {admin_key}").parse()?,
-    );
-    let http = Client::builder()
-        .default_headers(headers)
-        .pool_max_idle_per_host(1024)
-        .timeout(Duration::from_secs(120))
-        .build()?;
-    let db_url = pg.url("bench");
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(4)
-        .acquire_timeout(Duration::from_secs(30))
-        .connect(&db_url)
-        .await
-        .context("connecting to the bench database")?;
-    if let Some(target) = a.start_xid {
-        let next = advance_xids(&pool, target).await?;
-        println!("transaction ids advanced to {next} (--start-xid {target})");
-    }
-    let mut env = Env {
-        procs: Vec::new(),
-        redis_url: redis.url(),
-        redis: Some(redis),
-        pg: Some(pg),
-        dir: dir.to_path_buf(),
-        bin_dir: bin_dir.to_path_buf(),
-        db_url,
-        admin_key,
-        api_port: find_free_port(),
-        pool,
-        http,
-        worker_concurrency: a.worker_concurrency,
-    };
-    // The API applies the migrations; start it alone first.
-    let api_port = env.api_port;
-    spawn(&mut env, extra, "api", "capibara-api", &[], api_port)?;
-    env.wait_healthy(api_port).await?;
-    let sched_port = find_free_port();
-    spawn(
-        &mut env,
-        extra,
-        "scheduler",
-        "capibara-scheduler",
-        &[],
-        sched_port,
-    )?;
-    env.wait_healthy(sched_port).await?;
-    let worker_port = find_free_port();
-    let conc = a.worker_concurrency.to_string();
-    spawn(
-        &mut env,
-        extra,
-        "worker-1",
-        "capibara-worker",
-        &["--queues", "default,callbacks", "--concurrency", &conc],
-        worker_port,
-    )?;
-    env.wait_healthy(worker_port).await?;
-    Ok(env)
-}
-
-/// Uses up transaction ids until the next one is at least `target`; returns the next one.
-async fn advance_xids(pool: &sqlx::PgPool, target: u64) -> Result<u64> {
-    loop {
-        let next = next_xid(pool).await?;
-        if next >= target {
-            return Ok(next);
-        }
-        // Assigns (and commits) one transaction id.
-        sqlx::query("SELECT pg_current_xact_id()")
-            .execute(pool)
-            .await?;
-    }
-}
-
-/// The next transaction id Postgres will assign (uses none up).
+/// The next transaction id Postgres will assign (uses none up); reported with the figures.
 async fn next_xid(pool: &sqlx::PgPool) -> Result<u64> {
     let x: String = sqlx::query_scalar("SELECT pg_snapshot_xmax(pg_current_snapshot())::text")
         .fetch_one(pool)
@@ -294,58 +176,24 @@ async fn next_xid(pool: &sqlx::PgPool) -> Result<u64> {
     Ok(x.parse()?)
 }
 
-/// `capibara bench`'s environment for a child plus `extra`; logs go to `<dir>/<name>.log`. The
-/// child is pushed onto `env.procs`, so `Env`'s drop kills and reaps it.
-fn spawn(
-    env: &mut Env,
-    extra: &[(&str, String)],
-    name: &str,
-    bin: &str,
-    args: &[&str],
-    port: u16,
-) -> Result<()> {
-    let log = env.dir.join(format!("{name}.log"));
-    let out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-    let err = out.try_clone()?;
-    let mut c = Command::new(env.bin_dir.join(bin));
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("CAPIBARA_") {
-            c.env_remove(k);
-        }
-    }
-    let own = format!("127.0.0.1:{port}");
-    let own_if = |b: &str| {
-        if bin == b {
-            own.clone()
-        } else {
-            "127.0.0.1:0".to_string()
-        }
-    };
-    c.args(args)
-        .env("CAPIBARA_DATABASE_URL", &env.db_url)
-        .env("CAPIBARA_REDIS_URL", &env.redis_url)
-        .env("CAPIBARA_REDIS_PREFIX", "bench")
-        .env("CAPIBARA_ADMIN_KEY", &env.admin_key)
-        .env("CAPIBARA_API_ADDR", format!("127.0.0.1:{}", env.api_port))
-        .env("CAPIBARA_SCHEDULER_ADDR", own_if("capibara-scheduler"))
-        .env("CAPIBARA_WORKER_ADDR", own_if("capibara-worker"))
-        .env("CAPIBARA_RATE_LIMIT_RPS", "1000000")
-        .env("CAPIBARA_LOG", "warn")
-        .env("CAPIBARA_LOG_FORMAT", "json");
-    for (k, v) in extra {
-        c.env(k, v);
-    }
-    c.stdin(Stdio::null()).stdout(out).stderr(err);
-    let child = c
-        .spawn()
-        .with_context(|| format!("starting {}", env.bin_dir.join(bin).display()))?;
-    env.procs.push(Proc {
-        name: name.to_string(),
-        child,
-        log,
-        port,
-    });
-    Ok(())
+/// Postgres, Redis, the API, the scheduler and one worker (`--queues default,callbacks`), all
+/// with `extra` in their environment.
+async fn start_env(a: &Args, dir: &Path, bin_dir: &Path, extra: &[(&str, String)]) -> Result<Env> {
+    let extra = extra
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect();
+    let mut env = Env::start_with(a.unsafe_pg, a.worker_concurrency, extra, dir, bin_dir).await?;
+    let worker_port = find_free_port();
+    let conc = a.worker_concurrency.to_string();
+    env.spawn(
+        "worker-1",
+        "capibara-worker",
+        &["--queues", "default,callbacks", "--concurrency", &conc],
+        worker_port,
+    )?;
+    env.wait_healthy(worker_port).await?;
+    Ok(env)
 }
 
 // ---------------------------------------------------------------------------------------------
