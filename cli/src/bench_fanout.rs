@@ -20,9 +20,9 @@
 //! shares the machine with everything it measures; its CPU use is reported.
 
 use std::{
-    fs::{self, File},
+    fs,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::Command,
     sync::{
         atomic::{AtomicUsize, Ordering},
         Arc,
@@ -30,16 +30,13 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::bench::Env;
 use anyhow::{anyhow, bail, Context, Result};
-use capibara_shared::{
-    local_services::{find_free_port, PostgresOptions, PostgresServer, RedisOptions, RedisServer},
-    shutdown,
-};
+use capibara_shared::shutdown;
 use clap::Args;
 use futures::StreamExt;
 use reqwest::{header, Client};
 use serde_json::json;
-use sqlx::PgPool;
 
 /// `capibara bench-fanout` options.
 #[derive(Args, Debug, Clone)]
@@ -136,7 +133,15 @@ pub async fn run(a: FanoutArgs) -> Result<()> {
         dir.display()
     );
 
-    let mut env = Env::start(&a, &dir, &bin_dir).await?;
+    let mut env = Env::start_with(
+        a.unsafe_pg,
+        a.worker_concurrency,
+        Vec::new(),
+        &dir,
+        &bin_dir,
+    )
+    .await?;
+    env.spawn_worker("worker").await?;
     let outcome = tokio::select! {
         r = measure(&a, &mut env, &machine) => r,
         _ = shutdown::signal() => Err(anyhow!("interrupted")),
@@ -225,269 +230,62 @@ fn machine() -> String {
 // Processes
 // ---------------------------------------------------------------------------------------------
 
-struct Proc {
-    name: String,
-    child: Child,
-    log: PathBuf,
-}
+// The processes run on `capibara bench`'s `Env`; these read what only this bench needs.
 
-/// Dropping it kills and reaps every child, then stops Redis and Postgres.
-struct Env {
-    procs: Vec<Proc>,
-    /// Held so that dropping the `Env` stops it (after the children).
-    _redis: Option<RedisServer>,
-    pg: Option<PostgresServer>,
-    dir: PathBuf,
-    bin_dir: PathBuf,
-    db_url: String,
-    redis_url: String,
-    admin_key: String,
-    api_port: u16,
-    pool: PgPool,
-    http: Client,
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        for p in &mut self.procs {
-            let _ = p.child.kill();
-            let _ = p.child.wait();
+/// CPU ticks of Postgres (postmaster and backends), the worker and the scheduler.
+fn other_ticks(env: &Env) -> Vec<(String, u64)> {
+    let mut out = Vec::new();
+    let pm = env.pg.as_ref().and_then(|pg| {
+        fs::read_to_string(pg.data_dir().join("postmaster.pid"))
+            .ok()?
+            .lines()
+            .next()?
+            .trim()
+            .parse::<u32>()
+            .ok()
+    });
+    if let Some(pm) = pm {
+        let mut t = cpu_ticks(pm);
+        if let Ok(rd) = fs::read_dir("/proc") {
+            for e in rd.flatten() {
+                let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+                    continue;
+                };
+                if parent_pid(pid) == Some(pm) {
+                    t += cpu_ticks(pid);
+                }
+            }
         }
+        out.push(("Postgres".to_string(), t));
     }
+    for p in env.procs.iter().filter(|p| p.name != "api") {
+        out.push((p.name.clone(), cpu_ticks(p.child.id())));
+    }
+    out
 }
 
-impl Env {
-    async fn start(a: &FanoutArgs, dir: &Path, bin_dir: &Path) -> Result<Env> {
-        let pg_dir = dir.join("postgres").join("data");
-        let fast_unsafe = a.unsafe_pg;
-        let redis_dir = dir.join("redis");
-        let (pg, redis) = tokio::task::spawn_blocking(move || {
-            let pg = PostgresServer::start(PostgresOptions {
-                data_dir: pg_dir,
-                port: 0,
-                fast_unsafe,
-            })
-            .context("starting Postgres")?;
-            pg.ensure_database("bench")?;
-            let redis = RedisServer::start(RedisOptions {
-                dir: redis_dir,
-                port: 0,
-                persist: false,
-            })
-            .context("starting Redis")?;
-            anyhow::Ok((pg, redis))
+fn api_pid(env: &Env) -> u32 {
+    env.procs
+        .iter()
+        .find(|p| p.name == "api")
+        .map(|p| p.child.id())
+        .unwrap_or(0)
+}
+
+/// One counter of the API's `/metrics` (0 when absent).
+async fn api_metric(env: &Env, name: &str) -> f64 {
+    let Ok(r) = env.http.get(env.api("/metrics")).send().await else {
+        return 0.0;
+    };
+    let text = r.text().await.unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            (it.next() == Some(name))
+                .then(|| it.next().and_then(|v| v.parse::<f64>().ok()))
+                .flatten()
         })
-        .await??;
-        let admin_key = format!("bench-{}", uuid::Uuid::new_v4().simple());
-        let mut headers = header::HeaderMap::new();
-        headers.insert(
-            header::AUTHORIZATION,
-            format!("Bearer {admin_key}").parse()?,
-        );
-        let http = Client::builder()
-            .default_headers(headers)
-            .pool_max_idle_per_host(256)
-            .timeout(Duration::from_secs(120))
-            .build()?;
-        let db_url = pg.url("bench");
-        let pool = sqlx::postgres::PgPoolOptions::new()
-            .max_connections(2)
-            .acquire_timeout(Duration::from_secs(30))
-            .connect(&db_url)
-            .await
-            .context("connecting to the bench database")?;
-        let mut env = Env {
-            procs: Vec::new(),
-            redis_url: redis.url(),
-            _redis: Some(redis),
-            pg: Some(pg),
-            dir: dir.to_path_buf(),
-            bin_dir: bin_dir.to_path_buf(),
-            db_url,
-            admin_key,
-            api_port: find_free_port(),
-            pool,
-            http,
-        };
-        let api_port = env.api_port;
-        env.spawn("api", "capibara-api", &[], api_port)?;
-        env.wait_healthy(api_port).await?;
-        let port = find_free_port();
-        env.spawn("scheduler", "capibara-scheduler", &[], port)?;
-        env.wait_healthy(port).await?;
-        let port = find_free_port();
-        let conc = a.worker_concurrency.to_string();
-        env.spawn("worker", "capibara-worker", &["--concurrency", &conc], port)?;
-        env.wait_healthy(port).await?;
-        Ok(env)
-    }
-
-    fn api(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.api_port)
-    }
-
-    fn spawn(&mut self, name: &str, bin: &str, args: &[&str], port: u16) -> Result<()> {
-        let log = self.dir.join(format!("{name}.log"));
-        let out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-        let err = out.try_clone()?;
-        let mut c = Command::new(self.bin_dir.join(bin));
-        for (k, _) in std::env::vars_os() {
-            if k.to_string_lossy().starts_with("CAPIBARA_") {
-                c.env_remove(k);
-            }
-        }
-        let own = format!("127.0.0.1:{port}");
-        let addr = |b: &str| {
-            if bin == b {
-                own.clone()
-            } else {
-                "127.0.0.1:0".to_string()
-            }
-        };
-        c.args(args)
-            .env("CAPIBARA_DATABASE_URL", &self.db_url)
-            .env("CAPIBARA_REDIS_URL", &self.redis_url)
-            .env("CAPIBARA_REDIS_PREFIX", "bench")
-            .env("CAPIBARA_ADMIN_KEY", &self.admin_key)
-            .env("CAPIBARA_API_ADDR", format!("127.0.0.1:{}", self.api_port))
-            .env("CAPIBARA_SCHEDULER_ADDR", addr("capibara-scheduler"))
-            .env("CAPIBARA_WORKER_ADDR", addr("capibara-worker"))
-            .env("CAPIBARA_RATE_LIMIT_RPS", "1000000")
-            .env("CAPIBARA_LOG", "warn")
-            .env("CAPIBARA_LOG_FORMAT", "json")
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err);
-        let child = c
-            .spawn()
-            .with_context(|| format!("starting {}", self.bin_dir.join(bin).display()))?;
-        self.procs.push(Proc {
-            name: name.to_string(),
-            child,
-            log,
-        });
-        Ok(())
-    }
-
-    fn check_alive(&mut self) -> Result<()> {
-        for p in &mut self.procs {
-            if let Some(status) = p.child.try_wait()? {
-                let log = fs::read_to_string(&p.log).unwrap_or_default();
-                let tail: Vec<&str> = log.lines().rev().take(20).collect();
-                let tail: Vec<&str> = tail.into_iter().rev().collect();
-                bail!(
-                    "{} exited ({status}); end of {}:\n{}",
-                    p.name,
-                    p.log.display(),
-                    tail.join("\n")
-                );
-            }
-        }
-        Ok(())
-    }
-
-    async fn wait_healthy(&mut self, port: u16) -> Result<()> {
-        let url = format!("http://127.0.0.1:{port}/healthz");
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            self.check_alive()?;
-            if let Ok(r) = self.http.get(&url).send().await {
-                if r.status().is_success() {
-                    return Ok(());
-                }
-            }
-            if Instant::now() > deadline {
-                bail!("{url} did not answer within 60 s");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// CPU ticks of Postgres (postmaster and backends), the worker and the scheduler.
-    fn other_ticks(&self) -> Vec<(String, u64)> {
-        let mut out = Vec::new();
-        let pm = self.pg.as_ref().and_then(|pg| {
-            fs::read_to_string(pg.data_dir().join("postmaster.pid"))
-                .ok()?
-                .lines()
-                .next()?
-                .trim()
-                .parse::<u32>()
-                .ok()
-        });
-        if let Some(pm) = pm {
-            let mut t = cpu_ticks(pm);
-            if let Ok(rd) = fs::read_dir("/proc") {
-                for e in rd.flatten() {
-                    let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok())
-                    else {
-                        continue;
-                    };
-                    if parent_pid(pid) == Some(pm) {
-                        t += cpu_ticks(pid);
-                    }
-                }
-            }
-            out.push(("Postgres".to_string(), t));
-        }
-        for p in self.procs.iter().filter(|p| p.name != "api") {
-            out.push((p.name.clone(), cpu_ticks(p.child.id())));
-        }
-        out
-    }
-
-    fn api_pid(&self) -> u32 {
-        self.procs
-            .iter()
-            .find(|p| p.name == "api")
-            .map(|p| p.child.id())
-            .unwrap_or(0)
-    }
-
-    async fn count(&self, sql: &str) -> Result<i64> {
-        Ok(sqlx::query_scalar(sql).fetch_one(&self.pool).await?)
-    }
-
-    /// Polls until no job is open; fails when nothing moved for 60 s.
-    async fn wait_drained(&mut self) -> Result<()> {
-        let mut last = i64::MAX;
-        let mut last_change = Instant::now();
-        loop {
-            self.check_alive()?;
-            let open = self
-                .count(
-                    "SELECT count(*) FROM jobs WHERE namespace = 'default' \
-                     AND status IN ('queued', 'running', 'scheduled')",
-                )
-                .await?;
-            if open == 0 {
-                return Ok(());
-            }
-            if open < last {
-                last = open;
-                last_change = Instant::now();
-            } else if last_change.elapsed() > Duration::from_secs(60) {
-                bail!("{open} jobs still open and no progress for 60 s");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// One counter of the API's `/metrics` (0 when absent).
-    async fn api_metric(&self, name: &str) -> f64 {
-        let Ok(r) = self.http.get(self.api("/metrics")).send().await else {
-            return 0.0;
-        };
-        let text = r.text().await.unwrap_or_default();
-        text.lines()
-            .filter_map(|l| {
-                let mut it = l.split_whitespace();
-                (it.next() == Some(name))
-                    .then(|| it.next().and_then(|v| v.parse::<f64>().ok()))
-                    .flatten()
-            })
-            .sum()
-    }
+        .sum()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -728,7 +526,7 @@ async fn paced_submits(env: &Env, total: usize, rate: u32, tag: &str) -> Result<
 }
 
 async fn measure(a: &FanoutArgs, env: &mut Env, machine: &str) -> Result<String> {
-    let api_pid = env.api_pid();
+    let api_pid = api_pid(env);
 
     // 1. Warm up, then the idle API's memory.
     paced_submits(env, 200, 1000, "warmup").await?;
@@ -775,14 +573,14 @@ async fn measure(a: &FanoutArgs, env: &mut Env, machine: &str) -> Result<String>
     let position0 = env
         .count("SELECT coalesce(max(position), 0) FROM events")
         .await?;
-    let batches0 = env.api_metric("capibara_firehose_batches_total").await;
-    let lagged0 = env.api_metric("capibara_firehose_lagged_total").await;
+    let batches0 = api_metric(env, "capibara_firehose_batches_total").await;
+    let lagged0 = api_metric(env, "capibara_firehose_lagged_total").await;
     let hz = clock_ticks();
     let me = std::process::id();
     let (api0, me0, others0, m0, t0) = (
         cpu_ticks(api_pid),
         cpu_ticks(me),
-        env.other_ticks(),
+        other_ticks(env),
         machine_ticks(),
         Instant::now(),
     );
@@ -808,12 +606,12 @@ async fn measure(a: &FanoutArgs, env: &mut Env, machine: &str) -> Result<String>
     let (api1, me1, others1, m1) = (
         cpu_ticks(api_pid),
         cpu_ticks(me),
-        env.other_ticks(),
+        other_ticks(env),
         machine_ticks(),
     );
     let rss_after = rss_mib(api_pid);
-    let lagged = env.api_metric("capibara_firehose_lagged_total").await - lagged0;
-    let batches = env.api_metric("capibara_firehose_batches_total").await - batches0;
+    let lagged = api_metric(env, "capibara_firehose_lagged_total").await - lagged0;
+    let batches = api_metric(env, "capibara_firehose_batches_total").await - batches0;
     let _ = stop_tx.send(true);
     // recorded_at of every event of the phase, by id.
     let rows: Vec<(i64, i64)> = sqlx::query_as(
