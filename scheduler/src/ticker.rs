@@ -96,9 +96,6 @@ pub async fn tick_once(store: &Store, clock: Clock) -> Result<usize, store::Stor
                     Ok(()) => Ok(true),
                     // Another replica decided these ticks first.
                     Err(AppendError::Conflict { .. }) => Ok(false),
-                    Err(AppendError::Unavailable(m)) if m.contains("schedule_ticks_pkey") => {
-                        Ok(false)
-                    }
                     Err(e) => Err(e.into()),
                 }
             }

@@ -215,12 +215,6 @@ impl Queue {
         Ok(())
     }
 
-    /// Number of jobs waiting in Redis for `queue`.
-    pub async fn len(&self, queue: &str) -> Result<u64, QueueError> {
-        let mut conn = self.conn.clone();
-        Ok(conn.zcard(self.queue_key(queue)).await?)
-    }
-
     /// Whether Redis still holds the epoch mark (false after a wipe or on a fresh Redis).
     pub async fn epoch_present(&self) -> Result<bool, QueueError> {
         let mut conn = self.conn.clone();

@@ -269,6 +269,10 @@ impl Appender {
                 .flatten()
                 .find_map(Result::err)
                 .unwrap_or(AppendError::Conflict { actual: None })),
+            // A unique row another writer committed first (e.g. a schedule tick) is a conflict.
+            Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("23505") => {
+                Err(AppendError::Conflict { actual: None })
+            }
             Err(e) => Err(AppendError::Unavailable(e.to_string())),
         }
     }
