@@ -44,7 +44,25 @@ pub struct Config {
     pub hooks_public_url: String,
     /// How long `POST /v1/orchestrate` waits for the result before answering 202.
     pub orchestrate_wait_s: f64,
+    /// `code.run` settings (`CAPIBARA_CODE_*`, docs/code.md).
+    pub code: CodeConfig,
     pub log_format: LogFormat,
+}
+
+/// `code.run` settings.
+#[derive(Debug, Clone)]
+pub struct CodeConfig {
+    /// How long a cached result is served (`CAPIBARA_CODE_CACHE_TTL`, default `24h`).
+    pub cache_ttl: Duration,
+    /// CPU budget (wasm fuel units) for every run; `None` = not metered, which keeps the
+    /// code ~40 % faster (`CAPIBARA_CODE_FUEL`, default `0` = off).
+    pub fuel: Option<u64>,
+    /// Where compiled wasm modules are kept (`CAPIBARA_CODE_COMPILED_DIR`, default
+    /// `<assets>/compiled`).
+    pub compiled_dir: Option<PathBuf>,
+    /// Runs at once per worker: the sandbox's blocking pool (`CAPIBARA_CODE_THREADS`, default
+    /// the number of cores).
+    pub threads: Option<usize>,
 }
 
 /// A setting that does not parse.
@@ -175,6 +193,18 @@ impl Config {
                 )
             }),
             orchestrate_wait_s: parse("CAPIBARA_ORCHESTRATE_WAIT_S", 8.0f64)?.clamp(0.0, 60.0),
+            code: CodeConfig {
+                cache_ttl: match var("CAPIBARA_CODE_CACHE_TTL") {
+                    None => Duration::from_secs(86400),
+                    Some(v) => parse_duration(&v).ok_or_else(|| ConfigError {
+                        var: "CAPIBARA_CODE_CACHE_TTL",
+                        message: format!("`{v}` is not a duration like 30m, 24h or 7d"),
+                    })?,
+                },
+                fuel: Some(parse("CAPIBARA_CODE_FUEL", 0u64)?).filter(|f| *f > 0),
+                compiled_dir: var("CAPIBARA_CODE_COMPILED_DIR").map(PathBuf::from),
+                threads: Some(parse("CAPIBARA_CODE_THREADS", 0usize)?).filter(|t| *t > 0),
+            },
             delivery_retry_schedule: parse_schedule(
                 "CAPIBARA_DELIVERY_RETRY_SCHEDULE",
                 var("CAPIBARA_DELIVERY_RETRY_SCHEDULE")

@@ -4,8 +4,10 @@
 //! - [`runtime`]: fetch, claim (fenced), heartbeat, timeout, cancel, report, graceful shutdown.
 //! - [`executors`]: the [`executors::Executor`] trait and one module per executor.
 //! - [`delivery_port`]: the Postgres side of webhook deliveries.
+//! - [`code_cache_port`]: the Postgres side of `code.run`'s result cache.
 //! - [`http`]: outbound HTTP with the SSRF guard.
 
+pub mod code_cache_port;
 pub mod delivery_port;
 pub mod executors;
 pub mod http;
@@ -19,7 +21,7 @@ use capibara_shared::{config::Config, store::Store};
 
 /// Every executor of this worker, configured from `config`.
 pub fn registry(store: &Store, config: &Config) -> executors::Registry {
-    executors::Registry::with_callbacks(executors::callback::CallbackDeliver {
+    let mut registry = executors::Registry::with_callbacks(executors::callback::CallbackDeliver {
         port: Arc::new(delivery_port::PgDeliveryPort {
             store: store.clone(),
             default_secret: config.webhook_secret.clone(),
@@ -29,5 +31,34 @@ pub fn registry(store: &Store, config: &Config) -> executors::Registry {
             ..Default::default()
         },
         schedule: config.delivery_retry_schedule.clone(),
-    })
+    });
+    register_code(&mut registry, store, config);
+    registry
+}
+
+/// `code.run` and `code.validate` share one sandbox, loaded in the background from now on.
+fn register_code(registry: &mut executors::Registry, store: &Store, config: &Config) {
+    let mut sandbox = capibara_sandbox::SandboxConfig::new(&config.assets_dir);
+    if let Some(dir) = &config.code.compiled_dir {
+        sandbox.cache_dir = dir.clone();
+    }
+    sandbox.fuel = config.code.fuel;
+    let pool = executors::code::SandboxPool::new(sandbox, config.code.threads);
+    if tokio::runtime::Handle::try_current().is_ok() {
+        pool.warm_up();
+    }
+    registry.register(
+        "code.run",
+        Arc::new(executors::code::CodeRun {
+            pool: pool.clone(),
+            cache: Arc::new(code_cache_port::PgResultCache {
+                store: store.clone(),
+                ttl: config.code.cache_ttl,
+            }),
+        }),
+    );
+    registry.register(
+        "code.validate",
+        Arc::new(executors::code::CodeValidate { pool }),
+    );
 }

@@ -50,6 +50,22 @@ pub const KINDS: &[KindSpec] = &[
         validate: validate_fail,
     },
     KindSpec {
+        name: "code.run",
+        default_queue: "code",
+        description: "Runs a Python or JavaScript snippet in the wasm sandbox; output {result, \
+                      stdout, stderr, exit_code, duration_ms, cached} (docs/code.md).",
+        internal: false,
+        validate: validate_code_run,
+    },
+    KindSpec {
+        name: "code.validate",
+        default_queue: "code",
+        description: "Syntax-checks a snippet without running it; output {valid, message, \
+                      line, column} (behind POST /v1/code/validate).",
+        internal: false,
+        validate: validate_code_validate,
+    },
+    KindSpec {
         name: "callback.deliver",
         default_queue: "callbacks",
         description:
@@ -129,6 +145,87 @@ fn validate_fail(input: &Value) -> Result<(), FieldError> {
     Ok(())
 }
 
+/// `code.run` limits (docs/code.md): the largest snippet accepted.
+pub const CODE_MAX_BYTES: usize = 256 * 1024;
+/// `code.run` wall-clock timeout: default and accepted range (milliseconds).
+pub const CODE_DEFAULT_TIMEOUT_MS: u64 = 5_000;
+pub const CODE_MAX_TIMEOUT_MS: u64 = 60_000;
+/// `code.run` memory cap: default and accepted range (MiB). The Python runtime needs ~40 MiB
+/// to start.
+pub const CODE_DEFAULT_MEMORY_MB: u64 = 128;
+pub const CODE_MIN_MEMORY_MB: u64 = 64;
+pub const CODE_MAX_MEMORY_MB: u64 = 1024;
+/// Languages `code.run` runs.
+pub const CODE_LANGUAGES: &[&str] = &["python", "javascript"];
+
+fn validate_code_common(obj: &serde_json::Map<String, Value>) -> Result<(), FieldError> {
+    match obj.get("language") {
+        None => return Err(FieldError::new("language", "is required")),
+        Some(Value::String(l)) if CODE_LANGUAGES.contains(&l.as_str()) => {}
+        Some(_) => {
+            return Err(FieldError::new(
+                "language",
+                format!("must be one of: {}", CODE_LANGUAGES.join(", ")),
+            ))
+        }
+    }
+    match obj.get("code") {
+        None => Err(FieldError::new("code", "is required")),
+        Some(Value::String(c)) if c.len() > CODE_MAX_BYTES => Err(FieldError::new(
+            "code",
+            format!("must be at most {CODE_MAX_BYTES} bytes"),
+        )),
+        Some(Value::String(_)) => Ok(()),
+        Some(_) => Err(FieldError::new("code", "must be a string")),
+    }
+}
+
+fn validate_range(
+    obj: &serde_json::Map<String, Value>,
+    field: &str,
+    min: u64,
+    max: u64,
+) -> Result<(), FieldError> {
+    match obj.get(field) {
+        None | Some(Value::Null) => Ok(()),
+        Some(v) => match v.as_u64() {
+            Some(n) if (min..=max).contains(&n) => Ok(()),
+            _ => Err(FieldError::new(
+                field,
+                format!("must be an integer from {min} to {max}"),
+            )),
+        },
+    }
+}
+
+fn validate_code_run(input: &Value) -> Result<(), FieldError> {
+    let obj = object(input)?;
+    reject_unknown(
+        obj,
+        &[
+            "language",
+            "code",
+            "context",
+            "timeout_ms",
+            "memory_mb",
+            "cache",
+        ],
+    )?;
+    validate_code_common(obj)?;
+    validate_range(obj, "timeout_ms", 1, CODE_MAX_TIMEOUT_MS)?;
+    validate_range(obj, "memory_mb", CODE_MIN_MEMORY_MB, CODE_MAX_MEMORY_MB)?;
+    match obj.get("cache") {
+        None | Some(Value::Bool(_)) => Ok(()),
+        Some(_) => Err(FieldError::new("cache", "must be true or false")),
+    }
+}
+
+fn validate_code_validate(input: &Value) -> Result<(), FieldError> {
+    let obj = object(input)?;
+    reject_unknown(obj, &["language", "code"])?;
+    validate_code_common(obj)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -150,6 +247,57 @@ mod tests {
             "input.x"
         );
         assert_eq!(k.validate_input(&json!([1])).unwrap_err().field, "input");
+    }
+
+    #[test]
+    fn code_run_inputs_are_checked_field_by_field() {
+        let k = find("code.run").unwrap();
+        assert_eq!(k.default_queue, "code");
+        let ok = json!({"language": "python", "code": "result = 1", "context": {"a": [1]},
+                        "timeout_ms": 1000, "memory_mb": 128, "cache": false});
+        assert!(k.validate_input(&ok).is_ok());
+        let field = |v: Value| k.validate_input(&v).unwrap_err().field;
+        assert_eq!(field(json!({"code": "1"})), "input.language");
+        assert_eq!(
+            field(json!({"language": "ruby", "code": "1"})),
+            "input.language"
+        );
+        assert_eq!(field(json!({"language": "python"})), "input.code");
+        assert_eq!(
+            field(json!({"language": "python", "code": 1})),
+            "input.code"
+        );
+        let big = "x".repeat(CODE_MAX_BYTES + 1);
+        assert_eq!(
+            field(json!({"language": "python", "code": big})),
+            "input.code"
+        );
+        assert_eq!(
+            field(json!({"language": "python", "code": "1", "timeout_ms": 0})),
+            "input.timeout_ms"
+        );
+        assert_eq!(
+            field(json!({"language": "python", "code": "1", "memory_mb": 4096})),
+            "input.memory_mb"
+        );
+        assert_eq!(
+            field(json!({"language": "python", "code": "1", "cache": "no"})),
+            "input.cache"
+        );
+        assert_eq!(
+            field(json!({"language": "python", "code": "1", "fuel": 1})),
+            "input.fuel"
+        );
+        let v = find("code.validate").unwrap();
+        assert!(v
+            .validate_input(&json!({"language": "javascript", "code": "1"}))
+            .is_ok());
+        assert_eq!(
+            v.validate_input(&json!({"language": "javascript", "code": "1", "context": {}}))
+                .unwrap_err()
+                .field,
+            "input.context"
+        );
     }
 
     #[test]

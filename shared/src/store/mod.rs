@@ -10,9 +10,11 @@
 //! - [`dispatch`]: the outbox the relay sweeps.
 //! - [`rebuild`]: rebuilding projections from the log.
 //! - [`deliveries`], [`subscriptions`], [`checkpoints`]: webhook deliveries and log followers.
+//! - [`code_cache`]: `code.run`'s result cache.
 
 pub mod append;
 pub mod checkpoints;
+pub mod code_cache;
 pub mod commands;
 pub mod deliveries;
 pub mod dispatch;

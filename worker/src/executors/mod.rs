@@ -3,6 +3,7 @@
 
 pub mod builtin;
 pub mod callback;
+pub mod code;
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
