@@ -63,7 +63,7 @@ impl AppState {
 
 /// The whole HTTP app.
 pub fn app(state: AppState) -> Router {
-    use routes::{admin, deliveries, jobs, orchestrate, schedules, subscriptions, triggers};
+    use routes::{admin, code, deliveries, jobs, orchestrate, schedules, subscriptions, triggers};
     let v1 = Router::new()
         .route("/v1/jobs", post(jobs::submit).get(jobs::list))
         .route("/v1/jobs/batch", post(jobs::submit_batch))
@@ -95,6 +95,10 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/deliveries/{id}", get(deliveries::get))
         .route("/v1/deliveries/{id}/redeliver", post(deliveries::redeliver))
         .route("/v1/orchestrate", post(orchestrate::orchestrate))
+        .route("/v1/code/execute", post(code::execute))
+        .route("/v1/code/validate", post(code::validate))
+        .route("/v1/code/cache/stats", get(code::cache_stats))
+        .route("/v1/code/cache", axum::routing::delete(code::cache_clear))
         .route(
             "/v1/schedules",
             post(schedules::create).get(schedules::list),

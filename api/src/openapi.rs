@@ -6,7 +6,7 @@ use utoipa::{
 };
 
 use crate::routes::{
-    admin, deliveries, events, jobs, orchestrate, schedules, subscriptions, triggers,
+    admin, code, deliveries, events, jobs, orchestrate, schedules, subscriptions, triggers,
 };
 
 #[derive(OpenApi)]
@@ -19,10 +19,11 @@ use crate::routes::{
           deliveries::list, deliveries::get, deliveries::redeliver, orchestrate::orchestrate,
           schedules::create, schedules::list, schedules::get, schedules::update, schedules::pause,
           schedules::resume, schedules::delete, schedules::trigger, schedules::backfill,
-          triggers::create, triggers::list, triggers::get, triggers::delete),
+          triggers::create, triggers::list, triggers::get, triggers::delete,
+          code::execute, code::validate, code::cache_stats, code::cache_clear),
     components(schemas(crate::error::Problem, capibara_shared::domain::FieldError)),
     modifiers(&BearerAuth),
-    tags((name = "jobs"), (name = "events"), (name = "deliveries"), (name = "schedules"), (name = "operations"))
+    tags((name = "jobs"), (name = "events"), (name = "deliveries"), (name = "schedules"), (name = "code"), (name = "operations"))
 )]
 pub struct ApiDoc;
 

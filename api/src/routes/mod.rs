@@ -1,6 +1,7 @@
 //! One module per resource.
 
 pub mod admin;
+pub mod code;
 pub mod deliveries;
 pub mod events;
 pub mod jobs;
