@@ -44,6 +44,9 @@ pub struct AppState {
     pub limiter: auth::RateLimiter,
     /// This process's tailer of the global log, for `GET /v1/events` over SSE.
     pub firehose: firehose::Firehose,
+    /// Where job artifacts are read from (`CAPIBARA_ARTIFACTS`); the error says why it could
+    /// not be opened (artifact reads are then 503s).
+    pub artifacts: Result<capibara_shared::artifacts::ArtifactStore, String>,
 }
 
 impl AppState {
@@ -53,6 +56,8 @@ impl AppState {
             keys: auth::KeyCache::new(config.admin_key.as_deref()),
             limiter: auth::RateLimiter::new(config.rate_limit_rps),
             firehose: firehose::Firehose::new(store.pool.clone(), &watch),
+            artifacts: capibara_shared::artifacts::ArtifactStore::open(&config.artifacts)
+                .map_err(|e| e.to_string()),
             store,
             queue,
             watch,
@@ -67,6 +72,13 @@ pub fn app(state: AppState) -> Router {
     let v1 = Router::new()
         .route("/v1/jobs", post(jobs::submit).get(jobs::list))
         .route("/v1/jobs/batch", post(jobs::submit_batch))
+        .route(
+            "/v1/jobs/{id}/artifacts/{name}",
+            get(routes::artifacts::get),
+        )
+        .route("/v1/tts", post(routes::tts::render))
+        .route("/v1/tts/voices", get(routes::tts::voices))
+        .route("/v1/tts/stream", get(routes::tts::stream))
         .route("/v1/jobs/{id}", get(jobs::get))
         .route("/v1/jobs/{id}/events", get(jobs::events))
         .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
@@ -119,7 +131,7 @@ pub fn app(state: AppState) -> Router {
             get(triggers::get).delete(triggers::delete),
         )
         .with_state(state.clone());
-    let spec = openapi::ApiDoc::openapi();
+    let spec = openapi::ApiDoc::openapi().merge_from(routes::tts::TtsDoc::openapi());
     Router::new()
         .merge(v1)
         .merge(utoipa_swagger_ui::SwaggerUi::new("/docs").url("/openapi.json", spec))

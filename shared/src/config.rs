@@ -46,7 +46,22 @@ pub struct Config {
     pub orchestrate_wait_s: f64,
     /// `code.run` settings (`CAPIBARA_CODE_*`, docs/code.md).
     pub code: CodeConfig,
+    /// `tts.render` settings (`CAPIBARA_TTS_*`, docs/tts.md).
+    pub tts: TtsConfig,
     pub log_format: LogFormat,
+}
+
+/// `tts.render` settings.
+#[derive(Debug, Clone)]
+pub struct TtsConfig {
+    /// ONNX Runtime intra-op threads per model call (`CAPIBARA_TTS_THREADS`, default 1: on a
+    /// busy worker several jobs render at once, each on its own core).
+    pub threads: usize,
+    /// ONNX Runtime's shared library (`CAPIBARA_ORT_LIBRARY`); default: the newest
+    /// `libonnxruntime.so*` in `<assets>/lib`.
+    pub ort_library: Option<PathBuf>,
+    /// Piper voices (`CAPIBARA_TTS_VOICES_DIR`, default `<assets>/voices`).
+    pub voices_dir: PathBuf,
 }
 
 /// `code.run` settings.
@@ -211,6 +226,18 @@ impl Config {
                     .as_deref()
                     .unwrap_or(DEFAULT_DELIVERY_SCHEDULE),
             )?,
+            tts: TtsConfig {
+                threads: parse("CAPIBARA_TTS_THREADS", 1usize)?.clamp(1, 64),
+                ort_library: var("CAPIBARA_ORT_LIBRARY").map(PathBuf::from),
+                voices_dir: var("CAPIBARA_TTS_VOICES_DIR")
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| {
+                        var("CAPIBARA_ASSETS_DIR")
+                            .map(PathBuf::from)
+                            .unwrap_or_else(|| PathBuf::from(".capibara/assets"))
+                            .join("voices")
+                    }),
+            },
             log_format: match var("CAPIBARA_LOG_FORMAT").as_deref() {
                 Some("pretty") => LogFormat::Pretty,
                 Some("json") | None => LogFormat::Json,

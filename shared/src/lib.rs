@@ -7,9 +7,11 @@
 //! - [`queue`]: the Redis dispatch structure.
 //! - [`hints`]: cross-process wake-ups for stream readers.
 //! - [`outbound`]: SSRF guard for URLs Capibara calls out to.
+//! - [`artifacts`]: files jobs produce, in a local directory or an S3-compatible bucket.
 //! - [`config`], [`telemetry`], [`ops`], [`shutdown`]: process plumbing.
 //! - [`local_services`]: starts real local Postgres/Redis servers for `capibara dev` and tests.
 
+pub mod artifacts;
 pub mod config;
 pub mod domain;
 pub mod hints;

@@ -53,6 +53,21 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
+/// The asset directory (`CAPIBARA_ASSETS_DIR`, else the repository's `.capibara/assets`, which
+/// `deploy/test.sh` fills with deploy/fetch-assets.sh), as an absolute path: the binaries run
+/// with other working directories.
+pub fn assets_dir() -> PathBuf {
+    let dir = std::env::var_os("CAPIBARA_ASSETS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("..")
+                .join(".capibara")
+                .join("assets")
+        });
+    std::fs::canonicalize(&dir).unwrap_or(dir)
+}
+
 /// One test's isolated environment.
 pub struct TestEnv {
     pub database_url: String,
@@ -123,6 +138,14 @@ impl TestEnv {
                 self.visibility_timeout_s.to_string(),
             )
             .env("CAPIBARA_DB_MAX_CONNECTIONS", "8")
+            .env("CAPIBARA_ASSETS_DIR", assets_dir())
+            // Each test's artifacts in their own directory (tests may point this at S3).
+            .env(
+                "CAPIBARA_ARTIFACTS",
+                std::env::temp_dir()
+                    .join("capibara-test-artifacts")
+                    .join(&self.db_name),
+            )
             .env("CAPIBARA_LOG", env_or("CAPIBARA_TEST_LOG", "warn"))
             .env("CAPIBARA_LOG_FORMAT", "json")
             .stdin(Stdio::null());

@@ -33,6 +33,7 @@ pub fn registry(store: &Store, config: &Config) -> executors::Registry {
         schedule: config.delivery_retry_schedule.clone(),
     });
     register_code(&mut registry, store, config);
+    executors::tts::register(&mut registry, config);
     registry
 }
 

@@ -14,7 +14,7 @@ struct Args {
         long,
         env = "CAPIBARA_WORKER_QUEUES",
         value_delimiter = ',',
-        default_value = "default,callbacks,code"
+        default_value = "default,callbacks,code,tts"
     )]
     queues: Vec<String>,
     /// Jobs run at once.

@@ -592,33 +592,51 @@ struct Progress {
 #[async_trait]
 impl ProgressSink for Progress {
     async fn progress(&self, percent: Option<f64>, message: Option<String>) {
-        let mut st = self.state.lock().await;
-        if !claim(&self.inner, &mut st).await {
-            return;
-        }
         let events = [JobEvent::JobProgress {
             percent,
             message,
             data: None,
         }];
-        let Ok((new, append)) = job_append(
-            Some(&st.job),
-            st.job.id,
-            &events,
-            JobWrite::new(metadata(&self.inner, &st.job), domain::now()),
-        ) else {
+        self.append(&events).await;
+    }
+
+    async fn output_chunk(&self, seq: u64, data: serde_json::Value) {
+        self.append(&[JobEvent::JobOutputChunk { seq, data }]).await;
+    }
+}
+
+impl Progress {
+    /// Append events to the attempt's job stream (claiming the attempt first if needed); a
+    /// conflict refreshes the cached job, other failures drop the events (they are reports).
+    async fn append(&self, events: &[JobEvent]) {
+        let mut st = self.state.lock().await;
+        if !claim(&self.inner, &mut st).await {
             return;
-        };
-        match self.inner.store.appender.append(append).await {
-            Ok(_) => st.job = new,
-            Err(AppendError::Conflict { .. }) => {
-                if let Ok(Some(fresh)) =
-                    store::jobs::get_any(&self.inner.store.pool, st.job.id).await
-                {
-                    st.job = fresh;
+        }
+        // A conflict (e.g. a cancel request appended meanwhile) is retried on the fresh stream
+        // so streamed output is not lost.
+        for _ in 0..3 {
+            let Ok((new, append)) = job_append(
+                Some(&st.job),
+                st.job.id,
+                events,
+                JobWrite::new(metadata(&self.inner, &st.job), domain::now()),
+            ) else {
+                return;
+            };
+            match self.inner.store.appender.append(append).await {
+                Ok(_) => {
+                    st.job = new;
+                    return;
                 }
+                Err(AppendError::Conflict { .. }) => {
+                    match store::jobs::get_any(&self.inner.store.pool, st.job.id).await {
+                        Ok(Some(fresh)) if fresh.attempt == st.job.attempt => st.job = fresh,
+                        _ => return,
+                    }
+                }
+                Err(_) => return,
             }
-            Err(_) => {}
         }
     }
 }

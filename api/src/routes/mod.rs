@@ -1,6 +1,7 @@
 //! One module per resource.
 
 pub mod admin;
+pub mod artifacts;
 pub mod code;
 pub mod deliveries;
 pub mod events;
@@ -9,3 +10,4 @@ pub mod orchestrate;
 pub mod schedules;
 pub mod subscriptions;
 pub mod triggers;
+pub mod tts;

@@ -66,6 +66,15 @@ pub const KINDS: &[KindSpec] = &[
         validate: validate_code_validate,
     },
     KindSpec {
+        name: "tts.render",
+        default_queue: "tts",
+        description: "Speaks `text` with a Piper voice (or espeak-ng's); artifact audio.wav (or \
+                      audio.pcm), one JobOutputChunk per sentence; output {duration_s, \
+                      sample_rate, voice, chars_per_second, …} (docs/tts.md).",
+        internal: false,
+        validate: validate_tts,
+    },
+    KindSpec {
         name: "callback.deliver",
         default_queue: "callbacks",
         description:
@@ -226,10 +235,137 @@ fn validate_code_validate(input: &Value) -> Result<(), FieldError> {
     validate_code_common(obj)
 }
 
+/// `tts.render` limits (docs/tts.md).
+pub const TTS_MAX_CHARS: usize = 20_000;
+pub const TTS_SPEED: (f64, f64) = (0.25, 4.0);
+pub const TTS_NOISE: (f64, f64) = (0.0, 2.0);
+pub const TTS_SAMPLE_RATE: (u64, u64) = (8_000, 48_000);
+pub const TTS_FORMATS: &[&str] = &["wav", "pcm_s16le"];
+
+fn number_in(
+    obj: &serde_json::Map<String, Value>,
+    field: &str,
+    (min, max): (f64, f64),
+) -> Result<(), FieldError> {
+    match obj.get(field) {
+        None | Some(Value::Null) => Ok(()),
+        Some(v) => match v.as_f64() {
+            Some(x) if (min..=max).contains(&x) => Ok(()),
+            _ => Err(FieldError::new(
+                field,
+                format!("must be a number from {min} to {max}"),
+            )),
+        },
+    }
+}
+
+fn validate_tts(input: &Value) -> Result<(), FieldError> {
+    let obj = object(input)?;
+    reject_unknown(
+        obj,
+        &[
+            "text",
+            "voice",
+            "speed",
+            "noise_scale",
+            "noise_w",
+            "format",
+            "sample_rate",
+        ],
+    )?;
+    match obj.get("text") {
+        None => return Err(FieldError::new("text", "is required")),
+        Some(Value::String(t)) if t.trim().is_empty() => {
+            return Err(FieldError::new("text", "must not be empty"))
+        }
+        Some(Value::String(t)) if t.chars().count() > TTS_MAX_CHARS => {
+            return Err(FieldError::new(
+                "text",
+                format!("must be at most {TTS_MAX_CHARS} characters"),
+            ))
+        }
+        Some(Value::String(_)) => {}
+        Some(_) => return Err(FieldError::new("text", "must be a string")),
+    }
+    match obj.get("voice") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(v))
+            if !v.is_empty()
+                && v.len() <= 128
+                && !v.starts_with('.')
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-+:".contains(&b)) => {}
+        Some(_) => {
+            return Err(FieldError::new(
+                "voice",
+                "must be a voice name from GET /v1/tts/voices",
+            ))
+        }
+    }
+    number_in(obj, "speed", TTS_SPEED)?;
+    number_in(obj, "noise_scale", TTS_NOISE)?;
+    number_in(obj, "noise_w", TTS_NOISE)?;
+    match obj.get("format") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(f)) if TTS_FORMATS.contains(&f.as_str()) => {}
+        Some(_) => {
+            return Err(FieldError::new(
+                "format",
+                format!("must be one of: {}", TTS_FORMATS.join(", ")),
+            ))
+        }
+    }
+    match obj.get("sample_rate") {
+        None | Some(Value::Null) => Ok(()),
+        Some(v) => match v.as_u64() {
+            Some(r) if (TTS_SAMPLE_RATE.0..=TTS_SAMPLE_RATE.1).contains(&r) => Ok(()),
+            _ => Err(FieldError::new(
+                "sample_rate",
+                format!(
+                    "must be an integer from {} to {} (Hz)",
+                    TTS_SAMPLE_RATE.0, TTS_SAMPLE_RATE.1
+                ),
+            )),
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn tts_inputs_are_checked_field_by_field() {
+        let k = find("tts.render").unwrap();
+        assert_eq!(k.default_queue, "tts");
+        assert!(k
+            .validate_input(
+                &json!({"text": "Hi", "voice": "en_US-joe-medium", "speed": 1.5,
+                "noise_scale": 0, "format": "pcm_s16le", "sample_rate": 16000})
+            )
+            .is_ok());
+        let field = |v: Value| k.validate_input(&v).unwrap_err().field;
+        assert_eq!(field(json!({})), "input.text");
+        assert_eq!(field(json!({"text": "  "})), "input.text");
+        assert_eq!(
+            field(json!({"text": "a".repeat(TTS_MAX_CHARS + 1)})),
+            "input.text"
+        );
+        assert_eq!(field(json!({"text": "a", "speed": 0})), "input.speed");
+        assert_eq!(field(json!({"text": "a", "speed": "fast"})), "input.speed");
+        assert_eq!(
+            field(json!({"text": "a", "noise_scale": 3})),
+            "input.noise_scale"
+        );
+        assert_eq!(field(json!({"text": "a", "format": "mp3"})), "input.format");
+        assert_eq!(
+            field(json!({"text": "a", "sample_rate": 100})),
+            "input.sample_rate"
+        );
+        assert_eq!(field(json!({"text": "a", "voice": "../x"})), "input.voice");
+        assert_eq!(field(json!({"text": "a", "pitch": 1})), "input.pitch");
+    }
 
     #[test]
     fn sleep_needs_a_bounded_integer_ms() {

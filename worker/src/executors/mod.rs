@@ -4,6 +4,7 @@
 pub mod builtin;
 pub mod callback;
 pub mod code;
+pub mod tts;
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
@@ -26,10 +27,14 @@ pub struct JobContext {
     pub progress: Arc<dyn ProgressSink>,
 }
 
-/// Where executors report progress (recorded as `JobProgress` events).
+/// Where executors report progress (recorded as `JobProgress` events) and streamed partial
+/// output (`JobOutputChunk` events, e.g. one per rendered TTS sentence).
 #[async_trait]
 pub trait ProgressSink: Send + Sync {
     async fn progress(&self, percent: Option<f64>, message: Option<String>);
+
+    /// Record one piece of partial output; `seq` counts from 0 within the attempt.
+    async fn output_chunk(&self, seq: u64, data: Value);
 }
 
 /// A successful attempt.
