@@ -79,6 +79,26 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/tts", post(routes::tts::render))
         .route("/v1/tts/voices", get(routes::tts::voices))
         .route("/v1/tts/stream", get(routes::tts::stream))
+        .route(
+            "/v1/workflows",
+            post(routes::workflows::create).get(routes::workflows::list),
+        )
+        .route(
+            "/v1/workflows/{id}",
+            get(routes::workflows::get)
+                .put(routes::workflows::update)
+                .delete(routes::workflows::delete),
+        )
+        .route(
+            "/v1/workflows/{id}/runs",
+            post(routes::workflows::start_run),
+        )
+        .route("/v1/runs", get(routes::runs::list))
+        .route("/v1/runs/{id}", get(routes::runs::get))
+        .route("/v1/runs/{id}/events", get(routes::runs::events))
+        .route("/v1/runs/{id}/cancel", post(routes::runs::cancel))
+        .route("/v1/runs/{id}/retry", post(routes::runs::retry))
+        .route("/v1/runs/{id}/signals/{name}", post(routes::runs::signal))
         .route("/v1/jobs/{id}", get(jobs::get))
         .route("/v1/jobs/{id}/events", get(jobs::events))
         .route("/v1/jobs/{id}/cancel", post(jobs::cancel))

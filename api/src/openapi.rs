@@ -6,7 +6,8 @@ use utoipa::{
 };
 
 use crate::routes::{
-    admin, code, deliveries, events, jobs, orchestrate, schedules, subscriptions, triggers,
+    admin, code, deliveries, events, jobs, orchestrate, runs, schedules, subscriptions, triggers,
+    workflows,
 };
 
 #[derive(OpenApi)]
@@ -20,10 +21,12 @@ use crate::routes::{
           schedules::create, schedules::list, schedules::get, schedules::update, schedules::pause,
           schedules::resume, schedules::delete, schedules::trigger, schedules::backfill,
           triggers::create, triggers::list, triggers::get, triggers::delete,
-          code::execute, code::validate, code::cache_stats, code::cache_clear),
+          code::execute, code::validate, code::cache_stats, code::cache_clear,
+          workflows::create, workflows::list, workflows::get, workflows::update, workflows::delete,
+          workflows::start_run, runs::list, runs::get, runs::events, runs::cancel, runs::retry, runs::signal),
     components(schemas(crate::error::Problem, capibara_shared::domain::FieldError)),
     modifiers(&BearerAuth),
-    tags((name = "jobs"), (name = "events"), (name = "deliveries"), (name = "schedules"), (name = "code"), (name = "operations"))
+    tags((name = "jobs"), (name = "events"), (name = "deliveries"), (name = "schedules"), (name = "workflows"), (name = "code"), (name = "operations"))
 )]
 pub struct ApiDoc;
 

@@ -178,6 +178,11 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         capibara_scheduler::ticker::Clock::from_env(),
         stop.clone(),
     ));
+    let orchestrator = tokio::spawn(capibara_scheduler::orchestrator::run(
+        store.clone(),
+        queue.clone(),
+        stop.clone(),
+    ));
     let deliverer = tokio::spawn(capibara_scheduler::deliverer::run(
         store.clone(),
         queue.clone(),
@@ -200,6 +205,6 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     );
 
     stop.cancelled().await;
-    let _ = tokio::join!(api, worker, housekeeping, deliverer, ticker);
+    let _ = tokio::join!(api, worker, housekeeping, deliverer, orchestrator, ticker);
     Ok(())
 }

@@ -80,7 +80,11 @@ pub async fn run(store: Store, queue: Queue, opts: DelivererOptions, stop: Cance
 }
 
 /// Wake the follower on every stream hint (any committed append).
-async fn listen_hints(queue: Queue, wake: std::sync::Arc<Notify>, stop: CancellationToken) {
+pub(crate) async fn listen_hints(
+    queue: Queue,
+    wake: std::sync::Arc<Notify>,
+    stop: CancellationToken,
+) {
     let channel = queue.hints_channel();
     loop {
         if let Ok(mut pubsub) = queue.client().get_async_pubsub().await {
@@ -403,6 +407,8 @@ pub fn delivery_job(
         callback_url: None,
         callback_events: None,
         tags: [("delivery_id".to_string(), delivery_id.to_string())].into(),
+        run_id: None,
+        step_id: None,
     };
     job_append(
         None,

@@ -283,13 +283,20 @@ async fn hook(
         },
         None => body_json,
     };
-    let Ok(ScheduleTarget::Job { job: mut sub }) =
-        serde_json::from_value::<ScheduleTarget>(t.target.clone())
-    else {
-        return problem(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "trigger target unavailable",
-        );
+    let target = match serde_json::from_value::<ScheduleTarget>(t.target.clone()) {
+        Ok(target) => target,
+        Err(_) => {
+            return problem(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "trigger target unavailable",
+            )
+        }
+    };
+    let mut sub = match target {
+        ScheduleTarget::Job { job } => job,
+        ScheduleTarget::Workflow { workflow_id, .. } => {
+            return start_run(&state, &t, workflow_id, input, message_id, body.len()).await
+        }
     };
     if let Some(spec) = kinds::find(&sub.kind) {
         if let Err(e) = spec.validate_input(&input) {
@@ -310,6 +317,7 @@ async fn hook(
     for _ in 0..10 {
         let ev = TriggerEvent::TriggerInvoked {
             job_id,
+            run_id: None,
             message_id: message_id.clone(),
             body_bytes: body.len(),
         };
@@ -340,6 +348,92 @@ async fn hook(
             }
             Err(AppendError::Conflict { .. }) => {
                 match store::triggers::get_any(&state.store.pool, t.id).await {
+                    Ok(Some(fresh)) => current = fresh,
+                    _ => break,
+                }
+            }
+            Err(_) => return problem(StatusCode::SERVICE_UNAVAILABLE, "store unavailable; retry"),
+        }
+    }
+    problem(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the trigger is busy; retry",
+    )
+}
+
+/// A trigger with a workflow target: start a run with the rendered input, recording the call on
+/// the trigger's stream in the same transaction.
+async fn start_run(
+    state: &HookState,
+    t: &Trigger,
+    workflow_id: Uuid,
+    input: serde_json::Value,
+    message_id: Option<String>,
+    body_bytes: usize,
+) -> Response {
+    let run_id = Uuid::now_v7();
+    let mut current = t.clone();
+    for _ in 0..10 {
+        let now = domain::now();
+        let ev = TriggerEvent::TriggerInvoked {
+            job_id: run_id,
+            run_id: Some(run_id),
+            message_id: message_id.clone(),
+            body_bytes,
+        };
+        let Some((_, ta)) = trigger_append(
+            Some(&current),
+            current.id,
+            &current.namespace,
+            &[ev],
+            meta(&current),
+            now,
+        ) else {
+            break;
+        };
+        let prepared = store::runs::prepare_run(
+            &state.store,
+            store::runs::StartRun {
+                namespace: current.namespace.clone(),
+                workflow_id,
+                input: input.clone(),
+                callback_url: None,
+                actor: format!("trigger:{}", current.id),
+                command: None,
+                with: vec![ta],
+                run_id,
+            },
+        )
+        .await;
+        let appends = match prepared {
+            Ok((_, appends)) => appends,
+            Err(store::runs::StartError::Input(e)) => {
+                return reject(
+                    state,
+                    &current,
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    &format!("{}: {}", e.field, e.message),
+                )
+                .await
+            }
+            Err(store::runs::StartError::WorkflowNotFound) => {
+                return problem(
+                    StatusCode::NOT_FOUND,
+                    "the trigger's workflow no longer exists",
+                )
+            }
+            Err(_) => return problem(StatusCode::SERVICE_UNAVAILABLE, "store unavailable; retry"),
+        };
+        match state.store.appender.append_all(appends).await {
+            Ok(_) => {
+                metrics::counter!("capibara_trigger_calls_total", "outcome" => "accepted")
+                    .increment(1);
+                let body = json!({"status": "accepted", "trigger_id": current.id, "run_id": run_id,
+                                  "location": format!("/v1/runs/{run_id}")});
+                return (StatusCode::ACCEPTED, Json(body)).into_response();
+            }
+            Err(AppendError::Conflict { .. }) => {
+                match store::triggers::get_any(&state.store.pool, current.id).await {
                     Ok(Some(fresh)) => current = fresh,
                     _ => break,
                 }

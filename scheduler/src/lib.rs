@@ -6,8 +6,10 @@
 //! - [`hooks`]: `POST /hooks/{id}`, inbound webhook triggers.
 //! - [`ticker`]: fires cron schedules, exactly once across replicas.
 //! - [`deliverer`]: turns job events into webhook deliveries (callbacks, subscriptions).
+//! - [`orchestrator`]: advances workflow runs as their step jobs start and end.
 
 pub mod deliverer;
 pub mod hooks;
 pub mod housekeeping;
+pub mod orchestrator;
 pub mod ticker;

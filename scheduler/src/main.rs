@@ -43,6 +43,11 @@ async fn main() -> anyhow::Result<()> {
         capibara_scheduler::ticker::Clock::from_env(),
         stop.clone(),
     ));
+    let orchestrator = tokio::spawn(capibara_scheduler::orchestrator::run(
+        store.clone(),
+        queue.clone(),
+        stop.clone(),
+    ));
     let deliverer = tokio::spawn(capibara_scheduler::deliverer::run(
         store.clone(),
         queue.clone(),
@@ -60,6 +65,7 @@ async fn main() -> anyhow::Result<()> {
     )
     .await;
     let _ = deliverer.await;
+    let _ = orchestrator.await;
     let _ = ticker.await;
     let _ = http.await;
     Ok(())

@@ -78,12 +78,21 @@ pub async fn tick_once(store: &Store, clock: Clock) -> Result<usize, store::Stor
     // Replicas take the due schedules in different orders, so they rarely race on the same one.
     due.shuffle(&mut rand::rng());
     let previous: Vec<Uuid> = due.iter().filter_map(|s| s.last_job_id).collect();
-    let running: std::collections::HashSet<Uuid> = store::jobs::get_many(&store.pool, &previous)
-        .await?
-        .into_iter()
-        .filter(|j| !j.status.is_terminal())
-        .map(|j| j.id)
-        .collect();
+    let mut running: std::collections::HashSet<Uuid> =
+        store::jobs::get_many(&store.pool, &previous)
+            .await?
+            .into_iter()
+            .filter(|j| !j.status.is_terminal())
+            .map(|j| j.id)
+            .collect();
+    // Workflow targets record their run's id.
+    running.extend(
+        store::runs::get_many(&store.pool, &previous)
+            .await?
+            .into_iter()
+            .filter(|r| !r.status.is_terminal())
+            .map(|r| r.id),
+    );
     let results: Vec<Result<bool, store::StoreError>> = futures::stream::iter(due)
         .map(|s| {
             let previous_running = s.last_job_id.is_some_and(|j| running.contains(&j));
@@ -145,6 +154,51 @@ pub fn tick_job(
     .map(|(_, a)| a)
 }
 
+/// The run a tick of a schedule with a workflow target starts (None: not a workflow target):
+/// its id and appends, or why it cannot start.
+pub async fn tick_run(
+    store: &Store,
+    s: &Schedule,
+    fire_time: DateTime<Utc>,
+) -> Option<Result<(Uuid, Vec<Append>), String>> {
+    let target: ScheduleTarget = serde_json::from_value(s.target.clone()).ok()?;
+    let ScheduleTarget::Workflow { workflow_id, input } = target else {
+        return None;
+    };
+    let mut input = if input.is_null() {
+        serde_json::json!({})
+    } else {
+        input
+    };
+    if let Some(obj) = input.as_object_mut() {
+        obj.entry("schedule")
+            .or_insert_with(|| serde_json::json!({"id": s.id, "fire_time": fire_time}));
+    }
+    let run_id = Uuid::now_v7();
+    let prepared = store::runs::prepare_run(
+        store,
+        store::runs::StartRun {
+            namespace: s.namespace.clone(),
+            workflow_id,
+            input,
+            callback_url: None,
+            actor: "scheduler".into(),
+            command: None,
+            with: Vec::new(),
+            run_id,
+        },
+    )
+    .await;
+    Some(match prepared {
+        Ok((_, appends)) => Ok((run_id, appends)),
+        Err(store::runs::StartError::WorkflowNotFound) => Err("target_unavailable".into()),
+        Err(store::runs::StartError::Input(e)) => {
+            Err(format!("invalid_input: {}: {}", e.field, e.message))
+        }
+        Err(e) => Err(format!("target_unavailable: {e}")),
+    })
+}
+
 /// Turn planned actions into one atomic write: the schedule's events and the jobs they submit.
 pub async fn apply(
     store: &Store,
@@ -158,7 +212,24 @@ pub async fn apply(
         match a {
             TickAction::Fire { fire_time, trigger } => {
                 let job_id = Uuid::now_v7();
-                if let Some(j) = tick_job(s, job_id, *fire_time, at) {
+                if let Some(run) = tick_run(store, s, *fire_time).await {
+                    match run {
+                        Ok((run_id, appends)) => {
+                            jobs.extend(appends);
+                            events.push(ScheduleEvent::TickFired {
+                                fire_time: *fire_time,
+                                job_id: None,
+                                run_id: Some(run_id),
+                                trigger: trigger.to_string(),
+                            });
+                        }
+                        Err(reason) => events.push(ScheduleEvent::TickSkipped {
+                            fire_time: *fire_time,
+                            reason,
+                            count: 1,
+                        }),
+                    }
+                } else if let Some(j) = tick_job(s, job_id, *fire_time, at) {
                     jobs.push(j);
                     events.push(ScheduleEvent::TickFired {
                         fire_time: *fire_time,

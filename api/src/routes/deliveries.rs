@@ -174,6 +174,8 @@ pub async fn redeliver(
             callback_url: None,
             callback_events: None,
             tags: [("delivery_id".to_string(), d.id.to_string())].into(),
+            run_id: None,
+            step_id: None,
         };
         let (_, j) = job_append(
             None,

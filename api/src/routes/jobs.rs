@@ -174,6 +174,8 @@ pub async fn to_submission(s: SubmitJob, config: &Config) -> Result<Submission, 
         callback_url,
         callback_events: s.callback_events,
         tags,
+        run_id: None,
+        step_id: None,
     })
 }
 
@@ -407,11 +409,11 @@ pub fn nest(e: ApiError, prefix: &str) -> ApiError {
     }
 }
 
-fn encode_cursor(id: Uuid) -> String {
+pub fn encode_cursor(id: Uuid) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(id.as_bytes())
 }
 
-fn decode_cursor(s: &str) -> Result<Uuid, ApiError> {
+pub fn decode_cursor(s: &str) -> Result<Uuid, ApiError> {
     base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(s)
         .ok()
@@ -506,7 +508,7 @@ fn terminal_type(t: &str) -> bool {
     matches!(t, "JobSucceeded" | "JobFailed" | "JobCanceled")
 }
 
-fn parse_after(headers: &HeaderMap, q: &[(String, String)]) -> Result<i64, ApiError> {
+pub fn parse_after(headers: &HeaderMap, q: &[(String, String)]) -> Result<i64, ApiError> {
     let from_query = q.iter().find(|(k, _)| k == "after").map(|(_, v)| v.clone());
     let from_header = headers
         .get("last-event-id")
@@ -548,7 +550,7 @@ pub async fn events(
     )?;
     load(&state, &auth, id).await?;
     if wants_sse(&headers) {
-        return Ok(sse(state, auth.namespace().to_string(), id, after).into_response());
+        return Ok(sse(state, id, after, terminal_type).into_response());
     }
     let items = store::events::read_stream(&state.store.pool, id, after, limit).await?;
     let next_cursor = (items.len() as i64 == limit)
@@ -557,8 +559,14 @@ pub async fn events(
     Ok(Json(Page { items, next_cursor }).into_response())
 }
 
-/// Follow one stream: everything after `after`, then live events, closing after the terminal one.
-fn sse(state: AppState, namespace: String, id: Uuid, mut after: i64) -> impl IntoResponse {
+/// Follow one stream: everything after `after`, then live events, closing after a terminal one
+/// (`terminal` tells which event types end the stream).
+pub fn sse(
+    state: AppState,
+    id: Uuid,
+    mut after: i64,
+    terminal: fn(&str) -> bool,
+) -> impl IntoResponse {
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Event, Infallible>>(64);
     tokio::spawn(async move {
         let notify = state.watch.watch(id);
@@ -578,7 +586,7 @@ fn sse(state: AppState, namespace: String, id: Uuid, mut after: i64) -> impl Int
             let mut ended = false;
             for ev in batch {
                 after = ev.position();
-                ended = terminal_type(&ev.event_type);
+                ended = terminal(&ev.event_type);
                 let data = serde_json::to_string(&ev).unwrap_or_default();
                 let event = Event::default()
                     .id(ev.id.clone())
@@ -594,9 +602,9 @@ fn sse(state: AppState, namespace: String, id: Uuid, mut after: i64) -> impl Int
             if full {
                 continue;
             }
-            if let Ok(Some(job)) = store::jobs::get(&state.store.pool, &namespace, id).await {
+            if let Ok(Some(last_type)) = store::events::last_type(&state.store.pool, id).await {
                 // Resumed after the terminal event: nothing more will come.
-                if job.status.is_terminal() {
+                if terminal(&last_type) {
                     let last = store::events::read_stream(&state.store.pool, id, after, 1)
                         .await
                         .unwrap_or_default();

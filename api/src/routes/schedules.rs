@@ -35,7 +35,7 @@ use crate::{
 pub enum TargetBody {
     /// Submit this job.
     Job { job: SubmitJob },
-    /// Start a workflow run (available once workflows land).
+    /// Start a run of a workflow (its latest version) with this input.
     Workflow {
         workflow_id: String,
         #[serde(default)]
@@ -128,15 +128,39 @@ pub struct Backfill {
 /// Most ticks one backfill may fire.
 const MAX_BACKFILL: usize = 1000;
 
-async fn target(t: TargetBody, state: &AppState) -> Result<ScheduleTarget, ApiError> {
+pub async fn target(
+    t: TargetBody,
+    state: &AppState,
+    auth: &Auth,
+) -> Result<ScheduleTarget, ApiError> {
     match t {
         TargetBody::Job { job } => Ok(ScheduleTarget::Job {
-            job: to_submission(job, &state.config).await.map_err(|e| nest(e, "target.job"))?,
+            job: to_submission(job, &state.config)
+                .await
+                .map_err(|e| nest(e, "target.job"))?,
         }),
-        TargetBody::Workflow { .. } => Err(ApiError::field(
-            "target.type",
-            "workflow targets are not available in this version; use {\"type\": \"job\", \"job\": {...}}",
-        )),
+        TargetBody::Workflow { workflow_id, input } => {
+            let id: Uuid = workflow_id.parse().map_err(|_| {
+                ApiError::field("target.workflow_id", "must be a workflow id (UUID)")
+            })?;
+            if store::workflows::get(&state.store.pool, auth.namespace(), id)
+                .await?
+                .is_none()
+            {
+                return Err(ApiError::field(
+                    "target.workflow_id",
+                    format!("no workflow `{id}`"),
+                ));
+            }
+            let input = input.unwrap_or_else(|| serde_json::json!({}));
+            if !input.is_object() {
+                return Err(ApiError::field("target.input", "must be a JSON object"));
+            }
+            Ok(ScheduleTarget::Workflow {
+                workflow_id: id,
+                input,
+            })
+        }
     }
 }
 
@@ -225,7 +249,7 @@ pub async fn create(
         name: b.name,
         cron: b.cron,
         timezone: b.timezone.unwrap_or_else(|| "UTC".into()),
-        target: target(b.target, &state).await?,
+        target: target(b.target, &state, &auth).await?,
         overlap: b.overlap.unwrap_or(Overlap::Skip),
         catch_up: b.catch_up.unwrap_or(CatchUp::Latest),
         catch_up_window_s: b.catch_up_window_s.unwrap_or(3600),
@@ -295,7 +319,7 @@ pub async fn update(
         cron: b.cron.unwrap_or_else(|| s.cron.clone()),
         timezone: b.timezone.unwrap_or_else(|| s.timezone.clone()),
         target: match b.target {
-            Some(t) => target(t, &state).await?,
+            Some(t) => target(t, &state, &auth).await?,
             None => current_target,
         },
         overlap: b.overlap.unwrap_or(s.overlap),
@@ -378,16 +402,65 @@ pub async fn trigger(
     auth.require(Role::Submit)?;
     let s = load(&state, &auth, &id).await?;
     let now = domain::now();
+    let (ev, appends) = fire(&state, &s, now, "manual", &auth).await?;
+    let s = write(&state, &auth, Some(&s), s.id, &[ev], appends).await?;
+    Ok((StatusCode::ACCEPTED, Json(ScheduleView::from(s))).into_response())
+}
+
+/// Fire one tick now: the `TickFired` event and the appends of the job or run it starts.
+async fn fire(
+    state: &AppState,
+    s: &Schedule,
+    fire_time: DateTime<Utc>,
+    trigger: &str,
+    auth: &Auth,
+) -> Result<(ScheduleEvent, Vec<store::Append>), ApiError> {
+    let target: ScheduleTarget =
+        serde_json::from_value(s.target.clone()).map_err(|e| ApiError::Internal(e.to_string()))?;
+    if let ScheduleTarget::Workflow { workflow_id, input } = target {
+        let mut input = input;
+        if let Some(obj) = input.as_object_mut() {
+            obj.entry("schedule")
+                .or_insert_with(|| serde_json::json!({"id": s.id, "fire_time": fire_time}));
+        }
+        let run_id = Uuid::now_v7();
+        let (_, appends) = store::runs::prepare_run(
+            &state.store,
+            store::runs::StartRun {
+                namespace: s.namespace.clone(),
+                workflow_id,
+                input,
+                callback_url: None,
+                actor: auth.actor(),
+                command: None,
+                with: Vec::new(),
+                run_id,
+            },
+        )
+        .await
+        .map_err(|e| match e {
+            store::runs::StartError::WorkflowNotFound => ApiError::Conflict(format!(
+                "the target workflow `{workflow_id}` no longer exists"
+            )),
+            store::runs::StartError::Input(e) => e.under("target").into(),
+            other => ApiError::Internal(other.to_string()),
+        })?;
+        let ev = ScheduleEvent::TickFired {
+            fire_time,
+            job_id: None,
+            run_id: Some(run_id),
+            trigger: trigger.into(),
+        };
+        return Ok((ev, appends));
+    }
     let job_id = Uuid::now_v7();
-    let job = tick_job(&s, job_id, now, &auth)?;
     let ev = ScheduleEvent::TickFired {
-        fire_time: now,
+        fire_time,
         job_id: Some(job_id),
         run_id: None,
-        trigger: "manual".into(),
+        trigger: trigger.into(),
     };
-    let s = write(&state, &auth, Some(&s), s.id, &[ev], vec![job]).await?;
-    Ok((StatusCode::ACCEPTED, Json(ScheduleView::from(s))).into_response())
+    Ok((ev, vec![tick_job(s, job_id, fire_time, auth)?]))
 }
 
 fn tick_job(
@@ -399,9 +472,7 @@ fn tick_job(
     let target: ScheduleTarget =
         serde_json::from_value(s.target.clone()).map_err(|e| ApiError::Internal(e.to_string()))?;
     let ScheduleTarget::Job { job: mut sub } = target else {
-        return Err(ApiError::Conflict(
-            "this schedule's target cannot run in this version".into(),
-        ));
+        return Err(ApiError::Internal("not a job target".into()));
     };
     sub.tags.insert("schedule_id".into(), s.id.to_string());
     sub.tags.insert("fire_time".into(), fire_time.to_rfc3339());
@@ -451,14 +522,9 @@ pub async fn backfill(
     let mut events = Vec::new();
     let mut jobs = Vec::new();
     for t in times.into_iter().filter(|t| !done.contains(t)) {
-        let job_id = Uuid::now_v7();
-        jobs.push(tick_job(&s, job_id, t, &auth)?);
-        events.push(ScheduleEvent::TickFired {
-            fire_time: t,
-            job_id: Some(job_id),
-            run_id: None,
-            trigger: "backfill".into(),
-        });
+        let (ev, appends) = fire(&state, &s, t, "backfill", &auth).await?;
+        jobs.extend(appends);
+        events.push(ev);
     }
     let s = if events.is_empty() {
         s

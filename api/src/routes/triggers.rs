@@ -12,7 +12,6 @@ use capibara_shared::{
         self,
         auth::Role,
         event::EventMetadata,
-        schedule::ScheduleTarget,
         trigger::{check_template, Trigger, TriggerAuth, TriggerEvent},
         webhook::WebhookSecret,
     },
@@ -25,10 +24,7 @@ use crate::{
     auth::Auth,
     error::ApiError,
     extract::ApiJson,
-    routes::{
-        jobs::{nest, to_submission, Page},
-        schedules::TargetBody,
-    },
+    routes::{jobs::Page, schedules::TargetBody},
     AppState,
 };
 
@@ -91,19 +87,7 @@ pub async fn create(
     if b.name.trim().is_empty() || b.name.len() > 200 {
         return Err(ApiError::field("name", "must be 1-200 characters"));
     }
-    let target = match b.target {
-        TargetBody::Job { job } => ScheduleTarget::Job {
-            job: to_submission(job, &state.config)
-                .await
-                .map_err(|e| nest(e, "target.job"))?,
-        },
-        TargetBody::Workflow { .. } => {
-            return Err(ApiError::field(
-                "target.type",
-                "workflow targets are not available in this version",
-            ))
-        }
-    };
+    let target = super::schedules::target(b.target, &state, &auth).await?;
     match &b.auth {
         TriggerAuth::Bearer { token } if token.len() < 16 => {
             return Err(ApiError::field("auth.token", "use at least 16 characters"))

@@ -195,6 +195,12 @@ pub struct Submission {
     pub callback_events: Option<Vec<String>>,
     #[serde(default)]
     pub tags: BTreeMap<String, String>,
+    /// The workflow run whose step this job is (set by the workflow engine only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_id: Option<Uuid>,
+    /// The step (`id`, or `id[index]` for a map child).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_id: Option<String>,
 }
 
 /// Events of the job stream (contract names, DESIGN §3). `JobQueued` is Capibara's addition: a
@@ -352,6 +358,11 @@ pub struct Job {
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
     pub updated_at: DateTime<Utc>,
+    /// The workflow run this job is a step of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_id: Option<Uuid>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_id: Option<String>,
 }
 
 /// A job event could not be applied to the current state (a bug or a corrupted log).
@@ -393,6 +404,8 @@ impl Job {
             started_at: None,
             finished_at: None,
             updated_at: at,
+            run_id: s.run_id,
+            step_id: s.step_id.clone(),
         }
     }
 
@@ -624,6 +637,8 @@ mod tests {
             callback_url: None,
             callback_events: None,
             tags: BTreeMap::new(),
+            run_id: None,
+            step_id: None,
         }
     }
 

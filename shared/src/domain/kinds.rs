@@ -66,6 +66,13 @@ pub const KINDS: &[KindSpec] = &[
         validate: validate_code_validate,
     },
     KindSpec {
+        name: super::workflow::WAIT_KIND,
+        default_queue: "default",
+        description: "A workflow `wait` step: a delayed job that does nothing (a durable timer).",
+        internal: true,
+        validate: |_| Ok(()),
+    },
+    KindSpec {
         name: "tts.render",
         default_queue: "tts",
         description: "Speaks `text` with a Piper voice (or espeak-ng's); artifact audio.wav (or \

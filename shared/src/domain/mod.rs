@@ -9,6 +9,8 @@
 //! - [`auth`]: roles of an API key.
 //! - [`delivery`], [`subscription`]: webhook deliveries and event subscriptions.
 //! - [`webhook`]: Standard Webhooks secrets, signing and verification.
+//! - [`workflow`], [`run`]: workflow definitions, runs and the planner that advances them.
+//! - [`template`]: minijinja templates over JSON (trigger inputs, workflow steps).
 
 pub mod auth;
 pub mod delivery;
@@ -17,10 +19,13 @@ pub mod job;
 pub mod kinds;
 pub mod problem;
 pub mod retry;
+pub mod run;
 pub mod schedule;
 pub mod subscription;
+pub mod template;
 pub mod trigger;
 pub mod webhook;
+pub mod workflow;
 
 pub use problem::FieldError;
 

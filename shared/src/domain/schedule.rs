@@ -370,11 +370,12 @@ impl Schedule {
             ScheduleEvent::TickFired {
                 fire_time,
                 job_id,
+                run_id,
                 trigger,
-                ..
             } => {
                 s.fired_count += 1;
-                s.last_job_id = job_id.or(s.last_job_id);
+                // A workflow target's run id stands in for the job (overlap checks look both up).
+                s.last_job_id = job_id.or(*run_id).or(s.last_job_id);
                 if s.last_fire_time.is_none_or(|l| *fire_time > l) {
                     s.last_fire_time = Some(*fire_time);
                 }

@@ -80,7 +80,10 @@ pub enum TriggerEvent {
     TriggerDeleted {},
     /// An accepted call.
     TriggerInvoked {
+        /// The job started (for a workflow target: the run's id; `run_id` says so).
         job_id: Uuid,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        run_id: Option<Uuid>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         message_id: Option<String>,
         body_bytes: usize,
@@ -168,78 +171,12 @@ pub fn render_input(
 ) -> Result<Value, String> {
     let env = minijinja::Environment::new();
     let ctx = minijinja::context! { body => body, headers => headers };
-    render(&env, template, &ctx)
-}
-
-fn render(
-    env: &minijinja::Environment<'_>,
-    v: &Value,
-    ctx: &minijinja::Value,
-) -> Result<Value, String> {
-    Ok(match v {
-        Value::String(s) => {
-            let trimmed = s.trim();
-            if let Some(expr) = trimmed
-                .strip_prefix("{{")
-                .and_then(|r| r.strip_suffix("}}"))
-                .filter(|e| !e.contains("{{") && !e.contains("}}"))
-            {
-                let compiled = env
-                    .compile_expression(expr.trim())
-                    .map_err(|e| format!("`{s}`: {e}"))?;
-                let out = compiled.eval(ctx).map_err(|e| format!("`{s}`: {e}"))?;
-                serde_json::to_value(&out).map_err(|e| format!("`{s}`: {e}"))?
-            } else if s.contains("{{") || s.contains("{%") {
-                Value::String(env.render_str(s, ctx).map_err(|e| format!("`{s}`: {e}"))?)
-            } else {
-                v.clone()
-            }
-        }
-        Value::Array(items) => Value::Array(
-            items
-                .iter()
-                .map(|i| render(env, i, ctx))
-                .collect::<Result<_, _>>()?,
-        ),
-        Value::Object(map) => Value::Object(
-            map.iter()
-                .map(|(k, v)| Ok((k.clone(), render(env, v, ctx)?)))
-                .collect::<Result<_, String>>()?,
-        ),
-        other => other.clone(),
-    })
+    super::template::render(&env, template, &ctx)
 }
 
 /// Check a template's syntax (at trigger creation); nothing is evaluated.
 pub fn check_template(template: &Value) -> Result<(), String> {
-    let env = minijinja::Environment::new();
-    check(&env, template)
-}
-
-fn check(env: &minijinja::Environment<'_>, v: &Value) -> Result<(), String> {
-    match v {
-        Value::String(s) => {
-            let trimmed = s.trim();
-            if let Some(expr) = trimmed
-                .strip_prefix("{{")
-                .and_then(|r| r.strip_suffix("}}"))
-                .filter(|e| !e.contains("{{") && !e.contains("}}"))
-            {
-                env.compile_expression(expr.trim())
-                    .map(|_| ())
-                    .map_err(|e| format!("`{s}`: {e}"))
-            } else if s.contains("{{") || s.contains("{%") {
-                env.template_from_str(s)
-                    .map(|_| ())
-                    .map_err(|e| format!("`{s}`: {e}"))
-            } else {
-                Ok(())
-            }
-        }
-        Value::Array(items) => items.iter().try_for_each(|i| check(env, i)),
-        Value::Object(map) => map.values().try_for_each(|i| check(env, i)),
-        _ => Ok(()),
-    }
+    super::template::check(&minijinja::Environment::new(), template)
 }
 
 #[cfg(test)]

@@ -85,6 +85,8 @@ pub enum Effect {
     UpsertDelivery(Box<crate::domain::delivery::Delivery>),
     UpsertSchedule(Box<crate::domain::schedule::Schedule>),
     UpsertTrigger(Box<crate::domain::trigger::Trigger>),
+    UpsertWorkflow(Box<crate::domain::workflow::Workflow>),
+    UpsertRun(Box<crate::domain::run::Run>),
     /// Fired ticks: `(schedule_id, fire_time)` is unique, so a tick fires once across replicas.
     InsertTicks {
         schedule_id: Uuid,
@@ -628,6 +630,8 @@ async fn write_effects(
     let mut checkpoints: Vec<(&str, super::events::LogCursor)> = Vec::new();
     let mut schedules: HashMap<Uuid, &crate::domain::schedule::Schedule> = HashMap::new();
     let mut triggers: HashMap<Uuid, &crate::domain::trigger::Trigger> = HashMap::new();
+    let mut workflows: HashMap<Uuid, &crate::domain::workflow::Workflow> = HashMap::new();
+    let mut runs: HashMap<Uuid, &crate::domain::run::Run> = HashMap::new();
     let (mut tick_sched, mut tick_time, mut tick_job) = (Vec::new(), Vec::new(), Vec::new());
     for &i in ok {
         for e in &appends[i].effects {
@@ -656,6 +660,12 @@ async fn write_effects(
                 }
                 Effect::UpsertTrigger(t) => {
                     triggers.insert(t.id, t);
+                }
+                Effect::UpsertWorkflow(w) => {
+                    workflows.insert(w.id, w);
+                }
+                Effect::UpsertRun(r) => {
+                    runs.insert(r.id, r);
                 }
                 Effect::InsertTicks { schedule_id, ticks } => {
                     for (t, j) in ticks {
@@ -694,6 +704,21 @@ async fn write_effects(
         let rows = serde_json::to_value(triggers.values().collect::<Vec<_>>())
             .expect("triggers serialize");
         sqlx::query(super::triggers::UPSERT_TRIGGERS)
+            .bind(rows)
+            .execute(&mut **tx)
+            .await?;
+    }
+    if !workflows.is_empty() {
+        let rows = serde_json::to_value(workflows.values().collect::<Vec<_>>())
+            .expect("workflows serialize");
+        sqlx::query(super::workflows::UPSERT_WORKFLOWS)
+            .bind(rows)
+            .execute(&mut **tx)
+            .await?;
+    }
+    if !runs.is_empty() {
+        let rows = serde_json::to_value(runs.values().collect::<Vec<_>>()).expect("runs serialize");
+        sqlx::query(super::runs::UPSERT_RUNS)
             .bind(rows)
             .execute(&mut **tx)
             .await?;

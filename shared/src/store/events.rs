@@ -65,6 +65,17 @@ pub async fn read_stream(
     Ok(rows.into_iter().map(envelope).collect())
 }
 
+/// Type of the last event of a stream.
+pub async fn last_type(pool: &PgPool, stream_id: Uuid) -> Result<Option<String>, StoreError> {
+    let row: Option<(String,)> = sqlx::query_as(
+        "SELECT type FROM events WHERE stream_id = $1 ORDER BY version DESC LIMIT 1",
+    )
+    .bind(stream_id)
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.map(|(t,)| t))
+}
+
 /// A position in the global log: the transaction id and position of the last event read.
 /// Ordered as the log is read: by transaction id, then position.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]

@@ -91,6 +91,10 @@ pub fn job_append(
     let mut metadata = w.metadata.clone();
     metadata.kind = Some(new.kind.clone());
     metadata.tags = (!new.tags.is_empty()).then(|| new.tags.clone());
+    if new.run_id.is_some() {
+        // Step jobs name their run, so the orchestrator finds them in the log without a lookup.
+        metadata.correlation_id = new.run_id;
+    }
     let mut effects = vec![Effect::UpsertJob(Box::new(new.clone()))];
     if new.status == JobStatus::Queued && old_status != Some(JobStatus::Queued) {
         let at = new.queued_at.unwrap_or(w.at);

@@ -9,6 +9,7 @@
 //! - [`workers`]: worker registration, heartbeats and leases.
 //! - [`dispatch`]: the outbox the relay sweeps.
 //! - [`rebuild`]: rebuilding projections from the log.
+//! - [`workflows`], [`runs`]: workflow definitions, runs, and committing a run's plan.
 //! - [`deliveries`], [`subscriptions`], [`checkpoints`]: webhook deliveries and log followers.
 //! - [`code_cache`]: `code.run`'s result cache.
 
@@ -22,10 +23,12 @@ pub mod events;
 pub mod jobs;
 pub mod keys;
 pub mod rebuild;
+pub mod runs;
 pub mod schedules;
 pub mod subscriptions;
 pub mod triggers;
 pub mod workers;
+pub mod workflows;
 
 use std::time::Duration;
 

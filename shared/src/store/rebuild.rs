@@ -159,15 +159,19 @@ pub struct FullRebuild {
     pub deliveries: u64,
     pub schedules: u64,
     pub triggers: u64,
+    pub workflows: u64,
+    pub runs: u64,
 }
 
-/// Rebuild every projection: `jobs`, `deliveries`, `schedules`, `triggers` (each in its own
+/// Rebuild every projection: `jobs`, `deliveries`, `schedules`, `triggers`, `workflows`, `runs` (each in its own
 /// transaction).
 pub async fn rebuild_all(pool: &PgPool) -> Result<FullRebuild, StoreError> {
     use crate::domain::{
         delivery::{Delivery, DeliveryEvent},
+        run::{Run, RunEvent},
         schedule::{Schedule, ScheduleEvent},
         trigger::{Trigger, TriggerEvent},
+        workflow::{Workflow, WorkflowEvent},
     };
     let jobs = rebuild_jobs(pool).await?;
     let (de, deliveries) = rebuild_stream::<Delivery, DeliveryEvent>(
@@ -194,11 +198,24 @@ pub async fn rebuild_all(pool: &PgPool) -> Result<FullRebuild, StoreError> {
         Trigger::apply,
     )
     .await?;
+    let (we, workflows) = rebuild_stream::<Workflow, WorkflowEvent>(
+        pool,
+        "workflow",
+        "workflows",
+        super::workflows::UPSERT_WORKFLOWS,
+        Workflow::apply,
+    )
+    .await?;
+    let (re, runs) =
+        rebuild_stream::<Run, RunEvent>(pool, "run", "runs", super::runs::UPSERT_RUNS, Run::apply)
+            .await?;
     Ok(FullRebuild {
-        events: jobs.events + de + se + te,
+        events: jobs.events + de + se + te + we + re,
         jobs: jobs.jobs,
         deliveries,
         schedules,
         triggers,
+        workflows,
+        runs,
     })
 }

@@ -5,6 +5,7 @@ pub mod builtin;
 pub mod callback;
 pub mod code;
 pub mod tts;
+pub mod workflow;
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
@@ -81,6 +82,10 @@ impl Registry {
         r.register("echo", Arc::new(builtin::Echo));
         r.register("sleep", Arc::new(builtin::Sleep));
         r.register("fail", Arc::new(builtin::Fail));
+        r.register(
+            capibara_shared::domain::workflow::WAIT_KIND,
+            Arc::new(workflow::Wait),
+        );
         r
     }
 

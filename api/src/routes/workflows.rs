@@ -1,0 +1,331 @@
+//! `/v1/workflows`: define (JSON or YAML), list, get with versions, update (a new version),
+//! delete, and start runs.
+
+use axum::{
+    body::Bytes,
+    extract::{Path, RawQuery, State},
+    http::{header, HeaderMap, HeaderValue, StatusCode},
+    response::{IntoResponse, Response},
+    Json,
+};
+use capibara_shared::{
+    domain::{
+        self,
+        auth::Role,
+        event::EventMetadata,
+        workflow::{Workflow, WorkflowDef, WorkflowEvent},
+    },
+    store::{
+        self,
+        append::CommandRecord,
+        runs::{StartError, StartRun},
+        workflows::workflow_append,
+        AppendError, StoreError,
+    },
+};
+use serde::Deserialize;
+use serde_json::Value;
+use uuid::Uuid;
+
+use super::jobs::{decode_cursor, encode_cursor, Page};
+use crate::{
+    auth::Auth,
+    error::ApiError,
+    extract::{idempotency_key, parse_limit, prefer_wait, query_pairs, ApiJson},
+    AppState,
+};
+
+fn parse_id(id: &str) -> Result<Uuid, ApiError> {
+    id.parse()
+        .map_err(|_| ApiError::NotFound(format!("no workflow `{id}` (ids are UUIDs)")))
+}
+
+fn metadata(auth: &Auth) -> EventMetadata {
+    EventMetadata {
+        namespace: auth.namespace().to_string(),
+        actor: Some(auth.actor()),
+        ..Default::default()
+    }
+}
+
+/// Parse and validate a definition from a JSON or YAML body.
+fn definition(headers: &HeaderMap, body: &Bytes) -> Result<WorkflowDef, ApiError> {
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let yaml = ct.contains("yaml");
+    if !yaml && !ct.starts_with("application/json") && !ct.contains("+json") {
+        return Err(ApiError::UnsupportedMediaType(
+            "send the definition as application/json or application/yaml".into(),
+        ));
+    }
+    let def = WorkflowDef::parse(body, yaml)?;
+    def.validate()?;
+    Ok(def)
+}
+
+async fn load(state: &AppState, auth: &Auth, id: Uuid) -> Result<Workflow, ApiError> {
+    store::workflows::get(&state.store.pool, auth.namespace(), id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no workflow `{id}`")))
+}
+
+fn created(w: &Workflow, status: StatusCode) -> Response {
+    let mut res = (status, Json(w)).into_response();
+    if let Ok(v) = HeaderValue::from_str(&format!("/v1/workflows/{}", w.id)) {
+        res.headers_mut().insert(header::LOCATION, v);
+    }
+    res
+}
+
+#[utoipa::path(post, path = "/v1/workflows", tag = "workflows", request_body(content = WorkflowDef,
+        description = "JSON, or YAML with Content-Type: application/yaml"),
+    responses((status = 201, body = Workflow), (status = 415, body = crate::error::Problem),
+              (status = 422, description = "invalid definition; the error names the step", body = crate::error::Problem)),
+    security(("bearer" = [])))]
+pub async fn create(
+    State(state): State<AppState>,
+    auth: Auth,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    auth.require(Role::Submit)?;
+    let def = definition(&headers, &body)?;
+    let id = Uuid::now_v7();
+    let (w, append) = workflow_append(
+        None,
+        id,
+        &[WorkflowEvent::WorkflowCreated { definition: def }],
+        metadata(&auth),
+        domain::now(),
+    )
+    .ok_or_else(|| ApiError::Internal("workflow state".into()))?;
+    state
+        .store
+        .appender
+        .append(append)
+        .await
+        .map_err(StoreError::from)?;
+    Ok(created(&w, StatusCode::CREATED))
+}
+
+#[utoipa::path(put, path = "/v1/workflows/{id}", tag = "workflows", params(("id" = String, Path)),
+    request_body = WorkflowDef,
+    responses((status = 200, description = "a new version", body = Workflow), (status = 404, body = crate::error::Problem),
+              (status = 422, body = crate::error::Problem)),
+    security(("bearer" = [])))]
+pub async fn update(
+    State(state): State<AppState>,
+    auth: Auth,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    auth.require(Role::Submit)?;
+    let id = parse_id(&id)?;
+    let def = definition(&headers, &body)?;
+    for _ in 0..10 {
+        let w = load(&state, &auth, id).await?;
+        let (new, append) = workflow_append(
+            Some(&w),
+            id,
+            &[WorkflowEvent::WorkflowUpdated {
+                definition: def.clone(),
+            }],
+            metadata(&auth),
+            domain::now(),
+        )
+        .ok_or_else(|| ApiError::Internal("workflow state".into()))?;
+        match state.store.appender.append(append).await {
+            Ok(_) => return Ok(created(&new, StatusCode::OK)),
+            Err(AppendError::Conflict { .. }) => continue,
+            Err(e) => return Err(StoreError::from(e).into()),
+        }
+    }
+    Err(ApiError::Conflict(
+        "the workflow is changing too fast; retry".into(),
+    ))
+}
+
+#[utoipa::path(get, path = "/v1/workflows", tag = "workflows",
+    params(("limit" = Option<i64>, Query), ("cursor" = Option<String>, Query)),
+    responses((status = 200, body = Page<Workflow>)), security(("bearer" = [])))]
+pub async fn list(
+    State(state): State<AppState>,
+    auth: Auth,
+    RawQuery(q): RawQuery,
+) -> Result<Json<Page<Workflow>>, ApiError> {
+    auth.require(Role::Read)?;
+    let (mut before, mut limit) = (None, None);
+    for (k, v) in query_pairs(q.as_deref())? {
+        match k.as_str() {
+            "limit" => limit = Some(v),
+            "cursor" => before = Some(decode_cursor(&v)?),
+            other => {
+                return Err(ApiError::field(
+                    other,
+                    "unknown query parameter (limit, cursor)",
+                ))
+            }
+        }
+    }
+    let limit = parse_limit(limit.as_deref())?;
+    let mut items =
+        store::workflows::list(&state.store.pool, auth.namespace(), before, limit + 1).await?;
+    let next_cursor = if items.len() as i64 > limit {
+        items.truncate(limit as usize);
+        items.last().map(|w| encode_cursor(w.id))
+    } else {
+        None
+    };
+    Ok(Json(Page { items, next_cursor }))
+}
+
+#[utoipa::path(get, path = "/v1/workflows/{id}", tag = "workflows", params(("id" = String, Path)),
+    responses((status = 200, description = "the workflow with every version", body = Workflow),
+              (status = 404, body = crate::error::Problem)),
+    security(("bearer" = [])))]
+pub async fn get(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+) -> Result<Json<Workflow>, ApiError> {
+    auth.require(Role::Read)?;
+    Ok(Json(load(&state, &auth, parse_id(&id)?).await?))
+}
+
+#[utoipa::path(delete, path = "/v1/workflows/{id}", tag = "workflows", params(("id" = String, Path)),
+    responses((status = 204, description = "deleted; existing runs keep their version"),
+              (status = 404, body = crate::error::Problem)),
+    security(("bearer" = [])))]
+pub async fn delete(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    auth.require(Role::Submit)?;
+    let id = parse_id(&id)?;
+    for _ in 0..10 {
+        let w = load(&state, &auth, id).await?;
+        let (_, append) = workflow_append(
+            Some(&w),
+            id,
+            &[WorkflowEvent::WorkflowDeleted {}],
+            metadata(&auth),
+            domain::now(),
+        )
+        .ok_or_else(|| ApiError::Internal("workflow state".into()))?;
+        match state.store.appender.append(append).await {
+            Ok(_) => return Ok(StatusCode::NO_CONTENT),
+            Err(AppendError::Conflict { .. }) => continue,
+            Err(e) => return Err(StoreError::from(e).into()),
+        }
+    }
+    Err(ApiError::Conflict(
+        "the workflow is changing too fast; retry".into(),
+    ))
+}
+
+/// `POST /v1/workflows/{id}/runs` body.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StartRunBody {
+    /// The run's input (checked against the workflow's `input_schema`).
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub input: Option<Value>,
+    /// POSTed a signed `run.succeeded` / `run.failed` / `run.canceled` when the run ends.
+    #[serde(default)]
+    pub callback_url: Option<String>,
+}
+
+#[utoipa::path(post, path = "/v1/workflows/{id}/runs", tag = "workflows", params(("id" = String, Path),
+        ("Prefer" = Option<String>, Header, description = "wait=N: wait up to N seconds for the run to end"),
+        ("Idempotency-Key" = Option<String>, Header)),
+    request_body = StartRunBody,
+    responses((status = 200, description = "ended within the wait", body = capibara_shared::domain::run::Run),
+              (status = 202, description = "started; see Location", body = capibara_shared::domain::run::Run),
+              (status = 404, body = crate::error::Problem), (status = 422, body = crate::error::Problem)),
+    security(("bearer" = [])))]
+pub async fn start_run(
+    State(state): State<AppState>,
+    auth: Auth,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: ApiJson<StartRunBody>,
+) -> Result<Response, ApiError> {
+    auth.require(Role::Submit)?;
+    let workflow_id = parse_id(&id)?;
+    let wait = prefer_wait(&headers)?;
+    let key = idempotency_key(&headers)?;
+    // The same key for another workflow is a different request.
+    let hash = format!("{workflow_id}:{}", body.hash);
+    if let Some(key) = &key {
+        if let Some(run) = super::runs::replay(&state, &auth, key, &hash).await? {
+            return super::runs::finish(&state, &auth, run, wait, true).await;
+        }
+    }
+    let b = body.value;
+    let callback_url = match &b.callback_url {
+        Some(_) if state.config.webhook_secret.is_none() => return Err(ApiError::field(
+            "callback_url",
+            "callbacks are signed with CAPIBARA_WEBHOOK_SECRET, which this server does not have",
+        )),
+        Some(url) => Some(crate::outbound::check_url("callback_url", url, &state.config).await?),
+        None => None,
+    };
+    let input = b.input.unwrap_or_else(|| Value::Object(Default::default()));
+    let size = serde_json::to_vec(&input).map(|v| v.len()).unwrap_or(0);
+    if size > state.config.input_limit_bytes {
+        return Err(ApiError::PayloadTooLarge(format!(
+            "input is {size} bytes; the limit is {} bytes",
+            state.config.input_limit_bytes
+        )));
+    }
+    let run_id = Uuid::now_v7();
+    let command = key.as_ref().map(|key| CommandRecord {
+        id: Uuid::now_v7(),
+        namespace: auth.namespace().to_string(),
+        command_type: super::runs::START_COMMAND.into(),
+        idempotency_key: Some(key.clone()),
+        request_hash: hash.clone(),
+        status_code: 202,
+        response: Some(serde_json::json!({"run_id": run_id})),
+        stream_id: Some(run_id),
+        actor: Some(auth.actor()),
+        received_at: domain::now(),
+    });
+    let started = store::runs::start_run(
+        &state.store,
+        StartRun {
+            namespace: auth.namespace().to_string(),
+            workflow_id,
+            input,
+            callback_url,
+            actor: auth.actor(),
+            command,
+            with: Vec::new(),
+            run_id,
+        },
+    )
+    .await;
+    let run = match started {
+        Ok(run) => run,
+        Err(StartError::WorkflowNotFound) => {
+            return Err(ApiError::NotFound(format!("no workflow `{workflow_id}`")))
+        }
+        Err(StartError::Input(e)) => return Err(e.into()),
+        Err(StartError::Append(AppendError::DuplicateCommand)) => {
+            let key = key.as_deref().unwrap_or_default();
+            let run = super::runs::replay(&state, &auth, key, &hash)
+                .await?
+                .ok_or_else(|| ApiError::Conflict("idempotency key is in use".into()))?;
+            return super::runs::finish(&state, &auth, run, wait, true).await;
+        }
+        Err(StartError::Append(e)) => return Err(StoreError::from(e).into()),
+        Err(StartError::Store(e)) => return Err(e.into()),
+    };
+    super::runs::finish(&state, &auth, run, wait, false).await
+}

@@ -1,0 +1,243 @@
+//! The orchestrator: follows the global event log (gap-safe) and advances workflow runs when a
+//! step's job starts or ends, or a child run ends. For each page it folds those facts into the
+//! runs they belong to, plans what follows (ready steps, skips, the run's end) and commits the
+//! run events, the new step jobs and its checkpoint in one transaction.
+//!
+//! Step jobs and child runs name their run in `metadata.correlation_id`, so the follower needs
+//! no lookup to find them. A run changed concurrently by the API (a signal, a cancel) makes the
+//! commit conflict; the page is then planned again from fresh state, so every step is
+//! scheduled exactly once. One replica leads (session advisory lock); the others wait.
+
+use std::{
+    collections::HashMap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use capibara_shared::{
+    domain::{
+        self,
+        event::EventEnvelope,
+        job::JobEvent,
+        run::{self, Plan, RunEvent},
+    },
+    queue::Queue,
+    store::{
+        self,
+        events::LogCursor,
+        runs::{build, RunChange},
+        AppendError, Effect, Store,
+    },
+};
+use serde_json::Value;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// Name of the orchestrator's checkpoint.
+pub const CHECKPOINT: &str = "orchestrator";
+const LEADER_LOCK: i64 = 0x6361_7069_7275_6e73; // "capiruns"
+const PAGE: i64 = 1000;
+/// How often an idle follower saves how far it read.
+const SAVE_EVERY: Duration = Duration::from_secs(2);
+
+/// Run until `stop`: lead when possible, follow the log, advance runs.
+pub async fn run(store: Store, queue: Queue, stop: CancellationToken) {
+    let wake = Arc::new(Notify::new());
+    tokio::spawn(crate::deliverer::listen_hints(
+        queue.clone(),
+        wake.clone(),
+        stop.clone(),
+    ));
+    loop {
+        if stop.is_cancelled() {
+            return;
+        }
+        match lead(&store, &queue, &wake, &stop).await {
+            Ok(()) => return,
+            Err(e) => tracing::debug!(error = %e, "orchestrator not leading; retrying"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            _ = stop.cancelled() => return,
+        }
+    }
+}
+
+async fn lead(
+    store: &Store,
+    queue: &Queue,
+    wake: &Notify,
+    stop: &CancellationToken,
+) -> Result<(), store::StoreError> {
+    let mut lock_conn = store.pool.acquire().await?;
+    let (got,): (bool,) = sqlx::query_as("SELECT pg_try_advisory_lock($1)")
+        .bind(LEADER_LOCK)
+        .fetch_one(&mut *lock_conn)
+        .await?;
+    if !got {
+        return Err(store::StoreError::Conflict);
+    }
+    tracing::info!("orchestrator leading");
+    let mut cursor = store::checkpoints::load(&store.pool, CHECKPOINT)
+        .await?
+        .unwrap_or_default();
+    let mut saved = cursor;
+    let mut last_check = Instant::now();
+    let mut last_save = Instant::now();
+    loop {
+        if stop.is_cancelled() {
+            return Ok(());
+        }
+        if last_check.elapsed() > Duration::from_secs(1) {
+            sqlx::query("SELECT 1").execute(&mut *lock_conn).await?;
+            last_check = Instant::now();
+        }
+        let notified = wake.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let (events, next) = store::events::read_all(&store.pool, cursor, PAGE).await?;
+        if events.is_empty() {
+            if saved != cursor && last_save.elapsed() > SAVE_EVERY {
+                store::checkpoints::save(&store.pool, CHECKPOINT, cursor).await?;
+                saved = cursor;
+                last_save = Instant::now();
+            }
+            tokio::select! {
+                _ = &mut notified => {}
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                _ = stop.cancelled() => return Ok(()),
+            }
+            continue;
+        }
+        match process(store, queue, &events, next).await {
+            Ok(committed) => {
+                cursor = next;
+                if committed {
+                    saved = next;
+                    last_save = Instant::now();
+                }
+            }
+            Err(e) => {
+                // A conflict (the API changed a run meanwhile) or an outage: plan the page again.
+                tracing::debug!(error = %e, "advancing runs failed; planning the page again");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    }
+}
+
+/// A fact from the log about one run.
+enum Fact {
+    Job(Uuid, JobEvent),
+    ChildEnded(Uuid),
+}
+
+fn correlation(e: &EventEnvelope) -> Option<Uuid> {
+    e.metadata
+        .get("correlation_id")
+        .and_then(Value::as_str)
+        .and_then(|s| s.parse().ok())
+}
+
+/// Advance the runs this page of events concerns. Returns whether anything was committed.
+async fn process(
+    store: &Store,
+    queue: &Queue,
+    events: &[EventEnvelope],
+    next: LogCursor,
+) -> Result<bool, store::StoreError> {
+    let mut order: Vec<Uuid> = Vec::new();
+    let mut facts: HashMap<Uuid, Vec<Fact>> = HashMap::new();
+    let mut children: Vec<Uuid> = Vec::new();
+    for e in events {
+        let fact = match (e.stream_type.as_str(), e.event_type.as_str()) {
+            ("job", "JobStarted" | "JobSucceeded" | "JobFailed" | "JobCanceled") => {
+                match JobEvent::from_parts(&e.event_type, e.data.clone()) {
+                    Ok(ev) => Fact::Job(e.stream_id, ev),
+                    Err(_) => continue,
+                }
+            }
+            ("run", "RunSucceeded" | "RunFailed" | "RunCanceled") => {
+                children.push(e.stream_id);
+                Fact::ChildEnded(e.stream_id)
+            }
+            _ => continue,
+        };
+        let Some(run_id) = correlation(e) else {
+            continue;
+        };
+        if !facts.contains_key(&run_id) {
+            order.push(run_id);
+        }
+        facts.entry(run_id).or_default().push(fact);
+    }
+    if order.is_empty() {
+        return Ok(false);
+    }
+    let mut ids = order.clone();
+    ids.extend(children);
+    let loaded: HashMap<Uuid, domain::run::Run> = store::runs::get_many(&store.pool, &ids)
+        .await?
+        .into_iter()
+        .map(|r| (r.id, r))
+        .collect();
+    let at = domain::now();
+    let mut changes = Vec::new();
+    for run_id in order {
+        let Some(mut run) = loaded.get(&run_id).cloned() else {
+            continue;
+        };
+        if run.status.is_terminal() {
+            continue;
+        }
+        let Some(def) = store::runs::definition(&store.pool, run.workflow_id, run.version).await?
+        else {
+            tracing::warn!(run = %run.id, "the run's workflow version is missing; it cannot advance");
+            continue;
+        };
+        let prev = run.stream_version;
+        let mut plan = Plan::default();
+        for f in facts.remove(&run_id).unwrap_or_default() {
+            let fact: Option<RunEvent> = match &f {
+                Fact::Job(job_id, ev) => run::job_fact(&run, *job_id, ev),
+                Fact::ChildEnded(child) => loaded.get(child).and_then(|c| run::child_fact(&run, c)),
+            };
+            if let Some(fact) = fact {
+                plan.record(&mut run, fact, at);
+            }
+        }
+        if plan.events.is_empty() {
+            continue;
+        }
+        run::advance(&def, &mut run, &mut plan, at);
+        changes.push(RunChange {
+            prev_version: Some(prev),
+            run,
+            def,
+            plan,
+        });
+    }
+    if changes.is_empty() {
+        return Ok(false);
+    }
+    let mut built = build(&store.pool, changes, "orchestrator", at).await?;
+    if let Some(first) = built.appends.first_mut() {
+        first.effects.push(Effect::Checkpoint {
+            name: CHECKPOINT.into(),
+            cursor: next,
+        });
+    }
+    match store.appender.append_all(built.appends).await {
+        Ok(_) => {}
+        Err(AppendError::Conflict { .. }) => return Err(store::StoreError::Conflict),
+        Err(e) => return Err(store::StoreError::from(e)),
+    }
+    metrics::counter!("capibara_runs_advanced_total").increment(1);
+    for job_id in built.cancel_running {
+        if let Err(e) = queue.publish_cancel(job_id).await {
+            tracing::warn!(error = %e, "cancel notice not published; the worker sees it at its next heartbeat");
+        }
+    }
+    Ok(true)
+}
