@@ -59,7 +59,7 @@ async fn schedules_are_created_validated_listed_paused_and_deleted() {
         ),
         (
             json!({"name": "x", "cron": "0 9 * * *", "target": {"type": "workflow", "workflow_id": "w"}}),
-            "target.type",
+            "target.workflow_id",
         ),
         (
             json!({"name": "x", "cron": "0 9 * * *", "overlap": "never", "target": {"type": "job", "job": {"kind": "echo"}}}),
