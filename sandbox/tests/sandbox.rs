@@ -135,6 +135,15 @@ fn sleeping_past_the_timeout_times_out() {
 }
 
 #[test]
+fn the_smallest_memory_cap_accepted_still_runs_both_languages() {
+    for lang in [Language::Python, Language::Javascript] {
+        let mut r = req(lang, "result = 1 + 1", &Value::Null);
+        r.memory_bytes = 64 << 20; // kinds::CODE_MIN_MEMORY_MB
+        assert_eq!(sandbox().run(&r).outcome.unwrap(), json!(2), "{lang:?}");
+    }
+}
+
+#[test]
 fn a_memory_bomb_hits_the_memory_limit() {
     for (lang, code) in [
         (

@@ -91,7 +91,7 @@ fn parse_body<T: serde::de::DeserializeOwned>(
             format!("unknown field (expected one of: {})", known.join(", ")),
         ));
     }
-    if !body.get("code").is_some_and(|c| !c.is_null()) {
+    if body.get("code").is_none_or(Value::is_null) {
         return Err(ApiError::field("code", "is required"));
     }
     serde_path_to_error::deserialize(Value::Object(body)).map_err(|e| {
