@@ -2,6 +2,7 @@
 //! the database; `submit`, `get`, `wait` and `events` are API clients; `bench` measures.
 
 mod bench;
+mod bench_code;
 mod bench_deliveries;
 mod bench_fanout;
 mod bench_schedules;
@@ -62,6 +63,10 @@ enum Command {
     /// Measure webhook deliveries (`callback_url`): throughput and event→receipt latency.
     #[command(name = "bench-deliveries")]
     BenchDeliveries(bench_deliveries::Args),
+    /// Measure code.run: executor time per run (Python, JavaScript), first run after a
+    /// restart, and the HTTP round trip with `Prefer: wait`.
+    #[command(name = "bench-code")]
+    BenchCode(bench_code::CodeBenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -137,5 +142,6 @@ async fn main() -> anyhow::Result<()> {
         Command::Triggers { command } => manage::triggers(command).await,
         Command::BenchFanout(a) => bench_fanout::run(a).await,
         Command::BenchDeliveries(a) => bench_deliveries::run(a).await,
+        Command::BenchCode(a) => bench_code::run(a).await,
     }
 }
