@@ -219,6 +219,56 @@ struct Planned {
     payload: Value,
 }
 
+/// Callbacks of workflow runs: a run started with a `callback_url` gets `run.succeeded`,
+/// `run.failed` or `run.canceled` with the run as `data`.
+async fn run_callbacks(
+    store: &Store,
+    events: &[EventEnvelope],
+) -> Result<Vec<Planned>, store::StoreError> {
+    let ends: Vec<&EventEnvelope> = events
+        .iter()
+        .filter(|e| {
+            e.stream_type == "run"
+                && matches!(
+                    e.event_type.as_str(),
+                    "RunSucceeded" | "RunFailed" | "RunCanceled"
+                )
+        })
+        .collect();
+    if ends.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<Uuid> = ends.iter().map(|e| e.stream_id).collect();
+    let runs: HashMap<Uuid, domain::run::Run> = store::runs::get_many(&store.pool, &ids)
+        .await?
+        .into_iter()
+        .filter(|r| r.callback_url.is_some())
+        .map(|r| (r.id, r))
+        .collect();
+    let mut planned = Vec::new();
+    for e in ends {
+        let Some(run) = runs.get(&e.stream_id) else {
+            continue;
+        };
+        let name = match e.event_type.as_str() {
+            "RunSucceeded" => "run.succeeded",
+            "RunFailed" => "run.failed",
+            _ => "run.canceled",
+        };
+        planned.push(Planned {
+            namespace: run.namespace.clone(),
+            subscription_id: None,
+            target: "callback".into(),
+            url: run.callback_url.clone().unwrap_or_default(),
+            job_id: run.id,
+            event_type: name.into(),
+            source_position: e.position(),
+            payload: json!({"type": name, "timestamp": e.recorded_at, "data": run}),
+        });
+    }
+    Ok(planned)
+}
+
 /// Turn one page of events into deliveries; returns how many were created.
 async fn process(
     store: &Store,
@@ -317,6 +367,7 @@ async fn process(
             }
         }
     }
+    planned.extend(run_callbacks(store, events).await?);
     let checkpoint = Effect::Checkpoint {
         name: CHECKPOINT.into(),
         cursor: next,

@@ -640,3 +640,52 @@ async fn schedules_triggers_and_orchestrate_start_runs() {
     assert!(r.body["detail"].as_str().unwrap().contains("greeter"));
     sched.kill();
 }
+
+#[tokio::test]
+async fn a_run_callback_is_signed_and_sent_when_the_run_ends() {
+    const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    let mut env = TestEnv::new().await;
+    env.extra_env
+        .push(("CAPIBARA_WEBHOOK_SECRET".into(), SECRET.into()));
+    env.extra_env
+        .push(("CAPIBARA_OUTBOUND_ALLOW_PRIVATE".into(), "true".into()));
+    let (_a, _w, _s) = env.spawn_all().await;
+    let api = env.client();
+    let receiver = capibara_tests::receiver::Receiver::start(
+        &[SECRET],
+        capibara_tests::receiver::ReceiverOptions::default(),
+    );
+    let id = create(
+        &api,
+        json!({"name": "cb", "steps": [{"id": "a", "kind": "echo", "input": {"v": 3}}]}),
+    )
+    .await;
+    let r = api
+        .post(
+            &format!("/v1/workflows/{id}/runs"),
+            json!({"input": {}, "callback_url": format!("{}/runs", receiver.url)}),
+        )
+        .await;
+    assert_eq!(r.status, 202, "{r:?}");
+    let run = r.body["id"].as_str().unwrap().to_string();
+    let got = eventually("the run callback", Duration::from_secs(20), || async {
+        let got = receiver.requests();
+        (!got.is_empty()).then_some(got)
+    })
+    .await;
+    assert_eq!(got[0]["verified"], true, "{}", got[0]);
+    assert_eq!(got[0]["body"]["type"], "run.succeeded");
+    assert_eq!(got[0]["body"]["data"]["id"], run.as_str());
+    assert_eq!(got[0]["body"]["data"]["output"], json!({"a": {"v": 3}}));
+    let d = api.get(&format!("/v1/deliveries?job_id={run}")).await;
+    assert_eq!(d.body["items"].as_array().unwrap().len(), 1, "{d:?}");
+    // A callback URL needs the signing secret to be configured and must be a URL.
+    let r = api
+        .post(
+            &format!("/v1/workflows/{id}/runs"),
+            json!({"input": {}, "callback_url": "not a url"}),
+        )
+        .await;
+    assert_eq!(r.status, 422);
+    assert_eq!(r.body["errors"][0]["field"], "callback_url");
+}
