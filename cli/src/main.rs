@@ -6,6 +6,7 @@ mod bench_code;
 mod bench_deliveries;
 mod bench_fanout;
 mod bench_schedules;
+mod bench_tts;
 mod client;
 mod dev;
 mod manage;
@@ -63,6 +64,10 @@ enum Command {
     /// Measure webhook deliveries (`callback_url`): throughput and event→receipt latency.
     #[command(name = "bench-deliveries")]
     BenchDeliveries(bench_deliveries::Args),
+    /// Measure tts.render: real-time factor, time to the first sentence, model load, and the
+    /// piper-tts Python package on the same voice and text in the same run.
+    #[command(name = "bench-tts")]
+    BenchTts(bench_tts::TtsBenchArgs),
     /// Measure code.run: executor time per run (Python, JavaScript), first run after a
     /// restart, and the HTTP round trip with `Prefer: wait`.
     #[command(name = "bench-code")]
@@ -142,6 +147,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Triggers { command } => manage::triggers(command).await,
         Command::BenchFanout(a) => bench_fanout::run(a).await,
         Command::BenchDeliveries(a) => bench_deliveries::run(a).await,
+        Command::BenchTts(a) => bench_tts::run(a).await,
         Command::BenchCode(a) => bench_code::run(a).await,
     }
 }

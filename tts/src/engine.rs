@@ -297,7 +297,7 @@ impl Engine {
         if !(0.1..=10.0).contains(&opts.speed) {
             return Err(TtsError::Invalid("speed must be between 0.1 and 10".into()));
         }
-        let sentences = text::split_sentences(text);
+        let sentences = text::split_for_streaming(text);
         if sentences.is_empty() {
             return Err(TtsError::Invalid("text has nothing to say".into()));
         }

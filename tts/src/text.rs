@@ -60,6 +60,39 @@ pub fn split_sentences(text: &str) -> Vec<String> {
     out
 }
 
+/// Words the first sentence needs on each side of a clause break before it is split there.
+const FIRST_CLAUSE_MIN_WORDS: usize = 3;
+
+/// Sentences for streaming: [`split_sentences`], with the first sentence cut at its first
+/// clause break (`,` `;` `:` or a dash) when at least three words lie on each side. The first
+/// chunk is what a listener waits for, and render time grows with length; a clause break is a
+/// pause in the speech anyway (Piper voices render the comma as one), so the cut is not heard.
+pub fn split_for_streaming(text: &str) -> Vec<String> {
+    let mut sentences = split_sentences(text);
+    if let Some(first) = sentences.first().cloned() {
+        if let Some((head, tail)) = first_clause(&first) {
+            sentences.splice(0..1, [head, tail]);
+        }
+    }
+    sentences
+}
+
+fn first_clause(sentence: &str) -> Option<(String, String)> {
+    let words: Vec<&str> = sentence.split_whitespace().collect();
+    for i in FIRST_CLAUSE_MIN_WORDS - 1..words.len().saturating_sub(FIRST_CLAUSE_MIN_WORDS) {
+        let w = words[i];
+        let next = words[i + 1];
+        if w.ends_with([',', ';', ':']) || matches!(next, "—" | "–" | "-") {
+            let cut = if w.ends_with([',', ';', ':']) { i + 1 } else { i + 2 };
+            if words.len() - cut < FIRST_CLAUSE_MIN_WORDS {
+                return None;
+            }
+            return Some((words[..cut].join(" "), words[cut..].join(" ")));
+        }
+    }
+    None
+}
+
 fn split_paragraphs(text: &str) -> Vec<&str> {
     let mut parts = Vec::new();
     let mut start = 0;
@@ -195,6 +228,31 @@ mod tests {
     fn blank_lines_end_sentences_and_line_breaks_become_spaces() {
         let s = split_sentences("Title without a period\n\nFirst line\ncontinues here.  ");
         assert_eq!(s, ["Title without a period", "First line continues here."]);
+    }
+
+    #[test]
+    fn streaming_cuts_the_first_sentence_at_its_first_clause() {
+        let s = split_for_streaming(
+            "When the job starts, the first clause plays early, then the rest. Second one, too.",
+        );
+        assert_eq!(
+            s,
+            [
+                "When the job starts,",
+                "the first clause plays early, then the rest.",
+                "Second one, too."
+            ]
+        );
+        // Too few words on one side, or no break: whole sentences.
+        assert_eq!(split_for_streaming("Yes, it works."), ["Yes, it works."]);
+        assert_eq!(
+            split_for_streaming("No breaks in this sentence at all. Next."),
+            ["No breaks in this sentence at all.", "Next."]
+        );
+        assert_eq!(
+            split_for_streaming("One two three — four five six."),
+            ["One two three —", "four five six."]
+        );
     }
 
     #[test]
