@@ -109,10 +109,42 @@ pub(crate) fn load(
     std::fs::write(&tmp, &bytes).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, &path).with_context(|| format!("renaming to {}", path.display()))?;
     drop(lock);
+    prune_stale(cache_dir, name, &path);
     Ok(Loaded {
         compiled: deserialize(engine, &path, kind)?,
         compiled_now: true,
     })
+}
+
+/// Removes entries for older builds of the same runtime under the same engine settings (the
+/// wasm changed, e.g. a rebuilt Python component), so the cache does not grow with every build.
+fn prune_stale(cache_dir: &Path, name: &str, current: &Path) {
+    let (Some(current_name), Ok(entries)) = (
+        current.file_name().and_then(|n| n.to_str()),
+        std::fs::read_dir(cache_dir),
+    ) else {
+        return;
+    };
+    // `<name>-<sha16>-wasmtime<version>-<settings>.cwasm`: same name, version and settings.
+    let suffix = &current_name[name.len() + 1 + 16..];
+    for entry in entries.flatten() {
+        let file = entry.file_name();
+        let Some(file) = file.to_str() else { continue };
+        let stale = file != current_name
+            && file
+                .strip_prefix(name)
+                .and_then(|r| r.strip_prefix('-'))
+                .is_some_and(|rest| {
+                    rest.get(16..) == Some(suffix)
+                        && rest
+                            .get(..16)
+                            .is_some_and(|sha| sha.bytes().all(|b| b.is_ascii_hexdigit()))
+                });
+        if stale {
+            tracing::info!(file, "removing a compiled module of an older runtime build");
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
 }
 
 fn deserialize(engine: &Engine, path: &Path, kind: WasmKind) -> anyhow::Result<Compiled> {
@@ -166,5 +198,36 @@ impl CompileLock {
 impl Drop for CompileLock {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pruning_removes_only_older_builds_of_the_same_runtime_and_settings() {
+        let dir = tempfile::tempdir().unwrap();
+        let names = [
+            "python-aaaaaaaaaaaaaaaa-wasmtime48.0.8-1111111111111111.cwasm", // current
+            "python-bbbbbbbbbbbbbbbb-wasmtime48.0.8-1111111111111111.cwasm", // older build
+            "python-bbbbbbbbbbbbbbbb-wasmtime48.0.8-2222222222222222.cwasm", // other settings
+            "python-component-cccccccccccccccc-wasmtime48.0.8-1111111111111111.cwasm",
+            "quickjs-dddddddddddddddd-wasmtime48.0.8-1111111111111111.cwasm",
+        ];
+        for n in names {
+            std::fs::write(dir.path().join(n), b"x").unwrap();
+        }
+        prune_stale(dir.path(), "python", &dir.path().join(names[0]));
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        let mut want: Vec<String> = [names[0], names[2], names[3], names[4]]
+            .map(String::from)
+            .to_vec();
+        want.sort();
+        assert_eq!(left, want);
     }
 }
