@@ -93,6 +93,11 @@ pub fn app(state: AppState) -> Router {
             "/v1/workflows/{id}/runs",
             post(routes::workflows::start_run),
         )
+        .route("/v1/secrets", get(routes::secrets::list))
+        .route(
+            "/v1/secrets/{name}",
+            axum::routing::put(routes::secrets::put).delete(routes::secrets::delete),
+        )
         .route("/v1/runs", get(routes::runs::list))
         .route("/v1/runs/{id}", get(routes::runs::get))
         .route("/v1/runs/{id}/events", get(routes::runs::events))

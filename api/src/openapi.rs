@@ -6,8 +6,8 @@ use utoipa::{
 };
 
 use crate::routes::{
-    admin, code, deliveries, events, jobs, orchestrate, runs, schedules, subscriptions, triggers,
-    workflows,
+    admin, code, deliveries, events, jobs, orchestrate, runs, schedules, secrets, subscriptions,
+    triggers, workflows,
 };
 
 #[derive(OpenApi)]
@@ -23,7 +23,8 @@ use crate::routes::{
           triggers::create, triggers::list, triggers::get, triggers::delete,
           code::execute, code::validate, code::cache_stats, code::cache_clear,
           workflows::create, workflows::list, workflows::get, workflows::update, workflows::delete,
-          workflows::start_run, runs::list, runs::get, runs::events, runs::cancel, runs::retry, runs::signal),
+          workflows::start_run, runs::list, runs::get, runs::events, runs::cancel, runs::retry, runs::signal,
+          secrets::put, secrets::list, secrets::delete),
     components(schemas(crate::error::Problem, capibara_shared::domain::FieldError)),
     modifiers(&BearerAuth),
     tags((name = "jobs"), (name = "events"), (name = "deliveries"), (name = "schedules"), (name = "workflows"), (name = "code"), (name = "operations"))

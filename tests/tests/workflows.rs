@@ -689,3 +689,56 @@ async fn a_run_callback_is_signed_and_sent_when_the_run_ends() {
     assert_eq!(r.status, 422);
     assert_eq!(r.body["errors"][0]["field"], "callback_url");
 }
+
+#[tokio::test]
+async fn secrets_are_referenced_by_name_and_never_enter_the_log() {
+    let env = TestEnv::new().await;
+    let (_a, _w, _s) = env.spawn_all().await;
+    let api = env.client();
+    let put = |name: &str, value: &str| {
+        api.http
+            .put(api.url(&format!("/v1/secrets/{name}")))
+            .bearer_auth(&api.key)
+            .json(&json!({"value": value}))
+            .send()
+    };
+    assert_eq!(put("TOKEN", "s3cr3t-value").await.unwrap().status(), 200);
+    assert_eq!(put("bad name", "x").await.unwrap().status(), 422);
+    let list = api.get("/v1/secrets").await;
+    assert_eq!(list.body["items"][0]["name"], "TOKEN");
+    assert!(!list.body.to_string().contains("s3cr3t"));
+
+    let id = create(
+        &api,
+        json!({"name": "sec", "steps": [
+            {"id": "call", "kind": "echo", "input": {"auth": "Bearer {{ secrets.TOKEN }}"}},
+            {"id": "missing", "kind": "echo", "depends_on": ["call"], "input": {"k": "{{ secrets.NOPE }}"}},
+        ]}),
+    )
+    .await;
+    let run = start(&api, &id, json!({})).await;
+    let done = ended(&api, &run, Duration::from_secs(20)).await;
+    // The executor saw the value (echo returns it), the job's stored input only the reference.
+    assert_eq!(step(&done, "call")["output"]["auth"], "Bearer s3cr3t-value");
+    let job = step(&done, "call")["job_id"].as_str().unwrap().to_string();
+    assert_eq!(
+        api.job(&job).await["input"]["auth"],
+        "Bearer ${secret:TOKEN}"
+    );
+    let pool = env.pool().await;
+    let (leaks,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM events WHERE type IN ('JobSubmitted', 'StepReady', 'RunStarted')
+         AND data::text LIKE '%s3cr3t%'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(leaks, 0);
+    // A missing secret fails the step without retrying.
+    assert_eq!(done["status"], "failed");
+    assert_eq!(
+        step(&done, "missing")["error"]["type"],
+        "secret_not_found",
+        "{done}"
+    );
+}

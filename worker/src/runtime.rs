@@ -310,12 +310,32 @@ async fn run_job(inner: &Arc<Inner>, job: Job) {
         attempt,
         started_at,
     }));
+    // Workflow steps may carry `${secret:NAME}` references: resolved here, never stored.
+    let (input, secret_error) =
+        match store::secrets::resolve(&inner.store.pool, &job.namespace, &job.input).await {
+            Ok(Some(resolved)) => (resolved, None),
+            Ok(None) => (job.input.clone(), None),
+            Err(store::secrets::ResolveError::Missing(name)) => (
+                job.input.clone(),
+                Some(ExecError::Abort(JobError::new(
+                    "secret_not_found",
+                    format!("secret `{name}` does not exist in this namespace"),
+                ))),
+            ),
+            Err(store::secrets::ResolveError::Store(e)) => (
+                job.input.clone(),
+                Some(ExecError::Retryable(JobError::new(
+                    "store_unavailable",
+                    format!("secrets could not be read: {e}"),
+                ))),
+            ),
+        };
     let ctx = JobContext {
         job_id: id,
         kind: kind.clone(),
         attempt,
         max_attempts: job.max_attempts,
-        input: job.input.clone(),
+        input,
         cancel: exec_cancel.clone(),
         progress: Arc::new(Progress {
             inner: inner.clone(),
@@ -334,7 +354,10 @@ async fn run_job(inner: &Arc<Inner>, job: Job) {
         }
     }
     let timer = std::time::Instant::now();
-    let exec = executor.execute(ctx);
+    let exec = match secret_error {
+        None => executor.execute(ctx),
+        Some(e) => Box::pin(async move { Err(e) }),
+    };
     let mut run = Box::pin(async move {
         match timeout {
             Some(t) => tokio::time::timeout(t, exec).await.map_err(|_| ()),

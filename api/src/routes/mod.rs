@@ -9,6 +9,7 @@ pub mod jobs;
 pub mod orchestrate;
 pub mod runs;
 pub mod schedules;
+pub mod secrets;
 pub mod subscriptions;
 pub mod triggers;
 pub mod tts;

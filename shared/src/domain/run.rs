@@ -613,7 +613,8 @@ impl Run {
         None
     }
 
-    /// Template context: `input`, `steps.<id>.{status, output, error}`, `run`.
+    /// Template context: `input`, `steps.<id>.{status, output, error}`, `run`, and `secrets`
+    /// (references, resolved on the worker).
     pub fn context(&self, extra: Option<(&Value, u32)>) -> minijinja::Value {
         let steps: serde_json::Map<String, Value> = self
             .steps
@@ -635,7 +636,11 @@ impl Run {
             ctx["item"] = item.clone();
             ctx["index"] = json!(index);
         }
-        minijinja::Value::from_serialize(&ctx)
+        let base = minijinja::Value::from_serialize(&ctx);
+        minijinja::context! {
+            secrets => minijinja::Value::from_object(template::SecretRefs),
+            ..base
+        }
     }
 }
 
@@ -1505,5 +1510,44 @@ mod tests {
         };
         assert!(job_fact(&run, j, &again).is_none());
         assert!(job_fact(&run, Uuid::now_v7(), &again).is_none());
+    }
+}
+
+#[cfg(test)]
+mod secret_tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn secrets_render_as_references_in_any_position() {
+        let d = WorkflowDef::from_value(json!({"name": "s", "steps": [
+            {"id": "a", "kind": "echo", "input": {"auth": "Bearer {{ secrets.TOKEN }}", "raw": "{{ secrets.KEY }}"}}]}))
+        .unwrap();
+        d.validate().unwrap();
+        let started = RunEvent::RunStarted {
+            workflow_id: Uuid::nil(),
+            workflow_name: "s".into(),
+            version: 1,
+            input: json!({}),
+            steps: vec![StepHead {
+                id: "a".into(),
+                kind: "echo".into(),
+            }],
+            parent_run_id: None,
+            parent_step_id: None,
+            callback_url: None,
+        };
+        let at = crate::domain::now();
+        let mut run = Run::apply(None, Uuid::now_v7(), "default", &started, at).unwrap();
+        let mut plan = Plan::default();
+        advance(&d, &mut run, &mut plan, at);
+        let Action::SubmitJob(j) = &plan.actions[0] else {
+            panic!("{:?}", plan.actions)
+        };
+        assert_eq!(
+            j.input,
+            json!({"auth": "Bearer ${secret:TOKEN}", "raw": "${secret:KEY}"})
+        );
     }
 }

@@ -14,6 +14,23 @@ pub fn environment() -> minijinja::Environment<'static> {
     env
 }
 
+/// What `{{ secrets.NAME }}` renders to: a reference the worker resolves right before the
+/// executor runs, so secret values never enter job inputs, events or run state.
+pub fn secret_reference(name: &str) -> String {
+    format!("${{secret:{name}}}")
+}
+
+/// The `secrets` template variable: any attribute is a reference to the secret of that name.
+#[derive(Debug)]
+pub struct SecretRefs;
+
+impl minijinja::value::Object for SecretRefs {
+    fn get_value(self: &std::sync::Arc<Self>, key: &minijinja::Value) -> Option<minijinja::Value> {
+        key.as_str()
+            .map(|k| minijinja::Value::from(secret_reference(k)))
+    }
+}
+
 /// The expression of a string that is exactly one `{{ … }}`.
 fn single_expression(s: &str) -> Option<&str> {
     s.trim()

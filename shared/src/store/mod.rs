@@ -10,6 +10,7 @@
 //! - [`dispatch`]: the outbox the relay sweeps.
 //! - [`rebuild`]: rebuilding projections from the log.
 //! - [`workflows`], [`runs`]: workflow definitions, runs, and committing a run's plan.
+//! - [`secrets`]: secrets workflow templates refer to by name (values never enter the log).
 //! - [`deliveries`], [`subscriptions`], [`checkpoints`]: webhook deliveries and log followers.
 //! - [`code_cache`]: `code.run`'s result cache.
 
@@ -25,6 +26,7 @@ pub mod keys;
 pub mod rebuild;
 pub mod runs;
 pub mod schedules;
+pub mod secrets;
 pub mod subscriptions;
 pub mod triggers;
 pub mod workers;

@@ -1,0 +1,166 @@
+//! Secrets referred to by name from workflow templates. Values are stored here only (not in the
+//! event log); job inputs carry `${secret:NAME}` references that [`resolve`] replaces on the
+//! worker just before an executor runs.
+
+use std::collections::{BTreeSet, HashMap};
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::Value;
+use sqlx::PgPool;
+
+use super::StoreError;
+
+/// A secret as listed (never with its value).
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
+pub struct SecretInfo {
+    pub name: String,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// Create or replace; returns whether it was created.
+pub async fn put(
+    pool: &PgPool,
+    namespace: &str,
+    name: &str,
+    value: &str,
+) -> Result<SecretInfo, StoreError> {
+    let now = crate::domain::now();
+    Ok(sqlx::query_as(
+        "INSERT INTO secrets (namespace, name, value, created_at, updated_at) VALUES ($1, $2, $3, $4, $4)
+         ON CONFLICT (namespace, name) DO UPDATE SET value = EXCLUDED.value, updated_at = EXCLUDED.updated_at
+         RETURNING name, created_at, updated_at",
+    )
+    .bind(namespace)
+    .bind(name)
+    .bind(value)
+    .bind(now)
+    .fetch_one(pool)
+    .await?)
+}
+
+pub async fn list(pool: &PgPool, namespace: &str) -> Result<Vec<SecretInfo>, StoreError> {
+    Ok(sqlx::query_as(
+        "SELECT name, created_at, updated_at FROM secrets WHERE namespace = $1 ORDER BY name LIMIT 1000",
+    )
+    .bind(namespace)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// Whether it existed.
+pub async fn delete(pool: &PgPool, namespace: &str, name: &str) -> Result<bool, StoreError> {
+    Ok(
+        sqlx::query("DELETE FROM secrets WHERE namespace = $1 AND name = $2")
+            .bind(namespace)
+            .bind(name)
+            .execute(pool)
+            .await?
+            .rows_affected()
+            == 1,
+    )
+}
+
+const OPEN: &str = "${secret:";
+
+fn reference(name: &str) -> String {
+    crate::domain::template::secret_reference(name)
+}
+
+fn names(v: &Value, out: &mut BTreeSet<String>) {
+    match v {
+        Value::String(s) => {
+            let mut rest = s.as_str();
+            while let Some(i) = rest.find(OPEN) {
+                let after = &rest[i + OPEN.len()..];
+                match after.find('}') {
+                    Some(end) => {
+                        out.insert(after[..end].to_string());
+                        rest = &after[end + 1..];
+                    }
+                    None => break,
+                }
+            }
+        }
+        Value::Array(items) => items.iter().for_each(|i| names(i, out)),
+        Value::Object(map) => map.values().for_each(|i| names(i, out)),
+        _ => {}
+    }
+}
+
+fn replace(v: &Value, values: &HashMap<String, String>) -> Value {
+    match v {
+        Value::String(s) if s.contains(OPEN) => {
+            let mut out = s.clone();
+            for (name, value) in values {
+                out = out.replace(&reference(name), value);
+            }
+            Value::String(out)
+        }
+        Value::Array(items) => Value::Array(items.iter().map(|i| replace(i, values)).collect()),
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .map(|(k, v)| (k.clone(), replace(v, values)))
+                .collect(),
+        ),
+        other => other.clone(),
+    }
+}
+
+/// Why an input's secrets could not be resolved.
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    #[error("secret `{0}` does not exist")]
+    Missing(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Replace every `${secret:NAME}` in `input` with the namespace's secret (no query when there is
+/// none).
+pub async fn resolve(
+    pool: &PgPool,
+    namespace: &str,
+    input: &Value,
+) -> Result<Option<Value>, ResolveError> {
+    let mut wanted = BTreeSet::new();
+    names(input, &mut wanted);
+    if wanted.is_empty() {
+        return Ok(None);
+    }
+    let wanted: Vec<String> = wanted.into_iter().collect();
+    let rows: Vec<(String, String)> =
+        sqlx::query_as("SELECT name, value FROM secrets WHERE namespace = $1 AND name = ANY($2)")
+            .bind(namespace)
+            .bind(&wanted)
+            .fetch_all(pool)
+            .await
+            .map_err(StoreError::from)?;
+    let values: HashMap<String, String> = rows.into_iter().collect();
+    if let Some(missing) = wanted.iter().find(|n| !values.contains_key(*n)) {
+        return Err(ResolveError::Missing(missing.clone()));
+    }
+    Ok(Some(replace(input, &values)))
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn references_are_found_and_replaced_in_any_string() {
+        let input = json!({"auth": format!("Bearer {}", reference("TOKEN")), "list": [reference("A")], "n": 1});
+        let mut found = BTreeSet::new();
+        names(&input, &mut found);
+        assert_eq!(found.into_iter().collect::<Vec<_>>(), vec!["A", "TOKEN"]);
+        let values: HashMap<String, String> =
+            [("TOKEN".into(), "t0k".into()), ("A".into(), "a".into())].into();
+        assert_eq!(
+            replace(&input, &values),
+            json!({"auth": "Bearer t0k", "list": ["a"], "n": 1})
+        );
+    }
+}
