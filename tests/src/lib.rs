@@ -187,6 +187,11 @@ impl TestEnv {
 
 impl Drop for TestEnv {
     fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(
+            std::env::temp_dir()
+                .join("capibara-test-artifacts")
+                .join(&self.db_name),
+        );
         // Best effort; the whole test cluster is thrown away after the run anyway.
         let admin_url = self.admin_url.clone();
         let db = self.db_name.clone();

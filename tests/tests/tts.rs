@@ -377,3 +377,60 @@ async fn a_worker_without_the_voice_fails_the_job_and_post_tts_answers_422() {
     assert_eq!(r.body["output"]["engine"], "espeak");
     std::fs::remove_dir_all(&empty).ok();
 }
+
+#[tokio::test]
+async fn tts_render_is_a_workflow_step_whose_output_feeds_the_next_step() {
+    let env = TestEnv::new().await;
+    let _procs = env.spawn_all().await;
+    let api = env.client();
+    let def = json!({"name": "speak-and-report", "steps": [
+        {"id": "speak", "kind": "tts.render", "input": {"text": "{{ input.greeting }}"}},
+        {"id": "report", "kind": "echo", "depends_on": ["speak"],
+         "input": {"seconds": "{{ steps.speak.output.duration_s }}",
+                   "voice": "{{ steps.speak.output.voice }}"}}
+    ]});
+    let r = api.post("/v1/workflows", def).await;
+    assert_eq!(r.status, 201, "{r:?}");
+    let workflow = r.body["id"].as_str().unwrap().to_string();
+
+    let r = api
+        .post(
+            &format!("/v1/workflows/{workflow}/runs"),
+            json!({"input": {"greeting": "Good evening, and welcome."}}),
+        )
+        .await;
+    assert_eq!(r.status, 202, "{r:?}");
+    let run = r.body["id"].as_str().unwrap().to_string();
+    let ended = eventually("the run to end", Duration::from_secs(90), || async {
+        let r = api.get(&format!("/v1/runs/{run}")).await;
+        let s = r.body["status"].as_str().unwrap_or_default().to_string();
+        ["succeeded", "failed", "canceled"]
+            .contains(&s.as_str())
+            .then_some(r.body)
+    })
+    .await;
+
+    assert_eq!(ended["status"], "succeeded", "{ended}");
+    let step = |id: &str| {
+        ended["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["id"] == id)
+            .cloned()
+            .unwrap()
+    };
+    let speak = step("speak");
+    assert_eq!(speak["output"]["sample_rate"], 22050);
+    let seconds = step("report")["output"]["seconds"].as_f64().unwrap();
+    assert_eq!(seconds, speak["output"]["duration_s"].as_f64().unwrap());
+    assert!(seconds > 0.5, "{seconds}");
+    // The step's job kept its artifact.
+    let job = speak["job_id"].as_str().unwrap();
+    let wav = download(&api, &format!("/v1/jobs/{job}/artifacts/audio.wav"), None)
+        .await
+        .bytes()
+        .await
+        .unwrap();
+    assert!(rms(&parse_wav(&wav).unwrap().samples) > SILENCE_RMS);
+}

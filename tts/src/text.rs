@@ -83,7 +83,11 @@ fn first_clause(sentence: &str) -> Option<(String, String)> {
         let w = words[i];
         let next = words[i + 1];
         if w.ends_with([',', ';', ':']) || matches!(next, "—" | "–" | "-") {
-            let cut = if w.ends_with([',', ';', ':']) { i + 1 } else { i + 2 };
+            let cut = if w.ends_with([',', ';', ':']) {
+                i + 1
+            } else {
+                i + 2
+            };
             if words.len() - cut < FIRST_CLAUSE_MIN_WORDS {
                 return None;
             }
