@@ -596,6 +596,34 @@ async fn schedules_triggers_and_orchestrate_start_runs() {
     let run = r.body["last_job_id"].as_str().unwrap().to_string();
     let done = ended(&api, &run, Duration::from_secs(20)).await;
     assert_eq!(done["output"], json!({"hello": "cron"}));
+    // The ticker fires workflow targets too (an every-second schedule).
+    let r = api
+        .post(
+            "/v1/schedules",
+            json!({"name": "tick", "cron": "* * * * * *", "overlap": "allow",
+                   "target": {"type": "workflow", "workflow_id": id, "input": {"name": "tick"}}}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{r:?}");
+    let tick = r.body["id"].as_str().unwrap().to_string();
+    let ticked = eventually("a scheduled run", Duration::from_secs(20), || async {
+        let runs = api
+            .get(&format!("/v1/runs?workflow_id={id}&status=succeeded"))
+            .await;
+        runs.body["items"]
+            .as_array()?
+            .iter()
+            .find(|r| r["input"]["schedule"]["id"] == tick.as_str())
+            .cloned()
+    })
+    .await;
+    assert_eq!(ticked["output"], json!({"hello": "tick"}));
+    assert_eq!(
+        api.post(&format!("/v1/schedules/{tick}/pause"), json!({}))
+            .await
+            .status,
+        200
+    );
     // A trigger with a workflow target starts a run from the request body.
     let r = api
         .post(
