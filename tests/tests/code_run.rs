@@ -24,6 +24,15 @@ async fn start() -> (TestEnv, (Proc, Proc, Proc)) {
     // and turn a single attempt into two.
     env.visibility_timeout_s = 30.0;
     let procs = env.spawn_all().await;
+    // On a fresh machine the worker first compiles the runtimes (~25 s on 2 busy cores, once;
+    // then they load from the .cwasm cache in milliseconds). Wait for that with a syntax check
+    // so the endpoints' own waits below measure runs, not the compiler.
+    let api = env.client();
+    let id = api
+        .submit_id(json!({"kind": "code.validate", "input": {"language": "python", "code": "1"}}))
+        .await;
+    let ready = api.wait_terminal(&id, Duration::from_secs(300)).await;
+    assert_eq!(ready["status"], "succeeded", "sandbox warm-up: {ready}");
     (env, procs)
 }
 
