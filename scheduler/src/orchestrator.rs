@@ -129,7 +129,7 @@ async fn lead(
 
 /// A fact from the log about one run.
 enum Fact {
-    Job(Uuid, JobEvent),
+    Job(Uuid, Box<JobEvent>),
     ChildEnded(Uuid),
 }
 
@@ -154,7 +154,7 @@ async fn process(
         let fact = match (e.stream_type.as_str(), e.event_type.as_str()) {
             ("job", "JobStarted" | "JobSucceeded" | "JobFailed" | "JobCanceled") => {
                 match JobEvent::from_parts(&e.event_type, e.data.clone()) {
-                    Ok(ev) => Fact::Job(e.stream_id, ev),
+                    Ok(ev) => Fact::Job(e.stream_id, Box::new(ev)),
                     Err(_) => continue,
                 }
             }

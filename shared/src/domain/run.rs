@@ -822,8 +822,10 @@ pub fn child_fact(parent: &Run, child: &Run) -> Option<RunEvent> {
 
 /// Cancel a run: the cancel event and the cancel of every job and child run still going.
 pub fn cancel(run: &mut Run, reason: Option<String>, at: DateTime<Utc>) -> Plan {
-    let mut plan = Plan::default();
-    plan.actions = live_work(run);
+    let mut plan = Plan {
+        actions: live_work(run),
+        ..Default::default()
+    };
     plan.emit(run, RunEvent::RunCanceled { reason }, at);
     plan
 }

@@ -89,8 +89,10 @@ pub async fn list(
 
 /// Definitions never change once written (a `PUT` makes a new version), so each process keeps
 /// the ones it has used.
-fn def_cache() -> &'static Mutex<HashMap<(Uuid, u32), Arc<WorkflowDef>>> {
-    static CACHE: OnceLock<Mutex<HashMap<(Uuid, u32), Arc<WorkflowDef>>>> = OnceLock::new();
+type DefCache = Mutex<HashMap<(Uuid, u32), Arc<WorkflowDef>>>;
+
+fn def_cache() -> &'static DefCache {
+    static CACHE: OnceLock<DefCache> = OnceLock::new();
     CACHE.get_or_init(Default::default)
 }
 
