@@ -85,6 +85,7 @@ async fn lead(
     let mut saved = cursor;
     let mut last_check = Instant::now();
     let mut last_save = Instant::now();
+    let mut failures: u32 = 0;
     loop {
         if stop.is_cancelled() {
             return Ok(());
@@ -112,6 +113,7 @@ async fn lead(
         }
         match process(store, queue, &events, next).await {
             Ok(committed) => {
+                failures = 0;
                 cursor = next;
                 if committed {
                     saved = next;
@@ -119,9 +121,20 @@ async fn lead(
                 }
             }
             Err(e) => {
-                // A conflict (the API changed a run meanwhile) or an outage: plan the page again.
-                tracing::debug!(error = %e, "advancing runs failed; planning the page again");
-                tokio::time::sleep(Duration::from_millis(5)).await;
+                // A conflict (the API changed a run meanwhile) or an outage: plan the page again,
+                // backing off when it keeps failing.
+                failures += 1;
+                if failures > 5 {
+                    tracing::warn!(error = %e, failures, "advancing runs keeps failing; retrying");
+                } else {
+                    tracing::debug!(error = %e, "advancing runs failed; planning the page again");
+                }
+                let wait = Duration::from_millis(5 * 2u64.pow(failures.min(8)))
+                    .min(Duration::from_secs(1));
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = stop.cancelled() => return Ok(()),
+                }
             }
         }
     }
