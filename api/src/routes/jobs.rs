@@ -508,7 +508,7 @@ fn terminal_type(t: &str) -> bool {
     matches!(t, "JobSucceeded" | "JobFailed" | "JobCanceled")
 }
 
-pub fn parse_after(headers: &HeaderMap, q: &[(String, String)]) -> Result<i64, ApiError> {
+fn parse_after(headers: &HeaderMap, q: &[(String, String)]) -> Result<i64, ApiError> {
     let from_query = q.iter().find(|(k, _)| k == "after").map(|(_, v)| v.clone());
     let from_header = headers
         .get("last-event-id")
@@ -540,17 +540,30 @@ pub async fn events(
 ) -> Result<Response, ApiError> {
     auth.require(Role::Read)?;
     let id = parse_id(&id)?;
-    let pairs = query_pairs(q.as_deref())?;
-    let after = parse_after(&headers, &pairs)?;
+    load(&state, &auth, id).await?;
+    stream_events(state, id, &headers, q.as_deref(), terminal_type).await
+}
+
+/// One stream's events: a JSON page (`after`, `limit`), or SSE with `Accept: text/event-stream`
+/// (resumable with `Last-Event-ID`), ending after an event `terminal` accepts. The caller has
+/// checked that the stream is the client's.
+pub async fn stream_events(
+    state: AppState,
+    id: Uuid,
+    headers: &HeaderMap,
+    query: Option<&str>,
+    terminal: fn(&str) -> bool,
+) -> Result<Response, ApiError> {
+    let pairs = query_pairs(query)?;
+    let after = parse_after(headers, &pairs)?;
     let limit = parse_limit(
         pairs
             .iter()
             .find(|(k, _)| k == "limit")
             .map(|(_, v)| v.as_str()),
     )?;
-    load(&state, &auth, id).await?;
-    if wants_sse(&headers) {
-        return Ok(sse(state, id, after, terminal_type).into_response());
+    if wants_sse(headers) {
+        return Ok(sse(state, id, after, terminal).into_response());
     }
     let items = store::events::read_stream(&state.store.pool, id, after, limit).await?;
     let next_cursor = (items.len() as i64 == limit)
@@ -561,12 +574,7 @@ pub async fn events(
 
 /// Follow one stream: everything after `after`, then live events, closing after a terminal one
 /// (`terminal` tells which event types end the stream).
-pub fn sse(
-    state: AppState,
-    id: Uuid,
-    mut after: i64,
-    terminal: fn(&str) -> bool,
-) -> impl IntoResponse {
+fn sse(state: AppState, id: Uuid, mut after: i64, terminal: fn(&str) -> bool) -> impl IntoResponse {
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Event, Infallible>>(64);
     tokio::spawn(async move {
         let notify = state.watch.watch(id);

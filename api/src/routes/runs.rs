@@ -26,11 +26,11 @@ use serde_json::Value;
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use super::jobs::{decode_cursor, encode_cursor, parse_after, Page};
+use super::jobs::{decode_cursor, encode_cursor, Page};
 use crate::{
     auth::Auth,
     error::ApiError,
-    extract::{parse_limit, prefer_wait, query_pairs, wants_sse, ApiJson},
+    extract::{parse_limit, prefer_wait, query_pairs, ApiJson},
     AppState,
 };
 
@@ -226,23 +226,8 @@ pub async fn events(
 ) -> Result<Response, ApiError> {
     auth.require(Role::Read)?;
     let id = parse_id(&id)?;
-    let pairs = query_pairs(q.as_deref())?;
-    let after = parse_after(&headers, &pairs)?;
-    let limit = parse_limit(
-        pairs
-            .iter()
-            .find(|(k, _)| k == "limit")
-            .map(|(_, v)| v.as_str()),
-    )?;
     load(&state, &auth, id).await?;
-    if wants_sse(&headers) {
-        return Ok(super::jobs::sse(state, id, after, terminal_type).into_response());
-    }
-    let items = store::events::read_stream(&state.store.pool, id, after, limit).await?;
-    let next_cursor = (items.len() as i64 == limit)
-        .then(|| items.last().map(|e| e.id.clone()))
-        .flatten();
-    Ok(Json(Page { items, next_cursor }).into_response())
+    super::jobs::stream_events(state, id, &headers, q.as_deref(), terminal_type).await
 }
 
 /// Load a run and its definition, let `decide` plan a change, commit it (retrying on a
