@@ -60,7 +60,7 @@ pub struct TtsBenchArgs {
 /// Median, best and p90 of samples.
 fn stats(samples: Vec<f64>) -> (f64, f64, f64) {
     let s = sorted(samples);
-    (percentile(&s, 50.0), s[0], percentile(&s, 90.0))
+    (percentile(&s, 0.5), s[0], percentile(&s, 0.9))
 }
 
 pub async fn run(a: TtsBenchArgs) -> Result<()> {
