@@ -150,6 +150,19 @@ async fn bad_text_voices_and_parameters_are_422_problems_naming_the_field() {
         assert_eq!(r.body["errors"][0]["field"], field, "{body} -> {r:?}");
     }
 
+    // An Idempotency-Key replay returns the same job (no worker here: it stays queued).
+    let keyed = || {
+        api.http
+            .post(api.url("/v1/tts"))
+            .header("Prefer", "wait=0")
+            .header("Idempotency-Key", "tts-once")
+            .json(&json!({"text": "Only once."}))
+    };
+    let first = api.send(keyed()).await;
+    let again = api.send(keyed()).await;
+    assert_eq!((first.status, again.status), (202, 202), "{first:?}");
+    assert_eq!(first.body["job_id"], again.body["job_id"]);
+
     // The job API checks the same input under `input.`.
     let r = api
         .submit(json!({"kind": "tts.render", "input": {"text": "Hi", "format": "ogg"}}))

@@ -29,7 +29,7 @@ use uuid::Uuid;
 use crate::{
     auth::Auth,
     error::ApiError,
-    extract::{prefer_wait, ApiJson},
+    extract::{idempotency_key, prefer_wait, ApiJson},
     routes::jobs::{create, SubmitJob},
     AppState,
 };
@@ -147,7 +147,14 @@ fn unnest(e: ApiError) -> ApiError {
     }
 }
 
-async fn submit(state: &AppState, auth: &Auth, input: Value) -> Result<Job, ApiError> {
+/// Create the `tts.render` job; with an idempotency key (`Idempotency-Key` on `POST /v1/tts`)
+/// a replay returns the job the first request created.
+async fn submit(
+    state: &AppState,
+    auth: &Auth,
+    input: Value,
+    key: Option<String>,
+) -> Result<Job, ApiError> {
     let submission = SubmitJob {
         kind: "tts.render".into(),
         input: Some(input),
@@ -161,8 +168,14 @@ async fn submit(state: &AppState, auth: &Auth, input: Value) -> Result<Job, ApiE
         callback_events: None,
         tags: None,
     };
-    let hash = Uuid::now_v7().to_string();
-    let (job, _) = create(state, auth, submission, None, &hash, "Tts")
+    // The request hash guards key reuse with another body: the input is that body.
+    let hash = {
+        use sha2::Digest;
+        let canonical = serde_json::to_vec(submission.input.as_ref().unwrap_or(&Value::Null))
+            .unwrap_or_default();
+        hex::encode(sha2::Sha256::digest(canonical))
+    };
+    let (job, _) = create(state, auth, submission, key, &hash, "Tts")
         .await
         .map_err(unnest)?;
     Ok(job)
@@ -188,7 +201,8 @@ pub struct TtsResponse {
 const DEFAULT_WAIT: Duration = Duration::from_secs(30);
 
 #[utoipa::path(post, path = "/v1/tts", tag = "tts", request_body = TtsRequest,
-    params(("Prefer" = Option<String>, Header, description = "wait=N (≤ 60 s; default 30)")),
+    params(("Prefer" = Option<String>, Header, description = "wait=N (≤ 60 s; default 30)"),
+           ("Idempotency-Key" = Option<String>, Header, description = "replays return the same job")),
     responses((status = 200, description = "rendered; audio at audio_url", body = TtsResponse),
               (status = 202, description = "still rendering; poll location", body = TtsResponse),
               (status = 422, description = "bad text, voice or parameter (the field is named)", body = crate::error::Problem)),
@@ -208,7 +222,8 @@ pub async fn render(
             "streaming is for GET /v1/tts/stream (WebSocket) or the job's SSE events",
         ));
     }
-    let job = submit(&state, &auth, req.to_input(&state)?).await?;
+    let key = idempotency_key(&headers)?;
+    let job = submit(&state, &auth, req.to_input(&state)?, key).await?;
     let job = crate::wait::until_terminal(&state, auth.namespace(), job.id, wait)
         .await?
         .unwrap_or(job);
@@ -315,7 +330,9 @@ async fn speak(
 ) -> Result<(), Value> {
     let streaming = req.streaming.unwrap_or(true);
     let input = req.to_input(state).map_err(error_frame)?;
-    let job = submit(state, auth, input).await.map_err(error_frame)?;
+    let job = submit(state, auth, input, None)
+        .await
+        .map_err(error_frame)?;
     let send = |v: Value| Message::Text(v.to_string().into());
     let mut after = 0i64;
     let notify = state.watch.watch(job.id);
