@@ -50,6 +50,12 @@ pub fn register(registry: &mut Registry, config: &Config) {
     engine.voices_dir = config.tts.voices_dir.clone();
     engine.ort_library = config.tts.ort_library.clone();
     engine.intra_threads = config.tts.threads;
+    if capibara_tts::voices::scan(&engine.voices_dir).is_empty() {
+        tracing::warn!(
+            dir = %engine.voices_dir.display(),
+            "no Piper voice found (run deploy/fetch-assets.sh); tts.render falls back to espeak-ng's voice"
+        );
+    }
     let artifacts = ArtifactStore::open(&config.artifacts).map_err(|e| e.to_string());
     if let Err(e) = &artifacts {
         tracing::error!(error = %e, "artifact store unavailable; tts.render jobs will fail");
