@@ -5,10 +5,10 @@
 use std::time::Instant;
 
 use anyhow::{bail, Result};
-use clap::{Args, Parser};
+use clap::Args;
 use serde_json::{json, Value};
 
-use crate::bench::{default_dir, percentile, profile, BenchArgs, Env, Facts};
+use crate::bench::{default_dir, percentile, profile, Env, Facts};
 
 #[derive(Args)]
 pub struct WorkflowBenchArgs {
@@ -21,12 +21,9 @@ pub struct WorkflowBenchArgs {
     /// Runs of each shape (after one warm-up run).
     #[arg(long, default_value_t = 10)]
     runs: usize,
-}
-
-#[derive(Parser)]
-struct Defaults {
-    #[command(flatten)]
-    bench: BenchArgs,
+    /// Run Postgres with fsync/synchronous_commit off (not durable), to see the commit cost.
+    #[arg(long)]
+    unsafe_pg: bool,
 }
 
 async fn create(env: &Env, def: Value) -> Result<String> {
@@ -85,14 +82,18 @@ pub async fn run(a: WorkflowBenchArgs) -> Result<()> {
     );
     println!("machine: {}", facts.machine());
     println!(
-        "build: {}; chain of {} echo steps; fan-out of {}; {} runs each; 1 worker",
+        "build: {}; chain of {} echo steps; fan-out of {}; {} runs each; 1 worker; postgres {}",
         profile(),
         a.chain,
         a.fan,
-        a.runs
+        a.runs,
+        if a.unsafe_pg {
+            "fsync off (not durable)"
+        } else {
+            "durable commits"
+        }
     );
-    let defaults = Defaults::parse_from(["bench"]).bench;
-    let mut env = Env::start(&defaults, &dir, &bin_dir).await?;
+    let mut env = Env::start_with(a.unsafe_pg, 64, Vec::new(), &dir, &bin_dir).await?;
     env.spawn_worker("worker-1").await?;
 
     let chain: Vec<Value> = (0..a.chain)

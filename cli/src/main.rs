@@ -7,6 +7,7 @@ mod bench_deliveries;
 mod bench_fanout;
 mod bench_schedules;
 mod bench_tts;
+mod bench_workflows;
 mod client;
 mod dev;
 mod manage;
@@ -72,6 +73,10 @@ enum Command {
     /// restart, and the HTTP round trip with `Prefer: wait`.
     #[command(name = "bench-code")]
     BenchCode(bench_code::CodeBenchArgs),
+    /// Measure workflow orchestration: per-step overhead on a chain of echo steps, and the wall
+    /// time of a wide fan-out/fan-in.
+    #[command(name = "bench-workflows")]
+    BenchWorkflows(bench_workflows::WorkflowBenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -110,8 +115,8 @@ async fn main() -> anyhow::Result<()> {
                 AdminCommand::RebuildProjections => {
                     let r = store::rebuild::rebuild_all(&pool).await?;
                     println!(
-                        "rebuilt {} jobs, {} deliveries, {} schedules, {} triggers from {} events",
-                        r.jobs, r.deliveries, r.schedules, r.triggers, r.events
+                        "rebuilt {} jobs, {} deliveries, {} schedules, {} triggers, {} workflows, {} runs from {} events",
+                        r.jobs, r.deliveries, r.schedules, r.triggers, r.workflows, r.runs, r.events
                     );
                 }
                 AdminCommand::CreateKey {
@@ -149,5 +154,6 @@ async fn main() -> anyhow::Result<()> {
         Command::BenchDeliveries(a) => bench_deliveries::run(a).await,
         Command::BenchTts(a) => bench_tts::run(a).await,
         Command::BenchCode(a) => bench_code::run(a).await,
+        Command::BenchWorkflows(a) => bench_workflows::run(a).await,
     }
 }
