@@ -86,7 +86,6 @@ async fn lead(
     let mut last_check = Instant::now();
     let mut last_save = Instant::now();
     let mut failures: u32 = 0;
-    let mut cache = RunCache::default();
     loop {
         if stop.is_cancelled() {
             return Ok(());
@@ -112,7 +111,7 @@ async fn lead(
             }
             continue;
         }
-        match process(store, queue, &mut cache, &events, next).await {
+        match process(store, queue, &events, next).await {
             Ok(committed) => {
                 failures = 0;
                 cursor = next;
@@ -122,9 +121,8 @@ async fn lead(
                 }
             }
             Err(e) => {
-                // A conflict (the API changed a run meanwhile) or an outage: plan the page again
-                // from fresh state, backing off when it keeps failing.
-                cache.runs.clear();
+                // A conflict (the API changed a run meanwhile) or an outage: plan the page again,
+                // backing off when it keeps failing.
                 failures += 1;
                 if failures > 5 {
                     tracing::warn!(error = %e, failures, "advancing runs keeps failing; retrying");
@@ -141,18 +139,6 @@ async fn lead(
         }
     }
 }
-
-/// Run states as this leader last committed them, saving the read of the `runs` row. A run event
-/// in the log newer than the cached state (another writer: the API signalling, canceling or
-/// retrying) drops the entry before the page is planned; and a commit from stale state would
-/// conflict on the stream version anyway, which clears the cache.
-#[derive(Default)]
-struct RunCache {
-    runs: HashMap<Uuid, domain::run::Run>,
-}
-
-/// Most runs kept in the cache.
-const CACHE_RUNS: usize = 10_000;
 
 /// A fact from the log about one run.
 enum Fact {
@@ -171,7 +157,6 @@ fn correlation(e: &EventEnvelope) -> Option<Uuid> {
 async fn process(
     store: &Store,
     queue: &Queue,
-    cache: &mut RunCache,
     events: &[EventEnvelope],
     next: LogCursor,
 ) -> Result<bool, store::StoreError> {
@@ -179,17 +164,6 @@ async fn process(
     let mut facts: HashMap<Uuid, Vec<Fact>> = HashMap::new();
     let mut children: Vec<Uuid> = Vec::new();
     for e in events {
-        // A run event newer than the cached state was written by someone else (the API): the
-        // cached state is stale. (It was committed before any later fact about the run, so it is
-        // in this page or an earlier one.)
-        if e.stream_type == "run"
-            && cache
-                .runs
-                .get(&e.stream_id)
-                .is_some_and(|c| e.version > c.stream_version)
-        {
-            cache.runs.remove(&e.stream_id);
-        }
         let fact = match (e.stream_type.as_str(), e.event_type.as_str()) {
             ("job", "JobStarted" | "JobSucceeded" | "JobFailed" | "JobCanceled") => {
                 match JobEvent::from_parts(&e.event_type, e.data.clone()) {
@@ -214,30 +188,17 @@ async fn process(
     if order.is_empty() {
         return Ok(false);
     }
-    let mut ids: Vec<Uuid> = order
-        .iter()
-        .filter(|id| !cache.runs.contains_key(*id))
-        .copied()
-        .collect();
+    let mut ids = order.clone();
     ids.extend(children);
-    let loaded: HashMap<Uuid, domain::run::Run> = if ids.is_empty() {
-        HashMap::new()
-    } else {
-        store::runs::get_many(&store.pool, &ids)
-            .await?
-            .into_iter()
-            .map(|r| (r.id, r))
-            .collect()
-    };
+    let loaded: HashMap<Uuid, domain::run::Run> = store::runs::get_many(&store.pool, &ids)
+        .await?
+        .into_iter()
+        .map(|r| (r.id, r))
+        .collect();
     let at = domain::now();
     let mut changes = Vec::new();
     for run_id in order {
-        let Some(mut run) = cache
-            .runs
-            .get(&run_id)
-            .or_else(|| loaded.get(&run_id))
-            .cloned()
-        else {
+        let Some(mut run) = loaded.get(&run_id).cloned() else {
             continue;
         };
         if run.status.is_terminal() {
@@ -284,16 +245,6 @@ async fn process(
         Ok(_) => {}
         Err(AppendError::Conflict { .. }) => return Err(store::StoreError::Conflict),
         Err(e) => return Err(store::StoreError::from(e)),
-    }
-    if cache.runs.len() > CACHE_RUNS {
-        cache.runs.clear();
-    }
-    for run in built.runs {
-        if run.status.is_terminal() {
-            cache.runs.remove(&run.id);
-        } else {
-            cache.runs.insert(run.id, run);
-        }
     }
     metrics::counter!("capibara_runs_advanced_total").increment(1);
     for job_id in built.cancel_running {

@@ -181,8 +181,6 @@ pub struct RunChange {
 pub struct Built {
     pub appends: Vec<Append>,
     pub cancel_running: Vec<Uuid>,
-    /// Each changed run's state after the plan (what the appends will make its row).
-    pub runs: Vec<Run>,
 }
 
 fn run_metadata(run: &Run, actor: &str) -> EventMetadata {
@@ -332,7 +330,6 @@ pub async fn build(
         }
         let meta = run_metadata(&c.run, actor);
         let run = c.run;
-        built.runs.push(run.clone());
         built.appends.push(Append::for_stream(
             StreamType::Run,
             run.id,
