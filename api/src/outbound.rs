@@ -14,3 +14,16 @@ pub async fn check_url(field: &str, url: &str, config: &Config) -> Result<String
         .map_err(|e| ApiError::field(field, e.to_string()))?;
     Ok(parsed.to_string())
 }
+
+/// A `callback_url` of a request, checked: it needs the signing secret, and must pass
+/// [`check_url`]. Errors name `callback_url`.
+pub async fn callback_url(url: Option<&str>, config: &Config) -> Result<Option<String>, ApiError> {
+    match url {
+        None => Ok(None),
+        Some(_) if config.webhook_secret.is_none() => Err(ApiError::field(
+            "callback_url",
+            "callbacks are signed with CAPIBARA_WEBHOOK_SECRET, which this server does not have",
+        )),
+        Some(url) => Ok(Some(check_url("callback_url", url, config).await?)),
+    }
+}

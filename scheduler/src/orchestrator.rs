@@ -164,6 +164,11 @@ async fn process(
     let mut facts: HashMap<Uuid, Vec<Fact>> = HashMap::new();
     let mut children: Vec<Uuid> = Vec::new();
     for e in events {
+        // Only step jobs and child runs name a run; skip everything else before decoding it
+        // (this loop sees every job event of the platform).
+        let Some(run_id) = correlation(e) else {
+            continue;
+        };
         let fact = match (e.stream_type.as_str(), e.event_type.as_str()) {
             ("job", "JobStarted" | "JobSucceeded" | "JobFailed" | "JobCanceled") => {
                 match JobEvent::from_parts(&e.event_type, e.data.clone()) {
@@ -176,9 +181,6 @@ async fn process(
                 Fact::ChildEnded(e.stream_id)
             }
             _ => continue,
-        };
-        let Some(run_id) = correlation(e) else {
-            continue;
         };
         if !facts.contains_key(&run_id) {
             order.push(run_id);

@@ -154,51 +154,6 @@ pub fn tick_job(
     .map(|(_, a)| a)
 }
 
-/// The run a tick of a schedule with a workflow target starts (None: not a workflow target):
-/// its id and appends, or why it cannot start.
-pub async fn tick_run(
-    store: &Store,
-    s: &Schedule,
-    fire_time: DateTime<Utc>,
-) -> Option<Result<(Uuid, Vec<Append>), String>> {
-    let target: ScheduleTarget = serde_json::from_value(s.target.clone()).ok()?;
-    let ScheduleTarget::Workflow { workflow_id, input } = target else {
-        return None;
-    };
-    let mut input = if input.is_null() {
-        serde_json::json!({})
-    } else {
-        input
-    };
-    if let Some(obj) = input.as_object_mut() {
-        obj.entry("schedule")
-            .or_insert_with(|| serde_json::json!({"id": s.id, "fire_time": fire_time}));
-    }
-    let run_id = Uuid::now_v7();
-    let prepared = store::runs::prepare_run(
-        store,
-        store::runs::StartRun {
-            namespace: s.namespace.clone(),
-            workflow_id,
-            input,
-            callback_url: None,
-            actor: "scheduler".into(),
-            command: None,
-            with: Vec::new(),
-            run_id,
-        },
-    )
-    .await;
-    Some(match prepared {
-        Ok((_, appends)) => Ok((run_id, appends)),
-        Err(store::runs::StartError::WorkflowNotFound) => Err("target_unavailable".into()),
-        Err(store::runs::StartError::Input(e)) => {
-            Err(format!("invalid_input: {}: {}", e.field, e.message))
-        }
-        Err(e) => Err(format!("target_unavailable: {e}")),
-    })
-}
-
 /// Turn planned actions into one atomic write: the schedule's events and the jobs they submit.
 pub async fn apply(
     store: &Store,
@@ -212,8 +167,18 @@ pub async fn apply(
         match a {
             TickAction::Fire { fire_time, trigger } => {
                 let job_id = Uuid::now_v7();
-                if let Some(run) = tick_run(store, s, *fire_time).await {
-                    match run {
+                if let Some(run) =
+                    store::runs::prepare_tick_run(store, s, *fire_time, "scheduler").await
+                {
+                    match run.map_err(|e| match e {
+                        store::runs::StartError::WorkflowNotFound => {
+                            "target_unavailable".to_string()
+                        }
+                        store::runs::StartError::Input(e) => {
+                            format!("invalid_input: {}: {}", e.field, e.message)
+                        }
+                        e => format!("target_unavailable: {e}"),
+                    }) {
                         Ok((run_id, appends)) => {
                             jobs.extend(appends);
                             events.push(ScheduleEvent::TickFired {

@@ -146,14 +146,7 @@ pub async fn to_submission(s: SubmitJob, config: &Config) -> Result<Submission, 
     if let Some(b) = &s.backoff {
         b.validate()?;
     }
-    let callback_url = match &s.callback_url {
-        Some(_) if config.webhook_secret.is_none() => return Err(ApiError::field(
-            "callback_url",
-            "callbacks are signed with CAPIBARA_WEBHOOK_SECRET, which this server does not have",
-        )),
-        Some(url) => Some(crate::outbound::check_url("callback_url", url, config).await?),
-        None => None,
-    };
+    let callback_url = crate::outbound::callback_url(s.callback_url.as_deref(), config).await?;
     if let Some(events) = &s.callback_events {
         if callback_url.is_none() {
             return Err(ApiError::field("callback_events", "needs a callback_url"));

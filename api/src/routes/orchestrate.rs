@@ -217,12 +217,9 @@ async fn run_workflow(
         Some(run) => (run, true),
         None => {
             let run_id = uuid::Uuid::now_v7();
-            let callback_url = match &req.callback_url {
-                Some(url) => {
-                    Some(crate::outbound::check_url("callback_url", url, &state.config).await?)
-                }
-                None => None,
-            };
+            // The same checks as a job's callback (the signing secret must exist).
+            let callback_url =
+                crate::outbound::callback_url(req.callback_url.as_deref(), &state.config).await?;
             let command = CommandRecord {
                 id: uuid::Uuid::now_v7(),
                 namespace: auth.namespace().to_string(),

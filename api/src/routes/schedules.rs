@@ -415,33 +415,13 @@ async fn fire(
     trigger: &str,
     auth: &Auth,
 ) -> Result<(ScheduleEvent, Vec<store::Append>), ApiError> {
-    let target: ScheduleTarget =
-        serde_json::from_value(s.target.clone()).map_err(|e| ApiError::Internal(e.to_string()))?;
-    if let ScheduleTarget::Workflow { workflow_id, input } = target {
-        let mut input = input;
-        if let Some(obj) = input.as_object_mut() {
-            obj.entry("schedule")
-                .or_insert_with(|| serde_json::json!({"id": s.id, "fire_time": fire_time}));
-        }
-        let run_id = Uuid::now_v7();
-        let (_, appends) = store::runs::prepare_run(
-            &state.store,
-            store::runs::StartRun {
-                namespace: s.namespace.clone(),
-                workflow_id,
-                input,
-                callback_url: None,
-                actor: auth.actor(),
-                command: None,
-                with: Vec::new(),
-                run_id,
-            },
-        )
-        .await
-        .map_err(|e| match e {
-            store::runs::StartError::WorkflowNotFound => ApiError::Conflict(format!(
-                "the target workflow `{workflow_id}` no longer exists"
-            )),
+    if let Some(prepared) =
+        store::runs::prepare_tick_run(&state.store, s, fire_time, &auth.actor()).await
+    {
+        let (run_id, appends) = prepared.map_err(|e| match e {
+            store::runs::StartError::WorkflowNotFound => {
+                ApiError::Conflict("the target workflow no longer exists".into())
+            }
             store::runs::StartError::Input(e) => e.under("target").into(),
             other => ApiError::Internal(other.to_string()),
         })?;

@@ -268,14 +268,8 @@ pub async fn start_run(
         }
     }
     let b = body.value;
-    let callback_url = match &b.callback_url {
-        Some(_) if state.config.webhook_secret.is_none() => return Err(ApiError::field(
-            "callback_url",
-            "callbacks are signed with CAPIBARA_WEBHOOK_SECRET, which this server does not have",
-        )),
-        Some(url) => Some(crate::outbound::check_url("callback_url", url, &state.config).await?),
-        None => None,
-    };
+    let callback_url =
+        crate::outbound::callback_url(b.callback_url.as_deref(), &state.config).await?;
     let input = b.input.unwrap_or_else(|| Value::Object(Default::default()));
     let size = serde_json::to_vec(&input).map(|v| v.len()).unwrap_or(0);
     if size > state.config.input_limit_bytes {

@@ -484,3 +484,43 @@ pub async fn prepare_run(
     built.appends.extend(s.with);
     Ok((started, built.appends))
 }
+
+/// The run a tick of a schedule with a workflow target starts (None: a job target): its id and
+/// appends. Its input is the target's input plus `schedule: {id, fire_time}`.
+pub async fn prepare_tick_run(
+    store: &super::Store,
+    s: &crate::domain::schedule::Schedule,
+    fire_time: DateTime<Utc>,
+    actor: &str,
+) -> Option<Result<(Uuid, Vec<Append>), StartError>> {
+    let target: crate::domain::schedule::ScheduleTarget =
+        serde_json::from_value(s.target.clone()).ok()?;
+    let crate::domain::schedule::ScheduleTarget::Workflow { workflow_id, input } = target else {
+        return None;
+    };
+    let mut input = if input.is_null() {
+        serde_json::json!({})
+    } else {
+        input
+    };
+    if let Some(obj) = input.as_object_mut() {
+        obj.entry("schedule")
+            .or_insert_with(|| serde_json::json!({"id": s.id, "fire_time": fire_time}));
+    }
+    let run_id = Uuid::now_v7();
+    let prepared = prepare_run(
+        store,
+        StartRun {
+            namespace: s.namespace.clone(),
+            workflow_id,
+            input,
+            callback_url: None,
+            actor: actor.to_string(),
+            command: None,
+            with: Vec::new(),
+            run_id,
+        },
+    )
+    .await;
+    Some(prepared.map(|(_, appends)| (run_id, appends)))
+}
