@@ -23,7 +23,6 @@ use capibara_shared::{
 };
 use serde::Deserialize;
 use serde_json::Value;
-use tokio::time::Instant;
 use uuid::Uuid;
 
 use super::jobs::{decode_cursor, encode_cursor, Page};
@@ -119,24 +118,14 @@ pub async fn until_ended(
     id: Uuid,
     timeout: Duration,
 ) -> Result<Option<Run>, ApiError> {
-    let deadline = Instant::now() + timeout;
-    let notify = state.watch.watch(id);
-    loop {
-        let notified = notify.notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
-        let Some(run) = store::runs::get(&state.store.pool, namespace, id).await? else {
-            return Ok(None);
-        };
-        let now = Instant::now();
-        if run.status.is_terminal() || now >= deadline {
-            return Ok(Some(run));
-        }
-        tokio::select! {
-            _ = &mut notified => {}
-            _ = tokio::time::sleep((deadline - now).min(Duration::from_millis(500))) => {}
-        }
-    }
+    crate::wait::until(
+        state,
+        id,
+        timeout,
+        || store::runs::get(&state.store.pool, namespace, id),
+        |r: &Run| r.status.is_terminal(),
+    )
+    .await
 }
 
 #[utoipa::path(get, path = "/v1/runs", tag = "workflows",
