@@ -62,6 +62,48 @@ async fn a_wait_that_runs_out_answers_202_and_the_job_keeps_running() {
     assert_eq!(done["output"], json!({"slept_ms": 2500}));
 }
 
+/// A progress report in flight when the worker records `JobStarted` on its own (25 ms into the
+/// attempt) shares the attempt's state with it; the worker must keep driving the executor while
+/// it claims, or both wait on each other forever (found with `tts.render`'s first chunk).
+#[tokio::test]
+async fn progress_reported_while_the_attempt_is_claimed_does_not_stall_the_job() {
+    let env = TestEnv::new().await;
+    let _procs = env.spawn_all().await;
+    let api = env.client();
+
+    let jobs: Vec<_> = {
+        let mut ids = Vec::new();
+        for _ in 0..20 {
+            let r = api
+                .post(
+                    "/v1/jobs",
+                    json!({"kind": "sleep", "input": {"ms": 120, "progress_ms": 1}}),
+                )
+                .await;
+            assert_eq!(r.status, 202, "{r:?}");
+            ids.push(r.body["id"].as_str().unwrap().to_string());
+        }
+        ids
+    };
+
+    for id in &jobs {
+        let job = eventually("the job to end", Duration::from_secs(30), || async {
+            let r = api.get(&format!("/v1/jobs/{id}")).await;
+            let done = ["succeeded", "failed", "canceled"]
+                .contains(&r.body["status"].as_str().unwrap_or_default());
+            done.then_some(r.body)
+        })
+        .await;
+        assert_eq!(job["status"], "succeeded", "{job}");
+        let events = types(&api.events(id).await);
+        assert!(
+            events.iter().filter(|t| *t == "JobProgress").count() >= 2,
+            "{events:?}"
+        );
+        assert_eq!(events.iter().filter(|t| *t == "JobStarted").count(), 1);
+    }
+}
+
 #[tokio::test]
 async fn without_prefer_submission_answers_202_with_location() {
     let env = TestEnv::new().await;

@@ -353,6 +353,7 @@ async fn run_job(inner: &Arc<Inner>, job: Job) {
             return;
         }
     }
+    tracing::debug!(job_id = %id, %kind, attempt, "executing");
     let timer = std::time::Instant::now();
     let exec = match secret_error {
         None => executor.execute(ctx),
@@ -380,29 +381,47 @@ async fn run_job(inner: &Arc<Inner>, job: Job) {
         _ = user_cancel.cancelled() => Some(Outcome::Canceled),
         _ = inner.hard_stop.cancelled() => Some(Outcome::Released),
     };
+    // Phase 2: record the start (fenced), then keep running under the lease. The executor keeps
+    // being polled while the claim waits: a progress report of its own may hold the attempt's
+    // state (claiming through it), and waiting for that lock without driving the executor
+    // would leave both waiting forever.
+    let claim_start = async {
+        let mut st = state.lock().await;
+        claim(inner, &mut st).await
+    };
+    tokio::pin!(claim_start);
+    let phase_two = early.is_none();
+    // The phase-2 claim's result, once it has one.
+    let mut claimed: Option<bool> = None;
     let outcome = match early {
-        Some(o) => o,
-        None => {
-            // Phase 2: record the start (fenced), then keep running under the lease.
-            let claimed = {
-                let mut st = state.lock().await;
-                claim(inner, &mut st).await
-            };
-            if !claimed {
-                inner.running.lock().expect("running lock").remove(&id);
-                return;
-            }
+        Some(o) => Some(o),
+        None => loop {
             tokio::select! {
-                r = &mut run => to_outcome(r),
-                _ = user_cancel.cancelled() => Outcome::Canceled,
-                _ = inner.hard_stop.cancelled() => Outcome::Released,
+                ok = &mut claim_start, if claimed.is_none() => {
+                    claimed = Some(ok);
+                    if !ok {
+                        break None; // fenced off: the attempt is not ours
+                    }
+                }
+                r = &mut run => break Some(to_outcome(r)),
+                _ = user_cancel.cancelled() => break Some(Outcome::Canceled),
+                _ = inner.hard_stop.cancelled() => break Some(Outcome::Released),
             }
-        }
+        },
     };
     // Dropping the future stops async executors (and releases whatever it held); blocking ones
     // watch this token.
     drop(run);
     exec_cancel.cancel();
+    // A claim still in flight finishes before anything is reported (dropping it could leave its
+    // append committed unseen); the executor is gone, so the state lock is free.
+    if phase_two && claimed.is_none() {
+        claimed = Some(claim_start.await);
+    }
+    let Some(outcome) = outcome.filter(|_| claimed != Some(false)) else {
+        inner.running.lock().expect("running lock").remove(&id);
+        return;
+    };
     let elapsed = timer.elapsed().as_secs_f64();
     let label = match &outcome {
         Outcome::Done(Ok(_)) => "succeeded",
@@ -413,6 +432,7 @@ async fn run_job(inner: &Arc<Inner>, job: Job) {
     };
     metrics::counter!("capibara_jobs_total", "kind" => kind.clone(), "outcome" => label)
         .increment(1);
+    tracing::debug!(job_id = %id, outcome = label, elapsed, "executed; reporting");
     metrics::histogram!("capibara_job_run_seconds", "kind" => kind).record(elapsed);
     report(inner, &state, outcome).await;
     inner.running.lock().expect("running lock").remove(&id);

@@ -38,7 +38,8 @@ pub const KINDS: &[KindSpec] = &[
     KindSpec {
         name: "sleep",
         default_queue: "default",
-        description: "Sleeps for `ms` milliseconds (cancelable), then returns {slept_ms}.",
+        description: "Sleeps for `ms` milliseconds (cancelable), reporting progress every \
+                      `progress_ms` (default: every second from 2 s on), then returns {slept_ms}.",
         internal: false,
         validate: validate_sleep,
     },
@@ -131,7 +132,18 @@ pub const MAX_SLEEP_MS: u64 = 86_400_000;
 
 fn validate_sleep(input: &Value) -> Result<(), FieldError> {
     let obj = object(input)?;
-    reject_unknown(obj, &["ms"])?;
+    reject_unknown(obj, &["ms", "progress_ms"])?;
+    if let Some(v) = obj.get("progress_ms") {
+        match v.as_u64() {
+            Some(1..=MAX_SLEEP_MS) => {}
+            _ => {
+                return Err(FieldError::new(
+                    "progress_ms",
+                    format!("must be an integer from 1 to {MAX_SLEEP_MS}"),
+                ))
+            }
+        }
+    }
     match obj.get("ms") {
         None => Err(FieldError::new("ms", "is required")),
         Some(v) => match v.as_u64() {
@@ -390,6 +402,17 @@ mod tests {
             "input.x"
         );
         assert_eq!(k.validate_input(&json!([1])).unwrap_err().field, "input");
+        assert!(k
+            .validate_input(&json!({"ms": 10, "progress_ms": 1}))
+            .is_ok());
+        for bad in [json!(0), json!(-1), json!("1"), json!(1.5)] {
+            assert_eq!(
+                k.validate_input(&json!({"ms": 10, "progress_ms": bad}))
+                    .unwrap_err()
+                    .field,
+                "input.progress_ms"
+            );
+        }
     }
 
     #[test]

@@ -21,7 +21,8 @@ impl Executor for Echo {
     }
 }
 
-/// Sleeps `ms`, reporting progress every second; stops at once when canceled.
+/// Sleeps `ms`, reporting progress every `progress_ms` (default: every second when `ms` is 2 s
+/// or more, else never); stops at once when canceled.
 pub struct Sleep;
 
 #[async_trait]
@@ -29,6 +30,10 @@ impl Executor for Sleep {
     async fn execute(&self, ctx: JobContext) -> Result<Output, ExecError> {
         let ms = ctx.input.get("ms").and_then(|v| v.as_u64()).unwrap_or(0);
         let total = Duration::from_millis(ms);
+        let every = match ctx.input.get("progress_ms").and_then(|v| v.as_u64()) {
+            Some(p) => Some(Duration::from_millis(p.max(1))),
+            None => (total >= Duration::from_secs(2)).then_some(Duration::from_secs(1)),
+        };
         let started = tokio::time::Instant::now();
         loop {
             let left = total.saturating_sub(started.elapsed());
@@ -36,12 +41,12 @@ impl Executor for Sleep {
                 break;
             }
             tokio::select! {
-                _ = tokio::time::sleep(left.min(Duration::from_secs(1))) => {}
+                _ = tokio::time::sleep(every.map_or(left, |e| left.min(e))) => {}
                 _ = ctx.cancel.cancelled() => {
                     return Err(ExecError::Abort(JobError::new("canceled", "sleep interrupted")));
                 }
             }
-            if total >= Duration::from_secs(2) && !started.elapsed().ge(&total) {
+            if every.is_some() && started.elapsed() < total {
                 let pct =
                     (started.elapsed().as_secs_f64() / total.as_secs_f64() * 100.0).min(100.0);
                 ctx.progress
