@@ -4,7 +4,9 @@
 //! threads, the default voice, the voice's own noise settings):
 //! 1. model load time (once per worker);
 //! 2. real-time factor (render time / audio duration) over `--runs` renders of a ~3.4 s text;
-//! 3. time to the first chunk of a three-sentence paragraph (what a streaming client waits);
+//! 3. time to the first chunk of a three-sentence paragraph (what a streaming client waits),
+//!    and of one whose first sentence has a clause break (where capibara-tts cuts the first
+//!    chunk; piper-tts renders whole sentences);
 //!
 //! and, in the same run on the same voice, text and thread count, the `piper-tts` Python
 //! package (installed into a venv under target/ on first use: `--python-venv`). Pin the whole
@@ -30,6 +32,10 @@ const TEXT: &str = "Hello world. This is a test of the Capibara speech worker.";
 /// A three-sentence paragraph for time to first chunk.
 const PARAGRAPH: &str = "The quick brown fox jumps over the lazy dog. Streaming lets a listener \
     hear this first sentence while the rest is still being rendered. That is the whole point.";
+/// A paragraph whose first sentence has a clause break (three words or more on each side).
+const PARAGRAPH_CLAUSE: &str = "Good evening and welcome, this is the evening news from the \
+    Capibara newsroom. Streaming speech starts playing long before the whole text is rendered. \
+    Stay with us.";
 
 /// `capibara bench-tts` options.
 #[derive(Args, Debug, Clone)]
@@ -154,6 +160,10 @@ fn run_blocking(a: TtsBenchArgs) -> Result<()> {
             rust.first_ms.push(first);
             rust.paragraph_ms.push(secs * 1000.0);
         }
+        for _ in 0..per_round {
+            let (_, first, _) = render(&engine, &opts, PARAGRAPH_CLAUSE)?;
+            rust.first_clause_ms.push(first);
+        }
         if let Some(python) = &python {
             let out = Command::new(python)
                 .arg(&script)
@@ -162,6 +172,7 @@ fn run_blocking(a: TtsBenchArgs) -> Result<()> {
                 .arg(PARAGRAPH)
                 .arg(per_round.to_string())
                 .arg(config.intra_threads.to_string())
+                .arg(PARAGRAPH_CLAUSE)
                 .output()
                 .context("running the piper-tts benchmark")?;
             if !out.status.success() {
@@ -180,6 +191,7 @@ fn run_blocking(a: TtsBenchArgs) -> Result<()> {
             py.render_s.extend(list("render_s"));
             py.first_ms.extend(list("first_ms"));
             py.paragraph_ms.extend(list("paragraph_ms"));
+            py.first_clause_ms.extend(list("first_clause_ms"));
             py.load_s.push(r["load_s"].as_f64().unwrap_or(f64::NAN));
             py.audio_s = r["audio_s"].as_f64().unwrap_or(f64::NAN);
             py_meta = r;
@@ -187,7 +199,7 @@ fn run_blocking(a: TtsBenchArgs) -> Result<()> {
     }
 
     println!("\ncapibara-tts (Rust, ort 2.0.0-rc.15, libonnxruntime 1.31.1):");
-    let (r50, f50) = rust.print();
+    let (r50, f50, c50) = rust.print();
     if python.is_some() {
         println!(
             "\npiper-tts {} (Python, onnxruntime {}), same voice, text and threads:",
@@ -195,11 +207,12 @@ fn run_blocking(a: TtsBenchArgs) -> Result<()> {
             py_meta["ort_version"].as_str().unwrap_or("?")
         );
         println!("  model load: {:.2} s (median)", stats(py.load_s.clone()).0);
-        let (p50, pf50) = py.print();
+        let (p50, pf50, pc50) = py.print();
         println!(
-            "\ncapibara-tts / piper-tts: render time {:.2}x, first chunk {:.2}x (below 1 = capibara faster)",
+            "\ncapibara-tts / piper-tts: render time {:.2}x, first chunk {:.2}x, first chunk with a clause break {:.2}x (below 1 = capibara faster)",
             r50 / p50,
-            f50 / pf50
+            f50 / pf50,
+            c50 / pc50
         );
     }
     Ok(())
@@ -212,12 +225,14 @@ struct Samples {
     audio_s: f64,
     first_ms: Vec<f64>,
     paragraph_ms: Vec<f64>,
+    first_clause_ms: Vec<f64>,
     load_s: Vec<f64>,
 }
 
 impl Samples {
-    /// Print the figures; returns the median render time (s) and first chunk (ms).
-    fn print(&self) -> (f64, f64) {
+    /// Print the figures; returns the median render time (s), first chunk and first chunk of the
+    /// paragraph with a clause break (ms).
+    fn print(&self) -> (f64, f64, f64) {
         let (t50, tmin, t90) = stats(self.render_s.clone());
         let audio = self.audio_s;
         println!(
@@ -234,7 +249,11 @@ impl Samples {
         println!(
             "  3-sentence paragraph: first chunk median {f50:.0} ms (best {fmin:.0}, p90 {f90:.0}); whole paragraph median {p50:.0} ms"
         );
-        (t50, f50)
+        let (c50, cmin, c90) = stats(self.first_clause_ms.clone());
+        println!(
+            "  paragraph with a clause break in its first sentence: first chunk median {c50:.0} ms (best {cmin:.0}, p90 {c90:.0})"
+        );
+        (t50, f50, c50)
     }
 }
 
@@ -299,6 +318,7 @@ from piper import PiperVoice
 from importlib.metadata import version
 
 model, text, paragraph, runs, threads = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+paragraph_clause = sys.argv[6]
 t = time.perf_counter()
 voice = PiperVoice.load(model)
 opts = onnxruntime.SessionOptions()
@@ -329,6 +349,10 @@ for _ in range(runs):
     secs, first, _ = render(paragraph)
     firsts.append(first)
     paras.append(secs * 1000.0)
+clause_firsts = []
+for _ in range(runs):
+    _, first, _ = render(paragraph_clause)
+    clause_firsts.append(first)
 print(json.dumps({
     "piper_version": version("piper-tts"),
     "ort_version": onnxruntime.__version__,
@@ -337,5 +361,6 @@ print(json.dumps({
     "render_s": times,
     "first_ms": firsts,
     "paragraph_ms": paras,
+    "first_clause_ms": clause_firsts,
 }))
 "#;
