@@ -37,6 +37,8 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::leader::Leadership;
+
 /// Name of the deliverer's checkpoint.
 pub const CHECKPOINT: &str = "deliverer";
 const LEADER_LOCK: i64 = 0x6361_7069_6465_6c76; // "capidelv"
@@ -64,19 +66,7 @@ impl DelivererOptions {
 pub async fn run(store: Store, queue: Queue, opts: DelivererOptions, stop: CancellationToken) {
     let wake = std::sync::Arc::new(Notify::new());
     tokio::spawn(listen_hints(queue.clone(), wake.clone(), stop.clone()));
-    loop {
-        if stop.is_cancelled() {
-            return;
-        }
-        match lead(&store, &opts, &wake, &stop).await {
-            Ok(()) => return,
-            Err(e) => tracing::debug!(error = %e, "deliverer not leading; retrying"),
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
-            _ = stop.cancelled() => return,
-        }
-    }
+    crate::leader::run("deliverer", &stop, || lead(&store, &opts, &wake, &stop)).await;
 }
 
 /// Wake the follower on every stream hint (any committed append).
@@ -114,14 +104,7 @@ async fn lead(
     wake: &Notify,
     stop: &CancellationToken,
 ) -> Result<(), store::StoreError> {
-    let mut lock_conn = store.pool.acquire().await?;
-    let (got,): (bool,) = sqlx::query_as("SELECT pg_try_advisory_lock($1)")
-        .bind(LEADER_LOCK)
-        .fetch_one(&mut *lock_conn)
-        .await?;
-    if !got {
-        return Err(store::StoreError::Conflict);
-    }
+    let mut leadership = Leadership::acquire(&store.pool, LEADER_LOCK).await?;
     tracing::info!("deliverer leading");
     // A first run starts at the beginning of the log: only jobs with a callback_url and
     // subscriptions created before an event produce deliveries, so old history sends nothing.
@@ -129,17 +112,12 @@ async fn lead(
         .await?
         .unwrap_or_default();
     let mut subs = SubscriptionCache::default();
-    let mut last_check = Instant::now();
     let mut last_release = Instant::now();
     loop {
         if stop.is_cancelled() {
             return Ok(());
         }
-        if last_check.elapsed() > Duration::from_secs(1) {
-            // Still holding the lock? (its connection may have died)
-            sqlx::query("SELECT 1").execute(&mut *lock_conn).await?;
-            last_check = Instant::now();
-        }
+        leadership.confirm().await?;
         if last_release.elapsed() > Duration::from_millis(200) {
             release_waiting(store, opts).await?;
             last_release = Instant::now();

@@ -7,9 +7,11 @@
 //! - [`ticker`]: fires cron schedules, exactly once across replicas.
 //! - [`deliverer`]: turns job events into webhook deliveries (callbacks, subscriptions).
 //! - [`orchestrator`]: advances workflow runs as their step jobs start and end.
+//! - [`leader`]: one leader per role among replicas (advisory lock).
 
 pub mod deliverer;
 pub mod hooks;
 pub mod housekeeping;
+pub mod leader;
 pub mod orchestrator;
 pub mod ticker;

@@ -34,6 +34,8 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::leader::Leadership;
+
 /// Name of the orchestrator's checkpoint.
 pub const CHECKPOINT: &str = "orchestrator";
 const LEADER_LOCK: i64 = 0x6361_7069_7275_6e73; // "capiruns"
@@ -49,19 +51,7 @@ pub async fn run(store: Store, queue: Queue, stop: CancellationToken) {
         wake.clone(),
         stop.clone(),
     ));
-    loop {
-        if stop.is_cancelled() {
-            return;
-        }
-        match lead(&store, &queue, &wake, &stop).await {
-            Ok(()) => return,
-            Err(e) => tracing::debug!(error = %e, "orchestrator not leading; retrying"),
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
-            _ = stop.cancelled() => return,
-        }
-    }
+    crate::leader::run("orchestrator", &stop, || lead(&store, &queue, &wake, &stop)).await;
 }
 
 async fn lead(
@@ -70,30 +60,19 @@ async fn lead(
     wake: &Notify,
     stop: &CancellationToken,
 ) -> Result<(), store::StoreError> {
-    let mut lock_conn = store.pool.acquire().await?;
-    let (got,): (bool,) = sqlx::query_as("SELECT pg_try_advisory_lock($1)")
-        .bind(LEADER_LOCK)
-        .fetch_one(&mut *lock_conn)
-        .await?;
-    if !got {
-        return Err(store::StoreError::Conflict);
-    }
+    let mut leadership = Leadership::acquire(&store.pool, LEADER_LOCK).await?;
     tracing::info!("orchestrator leading");
     let mut cursor = store::checkpoints::load(&store.pool, CHECKPOINT)
         .await?
         .unwrap_or_default();
     let mut saved = cursor;
-    let mut last_check = Instant::now();
     let mut last_save = Instant::now();
     let mut failures: u32 = 0;
     loop {
         if stop.is_cancelled() {
             return Ok(());
         }
-        if last_check.elapsed() > Duration::from_secs(1) {
-            sqlx::query("SELECT 1").execute(&mut *lock_conn).await?;
-            last_check = Instant::now();
-        }
+        leadership.confirm().await?;
         let notified = wake.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
