@@ -6,7 +6,7 @@ use axum::{
     response::{IntoResponse, Response},
     Json,
 };
-use base64::Engine;
+
 use capibara_shared::{
     domain::{
         self,
@@ -30,7 +30,7 @@ use crate::{
     auth::Auth,
     error::ApiError,
     extract::{parse_limit, query_pairs},
-    routes::jobs::Page,
+    routes::jobs::{decode_cursor, Page},
     AppState,
 };
 
@@ -72,17 +72,7 @@ pub async fn list(
                 )
             }
             "limit" => limit = Some(v),
-            "cursor" => {
-                f.before = Some(
-                    base64::engine::general_purpose::URL_SAFE_NO_PAD
-                        .decode(&v)
-                        .ok()
-                        .and_then(|b| Uuid::from_slice(&b).ok())
-                        .ok_or_else(|| {
-                            ApiError::field("cursor", "is not a cursor returned by this API")
-                        })?,
-                )
-            }
+            "cursor" => f.before = Some(decode_cursor(&v)?),
             other => {
                 return Err(ApiError::field(
                     other,
@@ -92,17 +82,8 @@ pub async fn list(
         }
     }
     let limit = parse_limit(limit.as_deref())?;
-    let mut items =
-        store::deliveries::list(&state.store.pool, auth.namespace(), &f, limit + 1).await?;
-    let next_cursor = if items.len() as i64 > limit {
-        items.truncate(limit as usize);
-        items
-            .last()
-            .map(|d| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(d.id.as_bytes()))
-    } else {
-        None
-    };
-    Ok(Json(Page { items, next_cursor }))
+    let items = store::deliveries::list(&state.store.pool, auth.namespace(), &f, limit + 1).await?;
+    Ok(Json(Page::from_extra_row(items, limit, |d| d.id)))
 }
 
 async fn load(state: &AppState, auth: &Auth, id: &str) -> Result<Delivery, ApiError> {

@@ -96,6 +96,20 @@ pub struct Page<T> {
     pub next_cursor: Option<String>,
 }
 
+impl<T> Page<T> {
+    /// A page from a list query that fetched `limit + 1` rows, newest first: the extra row only
+    /// says there is more, and the cursor names the page's last item.
+    pub fn from_extra_row(mut items: Vec<T>, limit: i64, id: impl Fn(&T) -> Uuid) -> Page<T> {
+        let next_cursor = if items.len() as i64 > limit {
+            items.truncate(limit as usize);
+            items.last().map(|x| encode_cursor(id(x)))
+        } else {
+            None
+        };
+        Page { items, next_cursor }
+    }
+}
+
 /// Most jobs in one batch.
 pub const MAX_BATCH: usize = 1000;
 
@@ -455,14 +469,8 @@ pub async fn list(
         }
     }
     let limit = parse_limit(limit.as_deref())?;
-    let mut items = store::jobs::list(&state.store.pool, auth.namespace(), &f, limit + 1).await?;
-    let next_cursor = if items.len() as i64 > limit {
-        items.truncate(limit as usize);
-        items.last().map(|j| encode_cursor(j.id))
-    } else {
-        None
-    };
-    Ok(Json(Page { items, next_cursor }))
+    let items = store::jobs::list(&state.store.pool, auth.namespace(), &f, limit + 1).await?;
+    Ok(Json(Page::from_extra_row(items, limit, |j| j.id)))
 }
 
 fn parse_id(id: &str) -> Result<Uuid, ApiError> {

@@ -25,7 +25,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::jobs::{decode_cursor, encode_cursor, Page};
+use super::jobs::{decode_cursor, Page};
 use crate::{
     auth::Auth,
     error::ApiError,
@@ -166,14 +166,8 @@ pub async fn list(
         }
     }
     let limit = parse_limit(limit.as_deref())?;
-    let mut items = store::runs::list(&state.store.pool, auth.namespace(), &f, limit + 1).await?;
-    let next_cursor = if items.len() as i64 > limit {
-        items.truncate(limit as usize);
-        items.last().map(|r| encode_cursor(r.id))
-    } else {
-        None
-    };
-    Ok(Json(Page { items, next_cursor }))
+    let items = store::runs::list(&state.store.pool, auth.namespace(), &f, limit + 1).await?;
+    Ok(Json(Page::from_extra_row(items, limit, |r| r.id)))
 }
 
 #[utoipa::path(get, path = "/v1/runs/{id}", tag = "workflows",

@@ -27,7 +27,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::jobs::{decode_cursor, encode_cursor, Page};
+use super::jobs::{decode_cursor, Page};
 use crate::{
     auth::Auth,
     error::ApiError,
@@ -172,15 +172,9 @@ pub async fn list(
         }
     }
     let limit = parse_limit(limit.as_deref())?;
-    let mut items =
+    let items =
         store::workflows::list(&state.store.pool, auth.namespace(), before, limit + 1).await?;
-    let next_cursor = if items.len() as i64 > limit {
-        items.truncate(limit as usize);
-        items.last().map(|w| encode_cursor(w.id))
-    } else {
-        None
-    };
-    Ok(Json(Page { items, next_cursor }))
+    Ok(Json(Page::from_extra_row(items, limit, |w| w.id)))
 }
 
 #[utoipa::path(get, path = "/v1/workflows/{id}", tag = "workflows", params(("id" = String, Path)),
