@@ -173,8 +173,14 @@ pub(crate) fn profile() -> &'static str {
 /// `<target>/bench/run-<unix time>` when the binary is in `<target>/<profile>/`, else a
 /// directory under the temp dir.
 pub(crate) fn default_dir(bin_dir: &Path) -> PathBuf {
+    named_dir(bin_dir, "run")
+}
+
+/// `NAME-STAMP-PID` under `target/bench` when the binaries sit in a cargo target directory,
+/// else under the temp directory.
+pub(crate) fn named_dir(bin_dir: &Path, name: &str) -> PathBuf {
     let stamp = chrono::Utc::now().format("%Y%m%d-%H%M%S").to_string();
-    let name = format!("run-{stamp}-{}", std::process::id());
+    let name = format!("{name}-{stamp}-{}", std::process::id());
     match bin_dir.parent() {
         Some(target) if target.join("CACHEDIR.TAG").is_file() => target.join("bench").join(name),
         _ => std::env::temp_dir().join("capibara-bench").join(name),

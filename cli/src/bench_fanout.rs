@@ -21,7 +21,7 @@
 
 use std::{
     fs,
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::Command,
     sync::{
         atomic::{AtomicUsize, Ordering},
@@ -30,7 +30,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::bench::Env;
+use crate::bench::{named_dir, profile, Env};
 use anyhow::{anyhow, bail, Context, Result};
 use capibara_shared::shutdown;
 use clap::Args;
@@ -113,7 +113,7 @@ pub async fn run(a: FanoutArgs) -> Result<()> {
     }
     let dir = match &a.dir {
         Some(d) => d.clone(),
-        None => default_dir(&bin_dir),
+        None => named_dir(&bin_dir, "fanout"),
     };
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let dir = std::path::absolute(&dir)?;
@@ -164,23 +164,6 @@ pub async fn run(a: FanoutArgs) -> Result<()> {
             eprintln!("bench failed; logs and data are in {}", dir.display());
             Err(e)
         }
-    }
-}
-
-fn profile() -> &'static str {
-    if cfg!(debug_assertions) {
-        "debug"
-    } else {
-        "release"
-    }
-}
-
-fn default_dir(bin_dir: &Path) -> PathBuf {
-    let stamp = chrono::Utc::now().format("%Y%m%d-%H%M%S").to_string();
-    let name = format!("fanout-{stamp}-{}", std::process::id());
-    match bin_dir.parent() {
-        Some(target) if target.join("CACHEDIR.TAG").is_file() => target.join("bench").join(name),
-        _ => std::env::temp_dir().join("capibara-bench").join(name),
     }
 }
 

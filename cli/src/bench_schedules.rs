@@ -8,7 +8,7 @@ use anyhow::{bail, Result};
 use clap::{Args, Parser};
 use serde_json::json;
 
-use crate::bench::{default_dir, percentile, profile, BenchArgs, Env, Facts};
+use crate::bench::{named_dir, percentile, profile, BenchArgs, Env, Facts};
 
 #[derive(Args)]
 pub struct ScheduleBenchArgs {
@@ -35,10 +35,7 @@ pub async fn run(a: ScheduleBenchArgs) -> Result<()> {
         .parent()
         .map(|p| p.to_path_buf())
         .unwrap_or_default();
-    let dir = default_dir(&bin_dir).with_file_name(format!(
-        "schedules-{}",
-        chrono::Utc::now().format("%Y%m%d-%H%M%S")
-    ));
+    let dir = named_dir(&bin_dir, "schedules");
     std::fs::create_dir_all(&dir)?;
     println!(
         "capibara bench-schedules — {}",

@@ -8,7 +8,7 @@ use anyhow::{bail, Result};
 use clap::Args;
 use serde_json::{json, Value};
 
-use crate::bench::{default_dir, percentile, profile, Env, Facts};
+use crate::bench::{named_dir, percentile, profile, sorted, Env, Facts};
 
 #[derive(Args)]
 pub struct WorkflowBenchArgs {
@@ -60,21 +60,13 @@ async fn run_once(env: &Env, workflow: &str) -> Result<(String, f64)> {
     Ok((body["id"].as_str().unwrap_or_default().to_string(), wall))
 }
 
-fn sorted(mut v: Vec<f64>) -> Vec<f64> {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
-    v
-}
-
 pub async fn run(a: WorkflowBenchArgs) -> Result<()> {
     let facts = Facts::collect();
     let bin_dir = std::env::current_exe()?
         .parent()
         .map(|p| p.to_path_buf())
         .unwrap_or_default();
-    let dir = default_dir(&bin_dir).with_file_name(format!(
-        "workflows-{}",
-        chrono::Utc::now().format("%Y%m%d-%H%M%S")
-    ));
+    let dir = named_dir(&bin_dir, "workflows");
     std::fs::create_dir_all(&dir)?;
     println!(
         "capibara bench-workflows — {}",
