@@ -139,7 +139,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         if addr == config.scheduler_addr {
             // Inbound webhook triggers are served next to the scheduler's health endpoints.
             router = router.merge(capibara_scheduler::hooks::router(
-                capibara_scheduler::hooks::HookState::new(store.clone()),
+                capibara_scheduler::hooks::HookState::new(store.clone(), config.clone()),
             ));
         }
         match tokio::net::TcpListener::bind(addr).await {

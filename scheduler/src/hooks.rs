@@ -18,6 +18,7 @@ use axum::{
     Json, Router,
 };
 use capibara_shared::{
+    config::Config,
     domain::{
         self,
         event::EventMetadata,
@@ -47,13 +48,16 @@ const TOLERANCE_S: i64 = 300;
 #[derive(Clone)]
 pub struct HookState {
     pub store: Store,
+    /// What inputs are checked against (installed voices): the same answer as the API's.
+    config: Arc<Config>,
     limits: Arc<Mutex<HashMap<Uuid, (f64, Instant)>>>,
 }
 
 impl HookState {
-    pub fn new(store: Store) -> Self {
+    pub fn new(store: Store, config: Arc<Config>) -> Self {
         Self {
             store,
+            config,
             limits: Arc::default(),
         }
     }
@@ -298,16 +302,15 @@ async fn hook(
             return start_run(&state, &t, workflow_id, input, message_id, body.len()).await
         }
     };
-    if let Some(spec) = kinds::find(&sub.kind) {
-        if let Err(e) = spec.validate_input(&input) {
-            return reject(
-                &state,
-                &t,
-                StatusCode::UNPROCESSABLE_ENTITY,
-                &format!("{}: {}", e.field, e.message),
-            )
-            .await;
-        }
+    // The call's input gets the same check as a job submitted through the API.
+    if let Err(e) = kinds::validate_input(&sub.kind, &input, state.config.as_ref()) {
+        return reject(
+            &state,
+            &t,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            &format!("{}: {}", e.field, e.message),
+        )
+        .await;
     }
     sub.input = input;
     sub.tags.insert("trigger_id".into(), t.id.to_string());

@@ -31,7 +31,7 @@ async fn main() -> anyhow::Result<()> {
         queue: queue.clone(),
     })
     .merge(capibara_scheduler::hooks::router(
-        capibara_scheduler::hooks::HookState::new(store.clone()),
+        capibara_scheduler::hooks::HookState::new(store.clone(), config.clone()),
     ));
     let http = tokio::spawn(async move {
         axum::serve(listener, router)

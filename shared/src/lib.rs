@@ -6,6 +6,7 @@
 //! - [`store`]: the event store, projections and operational tables in Postgres.
 //! - [`queue`]: the Redis dispatch structure.
 //! - [`hints`]: cross-process wake-ups for stream readers.
+//! - [`installed`]: what this deployment has installed (voices), for kinds' input checks.
 //! - [`outbound`]: SSRF guard for URLs Capibara calls out to.
 //! - [`artifacts`]: files jobs produce, in a local directory or an S3-compatible bucket.
 //! - [`config`], [`telemetry`], [`ops`], [`shutdown`]: process plumbing.
@@ -15,6 +16,7 @@ pub mod artifacts;
 pub mod config;
 pub mod domain;
 pub mod hints;
+pub mod installed;
 pub mod local_services;
 pub mod ops;
 pub mod outbound;

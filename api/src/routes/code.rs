@@ -114,9 +114,16 @@ fn rename_input_field(e: FieldError, renames: &[(&str, &str)]) -> ApiError {
     ApiError::field(field, e.message)
 }
 
-fn check_input(kind: &str, input: &Value, renames: &[(&str, &str)]) -> Result<(), ApiError> {
-    let spec = kinds::find(kind).ok_or_else(|| ApiError::Internal(format!("{kind} missing")))?;
-    spec.validate_input(input)
+/// The kind's input check (`kinds::validate_input`), with errors naming this endpoint's
+/// fields instead of the job input's.
+fn check_input(
+    state: &AppState,
+    kind: &str,
+    input: &Value,
+    renames: &[(&str, &str)],
+) -> Result<(), ApiError> {
+    kinds::validate_input(kind, input, state.config.as_ref())
+        .map(|_| ())
         .map_err(|e| rename_input_field(e, renames))
 }
 
@@ -204,7 +211,7 @@ pub async fn execute(
     if let Some(c) = req.cache {
         input["cache"] = c.into();
     }
-    check_input("code.run", &input, &[("timeout_ms", "timeout")])?;
+    check_input(&state, "code.run", &input, &[("timeout_ms", "timeout")])?;
     let wait = Duration::from_millis(timeout_ms) + WAIT_MARGIN;
     let job = submit_and_wait(
         &state,
@@ -301,7 +308,7 @@ pub async fn validate(
     let req: ValidateCode = parse_body(body.value, &["code", "language"])?;
     let language = req.language.unwrap_or_else(|| "python".into());
     let input = json!({"language": language, "code": req.code.unwrap_or_default()});
-    check_input("code.validate", &input, &[])?;
+    check_input(&state, "code.validate", &input, &[])?;
     let job = submit_and_wait(
         &state,
         &auth,

@@ -123,16 +123,6 @@ fn valid_queue_name(q: &str) -> bool {
 /// Validate a submission into the domain type; errors name the field.
 pub async fn to_submission(s: SubmitJob, config: &Config) -> Result<Submission, ApiError> {
     let input_limit = config.input_limit_bytes;
-    let spec = kinds::find_public(&s.kind).ok_or_else(|| {
-        ApiError::field(
-            "kind",
-            format!(
-                "unknown kind `{}`; available: {}",
-                s.kind,
-                kinds::names().join(", ")
-            ),
-        )
-    })?;
     let input = s.input.unwrap_or_else(|| Value::Object(Default::default()));
     let size = serde_json::to_vec(&input).map(|v| v.len()).unwrap_or(0);
     if size > input_limit {
@@ -140,7 +130,8 @@ pub async fn to_submission(s: SubmitJob, config: &Config) -> Result<Submission, 
             "input is {size} bytes; the limit is {input_limit} bytes"
         )));
     }
-    spec.validate_input(&input)?;
+    // The one check of a kind's input, the same wherever a job comes from.
+    let spec = kinds::validate_input(&s.kind, &input, config)?;
     let queue = s.queue.unwrap_or_else(|| spec.default_queue.to_string());
     if !valid_queue_name(&queue) {
         return Err(ApiError::field(
@@ -412,6 +403,44 @@ pub fn nest(e: ApiError, prefix: &str) -> ApiError {
             }
         }
         ApiError::PayloadTooLarge(m) => ApiError::PayloadTooLarge(format!("{prefix}: {m}")),
+        other => other,
+    }
+}
+
+/// Field errors from a job's submission name the input `input`; endpoints whose body calls it
+/// something else rename it: `inputs` (`/v1/orchestrate`: `inputs.voice`), or `""` where the
+/// body is the input (`POST /v1/tts`: `voice`).
+pub fn rename_input(e: ApiError, to: &str) -> ApiError {
+    let rename = |field: &str| -> String {
+        let rest = if field == "input" {
+            ""
+        } else if let Some(rest) = field.strip_prefix("input.") {
+            rest
+        } else {
+            return field.to_string();
+        };
+        match (to, rest) {
+            ("", "") => "input".to_string(),
+            ("", r) => r.to_string(),
+            (t, "") => t.to_string(),
+            (t, r) => format!("{t}.{r}"),
+        }
+    };
+    match e {
+        ApiError::Validation { errors, .. } => {
+            let errors: Vec<FieldError> = errors
+                .into_iter()
+                .map(|f| FieldError::new(rename(&f.field), f.message))
+                .collect();
+            ApiError::Validation {
+                detail: errors
+                    .iter()
+                    .map(|f| format!("{}: {}", f.field, f.message))
+                    .collect::<Vec<_>>()
+                    .join("; "),
+                errors,
+            }
+        }
         other => other,
     }
 }

@@ -30,7 +30,7 @@ use crate::{
     error::ApiError,
     extract::ApiJson,
     routes::{
-        jobs::{create, SubmitJob},
+        jobs::{create, rename_input, SubmitJob},
         runs,
     },
     AppState,
@@ -161,8 +161,10 @@ pub async fn orchestrate(
         callback_events: None,
         tags: None,
     };
-    let (job, deduplicated) =
-        create(&state, &auth, submission, Some(key), &hash, "Orchestrate").await?;
+    // The kind's input check, as for every job; errors name this body's `inputs`.
+    let (job, deduplicated) = create(&state, &auth, submission, Some(key), &hash, "Orchestrate")
+        .await
+        .map_err(|e| rename_input(e, "inputs"))?;
     let job = if wait.is_zero() || job.status.is_terminal() {
         job
     } else {

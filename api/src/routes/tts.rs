@@ -3,7 +3,8 @@
 //!
 //! Voices are read from this server's voices directory (`CAPIBARA_TTS_VOICES_DIR`, default
 //! `<assets>/voices`), which is expected to hold the same voices as the TTS workers' (docs/tts.md).
-//! A voice that is not there is a 422 here; a worker that lacks a voice fails the job with
+//! A voice that is not there is a 422 here, as for every `tts.render` job however it is
+//! submitted (`kinds::validate_input`); a worker that lacks a voice fails the job with
 //! `unknown_voice` (not retried), which `POST /v1/tts` also answers with a 422.
 
 use std::time::Duration;
@@ -18,7 +19,7 @@ use axum::{
     Json,
 };
 use capibara_shared::{
-    domain::{auth::Role, job::Job, job::JobStatus, FieldError},
+    domain::{auth::Role, job::Job, job::JobStatus},
     store,
 };
 use capibara_tts::voices::{self, VoiceInfo};
@@ -30,7 +31,7 @@ use crate::{
     auth::Auth,
     error::ApiError,
     extract::{idempotency_key, prefer_wait, ApiJson},
-    routes::jobs::{create, SubmitJob},
+    routes::jobs::{create, rename_input, SubmitJob},
     AppState,
 };
 
@@ -89,8 +90,9 @@ pub struct TtsRequest {
 }
 
 impl TtsRequest {
-    /// The `tts.render` input; an unknown voice is a 422 naming `voice`.
-    fn to_input(&self, state: &AppState) -> Result<Value, ApiError> {
+    /// The `tts.render` input. The job's submission checks it (`kinds::validate_input`, as
+    /// for every job): an unknown voice is a 422 naming `voice`.
+    fn to_input(&self) -> Result<Value, ApiError> {
         if let Some(k) = self.extra.keys().next() {
             return Err(ApiError::field(k.clone(), "unknown field"));
         }
@@ -99,12 +101,6 @@ impl TtsRequest {
             input.insert("text".into(), t.clone());
         }
         if let Some(v) = &self.voice {
-            if !voices::is_known(&state.config.tts.voices_dir, v) {
-                return Err(ApiError::field(
-                    "voice",
-                    format!("unknown voice `{v}`; GET /v1/tts/voices lists them"),
-                ));
-            }
             input.insert("voice".into(), json!(v));
         }
         for (k, v) in [
@@ -123,27 +119,6 @@ impl TtsRequest {
             input.insert("sample_rate".into(), json!(r));
         }
         Ok(Value::Object(input))
-    }
-}
-
-/// Field errors from the kind's validation name `input.x`; here the body is the input.
-fn unnest(e: ApiError) -> ApiError {
-    match e {
-        ApiError::Validation { detail, errors } => ApiError::Validation {
-            detail: detail.replace("input.", ""),
-            errors: errors
-                .into_iter()
-                .map(|f| {
-                    let field = f
-                        .field
-                        .strip_prefix("input.")
-                        .unwrap_or(&f.field)
-                        .to_string();
-                    FieldError::new(field, f.message)
-                })
-                .collect(),
-        },
-        other => other,
     }
 }
 
@@ -177,7 +152,7 @@ async fn submit(
     };
     let (job, _) = create(state, auth, submission, key, &hash, "Tts")
         .await
-        .map_err(unnest)?;
+        .map_err(|e| rename_input(e, ""))?;
     Ok(job)
 }
 
@@ -223,7 +198,7 @@ pub async fn render(
         ));
     }
     let key = idempotency_key(&headers)?;
-    let job = submit(&state, &auth, req.to_input(&state)?, key).await?;
+    let job = submit(&state, &auth, req.to_input()?, key).await?;
     let job = crate::wait::until_terminal(&state, auth.namespace(), job.id, wait)
         .await?
         .unwrap_or(job);
@@ -329,7 +304,7 @@ async fn speak(
     req: TtsRequest,
 ) -> Result<(), Value> {
     let streaming = req.streaming.unwrap_or(true);
-    let input = req.to_input(state).map_err(error_frame)?;
+    let input = req.to_input().map_err(error_frame)?;
     let job = submit(state, auth, input, None)
         .await
         .map_err(error_frame)?;

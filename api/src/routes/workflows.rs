@@ -48,8 +48,13 @@ fn metadata(auth: &Auth) -> EventMetadata {
     }
 }
 
-/// Parse and validate a definition from a JSON or YAML body.
-fn definition(headers: &HeaderMap, body: &Bytes) -> Result<WorkflowDef, ApiError> {
+/// Parse and validate a definition from a JSON or YAML body (static step inputs get the same
+/// check as a job submitted on its own).
+fn definition(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<WorkflowDef, ApiError> {
     let ct = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -62,7 +67,7 @@ fn definition(headers: &HeaderMap, body: &Bytes) -> Result<WorkflowDef, ApiError
         ));
     }
     let def = WorkflowDef::parse(body, yaml)?;
-    def.validate()?;
+    def.validate(state.config.as_ref())?;
     Ok(def)
 }
 
@@ -92,7 +97,7 @@ pub async fn create(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     auth.require(Role::Submit)?;
-    let def = definition(&headers, &body)?;
+    let def = definition(&state, &headers, &body)?;
     let id = Uuid::now_v7();
     let (w, append) = workflow_append(
         None,
@@ -125,7 +130,7 @@ pub async fn update(
 ) -> Result<Response, ApiError> {
     auth.require(Role::Submit)?;
     let id = parse_id(&id)?;
-    let def = definition(&headers, &body)?;
+    let def = definition(&state, &headers, &body)?;
     for _ in 0..10 {
         let w = load(&state, &auth, id).await?;
         let (new, append) = workflow_append(

@@ -1,7 +1,9 @@
 //! Job kinds Capibara accepts, their default queues, and input validation at submission.
 //!
-//! Inputs are checked here, in the API, so a broken input is a 422 for the client instead of a
-//! failure discovered later on a worker.
+//! Inputs are checked when a job is submitted, so a broken input is a 422 for the client
+//! instead of a failure discovered later on a worker. [`validate_input`] is the one check of a
+//! kind's input: every entry point (`POST /v1/jobs` and its batch, schedule and trigger
+//! targets, workflow step inputs, `/v1/orchestrate`, `POST /v1/tts`) calls it.
 
 use serde_json::Value;
 
@@ -18,11 +20,52 @@ pub struct KindSpec {
     validate: fn(&Value) -> Result<(), FieldError>,
 }
 
-impl KindSpec {
-    /// Check an input for this kind; errors name the field under `input`.
-    pub fn validate_input(&self, input: &Value) -> Result<(), FieldError> {
-        (self.validate)(input).map_err(|e| e.under("input"))
+/// What checking an input needs to know about this deployment beyond the input itself (which
+/// voices are installed, …). A trait so this module does no IO: the binaries answer from their
+/// configuration (`capibara_shared::installed`).
+pub trait KindContext {
+    /// Whether `tts.render` can speak with `voice` here (a Piper voice in the voices
+    /// directory, or an `espeak:<language>` voice).
+    fn voice_installed(&self, voice: &str) -> bool;
+}
+
+/// Check a job's kind and input, wherever the job comes from: the kind must be one clients may
+/// submit, the input must have the kind's shape, and what it names must exist here (a
+/// `tts.render` voice must be installed). Returns the kind; errors name the field, `kind` or
+/// `input.<field>` (callers nest them: `jobs[2].input.voice`, `steps[0].input.voice`).
+pub fn validate_input(
+    kind: &str,
+    input: &Value,
+    ctx: &dyn KindContext,
+) -> Result<&'static KindSpec, FieldError> {
+    let spec = find_public(kind).ok_or_else(|| {
+        FieldError::new(
+            "kind",
+            format!("unknown kind `{kind}`; available: {}", names().join(", ")),
+        )
+    })?;
+    (spec.validate)(input).map_err(|e| e.under("input"))?;
+    check_installed(spec, input, ctx).map_err(|e| e.under("input"))?;
+    Ok(spec)
+}
+
+/// The checks that need [`KindContext`]; the input already has the kind's shape.
+fn check_installed(
+    spec: &KindSpec,
+    input: &Value,
+    ctx: &dyn KindContext,
+) -> Result<(), FieldError> {
+    if spec.name == "tts.render" {
+        if let Some(voice) = input.get("voice").and_then(Value::as_str) {
+            if !ctx.voice_installed(voice) {
+                return Err(FieldError::new(
+                    "voice",
+                    format!("unknown voice `{voice}`; GET /v1/tts/voices lists them"),
+                ));
+            }
+        }
     }
+    Ok(())
 }
 
 /// Kinds available in this build. Executors for further kinds (`tts.render`, `code.run`, …)
@@ -349,22 +392,37 @@ fn validate_tts(input: &Value) -> Result<(), FieldError> {
     }
 }
 
+/// Tests' deployment: the only installed voices are `en_US-joe-medium` and espeak's.
+#[cfg(test)]
+pub(crate) struct TestContext;
+
+#[cfg(test)]
+impl KindContext for TestContext {
+    fn voice_installed(&self, voice: &str) -> bool {
+        voice == "en_US-joe-medium" || voice.starts_with("espeak:")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
 
+    fn check(k: &KindSpec, input: &Value) -> Result<(), FieldError> {
+        validate_input(k.name, input, &TestContext).map(|_| ())
+    }
+
     #[test]
     fn tts_inputs_are_checked_field_by_field() {
         let k = find("tts.render").unwrap();
         assert_eq!(k.default_queue, "tts");
-        assert!(k
-            .validate_input(
-                &json!({"text": "Hi", "voice": "en_US-joe-medium", "speed": 1.5,
+        assert!(check(
+            k,
+            &json!({"text": "Hi", "voice": "en_US-joe-medium", "speed": 1.5,
                 "noise_scale": 0, "format": "pcm_s16le", "sample_rate": 16000})
-            )
-            .is_ok());
-        let field = |v: Value| k.validate_input(&v).unwrap_err().field;
+        )
+        .is_ok());
+        let field = |v: Value| check(k, &v).unwrap_err().field;
         assert_eq!(field(json!({})), "input.text");
         assert_eq!(field(json!({"text": "  "})), "input.text");
         assert_eq!(
@@ -389,25 +447,18 @@ mod tests {
     #[test]
     fn sleep_needs_a_bounded_integer_ms() {
         let k = find("sleep").unwrap();
-        assert!(k.validate_input(&json!({"ms": 10})).is_ok());
-        assert_eq!(k.validate_input(&json!({})).unwrap_err().field, "input.ms");
+        assert!(check(k, &json!({"ms": 10})).is_ok());
+        assert_eq!(check(k, &json!({})).unwrap_err().field, "input.ms");
+        assert_eq!(check(k, &json!({"ms": "x"})).unwrap_err().field, "input.ms");
         assert_eq!(
-            k.validate_input(&json!({"ms": "x"})).unwrap_err().field,
-            "input.ms"
-        );
-        assert_eq!(
-            k.validate_input(&json!({"ms": 1, "x": 1}))
-                .unwrap_err()
-                .field,
+            check(k, &json!({"ms": 1, "x": 1})).unwrap_err().field,
             "input.x"
         );
-        assert_eq!(k.validate_input(&json!([1])).unwrap_err().field, "input");
-        assert!(k
-            .validate_input(&json!({"ms": 10, "progress_ms": 1}))
-            .is_ok());
+        assert_eq!(check(k, &json!([1])).unwrap_err().field, "input");
+        assert!(check(k, &json!({"ms": 10, "progress_ms": 1})).is_ok());
         for bad in [json!(0), json!(-1), json!("1"), json!(1.5)] {
             assert_eq!(
-                k.validate_input(&json!({"ms": 10, "progress_ms": bad}))
+                check(k, &json!({"ms": 10, "progress_ms": bad}))
                     .unwrap_err()
                     .field,
                 "input.progress_ms"
@@ -421,8 +472,8 @@ mod tests {
         assert_eq!(k.default_queue, "code");
         let ok = json!({"language": "python", "code": "result = 1", "context": {"a": [1]},
                         "timeout_ms": 1000, "memory_mb": 128, "cache": false});
-        assert!(k.validate_input(&ok).is_ok());
-        let field = |v: Value| k.validate_input(&v).unwrap_err().field;
+        assert!(check(k, &ok).is_ok());
+        let field = |v: Value| check(k, &v).unwrap_err().field;
         assert_eq!(field(json!({"code": "1"})), "input.language");
         assert_eq!(
             field(json!({"language": "ruby", "code": "1"})),
@@ -455,13 +506,14 @@ mod tests {
             "input.fuel"
         );
         let v = find("code.validate").unwrap();
-        assert!(v
-            .validate_input(&json!({"language": "javascript", "code": "1"}))
-            .is_ok());
+        assert!(check(v, &json!({"language": "javascript", "code": "1"})).is_ok());
         assert_eq!(
-            v.validate_input(&json!({"language": "javascript", "code": "1", "context": {}}))
-                .unwrap_err()
-                .field,
+            check(
+                v,
+                &json!({"language": "javascript", "code": "1", "context": {}})
+            )
+            .unwrap_err()
+            .field,
             "input.context"
         );
     }
@@ -470,5 +522,38 @@ mod tests {
     fn unknown_kinds_are_not_found() {
         assert!(find("nope").is_none());
         assert!(names().contains(&"echo"));
+    }
+
+    #[test]
+    fn one_check_covers_kind_shape_and_installed_voices() {
+        let ok = validate_input(
+            "tts.render",
+            &json!({"text": "hi", "voice": "en_US-joe-medium"}),
+            &TestContext,
+        );
+        assert_eq!(ok.unwrap().name, "tts.render");
+        let e = validate_input(
+            "tts.render",
+            &json!({"text": "hi", "voice": "nope"}),
+            &TestContext,
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "input.voice");
+        assert!(e.message.contains("GET /v1/tts/voices"), "{}", e.message);
+        // No voice: the default, nothing to look up.
+        assert!(validate_input("tts.render", &json!({"text": "hi"}), &TestContext).is_ok());
+        assert_eq!(
+            validate_input("nope", &json!({}), &TestContext)
+                .unwrap_err()
+                .field,
+            "kind"
+        );
+        // Internal kinds are not submittable.
+        assert_eq!(
+            validate_input("callback.deliver", &json!({}), &TestContext)
+                .unwrap_err()
+                .field,
+            "kind"
+        );
     }
 }

@@ -1286,7 +1286,7 @@ mod tests {
 
     fn def(v: Value) -> WorkflowDef {
         let d = WorkflowDef::from_value(v).unwrap();
-        d.validate().unwrap();
+        d.validate(&crate::domain::kinds::TestContext).unwrap();
         d
     }
 
@@ -1526,7 +1526,7 @@ mod secret_tests {
         let d = WorkflowDef::from_value(json!({"name": "s", "steps": [
             {"id": "a", "kind": "echo", "input": {"auth": "Bearer {{ secrets.TOKEN }}", "raw": "{{ secrets.KEY }}"}}]}))
         .unwrap();
-        d.validate().unwrap();
+        d.validate(&crate::domain::kinds::TestContext).unwrap();
         let started = RunEvent::RunStarted {
             workflow_id: Uuid::nil(),
             workflow_name: "s".into(),

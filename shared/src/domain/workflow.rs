@@ -8,7 +8,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::{kinds, retry::Backoff, template, FieldError};
+use super::{
+    kinds::{self, KindContext},
+    retry::Backoff,
+    template, FieldError,
+};
 
 /// Step kinds handled by the workflow engine itself (no job kind of that name exists).
 pub const CONTROL_KINDS: [&str; 4] = ["wait", "approval", "map", "workflow"];
@@ -192,8 +196,9 @@ impl WorkflowDef {
     }
 
     /// Everything checkable before a run: ids, dependencies, cycles, kinds, templates,
-    /// conditions, static inputs, limits. Errors name the step.
-    pub fn validate(&self) -> Result<(), FieldError> {
+    /// conditions, static inputs (with [`kinds::validate_input`], as a job submitted on its
+    /// own), limits. Errors name the step.
+    pub fn validate(&self, ctx: &dyn KindContext) -> Result<(), FieldError> {
         let env = template::environment();
         if self.name.trim().is_empty() || self.name.len() > 200 {
             return Err(FieldError::new("name", "must be 1-200 characters"));
@@ -295,7 +300,7 @@ impl WorkflowDef {
                     ));
                 }
             }
-            validate_kind_input(&s.kind, &s.input).map_err(|e| {
+            validate_kind_input(&s.kind, &s.input, ctx).map_err(|e| {
                 let path = if e.field.is_empty() {
                     at("input")
                 } else if e.field == "kind" {
@@ -331,7 +336,7 @@ fn valid_step_id(id: &str) -> bool {
 
 /// Check a step's kind and, where it holds no templates, its input. Field names are relative
 /// to the step (`kind`, `input.x`).
-fn validate_kind_input(kind: &str, input: &Value) -> Result<(), FieldError> {
+fn validate_kind_input(kind: &str, input: &Value, ctx: &dyn KindContext) -> Result<(), FieldError> {
     match kind {
         "wait" => {
             let w: WaitInput = serde_json::from_value(input.clone())
@@ -382,7 +387,7 @@ fn validate_kind_input(kind: &str, input: &Value) -> Result<(), FieldError> {
                     "a map child must be a job kind",
                 ));
             }
-            validate_kind_input(&m.step.kind, &m.step.input).map_err(|e| {
+            validate_kind_input(&m.step.kind, &m.step.input, ctx).map_err(|e| {
                 FieldError::new(
                     match e.field.as_str() {
                         "kind" => "input.step.kind".to_string(),
@@ -396,20 +401,21 @@ fn validate_kind_input(kind: &str, input: &Value) -> Result<(), FieldError> {
             .map(|_| ())
             .map_err(|e| FieldError::new("input", e.to_string())),
         _ => {
-            let spec = kinds::find_public(kind).ok_or_else(|| {
-                FieldError::new(
+            if kinds::find_public(kind).is_none() {
+                return Err(FieldError::new(
                     "kind",
                     format!(
                         "unknown kind `{kind}`; available: {}, {}",
                         kinds::names().join(", "),
                         CONTROL_KINDS.join(", ")
                     ),
-                )
-            })?;
+                ));
+            }
             if template::is_templated(input) {
+                // Checked when the step's job is submitted, with the input rendered.
                 Ok(())
             } else {
-                spec.validate_input(input)
+                kinds::validate_input(kind, input, ctx).map(|_| ())
             }
         }
     }
@@ -604,7 +610,9 @@ mod tests {
     }
 
     fn err(steps: Value) -> FieldError {
-        def(steps).validate().unwrap_err()
+        def(steps)
+            .validate(&crate::domain::kinds::TestContext)
+            .unwrap_err()
     }
 
     #[test]
@@ -617,7 +625,7 @@ mod tests {
             {"id": "d", "kind": "approval", "depends_on": ["b", "c"]},
             {"id": "e", "kind": "wait", "input": {"duration": "1s"}, "depends_on": ["d"]},
         ]));
-        d.validate().unwrap();
+        d.validate(&crate::domain::kinds::TestContext).unwrap();
     }
 
     #[test]
@@ -653,6 +661,15 @@ mod tests {
         let e = err(json!([{"id": "a", "kind": "wait", "input": {}}]));
         assert_eq!(e.field, "steps[0].input");
 
+        // A static input gets the same check as a job submitted on its own, installed
+        // voices included.
+        let e = err(json!([{"id": "a", "kind": "tts.render",
+                            "input": {"text": "hi", "voice": "nope"}}]));
+        assert_eq!(e.field, "steps[0].input.voice");
+        let e = err(json!([{"id": "m", "kind": "map", "input": {"items": [1],
+            "step": {"kind": "tts.render", "input": {"text": "hi", "voice": "nope"}}}}]));
+        assert_eq!(e.field, "steps[0].input.step.input.voice");
+
         let e = err(json!([{"id": "a", "kind": "echo"}, {"id": "a", "kind": "echo"}]));
         assert_eq!(e.field, "steps[1].id");
     }
@@ -660,7 +677,7 @@ mod tests {
     #[test]
     fn templated_inputs_are_not_checked_statically() {
         def(json!([{"id": "a", "kind": "sleep", "input": {"ms": "{{ input.ms }}"}}]))
-            .validate()
+            .validate(&crate::domain::kinds::TestContext)
             .unwrap();
     }
 
@@ -682,7 +699,7 @@ mod tests {
             "input_schema": {"type": "object", "required": ["n"], "properties": {"n": {"type": "integer"}}},
             "steps": [{"id": "a", "kind": "echo"}]}))
         .unwrap();
-        d.validate().unwrap();
+        d.validate(&crate::domain::kinds::TestContext).unwrap();
         check_input(&d, &json!({"n": 1})).unwrap();
         assert!(check_input(&d, &json!({})).is_err());
         let e = check_input(&d, &json!({"n": "x"})).unwrap_err();

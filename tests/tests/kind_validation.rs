@@ -1,0 +1,153 @@
+//! One validation of a kind's input, wherever a job comes from: `POST /v1/jobs`, a batch,
+//! schedule and trigger targets, workflow definitions' static step inputs, `/v1/orchestrate`,
+//! `POST /v1/tts` and calls to a trigger all refuse the same input with a 422 naming the field
+//! — including checks that need to know the deployment, such as an uninstalled voice.
+
+use capibara_tests::{find_free_port, TestEnv};
+use serde_json::{json, Value};
+
+/// A `tts.render` input naming a voice no server has.
+fn bad_tts() -> Value {
+    json!({"text": "hi", "voice": "nope"})
+}
+
+fn assert_422(r: &capibara_tests::Res, field: &str) {
+    assert_eq!(r.status, 422, "{r:?}");
+    assert_eq!(
+        r.header("content-type").as_deref(),
+        Some("application/problem+json"),
+        "{r:?}"
+    );
+    assert_eq!(r.body["errors"][0]["field"], field, "{r:?}");
+    let message = r.body["errors"][0]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("unknown voice `nope`"), "{r:?}");
+}
+
+#[tokio::test]
+async fn an_unknown_voice_is_refused_at_every_entry_point() {
+    let env = TestEnv::new().await;
+    let _api = env.spawn_api().await;
+    let api = env.client();
+
+    let r = api
+        .submit(json!({"kind": "tts.render", "input": bad_tts()}))
+        .await;
+    assert_422(&r, "input.voice");
+
+    let r = api
+        .post(
+            "/v1/jobs/batch",
+            json!({"jobs": [{"kind": "echo"}, {"kind": "tts.render", "input": bad_tts()}]}),
+        )
+        .await;
+    assert_422(&r, "jobs[1].input.voice");
+
+    let r = api
+        .post(
+            "/v1/schedules",
+            json!({"name": "nightly", "cron": "0 9 * * *",
+                   "target": {"type": "job", "job": {"kind": "tts.render", "input": bad_tts()}}}),
+        )
+        .await;
+    assert_422(&r, "target.job.input.voice");
+
+    let r = api
+        .post(
+            "/v1/triggers",
+            json!({"name": "speak", "auth": {"type": "bearer", "token": "a-long-enough-bearer-token"},
+                   "target": {"type": "job", "job": {"kind": "tts.render", "input": bad_tts()}}}),
+        )
+        .await;
+    assert_422(&r, "target.job.input.voice");
+
+    let r = api
+        .post(
+            "/v1/workflows",
+            json!({"name": "speak", "steps": [
+                {"id": "a", "kind": "echo"},
+                {"id": "b", "kind": "tts.render", "input": bad_tts()}]}),
+        )
+        .await;
+    assert_422(&r, "steps[1].input.voice");
+    let r = api
+        .post(
+            "/v1/workflows",
+            json!({"name": "speak-each", "steps": [{"id": "m", "kind": "map", "input": {
+                "items": [1, 2], "step": {"kind": "tts.render", "input": bad_tts()}}}]}),
+        )
+        .await;
+    assert_422(&r, "steps[0].input.step.input.voice");
+
+    let r = api
+        .post(
+            "/v1/orchestrate",
+            json!({"intent": "tts.render", "inputs": bad_tts()}),
+        )
+        .await;
+    assert_422(&r, "inputs.voice");
+
+    let r = api.post("/v1/tts", bad_tts()).await;
+    assert_422(&r, "voice");
+
+    // None of them created anything.
+    for path in ["/v1/jobs", "/v1/schedules", "/v1/triggers", "/v1/workflows"] {
+        let r = api.get(path).await;
+        assert_eq!(r.body["items"], json!([]), "{path}: {r:?}");
+    }
+
+    // The espeak voices exist everywhere, so the same input with one of them is accepted.
+    let r = api
+        .submit(json!({"kind": "tts.render", "input": {"text": "hi", "voice": "espeak:en-us"}}))
+        .await;
+    assert_eq!(r.status, 202, "{r:?}");
+}
+
+#[tokio::test]
+async fn a_trigger_call_whose_input_names_an_unknown_voice_is_refused() {
+    let mut env = TestEnv::new().await;
+    let port = find_free_port();
+    env.extra_env.push((
+        "CAPIBARA_SCHEDULER_ADDR".into(),
+        format!("127.0.0.1:{port}"),
+    ));
+    env.extra_env.push((
+        "CAPIBARA_HOOKS_PUBLIC_URL".into(),
+        format!("http://127.0.0.1:{port}"),
+    ));
+    let _api = env.spawn_api().await;
+    let _scheduler = env.spawn_scheduler();
+    capibara_tests::wait_http_ok(&format!("http://127.0.0.1:{port}/healthz")).await;
+    let api = env.client();
+    let token = "a-long-enough-bearer-token";
+    let r = api
+        .post(
+            "/v1/triggers",
+            json!({"name": "speak", "auth": {"type": "bearer", "token": token},
+                   "target": {"type": "job", "job": {"kind": "tts.render",
+                                                     "input": {"text": "placeholder"}}},
+                   "input": {"text": "{{ body.text }}", "voice": "{{ body.voice }}"}}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{r:?}");
+    let url = r.body["url"].as_str().unwrap().to_string();
+
+    let http = reqwest::Client::new();
+    let call = |voice: &str| {
+        http.post(&url)
+            .bearer_auth(token)
+            .json(&json!({"text": "Hello.", "voice": voice}))
+            .send()
+    };
+    let refused = call("nope").await.unwrap();
+    assert_eq!(refused.status(), 422);
+    let problem: Value = refused.json().await.unwrap();
+    let detail = problem["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.contains("input.voice") && detail.contains("unknown voice `nope`"),
+        "{problem}"
+    );
+    assert_eq!(api.get("/v1/jobs").await.body["items"], json!([]));
+
+    let accepted = call("espeak:en-us").await.unwrap();
+    assert_eq!(accepted.status(), 202);
+}
