@@ -31,6 +31,19 @@ if [[ ! -x $MOTO_VENV/bin/moto_server ]]; then
         log "warning: moto could not be installed; the S3 artifact test will fail"
 fi
 export CAPIBARA_TEST_MOTO_SERVER=$MOTO_VENV/bin/moto_server
+# The OpenAPI tools (from PyPI) the contract tests run against the served /openapi.json:
+# openapi-spec-validator (is it valid OpenAPI 3.1?) and schemathesis (fuzz every operation);
+# installed once into a venv under target/ (tests/tests/openapi.rs finds them there).
+OPENAPI_VENV=$ROOT/target/capibara-test/openapi-tools
+OPENAPI_TOOLS="openapi-spec-validator==0.7.2 schemathesis==4.32.5"
+if [[ $(cat "$OPENAPI_VENV/.installed" 2>/dev/null) != "$OPENAPI_TOOLS" ]]; then
+    log "installing $OPENAPI_TOOLS into $OPENAPI_VENV"
+    # shellcheck disable=SC2086 # one argument per package
+    { python3 -m venv "$OPENAPI_VENV" && "$OPENAPI_VENV/bin/pip" install --quiet $OPENAPI_TOOLS &&
+        echo "$OPENAPI_TOOLS" >"$OPENAPI_VENV/.installed"; } ||
+        log "warning: the OpenAPI tools could not be installed; the OpenAPI contract tests will fail"
+fi
+export CAPIBARA_TEST_OPENAPI_TOOLS=$OPENAPI_VENV/bin
 
 PG_PORT=${CAPIBARA_TEST_PG_PORT:-25432}
 REDIS_PORT=${CAPIBARA_TEST_REDIS_PORT:-26379}

@@ -28,7 +28,6 @@ use axum::{
 use capibara_shared::{config::Config, hints::StreamWatch, ops, queue::Queue, store::Store};
 use tokio::net::TcpListener;
 use tower_http::{catch_panic::CatchPanicLayer, timeout::TimeoutLayer, trace::TraceLayer};
-use utoipa::OpenApi;
 
 use crate::error::ApiError;
 
@@ -156,7 +155,7 @@ pub fn app(state: AppState) -> Router {
             get(triggers::get).delete(triggers::delete),
         )
         .with_state(state.clone());
-    let spec = openapi::ApiDoc::openapi().merge_from(routes::tts::TtsDoc::openapi());
+    let spec = openapi::spec();
     Router::new()
         .merge(v1)
         .merge(utoipa_swagger_ui::SwaggerUi::new("/docs").url("/openapi.json", spec))

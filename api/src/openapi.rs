@@ -31,6 +31,13 @@ use crate::routes::{
 )]
 pub struct ApiDoc;
 
+/// The served document: [`ApiDoc`] plus the TTS routes' own document.
+pub fn spec() -> utoipa::openapi::OpenApi {
+    let mut doc = ApiDoc::openapi().merge_from(crate::routes::tts::TtsDoc::openapi());
+    ProblemResponses.modify(&mut doc);
+    doc
+}
+
 struct BearerAuth;
 
 impl Modify for BearerAuth {
@@ -40,5 +47,117 @@ impl Modify for BearerAuth {
             "bearer",
             SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
         );
+    }
+}
+
+/// Every error is an RFC 9457 problem (`application/problem+json`, see [`crate::error`]): this
+/// documents the problem responses every operation can give, so the handlers only list the ones
+/// particular to them. Authenticated operations: 401, 403, 429, 503; with parameters: 422; with
+/// path parameters: 404; with a JSON body: 400 (malformed), 413, 415, 422.
+struct ProblemResponses;
+
+const PROBLEM_CONTENT_TYPE: &str = "application/problem+json";
+
+impl Modify for ProblemResponses {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{path::ParameterIn, ContentBuilder, Ref, RefOr, ResponseBuilder};
+        let problem = || {
+            ContentBuilder::new()
+                .schema(Some(Ref::from_schema_name("Problem")))
+                .build()
+        };
+        for item in openapi.paths.paths.values_mut() {
+            for op in [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+                &mut item.patch,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                // Problems the handlers declared as `body = Problem` go out as problem+json.
+                for response in op.responses.responses.values_mut() {
+                    if let RefOr::T(r) = response {
+                        let is_problem = r.content.get("application/json").is_some_and(|c| {
+                            matches!(&c.schema, Some(RefOr::Ref(x)) if x.ref_location.ends_with("/Problem"))
+                        });
+                        if is_problem {
+                            let c = r.content.shift_remove("application/json");
+                            r.content
+                                .insert(PROBLEM_CONTENT_TYPE.into(), c.unwrap_or_else(problem));
+                        }
+                    }
+                }
+                let params = op.parameters.as_deref().unwrap_or_default();
+                let mut common =
+                    vec![("503", "the database or queue is unavailable; retry shortly")];
+                if op.security.is_some() {
+                    common.push(("401", "missing or invalid API key"));
+                    common.push(("403", "the key's role does not allow this"));
+                    common.push(("429", "rate limit exceeded; see Retry-After"));
+                }
+                if params.iter().any(|p| p.parameter_in == ParameterIn::Path) {
+                    common.push(("404", "no such resource"));
+                }
+                if !params.is_empty() || op.request_body.is_some() {
+                    common.push((
+                        "422",
+                        "a field or parameter is invalid (the problem names it)",
+                    ));
+                }
+                if op.request_body.is_some() {
+                    common.push(("400", "malformed JSON"));
+                    common.push(("413", "the body exceeds the configured limit"));
+                    common.push(("415", "the body is not JSON"));
+                }
+                for (status, description) in common {
+                    op.responses
+                        .responses
+                        .entry(status.into())
+                        .or_insert_with(|| {
+                            RefOr::T(
+                                ResponseBuilder::new()
+                                    .description(description)
+                                    .content(PROBLEM_CONTENT_TYPE, problem())
+                                    .build(),
+                            )
+                        });
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    /// Code generators name one function per operationId: each must be present, unique and
+    /// camelCase (`listJobs`, `getRun`), so generated clients are stable.
+    #[test]
+    fn every_operation_has_a_unique_camel_case_operation_id() {
+        let doc = serde_json::to_value(super::spec()).unwrap();
+        let mut seen = HashSet::new();
+        let mut count = 0;
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for (method, op) in item.as_object().unwrap() {
+                let id = op["operationId"]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("{method} {path} has no operationId"));
+                assert!(
+                    id.chars().next().is_some_and(|c| c.is_ascii_lowercase())
+                        && id.chars().all(|c| c.is_ascii_alphanumeric()),
+                    "{method} {path}: operationId {id:?} is not camelCase"
+                );
+                assert!(
+                    seen.insert(id.to_string()),
+                    "operationId {id:?} repeats ({method} {path})"
+                );
+                count += 1;
+            }
+        }
+        assert!(count >= 50, "only {count} operations documented");
     }
 }

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{auth::Auth, error::ApiError, extract::ApiJson, routes::jobs::Page, AppState};
 
-#[utoipa::path(get, path = "/v1/workers", tag = "operations",
+#[utoipa::path(get, operation_id = "listWorkers", path = "/v1/workers", tag = "operations",
     responses((status = 200, body = Page<WorkerInfo>)), security(("bearer" = [])))]
 pub async fn workers(
     State(state): State<AppState>,
@@ -30,7 +30,7 @@ pub async fn workers(
     }))
 }
 
-#[utoipa::path(get, path = "/v1/queues", tag = "operations",
+#[utoipa::path(get, operation_id = "listQueues", path = "/v1/queues", tag = "operations",
     responses((status = 200, body = Page<QueueStats>)), security(("bearer" = [])))]
 pub async fn queues(
     State(state): State<AppState>,
@@ -52,7 +52,7 @@ pub struct KindInfo {
     pub description: &'static str,
 }
 
-#[utoipa::path(get, path = "/v1/kinds", tag = "jobs",
+#[utoipa::path(get, operation_id = "listKinds", path = "/v1/kinds", tag = "jobs",
     responses((status = 200, body = Page<KindInfo>)), security(("bearer" = [])))]
 pub async fn kinds_list(auth: Auth) -> Result<Json<Page<KindInfo>>, ApiError> {
     auth.require(Role::Read)?;
@@ -90,7 +90,7 @@ pub struct CreatedKey {
     pub key: String,
 }
 
-#[utoipa::path(post, path = "/v1/api-keys", tag = "operations", request_body = CreateKey,
+#[utoipa::path(post, operation_id = "createApiKey", path = "/v1/api-keys", tag = "operations", request_body = CreateKey,
     responses((status = 201, body = CreatedKey), (status = 403, body = crate::error::Problem),
               (status = 422, body = crate::error::Problem)),
     security(("bearer" = [])))]
@@ -127,7 +127,7 @@ pub async fn create_key(
     Ok((StatusCode::CREATED, Json(CreatedKey { info, key })))
 }
 
-#[utoipa::path(get, path = "/v1/api-keys", tag = "operations",
+#[utoipa::path(get, operation_id = "listApiKeys", path = "/v1/api-keys", tag = "operations",
     responses((status = 200, body = Page<ApiKey>)), security(("bearer" = [])))]
 pub async fn list_keys(
     State(state): State<AppState>,

@@ -62,7 +62,7 @@ fn not_satisfiable(size: u64) -> Response {
     res
 }
 
-#[utoipa::path(get, path = "/v1/jobs/{id}/artifacts/{name}", tag = "jobs",
+#[utoipa::path(get, operation_id = "getJobArtifact", path = "/v1/jobs/{id}/artifacts/{name}", tag = "jobs",
     params(("id" = String, Path), ("name" = String, Path, description = "e.g. audio.wav"),
            ("Range" = Option<String>, Header, description = "bytes=a-b, bytes=a- or bytes=-n")),
     responses((status = 200, description = "the whole file, with its content type"),

@@ -162,7 +162,7 @@ async fn submit_and_wait(
     )
 }
 
-#[utoipa::path(post, path = "/v1/code/execute", tag = "code", request_body = ExecuteCode,
+#[utoipa::path(post, operation_id = "executeCode", path = "/v1/code/execute", tag = "code", request_body = ExecuteCode,
     responses((status = 200, description = "finished (see `success`)", body = ExecuteResponse),
               (status = 202, description = "still running; poll `/v1/jobs/{job_id}`", body = ExecuteResponse),
               (status = 422, description = "a field is invalid (the problem names it)", body = crate::error::Problem)),
@@ -294,7 +294,7 @@ pub struct ValidateResponse {
 /// How long a syntax check may take (it is a parse, milliseconds on an idle worker).
 const VALIDATE_WAIT: Duration = Duration::from_secs(15);
 
-#[utoipa::path(post, path = "/v1/code/validate", tag = "code", request_body = ValidateCode,
+#[utoipa::path(post, operation_id = "validateCode", path = "/v1/code/validate", tag = "code", request_body = ValidateCode,
     responses((status = 200, description = "checked", body = ValidateResponse),
               (status = 422, description = "a field is invalid (the problem names it)", body = crate::error::Problem),
               (status = 503, description = "no code worker answered in time", body = crate::error::Problem)),
@@ -341,7 +341,7 @@ pub async fn validate(
     }
 }
 
-#[utoipa::path(get, path = "/v1/code/cache/stats", tag = "code",
+#[utoipa::path(get, operation_id = "getCodeCacheStats", path = "/v1/code/cache/stats", tag = "code",
     responses((status = 200, description = "the namespace's cache", body = CacheStats)),
     security(("bearer" = [])))]
 pub async fn cache_stats(
@@ -361,8 +361,11 @@ pub struct CacheCleared {
     pub deleted: u64,
 }
 
-#[utoipa::path(delete, path = "/v1/code/cache", tag = "code",
-    params(("older_than_hours" = Option<f64>, Query,
+/// The largest `older_than_hours` (100 years): beyond it the cutoff leaves the time range.
+const MAX_OLDER_THAN_HOURS: f64 = 876_000.0;
+
+#[utoipa::path(delete, operation_id = "clearCodeCache", path = "/v1/code/cache", tag = "code",
+    params(("older_than_hours" = Option<f64>, Query, minimum = 0, maximum = 876_000,
             description = "only entries created at least this many hours ago (expired ones always go); omitted = all")),
     responses((status = 200, description = "removed", body = CacheCleared),
               (status = 422, description = "bad `older_than_hours`", body = crate::error::Problem)),
@@ -380,9 +383,12 @@ pub async fn cache_clear(
                 let hours: f64 = v
                     .parse()
                     .ok()
-                    .filter(|h: &f64| h.is_finite() && *h >= 0.0)
+                    .filter(|h: &f64| (0.0..=MAX_OLDER_THAN_HOURS).contains(h))
                     .ok_or_else(|| {
-                        ApiError::field("older_than_hours", "must be a number of hours ≥ 0")
+                        ApiError::field(
+                            "older_than_hours",
+                            format!("must be a number of hours from 0 to {MAX_OLDER_THAN_HOURS}"),
+                        )
                     })?;
                 older_than = Some(Duration::from_secs_f64(hours * 3600.0));
             }

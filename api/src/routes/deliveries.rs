@@ -47,10 +47,10 @@ fn parse_uuid(field: &str, v: &str) -> Result<Uuid, ApiError> {
         .map_err(|_| ApiError::field(field, "must be a UUID"))
 }
 
-#[utoipa::path(get, path = "/v1/deliveries", tag = "deliveries",
-    params(("job_id" = Option<String>, Query), ("subscription_id" = Option<String>, Query),
-           ("status" = Option<String>, Query, description = "waiting, pending, succeeded or failed"),
-           ("limit" = Option<i64>, Query), ("cursor" = Option<String>, Query)),
+#[utoipa::path(get, operation_id = "listDeliveries", path = "/v1/deliveries", tag = "deliveries",
+    params(("job_id" = Option<uuid::Uuid>, Query), ("subscription_id" = Option<uuid::Uuid>, Query),
+           ("status" = Option<capibara_shared::domain::delivery::DeliveryStatus>, Query),
+           ("limit" = Option<i64>, Query, minimum = 1, maximum = 500), ("cursor" = Option<String>, Query, pattern = "^[A-Za-z0-9_-]{21}[AQgw]$", description = "`next_cursor` of the previous page")),
     responses((status = 200, body = Page<Delivery>), (status = 422, body = crate::error::Problem)),
     security(("bearer" = [])))]
 pub async fn list(
@@ -95,7 +95,7 @@ async fn load(state: &AppState, auth: &Auth, id: &str) -> Result<Delivery, ApiEr
         .ok_or_else(|| ApiError::NotFound(format!("no delivery `{id}`")))
 }
 
-#[utoipa::path(get, path = "/v1/deliveries/{id}", tag = "deliveries", params(("id" = String, Path)),
+#[utoipa::path(get, operation_id = "getDelivery", path = "/v1/deliveries/{id}", tag = "deliveries", params(("id" = String, Path)),
     responses((status = 200, body = DeliveryDetail), (status = 404, body = crate::error::Problem)),
     security(("bearer" = [])))]
 pub async fn get(
@@ -112,7 +112,7 @@ pub async fn get(
     }))
 }
 
-#[utoipa::path(post, path = "/v1/deliveries/{id}/redeliver", tag = "deliveries", params(("id" = String, Path)),
+#[utoipa::path(post, operation_id = "redeliverDelivery", path = "/v1/deliveries/{id}/redeliver", tag = "deliveries", params(("id" = String, Path)),
     responses((status = 202, description = "queued again", body = Delivery),
               (status = 409, description = "still being delivered", body = crate::error::Problem)),
     security(("bearer" = [])))]

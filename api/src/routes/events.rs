@@ -147,14 +147,14 @@ async fn cursor_after(
     }
 }
 
-#[utoipa::path(get, path = "/v1/events", tag = "events",
-    params(("types" = Option<String>, Query, description = "comma-separated event types, e.g. JobSucceeded,JobFailed"),
-           ("stream_type" = Option<String>, Query, description = "job, run, workflow, schedule, trigger, delivery or model"),
+#[utoipa::path(get, operation_id = "listEvents", path = "/v1/events", tag = "events",
+    params(("types" = Option<String>, Query, pattern = "^[A-Z][A-Za-z0-9]{0,63}(,[A-Z][A-Za-z0-9]{0,63})*$", description = "comma-separated event types, e.g. JobSucceeded,JobFailed"),
+           ("stream_type" = Option<String>, Query, pattern = "^(job|run|workflow|schedule|trigger|delivery|model)$", description = "job, run, workflow, schedule, trigger, delivery or model"),
            ("kind" = Option<String>, Query, description = "job kind (job events)"),
-           ("tag" = Option<String>, Query, description = "k:v, repeatable; every one must match (job events)"),
-           ("after" = Option<String>, Query, description = "an event id: continue after it (JSON: default the start of the log; SSE: default live events only)"),
-           ("Last-Event-ID" = Option<String>, Header, description = "SSE resume; takes precedence over `after`"),
-           ("limit" = Option<i64>, Query, description = "JSON page size, 1-500 (default 50)")),
+           ("tag" = Option<String>, Query, pattern = "^[^:]+:", description = "k:v, repeatable; every one must match (job events)"),
+           ("after" = Option<i64>, Query, minimum = 0, description = "an event id: continue after it (JSON: default the start of the log; SSE: default live events only)"),
+           ("Last-Event-ID" = Option<i64>, Header, minimum = 0, description = "SSE resume; takes precedence over `after`"),
+           ("limit" = Option<i64>, Query, minimum = 1, maximum = 500, description = "JSON page size, 1-500 (default 50)")),
     responses((status = 200, description = "JSON page (`next_cursor`: pass as `after` to continue; the firehose never ends), \
                 or text/event-stream with Accept: text/event-stream (never closes by itself)",
                body = Page<EventEnvelope>),

@@ -224,7 +224,7 @@ pub fn job_response(job: &Job, waited: Option<Duration>, replayed: bool) -> Resp
     res
 }
 
-#[utoipa::path(post, path = "/v1/jobs", tag = "jobs", request_body = SubmitJob,
+#[utoipa::path(post, operation_id = "submitJob", path = "/v1/jobs", tag = "jobs", request_body = SubmitJob,
     params(("Prefer" = Option<String>, Header, description = "wait=N: wait up to N seconds (≤ 60) for the result"),
            ("Idempotency-Key" = Option<String>, Header, description = "replays return the same job")),
     responses((status = 200, description = "finished within the wait", body = Job),
@@ -340,7 +340,7 @@ async fn replay(
     Ok(store::jobs::get(&state.store.pool, auth.namespace(), id).await?)
 }
 
-#[utoipa::path(post, path = "/v1/jobs/batch", tag = "jobs", request_body = SubmitBatch,
+#[utoipa::path(post, operation_id = "submitJobBatch", path = "/v1/jobs/batch", tag = "jobs", request_body = SubmitBatch,
     responses((status = 202, description = "all accepted, in order", body = Page<Job>),
               (status = 422, body = crate::error::Problem)),
     security(("bearer" = [])))]
@@ -457,10 +457,10 @@ pub fn decode_cursor(s: &str) -> Result<Uuid, ApiError> {
         .ok_or_else(|| ApiError::field("cursor", "is not a cursor returned by this API"))
 }
 
-#[utoipa::path(get, path = "/v1/jobs", tag = "jobs",
-    params(("status" = Option<String>, Query), ("kind" = Option<String>, Query), ("queue" = Option<String>, Query),
-           ("tag" = Option<String>, Query, description = "k:v, repeatable"), ("limit" = Option<i64>, Query),
-           ("cursor" = Option<String>, Query)),
+#[utoipa::path(get, operation_id = "listJobs", path = "/v1/jobs", tag = "jobs",
+    params(("status" = Option<capibara_shared::domain::job::JobStatus>, Query), ("kind" = Option<String>, Query), ("queue" = Option<String>, Query),
+           ("tag" = Option<String>, Query, pattern = ":", description = "k:v, repeatable"), ("limit" = Option<i64>, Query, minimum = 1, maximum = 500),
+           ("cursor" = Option<String>, Query, pattern = "^[A-Za-z0-9_-]{21}[AQgw]$", description = "`next_cursor` of the previous page")),
     responses((status = 200, body = Page<Job>), (status = 422, body = crate::error::Problem)),
     security(("bearer" = [])))]
 pub async fn list(
@@ -513,7 +513,7 @@ async fn load(state: &AppState, auth: &Auth, id: Uuid) -> Result<Job, ApiError> 
         .ok_or_else(|| ApiError::NotFound(format!("no job `{id}`")))
 }
 
-#[utoipa::path(get, path = "/v1/jobs/{id}", tag = "jobs",
+#[utoipa::path(get, operation_id = "getJob", path = "/v1/jobs/{id}", tag = "jobs",
     params(("id" = String, Path), ("Prefer" = Option<String>, Header, description = "wait=N")),
     responses((status = 200, body = Job), (status = 202, description = "still running after the wait", body = Job),
               (status = 404, body = crate::error::Problem)),
@@ -555,9 +555,9 @@ fn parse_after(headers: &HeaderMap, q: &[(String, String)]) -> Result<i64, ApiEr
     }
 }
 
-#[utoipa::path(get, path = "/v1/jobs/{id}/events", tag = "jobs",
-    params(("id" = String, Path), ("after" = Option<String>, Query), ("Last-Event-ID" = Option<String>, Header),
-           ("limit" = Option<i64>, Query)),
+#[utoipa::path(get, operation_id = "listJobEvents", path = "/v1/jobs/{id}/events", tag = "jobs",
+    params(("id" = String, Path), ("after" = Option<i64>, Query, minimum = 0, description = "an event id: continue after it"), ("Last-Event-ID" = Option<i64>, Header, minimum = 0, description = "SSE resume; takes precedence over `after`"),
+           ("limit" = Option<i64>, Query, minimum = 1, maximum = 500)),
     responses((status = 200, description = "JSON page, or text/event-stream with Accept: text/event-stream",
                body = Page<EventEnvelope>)),
     security(("bearer" = [])))]
@@ -662,7 +662,7 @@ fn sse(state: AppState, id: Uuid, mut after: i64, terminal: fn(&str) -> bool) ->
     Sse::new(ReceiverStream::new(rx)).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
 }
 
-#[utoipa::path(post, path = "/v1/jobs/{id}/cancel", tag = "jobs", params(("id" = String, Path)),
+#[utoipa::path(post, operation_id = "cancelJob", path = "/v1/jobs/{id}/cancel", tag = "jobs", params(("id" = String, Path)),
     responses((status = 200, description = "canceled", body = Job),
               (status = 202, description = "running; the worker was told to stop", body = Job),
               (status = 409, description = "already finished", body = crate::error::Problem)),
@@ -714,7 +714,7 @@ pub async fn cancel(
     ))
 }
 
-#[utoipa::path(post, path = "/v1/jobs/{id}/retry", tag = "jobs", params(("id" = String, Path)),
+#[utoipa::path(post, operation_id = "retryJob", path = "/v1/jobs/{id}/retry", tag = "jobs", params(("id" = String, Path)),
     responses((status = 202, description = "queued again with a fresh budget of attempts", body = Job),
               (status = 409, description = "not failed or canceled", body = crate::error::Problem)),
     security(("bearer" = [])))]

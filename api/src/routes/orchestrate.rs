@@ -87,7 +87,7 @@ pub struct OrchestrateResponse {
 /// Identical requests within this window return the same job.
 const DEDUP_WINDOW_S: i64 = 3600;
 
-#[utoipa::path(post, path = "/v1/orchestrate", tag = "jobs", request_body = Orchestrate,
+#[utoipa::path(post, operation_id = "orchestrate", path = "/v1/orchestrate", tag = "jobs", request_body = Orchestrate,
     responses((status = 200, description = "finished within the wait", body = OrchestrateResponse),
               (status = 202, description = "accepted; poll `location`", body = OrchestrateResponse),
               (status = 422, description = "unknown intent: the detail lists the available ones", body = crate::error::Problem)),

@@ -128,9 +128,9 @@ pub async fn until_ended(
     .await
 }
 
-#[utoipa::path(get, path = "/v1/runs", tag = "workflows",
-    params(("workflow_id" = Option<String>, Query), ("status" = Option<String>, Query),
-           ("limit" = Option<i64>, Query), ("cursor" = Option<String>, Query)),
+#[utoipa::path(get, operation_id = "listRuns", path = "/v1/runs", tag = "workflows",
+    params(("workflow_id" = Option<uuid::Uuid>, Query), ("status" = Option<capibara_shared::domain::run::RunStatus>, Query),
+           ("limit" = Option<i64>, Query, minimum = 1, maximum = 500), ("cursor" = Option<String>, Query, pattern = "^[A-Za-z0-9_-]{21}[AQgw]$", description = "`next_cursor` of the previous page")),
     responses((status = 200, body = Page<Run>), (status = 422, body = crate::error::Problem)),
     security(("bearer" = [])))]
 pub async fn list(
@@ -170,7 +170,7 @@ pub async fn list(
     Ok(Json(Page::from_extra_row(items, limit, |r| r.id)))
 }
 
-#[utoipa::path(get, path = "/v1/runs/{id}", tag = "workflows",
+#[utoipa::path(get, operation_id = "getRun", path = "/v1/runs/{id}", tag = "workflows",
     params(("id" = String, Path), ("Prefer" = Option<String>, Header, description = "wait=N")),
     responses((status = 200, body = Run), (status = 202, description = "not ended after the wait", body = Run),
               (status = 404, body = crate::error::Problem)),
@@ -194,9 +194,9 @@ fn terminal_type(t: &str) -> bool {
     matches!(t, "RunSucceeded" | "RunFailed" | "RunCanceled")
 }
 
-#[utoipa::path(get, path = "/v1/runs/{id}/events", tag = "workflows",
-    params(("id" = String, Path), ("after" = Option<String>, Query), ("Last-Event-ID" = Option<String>, Header),
-           ("limit" = Option<i64>, Query)),
+#[utoipa::path(get, operation_id = "listRunEvents", path = "/v1/runs/{id}/events", tag = "workflows",
+    params(("id" = String, Path), ("after" = Option<i64>, Query, minimum = 0, description = "an event id: continue after it"), ("Last-Event-ID" = Option<i64>, Header, minimum = 0, description = "SSE resume; takes precedence over `after`"),
+           ("limit" = Option<i64>, Query, minimum = 1, maximum = 500)),
     responses((status = 200, description = "JSON page, or text/event-stream with Accept: text/event-stream",
                body = Page<EventEnvelope>)),
     security(("bearer" = [])))]
@@ -259,7 +259,7 @@ async fn change(
     ))
 }
 
-#[utoipa::path(post, path = "/v1/runs/{id}/cancel", tag = "workflows", params(("id" = String, Path)),
+#[utoipa::path(post, operation_id = "cancelRun", path = "/v1/runs/{id}/cancel", tag = "workflows", params(("id" = String, Path)),
     responses((status = 200, description = "canceled; running step jobs were told to stop", body = Run),
               (status = 409, description = "already ended", body = crate::error::Problem)),
     security(("bearer" = [])))]
@@ -284,7 +284,7 @@ pub async fn cancel(
     Ok(Json(run))
 }
 
-#[utoipa::path(post, path = "/v1/runs/{id}/retry", tag = "workflows", params(("id" = String, Path)),
+#[utoipa::path(post, operation_id = "retryRun", path = "/v1/runs/{id}/retry", tag = "workflows", params(("id" = String, Path)),
     responses((status = 202, description = "running again from the steps that did not succeed", body = Run),
               (status = 409, description = "not failed or canceled", body = crate::error::Problem)),
     security(("bearer" = [])))]
@@ -329,7 +329,7 @@ pub struct SignalBody {
     pub payload: Value,
 }
 
-#[utoipa::path(post, path = "/v1/runs/{id}/signals/{name}", tag = "workflows",
+#[utoipa::path(post, operation_id = "signalRun", path = "/v1/runs/{id}/signals/{name}", tag = "workflows",
     params(("id" = String, Path), ("name" = String, Path, description = "the approval step's id")),
     request_body = SignalBody,
     responses((status = 202, description = "recorded; the step succeeds with the payload", body = Run),

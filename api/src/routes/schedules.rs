@@ -235,7 +235,7 @@ async fn write(
     }
 }
 
-#[utoipa::path(post, path = "/v1/schedules", tag = "schedules", request_body = CreateSchedule,
+#[utoipa::path(post, operation_id = "createSchedule", path = "/v1/schedules", tag = "schedules", request_body = CreateSchedule,
     responses((status = 201, body = ScheduleView), (status = 422, body = crate::error::Problem)),
     security(("bearer" = [])))]
 pub async fn create(
@@ -270,7 +270,7 @@ pub async fn create(
     Ok((StatusCode::CREATED, Json(ScheduleView::from(s))).into_response())
 }
 
-#[utoipa::path(get, path = "/v1/schedules", tag = "schedules",
+#[utoipa::path(get, operation_id = "listSchedules", path = "/v1/schedules", tag = "schedules",
     responses((status = 200, body = Page<ScheduleView>)), security(("bearer" = [])))]
 pub async fn list(
     State(state): State<AppState>,
@@ -288,7 +288,7 @@ pub async fn list(
     }))
 }
 
-#[utoipa::path(get, path = "/v1/schedules/{id}", tag = "schedules", params(("id" = String, Path)),
+#[utoipa::path(get, operation_id = "getSchedule", path = "/v1/schedules/{id}", tag = "schedules", params(("id" = String, Path)),
     responses((status = 200, body = ScheduleView), (status = 404, body = crate::error::Problem)),
     security(("bearer" = [])))]
 pub async fn get(
@@ -300,7 +300,7 @@ pub async fn get(
     Ok(Json(load(&state, &auth, &id).await?.into()))
 }
 
-#[utoipa::path(patch, path = "/v1/schedules/{id}", tag = "schedules", params(("id" = String, Path)),
+#[utoipa::path(patch, operation_id = "updateSchedule", path = "/v1/schedules/{id}", tag = "schedules", params(("id" = String, Path)),
     request_body = UpdateSchedule, responses((status = 200, body = ScheduleView), (status = 422, body = crate::error::Problem)),
     security(("bearer" = [])))]
 pub async fn update(
@@ -359,7 +359,7 @@ async fn simple(
     ))
 }
 
-#[utoipa::path(post, path = "/v1/schedules/{id}/pause", tag = "schedules", params(("id" = String, Path)),
+#[utoipa::path(post, operation_id = "pauseSchedule", path = "/v1/schedules/{id}/pause", tag = "schedules", params(("id" = String, Path)),
     responses((status = 200, body = ScheduleView)), security(("bearer" = [])))]
 pub async fn pause(
     State(state): State<AppState>,
@@ -369,7 +369,7 @@ pub async fn pause(
     simple(&state, &auth, &id, ScheduleEvent::SchedulePaused {}).await
 }
 
-#[utoipa::path(post, path = "/v1/schedules/{id}/resume", tag = "schedules", params(("id" = String, Path)),
+#[utoipa::path(post, operation_id = "resumeSchedule", path = "/v1/schedules/{id}/resume", tag = "schedules", params(("id" = String, Path)),
     responses((status = 200, description = "ticks continue from now (missed ones are not fired)", body = ScheduleView)),
     security(("bearer" = [])))]
 pub async fn resume(
@@ -380,7 +380,7 @@ pub async fn resume(
     simple(&state, &auth, &id, ScheduleEvent::ScheduleResumed {}).await
 }
 
-#[utoipa::path(delete, path = "/v1/schedules/{id}", tag = "schedules", params(("id" = String, Path)),
+#[utoipa::path(delete, operation_id = "deleteSchedule", path = "/v1/schedules/{id}", tag = "schedules", params(("id" = String, Path)),
     responses((status = 204, description = "deleted (its history stays in the log)")), security(("bearer" = [])))]
 pub async fn delete(
     State(state): State<AppState>,
@@ -391,7 +391,7 @@ pub async fn delete(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[utoipa::path(post, path = "/v1/schedules/{id}/trigger", tag = "schedules", params(("id" = String, Path)),
+#[utoipa::path(post, operation_id = "triggerSchedule", path = "/v1/schedules/{id}/trigger", tag = "schedules", params(("id" = String, Path)),
     responses((status = 202, description = "fired now; `last_job_id` is the job", body = ScheduleView)),
     security(("bearer" = [])))]
 pub async fn trigger(
@@ -467,7 +467,7 @@ fn tick_job(
     .map_err(|e| ApiError::Internal(e.to_string()))
 }
 
-#[utoipa::path(post, path = "/v1/schedules/{id}/backfill", tag = "schedules", params(("id" = String, Path)),
+#[utoipa::path(post, operation_id = "backfillSchedule", path = "/v1/schedules/{id}/backfill", tag = "schedules", params(("id" = String, Path)),
     request_body = Backfill,
     responses((status = 202, description = "every tick in [from, to] not fired yet is fired now", body = ScheduleView),
               (status = 422, body = crate::error::Problem)),

@@ -42,7 +42,7 @@ fn check_name(name: &str) -> Result<(), ApiError> {
     }
 }
 
-#[utoipa::path(put, path = "/v1/secrets/{name}", tag = "workflows", params(("name" = String, Path)),
+#[utoipa::path(put, operation_id = "putSecret", path = "/v1/secrets/{name}", tag = "workflows", params(("name" = String, Path)),
     request_body = PutSecret,
     responses((status = 200, description = "stored (the value is never returned)", body = SecretInfo),
               (status = 422, body = crate::error::Problem)),
@@ -69,7 +69,7 @@ pub async fn put(
     ))
 }
 
-#[utoipa::path(get, path = "/v1/secrets", tag = "workflows",
+#[utoipa::path(get, operation_id = "listSecrets", path = "/v1/secrets", tag = "workflows",
     responses((status = 200, description = "names and times, never values", body = SecretList)),
     security(("bearer" = [])))]
 pub async fn list(State(state): State<AppState>, auth: Auth) -> Result<Json<SecretList>, ApiError> {
@@ -79,7 +79,7 @@ pub async fn list(State(state): State<AppState>, auth: Auth) -> Result<Json<Secr
     }))
 }
 
-#[utoipa::path(delete, path = "/v1/secrets/{name}", tag = "workflows", params(("name" = String, Path)),
+#[utoipa::path(delete, operation_id = "deleteSecret", path = "/v1/secrets/{name}", tag = "workflows", params(("name" = String, Path)),
     responses((status = 204), (status = 404, body = crate::error::Problem)),
     security(("bearer" = [])))]
 pub async fn delete(

@@ -80,7 +80,7 @@ async fn load(state: &AppState, auth: &Auth, id: &str) -> Result<Subscription, A
         .ok_or_else(|| ApiError::NotFound(format!("no subscription `{id}`")))
 }
 
-#[utoipa::path(post, path = "/v1/subscriptions", tag = "deliveries", request_body = CreateSubscription,
+#[utoipa::path(post, operation_id = "createSubscription", path = "/v1/subscriptions", tag = "deliveries", request_body = CreateSubscription,
     responses((status = 201, body = CreatedSubscription), (status = 422, body = crate::error::Problem)),
     security(("bearer" = [])))]
 pub async fn create(
@@ -117,7 +117,7 @@ pub async fn create(
         .into_response())
 }
 
-#[utoipa::path(get, path = "/v1/subscriptions", tag = "deliveries",
+#[utoipa::path(get, operation_id = "listSubscriptions", path = "/v1/subscriptions", tag = "deliveries",
     responses((status = 200, body = Page<Subscription>)), security(("bearer" = [])))]
 pub async fn list(
     State(state): State<AppState>,
@@ -131,7 +131,7 @@ pub async fn list(
     }))
 }
 
-#[utoipa::path(get, path = "/v1/subscriptions/{id}", tag = "deliveries", params(("id" = String, Path)),
+#[utoipa::path(get, operation_id = "getSubscription", path = "/v1/subscriptions/{id}", tag = "deliveries", params(("id" = String, Path)),
     responses((status = 200, body = Subscription), (status = 404, body = crate::error::Problem)),
     security(("bearer" = [])))]
 pub async fn get(
@@ -143,7 +143,7 @@ pub async fn get(
     Ok(Json(load(&state, &auth, &id).await?))
 }
 
-#[utoipa::path(patch, path = "/v1/subscriptions/{id}", tag = "deliveries", params(("id" = String, Path)),
+#[utoipa::path(patch, operation_id = "updateSubscription", path = "/v1/subscriptions/{id}", tag = "deliveries", params(("id" = String, Path)),
     request_body = UpdateSubscription,
     responses((status = 200, body = Subscription), (status = 422, body = crate::error::Problem)),
     security(("bearer" = [])))]
@@ -189,7 +189,7 @@ async fn set_status(
     Ok(Json(sub))
 }
 
-#[utoipa::path(post, path = "/v1/subscriptions/{id}/pause", tag = "deliveries", params(("id" = String, Path)),
+#[utoipa::path(post, operation_id = "pauseSubscription", path = "/v1/subscriptions/{id}/pause", tag = "deliveries", params(("id" = String, Path)),
     responses((status = 200, description = "paused: events are not delivered while paused", body = Subscription)),
     security(("bearer" = [])))]
 pub async fn pause(
@@ -200,7 +200,7 @@ pub async fn pause(
     set_status(&state, &auth, &id, "paused").await
 }
 
-#[utoipa::path(post, path = "/v1/subscriptions/{id}/resume", tag = "deliveries", params(("id" = String, Path)),
+#[utoipa::path(post, operation_id = "resumeSubscription", path = "/v1/subscriptions/{id}/resume", tag = "deliveries", params(("id" = String, Path)),
     responses((status = 200, body = Subscription)), security(("bearer" = [])))]
 pub async fn resume(
     State(state): State<AppState>,
@@ -210,7 +210,7 @@ pub async fn resume(
     set_status(&state, &auth, &id, "active").await
 }
 
-#[utoipa::path(delete, path = "/v1/subscriptions/{id}", tag = "deliveries", params(("id" = String, Path)),
+#[utoipa::path(delete, operation_id = "deleteSubscription", path = "/v1/subscriptions/{id}", tag = "deliveries", params(("id" = String, Path)),
     responses((status = 204, description = "deleted; its deliveries keep their history"),
               (status = 404, body = crate::error::Problem)),
     security(("bearer" = [])))]

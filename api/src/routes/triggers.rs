@@ -74,7 +74,7 @@ fn meta(auth: &Auth) -> EventMetadata {
     }
 }
 
-#[utoipa::path(post, path = "/v1/triggers", tag = "schedules", request_body = CreateTrigger,
+#[utoipa::path(post, operation_id = "createTrigger", path = "/v1/triggers", tag = "schedules", request_body = CreateTrigger,
     responses((status = 201, body = TriggerView), (status = 422, body = crate::error::Problem)),
     security(("bearer" = [])))]
 pub async fn create(
@@ -144,7 +144,7 @@ pub async fn create(
     Ok((StatusCode::CREATED, Json(view(&state, t))).into_response())
 }
 
-#[utoipa::path(get, path = "/v1/triggers", tag = "schedules",
+#[utoipa::path(get, operation_id = "listTriggers", path = "/v1/triggers", tag = "schedules",
     responses((status = 200, body = Page<TriggerView>)), security(("bearer" = [])))]
 pub async fn list(
     State(state): State<AppState>,
@@ -171,7 +171,7 @@ async fn load(state: &AppState, auth: &Auth, id: &str) -> Result<Trigger, ApiErr
         .ok_or_else(|| ApiError::NotFound(format!("no trigger `{id}`")))
 }
 
-#[utoipa::path(get, path = "/v1/triggers/{id}", tag = "schedules", params(("id" = String, Path)),
+#[utoipa::path(get, operation_id = "getTrigger", path = "/v1/triggers/{id}", tag = "schedules", params(("id" = String, Path)),
     responses((status = 200, body = TriggerView), (status = 404, body = crate::error::Problem)),
     security(("bearer" = [])))]
 pub async fn get(
@@ -183,7 +183,7 @@ pub async fn get(
     Ok(Json(view(&state, load(&state, &auth, &id).await?)))
 }
 
-#[utoipa::path(delete, path = "/v1/triggers/{id}", tag = "schedules", params(("id" = String, Path)),
+#[utoipa::path(delete, operation_id = "deleteTrigger", path = "/v1/triggers/{id}", tag = "schedules", params(("id" = String, Path)),
     responses((status = 204, description = "deleted; its hook answers 404 from now on")), security(("bearer" = [])))]
 pub async fn delete(
     State(state): State<AppState>,

@@ -44,7 +44,7 @@ pub struct VoiceList {
     pub default: String,
 }
 
-#[utoipa::path(get, path = "/v1/tts/voices", tag = "tts",
+#[utoipa::path(get, operation_id = "listTtsVoices", path = "/v1/tts/voices", tag = "tts",
     responses((status = 200, description = "Piper voices in the voices directory, then espeak-ng's fallback", body = VoiceList)),
     security(("bearer" = [])))]
 pub async fn voices(
@@ -175,7 +175,7 @@ pub struct TtsResponse {
 /// How long `POST /v1/tts` waits without a `Prefer: wait` header.
 const DEFAULT_WAIT: Duration = Duration::from_secs(30);
 
-#[utoipa::path(post, path = "/v1/tts", tag = "tts", request_body = TtsRequest,
+#[utoipa::path(post, operation_id = "renderTts", path = "/v1/tts", tag = "tts", request_body = TtsRequest,
     params(("Prefer" = Option<String>, Header, description = "wait=N (≤ 60 s; default 30)"),
            ("Idempotency-Key" = Option<String>, Header, description = "replays return the same job")),
     responses((status = 200, description = "rendered; audio at audio_url", body = TtsResponse),
@@ -243,7 +243,7 @@ pub async fn render(
         .into_response())
 }
 
-#[utoipa::path(get, path = "/v1/tts/stream", tag = "tts",
+#[utoipa::path(get, operation_id = "streamTts", path = "/v1/tts/stream", tag = "tts",
     responses((status = 101, description = "WebSocket: send {text, streaming: true, voice?, …}; receive \
         {status: \"streaming\", chunk_id, total_chunks, audio_data, …} per sentence, then {status: \"complete\"} \
         (or {status: \"error\", error})")),

@@ -85,7 +85,7 @@ fn created(w: &Workflow, status: StatusCode) -> Response {
     res
 }
 
-#[utoipa::path(post, path = "/v1/workflows", tag = "workflows", request_body(content = WorkflowDef,
+#[utoipa::path(post, operation_id = "createWorkflow", path = "/v1/workflows", tag = "workflows", request_body(content = WorkflowDef,
         description = "JSON, or YAML with Content-Type: application/yaml"),
     responses((status = 201, body = Workflow), (status = 415, body = crate::error::Problem),
               (status = 422, description = "invalid definition; the error names the step", body = crate::error::Problem)),
@@ -116,7 +116,7 @@ pub async fn create(
     Ok(created(&w, StatusCode::CREATED))
 }
 
-#[utoipa::path(put, path = "/v1/workflows/{id}", tag = "workflows", params(("id" = String, Path)),
+#[utoipa::path(put, operation_id = "updateWorkflow", path = "/v1/workflows/{id}", tag = "workflows", params(("id" = String, Path)),
     request_body = WorkflowDef,
     responses((status = 200, description = "a new version", body = Workflow), (status = 404, body = crate::error::Problem),
               (status = 422, body = crate::error::Problem)),
@@ -154,8 +154,8 @@ pub async fn update(
     ))
 }
 
-#[utoipa::path(get, path = "/v1/workflows", tag = "workflows",
-    params(("limit" = Option<i64>, Query), ("cursor" = Option<String>, Query)),
+#[utoipa::path(get, operation_id = "listWorkflows", path = "/v1/workflows", tag = "workflows",
+    params(("limit" = Option<i64>, Query, minimum = 1, maximum = 500), ("cursor" = Option<String>, Query, pattern = "^[A-Za-z0-9_-]{21}[AQgw]$", description = "`next_cursor` of the previous page")),
     responses((status = 200, body = Page<Workflow>)), security(("bearer" = [])))]
 pub async fn list(
     State(state): State<AppState>,
@@ -182,7 +182,7 @@ pub async fn list(
     Ok(Json(Page::from_extra_row(items, limit, |w| w.id)))
 }
 
-#[utoipa::path(get, path = "/v1/workflows/{id}", tag = "workflows", params(("id" = String, Path)),
+#[utoipa::path(get, operation_id = "getWorkflow", path = "/v1/workflows/{id}", tag = "workflows", params(("id" = String, Path)),
     responses((status = 200, description = "the workflow with every version", body = Workflow),
               (status = 404, body = crate::error::Problem)),
     security(("bearer" = [])))]
@@ -195,7 +195,7 @@ pub async fn get(
     Ok(Json(load(&state, &auth, parse_id(&id)?).await?))
 }
 
-#[utoipa::path(delete, path = "/v1/workflows/{id}", tag = "workflows", params(("id" = String, Path)),
+#[utoipa::path(delete, operation_id = "deleteWorkflow", path = "/v1/workflows/{id}", tag = "workflows", params(("id" = String, Path)),
     responses((status = 204, description = "deleted; existing runs keep their version"),
               (status = 404, body = crate::error::Problem)),
     security(("bearer" = [])))]
@@ -240,7 +240,7 @@ pub struct StartRunBody {
     pub callback_url: Option<String>,
 }
 
-#[utoipa::path(post, path = "/v1/workflows/{id}/runs", tag = "workflows", params(("id" = String, Path),
+#[utoipa::path(post, operation_id = "startWorkflowRun", path = "/v1/workflows/{id}/runs", tag = "workflows", params(("id" = String, Path),
         ("Prefer" = Option<String>, Header, description = "wait=N: wait up to N seconds for the run to end"),
         ("Idempotency-Key" = Option<String>, Header)),
     request_body = StartRunBody,
