@@ -28,6 +28,28 @@
     if (e instanceof Error) return e.name + ": " + e.message;
     try { return "Uncaught " + JSON.stringify(e); } catch (_) { return "Uncaught " + String(e); }
   }
+  // `context`, and each top-level key of a `context` object as a global of its own
+  // ({"x": 5} -> x) when the key is an ASCII identifier, not a reserved word (nor `arguments`
+  // or `eval`), not `context` or `result`, and not a global already (JSON, Math, std, os,
+  // console, …: the runtime needs them). Every key stays reachable as context[key]
+  // (docs/code.md). The word list is only built for an object context (runs are metered).
+  function bindContext(context) {
+    if (context !== null && typeof context === "object" && !Array.isArray(context)) {
+      var reserved = " await break case catch class const continue debugger default delete do " +
+        "else enum export extends false finally for function if implements import in " +
+        "instanceof interface let new null package private protected public return static " +
+        "super switch this throw true try typeof var void while with yield arguments eval " +
+        "context result ";
+      for (var key in context) {
+        if (Object.prototype.hasOwnProperty.call(context, key) &&
+            /^[A-Za-z_$][A-Za-z0-9_$]*$/.test(key) && reserved.indexOf(" " + key + " ") < 0 &&
+            !(key in globalThis)) {
+          globalThis[key] = context[key];
+        }
+      }
+    }
+    globalThis.context = context;
+  }
   if (job.check) {
     try {
       std.evalScript(job.code, { compile_only: true });
@@ -37,7 +59,7 @@
       report = { valid: false, message: describe(e), line: w.line, column: w.column };
     }
   } else {
-    globalThis.context = job.context;
+    bindContext(job.context);
     try {
       std.evalScript(job.code);
       var result = std.evalScript("typeof result === 'undefined' ? undefined : result");

@@ -1,7 +1,7 @@
 # Runs one code.run job inside the CPython WASI build (the fallback when the pre-initialized
 # component is absent). The job arrives as JSON on stdin: {code, context, nonce, check}; the
 # report goes to stdout after `nonce`, so the host can tell it from what the code printed.
-import builtins, json, sys, time, traceback
+import builtins, json, keyword, sys, time, traceback
 
 _real_sleep = time.sleep
 
@@ -16,6 +16,18 @@ def _sleep(seconds):
 
 time.sleep = _sleep
 
+def _scope(context):
+    # The same globals as sandbox/python/app.py's _scope: `context`, and each top-level key
+    # that is an identifier, not a keyword, not a dunder and not `context`/`result`.
+    scope = {}
+    if isinstance(context, dict):
+        for key, value in context.items():
+            if (key.isidentifier() and not keyword.iskeyword(key) and not key.startswith("__")
+                    and key not in ("context", "result")):
+                scope[key] = value
+    scope.update(__name__="__main__", __builtins__=builtins, context=context)
+    return scope
+
 def _main():
     job = json.loads(sys.stdin.read())
     if job.get("check"):
@@ -29,7 +41,7 @@ def _main():
             report = {"valid": False, "message": f"{type(e).__name__}: {e}"}
     else:
         report = {"status": "ok", "exit_code": 0}
-        scope = {"__name__": "__main__", "__builtins__": builtins, "context": job["context"]}
+        scope = _scope(job["context"])
         try:
             try:
                 code = compile(job["code"], "<code>", "exec")

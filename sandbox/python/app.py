@@ -28,6 +28,7 @@ import html
 import io
 import itertools
 import json
+import keyword  # for binding context keys; dataclasses imports it anyway
 import math
 import operator
 import random
@@ -86,12 +87,26 @@ def _user_traceback(exc):
     return "".join(traceback.format_exception(type(exc), exc, tb))
 
 
+def _scope(context):
+    """The globals a run starts with: `context`, and each top-level key of a `context` object
+    as a variable of its own (`{"x": 5}` -> `x`), when the key is a Python identifier, not a
+    keyword, not a dunder and not `context` or `result` (docs/code.md). Every key stays
+    reachable as `context[key]`."""
+    scope = {}
+    if isinstance(context, dict):
+        for key, value in context.items():
+            if (key.isidentifier() and not keyword.iskeyword(key) and not key.startswith("__")
+                    and key not in ("context", "result")):
+                scope[key] = value
+    scope.update(__name__="__main__", __builtins__=builtins, context=context)
+    return scope
+
+
 class WitWorld(wit_world.WitWorld):
     def exec(self, code: str, context_json: str) -> str:
         report = {"status": "ok", "exit_code": 0}
         try:
-            context = json.loads(context_json)
-            scope = {"__name__": "__main__", "__builtins__": builtins, "context": context}
+            scope = _scope(json.loads(context_json))
             try:
                 compiled = compile(code, "<code>", "exec")
             except SyntaxError as exc:

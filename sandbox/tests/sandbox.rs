@@ -424,10 +424,67 @@ fn the_cpython_wasi_fallback_runs_python_too() {
     assert_eq!(v.line, Some(1));
 }
 
+/// The binding rule of docs/code.md, checked the same way in every runtime: identifier keys are
+/// variables; other keys, keywords, `context`/`result` and (JavaScript) existing globals are
+/// only under `context`.
+fn context_keys_are_variables_in(s: &Sandbox, language: Language, runtime: &str) {
+    let ctx = json!({"x": 5, "y": 3});
+    let e = s.run(&req(language, "result = x * y", &ctx));
+    assert_eq!(e.runtime, runtime);
+    assert_eq!(e.outcome.unwrap(), json!(15), "{}", e.stderr);
+
+    let ctx = json!({"my-key": 2, "class": 3, "context": 4, "result": 7, "n": 1,
+                     "JSON": 9, "Math": 9, "std": 9, "__proto__": 9, "__name__": 9});
+    let code = match language {
+        Language::Python => concat!(
+            "assert 'my-key' not in globals() and context['my-key'] == 2\n",
+            "assert context['class'] == 3 and isinstance(context, dict)\n",
+            "assert context['context'] == 4 and __name__ == '__main__'\n",
+            "result = [n, context['result']]",
+        ),
+        Language::Javascript => concat!(
+            "if (typeof JSON.stringify !== 'function' || Math.max(1, 2) !== 2) throw new Error('globals');\n",
+            "if (context['my-key'] !== 2 || context['class'] !== 3 || context.context !== 4) throw new Error('context');\n",
+            "if (context.JSON !== 9) throw new Error('context.JSON');\n",
+            "result = [n, context.result];",
+        ),
+    };
+    let e = s.run(&req(language, code, &ctx));
+    assert_eq!(e.outcome.unwrap(), json!([1, 7]), "{}", e.stderr);
+    // `result` in the context is not the run's result: only the code assigns that.
+    let e = s.run(&req(language, "n + 1", &json!({"n": 1, "result": 7})));
+    assert_eq!(e.outcome.unwrap(), Value::Null, "{}", e.stderr);
+    // A context that is not an object binds nothing but `context`.
+    let e = s.run(&req(language, "result = context", &json!([1, 2])));
+    assert_eq!(e.outcome.unwrap(), json!([1, 2]), "{}", e.stderr);
+    // Assigning to the variable leaves `context` as it was.
+    let code = match language {
+        Language::Python => {
+            "x = x + 1
+result = [x, context['x']]"
+        }
+        Language::Javascript => "x = x + 1; result = [x, context.x];",
+    };
+    let e = s.run(&req(language, code, &json!({"x": 1})));
+    assert_eq!(e.outcome.unwrap(), json!([2, 1]), "{}", e.stderr);
+}
+
+#[test]
+fn context_keys_are_variables_in_every_runtime() {
+    context_keys_are_variables_in(sandbox(), Language::Python, "python-component");
+    context_keys_are_variables_in(sandbox(), Language::Javascript, "quickjs");
+    let mut c = config();
+    c.python = PythonRuntime::Wasi;
+    let wasi = Sandbox::new(c).unwrap();
+    context_keys_are_variables_in(&wasi, Language::Python, "python-wasi");
+}
+
 #[test]
 fn fuel_bounds_cpu_when_enabled() {
     let mut c = config();
-    c.fuel = Some(5_000_000);
+    // Enough for QuickJS to start and run the wrapper (which binds context keys), far too
+    // little for an endless loop.
+    c.fuel = Some(20_000_000);
     let s = Sandbox::new(c).unwrap();
     let e = s.run(&req(Language::Javascript, "for (;;) {}", &Value::Null));
     assert_eq!(failure_kind(&e), FailureKind::CpuLimit);

@@ -264,6 +264,58 @@ async fn execute_answers_the_seed_shape_and_serves_repeats_from_the_cache() {
 }
 
 #[tokio::test]
+async fn execute_runs_the_seeds_examples_with_context_keys_as_variables() {
+    let (env, _procs) = start().await;
+    let api = env.client();
+    // The code-generation seed's own example, exactly as it sends it.
+    let r = api
+        .post(
+            "/v1/code/execute",
+            json!({"code": "result = x * y", "context": {"x": 5, "y": 3}}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.body["success"], true, "{r:?}");
+    assert_eq!(r.body["result"], 15);
+    let r = api
+        .post(
+            "/v1/code/execute",
+            json!({"code": "result = x * y", "language": "javascript", "context": {"x": 5, "y": 3}}),
+        )
+        .await;
+    assert_eq!(r.body["success"], true, "{r:?}");
+    assert_eq!(r.body["result"], 15);
+    // The cache key covers the context: other values are another run, not the cached 15.
+    let r = api
+        .post(
+            "/v1/code/execute",
+            json!({"code": "result = x * y", "context": {"x": 2, "y": 3}}),
+        )
+        .await;
+    assert_eq!(
+        (&r.body["result"], &r.body["cached"]),
+        (&json!(6), &json!(false)),
+        "{r:?}"
+    );
+    // A key that is no identifier stays reachable through `context`, which is still bound.
+    let r = api
+        .post(
+            "/v1/code/execute",
+            json!({"code": "result = context['first-name'] + ' ' + last", "context": {"first-name": "Ada", "last": "L"}}),
+        )
+        .await;
+    assert_eq!(r.body["result"], "Ada L", "{r:?}");
+    // The same through a code.run job.
+    let job = run_job(
+        &api,
+        json!({"language": "javascript", "code": "result = items.length + context.items.length",
+               "context": {"items": [1, 2]}}),
+    )
+    .await;
+    assert_eq!(job["output"]["result"], 4, "{job}");
+}
+
+#[tokio::test]
 async fn execute_reports_failures_with_their_type() {
     let (env, _procs) = start().await;
     let api = env.client();
@@ -311,6 +363,24 @@ async fn validate_reports_syntax_errors_with_line_and_column() {
         .await;
     assert_eq!(r.body["valid"], false, "{r:?}");
     assert_eq!(r.body["line"], 1);
+
+    // The seed's form: the fields in the query string, no body.
+    let query = |q: &[(&str, &str)]| api.send(api.http.post(api.url("/v1/code/validate")).query(q));
+    let r = query(&[("code", "result = 1 + 2"), ("language", "python")]).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(
+        (&r.body["valid"], &r.body["language"]),
+        (&json!(true), &json!("python"))
+    );
+    let r = query(&[("code", "x = 1\nif x > 0\n    pass")]).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.body["valid"], false, "python is the default: {r:?}");
+    let r = query(&[("code", "let a = ;"), ("language", "javascript")]).await;
+    assert_eq!(
+        (&r.body["valid"], &r.body["line"]),
+        (&json!(false), &json!(1)),
+        "{r:?}"
+    );
 }
 
 #[tokio::test]
@@ -383,6 +453,27 @@ async fn bad_inputs_are_problems_naming_the_field() {
             "{path} {body}: expected {field} in {r:?}"
         );
     }
+    // The query-string form of /v1/code/validate names its fields the same way.
+    for (q, field) in [
+        ("code=1&language=ruby", "language"),
+        ("language=python", "code"),
+        ("code=1&strict=yes", "strict"),
+        ("code=1&code=2", "code"),
+    ] {
+        let r = api
+            .send(api.http.post(api.url(&format!("/v1/code/validate?{q}"))))
+            .await;
+        assert_eq!(r.status, 422, "{q}: {r:?}");
+        assert_eq!(r.body["errors"][0]["field"], field, "{q}: {r:?}");
+    }
+    let r = api
+        .send(
+            api.http
+                .post(api.url("/v1/code/validate?code=1"))
+                .json(&json!({"code": "2"})),
+        )
+        .await;
+    assert_eq!(r.status, 400, "the query string or a body, not both: {r:?}");
     let r = api
         .send(
             api.http

@@ -7,7 +7,8 @@
 use std::time::Duration;
 
 use axum::{
-    extract::{RawQuery, State},
+    body::Bytes,
+    extract::{FromRequest, RawQuery, Request, State},
     http::StatusCode,
     response::IntoResponse,
     Json,
@@ -268,7 +269,7 @@ fn execute_response(job: Job) -> (StatusCode, ExecuteResponse) {
     (code, body)
 }
 
-/// `POST /v1/code/validate` body.
+/// `POST /v1/code/validate` body (or query string: `?code=…&language=…`).
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct ValidateCode {
     /// The snippet (required).
@@ -294,7 +295,46 @@ pub struct ValidateResponse {
 /// How long a syntax check may take (it is a parse, milliseconds on an idle worker).
 const VALIDATE_WAIT: Duration = Duration::from_secs(15);
 
+/// `POST /v1/code/validate`'s fields: a JSON body, or (as the seed sends them) the query
+/// string `?code=…&language=…` with an empty body.
+async fn validate_fields(
+    state: &AppState,
+    query: Option<&str>,
+    request: Request,
+) -> Result<ApiJson<serde_json::Map<String, Value>>, ApiError> {
+    let pairs = query_pairs(query)?;
+    if pairs.is_empty() {
+        return ApiJson::from_request(request, state).await;
+    }
+    let body = Bytes::from_request(request, state)
+        .await
+        .map_err(|e| ApiError::BadRequest(format!("could not read the body: {e}")))?;
+    if !body.trim_ascii().is_empty() {
+        return Err(ApiError::BadRequest(
+            "send `code` and `language` in the query string or in a JSON body, not both".into(),
+        ));
+    }
+    let mut fields = serde_json::Map::new();
+    for (k, v) in pairs {
+        if fields.insert(k.clone(), Value::String(v)).is_some() {
+            return Err(ApiError::field(k, "given twice in the query string"));
+        }
+    }
+    let hash = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(
+            Value::Object(fields.clone()).to_string().as_bytes(),
+        ))
+    };
+    Ok(ApiJson {
+        value: fields,
+        hash,
+    })
+}
+
 #[utoipa::path(post, operation_id = "validateCode", path = "/v1/code/validate", tag = "code", request_body = ValidateCode,
+    params(("code" = Option<String>, Query, description = "the snippet, when sent in the query string (the seed's form) with no body"),
+           ("language" = Option<String>, Query, description = "`python` (default) or `javascript`, with `code` in the query string")),
     responses((status = 200, description = "checked", body = ValidateResponse),
               (status = 422, description = "a field is invalid (the problem names it)", body = crate::error::Problem),
               (status = 503, description = "no code worker answered in time", body = crate::error::Problem)),
@@ -302,9 +342,11 @@ const VALIDATE_WAIT: Duration = Duration::from_secs(15);
 pub async fn validate(
     State(state): State<AppState>,
     auth: Auth,
-    body: ApiJson<serde_json::Map<String, Value>>,
+    RawQuery(query): RawQuery,
+    request: Request,
 ) -> Result<Json<ValidateResponse>, ApiError> {
     auth.require(Role::Submit)?;
+    let body = validate_fields(&state, query.as_deref(), request).await?;
     let req: ValidateCode = parse_body(body.value, &["code", "language"])?;
     let language = req.language.unwrap_or_else(|| "python".into());
     let input = json!({"language": language, "code": req.code.unwrap_or_default()});

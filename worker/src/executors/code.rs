@@ -141,6 +141,8 @@ fn invalid(e: impl std::fmt::Display) -> ExecError {
 }
 
 /// Cache key: SHA-256 of the canonical JSON (sorted keys) of everything the result depends on.
+/// The whole `context` is in it (its keys are also the code's variables). `v` changes when runs
+/// of the same input may give another result (v2: context keys became variables).
 pub fn cache_key(
     language: Language,
     code: &str,
@@ -149,7 +151,7 @@ pub fn cache_key(
     memory_mb: u64,
 ) -> String {
     let canonical = json!({
-        "v": 1,
+        "v": 2,
         "language": language.as_str(),
         "code": code,
         "context": context,
