@@ -45,6 +45,25 @@ impl ApiError {
         FieldError::new(field, message).into()
     }
 
+    /// The same error with each field error mapped (renamed, nested); the detail is rebuilt from
+    /// the mapped fields. Other errors pass through.
+    pub fn map_fields(self, f: impl Fn(FieldError) -> FieldError) -> Self {
+        match self {
+            ApiError::Validation { errors, .. } => {
+                let errors: Vec<FieldError> = errors.into_iter().map(f).collect();
+                ApiError::Validation {
+                    detail: errors
+                        .iter()
+                        .map(|e| format!("{}: {}", e.field, e.message))
+                        .collect::<Vec<_>>()
+                        .join("; "),
+                    errors,
+                }
+            }
+            other => other,
+        }
+    }
+
     fn parts(&self) -> (StatusCode, &'static str, &'static str) {
         match self {
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad-request", "Bad Request"),

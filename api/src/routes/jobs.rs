@@ -391,19 +391,8 @@ pub async fn submit_batch(
 
 pub fn nest(e: ApiError, prefix: &str) -> ApiError {
     match e {
-        ApiError::Validation { errors, .. } => {
-            let errors: Vec<FieldError> = errors.into_iter().map(|f| f.under(prefix)).collect();
-            ApiError::Validation {
-                detail: errors
-                    .iter()
-                    .map(|f| format!("{}: {}", f.field, f.message))
-                    .collect::<Vec<_>>()
-                    .join("; "),
-                errors,
-            }
-        }
         ApiError::PayloadTooLarge(m) => ApiError::PayloadTooLarge(format!("{prefix}: {m}")),
-        other => other,
+        other => other.map_fields(|f| f.under(prefix)),
     }
 }
 
@@ -426,23 +415,7 @@ pub fn rename_input(e: ApiError, to: &str) -> ApiError {
             (t, r) => format!("{t}.{r}"),
         }
     };
-    match e {
-        ApiError::Validation { errors, .. } => {
-            let errors: Vec<FieldError> = errors
-                .into_iter()
-                .map(|f| FieldError::new(rename(&f.field), f.message))
-                .collect();
-            ApiError::Validation {
-                detail: errors
-                    .iter()
-                    .map(|f| format!("{}: {}", f.field, f.message))
-                    .collect::<Vec<_>>()
-                    .join("; "),
-                errors,
-            }
-        }
-        other => other,
-    }
+    e.map_fields(|f| FieldError::new(rename(&f.field), f.message))
 }
 
 pub fn encode_cursor(id: Uuid) -> String {
