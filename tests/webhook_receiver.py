@@ -17,8 +17,8 @@ For each POST:
     (--fail-first N), then --status-after CODE if given, else --always STATUS if given, else
     200 {"ok":true};
   - append one JSON line to the log: {"path", "verified", "reason", "webhook_id", "timestamp",
-    "status_returned", "body"} ("body" is the parsed JSON, or null with "raw_body" when the body
-    is not JSON), flushed at once.
+    "headers" (lowercased names), "status_returned", "body"} ("body" is the parsed JSON, or null
+    with "raw_body" when the body is not JSON), flushed at once.
 
 --port 0 picks a free port. Prints "ready <port>" on stdout once listening.
 """
@@ -148,6 +148,8 @@ def make_handler(state):
                     "timestamp": timestamp,
                     "status_returned": status,
                     "body": parsed,
+                    # Every request header, names lowercased (custom subscription headers).
+                    "headers": {k.lower(): v for k, v in self.headers.items()},
                 }
                 if raw is not None:
                     record["raw_body"] = raw

@@ -1,5 +1,5 @@
-//! The deliverer: follows the global event log (gap-safe) and turns job events into webhook
-//! deliveries — one per `callback_url` event and per matching subscription — each with a
+//! The deliverer: follows the global event log (gap-safe) and turns job events and run ends into
+//! webhook deliveries — one per `callback_url` event and per matching subscription — each with a
 //! `callback.deliver` job on the `callbacks` queue. The checkpoint moves in the same transaction
 //! as the deliveries it produced, so each event is turned into deliveries exactly once.
 //!
@@ -197,10 +197,12 @@ struct Planned {
     payload: Value,
 }
 
-/// Callbacks of workflow runs: a run started with a `callback_url` gets `run.succeeded`,
-/// `run.failed` or `run.canceled` with the run as `data`.
-async fn run_callbacks(
+/// Deliveries of a run's end: a run started with a `callback_url` gets `run.succeeded`,
+/// `run.failed` or `run.canceled` with the run as `data`, and so does every subscription of the
+/// run's namespace that asked for the event (under the alias it named, e.g. `workflow.completed`).
+async fn run_deliveries(
     store: &Store,
+    subs: &SubscriptionCache,
     events: &[EventEnvelope],
 ) -> Result<Vec<Planned>, store::StoreError> {
     let ends: Vec<&EventEnvelope> = events
@@ -220,7 +222,7 @@ async fn run_callbacks(
     let runs: HashMap<Uuid, domain::run::Run> = store::runs::get_many(&store.pool, &ids)
         .await?
         .into_iter()
-        .filter(|r| r.callback_url.is_some())
+        .filter(|r| r.callback_url.is_some() || subs.by_namespace.contains_key(&r.namespace))
         .map(|r| (r.id, r))
         .collect();
     let mut planned = Vec::new();
@@ -233,18 +235,47 @@ async fn run_callbacks(
             "RunFailed" => "run.failed",
             _ => "run.canceled",
         };
-        planned.push(Planned {
-            namespace: run.namespace.clone(),
-            subscription_id: None,
-            target: "callback".into(),
-            url: run.callback_url.clone().unwrap_or_default(),
-            job_id: run.id,
-            event_type: name.into(),
-            source_position: e.position(),
-            payload: json!({"type": name, "timestamp": e.recorded_at, "data": run}),
-        });
+        let payload = json!({"type": name, "timestamp": e.recorded_at, "data": run});
+        if let Some(url) = &run.callback_url {
+            planned.push(Planned {
+                namespace: run.namespace.clone(),
+                subscription_id: None,
+                target: "callback".into(),
+                url: url.clone(),
+                job_id: run.id,
+                event_type: name.into(),
+                source_position: e.position(),
+                payload: payload.clone(),
+            });
+        }
+        for s in subs.by_namespace.get(&run.namespace).into_iter().flatten() {
+            if s.created_at > e.recorded_at {
+                continue;
+            }
+            if let Some(as_name) = s.wants_run_event(name) {
+                planned.push(Planned {
+                    namespace: run.namespace.clone(),
+                    subscription_id: Some(s.id),
+                    target: s.id.to_string(),
+                    url: s.url.clone(),
+                    job_id: run.id,
+                    payload: renamed(&payload, name, &as_name),
+                    event_type: as_name,
+                    source_position: e.position(),
+                });
+            }
+        }
     }
     Ok(planned)
+}
+
+/// The payload under the event name a subscriber asked for (an alias renames `type`).
+fn renamed(payload: &Value, name: &str, as_name: &str) -> Value {
+    let mut p = payload.clone();
+    if name != as_name {
+        p["type"] = Value::String(as_name.to_string());
+    }
+    p
 }
 
 /// Turn one page of events into deliveries; returns how many were created.
@@ -330,22 +361,25 @@ async fn process(
                 }
             }
             for s in subs.by_namespace.get(&ns).into_iter().flatten() {
-                if s.created_at <= e.recorded_at && s.wants(&name, job) {
+                if s.created_at > e.recorded_at {
+                    continue;
+                }
+                if let Some(as_name) = s.wants_job_event(&name, job) {
                     planned.push(Planned {
                         namespace: ns.clone(),
                         subscription_id: Some(s.id),
                         target: s.id.to_string(),
                         url: s.url.clone(),
                         job_id: e.stream_id,
-                        event_type: name.clone(),
+                        payload: renamed(&payload, &name, &as_name),
+                        event_type: as_name,
                         source_position: e.position(),
-                        payload: payload.clone(),
                     });
                 }
             }
         }
     }
-    planned.extend(run_callbacks(store, events).await?);
+    planned.extend(run_deliveries(store, subs, events).await?);
     let checkpoint = Effect::Checkpoint {
         name: CHECKPOINT.into(),
         cursor: next,

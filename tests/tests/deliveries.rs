@@ -311,7 +311,7 @@ async fn subscriptions_filter_events_and_can_be_paused_updated_and_deleted() {
         )
         .await;
     assert_eq!(bad.status, 422);
-    assert_eq!(bad.body["errors"][0]["field"], "events");
+    assert_eq!(bad.body["errors"][0]["field"], "events[0]");
 }
 
 #[tokio::test]
@@ -587,4 +587,153 @@ async fn rebuilding_deliveries_schedules_and_triggers_gives_identical_rows() {
         snapshot("triggers").await,
     );
     assert_eq!(before, after);
+}
+
+#[tokio::test]
+async fn subscriptions_receive_run_ends_by_name_or_alias_with_their_custom_headers() {
+    let env = env_with_callbacks().await;
+    let _procs = env.spawn_all().await;
+    let api = env.client();
+    // Subscriptions first (their secrets are generated), then one receiver knowing both.
+    let port = find_free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let canonical = api
+        .post(
+            "/v1/subscriptions",
+            json!({"url": format!("{base}/canonical"), "event_types": ["run.succeeded", "run.failed"],
+                   "headers": {"Authorization": "Bearer receiver-token-123", "X-Team": "a"}}),
+        )
+        .await;
+    assert_eq!(canonical.status, 201, "{canonical:?}");
+    assert_eq!(
+        canonical.body["header_names"],
+        json!(["authorization", "x-team"])
+    );
+    assert_eq!(
+        canonical.body["events"],
+        json!(["run.succeeded", "run.failed"])
+    );
+    let alias = api
+        .post(
+            "/v1/subscriptions",
+            json!({"url": format!("{base}/alias"), "events": ["workflow.completed"]}),
+        )
+        .await;
+    assert_eq!(alias.status, 201, "{alias:?}");
+    let receiver = Receiver::start(
+        &[
+            canonical.body["secret"].as_str().unwrap(),
+            alias.body["secret"].as_str().unwrap(),
+        ],
+        ReceiverOptions {
+            port: Some(port),
+            ..Default::default()
+        },
+    );
+
+    let wf = api
+        .post(
+            "/v1/workflows",
+            json!({"name": "subs", "steps": [{"id": "a", "kind": "echo", "input": {"v": 1}}]}),
+        )
+        .await;
+    assert_eq!(wf.status, 201, "{wf:?}");
+    let wf = wf.body["id"].as_str().unwrap().to_string();
+    let run = api
+        .post(&format!("/v1/workflows/{wf}/runs"), json!({"input": {}}))
+        .await;
+    assert_eq!(run.status, 202, "{run:?}");
+    let run = run.body["id"].as_str().unwrap().to_string();
+
+    wait_requests(&receiver, 2, Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let got = receiver.requests();
+    assert_eq!(
+        got.len(),
+        2,
+        "one run end per subscription, no job events: {got:?}"
+    );
+    let at = |path: &str| got.iter().find(|r| r["path"] == path).cloned().unwrap();
+    let c = at("/canonical");
+    assert_eq!(c["verified"], true, "{c}");
+    assert_eq!(c["body"]["type"], "run.succeeded");
+    assert_eq!(c["body"]["data"]["id"], run.as_str());
+    assert_eq!(c["body"]["data"]["status"], "succeeded");
+    assert_eq!(c["body"]["data"]["output"], json!({"a": {"v": 1}}));
+    assert_eq!(c["headers"]["authorization"], "Bearer receiver-token-123");
+    assert_eq!(c["headers"]["x-team"], "a");
+    let a = at("/alias");
+    assert_eq!(a["verified"], true, "{a}");
+    assert_eq!(
+        a["body"]["type"], "workflow.completed",
+        "delivered under the alias subscribed to"
+    );
+    assert_eq!(a["body"]["data"]["id"], run.as_str());
+    assert!(a["headers"].get("authorization").is_none());
+
+    let listed = api
+        .get(&format!(
+            "/v1/deliveries?subscription_id={}",
+            alias.body["id"].as_str().unwrap()
+        ))
+        .await;
+    assert_eq!(listed.body["items"][0]["event_type"], "workflow.completed");
+    assert_eq!(listed.body["items"][0]["job_id"], run.as_str());
+
+    // Header values are never shown again, nor written to the event log.
+    let sub_id = canonical.body["id"].as_str().unwrap();
+    let shown = api.get(&format!("/v1/subscriptions/{sub_id}")).await;
+    assert_eq!(
+        shown.body["header_names"],
+        json!(["authorization", "x-team"])
+    );
+    let everything = format!(
+        "{} {} {}",
+        shown.body,
+        api.get("/v1/subscriptions").await.body,
+        api.get("/v1/events?limit=500").await.body
+    );
+    assert!(
+        !everything.contains("receiver-token-123"),
+        "a header value leaked: {everything}"
+    );
+    // PATCH replaces the headers; `{}` removes them.
+    let r = api
+        .send(
+            api.http
+                .patch(api.url(&format!("/v1/subscriptions/{sub_id}")))
+                .json(&json!({"headers": {}})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.body["header_names"], json!([]));
+
+    // Bad event names and headers are 422s naming the entry.
+    for (body, field) in [
+        (
+            json!({"url": base, "event_types": ["run.succeeded", "run.finished"]}),
+            "event_types[1]",
+        ),
+        (json!({"url": base, "events": ["workflow.*"]}), "events[0]"),
+        (
+            json!({"url": base, "events": ["run.failed"], "event_types": ["run.failed"]}),
+            "event_types",
+        ),
+        (
+            json!({"url": base, "events": ["run.failed"], "headers": {"Webhook-Signature": "v1,x"}}),
+            "headers.Webhook-Signature",
+        ),
+        (
+            json!({"url": base, "events": ["run.failed"], "headers": {"Content-Type": "text/plain"}}),
+            "headers.Content-Type",
+        ),
+        (
+            json!({"url": base, "events": ["run.failed"], "headers": {"X-Bad": "a\r\nb"}}),
+            "headers.X-Bad",
+        ),
+    ] {
+        let r = api.post("/v1/subscriptions", body.clone()).await;
+        assert_eq!(r.status, 422, "{body}: {r:?}");
+        assert_eq!(r.body["errors"][0]["field"], field, "{body}: {r:?}");
+    }
 }

@@ -1,5 +1,5 @@
-//! The Postgres side of `callback.deliver`: loads deliveries and their signing secret, and
-//! records attempts on the delivery stream (fenced by its version).
+//! The Postgres side of `callback.deliver`: loads deliveries with their signing secret and custom
+//! headers, and records attempts on the delivery stream (fenced by its version).
 
 use async_trait::async_trait;
 use capibara_shared::{
@@ -25,21 +25,24 @@ impl DeliveryPort for PgDeliveryPort {
         else {
             return Ok(None);
         };
-        let secret = match d.subscription_id {
-            Some(sid) => store::subscriptions::secret(&self.store.pool, sid)
+        let (secret, headers) = match d.subscription_id {
+            Some(sid) => store::subscriptions::send_settings(&self.store.pool, sid)
                 .await
                 .map_err(|e| e.to_string())?
                 .ok_or_else(|| format!("subscription {sid} was deleted"))?,
-            None => self
-                .default_secret
-                .clone()
-                .ok_or("CAPIBARA_WEBHOOK_SECRET is not set on the worker")?,
+            None => (
+                self.default_secret
+                    .clone()
+                    .ok_or("CAPIBARA_WEBHOOK_SECRET is not set on the worker")?,
+                Default::default(),
+            ),
         };
         let secret = WebhookSecret::parse(&secret).map_err(|e| e.to_string())?;
         Ok(Some(DeliveryToSend {
             url: d.url,
             payload: d.payload,
             secret,
+            headers: headers.into_iter().collect(),
             attempts: d.attempts,
             finished: d.status == domain::delivery::DeliveryStatus::Succeeded,
         }))

@@ -1,4 +1,6 @@
-//! `/v1/subscriptions`: send job events matching a filter to a URL.
+//! `/v1/subscriptions`: send job and run events matching a filter to a URL, with custom headers.
+
+use std::collections::BTreeMap;
 
 use axum::{
     extract::{Path, State},
@@ -10,8 +12,8 @@ use capibara_shared::{
     domain::{
         self,
         auth::Role,
-        delivery::validate_patterns,
-        subscription::{Subscription, SubscriptionFilter},
+        delivery::validate_subscription_events,
+        subscription::{validate_headers, Subscription, SubscriptionFilter},
         webhook::WebhookSecret,
     },
     store,
@@ -26,10 +28,20 @@ use crate::{auth::Auth, error::ApiError, extract::ApiJson, routes::jobs::Page, A
 #[serde(deny_unknown_fields)]
 pub struct CreateSubscription {
     pub url: String,
-    /// Event names or patterns: `job.*`, `job.failed`, `*`, …
-    pub events: Vec<String>,
+    /// Event names or patterns: `job.*`, `job.failed`, `run.succeeded`, `run.failed`,
+    /// `run.canceled`, `run.*`, `*`, or the aliases `workflow.completed` (= `run.succeeded`) and
+    /// `workflow.failed` (= `run.failed`), delivered under the alias.
+    #[serde(default)]
+    pub events: Option<Vec<String>>,
+    /// The seed's name for `events` (give one of the two).
+    #[serde(default)]
+    pub event_types: Option<Vec<String>>,
     #[serde(default)]
     pub filter: Option<SubscriptionFilter>,
+    /// Extra headers sent with every delivery (`{"Authorization": "Bearer …"}`). Values are
+    /// stored, never shown again: responses list `header_names` only.
+    #[serde(default)]
+    pub headers: Option<BTreeMap<String, String>>,
     #[serde(default)]
     pub description: Option<String>,
 }
@@ -42,8 +54,14 @@ pub struct UpdateSubscription {
     pub url: Option<String>,
     #[serde(default)]
     pub events: Option<Vec<String>>,
+    /// The seed's name for `events`.
+    #[serde(default)]
+    pub event_types: Option<Vec<String>>,
     #[serde(default)]
     pub filter: Option<SubscriptionFilter>,
+    /// Replaces all custom headers (`{}` removes them).
+    #[serde(default)]
+    pub headers: Option<BTreeMap<String, String>>,
     #[serde(default)]
     pub description: Option<String>,
 }
@@ -57,8 +75,40 @@ pub struct CreatedSubscription {
     pub secret: String,
 }
 
-fn check_events(events: &[String]) -> Result<(), ApiError> {
-    validate_patterns(events, true).map_err(|m| ApiError::field("events", m))
+/// The event list of a body, from `events` or `event_types`, checked; errors name the field as
+/// the client spelled it (`event_types[2]`).
+fn events_of(
+    events: Option<Vec<String>>,
+    event_types: Option<Vec<String>>,
+    required: bool,
+) -> Result<Option<Vec<String>>, ApiError> {
+    let (field, list) = match (events, event_types) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::field(
+                "event_types",
+                "give `events` or `event_types`, not both",
+            ))
+        }
+        (Some(e), None) => ("events", e),
+        (None, Some(e)) => ("event_types", e),
+        (None, None) if required => {
+            return Err(ApiError::field("events", "name at least one event"))
+        }
+        (None, None) => return Ok(None),
+    };
+    validate_subscription_events(&list).map_err(|(i, m)| match i {
+        Some(i) => ApiError::field(format!("{field}[{i}]"), m),
+        None => ApiError::field(field, m),
+    })?;
+    Ok(Some(list))
+}
+
+fn headers_of(
+    headers: Option<BTreeMap<String, String>>,
+) -> Result<Option<BTreeMap<String, String>>, ApiError> {
+    headers
+        .map(|h| validate_headers(&h).map_err(|(f, m)| ApiError::field(f, m)))
+        .transpose()
 }
 
 fn check_description(d: &Option<String>) -> Result<(), ApiError> {
@@ -91,7 +141,8 @@ pub async fn create(
     auth.require(Role::Admin)?;
     let req = body.value;
     let url = crate::outbound::check_url("url", &req.url, &state.config).await?;
-    check_events(&req.events)?;
+    let events = events_of(req.events, req.event_types, true)?.unwrap_or_default();
+    let headers = headers_of(req.headers)?.unwrap_or_default();
     check_description(&req.description)?;
     let now = domain::now();
     let (_, secret) = WebhookSecret::generate();
@@ -99,14 +150,15 @@ pub async fn create(
         id: Uuid::now_v7(),
         namespace: auth.namespace().to_string(),
         url,
-        events: req.events,
+        events,
         filter: req.filter.unwrap_or_default(),
+        header_names: headers.keys().cloned().collect(),
         status: "active".into(),
         description: req.description,
         created_at: now,
         updated_at: now,
     };
-    store::subscriptions::create(&state.store.pool, &sub, &secret).await?;
+    store::subscriptions::create(&state.store.pool, &sub, &secret, &headers).await?;
     Ok((
         StatusCode::CREATED,
         Json(CreatedSubscription {
@@ -159,9 +211,12 @@ pub async fn update(
     if let Some(url) = req.url {
         sub.url = crate::outbound::check_url("url", &url, &state.config).await?;
     }
-    if let Some(events) = req.events {
-        check_events(&events)?;
+    if let Some(events) = events_of(req.events, req.event_types, false)? {
         sub.events = events;
+    }
+    let headers = headers_of(req.headers)?;
+    if let Some(h) = &headers {
+        sub.header_names = h.keys().cloned().collect();
     }
     if let Some(filter) = req.filter {
         sub.filter = filter;
@@ -171,7 +226,7 @@ pub async fn update(
         sub.description = req.description;
     }
     sub.updated_at = domain::now();
-    store::subscriptions::update(&state.store.pool, &sub).await?;
+    store::subscriptions::update(&state.store.pool, &sub, headers.as_ref()).await?;
     Ok(Json(sub))
 }
 
@@ -185,7 +240,7 @@ async fn set_status(
     let mut sub = load(state, auth, id).await?;
     sub.status = status.to_string();
     sub.updated_at = domain::now();
-    store::subscriptions::update(&state.store.pool, &sub).await?;
+    store::subscriptions::update(&state.store.pool, &sub, None).await?;
     Ok(Json(sub))
 }
 

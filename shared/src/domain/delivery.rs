@@ -1,5 +1,6 @@
 //! Webhook deliveries: the `delivery` stream's events and its projection row, plus the public
-//! names of job events (`job.succeeded`, …) used by callbacks and subscriptions.
+//! names of job and run events (`job.succeeded`, `run.failed`, …) used by callbacks and
+//! subscriptions.
 
 use std::{fmt, str::FromStr};
 
@@ -262,6 +263,70 @@ pub const JOB_EVENT_NAMES: &[&str] = &[
     "job.timed_out",
 ];
 
+/// Public run events a subscription can ask for (a run's `callback_url` receives these too).
+pub const RUN_EVENT_NAMES: &[&str] = &["run.succeeded", "run.failed", "run.canceled"];
+
+/// Accepted alternative names (the seed's): `(alias, canonical)`. A subscription that names an
+/// alias receives the event under the alias (see [`delivered_name`]).
+pub const EVENT_ALIASES: &[(&str, &str)] = &[
+    ("workflow.completed", "run.succeeded"),
+    ("workflow.failed", "run.failed"),
+];
+
+/// The canonical name of `name`: itself, or what the alias stands for.
+pub fn canonical_event(name: &str) -> &str {
+    EVENT_ALIASES
+        .iter()
+        .find(|(alias, _)| *alias == name)
+        .map_or(name, |(_, canonical)| canonical)
+}
+
+/// The event type a subscriber with `patterns` receives for the canonical event `name`, if it
+/// wants it: `name` when a pattern matches it (`run.succeeded`, `run.*`, `*`), else the alias it
+/// subscribed with (`workflow.completed`). Each event is delivered once per subscription.
+pub fn delivered_name(patterns: &[String], name: &str) -> Option<String> {
+    if patterns.iter().any(|p| pattern_matches(p, name)) {
+        return Some(name.to_string());
+    }
+    patterns
+        .iter()
+        .find(|p| p.as_str() != name && canonical_event(p) == name)
+        .cloned()
+}
+
+/// Validate a subscription's event list: job and run event names, the aliases, and the
+/// wildcards `job.*`, `run.*` and `*`. The error carries the index of the bad entry.
+pub fn validate_subscription_events(patterns: &[String]) -> Result<(), (Option<usize>, String)> {
+    if patterns.is_empty() {
+        return Err((None, "name at least one event".into()));
+    }
+    if patterns.len() > 50 {
+        return Err((None, "at most 50 events".into()));
+    }
+    for (i, p) in patterns.iter().enumerate() {
+        let ok = JOB_EVENT_NAMES.contains(&p.as_str())
+            || RUN_EVENT_NAMES.contains(&p.as_str())
+            || EVENT_ALIASES.iter().any(|(a, _)| a == p)
+            || matches!(p.as_str(), "*" | "job.*" | "run.*");
+        if !ok {
+            let aliases: Vec<String> = EVENT_ALIASES
+                .iter()
+                .map(|(a, c)| format!("{a} (= {c})"))
+                .collect();
+            return Err((
+                Some(i),
+                format!(
+                    "unknown event `{p}` (expected {}, {}, {}, job.*, run.* or *)",
+                    JOB_EVENT_NAMES.join(", "),
+                    RUN_EVENT_NAMES.join(", "),
+                    aliases.join(", "),
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Events a `callback_url` receives unless `callback_events` says otherwise.
 pub const DEFAULT_CALLBACK_EVENTS: &[&str] = &["job.succeeded", "job.failed", "job.canceled"];
 
@@ -328,5 +393,39 @@ mod tests {
         assert!(validate_patterns(&["job.*".into()], true).is_ok());
         assert!(validate_patterns(&["job.*".into()], false).is_err());
         assert!(validate_patterns(&["job.finished".into()], true).is_err());
+    }
+
+    #[test]
+    fn subscriptions_name_run_events_and_aliases() {
+        let v = |p: &[&str]| {
+            validate_subscription_events(&p.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+        };
+        assert!(v(&["run.succeeded", "run.failed", "run.canceled", "run.*"]).is_ok());
+        assert!(v(&["workflow.completed", "workflow.failed", "job.*", "*"]).is_ok());
+        assert_eq!(v(&["job.failed", "run.finished"]).unwrap_err().0, Some(1));
+        assert_eq!(v(&["workflow.*"]).unwrap_err().0, Some(0));
+        assert_eq!(v(&[]).unwrap_err().0, None);
+
+        let pats = |p: &[&str]| p.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            delivered_name(&pats(&["workflow.completed"]), "run.succeeded").as_deref(),
+            Some("workflow.completed")
+        );
+        assert_eq!(
+            delivered_name(&pats(&["workflow.completed"]), "run.failed"),
+            None
+        );
+        assert_eq!(
+            delivered_name(&pats(&["workflow.failed", "run.*"]), "run.failed").as_deref(),
+            Some("run.failed"),
+            "a canonical match wins, and the event is delivered once"
+        );
+        assert_eq!(
+            delivered_name(&pats(&["*"]), "run.canceled").as_deref(),
+            Some("run.canceled")
+        );
+        assert_eq!(delivered_name(&pats(&["job.*"]), "run.succeeded"), None);
+        assert_eq!(canonical_event("workflow.failed"), "run.failed");
+        assert_eq!(canonical_event("job.failed"), "job.failed");
     }
 }

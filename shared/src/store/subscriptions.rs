@@ -1,5 +1,7 @@
 //! Subscriptions (configuration rows).
 
+use std::collections::BTreeMap;
+
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -14,6 +16,7 @@ struct Row {
     url: String,
     events: Vec<String>,
     filter: sqlx::types::Json<SubscriptionFilter>,
+    header_names: Vec<String>,
     status: String,
     description: Option<String>,
     created_at: DateTime<Utc>,
@@ -28,6 +31,7 @@ impl From<Row> for Subscription {
             url: r.url,
             events: r.events,
             filter: r.filter.0,
+            header_names: r.header_names,
             status: r.status,
             description: r.description,
             created_at: r.created_at,
@@ -36,14 +40,22 @@ impl From<Row> for Subscription {
     }
 }
 
-const COLUMNS: &str =
-    "id, namespace, url, events, filter, status, description, created_at, updated_at";
+/// Header names come from the keys of the `headers` column (values are not read here).
+const COLUMNS: &str = "id, namespace, url, events, filter,
+    ARRAY(SELECT jsonb_object_keys(headers) ORDER BY 1) AS header_names,
+    status, description, created_at, updated_at";
 
-/// Store a new subscription with its signing secret (`whsec_…`).
-pub async fn create(pool: &PgPool, s: &Subscription, secret: &str) -> Result<(), StoreError> {
+/// Store a new subscription with its signing secret (`whsec_…`) and custom headers (validated,
+/// lowercase names; `s.header_names` is ignored).
+pub async fn create(
+    pool: &PgPool,
+    s: &Subscription,
+    secret: &str,
+    headers: &BTreeMap<String, String>,
+) -> Result<(), StoreError> {
     sqlx::query(
-        "INSERT INTO subscriptions (id, namespace, url, events, filter, secret, status, description, created_at, updated_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        "INSERT INTO subscriptions (id, namespace, url, events, filter, secret, status, description, created_at, updated_at, headers)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
     )
     .bind(s.id)
     .bind(&s.namespace)
@@ -55,6 +67,7 @@ pub async fn create(pool: &PgPool, s: &Subscription, secret: &str) -> Result<(),
     .bind(&s.description)
     .bind(s.created_at)
     .bind(s.updated_at)
+    .bind(sqlx::types::Json(headers))
     .execute(pool)
     .await?;
     Ok(())
@@ -95,10 +108,16 @@ pub async fn active(pool: &PgPool) -> Result<Vec<Subscription>, StoreError> {
     Ok(rows.into_iter().map(Subscription::from).collect())
 }
 
-/// Save changed fields (url, events, filter, status, description).
-pub async fn update(pool: &PgPool, s: &Subscription) -> Result<(), StoreError> {
+/// Save changed fields (url, events, filter, status, description, and the custom headers when
+/// `headers` is given: they replace the old ones).
+pub async fn update(
+    pool: &PgPool,
+    s: &Subscription,
+    headers: Option<&BTreeMap<String, String>>,
+) -> Result<(), StoreError> {
     sqlx::query(
-        "UPDATE subscriptions SET url = $3, events = $4, filter = $5, status = $6, description = $7, updated_at = $8
+        "UPDATE subscriptions SET url = $3, events = $4, filter = $5, status = $6, description = $7, updated_at = $8,
+             headers = COALESCE($9, headers)
          WHERE id = $1 AND namespace = $2",
     )
     .bind(s.id)
@@ -109,6 +128,7 @@ pub async fn update(pool: &PgPool, s: &Subscription) -> Result<(), StoreError> {
     .bind(&s.status)
     .bind(&s.description)
     .bind(s.updated_at)
+    .bind(headers.map(sqlx::types::Json))
     .execute(pool)
     .await?;
     Ok(())
@@ -127,11 +147,15 @@ pub async fn delete(pool: &PgPool, namespace: &str, id: Uuid) -> Result<bool, St
     )
 }
 
-/// The signing secret of a subscription.
-pub async fn secret(pool: &PgPool, id: Uuid) -> Result<Option<String>, StoreError> {
-    let row: Option<(String,)> = sqlx::query_as("SELECT secret FROM subscriptions WHERE id = $1")
-        .bind(id)
-        .fetch_optional(pool)
-        .await?;
-    Ok(row.map(|(s,)| s))
+/// What sending a subscription's delivery needs: its signing secret and custom headers.
+pub async fn send_settings(
+    pool: &PgPool,
+    id: Uuid,
+) -> Result<Option<(String, BTreeMap<String, String>)>, StoreError> {
+    let row: Option<(String, sqlx::types::Json<BTreeMap<String, String>>)> =
+        sqlx::query_as("SELECT secret, headers FROM subscriptions WHERE id = $1")
+            .bind(id)
+            .fetch_optional(pool)
+            .await?;
+    Ok(row.map(|(s, h)| (s, h.0)))
 }

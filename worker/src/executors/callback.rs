@@ -17,6 +17,8 @@ pub struct DeliveryToSend {
     pub url: String,
     pub payload: Value,
     pub secret: WebhookSecret,
+    /// A subscription's custom headers (validated when it was saved; none for callbacks).
+    pub headers: Vec<(String, String)>,
     /// Attempts recorded so far (across redeliveries).
     pub attempts: u32,
     pub finished: bool,
@@ -104,7 +106,8 @@ impl Executor for CallbackDeliver {
         let body = serde_json::to_vec(&d.payload).unwrap_or_default();
         let msg_id = id.to_string();
         let timestamp = chrono::Utc::now().timestamp();
-        let headers = vec![
+        let mut headers = d.headers.clone();
+        headers.extend([
             ("content-type".to_string(), "application/json".to_string()),
             ("webhook-id".to_string(), msg_id.clone()),
             ("webhook-timestamp".to_string(), timestamp.to_string()),
@@ -112,7 +115,7 @@ impl Executor for CallbackDeliver {
                 "webhook-signature".to_string(),
                 d.secret.sign(&msg_id, timestamp, &body),
             ),
-        ];
+        ]);
         let started = std::time::Instant::now();
         let result = http::post(&self.policy, &d.url, &headers, body).await;
         let duration_ms = match &result {
