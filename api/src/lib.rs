@@ -162,6 +162,7 @@ pub fn app(state: AppState) -> Router {
         .merge(ops::router(ops::Readiness {
             store: state.store.clone(),
             queue: state.queue.clone(),
+            components: Default::default(),
         }))
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .method_not_allowed_fallback(|| async { MethodNotAllowed })

@@ -3,13 +3,16 @@
 use std::sync::Arc;
 
 use anyhow::Context;
-use capibara_shared::{config::Config, queue::Queue, shutdown, store, telemetry};
+use capibara_shared::{config::Config, metric_catalog, queue::Queue, shutdown, store, telemetry};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Arc::new(Config::from_env()?);
     telemetry::init_logs(config.log_format);
-    telemetry::metrics_handle();
+    telemetry::init_metrics(
+        &[metric_catalog::Component::Api],
+        &metric_catalog::Labels::api(),
+    );
     let pool = store::connect(&config.database_url, config.db_max_connections).await?;
     store::migrate(&pool).await.context("applying migrations")?;
     let queue = Queue::connect(&config.redis_url, &config.redis_prefix)

@@ -11,7 +11,7 @@ use capibara_shared::{
     config::{Config, LogFormat},
     domain::{auth::Role, kinds},
     local_services::{PostgresOptions, PostgresServer, RedisOptions, RedisServer},
-    ops,
+    metric_catalog, ops,
     queue::Queue,
     shutdown, store, telemetry,
 };
@@ -131,10 +131,17 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         api_stop.cancelled().await
     }));
 
+    // The worker's background-loaded parts (its TTS voice) are reported on its address.
+    let worker_components = ops::Components::default();
     for addr in [config.scheduler_addr, config.worker_addr] {
         let mut router = ops::router(ops::Readiness {
             store: store.clone(),
             queue: queue.clone(),
+            components: if addr == config.worker_addr {
+                worker_components.clone()
+            } else {
+                Default::default()
+            },
         });
         if addr == config.scheduler_addr {
             // Inbound webhook triggers are served next to the scheduler's health endpoints.
@@ -161,10 +168,28 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         .collect();
     queues.sort();
     queues.dedup();
+    // One process is all three binaries: describe all their metrics.
+    let mut labels = metric_catalog::Labels::worker(&queues);
+    labels.kinds.push("batch".into());
+    telemetry::init_metrics(
+        &[
+            metric_catalog::Component::Api,
+            metric_catalog::Component::Worker,
+            metric_catalog::Component::Scheduler,
+        ],
+        &labels,
+    );
     let worker = tokio::spawn(capibara_worker::run(
         store.clone(),
         queue.clone(),
-        capibara_worker::registry(&store, &config),
+        capibara_worker::registry(
+            &store,
+            &config,
+            &capibara_worker::WarmUp {
+                queues: queues.clone(),
+                components: worker_components,
+            },
+        ),
         capibara_worker::WorkerOptions {
             queues,
             concurrency: args.concurrency,

@@ -4,13 +4,18 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use capibara_scheduler::housekeeping;
-use capibara_shared::{config::Config, ops, queue::Queue, shutdown, store, telemetry};
+use capibara_shared::{
+    config::Config, metric_catalog, ops, queue::Queue, shutdown, store, telemetry,
+};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Arc::new(Config::from_env()?);
     telemetry::init_logs(config.log_format);
-    telemetry::metrics_handle();
+    telemetry::init_metrics(
+        &[metric_catalog::Component::Scheduler],
+        &metric_catalog::Labels::default(),
+    );
     let pool = store::connect(&config.database_url, config.db_max_connections).await?;
     store::migrate(&pool).await.context("applying migrations")?;
     let queue = Queue::connect(&config.redis_url, &config.redis_prefix)
@@ -29,6 +34,7 @@ async fn main() -> anyhow::Result<()> {
     let router = ops::router(ops::Readiness {
         store: store.clone(),
         queue: queue.clone(),
+        components: Default::default(),
     })
     .merge(capibara_scheduler::hooks::router(
         capibara_scheduler::hooks::HookState::new(store.clone(), config.clone()),

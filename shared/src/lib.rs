@@ -9,7 +9,7 @@
 //! - [`installed`]: what this deployment has installed (voices), for kinds' input checks.
 //! - [`outbound`]: SSRF guard for URLs Capibara calls out to.
 //! - [`artifacts`]: files jobs produce, in a local directory or an S3-compatible bucket.
-//! - [`config`], [`telemetry`], [`ops`], [`shutdown`]: process plumbing.
+//! - [`config`], [`telemetry`], [`metric_catalog`], [`ops`], [`shutdown`]: process plumbing.
 //! - [`local_services`]: starts real local Postgres/Redis servers for `capibara dev` and tests.
 
 pub mod artifacts;
@@ -18,6 +18,7 @@ pub mod domain;
 pub mod hints;
 pub mod installed;
 pub mod local_services;
+pub mod metric_catalog;
 pub mod ops;
 pub mod outbound;
 pub mod queue;

@@ -1,4 +1,5 @@
-//! `/healthz`, `/readyz` and `/metrics`, served by every binary.
+//! `/healthz`, `/readyz` and `/metrics`, served by every binary. `/readyz` checks Postgres and
+//! Redis, and reports the binary's background-loaded [`Components`] (503 while one is loading).
 
 use axum::{
     extract::State,
@@ -8,6 +9,10 @@ use axum::{
     Json, Router,
 };
 use serde_json::json;
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+};
 
 use crate::{queue::Queue, store::Store};
 
@@ -16,6 +21,43 @@ use crate::{queue::Queue, store::Store};
 pub struct Readiness {
     pub store: Store,
     pub queue: Queue,
+    /// Parts of this binary that get ready in the background (a worker's TTS voice).
+    pub components: Components,
+}
+
+/// Where a background-loaded part of a binary stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ComponentState {
+    /// Still loading: `/readyz` answers 503 until it is done.
+    Loading,
+    Ready,
+    /// Could not be loaded; reported, but the binary stays ready for its other work.
+    Failed(String),
+}
+
+/// Background-loaded parts of a binary by name (`tts_voice`), as `/readyz` reports them.
+#[derive(Clone, Default)]
+pub struct Components(Arc<Mutex<BTreeMap<String, ComponentState>>>);
+
+impl Components {
+    pub fn set(&self, name: &str, state: ComponentState) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string(), state);
+    }
+
+    pub fn get(&self, name: &str) -> Option<ComponentState> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    fn snapshot(&self) -> BTreeMap<String, ComponentState> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
 }
 
 /// Routes for health and metrics.
@@ -29,18 +71,33 @@ pub fn router(readiness: Readiness) -> Router {
 
 async fn readyz(State(r): State<Readiness>) -> Response {
     let (pg, redis) = tokio::join!(r.store.ping(), r.queue.ping());
-    let body = json!({
+    let mut body = json!({
         "postgres": if pg.is_ok() { "ok" } else { "unavailable" },
         "redis": if redis.is_ok() { "ok" } else { "unavailable" },
     });
-    if pg.is_ok() && redis.is_ok() {
+    let mut loading = false;
+    for (name, state) in r.components.snapshot() {
+        body[name] = match state {
+            ComponentState::Loading => {
+                loading = true;
+                json!("loading")
+            }
+            ComponentState::Ready => json!("ok"),
+            ComponentState::Failed(e) => json!({"status": "failed", "error": e}),
+        };
+    }
+    if pg.is_ok() && redis.is_ok() && !loading {
         (StatusCode::OK, Json(body)).into_response()
     } else {
         let mut problem = json!({
             "type": "urn:capibara:problem:unavailable",
             "title": "Service Unavailable",
             "status": 503,
-            "detail": "a dependency is not reachable",
+            "detail": if loading && pg.is_ok() && redis.is_ok() {
+                "still loading"
+            } else {
+                "a dependency is not reachable"
+            },
         });
         problem["checks"] = body;
         (
@@ -58,7 +115,7 @@ async fn readyz(State(r): State<Readiness>) -> Response {
 async fn metrics() -> Response {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        crate::telemetry::metrics_handle().render(),
+        crate::telemetry::render_metrics(),
     )
         .into_response()
 }

@@ -1,11 +1,14 @@
-//! Logs (JSON in production, pretty in dev) and the Prometheus recorder.
+//! Logs (JSON in production, pretty in dev), the Prometheus recorder, and process metrics.
 
 use std::sync::OnceLock;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::{fmt, EnvFilter};
 
-use crate::config::LogFormat;
+use crate::{
+    config::LogFormat,
+    metric_catalog::{Component, Labels},
+};
 
 /// Install the global log subscriber once (later calls are ignored).
 pub fn init_logs(format: LogFormat) {
@@ -55,4 +58,28 @@ pub fn metrics_handle() -> PrometheusHandle {
             handle
         })
         .clone()
+}
+
+static PROCESS: OnceLock<metrics_process::Collector> = OnceLock::new();
+
+/// Install the recorder, describe this binary's metrics with their series at zero
+/// ([`crate::metric_catalog`]) and the process metrics (`process_cpu_seconds_total`,
+/// `process_resident_memory_bytes`, `process_open_fds`, …), and take a first process sample, so
+/// the first scrape already describes everything.
+pub fn init_metrics(components: &[Component], labels: &Labels) {
+    metrics_handle();
+    for c in components {
+        crate::metric_catalog::register(*c, labels);
+    }
+    let process = PROCESS.get_or_init(metrics_process::Collector::default);
+    process.describe();
+    process.collect();
+}
+
+/// The exposition text: process metrics sampled now, then every metric.
+pub fn render_metrics() -> String {
+    if let Some(p) = PROCESS.get() {
+        p.collect();
+    }
+    metrics_handle().render()
 }

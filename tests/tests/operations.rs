@@ -28,10 +28,19 @@ async fn every_binary_serves_health_readiness_and_metrics() {
         format!("http://127.0.0.1:{sport}"),
     ] {
         wait_http_ok(&format!("{base}/healthz")).await;
-        let ready = http.get(format!("{base}/readyz")).send().await.unwrap();
-        assert_eq!(ready.status(), 200);
-        let body: serde_json::Value = ready.json().await.unwrap();
-        assert_eq!(body, json!({"postgres": "ok", "redis": "ok"}));
+        // The worker is ready once its TTS voice has loaded (it serves the tts queue).
+        let body = eventually("ready", Duration::from_secs(60), || async {
+            let ready = http.get(format!("{base}/readyz")).send().await.unwrap();
+            let ok = ready.status() == 200;
+            let body: serde_json::Value = ready.json().await.unwrap();
+            ok.then_some(body)
+        })
+        .await;
+        let mut want = json!({"postgres": "ok", "redis": "ok"});
+        if base.ends_with(&wport.to_string()) {
+            want["tts_voice"] = json!("ok");
+        }
+        assert_eq!(body, want);
         let metrics = http.get(format!("{base}/metrics")).send().await.unwrap();
         assert_eq!(metrics.status(), 200);
     }
@@ -62,6 +71,133 @@ async fn every_binary_serves_health_readiness_and_metrics() {
     })
     .await;
     assert!(scheduler_metrics.contains("capibara_queue_oldest_age_seconds"));
+}
+
+/// Metric names of the `# HELP` lines of an exposition.
+fn described(metrics: &str) -> Vec<&str> {
+    metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# HELP "))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect()
+}
+
+/// The value of the series `name` (no labels) in an exposition.
+fn value(metrics: &str, name: &str) -> Option<f64> {
+    metrics.lines().find_map(|l| {
+        let (n, v) = l.split_once(' ')?;
+        (n == name).then(|| v.trim().parse().ok())?
+    })
+}
+
+#[tokio::test]
+async fn the_first_scrape_describes_every_metric_and_the_process() {
+    let mut env = TestEnv::new().await;
+    let (wport, sport) = (find_free_port(), find_free_port());
+    env.extra_env
+        .push(("CAPIBARA_WORKER_ADDR".into(), format!("127.0.0.1:{wport}")));
+    env.extra_env.push((
+        "CAPIBARA_SCHEDULER_ADDR".into(),
+        format!("127.0.0.1:{sport}"),
+    ));
+    // No traffic at all: each binary is scraped as soon as it answers.
+    let _procs = env.spawn_all().await;
+    let http = reqwest::Client::new();
+    let scrape = |base: String| {
+        let http = http.clone();
+        async move {
+            wait_http_ok(&format!("{base}/healthz")).await;
+            let r = http.get(format!("{base}/metrics")).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            r.text().await.unwrap()
+        }
+    };
+    let api = scrape(env.api_url()).await;
+    let worker = scrape(format!("http://127.0.0.1:{wport}")).await;
+    let scheduler = scrape(format!("http://127.0.0.1:{sport}")).await;
+
+    for (binary, m, ours) in [
+        (
+            "api",
+            &api,
+            &[
+                "capibara_jobs_submitted_total",
+                "capibara_append_batch_seconds",
+                "capibara_firehose_events_total",
+            ][..],
+        ),
+        (
+            "worker",
+            &worker,
+            &[
+                "capibara_jobs_total",
+                "capibara_job_run_seconds",
+                "capibara_job_pickup_latency_seconds",
+                "capibara_delivery_attempts_total",
+            ][..],
+        ),
+        (
+            "scheduler",
+            &scheduler,
+            &[
+                "capibara_deliveries_created_total",
+                "capibara_schedule_fire_lateness_seconds",
+                "capibara_trigger_calls_total",
+                "capibara_leases_expired_total",
+            ][..],
+        ),
+    ] {
+        let help = described(m);
+        for name in ours.iter().chain(&[
+            "process_cpu_seconds_total",
+            "process_resident_memory_bytes",
+            "process_open_fds",
+        ]) {
+            assert!(help.contains(name), "{binary}: no HELP for {name}:\n{m}");
+            assert!(
+                m.contains(&format!("# TYPE {name} ")),
+                "{binary}: no TYPE for {name}:\n{m}"
+            );
+        }
+        let rss = value(m, "process_resident_memory_bytes").expect("rss");
+        assert!(rss > 1_000_000.0, "{binary}: rss {rss}");
+        assert!(
+            value(m, "process_open_fds").expect("fds") >= 3.0,
+            "{binary}"
+        );
+        assert!(
+            value(m, "process_cpu_seconds_total").expect("cpu") > 0.0,
+            "{binary}"
+        );
+    }
+    // Series are there at zero before anything happened, so rate() has a start.
+    assert!(
+        worker.contains("capibara_jobs_total{kind=\"echo\",outcome=\"succeeded\"} 0"),
+        "{worker}"
+    );
+    assert!(
+        worker.contains("capibara_job_pickup_latency_seconds_count{queue=\"tts\"} 0"),
+        "{worker}"
+    );
+    assert!(
+        api.contains("capibara_jobs_submitted_total{kind=\"echo\"} 0"),
+        "{api}"
+    );
+    assert_eq!(
+        value(&scheduler, "capibara_deliveries_created_total"),
+        Some(0.0)
+    );
+    assert_eq!(
+        value(&scheduler, "capibara_schedule_fire_lateness_seconds_count"),
+        Some(0.0)
+    );
+    assert!(
+        scheduler.contains("capibara_trigger_calls_total{outcome=\"rejected\"} 0"),
+        "{scheduler}"
+    );
+    // Each binary describes only what it records.
+    assert!(!described(&api).contains(&"capibara_jobs_total"));
+    assert!(!described(&scheduler).contains(&"capibara_jobs_submitted_total"));
 }
 
 #[tokio::test]

@@ -447,3 +447,54 @@ async fn tts_render_is_a_workflow_step_whose_output_feeds_the_next_step() {
         .unwrap();
     assert!(rms(&parse_wav(&wav).unwrap().samples) > SILENCE_RMS);
 }
+
+#[tokio::test]
+async fn the_worker_loads_the_default_voice_before_the_first_request() {
+    let mut env = TestEnv::new().await;
+    let wport = capibara_tests::find_free_port();
+    env.extra_env
+        .push(("CAPIBARA_WORKER_ADDR".into(), format!("127.0.0.1:{wport}")));
+    let _procs = env.spawn_all().await;
+    let api = env.client();
+    let worker = format!("http://127.0.0.1:{wport}");
+    capibara_tests::wait_http_ok(&format!("{worker}/healthz")).await;
+    let http = reqwest::Client::new();
+    // `/readyz` says 503 `tts_voice: loading` until the voice is loaded, then 200 `ok`.
+    let ready = eventually("the voice ready", Duration::from_secs(60), || async {
+        let r = http.get(format!("{worker}/readyz")).send().await.unwrap();
+        let status = r.status();
+        let body: Value = r.json().await.unwrap();
+        if status == 503 {
+            assert_eq!(body["checks"]["tts_voice"], "loading", "{body}");
+        }
+        (status == 200).then_some(body)
+    })
+    .await;
+    assert_eq!(ready["tts_voice"], "ok", "{ready}");
+
+    let r = tts(&api, json!({"text": "The first request. It is warm."})).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.body["output"]["voice"], "en_US-joe-medium");
+    assert_eq!(
+        r.body["output"]["model_loaded"], false,
+        "the first job used the model loaded at start: {}",
+        r.body["output"]
+    );
+    let metrics = http
+        .get(format!("{worker}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("capibara_tts_model_loads_total{during=\"warm_up\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("capibara_tts_model_loads_total{during=\"job\"} 0"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("capibara_tts_voice_ready 1"), "{metrics}");
+}

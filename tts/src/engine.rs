@@ -1,5 +1,6 @@
 //! The renderer: ONNX Runtime loaded once per process, one session per voice loaded on first
-//! use and shared by every render, sentences rendered one at a time and handed to a callback.
+//! use (or ahead of it by [`Engine::warm_up`]) and shared by every render, sentences rendered one
+//! at a time and handed to a callback.
 //!
 //! Concurrency: a voice's session sits behind a mutex (`Session::run` needs `&mut`), taken per
 //! sentence, so concurrent renders of one voice interleave sentence by sentence instead of
@@ -124,6 +125,9 @@ pub struct RenderSummary {
     pub stopped: bool,
     /// From the start of `render` to the first segment, in milliseconds.
     pub first_segment_ms: Option<f64>,
+    /// Whether this render loaded the voice's model (a cold start: the worker had not loaded
+    /// the voice yet).
+    pub loaded_model: bool,
     pub render_ms: f64,
 }
 
@@ -178,11 +182,25 @@ impl Engine {
     }
 
     /// Load a voice now (e.g. at start-up or before a benchmark) instead of on first use.
-    pub fn preload(&self, voice: &str) -> Result<(), TtsError> {
+    /// Returns whether this call loaded the model (false: already loaded, or an espeak voice).
+    pub fn preload(&self, voice: &str) -> Result<bool, TtsError> {
         if voice.starts_with(voices::ESPEAK_PREFIX) {
-            return Ok(());
+            return Ok(false);
         }
-        self.piper(voice).map(|_| ())
+        self.piper(voice).map(|(_, loaded)| loaded)
+    }
+
+    /// Make `voice` ready for a fast first request: load its model, then render one short
+    /// sentence (discarded) so espeak-ng's data and ONNX Runtime's first-run allocations are
+    /// done too. Returns whether this call loaded the model.
+    pub fn warm_up(&self, voice: &str) -> Result<bool, TtsError> {
+        let loaded = self.preload(voice)?;
+        let opts = RenderOptions {
+            voice: Some(voice.to_string()),
+            ..Default::default()
+        };
+        self.render("Ready.", &opts, |_| ControlFlow::Continue(()))?;
+        Ok(loaded)
     }
 
     fn ort_library(&self) -> Result<PathBuf, TtsError> {
@@ -228,8 +246,9 @@ impl Engine {
         .map_err(TtsError::Assets)
     }
 
-    /// The loaded voice, loading it on first use (once, however many callers race).
-    fn piper(&self, name: &str) -> Result<Arc<LoadedVoice>, TtsError> {
+    /// The loaded voice, loading it on first use (once, however many callers race), and whether
+    /// this call loaded it.
+    fn piper(&self, name: &str) -> Result<(Arc<LoadedVoice>, bool), TtsError> {
         if !voices::valid_name(name) {
             return Err(TtsError::UnknownVoice(name.to_string()));
         }
@@ -242,7 +261,7 @@ impl Engine {
             .clone();
         let mut loaded = slot.loaded.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(v) = loaded.as_ref() {
-            return Ok(v.clone());
+            return Ok((v.clone(), false));
         }
         let voice = match voices::load_piper(&self.config.voices_dir, name) {
             Ok(v) => v,
@@ -282,7 +301,7 @@ impl Engine {
             has_sid,
         });
         *loaded = Some(v.clone());
-        Ok(v)
+        Ok((v, true))
     }
 
     /// Render `text` sentence by sentence. Each sentence goes to `on_segment` as soon as it is
@@ -314,6 +333,7 @@ impl Engine {
             rendered: 0,
             stopped: false,
             first_segment_ms: None,
+            loaded_model: false,
             render_ms: 0.0,
         };
 
@@ -325,7 +345,11 @@ impl Engine {
                     wpm: (175.0 * opts.speed).round() as u32,
                 }
             }
-            None => Renderer::Piper(self.piper(&voice_name)?),
+            None => {
+                let (voice, loaded) = self.piper(&voice_name)?;
+                summary.loaded_model = loaded;
+                Renderer::Piper(voice)
+            }
         };
 
         for (index, sentence) in sentences.into_iter().enumerate() {

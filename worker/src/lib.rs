@@ -17,10 +17,19 @@ pub use runtime::{run, WorkerOptions};
 
 use std::sync::Arc;
 
-use capibara_shared::{config::Config, store::Store};
+use capibara_shared::{config::Config, ops, store::Store};
 
-/// Every executor of this worker, configured from `config`.
-pub fn registry(store: &Store, config: &Config) -> executors::Registry {
+/// What a worker loads ahead of its first job, and where it reports readiness.
+#[derive(Clone, Default)]
+pub struct WarmUp {
+    /// The queues this worker serves: the TTS voice is loaded only when `tts` is one of them.
+    pub queues: Vec<String>,
+    /// Reported by the worker's `/readyz` (`tts_voice`).
+    pub components: ops::Components,
+}
+
+/// Every executor of this worker, configured from `config`; starts loading what `warm` asks for.
+pub fn registry(store: &Store, config: &Config, warm: &WarmUp) -> executors::Registry {
     let mut registry = executors::Registry::with_callbacks(executors::callback::CallbackDeliver {
         port: Arc::new(delivery_port::PgDeliveryPort {
             store: store.clone(),
@@ -33,7 +42,7 @@ pub fn registry(store: &Store, config: &Config) -> executors::Registry {
         schedule: config.delivery_retry_schedule.clone(),
     });
     register_code(&mut registry, store, config);
-    executors::tts::register(&mut registry, config);
+    executors::tts::register(&mut registry, config, warm);
     registry
 }
 

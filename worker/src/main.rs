@@ -3,7 +3,9 @@
 use std::{sync::Arc, time::Duration};
 
 use anyhow::Context;
-use capibara_shared::{config::Config, ops, queue::Queue, shutdown, store, telemetry};
+use capibara_shared::{
+    config::Config, metric_catalog, ops, queue::Queue, shutdown, store, telemetry,
+};
 use clap::Parser;
 
 #[derive(Parser)]
@@ -30,7 +32,10 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let config = Arc::new(Config::from_env()?);
     telemetry::init_logs(config.log_format);
-    telemetry::metrics_handle();
+    telemetry::init_metrics(
+        &[metric_catalog::Component::Worker],
+        &metric_catalog::Labels::worker(&args.queues),
+    );
     let pool = store::connect(&config.database_url, config.db_max_connections).await?;
     store::migrate(&pool).await.context("applying migrations")?;
     let queue = Queue::connect(&config.redis_url, &config.redis_prefix)
@@ -45,9 +50,11 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", config.worker_addr))?;
     tracing::info!(addr = %listener.local_addr()?, "worker health/metrics listening");
+    let components = ops::Components::default();
     let ops = ops::router(ops::Readiness {
         store: store.clone(),
         queue: queue.clone(),
+        components: components.clone(),
     });
     let stop = shutdown::token();
     let http_stop = stop.clone();
@@ -58,11 +65,18 @@ async fn main() -> anyhow::Result<()> {
     });
 
     let opts = capibara_worker::WorkerOptions {
-        queues: args.queues,
+        queues: args.queues.clone(),
         concurrency: args.concurrency.max(1),
         lease: config.visibility_timeout,
         shutdown_grace: Duration::from_secs_f64(args.shutdown_grace_s.max(0.0)),
     };
-    let registry = capibara_worker::registry(&store, &config);
+    let registry = capibara_worker::registry(
+        &store,
+        &config,
+        &capibara_worker::WarmUp {
+            queues: args.queues.clone(),
+            components,
+        },
+    );
     capibara_worker::run(store, queue, registry, opts, stop).await
 }

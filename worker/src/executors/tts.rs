@@ -4,7 +4,8 @@
 //!
 //! Input {text, voice?, speed?, noise_scale?, noise_w?, format? (wav | pcm_s16le),
 //! sample_rate?}; output {duration_s, sample_rate, voice, engine, format, sentences, chars,
-//! chars_per_second, render_ms, real_time_factor, first_chunk_ms, artifact}. Chunk data:
+//! chars_per_second, render_ms, real_time_factor, first_chunk_ms, model_loaded, artifact}
+//! (`model_loaded`: this job loaded the voice's model, a cold start). Chunk data:
 //! {index, total, text, format, sample_rate, duration_s, audio (base64)}.
 
 use std::{ops::ControlFlow, sync::Arc};
@@ -44,8 +45,9 @@ pub struct TtsRender {
     pub artifacts: Result<ArtifactStore, String>,
 }
 
-/// Register `tts.render` with an engine over the configured assets.
-pub fn register(registry: &mut Registry, config: &Config) {
+/// Register `tts.render` with an engine over the configured assets. When the worker serves the
+/// `tts` queue, the default voice is loaded in the background from now on ([`warm_up`]).
+pub fn register(registry: &mut Registry, config: &Config, warm: &crate::WarmUp) {
     let mut engine = EngineConfig::from_assets_dir(&config.assets_dir);
     engine.voices_dir = config.tts.voices_dir.clone();
     engine.ort_library = config.tts.ort_library.clone();
@@ -60,13 +62,53 @@ pub fn register(registry: &mut Registry, config: &Config) {
     if let Err(e) = &artifacts {
         tracing::error!(error = %e, "artifact store unavailable; tts.render jobs will fail");
     }
-    registry.register(
-        "tts.render",
-        Arc::new(TtsRender {
-            engine: Arc::new(Engine::new(engine)),
-            artifacts,
-        }),
-    );
+    let engine = Arc::new(Engine::new(engine));
+    if warm.queues.iter().any(|q| q == QUEUE) && tokio::runtime::Handle::try_current().is_ok() {
+        warm_up(engine.clone(), warm.components.clone());
+    }
+    registry.register("tts.render", Arc::new(TtsRender { engine, artifacts }));
+}
+
+/// The queue `tts.render` jobs go to.
+const QUEUE: &str = "tts";
+/// The `/readyz` entry of the default voice.
+pub const READY_COMPONENT: &str = "tts_voice";
+
+/// Load the default voice on a blocking thread and report it: `/readyz` says `tts_voice:
+/// loading` (503) until it is done, then `ok`, or `failed` with the reason (jobs then load on
+/// first use as before); the gauge `capibara_tts_voice_ready` turns 1 when it is ready.
+fn warm_up(engine: Arc<Engine>, components: capibara_shared::ops::Components) {
+    use capibara_shared::ops::ComponentState;
+    components.set(READY_COMPONENT, ComponentState::Loading);
+    tokio::spawn(async move {
+        let voice = engine.default_voice();
+        let started = std::time::Instant::now();
+        let e2 = engine.clone();
+        let v2 = voice.clone();
+        let result = tokio::task::spawn_blocking(move || e2.warm_up(&v2))
+            .await
+            .map_err(|e| format!("warm-up panicked: {e}"))
+            .and_then(|r| r.map_err(|e| e.to_string()));
+        match result {
+            Ok(loaded) => {
+                if loaded {
+                    metrics::counter!("capibara_tts_model_loads_total", "during" => "warm_up")
+                        .increment(1);
+                }
+                metrics::gauge!("capibara_tts_voice_ready").set(1.0);
+                tracing::info!(
+                    %voice,
+                    ms = started.elapsed().as_millis() as u64,
+                    "default TTS voice ready"
+                );
+                components.set(READY_COMPONENT, ComponentState::Ready);
+            }
+            Err(e) => {
+                tracing::error!(%voice, error = %e, "loading the default TTS voice failed");
+                components.set(READY_COMPONENT, ComponentState::Failed(e));
+            }
+        }
+    });
 }
 
 fn invalid(message: impl Into<String>) -> ExecError {
@@ -158,6 +200,9 @@ impl Executor for TtsRender {
             .await
             .map_err(|e| ExecError::Retryable(JobError::new("tts_error", e.to_string())))?
             .map_err(render_error)?;
+        if summary.loaded_model {
+            metrics::counter!("capibara_tts_model_loads_total", "during" => "job").increment(1);
+        }
         if ctx.cancel.is_cancelled() {
             return Err(ExecError::Abort(JobError::new(
                 "canceled",
@@ -197,6 +242,7 @@ impl Executor for TtsRender {
                 "render_ms": round(summary.render_ms, 1),
                 "real_time_factor": round(render_s / duration_s.max(1e-6), 3),
                 "first_chunk_ms": summary.first_segment_ms.map(|t| round(t, 1)),
+                "model_loaded": summary.loaded_model,
                 "artifact": format.artifact_name(),
             }),
             artifacts: vec![artifact],

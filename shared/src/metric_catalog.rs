@@ -1,0 +1,452 @@
+//! Every metric Capibara exports, with its HELP text, and which binary records it.
+//!
+//! [`register`] runs at start-up on every binary: it describes each metric (HELP and TYPE lines)
+//! and creates its series at zero, so the first `/metrics` scrape already lists them and
+//! `rate()` has a starting point. Series whose labels are known at start (kinds, queues,
+//! outcomes) are created for every label value; those whose labels only exist at run time
+//! (`capibara_code_run_seconds{language,runtime}`, the per-queue gauges) are described here and
+//! appear on first use. Process metrics (`process_*`) come from [`crate::telemetry`].
+
+use metrics::Unit;
+
+/// A Capibara binary (`capibara dev` is all three).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Component {
+    Api,
+    Worker,
+    Scheduler,
+}
+
+/// Prometheus metric type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricType {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// Where a label's values come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Values {
+    /// A fixed set.
+    Fixed(&'static [&'static str]),
+    /// The job kinds this binary knows ([`Labels::kinds`]).
+    Kinds,
+    /// The queues this binary serves ([`Labels::queues`]).
+    Queues,
+    /// Only known at run time: the series appears on first use.
+    Open,
+}
+
+/// One exported metric.
+#[derive(Debug, Clone, Copy)]
+pub struct MetricSpec {
+    pub name: &'static str,
+    pub kind: MetricType,
+    pub help: &'static str,
+    pub unit: Option<Unit>,
+    /// Binaries that record it.
+    pub on: &'static [Component],
+    pub labels: &'static [(&'static str, Values)],
+}
+
+use Component::{Api, Scheduler, Worker};
+use MetricType::{Counter, Gauge, Histogram};
+
+const ALL: &[Component] = &[Api, Worker, Scheduler];
+const JOB_OUTCOMES: &[&str] = &["succeeded", "failed", "timed_out", "canceled", "released"];
+
+/// The catalog (docs/configuration.md lists it too; a test keeps the two in step).
+pub const METRICS: &[MetricSpec] = &[
+    // Event store (every binary appends).
+    MetricSpec {
+        name: "capibara_append_batch_size",
+        kind: Histogram,
+        help: "Events written per group commit of the event appender.",
+        unit: None,
+        on: ALL,
+        labels: &[],
+    },
+    MetricSpec {
+        name: "capibara_append_batch_seconds",
+        kind: Histogram,
+        help: "Time to write one group commit of the event appender.",
+        unit: Some(Unit::Seconds),
+        on: ALL,
+        labels: &[],
+    },
+    MetricSpec {
+        name: "capibara_runs_started_total",
+        kind: Counter,
+        help: "Workflow runs started.",
+        unit: None,
+        on: ALL,
+        labels: &[],
+    },
+    // API.
+    MetricSpec {
+        name: "capibara_jobs_submitted_total",
+        kind: Counter,
+        help: "Jobs accepted by the API, by kind (`batch` counts the jobs of /v1/jobs/batch).",
+        unit: None,
+        on: &[Api],
+        labels: &[("kind", Values::Kinds)],
+    },
+    MetricSpec {
+        name: "capibara_firehose_events_total",
+        kind: Counter,
+        help: "Events fanned out to firehose (SSE) readers.",
+        unit: None,
+        on: &[Api],
+        labels: &[],
+    },
+    MetricSpec {
+        name: "capibara_firehose_batches_total",
+        kind: Counter,
+        help: "Batches of events read from the log for firehose readers.",
+        unit: None,
+        on: &[Api],
+        labels: &[],
+    },
+    MetricSpec {
+        name: "capibara_firehose_lagged_total",
+        kind: Counter,
+        help: "Times a slow firehose reader fell behind and was resumed from the log.",
+        unit: None,
+        on: &[Api],
+        labels: &[],
+    },
+    MetricSpec {
+        name: "capibara_firehose_subscribers",
+        kind: Gauge,
+        help: "Firehose (SSE) readers connected now.",
+        unit: None,
+        on: &[Api],
+        labels: &[],
+    },
+    // Worker.
+    MetricSpec {
+        name: "capibara_jobs_total",
+        kind: Counter,
+        help: "Jobs this worker executed, by kind and outcome.",
+        unit: None,
+        on: &[Worker],
+        labels: &[("kind", Values::Kinds), ("outcome", Values::Fixed(JOB_OUTCOMES))],
+    },
+    MetricSpec {
+        name: "capibara_job_run_seconds",
+        kind: Histogram,
+        help: "Time a job's executor ran, by kind.",
+        unit: Some(Unit::Seconds),
+        on: &[Worker],
+        labels: &[("kind", Values::Kinds)],
+    },
+    MetricSpec {
+        name: "capibara_job_pickup_latency_seconds",
+        kind: Histogram,
+        help: "Time from a job becoming runnable to a worker starting it, by queue.",
+        unit: Some(Unit::Seconds),
+        on: &[Worker],
+        labels: &[("queue", Values::Queues)],
+    },
+    MetricSpec {
+        name: "capibara_dispatch_stale_total",
+        kind: Counter,
+        help: "Popped dispatch entries whose job was no longer queued (skipped).",
+        unit: None,
+        on: &[Worker],
+        labels: &[],
+    },
+    MetricSpec {
+        name: "capibara_dispatch_duplicates_total",
+        kind: Counter,
+        help: "Duplicate dispatches of one attempt fenced off at claim.",
+        unit: None,
+        on: &[Worker],
+        labels: &[],
+    },
+    MetricSpec {
+        name: "capibara_results_fenced_total",
+        kind: Counter,
+        help: "Results discarded because the attempt was taken away or duplicated (fencing).",
+        unit: None,
+        on: &[Worker],
+        labels: &[],
+    },
+    MetricSpec {
+        name: "capibara_delivery_attempts_total",
+        kind: Counter,
+        help: "Webhook delivery attempts, by outcome (delivered, retry, failed).",
+        unit: None,
+        on: &[Worker],
+        labels: &[("outcome", Values::Fixed(&["delivered", "retry", "failed"]))],
+    },
+    MetricSpec {
+        name: "capibara_code_run_seconds",
+        kind: Histogram,
+        help: "Time a code.run job spent in the sandbox, by language and runtime.",
+        unit: Some(Unit::Seconds),
+        on: &[Worker],
+        labels: &[("language", Values::Open), ("runtime", Values::Open)],
+    },
+    MetricSpec {
+        name: "capibara_tts_voice_ready",
+        kind: Gauge,
+        help: "1 once the worker's default TTS voice is loaded (0 while loading, if it failed, or without the tts queue).",
+        unit: None,
+        on: &[Worker],
+        labels: &[],
+    },
+    MetricSpec {
+        name: "capibara_tts_model_loads_total",
+        kind: Counter,
+        help: "TTS voice models loaded, by when (warm_up at start, or job on first use).",
+        unit: None,
+        on: &[Worker],
+        labels: &[("during", Values::Fixed(&["warm_up", "job"]))],
+    },
+    // Scheduler.
+    MetricSpec {
+        name: "capibara_schedule_ticks_fired_total",
+        kind: Counter,
+        help: "Schedule occurrences fired.",
+        unit: None,
+        on: &[Scheduler],
+        labels: &[],
+    },
+    MetricSpec {
+        name: "capibara_schedule_fire_lateness_seconds",
+        kind: Histogram,
+        help: "How late a schedule occurrence fired after its due time.",
+        unit: Some(Unit::Seconds),
+        on: &[Scheduler],
+        labels: &[],
+    },
+    MetricSpec {
+        name: "capibara_runs_advanced_total",
+        kind: Counter,
+        help: "Times the orchestrator advanced a workflow run.",
+        unit: None,
+        on: &[Scheduler],
+        labels: &[],
+    },
+    MetricSpec {
+        name: "capibara_relay_pushed_total",
+        kind: Counter,
+        help: "Queued jobs the relay found missing from Redis and pushed again.",
+        unit: None,
+        on: &[Scheduler],
+        labels: &[],
+    },
+    MetricSpec {
+        name: "capibara_retention_pruned_total",
+        kind: Counter,
+        help: "Finished jobs and deliveries removed by retention.",
+        unit: None,
+        on: &[Scheduler],
+        labels: &[],
+    },
+    MetricSpec {
+        name: "capibara_leases_expired_total",
+        kind: Counter,
+        help: "Running attempts whose lease expired (marked worker_lost).",
+        unit: None,
+        on: &[Scheduler],
+        labels: &[],
+    },
+    MetricSpec {
+        name: "capibara_trigger_calls_total",
+        kind: Counter,
+        help: "Inbound trigger calls, by outcome (accepted, rejected).",
+        unit: None,
+        on: &[Scheduler],
+        labels: &[("outcome", Values::Fixed(&["accepted", "rejected"]))],
+    },
+    MetricSpec {
+        name: "capibara_deliveries_created_total",
+        kind: Counter,
+        help: "Webhook deliveries created from the event log (callbacks and subscriptions).",
+        unit: None,
+        on: &[Scheduler],
+        labels: &[],
+    },
+    MetricSpec {
+        name: "capibara_queue_depth",
+        kind: Gauge,
+        help: "Jobs waiting to run, by queue.",
+        unit: None,
+        on: &[Scheduler],
+        labels: &[("queue", Values::Open)],
+    },
+    MetricSpec {
+        name: "capibara_queue_running",
+        kind: Gauge,
+        help: "Jobs running now, by queue.",
+        unit: None,
+        on: &[Scheduler],
+        labels: &[("queue", Values::Open)],
+    },
+    MetricSpec {
+        name: "capibara_queue_scheduled",
+        kind: Gauge,
+        help: "Jobs scheduled for later, by queue.",
+        unit: None,
+        on: &[Scheduler],
+        labels: &[("queue", Values::Open)],
+    },
+    MetricSpec {
+        name: "capibara_queue_oldest_age_seconds",
+        kind: Gauge,
+        help: "Age of the oldest waiting job, by queue.",
+        unit: Some(Unit::Seconds),
+        on: &[Scheduler],
+        labels: &[("queue", Values::Open)],
+    },
+];
+
+/// Label values known at start-up.
+#[derive(Debug, Clone, Default)]
+pub struct Labels {
+    /// Job kinds (public ones; the API adds `batch`).
+    pub kinds: Vec<String>,
+    /// Queues this binary serves.
+    pub queues: Vec<String>,
+}
+
+impl Labels {
+    /// The API's: public kinds, and `batch`.
+    pub fn api() -> Labels {
+        let mut kinds: Vec<String> = crate::domain::kinds::KINDS
+            .iter()
+            .filter(|k| !k.internal)
+            .map(|k| k.name.to_string())
+            .collect();
+        kinds.push("batch".into());
+        Labels {
+            kinds,
+            queues: Vec::new(),
+        }
+    }
+
+    /// A worker's: every kind (deliveries and workflow steps included), and its queues.
+    pub fn worker(queues: &[String]) -> Labels {
+        Labels {
+            kinds: crate::domain::kinds::KINDS
+                .iter()
+                .map(|k| k.name.to_string())
+                .collect(),
+            queues: queues.to_vec(),
+        }
+    }
+}
+
+/// Every label combination of `spec` with values known now; `None` when a label is open.
+fn series(spec: &MetricSpec, labels: &Labels) -> Option<Vec<Vec<(&'static str, String)>>> {
+    let mut out: Vec<Vec<(&'static str, String)>> = vec![Vec::new()];
+    for (name, values) in spec.labels {
+        let values: Vec<String> = match values {
+            Values::Fixed(v) => v.iter().map(|s| s.to_string()).collect(),
+            Values::Kinds => labels.kinds.clone(),
+            Values::Queues => labels.queues.clone(),
+            Values::Open => return None,
+        };
+        out = out
+            .into_iter()
+            .flat_map(|prefix| {
+                values.iter().map(move |v| {
+                    let mut p = prefix.clone();
+                    p.push((*name, v.clone()));
+                    p
+                })
+            })
+            .collect();
+    }
+    Some(out)
+}
+
+/// Describe every metric `component` records and create its known series at zero. Call after
+/// the recorder is installed ([`crate::telemetry::metrics_handle`]).
+pub fn register(component: Component, labels: &Labels) {
+    for spec in METRICS.iter().filter(|m| m.on.contains(&component)) {
+        describe(spec);
+        for series in series(spec, labels).unwrap_or_default() {
+            let labels: Vec<metrics::Label> = series
+                .into_iter()
+                .map(|(k, v)| metrics::Label::new(k, v))
+                .collect();
+            match spec.kind {
+                Counter => metrics::counter!(spec.name, labels).increment(0),
+                // Gauges with known series start true at zero (no firehose reader, no voice
+                // loaded yet); per-queue gauges are open and set by the scheduler.
+                Gauge => metrics::gauge!(spec.name, labels).set(0.0),
+                // Registering the handle creates the series (empty buckets, count 0).
+                Histogram => drop(metrics::histogram!(spec.name, labels)),
+            }
+        }
+    }
+}
+
+fn describe(spec: &MetricSpec) {
+    match (spec.kind, spec.unit) {
+        (Counter, Some(u)) => metrics::describe_counter!(spec.name, u, spec.help),
+        (Counter, None) => metrics::describe_counter!(spec.name, spec.help),
+        (Gauge, Some(u)) => metrics::describe_gauge!(spec.name, u, spec.help),
+        (Gauge, None) => metrics::describe_gauge!(spec.name, spec.help),
+        (Histogram, Some(u)) => metrics::describe_histogram!(spec.name, u, spec.help),
+        (Histogram, None) => metrics::describe_histogram!(spec.name, spec.help),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn series_are_the_cartesian_product_of_known_values() {
+        let spec = METRICS
+            .iter()
+            .find(|m| m.name == "capibara_jobs_total")
+            .unwrap();
+        let labels = Labels {
+            kinds: vec!["echo".into(), "sleep".into()],
+            queues: vec![],
+        };
+        let s = series(spec, &labels).unwrap();
+        assert_eq!(s.len(), 2 * JOB_OUTCOMES.len());
+        assert!(s.contains(&vec![
+            ("kind", "sleep".to_string()),
+            ("outcome", "timed_out".to_string())
+        ]));
+        let open = METRICS
+            .iter()
+            .find(|m| m.name == "capibara_code_run_seconds")
+            .unwrap();
+        assert!(series(open, &labels).is_none());
+    }
+
+    #[test]
+    fn names_are_unique_and_prometheus_style() {
+        let mut names: Vec<&str> = METRICS.iter().map(|m| m.name).collect();
+        names.sort();
+        let n = names.len();
+        names.dedup();
+        assert_eq!(names.len(), n, "a metric is listed twice");
+        for m in METRICS {
+            assert!(m.name.starts_with("capibara_"), "{}", m.name);
+            assert_eq!(m.kind == Counter, m.name.ends_with("_total"), "{}", m.name);
+            assert!(!m.help.is_empty() && !m.on.is_empty(), "{}", m.name);
+        }
+    }
+
+    #[test]
+    fn the_docs_list_every_metric() {
+        let docs = include_str!("../../docs/configuration.md");
+        for m in METRICS {
+            assert!(
+                docs.contains(&format!("`{}`", m.name)),
+                "docs/configuration.md does not list `{}`",
+                m.name
+            );
+        }
+    }
+}
