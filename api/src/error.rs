@@ -31,8 +31,12 @@ pub enum ApiError {
     UnsupportedMediaType(String),
     #[error("{0}")]
     PayloadTooLarge(String),
-    #[error("rate limit exceeded")]
-    RateLimited { retry_after: Duration },
+    /// A limit was exceeded (`detail` says which); 429 with `Retry-After`.
+    #[error("{detail}")]
+    RateLimited {
+        retry_after: Duration,
+        detail: String,
+    },
     #[error("a dependency is unavailable")]
     Unavailable,
     #[error("internal error: {0}")]
@@ -40,6 +44,14 @@ pub enum ApiError {
 }
 
 impl ApiError {
+    /// The per-key request rate limit (`CAPIBARA_RATE_LIMIT_RPS`).
+    pub fn rate_limited(retry_after: Duration) -> Self {
+        ApiError::RateLimited {
+            retry_after,
+            detail: "rate limit exceeded".into(),
+        }
+    }
+
     /// A 422 naming one field.
     pub fn field(field: impl Into<String>, message: impl Into<String>) -> Self {
         FieldError::new(field, message).into()
@@ -150,7 +162,7 @@ impl IntoResponse for ApiError {
         let (status, slug, title) = self.parts();
         let retry_after = match &self {
             ApiError::Unavailable => Some("1".to_string()),
-            ApiError::RateLimited { retry_after } => {
+            ApiError::RateLimited { retry_after, .. } => {
                 Some((retry_after.as_secs_f64().ceil().max(1.0) as u64).to_string())
             }
             _ => None,

@@ -16,6 +16,7 @@ pub mod firehose;
 pub mod openapi;
 pub mod outbound;
 pub mod routes;
+pub mod streams;
 pub mod wait;
 
 use std::{future::Future, sync::Arc, time::Duration};
@@ -41,6 +42,10 @@ pub struct AppState {
     pub config: Arc<Config>,
     pub keys: auth::KeyCache,
     pub limiter: auth::RateLimiter,
+    /// Failed authentications per client address.
+    pub auth_failures: auth::FailureLimiter,
+    /// Open SSE streams per key.
+    pub streams: streams::StreamSlots,
     /// This process's tailer of the global log, for `GET /v1/events` over SSE.
     pub firehose: firehose::Firehose,
     /// Where job artifacts are read from (`CAPIBARA_ARTIFACTS`); the error says why it could
@@ -51,9 +56,13 @@ pub struct AppState {
 impl AppState {
     pub fn new(store: Store, queue: Queue, config: Arc<Config>) -> Self {
         let watch = StreamWatch::start(&queue);
+        let keys = auth::KeyCache::new(config.admin_key.as_deref());
+        keys.listen(&queue);
         Self {
-            keys: auth::KeyCache::new(config.admin_key.as_deref()),
+            keys,
             limiter: auth::RateLimiter::new(config.rate_limit_rps),
+            auth_failures: auth::FailureLimiter::per_minute(config.auth_failures_per_min),
+            streams: streams::StreamSlots::new(config.sse_max_streams_per_key),
             firehose: firehose::Firehose::new(store.pool.clone(), &watch),
             artifacts: capibara_shared::artifacts::ArtifactStore::open(&config.artifacts)
                 .map_err(|e| e.to_string()),
@@ -114,6 +123,10 @@ pub fn app(state: AppState) -> Router {
         .route(
             "/v1/api-keys",
             post(admin::create_key).get(admin::list_keys),
+        )
+        .route(
+            "/v1/api-keys/{id}",
+            axum::routing::delete(admin::revoke_key),
         )
         .route(
             "/v1/subscriptions",
@@ -207,7 +220,9 @@ pub async fn serve(
     let listener = listener.tap_io(|tcp| {
         let _ = tcp.set_nodelay(true);
     });
-    axum::serve(listener, app(state))
+    // Peer addresses reach the handlers (the failed-authentication limit is per address).
+    let app = app(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
 }

@@ -14,7 +14,7 @@ use crate::routes::{
 #[openapi(
     info(title = "Capibara API", description = "Event-sourced jobs: submit, wait, stream and inspect every event."),
     paths(jobs::submit, jobs::submit_batch, jobs::list, jobs::get, jobs::events, jobs::cancel, jobs::retry, events::list,
-          admin::workers, admin::queues, admin::kinds_list, admin::create_key, admin::list_keys,
+          admin::workers, admin::queues, admin::kinds_list, admin::create_key, admin::list_keys, admin::revoke_key,
           subscriptions::create, subscriptions::list, subscriptions::get, subscriptions::update,
           subscriptions::pause, subscriptions::resume, subscriptions::delete,
           deliveries::list, deliveries::get, deliveries::redeliver, orchestrate::orchestrate,

@@ -111,11 +111,15 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             k
         }
     };
+    // A super-admin, so the demo can create keys for other namespaces.
     store::keys::insert(
         &pool,
-        "default",
-        "demo (capibara dev)",
-        &[Role::Admin],
+        store::keys::NewKey {
+            namespace: "default",
+            name: "demo (capibara dev)",
+            roles: &[Role::Admin],
+            super_admin: true,
+        },
         &demo_key,
     )
     .await?;

@@ -91,7 +91,14 @@ enum AdminCommand {
         roles: Vec<String>,
         #[arg(long, default_value = "default")]
         namespace: String,
+        /// Make it a super-admin: it may create, list and revoke keys of every namespace
+        /// (needs `--roles admin`).
+        #[arg(long)]
+        super_admin: bool,
     },
+    /// Revoke an API key by id: `capibara admin revoke-key <id>` (recorded as revoked by `cli`;
+    /// API processes refuse it at once, or within 10 s when Redis cannot be reached).
+    RevokeKey { id: uuid::Uuid },
 }
 
 #[tokio::main]
@@ -123,6 +130,7 @@ async fn main() -> anyhow::Result<()> {
                     name,
                     roles,
                     namespace,
+                    super_admin,
                 } => {
                     let roles = roles
                         .iter()
@@ -131,13 +139,42 @@ async fn main() -> anyhow::Result<()> {
                         .map_err(anyhow::Error::msg)?;
                     capibara_shared::domain::auth::validate_namespace(&namespace)
                         .map_err(|m| anyhow::anyhow!("namespace: {m}"))?;
-                    let (key, secret) = store::keys::create(&pool, &namespace, &name, &roles)
+                    if super_admin && !roles.contains(&capibara_shared::domain::auth::Role::Admin) {
+                        anyhow::bail!("--super-admin needs --roles admin");
+                    }
+                    let new = store::keys::NewKey {
+                        namespace: &namespace,
+                        name: &name,
+                        roles: &roles,
+                        super_admin,
+                    };
+                    let (key, secret) = store::keys::create(&pool, new)
                         .await
                         .context("creating the key")?;
                     println!(
                         "{}",
-                        serde_json::json!({"id": key.id, "namespace": key.namespace, "key": secret})
+                        serde_json::json!({"id": key.id, "namespace": key.namespace,
+                            "super_admin": key.super_admin, "key": secret})
                     );
+                }
+                AdminCommand::RevokeKey { id } => {
+                    let key = store::keys::revoke(&pool, id, "cli")
+                        .await
+                        .context("revoking the key")?
+                        .ok_or_else(|| anyhow::anyhow!("no API key {id}"))?;
+                    let announced = match capibara_shared::queue::Queue::connect(
+                        &config.redis_url,
+                        &config.redis_prefix,
+                    )
+                    .await
+                    {
+                        Ok(q) => q.publish_key_revoked(id).await.is_ok(),
+                        Err(_) => false,
+                    };
+                    if !announced {
+                        eprintln!("Redis unreachable: API processes refuse the key within 10 s");
+                    }
+                    println!("{}", serde_json::to_string(&key)?);
                 }
             }
             Ok(())

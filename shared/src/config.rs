@@ -31,6 +31,18 @@ pub struct Config {
     pub input_limit_bytes: usize,
     /// Requests per second per API key (token bucket; burst = 2×).
     pub rate_limit_rps: u32,
+    /// Failed authentications (unknown bearer tokens) allowed per client address per minute,
+    /// in bursts of as many (`CAPIBARA_AUTH_FAILURES_PER_MIN`); beyond it 429.
+    pub auth_failures_per_min: u32,
+    /// Peers whose `X-Forwarded-For` names the client (`CAPIBARA_TRUSTED_PROXIES`, comma-separated
+    /// IP addresses; default none: the TCP peer is the client).
+    pub trusted_proxies: Vec<std::net::IpAddr>,
+    /// SSE streams (job, run and firehose) one key may hold open at once on one API process
+    /// (`CAPIBARA_SSE_MAX_STREAMS_PER_KEY`).
+    pub sse_max_streams_per_key: usize,
+    /// How often an idle job/run SSE stream re-reads Postgres when no hint woke it
+    /// (`CAPIBARA_SSE_FALLBACK_POLL`, default `15s`).
+    pub sse_fallback_poll: Duration,
     pub db_max_connections: u32,
     /// Group-commit flushes that may run at once per process.
     pub append_flushers: usize,
@@ -191,6 +203,31 @@ impl Config {
             body_limit_bytes: parse("CAPIBARA_BODY_LIMIT_BYTES", 10 * 1024 * 1024)?,
             input_limit_bytes: parse("CAPIBARA_INPUT_LIMIT_BYTES", 1024 * 1024)?,
             rate_limit_rps: parse("CAPIBARA_RATE_LIMIT_RPS", 2000)?,
+            auth_failures_per_min: parse("CAPIBARA_AUTH_FAILURES_PER_MIN", 60u32)?.max(1),
+            trusted_proxies: var("CAPIBARA_TRUSTED_PROXIES")
+                .unwrap_or_default()
+                .split(',')
+                .map(str::trim)
+                .filter(|p| !p.is_empty())
+                .map(|p| {
+                    p.parse().map_err(|_| ConfigError {
+                        var: "CAPIBARA_TRUSTED_PROXIES",
+                        message: format!("`{p}` is not an IP address"),
+                    })
+                })
+                .collect::<Result<_, _>>()?,
+            sse_max_streams_per_key: parse("CAPIBARA_SSE_MAX_STREAMS_PER_KEY", 100usize)?.max(1),
+            sse_fallback_poll: match var("CAPIBARA_SSE_FALLBACK_POLL") {
+                None => Duration::from_secs(15),
+                Some(v) => {
+                    parse_duration(&v)
+                        .filter(|d| !d.is_zero())
+                        .ok_or_else(|| ConfigError {
+                            var: "CAPIBARA_SSE_FALLBACK_POLL",
+                            message: format!("`{v}` is not a duration like 500ms, 15s or 1m"),
+                        })?
+                }
+            },
             db_max_connections: parse("CAPIBARA_DB_MAX_CONNECTIONS", 16)?,
             append_flushers: parse("CAPIBARA_APPEND_FLUSHERS", 2usize)?.max(1),
             retention: match var("CAPIBARA_RETENTION").as_deref() {

@@ -124,6 +124,12 @@ impl Queue {
         format!("{{{}}}:cancel", self.prefix)
     }
 
+    /// Channel carrying ids of API keys just revoked (every API process drops them from its
+    /// key cache).
+    pub fn revoked_keys_channel(&self) -> String {
+        format!("{{{}}}:revoked-keys", self.prefix)
+    }
+
     /// Add entries (idempotent). Also marks the epoch so a wipe can be detected.
     pub async fn push(&self, entries: &[DispatchEntry]) -> Result<(), QueueError> {
         let mut pipe = redis::pipe();
@@ -235,6 +241,15 @@ impl Queue {
         {
             tracing::debug!(error = %e, "publishing stream hints failed");
         }
+    }
+
+    /// Tell every API process that a key was revoked (they also forget cached keys after a
+    /// few seconds, so a lost message delays the revocation, never loses it).
+    pub async fn publish_key_revoked(&self, key_id: Uuid) -> Result<(), QueueError> {
+        let mut conn = self.conn.clone();
+        conn.publish::<_, _, ()>(self.revoked_keys_channel(), key_id.to_string())
+            .await?;
+        Ok(())
     }
 
     /// Tell workers that a running job's cancel was requested.

@@ -162,6 +162,16 @@ impl TestEnv {
         p
     }
 
+    /// Start another `capibara-api` replica on `port` (same database and Redis prefix) and wait
+    /// until it answers.
+    pub async fn spawn_api_on(&self, port: u16) -> Proc {
+        let mut c = self.command("capibara-api");
+        c.env("CAPIBARA_API_ADDR", format!("127.0.0.1:{port}"));
+        let p = Proc::spawn("api", c);
+        wait_http_ok(&format!("http://127.0.0.1:{port}/healthz")).await;
+        p
+    }
+
     /// Start a worker with extra arguments (`--queues`, `--concurrency`).
     pub fn spawn_worker(&self, args: &[&str]) -> Proc {
         let mut c = self.command("capibara-worker");

@@ -1,27 +1,47 @@
 //! Operational resources: `/v1/workers`, `/v1/queues`, `/v1/kinds`, `/v1/api-keys`.
 
-use axum::{extract::State, http::StatusCode, response::IntoResponse, Json};
+use axum::{
+    extract::{Path, State},
+    http::StatusCode,
+    response::IntoResponse,
+    Json,
+};
 use capibara_shared::{
     domain::{
         auth::{validate_namespace, Role},
         kinds,
     },
-    store::{self, jobs::QueueStats, keys::ApiKey, workers::WorkerInfo},
+    store::{
+        self,
+        jobs::QueueStats,
+        keys::{ApiKey, NewKey},
+        workers::WorkerInfo,
+    },
 };
 use serde::{Deserialize, Serialize};
+use uuid::Uuid;
 
 use crate::{auth::Auth, error::ApiError, extract::ApiJson, routes::jobs::Page, AppState};
 
+/// Workers are shared by every namespace, so listing them needs the `admin` role; `running`
+/// counts the caller's namespace's attempts only, except for a super-admin (docs/security.md).
 #[utoipa::path(get, operation_id = "listWorkers", path = "/v1/workers", tag = "operations",
-    responses((status = 200, body = Page<WorkerInfo>)), security(("bearer" = [])))]
+    responses((status = 200, body = Page<WorkerInfo>), (status = 403, body = crate::error::Problem)),
+    security(("bearer" = [])))]
 pub async fn workers(
     State(state): State<AppState>,
     auth: Auth,
 ) -> Result<Json<Page<WorkerInfo>>, ApiError> {
-    auth.require(Role::Read)?;
+    auth.require(Role::Admin).map_err(|_| {
+        ApiError::Forbidden(
+            "listing workers needs the `admin` role: workers are shared by every namespace".into(),
+        )
+    })?;
+    let running_in = (!auth.is_super_admin()).then(|| auth.namespace());
     let items = store::workers::list(
         &state.store.pool,
         state.config.visibility_timeout.as_secs_f64(),
+        running_in,
     )
     .await?;
     Ok(Json(Page {
@@ -77,9 +97,12 @@ pub async fn kinds_list(auth: Auth) -> Result<Json<Page<KindInfo>>, ApiError> {
 pub struct CreateKey {
     pub name: String,
     pub roles: Vec<Role>,
-    /// Namespace of the new key (default: the caller's). Only admins of `default` may pick another.
+    /// Namespace of the new key (default: the caller's). Only super-admins may pick another.
     #[serde(default)]
     pub namespace: Option<String>,
+    /// Make the new key a super-admin (it needs the `admin` role). Only super-admins may.
+    #[serde(default)]
+    pub super_admin: bool,
 }
 
 /// A new key; `key` is shown only here.
@@ -118,15 +141,42 @@ pub async fn create_key(
         .namespace
         .unwrap_or_else(|| auth.namespace().to_string());
     validate_namespace(&namespace).map_err(|m| ApiError::field("namespace", m))?;
-    if namespace != auth.namespace() && auth.namespace() != "default" {
-        return Err(ApiError::Forbidden(
-            "only admins of namespace `default` create keys for other namespaces".into(),
-        ));
+    if namespace != auth.namespace() && !auth.is_super_admin() {
+        return Err(ApiError::Forbidden(format!(
+            "only a super-admin creates keys for another namespace than its own (`{}`)",
+            auth.namespace()
+        )));
     }
-    let (info, key) = store::keys::create(&state.store.pool, &namespace, name, &req.roles).await?;
+    if req.super_admin {
+        if !auth.is_super_admin() {
+            return Err(ApiError::Forbidden(
+                "only a super-admin creates super-admin keys".into(),
+            ));
+        }
+        if !req.roles.contains(&Role::Admin) {
+            return Err(ApiError::field(
+                "super_admin",
+                "a super-admin key needs the `admin` role",
+            ));
+        }
+    }
+    let (info, key) = store::keys::create(
+        &state.store.pool,
+        NewKey {
+            namespace: &namespace,
+            name,
+            roles: &req.roles,
+            super_admin: req.super_admin,
+        },
+    )
+    .await?;
+    tracing::info!(actor = %auth.actor(), key_id = %info.id, namespace = %info.namespace,
+        super_admin = info.super_admin, "API key created");
     Ok((StatusCode::CREATED, Json(CreatedKey { info, key })))
 }
 
+/// Keys of the caller's namespace (a super-admin: of every namespace), revoked ones included;
+/// never a secret nor its hash.
 #[utoipa::path(get, operation_id = "listApiKeys", path = "/v1/api-keys", tag = "operations",
     responses((status = 200, body = Page<ApiKey>)), security(("bearer" = [])))]
 pub async fn list_keys(
@@ -134,9 +184,48 @@ pub async fn list_keys(
     auth: Auth,
 ) -> Result<Json<Page<ApiKey>>, ApiError> {
     auth.require(Role::Admin)?;
-    let items = store::keys::list(&state.store.pool, auth.namespace()).await?;
+    let scope = (!auth.is_super_admin()).then(|| auth.namespace());
+    let items = store::keys::list(&state.store.pool, scope).await?;
     Ok(Json(Page {
         items,
         next_cursor: None,
     }))
+}
+
+/// Revoke a key: from the answer on it is refused (401) by every API process. Admins revoke
+/// their namespace's keys, super-admins any; only a super-admin revokes a super-admin key.
+/// Revoking a revoked key answers the recorded revocation.
+#[utoipa::path(delete, operation_id = "revokeApiKey", path = "/v1/api-keys/{id}", tag = "operations", params(("id" = String, Path)),
+    responses((status = 200, description = "revoked (`revoked_at`, `revoked_by` set)", body = ApiKey),
+              (status = 403, body = crate::error::Problem), (status = 404, body = crate::error::Problem)),
+    security(("bearer" = [])))]
+pub async fn revoke_key(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+) -> Result<Json<ApiKey>, ApiError> {
+    auth.require(Role::Admin)?;
+    let not_found = || ApiError::NotFound(format!("no API key `{id}`"));
+    let key_id: Uuid = id.parse().map_err(|_| not_found())?;
+    let key = store::keys::get(&state.store.pool, key_id)
+        .await?
+        .filter(|k| auth.is_super_admin() || k.namespace == auth.namespace())
+        .ok_or_else(not_found)?;
+    if key.super_admin && !auth.is_super_admin() {
+        return Err(ApiError::Forbidden(
+            "only a super-admin revokes a super-admin key".into(),
+        ));
+    }
+    let key = store::keys::revoke(&state.store.pool, key_id, &auth.actor())
+        .await?
+        .ok_or_else(not_found)?;
+    // This process at once; the others over Redis (or, if that message is lost, when their
+    // cache entry expires).
+    state.keys.evict(key_id);
+    if let Err(e) = state.queue.publish_key_revoked(key_id).await {
+        tracing::warn!(error = %e, key_id = %key_id,
+            "could not announce the revocation; other API processes refuse the key within their cache TTL");
+    }
+    tracing::info!(actor = %auth.actor(), key_id = %key_id, namespace = %key.namespace, "API key revoked");
+    Ok(Json(key))
 }

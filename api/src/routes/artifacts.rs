@@ -1,6 +1,7 @@
 //! `GET /v1/jobs/{id}/artifacts/{name}`: a job's file from the artifact store, with its content
-//! type and single byte-range requests (`Range: bytes=a-b`, `a-`, `-n` → 206; outside the file →
-//! 416), so audio players can seek.
+//! type and single byte-range requests (`Range: bytes=a-b`, `a-`, `-n` → 206; a last byte past
+//! the end, however large, is cut to the file as RFC 9110 §14.1.2 says; a first byte outside the
+//! file → 416), so audio players can seek.
 
 use axum::{
     body::Body,
@@ -35,7 +36,14 @@ fn parse_range(headers: &HeaderMap) -> Result<Option<ByteRange>, ()> {
         return Ok(None);
     }
     let (a, b) = spec.trim().split_once('-').ok_or(())?;
-    let num = |s: &str| s.trim().parse::<u64>().map_err(|_| ());
+    // Digits only; a number beyond u64 (a last byte or a suffix length past any file) saturates.
+    let num = |s: &str| {
+        let s = s.trim();
+        if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(());
+        }
+        Ok(s.parse::<u64>().unwrap_or(u64::MAX))
+    };
     match (a.trim().is_empty(), b.trim().is_empty()) {
         (true, false) => Ok(Some(ByteRange::Suffix(num(b)?))),
         (false, true) => Ok(Some(ByteRange::From(num(a)?, None))),
@@ -99,7 +107,8 @@ pub async fn get(
     let size = artifact.size;
     let wanted = match range {
         None => None,
-        Some(ByteRange::From(a, b)) => Some(a..b.map(|b| b + 1).unwrap_or(u64::MAX)),
+        // `b` may be u64::MAX: the end is cut to the size by the store.
+        Some(ByteRange::From(a, b)) => Some(a..b.map_or(u64::MAX, |b| b.saturating_add(1))),
         Some(ByteRange::Suffix(0)) => return Ok(not_satisfiable(size)),
         Some(ByteRange::Suffix(n)) => Some(size.saturating_sub(n)..size),
     };
@@ -157,6 +166,19 @@ mod tests {
         assert_eq!(range("items=0-1"), Ok(None));
         assert_eq!(range("bytes=5-1"), Err(()));
         assert_eq!(range("bytes=x-1"), Err(()));
+        assert_eq!(range("bytes=+1-2"), Err(()));
+        assert_eq!(
+            range("bytes=0-18446744073709551615"),
+            Ok(Some(ByteRange::From(0, Some(u64::MAX))))
+        );
+        assert_eq!(
+            range("bytes=0-99999999999999999999999"),
+            Ok(Some(ByteRange::From(0, Some(u64::MAX))))
+        );
+        assert_eq!(
+            range("bytes=-99999999999999999999999"),
+            Ok(Some(ByteRange::Suffix(u64::MAX)))
+        );
         assert_eq!(parse_range(&HeaderMap::new()), Ok(None));
     }
 }

@@ -26,6 +26,7 @@ use crate::{
     extract::{parse_limit, query_pairs, wants_sse},
     firehose::{self, Start},
     routes::jobs::Page,
+    streams::Slot,
     AppState,
 };
 
@@ -174,7 +175,8 @@ pub async fn list(
         None => None,
     };
     if wants_sse(&headers) {
-        return sse(state, query.filter, cursor).await;
+        let slot = state.streams.acquire(auth.key.id)?;
+        return sse(state, slot, query.filter, cursor).await;
     }
     let page = store::events::read_all_filtered(
         &state.store.pool,
@@ -190,23 +192,28 @@ pub async fn list(
 }
 
 /// Subscribe before answering (so the stream has no gap from the moment the headers arrive),
-/// then follow in a task that ends when the client goes away.
+/// then follow in a task that ends when the client goes away (and frees `slot`).
 async fn sse(
     state: AppState,
+    slot: Slot,
     filter: LogFilter,
     cursor: Option<LogCursor>,
 ) -> Result<Response, ApiError> {
     let (rx, published) = state.firehose.subscribe().await?;
     let start = cursor.map_or(Start::Now, Start::After);
     let (tx, out) = tokio::sync::mpsc::channel::<firehose::Frame>(256);
-    tokio::spawn(firehose::follow(
+    let follow = firehose::follow(
         state.firehose.pool().clone(),
         filter,
         start,
         rx,
         published,
         tx,
-    ));
+    );
+    tokio::spawn(async move {
+        let _slot = slot;
+        follow.await
+    });
     let mut res = Response::new(Body::from_stream(ReceiverStream::new(out)));
     *res.status_mut() = StatusCode::OK;
     let h = res.headers_mut();

@@ -41,6 +41,7 @@ use crate::{
     auth::Auth,
     error::ApiError,
     extract::{idempotency_key, parse_limit, prefer_wait, query_pairs, wants_sse, ApiJson},
+    streams::Slot,
     AppState,
 };
 
@@ -544,14 +545,15 @@ pub async fn events(
     auth.require(Role::Read)?;
     let id = parse_id(&id)?;
     load(&state, &auth, id).await?;
-    stream_events(state, id, &headers, q.as_deref(), terminal_type).await
+    stream_events(state, &auth, id, &headers, q.as_deref(), terminal_type).await
 }
 
 /// One stream's events: a JSON page (`after`, `limit`), or SSE with `Accept: text/event-stream`
 /// (resumable with `Last-Event-ID`), ending after an event `terminal` accepts. The caller has
-/// checked that the stream is the client's.
+/// checked that the stream is the client's. An SSE stream takes one of the key's stream slots.
 pub async fn stream_events(
     state: AppState,
+    auth: &Auth,
     id: Uuid,
     headers: &HeaderMap,
     query: Option<&str>,
@@ -566,7 +568,8 @@ pub async fn stream_events(
             .map(|(_, v)| v.as_str()),
     )?;
     if wants_sse(headers) {
-        return Ok(sse(state, id, after, terminal).into_response());
+        let slot = state.streams.acquire(auth.key.id)?;
+        return Ok(sse(state, slot, id, after, terminal).into_response());
     }
     let items = store::events::read_stream(&state.store.pool, id, after, limit).await?;
     let next_cursor = (items.len() as i64 == limit)
@@ -576,11 +579,22 @@ pub async fn stream_events(
 }
 
 /// Follow one stream: everything after `after`, then live events, closing after a terminal one
-/// (`terminal` tells which event types end the stream).
-fn sse(state: AppState, id: Uuid, mut after: i64, terminal: fn(&str) -> bool) -> impl IntoResponse {
+/// (`terminal` tells which event types end the stream). An idle stream sleeps until a hint for
+/// its stream arrives (`StreamWatch`), re-reading Postgres only every
+/// `CAPIBARA_SSE_FALLBACK_POLL` otherwise; `slot` is held until the stream ends.
+fn sse(
+    state: AppState,
+    slot: Slot,
+    id: Uuid,
+    mut after: i64,
+    terminal: fn(&str) -> bool,
+) -> impl IntoResponse {
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Event, Infallible>>(64);
+    let poll = state.config.sse_fallback_poll;
     tokio::spawn(async move {
+        let _slot = slot;
         let notify = state.watch.watch(id);
+        let mut first = true;
         loop {
             let notified = notify.notified();
             tokio::pin!(notified);
@@ -589,8 +603,10 @@ fn sse(state: AppState, id: Uuid, mut after: i64, terminal: fn(&str) -> bool) ->
                 Ok(b) => b,
                 Err(e) => {
                     tracing::warn!(error = %e, "SSE read failed; retrying");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    continue;
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                        _ = tx.closed() => return,
+                    }
                 }
             };
             let full = batch.len() == 500;
@@ -613,21 +629,24 @@ fn sse(state: AppState, id: Uuid, mut after: i64, terminal: fn(&str) -> bool) ->
             if full {
                 continue;
             }
-            if let Ok(Some(last_type)) = store::events::last_type(&state.store.pool, id).await {
-                // Resumed after the terminal event: nothing more will come.
-                if terminal(&last_type) {
-                    let last = store::events::read_stream(&state.store.pool, id, after, 1)
-                        .await
-                        .unwrap_or_default();
-                    if last.is_empty() {
-                        return;
+            if std::mem::take(&mut first) {
+                // Resumed after the terminal event: nothing more will come. (Later reads see
+                // a terminal event as it is appended.)
+                if let Ok(Some(last_type)) = store::events::last_type(&state.store.pool, id).await {
+                    if terminal(&last_type) {
+                        let last = store::events::read_stream(&state.store.pool, id, after, 1)
+                            .await
+                            .unwrap_or_default();
+                        if last.is_empty() {
+                            return;
+                        }
+                        continue;
                     }
-                    continue;
                 }
             }
             tokio::select! {
                 _ = &mut notified => {}
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = tokio::time::sleep(poll) => {}
                 _ = tx.closed() => return,
             }
         }

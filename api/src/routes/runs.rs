@@ -210,7 +210,7 @@ pub async fn events(
     auth.require(Role::Read)?;
     let id = parse_id(&id)?;
     load(&state, &auth, id).await?;
-    super::jobs::stream_events(state, id, &headers, q.as_deref(), terminal_type).await
+    super::jobs::stream_events(state, &auth, id, &headers, q.as_deref(), terminal_type).await
 }
 
 /// Load a run and its definition, let `decide` plan a change, commit it (retrying on a

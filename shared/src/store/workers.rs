@@ -90,7 +90,14 @@ pub async fn stopped(pool: &PgPool, worker_id: Uuid) -> Result<(), StoreError> {
 }
 
 /// Workers seen in the last hour (stopped ones included), newest first.
-pub async fn list(pool: &PgPool, lease_s: f64) -> Result<Vec<WorkerInfo>, StoreError> {
+///
+/// `running` counts the attempts of namespace `running_in` only (`None`: of every namespace):
+/// workers are shared, what they run for other tenants is not the caller's to see.
+pub async fn list(
+    pool: &PgPool,
+    lease_s: f64,
+    running_in: Option<&str>,
+) -> Result<Vec<WorkerInfo>, StoreError> {
     type Row = (
         Uuid,
         String,
@@ -112,12 +119,14 @@ pub async fn list(pool: &PgPool, lease_s: f64) -> Result<Vec<WorkerInfo>, StoreE
                 CASE WHEN w.stopped_at IS NOT NULL THEN 'stopped'
                      WHEN w.last_heartbeat_at < now() - make_interval(secs => $1 * 3) THEN 'lost'
                      ELSE 'active' END,
-                (SELECT count(*) FROM leases l WHERE l.worker_id = w.name)
+                (SELECT count(*) FROM leases l
+                 WHERE l.worker_id = w.name AND ($2::text IS NULL OR l.namespace = $2))
          FROM workers w
          WHERE w.last_heartbeat_at > now() - interval '1 hour'
          ORDER BY w.started_at DESC LIMIT 500",
     )
     .bind(lease_s)
+    .bind(running_in)
     .fetch_all(pool)
     .await?;
     Ok(rows
