@@ -10,9 +10,11 @@
 //! - [`delivery`], [`subscription`]: webhook deliveries and event subscriptions.
 //! - [`webhook`]: Standard Webhooks secrets, signing and verification.
 //! - [`workflow`], [`run`]: workflow definitions, runs and the planner that advances them.
+//! - [`schedule`], [`cron_expr`]: cron schedules and the crontab dialect of their expressions.
 //! - [`template`]: minijinja templates over JSON (trigger inputs, workflow steps).
 
 pub mod auth;
+pub mod cron_expr;
 pub mod delivery;
 pub mod event;
 pub mod job;

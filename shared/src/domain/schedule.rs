@@ -2,19 +2,19 @@
 //! decide which ticks fire, are skipped or wait — given an explicit `now`, so they are tested
 //! with any clock.
 //!
-//! Time rules (documented in docs/scheduler.md): cron fields are local wall-clock times of the
-//! schedule's IANA timezone. A local time that does not exist (spring forward) fires once at the
+//! Time rules (documented in docs/scheduler.md): cron fields (the crontab dialect of
+//! [`super::cron_expr`]) are local wall-clock times of the schedule's IANA timezone. A local time that does not exist (spring forward) fires once at the
 //! instant the clock jumps; a local time that happens twice (fall back) fires once, at its first
 //! occurrence.
 
-use std::{fmt, str::FromStr};
+use std::fmt;
 
 use chrono::{DateTime, Duration, LocalResult, NaiveDateTime, TimeZone, Utc};
 use chrono_tz::Tz;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::job::Submission;
+use super::{cron_expr::CrontabExpr, job::Submission};
 
 /// What happens when a tick comes while the previous tick's job still runs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -61,7 +61,8 @@ pub enum ScheduleTarget {
 /// A parsed cron expression in a timezone.
 #[derive(Debug, Clone)]
 pub struct CronSpec {
-    schedule: cron::Schedule,
+    /// Their union is the expression (two when both day fields are restricted: Vixie's "either").
+    schedules: Vec<cron::Schedule>,
     tz: Tz,
 }
 
@@ -69,31 +70,17 @@ pub struct CronSpec {
 const HORIZON_DAYS: i64 = 366 * 9;
 
 impl CronSpec {
-    /// `expr`: 5 fields (minute precision), 6 fields (with seconds), or `@hourly`, `@daily`,
-    /// `@weekly`, `@monthly`, `@yearly`. `timezone`: an IANA name.
+    /// `expr`: a crontab expression ([`CrontabExpr`]: 5 fields, 6 with seconds first, or an
+    /// alias such as `@daily`). `timezone`: an IANA name. The error names the request field.
     pub fn parse(expr: &str, timezone: &str) -> Result<CronSpec, (&'static str, String)> {
         let tz: Tz = timezone
             .parse()
             .map_err(|_| ("timezone", format!("unknown IANA timezone `{timezone}`")))?;
-        let trimmed = expr.trim();
-        let fields = trimmed.split_whitespace().count();
-        let full = if trimmed.starts_with('@') {
-            trimmed.to_string()
-        } else {
-            match fields {
-                5 => format!("0 {trimmed}"),
-                6 => trimmed.to_string(),
-                _ => {
-                    return Err((
-                        "cron",
-                        format!("expected 5 or 6 fields (or @hourly, @daily, …), got {fields}"),
-                    ))
-                }
-            }
-        };
-        let schedule = cron::Schedule::from_str(&full)
-            .map_err(|e| ("cron", format!("invalid cron expression: {e}")))?;
-        Ok(CronSpec { schedule, tz })
+        let parsed: CrontabExpr = expr.parse().map_err(|e| ("cron", e))?;
+        Ok(CronSpec {
+            schedules: parsed.cron_schedules(),
+            tz,
+        })
     }
 
     /// Fire instants strictly after `after`, in order (see the module docs for DST).
@@ -105,17 +92,21 @@ impl CronSpec {
         let naive_start = Utc.from_utc_datetime(&local_after);
         let horizon = after + Duration::days(HORIZON_DAYS);
         let mut last: Option<DateTime<Utc>> = None;
-        self.schedule
-            .after(&naive_start)
-            .map(move |fake_utc| self.resolve(fake_utc.naive_utc()))
-            .take_while(move |t| *t <= horizon)
-            .filter(move |t| {
-                let fresh = *t > after && last.is_none_or(|l| *t > l);
-                if fresh {
-                    last = Some(*t);
-                }
-                fresh
-            })
+        merged(
+            self.schedules
+                .iter()
+                .map(|s| s.after(&naive_start))
+                .collect(),
+        )
+        .map(move |fake_utc| self.resolve(fake_utc.naive_utc()))
+        .take_while(move |t| *t <= horizon)
+        .filter(move |t| {
+            let fresh = *t > after && last.is_none_or(|l| *t > l);
+            if fresh {
+                last = Some(*t);
+            }
+            fresh
+        })
     }
 
     /// The instant of a local wall-clock time.
@@ -124,20 +115,44 @@ impl CronSpec {
             LocalResult::Single(t) => t.with_timezone(&Utc),
             LocalResult::Ambiguous(first, _) => first.with_timezone(&Utc),
             LocalResult::None => {
-                // In a gap: the first valid local time after it is when the clock jumps.
-                let mut probe = local;
-                for _ in 0..(24 * 60) {
-                    probe += Duration::minutes(1);
-                    if let LocalResult::Single(t) | LocalResult::Ambiguous(t, _) =
-                        self.tz.from_local_datetime(&probe)
-                    {
-                        return t.with_timezone(&Utc);
+                // In a gap: the instant the clock jumps, the first whose wall clock is past
+                // `local`. UTC offsets lie within ±15 h, so it lies in this window; bisect it.
+                // Whole seconds: offsets change on whole seconds.
+                let as_utc = local.and_utc().timestamp();
+                let (mut before, mut past) = (as_utc - 15 * 3600, as_utc + 15 * 3600);
+                let wall = |t: i64| {
+                    DateTime::from_timestamp(t, 0)
+                        .expect("in range")
+                        .with_timezone(&self.tz)
+                        .naive_local()
+                };
+                while past - before > 1 {
+                    let mid = before + (past - before) / 2;
+                    if wall(mid) > local {
+                        past = mid;
+                    } else {
+                        before = mid;
                     }
                 }
-                Utc.from_utc_datetime(&local)
+                DateTime::from_timestamp(past, 0).expect("in range")
             }
         }
     }
+}
+
+/// Several ascending iterators as one ascending iterator, equal items once.
+fn merged<I: Iterator<Item = DateTime<Utc>>>(iters: Vec<I>) -> impl Iterator<Item = DateTime<Utc>> {
+    let mut iters: Vec<std::iter::Peekable<I>> =
+        iters.into_iter().map(Iterator::peekable).collect();
+    std::iter::from_fn(move || {
+        let next = iters.iter_mut().filter_map(|i| i.peek().copied()).min()?;
+        for i in &mut iters {
+            if i.peek() == Some(&next) {
+                i.next();
+            }
+        }
+        Some(next)
+    })
 }
 
 /// The `schedule` projection row.
@@ -574,6 +589,9 @@ mod tests {
         assert!(CronSpec::parse("@hourly", "UTC").is_ok());
         assert_eq!(CronSpec::parse("0 9 * *", "UTC").unwrap_err().0, "cron");
         assert_eq!(CronSpec::parse("0 99 * * *", "UTC").unwrap_err().0, "cron");
+        let (field, message) = CronSpec::parse("0 9 L * *", "UTC").unwrap_err();
+        assert_eq!(field, "cron");
+        assert!(message.starts_with("day-of-month field `L`"), "{message}");
         assert_eq!(
             CronSpec::parse("0 9 * * *", "Mars/Base").unwrap_err().0,
             "timezone"
