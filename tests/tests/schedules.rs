@@ -123,6 +123,101 @@ async fn schedules_are_created_validated_listed_paused_and_deleted() {
     );
 }
 
+/// `cron` is read as a crontab: 1-5 is Monday to Friday, 0 and 7 are Sunday; other dialects'
+/// `L`/`W`/`#` and `@reboot` are a 422 naming the `cron` field and what is wrong.
+#[tokio::test]
+async fn cron_reads_day_of_week_as_crontab() {
+    use chrono::{Datelike, Weekday};
+    let env = TestEnv::new().await;
+    let _api = env.spawn_api().await;
+    let api = env.client();
+    let create = |cron: &str| {
+        json!({"name": format!("c {cron}"), "cron": cron, "timezone": "America/New_York",
+               "target": {"type": "job", "job": {"kind": "echo"}}})
+    };
+    let fire_days = |body: &Value| -> Vec<(Weekday, String)> {
+        let times: Vec<chrono::DateTime<chrono::Utc>> =
+            serde_json::from_value(body["next_fire_times"].clone()).unwrap();
+        times
+            .iter()
+            .map(|t| {
+                let local = t.with_timezone(&chrono_tz::America::New_York);
+                (local.weekday(), local.format("%H:%M").to_string())
+            })
+            .collect()
+    };
+
+    let r = api.post("/v1/schedules", create("0 9 * * 1-5")).await;
+    assert_eq!(r.status, 201, "{r:?}");
+    let mut days = fire_days(&r.body);
+    assert!(days.iter().all(|(_, hm)| hm == "09:00"), "{days:?}");
+    days.sort_by_key(|(d, _)| d.num_days_from_monday());
+    let days: Vec<Weekday> = days.into_iter().map(|(d, _)| d).collect();
+    assert_eq!(
+        days,
+        [
+            Weekday::Mon,
+            Weekday::Tue,
+            Weekday::Wed,
+            Weekday::Thu,
+            Weekday::Fri
+        ],
+        "the next five ticks of `0 9 * * 1-5` are one each weekday"
+    );
+    for (cron, day) in [
+        ("0 12 * * 0", Weekday::Sun),
+        ("0 12 * * 7", Weekday::Sun),
+        ("0 12 * * 1", Weekday::Mon),
+        ("0 12 * * sat", Weekday::Sat),
+    ] {
+        let r = api.post("/v1/schedules", create(cron)).await;
+        assert_eq!(r.status, 201, "{cron}: {r:?}");
+        let days = fire_days(&r.body);
+        assert_eq!(days.len(), 5);
+        assert!(
+            days.iter().all(|(d, hm)| *d == day && hm == "12:00"),
+            "{cron}: {days:?}"
+        );
+        let next: chrono::DateTime<chrono::Utc> =
+            serde_json::from_value(r.body["next_fire_time"].clone()).unwrap();
+        assert_eq!(
+            next.with_timezone(&chrono_tz::America::New_York).weekday(),
+            day
+        );
+    }
+
+    for (cron, message) in [
+        ("0 9 * * 1#2", "day-of-week field `1#2`: `#`"),
+        ("0 9 L * *", "day-of-month field `L`: `L`"),
+        ("0 9 15W * *", "day-of-month field `15W`: `W`"),
+        ("0 9 * * 5L", "day-of-week field `5L`: `L`"),
+        ("@reboot", "@reboot"),
+        ("0 9 * * 8", "day-of-week field `8`: 8 is out of range 0-7"),
+    ] {
+        let r = api.post("/v1/schedules", create(cron)).await;
+        assert_eq!(r.status, 422, "{cron}: {r:?}");
+        assert_eq!(r.body["errors"][0]["field"], "cron", "{r:?}");
+        let got = r.body["errors"][0]["message"].as_str().unwrap_or_default();
+        assert!(got.contains(message), "{cron}: {got}");
+    }
+    // A PATCH to a refused expression is refused the same way, and the schedule keeps its cron.
+    let r = api.post("/v1/schedules", create("0 9 * * 1")).await;
+    let id = r.body["id"].as_str().unwrap().to_string();
+    let patched = api
+        .send(
+            api.http
+                .patch(api.url(&format!("/v1/schedules/{id}")))
+                .json(&json!({"cron": "0 9 * * MON#1"})),
+        )
+        .await;
+    assert_eq!(patched.status, 422, "{patched:?}");
+    assert_eq!(patched.body["errors"][0]["field"], "cron");
+    assert_eq!(
+        api.get(&format!("/v1/schedules/{id}")).await.body["cron"],
+        "0 9 * * 1"
+    );
+}
+
 #[tokio::test]
 async fn three_scheduler_replicas_fire_each_tick_exactly_once() {
     let env = TestEnv::new().await;
