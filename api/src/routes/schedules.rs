@@ -49,7 +49,8 @@ pub enum TargetBody {
 #[serde(deny_unknown_fields)]
 pub struct CreateSchedule {
     pub name: String,
-    /// 5 fields, 6 fields (with seconds) or `@hourly`, `@daily`, `@weekly`, `@monthly`, `@yearly`.
+    /// A crontab expression (docs/scheduler.md, "Cron dialect"): 5 fields (day of week 0-7, 0 and
+    /// 7 Sunday), 6 with seconds first, or an alias such as `@daily`.
     pub cron: String,
     /// IANA timezone (default `UTC`).
     #[serde(default)]
