@@ -140,6 +140,11 @@ impl From<StoreError> for ApiError {
                 tracing::warn!(error = %m, "store unavailable");
                 ApiError::Unavailable
             }
+            // Data the edge checks let through and Postgres refused: the client's, not ours.
+            StoreError::Invalid(m) => ApiError::Validation {
+                detail: format!("the request holds a value that cannot be stored: {m}"),
+                errors: Vec::new(),
+            },
             StoreError::Internal(m) => ApiError::Internal(m),
         }
     }

@@ -9,11 +9,13 @@ use axum::{
     http::{header, HeaderMap},
 };
 use serde::de::DeserializeOwned;
+use capibara_shared::domain::storable;
 use sha2::{Digest, Sha256};
 
 use crate::error::ApiError;
 
-/// A JSON body: malformed JSON is 400, a wrong field is 422 naming it, too large is 413.
+/// A JSON body: malformed JSON is 400, a wrong field is 422 naming it, too large is 413. A NUL
+/// character anywhere (in a key or a string) is 422 naming its path: Postgres cannot store it.
 pub struct ApiJson<T> {
     pub value: T,
     /// SHA-256 of the canonical JSON (sorted keys), for idempotency checks.
@@ -52,6 +54,9 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
         })?;
         let raw: serde_json::Value = serde_json::from_slice(&bytes)
             .map_err(|e| ApiError::BadRequest(format!("malformed JSON: {e}")))?;
+        if let Some(path) = storable::find_nul(&raw) {
+            return Err(storable::nul_error(path).into());
+        }
         let hash = hex::encode(Sha256::digest(raw.to_string().as_bytes()));
         let value = serde_path_to_error::deserialize(raw).map_err(|e| {
             let path = e.path().to_string();
@@ -107,10 +112,18 @@ pub fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> 
     }
 }
 
-/// Query pairs in order (repeated keys kept).
+/// Query pairs in order (repeated keys kept). A NUL (`%00`) is 422 naming the parameter: the
+/// values reach SQL, and Postgres refuses NUL in text.
 pub fn query_pairs(raw: Option<&str>) -> Result<Vec<(String, String)>, ApiError> {
-    serde_urlencoded::from_str(raw.unwrap_or(""))
-        .map_err(|e| ApiError::BadRequest(format!("malformed query string: {e}")))
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(raw.unwrap_or(""))
+        .map_err(|e| ApiError::BadRequest(format!("malformed query string: {e}")))?;
+    if let Some((k, _)) = pairs
+        .iter()
+        .find(|(k, v)| k.contains('\0') || v.contains('\0'))
+    {
+        return Err(storable::nul_error(k.replace('\0', "\\0")).into());
+    }
+    Ok(pairs)
 }
 
 /// `limit` in 1..=500 (default 50).

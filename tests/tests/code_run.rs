@@ -167,6 +167,43 @@ async fn a_runtime_error_carries_the_traceback_and_output_so_far() {
     assert_eq!(err["details"]["exit_code"], 1);
 }
 
+/// Output Postgres cannot store (a NUL character) ends the attempt with `invalid_output`, once:
+/// not a write that fails forever while the job is re-queued with attempt 0 and holds a slot.
+#[tokio::test]
+async fn output_with_a_nul_character_fails_the_attempt_as_invalid_output() {
+    let (env, _procs) = start().await;
+    let api = env.client();
+    let cases = [
+        ("print('a\\x00b')", "output.stdout"),
+        ("result = {'k': ['ok', 'x\\x00']}", "output.result.k[1]"),
+        ("print('\\x00')\n1 / 0", "error.details.stdout"),
+    ];
+    for (code, path) in cases {
+        let job = run_job(
+            &api,
+            json!({"language": "python", "code": code, "cache": false}),
+        )
+        .await;
+        assert_eq!(job["status"], "failed", "{code}: {job}");
+        assert_eq!(job["attempt"], 1, "{job}");
+        assert_eq!(job["error"]["type"], "invalid_output", "{job}");
+        let message = job["error"]["message"].as_str().unwrap();
+        assert!(message.contains(&format!("`{path}`")), "{message}");
+        assert!(!message.contains('\0'), "{message}");
+        assert_eq!(
+            types(&api.events(job["id"].as_str().unwrap()).await),
+            ["JobSubmitted", "JobStarted", "JobAttemptFailed", "JobFailed"]
+        );
+    }
+    // The worker is free for the next job.
+    let job = run_job(
+        &api,
+        json!({"language": "python", "code": "result = 1", "cache": false}),
+    )
+    .await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+}
+
 #[tokio::test]
 async fn fifty_concurrent_jobs_each_get_their_own_result_and_no_state_leaks() {
     let (env, _procs) = start().await;

@@ -332,3 +332,185 @@ async fn the_global_log_reader_orders_transaction_ids_numerically_across_a_power
     let unique: HashSet<i64> = seen.iter().copied().collect();
     assert_eq!(unique.len(), seen.len());
 }
+
+/// Sends `appends` while the only flusher waits on a row lock, so that they all land in the
+/// batch it takes next (instead of trickling into batches of their own).
+async fn in_one_batch(
+    pool: &sqlx::PgPool,
+    appender: &Appender,
+    appends: Vec<Append>,
+) -> Vec<Result<store::Appended, AppendError>> {
+    let blocker = Uuid::now_v7();
+    appender
+        .append(append(blocker, Expected::NoStream, 1))
+        .await
+        .unwrap();
+    let mut lock = pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM streams WHERE stream_id = $1 FOR UPDATE")
+        .bind(blocker)
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let held = {
+        let appender = appender.clone();
+        tokio::spawn(async move {
+            appender
+                .append(append(blocker, Expected::Version(1), 1))
+                .await
+        })
+    };
+    capibara_tests::eventually("the flusher waits on the lock", Duration::from_secs(10), || async {
+        let (n,): (i64,) = sqlx::query_as(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        (n > 0).then_some(())
+    })
+    .await;
+    let results = {
+        let appender = appender.clone();
+        tokio::spawn(async move { appender.append_many(appends).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    lock.rollback().await.unwrap();
+    held.await.unwrap().unwrap();
+    results.await.unwrap()
+}
+
+async fn events_of(pool: &sqlx::PgPool, stream: Uuid) -> i64 {
+    let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM events WHERE stream_id = $1")
+        .bind(stream)
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    n
+}
+
+#[tokio::test]
+async fn a_poison_append_fails_alone_and_the_rest_of_its_batch_commits() {
+    let env = TestEnv::new().await;
+    let pool = store::connect(&env.database_url, 16).await.unwrap();
+    store::migrate(&pool).await.unwrap();
+    // One flusher: every append below goes through the same batch.
+    let appender = Appender::start(
+        pool.clone(),
+        None,
+        store::AppenderOptions {
+            flushers: 1,
+            max_batch: 1000,
+        },
+    );
+    let schedule = Uuid::now_v7();
+    let tick = capibara_shared::domain::now();
+    let with = |effects: Vec<store::Effect>| {
+        let mut a = append(Uuid::now_v7(), Expected::NoStream, 1);
+        a.effects = effects;
+        a
+    };
+    let mut appends: Vec<Append> = (0..40).map(|_| with(vec![])).collect();
+    // Caught before the batch: a NUL in an event (what an edge check would have refused).
+    let mut nul_event = append(Uuid::now_v7(), Expected::NoStream, 1);
+    nul_event.events[0].data = json!({"a": [0, {"b": "x\u{0}y"}]});
+    // Refused by Postgres inside the batch, for values only a side effect carries: a NUL in
+    // text (22021), a time before 4713 BC (22008).
+    let nul_text = with(vec![store::Effect::Checkpoint {
+        name: "follower\u{0}".into(),
+        cursor: LogCursor::default(),
+    }]);
+    let ancient: chrono::DateTime<chrono::Utc> = "-200000-01-01T00:00:00Z".parse().unwrap();
+    let far_time = with(vec![store::Effect::InsertTicks {
+        schedule_id: Uuid::now_v7(),
+        ticks: vec![(ancient, None)],
+    }]);
+    // Two appends of one batch writing the same unique row: the second is a conflict.
+    let tick_a = with(vec![store::Effect::InsertTicks {
+        schedule_id: schedule,
+        ticks: vec![(tick, None)],
+    }]);
+    let tick_b = with(vec![store::Effect::InsertTicks {
+        schedule_id: schedule,
+        ticks: vec![(tick, None)],
+    }]);
+    for (at, a) in [(3, nul_event), (11, nul_text), (25, far_time), (30, tick_a), (31, tick_b)] {
+        appends.insert(at, a);
+    }
+    let streams: Vec<Uuid> = appends.iter().map(|a| a.stream_id).collect();
+
+    let results = in_one_batch(&pool, &appender, appends).await;
+
+    let failed: Vec<usize> = (0..results.len()).filter(|&i| results[i].is_err()).collect();
+    assert_eq!(failed, [3, 11, 25, 31], "{results:?}");
+    let AppendError::Invalid(why) = results[3].as_ref().unwrap_err() else {
+        panic!("{:?}", results[3]);
+    };
+    assert!(why.starts_with("events[0].data.a[1].b:"), "{why}");
+    assert!(!why.contains('\0'));
+    assert!(matches!(results[11], Err(AppendError::Invalid(_))), "{:?}", results[11]);
+    assert!(matches!(results[25], Err(AppendError::Invalid(_))), "{:?}", results[25]);
+    assert!(
+        matches!(results[31], Err(AppendError::Conflict { .. })),
+        "{:?}",
+        results[31]
+    );
+    for (i, stream) in streams.iter().enumerate() {
+        let expected = if failed.contains(&i) { 0 } else { 1 };
+        assert_eq!(events_of(&pool, *stream).await, expected, "append {i}");
+    }
+    let (ticks,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM schedule_ticks WHERE schedule_id = $1")
+            .bind(schedule)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(ticks, 1);
+
+    // An atomic batch with a poison append is refused as a whole, as invalid (not unavailable).
+    let mut bad = append(Uuid::now_v7(), Expected::NoStream, 1);
+    bad.events[0].data = json!({"k\u{0}": 1});
+    let ok = append(Uuid::now_v7(), Expected::NoStream, 1);
+    let ok_id = ok.stream_id;
+    let r = appender.append_all(vec![ok, bad]).await;
+    assert!(matches!(r, Err(AppendError::Invalid(_))), "{r:?}");
+    assert_eq!(events_of(&pool, ok_id).await, 0);
+    let r = appender
+        .append_all(vec![with(vec![store::Effect::Checkpoint {
+            name: "x\u{0}".into(),
+            cursor: LogCursor::default(),
+        }])])
+        .await;
+    assert!(matches!(r, Err(AppendError::Invalid(_))), "{r:?}");
+}
+
+/// The storable time range agrees with Postgres: its ends round-trip through the JSON text the
+/// projections are written with, one microsecond beyond either does not.
+#[tokio::test]
+async fn the_storable_time_range_is_what_postgres_parses_from_json() {
+    use capibara_shared::domain::storable;
+    let env = TestEnv::new().await;
+    let pool = env.pool().await;
+    let parse = |t: chrono::DateTime<chrono::Utc>| {
+        let pool = pool.clone();
+        async move {
+            let row = json!([{ "t": t }]);
+            sqlx::query_as::<_, (chrono::DateTime<chrono::Utc>,)>(
+                "SELECT t FROM jsonb_to_recordset($1) AS r(t timestamptz)",
+            )
+            .bind(row)
+            .fetch_one(&pool)
+            .await
+            .map(|(t,)| t)
+        }
+    };
+    let tick = chrono::Duration::microseconds(1);
+    for t in [storable::min_time(), storable::max_time()] {
+        assert!(storable::time_ok(t));
+        assert_eq!(parse(t).await.unwrap(), t);
+    }
+    for t in [storable::min_time() - tick, storable::max_time() + tick] {
+        assert!(!storable::time_ok(t));
+        assert!(parse(t).await.is_err(), "{t:?} parsed");
+    }
+}

@@ -16,6 +16,7 @@ use capibara_shared::{
         self,
         event::EventMetadata,
         job::{Job, JobError, JobEvent, JobStatus},
+        storable, FieldError,
     },
     queue::{DispatchEntry, Queue},
     store::{
@@ -278,6 +279,67 @@ struct AttemptState {
     started_at: chrono::DateTime<chrono::Utc>,
 }
 
+/// A report the executor made (progress, an output chunk) that Postgres cannot store: the
+/// attempt stops and ends with this error.
+#[derive(Default)]
+struct InvalidOutput {
+    stop: CancellationToken,
+    error: StdMutex<Option<JobError>>,
+}
+
+impl InvalidOutput {
+    fn set(&self, error: JobError) {
+        self.error
+            .lock()
+            .expect("invalid output lock")
+            .get_or_insert(error);
+        self.stop.cancel();
+    }
+
+    fn outcome(&self) -> Outcome {
+        let error = self.error.lock().expect("invalid output lock").clone();
+        Outcome::Done(Err(ExecError::Abort(error.unwrap_or_else(|| {
+            JobError::new("invalid_output", "a report of the attempt cannot be stored")
+        }))))
+    }
+}
+
+/// The error that ends an attempt whose output holds a value Postgres cannot store. Not
+/// retried: the same code produces the same bytes. Names where, never the value.
+fn invalid_output(e: &FieldError) -> JobError {
+    JobError::new(
+        "invalid_output",
+        format!(
+            "the attempt's `{}` {}; encode binary data (e.g. as base64) before returning it",
+            e.field, e.message
+        ),
+    )
+}
+
+/// An outcome whose output or error cannot be stored becomes an `invalid_output` failure,
+/// instead of a write that fails forever (and a job re-queued forever).
+fn storable_outcome(outcome: Outcome) -> Outcome {
+    let refused = match &outcome {
+        Outcome::Done(Ok(out)) => storable::check_json("output", &out.output)
+            .and_then(|()| {
+                let artifacts = serde_json::to_value(&out.artifacts).unwrap_or_default();
+                storable::check_json("artifacts", &artifacts)
+            })
+            .err(),
+        Outcome::Done(Err(
+            ExecError::Retryable(e) | ExecError::Abort(e) | ExecError::RetryAfter(_, e),
+        )) => storable::check_json("error", &serde_json::to_value(e).unwrap_or_default()).err(),
+        Outcome::TimedOut | Outcome::Canceled | Outcome::Released => None,
+    };
+    match refused {
+        None => outcome,
+        Some(e) => {
+            metrics::counter!("capibara_invalid_output_total").increment(1);
+            Outcome::Done(Err(ExecError::Abort(invalid_output(&e))))
+        }
+    }
+}
+
 /// How long an attempt runs before its `JobStarted` is written on its own. Attempts that end
 /// sooner record `JobStarted` and their outcome in one append (docs/queue.md, "fast attempts").
 const CLAIM_AFTER: Duration = Duration::from_millis(25);
@@ -303,6 +365,7 @@ async fn run_job(inner: &Arc<Inner>, job: Job) {
         },
     );
     let exec_cancel = CancellationToken::new();
+    let invalid = Arc::new(InvalidOutput::default());
     let timeout = job.timeout_s.map(|s| Duration::from_secs(s as u64));
     let state = Arc::new(Mutex::new(AttemptState {
         job: job.clone(),
@@ -340,6 +403,7 @@ async fn run_job(inner: &Arc<Inner>, job: Job) {
         progress: Arc::new(Progress {
             inner: inner.clone(),
             state: state.clone(),
+            invalid: invalid.clone(),
         }),
     };
     // Attempts with outside effects are claimed before they start (no duplicate runs).
@@ -380,6 +444,7 @@ async fn run_job(inner: &Arc<Inner>, job: Job) {
         _ = tokio::time::sleep(claim_after) => None,
         _ = user_cancel.cancelled() => Some(Outcome::Canceled),
         _ = inner.hard_stop.cancelled() => Some(Outcome::Released),
+        _ = invalid.stop.cancelled() => Some(invalid.outcome()),
     };
     // Phase 2: record the start (fenced), then keep running under the lease. The executor keeps
     // being polled while the claim waits: a progress report of its own may hold the attempt's
@@ -406,6 +471,7 @@ async fn run_job(inner: &Arc<Inner>, job: Job) {
                 r = &mut run => break Some(to_outcome(r)),
                 _ = user_cancel.cancelled() => break Some(Outcome::Canceled),
                 _ = inner.hard_stop.cancelled() => break Some(Outcome::Released),
+                _ = invalid.stop.cancelled() => break Some(invalid.outcome()),
             }
         },
     };
@@ -422,6 +488,7 @@ async fn run_job(inner: &Arc<Inner>, job: Job) {
         inner.running.lock().expect("running lock").remove(&id);
         return;
     };
+    let outcome = storable_outcome(outcome);
     let elapsed = timer.elapsed().as_secs_f64();
     let label = match &outcome {
         Outcome::Done(Ok(_)) => "succeeded",
@@ -539,7 +606,7 @@ fn outcome_events(job: &Job, attempt: u32, outcome: &Outcome) -> Vec<JobEvent> {
 /// Record the outcome. An unclaimed attempt records `JobStarted` with it (one append). A version
 /// conflict means someone else wrote to the job meanwhile: if it is still our attempt (a cancel
 /// request, say), write again on top; otherwise our result is fenced off.
-async fn report(inner: &Arc<Inner>, state: &Arc<Mutex<AttemptState>>, outcome: Outcome) {
+async fn report(inner: &Arc<Inner>, state: &Arc<Mutex<AttemptState>>, mut outcome: Outcome) {
     let mut delay = Duration::from_millis(100);
     let deadline = tokio::time::Instant::now() + inner.opts.lease;
     let mut st = state.lock().await;
@@ -614,6 +681,20 @@ async fn report(inner: &Arc<Inner>, state: &Arc<Mutex<AttemptState>>, outcome: O
                     Err(_) => {}
                 }
             }
+            // The last line of defense (the checks above missed a value): record that instead.
+            Err(AppendError::Invalid(m)) => {
+                let is_fallback = matches!(&outcome,
+                    Outcome::Done(Err(ExecError::Abort(e))) if e.error_type == "invalid_output");
+                if is_fallback {
+                    tracing::error!(job_id = %st.job.id, error = %m, "the outcome cannot be stored; the job runs again");
+                    return;
+                }
+                tracing::warn!(job_id = %st.job.id, error = %m, "the outcome cannot be stored; failing the attempt");
+                outcome = Outcome::Done(Err(ExecError::Abort(JobError::new(
+                    "invalid_output",
+                    format!("the attempt's result cannot be stored: {m}"),
+                ))));
+            }
             Err(e) => {
                 if tokio::time::Instant::now() > deadline {
                     tracing::error!(job_id = %st.job.id, error = %e, "could not record the outcome; the job runs again");
@@ -630,11 +711,19 @@ async fn report(inner: &Arc<Inner>, state: &Arc<Mutex<AttemptState>>, outcome: O
 struct Progress {
     inner: Arc<Inner>,
     state: Arc<Mutex<AttemptState>>,
+    /// A report that cannot be stored ends the attempt through this.
+    invalid: Arc<InvalidOutput>,
 }
 
 #[async_trait]
 impl ProgressSink for Progress {
     async fn progress(&self, percent: Option<f64>, message: Option<String>) {
+        if let Some(Err(e)) = message
+            .as_deref()
+            .map(|m| storable::check_text("progress.message", m))
+        {
+            return self.invalid.set(invalid_output(&e));
+        }
         let events = [JobEvent::JobProgress {
             percent,
             message,
@@ -644,6 +733,9 @@ impl ProgressSink for Progress {
     }
 
     async fn output_chunk(&self, seq: u64, data: serde_json::Value) {
+        if let Err(e) = storable::check_json("output_chunk.data", &data) {
+            return self.invalid.set(invalid_output(&e));
+        }
         self.append(&[JobEvent::JobOutputChunk { seq, data }]).await;
     }
 }
@@ -677,6 +769,12 @@ impl Progress {
                         Ok(Some(fresh)) if fresh.attempt == st.job.attempt => st.job = fresh,
                         _ => return,
                     }
+                }
+                Err(AppendError::Invalid(m)) => {
+                    return self.invalid.set(JobError::new(
+                        "invalid_output",
+                        format!("a report of the attempt cannot be stored: {m}"),
+                    ));
                 }
                 Err(_) => return,
             }

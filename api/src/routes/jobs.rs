@@ -22,6 +22,7 @@ use capibara_shared::{
         job::{validate_tags, Job, JobEvent, JobStatus, Priority, Submission},
         kinds,
         retry::Backoff,
+        storable,
         FieldError,
     },
     store::{
@@ -60,8 +61,8 @@ pub struct SubmitJob {
     pub queue: Option<String>,
     #[serde(default)]
     pub priority: Option<Priority>,
-    /// Run no earlier than this time (RFC 3339).
-    #[serde(default)]
+    /// Run no earlier than this time (RFC 3339, years 0001-9999).
+    #[serde(default, deserialize_with = "storable::serde_time::optional")]
     pub run_at: Option<DateTime<Utc>>,
     /// Attempts before the job fails (default 3, at most 100).
     #[serde(default)]

@@ -14,6 +14,7 @@ use capibara_shared::{
         schedule::{
             CatchUp, CronSpec, Overlap, Schedule, ScheduleEvent, ScheduleSpec, ScheduleTarget,
         },
+        storable,
     },
     store::{self, jobs::job_append, schedules::schedule_append, AppendError, StoreError},
 };
@@ -68,9 +69,11 @@ pub struct CreateSchedule {
     /// Delay each tick by up to this many seconds (default 0).
     #[serde(default)]
     pub jitter_s: Option<i64>,
-    #[serde(default)]
+    /// No tick before this time (RFC 3339, years 0001-9999).
+    #[serde(default, deserialize_with = "storable::serde_time::optional")]
     pub start_at: Option<DateTime<Utc>>,
-    #[serde(default)]
+    /// No tick after this time (RFC 3339, years 0001-9999).
+    #[serde(default, deserialize_with = "storable::serde_time::optional")]
     pub end_at: Option<DateTime<Utc>>,
 }
 
@@ -94,9 +97,11 @@ pub struct UpdateSchedule {
     pub catch_up_window_s: Option<i64>,
     #[serde(default)]
     pub jitter_s: Option<i64>,
-    #[serde(default)]
+    /// No tick before this time (RFC 3339, years 0001-9999).
+    #[serde(default, deserialize_with = "storable::serde_time::optional")]
     pub start_at: Option<DateTime<Utc>>,
-    #[serde(default)]
+    /// No tick after this time (RFC 3339, years 0001-9999).
+    #[serde(default, deserialize_with = "storable::serde_time::optional")]
     pub end_at: Option<DateTime<Utc>>,
 }
 
@@ -122,7 +127,9 @@ impl From<Schedule> for ScheduleView {
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Backfill {
+    #[serde(deserialize_with = "storable::serde_time::required")]
     pub from: DateTime<Utc>,
+    #[serde(deserialize_with = "storable::serde_time::required")]
     pub to: DateTime<Utc>,
 }
 

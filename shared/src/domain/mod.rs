@@ -12,6 +12,7 @@
 //! - [`workflow`], [`run`]: workflow definitions, runs and the planner that advances them.
 //! - [`schedule`], [`cron_expr`]: cron schedules and the crontab dialect of their expressions.
 //! - [`template`]: minijinja templates over JSON (trigger inputs, workflow steps).
+//! - [`storable`]: values Postgres refuses (NUL characters, times outside 0001–9999).
 
 pub mod auth;
 pub mod cron_expr;
@@ -23,6 +24,7 @@ pub mod problem;
 pub mod retry;
 pub mod run;
 pub mod schedule;
+pub mod storable;
 pub mod subscription;
 pub mod template;
 pub mod trigger;

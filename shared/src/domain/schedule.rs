@@ -90,7 +90,8 @@ impl CronSpec {
         // candidate); instants not after `after` (a repeated hour's first pass) are filtered out.
         let local_after = after.with_timezone(&self.tz).naive_local() - Duration::seconds(1);
         let naive_start = Utc.from_utc_datetime(&local_after);
-        let horizon = after + Duration::days(HORIZON_DAYS);
+        // Nothing past the last storable time: a schedule near year 9999 simply ends.
+        let horizon = (after + Duration::days(HORIZON_DAYS)).min(super::storable::max_time());
         let mut last: Option<DateTime<Utc>> = None;
         merged(
             self.schedules

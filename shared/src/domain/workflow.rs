@@ -170,18 +170,15 @@ impl WorkflowDef {
                 .map_err(|e| FieldError::new("", format!("invalid YAML: {e}")))?;
             Self::from_value(v)
         } else {
-            let de = &mut serde_json::Deserializer::from_slice(body);
-            serde_path_to_error::deserialize(de).map_err(|e| {
-                let path = e.path().to_string();
-                FieldError::new(
-                    if path == "." { String::new() } else { path },
-                    e.into_inner().to_string(),
-                )
-            })
+            let v: Value = serde_json::from_slice(body)
+                .map_err(|e| FieldError::new("", format!("invalid JSON: {e}")))?;
+            Self::from_value(v)
         }
     }
 
+    /// A definition from JSON; a NUL character anywhere is refused (Postgres cannot store it).
     pub fn from_value(v: Value) -> Result<WorkflowDef, FieldError> {
+        super::storable::check_json("", &v)?;
         serde_path_to_error::deserialize(v).map_err(|e| {
             let path = e.path().to_string();
             FieldError::new(

@@ -6,6 +6,12 @@
 //! then one multi-row statement each for commands, streams, events and every side effect. A
 //! conflicting append fails alone; the rest of the batch commits.
 //!
+//! An append whose own values Postgres refuses for good (a NUL character, a time out of range:
+//! [`crate::domain::storable`]) fails alone too: the obvious ones are refused before they join
+//! a batch, and a statement that fails for such a value splits the batch in halves until the
+//! culprit is alone (docs/event-store.md, "Poison appends"). Only errors of the connection or
+//! the server fail a whole batch.
+//!
 //! After commit, dispatch entries are pushed to Redis (the fast path; the relay sweeps what this
 //! misses) and the changed stream ids are published as hints for waiters and SSE readers.
 
@@ -24,7 +30,7 @@ use uuid::Uuid;
 
 use super::StoreError;
 use crate::{
-    domain::{event::EventMetadata, event::StreamType, job::Job},
+    domain::{event::EventMetadata, event::StreamType, job::Job, storable, FieldError},
     queue::{DispatchEntry, Queue},
 };
 
@@ -144,6 +150,31 @@ impl Append {
         }
     }
 
+    /// Why Postgres would refuse this append's own values, found before it joins a batch: a NUL
+    /// character in an event, the metadata or the command, or a time outside the storable
+    /// range. Values only its side effects carry are caught by the write itself (see
+    /// [`flush`]).
+    pub fn unstorable(&self) -> Option<String> {
+        let check = || -> Result<(), FieldError> {
+            storable::check_text("namespace", &self.namespace)?;
+            storable::check_time("recorded_at", self.recorded_at)?;
+            for (k, e) in self.events.iter().enumerate() {
+                storable::check_text(&format!("events[{k}].type"), &e.event_type)?;
+                storable::check_json(&format!("events[{k}].data"), &e.data)?;
+                if let Some(t) = e.recorded_at {
+                    storable::check_time(&format!("events[{k}].recorded_at"), t)?;
+                }
+            }
+            let meta = serde_json::to_value(&self.metadata).unwrap_or_default();
+            storable::check_json("metadata", &meta)?;
+            if let Some(c) = &self.command {
+                storable::check_json("command", &serde_json::to_value(c).unwrap_or_default())?;
+            }
+            Ok(())
+        };
+        check().err().map(|e| format!("{}: {}", e.field, e.message))
+    }
+
     fn new_version(&self) -> i64 {
         let base = match self.expected {
             Expected::NoStream => 0,
@@ -171,6 +202,10 @@ pub enum AppendError {
     DuplicateCommand,
     #[error("event store unavailable: {0}")]
     Unavailable(String),
+    /// The append's own data is refused by Postgres (a NUL character, a time out of range, a
+    /// constraint): retrying cannot help. The rest of its batch committed without it.
+    #[error("the append holds a value that cannot be stored: {0}")]
+    Invalid(String),
 }
 
 impl From<AppendError> for StoreError {
@@ -179,6 +214,7 @@ impl From<AppendError> for StoreError {
             AppendError::Conflict { .. } => StoreError::Conflict,
             AppendError::DuplicateCommand => StoreError::DuplicateCommand,
             AppendError::Unavailable(m) => StoreError::Unavailable(m),
+            AppendError::Invalid(m) => StoreError::Invalid(m),
         }
     }
 }
@@ -255,6 +291,9 @@ impl Appender {
 
     /// Append all in one transaction, or none (batch submission).
     pub async fn append_all(&self, appends: Vec<Append>) -> Result<Vec<Appended>, AppendError> {
+        if let Some(why) = appends.iter().find_map(Append::unstorable) {
+            return Err(AppendError::Invalid(why));
+        }
         let mut results: Vec<Option<Result<Appended, AppendError>>> = vec![None; appends.len()];
         match try_flush(&self.pool, &appends, &mut results, &HashSet::new(), true).await {
             Ok(Ok(done)) => {
@@ -272,10 +311,7 @@ impl Appender {
                 .find_map(Result::err)
                 .unwrap_or(AppendError::Conflict { actual: None })),
             // A unique row another writer committed first (e.g. a schedule tick) is a conflict.
-            Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("23505") => {
-                Err(AppendError::Conflict { actual: None })
-            }
-            Err(e) => Err(AppendError::Unavailable(e.to_string())),
+            Err(e) => Err(refused(&e).unwrap_or_else(|| AppendError::Unavailable(e.to_string()))),
         }
     }
 
@@ -321,34 +357,114 @@ async fn flush(pool: &PgPool, queue: Option<&Queue>, batch: Vec<Pending>) {
     let (appends, replies): (Vec<Append>, Vec<_>) =
         batch.into_iter().map(|p| (p.append, p.reply)).unzip();
     let mut results: Vec<Option<Result<Appended, AppendError>>> = vec![None; appends.len()];
-    // Appends that failed a check inside the transaction are excluded and the batch is retried.
-    let mut excluded: HashSet<usize> = HashSet::new();
-    let committed = loop {
-        match try_flush(pool, &appends, &mut results, &excluded, false).await {
-            Ok(Ok(done)) => break Ok(done),
-            Ok(Err(losers)) => {
-                excluded.extend(losers);
+    // An append Postgres would refuse never joins the batch.
+    let mut candidates = Vec::with_capacity(appends.len());
+    for (i, a) in appends.iter().enumerate() {
+        match a.unstorable() {
+            Some(why) => {
+                metrics::counter!("capibara_append_refused_total").increment(1);
+                tracing::warn!(stream_id = %a.stream_id, namespace = %a.namespace, %why, "append refused");
+                results[i] = Some(Err(AppendError::Invalid(why)));
             }
-            Err(e) => break Err(e),
-        }
-    };
-    match committed {
-        Ok(done) => after_commit(queue, done).await,
-        Err(e) => {
-            let msg = e.to_string();
-            tracing::warn!(error = %msg, size, "append batch failed");
-            for r in results.iter_mut() {
-                if r.as_ref().is_none_or(|r| r.is_ok()) {
-                    *r = Some(Err(AppendError::Unavailable(msg.clone())));
-                }
-            }
+            None => candidates.push(i),
         }
     }
+    let (committed, failed) = write_isolating(pool, &appends, &mut results, candidates).await;
+    if let Some(e) = failed {
+        let msg = e.to_string();
+        tracing::warn!(error = %msg, size, "append batch failed");
+        for r in results.iter_mut().filter(|r| r.is_none()) {
+            *r = Some(Err(AppendError::Unavailable(msg.clone())));
+        }
+    }
+    after_commit(queue, committed).await;
     metrics::histogram!("capibara_append_batch_size").record(size as f64);
     metrics::histogram!("capibara_append_batch_seconds").record(started.elapsed().as_secs_f64());
     for (reply, result) in replies.into_iter().zip(results) {
         let _ = reply
             .send(result.unwrap_or_else(|| Err(AppendError::Unavailable("not flushed".into()))));
+    }
+}
+
+/// Write the appends `part` of the batch. The happy path is one transaction. Appends that fail a
+/// check inside it (a version conflict, a duplicate key) are left out and it is retried. A
+/// statement that fails for a value Postgres refuses ([`refused`]) splits the part in halves,
+/// written in order, until the culprit is alone: it gets its own error and everything else
+/// commits. One poison append among n costs about 2·log2(n) extra transactions, paid only when
+/// there is one. Returns what committed, and the error (of the connection or the server) that
+/// stopped the rest; appends without a result then are unanswered.
+async fn write_isolating(
+    pool: &PgPool,
+    appends: &[Append],
+    results: &mut [Option<Result<Appended, AppendError>>],
+    part: Vec<usize>,
+) -> (Committed, Option<sqlx::Error>) {
+    let mut committed = Committed {
+        dispatched: Vec::new(),
+        streams: Vec::new(),
+    };
+    if part.is_empty() {
+        return (committed, None);
+    }
+    // A stack of parts, the earliest on top: appends to one stream keep their order.
+    let mut todo = vec![part];
+    while let Some(part) = todo.pop() {
+        let members: HashSet<usize> = part.iter().copied().collect();
+        let mut excluded: HashSet<usize> =
+            (0..appends.len()).filter(|i| !members.contains(i)).collect();
+        loop {
+            match try_flush(pool, appends, results, &excluded, false).await {
+                Ok(Ok(done)) => {
+                    committed.dispatched.extend(done.dispatched);
+                    committed.streams.extend(done.streams);
+                    break;
+                }
+                Ok(Err(losers)) => excluded.extend(losers),
+                Err(e) => {
+                    let Some(error) = refused(&e) else {
+                        return (committed, Some(e));
+                    };
+                    let live: Vec<usize> = part
+                        .iter()
+                        .copied()
+                        .filter(|i| !excluded.contains(i))
+                        .collect();
+                    if let [culprit] = live[..] {
+                        let a = &appends[culprit];
+                        metrics::counter!("capibara_append_refused_total").increment(1);
+                        tracing::warn!(stream_id = %a.stream_id, namespace = %a.namespace,
+                            error = %e, "append refused by the database; the rest of its batch commits");
+                        results[culprit] = Some(Err(error));
+                    } else if live.len() > 1 {
+                        let (left, right) = live.split_at(live.len() / 2);
+                        todo.push(right.to_vec());
+                        todo.push(left.to_vec());
+                    }
+                    break;
+                }
+            }
+        }
+    }
+    committed.streams.sort_unstable();
+    committed.streams.dedup();
+    (committed, None)
+}
+
+/// The error for an append whose statement failed with `e`, if `e` is about a value it brought
+/// rather than the connection or the server: a duplicate unique row another writer committed
+/// first (e.g. a schedule tick) is a conflict; a value Postgres refuses is
+/// [`AppendError::Invalid`].
+fn refused(e: &sqlx::Error) -> Option<AppendError> {
+    let sqlx::Error::Database(db) = e else {
+        return None;
+    };
+    let code = db.code()?;
+    if code == "23505" {
+        Some(AppendError::Conflict { actual: None })
+    } else if super::is_refused_value_code(&code) {
+        Some(AppendError::Invalid(db.message().to_string()))
+    } else {
+        None
     }
 }
 
@@ -410,9 +526,6 @@ async fn try_flush(
     let mut keys_seen: HashSet<(&str, &str)> = HashSet::new();
     for (i, a) in appends.iter().enumerate() {
         if excluded.contains(&i) {
-            if results[i].is_none() {
-                results[i] = Some(Err(AppendError::Conflict { actual: None }));
-            }
             continue;
         }
         let actual = match a.expected {

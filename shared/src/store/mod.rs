@@ -51,6 +51,9 @@ pub enum StoreError {
     DuplicateCommand,
     #[error("database unavailable: {0}")]
     Unavailable(String),
+    /// A value Postgres refuses permanently (see [`AppendError::Invalid`]).
+    #[error("value cannot be stored: {0}")]
+    Invalid(String),
     #[error("database error: {0}")]
     Internal(String),
 }
@@ -68,6 +71,9 @@ impl From<sqlx::Error> for StoreError {
             sqlx::Error::Database(ref db) if is_unavailable_code(db.code().as_deref()) => {
                 StoreError::Unavailable(e.to_string())
             }
+            sqlx::Error::Database(ref db) if db.code().is_some_and(|c| is_refused_value_code(&c)) => {
+                StoreError::Invalid(db.message().to_string())
+            }
             other => StoreError::Internal(other.to_string()),
         }
     }
@@ -76,6 +82,14 @@ impl From<sqlx::Error> for StoreError {
 /// Admin shutdown, crash recovery, cannot connect, too many connections, read-only.
 fn is_unavailable_code(code: Option<&str>) -> bool {
     matches!(code, Some(c) if c.starts_with("57P") || c.starts_with("08") || c == "53300" || c == "25006")
+}
+
+/// A value Postgres refuses permanently, whoever sends it again: a data exception (class 22:
+/// a NUL character, a time or number out of range, text that does not parse), an integrity
+/// violation other than a duplicate key (not null, check, foreign key), or a row or index
+/// entry over a size limit (54000).
+fn is_refused_value_code(code: &str) -> bool {
+    code.starts_with("22") || (code.starts_with("23") && code != "23505") || code == "54000"
 }
 
 /// Open a pool that fails fast while Postgres is down and recovers by itself when it returns.

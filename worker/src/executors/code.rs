@@ -9,7 +9,7 @@ use std::{sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use capibara_sandbox::{CancelFlag, Execution, Language, RunRequest, Sandbox, SandboxConfig};
-use capibara_shared::domain::{job::JobError, kinds};
+use capibara_shared::domain::{job::JobError, kinds, storable};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -215,7 +215,8 @@ impl Executor for CodeRun {
         metrics::histogram!("capibara_code_run_seconds", "language" => language.as_str(), "runtime" => exec.runtime)
             .record(exec.duration.as_secs_f64());
         let output = outcome_to_output(exec, duration_ms)?;
-        if use_cache {
+        // An output Postgres cannot store is not cached (the attempt ends `invalid_output`).
+        if use_cache && storable::find_nul(&output).is_none() {
             let fill = CacheEntry {
                 job_id: ctx.job_id,
                 key: &key,
