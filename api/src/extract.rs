@@ -8,8 +8,8 @@ use axum::{
     extract::{FromRequest, Request},
     http::{header, HeaderMap},
 };
-use serde::de::DeserializeOwned;
 use capibara_shared::domain::storable;
+use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
 
 use crate::error::ApiError;

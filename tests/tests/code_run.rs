@@ -192,7 +192,12 @@ async fn output_with_a_nul_character_fails_the_attempt_as_invalid_output() {
         assert!(!message.contains('\0'), "{message}");
         assert_eq!(
             types(&api.events(job["id"].as_str().unwrap()).await),
-            ["JobSubmitted", "JobStarted", "JobAttemptFailed", "JobFailed"]
+            [
+                "JobSubmitted",
+                "JobStarted",
+                "JobAttemptFailed",
+                "JobFailed"
+            ]
         );
     }
     // The worker is free for the next job.

@@ -359,16 +359,20 @@ async fn in_one_batch(
                 .await
         })
     };
-    capibara_tests::eventually("the flusher waits on the lock", Duration::from_secs(10), || async {
-        let (n,): (i64,) = sqlx::query_as(
-            "SELECT count(*) FROM pg_stat_activity
+    capibara_tests::eventually(
+        "the flusher waits on the lock",
+        Duration::from_secs(10),
+        || async {
+            let (n,): (i64,) = sqlx::query_as(
+                "SELECT count(*) FROM pg_stat_activity
              WHERE datname = current_database() AND wait_event_type = 'Lock'",
-        )
-        .fetch_one(pool)
-        .await
-        .unwrap();
-        (n > 0).then_some(())
-    })
+            )
+            .fetch_one(pool)
+            .await
+            .unwrap();
+            (n > 0).then_some(())
+        },
+    )
     .await;
     let results = {
         let appender = appender.clone();
@@ -434,22 +438,38 @@ async fn a_poison_append_fails_alone_and_the_rest_of_its_batch_commits() {
         schedule_id: schedule,
         ticks: vec![(tick, None)],
     }]);
-    for (at, a) in [(3, nul_event), (11, nul_text), (25, far_time), (30, tick_a), (31, tick_b)] {
+    for (at, a) in [
+        (3, nul_event),
+        (11, nul_text),
+        (25, far_time),
+        (30, tick_a),
+        (31, tick_b),
+    ] {
         appends.insert(at, a);
     }
     let streams: Vec<Uuid> = appends.iter().map(|a| a.stream_id).collect();
 
     let results = in_one_batch(&pool, &appender, appends).await;
 
-    let failed: Vec<usize> = (0..results.len()).filter(|&i| results[i].is_err()).collect();
+    let failed: Vec<usize> = (0..results.len())
+        .filter(|&i| results[i].is_err())
+        .collect();
     assert_eq!(failed, [3, 11, 25, 31], "{results:?}");
     let AppendError::Invalid(why) = results[3].as_ref().unwrap_err() else {
         panic!("{:?}", results[3]);
     };
     assert!(why.starts_with("events[0].data.a[1].b:"), "{why}");
     assert!(!why.contains('\0'));
-    assert!(matches!(results[11], Err(AppendError::Invalid(_))), "{:?}", results[11]);
-    assert!(matches!(results[25], Err(AppendError::Invalid(_))), "{:?}", results[25]);
+    assert!(
+        matches!(results[11], Err(AppendError::Invalid(_))),
+        "{:?}",
+        results[11]
+    );
+    assert!(
+        matches!(results[25], Err(AppendError::Invalid(_))),
+        "{:?}",
+        results[25]
+    );
     assert!(
         matches!(results[31], Err(AppendError::Conflict { .. })),
         "{:?}",

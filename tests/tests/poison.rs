@@ -229,7 +229,9 @@ async fn a_tenant_sending_poison_does_not_disturb_another() {
         tokio::spawn(async move {
             let mut statuses = Vec::new();
             for round in 0..40 {
-                let sends = poison.iter().map(|(path, body)| hostile.post(path, body.clone()));
+                let sends = poison
+                    .iter()
+                    .map(|(path, body)| hostile.post(path, body.clone()));
                 for r in futures::future::join_all(sends).await {
                     statuses.push(r.status);
                 }
@@ -294,15 +296,19 @@ async fn a_tenant_sending_poison_does_not_disturb_another() {
         }
     })
     .await;
-    eventually("the victim's schedule keeps firing", Duration::from_secs(30), || {
-        let victim = victim.clone();
-        let path = format!("/v1/jobs?tag=schedule_id:{schedule}&limit=500");
-        async move {
-            let r = victim.get(&path).await;
-            let fired = r.body["items"].as_array().map_or(0, Vec::len);
-            (fired >= 3).then_some(())
-        }
-    })
+    eventually(
+        "the victim's schedule keeps firing",
+        Duration::from_secs(30),
+        || {
+            let victim = victim.clone();
+            let path = format!("/v1/jobs?tag=schedule_id:{schedule}&limit=500");
+            async move {
+                let r = victim.get(&path).await;
+                let fired = r.body["items"].as_array().map_or(0, Vec::len);
+                (fired >= 3).then_some(())
+            }
+        },
+    )
     .await;
     // Nothing of the hostile tenant's was stored.
     let r = hostile.get("/v1/jobs?limit=500").await;

@@ -22,8 +22,7 @@ use capibara_shared::{
         job::{validate_tags, Job, JobEvent, JobStatus, Priority, Submission},
         kinds,
         retry::Backoff,
-        storable,
-        FieldError,
+        storable, FieldError,
     },
     store::{
         self,

@@ -179,8 +179,14 @@ mod tests {
         let e = check_json("input", &json!({"a": [0, 1, {"b": "\u{0}"}]})).unwrap_err();
         assert_eq!(e.field, "input.a[2].b");
         assert!(e.message.contains("NUL"));
-        assert_eq!(check_json("input", &json!("\u{0}")).unwrap_err().field, "input");
-        assert_eq!(check_json("", &json!({"a": "\u{0}"})).unwrap_err().field, "a");
+        assert_eq!(
+            check_json("input", &json!("\u{0}")).unwrap_err().field,
+            "input"
+        );
+        assert_eq!(
+            check_json("", &json!({"a": "\u{0}"})).unwrap_err().field,
+            "a"
+        );
         assert!(check_json("input", &json!({"a": "ok"})).is_ok());
         assert!(check_text("name", "a\u{0}").is_err());
     }
@@ -202,11 +208,16 @@ mod tests {
         }
         assert!(serde_json::from_value::<B>(json!({"at": "-200000-01-01T00:00:00Z"})).is_err());
         assert!(serde_json::from_value::<B>(json!({"at": "9999-12-31T23:00:00-05:00"})).is_err());
-        assert!(serde_json::from_value::<B>(json!({"at": null})).unwrap().at.is_none());
-        assert!(serde_json::from_value::<B>(json!({})).unwrap().at.is_none());
-        assert!(serde_json::from_value::<B>(json!({"at": "2030-01-01T00:00:00Z"}))
+        assert!(serde_json::from_value::<B>(json!({"at": null}))
             .unwrap()
             .at
-            .is_some());
+            .is_none());
+        assert!(serde_json::from_value::<B>(json!({})).unwrap().at.is_none());
+        assert!(
+            serde_json::from_value::<B>(json!({"at": "2030-01-01T00:00:00Z"}))
+                .unwrap()
+                .at
+                .is_some()
+        );
     }
 }

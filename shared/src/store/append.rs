@@ -410,8 +410,9 @@ async fn write_isolating(
     let mut todo = vec![part];
     while let Some(part) = todo.pop() {
         let members: HashSet<usize> = part.iter().copied().collect();
-        let mut excluded: HashSet<usize> =
-            (0..appends.len()).filter(|i| !members.contains(i)).collect();
+        let mut excluded: HashSet<usize> = (0..appends.len())
+            .filter(|i| !members.contains(i))
+            .collect();
         loop {
             match try_flush(pool, appends, results, &excluded, false).await {
                 Ok(Ok(done)) => {

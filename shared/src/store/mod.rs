@@ -71,7 +71,9 @@ impl From<sqlx::Error> for StoreError {
             sqlx::Error::Database(ref db) if is_unavailable_code(db.code().as_deref()) => {
                 StoreError::Unavailable(e.to_string())
             }
-            sqlx::Error::Database(ref db) if db.code().is_some_and(|c| is_refused_value_code(&c)) => {
+            sqlx::Error::Database(ref db)
+                if db.code().is_some_and(|c| is_refused_value_code(&c)) =>
+            {
                 StoreError::Invalid(db.message().to_string())
             }
             other => StoreError::Internal(other.to_string()),
