@@ -61,7 +61,7 @@ pub struct SubmitJob {
     #[serde(default)]
     pub priority: Option<Priority>,
     /// Run no earlier than this time (RFC 3339, years 0001-9999).
-    #[serde(default, deserialize_with = "storable::serde_time::optional")]
+    #[serde(default)]
     pub run_at: Option<DateTime<Utc>>,
     /// Attempts before the job fails (default 3, at most 100).
     #[serde(default)]
@@ -161,6 +161,11 @@ pub async fn to_submission(s: SubmitJob, config: &Config) -> Result<Submission, 
     }
     let tags = s.tags.unwrap_or_default();
     validate_tags(&tags)?;
+    // Checked here rather than when parsing: a job nested in a schedule's `target` is parsed
+    // without field paths, and this names `target.job.run_at`.
+    if let Some(t) = s.run_at {
+        storable::check_time("run_at", t)?;
+    }
     Ok(Submission {
         kind: spec.name.to_string(),
         input,
