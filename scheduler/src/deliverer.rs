@@ -472,6 +472,7 @@ pub fn delivery_job(
         tags: [("delivery_id".to_string(), delivery_id.to_string())].into(),
         run_id: None,
         step_id: None,
+        secret_refs: None,
     };
     job_append(
         None,

@@ -746,21 +746,20 @@ async fn secrets_are_referenced_by_name_and_never_enter_the_log() {
     .await;
     let run = start(&api, &id, json!({})).await;
     let done = ended(&api, &run, Duration::from_secs(20)).await;
-    // The executor saw the value (echo returns it), the job's stored input only the reference.
-    assert_eq!(step(&done, "call")["output"]["auth"], "Bearer s3cr3t-value");
+    // The executor saw the value (the reference was replaced: echo returns it), and the value is
+    // redacted from what the attempt records; the job's stored input keeps only the reference.
+    assert_eq!(step(&done, "call")["output"]["auth"], "Bearer ***");
     let job = step(&done, "call")["job_id"].as_str().unwrap().to_string();
     assert_eq!(
         api.job(&job).await["input"]["auth"],
         "Bearer ${secret:TOKEN}"
     );
     let pool = env.pool().await;
-    let (leaks,): (i64,) = sqlx::query_as(
-        "SELECT count(*) FROM events WHERE type IN ('JobSubmitted', 'StepReady', 'RunStarted')
-         AND data::text LIKE '%s3cr3t%'",
-    )
-    .fetch_one(&pool)
-    .await
-    .unwrap();
+    let (leaks,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM events WHERE data::text LIKE '%s3cr3t%'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
     assert_eq!(leaks, 0);
     // A missing secret fails the step without retrying.
     assert_eq!(done["status"], "failed");
@@ -769,4 +768,142 @@ async fn secrets_are_referenced_by_name_and_never_enter_the_log() {
         "secret_not_found",
         "{done}"
     );
+}
+
+/// An admin key of a fresh namespace `ns` (made with the `default` admin key).
+async fn namespace_admin(admin: &Api, ns: &str) -> Api {
+    let r = admin
+        .post(
+            "/v1/api-keys",
+            json!({"name": ns, "roles": ["admin"], "namespace": ns}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{r:?}");
+    admin.with_key(r.body["key"].as_str().unwrap())
+}
+
+async fn put_secret(api: &Api, name: &str, value: &str) {
+    let r = api
+        .http
+        .put(api.url(&format!("/v1/secrets/{name}")))
+        .bearer_auth(&api.key)
+        .json(&json!({"value": value}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+#[tokio::test]
+async fn secrets_resolve_only_for_the_steps_that_name_them_in_their_own_namespace() {
+    let mut env = TestEnv::new().await;
+    env.visibility_timeout_s = 30.0; // code.run compiles its runtime once: no lease expiry
+    let _procs = env.spawn_all().await;
+    let admin = env.client();
+    let (a, b) = (
+        namespace_admin(&admin, "team-a").await,
+        namespace_admin(&admin, "team-b").await,
+    );
+    put_secret(&a, "TOKEN", "alpha-s3cr3t").await;
+    put_secret(&a, "LANG", "alpha-lang-s3cr3t").await;
+    put_secret(&b, "TOKEN", "bravo-s3cr3t-longer").await;
+    let r = a
+        .post(
+            "/v1/api-keys",
+            json!({"name": "submitter", "roles": ["submit", "read"]}),
+        )
+        .await;
+    let a_submit = a.with_key(r.body["key"].as_str().unwrap());
+
+    // A client's job never resolves a reference: it stays a literal string (job, batch, orchestrate).
+    let leak = json!({"leak": "${secret:TOKEN}"});
+    let job = a_submit
+        .submit_id(json!({"kind": "echo", "input": leak}))
+        .await;
+    let job = a_submit.wait_terminal(&job, Duration::from_secs(20)).await;
+    assert_eq!(job["output"], leak, "{job}");
+    let batch = a_submit
+        .post(
+            "/v1/jobs/batch",
+            json!({"jobs": [{"kind": "echo", "input": leak}]}),
+        )
+        .await;
+    assert_eq!(batch.status, 202, "{batch:?}");
+    let id = batch.body["items"][0]["id"].as_str().unwrap().to_string();
+    let job = a_submit.wait_terminal(&id, Duration::from_secs(20)).await;
+    assert_eq!(job["output"], leak, "{job}");
+    let o = a_submit
+        .post("/v1/orchestrate", json!({"intent": "echo", "inputs": leak}))
+        .await;
+    let id = o.body["job_id"].as_str().unwrap().to_string();
+    let job = a_submit.wait_terminal(&id, Duration::from_secs(20)).await;
+    assert_eq!(job["output"], leak, "{job}");
+
+    // Writing a step that reads secrets is an admin's act: a submit key could make it send them
+    // anywhere. A submit key still writes workflows without secrets.
+    let r = a_submit
+        .post(
+            "/v1/workflows",
+            json!({"name": "exfil", "steps": [{"id": "s", "kind": "echo", "input": {"t": "{{ secrets.TOKEN }}"}}]}),
+        )
+        .await;
+    assert_eq!(r.status, 403, "{r:?}");
+    let r = a_submit
+        .post(
+            "/v1/workflows",
+            json!({"name": "plain", "steps": [{"id": "s", "kind": "echo", "input": {"t": "{{ input.t }}"}}]}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{r:?}");
+
+    // A workflow template still resolves the secrets it names, each namespace its own: the
+    // value's length shows which one the step got without echoing it.
+    let def = json!({"name": "uses-secrets", "steps": [
+        {"id": "len", "kind": "code.run", "input": {"language": "python",
+            "code": "result = len(context['t'])", "context": {"t": "{{ secrets.TOKEN }}"}}},
+        {"id": "injected", "kind": "echo", "input": {"x": "{{ input.x }}"}},
+    ]});
+    let (wa, wb) = (create(&a, def.clone()).await, create(&b, def).await);
+    let input = json!({"x": "${secret:TOKEN}"});
+    let (ra, rb) = (
+        start(&a, &wa, input.clone()).await,
+        start(&b, &wb, input).await,
+    );
+    let (ra, rb) = (
+        ended(&a, &ra, Duration::from_secs(300)).await,
+        ended(&b, &rb, Duration::from_secs(300)).await,
+    );
+    assert_eq!(step(&ra, "len")["output"]["result"], 12, "{ra}");
+    assert_eq!(step(&rb, "len")["output"]["result"], 19, "{rb}");
+    // A reference that came in through the run's input is not the template's: it stays literal.
+    assert_eq!(step(&ra, "injected")["output"]["x"], "${secret:TOKEN}");
+    assert_eq!(step(&rb, "injected")["output"]["x"], "${secret:TOKEN}");
+
+    // An executor error that echoes its input (code.run's language) does not echo the value.
+    let wl = create(
+        &a,
+        json!({"name": "bad-lang", "steps": [
+            {"id": "run", "kind": "code.run", "input": {"language": "{{ secrets.LANG }}", "code": "1"}}]}),
+    )
+    .await;
+    let rl = start(&a, &wl, json!({})).await;
+    let rl = ended(&a, &rl, Duration::from_secs(60)).await;
+    let job = a.job(step(&rl, "run")["job_id"].as_str().unwrap()).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    assert!(!job.to_string().contains("alpha-lang"), "{job}");
+    assert!(
+        job["error"]["message"].as_str().unwrap().contains("***"),
+        "{job}"
+    );
+
+    // Nothing anywhere in the log or the job and run rows holds a value.
+    let pool = env.pool().await;
+    for sql in [
+        "SELECT count(*) FROM events WHERE data::text LIKE '%s3cr3t%'",
+        "SELECT count(*) FROM jobs WHERE to_jsonb(jobs)::text LIKE '%s3cr3t%'",
+        "SELECT count(*) FROM runs WHERE to_jsonb(runs)::text LIKE '%s3cr3t%'",
+    ] {
+        let (n,): (i64,) = sqlx::query_as(sql).fetch_one(&pool).await.unwrap();
+        assert_eq!(n, 0, "{sql}");
+    }
 }

@@ -22,6 +22,7 @@ use capibara_shared::{
     store::{
         self,
         jobs::{job_append, JobWrite},
+        secrets::Redactor,
         workers::WorkerInfo,
         AppendError, Store,
     },
@@ -277,6 +278,22 @@ struct AttemptState {
     attempt: u32,
     /// When execution began (`JobStarted.recorded_at`, even when recorded later).
     started_at: chrono::DateTime<chrono::Utc>,
+    /// Secret values resolved into this attempt's input: removed from every event it records.
+    redactor: Redactor,
+}
+
+/// `events` with every resolved secret value replaced (outputs, errors, progress, chunks).
+fn redact_events(redactor: &Redactor, events: Vec<JobEvent>) -> Vec<JobEvent> {
+    if redactor.is_empty() {
+        return events;
+    }
+    events
+        .into_iter()
+        .map(|e| {
+            let (t, data) = e.to_parts();
+            JobEvent::from_parts(t, redactor.value(&data)).unwrap_or(e)
+        })
+        .collect()
 }
 
 /// A report the executor made (progress, an output chunk) that Postgres cannot store: the
@@ -367,32 +384,48 @@ async fn run_job(inner: &Arc<Inner>, job: Job) {
     let exec_cancel = CancellationToken::new();
     let invalid = Arc::new(InvalidOutput::default());
     let timeout = job.timeout_s.map(|s| Duration::from_secs(s as u64));
+    // Workflow steps may carry `${secret:NAME}` references: resolved here, never stored. Only a
+    // step job's own references resolve (the names its template used, recorded by the workflow
+    // engine); in any other job a `${secret:…}` string is just text.
+    let allowed = job
+        .secret_refs
+        .clone()
+        .filter(|_| job.run_id.is_some())
+        .unwrap_or_default();
+    let (input, redactor, secret_error) = match store::secrets::resolve(
+        &inner.store.pool,
+        &job.namespace,
+        &job.input,
+        &allowed,
+    )
+    .await
+    {
+        Ok(Some(resolved)) => (resolved.input, resolved.redactor, None),
+        Ok(None) => (job.input.clone(), Redactor::default(), None),
+        Err(store::secrets::ResolveError::Missing(name)) => (
+            job.input.clone(),
+            Redactor::default(),
+            Some(ExecError::Abort(JobError::new(
+                "secret_not_found",
+                format!("secret `{name}` does not exist in this namespace"),
+            ))),
+        ),
+        Err(store::secrets::ResolveError::Store(e)) => (
+            job.input.clone(),
+            Redactor::default(),
+            Some(ExecError::Retryable(JobError::new(
+                "store_unavailable",
+                format!("secrets could not be read: {e}"),
+            ))),
+        ),
+    };
     let state = Arc::new(Mutex::new(AttemptState {
         job: job.clone(),
         claimed: false,
         attempt,
         started_at,
+        redactor,
     }));
-    // Workflow steps may carry `${secret:NAME}` references: resolved here, never stored.
-    let (input, secret_error) =
-        match store::secrets::resolve(&inner.store.pool, &job.namespace, &job.input).await {
-            Ok(Some(resolved)) => (resolved, None),
-            Ok(None) => (job.input.clone(), None),
-            Err(store::secrets::ResolveError::Missing(name)) => (
-                job.input.clone(),
-                Some(ExecError::Abort(JobError::new(
-                    "secret_not_found",
-                    format!("secret `{name}` does not exist in this namespace"),
-                ))),
-            ),
-            Err(store::secrets::ResolveError::Store(e)) => (
-                job.input.clone(),
-                Some(ExecError::Retryable(JobError::new(
-                    "store_unavailable",
-                    format!("secrets could not be read: {e}"),
-                ))),
-            ),
-        };
     let ctx = JobContext {
         job_id: id,
         kind: kind.clone(),
@@ -639,6 +672,7 @@ async fn report(inner: &Arc<Inner>, state: &Arc<Mutex<AttemptState>>, mut outcom
             });
         }
         events.extend(outcome_events(&st.job, attempt, &outcome));
+        let events = redact_events(&st.redactor, events);
         let mut w = JobWrite::new(metadata(inner, &st.job), domain::now());
         if !st.claimed {
             w.started_at = Some(st.started_at);
@@ -750,11 +784,12 @@ impl Progress {
         }
         // A conflict (e.g. a cancel request appended meanwhile) is retried on the fresh stream
         // so streamed output is not lost.
+        let events = redact_events(&st.redactor, events.to_vec());
         for _ in 0..3 {
             let Ok((new, append)) = job_append(
                 Some(&st.job),
                 st.job.id,
-                events,
+                &events,
                 JobWrite::new(metadata(&self.inner, &st.job), domain::now()),
             ) else {
                 return;

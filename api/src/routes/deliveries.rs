@@ -157,6 +157,7 @@ pub async fn redeliver(
             tags: [("delivery_id".to_string(), d.id.to_string())].into(),
             run_id: None,
             step_id: None,
+            secret_refs: None,
         };
         let (_, j) = job_append(
             None,

@@ -180,6 +180,7 @@ pub async fn to_submission(s: SubmitJob, config: &Config) -> Result<Submission, 
         tags,
         run_id: None,
         step_id: None,
+        secret_refs: None,
     })
 }
 

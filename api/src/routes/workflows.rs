@@ -85,6 +85,17 @@ fn created(w: &Workflow, status: StatusCode) -> Response {
     res
 }
 
+/// Steps that read `secrets` receive the values: only an admin key may write them (a `submit`
+/// key could otherwise write a step that sends a secret anywhere).
+fn require_admin_for_secrets(auth: &Auth, def: &WorkflowDef) -> Result<(), ApiError> {
+    if def.references_secrets() && auth.require(Role::Admin).is_err() {
+        return Err(ApiError::Forbidden(
+            "a workflow whose steps read `secrets` can be written only with an admin key".into(),
+        ));
+    }
+    Ok(())
+}
+
 #[utoipa::path(post, operation_id = "createWorkflow", path = "/v1/workflows", tag = "workflows", request_body(content = WorkflowDef,
         description = "JSON, or YAML with Content-Type: application/yaml"),
     responses((status = 201, body = Workflow), (status = 415, body = crate::error::Problem),
@@ -98,6 +109,7 @@ pub async fn create(
 ) -> Result<Response, ApiError> {
     auth.require(Role::Submit)?;
     let def = definition(&state, &headers, &body)?;
+    require_admin_for_secrets(&auth, &def)?;
     let id = Uuid::now_v7();
     let (w, append) = workflow_append(
         None,
@@ -131,6 +143,7 @@ pub async fn update(
     auth.require(Role::Submit)?;
     let id = parse_id(&id)?;
     let def = definition(&state, &headers, &body)?;
+    require_admin_for_secrets(&auth, &def)?;
     for _ in 0..10 {
         let w = load(&state, &auth, id).await?;
         let (new, append) = workflow_append(

@@ -4,7 +4,11 @@
 //! The same [`Job::apply`] runs when an event is appended (inline projection) and when
 //! `capibara admin rebuild-projections` replays the log, so both produce identical rows.
 
-use std::{collections::BTreeMap, fmt, str::FromStr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    str::FromStr,
+};
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -201,6 +205,10 @@ pub struct Submission {
     /// The step (`id`, or `id[index]` for a map child).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub step_id: Option<String>,
+    /// Secrets the step's template referred to (set by the workflow engine only, never taken
+    /// from a client): the worker resolves `${secret:NAME}` for these names and no others.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_refs: Option<BTreeSet<String>>,
 }
 
 /// Events of the job stream (contract names, DESIGN §3). `JobQueued` is Capibara's addition: a
@@ -363,6 +371,9 @@ pub struct Job {
     pub run_id: Option<Uuid>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub step_id: Option<String>,
+    /// Secrets this step job may resolve (see [`Submission::secret_refs`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_refs: Option<BTreeSet<String>>,
 }
 
 /// A job event could not be applied to the current state (a bug or a corrupted log).
@@ -406,6 +417,7 @@ impl Job {
             updated_at: at,
             run_id: s.run_id,
             step_id: s.step_id.clone(),
+            secret_refs: s.secret_refs.clone(),
         }
     }
 
@@ -639,6 +651,7 @@ mod tests {
             tags: BTreeMap::new(),
             run_id: None,
             step_id: None,
+            secret_refs: None,
         }
     }
 

@@ -8,7 +8,11 @@
 //! transaction at the run's expected version. Two writers racing on one run conflict and the
 //! loser re-reads and re-plans, so every dependent step is scheduled exactly once.
 
-use std::{collections::BTreeMap, fmt, str::FromStr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    str::FromStr,
+};
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -616,6 +620,15 @@ impl Run {
     /// Template context: `input`, `steps.<id>.{status, output, error}`, `run`, and `secrets`
     /// (references, resolved on the worker).
     pub fn context(&self, extra: Option<(&Value, u32)>) -> minijinja::Value {
+        self.step_context(extra).0
+    }
+
+    /// [`Run::context`], and the `secrets` object that records which names were referenced (a
+    /// step's job may resolve only those).
+    pub fn step_context(
+        &self,
+        extra: Option<(&Value, u32)>,
+    ) -> (minijinja::Value, std::sync::Arc<template::SecretRefs>) {
         let steps: serde_json::Map<String, Value> = self
             .steps
             .iter()
@@ -637,10 +650,12 @@ impl Run {
             ctx["index"] = json!(index);
         }
         let base = minijinja::Value::from_serialize(&ctx);
-        minijinja::context! {
-            secrets => minijinja::Value::from_object(template::SecretRefs),
+        let refs = std::sync::Arc::new(template::SecretRefs::default());
+        let ctx = minijinja::context! {
+            secrets => minijinja::Value::from_dyn_object(refs.clone()),
             ..base
-        }
+        };
+        (ctx, refs)
     }
 }
 
@@ -682,6 +697,8 @@ pub struct StepJob {
     pub backoff: Option<super::retry::Backoff>,
     pub timeout_s: Option<u32>,
     pub run_at: Option<DateTime<Utc>>,
+    /// Secrets the step's input template referred to: the only ones its job may resolve.
+    pub secret_refs: BTreeSet<String>,
 }
 
 /// What one [`advance`] decided: events to append (already folded into the run) and actions.
@@ -1028,6 +1045,8 @@ fn start_step(
             }
         }
     }
+    // Secrets the rendered input referred to (none for a map: its children render their own).
+    let mut secret_refs = BTreeSet::new();
     // A map's child input is rendered per item, later.
     let input = if sd.kind == "map" {
         let mut raw = sd.input.clone();
@@ -1041,8 +1060,12 @@ fn start_step(
         }
         raw
     } else {
+        let (ctx, refs) = run.step_context(None);
         match template::render(env, &sd.input, &ctx) {
-            Ok(v) => v,
+            Ok(v) => {
+                secret_refs = refs.names();
+                v
+            }
             Err(m) => {
                 plan.emit(run, fail(&sd.id, None, "template_error", m), at);
                 return;
@@ -1064,6 +1087,7 @@ fn start_step(
         backoff,
         timeout_s: sd.timeout_s,
         run_at,
+        secret_refs: secret_refs.clone(),
     };
     let ready = |job_id: Option<Uuid>, child: Option<Uuid>, items: Option<u32>, input: &Value| {
         RunEvent::StepReady {
@@ -1234,7 +1258,7 @@ fn advance_map(
             .get(item.index as usize)
             .cloned()
             .unwrap_or(Value::Null);
-        let ctx = run.context(Some((&value, item.index)));
+        let (ctx, refs) = run.step_context(Some((&value, item.index)));
         match template::render(env, &m.step.input, &ctx) {
             Ok(input) => {
                 let j = StepJob {
@@ -1248,6 +1272,7 @@ fn advance_map(
                     backoff,
                     timeout_s: sd.timeout_s,
                     run_at: None,
+                    secret_refs: refs.names(),
                 };
                 plan.emit(
                     run,

@@ -21,13 +21,31 @@ pub fn secret_reference(name: &str) -> String {
 }
 
 /// The `secrets` template variable: any attribute is a reference to the secret of that name.
-#[derive(Debug)]
-pub struct SecretRefs;
+///
+/// It remembers which names a template asked for: the workflow engine stores them on the step's
+/// job ([`crate::domain::job::Submission::secret_refs`]) and the worker resolves those and no
+/// other reference, so a `${secret:NAME}` string that reached the input any other way (a run's
+/// input, a client's job) stays a literal string.
+#[derive(Debug, Default)]
+pub struct SecretRefs {
+    used: std::sync::Mutex<std::collections::BTreeSet<String>>,
+}
+
+impl SecretRefs {
+    /// The names templates rendered over this object referred to.
+    pub fn names(&self) -> std::collections::BTreeSet<String> {
+        self.used.lock().expect("secret refs lock").clone()
+    }
+}
 
 impl minijinja::value::Object for SecretRefs {
     fn get_value(self: &std::sync::Arc<Self>, key: &minijinja::Value) -> Option<minijinja::Value> {
-        key.as_str()
-            .map(|k| minijinja::Value::from(secret_reference(k)))
+        let name = key.as_str()?;
+        self.used
+            .lock()
+            .expect("secret refs lock")
+            .insert(name.to_string());
+        Some(minijinja::Value::from(secret_reference(name)))
     }
 }
 
@@ -87,6 +105,27 @@ pub fn render(
         ),
         other => other.clone(),
     })
+}
+
+/// Whether any template in `v` reads the top-level variable `name` (e.g. `secrets`). Templates
+/// that do not parse read nothing (they are refused elsewhere).
+pub fn uses_variable(env: &minijinja::Environment<'_>, v: &Value, name: &str) -> bool {
+    match v {
+        Value::String(s) => {
+            if let Some(expr) = single_expression(s) {
+                env.compile_expression(expr)
+                    .is_ok_and(|e| e.undeclared_variables(false).contains(name))
+            } else if s.contains("{{") || s.contains("{%") {
+                env.template_from_str(s)
+                    .is_ok_and(|t| t.undeclared_variables(false).contains(name))
+            } else {
+                false
+            }
+        }
+        Value::Array(items) => items.iter().any(|i| uses_variable(env, i, name)),
+        Value::Object(map) => map.values().any(|i| uses_variable(env, i, name)),
+        _ => false,
+    }
 }
 
 /// Check the syntax of every template in `v`; nothing is evaluated.
@@ -164,6 +203,18 @@ mod tests {
         );
         assert!(!condition(&env, "steps.a.output.x is defined", &ctx).unwrap());
         assert!(condition(&env, "{{ 2 > 1 }}", &ctx).unwrap());
+    }
+
+    #[test]
+    fn variables_read_by_templates_are_found() {
+        let env = environment();
+        let uses = |v: Value| uses_variable(&env, &v, "secrets");
+        assert!(uses(json!({"a": ["Bearer {{ secrets.TOKEN }}"]})));
+        assert!(uses(json!("{{ secrets['TOKEN'] }}")));
+        assert!(uses(json!("{% if x %}{{ secrets.A }}{% endif %}")));
+        assert!(!uses(
+            json!({"a": "{{ input.secrets }}", "b": "secrets", "c": "{{ steps.secrets.output }}"})
+        ));
     }
 
     #[test]

@@ -163,6 +163,15 @@ pub fn parse_wait_duration(v: &Value) -> Result<chrono::Duration, String> {
 }
 
 impl WorkflowDef {
+    /// Whether a step's input reads `secrets`: writing such a definition is an admin's act, since
+    /// the steps receive the values (docs/security.md, "Secrets").
+    pub fn references_secrets(&self) -> bool {
+        let env = super::template::environment();
+        self.steps
+            .iter()
+            .any(|s| super::template::uses_variable(&env, &s.input, "secrets"))
+    }
+
     /// Parse JSON or YAML text (by content type) into a definition; errors name the field.
     pub fn parse(body: &[u8], yaml: bool) -> Result<WorkflowDef, FieldError> {
         if yaml {

@@ -377,6 +377,7 @@ fn step_job_append(
             Some(i) => format!("{}[{i}]", j.step_id),
             None => j.step_id.clone(),
         }),
+        secret_refs: (!j.secret_refs.is_empty()).then(|| j.secret_refs.clone()),
     };
     let delayed = j.run_at.filter(|t| *t > at);
     let mut events = vec![JobEvent::JobSubmitted(sub)];

@@ -1,6 +1,8 @@
 //! Secrets referred to by name from workflow templates. Values are stored here only (not in the
 //! event log); job inputs carry `${secret:NAME}` references that [`resolve`] replaces on the
-//! worker just before an executor runs.
+//! worker just before an executor runs — only in workflow step jobs, and only for the names the
+//! step's template referred to (`Job::secret_refs`). [`Redactor`] keeps resolved values out of
+//! whatever the attempt records.
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -117,15 +119,81 @@ pub enum ResolveError {
     Store(#[from] StoreError),
 }
 
-/// Replace every `${secret:NAME}` in `input` with the namespace's secret (no query when there is
-/// none).
+/// An input with its secret references replaced, and the values that went in.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    pub input: Value,
+    /// Every value put into `input`: what the worker removes from anything it records.
+    pub redactor: Redactor,
+}
+
+/// Removes known secret values from whatever an attempt records (output, errors, progress,
+/// streamed chunks), so an executor that echoes its input cannot write a secret into the log.
+#[derive(Debug, Clone, Default)]
+pub struct Redactor {
+    /// Non-empty values, longest first (a value containing another is replaced whole).
+    values: Vec<String>,
+}
+
+/// What a redacted value reads as.
+pub const REDACTED: &str = "***";
+
+impl Redactor {
+    pub fn new(values: impl IntoIterator<Item = String>) -> Self {
+        let mut values: Vec<String> = values.into_iter().filter(|v| !v.is_empty()).collect();
+        values.sort_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
+        values.dedup();
+        Self { values }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.values.is_empty()
+    }
+
+    /// `s` with every known value replaced by [`REDACTED`].
+    pub fn text(&self, s: &str) -> String {
+        let mut out = s.to_string();
+        for v in &self.values {
+            if out.contains(v.as_str()) {
+                out = out.replace(v.as_str(), REDACTED);
+            }
+        }
+        out
+    }
+
+    /// Every string (and object key) of `v` redacted.
+    pub fn value(&self, v: &Value) -> Value {
+        if self.is_empty() {
+            return v.clone();
+        }
+        match v {
+            Value::String(s) => Value::String(self.text(s)),
+            Value::Array(items) => Value::Array(items.iter().map(|i| self.value(i)).collect()),
+            Value::Object(map) => Value::Object(
+                map.iter()
+                    .map(|(k, v)| (self.text(k), self.value(v)))
+                    .collect(),
+            ),
+            other => other.clone(),
+        }
+    }
+}
+
+/// Replace `${secret:NAME}` in `input` for the names in `allowed` (the secrets the step's
+/// template referred to) with the namespace's values. References to other names stay literal
+/// strings. No query when nothing is allowed or referenced.
 pub async fn resolve(
     pool: &PgPool,
     namespace: &str,
     input: &Value,
-) -> Result<Option<Value>, ResolveError> {
+    allowed: &BTreeSet<String>,
+) -> Result<Option<Resolved>, ResolveError> {
+    if allowed.is_empty() {
+        return Ok(None);
+    }
     let mut wanted = BTreeSet::new();
     names(input, &mut wanted);
+    wanted.retain(|n| allowed.contains(n));
     if wanted.is_empty() {
         return Ok(None);
     }
@@ -141,7 +209,10 @@ pub async fn resolve(
     if let Some(missing) = wanted.iter().find(|n| !values.contains_key(*n)) {
         return Err(ResolveError::Missing(missing.clone()));
     }
-    Ok(Some(replace(input, &values)))
+    Ok(Some(Resolved {
+        input: replace(input, &values),
+        redactor: Redactor::new(values.into_values()),
+    }))
 }
 
 #[cfg(test)]
@@ -162,5 +233,21 @@ mod tests {
             replace(&input, &values),
             json!({"auth": "Bearer t0k", "list": ["a"], "n": 1})
         );
+    }
+
+    #[test]
+    fn the_redactor_replaces_values_in_strings_and_keys_longest_first() {
+        let r = Redactor::new([
+            "s3cr3t".to_string(),
+            "s3cr3t-long".to_string(),
+            String::new(),
+        ]);
+        assert_eq!(
+            r.value(
+                &json!({"error": "unknown language `s3cr3t-long`", "s3cr3t": [1, "x s3cr3t y"]})
+            ),
+            json!({"error": "unknown language `***`", "***": [1, "x *** y"]})
+        );
+        assert!(Redactor::new([String::new()]).is_empty());
     }
 }
