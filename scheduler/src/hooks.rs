@@ -1,7 +1,14 @@
 //! `POST /hooks/{trigger_id}`: inbound webhook triggers. A valid call answers 202 with the job it
 //! submitted; bad signatures 401, replays 409 (same `webhook-id`) or 401 (timestamp more than
-//! 5 minutes away), oversized bodies 413, too many calls 429 — each with a problem body, and every
-//! call, accepted or not, recorded on the trigger's stream.
+//! 5 minutes away), oversized bodies 413, too many calls 429 — each with a problem body.
+//!
+//! Order matters (docs/security.md, "Inbound hooks"): a call is authenticated before it spends
+//! the trigger's rate limit, so callers without the credential cannot lock out the sender that
+//! has it. Accepted calls are recorded on the trigger's stream with the job or run they start,
+//! and a Standard Webhooks receipt (`webhook-id`) commits in that same transaction — a failed
+//! start leaves no receipt, so the sender's retry is not mistaken for a replay. Refusals are
+//! counted in `capibara_trigger_calls_total` and recorded at most once a minute per trigger and
+//! status (the record says how many were left out), so a flood of bad calls cannot flood the log.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -25,14 +32,14 @@ use capibara_shared::{
         job::JobEvent,
         kinds,
         schedule::ScheduleTarget,
-        trigger::{render_input, Trigger, TriggerAuth, TriggerEvent},
+        trigger::{render_input, sha256_hex, Trigger, TriggerCredential, TriggerEvent},
         webhook::WebhookSecret,
     },
     store::{
         self,
         jobs::{job_append, JobWrite},
         triggers::trigger_append,
-        AppendError, Store,
+        AppendError, Effect, Store,
     },
 };
 use hmac::{Hmac, Mac};
@@ -43,7 +50,15 @@ use uuid::Uuid;
 /// Largest body a hook accepts.
 pub const MAX_BODY: usize = 1024 * 1024;
 /// Accepted distance of a Standard Webhooks timestamp from now.
-const TOLERANCE_S: i64 = 300;
+const TOLERANCE_S: u64 = 300;
+/// Refusals of one status are recorded on a trigger's stream at most this often.
+const RECORD_REFUSALS_EVERY: Duration = Duration::from_secs(60);
+
+/// Whether a Standard Webhooks timestamp is within the tolerance of `now` (both in seconds since
+/// the epoch). `abs_diff` cannot overflow, whatever the caller sent.
+fn timestamp_fresh(now: i64, ts: i64) -> bool {
+    now.abs_diff(ts) <= TOLERANCE_S
+}
 
 #[derive(Clone)]
 pub struct HookState {
@@ -51,6 +66,8 @@ pub struct HookState {
     /// What inputs are checked against (installed voices): the same answer as the API's.
     config: Arc<Config>,
     limits: Arc<Mutex<HashMap<Uuid, (f64, Instant)>>>,
+    /// Per (trigger, status): when a refusal was last recorded, and how many since were not.
+    refusals: Arc<Mutex<HashMap<(Uuid, u16), (Instant, u64)>>>,
 }
 
 impl HookState {
@@ -59,6 +76,25 @@ impl HookState {
             store,
             config,
             limits: Arc::default(),
+            refusals: Arc::default(),
+        }
+    }
+
+    /// Whether to record this refusal now; `Some(n)`: yes, and `n` were left out before it.
+    fn record_refusal(&self, id: Uuid, status: u16) -> Option<u64> {
+        let now = Instant::now();
+        let mut map = self.refusals.lock().expect("refusals lock");
+        match map.get_mut(&(id, status)) {
+            Some((last, skipped)) if now.duration_since(*last) < RECORD_REFUSALS_EVERY => {
+                *skipped += 1;
+                None
+            }
+            _ => {
+                let skipped = map
+                    .insert((id, status), (now, 0))
+                    .map_or(0, |(_, skipped)| skipped);
+                Some(skipped)
+            }
         }
     }
 
@@ -114,13 +150,25 @@ fn meta(t: &Trigger) -> EventMetadata {
     }
 }
 
-/// Record a refused call on the trigger's stream (best effort) and answer with a problem.
+/// Answer a refused call with a problem; record it on the trigger's stream (best effort) unless
+/// one with the same status was recorded less than a minute ago.
 async fn reject(state: &HookState, t: &Trigger, status: StatusCode, reason: &str) -> Response {
+    let outcome = if status == StatusCode::UNAUTHORIZED {
+        "unauthenticated"
+    } else {
+        "rejected"
+    };
+    metrics::counter!("capibara_trigger_calls_total", "outcome" => outcome).increment(1);
+    let Some(suppressed) = state.record_refusal(t.id, status.as_u16()) else {
+        return problem(status, reason);
+    };
+    tracing::info!(trigger_id = %t.id, status = status.as_u16(), reason, suppressed, "hook call refused");
     let mut current = t.clone();
     for _ in 0..5 {
         let ev = TriggerEvent::TriggerRejected {
             status: status.as_u16(),
             reason: reason.to_string(),
+            suppressed,
         };
         let Some((_, a)) = trigger_append(
             Some(&current),
@@ -142,7 +190,6 @@ async fn reject(state: &HookState, t: &Trigger, status: StatusCode, reason: &str
             _ => break,
         }
     }
-    metrics::counter!("capibara_trigger_calls_total", "outcome" => "rejected").increment(1);
     problem(status, reason)
 }
 
@@ -150,60 +197,47 @@ fn header_str<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
     h.get(name).and_then(|v| v.to_str().ok())
 }
 
-/// Check the call's credentials; `Err((status, reason))` refuses it.
-async fn authenticate(
-    state: &HookState,
-    t: &Trigger,
-    auth: &TriggerAuth,
+/// Check the call's credentials (no I/O); `Ok(Some(webhook-id))` for Standard Webhooks calls.
+fn authenticate(
+    credential: &TriggerCredential,
     headers: &HeaderMap,
     body: &[u8],
-) -> Result<Option<String>, (StatusCode, String)> {
-    let unauthorized = |m: &str| (StatusCode::UNAUTHORIZED, m.to_string());
-    match auth {
-        TriggerAuth::Bearer { token } => {
+) -> Result<Option<String>, String> {
+    match credential {
+        TriggerCredential::Bearer { token_sha256 } => {
             let given = header_str(headers, "authorization")
                 .and_then(|v| v.strip_prefix("Bearer "))
-                .ok_or_else(|| unauthorized("missing bearer token"))?;
-            let same = given.len() == token.len()
+                .ok_or("missing bearer token")?;
+            let given = sha256_hex(given);
+            let same = given.len() == token_sha256.len()
                 && given
                     .bytes()
-                    .zip(token.bytes())
+                    .zip(token_sha256.bytes())
                     .fold(0u8, |acc, (a, b)| acc | (a ^ b))
                     == 0;
             if same {
                 Ok(None)
             } else {
-                Err(unauthorized("wrong bearer token"))
+                Err("wrong bearer token".into())
             }
         }
-        TriggerAuth::StandardWebhooks { secret } => {
-            let id = header_str(headers, "webhook-id")
-                .ok_or_else(|| unauthorized("missing webhook-id"))?;
+        TriggerCredential::StandardWebhooks { secret } => {
+            let id = header_str(headers, "webhook-id").ok_or("missing webhook-id")?;
             let ts: i64 = header_str(headers, "webhook-timestamp")
                 .and_then(|v| v.parse().ok())
-                .ok_or_else(|| unauthorized("missing or bad webhook-timestamp"))?;
-            let sig = header_str(headers, "webhook-signature")
-                .ok_or_else(|| unauthorized("missing webhook-signature"))?;
-            if (chrono::Utc::now().timestamp() - ts).abs() > TOLERANCE_S {
-                return Err(unauthorized(
-                    "webhook-timestamp is more than 5 minutes away (replay?)",
-                ));
+                .ok_or("missing or bad webhook-timestamp")?;
+            let sig =
+                header_str(headers, "webhook-signature").ok_or("missing webhook-signature")?;
+            if !timestamp_fresh(chrono::Utc::now().timestamp(), ts) {
+                return Err("webhook-timestamp is more than 5 minutes away (replay?)".into());
             }
-            let key = WebhookSecret::parse(secret)
-                .map_err(|_| unauthorized("trigger secret is invalid"))?;
+            let key = WebhookSecret::parse(secret).map_err(|_| "trigger secret is invalid")?;
             if !key.verify(id, ts, body, sig) {
-                return Err(unauthorized("signature does not match"));
+                return Err("signature does not match".into());
             }
-            match store::triggers::first_receipt(&state.store.pool, t.id, id).await {
-                Ok(true) => Ok(Some(id.to_string())),
-                Ok(false) => Err((
-                    StatusCode::CONFLICT,
-                    format!("message {id} was already received"),
-                )),
-                Err(_) => Err((StatusCode::SERVICE_UNAVAILABLE, "store unavailable".into())),
-            }
+            Ok(Some(id.to_string()))
         }
-        TriggerAuth::HmacSha256 { secret, header } => {
+        TriggerCredential::HmacSha256 { secret, header } => {
             let name = header
                 .as_deref()
                 .unwrap_or("x-hub-signature-256")
@@ -211,15 +245,48 @@ async fn authenticate(
             let given = header_str(headers, &name)
                 .and_then(|v| v.strip_prefix("sha256="))
                 .and_then(|h| hex::decode(h).ok())
-                .ok_or_else(|| unauthorized(&format!("missing or malformed {name}")))?;
-            let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes())
-                .map_err(|_| unauthorized("bad secret"))?;
+                .ok_or_else(|| format!("missing or malformed {name}"))?;
+            let mut mac =
+                Hmac::<Sha256>::new_from_slice(secret.as_bytes()).map_err(|_| "bad secret")?;
             mac.update(body);
             mac.verify_slice(&given)
                 .map(|_| None)
-                .map_err(|_| unauthorized("signature does not match"))
+                .map_err(|_| "signature does not match".into())
         }
     }
+}
+
+/// A replay of an accepted message: answered 409, nothing started.
+async fn replay(state: &HookState, t: &Trigger, message_id: &str) -> Response {
+    reject(
+        state,
+        t,
+        StatusCode::CONFLICT,
+        &format!("message {message_id} was already received"),
+    )
+    .await
+}
+
+/// After a conflicting append: whether it was because the message was accepted meanwhile.
+async fn accepted_meanwhile(state: &HookState, t: &Trigger, message_id: Option<&str>) -> bool {
+    match message_id {
+        Some(m) => matches!(
+            store::triggers::received(&state.store.pool, t.id, m).await,
+            Ok(true)
+        ),
+        None => false,
+    }
+}
+
+/// The receipt effect for a Standard Webhooks call (committed with what the call starts).
+fn receipt(t: &Trigger, message_id: Option<&String>) -> Vec<Effect> {
+    message_id
+        .map(|m| Effect::Receipt {
+            trigger_id: t.id,
+            message_id: m.clone(),
+        })
+        .into_iter()
+        .collect()
 }
 
 async fn hook(
@@ -236,6 +303,16 @@ async fn hook(
         Ok(None) => return problem(StatusCode::NOT_FOUND, "no such trigger"),
         Err(_) => return problem(StatusCode::SERVICE_UNAVAILABLE, "store unavailable; retry"),
     };
+    let credential = match store::triggers::credential(&state.store.pool, t.id).await {
+        Ok(Some(c)) => c,
+        Ok(None) => return problem(StatusCode::INTERNAL_SERVER_ERROR, "trigger misconfigured"),
+        Err(_) => return problem(StatusCode::SERVICE_UNAVAILABLE, "store unavailable; retry"),
+    };
+    // Authenticate first: only callers holding the credential spend the rate limit.
+    let message_id = match authenticate(&credential, &headers, &body) {
+        Ok(m) => m,
+        Err(reason) => return reject(&state, &t, StatusCode::UNAUTHORIZED, &reason).await,
+    };
     if let Err(wait) = state.take(t.id, t.rate_limit_per_minute) {
         let mut res = reject(
             &state,
@@ -250,13 +327,13 @@ async fn hook(
         }
         return res;
     }
-    let Ok(auth) = serde_json::from_value::<TriggerAuth>(t.auth.clone()) else {
-        return problem(StatusCode::INTERNAL_SERVER_ERROR, "trigger misconfigured");
-    };
-    let message_id = match authenticate(&state, &t, &auth, &headers, &body).await {
-        Ok(m) => m,
-        Err((status, reason)) => return reject(&state, &t, status, &reason).await,
-    };
+    if let Some(m) = &message_id {
+        match store::triggers::received(&state.store.pool, t.id, m).await {
+            Ok(false) => {}
+            Ok(true) => return replay(&state, &t, m).await,
+            Err(_) => return problem(StatusCode::SERVICE_UNAVAILABLE, "store unavailable; retry"),
+        }
+    }
     let body_json: Value = if body.is_empty() {
         Value::Object(Default::default())
     } else {
@@ -324,7 +401,7 @@ async fn hook(
             message_id: message_id.clone(),
             body_bytes: body.len(),
         };
-        let Some((_, ta)) = trigger_append(
+        let Some((_, mut ta)) = trigger_append(
             Some(&current),
             current.id,
             &current.namespace,
@@ -334,6 +411,7 @@ async fn hook(
         ) else {
             break;
         };
+        ta.effects.extend(receipt(&current, message_id.as_ref()));
         let Ok((_, ja)) = job_append(
             None,
             job_id,
@@ -350,6 +428,9 @@ async fn hook(
                 return (StatusCode::ACCEPTED, Json(body)).into_response();
             }
             Err(AppendError::Conflict { .. }) => {
+                if accepted_meanwhile(&state, &t, message_id.as_deref()).await {
+                    return replay(&state, &t, message_id.as_deref().unwrap_or_default()).await;
+                }
                 match store::triggers::get_any(&state.store.pool, t.id).await {
                     Ok(Some(fresh)) => current = fresh,
                     _ => break,
@@ -384,7 +465,7 @@ async fn start_run(
             message_id: message_id.clone(),
             body_bytes,
         };
-        let Some((_, ta)) = trigger_append(
+        let Some((_, mut ta)) = trigger_append(
             Some(&current),
             current.id,
             &current.namespace,
@@ -394,6 +475,7 @@ async fn start_run(
         ) else {
             break;
         };
+        ta.effects.extend(receipt(&current, message_id.as_ref()));
         let prepared = store::runs::prepare_run(
             &state.store,
             store::runs::StartRun {
@@ -436,6 +518,10 @@ async fn start_run(
                 return (StatusCode::ACCEPTED, Json(body)).into_response();
             }
             Err(AppendError::Conflict { .. }) => {
+                if accepted_meanwhile(state, &current, message_id.as_deref()).await {
+                    return replay(state, &current, message_id.as_deref().unwrap_or_default())
+                        .await;
+                }
                 match store::triggers::get_any(&state.store.pool, current.id).await {
                     Ok(Some(fresh)) => current = fresh,
                     _ => break,
@@ -448,4 +534,23 @@ async fn start_run(
         StatusCode::SERVICE_UNAVAILABLE,
         "the trigger is busy; retry",
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_far_away_are_refused_without_overflow() {
+        let now = 1_800_000_000_i64;
+        assert!(timestamp_fresh(now, now));
+        assert!(timestamp_fresh(now, now - 300));
+        assert!(timestamp_fresh(now, now + 300));
+        assert!(!timestamp_fresh(now, now - 301));
+        // now − 2⁶³ (as a sender can write it) and the extremes.
+        assert!(!timestamp_fresh(now, now.wrapping_add(i64::MIN)));
+        assert!(!timestamp_fresh(now, i64::MIN));
+        assert!(!timestamp_fresh(now, i64::MAX));
+        assert!(!timestamp_fresh(i64::MIN, i64::MAX));
+    }
 }

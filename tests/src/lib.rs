@@ -374,6 +374,19 @@ impl Api {
         format!("{}{}", self.base, path)
     }
 
+    /// A client with a new key for namespace `ns` and `roles` (this client's key must be an admin
+    /// key of `default` to make keys for another namespace).
+    pub async fn key_for(&self, ns: &str, roles: &[&str]) -> Api {
+        let r = self
+            .post(
+                "/v1/api-keys",
+                serde_json::json!({"name": format!("{ns}-key"), "roles": roles, "namespace": ns}),
+            )
+            .await;
+        assert_eq!(r.status, 201, "{r:?}");
+        self.with_key(r.body["key"].as_str().expect("a key"))
+    }
+
     /// Send any request with the key; returns the parsed response.
     pub async fn send(&self, req: reqwest::RequestBuilder) -> Res {
         let r = req.bearer_auth(&self.key).send().await.expect("request");

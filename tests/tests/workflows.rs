@@ -770,18 +770,6 @@ async fn secrets_are_referenced_by_name_and_never_enter_the_log() {
     );
 }
 
-/// An admin key of a fresh namespace `ns` (made with the `default` admin key).
-async fn namespace_admin(admin: &Api, ns: &str) -> Api {
-    let r = admin
-        .post(
-            "/v1/api-keys",
-            json!({"name": ns, "roles": ["admin"], "namespace": ns}),
-        )
-        .await;
-    assert_eq!(r.status, 201, "{r:?}");
-    admin.with_key(r.body["key"].as_str().unwrap())
-}
-
 async fn put_secret(api: &Api, name: &str, value: &str) {
     let r = api
         .http
@@ -801,19 +789,13 @@ async fn secrets_resolve_only_for_the_steps_that_name_them_in_their_own_namespac
     let _procs = env.spawn_all().await;
     let admin = env.client();
     let (a, b) = (
-        namespace_admin(&admin, "team-a").await,
-        namespace_admin(&admin, "team-b").await,
+        admin.key_for("team-a", &["admin"]).await,
+        admin.key_for("team-b", &["admin"]).await,
     );
     put_secret(&a, "TOKEN", "alpha-s3cr3t").await;
     put_secret(&a, "LANG", "alpha-lang-s3cr3t").await;
     put_secret(&b, "TOKEN", "bravo-s3cr3t-longer").await;
-    let r = a
-        .post(
-            "/v1/api-keys",
-            json!({"name": "submitter", "roles": ["submit", "read"]}),
-        )
-        .await;
-    let a_submit = a.with_key(r.body["key"].as_str().unwrap());
+    let a_submit = a.key_for("team-a", &["submit", "read"]).await;
 
     // A client's job never resolves a reference: it stays a literal string (job, batch, orchestrate).
     let leak = json!({"leak": "${secret:TOKEN}"});

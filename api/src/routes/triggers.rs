@@ -15,7 +15,7 @@ use capibara_shared::{
         trigger::{check_template, Trigger, TriggerAuth, TriggerEvent},
         webhook::WebhookSecret,
     },
-    store::{self, triggers::trigger_append, AppendError, StoreError},
+    store::{self, triggers::trigger_append, AppendError, Effect, StoreError},
 };
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -34,6 +34,8 @@ use crate::{
 pub struct CreateTrigger {
     pub name: String,
     pub target: TargetBody,
+    /// How callers authenticate. Leave `token`/`secret` out to have one generated; either way
+    /// the creation response is the only place it is shown.
     pub auth: TriggerAuth,
     /// Template of the job input over `body` and `headers` (minijinja; a string that is exactly
     /// `{{ expr }}` keeps its JSON type). Omitted: the request body is the input.
@@ -45,7 +47,7 @@ pub struct CreateTrigger {
     pub rate_limit_per_minute: Option<i32>,
 }
 
-/// A trigger with its hook URL (secrets are never returned).
+/// A trigger with its hook URL (credentials are never returned after creation).
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct TriggerView {
     #[serde(flatten)]
@@ -54,10 +56,18 @@ pub struct TriggerView {
     pub url: String,
 }
 
-fn view(state: &AppState, mut t: Trigger) -> TriggerView {
-    if let Ok(auth) = serde_json::from_value::<TriggerAuth>(t.auth.clone()) {
-        t.auth = serde_json::to_value(auth.redacted()).unwrap_or_default();
-    }
+/// A new trigger with its credential (shown only here).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct CreatedTrigger {
+    #[serde(flatten)]
+    pub trigger: TriggerView,
+    /// The bearer token or signing secret callers use, as given or generated.
+    pub secret: String,
+}
+
+fn view(state: &AppState, t: Trigger) -> TriggerView {
+    // The projection holds the redacted form only (the log never had the credential, or a
+    // migration removed it); `Trigger::apply` redacts whatever an event carries.
     let url = format!(
         "{}/hooks/{}",
         state.config.hooks_public_url.trim_end_matches('/'),
@@ -75,7 +85,7 @@ fn meta(auth: &Auth) -> EventMetadata {
 }
 
 #[utoipa::path(post, operation_id = "createTrigger", path = "/v1/triggers", tag = "schedules", request_body = CreateTrigger,
-    responses((status = 201, body = TriggerView), (status = 422, body = crate::error::Problem)),
+    responses((status = 201, body = CreatedTrigger), (status = 422, body = crate::error::Problem)),
     security(("bearer" = [])))]
 pub async fn create(
     State(state): State<AppState>,
@@ -88,16 +98,19 @@ pub async fn create(
         return Err(ApiError::field("name", "must be 1-200 characters"));
     }
     let target = super::schedules::target(b.target, &state, &auth).await?;
-    match &b.auth {
-        TriggerAuth::Bearer { token } if token.len() < 16 => {
+    let auth_given = b.auth.with_generated_credential();
+    match &auth_given {
+        TriggerAuth::Bearer { token: Some(token) } if token.len() < 16 => {
             return Err(ApiError::field("auth.token", "use at least 16 characters"))
         }
-        TriggerAuth::StandardWebhooks { secret } => {
+        TriggerAuth::StandardWebhooks {
+            secret: Some(secret),
+        } => {
             WebhookSecret::parse(secret)
                 .map_err(|e| ApiError::field("auth.secret", e.to_string()))?;
         }
         TriggerAuth::HmacSha256 { secret, header } => {
-            if secret.len() < 16 {
+            if secret.as_ref().is_none_or(|s| s.len() < 16) {
                 return Err(ApiError::field("auth.secret", "use at least 16 characters"));
             }
             if header
@@ -122,11 +135,13 @@ pub async fn create(
     let ev = TriggerEvent::TriggerCreated {
         name: b.name,
         target: serde_json::to_value(&target).map_err(|e| ApiError::Internal(e.to_string()))?,
-        auth: serde_json::to_value(&b.auth).map_err(|e| ApiError::Internal(e.to_string()))?,
+        // The log keeps the scheme only; the credential goes to `trigger_credentials`.
+        auth: serde_json::to_value(auth_given.redacted())
+            .map_err(|e| ApiError::Internal(e.to_string()))?,
         input: b.input,
         rate_limit_per_minute: rate,
     };
-    let (t, a) = trigger_append(
+    let (t, mut a) = trigger_append(
         None,
         Uuid::now_v7(),
         auth.namespace(),
@@ -135,13 +150,22 @@ pub async fn create(
         domain::now(),
     )
     .ok_or_else(|| ApiError::Internal("trigger state".into()))?;
+    a.effects.push(Effect::TriggerCredential {
+        trigger_id: t.id,
+        namespace: t.namespace.clone(),
+        credential: Some(auth_given.credential()),
+    });
     state
         .store
         .appender
         .append(a)
         .await
         .map_err(StoreError::from)?;
-    Ok((StatusCode::CREATED, Json(view(&state, t))).into_response())
+    let created = CreatedTrigger {
+        trigger: view(&state, t),
+        secret: auth_given.credential_text().to_string(),
+    };
+    Ok((StatusCode::CREATED, Json(created)).into_response())
 }
 
 #[utoipa::path(get, operation_id = "listTriggers", path = "/v1/triggers", tag = "schedules",
@@ -193,7 +217,7 @@ pub async fn delete(
     auth.require(Role::Submit)?;
     for _ in 0..5 {
         let t = load(&state, &auth, &id).await?;
-        let (_, a) = trigger_append(
+        let (_, mut a) = trigger_append(
             Some(&t),
             t.id,
             auth.namespace(),
@@ -202,6 +226,12 @@ pub async fn delete(
             domain::now(),
         )
         .ok_or_else(|| ApiError::Internal("trigger state".into()))?;
+        // The credential goes with the trigger.
+        a.effects.push(Effect::TriggerCredential {
+            trigger_id: t.id,
+            namespace: t.namespace.clone(),
+            credential: None,
+        });
         match state.store.appender.append(a).await {
             Ok(_) => return Ok(StatusCode::NO_CONTENT),
             Err(AppendError::Conflict { .. }) => continue,

@@ -98,6 +98,19 @@ pub enum Effect {
         schedule_id: Uuid,
         ticks: Vec<(DateTime<Utc>, Option<Uuid>)>,
     },
+    /// Store (`Some`) or remove (`None`) a trigger's credential: kept beside the log, never in it.
+    TriggerCredential {
+        trigger_id: Uuid,
+        namespace: String,
+        credential: Option<crate::domain::trigger::TriggerCredential>,
+    },
+    /// A hook's Standard Webhooks message id, committed with the job or run the call started so
+    /// a failed start leaves no receipt behind. A second receipt of the same id violates the
+    /// primary key: use it with [`Appender::append_all`], which reports that as a conflict.
+    Receipt {
+        trigger_id: Uuid,
+        message_id: String,
+    },
     /// Move a log follower's checkpoint in the same transaction as what it produced.
     Checkpoint {
         name: String,
@@ -747,6 +760,8 @@ async fn write_effects(
     let mut workflows: HashMap<Uuid, &crate::domain::workflow::Workflow> = HashMap::new();
     let mut runs: HashMap<Uuid, &crate::domain::run::Run> = HashMap::new();
     let (mut tick_sched, mut tick_time, mut tick_job) = (Vec::new(), Vec::new(), Vec::new());
+    let mut credentials = Vec::new();
+    let mut receipts = Vec::new();
     for &i in ok {
         for e in &appends[i].effects {
             match e {
@@ -781,6 +796,15 @@ async fn write_effects(
                 Effect::UpsertRun(r) => {
                     runs.insert(r.id, r);
                 }
+                Effect::TriggerCredential {
+                    trigger_id,
+                    namespace,
+                    credential,
+                } => credentials.push((trigger_id, namespace, credential)),
+                Effect::Receipt {
+                    trigger_id,
+                    message_id,
+                } => receipts.push((trigger_id, message_id)),
                 Effect::InsertTicks { schedule_id, ticks } => {
                     for (t, j) in ticks {
                         tick_sched.push(*schedule_id);
@@ -847,6 +871,34 @@ async fn write_effects(
         .bind(&tick_job)
         .execute(&mut **tx)
         .await?;
+    }
+    for (trigger_id, namespace, credential) in credentials {
+        match credential {
+            Some(c) => {
+                sqlx::query(
+                    "INSERT INTO trigger_credentials (trigger_id, namespace, credential) VALUES ($1, $2, $3)
+                     ON CONFLICT (trigger_id) DO UPDATE SET credential = EXCLUDED.credential",
+                )
+                .bind(trigger_id)
+                .bind(namespace)
+                .bind(sqlx::types::Json(c))
+                .execute(&mut **tx)
+                .await?;
+            }
+            None => {
+                sqlx::query("DELETE FROM trigger_credentials WHERE trigger_id = $1")
+                    .bind(trigger_id)
+                    .execute(&mut **tx)
+                    .await?;
+            }
+        }
+    }
+    for (trigger_id, message_id) in receipts {
+        sqlx::query("INSERT INTO trigger_receipts (trigger_id, message_id) VALUES ($1, $2)")
+            .bind(trigger_id)
+            .bind(message_id)
+            .execute(&mut **tx)
+            .await?;
     }
     for (name, cursor) in checkpoints {
         sqlx::query(super::checkpoints::SAVE)

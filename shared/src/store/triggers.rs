@@ -8,7 +8,7 @@ use uuid::Uuid;
 use super::{Append, Effect, StoreError};
 use crate::domain::{
     event::{EventMetadata, StreamType},
-    trigger::{Trigger, TriggerEvent},
+    trigger::{Trigger, TriggerCredential, TriggerEvent},
 };
 
 pub const UPSERT_TRIGGERS: &str = "
@@ -75,19 +75,31 @@ pub async fn list(pool: &PgPool, namespace: &str) -> Result<Vec<Trigger>, StoreE
     rows.into_iter().map(|(v,)| decode(v)).collect()
 }
 
-/// Remember a Standard Webhooks message id; false if it was seen before (a replay).
-pub async fn first_receipt(
+/// Whether a Standard Webhooks message id was already accepted (a replay). The receipt itself is
+/// written with the job the call starts ([`super::append::Effect::Receipt`]).
+pub async fn received(
     pool: &PgPool,
     trigger_id: Uuid,
     message_id: &str,
 ) -> Result<bool, StoreError> {
-    Ok(sqlx::query(
-        "INSERT INTO trigger_receipts (trigger_id, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-    )
-    .bind(trigger_id)
-    .bind(message_id)
-    .execute(pool)
-    .await?
-    .rows_affected()
-        == 1)
+    let row: Option<(i32,)> =
+        sqlx::query_as("SELECT 1 FROM trigger_receipts WHERE trigger_id = $1 AND message_id = $2")
+            .bind(trigger_id)
+            .bind(message_id)
+            .fetch_optional(pool)
+            .await?;
+    Ok(row.is_some())
+}
+
+/// The credential a trigger's callers are checked against.
+pub async fn credential(
+    pool: &PgPool,
+    trigger_id: Uuid,
+) -> Result<Option<TriggerCredential>, StoreError> {
+    let row: Option<(sqlx::types::Json<TriggerCredential>,)> =
+        sqlx::query_as("SELECT credential FROM trigger_credentials WHERE trigger_id = $1")
+            .bind(trigger_id)
+            .fetch_optional(pool)
+            .await?;
+    Ok(row.map(|(c,)| c.0))
 }
