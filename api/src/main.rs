@@ -8,6 +8,7 @@ use capibara_shared::{config::Config, metric_catalog, queue::Queue, shutdown, st
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Arc::new(Config::from_env()?);
+    capibara_shared::installed::install(&config);
     telemetry::init_logs(config.log_format);
     telemetry::init_metrics(
         &[metric_catalog::Component::Api],

@@ -90,6 +90,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         config.webhook_secret = Some(secret);
     }
     let config = Arc::new(config);
+    capibara_shared::installed::install(&config);
 
     let pool = store::connect(&config.database_url, config.db_max_connections).await?;
     store::migrate(&pool).await.context("applying migrations")?;

@@ -11,6 +11,7 @@ use capibara_shared::{
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Arc::new(Config::from_env()?);
+    capibara_shared::installed::install(&config);
     telemetry::init_logs(config.log_format);
     telemetry::init_metrics(
         &[metric_catalog::Component::Scheduler],

@@ -29,6 +29,10 @@ pub struct Config {
     pub visibility_timeout: Duration,
     pub body_limit_bytes: usize,
     pub input_limit_bytes: usize,
+    /// What one template may spend (`CAPIBARA_TEMPLATE_FUEL`,
+    /// `CAPIBARA_TEMPLATE_OUTPUT_LIMIT_BYTES`); binaries that render install it with
+    /// [`crate::domain::template::set_budget`] at startup.
+    pub template_budget: crate::domain::template::Budget,
     /// Requests per second per API key (token bucket; burst = 2×).
     pub rate_limit_rps: u32,
     /// Failed authentications (unknown bearer tokens) allowed per client address per minute,
@@ -90,6 +94,9 @@ pub struct CodeConfig {
     /// Runs at once per worker: the sandbox's blocking pool (`CAPIBARA_CODE_THREADS`, default
     /// the number of cores).
     pub threads: Option<usize>,
+    /// Bytes one run may keep in its scratch directory `/tmp`
+    /// (`CAPIBARA_CODE_SCRATCH_LIMIT_BYTES`, default 64 MiB); beyond: `scratch_limit`.
+    pub scratch_limit_bytes: u64,
 }
 
 /// A setting that does not parse.
@@ -202,6 +209,18 @@ impl Config {
             ),
             body_limit_bytes: parse("CAPIBARA_BODY_LIMIT_BYTES", 10 * 1024 * 1024)?,
             input_limit_bytes: parse("CAPIBARA_INPUT_LIMIT_BYTES", 1024 * 1024)?,
+            template_budget: crate::domain::template::Budget {
+                fuel: parse(
+                    "CAPIBARA_TEMPLATE_FUEL",
+                    crate::domain::template::Budget::DEFAULT.fuel,
+                )?
+                .max(1),
+                output_bytes: parse(
+                    "CAPIBARA_TEMPLATE_OUTPUT_LIMIT_BYTES",
+                    crate::domain::template::Budget::DEFAULT.output_bytes,
+                )?
+                .max(1),
+            },
             rate_limit_rps: parse("CAPIBARA_RATE_LIMIT_RPS", 2000)?,
             auth_failures_per_min: parse("CAPIBARA_AUTH_FAILURES_PER_MIN", 60u32)?.max(1),
             trusted_proxies: var("CAPIBARA_TRUSTED_PROXIES")
@@ -256,6 +275,7 @@ impl Config {
                 fuel: Some(parse("CAPIBARA_CODE_FUEL", 0u64)?).filter(|f| *f > 0),
                 compiled_dir: var("CAPIBARA_CODE_COMPILED_DIR").map(PathBuf::from),
                 threads: Some(parse("CAPIBARA_CODE_THREADS", 0usize)?).filter(|t| *t > 0),
+                scratch_limit_bytes: parse("CAPIBARA_CODE_SCRATCH_LIMIT_BYTES", 64 * 1024 * 1024)?,
             },
             delivery_retry_schedule: parse_schedule(
                 "CAPIBARA_DELIVERY_RETRY_SCHEDULE",

@@ -14,3 +14,14 @@ impl KindContext for Config {
         capibara_tts::voices::is_known(&self.tts.voices_dir, voice)
     }
 }
+
+/// Install what the planner and the templates read in this process from `config`: the template
+/// budget and the checks of rendered step inputs. Every binary that renders or plans calls it
+/// once at startup.
+pub fn install(config: &std::sync::Arc<Config>) {
+    crate::domain::template::set_budget(config.template_budget);
+    crate::domain::run::set_step_checks(crate::domain::run::StepChecks {
+        input_limit_bytes: config.input_limit_bytes,
+        kinds: config.clone(),
+    });
+}

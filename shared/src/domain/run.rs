@@ -12,6 +12,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
     str::FromStr,
+    sync::{Arc, OnceLock},
 };
 
 use chrono::{DateTime, Utc};
@@ -20,11 +21,92 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 use super::{
+    kinds::{self, KindContext},
     template,
     workflow::{
         self, MapInput, OnFailure, StepDef, SubWorkflowInput, WaitInput, WorkflowDef, WAIT_KIND,
     },
+    FieldError,
 };
+
+/// What a rendered step input is checked against before its job is submitted: the same checks
+/// as a job submitted through the API ([`kinds::validate_input`], the input size limit).
+#[derive(Clone)]
+pub struct StepChecks {
+    /// Largest input, as JSON (`CAPIBARA_INPUT_LIMIT_BYTES`).
+    pub input_limit_bytes: usize,
+    /// What is installed here (voices).
+    pub kinds: Arc<dyn KindContext + Send + Sync>,
+}
+
+/// Until [`set_step_checks`]: the default input limit, and any voice (the worker refuses a
+/// voice it lacks).
+struct AnyVoice;
+
+impl KindContext for AnyVoice {
+    fn voice_installed(&self, _voice: &str) -> bool {
+        true
+    }
+}
+
+static STEP_CHECKS: OnceLock<StepChecks> = OnceLock::new();
+
+/// Set this process's [`StepChecks`] (once, at startup, from the configuration).
+pub fn set_step_checks(checks: StepChecks) {
+    let _ = STEP_CHECKS.set(checks);
+}
+
+fn step_checks() -> StepChecks {
+    STEP_CHECKS.get().cloned().unwrap_or_else(|| StepChecks {
+        input_limit_bytes: 1024 * 1024,
+        kinds: Arc::new(AnyVoice),
+    })
+}
+
+/// The first string in `v` (keys included) holding a NUL character, which Postgres cannot
+/// store, as a field path under `at`.
+fn nul_in(v: &Value, at: &str) -> Option<String> {
+    match v {
+        Value::String(s) => s.contains('\0').then(|| at.to_string()),
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .find_map(|(i, x)| nul_in(x, &format!("{at}[{i}]"))),
+        Value::Object(map) => map.iter().find_map(|(k, x)| {
+            if k.contains('\0') {
+                Some(at.to_string())
+            } else {
+                nul_in(x, &format!("{at}.{k}"))
+            }
+        }),
+        _ => None,
+    }
+}
+
+/// Check a rendered value that will be stored: its size and that Postgres can store it.
+fn check_storable(v: &Value, field: &str, limit: usize) -> Result<(), FieldError> {
+    let size = serde_json::to_vec(v).map(|b| b.len()).unwrap_or(0);
+    if size > limit {
+        return Err(FieldError::new(
+            field,
+            format!("is {size} bytes after rendering; the limit is {limit} bytes (CAPIBARA_INPUT_LIMIT_BYTES)"),
+        ));
+    }
+    match nul_in(v, field) {
+        Some(at) => Err(FieldError::new(
+            at,
+            "contains a NUL character (\\u0000), which cannot be stored",
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Check a step job's rendered input as a submitted job's input is checked.
+pub fn check_rendered_input(kind: &str, input: &Value) -> Result<(), FieldError> {
+    let checks = step_checks();
+    check_storable(input, "input", checks.input_limit_bytes)?;
+    kinds::validate_input(kind, input, checks.kinds.as_ref()).map(|_| ())
+}
 
 /// Run status (contract).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
@@ -770,15 +852,24 @@ pub fn job_fact(run: &Run, job_id: Uuid, event: &super::job::JobEvent) -> Option
         return None;
     }
     let (step, index) = run.find_job(job_id)?;
-    let status = match index {
-        Some(i) => step.items.as_ref()?.get(i as usize)?.status,
-        None => step.status,
+    let (status, started) = match index {
+        Some(i) => {
+            let item = step.items.as_ref()?.get(i as usize)?;
+            (item.status, item.attempt)
+        }
+        None => (step.status, step.attempt),
     };
     if status.is_terminal() {
         return None;
     }
     let step_id = step.id.clone();
     match event {
+        // Already recorded (a page planned again after part of it committed).
+        JobEvent::JobStarted { attempt, .. }
+            if status == StepStatus::Running && started == *attempt =>
+        {
+            None
+        }
         JobEvent::JobStarted { attempt, .. } => Some(RunEvent::StepStarted {
             step_id,
             index,
@@ -847,6 +938,17 @@ pub fn cancel(run: &mut Run, reason: Option<String>, at: DateTime<Utc>) -> Plan 
     plan
 }
 
+/// Fail a run that cannot advance (e.g. the store refuses its next events): `RunFailed` with
+/// `error`, and the cancel of every job and child run still going.
+pub fn fail_run(run: &mut Run, error: Value, at: DateTime<Utc>) -> Plan {
+    let mut plan = Plan {
+        actions: live_work(run),
+        ..Default::default()
+    };
+    plan.emit(run, RunEvent::RunFailed { error }, at);
+    plan
+}
+
 /// Jobs and child runs still going, as cancel actions.
 fn live_work(run: &Run) -> Vec<Action> {
     let mut out = Vec::new();
@@ -881,7 +983,7 @@ pub fn retry_steps(run: &Run) -> Vec<String> {
 
 /// Decide what follows from the run's state until nothing more does.
 pub fn advance(def: &WorkflowDef, run: &mut Run, plan: &mut Plan, at: DateTime<Utc>) {
-    let env = template::environment();
+    let env = template::Templates::new();
     loop {
         if run.status.is_terminal() {
             return;
@@ -993,10 +1095,17 @@ pub fn advance(def: &WorkflowDef, run: &mut Run, plan: &mut Plan, at: DateTime<U
                         .collect(),
                 )),
             };
+            let limit = step_checks().input_limit_bytes;
             let e = match output {
-                Ok(output) => RunEvent::RunSucceeded { output },
+                Ok(output) => match check_storable(&output, "output", limit) {
+                    Ok(()) => RunEvent::RunSucceeded { output },
+                    Err(e) => RunEvent::RunFailed {
+                        error: json!({"type": "invalid_output", "field": e.field,
+                                      "message": format!("{}: {}", e.field, e.message)}),
+                    },
+                },
                 Err(m) => RunEvent::RunFailed {
-                    error: json!({"type": "template_error", "field": "output", "message": m}),
+                    error: json!({"type": "template_error", "field": "output", "message": printable(m)}),
                 },
             };
             plan.emit(run, e, at);
@@ -1012,13 +1121,35 @@ fn fail(step_id: &str, index: Option<u32>, kind: &str, message: String) -> RunEv
     RunEvent::StepFailed {
         step_id: step_id.to_string(),
         index,
-        error: json!({"type": kind, "message": message}),
+        error: json!({"type": kind, "message": printable(message)}),
+    }
+}
+
+/// A rendered input that fails its checks: `invalid_input`, naming the field.
+fn invalid(step_id: &str, index: Option<u32>, e: FieldError) -> RunEvent {
+    RunEvent::StepFailed {
+        step_id: step_id.to_string(),
+        index,
+        error: json!({
+            "type": "invalid_input",
+            "field": e.field,
+            "message": printable(format!("{}: {}", e.field, e.message)),
+        }),
+    }
+}
+
+/// An error message that can be stored (a template's error may quote what it rendered).
+fn printable(message: String) -> String {
+    if message.contains('\0') {
+        message.replace('\0', "\\u0000")
+    } else {
+        message
     }
 }
 
 /// Start one step whose dependencies have ended.
 fn start_step(
-    env: &minijinja::Environment<'_>,
+    env: &template::Templates,
     sd: &StepDef,
     run: &mut Run,
     plan: &mut Plan,
@@ -1072,6 +1203,17 @@ fn start_step(
             }
         }
     };
+    // Rendered inputs are checked as submitted ones: every kind's size and storability, a job
+    // kind's input with the kind's validation.
+    let checked = if workflow::CONTROL_KINDS.contains(&sd.kind.as_str()) {
+        check_storable(&input, "input", step_checks().input_limit_bytes)
+    } else {
+        check_rendered_input(&sd.kind, &input)
+    };
+    if let Err(e) = checked {
+        plan.emit(run, invalid(&sd.id, None, e), at);
+        return;
+    }
     let (max_attempts, backoff) = sd
         .retry
         .as_ref()
@@ -1183,7 +1325,7 @@ fn start_step(
 
 /// Start map children within the concurrency; end the map step when every child ended.
 fn advance_map(
-    env: &minijinja::Environment<'_>,
+    env: &template::Templates,
     sd: &StepDef,
     run: &mut Run,
     plan: &mut Plan,
@@ -1259,35 +1401,8 @@ fn advance_map(
             .cloned()
             .unwrap_or(Value::Null);
         let (ctx, refs) = run.step_context(Some((&value, item.index)));
-        match template::render(env, &m.step.input, &ctx) {
-            Ok(input) => {
-                let j = StepJob {
-                    job_id: Uuid::now_v7(),
-                    step_id: sd.id.clone(),
-                    index: Some(item.index),
-                    kind: m.step.kind.clone(),
-                    input,
-                    queue: sd.queue.clone(),
-                    max_attempts,
-                    backoff,
-                    timeout_s: sd.timeout_s,
-                    run_at: None,
-                    secret_refs: refs.names(),
-                };
-                plan.emit(
-                    run,
-                    RunEvent::StepReady {
-                        step_id: sd.id.clone(),
-                        index: Some(item.index),
-                        job_id: Some(j.job_id),
-                        child_run_id: None,
-                        items: None,
-                        input: None,
-                    },
-                    at,
-                );
-                plan.actions.push(Action::SubmitJob(j));
-            }
+        let input = match template::render(env, &m.step.input, &ctx) {
+            Ok(input) => input,
             Err(msg) => {
                 plan.emit(
                     run,
@@ -1296,7 +1411,37 @@ fn advance_map(
                 );
                 return;
             }
+        };
+        if let Err(e) = check_rendered_input(&m.step.kind, &input) {
+            plan.emit(run, invalid(&sd.id, Some(item.index), e), at);
+            return;
         }
+        let j = StepJob {
+            job_id: Uuid::now_v7(),
+            step_id: sd.id.clone(),
+            index: Some(item.index),
+            kind: m.step.kind.clone(),
+            input,
+            queue: sd.queue.clone(),
+            max_attempts,
+            backoff,
+            timeout_s: sd.timeout_s,
+            run_at: None,
+            secret_refs: refs.names(),
+        };
+        plan.emit(
+            run,
+            RunEvent::StepReady {
+                step_id: sd.id.clone(),
+                index: Some(item.index),
+                job_id: Some(j.job_id),
+                child_run_id: None,
+                items: None,
+                input: None,
+            },
+            at,
+        );
+        plan.actions.push(Action::SubmitJob(j));
     }
 }
 

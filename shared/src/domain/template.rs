@@ -4,14 +4,130 @@
 //! evaluates to the expression's value with its JSON type kept (a list stays a list); any other
 //! string containing `{{` or `{%` renders to a string. Other values are copied.
 
+use std::sync::OnceLock;
+
 use serde_json::Value;
 
-/// A minijinja environment with Capibara's settings: undefined attributes are errors only when
-/// used as something (`chainable` lets `steps.a.output.x` be tested with `is defined`).
-pub fn environment() -> minijinja::Environment<'static> {
-    let mut env = minijinja::Environment::new();
-    env.set_undefined_behavior(minijinja::UndefinedBehavior::Chainable);
-    env
+/// What one template may spend: minijinja fuel (instructions) per template string, and the
+/// bytes the whole rendered value may take. A template over the budget is an error of the run
+/// or hook call it belongs to; nothing else waits for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    /// Instructions one template string may execute (`CAPIBARA_TEMPLATE_FUEL`).
+    pub fuel: u64,
+    /// Bytes the rendered value may take, as JSON (`CAPIBARA_TEMPLATE_OUTPUT_LIMIT_BYTES`).
+    pub output_bytes: usize,
+}
+
+impl Budget {
+    /// 100 000 instructions (a long template uses a few hundred) and 1 MiB of output.
+    pub const DEFAULT: Budget = Budget {
+        fuel: 100_000,
+        output_bytes: 1024 * 1024,
+    };
+}
+
+impl Default for Budget {
+    fn default() -> Self {
+        Budget::DEFAULT
+    }
+}
+
+static BUDGET: OnceLock<Budget> = OnceLock::new();
+
+/// Set this process's budget (once, at startup, from the configuration); later calls are
+/// ignored. Until then [`Budget::DEFAULT`] applies.
+pub fn set_budget(budget: Budget) {
+    let _ = BUDGET.set(budget);
+}
+
+/// This process's budget.
+pub fn budget() -> Budget {
+    BUDGET.get().copied().unwrap_or_default()
+}
+
+/// A minijinja environment with a [`Budget`]: the only way to render or evaluate a template.
+pub struct Templates {
+    env: minijinja::Environment<'static>,
+    budget: Budget,
+}
+
+impl Templates {
+    /// Workflow templates: undefined attributes are errors only when used as something
+    /// (`chainable` lets `steps.a.output.x` be tested with `is defined`).
+    pub fn new() -> Templates {
+        let mut env = minijinja::Environment::new();
+        env.set_undefined_behavior(minijinja::UndefinedBehavior::Chainable);
+        Templates::budgeted(env, budget())
+    }
+
+    /// Trigger input templates: minijinja's default undefined behavior (an attribute of an
+    /// undefined value is an error).
+    pub fn lenient() -> Templates {
+        Templates::budgeted(minijinja::Environment::new(), budget())
+    }
+
+    /// The same templates under another budget.
+    pub fn with_budget(self, budget: Budget) -> Templates {
+        Templates::budgeted(self.env, budget)
+    }
+
+    fn budgeted(mut env: minijinja::Environment<'static>, budget: Budget) -> Templates {
+        env.set_fuel(Some(budget.fuel));
+        Templates { env, budget }
+    }
+}
+
+impl Default for Templates {
+    fn default() -> Self {
+        Templates::new()
+    }
+}
+
+/// A writer that refuses to grow past a limit (minijinja then stops rendering).
+struct Bounded {
+    out: Vec<u8>,
+    limit: usize,
+}
+
+impl std::io::Write for Bounded {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.out.len() + buf.len() > self.limit {
+            return Err(std::io::Error::other("over the output limit"));
+        }
+        self.out.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A template's error as a message naming the template (its first 200 characters).
+fn error_message(source: &str, e: &minijinja::Error, t: &Templates) -> String {
+    let shown: String = source.chars().take(200).collect();
+    let ellipsis = if shown.len() < source.len() {
+        "…"
+    } else {
+        ""
+    };
+    let what = match e.kind() {
+        minijinja::ErrorKind::OutOfFuel => format!(
+            "the template exceeded its budget of {} instructions (CAPIBARA_TEMPLATE_FUEL)",
+            t.budget.fuel
+        ),
+        minijinja::ErrorKind::WriteFailure => over_output(t),
+        _ => e.to_string(),
+    };
+    format!("`{shown}{ellipsis}`: {what}")
+}
+
+fn over_output(t: &Templates) -> String {
+    format!(
+        "the rendered value exceeds {} bytes (CAPIBARA_TEMPLATE_OUTPUT_LIMIT_BYTES)",
+        t.budget.output_bytes
+    )
 }
 
 /// What `{{ secrets.NAME }}` renders to: a reference the worker resolves right before the
@@ -68,26 +184,58 @@ pub fn is_templated(v: &Value) -> bool {
     }
 }
 
-/// Render every string of `v` over `ctx`.
-pub fn render(
-    env: &minijinja::Environment<'_>,
+/// Render every string of `v` over `ctx`, within the budget of `t`.
+pub fn render(t: &Templates, v: &Value, ctx: &minijinja::Value) -> Result<Value, String> {
+    let mut left = t.budget.output_bytes;
+    render_within(t, v, ctx, &mut left)
+}
+
+fn render_within(
+    t: &Templates,
     v: &Value,
     ctx: &minijinja::Value,
+    left: &mut usize,
 ) -> Result<Value, String> {
     Ok(match v {
         Value::String(s) => {
             if let Some(expr) = single_expression(s) {
-                let out = env
+                let out = t
+                    .env
                     .compile_expression(expr)
                     .and_then(|c| c.eval(ctx))
-                    .map_err(|e| format!("`{s}`: {e}"))?;
+                    .map_err(|e| error_message(s, &e, t))?;
                 if out.is_undefined() {
                     Value::Null
                 } else {
-                    serde_json::to_value(&out).map_err(|e| format!("`{s}`: {e}"))?
+                    // Measured while it is written, so a huge value stops at the limit.
+                    let mut w = Bounded {
+                        out: Vec::new(),
+                        limit: *left,
+                    };
+                    serde_json::to_writer(&mut w, &out).map_err(|e| {
+                        if e.is_io() {
+                            format!("`{s}`: {}", over_output(t))
+                        } else {
+                            format!("`{s}`: {e}")
+                        }
+                    })?;
+                    *left -= w.out.len();
+                    serde_json::from_slice(&w.out).map_err(|e| format!("`{s}`: {e}"))?
                 }
             } else if s.contains("{{") || s.contains("{%") {
-                Value::String(env.render_str(s, ctx).map_err(|e| format!("`{s}`: {e}"))?)
+                let template = t
+                    .env
+                    .template_from_str(s)
+                    .map_err(|e| error_message(s, &e, t))?;
+                let mut w = Bounded {
+                    out: Vec::new(),
+                    limit: *left,
+                };
+                template
+                    .render_captured_to(ctx, &mut w)
+                    .map_err(|e| error_message(s, &e, t))?;
+                *left -= w.out.len();
+                Value::String(String::from_utf8(w.out).map_err(|e| format!("`{s}`: {e}"))?)
             } else {
                 v.clone()
             }
@@ -95,12 +243,12 @@ pub fn render(
         Value::Array(items) => Value::Array(
             items
                 .iter()
-                .map(|i| render(env, i, ctx))
+                .map(|i| render_within(t, i, ctx, left))
                 .collect::<Result<_, _>>()?,
         ),
         Value::Object(map) => Value::Object(
             map.iter()
-                .map(|(k, v)| Ok((k.clone(), render(env, v, ctx)?)))
+                .map(|(k, v)| Ok((k.clone(), render_within(t, v, ctx, left)?)))
                 .collect::<Result<_, String>>()?,
         ),
         other => other.clone(),
@@ -129,49 +277,50 @@ pub fn uses_variable(env: &minijinja::Environment<'_>, v: &Value, name: &str) ->
 }
 
 /// Check the syntax of every template in `v`; nothing is evaluated.
-pub fn check(env: &minijinja::Environment<'_>, v: &Value) -> Result<(), String> {
+pub fn check(t: &Templates, v: &Value) -> Result<(), String> {
     match v {
         Value::String(s) => {
             if let Some(expr) = single_expression(s) {
-                env.compile_expression(expr)
+                t.env
+                    .compile_expression(expr)
                     .map(|_| ())
-                    .map_err(|e| format!("`{s}`: {e}"))
+                    .map_err(|e| error_message(s, &e, t))
             } else if s.contains("{{") || s.contains("{%") {
-                env.template_from_str(s)
+                t.env
+                    .template_from_str(s)
                     .map(|_| ())
-                    .map_err(|e| format!("`{s}`: {e}"))
+                    .map_err(|e| error_message(s, &e, t))
             } else {
                 Ok(())
             }
         }
-        Value::Array(items) => items.iter().try_for_each(|i| check(env, i)),
-        Value::Object(map) => map.values().try_for_each(|i| check(env, i)),
+        Value::Array(items) => items.iter().try_for_each(|i| check(t, i)),
+        Value::Object(map) => map.values().try_for_each(|i| check(t, i)),
         _ => Ok(()),
     }
 }
 
-/// Evaluate a condition (a bare expression, or one wrapped in `{{ }}`) to a truth value.
-pub fn condition(
-    env: &minijinja::Environment<'_>,
-    expr: &str,
-    ctx: &minijinja::Value,
-) -> Result<bool, String> {
+/// Evaluate a condition (a bare expression, or one wrapped in `{{ }}`) to a truth value, within
+/// the budget of `t`.
+pub fn condition(t: &Templates, expr: &str, ctx: &minijinja::Value) -> Result<bool, String> {
     let e = single_expression(expr).unwrap_or(expr.trim());
-    env.compile_expression(e)
+    t.env
+        .compile_expression(e)
         .and_then(|c| c.eval(ctx))
         .map(|v| v.is_true())
-        .map_err(|err| format!("`{expr}`: {err}"))
+        .map_err(|err| error_message(expr, &err, t))
 }
 
 /// Check a condition's syntax.
-pub fn check_condition(env: &minijinja::Environment<'_>, expr: &str) -> Result<(), String> {
+pub fn check_condition(t: &Templates, expr: &str) -> Result<(), String> {
     let e = single_expression(expr).unwrap_or(expr.trim());
     if e.is_empty() {
         return Err("is empty".into());
     }
-    env.compile_expression(e)
+    t.env
+        .compile_expression(e)
         .map(|_| ())
-        .map_err(|err| format!("`{expr}`: {err}"))
+        .map_err(|err| error_message(expr, &err, t))
 }
 
 #[cfg(test)]
@@ -182,7 +331,7 @@ mod tests {
 
     #[test]
     fn single_expressions_keep_json_types() {
-        let env = environment();
+        let env = Templates::new();
         let ctx = minijinja::Value::from_serialize(json!({"input": {"xs": [1, 2], "n": 3}}));
         let out = render(
             &env,
@@ -195,7 +344,7 @@ mod tests {
 
     #[test]
     fn missing_attributes_render_null_and_conditions_see_them() {
-        let env = environment();
+        let env = Templates::new();
         let ctx = minijinja::Value::from_serialize(json!({"steps": {}}));
         assert_eq!(
             render(&env, &json!("{{ steps.a.output.x }}"), &ctx).unwrap(),
@@ -219,11 +368,63 @@ mod tests {
 
     #[test]
     fn syntax_errors_are_reported() {
-        let env = environment();
+        let env = Templates::new();
         assert!(check(&env, &json!({"a": "{{ input. }}"})).is_err());
         assert!(check(&env, &json!({"a": "{% if %}"})).is_err());
         assert!(check_condition(&env, "1 +").is_err());
         assert!(check_condition(&env, "").is_err());
         assert!(check(&env, &json!({"a": "plain", "b": "{{ x | length }}"})).is_ok());
+    }
+
+    /// The 64-byte nested loop that froze the API for 80 s stops at the fuel limit at once.
+    #[test]
+    fn a_nested_loop_runs_out_of_fuel_quickly() {
+        let t = Templates::new();
+        let ctx = minijinja::Value::from_serialize(json!({}));
+        let looped =
+            "{% for a in range(10000) %}{% for b in range(10000) %}x{% endfor %}{% endfor %}";
+        let started = std::time::Instant::now();
+        let err = render(&t, &json!({"a": looped}), &ctx).unwrap_err();
+        assert!(err.contains("budget of 100000 instructions"), "{err}");
+        assert!(err.contains("CAPIBARA_TEMPLATE_FUEL"), "{err}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(2));
+    }
+
+    #[test]
+    fn the_output_is_capped_while_it_is_written() {
+        let t = Templates::new().with_budget(Budget {
+            fuel: 1_000_000,
+            output_bytes: 1000,
+        });
+        let ctx = minijinja::Value::from_serialize(json!({}));
+        // Text: 2000 bytes from a loop.
+        let err = render(&t, &json!("{% for a in range(2000) %}x{% endfor %}"), &ctx).unwrap_err();
+        assert!(err.contains("exceeds 1000 bytes"), "{err}");
+        // A single expression's value.
+        let err = render(&t, &json!("{{ 'x' * 5000 }}"), &ctx).unwrap_err();
+        assert!(err.contains("exceeds 1000 bytes"), "{err}");
+        // The limit is for the whole value, not each string.
+        let six = json!([
+            "{{ 'x' * 300 }}",
+            "{{ 'x' * 300 }}",
+            "{{ 'x' * 300 }}",
+            "{{ 'x' * 300 }}"
+        ]);
+        assert!(render(&t, &six, &ctx).is_err());
+        let ok = render(&t, &json!(["{{ 'x' * 300 }}", "{{ 'y' * 300 }}"]), &ctx).unwrap();
+        assert_eq!(ok[0].as_str().unwrap().len(), 300);
+    }
+
+    #[test]
+    fn a_budget_exceeded_in_a_condition_is_an_error() {
+        let t = Templates::lenient().with_budget(Budget {
+            fuel: 10,
+            output_bytes: 1000,
+        });
+        let ctx = minijinja::Value::from_serialize(json!({}));
+        let long = "1 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1 + 1 > 2";
+        let err = condition(&t, long, &ctx).unwrap_err();
+        assert!(err.contains("budget of 10 instructions"), "{err}");
+        assert!(condition(&t, "1 > 0", &ctx).unwrap());
     }
 }

@@ -264,20 +264,20 @@ impl Trigger {
 }
 
 /// Render an input template: every string is a minijinja template over `body` and `headers`;
-/// a string that is exactly one `{{ expression }}` keeps the expression's JSON type.
+/// a string that is exactly one `{{ expression }}` keeps the expression's JSON type. The
+/// render has the process's template budget ([`super::template::Budget`]).
 pub fn render_input(
     template: &Value,
     body: &Value,
     headers: &BTreeMap<String, String>,
 ) -> Result<Value, String> {
-    let env = minijinja::Environment::new();
     let ctx = minijinja::context! { body => body, headers => headers };
-    super::template::render(&env, template, &ctx)
+    super::template::render(&super::template::Templates::lenient(), template, &ctx)
 }
 
 /// Check a template's syntax (at trigger creation); nothing is evaluated.
 pub fn check_template(template: &Value) -> Result<(), String> {
-    super::template::check(&minijinja::Environment::new(), template)
+    super::template::check(&super::template::Templates::lenient(), template)
 }
 
 #[cfg(test)]

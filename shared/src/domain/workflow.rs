@@ -205,7 +205,7 @@ impl WorkflowDef {
     /// conditions, static inputs (with [`kinds::validate_input`], as a job submitted on its
     /// own), limits. Errors name the step.
     pub fn validate(&self, ctx: &dyn KindContext) -> Result<(), FieldError> {
-        let env = template::environment();
+        let env = template::Templates::new();
         if self.name.trim().is_empty() || self.name.len() > 200 {
             return Err(FieldError::new("name", "must be 1-200 characters"));
         }
