@@ -27,7 +27,7 @@ use capibara_shared::{
         deliveries::delivery_append,
         events::LogCursor,
         jobs::{job_append, JobWrite},
-        Append, Effect, Store,
+        Append, AppendError, Effect, Store,
     },
 };
 use futures::StreamExt;
@@ -400,11 +400,26 @@ async fn process(
         .into_iter()
         .collect();
     let now = domain::now();
-    let mut appends: Vec<Append> = Vec::new();
+    // Each delivery's appends (the delivery, its job), kept apart so that one the store refuses
+    // can be recorded as failed without holding up the others.
+    let mut groups: Vec<(Vec<Append>, Refusal)> = Vec::new();
     let n = planned.len();
     for p in planned {
         let waiting = !open.insert((p.target.clone(), p.job_id));
         let id = Uuid::now_v7();
+        let refusal = Refusal {
+            id,
+            namespace: p.namespace.clone(),
+            created: DeliveryEvent::DeliveryCreated {
+                subscription_id: p.subscription_id,
+                job_id: Some(p.job_id),
+                event_type: p.event_type.clone(),
+                source_position: p.source_position,
+                target: p.target.clone(),
+                url: p.url.clone(),
+                payload: json!({"type": p.event_type}),
+            },
+        };
         let mut events = vec![DeliveryEvent::DeliveryCreated {
             subscription_id: p.subscription_id,
             job_id: Some(p.job_id),
@@ -426,20 +441,73 @@ async fn process(
         else {
             continue;
         };
-        appends.push(a);
+        let mut group = vec![a];
         if !waiting {
-            appends.push(delivery_job(id, job_id, &p.namespace, opts, now)?);
+            group.push(delivery_job(id, job_id, &p.namespace, opts, now)?);
         }
+        groups.push((group, refusal));
     }
+    let mut appends: Vec<Append> = groups.iter().flat_map(|(g, _)| g.iter().cloned()).collect();
     if let Some(first) = appends.first_mut() {
         first.effects.push(checkpoint);
     }
-    store
-        .appender
-        .append_all(appends)
-        .await
-        .map_err(store::StoreError::from)?;
-    Ok(n)
+    match store.appender.append_all(appends).await {
+        Ok(_) => Ok(n),
+        Err(e @ AppendError::Conflict { .. }) => Err(e.into()),
+        Err(e) => {
+            // An outage, or one delivery the store refuses: commit them one by one.
+            store.ping().await?;
+            tracing::warn!(error = %e, "a page of deliveries was refused; committing one by one");
+            for (group, refusal) in groups {
+                match store.appender.append_all(group).await {
+                    Ok(_) => {}
+                    Err(e @ AppendError::Conflict { .. }) => return Err(e.into()),
+                    Err(e) => {
+                        store.ping().await?;
+                        refusal.record(store, &e, now).await;
+                    }
+                }
+            }
+            store::checkpoints::save(&store.pool, CHECKPOINT, next).await?;
+            Ok(n)
+        }
+    }
+}
+
+/// A delivery the store refused, to record as failed (without its payload) instead.
+struct Refusal {
+    id: Uuid,
+    namespace: String,
+    created: DeliveryEvent,
+}
+
+impl Refusal {
+    async fn record(self, store: &Store, e: &AppendError, now: chrono::DateTime<chrono::Utc>) {
+        metrics::counter!("capibara_deliveries_refused_total").increment(1);
+        let reason: String = format!("store_rejected: {e}")
+            .replace('\0', "\\u0000")
+            .chars()
+            .take(500)
+            .collect();
+        tracing::warn!(delivery = %self.id, namespace = %self.namespace, reason, "the store refused a delivery; recording it as failed");
+        let events = [
+            self.created,
+            DeliveryEvent::DeliveryFailed { attempt: 0, reason },
+        ];
+        let Some((_, a)) = delivery_append(
+            None,
+            self.id,
+            &self.namespace,
+            &events,
+            meta(&self.namespace),
+            now,
+        ) else {
+            return;
+        };
+        if let Err(e) = store.appender.append_all(vec![a]).await {
+            tracing::error!(delivery = %self.id, error = %e, "the failed delivery could not be recorded either; dropping it");
+        }
+    }
 }
 
 fn meta(namespace: &str) -> EventMetadata {

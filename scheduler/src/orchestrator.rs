@@ -25,8 +25,8 @@ use capibara_shared::{
     store::{
         self,
         events::LogCursor,
-        runs::{build, RunChange},
-        AppendError, Effect, Store,
+        runs::{build, Built, RunChange},
+        Append, AppendError, Effect, Store,
     },
 };
 use serde_json::Value;
@@ -215,23 +215,110 @@ async fn process(
     if changes.is_empty() {
         return Ok(false);
     }
-    let mut built = build(&store.pool, changes, "orchestrator", at).await?;
-    if let Some(first) = built.appends.first_mut() {
+    // Each run's share of the commit, kept apart so that a run the store refuses can be
+    // committed without the others (and fail alone).
+    let mut shares: Vec<(Uuid, Built)> = Vec::with_capacity(changes.len());
+    for change in changes {
+        let run_id = change.run.id;
+        shares.push((
+            run_id,
+            build(&store.pool, vec![change], "orchestrator", at).await?,
+        ));
+    }
+    let mut appends: Vec<Append> = shares
+        .iter()
+        .flat_map(|(_, b)| b.appends.iter().cloned())
+        .collect();
+    if let Some(first) = appends.first_mut() {
         first.effects.push(Effect::Checkpoint {
             name: CHECKPOINT.into(),
             cursor: next,
         });
     }
-    match store.appender.append_all(built.appends).await {
+    match store.appender.append_all(appends).await {
         Ok(_) => {}
         Err(AppendError::Conflict { .. }) => return Err(store::StoreError::Conflict),
-        Err(e) => return Err(store::StoreError::from(e)),
+        Err(e) => {
+            // An outage, or one run's events the store refuses (a value Postgres cannot
+            // store): commit run by run, failing the runs refused, then move on.
+            store.ping().await?;
+            tracing::warn!(error = %e, "a page of run changes was refused; committing run by run");
+            return commit_each(store, queue, &loaded, shares, next, at).await;
+        }
     }
     metrics::counter!("capibara_runs_advanced_total").increment(1);
-    for job_id in built.cancel_running {
+    for (_, b) in shares {
+        publish_cancels(queue, b.cancel_running).await;
+    }
+    Ok(true)
+}
+
+async fn publish_cancels(queue: &Queue, jobs: Vec<Uuid>) {
+    for job_id in jobs {
         if let Err(e) = queue.publish_cancel(job_id).await {
             tracing::warn!(error = %e, "cancel notice not published; the worker sees it at its next heartbeat");
         }
     }
+}
+
+/// Commit each run's share on its own. A share the store refuses while it accepts others is
+/// that run's own data: the run fails with `store_rejected` (and the refusal as the message)
+/// instead, so one run never holds up the others. A conflict plans the page again; an outage
+/// retries it.
+async fn commit_each(
+    store: &Store,
+    queue: &Queue,
+    before: &HashMap<Uuid, domain::run::Run>,
+    shares: Vec<(Uuid, Built)>,
+    next: LogCursor,
+    at: chrono::DateTime<chrono::Utc>,
+) -> Result<bool, store::StoreError> {
+    for (run_id, b) in shares {
+        match store.appender.append_all(b.appends).await {
+            Ok(_) => publish_cancels(queue, b.cancel_running).await,
+            Err(AppendError::Conflict { .. }) => return Err(store::StoreError::Conflict),
+            Err(e) => {
+                store.ping().await?;
+                tracing::warn!(run = %run_id, error = %e, "the store refused a run's events; failing the run");
+                metrics::counter!("capibara_runs_refused_total").increment(1);
+                let Some(mut run) = before.get(&run_id).cloned() else {
+                    continue;
+                };
+                let Some(def) =
+                    store::runs::definition(&store.pool, run.workflow_id, run.version).await?
+                else {
+                    continue;
+                };
+                let prev = run.stream_version;
+                let error = serde_json::json!({
+                    "type": "store_rejected",
+                    "message": format!("the run's next events could not be stored: {}", e.to_string().replace('\0', "\\u0000")),
+                });
+                let plan = run::fail_run(&mut run, error, at);
+                let failed = build(
+                    &store.pool,
+                    vec![RunChange {
+                        prev_version: Some(prev),
+                        run,
+                        def,
+                        plan,
+                    }],
+                    "orchestrator",
+                    at,
+                )
+                .await?;
+                match store.appender.append_all(failed.appends).await {
+                    Ok(_) => publish_cancels(queue, failed.cancel_running).await,
+                    Err(AppendError::Conflict { .. }) => return Err(store::StoreError::Conflict),
+                    Err(e) => {
+                        store.ping().await?;
+                        tracing::error!(run = %run_id, error = %e, "the run's failure could not be stored either; leaving it");
+                    }
+                }
+            }
+        }
+    }
+    store::checkpoints::save(&store.pool, CHECKPOINT, next).await?;
+    metrics::counter!("capibara_runs_advanced_total").increment(1);
     Ok(true)
 }

@@ -48,10 +48,46 @@ impl Clock {
 /// How often due schedules are looked for.
 const POLL: Duration = Duration::from_millis(100);
 
+/// Schedules whose tick the store refuses even without its job or run: left out of the due
+/// query until the schedule changes (their id and the version refused), so they cannot starve
+/// the others. Only for this process; a restart finds them again in one pass.
+#[derive(Debug, Default)]
+pub struct Refused(std::sync::Mutex<std::collections::HashMap<Uuid, i64>>);
+
+impl Refused {
+    fn ids(&self) -> Vec<Uuid> {
+        self.0.lock().expect("refused").keys().copied().collect()
+    }
+
+    fn add(&self, s: &Schedule) {
+        self.0.lock().expect("refused").insert(s.id, s.version);
+    }
+
+    /// Forget schedules changed since (a new version may be storable).
+    async fn forget_changed(&self, pool: &sqlx::PgPool) -> Result<(), store::StoreError> {
+        let ids = self.ids();
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let now: Vec<(Uuid, i64)> =
+            sqlx::query_as("SELECT id, version FROM schedules WHERE id = ANY($1)")
+                .bind(&ids)
+                .fetch_all(pool)
+                .await?;
+        let now: std::collections::HashMap<Uuid, i64> = now.into_iter().collect();
+        self.0
+            .lock()
+            .expect("refused")
+            .retain(|id, v| now.get(id) == Some(v));
+        Ok(())
+    }
+}
+
 /// Run until `stop`.
 pub async fn run(store: Store, clock: Clock, stop: CancellationToken) {
+    let refused = Refused::default();
     loop {
-        match tick_once(&store, clock).await {
+        match tick_once_with(&store, clock, &refused).await {
             Ok(n) if n > 0 => tracing::debug!(schedules = n, "schedules ticked"),
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "ticking schedules failed"),
@@ -68,10 +104,19 @@ const CONCURRENCY: usize = 16;
 
 /// One pass over the due schedules; returns how many had something to do.
 pub async fn tick_once(store: &Store, clock: Clock) -> Result<usize, store::StoreError> {
+    tick_once_with(store, clock, &Refused::default()).await
+}
+
+async fn tick_once_with(
+    store: &Store,
+    clock: Clock,
+    refused: &Refused,
+) -> Result<usize, store::StoreError> {
     use futures::StreamExt;
     use rand::seq::SliceRandom;
     let now = clock.now();
-    let mut due = store::schedules::due(&store.pool, now, 500).await?;
+    refused.forget_changed(&store.pool).await?;
+    let mut due = store::schedules::due(&store.pool, now, 500, &refused.ids()).await?;
     if due.is_empty() {
         return Ok(0);
     }
@@ -105,7 +150,12 @@ pub async fn tick_once(store: &Store, clock: Clock) -> Result<usize, store::Stor
                     Ok(()) => Ok(true),
                     // Another replica decided these ticks first.
                     Err(AppendError::Conflict { .. }) => Ok(false),
-                    Err(e) => Err(e.into()),
+                    Err(e) => {
+                        // An outage, or this schedule's tick the store refuses: the others go on.
+                        store.ping().await?;
+                        refuse(store, &s, &actions, &e, clock.now(), refused).await;
+                        Ok(true)
+                    }
                 }
             }
         })
@@ -113,12 +163,64 @@ pub async fn tick_once(store: &Store, clock: Clock) -> Result<usize, store::Stor
         .collect()
         .await;
     let mut acted = 0;
+    let mut failed = None;
     for r in results {
-        if r? {
-            acted += 1;
+        match r {
+            Ok(true) => acted += 1,
+            Ok(false) => {}
+            Err(e) => failed = Some(e),
         }
     }
-    Ok(acted)
+    match failed {
+        Some(e) if acted == 0 => Err(e),
+        _ => Ok(acted),
+    }
+}
+
+/// A tick the store refused: record it as skipped, with the refusal as the reason, and pause
+/// the schedule (its next tick would be refused the same way; `resume` starts it again); if
+/// even that is refused, leave the schedule out of the due query until it changes.
+async fn refuse(
+    store: &Store,
+    s: &Schedule,
+    actions: &[TickAction],
+    e: &AppendError,
+    at: DateTime<Utc>,
+    refused: &Refused,
+) {
+    metrics::counter!("capibara_schedule_ticks_refused_total").increment(1);
+    let reason: String = format!("store_rejected: {e}")
+        .replace('\0', "\\u0000")
+        .chars()
+        .take(500)
+        .collect();
+    tracing::warn!(schedule = %s.id, namespace = %s.namespace, reason, "the store refused a tick; skipping it");
+    let mut events: Vec<ScheduleEvent> = actions
+        .iter()
+        .map(|a| match a {
+            TickAction::Fire { fire_time, .. }
+            | TickAction::Skip { fire_time, .. }
+            | TickAction::Buffer { fire_time } => ScheduleEvent::TickSkipped {
+                fire_time: *fire_time,
+                reason: reason.clone(),
+                count: 1,
+            },
+        })
+        .collect();
+    // Its next tick would be refused the same way: the schedule stops until it is resumed.
+    events.push(ScheduleEvent::SchedulePaused {});
+    let skipped = schedule_append(Some(s), s.id, &s.namespace, &events, meta(&s.namespace), at);
+    let stored = match skipped {
+        Some((_, append)) => store.appender.append_all(vec![append]).await,
+        None => Err(AppendError::Unavailable("no events".into())),
+    };
+    match stored {
+        Ok(_) | Err(AppendError::Conflict { .. }) => {}
+        Err(e) => {
+            tracing::error!(schedule = %s.id, error = %e, "the store refuses the schedule itself; leaving it out until it changes");
+            refused.add(s);
+        }
+    }
 }
 
 fn meta(namespace: &str) -> EventMetadata {

@@ -92,19 +92,23 @@ pub async fn list(pool: &PgPool, namespace: &str) -> Result<Vec<Schedule>, Store
     rows.into_iter().map(|(v,)| decode(v)).collect()
 }
 
-/// Active schedules with a tick due by `now` (jitter is applied by the planner) or a buffered tick.
+/// Active schedules with a tick due by `now` (jitter is applied by the planner) or a buffered tick,
+/// except those in `except` (the ticker's schedules the store refuses).
 pub async fn due(
     pool: &PgPool,
     now: DateTime<Utc>,
     limit: i64,
+    except: &[Uuid],
 ) -> Result<Vec<Schedule>, StoreError> {
     let rows: Vec<(Value,)> = sqlx::query_as(
         "SELECT to_jsonb(s) FROM schedules s
          WHERE status = 'active' AND (next_fire_time <= $1 OR buffered_fire_time IS NOT NULL)
+         AND NOT (id = ANY($3))
          ORDER BY next_fire_time LIMIT $2",
     )
     .bind(now)
     .bind(limit)
+    .bind(except)
     .fetch_all(pool)
     .await?;
     rows.into_iter().map(|(v,)| decode(v)).collect()
