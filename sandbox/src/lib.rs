@@ -9,7 +9,8 @@
 //!   (`InstancePre`, one per language), an epoch ticker thread; `run` and `check`.
 //! - `modules`: the precompiled-module cache (`.cwasm` keyed by wasm hash, wasmtime version
 //!   and engine settings, loaded with `deserialize`).
-//! - `limits`: the memory cap and the interrupt reasons (timeout, cancel).
+//! - `limits`: the memory cap, the interrupt reasons (timeout, cancel, scratch quota) and the
+//!   scratch directory's measure.
 //! - `guest/`: the wrappers run inside QuickJS and the CPython WASI fallback; `python/`: the
 //!   componentize-py app (built into `wasm/python-component.wasm` by `deploy/fetch-assets.sh`).
 //!
@@ -54,6 +55,10 @@ const PY_WRAPPER: &str = include_str!("../guest/wrapper.py");
 
 /// Default cap on stdout, on stderr and on the result's JSON, each.
 pub const DEFAULT_OUTPUT_LIMIT: usize = 1024 * 1024;
+/// Default cap on what one run may write to its scratch directory (`/tmp`).
+pub const DEFAULT_SCRATCH_LIMIT: u64 = 64 * 1024 * 1024;
+/// How many epoch ticks pass between two measurements of the scratch directory.
+const SCRATCH_CHECK_TICKS: u32 = 4;
 /// How often the epoch ticker advances: the timeout's resolution.
 const EPOCH_TICK: Duration = Duration::from_millis(5);
 
@@ -112,6 +117,9 @@ pub struct SandboxConfig {
     /// for deterministic CPU limits; the timeout bounds wall-clock time anyway).
     pub fuel: Option<u64>,
     pub python: PythonRuntime,
+    /// Bytes one run may keep in its scratch directory (`/tmp`), measured every few epoch
+    /// ticks and when the run ends; beyond, the run fails with `scratch_limit`.
+    pub scratch_limit: u64,
 }
 
 impl SandboxConfig {
@@ -124,6 +132,7 @@ impl SandboxConfig {
             output_limit: DEFAULT_OUTPUT_LIMIT,
             fuel: None,
             python: PythonRuntime::Auto,
+            scratch_limit: DEFAULT_SCRATCH_LIMIT,
         }
     }
 }
@@ -152,6 +161,8 @@ pub enum FailureKind {
     MemoryLimit,
     /// Wrote more than the output cap (stdout, stderr or the result).
     OutputLimit,
+    /// Kept more than the scratch quota in `/tmp`.
+    ScratchLimit,
     /// Used up its fuel (CPU budget).
     CpuLimit,
     /// The code raised / threw (traceback or stack attached), exited non-zero, or trapped.
@@ -166,6 +177,7 @@ impl FailureKind {
             FailureKind::Timeout => "timeout",
             FailureKind::MemoryLimit => "memory_limit",
             FailureKind::OutputLimit => "output_limit",
+            FailureKind::ScratchLimit => "scratch_limit",
             FailureKind::CpuLimit => "cpu_limit",
             FailureKind::RuntimeError => "runtime_error",
             FailureKind::Canceled => "canceled",
@@ -486,9 +498,18 @@ impl Sandbox {
     }
 
     /// Deadline, cancel flag and fuel for a fresh store.
-    fn arm<T: 'static>(&self, store: &mut Store<T>, req: &RunRequest<'_>, started: Instant) {
+    fn arm<T: 'static>(
+        &self,
+        store: &mut Store<T>,
+        req: &RunRequest<'_>,
+        started: Instant,
+        scratch: &Path,
+    ) {
         let deadline = started + req.timeout;
         let cancel = req.cancel.clone();
+        let scratch = scratch.to_path_buf();
+        let scratch_limit = self.config.scratch_limit;
+        let mut ticks: u32 = 0;
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(move |_| {
             if cancel.as_ref().is_some_and(CancelFlag::is_canceled) {
@@ -496,6 +517,10 @@ impl Sandbox {
             }
             if Instant::now() >= deadline {
                 return Err(Interrupted::Timeout.into());
+            }
+            ticks = ticks.wrapping_add(1);
+            if ticks % SCRATCH_CHECK_TICKS == 0 && limits::dir_size(&scratch) > scratch_limit {
+                return Err(Interrupted::ScratchLimit.into());
             }
             Ok(UpdateDeadline::Continue(1))
         });
@@ -548,7 +573,7 @@ impl Sandbox {
             },
         );
         store.limiter(|s| &mut s.cap);
-        self.arm(&mut store, req, started);
+        self.arm(&mut store, req, started, scratch.path());
         Ok(P2Run {
             store,
             scratch,
@@ -582,6 +607,7 @@ impl Sandbox {
         })();
         let mem_hit = store.data().cap.hit;
         drop(store);
+        let scratch_over = limits::dir_size(scratch.path()) > self.config.scratch_limit;
         drop(scratch);
         let (report, trap) = match called {
             Ok(r) => (Some(r), None),
@@ -596,6 +622,7 @@ impl Sandbox {
                 report,
                 trap,
                 mem_hit,
+                scratch_over,
             },
         )
     }
@@ -638,7 +665,7 @@ impl Sandbox {
             },
         );
         store.limiter(|s| &mut s.cap);
-        self.arm(&mut store, req, started);
+        self.arm(&mut store, req, started, scratch.path());
         let called: wasmtime::Result<()> = (|| {
             let instance = pre.instantiate(&mut store)?;
             let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
@@ -646,6 +673,7 @@ impl Sandbox {
         })();
         let mem_hit = store.data().cap.hit;
         drop(store);
+        let scratch_over = limits::dir_size(scratch.path()) > self.config.scratch_limit;
         drop(scratch);
         let mut out = stdout.contents();
         let marker = format!("\n{nonce}");
@@ -670,6 +698,7 @@ impl Sandbox {
             report,
             trap,
             mem_hit,
+            scratch_over,
         })
     }
 
@@ -743,7 +772,10 @@ impl Sandbox {
                         format!("exceeded the timeout of {} ms", req.timeout.as_millis()),
                     ),
                     Interrupted::Canceled => Failure::new(FailureKind::Canceled, "canceled"),
+                    Interrupted::ScratchLimit => scratch_failure(self.config.scratch_limit),
                 })
+            } else if f.scratch_over {
+                Err(scratch_failure(self.config.scratch_limit))
             } else if truncated {
                 Err(output_failure(cap))
             } else if f.mem_hit {
@@ -766,6 +798,8 @@ impl Sandbox {
                 failure.traceback = Some(format!("{e:?}"));
                 Err(failure)
             }
+        } else if f.scratch_over {
+            Err(scratch_failure(self.config.scratch_limit))
         } else if truncated || report_too_big {
             Err(output_failure(cap))
         } else {
@@ -828,6 +862,8 @@ struct Finish {
     trap: Option<wasmtime::Error>,
     /// The memory cap refused a growth.
     mem_hit: bool,
+    /// The scratch directory held more than its quota.
+    scratch_over: bool,
 }
 
 /// The JSON a guest wrapper reports.
@@ -866,6 +902,13 @@ fn output_failure(cap: usize) -> Failure {
     Failure::new(
         FailureKind::OutputLimit,
         format!("output exceeded the limit of {cap} bytes (truncated)"),
+    )
+}
+
+fn scratch_failure(limit: u64) -> Failure {
+    Failure::new(
+        FailureKind::ScratchLimit,
+        format!("kept more than {limit} bytes in /tmp (CAPIBARA_CODE_SCRATCH_LIMIT_BYTES)"),
     )
 }
 

@@ -1,6 +1,7 @@
 //! Per-run limits: the memory cap (a [`wasmtime::ResourceLimiter`] that remembers a refusal, so
 //! a guest's "out of memory" is reported as `memory_limit` and not as a plain runtime error),
-//! and why a run was interrupted at an epoch tick (deadline passed or job canceled).
+//! why a run was interrupted at an epoch tick (deadline passed, job canceled, scratch quota
+//! exceeded), and the measure of the scratch directory.
 
 use std::sync::{
     atomic::{AtomicBool, Ordering},
@@ -47,6 +48,23 @@ pub(crate) enum Interrupted {
     Timeout,
     #[error("the run was canceled")]
     Canceled,
+    #[error("the run kept more than its quota in its scratch directory")]
+    ScratchLimit,
+}
+
+/// Bytes the files under `dir` take (their length; links are not followed).
+pub(crate) fn dir_size(dir: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_size(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
 }
 
 /// Lets the caller stop a run from another thread (e.g. when its job is canceled). The run

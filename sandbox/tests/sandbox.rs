@@ -199,6 +199,50 @@ fn the_scratch_dir_is_writable_and_starts_empty_every_run() {
 }
 
 #[test]
+fn filling_the_scratch_dir_past_its_quota_is_a_scratch_limit_failure() {
+    let mut c = config();
+    c.scratch_limit = 1024 * 1024;
+    let sandbox = Sandbox::new(c).expect("sandbox");
+    let ctx = Value::Null;
+    // Written in a loop (stopped at an epoch tick) and in one burst (found when the run ends).
+    for code in [
+        "f = open('/tmp/big', 'w')\nwhile True:\n    f.write('x' * 65536)\n    f.flush()",
+        "open('/tmp/big', 'w').write('x' * 3_000_000)\nresult = 1",
+    ] {
+        let e = sandbox.run(&req(Language::Python, code, &ctx));
+        assert_eq!(
+            failure_kind(&e),
+            FailureKind::ScratchLimit,
+            "{:?}",
+            e.outcome
+        );
+        assert!(e
+            .outcome
+            .unwrap_err()
+            .message
+            .contains("CAPIBARA_CODE_SCRATCH_LIMIT_BYTES"));
+    }
+    let e = sandbox.run(&req(
+        Language::Javascript,
+        "let f = std.open('/tmp/big', 'w'); for (;;) f.puts('x'.repeat(65536));",
+        &ctx,
+    ));
+    assert_eq!(
+        failure_kind(&e),
+        FailureKind::ScratchLimit,
+        "{:?}",
+        e.outcome
+    );
+    // Under the quota: fine.
+    let e = sandbox.run(&req(
+        Language::Python,
+        "open('/tmp/small', 'w').write('x' * 500_000)\nresult = 2",
+        &ctx,
+    ));
+    assert_eq!(e.outcome.unwrap(), json!(2));
+}
+
+#[test]
 fn sockets_processes_and_env_vars_are_unavailable() {
     let e = run(
         Language::Python,

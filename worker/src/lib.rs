@@ -53,6 +53,7 @@ fn register_code(registry: &mut executors::Registry, store: &Store, config: &Con
         sandbox.cache_dir = dir.clone();
     }
     sandbox.fuel = config.code.fuel;
+    sandbox.scratch_limit = config.code.scratch_limit_bytes;
     let pool = executors::code::SandboxPool::new(sandbox, config.code.threads);
     if tokio::runtime::Handle::try_current().is_ok() {
         pool.warm_up();
