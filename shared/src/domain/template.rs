@@ -257,7 +257,8 @@ fn render_within(
 
 /// Whether any template in `v` reads the top-level variable `name` (e.g. `secrets`). Templates
 /// that do not parse read nothing (they are refused elsewhere).
-pub fn uses_variable(env: &minijinja::Environment<'_>, v: &Value, name: &str) -> bool {
+pub fn uses_variable(t: &Templates, v: &Value, name: &str) -> bool {
+    let env = &t.env;
     match v {
         Value::String(s) => {
             if let Some(expr) = single_expression(s) {
@@ -270,8 +271,8 @@ pub fn uses_variable(env: &minijinja::Environment<'_>, v: &Value, name: &str) ->
                 false
             }
         }
-        Value::Array(items) => items.iter().any(|i| uses_variable(env, i, name)),
-        Value::Object(map) => map.values().any(|i| uses_variable(env, i, name)),
+        Value::Array(items) => items.iter().any(|i| uses_variable(t, i, name)),
+        Value::Object(map) => map.values().any(|i| uses_variable(t, i, name)),
         _ => false,
     }
 }
@@ -356,8 +357,8 @@ mod tests {
 
     #[test]
     fn variables_read_by_templates_are_found() {
-        let env = environment();
-        let uses = |v: Value| uses_variable(&env, &v, "secrets");
+        let t = Templates::new();
+        let uses = |v: Value| uses_variable(&t, &v, "secrets");
         assert!(uses(json!({"a": ["Bearer {{ secrets.TOKEN }}"]})));
         assert!(uses(json!("{{ secrets['TOKEN'] }}")));
         assert!(uses(json!("{% if x %}{{ secrets.A }}{% endif %}")));

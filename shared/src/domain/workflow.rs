@@ -166,10 +166,10 @@ impl WorkflowDef {
     /// Whether a step's input reads `secrets`: writing such a definition is an admin's act, since
     /// the steps receive the values (docs/security.md, "Secrets").
     pub fn references_secrets(&self) -> bool {
-        let env = super::template::environment();
+        let templates = super::template::Templates::new();
         self.steps
             .iter()
-            .any(|s| super::template::uses_variable(&env, &s.input, "secrets"))
+            .any(|s| super::template::uses_variable(&templates, &s.input, "secrets"))
     }
 
     /// Parse JSON or YAML text (by content type) into a definition; errors name the field.
