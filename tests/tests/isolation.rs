@@ -194,7 +194,8 @@ async fn templates_over_budget_fail_their_run_or_hook_call_only() {
     )
     .await;
     let first_run = start(&hostile, &first, json!({})).await;
-    let cond = format!("0{} > 0", " + 1".repeat(600));
+    // A variable, so that the compiler cannot fold the sum into a constant.
+    let cond = format!("input.n{} > 0", " + input.n".repeat(600));
     let conditioned = create_workflow(
         &hostile,
         json!({"name": "when", "steps": [
@@ -202,7 +203,7 @@ async fn templates_over_budget_fail_their_run_or_hook_call_only() {
             {"id": "b", "kind": "echo", "depends_on": ["a"], "when": cond}]}),
     )
     .await;
-    let cond_run = start(&hostile, &conditioned, json!({})).await;
+    let cond_run = start(&hostile, &conditioned, json!({"n": 1})).await;
     other_tenant_runs(&team_b, &good, Duration::from_secs(15)).await;
     for (run, step_id, kind) in [
         (&run, "b", "template_error"),

@@ -165,8 +165,9 @@ async fn the_first_scrape_describes_every_metric_and_the_process() {
             value(m, "process_open_fds").expect("fds") >= 3.0,
             "{binary}"
         );
+        // A binary that has only just started may not have used one clock tick (10 ms) yet.
         assert!(
-            value(m, "process_cpu_seconds_total").expect("cpu") > 0.0,
+            value(m, "process_cpu_seconds_total").expect("cpu") >= 0.0,
             "{binary}"
         );
     }

@@ -1082,8 +1082,12 @@ pub fn advance(def: &WorkflowDef, run: &mut Run, plan: &mut Plan, at: DateTime<U
             }
             start_step(&env, sd, run, plan, at);
         }
-        // Every step ended: the run ends.
+        // Every step ended: the run ends — once a pass decided nothing more, so that a step that
+        // failed in this pass (a template or input error at its start) fails the run above.
         if run.steps.iter().all(|s| s.status.is_terminal()) {
+            if plan.events.len() != before {
+                continue;
+            }
             let ctx = run.context(None);
             let output = match &def.output {
                 Some(t) => template::render(&env, t, &ctx),
@@ -1667,6 +1671,18 @@ mod tests {
         );
         assert_eq!(jobs(&p)[0].step_id, "ship");
         assert_eq!(run.status, RunStatus::Running);
+    }
+
+    #[test]
+    fn a_last_step_that_fails_at_its_start_fails_the_run() {
+        let d = def(json!({"name": "late", "steps": [
+            {"id": "a", "kind": "echo"},
+            {"id": "b", "kind": "echo", "depends_on": ["a"], "input": {"x": "{{ steps.a.output.x + 'a' }}"}}]}));
+        let (mut run, plan) = start(&d, json!({}));
+        let p = succeed(&d, &mut run, jobs(&plan)[0].job_id, json!({"x": 1}));
+        assert!(jobs(&p).is_empty());
+        assert_eq!(run.step("b").unwrap().status, StepStatus::Failed);
+        assert_eq!(run.status, RunStatus::Failed, "{:?}", p.events);
     }
 
     #[test]
