@@ -519,7 +519,9 @@ impl Sandbox {
                 return Err(Interrupted::Timeout.into());
             }
             ticks = ticks.wrapping_add(1);
-            if ticks % SCRATCH_CHECK_TICKS == 0 && limits::dir_size(&scratch) > scratch_limit {
+            if ticks.is_multiple_of(SCRATCH_CHECK_TICKS)
+                && limits::dir_size(&scratch) > scratch_limit
+            {
                 return Err(Interrupted::ScratchLimit.into());
             }
             Ok(UpdateDeadline::Continue(1))

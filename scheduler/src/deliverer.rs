@@ -453,24 +453,21 @@ async fn process(
     }
     match store.appender.append_all(appends).await {
         Ok(_) => Ok(n),
-        Err(e @ AppendError::Conflict { .. }) => Err(e.into()),
-        Err(e) => {
-            // An outage, or one delivery the store refuses: commit them one by one.
-            store.ping().await?;
+        Err(e @ AppendError::Invalid(_)) => {
+            // One delivery the store refuses (a value Postgres cannot store): commit them one
+            // by one, recording the refused ones as failed. An outage retries the page instead.
             tracing::warn!(error = %e, "a page of deliveries was refused; committing one by one");
             for (group, refusal) in groups {
                 match store.appender.append_all(group).await {
                     Ok(_) => {}
-                    Err(e @ AppendError::Conflict { .. }) => return Err(e.into()),
-                    Err(e) => {
-                        store.ping().await?;
-                        refusal.record(store, &e, now).await;
-                    }
+                    Err(e @ AppendError::Invalid(_)) => refusal.record(store, &e, now).await,
+                    Err(e) => return Err(e.into()),
                 }
             }
             store::checkpoints::save(&store.pool, CHECKPOINT, next).await?;
             Ok(n)
         }
+        Err(e) => Err(e.into()),
     }
 }
 

@@ -436,6 +436,14 @@ async fn hook(
                     _ => break,
                 }
             }
+            // The call's own data cannot be stored (a NUL character in the body): a retry
+            // cannot help, so the sender is told so instead of being asked to retry.
+            Err(AppendError::Invalid(why)) => {
+                return problem(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    &format!("the call cannot be stored: {why}"),
+                )
+            }
             Err(_) => return problem(StatusCode::SERVICE_UNAVAILABLE, "store unavailable; retry"),
         }
     }
@@ -507,6 +515,14 @@ async fn start_run(
                     "the trigger's workflow no longer exists",
                 )
             }
+            // The call's own data cannot be stored (a NUL character in the body): a retry
+            // cannot help, so the sender is told so instead of being asked to retry.
+            Err(store::runs::StartError::Append(AppendError::Invalid(why))) => {
+                return problem(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    &format!("the call cannot be stored: {why}"),
+                )
+            }
             Err(_) => return problem(StatusCode::SERVICE_UNAVAILABLE, "store unavailable; retry"),
         };
         match state.store.appender.append_all(appends).await {
@@ -526,6 +542,14 @@ async fn start_run(
                     Ok(Some(fresh)) => current = fresh,
                     _ => break,
                 }
+            }
+            // The call's own data cannot be stored (a NUL character in the body): a retry
+            // cannot help, so the sender is told so instead of being asked to retry.
+            Err(AppendError::Invalid(why)) => {
+                return problem(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    &format!("the call cannot be stored: {why}"),
+                )
             }
             Err(_) => return problem(StatusCode::SERVICE_UNAVAILABLE, "store unavailable; retry"),
         }

@@ -238,13 +238,13 @@ async fn process(
     match store.appender.append_all(appends).await {
         Ok(_) => {}
         Err(AppendError::Conflict { .. }) => return Err(store::StoreError::Conflict),
-        Err(e) => {
-            // An outage, or one run's events the store refuses (a value Postgres cannot
-            // store): commit run by run, failing the runs refused, then move on.
-            store.ping().await?;
+        Err(e @ AppendError::Invalid(_)) => {
+            // One run's events the store refuses (a value Postgres cannot store): commit run by
+            // run, failing the runs refused, then move on. An outage retries the page instead.
             tracing::warn!(error = %e, "a page of run changes was refused; committing run by run");
             return commit_each(store, queue, &loaded, shares, next, at).await;
         }
+        Err(e) => return Err(e.into()),
     }
     metrics::counter!("capibara_runs_advanced_total").increment(1);
     for (_, b) in shares {
@@ -277,8 +277,8 @@ async fn commit_each(
         match store.appender.append_all(b.appends).await {
             Ok(_) => publish_cancels(queue, b.cancel_running).await,
             Err(AppendError::Conflict { .. }) => return Err(store::StoreError::Conflict),
+            Err(AppendError::Unavailable(e)) => return Err(store::StoreError::Unavailable(e)),
             Err(e) => {
-                store.ping().await?;
                 tracing::warn!(run = %run_id, error = %e, "the store refused a run's events; failing the run");
                 metrics::counter!("capibara_runs_refused_total").increment(1);
                 let Some(mut run) = before.get(&run_id).cloned() else {

@@ -150,12 +150,13 @@ async fn tick_once_with(
                     Ok(()) => Ok(true),
                     // Another replica decided these ticks first.
                     Err(AppendError::Conflict { .. }) => Ok(false),
-                    Err(e) => {
-                        // An outage, or this schedule's tick the store refuses: the others go on.
-                        store.ping().await?;
+                    // This schedule's tick the store refuses: recorded; the others go on.
+                    Err(e @ AppendError::Invalid(_)) => {
                         refuse(store, &s, &actions, &e, clock.now(), refused).await;
                         Ok(true)
                     }
+                    // An outage: this tick is tried again at the next pass.
+                    Err(e) => Err(e.into()),
                 }
             }
         })

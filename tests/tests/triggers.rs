@@ -338,13 +338,14 @@ async fn trigger_credentials_are_shown_once_and_never_enter_the_log() {
         (&a_read, "/v1/events?stream_type=trigger".to_string()),
         (&b, "/v1/events?stream_type=trigger".to_string()),
     ] {
-        let r = who.get(&path).await;
-        assert_eq!(r.status, 200, "{path}: {r:?}");
-        let text = r.body.to_string();
-        assert!(
-            text.contains("TriggerCreated") || path.starts_with("/v1/triggers"),
-            "{text}"
-        );
+        // The firehose serves events once the log reader's horizon has passed them.
+        let text = capibara_tests::eventually(&path, Duration::from_secs(10), || async {
+            let r = who.get(&path).await;
+            assert_eq!(r.status, 200, "{path}: {r:?}");
+            let text = r.body.to_string();
+            (text.contains("TriggerCreated") || path.starts_with("/v1/triggers")).then_some(text)
+        })
+        .await;
         for c in credentials {
             assert!(!text.contains(c), "{path} shows a credential: {text}");
         }
@@ -533,4 +534,41 @@ async fn a_failed_start_leaves_no_receipt_so_the_retry_starts_exactly_one_job() 
             .await
             .unwrap();
     assert_eq!(jobs, 1);
+}
+
+/// A call whose body Postgres cannot store (a NUL character, in JSON or in raw text) is refused
+/// with a 422: a 503 would have the sender retry the same body forever. The next good call is
+/// accepted.
+#[tokio::test]
+async fn a_call_with_a_nul_character_is_a_422_not_a_retry() {
+    let (env, hooks) = env_with_hooks().await;
+    let _procs = env.spawn_all().await;
+    capibara_tests::wait_http_ok(&format!("{hooks}/healthz")).await;
+    let api = env.client();
+    let http = reqwest::Client::new();
+    let r = api
+        .post(
+            "/v1/triggers",
+            json!({"name": "nul", "auth": {"type": "bearer", "token": "a-long-enough-token-123"},
+                   "target": {"type": "job", "job": {"kind": "echo"}}}),
+        )
+        .await;
+    let url = r.body["url"].as_str().unwrap().to_string();
+    let call = |body: Vec<u8>, content_type: &'static str| {
+        http.post(&url)
+            .bearer_auth("a-long-enough-token-123")
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+    };
+    let json_nul = call(br#"{"a": "x\u0000y"}"#.to_vec(), "application/json")
+        .await
+        .unwrap();
+    assert_eq!(json_nul.status(), 422);
+    let text_nul = call(b"x\0y".to_vec(), "text/plain").await.unwrap();
+    assert_eq!(text_nul.status(), 422);
+    let ok = call(br#"{"a": 1}"#.to_vec(), "application/json")
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 202);
 }
