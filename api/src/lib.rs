@@ -168,10 +168,13 @@ pub fn app(state: AppState) -> Router {
             get(triggers::get).delete(triggers::delete),
         )
         .with_state(state.clone());
-    let spec = openapi::spec();
+    let spec = openapi::spec(state.config.as_ref());
     Router::new()
         .merge(v1)
-        .merge(utoipa_swagger_ui::SwaggerUi::new("/docs").url("/openapi.json", spec))
+        .merge(
+            utoipa_swagger_ui::SwaggerUi::new("/docs")
+                .external_url_unchecked("/openapi.json", spec),
+        )
         .merge(ops::router(ops::Readiness {
             store: state.store.clone(),
             queue: state.queue.clone(),

@@ -5,6 +5,8 @@ use utoipa::{
     Modify, OpenApi,
 };
 
+use capibara_shared::domain::kinds::KindContext;
+
 use crate::routes::{
     admin, code, deliveries, events, jobs, orchestrate, runs, schedules, secrets, subscriptions,
     triggers, workflows,
@@ -31,11 +33,19 @@ use crate::routes::{
 )]
 pub struct ApiDoc;
 
-/// The served document: [`ApiDoc`] plus the TTS routes' own document.
-pub fn spec() -> utoipa::openapi::OpenApi {
+mod strict;
+
+/// The served document: [`ApiDoc`] plus the TTS routes' own document, with each job's `input`
+/// described by its kind's schema (`kinds` says which voices are installed here).
+pub fn spec(kinds: &dyn KindContext) -> serde_json::Value {
     let mut doc = ApiDoc::openapi().merge_from(crate::routes::tts::TtsDoc::openapi());
     ProblemResponses.modify(&mut doc);
-    doc
+    strict::apply(doc, kinds)
+}
+
+/// [`spec`] as pretty JSON (`capibara openapi`).
+pub fn document(kinds: &dyn KindContext) -> String {
+    serde_json::to_string_pretty(&spec(kinds)).expect("JSON")
 }
 
 struct BearerAuth;
@@ -134,11 +144,24 @@ impl Modify for ProblemResponses {
 mod tests {
     use std::collections::HashSet;
 
+    /// A deployment with one Piper voice.
+    pub(super) struct Kinds;
+
+    impl capibara_shared::domain::kinds::KindContext for Kinds {
+        fn voice_installed(&self, voice: &str) -> bool {
+            voice == "en_US-joe-medium"
+        }
+
+        fn installed_voices(&self) -> Vec<String> {
+            vec!["en_US-joe-medium".into()]
+        }
+    }
+
     /// Code generators name one function per operationId: each must be present, unique and
     /// camelCase (`listJobs`, `getRun`), so generated clients are stable.
     #[test]
     fn every_operation_has_a_unique_camel_case_operation_id() {
-        let doc = serde_json::to_value(super::spec()).unwrap();
+        let doc = super::spec(&Kinds);
         let mut seen = HashSet::new();
         let mut count = 0;
         for (path, item) in doc["paths"].as_object().unwrap() {

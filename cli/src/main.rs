@@ -33,6 +33,9 @@ enum Command {
     Dev(dev::DevArgs),
     /// Apply database migrations (CAPIBARA_DATABASE_URL).
     Migrate,
+    /// Print the API's OpenAPI document (as served at /openapi.json; the `tts.render` voices are
+    /// those installed in CAPIBARA_TTS_VOICES_DIR), e.g. to generate a client offline.
+    Openapi,
     /// Administrative commands.
     Admin {
         #[command(subcommand)]
@@ -106,6 +109,11 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Dev(args) => dev::run(args).await,
+        Command::Openapi => {
+            let config = Config::from_env()?;
+            println!("{}", capibara_api::openapi::document(&config));
+            Ok(())
+        }
         Command::Migrate => {
             let config = Config::from_env()?;
             telemetry::init_logs(config.log_format);

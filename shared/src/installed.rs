@@ -13,6 +13,13 @@ impl KindContext for Config {
     fn voice_installed(&self, voice: &str) -> bool {
         capibara_tts::voices::is_known(&self.tts.voices_dir, voice)
     }
+
+    fn installed_voices(&self) -> Vec<String> {
+        capibara_tts::voices::list(&self.tts.voices_dir)
+            .into_iter()
+            .map(|v| v.name)
+            .collect()
+    }
 }
 
 /// Install what the planner and the templates read in this process from `config`: the template

@@ -125,7 +125,7 @@ pub async fn create_key(
     auth.require(Role::Admin)?;
     let req = body.value;
     let name = req.name.trim();
-    if name.is_empty() || name.len() > 100 {
+    if name.is_empty() || name.chars().count() > 100 {
         return Err(ApiError::field("name", "must be 1-100 characters"));
     }
     if req.roles.is_empty() {

@@ -173,7 +173,7 @@ pub async fn target(
 }
 
 fn check_spec(s: &ScheduleSpec) -> Result<(), ApiError> {
-    if s.name.trim().is_empty() || s.name.len() > 200 {
+    if s.name.trim().is_empty() || s.name.chars().count() > 200 {
         return Err(ApiError::field("name", "must be 1-200 characters"));
     }
     CronSpec::parse(&s.cron, &s.timezone).map_err(|(field, m)| ApiError::field(field, m))?;

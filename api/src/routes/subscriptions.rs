@@ -113,7 +113,9 @@ fn headers_of(
 
 fn check_description(d: &Option<String>) -> Result<(), ApiError> {
     match d {
-        Some(d) if d.len() > 500 => Err(ApiError::field("description", "at most 500 characters")),
+        Some(d) if d.chars().count() > 500 => {
+            Err(ApiError::field("description", "at most 500 characters"))
+        }
         _ => Ok(()),
     }
 }

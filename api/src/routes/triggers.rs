@@ -94,7 +94,7 @@ pub async fn create(
 ) -> Result<Response, ApiError> {
     auth.require(Role::Submit)?;
     let b = body.value;
-    if b.name.trim().is_empty() || b.name.len() > 200 {
+    if b.name.trim().is_empty() || b.name.chars().count() > 200 {
         return Err(ApiError::field("name", "must be 1-200 characters"));
     }
     let target = super::schedules::target(b.target, &state, &auth).await?;

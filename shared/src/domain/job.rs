@@ -616,13 +616,13 @@ pub fn validate_tags(tags: &BTreeMap<String, String>) -> Result<(), FieldError> 
         return Err(FieldError::new("tags", "at most 32 tags"));
     }
     for (k, v) in tags {
-        if k.is_empty() || k.len() > 64 || k.contains(':') {
+        if k.is_empty() || k.chars().count() > 64 || k.contains(':') {
             return Err(FieldError::new(
                 format!("tags.{k}"),
                 "tag keys are 1-64 characters without ':'",
             ));
         }
-        if v.len() > 256 {
+        if v.chars().count() > 256 {
             return Err(FieldError::new(
                 format!("tags.{k}"),
                 "tag values are at most 256 characters",

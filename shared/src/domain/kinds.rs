@@ -5,7 +5,7 @@
 //! kind's input: every entry point (`POST /v1/jobs` and its batch, schedule and trigger
 //! targets, workflow step inputs, `/v1/orchestrate`, `POST /v1/tts`) calls it.
 
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use super::FieldError;
 
@@ -18,6 +18,10 @@ pub struct KindSpec {
     /// Created by Capibara itself; clients cannot submit it.
     pub internal: bool,
     validate: fn(&Value) -> Result<(), FieldError>,
+    /// The JSON Schema of the input, exactly as strict as `validate` (the OpenAPI document
+    /// publishes it; the fuzz test checks every input it allows is accepted). `voices` are the
+    /// installed Piper voices (a `tts.render` input must name one, or an espeak voice).
+    schema: fn(&[String]) -> Value,
 }
 
 /// What checking an input needs to know about this deployment beyond the input itself (which
@@ -27,6 +31,10 @@ pub trait KindContext {
     /// Whether `tts.render` can speak with `voice` here (a Piper voice in the voices
     /// directory, or an `espeak:<language>` voice).
     fn voice_installed(&self, voice: &str) -> bool;
+
+    /// The voices installed here (names, as `GET /v1/tts/voices` lists them), for the published
+    /// input schema.
+    fn installed_voices(&self) -> Vec<String>;
 }
 
 /// Check a job's kind and input, wherever the job comes from: the kind must be one clients may
@@ -77,6 +85,7 @@ pub const KINDS: &[KindSpec] = &[
         description: "Returns its input as output.",
         internal: false,
         validate: |_| Ok(()),
+        schema: |_| json!({"description": "Any JSON value; it is the job's output."}),
     },
     KindSpec {
         name: "sleep",
@@ -85,6 +94,7 @@ pub const KINDS: &[KindSpec] = &[
                       `progress_ms` (default: every second from 2 s on), then returns {slept_ms}.",
         internal: false,
         validate: validate_sleep,
+        schema: |_| schema_sleep(),
     },
     KindSpec {
         name: "fail",
@@ -92,6 +102,7 @@ pub const KINDS: &[KindSpec] = &[
         description: "Fails the first `times` attempts (or always) with `message`.",
         internal: false,
         validate: validate_fail,
+        schema: |_| schema_fail(),
     },
     KindSpec {
         name: "code.run",
@@ -100,6 +111,7 @@ pub const KINDS: &[KindSpec] = &[
                       stdout, stderr, exit_code, duration_ms, cached} (docs/code.md).",
         internal: false,
         validate: validate_code_run,
+        schema: |_| schema_code(true),
     },
     KindSpec {
         name: "code.validate",
@@ -108,6 +120,7 @@ pub const KINDS: &[KindSpec] = &[
                       line, column} (behind POST /v1/code/validate).",
         internal: false,
         validate: validate_code_validate,
+        schema: |_| schema_code(false),
     },
     KindSpec {
         name: super::workflow::WAIT_KIND,
@@ -115,6 +128,7 @@ pub const KINDS: &[KindSpec] = &[
         description: "A workflow `wait` step: a delayed job that does nothing (a durable timer).",
         internal: true,
         validate: |_| Ok(()),
+        schema: |_| json!({}),
     },
     KindSpec {
         name: "tts.render",
@@ -124,6 +138,7 @@ pub const KINDS: &[KindSpec] = &[
                       sample_rate, voice, chars_per_second, …} (docs/tts.md).",
         internal: false,
         validate: validate_tts,
+        schema: schema_tts,
     },
     KindSpec {
         name: "callback.deliver",
@@ -132,8 +147,24 @@ pub const KINDS: &[KindSpec] = &[
             "Delivers one signed webhook (created by Capibara for callbacks and subscriptions).",
         internal: true,
         validate: |_| Ok(()),
+        schema: |_| json!({}),
     },
 ];
+
+impl KindSpec {
+    /// The JSON Schema of this kind's input here (see [`KindSpec::schema`]).
+    pub fn input_schema(&self, ctx: &dyn KindContext) -> Value {
+        (self.schema)(&ctx.installed_voices())
+    }
+
+    /// Whether an absent input (`{}`) is refused: the input has required fields.
+    pub fn input_required(&self) -> bool {
+        (self.schema)(&[])
+            .get("required")
+            .and_then(Value::as_array)
+            .is_some_and(|r| !r.is_empty())
+    }
+}
 
 /// Look a kind up by name.
 pub fn find(name: &str) -> Option<&'static KindSpec> {
@@ -283,6 +314,15 @@ fn validate_code_run(input: &Value) -> Result<(), FieldError> {
         ],
     )?;
     validate_code_common(obj)?;
+    match obj.get("context") {
+        None | Some(Value::Null) | Some(Value::Object(_)) => {}
+        Some(_) => {
+            return Err(FieldError::new(
+                "context",
+                "must be an object (its keys become the code's variables)",
+            ))
+        }
+    }
     validate_range(obj, "timeout_ms", 1, CODE_MAX_TIMEOUT_MS)?;
     validate_range(obj, "memory_mb", CODE_MIN_MEMORY_MB, CODE_MAX_MEMORY_MB)?;
     match obj.get("cache") {
@@ -392,6 +432,80 @@ fn validate_tts(input: &Value) -> Result<(), FieldError> {
     }
 }
 
+/// Nullable: `null` means the field's default, as when it is absent.
+fn or_null(schema: Value) -> Value {
+    json!({"anyOf": [schema, {"type": "null"}]})
+}
+
+fn schema_sleep() -> Value {
+    json!({"type": "object", "additionalProperties": false, "required": ["ms"], "properties": {
+        "ms": {"type": "integer", "minimum": 0, "maximum": MAX_SLEEP_MS,
+               "description": "How long to sleep, in milliseconds (at most one day)."},
+        "progress_ms": {"type": "integer", "minimum": 1, "maximum": MAX_SLEEP_MS,
+                        "description": "Report progress this often (default: every second from 2 s on)."},
+    }})
+}
+
+fn schema_fail() -> Value {
+    json!({"type": "object", "additionalProperties": false, "properties": {
+        "message": {"type": "string", "description": "The error message."},
+        "times": {"type": "integer", "minimum": 0,
+                  "description": "Fail only the first `times` attempts (default: every attempt)."},
+    }})
+}
+
+/// `code.run` (`run`) or `code.validate`.
+fn schema_code(run: bool) -> Value {
+    let mut properties = json!({
+        "language": {"enum": CODE_LANGUAGES},
+        "code": {"type": "string", "maxLength": CODE_MAX_BYTES,
+                 "description": format!("The snippet: at most {CODE_MAX_BYTES} bytes of UTF-8.")},
+    });
+    if run {
+        let more = json!({
+            "context": or_null(json!({"type": "object",
+                "description": "Bound as `context`, and each top-level key as a variable."})),
+            "timeout_ms": or_null(json!({"type": "integer", "minimum": 1,
+                "maximum": CODE_MAX_TIMEOUT_MS, "default": CODE_DEFAULT_TIMEOUT_MS})),
+            "memory_mb": or_null(json!({"type": "integer", "minimum": CODE_MIN_MEMORY_MB,
+                "maximum": CODE_MAX_MEMORY_MB, "default": CODE_DEFAULT_MEMORY_MB})),
+            "cache": {"type": "boolean", "description": "Reuse a cached result of the same input (default true)."},
+        });
+        properties
+            .as_object_mut()
+            .expect("an object")
+            .extend(more.as_object().expect("an object").clone());
+    }
+    json!({"type": "object", "additionalProperties": false, "required": ["language", "code"],
+           "properties": properties})
+}
+
+/// The `voice` of a `tts.render` input: one of the voices installed here (`GET /v1/tts/voices`).
+pub fn voice_schema(voices: &[String]) -> Value {
+    let description = "A voice from GET /v1/tts/voices: an installed Piper voice or espeak-ng's.";
+    if voices.is_empty() {
+        json!({"type": "string", "description": description})
+    } else {
+        json!({"enum": voices, "description": description})
+    }
+}
+
+fn schema_tts(voices: &[String]) -> Value {
+    let number =
+        |(min, max): (f64, f64)| or_null(json!({"type": "number", "minimum": min, "maximum": max}));
+    json!({"type": "object", "additionalProperties": false, "required": ["text"], "properties": {
+        "text": {"type": "string", "minLength": 1, "maxLength": TTS_MAX_CHARS, "pattern": "\\S",
+                 "description": "What to say: not only whitespace."},
+        "voice": or_null(voice_schema(voices)),
+        "speed": number(TTS_SPEED),
+        "noise_scale": number(TTS_NOISE),
+        "noise_w": number(TTS_NOISE),
+        "format": or_null(json!({"enum": TTS_FORMATS})),
+        "sample_rate": or_null(json!({"type": "integer", "minimum": TTS_SAMPLE_RATE.0,
+                                      "maximum": TTS_SAMPLE_RATE.1})),
+    }})
+}
+
 /// Tests' deployment: the only installed voices are `en_US-joe-medium` and espeak's.
 #[cfg(test)]
 pub(crate) struct TestContext;
@@ -400,6 +514,10 @@ pub(crate) struct TestContext;
 impl KindContext for TestContext {
     fn voice_installed(&self, voice: &str) -> bool {
         voice == "en_US-joe-medium" || voice.starts_with("espeak:")
+    }
+
+    fn installed_voices(&self) -> Vec<String> {
+        vec!["en_US-joe-medium".into(), "espeak:en-us".into()]
     }
 }
 

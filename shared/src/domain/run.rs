@@ -47,6 +47,10 @@ impl KindContext for AnyVoice {
     fn voice_installed(&self, _voice: &str) -> bool {
         true
     }
+
+    fn installed_voices(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 static STEP_CHECKS: OnceLock<StepChecks> = OnceLock::new();

@@ -86,7 +86,7 @@ pub const MAX_HEADER_BYTES: usize = 8 * 1024;
 /// Headers a subscription may not set: hop-by-hop and framing headers (the HTTP client owns
 /// them), `host`, `content-type`, and the Standard Webhooks headers (`webhook-*`, the signature
 /// must be ours).
-const RESERVED_HEADERS: &[&str] = &[
+pub const RESERVED_HEADERS: &[&str] = &[
     "connection",
     "keep-alive",
     "proxy-authenticate",

@@ -206,7 +206,7 @@ impl WorkflowDef {
     /// own), limits. Errors name the step.
     pub fn validate(&self, ctx: &dyn KindContext) -> Result<(), FieldError> {
         let env = template::Templates::new();
-        if self.name.trim().is_empty() || self.name.len() > 200 {
+        if self.name.trim().is_empty() || self.name.chars().count() > 200 {
             return Err(FieldError::new("name", "must be 1-200 characters"));
         }
         if self.steps.is_empty() {
