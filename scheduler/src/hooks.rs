@@ -60,14 +60,16 @@ fn timestamp_fresh(now: i64, ts: i64) -> bool {
     now.abs_diff(ts) <= TOLERANCE_S
 }
 
+/// Per (trigger, status): when a refusal was last recorded, and how many since were not.
+type Refusals = HashMap<(Uuid, u16), (Instant, u64)>;
+
 #[derive(Clone)]
 pub struct HookState {
     pub store: Store,
     /// What inputs are checked against (installed voices): the same answer as the API's.
     config: Arc<Config>,
     limits: Arc<Mutex<HashMap<Uuid, (f64, Instant)>>>,
-    /// Per (trigger, status): when a refusal was last recorded, and how many since were not.
-    refusals: Arc<Mutex<HashMap<(Uuid, u16), (Instant, u64)>>>,
+    refusals: Arc<Mutex<Refusals>>,
 }
 
 impl HookState {

@@ -308,10 +308,13 @@ fn reference_fires(cron: &Cron, tz: Tz, start: DateTime<Utc>) -> Vec<DateTime<Ut
     out
 }
 
+/// A timezone's clock changes: when, and the offset after (seconds).
+type Transitions = Vec<(DateTime<Utc>, i32)>;
+
 #[test]
 fn next_fire_times_match_croner() {
     let mut rng = Rng(0x00C0_FFEE_CA9B_A2A1);
-    let zones: Vec<(Tz, Vec<(DateTime<Utc>, i32)>)> = TIMEZONES
+    let zones: Vec<(Tz, Transitions)> = TIMEZONES
         .iter()
         .map(|name| {
             let tz: Tz = name.parse().unwrap();
