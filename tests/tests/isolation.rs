@@ -340,6 +340,14 @@ async fn rendered_step_inputs_are_validated_like_submitted_ones() {
     .await
     .unwrap();
     assert_eq!(n, 0);
+    // Another namespace's templated runs go on as usual.
+    let team_b = tenant(&api, "team-b").await;
+    let good = create_workflow(
+        &team_b,
+        two_steps("good", json!({"x": "{{ steps.a.output.n }}"})),
+    )
+    .await;
+    other_tenant_runs(&team_b, &good, Duration::from_secs(15)).await;
 }
 
 #[tokio::test]
@@ -398,4 +406,100 @@ async fn schedules_whose_ticks_are_refused_do_not_stop_another_namespaces_schedu
     .await
     .unwrap();
     assert!(reason.starts_with("store_rejected"), "{reason}");
+}
+
+/// Make Postgres refuse the hostile namespace's new deliveries (those not already failed), as
+/// it refuses a NUL character.
+async fn refuse_hostile_deliveries(env: &TestEnv) {
+    let pool = env.pool().await;
+    sqlx::query(
+        "CREATE FUNCTION refuse_hostile_delivery() RETURNS trigger AS $$
+         BEGIN
+           IF NEW.namespace = 'hostile' AND NEW.status <> 'failed' THEN
+             RAISE EXCEPTION 'unsupported Unicode escape sequence' USING ERRCODE = '22P05';
+           END IF;
+           RETURN NEW;
+         END $$ LANGUAGE plpgsql",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "CREATE TRIGGER refuse_hostile_delivery BEFORE INSERT OR UPDATE ON deliveries
+         FOR EACH ROW EXECUTE FUNCTION refuse_hostile_delivery()",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+}
+
+/// The deliverer commits a page of deliveries with its checkpoint: one tenant's delivery that
+/// the store refuses is recorded as failed (`store_rejected`), and the other tenant's callbacks
+/// on the same page and after it are delivered.
+#[tokio::test]
+async fn a_refused_delivery_fails_alone_and_other_namespaces_callbacks_arrive() {
+    const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    let mut env = TestEnv::new().await;
+    env.extra_env
+        .push(("CAPIBARA_WEBHOOK_SECRET".into(), SECRET.into()));
+    env.extra_env
+        .push(("CAPIBARA_OUTBOUND_ALLOW_PRIVATE".into(), "true".into()));
+    let _procs = env.spawn_all().await;
+    refuse_hostile_deliveries(&env).await;
+    let admin = env.client();
+    let (hostile, team_b) = (
+        tenant(&admin, "hostile").await,
+        tenant(&admin, "team-b").await,
+    );
+    let receiver = capibara_tests::receiver::Receiver::start(&[SECRET], Default::default());
+    let hook = format!("{}/hook", receiver.url);
+    let submit = |api: &Api, n: u32| {
+        let body = json!({"kind": "echo", "input": {"n": n}, "callback_url": hook});
+        let api = api.clone();
+        async move { api.submit_id(body).await }
+    };
+    // Interleaved, so that the two tenants' deliveries share pages.
+    let mut hostile_jobs = Vec::new();
+    let mut b_jobs = Vec::new();
+    for n in 0..5 {
+        hostile_jobs.push(submit(&hostile, n).await);
+        b_jobs.push(submit(&team_b, n).await);
+    }
+    let delivered = |jobs: Vec<String>| {
+        let receiver = &receiver;
+        async move {
+            eventually("team-b's callbacks", Duration::from_secs(30), || async {
+                let got: Vec<String> = receiver
+                    .requests()
+                    .iter()
+                    .filter_map(|r| r["body"]["data"]["id"].as_str().map(str::to_string))
+                    .collect();
+                jobs.iter().all(|j| got.contains(j)).then_some(got)
+            })
+            .await
+        }
+    };
+    let got = delivered(b_jobs.clone()).await;
+    for j in &hostile_jobs {
+        assert!(!got.contains(j), "a refused delivery was sent");
+    }
+    // The refused ones are recorded as failed, with why.
+    for j in &hostile_jobs {
+        let d = eventually("the refusal recorded", Duration::from_secs(30), || async {
+            let r = hostile.get(&format!("/v1/deliveries?job_id={j}")).await;
+            let items = r.body["items"].as_array().cloned().unwrap_or_default();
+            items.into_iter().find(|d| d["status"] == "failed")
+        })
+        .await;
+        assert!(
+            d["last_error"]
+                .as_str()
+                .unwrap_or_default()
+                .starts_with("store_rejected"),
+            "{d}"
+        );
+    }
+    // The deliverer moved on: later callbacks of the other tenant still arrive.
+    let later = submit(&team_b, 99).await;
+    delivered(vec![later]).await;
 }
