@@ -877,6 +877,21 @@ async fn secrets_resolve_only_for_the_steps_that_name_them_in_their_own_namespac
     assert_eq!(error["field"], "input.language", "{rl}");
     assert!(!rl.to_string().contains("alpha-lang"), "{rl}");
 
+    // An executor error that echoes a secret (a `fail` step whose message is the value) is
+    // stored with the value redacted, in the job, the run and the log.
+    let wf = create(
+        &a,
+        json!({"name": "fail-with-secret", "steps": [
+            {"id": "boom", "kind": "fail", "input": {"message": "token {{ secrets.TOKEN }} refused"}}]}),
+    )
+    .await;
+    let rf = start(&a, &wf, json!({})).await;
+    let rf = ended(&a, &rf, Duration::from_secs(60)).await;
+    assert_eq!(rf["status"], "failed", "{rf}");
+    let job = a.job(step(&rf, "boom")["job_id"].as_str().unwrap()).await;
+    assert_eq!(job["error"]["message"], "token *** refused", "{job}");
+    assert!(!rf.to_string().contains("s3cr3t"), "{rf}");
+
     // Nothing anywhere in the log or the job and run rows holds a value.
     let pool = env.pool().await;
     for sql in [
