@@ -151,3 +151,107 @@ async fn a_trigger_call_whose_input_names_an_unknown_voice_is_refused() {
     let accepted = call("espeak:en-us").await.unwrap();
     assert_eq!(accepted.status(), 202);
 }
+
+/// `GET /v1/kinds` publishes each kind's input schema, and it says what the server does: an
+/// independent JSON Schema validator (the `jsonschema` crate) accepts exactly the inputs that
+/// `POST /v1/jobs` accepts, over valid and invalid inputs of every kind.
+#[tokio::test]
+async fn each_kinds_published_input_schema_accepts_what_the_server_accepts() {
+    let env = TestEnv::new().await;
+    let _api = env.spawn_api().await;
+    let api = env.client();
+    let r = api.get("/v1/kinds").await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let schemas: std::collections::HashMap<String, Value> = r.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| {
+            (
+                k["name"].as_str().unwrap().to_string(),
+                k["input_schema"].clone(),
+            )
+        })
+        .collect();
+    let samples = [
+        ("echo", json!({"anything": [1, "two"]})),
+        ("echo", json!([1, 2])),
+        ("sleep", json!({"ms": 10})),
+        ("sleep", json!({"ms": 10, "progress_ms": 5})),
+        ("sleep", json!({})),
+        ("sleep", json!({"ms": -1})),
+        ("sleep", json!({"ms": 86_400_001})),
+        ("sleep", json!({"ms": 10, "progress_ms": 0})),
+        ("sleep", json!({"ms": "10"})),
+        ("sleep", json!({"ms": 10, "extra": true})),
+        ("fail", json!({})),
+        ("fail", json!({"message": "no", "times": 2})),
+        ("fail", json!({"times": -2})),
+        ("fail", json!({"message": 3})),
+        (
+            "code.run",
+            json!({"language": "python", "code": "result = 1"}),
+        ),
+        (
+            "code.run",
+            json!({"language": "javascript", "code": "1", "context": {"x": 1},
+                            "timeout_ms": 60000, "memory_mb": 64, "cache": false}),
+        ),
+        (
+            "code.run",
+            json!({"language": "python", "code": "1", "memory_mb": null, "timeout_ms": null}),
+        ),
+        ("code.run", json!({"language": "ruby", "code": "1"})),
+        ("code.run", json!({"language": "python"})),
+        (
+            "code.run",
+            json!({"language": "python", "code": "1", "memory_mb": 3000}),
+        ),
+        (
+            "code.run",
+            json!({"language": "python", "code": "1", "timeout_ms": 0}),
+        ),
+        (
+            "code.run",
+            json!({"language": "python", "code": "1", "context": [1]}),
+        ),
+        (
+            "code.run",
+            json!({"language": "python", "code": "1", "cache": "yes"}),
+        ),
+        (
+            "code.validate",
+            json!({"language": "python", "code": "x ="}),
+        ),
+        (
+            "code.validate",
+            json!({"language": "python", "code": "1", "timeout_ms": 5}),
+        ),
+        ("tts.render", json!({"text": "hi"})),
+        (
+            "tts.render",
+            json!({"text": "hi", "voice": "espeak:en-us", "speed": 4.0,
+                              "noise_scale": 0, "noise_w": 2, "format": "pcm_s16le",
+                              "sample_rate": 8000}),
+        ),
+        ("tts.render", json!({"text": "   "})),
+        ("tts.render", json!({"text": ""})),
+        ("tts.render", json!({"text": "hi", "voice": "nope"})),
+        ("tts.render", json!({"text": "hi", "speed": 5})),
+        ("tts.render", json!({"text": "hi", "format": "mp3"})),
+        ("tts.render", json!({"text": "hi", "sample_rate": 7999})),
+        ("tts.render", json!({"voice": "espeak:en-us"})),
+    ];
+    for (kind, input) in samples {
+        let schema = &schemas[kind];
+        let by_schema = jsonschema::is_valid(schema, &input);
+        let r = api.submit(json!({"kind": kind, "input": input})).await;
+        assert!(r.status == 202 || r.status == 422, "{r:?}");
+        assert_eq!(
+            by_schema,
+            r.status == 202,
+            "{kind} {input}: the schema says {by_schema}, the server {}: {r:?}\n{schema}",
+            r.status
+        );
+    }
+}

@@ -70,11 +70,18 @@ pub struct KindInfo {
     pub name: &'static str,
     pub default_queue: &'static str,
     pub description: &'static str,
+    /// The JSON Schema of the kind's `input` here (the one submissions are checked against,
+    /// with this deployment's voices); the same as in `/openapi.json`.
+    #[schema(value_type = Object)]
+    pub input_schema: serde_json::Value,
 }
 
 #[utoipa::path(get, operation_id = "listKinds", path = "/v1/kinds", tag = "jobs",
     responses((status = 200, body = Page<KindInfo>)), security(("bearer" = [])))]
-pub async fn kinds_list(auth: Auth) -> Result<Json<Page<KindInfo>>, ApiError> {
+pub async fn kinds_list(
+    State(state): State<AppState>,
+    auth: Auth,
+) -> Result<Json<Page<KindInfo>>, ApiError> {
     auth.require(Role::Read)?;
     let items = kinds::KINDS
         .iter()
@@ -83,6 +90,7 @@ pub async fn kinds_list(auth: Auth) -> Result<Json<Page<KindInfo>>, ApiError> {
             name: k.name,
             default_queue: k.default_queue,
             description: k.description,
+            input_schema: k.input_schema(state.config.as_ref()),
         })
         .collect();
     Ok(Json(Page {
