@@ -13,6 +13,7 @@
 //! - [`local_services`]: starts real local Postgres/Redis servers for `capibara dev` and tests.
 
 pub mod artifacts;
+pub mod command;
 pub mod config;
 pub mod domain;
 pub mod hints;

@@ -97,7 +97,9 @@ async fn progress_reported_while_the_attempt_is_claimed_does_not_stall_the_job()
         assert_eq!(job["status"], "succeeded", "{job}");
         let events = types(&api.events(id).await);
         assert!(
-            events.iter().filter(|t| *t == "JobProgress").count() >= 2,
+            // Progress reports are coalesced while one is being written: under load a 120 ms
+            // attempt may record a single one.
+            events.iter().filter(|t| *t == "JobProgress").count() >= 1,
             "{events:?}"
         );
         assert_eq!(events.iter().filter(|t| *t == "JobStarted").count(), 1);

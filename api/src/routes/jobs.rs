@@ -13,13 +13,14 @@ use axum::{
 };
 use base64::Engine;
 use capibara_shared::{
+    command::{self, CommandError},
     config::Config,
     domain::{
         self,
         auth::Role,
         delivery::validate_patterns,
         event::{EventEnvelope, EventMetadata},
-        job::{validate_tags, Job, JobEvent, JobStatus, Priority, Submission},
+        job::{validate_tags, Cancel, Job, JobEvent, NotAllowed, Priority, Submission},
         kinds,
         retry::Backoff,
         storable, FieldError,
@@ -672,44 +673,38 @@ pub async fn cancel(
 ) -> Result<Response, ApiError> {
     auth.require(Role::Submit)?;
     let id = parse_id(&id)?;
-    for _ in 0..10 {
-        let job = load(&state, &auth, id).await?;
-        if job.status.is_terminal() {
-            return Err(ApiError::Conflict(format!("job is already {}", job.status)));
+    let (job, done) = command::on_job(
+        &state.store,
+        auth.namespace(),
+        id,
+        &metadata(&auth),
+        |job| job.cancel(None),
+    )
+    .await
+    .map_err(|e| command_error(e, id))?;
+    match done {
+        Cancel::Canceled => {
+            let _ = state.queue.remove(&job.queue, id).await;
+            Ok((StatusCode::OK, Json(job)).into_response())
         }
-        let running = job.status == JobStatus::Running;
-        if running && job.cancel_requested {
-            return Ok((StatusCode::ACCEPTED, Json(job)).into_response());
-        }
-        let mut events = vec![JobEvent::JobCancelRequested { reason: None }];
-        if !running {
-            events.push(JobEvent::JobCanceled { attempt: None });
-        }
-        let (new, append) = job_append(
-            Some(&job),
-            id,
-            &events,
-            JobWrite::new(metadata(&auth), domain::now()),
-        )
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
-        match state.store.appender.append(append).await {
-            Ok(_) => {
-                if running {
-                    if let Err(e) = state.queue.publish_cancel(id).await {
-                        tracing::warn!(error = %e, "cancel notice not published; the worker sees it at its next heartbeat");
-                    }
-                    return Ok((StatusCode::ACCEPTED, Json(new)).into_response());
-                }
-                let _ = state.queue.remove(&new.queue, id).await;
-                return Ok((StatusCode::OK, Json(new)).into_response());
+        Cancel::Requested => {
+            if let Err(e) = state.queue.publish_cancel(id).await {
+                tracing::warn!(error = %e, "cancel notice not published; the worker sees it at its next heartbeat");
             }
-            Err(AppendError::Conflict { .. }) => continue,
-            Err(e) => return Err(StoreError::from(e).into()),
+            Ok((StatusCode::ACCEPTED, Json(job)).into_response())
         }
+        Cancel::AlreadyRequested => Ok((StatusCode::ACCEPTED, Json(job)).into_response()),
     }
-    Err(ApiError::Conflict(
-        "the job is changing too fast; retry".into(),
-    ))
+}
+
+/// The HTTP answer to a job command that did not happen.
+fn command_error(e: CommandError<NotAllowed>, id: Uuid) -> ApiError {
+    match e {
+        CommandError::NotFound => ApiError::NotFound(format!("no job `{id}`")),
+        CommandError::Rejected(NotAllowed(why)) => ApiError::Conflict(why),
+        CommandError::Busy => ApiError::Conflict("the job is changing too fast; retry".into()),
+        CommandError::Store(e) => e.into(),
+    }
 }
 
 #[utoipa::path(post, operation_id = "retryJob", path = "/v1/jobs/{id}/retry", tag = "jobs", params(("id" = String, Path)),
@@ -723,44 +718,23 @@ pub async fn retry(
 ) -> Result<Response, ApiError> {
     auth.require(Role::Submit)?;
     let id = parse_id(&id)?;
-    for _ in 0..10 {
-        let job = load(&state, &auth, id).await?;
-        if !matches!(job.status, JobStatus::Failed | JobStatus::Canceled) {
-            return Err(ApiError::Conflict(format!(
-                "only failed or canceled jobs can be retried; this one is {}",
-                job.status
-            )));
-        }
-        let budget = submitted_max_attempts(&state, id)
-            .await?
-            .unwrap_or(job.max_attempts);
-        let events = [JobEvent::JobQueued {
-            reason: "manual_retry".into(),
-            max_attempts: Some(job.attempt + budget),
-        }];
-        let (new, append) = job_append(
-            Some(&job),
-            id,
-            &events,
-            JobWrite::new(metadata(&auth), domain::now()),
-        )
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
-        match state.store.appender.append(append).await {
-            Ok(_) => {
-                return Ok((
-                    StatusCode::ACCEPTED,
-                    [(header::LOCATION, location(id))],
-                    Json(new),
-                )
-                    .into_response())
-            }
-            Err(AppendError::Conflict { .. }) => continue,
-            Err(e) => return Err(StoreError::from(e).into()),
-        }
-    }
-    Err(ApiError::Conflict(
-        "the job is changing too fast; retry".into(),
-    ))
+    // The submission's budget: read once, it never changes.
+    let budget = submitted_max_attempts(&state, id).await?;
+    let (job, ()) = command::on_job(
+        &state.store,
+        auth.namespace(),
+        id,
+        &metadata(&auth),
+        |job| Ok((job.retry(budget.unwrap_or(job.max_attempts))?, ())),
+    )
+    .await
+    .map_err(|e| command_error(e, id))?;
+    Ok((
+        StatusCode::ACCEPTED,
+        [(header::LOCATION, location(id))],
+        Json(job),
+    )
+        .into_response())
 }
 
 async fn submitted_max_attempts(state: &AppState, id: Uuid) -> Result<Option<u32>, ApiError> {

@@ -384,6 +384,64 @@ pub struct InvalidTransition {
     pub status: JobStatus,
 }
 
+/// A command a job's state does not allow (cancel a finished job, retry a running one): the
+/// message says why, for a 409.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct NotAllowed(pub String);
+
+/// What canceling a job did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cancel {
+    /// It was waiting: it is canceled now (take it off the queue).
+    Canceled,
+    /// It is running: its worker is asked to stop (publish the cancel notice).
+    Requested,
+    /// It is running and was already asked to stop: nothing to record.
+    AlreadyRequested,
+}
+
+impl Job {
+    /// Decide a cancel: the events to record and what follows. Every entry point that cancels
+    /// a job (the API, a workflow run that ends) decides here.
+    pub fn cancel(&self, reason: Option<String>) -> Result<(Vec<JobEvent>, Cancel), NotAllowed> {
+        if self.status.is_terminal() {
+            return Err(NotAllowed(format!("job is already {}", self.status)));
+        }
+        if self.status == JobStatus::Running {
+            if self.cancel_requested {
+                return Ok((Vec::new(), Cancel::AlreadyRequested));
+            }
+            return Ok((
+                vec![JobEvent::JobCancelRequested { reason }],
+                Cancel::Requested,
+            ));
+        }
+        Ok((
+            vec![
+                JobEvent::JobCancelRequested { reason },
+                JobEvent::JobCanceled { attempt: None },
+            ],
+            Cancel::Canceled,
+        ))
+    }
+
+    /// Decide a manual retry of a failed or canceled job: queued again with a fresh budget of
+    /// `budget` attempts (the submission's `max_attempts`).
+    pub fn retry(&self, budget: u32) -> Result<Vec<JobEvent>, NotAllowed> {
+        if !matches!(self.status, JobStatus::Failed | JobStatus::Canceled) {
+            return Err(NotAllowed(format!(
+                "only failed or canceled jobs can be retried; this one is {}",
+                self.status
+            )));
+        }
+        Ok(vec![JobEvent::JobQueued {
+            reason: "manual_retry".into(),
+            max_attempts: Some(self.attempt + budget),
+        }])
+    }
+}
+
 impl Job {
     /// The state right after `JobSubmitted`.
     pub fn submitted(id: Uuid, namespace: &str, s: &Submission, at: DateTime<Utc>) -> Job {
@@ -653,6 +711,60 @@ mod tests {
             step_id: None,
             secret_refs: None,
         }
+    }
+
+    /// Apply a decision's events, as the store would.
+    fn decided(mut job: Job, events: &[JobEvent]) -> Job {
+        for e in events {
+            job.apply(e, crate::domain::now()).unwrap();
+        }
+        job
+    }
+
+    #[test]
+    fn cancel_is_decided_by_the_jobs_state() {
+        let now = crate::domain::now();
+        let queued = Job::submitted(Uuid::now_v7(), "default", &submission(), now);
+        let (events, done) = queued.cancel(None).unwrap();
+        assert_eq!(done, Cancel::Canceled);
+        let canceled = decided(queued, &events);
+        assert_eq!(canceled.status, JobStatus::Canceled);
+        assert!(canceled
+            .cancel(None)
+            .unwrap_err()
+            .0
+            .contains("already canceled"));
+
+        let running = decided(
+            Job::submitted(Uuid::now_v7(), "default", &submission(), now),
+            &[JobEvent::JobStarted {
+                attempt: 1,
+                worker: "w".into(),
+            }],
+        );
+        let (events, done) = running.cancel(Some("why".into())).unwrap();
+        assert_eq!(done, Cancel::Requested);
+        let asked = decided(running, &events);
+        assert_eq!(asked.status, JobStatus::Running);
+        let (events, done) = asked.cancel(None).unwrap();
+        assert_eq!((events.len(), done), (0, Cancel::AlreadyRequested));
+    }
+
+    #[test]
+    fn retry_gives_a_failed_or_canceled_job_a_fresh_budget() {
+        let now = crate::domain::now();
+        let queued = Job::submitted(Uuid::now_v7(), "default", &submission(), now);
+        assert!(queued
+            .retry(3)
+            .unwrap_err()
+            .0
+            .contains("this one is queued"));
+        let (events, _) = queued.cancel(None).unwrap();
+        let canceled = decided(queued, &events);
+        let events = canceled.retry(3).unwrap();
+        let retried = decided(canceled, &events);
+        assert_eq!(retried.status, JobStatus::Queued);
+        assert_eq!(retried.max_attempts, retried.attempt + 3);
     }
 
     #[test]

@@ -18,7 +18,7 @@ use super::{
 };
 use crate::domain::{
     event::{EventMetadata, StreamType},
-    job::{JobEvent, JobStatus, Priority, Submission},
+    job::{Cancel, JobEvent, Priority, Submission},
     kinds,
     run::{self, Action, Plan, Run, RunEvent, RunStatus, StepHead, StepJob},
     workflow::WorkflowDef,
@@ -214,17 +214,15 @@ pub async fn build(
                 }
                 Action::CancelJob(job_id) => {
                     if let Some(job) = super::jobs::get_any(pool, job_id).await? {
-                        if job.status.is_terminal() {
+                        // The domain's one decision of a cancel (the API's too).
+                        let Ok((events, done)) = job.cancel(Some("workflow run ended".into()))
+                        else {
                             continue;
-                        }
-                        let running = job.status == JobStatus::Running;
-                        let mut events = vec![JobEvent::JobCancelRequested {
-                            reason: Some("workflow run ended".into()),
-                        }];
-                        if !running {
-                            events.push(JobEvent::JobCanceled { attempt: None });
-                        } else {
-                            built.cancel_running.push(job_id);
+                        };
+                        match done {
+                            Cancel::AlreadyRequested => continue,
+                            Cancel::Requested => built.cancel_running.push(job_id),
+                            Cancel::Canceled => {}
                         }
                         let meta = EventMetadata {
                             namespace: job.namespace.clone(),
