@@ -15,9 +15,9 @@ use std::{
 use capibara_shared::{
     domain::{
         self,
-        delivery::{public_job_event, DeliveryEvent, DEFAULT_CALLBACK_EVENTS},
+        delivery::{self, public_job_event, DeliveryEvent, DEFAULT_CALLBACK_EVENTS},
         event::{EventEnvelope, EventMetadata},
-        job::{Job, JobEvent, Priority, Submission},
+        job::{Job, JobEvent},
         kinds,
         subscription::Subscription,
     },
@@ -523,22 +523,7 @@ pub fn delivery_job(
     opts: &DelivererOptions,
     now: chrono::DateTime<chrono::Utc>,
 ) -> Result<Append, store::StoreError> {
-    let sub = Submission {
-        kind: "callback.deliver".into(),
-        input: json!({"delivery_id": delivery_id}),
-        queue: "callbacks".into(),
-        priority: Priority::Normal,
-        run_at: None,
-        max_attempts: opts.max_attempts,
-        timeout_s: Some(60),
-        backoff: None,
-        callback_url: None,
-        callback_events: None,
-        tags: [("delivery_id".to_string(), delivery_id.to_string())].into(),
-        run_id: None,
-        step_id: None,
-        secret_refs: None,
-    };
+    let sub = delivery::delivery_job(delivery_id, opts.max_attempts);
     job_append(
         None,
         job_id,

@@ -11,9 +11,9 @@ use capibara_shared::{
     domain::{
         self,
         auth::Role,
-        delivery::{Delivery, DeliveryEvent, DeliveryStatus},
+        delivery::{self, Delivery, DeliveryEvent, DeliveryStatus},
         event::{EventEnvelope, EventMetadata},
-        job::{JobEvent, Priority, Submission},
+        job::JobEvent,
     },
     store::{
         self,
@@ -23,7 +23,6 @@ use capibara_shared::{
     },
 };
 use serde::Serialize;
-use serde_json::json;
 use uuid::Uuid;
 
 use crate::{
@@ -143,22 +142,8 @@ pub async fn redeliver(
         }];
         let (new, a) = delivery_append(Some(&d), d.id, &d.namespace, &events, meta.clone(), now)
             .ok_or_else(|| ApiError::Internal("delivery state".into()))?;
-        let sub = Submission {
-            kind: "callback.deliver".into(),
-            input: json!({"delivery_id": d.id}),
-            queue: "callbacks".into(),
-            priority: Priority::High,
-            run_at: None,
-            max_attempts: state.config.delivery_retry_schedule.len() as u32 + 1,
-            timeout_s: Some(60),
-            backoff: None,
-            callback_url: None,
-            callback_events: None,
-            tags: [("delivery_id".to_string(), d.id.to_string())].into(),
-            run_id: None,
-            step_id: None,
-            secret_refs: None,
-        };
+        let sub =
+            delivery::delivery_job(d.id, state.config.delivery_retry_schedule.len() as u32 + 1);
         let (_, j) = job_append(
             None,
             job_id,

@@ -294,6 +294,31 @@ pub fn delivered_name(patterns: &[String], name: &str) -> Option<String> {
         .cloned()
 }
 
+/// The kind of the job that sends one delivery.
+pub const DELIVER_KIND: &str = "callback.deliver";
+
+/// The submission of the `callback.deliver` job that sends delivery `delivery_id`, whether the
+/// deliverer creates it or a client asks for a redelivery: one definition, so the two cannot
+/// drift apart. `max_attempts` is one more than the retry schedule's steps.
+pub fn delivery_job(delivery_id: Uuid, max_attempts: u32) -> super::job::Submission {
+    super::job::Submission {
+        kind: DELIVER_KIND.into(),
+        input: serde_json::json!({"delivery_id": delivery_id}),
+        queue: "callbacks".into(),
+        priority: super::job::Priority::Normal,
+        run_at: None,
+        max_attempts,
+        timeout_s: Some(60),
+        backoff: None,
+        callback_url: None,
+        callback_events: None,
+        tags: [("delivery_id".to_string(), delivery_id.to_string())].into(),
+        run_id: None,
+        step_id: None,
+        secret_refs: None,
+    }
+}
+
 /// Validate a subscription's event list: job and run event names, the aliases, and the
 /// wildcards `job.*`, `run.*` and `*`. The error carries the index of the bad entry.
 pub fn validate_subscription_events(patterns: &[String]) -> Result<(), (Option<usize>, String)> {
