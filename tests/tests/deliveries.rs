@@ -620,10 +620,18 @@ async fn subscriptions_receive_run_ends_by_name_or_alias_with_their_custom_heade
         )
         .await;
     assert_eq!(alias.status, 201, "{alias:?}");
+    let failures = api
+        .post(
+            "/v1/subscriptions",
+            json!({"url": format!("{base}/failures"), "events": ["workflow.failed", "run.canceled"]}),
+        )
+        .await;
+    assert_eq!(failures.status, 201, "{failures:?}");
     let receiver = Receiver::start(
         &[
             canonical.body["secret"].as_str().unwrap(),
             alias.body["secret"].as_str().unwrap(),
+            failures.body["secret"].as_str().unwrap(),
         ],
         ReceiverOptions {
             port: Some(port),
@@ -707,6 +715,60 @@ async fn subscriptions_receive_run_ends_by_name_or_alias_with_their_custom_heade
         .await;
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(r.body["header_names"], json!([]));
+
+    // A failed run and a canceled one: `run.failed` to the canonical subscription (now without
+    // its headers), `workflow.failed` (the alias) and `run.canceled` to the third.
+    let failing = api
+        .post(
+            "/v1/workflows",
+            json!({"name": "subs-fail", "steps": [{"id": "a", "kind": "fail", "input": {"message": "no"}}]}),
+        )
+        .await;
+    let failing = failing.body["id"].as_str().unwrap().to_string();
+    let failed_run = api
+        .post(
+            &format!("/v1/workflows/{failing}/runs"),
+            json!({"input": {}}),
+        )
+        .await;
+    let failed_run = failed_run.body["id"].as_str().unwrap().to_string();
+    let waiting = api
+        .post(
+            "/v1/workflows",
+            json!({"name": "subs-cancel", "steps": [{"id": "ok", "kind": "approval"}]}),
+        )
+        .await;
+    let waiting = waiting.body["id"].as_str().unwrap().to_string();
+    let canceled_run = api
+        .post(
+            &format!("/v1/workflows/{waiting}/runs"),
+            json!({"input": {}}),
+        )
+        .await;
+    let canceled_run = canceled_run.body["id"].as_str().unwrap().to_string();
+    let r = api
+        .post(&format!("/v1/runs/{canceled_run}/cancel"), json!({}))
+        .await;
+    assert!(r.status == 200 || r.status == 202, "{r:?}");
+    let got = wait_requests(&receiver, 5, Duration::from_secs(30)).await;
+    let delivered = |path: &str, run: &str| {
+        got.iter()
+            .find(|r| r["path"] == path && r["body"]["data"]["id"] == run)
+            .cloned()
+            .unwrap_or_else(|| panic!("nothing for {run} at {path}: {got:?}"))
+    };
+    let f = delivered("/canonical", &failed_run);
+    assert_eq!(f["body"]["type"], "run.failed");
+    assert_eq!(f["verified"], true, "{f}");
+    assert!(f["headers"].get("authorization").is_none(), "{f}");
+    assert_eq!(
+        delivered("/failures", &failed_run)["body"]["type"],
+        "workflow.failed"
+    );
+    assert_eq!(
+        delivered("/failures", &canceled_run)["body"]["type"],
+        "run.canceled"
+    );
 
     // Bad event names and headers are 422s naming the entry.
     for (body, field) in [
