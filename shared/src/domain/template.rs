@@ -184,17 +184,27 @@ pub fn is_templated(v: &Value) -> bool {
     }
 }
 
-/// Render every string of `v` over `ctx`, within the budget of `t`.
+/// Render every string of `v` over `ctx`, within the budget of `t`: the output cap and the
+/// fuel are for the whole value, not per string, so a value of many templates gets no more.
 pub fn render(t: &Templates, v: &Value, ctx: &minijinja::Value) -> Result<Value, String> {
-    let mut left = t.budget.output_bytes;
+    let mut left = Left {
+        bytes: t.budget.output_bytes,
+        fuel: t.budget.fuel,
+    };
     render_within(t, v, ctx, &mut left)
+}
+
+/// What is left of a render's budget.
+struct Left {
+    bytes: usize,
+    fuel: u64,
 }
 
 fn render_within(
     t: &Templates,
     v: &Value,
     ctx: &minijinja::Value,
-    left: &mut usize,
+    left: &mut Left,
 ) -> Result<Value, String> {
     Ok(match v {
         Value::String(s) => {
@@ -210,7 +220,7 @@ fn render_within(
                     // Measured while it is written, so a huge value stops at the limit.
                     let mut w = Bounded {
                         out: Vec::new(),
-                        limit: *left,
+                        limit: left.bytes,
                     };
                     serde_json::to_writer(&mut w, &out).map_err(|e| {
                         if e.is_io() {
@@ -219,22 +229,27 @@ fn render_within(
                             format!("`{s}`: {e}")
                         }
                     })?;
-                    *left -= w.out.len();
+                    left.bytes -= w.out.len();
                     serde_json::from_slice(&w.out).map_err(|e| format!("`{s}`: {e}"))?
                 }
             } else if s.contains("{{") || s.contains("{%") {
-                let template = t
-                    .env
+                // This template may use what the earlier ones of the value left of the fuel.
+                let mut env = t.env.clone();
+                env.set_fuel(Some(left.fuel));
+                let template = env
                     .template_from_str(s)
                     .map_err(|e| error_message(s, &e, t))?;
                 let mut w = Bounded {
                     out: Vec::new(),
-                    limit: *left,
+                    limit: left.bytes,
                 };
-                template
+                let captured = template
                     .render_captured_to(ctx, &mut w)
                     .map_err(|e| error_message(s, &e, t))?;
-                *left -= w.out.len();
+                let used = captured.state().fuel_levels().map_or(0, |(used, _)| used);
+                left.fuel = left.fuel.saturating_sub(used);
+                drop(captured);
+                left.bytes -= w.out.len();
                 Value::String(String::from_utf8(w.out).map_err(|e| format!("`{s}`: {e}"))?)
             } else {
                 v.clone()
@@ -389,6 +404,22 @@ mod tests {
         assert!(err.contains("budget of 100000 instructions"), "{err}");
         assert!(err.contains("CAPIBARA_TEMPLATE_FUEL"), "{err}");
         assert!(started.elapsed() < std::time::Duration::from_secs(2));
+    }
+
+    #[test]
+    fn the_fuel_is_for_the_whole_value_not_each_template() {
+        let t = Templates::new().with_budget(Budget {
+            fuel: 10_000,
+            output_bytes: 1_000_000,
+        });
+        let ctx = minijinja::Value::from_serialize(json!({}));
+        // One loop fits the budget; forty of them in one value do not.
+        let one = "{% for a in range(300) %}x{% endfor %}";
+        assert!(render(&t, &json!({"a": one}), &ctx).is_ok());
+        let many: serde_json::Map<String, Value> =
+            (0..40).map(|i| (format!("k{i}"), json!(one))).collect();
+        let err = render(&t, &Value::Object(many), &ctx).unwrap_err();
+        assert!(err.contains("CAPIBARA_TEMPLATE_FUEL"), "{err}");
     }
 
     #[test]
