@@ -7,7 +7,6 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use capibara_shared::{domain::FieldError, store::StoreError};
-use serde::Serialize;
 
 /// Every way a request can fail.
 #[derive(Debug, thiserror::Error)]
@@ -150,17 +149,8 @@ impl From<StoreError> for ApiError {
     }
 }
 
-/// RFC 9457 problem details.
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct Problem {
-    #[serde(rename = "type")]
-    pub problem_type: String,
-    pub title: String,
-    pub status: u16,
-    pub detail: String,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub errors: Vec<FieldError>,
-}
+/// RFC 9457 problem details (shared by every binary).
+pub use capibara_shared::problem::Problem;
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -193,12 +183,8 @@ impl IntoResponse for ApiError {
             detail,
             errors,
         };
-        let mut res = (status, serde_json::to_string(&body).unwrap_or_default()).into_response();
+        let mut res = body.into_response();
         let h = res.headers_mut();
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/problem+json"),
-        );
         if let Some(v) = retry_after.and_then(|v| HeaderValue::from_str(&v).ok()) {
             h.insert(header::RETRY_AFTER, v);
         }

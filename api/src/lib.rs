@@ -199,16 +199,11 @@ struct MethodNotAllowed;
 
 impl axum::response::IntoResponse for MethodNotAllowed {
     fn into_response(self) -> axum::response::Response {
-        let mut res = ApiError::Conflict(String::new()).into_response();
-        *res.status_mut() = axum::http::StatusCode::METHOD_NOT_ALLOWED;
-        let body = serde_json::json!({
-            "type": "urn:capibara:problem:method-not-allowed",
-            "title": "Method Not Allowed",
-            "status": 405,
-            "detail": "this route does not accept that method",
-        });
-        *res.body_mut() = axum::body::Body::from(body.to_string());
-        res
+        capibara_shared::problem::Problem::for_status(
+            axum::http::StatusCode::METHOD_NOT_ALLOWED,
+            "this route does not accept that method",
+        )
+        .into_response()
     }
 }
 

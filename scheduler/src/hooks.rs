@@ -35,6 +35,7 @@ use capibara_shared::{
         trigger::{render_input, sha256_hex, Trigger, TriggerCredential, TriggerEvent},
         webhook::WebhookSecret,
     },
+    problem::{self, Problem},
     store::{
         self,
         jobs::{job_append, JobWrite},
@@ -127,21 +128,12 @@ pub fn router(state: HookState) -> Router {
 }
 
 fn problem(status: StatusCode, detail: &str) -> Response {
-    let body = json!({
-        "type": format!("urn:capibara:problem:{}", match status.as_u16() {
-            401 => "unauthorized", 404 => "not-found", 409 => "replay", 413 => "payload-too-large",
-            422 => "validation", 429 => "rate-limited", 503 => "unavailable", _ => "error",
-        }),
-        "title": status.canonical_reason().unwrap_or("Error"),
-        "status": status.as_u16(),
-        "detail": detail,
-    });
-    let mut res = (status, body.to_string()).into_response();
-    res.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/problem+json"),
-    );
-    res
+    // A 409 here is always a replayed webhook id.
+    let slug = match status {
+        StatusCode::CONFLICT => "replay",
+        _ => problem::slug(status),
+    };
+    Problem::new(status, slug, detail).into_response()
 }
 
 fn meta(t: &Trigger) -> EventMetadata {

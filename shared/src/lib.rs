@@ -22,6 +22,7 @@ pub mod local_services;
 pub mod metric_catalog;
 pub mod ops;
 pub mod outbound;
+pub mod problem;
 pub mod queue;
 pub mod shutdown;
 pub mod store;

@@ -3,7 +3,7 @@
 
 use axum::{
     extract::State,
-    http::{header, StatusCode},
+    http::{header, HeaderValue, StatusCode},
     response::{IntoResponse, Response},
     routing::get,
     Json, Router,
@@ -14,7 +14,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use crate::{queue::Queue, store::Store};
+use crate::{problem::Problem, queue::Queue, store::Store};
 
 /// What `/readyz` checks.
 #[derive(Clone)]
@@ -89,26 +89,16 @@ async fn readyz(State(r): State<Readiness>) -> Response {
     if pg.is_ok() && redis.is_ok() && !loading {
         (StatusCode::OK, Json(body)).into_response()
     } else {
-        let mut problem = json!({
-            "type": "urn:capibara:problem:unavailable",
-            "title": "Service Unavailable",
-            "status": 503,
-            "detail": if loading && pg.is_ok() && redis.is_ok() {
-                "still loading"
-            } else {
-                "a dependency is not reachable"
-            },
-        });
-        problem["checks"] = body;
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            [
-                (header::CONTENT_TYPE, "application/problem+json"),
-                (header::RETRY_AFTER, "1"),
-            ],
-            problem.to_string(),
-        )
-            .into_response()
+        let detail = if loading && pg.is_ok() && redis.is_ok() {
+            "still loading"
+        } else {
+            "a dependency is not reachable"
+        };
+        let mut res = Problem::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", detail)
+            .with_extensions([("checks".to_string(), body)].into_iter().collect());
+        res.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        res
     }
 }
 
