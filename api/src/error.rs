@@ -38,11 +38,18 @@ pub enum ApiError {
     },
     #[error("a dependency is unavailable")]
     Unavailable,
-    #[error("internal error: {0}")]
-    Internal(String),
+    /// A fault of ours: the source is kept (its chain is logged once, by [`log_internal_errors`]);
+    /// the client sees only that it happened.
+    #[error("internal error: {0:#}")]
+    Internal(#[source] anyhow::Error),
 }
 
 impl ApiError {
+    /// An internal error from any error (or message), keeping its chain.
+    pub fn internal(e: impl Into<anyhow::Error>) -> Self {
+        ApiError::Internal(e.into())
+    }
+
     /// The per-key request rate limit (`CAPIBARA_RATE_LIMIT_RPS`).
     pub fn rate_limited(retry_after: Duration) -> Self {
         ApiError::RateLimited {
@@ -144,7 +151,7 @@ impl From<StoreError> for ApiError {
                 detail: format!("the request holds a value that cannot be stored: {m}"),
                 errors: Vec::new(),
             },
-            StoreError::Internal(m) => ApiError::Internal(m),
+            StoreError::Internal(m) => ApiError::Internal(anyhow::anyhow!(m)),
         }
     }
 }
@@ -162,11 +169,12 @@ impl IntoResponse for ApiError {
             }
             _ => None,
         };
+        let internal = match &self {
+            ApiError::Internal(e) => Some(InternalError(format!("{e:#}"))),
+            _ => None,
+        };
         let detail = match &self {
-            ApiError::Internal(m) => {
-                tracing::error!(error = %m, "internal error");
-                "an unexpected error occurred; it has been logged".to_string()
-            }
+            ApiError::Internal(_) => "an unexpected error occurred; it has been logged".to_string(),
             ApiError::Unavailable => {
                 "the database or queue is unavailable; retry shortly".to_string()
             }
@@ -191,6 +199,46 @@ impl IntoResponse for ApiError {
         if status == StatusCode::UNAUTHORIZED {
             h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
+        if let Some(e) = internal {
+            res.extensions_mut().insert(e);
+        }
         res
+    }
+}
+
+/// The chain of an internal error, carried on its response to [`log_internal_errors`].
+#[derive(Debug, Clone)]
+pub struct InternalError(pub String);
+
+/// Middleware: log each internal error once, with the request it failed, where every other
+/// log line of the request is (the conversion to a response logs nothing).
+pub async fn log_internal_errors(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    let res = next.run(req).await;
+    if let Some(InternalError(chain)) = res.extensions().get::<InternalError>() {
+        tracing::error!(%method, %path, error = %chain, "internal error");
+    }
+    res
+}
+
+#[cfg(test)]
+mod internal_error_tests {
+    use super::*;
+
+    #[test]
+    fn an_internal_error_keeps_its_chain_for_the_log_and_tells_the_client_nothing() {
+        let io = std::io::Error::other("disk on fire");
+        let e = ApiError::internal(anyhow::Error::new(io).context("writing the artifact"));
+        let res = e.into_response();
+        assert_eq!(res.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let logged = res.extensions().get::<InternalError>().unwrap().0.clone();
+        assert_eq!(logged, "writing the artifact: disk on fire");
+        assert_eq!(
+            res.headers()[header::CONTENT_TYPE],
+            "application/problem+json"
+        );
     }
 }

@@ -188,10 +188,11 @@ pub fn app(state: AppState) -> Router {
             Duration::from_secs(75),
         ))
         .layer(CatchPanicLayer::custom(|_| {
-            axum::response::IntoResponse::into_response(ApiError::Internal(
-                "handler panicked".into(),
-            ))
+            axum::response::IntoResponse::into_response(ApiError::Internal(anyhow::anyhow!(
+                "handler panicked"
+            )))
         }))
+        .layer(axum::middleware::from_fn(error::log_internal_errors))
         .layer(TraceLayer::new_for_http())
 }
 

@@ -372,7 +372,7 @@ pub async fn validate(
                 column: num("column"),
             }))
         }
-        (status, _) if status.is_terminal() => Err(ApiError::Internal(format!(
+        (status, _) if status.is_terminal() => Err(ApiError::Internal(anyhow::anyhow!(
             "syntax check job {} ended {status}",
             job.id
         ))),

@@ -141,7 +141,7 @@ pub async fn redeliver(
             reason: "redeliver".into(),
         }];
         let (new, a) = delivery_append(Some(&d), d.id, &d.namespace, &events, meta.clone(), now)
-            .ok_or_else(|| ApiError::Internal("delivery state".into()))?;
+            .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("delivery state")))?;
         let sub =
             delivery::delivery_job(d.id, state.config.delivery_retry_schedule.len() as u32 + 1);
         let (_, j) = job_append(
@@ -150,7 +150,7 @@ pub async fn redeliver(
             &[JobEvent::JobSubmitted(sub)],
             JobWrite::new(meta, now),
         )
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
+        .map_err(ApiError::internal)?;
         match state.store.appender.append_all(vec![a, j]).await {
             Ok(_) => return Ok((StatusCode::ACCEPTED, Json(new)).into_response()),
             Err(AppendError::Conflict { .. }) => continue,

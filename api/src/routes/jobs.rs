@@ -286,8 +286,8 @@ pub async fn create(
         actor: Some(auth.actor()),
         received_at: now,
     });
-    let (job, append) = job_append(None, id, &submit_events(sub, now), w)
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let (job, append) =
+        job_append(None, id, &submit_events(sub, now), w).map_err(ApiError::internal)?;
     match state.store.appender.append(append).await {
         Ok(_) => {}
         Err(AppendError::DuplicateCommand) => {
@@ -344,7 +344,7 @@ async fn replay(
     }
     let id = cmd
         .stream_id
-        .ok_or_else(|| ApiError::Internal("command without stream".into()))?;
+        .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("command without stream")))?;
     Ok(store::jobs::get(&state.store.pool, auth.namespace(), id).await?)
 }
 
@@ -378,7 +378,7 @@ pub async fn submit_batch(
             &submit_events(sub, now),
             JobWrite::new(metadata(&auth), now),
         )
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
+        .map_err(ApiError::internal)?;
         appends.push(append);
         created.push(job);
     }

@@ -225,7 +225,9 @@ async fn change(
         let mut r = load(state, auth, id).await?;
         let def = store::runs::definition(&state.store.pool, r.workflow_id, r.version)
             .await?
-            .ok_or_else(|| ApiError::Internal("the run's workflow version is missing".into()))?;
+            .ok_or_else(|| {
+                ApiError::Internal(anyhow::anyhow!("the run's workflow version is missing"))
+            })?;
         let prev = r.stream_version;
         let plan = decide(&mut r, &def)?;
         let at = domain::now();

@@ -231,7 +231,7 @@ async fn write(
         meta(auth),
         domain::now(),
     )
-    .ok_or_else(|| ApiError::Internal("schedule state".into()))?;
+    .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("schedule state")))?;
     let mut all = vec![a];
     all.extend(jobs);
     match state.store.appender.append_all(all).await {
@@ -321,7 +321,7 @@ pub async fn update(
     let s = load(&state, &auth, &id).await?;
     let b = body.value;
     let current_target: ScheduleTarget =
-        serde_json::from_value(s.target.clone()).map_err(|e| ApiError::Internal(e.to_string()))?;
+        serde_json::from_value(s.target.clone()).map_err(ApiError::internal)?;
     let spec = ScheduleSpec {
         name: b.name.unwrap_or_else(|| s.name.clone()),
         cron: b.cron.unwrap_or_else(|| s.cron.clone()),
@@ -431,7 +431,7 @@ async fn fire(
                 ApiError::Conflict("the target workflow no longer exists".into())
             }
             store::runs::StartError::Input(e) => e.under("target").into(),
-            other => ApiError::Internal(other.to_string()),
+            other => ApiError::internal(other),
         })?;
         let ev = ScheduleEvent::TickFired {
             fire_time,
@@ -458,9 +458,9 @@ fn tick_job(
     auth: &Auth,
 ) -> Result<store::Append, ApiError> {
     let target: ScheduleTarget =
-        serde_json::from_value(s.target.clone()).map_err(|e| ApiError::Internal(e.to_string()))?;
+        serde_json::from_value(s.target.clone()).map_err(ApiError::internal)?;
     let ScheduleTarget::Job { job: mut sub } = target else {
-        return Err(ApiError::Internal("not a job target".into()));
+        return Err(ApiError::Internal(anyhow::anyhow!("not a job target")));
     };
     sub.tags.insert("schedule_id".into(), s.id.to_string());
     sub.tags.insert("fire_time".into(), fire_time.to_rfc3339());
@@ -472,7 +472,7 @@ fn tick_job(
         store::jobs::JobWrite::new(meta(auth), domain::now()),
     )
     .map(|(_, a)| a)
-    .map_err(|e| ApiError::Internal(e.to_string()))
+    .map_err(ApiError::internal)
 }
 
 #[utoipa::path(post, operation_id = "backfillSchedule", path = "/v1/schedules/{id}/backfill", tag = "schedules", params(("id" = String, Path)),
@@ -494,7 +494,7 @@ pub async fn backfill(
     let s = load(&state, &auth, &id).await?;
     let spec = s
         .cron_spec()
-        .ok_or_else(|| ApiError::Internal("stored cron does not parse".into()))?;
+        .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("stored cron does not parse")))?;
     let times: Vec<DateTime<Utc>> = spec
         .after(b.from - chrono::Duration::microseconds(1))
         .take_while(|t| *t <= b.to)

@@ -134,10 +134,9 @@ pub async fn create(
     }
     let ev = TriggerEvent::TriggerCreated {
         name: b.name,
-        target: serde_json::to_value(&target).map_err(|e| ApiError::Internal(e.to_string()))?,
+        target: serde_json::to_value(&target).map_err(ApiError::internal)?,
         // The log keeps the scheme only; the credential goes to `trigger_credentials`.
-        auth: serde_json::to_value(auth_given.redacted())
-            .map_err(|e| ApiError::Internal(e.to_string()))?,
+        auth: serde_json::to_value(auth_given.redacted()).map_err(ApiError::internal)?,
         input: b.input,
         rate_limit_per_minute: rate,
     };
@@ -149,7 +148,7 @@ pub async fn create(
         meta(&auth),
         domain::now(),
     )
-    .ok_or_else(|| ApiError::Internal("trigger state".into()))?;
+    .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("trigger state")))?;
     a.effects.push(Effect::TriggerCredential {
         trigger_id: t.id,
         namespace: t.namespace.clone(),
@@ -225,7 +224,7 @@ pub async fn delete(
             meta(&auth),
             domain::now(),
         )
-        .ok_or_else(|| ApiError::Internal("trigger state".into()))?;
+        .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("trigger state")))?;
         // The credential goes with the trigger.
         a.effects.push(Effect::TriggerCredential {
             trigger_id: t.id,

@@ -55,7 +55,7 @@ pub async fn voices(
     let dir = state.config.tts.voices_dir.clone();
     let items = tokio::task::spawn_blocking(move || voices::list(&dir))
         .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
+        .map_err(ApiError::internal)?;
     let default = items
         .iter()
         .find(|v| v.default)
@@ -383,15 +383,15 @@ async fn whole_audio(state: &AppState, auth: &Auth, id: Uuid) -> Result<String, 
     let artifact = job
         .artifacts
         .first()
-        .ok_or_else(|| error_frame(ApiError::Internal("no artifact".into())))?;
+        .ok_or_else(|| error_frame(ApiError::Internal(anyhow::anyhow!("no artifact"))))?;
     let store = state
         .artifacts
         .as_ref()
-        .map_err(|e| error_frame(ApiError::Internal(e.clone())))?;
+        .map_err(|e| error_frame(ApiError::Internal(anyhow::anyhow!(e.clone()))))?;
     let read = store
         .get(&artifact.location, None)
         .await
-        .map_err(|e| error_frame(ApiError::Internal(e.to_string())))?;
+        .map_err(|e| error_frame(ApiError::internal(e)))?;
     Ok(base64::engine::general_purpose::STANDARD.encode(&read.bytes))
 }
 

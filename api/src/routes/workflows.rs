@@ -118,7 +118,7 @@ pub async fn create(
         metadata(&auth),
         domain::now(),
     )
-    .ok_or_else(|| ApiError::Internal("workflow state".into()))?;
+    .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("workflow state")))?;
     state
         .store
         .appender
@@ -155,7 +155,7 @@ pub async fn update(
             metadata(&auth),
             domain::now(),
         )
-        .ok_or_else(|| ApiError::Internal("workflow state".into()))?;
+        .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("workflow state")))?;
         match state.store.appender.append(append).await {
             Ok(_) => return Ok(created(&new, StatusCode::OK)),
             Err(AppendError::Conflict { .. }) => continue,
@@ -228,7 +228,7 @@ pub async fn delete(
             metadata(&auth),
             domain::now(),
         )
-        .ok_or_else(|| ApiError::Internal("workflow state".into()))?;
+        .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("workflow state")))?;
         match state.store.appender.append(append).await {
             Ok(_) => return Ok(StatusCode::NO_CONTENT),
             Err(AppendError::Conflict { .. }) => continue,
