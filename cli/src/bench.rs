@@ -35,10 +35,10 @@ use std::{
 };
 
 use anyhow::{anyhow, bail, Context, Result};
-use capibara_shared::{
-    local_services::{find_free_port, PostgresOptions, PostgresServer, RedisOptions, RedisServer},
-    shutdown,
+use capibara_dev_services::{
+    find_free_port, PostgresOptions, PostgresServer, RedisOptions, RedisServer,
 };
+use capibara_shared::shutdown;
 use clap::Args;
 use reqwest::{header, Client};
 use serde_json::json;

@@ -29,7 +29,8 @@ use std::{
 
 use anyhow::{anyhow, bail, Context, Result};
 use axum::{body::Bytes, extract::State, http::HeaderMap, http::StatusCode, Router};
-use capibara_shared::{domain::webhook::WebhookSecret, local_services::find_free_port, shutdown};
+use capibara_dev_services::find_free_port;
+use capibara_shared::{domain::webhook::WebhookSecret, shutdown};
 use chrono::{DateTime, Utc};
 use reqwest::Client;
 use serde_json::{json, Value};

@@ -52,7 +52,7 @@ pub async fn run(a: ScheduleBenchArgs) -> Result<()> {
     let defaults = Defaults::parse_from(["bench"]).bench;
     let mut env = Env::start(&defaults, &dir, &bin_dir).await?;
     for i in 1..a.replicas {
-        let port = capibara_shared::local_services::find_free_port();
+        let port = capibara_dev_services::find_free_port();
         env.spawn(
             &format!("scheduler-{}", i + 1),
             "capibara-scheduler",

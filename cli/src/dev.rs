@@ -7,10 +7,10 @@
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context;
+use capibara_dev_services::{PostgresOptions, PostgresServer, RedisOptions, RedisServer};
 use capibara_shared::{
     config::{Config, LogFormat},
     domain::{auth::Role, kinds},
-    local_services::{PostgresOptions, PostgresServer, RedisOptions, RedisServer},
     metric_catalog, ops,
     queue::Queue,
     shutdown, store, telemetry,

@@ -10,7 +10,6 @@
 //! - [`outbound`]: SSRF guard for URLs Capibara calls out to.
 //! - [`artifacts`]: files jobs produce, in a local directory or an S3-compatible bucket.
 //! - [`config`], [`telemetry`], [`metric_catalog`], [`ops`], [`shutdown`]: process plumbing.
-//! - [`local_services`]: starts real local Postgres/Redis servers for `capibara dev` and tests.
 
 pub mod artifacts;
 pub mod command;
@@ -18,7 +17,6 @@ pub mod config;
 pub mod domain;
 pub mod hints;
 pub mod installed;
-pub mod local_services;
 pub mod metric_catalog;
 pub mod ops;
 pub mod outbound;

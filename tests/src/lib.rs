@@ -16,7 +16,7 @@ use uuid::Uuid;
 
 pub mod receiver;
 
-pub use capibara_shared::local_services::{
+pub use capibara_dev_services::{
     find_free_port, PostgresOptions, PostgresServer, RedisOptions, RedisServer,
 };
 

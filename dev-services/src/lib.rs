@@ -546,7 +546,7 @@ impl Drop for PostgresServer {
     fn drop(&mut self) {
         if self.running && !self.adopted {
             if let Err(e) = self.stop() {
-                eprintln!("capibara local_services: stopping PostgreSQL: {e:#}");
+                eprintln!("capibara dev-services: stopping PostgreSQL: {e:#}");
             }
         }
     }
@@ -973,7 +973,7 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         if !self.adopted {
             if let Err(e) = self.stop() {
-                eprintln!("capibara local_services: stopping redis-server: {e:#}");
+                eprintln!("capibara dev-services: stopping redis-server: {e:#}");
             }
         }
     }
