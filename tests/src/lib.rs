@@ -494,3 +494,53 @@ pub fn parse_sse(text: &str) -> Vec<(String, String, Value)> {
     }
     out
 }
+
+/// Workflow helpers shared by the tests that run workflows.
+pub mod runs {
+    use std::time::Duration;
+
+    use serde_json::{json, Value};
+
+    use super::{eventually, Api};
+
+    /// Create a workflow; returns its id.
+    pub async fn create(api: &Api, def: Value) -> String {
+        let r = api.post("/v1/workflows", def).await;
+        assert_eq!(r.status, 201, "{r:?}");
+        r.body["id"].as_str().unwrap().to_string()
+    }
+
+    /// Start a run of `workflow` with `input`; returns the run's id.
+    pub async fn start(api: &Api, workflow: &str, input: Value) -> String {
+        let r = api
+            .post(
+                &format!("/v1/workflows/{workflow}/runs"),
+                json!({"input": input}),
+            )
+            .await;
+        assert_eq!(r.status, 202, "{r:?}");
+        r.body["id"].as_str().unwrap().to_string()
+    }
+
+    /// The run once it ended (fails the test after `timeout`).
+    pub async fn ended(api: &Api, run: &str, timeout: Duration) -> Value {
+        eventually("the run to end", timeout, || async {
+            let r = api.get(&format!("/v1/runs/{run}")).await;
+            let s = r.body["status"].as_str().unwrap_or_default().to_string();
+            ["succeeded", "failed", "canceled"]
+                .contains(&s.as_str())
+                .then_some(r.body)
+        })
+        .await
+    }
+
+    /// Step `id` of a run.
+    pub fn step<'a>(run: &'a Value, id: &str) -> &'a Value {
+        run["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["id"] == id)
+            .unwrap_or_else(|| panic!("no step {id} in {run}"))
+    }
+}

@@ -8,45 +8,12 @@
 
 use std::time::{Duration, Instant};
 
-use capibara_tests::{eventually, find_free_port, Api, TestEnv};
+use capibara_tests::{
+    eventually, find_free_port,
+    runs::{create as create_workflow, ended, start, step},
+    Api, TestEnv,
+};
 use serde_json::{json, Value};
-
-async fn create_workflow(api: &Api, def: Value) -> String {
-    let r = api.post("/v1/workflows", def).await;
-    assert_eq!(r.status, 201, "{r:?}");
-    r.body["id"].as_str().unwrap().to_string()
-}
-
-async fn start(api: &Api, workflow: &str, input: Value) -> String {
-    let r = api
-        .post(
-            &format!("/v1/workflows/{workflow}/runs"),
-            json!({"input": input}),
-        )
-        .await;
-    assert_eq!(r.status, 202, "{r:?}");
-    r.body["id"].as_str().unwrap().to_string()
-}
-
-async fn ended(api: &Api, run: &str, timeout: Duration) -> Value {
-    eventually("the run to end", timeout, || async {
-        let r = api.get(&format!("/v1/runs/{run}")).await;
-        let s = r.body["status"].as_str().unwrap_or_default().to_string();
-        ["succeeded", "failed", "canceled"]
-            .contains(&s.as_str())
-            .then_some(r.body)
-    })
-    .await
-}
-
-fn step<'a>(run: &'a Value, id: &str) -> &'a Value {
-    run["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["id"] == id)
-        .unwrap_or_else(|| panic!("no step {id} in {run}"))
-}
 
 /// A client for namespace `ns` (submit rights).
 async fn tenant(admin: &Api, ns: &str) -> Api {
@@ -60,29 +27,39 @@ async fn tenant(admin: &Api, ns: &str) -> Api {
     admin.with_key(r.body["key"].as_str().unwrap())
 }
 
-/// Make Postgres refuse the hostile namespace's jobs whose input has `poison` or that a
-/// schedule submits, as it refuses a NUL character.
-async fn refuse_hostile_jobs(env: &TestEnv) {
+/// Make Postgres refuse the rows of `table` (of the hostile namespace) for which `when` (SQL
+/// over `NEW`) holds, as it refuses a NUL character.
+async fn refuse_hostile(env: &TestEnv, table: &str, when: &str) {
     let pool = env.pool().await;
-    sqlx::query(
-        "CREATE FUNCTION refuse_hostile() RETURNS trigger AS $$
+    sqlx::query(&format!(
+        "CREATE FUNCTION refuse_hostile_{table}() RETURNS trigger AS $$
          BEGIN
-           IF NEW.namespace = 'hostile' AND (NEW.input ? 'poison' OR NEW.tags ? 'schedule_id') THEN
+           IF NEW.namespace = 'hostile' AND ({when}) THEN
              RAISE EXCEPTION 'unsupported Unicode escape sequence' USING ERRCODE = '22P05';
            END IF;
            RETURN NEW;
-         END $$ LANGUAGE plpgsql",
-    )
+         END $$ LANGUAGE plpgsql"
+    ))
     .execute(&pool)
     .await
     .unwrap();
-    sqlx::query(
-        "CREATE TRIGGER refuse_hostile BEFORE INSERT OR UPDATE ON jobs
-         FOR EACH ROW EXECUTE FUNCTION refuse_hostile()",
-    )
+    sqlx::query(&format!(
+        "CREATE TRIGGER refuse_hostile_{table} BEFORE INSERT OR UPDATE ON {table}
+         FOR EACH ROW EXECUTE FUNCTION refuse_hostile_{table}()"
+    ))
     .execute(&pool)
     .await
     .unwrap();
+}
+
+/// The hostile namespace's jobs whose input has `poison` or that a schedule submits.
+async fn refuse_hostile_jobs(env: &TestEnv) {
+    refuse_hostile(
+        env,
+        "jobs",
+        "NEW.input ? 'poison' OR NEW.tags ? 'schedule_id'",
+    )
+    .await;
 }
 
 /// Two echo steps, the second's input from a template.
@@ -408,29 +385,9 @@ async fn schedules_whose_ticks_are_refused_do_not_stop_another_namespaces_schedu
     assert!(reason.starts_with("store_rejected"), "{reason}");
 }
 
-/// Make Postgres refuse the hostile namespace's new deliveries (those not already failed), as
-/// it refuses a NUL character.
+/// The hostile namespace's new deliveries (those not already recorded as failed).
 async fn refuse_hostile_deliveries(env: &TestEnv) {
-    let pool = env.pool().await;
-    sqlx::query(
-        "CREATE FUNCTION refuse_hostile_delivery() RETURNS trigger AS $$
-         BEGIN
-           IF NEW.namespace = 'hostile' AND NEW.status <> 'failed' THEN
-             RAISE EXCEPTION 'unsupported Unicode escape sequence' USING ERRCODE = '22P05';
-           END IF;
-           RETURN NEW;
-         END $$ LANGUAGE plpgsql",
-    )
-    .execute(&pool)
-    .await
-    .unwrap();
-    sqlx::query(
-        "CREATE TRIGGER refuse_hostile_delivery BEFORE INSERT OR UPDATE ON deliveries
-         FOR EACH ROW EXECUTE FUNCTION refuse_hostile_delivery()",
-    )
-    .execute(&pool)
-    .await
-    .unwrap();
+    refuse_hostile(env, "deliveries", "NEW.status <> 'failed'").await;
 }
 
 /// The deliverer commits a page of deliveries with its checkpoint: one tenant's delivery that

@@ -5,7 +5,11 @@
 
 use std::time::Duration;
 
-use capibara_tests::{bin, eventually, parse_sse, types, Api, TestEnv};
+use capibara_tests::{
+    bin, eventually, parse_sse,
+    runs::{create, ended, start, step},
+    types, Api, TestEnv,
+};
 use serde_json::{json, Value};
 
 fn example(name: &str) -> String {
@@ -13,12 +17,6 @@ fn example(name: &str) -> String {
         .join("../docs/examples")
         .join(name);
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
-
-async fn create(api: &Api, def: Value) -> String {
-    let r = api.post("/v1/workflows", def).await;
-    assert_eq!(r.status, 201, "{r:?}");
-    r.body["id"].as_str().unwrap().to_string()
 }
 
 async fn create_text(api: &Api, body: String, content_type: &str) -> reqwest::Response {
@@ -30,38 +28,6 @@ async fn create_text(api: &Api, body: String, content_type: &str) -> reqwest::Re
         .send()
         .await
         .unwrap()
-}
-
-async fn start(api: &Api, workflow: &str, input: Value) -> String {
-    let r = api
-        .post(
-            &format!("/v1/workflows/{workflow}/runs"),
-            json!({"input": input}),
-        )
-        .await;
-    assert_eq!(r.status, 202, "{r:?}");
-    r.body["id"].as_str().unwrap().to_string()
-}
-
-/// The run once it ended (fails the test after `timeout`).
-async fn ended(api: &Api, run: &str, timeout: Duration) -> Value {
-    eventually("the run to end", timeout, || async {
-        let r = api.get(&format!("/v1/runs/{run}")).await;
-        let s = r.body["status"].as_str().unwrap_or_default().to_string();
-        ["succeeded", "failed", "canceled"]
-            .contains(&s.as_str())
-            .then_some(r.body)
-    })
-    .await
-}
-
-fn step<'a>(run: &'a Value, id: &str) -> &'a Value {
-    run["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["id"] == id)
-        .unwrap_or_else(|| panic!("no step {id} in {run}"))
 }
 
 async fn count(pool: &sqlx::PgPool, sql: &str, run: &str) -> i64 {
