@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use capibara_shared::domain::webhook::WebhookSecret;
-use capibara_tests::{find_free_port, TestEnv};
+use capibara_tests::{find_free_port, Api, Proc, TestEnv};
 use hmac::{Hmac, Mac};
 use serde_json::{json, Value};
 use sha2::Sha256;
@@ -264,6 +264,19 @@ async fn call_signed(
         .as_u16()
 }
 
+/// A deployment with its hooks endpoint up, and admin clients of two namespaces.
+async fn two_teams() -> (TestEnv, (Proc, Proc, Proc), (Api, Api)) {
+    let (env, hooks) = env_with_hooks().await;
+    let procs = env.spawn_all().await;
+    capibara_tests::wait_http_ok(&format!("{hooks}/healthz")).await;
+    let admin = env.client();
+    let teams = (
+        admin.key_for("team-a", &["admin"]).await,
+        admin.key_for("team-b", &["admin"]).await,
+    );
+    (env, procs, teams)
+}
+
 async fn create_trigger(api: &capibara_tests::Api, body: Value) -> (String, String, String) {
     let r = api.post("/v1/triggers", body).await;
     assert_eq!(r.status, 201, "{r:?}");
@@ -434,14 +447,7 @@ async fn trigger_credentials_are_shown_once_and_never_enter_the_log() {
 
 #[tokio::test]
 async fn an_unauthenticated_flood_neither_locks_out_the_sender_nor_floods_the_log() {
-    let (env, hooks) = env_with_hooks().await;
-    let _procs = env.spawn_all().await;
-    capibara_tests::wait_http_ok(&format!("{hooks}/healthz")).await;
-    let admin = env.client();
-    let (a, b) = (
-        admin.key_for("team-a", &["admin"]).await,
-        admin.key_for("team-b", &["admin"]).await,
-    );
+    let (env, _procs, (a, b)) = two_teams().await;
     let http = reqwest::Client::new();
     let trigger = |token: &str| {
         json!({"name": "t", "auth": {"type": "bearer", "token": token}, "rate_limit_per_minute": 3,
@@ -479,14 +485,7 @@ async fn an_unauthenticated_flood_neither_locks_out_the_sender_nor_floods_the_lo
 
 #[tokio::test]
 async fn a_failed_start_leaves_no_receipt_so_the_retry_starts_exactly_one_job() {
-    let (env, hooks) = env_with_hooks().await;
-    let _procs = env.spawn_all().await;
-    capibara_tests::wait_http_ok(&format!("{hooks}/healthz")).await;
-    let admin = env.client();
-    let (a, b) = (
-        admin.key_for("team-a", &["admin"]).await,
-        admin.key_for("team-b", &["admin"]).await,
-    );
+    let (env, _procs, (a, b)) = two_teams().await;
     let http = reqwest::Client::new();
     let trigger = json!({"name": "sw", "auth": {"type": "standard_webhooks"},
                          "target": {"type": "job", "job": {"kind": "echo"}}});
