@@ -1,10 +1,13 @@
 //! The command layer: a use-case on an existing stream is "load the aggregate → decide the
 //! events (a pure function of the domain) → append them at the version read → on a version
-//! conflict, load again and decide again". [`on_job`] is that loop for job streams, written
-//! once; entry points (HTTP handlers, the CLI, the scheduler) call it with the domain's decision
-//! (`Job::cancel`, `Job::retry`) instead of writing the loop themselves. docs/architecture.md
-//! has the design and what still follows it.
+//! conflict, load again and decide again". [`execute`] is that loop, written once for every
+//! [`Aggregate`]; entry points (HTTP handlers, the CLI, the scheduler) call it with the domain's
+//! decision (`Job::cancel`, `Job::retry`, a schedule's pause) instead of writing the loop
+//! themselves. docs/architecture.md has the design and what still follows it.
 
+use std::future::Future;
+
+use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::{
@@ -12,16 +15,93 @@ use crate::{
         event::EventMetadata,
         job::{Job, JobEvent},
         now,
+        schedule::{Schedule, ScheduleEvent},
     },
     store::{
         self,
         jobs::{job_append, JobWrite},
-        AppendError, Store, StoreError,
+        schedules::schedule_append,
+        Append, AppendError, Store, StoreError,
     },
 };
 
+/// A stream's state that commands load and change: how to read it (in a namespace) and how its
+/// new events become an append at the version it was read at.
+pub trait Aggregate: Sized {
+    type Event;
+
+    /// The current state, if the stream exists in `namespace`.
+    fn load(
+        store: &Store,
+        namespace: &str,
+        id: Uuid,
+    ) -> impl Future<Output = Result<Option<Self>, StoreError>> + Send;
+
+    /// The state after `events`, and the append that records them (expecting this version).
+    fn append(
+        &self,
+        id: Uuid,
+        events: &[Self::Event],
+        metadata: &EventMetadata,
+        at: DateTime<Utc>,
+    ) -> Result<(Self, Append), StoreError>;
+}
+
+impl Aggregate for Job {
+    type Event = JobEvent;
+
+    fn load(
+        store: &Store,
+        namespace: &str,
+        id: Uuid,
+    ) -> impl Future<Output = Result<Option<Self>, StoreError>> + Send {
+        store::jobs::get(&store.pool, namespace, id)
+    }
+
+    fn append(
+        &self,
+        id: Uuid,
+        events: &[JobEvent],
+        metadata: &EventMetadata,
+        at: DateTime<Utc>,
+    ) -> Result<(Job, Append), StoreError> {
+        job_append(Some(self), id, events, JobWrite::new(metadata.clone(), at))
+            .map_err(|e| StoreError::Internal(e.to_string()))
+    }
+}
+
+impl Aggregate for Schedule {
+    type Event = ScheduleEvent;
+
+    fn load(
+        store: &Store,
+        namespace: &str,
+        id: Uuid,
+    ) -> impl Future<Output = Result<Option<Self>, StoreError>> + Send {
+        store::schedules::get(&store.pool, namespace, id)
+    }
+
+    fn append(
+        &self,
+        id: Uuid,
+        events: &[ScheduleEvent],
+        metadata: &EventMetadata,
+        at: DateTime<Utc>,
+    ) -> Result<(Schedule, Append), StoreError> {
+        schedule_append(
+            Some(self),
+            id,
+            &self.namespace,
+            events,
+            metadata.clone(),
+            at,
+        )
+        .ok_or_else(|| StoreError::Internal("the events do not apply to the schedule".into()))
+    }
+}
+
 /// How many times a command re-reads a stream that changed under it before giving up.
-const ATTEMPTS: usize = 10;
+const ATTEMPTS: u32 = 20;
 
 /// Why a command did not happen.
 #[derive(Debug, thiserror::Error)]
@@ -39,39 +119,42 @@ pub enum CommandError<E: std::error::Error + 'static> {
     Store(#[from] StoreError),
 }
 
-/// Run `decide` on job `id` of `namespace` and record its events, re-reading and deciding
-/// again when another writer got there first. `decide` returns the events and a value for the
-/// caller (what follows the change); no events means nothing to record. Returns the job after
-/// the events, and that value.
-pub async fn on_job<T, E, F>(
+/// Run `decide` on the aggregate `id` of `namespace` and record its events, re-reading and
+/// deciding again when another writer got there first. `decide` returns the events and a value
+/// for the caller (what follows the change); no events means nothing to record. Returns the
+/// state after the events, and that value.
+pub async fn execute<A, T, E, F>(
     store: &Store,
     namespace: &str,
     id: Uuid,
     metadata: &EventMetadata,
     decide: F,
-) -> Result<(Job, T), CommandError<E>>
+) -> Result<(A, T), CommandError<E>>
 where
+    A: Aggregate,
     E: std::error::Error + 'static,
-    F: Fn(&Job) -> Result<(Vec<JobEvent>, T), E>,
+    F: Fn(&A) -> Result<(Vec<A::Event>, T), E>,
 {
-    for _ in 0..ATTEMPTS {
-        let job = store::jobs::get(&store.pool, namespace, id)
+    for attempt in 0..ATTEMPTS {
+        let current = A::load(store, namespace, id)
             .await?
             .ok_or(CommandError::NotFound)?;
-        let (events, out) = decide(&job).map_err(CommandError::Rejected)?;
+        let (events, out) = decide(&current).map_err(CommandError::Rejected)?;
         if events.is_empty() {
-            return Ok((job, out));
+            return Ok((current, out));
         }
-        let (new, append) = job_append(
-            Some(&job),
-            id,
-            &events,
-            JobWrite::new(metadata.clone(), now()),
-        )
-        .map_err(|e| StoreError::Internal(e.to_string()))?;
+        let (new, append) = current.append(id, &events, metadata, now())?;
         match store.appender.append(append).await {
             Ok(_) => return Ok((new, out)),
-            Err(AppendError::Conflict { .. }) => continue,
+            Err(AppendError::Conflict { .. }) => {
+                // Another writer won this round: back off a little (randomly, so that the
+                // losers of a crowd do not collide again in the next group commit).
+                let most_ms = 2u64 << attempt.min(5);
+                tokio::time::sleep(std::time::Duration::from_millis(
+                    rand::random::<u64>() % most_ms,
+                ))
+                .await;
+            }
             Err(e) => return Err(StoreError::from(e).into()),
         }
     }

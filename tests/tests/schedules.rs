@@ -430,3 +430,41 @@ async fn trigger_runs_now_and_backfill_fires_each_missing_tick_once() {
         .await;
     assert_eq!(bad.status, 422);
 }
+
+/// Pause and resume are commands (`capibara_shared::command`): a request that loses the race to
+/// another writer re-reads the schedule and applies again, instead of answering 409.
+#[tokio::test]
+async fn concurrent_pauses_and_resumes_all_apply() {
+    let env = TestEnv::new().await;
+    let _api = env.spawn_api().await;
+    let api = env.client();
+    let r = api
+        .post(
+            "/v1/schedules",
+            json!({"name": "busy", "cron": "0 0 1 1 *", "target": {"type": "job", "job": {"kind": "echo"}}}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{r:?}");
+    let id = r.body["id"].as_str().unwrap().to_string();
+    let calls = (0..12).map(|i| {
+        let api = api.clone();
+        let path = format!(
+            "/v1/schedules/{id}/{}",
+            if i % 2 == 0 { "pause" } else { "resume" }
+        );
+        async move { api.post(&path, json!({})).await }
+    });
+    let refused: Vec<_> = futures::future::join_all(calls)
+        .await
+        .into_iter()
+        .filter(|r| r.status != 200)
+        .collect();
+    assert!(refused.is_empty(), "{refused:?}");
+    let pool = env.pool().await;
+    let changes = schedule_events(&pool, &id)
+        .await
+        .into_iter()
+        .filter(|(t, _)| t == "SchedulePaused" || t == "ScheduleResumed")
+        .count();
+    assert_eq!(changes, 12);
+}

@@ -673,7 +673,7 @@ pub async fn cancel(
 ) -> Result<Response, ApiError> {
     auth.require(Role::Submit)?;
     let id = parse_id(&id)?;
-    let (job, done) = command::on_job(
+    let (job, done) = command::execute::<Job, _, _, _>(
         &state.store,
         auth.namespace(),
         id,
@@ -720,7 +720,7 @@ pub async fn retry(
     let id = parse_id(&id)?;
     // The submission's budget: read once, it never changes.
     let budget = submitted_max_attempts(&state, id).await?;
-    let (job, ()) = command::on_job(
+    let (job, ()) = command::execute::<Job, _, _, _>(
         &state.store,
         auth.namespace(),
         id,

@@ -6,7 +6,10 @@ use axum::{
     response::{IntoResponse, Response},
     Json,
 };
+use std::convert::Infallible;
+
 use capibara_shared::{
+    command::{self, CommandError},
     domain::{
         self,
         auth::Role,
@@ -359,12 +362,22 @@ async fn simple(
     ev: ScheduleEvent,
 ) -> Result<Json<ScheduleView>, ApiError> {
     auth.require(Role::Submit)?;
-    let s = load(state, auth, id).await?;
-    Ok(Json(
-        write(state, auth, Some(&s), s.id, &[ev], vec![])
-            .await?
-            .into(),
-    ))
+    let id = parse_id(id)?;
+    let (s, ()) = command::execute::<Schedule, _, Infallible, _>(
+        &state.store,
+        auth.namespace(),
+        id,
+        &meta(auth),
+        |_| Ok((vec![ev.clone()], ())),
+    )
+    .await
+    .map_err(|e| match e {
+        CommandError::NotFound => ApiError::NotFound(format!("no schedule `{id}`")),
+        CommandError::Busy => ApiError::Conflict("the schedule is changing too fast; retry".into()),
+        CommandError::Rejected(never) => match never {},
+        CommandError::Store(e) => e.into(),
+    })?;
+    Ok(Json(s.into()))
 }
 
 #[utoipa::path(post, operation_id = "pauseSchedule", path = "/v1/schedules/{id}/pause", tag = "schedules", params(("id" = String, Path)),
