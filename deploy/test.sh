@@ -291,6 +291,8 @@ step() {
         summary+=("$name=FAIL")
         ((overall != 0)) || overall=$rc
     fi
+    # Disk left after each step: a linker that runs out of space dies with SIGBUS, not ENOSPC.
+    log "disk after $name: $(df -h --output=avail . 2>/dev/null | tail -1 | tr -d ' ') free"
     return "$rc"
 }
 
