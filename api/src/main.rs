@@ -19,8 +19,11 @@ async fn main() -> anyhow::Result<()> {
     let queue = Queue::connect(&config.redis_url, &config.redis_prefix)
         .await
         .context("connecting to Redis")?;
-    let appender =
-        store::Appender::start(pool.clone(), Some(queue.clone()), config.as_ref().into());
+    let appender = store::Appender::start(
+        pool.clone(),
+        Some(std::sync::Arc::new(queue.clone())),
+        config.as_ref().into(),
+    );
     let state =
         capibara_api::AppState::new(store::Store::new(pool, appender), queue, config.clone());
     let listener = tokio::net::TcpListener::bind(config.api_addr)

@@ -29,8 +29,11 @@ async fn app() -> (Router, capibara_tests::TestEnv) {
     let queue = Queue::connect(&env.redis_url, &env.redis_prefix)
         .await
         .unwrap();
-    let appender =
-        store::Appender::start(pool.clone(), Some(queue.clone()), config.as_ref().into());
+    let appender = store::Appender::start(
+        pool.clone(),
+        Some(std::sync::Arc::new(queue.clone())),
+        config.as_ref().into(),
+    );
     let app = capibara_api::app(capibara_api::AppState::new(
         store::Store::new(pool, appender),
         queue,

@@ -99,7 +99,11 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         .context("connecting to Redis")?;
     let store = store::Store::new(
         pool.clone(),
-        store::Appender::start(pool.clone(), Some(queue.clone()), config.as_ref().into()),
+        store::Appender::start(
+            pool.clone(),
+            Some(std::sync::Arc::new(queue.clone())),
+            config.as_ref().into(),
+        ),
     );
 
     let key_file = args.data_dir.join("demo-key");

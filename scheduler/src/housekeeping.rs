@@ -271,7 +271,7 @@ pub async fn retention(store: &Store, keep: Option<Duration>) -> Result<usize, s
 
 /// End attempts whose lease expired.
 pub async fn reap(store: &Store) -> Result<usize, store::StoreError> {
-    let expired = store::workers::expired_leases(&store.pool, 200).await?;
+    let expired = store::lease::expired(&store.pool, 200).await?;
     if expired.is_empty() {
         return Ok(0);
     }

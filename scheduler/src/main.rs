@@ -24,7 +24,11 @@ async fn main() -> anyhow::Result<()> {
         .context("connecting to Redis")?;
     let store = store::Store::new(
         pool.clone(),
-        store::Appender::start(pool, Some(queue.clone()), config.as_ref().into()),
+        store::Appender::start(
+            pool,
+            Some(std::sync::Arc::new(queue.clone())),
+            config.as_ref().into(),
+        ),
     );
     let listener = tokio::net::TcpListener::bind(config.scheduler_addr)
         .await

@@ -11,40 +11,10 @@
 
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
 use redis::{aio::ConnectionManager, AsyncCommands, Script};
-use serde::Serialize;
 use uuid::Uuid;
 
-use crate::domain::job::Priority;
-
-/// A queued job to hand to Redis.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct DispatchEntry {
-    pub job_id: Uuid,
-    pub namespace: String,
-    pub queue: String,
-    pub score: i64,
-    pub enqueued_at: DateTime<Utc>,
-}
-
-impl DispatchEntry {
-    pub fn new(
-        job_id: Uuid,
-        namespace: &str,
-        queue: &str,
-        priority: Priority,
-        enqueued_at: DateTime<Utc>,
-    ) -> Self {
-        Self {
-            job_id,
-            namespace: namespace.to_string(),
-            queue: queue.to_string(),
-            score: enqueued_at.timestamp_millis() - priority.head_start_ms(),
-            enqueued_at,
-        }
-    }
-}
+use crate::store::dispatch::DispatchEntry;
 
 /// Redis errors, kept opaque at this boundary.
 #[derive(Debug, thiserror::Error)]
@@ -268,9 +238,31 @@ impl Queue {
     }
 }
 
+/// After each commit: push what became ready (the fast path; the relay sweeps what this misses)
+/// and publish the changed streams as hints.
+impl crate::store::append::CommitListener for Queue {
+    fn committed<'a>(
+        &'a self,
+        dispatched: &'a [DispatchEntry],
+        streams: &'a [Uuid],
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>> {
+        Box::pin(async move {
+            if !dispatched.is_empty() {
+                if let Err(e) = self.push(dispatched).await {
+                    tracing::warn!(error = %e, "fast-path dispatch to Redis failed; the relay will retry");
+                }
+            }
+            if !streams.is_empty() {
+                self.publish_hints(streams).await;
+            }
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::job::Priority;
 
     fn score(p: Priority, secs_ago: i64) -> i64 {
         let at = chrono::Utc::now() - chrono::Duration::seconds(secs_ago);

@@ -43,7 +43,11 @@ async fn main() -> anyhow::Result<()> {
         .context("connecting to Redis")?;
     let store = store::Store::new(
         pool.clone(),
-        store::Appender::start(pool, Some(queue.clone()), config.as_ref().into()),
+        store::Appender::start(
+            pool,
+            Some(std::sync::Arc::new(queue.clone())),
+            config.as_ref().into(),
+        ),
     );
 
     let listener = tokio::net::TcpListener::bind(config.worker_addr)

@@ -18,9 +18,10 @@ use capibara_shared::{
         job::{Job, JobError, JobEvent, JobStatus},
         storable, FieldError,
     },
-    queue::{DispatchEntry, Queue},
+    queue::Queue,
     store::{
         self,
+        dispatch::DispatchEntry,
         jobs::{job_append, JobWrite},
         secrets::Redactor,
         workers::WorkerInfo,

@@ -442,6 +442,46 @@ impl Job {
     }
 }
 
+/// What follows a change of a job's status, besides recording its events. The domain decides
+/// it here, next to the fold; the store carries it out in the same transaction (the dispatch
+/// outbox, the lease table), and after the commit the queue is told of new dispatches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Follow {
+    /// It became ready to run: into the dispatch outbox, queued since `since`.
+    Dispatch { since: DateTime<Utc> },
+    /// It is no longer waiting for a worker: out of the outbox.
+    Undispatch,
+    /// An attempt started: its worker holds a lease on it.
+    GrantLease,
+    /// The attempt ended: the lease is released.
+    ReleaseLease,
+}
+
+impl Job {
+    /// What follows from going from status `before` (`None`: a new job) to this state, when
+    /// the change is recorded at `at`.
+    pub fn follows(&self, before: Option<JobStatus>, at: DateTime<Utc>) -> Vec<Follow> {
+        use JobStatus::{Queued, Running};
+        let mut out = Vec::new();
+        let (was, is) = (before, self.status);
+        if is == Queued && was != Some(Queued) {
+            out.push(Follow::Dispatch {
+                since: self.queued_at.unwrap_or(at),
+            });
+        }
+        if was == Some(Queued) && is != Queued {
+            out.push(Follow::Undispatch);
+        }
+        if is == Running && was != Some(Running) {
+            out.push(Follow::GrantLease);
+        }
+        if was == Some(Running) && is != Running {
+            out.push(Follow::ReleaseLease);
+        }
+        out
+    }
+}
+
 impl Job {
     /// The state right after `JobSubmitted`.
     pub fn submitted(id: Uuid, namespace: &str, s: &Submission, at: DateTime<Utc>) -> Job {
@@ -711,6 +751,49 @@ mod tests {
             step_id: None,
             secret_refs: None,
         }
+    }
+
+    #[test]
+    fn what_follows_a_status_change_is_decided_by_the_domain() {
+        let at = crate::domain::now();
+        let job = Job::submitted(Uuid::now_v7(), "default", &submission(), at);
+        assert_eq!(job.status, JobStatus::Queued);
+        // A new queued job is dispatched; nothing else.
+        assert_eq!(
+            job.follows(None, at),
+            vec![Follow::Dispatch {
+                since: job.queued_at.unwrap()
+            }]
+        );
+        // Starting takes it out of the outbox and grants a lease.
+        let running = decided(
+            job.clone(),
+            &[JobEvent::JobStarted {
+                attempt: 1,
+                worker: "w".into(),
+            }],
+        );
+        assert_eq!(
+            running.follows(Some(JobStatus::Queued), at),
+            vec![Follow::Undispatch, Follow::GrantLease]
+        );
+        // Ending the attempt releases the lease; a progress report changes nothing.
+        let (events, _) = running.cancel(None).unwrap();
+        let still = decided(running.clone(), &events);
+        assert_eq!(still.follows(Some(JobStatus::Running), at), vec![]);
+        let failed = decided(
+            running,
+            &[JobEvent::JobFailed {
+                attempt: 1,
+                error: JobError::new("boom", "no"),
+            }],
+        );
+        assert_eq!(
+            failed.follows(Some(JobStatus::Running), at),
+            vec![Follow::ReleaseLease]
+        );
+        // Staying queued (a re-dispatch) is not a new dispatch.
+        assert_eq!(job.follows(Some(JobStatus::Queued), at), vec![]);
     }
 
     /// Apply a decision's events, as the store would.

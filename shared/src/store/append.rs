@@ -12,8 +12,9 @@
 //! culprit is alone (docs/event-store.md, "Poison appends"). Only errors of the connection or
 //! the server fail a whole batch.
 //!
-//! After commit, dispatch entries are pushed to Redis (the fast path; the relay sweeps what this
-//! misses) and the changed stream ids are published as hints for waiters and SSE readers.
+//! After commit, a [`CommitListener`] (the queue) is told of the new dispatch entries (it pushes
+//! them to Redis: the fast path; the relay sweeps what this misses) and of the changed stream ids
+//! (hints for waiters and SSE readers).
 
 use std::{
     collections::{HashMap, HashSet},
@@ -28,11 +29,18 @@ use sqlx::{PgPool, Postgres, Transaction};
 use tokio::sync::{mpsc, oneshot, Mutex};
 use uuid::Uuid;
 
-use super::StoreError;
-use crate::{
-    domain::{event::EventMetadata, event::StreamType, job::Job, storable, FieldError},
-    queue::{DispatchEntry, Queue},
-};
+use super::{dispatch::DispatchEntry, lease::Lease, StoreError};
+use crate::domain::{event::EventMetadata, event::StreamType, job::Job, storable, FieldError};
+
+/// Told of every commit: the jobs it made ready to run and the streams it changed. The queue
+/// (Redis) listens, for the fast-path dispatch and for stream hints; the store does not know it.
+pub trait CommitListener: Send + Sync + 'static {
+    fn committed<'a>(
+        &'a self,
+        dispatched: &'a [DispatchEntry],
+        streams: &'a [Uuid],
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
+}
 
 /// What a stream's version must be for an append to apply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,18 +74,6 @@ pub struct CommandRecord {
     pub stream_id: Option<Uuid>,
     pub actor: Option<String>,
     pub received_at: DateTime<Utc>,
-}
-
-/// A lease on a running attempt.
-#[derive(Debug, Clone, Serialize)]
-pub struct Lease {
-    pub job_id: Uuid,
-    pub attempt: i32,
-    pub worker_id: String,
-    pub namespace: String,
-    pub queue: String,
-    pub started_at: DateTime<Utc>,
-    pub lease_until: DateTime<Utc>,
 }
 
 /// Rows written in the same transaction as the events.
@@ -269,18 +265,22 @@ impl From<&crate::config::Config> for AppenderOptions {
 pub struct Appender {
     tx: mpsc::UnboundedSender<Pending>,
     pool: PgPool,
-    queue: Option<Queue>,
+    listener: Option<Arc<dyn CommitListener>>,
 }
 
 impl Appender {
-    /// Start the flusher tasks. `queue` receives dispatch entries after commit (fast path).
-    pub fn start(pool: PgPool, queue: Option<Queue>, opts: AppenderOptions) -> Appender {
+    /// Start the flusher tasks. `listener` is told of each commit (see [`CommitListener`]).
+    pub fn start(
+        pool: PgPool,
+        listener: Option<Arc<dyn CommitListener>>,
+        opts: AppenderOptions,
+    ) -> Appender {
         let (tx, rx) = mpsc::unbounded_channel::<Pending>();
         let rx = Arc::new(Mutex::new(rx));
         for _ in 0..opts.flushers.max(1) {
             let rx = rx.clone();
             let pool = pool.clone();
-            let queue = queue.clone();
+            let listener = listener.clone();
             tokio::spawn(async move {
                 loop {
                     let batch = {
@@ -295,11 +295,11 @@ impl Appender {
                         }
                         batch
                     };
-                    flush(&pool, queue.as_ref(), batch).await;
+                    flush(&pool, listener.as_deref(), batch).await;
                 }
             });
         }
-        Appender { tx, pool, queue }
+        Appender { tx, pool, listener }
     }
 
     /// Append all in one transaction, or none (batch submission).
@@ -310,7 +310,7 @@ impl Appender {
         let mut results: Vec<Option<Result<Appended, AppendError>>> = vec![None; appends.len()];
         match try_flush(&self.pool, &appends, &mut results, &HashSet::new(), true).await {
             Ok(Ok(done)) => {
-                after_commit(self.queue.as_ref(), done).await;
+                after_commit(self.listener.as_deref(), done).await;
                 results
                     .into_iter()
                     .map(|r| {
@@ -364,7 +364,7 @@ impl Appender {
     }
 }
 
-async fn flush(pool: &PgPool, queue: Option<&Queue>, batch: Vec<Pending>) {
+async fn flush(pool: &PgPool, listener: Option<&dyn CommitListener>, batch: Vec<Pending>) {
     let started = Instant::now();
     let size = batch.len();
     let (appends, replies): (Vec<Append>, Vec<_>) =
@@ -390,7 +390,7 @@ async fn flush(pool: &PgPool, queue: Option<&Queue>, batch: Vec<Pending>) {
             *r = Some(Err(AppendError::Unavailable(msg.clone())));
         }
     }
-    after_commit(queue, committed).await;
+    after_commit(listener, committed).await;
     metrics::histogram!("capibara_append_batch_size").record(size as f64);
     metrics::histogram!("capibara_append_batch_seconds").record(started.elapsed().as_secs_f64());
     for (reply, result) in replies.into_iter().zip(results) {
@@ -482,16 +482,12 @@ fn refused(e: &sqlx::Error) -> Option<AppendError> {
     }
 }
 
-/// Fast-path dispatch and stream hints, after the commit.
-async fn after_commit(queue: Option<&Queue>, done: Committed) {
-    let Some(queue) = queue else { return };
-    if !done.dispatched.is_empty() {
-        if let Err(e) = queue.push(&done.dispatched).await {
-            tracing::warn!(error = %e, "fast-path dispatch to Redis failed; the relay will retry");
+/// Tell the listener what the commit changed.
+async fn after_commit(listener: Option<&dyn CommitListener>, done: Committed) {
+    if let Some(listener) = listener {
+        if !done.dispatched.is_empty() || !done.streams.is_empty() {
+            listener.committed(&done.dispatched, &done.streams).await;
         }
-    }
-    if !done.streams.is_empty() {
-        queue.publish_hints(&done.streams).await;
     }
 }
 
@@ -909,45 +905,9 @@ async fn write_effects(
             .await?;
     }
     let (to_dispatch, to_undispatch) = split(&dispatch);
-    if !to_undispatch.is_empty() {
-        sqlx::query("DELETE FROM dispatch WHERE job_id = ANY($1)")
-            .bind(&to_undispatch)
-            .execute(&mut **tx)
-            .await?;
-    }
-    if !to_dispatch.is_empty() {
-        let rows = serde_json::to_value(&to_dispatch).expect("dispatch serializes");
-        sqlx::query(
-            "INSERT INTO dispatch (job_id, namespace, queue, score, enqueued_at)
-             SELECT job_id, namespace, queue, score, enqueued_at FROM jsonb_to_recordset($1)
-                 AS d(job_id uuid, namespace text, queue text, score bigint, enqueued_at timestamptz)
-             ON CONFLICT (job_id) DO UPDATE SET queue = EXCLUDED.queue, score = EXCLUDED.score,
-                 enqueued_at = EXCLUDED.enqueued_at",
-        )
-        .bind(rows)
-        .execute(&mut **tx)
-        .await?;
-    }
+    super::dispatch::write(tx, &to_dispatch, &to_undispatch).await?;
     let (to_lease, to_release) = split(&leases);
-    if !to_release.is_empty() {
-        sqlx::query("DELETE FROM leases WHERE job_id = ANY($1)")
-            .bind(&to_release)
-            .execute(&mut **tx)
-            .await?;
-    }
-    if !to_lease.is_empty() {
-        let rows = serde_json::to_value(&to_lease).expect("leases serialize");
-        sqlx::query(
-            "INSERT INTO leases (job_id, attempt, worker_id, namespace, queue, started_at, lease_until)
-             SELECT * FROM jsonb_to_recordset($1) AS l(job_id uuid, attempt int, worker_id text, namespace text,
-                 queue text, started_at timestamptz, lease_until timestamptz)
-             ON CONFLICT (job_id) DO UPDATE SET attempt = EXCLUDED.attempt, worker_id = EXCLUDED.worker_id,
-                 started_at = EXCLUDED.started_at, lease_until = EXCLUDED.lease_until",
-        )
-        .bind(rows)
-        .execute(&mut **tx)
-        .await?;
-    }
+    super::lease::write(tx, &to_lease, &to_release).await?;
     Ok(to_dispatch.into_iter().cloned().collect())
 }
 

@@ -1,11 +1,71 @@
-//! The dispatch outbox, read by the relay.
+//! The dispatch outbox: a row per job that waits for a worker, written in the transaction that
+//! queues it ([`crate::domain::job::Follow::Dispatch`]) and deleted in the one that takes it off
+//! ([`crate::domain::job::Follow::Undispatch`]). After the commit the appender hands new rows to
+//! the queue (the fast path); the relay sweeps the outbox for what Redis does not hold.
 
 use chrono::{DateTime, Utc};
-use sqlx::PgPool;
+use serde::Serialize;
+use sqlx::{PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
 use super::StoreError;
-use crate::queue::DispatchEntry;
+use crate::domain::job::Priority;
+
+/// A queued job: an outbox row, and the member the queue (Redis) holds for it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DispatchEntry {
+    pub job_id: Uuid,
+    pub namespace: String,
+    pub queue: String,
+    pub score: i64,
+    pub enqueued_at: DateTime<Utc>,
+}
+
+impl DispatchEntry {
+    pub fn new(
+        job_id: Uuid,
+        namespace: &str,
+        queue: &str,
+        priority: Priority,
+        enqueued_at: DateTime<Utc>,
+    ) -> Self {
+        Self {
+            job_id,
+            namespace: namespace.to_string(),
+            queue: queue.to_string(),
+            score: enqueued_at.timestamp_millis() - priority.head_start_ms(),
+            enqueued_at,
+        }
+    }
+}
+
+/// Write new outbox rows and delete the ones taken off, inside an append's transaction.
+pub(super) async fn write(
+    tx: &mut Transaction<'_, Postgres>,
+    put: &[&DispatchEntry],
+    delete: &[Uuid],
+) -> Result<(), sqlx::Error> {
+    if !delete.is_empty() {
+        sqlx::query("DELETE FROM dispatch WHERE job_id = ANY($1)")
+            .bind(delete)
+            .execute(&mut **tx)
+            .await?;
+    }
+    if !put.is_empty() {
+        let rows = serde_json::to_value(put).expect("dispatch serializes");
+        sqlx::query(
+            "INSERT INTO dispatch (job_id, namespace, queue, score, enqueued_at)
+             SELECT job_id, namespace, queue, score, enqueued_at FROM jsonb_to_recordset($1)
+                 AS d(job_id uuid, namespace text, queue text, score bigint, enqueued_at timestamptz)
+             ON CONFLICT (job_id) DO UPDATE SET queue = EXCLUDED.queue, score = EXCLUDED.score,
+                 enqueued_at = EXCLUDED.enqueued_at",
+        )
+        .bind(rows)
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(())
+}
 
 /// Where a relay pass stands: the last row seen, in `(enqueued_at, job_id)` order.
 pub type DispatchCursor = (DateTime<Utc>, Uuid);

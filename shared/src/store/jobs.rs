@@ -8,15 +8,12 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::{
-    append::{CommandRecord, Lease},
-    Append, Effect, Expected, NewEvent, StoreError,
+    append::CommandRecord, dispatch::DispatchEntry, lease::Lease, Append, Effect, Expected,
+    NewEvent, StoreError,
 };
-use crate::{
-    domain::{
-        event::{EventMetadata, StreamType},
-        job::{InvalidTransition, Job, JobEvent, JobStatus},
-    },
-    queue::DispatchEntry,
+use crate::domain::{
+    event::{EventMetadata, StreamType},
+    job::{Follow, InvalidTransition, Job, JobEvent, JobStatus},
 };
 
 /// Upsert of whole rows from a JSON array of [`Job`]s (column names = field names).
@@ -61,7 +58,8 @@ impl JobWrite {
 }
 
 /// Apply `events` to `prev` (or start a new job from `JobSubmitted`) and build the append:
-/// the events, the new `jobs` row and the dispatch/lease rows that follow from the status change.
+/// the events, the new `jobs` row, and the dispatch/lease rows of what the domain says follows
+/// the status change ([`Job::follows`]).
 pub fn job_append(
     prev: Option<&Job>,
     id: Uuid,
@@ -87,7 +85,6 @@ pub fn job_append(
             },
         )?,
     };
-    let old_status = prev.map(|p| p.status);
     let mut metadata = w.metadata.clone();
     metadata.kind = Some(new.kind.clone());
     metadata.tags = (!new.tags.is_empty()).then(|| new.tags.clone());
@@ -96,36 +93,32 @@ pub fn job_append(
         metadata.correlation_id = new.run_id;
     }
     let mut effects = vec![Effect::UpsertJob(Box::new(new.clone()))];
-    if new.status == JobStatus::Queued && old_status != Some(JobStatus::Queued) {
-        let at = new.queued_at.unwrap_or(w.at);
-        effects.push(Effect::Dispatch(DispatchEntry::new(
-            new.id,
-            &new.namespace,
-            &new.queue,
-            new.priority,
-            at,
-        )));
-    }
-    if old_status == Some(JobStatus::Queued) && new.status != JobStatus::Queued {
-        effects.push(Effect::Undispatch(new.id));
-    }
-    if new.status == JobStatus::Running && old_status != Some(JobStatus::Running) {
-        let (worker, lease) = w
-            .lease
-            .clone()
-            .unwrap_or_else(|| ("unknown".into(), Duration::from_secs(30)));
-        effects.push(Effect::Lease(Lease {
-            job_id: new.id,
-            attempt: new.attempt as i32,
-            worker_id: worker,
-            namespace: new.namespace.clone(),
-            queue: new.queue.clone(),
-            started_at: w.started_at.unwrap_or(w.at),
-            lease_until: w.at + chrono::Duration::from_std(lease).unwrap_or_default(),
-        }));
-    }
-    if old_status == Some(JobStatus::Running) && new.status != JobStatus::Running {
-        effects.push(Effect::ReleaseLease(new.id));
+    // What follows the status change is the domain's decision; here it becomes rows.
+    for follow in new.follows(prev.map(|p| p.status), w.at) {
+        effects.push(match follow {
+            Follow::Dispatch { since } => Effect::Dispatch(DispatchEntry::new(
+                new.id,
+                &new.namespace,
+                &new.queue,
+                new.priority,
+                since,
+            )),
+            Follow::Undispatch => Effect::Undispatch(new.id),
+            Follow::GrantLease => {
+                let (worker, term) = w
+                    .lease
+                    .clone()
+                    .unwrap_or_else(|| ("unknown".into(), Duration::from_secs(30)));
+                Effect::Lease(Lease::grant(
+                    &new,
+                    worker,
+                    term,
+                    w.started_at.unwrap_or(w.at),
+                    w.at,
+                ))
+            }
+            Follow::ReleaseLease => Effect::ReleaseLease(new.id),
+        });
     }
     let append = Append {
         stream_id: id,

@@ -6,8 +6,9 @@
 //! - [`events`]: reading a stream and the gap-safe read of the global log.
 //! - [`commands`]: idempotency-key lookups.
 //! - [`keys`]: API keys.
-//! - [`workers`]: worker registration, heartbeats and leases.
-//! - [`dispatch`]: the outbox the relay sweeps.
+//! - [`workers`]: worker registration and heartbeats.
+//! - [`lease`]: an attempt's lease: grant, renew, expire, release, and how results are fenced.
+//! - [`dispatch`]: the dispatch outbox (written with the events, swept by the relay).
 //! - [`rebuild`]: rebuilding projections from the log.
 //! - [`workflows`], [`runs`]: workflow definitions, runs, and committing a run's plan.
 //! - [`secrets`]: secrets workflow templates refer to by name (values never enter the log).
@@ -23,6 +24,7 @@ pub mod dispatch;
 pub mod events;
 pub mod jobs;
 pub mod keys;
+pub mod lease;
 pub mod rebuild;
 pub mod runs;
 pub mod schedules;

@@ -1,4 +1,4 @@
-//! Worker registration, heartbeats and leases.
+//! Worker registration and heartbeats (a heartbeat renews the worker's leases: [`super::lease`]).
 
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
@@ -63,15 +63,7 @@ pub async fn heartbeat(
         .bind(worker_id)
         .execute(&mut *tx)
         .await?;
-    let canceled: Vec<(Uuid, bool)> = sqlx::query_as(
-        "WITH l AS (UPDATE leases SET lease_until = now() + make_interval(secs => $2)
-                    WHERE worker_id = $1 RETURNING job_id)
-         SELECT j.id, j.cancel_requested FROM l JOIN jobs j ON j.id = l.job_id",
-    )
-    .bind(worker_name)
-    .bind(lease_s)
-    .fetch_all(&mut *tx)
-    .await?;
+    let canceled = super::lease::renew(&mut tx, worker_name, lease_s).await?;
     tx.commit().await?;
     Ok(canceled
         .into_iter()
@@ -165,14 +157,4 @@ pub async fn list(
             },
         )
         .collect())
-}
-
-/// Jobs whose lease expired (their worker died or hung), oldest first.
-pub async fn expired_leases(pool: &PgPool, limit: i64) -> Result<Vec<(Uuid, i32)>, StoreError> {
-    Ok(sqlx::query_as(
-        "SELECT job_id, attempt FROM leases WHERE lease_until < now() ORDER BY lease_until LIMIT $1",
-    )
-    .bind(limit)
-    .fetch_all(pool)
-    .await?)
 }
