@@ -5,6 +5,7 @@
 
 use capibara_tests::{find_free_port, TestEnv};
 use serde_json::{json, Value};
+use std::time::Duration;
 
 /// A `tts.render` input naming a voice no server has.
 fn bad_tts() -> Value {
@@ -252,6 +253,68 @@ async fn each_kinds_published_input_schema_accepts_what_the_server_accepts() {
             r.status == 202,
             "{kind} {input}: the schema says {by_schema}, the server {}: {r:?}\n{schema}",
             r.status
+        );
+    }
+}
+
+/// `GET /v1/kinds` publishes each kind's output schema where the output is known, derived from
+/// the type the executor builds: a real job of each such kind ends with an output that an
+/// independent validator (the `jsonschema` crate) finds valid under it.
+#[tokio::test]
+async fn each_kinds_output_is_valid_under_its_published_output_schema() {
+    let env = TestEnv::new().await;
+    let _procs = env.spawn_all().await;
+    let api = env.client();
+    let r = api.get("/v1/kinds").await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let kinds = r.body["items"].as_array().unwrap().clone();
+    let output_schema = |name: &str| {
+        kinds
+            .iter()
+            .find(|k| k["name"] == name)
+            .unwrap_or_else(|| panic!("{name} is listed"))
+            .get("output_schema")
+            .cloned()
+    };
+    assert_eq!(output_schema("echo"), None, "echo returns its input");
+    let jobs = [
+        ("sleep", json!({"ms": 5})),
+        ("fail", json!({"times": 0})),
+        (
+            "code.run",
+            json!({"language": "python", "code": "result = {'n': 1}"}),
+        ),
+        (
+            "code.run",
+            json!({"language": "javascript", "code": "result = 2"}),
+        ),
+        (
+            "code.validate",
+            json!({"language": "python", "code": "x ="}),
+        ),
+        (
+            "code.validate",
+            json!({"language": "javascript", "code": "1"}),
+        ),
+        (
+            "tts.render",
+            json!({"text": "Hi.", "voice": "espeak:en-us"}),
+        ),
+    ];
+    for (kind, input) in jobs {
+        let schema = output_schema(kind).unwrap_or_else(|| panic!("{kind} has an output_schema"));
+        let id = api.submit_id(json!({"kind": kind, "input": input})).await;
+        let job = api.wait_terminal(&id, Duration::from_secs(60)).await;
+        assert_eq!(job["status"], "succeeded", "{kind}: {job}");
+        let output = &job["output"];
+        let errors: Vec<String> = jsonschema::validator_for(&schema)
+            .unwrap()
+            .iter_errors(output)
+            .map(|e| e.to_string())
+            .collect();
+        assert!(
+            errors.is_empty(),
+            "{kind}: {output} against {schema}: {errors:?}"
         );
     }
 }

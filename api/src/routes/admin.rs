@@ -74,6 +74,11 @@ pub struct KindInfo {
     /// with this deployment's voices); the same as in `/openapi.json`.
     #[schema(value_type = Object)]
     pub input_schema: serde_json::Value,
+    /// The JSON Schema of a successful job's `output`, where the kind's output is known (absent
+    /// for `echo`, which returns its input).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub output_schema: Option<serde_json::Value>,
 }
 
 #[utoipa::path(get, operation_id = "listKinds", path = "/v1/kinds", tag = "jobs",
@@ -91,6 +96,7 @@ pub async fn kinds_list(
             default_queue: k.default_queue,
             description: k.description,
             input_schema: k.input_schema(state.config.as_ref()),
+            output_schema: k.output_schema(),
         })
         .collect();
     Ok(Json(Page {

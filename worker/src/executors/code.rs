@@ -9,14 +9,24 @@ use std::{sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use capibara_sandbox::{CancelFlag, Execution, Language, RunRequest, Sandbox, SandboxConfig};
-use capibara_shared::domain::{job::JobError, kinds, storable};
-use serde::Deserialize;
+use capibara_shared::domain::{
+    job::JobError,
+    kinds::{
+        self,
+        input::{self, CodeLanguage, CodeRunInput, CodeValidateInput},
+        output::{CodeRunOutput, CodeValidateOutput},
+    },
+    storable,
+};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use tokio::sync::{OnceCell, Semaphore};
 use uuid::Uuid;
 
-use super::{ExecError, Executor, JobContext, Output};
+use super::{
+    builtin::{invalid, to_output},
+    ExecError, Executor, JobContext, Output,
+};
 
 /// Where `code.run` keeps results (keyed per namespace by the job's id).
 #[async_trait]
@@ -118,26 +128,18 @@ fn unavailable(e: String) -> ExecError {
     ))
 }
 
-/// `code.run` input (validated at submission by `kinds::validate_code_run`).
-#[derive(Deserialize)]
-struct CodeRunInput {
-    language: Language,
-    code: String,
-    #[serde(default)]
-    context: Option<Value>,
-    timeout_ms: Option<u64>,
-    memory_mb: Option<u64>,
-    cache: Option<bool>,
-}
-
 /// The `code.run` executor.
 pub struct CodeRun {
     pub pool: Arc<SandboxPool>,
     pub cache: Arc<dyn ResultCache>,
 }
 
-fn invalid(e: impl std::fmt::Display) -> ExecError {
-    ExecError::Abort(JobError::new("invalid_input", e.to_string()))
+/// The sandbox's name for a language of the kind's input.
+fn language(l: CodeLanguage) -> Language {
+    match l {
+        CodeLanguage::Python => Language::Python,
+        CodeLanguage::Javascript => Language::Javascript,
+    }
 }
 
 /// Cache key: SHA-256 of the canonical JSON (sorted keys) of everything the result depends on.
@@ -164,12 +166,13 @@ pub fn cache_key(
 #[async_trait]
 impl Executor for CodeRun {
     async fn execute(&self, ctx: JobContext) -> Result<Output, ExecError> {
-        let input: CodeRunInput = serde_json::from_value(ctx.input).map_err(invalid)?;
-        let context = input.context.unwrap_or_else(|| json!({}));
+        let input: CodeRunInput = input::parse(&ctx.input).map_err(invalid)?;
+        let context = Value::Object(input.context.unwrap_or_default());
         let timeout_ms = input.timeout_ms.unwrap_or(kinds::CODE_DEFAULT_TIMEOUT_MS);
         let memory_mb = input.memory_mb.unwrap_or(kinds::CODE_DEFAULT_MEMORY_MB);
-        let use_cache = input.cache.unwrap_or(true);
-        let key = cache_key(input.language, &input.code, &context, timeout_ms, memory_mb);
+        let use_cache = input.cache;
+        let lang = language(input.language);
+        let key = cache_key(lang, &input.code, &context, timeout_ms, memory_mb);
 
         if use_cache {
             match self.cache.get(ctx.job_id, &key).await {
@@ -193,7 +196,7 @@ impl Executor for CodeRun {
                 flag.cancel();
             })
         };
-        let language = input.language;
+        let language = lang;
         let code = input.code;
         let run_context = context;
         let exec = self
@@ -239,14 +242,14 @@ impl Executor for CodeRun {
 /// the same code would fail the same way).
 fn outcome_to_output(exec: Execution, duration_ms: f64) -> Result<Value, ExecError> {
     match exec.outcome {
-        Ok(result) => Ok(json!({
-            "result": result,
-            "stdout": exec.stdout,
-            "stderr": exec.stderr,
-            "exit_code": exec.exit_code,
-            "duration_ms": duration_ms,
-            "cached": false,
-            "runtime": exec.runtime,
+        Ok(result) => Ok(to_output(CodeRunOutput {
+            result,
+            stdout: exec.stdout,
+            stderr: exec.stderr,
+            exit_code: exec.exit_code,
+            duration_ms,
+            cached: false,
+            runtime: exec.runtime.into(),
         })),
         Err(f) => {
             let mut details = json!({
@@ -275,13 +278,6 @@ fn outcome_to_output(exec: Execution, duration_ms: f64) -> Result<Value, ExecErr
     }
 }
 
-/// `code.validate` input.
-#[derive(Deserialize)]
-struct CodeValidateInput {
-    language: Language,
-    code: String,
-}
-
 /// The internal `code.validate` executor behind `POST /v1/code/validate`: the same parser as
 /// the runtime (CPython's `compile`, QuickJS compile-only), nothing executed.
 pub struct CodeValidate {
@@ -291,10 +287,11 @@ pub struct CodeValidate {
 #[async_trait]
 impl Executor for CodeValidate {
     async fn execute(&self, ctx: JobContext) -> Result<Output, ExecError> {
-        let input: CodeValidateInput = serde_json::from_value(ctx.input).map_err(invalid)?;
+        let input: CodeValidateInput = input::parse(&ctx.input).map_err(invalid)?;
+        let lang = language(input.language);
         let checked = self
             .pool
-            .blocking(move |sandbox| sandbox.check(input.language, &input.code))
+            .blocking(move |sandbox| sandbox.check(lang, &input.code))
             .await?
             .map_err(|e| {
                 ExecError::Abort(JobError::new(
@@ -303,7 +300,12 @@ impl Executor for CodeValidate {
                 ))
             })?;
         Ok(Output {
-            output: serde_json::to_value(checked).unwrap_or_default(),
+            output: to_output(CodeValidateOutput {
+                valid: checked.valid,
+                message: checked.message,
+                line: checked.line,
+                column: checked.column,
+            }),
             artifacts: Vec::new(),
         })
     }

@@ -12,31 +12,21 @@ use std::{ops::ControlFlow, sync::Arc};
 
 use async_trait::async_trait;
 use base64::Engine as _;
-use capibara_shared::{artifacts::ArtifactStore, config::Config, domain::job::JobError};
+use capibara_shared::{
+    artifacts::ArtifactStore,
+    config::Config,
+    domain::{
+        job::JobError,
+        kinds::{
+            input::{self, TtsFormat, TtsRenderInput},
+            output::TtsRenderOutput,
+        },
+    },
+};
 use capibara_tts::{Engine, EngineConfig, Format, RenderOptions, Segment, TtsError};
-use serde::Deserialize;
 use serde_json::json;
 
-use super::{ExecError, Executor, JobContext, Output, Registry};
-
-/// The job's input (checked at submission by `kinds::validate_tts`).
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct TtsInput {
-    text: String,
-    #[serde(default)]
-    voice: Option<String>,
-    #[serde(default)]
-    speed: Option<f32>,
-    #[serde(default)]
-    noise_scale: Option<f32>,
-    #[serde(default)]
-    noise_w: Option<f32>,
-    #[serde(default)]
-    format: Option<String>,
-    #[serde(default)]
-    sample_rate: Option<u32>,
-}
+use super::{builtin::to_output, ExecError, Executor, JobContext, Output, Registry};
 
 /// The `tts.render` executor: one engine (and so one session per voice) per worker process.
 pub struct TtsRender {
@@ -144,11 +134,10 @@ fn chunk_data(segment: &Segment, format: Format) -> serde_json::Value {
 #[async_trait]
 impl Executor for TtsRender {
     async fn execute(&self, ctx: JobContext) -> Result<Output, ExecError> {
-        let input: TtsInput =
-            serde_json::from_value(ctx.input.clone()).map_err(|e| invalid(e.to_string()))?;
-        let format = match input.format.as_deref() {
-            None => Format::Wav,
-            Some(f) => Format::parse(f).ok_or_else(|| invalid(format!("unknown format `{f}`")))?,
+        let input: TtsRenderInput = input::parse(&ctx.input).map_err(super::builtin::invalid)?;
+        let format = match input.format {
+            None | Some(TtsFormat::Wav) => Format::Wav,
+            Some(TtsFormat::PcmS16le) => Format::PcmS16le,
         };
         let artifacts = self
             .artifacts
@@ -156,9 +145,9 @@ impl Executor for TtsRender {
             .map_err(|e| ExecError::Retryable(JobError::new("artifacts_unavailable", e)))?;
         let opts = RenderOptions {
             voice: input.voice.clone(),
-            speed: input.speed.unwrap_or(1.0),
-            noise_scale: input.noise_scale,
-            noise_w: input.noise_w,
+            speed: input.speed.unwrap_or(1.0) as f32,
+            noise_scale: input.noise_scale.map(|x| x as f32),
+            noise_w: input.noise_w.map(|x| x as f32),
             sample_rate: input.sample_rate,
         };
         let chars = input.text.chars().count();
@@ -230,20 +219,20 @@ impl Executor for TtsRender {
             (x * p).round() / p
         };
         Ok(Output {
-            output: json!({
-                "duration_s": round(duration_s, 3),
-                "sample_rate": sample_rate,
-                "voice": summary.voice,
-                "engine": summary.engine,
-                "format": format.as_str(),
-                "sentences": summary.sentences,
-                "chars": chars,
-                "chars_per_second": round(chars as f64 / render_s.max(1e-6), 1),
-                "render_ms": round(summary.render_ms, 1),
-                "real_time_factor": round(render_s / duration_s.max(1e-6), 3),
-                "first_chunk_ms": summary.first_segment_ms.map(|t| round(t, 1)),
-                "model_loaded": summary.loaded_model,
-                "artifact": format.artifact_name(),
+            output: to_output(TtsRenderOutput {
+                duration_s: round(duration_s, 3),
+                sample_rate,
+                voice: summary.voice,
+                engine: summary.engine.into(),
+                format: format.as_str().into(),
+                sentences: summary.sentences as u64,
+                chars: chars as u64,
+                chars_per_second: round(chars as f64 / render_s.max(1e-6), 1),
+                render_ms: round(summary.render_ms, 1),
+                real_time_factor: round(render_s / duration_s.max(1e-6), 3),
+                first_chunk_ms: summary.first_segment_ms.map(|t| round(t, 1)),
+                model_loaded: summary.loaded_model,
+                artifact: format.artifact_name().into(),
             }),
             artifacts: vec![artifact],
         })

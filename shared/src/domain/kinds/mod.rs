@@ -3,10 +3,16 @@
 //! Inputs are checked when a job is submitted, so a broken input is a 422 for the client
 //! instead of a failure discovered later on a worker. [`validate_input`] is the one check of a
 //! kind's input: every entry point (`POST /v1/jobs` and its batch, schedule and trigger
-//! targets, workflow step inputs, `/v1/orchestrate`, `POST /v1/tts`) calls it.
+//! targets, workflow step inputs, `/v1/orchestrate`, `POST /v1/tts`) calls it. Each kind's input
+//! is one typed struct ([`input`]): the executor reads it, and its JSON Schema, derived from it,
+//! is what submission checks and what `GET /v1/kinds` publishes.
+
+pub mod input;
+pub mod output;
 
 use serde_json::{json, Value};
 
+use self::input::{CodeRunInput, CodeValidateInput, FailInput, SleepInput, TtsRenderInput};
 use super::FieldError;
 
 /// A job kind the platform can run.
@@ -18,10 +24,12 @@ pub struct KindSpec {
     /// Created by Capibara itself; clients cannot submit it.
     pub internal: bool,
     validate: fn(&Value) -> Result<(), FieldError>,
-    /// The JSON Schema of the input, exactly as strict as `validate` (the OpenAPI document
-    /// publishes it; the fuzz test checks every input it allows is accepted). `voices` are the
-    /// installed Piper voices (a `tts.render` input must name one, or an espeak voice).
+    /// The JSON Schema of the input: the one `validate` checks, derived from the kind's input
+    /// type. `voices` are the installed voices (a `tts.render` input must name one), which the
+    /// published schema lists as an enum.
     schema: fn(&[String]) -> Value,
+    /// The JSON Schema of the output, derived from the kind's output type, where it is known.
+    output: Option<fn() -> Value>,
 }
 
 /// What checking an input needs to know about this deployment beyond the input itself (which
@@ -86,6 +94,7 @@ pub const KINDS: &[KindSpec] = &[
         internal: false,
         validate: |_| Ok(()),
         schema: |_| json!({"description": "Any JSON value; it is the job's output."}),
+        output: None,
     },
     KindSpec {
         name: "sleep",
@@ -93,16 +102,18 @@ pub const KINDS: &[KindSpec] = &[
         description: "Sleeps for `ms` milliseconds (cancelable), reporting progress every \
                       `progress_ms` (default: every second from 2 s on), then returns {slept_ms}.",
         internal: false,
-        validate: validate_sleep,
-        schema: |_| schema_sleep(),
+        validate: input::check::<SleepInput>,
+        schema: |_| typed::<SleepInput>(),
+        output: Some(typed::<output::SleepOutput>),
     },
     KindSpec {
         name: "fail",
         default_queue: "default",
         description: "Fails the first `times` attempts (or always) with `message`.",
         internal: false,
-        validate: validate_fail,
-        schema: |_| schema_fail(),
+        validate: input::check::<FailInput>,
+        schema: |_| typed::<FailInput>(),
+        output: Some(typed::<output::FailOutput>),
     },
     KindSpec {
         name: "code.run",
@@ -110,8 +121,9 @@ pub const KINDS: &[KindSpec] = &[
         description: "Runs a Python or JavaScript snippet in the wasm sandbox; output {result, \
                       stdout, stderr, exit_code, duration_ms, cached} (docs/code.md).",
         internal: false,
-        validate: validate_code_run,
-        schema: |_| schema_code(true),
+        validate: input::check::<CodeRunInput>,
+        schema: |_| typed::<CodeRunInput>(),
+        output: Some(typed::<output::CodeRunOutput>),
     },
     KindSpec {
         name: "code.validate",
@@ -119,8 +131,9 @@ pub const KINDS: &[KindSpec] = &[
         description: "Syntax-checks a snippet without running it; output {valid, message, \
                       line, column} (behind POST /v1/code/validate).",
         internal: false,
-        validate: validate_code_validate,
-        schema: |_| schema_code(false),
+        validate: input::check::<CodeValidateInput>,
+        schema: |_| typed::<CodeValidateInput>(),
+        output: Some(typed::<output::CodeValidateOutput>),
     },
     KindSpec {
         name: super::workflow::WAIT_KIND,
@@ -129,6 +142,7 @@ pub const KINDS: &[KindSpec] = &[
         internal: true,
         validate: |_| Ok(()),
         schema: |_| json!({}),
+        output: None,
     },
     KindSpec {
         name: "tts.render",
@@ -137,8 +151,9 @@ pub const KINDS: &[KindSpec] = &[
                       audio.pcm), one JobOutputChunk per sentence; output {duration_s, \
                       sample_rate, voice, chars_per_second, …} (docs/tts.md).",
         internal: false,
-        validate: validate_tts,
+        validate: input::check::<TtsRenderInput>,
         schema: schema_tts,
+        output: Some(typed::<output::TtsRenderOutput>),
     },
     KindSpec {
         name: "callback.deliver",
@@ -148,6 +163,7 @@ pub const KINDS: &[KindSpec] = &[
         internal: true,
         validate: |_| Ok(()),
         schema: |_| json!({}),
+        output: None,
     },
 ];
 
@@ -155,6 +171,11 @@ impl KindSpec {
     /// The JSON Schema of this kind's input here (see [`KindSpec::schema`]).
     pub fn input_schema(&self, ctx: &dyn KindContext) -> Value {
         (self.schema)(&ctx.installed_voices())
+    }
+
+    /// The JSON Schema of this kind's output, where it is known (`echo` returns its input).
+    pub fn output_schema(&self) -> Option<Value> {
+        self.output.map(|schema| schema())
     }
 
     /// Whether an absent input (`{}`) is refused: the input has required fields.
@@ -185,67 +206,8 @@ pub fn names() -> Vec<&'static str> {
         .collect()
 }
 
-fn object(input: &Value) -> Result<&serde_json::Map<String, Value>, FieldError> {
-    input
-        .as_object()
-        .ok_or_else(|| FieldError::new("", "must be a JSON object"))
-}
-
-fn reject_unknown(obj: &serde_json::Map<String, Value>, known: &[&str]) -> Result<(), FieldError> {
-    match obj.keys().find(|k| !known.contains(&k.as_str())) {
-        Some(k) => Err(FieldError::new(
-            k.clone(),
-            format!("unknown field (expected one of: {})", known.join(", ")),
-        )),
-        None => Ok(()),
-    }
-}
-
 /// Longest `sleep` accepted: one day.
 pub const MAX_SLEEP_MS: u64 = 86_400_000;
-
-fn validate_sleep(input: &Value) -> Result<(), FieldError> {
-    let obj = object(input)?;
-    reject_unknown(obj, &["ms", "progress_ms"])?;
-    if let Some(v) = obj.get("progress_ms") {
-        match v.as_u64() {
-            Some(1..=MAX_SLEEP_MS) => {}
-            _ => {
-                return Err(FieldError::new(
-                    "progress_ms",
-                    format!("must be an integer from 1 to {MAX_SLEEP_MS}"),
-                ))
-            }
-        }
-    }
-    match obj.get("ms") {
-        None => Err(FieldError::new("ms", "is required")),
-        Some(v) => match v.as_u64() {
-            Some(ms) if ms <= MAX_SLEEP_MS => Ok(()),
-            Some(_) => Err(FieldError::new(
-                "ms",
-                format!("must be at most {MAX_SLEEP_MS}"),
-            )),
-            None => Err(FieldError::new("ms", "must be a non-negative integer")),
-        },
-    }
-}
-
-fn validate_fail(input: &Value) -> Result<(), FieldError> {
-    let obj = object(input)?;
-    reject_unknown(obj, &["message", "times"])?;
-    if let Some(m) = obj.get("message") {
-        if !m.is_string() {
-            return Err(FieldError::new("message", "must be a string"));
-        }
-    }
-    if let Some(t) = obj.get("times") {
-        if t.as_u64().is_none() {
-            return Err(FieldError::new("times", "must be a non-negative integer"));
-        }
-    }
-    Ok(())
-}
 
 /// `code.run` limits (docs/code.md): the largest snippet accepted.
 pub const CODE_MAX_BYTES: usize = 256 * 1024;
@@ -260,225 +222,12 @@ pub const CODE_MAX_MEMORY_MB: u64 = 1024;
 /// Languages `code.run` runs.
 pub const CODE_LANGUAGES: &[&str] = &["python", "javascript"];
 
-fn validate_code_common(obj: &serde_json::Map<String, Value>) -> Result<(), FieldError> {
-    match obj.get("language") {
-        None => return Err(FieldError::new("language", "is required")),
-        Some(Value::String(l)) if CODE_LANGUAGES.contains(&l.as_str()) => {}
-        Some(_) => {
-            return Err(FieldError::new(
-                "language",
-                format!("must be one of: {}", CODE_LANGUAGES.join(", ")),
-            ))
-        }
-    }
-    match obj.get("code") {
-        None => Err(FieldError::new("code", "is required")),
-        Some(Value::String(c)) if c.len() > CODE_MAX_BYTES => Err(FieldError::new(
-            "code",
-            format!("must be at most {CODE_MAX_BYTES} bytes"),
-        )),
-        Some(Value::String(_)) => Ok(()),
-        Some(_) => Err(FieldError::new("code", "must be a string")),
-    }
-}
-
-fn validate_range(
-    obj: &serde_json::Map<String, Value>,
-    field: &str,
-    min: u64,
-    max: u64,
-) -> Result<(), FieldError> {
-    match obj.get(field) {
-        None | Some(Value::Null) => Ok(()),
-        Some(v) => match v.as_u64() {
-            Some(n) if (min..=max).contains(&n) => Ok(()),
-            _ => Err(FieldError::new(
-                field,
-                format!("must be an integer from {min} to {max}"),
-            )),
-        },
-    }
-}
-
-fn validate_code_run(input: &Value) -> Result<(), FieldError> {
-    let obj = object(input)?;
-    reject_unknown(
-        obj,
-        &[
-            "language",
-            "code",
-            "context",
-            "timeout_ms",
-            "memory_mb",
-            "cache",
-        ],
-    )?;
-    validate_code_common(obj)?;
-    match obj.get("context") {
-        None | Some(Value::Null) | Some(Value::Object(_)) => {}
-        Some(_) => {
-            return Err(FieldError::new(
-                "context",
-                "must be an object (its keys become the code's variables)",
-            ))
-        }
-    }
-    validate_range(obj, "timeout_ms", 1, CODE_MAX_TIMEOUT_MS)?;
-    validate_range(obj, "memory_mb", CODE_MIN_MEMORY_MB, CODE_MAX_MEMORY_MB)?;
-    match obj.get("cache") {
-        None | Some(Value::Bool(_)) => Ok(()),
-        Some(_) => Err(FieldError::new("cache", "must be true or false")),
-    }
-}
-
-fn validate_code_validate(input: &Value) -> Result<(), FieldError> {
-    let obj = object(input)?;
-    reject_unknown(obj, &["language", "code"])?;
-    validate_code_common(obj)
-}
-
 /// `tts.render` limits (docs/tts.md).
 pub const TTS_MAX_CHARS: usize = 20_000;
 pub const TTS_SPEED: (f64, f64) = (0.25, 4.0);
 pub const TTS_NOISE: (f64, f64) = (0.0, 2.0);
 pub const TTS_SAMPLE_RATE: (u64, u64) = (8_000, 48_000);
 pub const TTS_FORMATS: &[&str] = &["wav", "pcm_s16le"];
-
-fn number_in(
-    obj: &serde_json::Map<String, Value>,
-    field: &str,
-    (min, max): (f64, f64),
-) -> Result<(), FieldError> {
-    match obj.get(field) {
-        None | Some(Value::Null) => Ok(()),
-        Some(v) => match v.as_f64() {
-            Some(x) if (min..=max).contains(&x) => Ok(()),
-            _ => Err(FieldError::new(
-                field,
-                format!("must be a number from {min} to {max}"),
-            )),
-        },
-    }
-}
-
-fn validate_tts(input: &Value) -> Result<(), FieldError> {
-    let obj = object(input)?;
-    reject_unknown(
-        obj,
-        &[
-            "text",
-            "voice",
-            "speed",
-            "noise_scale",
-            "noise_w",
-            "format",
-            "sample_rate",
-        ],
-    )?;
-    match obj.get("text") {
-        None => return Err(FieldError::new("text", "is required")),
-        Some(Value::String(t)) if t.trim().is_empty() => {
-            return Err(FieldError::new("text", "must not be empty"))
-        }
-        Some(Value::String(t)) if t.chars().count() > TTS_MAX_CHARS => {
-            return Err(FieldError::new(
-                "text",
-                format!("must be at most {TTS_MAX_CHARS} characters"),
-            ))
-        }
-        Some(Value::String(_)) => {}
-        Some(_) => return Err(FieldError::new("text", "must be a string")),
-    }
-    match obj.get("voice") {
-        None | Some(Value::Null) => {}
-        Some(Value::String(v))
-            if !v.is_empty()
-                && v.len() <= 128
-                && !v.starts_with('.')
-                && v.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"._-+:".contains(&b)) => {}
-        Some(_) => {
-            return Err(FieldError::new(
-                "voice",
-                "must be a voice name from GET /v1/tts/voices",
-            ))
-        }
-    }
-    number_in(obj, "speed", TTS_SPEED)?;
-    number_in(obj, "noise_scale", TTS_NOISE)?;
-    number_in(obj, "noise_w", TTS_NOISE)?;
-    match obj.get("format") {
-        None | Some(Value::Null) => {}
-        Some(Value::String(f)) if TTS_FORMATS.contains(&f.as_str()) => {}
-        Some(_) => {
-            return Err(FieldError::new(
-                "format",
-                format!("must be one of: {}", TTS_FORMATS.join(", ")),
-            ))
-        }
-    }
-    match obj.get("sample_rate") {
-        None | Some(Value::Null) => Ok(()),
-        Some(v) => match v.as_u64() {
-            Some(r) if (TTS_SAMPLE_RATE.0..=TTS_SAMPLE_RATE.1).contains(&r) => Ok(()),
-            _ => Err(FieldError::new(
-                "sample_rate",
-                format!(
-                    "must be an integer from {} to {} (Hz)",
-                    TTS_SAMPLE_RATE.0, TTS_SAMPLE_RATE.1
-                ),
-            )),
-        },
-    }
-}
-
-/// Nullable: `null` means the field's default, as when it is absent.
-fn or_null(schema: Value) -> Value {
-    json!({"anyOf": [schema, {"type": "null"}]})
-}
-
-fn schema_sleep() -> Value {
-    json!({"type": "object", "additionalProperties": false, "required": ["ms"], "properties": {
-        "ms": {"type": "integer", "minimum": 0, "maximum": MAX_SLEEP_MS,
-               "description": "How long to sleep, in milliseconds (at most one day)."},
-        "progress_ms": {"type": "integer", "minimum": 1, "maximum": MAX_SLEEP_MS,
-                        "description": "Report progress this often (default: every second from 2 s on)."},
-    }})
-}
-
-fn schema_fail() -> Value {
-    json!({"type": "object", "additionalProperties": false, "properties": {
-        "message": {"type": "string", "description": "The error message."},
-        "times": {"type": "integer", "minimum": 0,
-                  "description": "Fail only the first `times` attempts (default: every attempt)."},
-    }})
-}
-
-/// `code.run` (`run`) or `code.validate`.
-fn schema_code(run: bool) -> Value {
-    let mut properties = json!({
-        "language": {"enum": CODE_LANGUAGES},
-        "code": {"type": "string", "maxLength": CODE_MAX_BYTES,
-                 "description": format!("The snippet: at most {CODE_MAX_BYTES} bytes of UTF-8.")},
-    });
-    if run {
-        let more = json!({
-            "context": or_null(json!({"type": "object",
-                "description": "Bound as `context`, and each top-level key as a variable."})),
-            "timeout_ms": or_null(json!({"type": "integer", "minimum": 1,
-                "maximum": CODE_MAX_TIMEOUT_MS, "default": CODE_DEFAULT_TIMEOUT_MS})),
-            "memory_mb": or_null(json!({"type": "integer", "minimum": CODE_MIN_MEMORY_MB,
-                "maximum": CODE_MAX_MEMORY_MB, "default": CODE_DEFAULT_MEMORY_MB})),
-            "cache": {"type": "boolean", "description": "Reuse a cached result of the same input (default true)."},
-        });
-        properties
-            .as_object_mut()
-            .expect("an object")
-            .extend(more.as_object().expect("an object").clone());
-    }
-    json!({"type": "object", "additionalProperties": false, "required": ["language", "code"],
-           "properties": properties})
-}
 
 /// The `voice` of a `tts.render` input: one of the voices installed here (`GET /v1/tts/voices`).
 pub fn voice_schema(voices: &[String]) -> Value {
@@ -490,20 +239,19 @@ pub fn voice_schema(voices: &[String]) -> Value {
     }
 }
 
+/// A kind's derived input or output schema (see [`input`], [`output`]).
+fn typed<T: utoipa::PartialSchema>() -> Value {
+    input::schema::<T>()
+}
+
+/// `tts.render`'s derived schema, with `voice` one of the voices installed here.
 fn schema_tts(voices: &[String]) -> Value {
-    let number =
-        |(min, max): (f64, f64)| or_null(json!({"type": "number", "minimum": min, "maximum": max}));
-    json!({"type": "object", "additionalProperties": false, "required": ["text"], "properties": {
-        "text": {"type": "string", "minLength": 1, "maxLength": TTS_MAX_CHARS, "pattern": "\\S",
-                 "description": "What to say: not only whitespace."},
-        "voice": or_null(voice_schema(voices)),
-        "speed": number(TTS_SPEED),
-        "noise_scale": number(TTS_NOISE),
-        "noise_w": number(TTS_NOISE),
-        "format": or_null(json!({"enum": TTS_FORMATS})),
-        "sample_rate": or_null(json!({"type": "integer", "minimum": TTS_SAMPLE_RATE.0,
-                                      "maximum": TTS_SAMPLE_RATE.1})),
-    }})
+    let mut schema = typed::<TtsRenderInput>();
+    if !voices.is_empty() {
+        schema["properties"]["voice"] = json!({"anyOf": [voice_schema(voices), {"type": "null"}],
+            "description": "A voice from GET /v1/tts/voices: an installed Piper voice or espeak-ng's."});
+    }
+    schema
 }
 
 /// Tests' deployment: the only installed voices are `en_US-joe-medium` and espeak's.
@@ -633,6 +381,48 @@ mod tests {
             .unwrap_err()
             .field,
             "input.context"
+        );
+    }
+
+    #[test]
+    fn derived_schemas_state_the_limits_the_executors_use() {
+        let sleep = find("sleep").unwrap().input_schema(&TestContext);
+        assert_eq!(sleep["properties"]["ms"]["maximum"], json!(MAX_SLEEP_MS));
+        assert_eq!(sleep["required"], json!(["ms"]));
+        assert_eq!(sleep["additionalProperties"], json!(false));
+        let code = find("code.run").unwrap().input_schema(&TestContext);
+        let p = &code["properties"];
+        assert_eq!(p["code"]["maxLength"], json!(CODE_MAX_BYTES));
+        assert_eq!(p["timeout_ms"]["maximum"], json!(CODE_MAX_TIMEOUT_MS));
+        assert_eq!(p["timeout_ms"]["default"], json!(CODE_DEFAULT_TIMEOUT_MS));
+        assert_eq!(p["memory_mb"]["minimum"], json!(CODE_MIN_MEMORY_MB));
+        assert_eq!(p["memory_mb"]["maximum"], json!(CODE_MAX_MEMORY_MB));
+        assert_eq!(p["memory_mb"]["default"], json!(CODE_DEFAULT_MEMORY_MB));
+        assert_eq!(p["language"]["enum"], json!(CODE_LANGUAGES));
+        let tts = find("tts.render").unwrap().input_schema(&TestContext);
+        let p = &tts["properties"];
+        assert_eq!(p["text"]["maxLength"], json!(TTS_MAX_CHARS));
+        let n = |v: &Value| v.as_f64().unwrap();
+        assert_eq!(n(&p["speed"]["minimum"]), TTS_SPEED.0);
+        assert_eq!(n(&p["speed"]["maximum"]), TTS_SPEED.1);
+        assert_eq!(n(&p["noise_w"]["maximum"]), TTS_NOISE.1);
+        assert_eq!(p["sample_rate"]["minimum"], json!(TTS_SAMPLE_RATE.0));
+        assert_eq!(p["sample_rate"]["maximum"], json!(TTS_SAMPLE_RATE.1));
+        let formats = p["format"].to_string();
+        assert!(TTS_FORMATS.iter().all(|f| formats.contains(f)), "{formats}");
+        assert!(p["voice"].to_string().contains("en_US-joe-medium"));
+    }
+
+    #[test]
+    fn the_executor_reads_the_same_type_submission_checked() {
+        let parsed: input::CodeRunInput =
+            input::parse(&json!({"language": "python", "code": "1", "timeout_ms": 10})).unwrap();
+        assert_eq!(parsed.timeout_ms, Some(10));
+        assert!(parsed.cache, "cache defaults to true");
+        let e = input::parse::<input::SleepInput>(&json!({"ms": 1, "progress_ms": 0})).unwrap_err();
+        assert_eq!(
+            (e.field.as_str(), e.message.as_str()),
+            ("progress_ms", "must be an integer from 1 to 86400000")
         );
     }
 
