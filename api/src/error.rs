@@ -6,7 +6,12 @@ use axum::{
     http::{header, HeaderValue, StatusCode},
     response::{IntoResponse, Response},
 };
-use capibara_shared::{domain::FieldError, store::StoreError};
+use capibara_shared::{
+    command::CommandError,
+    domain::{job::NotAllowed, FieldError},
+    store::StoreError,
+};
+use uuid::Uuid;
 
 /// Every way a request can fail.
 #[derive(Debug, thiserror::Error)]
@@ -120,6 +125,37 @@ impl ApiError {
                 "Internal Server Error",
             ),
         }
+    }
+}
+
+impl ApiError {
+    /// The answer to a command that did not happen (`command::execute`); `what` names the
+    /// resource (`job`, `schedule`, …) and the domain's refusal becomes its own answer.
+    pub fn from_command<E>(e: CommandError<E>, what: &str, id: Uuid) -> Self
+    where
+        E: std::error::Error + Into<ApiError>,
+    {
+        match e {
+            CommandError::NotFound => ApiError::NotFound(format!("no {what} `{id}`")),
+            CommandError::Rejected(e) => e.into(),
+            CommandError::Busy => {
+                ApiError::Conflict(format!("the {what} is changing too fast; retry"))
+            }
+            CommandError::Store(e) => e.into(),
+        }
+    }
+}
+
+/// A command the domain refused in the resource's state.
+impl From<NotAllowed> for ApiError {
+    fn from(NotAllowed(why): NotAllowed) -> Self {
+        ApiError::Conflict(why)
+    }
+}
+
+impl From<std::convert::Infallible> for ApiError {
+    fn from(never: std::convert::Infallible) -> Self {
+        match never {}
     }
 }
 

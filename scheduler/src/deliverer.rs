@@ -13,6 +13,7 @@ use std::{
 };
 
 use capibara_shared::{
+    domain::DomainEvent,
     domain::{
         self,
         delivery::{self, public_job_event, DeliveryEvent, DEFAULT_CALLBACK_EVENTS},

@@ -12,6 +12,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
+    convert::Infallible,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -25,6 +26,7 @@ use axum::{
     Json, Router,
 };
 use capibara_shared::{
+    command,
     config::Config,
     domain::{
         self,
@@ -157,32 +159,22 @@ async fn reject(state: &HookState, t: &Trigger, status: StatusCode, reason: &str
         return problem(status, reason);
     };
     tracing::info!(trigger_id = %t.id, status = status.as_u16(), reason, suppressed, "hook call refused");
-    let mut current = t.clone();
-    for _ in 0..5 {
-        let ev = TriggerEvent::TriggerRejected {
-            status: status.as_u16(),
-            reason: reason.to_string(),
-            suppressed,
-        };
-        let Some((_, a)) = trigger_append(
-            Some(&current),
-            current.id,
-            &current.namespace,
-            &[ev],
-            meta(&current),
-            domain::now(),
-        ) else {
-            break;
-        };
-        match state.store.appender.append(a).await {
-            Err(AppendError::Conflict { .. }) => {
-                match store::triggers::get_any(&state.store.pool, t.id).await {
-                    Ok(Some(fresh)) => current = fresh,
-                    _ => break,
-                }
-            }
-            _ => break,
-        }
+    let rejected = TriggerEvent::TriggerRejected {
+        status: status.as_u16(),
+        reason: reason.to_string(),
+        suppressed,
+    };
+    // Best effort: the caller's answer does not depend on the record.
+    if let Err(e) = command::execute::<Trigger, _, Infallible, _>(
+        &state.store,
+        &t.namespace,
+        t.id,
+        &meta(t),
+        |_| Ok((vec![rejected.clone()], ())),
+    )
+    .await
+    {
+        tracing::debug!(trigger_id = %t.id, error = %e, "refusal not recorded");
     }
     problem(status, reason)
 }

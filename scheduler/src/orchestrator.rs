@@ -15,6 +15,7 @@ use std::{
 };
 
 use capibara_shared::{
+    domain::DomainEvent,
     domain::{
         self,
         event::EventEnvelope,

@@ -12,15 +12,21 @@ use uuid::Uuid;
 
 use crate::{
     domain::{
-        event::EventMetadata,
+        delivery::{Delivery, DeliveryEvent},
+        event::{DomainEvent, EventMetadata},
         job::{Job, JobEvent},
         now,
         schedule::{Schedule, ScheduleEvent},
+        trigger::{Trigger, TriggerEvent},
+        workflow::{Workflow, WorkflowEvent},
     },
     store::{
         self,
+        deliveries::delivery_append,
         jobs::{job_append, JobWrite},
         schedules::schedule_append,
+        triggers::trigger_append,
+        workflows::workflow_append,
         Append, AppendError, Store, StoreError,
     },
 };
@@ -28,7 +34,7 @@ use crate::{
 /// A stream's state that commands load and change: how to read it (in a namespace) and how its
 /// new events become an append at the version it was read at.
 pub trait Aggregate: Sized {
-    type Event;
+    type Event: DomainEvent;
 
     /// The current state, if the stream exists in `namespace`.
     fn load(
@@ -96,8 +102,105 @@ impl Aggregate for Schedule {
             metadata.clone(),
             at,
         )
-        .ok_or_else(|| StoreError::Internal("the events do not apply to the schedule".into()))
+        .ok_or_else(does_not_apply::<ScheduleEvent>)
     }
+}
+
+impl Aggregate for Workflow {
+    type Event = WorkflowEvent;
+
+    fn load(
+        store: &Store,
+        namespace: &str,
+        id: Uuid,
+    ) -> impl Future<Output = Result<Option<Self>, StoreError>> + Send {
+        store::workflows::get(&store.pool, namespace, id)
+    }
+
+    fn append(
+        &self,
+        id: Uuid,
+        events: &[WorkflowEvent],
+        metadata: &EventMetadata,
+        at: DateTime<Utc>,
+    ) -> Result<(Workflow, Append), StoreError> {
+        workflow_append(Some(self), id, events, metadata.clone(), at)
+            .ok_or_else(does_not_apply::<WorkflowEvent>)
+    }
+}
+
+impl Aggregate for Trigger {
+    type Event = TriggerEvent;
+
+    fn load(
+        store: &Store,
+        namespace: &str,
+        id: Uuid,
+    ) -> impl Future<Output = Result<Option<Self>, StoreError>> + Send {
+        store::triggers::get(&store.pool, namespace, id)
+    }
+
+    fn append(
+        &self,
+        id: Uuid,
+        events: &[TriggerEvent],
+        metadata: &EventMetadata,
+        at: DateTime<Utc>,
+    ) -> Result<(Trigger, Append), StoreError> {
+        trigger_append(
+            Some(self),
+            id,
+            &self.namespace,
+            events,
+            metadata.clone(),
+            at,
+        )
+        .ok_or_else(does_not_apply::<TriggerEvent>)
+    }
+}
+
+impl Aggregate for Delivery {
+    type Event = DeliveryEvent;
+
+    fn load(
+        store: &Store,
+        namespace: &str,
+        id: Uuid,
+    ) -> impl Future<Output = Result<Option<Self>, StoreError>> + Send {
+        store::deliveries::get(&store.pool, namespace, id)
+    }
+
+    fn append(
+        &self,
+        id: Uuid,
+        events: &[DeliveryEvent],
+        metadata: &EventMetadata,
+        at: DateTime<Utc>,
+    ) -> Result<(Delivery, Append), StoreError> {
+        delivery_append(
+            Some(self),
+            id,
+            &self.namespace,
+            events,
+            metadata.clone(),
+            at,
+        )
+        .ok_or_else(does_not_apply::<DeliveryEvent>)
+    }
+}
+
+/// A decision whose events the fold refuses: a bug of the decision, not the caller's.
+fn does_not_apply<E: DomainEvent>() -> StoreError {
+    StoreError::Internal(format!("the events do not apply to the {}", E::STREAM))
+}
+
+/// What a decision records: the aggregate's own events, appends of other streams that commit
+/// in the same transaction (the job that a redelivery queues), and a value for the caller.
+#[derive(Debug)]
+pub struct Decision<E, T> {
+    pub events: Vec<E>,
+    pub with: Vec<Append>,
+    pub out: T,
 }
 
 /// How many times a command re-reads a stream that changed under it before giving up.
@@ -135,17 +238,51 @@ where
     E: std::error::Error + 'static,
     F: Fn(&A) -> Result<(Vec<A::Event>, T), E>,
 {
+    execute_with(store, namespace, id, metadata, |a: &A| {
+        decide(a).map(|(events, out)| Decision {
+            events,
+            with: Vec::new(),
+            out,
+        })
+    })
+    .await
+}
+
+/// [`execute`] for a decision that also writes other streams ([`Decision::with`]), all in one
+/// transaction: a conflict on any of them re-reads the aggregate and decides again.
+pub async fn execute_with<A, T, E, F>(
+    store: &Store,
+    namespace: &str,
+    id: Uuid,
+    metadata: &EventMetadata,
+    decide: F,
+) -> Result<(A, T), CommandError<E>>
+where
+    A: Aggregate,
+    E: std::error::Error + 'static,
+    F: Fn(&A) -> Result<Decision<A::Event, T>, E>,
+{
     for attempt in 0..ATTEMPTS {
         let current = A::load(store, namespace, id)
             .await?
             .ok_or(CommandError::NotFound)?;
-        let (events, out) = decide(&current).map_err(CommandError::Rejected)?;
-        if events.is_empty() {
-            return Ok((current, out));
+        let decision = decide(&current).map_err(CommandError::Rejected)?;
+        if decision.events.is_empty() && decision.with.is_empty() {
+            return Ok((current, decision.out));
         }
-        let (new, append) = current.append(id, &events, metadata, now())?;
-        match store.appender.append(append).await {
-            Ok(_) => return Ok((new, out)),
+        let (new, append) = current.append(id, &decision.events, metadata, now())?;
+        let mut appends = Vec::with_capacity(1 + decision.with.len());
+        if !decision.events.is_empty() {
+            appends.push(append);
+        }
+        appends.extend(decision.with);
+        // One stream joins the group commit; several commit together in their own transaction.
+        let written = match <[Append; 1]>::try_from(appends) {
+            Ok([one]) => store.appender.append(one).await.map(drop),
+            Err(appends) => store.appender.append_all(appends).await.map(drop),
+        };
+        match written {
+            Ok(()) => return Ok((new, decision.out)),
             Err(AppendError::Conflict { .. }) => {
                 // Another writer won this round: back off a little (randomly, so that the
                 // losers of a crowd do not collide again in the next group commit).

@@ -468,3 +468,54 @@ async fn concurrent_pauses_and_resumes_all_apply() {
         .count();
     assert_eq!(changes, 12);
 }
+
+/// PATCH applies to the schedule as it is when it commits: concurrent updates of different
+/// fields all succeed and none is lost (the command re-reads and decides again on a conflict).
+#[tokio::test]
+async fn concurrent_updates_of_different_fields_all_apply() {
+    let env = TestEnv::new().await;
+    let _api = env.spawn_api().await;
+    let api = env.client();
+    let r = api
+        .post(
+            "/v1/schedules",
+            json!({"name": "busy", "cron": "0 0 1 1 *", "target": {"type": "job", "job": {"kind": "echo"}}}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{r:?}");
+    let id = r.body["id"].as_str().unwrap().to_string();
+    let patches = [
+        json!({"name": "renamed"}),
+        json!({"jitter_s": 7}),
+        json!({"catch_up_window_s": 600}),
+        json!({"overlap": "allow"}),
+        json!({"catch_up": "all"}),
+        json!({"timezone": "Europe/Paris"}),
+    ];
+    let calls = patches.iter().map(|p| {
+        let api = api.clone();
+        let req = api
+            .http
+            .patch(api.url(&format!("/v1/schedules/{id}")))
+            .json(p);
+        async move { api.send(req).await }
+    });
+    let refused: Vec<_> = futures::future::join_all(calls)
+        .await
+        .into_iter()
+        .filter(|r| r.status != 200)
+        .collect();
+    assert!(refused.is_empty(), "{refused:?}");
+    let s = api.get(&format!("/v1/schedules/{id}")).await.body;
+    for p in &patches {
+        let (field, value) = p.as_object().unwrap().iter().next().unwrap();
+        assert_eq!(&s[field], value, "{field} was lost: {s}");
+    }
+    let pool = env.pool().await;
+    let updates = schedule_events(&pool, &id)
+        .await
+        .into_iter()
+        .filter(|(t, _)| t == "ScheduleUpdated")
+        .count();
+    assert_eq!(updates, patches.len());
+}

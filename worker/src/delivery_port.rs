@@ -1,10 +1,18 @@
 //! The Postgres side of `callback.deliver`: loads deliveries with their signing secret and custom
 //! headers, and records attempts on the delivery stream (fenced by its version).
 
+use std::convert::Infallible;
+
 use async_trait::async_trait;
 use capibara_shared::{
-    domain::{self, delivery::DeliveryEvent, event::EventMetadata, webhook::WebhookSecret},
-    store::{self, deliveries::delivery_append, AppendError, Store},
+    command,
+    domain::{
+        self,
+        delivery::{Delivery, DeliveryEvent},
+        event::EventMetadata,
+        webhook::WebhookSecret,
+    },
+    store::{self, Store},
 };
 use uuid::Uuid;
 
@@ -49,40 +57,37 @@ impl DeliveryPort for PgDeliveryPort {
     }
 
     async fn record(&self, id: Uuid, r: AttemptRecord) -> Result<(), String> {
-        for _ in 0..5 {
-            let d = store::deliveries::get_any(&self.store.pool, id)
-                .await
-                .map_err(|e| e.to_string())?
-                .ok_or("delivery vanished")?;
-            let mut events = vec![DeliveryEvent::DeliveryAttempted {
+        // The port is told the id only; the delivery's namespace scopes the command.
+        let namespace = store::deliveries::get_any(&self.store.pool, id)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or("delivery vanished")?
+            .namespace;
+        let mut events = vec![DeliveryEvent::DeliveryAttempted {
+            attempt: r.attempt,
+            status_code: r.status_code,
+            duration_ms: r.duration_ms,
+            response_snippet: r.response_snippet.clone(),
+            error: r.error.clone(),
+        }];
+        match r.final_outcome {
+            Some(true) => events.push(DeliveryEvent::DeliverySucceeded { attempt: r.attempt }),
+            Some(false) => events.push(DeliveryEvent::DeliveryFailed {
                 attempt: r.attempt,
-                status_code: r.status_code,
-                duration_ms: r.duration_ms,
-                response_snippet: r.response_snippet.clone(),
-                error: r.error.clone(),
-            }];
-            match r.final_outcome {
-                Some(true) => events.push(DeliveryEvent::DeliverySucceeded { attempt: r.attempt }),
-                Some(false) => events.push(DeliveryEvent::DeliveryFailed {
-                    attempt: r.attempt,
-                    reason: r.error.clone().unwrap_or_else(|| "failed".into()),
-                }),
-                None => {}
-            }
-            let meta = EventMetadata {
-                namespace: d.namespace.clone(),
-                actor: Some("worker".into()),
-                ..Default::default()
-            };
-            let (_, append) =
-                delivery_append(Some(&d), id, &d.namespace, &events, meta, domain::now())
-                    .ok_or("delivery state invalid")?;
-            match self.store.appender.append(append).await {
-                Ok(_) => return Ok(()),
-                Err(AppendError::Conflict { .. }) => continue,
-                Err(e) => return Err(e.to_string()),
-            }
+                reason: r.error.clone().unwrap_or_else(|| "failed".into()),
+            }),
+            None => {}
         }
-        Err("delivery kept changing".into())
+        let meta = EventMetadata {
+            namespace: namespace.clone(),
+            actor: Some("worker".into()),
+            ..Default::default()
+        };
+        command::execute::<Delivery, _, Infallible, _>(&self.store, &namespace, id, &meta, |_| {
+            Ok((events.clone(), ()))
+        })
+        .await
+        .map(drop)
+        .map_err(|e| e.to_string())
     }
 }

@@ -12,6 +12,7 @@ use std::{
 
 use async_trait::async_trait;
 use capibara_shared::{
+    domain::DomainEvent,
     domain::{
         self,
         event::EventMetadata,

@@ -8,6 +8,7 @@ use axum::{
 };
 
 use capibara_shared::{
+    command::{self, Decision},
     domain::{
         self,
         auth::Role,
@@ -17,9 +18,8 @@ use capibara_shared::{
     },
     store::{
         self,
-        deliveries::{delivery_append, DeliveryFilter},
+        deliveries::DeliveryFilter,
         jobs::{job_append, JobWrite},
-        AppendError, StoreError,
     },
 };
 use serde::Serialize;
@@ -121,41 +121,49 @@ pub async fn redeliver(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     auth.require(Role::Submit)?;
-    for _ in 0..5 {
-        let d = load(&state, &auth, &id).await?;
-        if !d.status.is_final() {
-            return Err(ApiError::Conflict(format!(
-                "the delivery is {}; redeliver it once it has finished",
-                d.status
-            )));
-        }
-        let now = domain::now();
-        let job_id = Uuid::now_v7();
-        let meta = EventMetadata {
-            namespace: d.namespace.clone(),
-            actor: Some(auth.actor()),
-            ..Default::default()
-        };
-        let events = [DeliveryEvent::DeliveryQueued {
-            delivery_job_id: job_id,
-            reason: "redeliver".into(),
-        }];
-        let (new, a) = delivery_append(Some(&d), d.id, &d.namespace, &events, meta.clone(), now)
-            .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("delivery state")))?;
-        let sub =
-            delivery::delivery_job(d.id, state.config.delivery_retry_schedule.len() as u32 + 1);
-        let (_, j) = job_append(
-            None,
-            job_id,
-            &[JobEvent::JobSubmitted(sub)],
-            JobWrite::new(meta, now),
-        )
-        .map_err(ApiError::internal)?;
-        match state.store.appender.append_all(vec![a, j]).await {
-            Ok(_) => return Ok((StatusCode::ACCEPTED, Json(new)).into_response()),
-            Err(AppendError::Conflict { .. }) => continue,
-            Err(e) => return Err(StoreError::from(e).into()),
-        }
-    }
-    Err(ApiError::Conflict("the delivery is changing; retry".into()))
+    let id: Uuid = id
+        .parse()
+        .map_err(|_| ApiError::NotFound(format!("no delivery `{id}`")))?;
+    let meta = EventMetadata {
+        namespace: auth.namespace().to_string(),
+        actor: Some(auth.actor()),
+        ..Default::default()
+    };
+    let attempts = state.config.delivery_retry_schedule.len() as u32 + 1;
+    // The delivery is queued again and its job submitted in one transaction.
+    let (d, ()) = command::execute_with::<Delivery, _, ApiError, _>(
+        &state.store,
+        auth.namespace(),
+        id,
+        &meta,
+        |d| {
+            if !d.status.is_final() {
+                return Err(ApiError::Conflict(format!(
+                    "the delivery is {}; redeliver it once it has finished",
+                    d.status
+                )));
+            }
+            let job_id = Uuid::now_v7();
+            let (_, job) = job_append(
+                None,
+                job_id,
+                &[JobEvent::JobSubmitted(delivery::delivery_job(
+                    d.id, attempts,
+                ))],
+                JobWrite::new(meta.clone(), domain::now()),
+            )
+            .map_err(ApiError::internal)?;
+            Ok(Decision {
+                events: vec![DeliveryEvent::DeliveryQueued {
+                    delivery_job_id: job_id,
+                    reason: "redeliver".into(),
+                }],
+                with: vec![job],
+                out: (),
+            })
+        },
+    )
+    .await
+    .map_err(|e| ApiError::from_command(e, "delivery", id))?;
+    Ok((StatusCode::ACCEPTED, Json(d)).into_response())
 }

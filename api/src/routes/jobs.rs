@@ -13,8 +13,9 @@ use axum::{
 };
 use base64::Engine;
 use capibara_shared::{
-    command::{self, CommandError},
+    command,
     config::Config,
+    domain::DomainEvent,
     domain::{
         self,
         auth::Role,
@@ -681,7 +682,7 @@ pub async fn cancel(
         |job| job.cancel(None),
     )
     .await
-    .map_err(|e| command_error(e, id))?;
+    .map_err(|e| ApiError::from_command(e, "job", id))?;
     match done {
         Cancel::Canceled => {
             let _ = state.queue.remove(&job.queue, id).await;
@@ -694,16 +695,6 @@ pub async fn cancel(
             Ok((StatusCode::ACCEPTED, Json(job)).into_response())
         }
         Cancel::AlreadyRequested => Ok((StatusCode::ACCEPTED, Json(job)).into_response()),
-    }
-}
-
-/// The HTTP answer to a job command that did not happen.
-fn command_error(e: CommandError<NotAllowed>, id: Uuid) -> ApiError {
-    match e {
-        CommandError::NotFound => ApiError::NotFound(format!("no job `{id}`")),
-        CommandError::Rejected(NotAllowed(why)) => ApiError::Conflict(why),
-        CommandError::Busy => ApiError::Conflict("the job is changing too fast; retry".into()),
-        CommandError::Store(e) => e.into(),
     }
 }
 
@@ -720,7 +711,7 @@ pub async fn retry(
     let id = parse_id(&id)?;
     // The submission's budget: read once, it never changes.
     let budget = submitted_max_attempts(&state, id).await?;
-    let (job, ()) = command::execute::<Job, _, _, _>(
+    let (job, ()) = command::execute::<Job, _, NotAllowed, _>(
         &state.store,
         auth.namespace(),
         id,
@@ -728,7 +719,7 @@ pub async fn retry(
         |job| Ok((job.retry(budget.unwrap_or(job.max_attempts))?, ())),
     )
     .await
-    .map_err(|e| command_error(e, id))?;
+    .map_err(|e| ApiError::from_command(e, "job", id))?;
     Ok((
         StatusCode::ACCEPTED,
         [(header::LOCATION, location(id))],

@@ -9,7 +9,7 @@ use axum::{
 use std::convert::Infallible;
 
 use capibara_shared::{
-    command::{self, CommandError},
+    command,
     domain::{
         self,
         auth::Role,
@@ -321,38 +321,44 @@ pub async fn update(
     body: ApiJson<UpdateSchedule>,
 ) -> Result<Json<ScheduleView>, ApiError> {
     auth.require(Role::Submit)?;
-    let s = load(&state, &auth, &id).await?;
-    let b = body.value;
-    let current_target: ScheduleTarget =
-        serde_json::from_value(s.target.clone()).map_err(ApiError::internal)?;
-    let spec = ScheduleSpec {
-        name: b.name.unwrap_or_else(|| s.name.clone()),
-        cron: b.cron.unwrap_or_else(|| s.cron.clone()),
-        timezone: b.timezone.unwrap_or_else(|| s.timezone.clone()),
-        target: match b.target {
-            Some(t) => target(t, &state, &auth).await?,
-            None => current_target,
-        },
-        overlap: b.overlap.unwrap_or(s.overlap),
-        catch_up: b.catch_up.unwrap_or(s.catch_up),
-        catch_up_window_s: b.catch_up_window_s.unwrap_or(s.catch_up_window_s),
-        jitter_s: b.jitter_s.unwrap_or(s.jitter_s),
-        start_at: b.start_at.or(s.start_at),
-        end_at: b.end_at.or(s.end_at),
+    let mut b = body.value;
+    // An unknown schedule is a 404 before the new target is looked at; the target (its
+    // workflow looked up) is resolved once, outside the command's retries.
+    let id = load(&state, &auth, &id).await?.id;
+    let new_target = match b.target.take() {
+        Some(t) => Some(target(t, &state, &auth).await?),
+        None => None,
     };
-    check_spec(&spec)?;
-    Ok(Json(
-        write(
-            &state,
-            &auth,
-            Some(&s),
-            s.id,
-            &[ScheduleEvent::ScheduleUpdated(spec)],
-            vec![],
-        )
-        .await?
-        .into(),
-    ))
+    // The patch applies to the schedule as it is when the update commits.
+    let (s, ()) = command::execute::<Schedule, _, ApiError, _>(
+        &state.store,
+        auth.namespace(),
+        id,
+        &meta(&auth),
+        |s| {
+            let target = match &new_target {
+                Some(t) => t.clone(),
+                None => serde_json::from_value(s.target.clone()).map_err(ApiError::internal)?,
+            };
+            let spec = ScheduleSpec {
+                name: b.name.clone().unwrap_or_else(|| s.name.clone()),
+                cron: b.cron.clone().unwrap_or_else(|| s.cron.clone()),
+                timezone: b.timezone.clone().unwrap_or_else(|| s.timezone.clone()),
+                target,
+                overlap: b.overlap.unwrap_or(s.overlap),
+                catch_up: b.catch_up.unwrap_or(s.catch_up),
+                catch_up_window_s: b.catch_up_window_s.unwrap_or(s.catch_up_window_s),
+                jitter_s: b.jitter_s.unwrap_or(s.jitter_s),
+                start_at: b.start_at.or(s.start_at),
+                end_at: b.end_at.or(s.end_at),
+            };
+            check_spec(&spec)?;
+            Ok((vec![ScheduleEvent::ScheduleUpdated(spec)], ()))
+        },
+    )
+    .await
+    .map_err(|e| ApiError::from_command(e, "schedule", id))?;
+    Ok(Json(s.into()))
 }
 
 async fn simple(
@@ -371,12 +377,7 @@ async fn simple(
         |_| Ok((vec![ev.clone()], ())),
     )
     .await
-    .map_err(|e| match e {
-        CommandError::NotFound => ApiError::NotFound(format!("no schedule `{id}`")),
-        CommandError::Busy => ApiError::Conflict("the schedule is changing too fast; retry".into()),
-        CommandError::Rejected(never) => match never {},
-        CommandError::Store(e) => e.into(),
-    })?;
+    .map_err(|e| ApiError::from_command(e, "schedule", id))?;
     Ok(Json(s.into()))
 }
 

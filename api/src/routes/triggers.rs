@@ -1,6 +1,8 @@
 //! `/v1/triggers`: inbound webhooks that start jobs. The hook itself is served by the scheduler
 //! at `POST /hooks/{id}`.
 
+use std::convert::Infallible;
+
 use axum::{
     extract::{Path, State},
     http::StatusCode,
@@ -8,6 +10,7 @@ use axum::{
     Json,
 };
 use capibara_shared::{
+    command,
     domain::{
         self,
         auth::Role,
@@ -15,7 +18,7 @@ use capibara_shared::{
         trigger::{check_template, Trigger, TriggerAuth, TriggerEvent},
         webhook::WebhookSecret,
     },
-    store::{self, triggers::trigger_append, AppendError, Effect, StoreError},
+    store::{self, triggers::trigger_append, Effect, StoreError},
 };
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -214,28 +217,17 @@ pub async fn delete(
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     auth.require(Role::Submit)?;
-    for _ in 0..5 {
-        let t = load(&state, &auth, &id).await?;
-        let (_, mut a) = trigger_append(
-            Some(&t),
-            t.id,
-            auth.namespace(),
-            &[TriggerEvent::TriggerDeleted {}],
-            meta(&auth),
-            domain::now(),
-        )
-        .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("trigger state")))?;
-        // The credential goes with the trigger.
-        a.effects.push(Effect::TriggerCredential {
-            trigger_id: t.id,
-            namespace: t.namespace.clone(),
-            credential: None,
-        });
-        match state.store.appender.append(a).await {
-            Ok(_) => return Ok(StatusCode::NO_CONTENT),
-            Err(AppendError::Conflict { .. }) => continue,
-            Err(e) => return Err(StoreError::from(e).into()),
-        }
-    }
-    Err(ApiError::Conflict("the trigger is busy; retry".into()))
+    let id: Uuid = id
+        .parse()
+        .map_err(|_| ApiError::NotFound(format!("no trigger `{id}`")))?;
+    command::execute::<Trigger, _, Infallible, _>(
+        &state.store,
+        auth.namespace(),
+        id,
+        &meta(&auth),
+        |_| Ok((vec![TriggerEvent::TriggerDeleted {}], ())),
+    )
+    .await
+    .map_err(|e| ApiError::from_command(e, "trigger", id))?;
+    Ok(StatusCode::NO_CONTENT)
 }

@@ -1,6 +1,8 @@
 //! `/v1/workflows`: define (JSON or YAML), list, get with versions, update (a new version),
 //! delete, and start runs.
 
+use std::convert::Infallible;
+
 use axum::{
     body::Bytes,
     extract::{Path, RawQuery, State},
@@ -9,6 +11,7 @@ use axum::{
     Json,
 };
 use capibara_shared::{
+    command,
     domain::{
         self,
         auth::Role,
@@ -144,27 +147,23 @@ pub async fn update(
     let id = parse_id(&id)?;
     let def = definition(&state, &headers, &body)?;
     require_admin_for_secrets(&auth, &def)?;
-    for _ in 0..10 {
-        let w = load(&state, &auth, id).await?;
-        let (new, append) = workflow_append(
-            Some(&w),
-            id,
-            &[WorkflowEvent::WorkflowUpdated {
-                definition: def.clone(),
-            }],
-            metadata(&auth),
-            domain::now(),
-        )
-        .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("workflow state")))?;
-        match state.store.appender.append(append).await {
-            Ok(_) => return Ok(created(&new, StatusCode::OK)),
-            Err(AppendError::Conflict { .. }) => continue,
-            Err(e) => return Err(StoreError::from(e).into()),
-        }
-    }
-    Err(ApiError::Conflict(
-        "the workflow is changing too fast; retry".into(),
-    ))
+    let (w, ()) = command::execute::<Workflow, _, Infallible, _>(
+        &state.store,
+        auth.namespace(),
+        id,
+        &metadata(&auth),
+        |_| {
+            Ok((
+                vec![WorkflowEvent::WorkflowUpdated {
+                    definition: def.clone(),
+                }],
+                (),
+            ))
+        },
+    )
+    .await
+    .map_err(|e| ApiError::from_command(e, "workflow", id))?;
+    Ok(created(&w, StatusCode::OK))
 }
 
 #[utoipa::path(get, operation_id = "listWorkflows", path = "/v1/workflows", tag = "workflows",
@@ -219,25 +218,16 @@ pub async fn delete(
 ) -> Result<StatusCode, ApiError> {
     auth.require(Role::Submit)?;
     let id = parse_id(&id)?;
-    for _ in 0..10 {
-        let w = load(&state, &auth, id).await?;
-        let (_, append) = workflow_append(
-            Some(&w),
-            id,
-            &[WorkflowEvent::WorkflowDeleted {}],
-            metadata(&auth),
-            domain::now(),
-        )
-        .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("workflow state")))?;
-        match state.store.appender.append(append).await {
-            Ok(_) => return Ok(StatusCode::NO_CONTENT),
-            Err(AppendError::Conflict { .. }) => continue,
-            Err(e) => return Err(StoreError::from(e).into()),
-        }
-    }
-    Err(ApiError::Conflict(
-        "the workflow is changing too fast; retry".into(),
-    ))
+    command::execute::<Workflow, _, Infallible, _>(
+        &state.store,
+        auth.namespace(),
+        id,
+        &metadata(&auth),
+        |_| Ok((vec![WorkflowEvent::WorkflowDeleted {}], ())),
+    )
+    .await
+    .map_err(|e| ApiError::from_command(e, "workflow", id))?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// `POST /v1/workflows/{id}/runs` body.

@@ -9,6 +9,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
+use super::event::{DomainEvent, StreamType};
+
 /// Where a delivery stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
@@ -99,8 +101,10 @@ pub enum DeliveryEvent {
     },
 }
 
-impl DeliveryEvent {
-    pub fn type_name(&self) -> &'static str {
+impl DomainEvent for DeliveryEvent {
+    const STREAM: StreamType = StreamType::Delivery;
+
+    fn type_name(&self) -> &'static str {
         match self {
             DeliveryEvent::DeliveryCreated { .. } => "DeliveryCreated",
             DeliveryEvent::DeliveryQueued { .. } => "DeliveryQueued",
@@ -108,18 +112,6 @@ impl DeliveryEvent {
             DeliveryEvent::DeliverySucceeded { .. } => "DeliverySucceeded",
             DeliveryEvent::DeliveryFailed { .. } => "DeliveryFailed",
         }
-    }
-
-    pub fn to_parts(&self) -> (&'static str, Value) {
-        let mut v = serde_json::to_value(self).expect("delivery events serialize");
-        (
-            self.type_name(),
-            v.get_mut("data").map(Value::take).unwrap_or(Value::Null),
-        )
-    }
-
-    pub fn from_parts(event_type: &str, data: Value) -> Result<Self, serde_json::Error> {
-        serde_json::from_value(serde_json::json!({"type": event_type, "data": data}))
     }
 }
 

@@ -3,7 +3,8 @@
 use std::{fmt, str::FromStr};
 
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use serde_json::Value;
 use uuid::Uuid;
 
 /// The kind of aggregate a stream belongs to.
@@ -55,6 +56,33 @@ impl FromStr for StreamType {
     }
 }
 
+/// An aggregate's event, as every stream type implements it once: its stream type, its type
+/// name, and how it is split into the stored (`events.type`, `events.data`) and rebuilt from
+/// them. Events are serde enums tagged `{"type": …, "data": …}` (adjacent tagging), so the parts
+/// are the two halves of that object.
+pub trait DomainEvent: Serialize + DeserializeOwned {
+    /// The stream type whose events these are.
+    const STREAM: StreamType;
+
+    /// The event's type name, as stored in `events.type` (the serde tag).
+    fn type_name(&self) -> &'static str;
+
+    /// Split into (`type`, `data`) for storage.
+    fn to_parts(&self) -> (&'static str, Value) {
+        let mut v = serde_json::to_value(self).expect("events serialize to JSON");
+        let data = v
+            .get_mut("data")
+            .map(Value::take)
+            .unwrap_or_else(|| serde_json::json!({}));
+        (self.type_name(), data)
+    }
+
+    /// Rebuild from stored (`type`, `data`).
+    fn from_parts(event_type: &str, data: Value) -> Result<Self, serde_json::Error> {
+        serde_json::from_value(serde_json::json!({"type": event_type, "data": data}))
+    }
+}
+
 /// Who caused an event and why; stored as the event's `metadata`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct EventMetadata {
@@ -92,5 +120,52 @@ pub struct EventEnvelope {
 impl EventEnvelope {
     pub fn position(&self) -> i64 {
         self.id.parse().unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fmt::Debug;
+
+    use super::*;
+    use crate::domain::{
+        delivery::DeliveryEvent, job::JobEvent, run::RunEvent, schedule::ScheduleEvent,
+        trigger::TriggerEvent, workflow::WorkflowEvent,
+    };
+
+    /// The stored parts of an event rebuild it, and its type name is its serde tag.
+    fn stores<E: DomainEvent + PartialEq + Debug>(e: E, stream: StreamType) {
+        assert_eq!(E::STREAM, stream);
+        let tagged = serde_json::to_value(&e).unwrap();
+        assert_eq!(tagged["type"], e.type_name(), "{e:?}");
+        let (t, data) = e.to_parts();
+        assert_eq!(data, tagged["data"], "{e:?}");
+        assert_eq!(E::from_parts(t, data).unwrap(), e);
+    }
+
+    #[test]
+    fn every_stream_types_events_are_stored_as_type_and_data() {
+        stores(JobEvent::JobTimedOut { attempt: 2 }, StreamType::Job);
+        stores(JobEvent::JobCanceled { attempt: None }, StreamType::Job);
+        stores(ScheduleEvent::SchedulePaused {}, StreamType::Schedule);
+        stores(
+            DeliveryEvent::DeliveryFailed {
+                attempt: 3,
+                reason: "timeout".into(),
+            },
+            StreamType::Delivery,
+        );
+        stores(TriggerEvent::TriggerDeleted {}, StreamType::Trigger);
+        stores(WorkflowEvent::WorkflowDeleted {}, StreamType::Workflow);
+        stores(
+            RunEvent::RunRetried {
+                steps: vec!["a".into()],
+            },
+            StreamType::Run,
+        );
+        // A stored event of another type is refused, not mistaken for one of these.
+        assert!(
+            ScheduleEvent::from_parts("JobTimedOut", serde_json::json!({"attempt": 1})).is_err()
+        );
     }
 }

@@ -14,7 +14,11 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::{retry::Backoff, FieldError};
+use super::{
+    event::{DomainEvent, StreamType},
+    retry::Backoff,
+    FieldError,
+};
 
 /// Job status (contract).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
@@ -278,9 +282,10 @@ pub enum JobEvent {
     },
 }
 
-impl JobEvent {
-    /// The event's type name, as stored in `events.type`.
-    pub fn type_name(&self) -> &'static str {
+impl DomainEvent for JobEvent {
+    const STREAM: StreamType = StreamType::Job;
+
+    fn type_name(&self) -> &'static str {
         match self {
             JobEvent::JobSubmitted(_) => "JobSubmitted",
             JobEvent::JobScheduled { .. } => "JobScheduled",
@@ -297,25 +302,9 @@ impl JobEvent {
             JobEvent::JobTimedOut { .. } => "JobTimedOut",
         }
     }
+}
 
-    /// Split into (`type`, `data`) for storage.
-    pub fn to_parts(&self) -> (&'static str, serde_json::Value) {
-        let mut v = serde_json::to_value(self).expect("job events serialize");
-        let data = v
-            .get_mut("data")
-            .map(serde_json::Value::take)
-            .unwrap_or_else(|| serde_json::json!({}));
-        (self.type_name(), data)
-    }
-
-    /// Rebuild from stored (`type`, `data`).
-    pub fn from_parts(
-        event_type: &str,
-        data: serde_json::Value,
-    ) -> Result<Self, serde_json::Error> {
-        serde_json::from_value(serde_json::json!({"type": event_type, "data": data}))
-    }
-
+impl JobEvent {
     /// Whether this event ends the job.
     pub fn is_terminal(&self) -> bool {
         matches!(

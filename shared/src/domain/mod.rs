@@ -31,6 +31,7 @@ pub mod trigger;
 pub mod webhook;
 pub mod workflow;
 
+pub use event::DomainEvent;
 pub use problem::FieldError;
 
 /// Current time truncated to microseconds, the precision Postgres stores.

@@ -14,7 +14,11 @@ use chrono_tz::Tz;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::{cron_expr::CrontabExpr, job::Submission};
+use super::{
+    cron_expr::CrontabExpr,
+    event::{DomainEvent, StreamType},
+    job::Submission,
+};
 
 /// What happens when a tick comes while the previous tick's job still runs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -241,8 +245,10 @@ fn one() -> u64 {
     1
 }
 
-impl ScheduleEvent {
-    pub fn type_name(&self) -> &'static str {
+impl DomainEvent for ScheduleEvent {
+    const STREAM: StreamType = StreamType::Schedule;
+
+    fn type_name(&self) -> &'static str {
         match self {
             ScheduleEvent::ScheduleCreated(_) => "ScheduleCreated",
             ScheduleEvent::ScheduleUpdated(_) => "ScheduleUpdated",
@@ -253,20 +259,6 @@ impl ScheduleEvent {
             ScheduleEvent::TickSkipped { .. } => "TickSkipped",
             ScheduleEvent::TickBuffered { .. } => "TickBuffered",
         }
-    }
-
-    pub fn to_parts(&self) -> (&'static str, serde_json::Value) {
-        let mut v = serde_json::to_value(self).expect("schedule events serialize");
-        (
-            self.type_name(),
-            v.get_mut("data")
-                .map(serde_json::Value::take)
-                .unwrap_or_default(),
-        )
-    }
-
-    pub fn from_parts(t: &str, data: serde_json::Value) -> Result<Self, serde_json::Error> {
-        serde_json::from_value(serde_json::json!({"type": t, "data": data}))
     }
 }
 

@@ -8,6 +8,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
+use super::event::{DomainEvent, StreamType};
+
 /// How callers of a hook authenticate, as `POST /v1/triggers` takes it. A credential left out is
 /// generated; either way it is shown once, in the creation response, and never again: the log
 /// and the projection keep only [`TriggerAuth::redacted`], the hook reads a
@@ -194,22 +196,16 @@ fn is_zero(n: &u64) -> bool {
     *n == 0
 }
 
-impl TriggerEvent {
-    pub fn type_name(&self) -> &'static str {
+impl DomainEvent for TriggerEvent {
+    const STREAM: StreamType = StreamType::Trigger;
+
+    fn type_name(&self) -> &'static str {
         match self {
             TriggerEvent::TriggerCreated { .. } => "TriggerCreated",
             TriggerEvent::TriggerDeleted {} => "TriggerDeleted",
             TriggerEvent::TriggerInvoked { .. } => "TriggerInvoked",
             TriggerEvent::TriggerRejected { .. } => "TriggerRejected",
         }
-    }
-
-    pub fn to_parts(&self) -> (&'static str, Value) {
-        let mut v = serde_json::to_value(self).expect("trigger events serialize");
-        (
-            self.type_name(),
-            v.get_mut("data").map(Value::take).unwrap_or_default(),
-        )
     }
 }
 

@@ -9,6 +9,7 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use super::{
+    event::{DomainEvent, StreamType},
     kinds::{self, KindContext},
     retry::Backoff,
     template, FieldError,
@@ -524,15 +525,15 @@ pub enum WorkflowEvent {
     WorkflowDeleted {},
 }
 
-impl WorkflowEvent {
-    pub fn to_parts(&self) -> (&'static str, Value) {
-        let v = serde_json::to_value(self).expect("workflow events serialize");
-        let t = match self {
+impl DomainEvent for WorkflowEvent {
+    const STREAM: StreamType = StreamType::Workflow;
+
+    fn type_name(&self) -> &'static str {
+        match self {
             WorkflowEvent::WorkflowCreated { .. } => "WorkflowCreated",
             WorkflowEvent::WorkflowUpdated { .. } => "WorkflowUpdated",
             WorkflowEvent::WorkflowDeleted {} => "WorkflowDeleted",
-        };
-        (t, v.get("data").cloned().unwrap_or(Value::Null))
+        }
     }
 }
 

@@ -30,7 +30,11 @@ use tokio::sync::{mpsc, oneshot, Mutex};
 use uuid::Uuid;
 
 use super::{dispatch::DispatchEntry, lease::Lease, StoreError};
-use crate::domain::{event::EventMetadata, event::StreamType, job::Job, storable, FieldError};
+use crate::domain::{
+    event::{DomainEvent, EventMetadata, StreamType},
+    job::Job,
+    storable, FieldError,
+};
 
 /// Told of every commit: the jobs it made ready to run and the streams it changed. The queue
 /// (Redis) listens, for the fast-path dispatch and for stream hints; the store does not know it.
@@ -130,26 +134,28 @@ pub struct Append {
 
 impl Append {
     /// Events for a stream at `prev_version` (`None`: a new stream), all recorded at `at`.
-    pub fn for_stream(
-        stream_type: StreamType,
+    pub fn of<E: DomainEvent>(
         stream_id: Uuid,
         prev_version: Option<i64>,
-        events: impl IntoIterator<Item = (&'static str, Value)>,
+        events: &[E],
         metadata: EventMetadata,
         at: DateTime<Utc>,
         effects: Vec<Effect>,
     ) -> Append {
         Append {
             stream_id,
-            stream_type,
+            stream_type: E::STREAM,
             namespace: metadata.namespace.clone(),
             expected: prev_version.map_or(Expected::NoStream, Expected::Version),
             events: events
-                .into_iter()
-                .map(|(t, data)| NewEvent {
-                    event_type: t.to_string(),
-                    data,
-                    recorded_at: None,
+                .iter()
+                .map(|e| {
+                    let (t, data) = e.to_parts();
+                    NewEvent {
+                        event_type: t.to_string(),
+                        data,
+                        recorded_at: None,
+                    }
                 })
                 .collect(),
             metadata,

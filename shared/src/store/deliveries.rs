@@ -9,7 +9,7 @@ use uuid::Uuid;
 use super::{Append, Effect, StoreError};
 use crate::domain::{
     delivery::{Delivery, DeliveryEvent, DeliveryStatus},
-    event::{EventEnvelope, EventMetadata, StreamType},
+    event::{EventEnvelope, EventMetadata},
 };
 
 /// Upsert of whole rows from a JSON array of [`Delivery`]s.
@@ -34,11 +34,10 @@ pub fn delivery_append(
         state = Some(Delivery::apply(state, id, namespace, e, at)?);
     }
     let new = state?;
-    let append = Append::for_stream(
-        StreamType::Delivery,
+    let append = Append::of(
         id,
         prev.map(|p| p.version),
-        events.iter().map(|e| e.to_parts()),
+        events,
         EventMetadata {
             namespace: namespace.to_string(),
             ..metadata

@@ -14,6 +14,7 @@ use super::{
 use crate::domain::{
     event::{EventMetadata, StreamType},
     job::{Follow, InvalidTransition, Job, JobEvent, JobStatus},
+    DomainEvent,
 };
 
 /// Upsert of whole rows from a JSON array of [`Job`]s (column names = field names).

@@ -10,7 +10,10 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::{jobs::UPSERT_JOBS, StoreError};
-use crate::domain::job::{Job, JobEvent};
+use crate::domain::{
+    job::{Job, JobEvent},
+    DomainEvent,
+};
 
 /// What a rebuild did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

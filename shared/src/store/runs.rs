@@ -328,11 +328,10 @@ pub async fn build(
         }
         let meta = run_metadata(&c.run, actor);
         let run = c.run;
-        built.appends.push(Append::for_stream(
-            StreamType::Run,
+        built.appends.push(Append::of(
             run.id,
             c.prev_version,
-            c.plan.events.iter().map(|e| e.to_parts()),
+            &c.plan.events,
             meta,
             at,
             vec![Effect::UpsertRun(Box::new(run))],

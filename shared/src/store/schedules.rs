@@ -7,7 +7,7 @@ use uuid::Uuid;
 
 use super::{Append, Effect, StoreError};
 use crate::domain::{
-    event::{EventMetadata, StreamType},
+    event::EventMetadata,
     schedule::{Schedule, ScheduleEvent},
 };
 
@@ -52,11 +52,10 @@ pub fn schedule_append(
             ticks,
         });
     }
-    let append = Append::for_stream(
-        StreamType::Schedule,
+    let append = Append::of(
         id,
         prev.map(|p| p.version),
-        events.iter().map(|e| e.to_parts()),
+        events,
         EventMetadata {
             namespace: namespace.to_string(),
             ..metadata

@@ -7,7 +7,7 @@ use uuid::Uuid;
 
 use super::{Append, Effect, StoreError};
 use crate::domain::{
-    event::{EventMetadata, StreamType},
+    event::EventMetadata,
     trigger::{Trigger, TriggerCredential, TriggerEvent},
 };
 
@@ -29,17 +29,28 @@ pub fn trigger_append(
         state = Some(Trigger::apply(state, id, namespace, e, at)?);
     }
     let new = state?;
-    let append = Append::for_stream(
-        StreamType::Trigger,
+    let mut effects = vec![Effect::UpsertTrigger(Box::new(new.clone()))];
+    if events
+        .iter()
+        .any(|e| matches!(e, TriggerEvent::TriggerDeleted {}))
+    {
+        // The credential goes with the trigger.
+        effects.push(Effect::TriggerCredential {
+            trigger_id: id,
+            namespace: namespace.to_string(),
+            credential: None,
+        });
+    }
+    let append = Append::of(
         id,
         prev.map(|p| p.version),
-        events.iter().map(|e| e.to_parts()),
+        events,
         EventMetadata {
             namespace: namespace.to_string(),
             ..metadata
         },
         at,
-        vec![Effect::UpsertTrigger(Box::new(new.clone()))],
+        effects,
     );
     Some((new, append))
 }

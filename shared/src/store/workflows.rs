@@ -7,7 +7,7 @@ use uuid::Uuid;
 
 use super::{Append, Effect, StoreError};
 use crate::domain::{
-    event::{EventMetadata, StreamType},
+    event::EventMetadata,
     workflow::{Workflow, WorkflowEvent},
 };
 
@@ -32,11 +32,10 @@ pub fn workflow_append(
         state = Some(Workflow::apply(state, id, &metadata.namespace, e, at)?);
     }
     let new = state?;
-    let append = Append::for_stream(
-        StreamType::Workflow,
+    let append = Append::of(
         id,
         prev.map(|p| p.stream_version),
-        events.iter().map(|e| e.to_parts()),
+        events,
         metadata,
         at,
         vec![Effect::UpsertWorkflow(Box::new(new.clone()))],

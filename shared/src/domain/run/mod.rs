@@ -27,7 +27,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use crate::domain::template;
+use crate::domain::{
+    event::{DomainEvent, StreamType},
+    template,
+};
 
 /// Run status (contract).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
@@ -304,8 +307,10 @@ pub enum RunEvent {
     },
 }
 
-impl RunEvent {
-    pub fn type_name(&self) -> &'static str {
+impl DomainEvent for RunEvent {
+    const STREAM: StreamType = StreamType::Run;
+
+    fn type_name(&self) -> &'static str {
         match self {
             RunEvent::RunStarted { .. } => "RunStarted",
             RunEvent::StepReady { .. } => "StepReady",
@@ -320,15 +325,9 @@ impl RunEvent {
             RunEvent::RunRetried { .. } => "RunRetried",
         }
     }
+}
 
-    pub fn to_parts(&self) -> (&'static str, Value) {
-        let v = serde_json::to_value(self).expect("run events serialize");
-        (
-            self.type_name(),
-            v.get("data").cloned().unwrap_or(Value::Null),
-        )
-    }
-
+impl RunEvent {
     pub fn is_terminal(&self) -> bool {
         matches!(
             self,
