@@ -431,13 +431,8 @@ async fn trigger_runs_now_and_backfill_fires_each_missing_tick_once() {
     assert_eq!(bad.status, 422);
 }
 
-/// Pause and resume are commands (`capibara_shared::command`): a request that loses the race to
-/// another writer re-reads the schedule and applies again, instead of answering 409.
-#[tokio::test]
-async fn concurrent_pauses_and_resumes_all_apply() {
-    let env = TestEnv::new().await;
-    let _api = env.spawn_api().await;
-    let api = env.client();
+/// A schedule that does not fire during a test; its id.
+async fn yearly_schedule(api: &capibara_tests::Api) -> String {
     let r = api
         .post(
             "/v1/schedules",
@@ -445,7 +440,17 @@ async fn concurrent_pauses_and_resumes_all_apply() {
         )
         .await;
     assert_eq!(r.status, 201, "{r:?}");
-    let id = r.body["id"].as_str().unwrap().to_string();
+    r.body["id"].as_str().unwrap().to_string()
+}
+
+/// Pause and resume are commands (`capibara_shared::command`): a request that loses the race to
+/// another writer re-reads the schedule and applies again, instead of answering 409.
+#[tokio::test]
+async fn concurrent_pauses_and_resumes_all_apply() {
+    let env = TestEnv::new().await;
+    let _api = env.spawn_api().await;
+    let api = env.client();
+    let id = yearly_schedule(&api).await;
     let calls = (0..12).map(|i| {
         let api = api.clone();
         let path = format!(
@@ -476,14 +481,7 @@ async fn concurrent_updates_of_different_fields_all_apply() {
     let env = TestEnv::new().await;
     let _api = env.spawn_api().await;
     let api = env.client();
-    let r = api
-        .post(
-            "/v1/schedules",
-            json!({"name": "busy", "cron": "0 0 1 1 *", "target": {"type": "job", "job": {"kind": "echo"}}}),
-        )
-        .await;
-    assert_eq!(r.status, 201, "{r:?}");
-    let id = r.body["id"].as_str().unwrap().to_string();
+    let id = yearly_schedule(&api).await;
     let patches = [
         json!({"name": "renamed"}),
         json!({"jitter_s": 7}),
