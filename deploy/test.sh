@@ -23,7 +23,7 @@ bash deploy/install-deps.sh
 # skips what is already there.
 bash deploy/fetch-assets.sh
 # A local S3-compatible server (moto, from PyPI) for the artifact store's S3 test; installed once
-# into a venv under target/ (tests/tests/artifacts_s3.rs finds it there).
+# into a venv under target/ (tests/tests/e2e/artifacts_s3.rs finds it there).
 MOTO_VENV=$ROOT/target/capibara-test/moto
 if [[ ! -x $MOTO_VENV/bin/moto_server ]]; then
     log "installing moto[server] into $MOTO_VENV"
@@ -33,7 +33,7 @@ fi
 export CAPIBARA_TEST_MOTO_SERVER=$MOTO_VENV/bin/moto_server
 # The OpenAPI tools (from PyPI) the contract tests run against the served /openapi.json:
 # openapi-spec-validator (is it valid OpenAPI 3.1?) and schemathesis (fuzz every operation);
-# installed once into a venv under target/ (tests/tests/openapi.rs finds them there).
+# installed once into a venv under target/ (tests/tests/e2e/openapi.rs finds them there).
 OPENAPI_VENV=$ROOT/target/capibara-test/openapi-tools
 OPENAPI_TOOLS="openapi-spec-validator==0.7.2 schemathesis==4.32.5"
 if [[ $(cat "$OPENAPI_VENV/.installed" 2>/dev/null) != "$OPENAPI_TOOLS" ]]; then

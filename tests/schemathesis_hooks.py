@@ -1,4 +1,4 @@
-"""schemathesis hooks for tests/tests/openapi_fuzz.rs (docs/testing.md).
+"""schemathesis hooks for tests/tests/e2e/openapi_fuzz.rs (docs/testing.md).
 
 The OpenAPI document states every rule a JSON Schema can state (api/src/openapi/strict.rs), and
 schemathesis checks that the server accepts every body the document allows. A few rules are not

@@ -1,7 +1,7 @@
 //! The router in-process: requests go through `tower::ServiceExt::oneshot` to `capibara_api::app`
 //! on a real Postgres database and Redis prefix of their own, without spawning a binary. These
 //! pin the shapes of refusals (status, `application/problem+json`, the field named) that every
-//! client relies on; tests/tests/*.rs keep the end-to-end and failure scenarios.
+//! client relies on; tests/tests/e2e/*.rs keep the end-to-end and failure scenarios.
 
 use std::{net::SocketAddr, sync::Arc};
 

@@ -2,7 +2,7 @@
 //! that a client (or a fuzzer) that follows the document sends what the server accepts:
 //! each field's ranges, patterns and enums as the handlers check them, and a job's `input`
 //! described by its kind's own schema (`kinds::KindSpec::input_schema`), one variant per kind.
-//! `tests/tests/openapi_fuzz.rs` checks that every input the document allows is accepted.
+//! `tests/tests/e2e/openapi_fuzz.rs` checks that every input the document allows is accepted.
 //!
 //! What JSON Schema cannot state stays in the prose of each field (a cron expression's meaning,
 //! a template's syntax, that `to` is not before `from`, that a URL's host resolves).

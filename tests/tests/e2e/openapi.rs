@@ -2,7 +2,7 @@
 //! deploy/test.sh installs into target/capibara-test/openapi-tools (`CAPIBARA_TEST_OPENAPI_TOOLS`
 //! names its `bin` directory):
 //! - openapi-spec-validator: the document is valid OpenAPI 3.1;
-//! - (tests/tests/openapi_fuzz.rs: schemathesis fuzzes every operation.)
+//! - (tests/tests/e2e/openapi_fuzz.rs: schemathesis fuzzes every operation.)
 
 use std::{collections::HashSet, path::PathBuf, process::Command};
 

@@ -1,0 +1,23 @@
+//! The end-to-end suite in one test binary: each module was its own binary, which linked and
+//! monomorphised the same client, runtime and store code twenty times over.
+
+mod api_errors;
+mod artifacts_s3;
+mod code_run;
+mod deliveries;
+mod event_store;
+mod failures;
+mod firehose;
+mod isolation;
+mod jobs_api;
+mod keys_and_visibility;
+mod kind_validation;
+mod openapi;
+mod openapi_fuzz;
+mod operations;
+mod poison;
+mod receiver_selftest;
+mod schedules;
+mod triggers;
+mod tts;
+mod workflows;
