@@ -13,7 +13,6 @@ use std::{
 };
 
 use capibara_shared::{
-    domain::DomainEvent,
     domain::{
         self,
         delivery::{self, public_job_event, DeliveryEvent, DEFAULT_CALLBACK_EVENTS},
@@ -21,6 +20,7 @@ use capibara_shared::{
         job::{Job, JobEvent},
         kinds,
         subscription::Subscription,
+        DomainEvent,
     },
     queue::Queue,
     store::{

@@ -15,12 +15,12 @@ use std::{
 };
 
 use capibara_shared::{
-    domain::DomainEvent,
     domain::{
         self,
         event::EventEnvelope,
         job::JobEvent,
         run::{self, Plan, RunEvent},
+        DomainEvent,
     },
     queue::Queue,
     store::{

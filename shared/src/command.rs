@@ -270,11 +270,12 @@ where
         if decision.events.is_empty() && decision.with.is_empty() {
             return Ok((current, decision.out));
         }
-        let (new, append) = current.append(id, &decision.events, metadata, now())?;
-        let mut appends = Vec::with_capacity(1 + decision.with.len());
-        if !decision.events.is_empty() {
-            appends.push(append);
-        }
+        let (new, mut appends) = if decision.events.is_empty() {
+            (current, Vec::new())
+        } else {
+            let (new, append) = current.append(id, &decision.events, metadata, now())?;
+            (new, vec![append])
+        };
         appends.extend(decision.with);
         // One stream joins the group commit; several commit together in their own transaction.
         let written = match <[Append; 1]>::try_from(appends) {

@@ -47,6 +47,7 @@ impl DeliveryPort for PgDeliveryPort {
         };
         let secret = WebhookSecret::parse(&secret).map_err(|e| e.to_string())?;
         Ok(Some(DeliveryToSend {
+            namespace: d.namespace,
             url: d.url,
             payload: d.payload,
             secret,
@@ -56,13 +57,7 @@ impl DeliveryPort for PgDeliveryPort {
         }))
     }
 
-    async fn record(&self, id: Uuid, r: AttemptRecord) -> Result<(), String> {
-        // The port is told the id only; the delivery's namespace scopes the command.
-        let namespace = store::deliveries::get_any(&self.store.pool, id)
-            .await
-            .map_err(|e| e.to_string())?
-            .ok_or("delivery vanished")?
-            .namespace;
+    async fn record(&self, id: Uuid, namespace: &str, r: AttemptRecord) -> Result<(), String> {
         let mut events = vec![DeliveryEvent::DeliveryAttempted {
             attempt: r.attempt,
             status_code: r.status_code,
@@ -79,11 +74,11 @@ impl DeliveryPort for PgDeliveryPort {
             None => {}
         }
         let meta = EventMetadata {
-            namespace: namespace.clone(),
+            namespace: namespace.to_string(),
             actor: Some("worker".into()),
             ..Default::default()
         };
-        command::execute::<Delivery, _, Infallible, _>(&self.store, &namespace, id, &meta, |_| {
+        command::execute::<Delivery, _, Infallible, _>(&self.store, namespace, id, &meta, |_| {
             Ok((events.clone(), ()))
         })
         .await

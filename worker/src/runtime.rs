@@ -12,12 +12,11 @@ use std::{
 
 use async_trait::async_trait;
 use capibara_shared::{
-    domain::DomainEvent,
     domain::{
         self,
         event::EventMetadata,
         job::{Job, JobError, JobEvent, JobStatus},
-        storable, FieldError,
+        storable, DomainEvent, FieldError,
     },
     queue::Queue,
     store::{

@@ -15,7 +15,6 @@ use base64::Engine;
 use capibara_shared::{
     command,
     config::Config,
-    domain::DomainEvent,
     domain::{
         self,
         auth::Role,
@@ -24,7 +23,7 @@ use capibara_shared::{
         job::{validate_tags, Cancel, Job, JobEvent, NotAllowed, Priority, Submission},
         kinds,
         retry::Backoff,
-        storable, FieldError,
+        storable, DomainEvent, FieldError,
     },
     store::{
         self,

@@ -321,10 +321,9 @@ pub async fn update(
     body: ApiJson<UpdateSchedule>,
 ) -> Result<Json<ScheduleView>, ApiError> {
     auth.require(Role::Submit)?;
+    let id = parse_id(&id)?;
     let mut b = body.value;
-    // An unknown schedule is a 404 before the new target is looked at; the target (its
-    // workflow looked up) is resolved once, outside the command's retries.
-    let id = load(&state, &auth, &id).await?.id;
+    // A new target (its workflow looked up) is resolved once, outside the command's retries.
     let new_target = match b.target.take() {
         Some(t) => Some(target(t, &state, &auth).await?),
         None => None,

@@ -14,6 +14,8 @@ use crate::http::{self, HttpError, OutboundPolicy};
 
 /// What the executor needs to send a delivery.
 pub struct DeliveryToSend {
+    /// The delivery's namespace: its attempts are recorded there.
+    pub namespace: String,
     pub url: String,
     pub payload: Value,
     pub secret: WebhookSecret,
@@ -40,7 +42,12 @@ pub struct AttemptRecord {
 #[async_trait]
 pub trait DeliveryPort: Send + Sync {
     async fn load(&self, delivery_id: Uuid) -> Result<Option<DeliveryToSend>, String>;
-    async fn record(&self, delivery_id: Uuid, record: AttemptRecord) -> Result<(), String>;
+    async fn record(
+        &self,
+        delivery_id: Uuid,
+        namespace: &str,
+        record: AttemptRecord,
+    ) -> Result<(), String>;
 }
 
 pub struct CallbackDeliver {
@@ -142,7 +149,7 @@ impl Executor for CallbackDeliver {
             final_outcome,
         };
         self.port
-            .record(id, record)
+            .record(id, &d.namespace, record)
             .await
             .map_err(|e| ExecError::Retryable(JobError::new("store_unavailable", e)))?;
         metrics::counter!("capibara_delivery_attempts_total", "outcome" => match &verdict {
