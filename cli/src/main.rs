@@ -1,13 +1,8 @@
 //! `capibara`: the command line. `dev` runs everything on a laptop; `migrate` and `admin` act on
-//! the database; `submit`, `get`, `wait` and `events` are API clients; `bench` measures.
+//! the database; `submit`, `get`, `wait` and `events` are API clients; `bench…` runs the
+//! benchmarks of the `capibara-bench` binary.
 
-mod bench;
-mod bench_code;
-mod bench_deliveries;
-mod bench_fanout;
-mod bench_schedules;
-mod bench_tts;
-mod bench_workflows;
+mod benchmarks;
 mod client;
 mod dev;
 mod manage;
@@ -50,7 +45,7 @@ enum Command {
     /// Print a job's events (`--follow` streams them live over SSE).
     Events(client::EventsArgs),
     /// Fire accuracy of cron schedules with several scheduler replicas.
-    BenchSchedules(bench_schedules::ScheduleBenchArgs),
+    BenchSchedules(benchmarks::Forwarded),
     /// Cron schedules: list, create, pause, resume, trigger.
     Schedules {
         #[command(subcommand)]
@@ -62,24 +57,24 @@ enum Command {
         command: manage::TriggersCommand,
     },
     /// Run the throughput/latency benchmark (starts its own Postgres, Redis and processes).
-    Bench(bench::BenchArgs),
+    Bench(benchmarks::Forwarded),
     /// Measure the event firehose's live fan-out to many SSE clients (own Postgres, Redis, processes).
-    BenchFanout(bench_fanout::FanoutArgs),
+    BenchFanout(benchmarks::Forwarded),
     /// Measure webhook deliveries (`callback_url`): throughput and event→receipt latency.
     #[command(name = "bench-deliveries")]
-    BenchDeliveries(bench_deliveries::Args),
+    BenchDeliveries(benchmarks::Forwarded),
     /// Measure tts.render: real-time factor, time to the first sentence, model load, and the
     /// piper-tts Python package on the same voice and text in the same run.
     #[command(name = "bench-tts")]
-    BenchTts(bench_tts::TtsBenchArgs),
+    BenchTts(benchmarks::Forwarded),
     /// Measure code.run: executor time per run (Python, JavaScript), first run after a
     /// restart, and the HTTP round trip with `Prefer: wait`.
     #[command(name = "bench-code")]
-    BenchCode(bench_code::CodeBenchArgs),
+    BenchCode(benchmarks::Forwarded),
     /// Measure workflow orchestration: per-step overhead on a chain of echo steps, and the wall
     /// time of a wide fan-out/fan-in.
     #[command(name = "bench-workflows")]
-    BenchWorkflows(bench_workflows::WorkflowBenchArgs),
+    BenchWorkflows(benchmarks::Forwarded),
 }
 
 #[derive(Subcommand)]
@@ -191,14 +186,14 @@ async fn main() -> anyhow::Result<()> {
         Command::Get(a) => client::get(a).await,
         Command::Wait(a) => client::wait(a).await,
         Command::Events(a) => client::events(a).await,
-        Command::Bench(a) => bench::run(a).await,
-        Command::BenchSchedules(a) => bench_schedules::run(a).await,
+        Command::Bench(a) => benchmarks::exec("jobs", a),
+        Command::BenchSchedules(a) => benchmarks::exec("schedules", a),
         Command::Schedules { command } => manage::schedules(command).await,
         Command::Triggers { command } => manage::triggers(command).await,
-        Command::BenchFanout(a) => bench_fanout::run(a).await,
-        Command::BenchDeliveries(a) => bench_deliveries::run(a).await,
-        Command::BenchTts(a) => bench_tts::run(a).await,
-        Command::BenchCode(a) => bench_code::run(a).await,
-        Command::BenchWorkflows(a) => bench_workflows::run(a).await,
+        Command::BenchFanout(a) => benchmarks::exec("fanout", a),
+        Command::BenchDeliveries(a) => benchmarks::exec("deliveries", a),
+        Command::BenchTts(a) => benchmarks::exec("tts", a),
+        Command::BenchCode(a) => benchmarks::exec("code", a),
+        Command::BenchWorkflows(a) => benchmarks::exec("workflows", a),
     }
 }

@@ -35,7 +35,7 @@ use chrono::{DateTime, Utc};
 use reqwest::Client;
 use serde_json::{json, Value};
 
-use crate::bench::{
+use crate::harness::{
     bytes, default_dir, percentile, post, profile, sorted, thousands, CpuUse, Env, Facts,
 };
 

@@ -8,7 +8,8 @@ use anyhow::{bail, Result};
 use clap::{Args, Parser};
 use serde_json::json;
 
-use crate::bench::{named_dir, percentile, profile, BenchArgs, Env, Facts};
+use crate::harness::{named_dir, percentile, profile, Env, Facts};
+use crate::jobs::BenchArgs;
 
 #[derive(Args)]
 pub struct ScheduleBenchArgs {

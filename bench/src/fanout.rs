@@ -30,7 +30,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::bench::{named_dir, profile, Env};
+use crate::harness::{named_dir, profile, Env};
 use anyhow::{anyhow, bail, Context, Result};
 use capibara_shared::shutdown;
 use clap::Args;

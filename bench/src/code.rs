@@ -22,7 +22,7 @@ use capibara_shared::shutdown;
 use clap::Args;
 use serde_json::{json, Value};
 
-use crate::bench::{default_dir, percentile, profile, sorted, Env, Facts};
+use crate::harness::{default_dir, percentile, profile, sorted, Env, Facts};
 
 /// `capibara bench-code` options.
 #[derive(Args, Debug, Clone)]

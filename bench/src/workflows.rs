@@ -8,7 +8,7 @@ use anyhow::{bail, Result};
 use clap::Args;
 use serde_json::{json, Value};
 
-use crate::bench::{named_dir, percentile, profile, sorted, Env, Facts};
+use crate::harness::{named_dir, percentile, profile, sorted, Env, Facts};
 
 #[derive(Args)]
 pub struct WorkflowBenchArgs {

@@ -25,7 +25,7 @@ use capibara_tts::{voices, Engine, EngineConfig, RenderOptions};
 use clap::Args;
 use serde_json::Value;
 
-use crate::bench::{percentile, profile, sorted, Facts};
+use crate::harness::{percentile, profile, sorted, Facts};
 
 /// The sentence pair piper-tts was checked against (3.4 s of audio).
 const TEXT: &str = "Hello world. This is a test of the Capibara speech worker.";

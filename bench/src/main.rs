@@ -1,0 +1,62 @@
+//! `capibara-bench`: measuring commands that print figures (docs/benchmarks.md). Each starts
+//! its own Postgres and Redis and spawns the real `capibara-api`, `capibara-worker` and
+//! `capibara-scheduler` found next to it. `capibara bench …` runs this binary, so the
+//! production binaries do not link any of it.
+
+mod code;
+mod deliveries;
+mod fanout;
+mod harness;
+mod jobs;
+mod schedules;
+mod tts;
+mod workflows;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "capibara-bench",
+    version,
+    about = "Capibara benchmarks: figures of the real binaries (also run as `capibara bench…`)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Throughput and latency of the job core (`capibara bench`).
+    Jobs(jobs::BenchArgs),
+    /// The event firehose's live fan-out to many SSE clients (`capibara bench-fanout`).
+    Fanout(fanout::FanoutArgs),
+    /// Webhook deliveries (`callback_url`): throughput and event→receipt latency
+    /// (`capibara bench-deliveries`).
+    Deliveries(deliveries::Args),
+    /// Fire accuracy of cron schedules with several scheduler replicas
+    /// (`capibara bench-schedules`).
+    Schedules(schedules::ScheduleBenchArgs),
+    /// tts.render: real-time factor, time to the first sentence, model load, and the piper-tts
+    /// Python package on the same voice and text in the same run (`capibara bench-tts`).
+    Tts(tts::TtsBenchArgs),
+    /// code.run: executor time per run (Python, JavaScript), first run after a restart, and the
+    /// HTTP round trip with `Prefer: wait` (`capibara bench-code`).
+    Code(code::CodeBenchArgs),
+    /// Workflow orchestration: per-step overhead on a chain of echo steps, and the wall time of
+    /// a wide fan-out/fan-in (`capibara bench-workflows`).
+    Workflows(workflows::WorkflowBenchArgs),
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Jobs(a) => jobs::run(a).await,
+        Command::Fanout(a) => fanout::run(a).await,
+        Command::Deliveries(a) => deliveries::run(a).await,
+        Command::Schedules(a) => schedules::run(a).await,
+        Command::Tts(a) => tts::run(a).await,
+        Command::Code(a) => code::run(a).await,
+        Command::Workflows(a) => workflows::run(a).await,
+    }
+}
