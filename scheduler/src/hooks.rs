@@ -26,24 +26,20 @@ use axum::{
     Json, Router,
 };
 use capibara_shared::{
-    command,
+    command::{
+        self,
+        hook_call::{self, meta, Accepted, Call, Refused, Start},
+        CommandError,
+    },
     config::Config,
     domain::{
-        self,
-        event::EventMetadata,
-        job::JobEvent,
         kinds,
         schedule::ScheduleTarget,
         trigger::{render_input, sha256_hex, Trigger, TriggerCredential, TriggerEvent},
         webhook::WebhookSecret,
     },
     problem::{self, Problem},
-    store::{
-        self,
-        jobs::{job_append, JobWrite},
-        triggers::trigger_append,
-        AppendError, Effect, Store,
-    },
+    store::{self, Store, StoreError},
 };
 use hmac::{Hmac, Mac};
 use serde_json::{json, Value};
@@ -136,14 +132,6 @@ fn problem(status: StatusCode, detail: &str) -> Response {
         _ => problem::slug(status),
     };
     Problem::new(status, slug, detail).into_response()
-}
-
-fn meta(t: &Trigger) -> EventMetadata {
-    EventMetadata {
-        namespace: t.namespace.clone(),
-        actor: Some("hook".into()),
-        ..Default::default()
-    }
 }
 
 /// Answer a refused call with a problem; record it on the trigger's stream (best effort) unless
@@ -253,28 +241,6 @@ async fn replay(state: &HookState, t: &Trigger, message_id: &str) -> Response {
     .await
 }
 
-/// After a conflicting append: whether it was because the message was accepted meanwhile.
-async fn accepted_meanwhile(state: &HookState, t: &Trigger, message_id: Option<&str>) -> bool {
-    match message_id {
-        Some(m) => matches!(
-            store::triggers::received(&state.store.pool, t.id, m).await,
-            Ok(true)
-        ),
-        None => false,
-    }
-}
-
-/// The receipt effect for a Standard Webhooks call (committed with what the call starts).
-fn receipt(t: &Trigger, message_id: Option<&String>) -> Vec<Effect> {
-    message_id
-        .map(|m| Effect::Receipt {
-            trigger_id: t.id,
-            message_id: m.clone(),
-        })
-        .into_iter()
-        .collect()
-}
-
 async fn hook(
     State(state): State<HookState>,
     Path(id): Path<String>,
@@ -362,7 +328,8 @@ async fn hook(
     let mut sub = match target {
         ScheduleTarget::Job { job } => job,
         ScheduleTarget::Workflow { workflow_id, .. } => {
-            return start_run(&state, &t, workflow_id, input, message_id, body.len()).await
+            let start = Start::Run { workflow_id, input };
+            return accept(&state, &t, message_id, body.len(), start).await;
         }
     };
     // The call's input gets the same check as a job submitted through the API.
@@ -377,173 +344,62 @@ async fn hook(
     }
     sub.input = input;
     sub.tags.insert("trigger_id".into(), t.id.to_string());
-    let job_id = Uuid::now_v7();
-    let now = domain::now();
-    let mut current = t.clone();
-    for _ in 0..10 {
-        let ev = TriggerEvent::TriggerInvoked {
-            job_id,
-            run_id: None,
-            message_id: message_id.clone(),
-            body_bytes: body.len(),
-        };
-        let Some((_, mut ta)) = trigger_append(
-            Some(&current),
-            current.id,
-            &current.namespace,
-            &[ev],
-            meta(&current),
-            now,
-        ) else {
-            break;
-        };
-        ta.effects.extend(receipt(&current, message_id.as_ref()));
-        let Ok((_, ja)) = job_append(
-            None,
-            job_id,
-            &[JobEvent::JobSubmitted(sub.clone())],
-            JobWrite::new(meta(&current), now),
-        ) else {
-            break;
-        };
-        match state.store.appender.append_all(vec![ta, ja]).await {
-            Ok(_) => {
-                metrics::counter!("capibara_trigger_calls_total", "outcome" => "accepted")
-                    .increment(1);
-                let body = json!({"status": "accepted", "trigger_id": t.id, "job_id": job_id, "location": format!("/v1/jobs/{job_id}")});
-                return (StatusCode::ACCEPTED, Json(body)).into_response();
-            }
-            Err(AppendError::Conflict { .. }) => {
-                if accepted_meanwhile(&state, &t, message_id.as_deref()).await {
-                    return replay(&state, &t, message_id.as_deref().unwrap_or_default()).await;
-                }
-                match store::triggers::get_any(&state.store.pool, t.id).await {
-                    Ok(Some(fresh)) => current = fresh,
-                    _ => break,
-                }
-            }
-            // The call's own data cannot be stored (a NUL character in the body): a retry
-            // cannot help, so the sender is told so instead of being asked to retry.
-            Err(AppendError::Invalid(why)) => {
-                return problem(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    &format!("the call cannot be stored: {why}"),
-                )
-            }
-            Err(_) => return problem(StatusCode::SERVICE_UNAVAILABLE, "store unavailable; retry"),
-        }
-    }
-    problem(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "the trigger is busy; retry",
+    accept(
+        &state,
+        &t,
+        message_id,
+        body.len(),
+        Start::Job(Box::new(sub)),
     )
+    .await
 }
 
-/// A trigger with a workflow target: start a run with the rendered input, recording the call on
-/// the trigger's stream in the same transaction.
-async fn start_run(
+/// Accept the call (`command::hook_call::accept`) and answer it.
+async fn accept(
     state: &HookState,
     t: &Trigger,
-    workflow_id: Uuid,
-    input: serde_json::Value,
     message_id: Option<String>,
     body_bytes: usize,
+    start: Start,
 ) -> Response {
-    let run_id = Uuid::now_v7();
-    let mut current = t.clone();
-    for _ in 0..10 {
-        let now = domain::now();
-        let ev = TriggerEvent::TriggerInvoked {
-            job_id: run_id,
-            run_id: Some(run_id),
-            message_id: message_id.clone(),
-            body_bytes,
-        };
-        let Some((_, mut ta)) = trigger_append(
-            Some(&current),
-            current.id,
-            &current.namespace,
-            &[ev],
-            meta(&current),
-            now,
-        ) else {
-            break;
-        };
-        ta.effects.extend(receipt(&current, message_id.as_ref()));
-        let prepared = store::runs::prepare_run(
-            &state.store,
-            store::runs::StartRun {
-                namespace: current.namespace.clone(),
-                workflow_id,
-                input: input.clone(),
-                callback_url: None,
-                actor: format!("trigger:{}", current.id),
-                command: None,
-                with: vec![ta],
-                run_id,
-            },
-        )
-        .await;
-        let appends = match prepared {
-            Ok((_, appends)) => appends,
-            Err(store::runs::StartError::Input(e)) => {
-                return reject(
-                    state,
-                    &current,
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    &format!("{}: {}", e.field, e.message),
-                )
-                .await
-            }
-            Err(store::runs::StartError::WorkflowNotFound) => {
-                return problem(
-                    StatusCode::NOT_FOUND,
-                    "the trigger's workflow no longer exists",
-                )
-            }
-            // The call's own data cannot be stored (a NUL character in the body): a retry
-            // cannot help, so the sender is told so instead of being asked to retry.
-            Err(store::runs::StartError::Append(AppendError::Invalid(why))) => {
-                return problem(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    &format!("the call cannot be stored: {why}"),
-                )
-            }
-            Err(_) => return problem(StatusCode::SERVICE_UNAVAILABLE, "store unavailable; retry"),
-        };
-        match state.store.appender.append_all(appends).await {
-            Ok(_) => {
-                metrics::counter!("capibara_trigger_calls_total", "outcome" => "accepted")
-                    .increment(1);
-                let body = json!({"status": "accepted", "trigger_id": current.id, "run_id": run_id,
-                                  "location": format!("/v1/runs/{run_id}")});
-                return (StatusCode::ACCEPTED, Json(body)).into_response();
-            }
-            Err(AppendError::Conflict { .. }) => {
-                if accepted_meanwhile(state, &current, message_id.as_deref()).await {
-                    return replay(state, &current, message_id.as_deref().unwrap_or_default())
-                        .await;
-                }
-                match store::triggers::get_any(&state.store.pool, current.id).await {
-                    Ok(Some(fresh)) => current = fresh,
-                    _ => break,
-                }
-            }
-            // The call's own data cannot be stored (a NUL character in the body): a retry
-            // cannot help, so the sender is told so instead of being asked to retry.
-            Err(AppendError::Invalid(why)) => {
-                return problem(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    &format!("the call cannot be stored: {why}"),
-                )
-            }
-            Err(_) => return problem(StatusCode::SERVICE_UNAVAILABLE, "store unavailable; retry"),
+    let call = Call {
+        message_id,
+        body_bytes,
+        start,
+    };
+    let body = match hook_call::accept(&state.store, t, call).await {
+        Ok(Accepted::Job(job_id)) => json!({"status": "accepted", "trigger_id": t.id,
+            "job_id": job_id, "location": format!("/v1/jobs/{job_id}")}),
+        Ok(Accepted::Run(run_id)) => json!({"status": "accepted", "trigger_id": t.id,
+            "run_id": run_id, "location": format!("/v1/runs/{run_id}")}),
+        Err(CommandError::Rejected(Refused::Replay(m))) => return replay(state, t, &m).await,
+        Err(CommandError::Rejected(e @ Refused::Input(_))) => {
+            return reject(state, t, StatusCode::UNPROCESSABLE_ENTITY, &e.to_string()).await
         }
-    }
-    problem(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "the trigger is busy; retry",
-    )
+        Err(CommandError::Rejected(e @ Refused::WorkflowGone)) => {
+            return problem(StatusCode::NOT_FOUND, &e.to_string())
+        }
+        Err(CommandError::NotFound) => return problem(StatusCode::NOT_FOUND, "no such trigger"),
+        Err(CommandError::Busy) => {
+            return problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the trigger is busy; retry",
+            )
+        }
+        // The call's own data cannot be stored (a NUL character in the body): a retry cannot
+        // help, so the sender is told so instead of being asked to retry.
+        Err(CommandError::Store(StoreError::Invalid(why))) => {
+            return problem(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                &format!("the call cannot be stored: {why}"),
+            )
+        }
+        Err(CommandError::Store(_)) => {
+            return problem(StatusCode::SERVICE_UNAVAILABLE, "store unavailable; retry")
+        }
+    };
+    metrics::counter!("capibara_trigger_calls_total", "outcome" => "accepted").increment(1);
+    (StatusCode::ACCEPTED, Json(body)).into_response()
 }
 
 #[cfg(test)]

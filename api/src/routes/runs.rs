@@ -9,17 +9,14 @@ use axum::{
     Json,
 };
 use capibara_shared::{
+    command,
     domain::{
         self,
         auth::Role,
         event::EventEnvelope,
         run::{self, Run, RunEvent, StepStatus},
     },
-    store::{
-        self,
-        runs::{build, RunChange, RunFilter},
-        AppendError, StoreError,
-    },
+    store::{self, runs::RunFilter},
 };
 use serde::Deserialize;
 use serde_json::Value;
@@ -213,52 +210,23 @@ pub async fn events(
     super::jobs::stream_events(state, &auth, id, &headers, q.as_deref(), terminal_type).await
 }
 
-/// Load a run and its definition, let `decide` plan a change, commit it (retrying on a
-/// concurrent change), and tell running jobs of their cancel.
+/// Plan a change of the run with `decide` and record it (`command::runs::change`), then tell
+/// running jobs of their cancel.
 async fn change(
     state: &AppState,
     auth: &Auth,
     id: Uuid,
     decide: impl Fn(&mut Run, &domain::workflow::WorkflowDef) -> Result<run::Plan, ApiError>,
 ) -> Result<Run, ApiError> {
-    for _ in 0..10 {
-        let mut r = load(state, auth, id).await?;
-        let def = store::runs::definition(&state.store.pool, r.workflow_id, r.version)
-            .await?
-            .ok_or_else(|| {
-                ApiError::Internal(anyhow::anyhow!("the run's workflow version is missing"))
-            })?;
-        let prev = r.stream_version;
-        let plan = decide(&mut r, &def)?;
-        let at = domain::now();
-        let built = build(
-            &state.store.pool,
-            vec![RunChange {
-                prev_version: Some(prev),
-                run: r.clone(),
-                def,
-                plan,
-            }],
-            &auth.actor(),
-            at,
-        )
-        .await?;
-        match state.store.appender.append_all(built.appends).await {
-            Ok(_) => {
-                for job in built.cancel_running {
-                    if let Err(e) = state.queue.publish_cancel(job).await {
-                        tracing::warn!(error = %e, "cancel notice not published; the worker sees it at its next heartbeat");
-                    }
-                }
-                return Ok(r);
-            }
-            Err(AppendError::Conflict { .. }) => continue,
-            Err(e) => return Err(StoreError::from(e).into()),
+    let changed = command::runs::change(&state.store, auth.namespace(), id, &auth.actor(), decide)
+        .await
+        .map_err(|e| ApiError::from_command(e, "run", id))?;
+    for job in changed.cancel_running {
+        if let Err(e) = state.queue.publish_cancel(job).await {
+            tracing::warn!(error = %e, "cancel notice not published; the worker sees it at its next heartbeat");
         }
     }
-    Err(ApiError::Conflict(
-        "the run is changing too fast; retry".into(),
-    ))
+    Ok(changed.run)
 }
 
 #[utoipa::path(post, operation_id = "cancelRun", path = "/v1/runs/{id}/cancel", tag = "workflows", params(("id" = String, Path)),

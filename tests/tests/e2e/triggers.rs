@@ -571,3 +571,73 @@ async fn a_call_with_a_nul_character_is_a_422_not_a_retry() {
         .unwrap();
     assert_eq!(ok.status(), 202);
 }
+
+/// Calls of one hook sent at once: distinct messages are all accepted (a call that loses the
+/// race on the trigger's stream tries again), and copies of one message start exactly one job
+/// or run: the copies that lose the race find the receipt and answer 409.
+#[tokio::test]
+async fn concurrent_calls_are_all_accepted_and_copies_of_one_message_start_once() {
+    let (env, _procs, (a, _)) = two_teams().await;
+    let http = reqwest::Client::new();
+    let wf = capibara_tests::runs::create(
+        &a,
+        json!({"name": "hooked", "steps": [{"id": "a", "kind": "echo", "input": {"v": 1}}]}),
+    )
+    .await;
+    let pool = env.pool().await;
+    let now = chrono::Utc::now().timestamp();
+    for target in [
+        json!({"type": "job", "job": {"kind": "echo"}}),
+        json!({"type": "workflow", "workflow_id": wf}),
+    ] {
+        let (id, url, secret) = create_trigger(
+            &a,
+            json!({"name": "burst", "auth": {"type": "standard_webhooks"}, "target": target}),
+        )
+        .await;
+        let key = WebhookSecret::parse(&secret).unwrap();
+        let messages: Vec<String> = (0..12)
+            .map(|i| format!("distinct-{i}"))
+            .chain((0..12).map(|_| "copied".to_string()))
+            .collect();
+        let answers = futures::future::join_all(
+            messages
+                .iter()
+                .map(|m| call_signed(&http, &url, &key, m, now)),
+        )
+        .await;
+        assert!(
+            answers[..12].iter().all(|s| *s == 202),
+            "{target}: {answers:?}"
+        );
+        let copies = &answers[12..];
+        assert_eq!(
+            copies.iter().filter(|s| **s == 202).count(),
+            1,
+            "{target}: {answers:?}"
+        );
+        assert_eq!(
+            copies.iter().filter(|s| **s == 409).count(),
+            11,
+            "{target}: {answers:?}"
+        );
+        let (invoked,): (i64,) = sqlx::query_as(
+            "SELECT count(*) FROM events WHERE stream_id = $1::uuid AND type = 'TriggerInvoked'",
+        )
+        .bind(&id)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        assert_eq!(invoked, 13, "{target}");
+        let (started,): (i64,) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM jobs WHERE tags->>'trigger_id' = $1)
+                  + (SELECT count(*) FROM events WHERE type = 'RunStarted'
+                       AND metadata->>'actor' = 'trigger:' || $1)",
+        )
+        .bind(&id)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        assert_eq!(started, 13, "{target}");
+    }
+}

@@ -869,3 +869,53 @@ async fn secrets_resolve_only_for_the_steps_that_name_them_in_their_own_namespac
         assert_eq!(n, 0, "{sql}");
     }
 }
+
+/// Signals to different approval steps of one run, sent at once, all apply: each request that
+/// loses the race on the run's stream plans again (`command::runs::change`) instead of
+/// answering 409. A second signal of a step is still refused.
+#[tokio::test]
+async fn concurrent_signals_to_one_run_all_apply() {
+    let env = TestEnv::new().await;
+    let _procs = env.spawn_all().await;
+    let api = env.client();
+    let steps: Vec<Value> = (0..12)
+        .map(|i| json!({"id": format!("approve-{i}"), "kind": "approval"}))
+        .collect();
+    let wf = create(&api, json!({"name": "many-approvals", "steps": steps})).await;
+    let run = start(&api, &wf, json!({})).await;
+    let answers = futures::future::join_all((0..12).map(|i| {
+        let api = &api;
+        let run = &run;
+        async move {
+            api.post(
+                &format!("/v1/runs/{run}/signals/approve-{i}"),
+                json!({"payload": {"i": i}}),
+            )
+            .await
+        }
+    }))
+    .await;
+    for a in &answers {
+        assert_eq!(a.status, 202, "{a:?}");
+    }
+    let ended = ended(&api, &run, Duration::from_secs(30)).await;
+    assert_eq!(ended["status"], "succeeded", "{ended}");
+    for i in 0..12 {
+        assert_eq!(
+            step(&ended, &format!("approve-{i}"))["output"],
+            json!({"i": i})
+        );
+    }
+    let again = api
+        .post(&format!("/v1/runs/{run}/signals/approve-0"), json!({}))
+        .await;
+    assert_eq!(again.status, 409, "{again:?}");
+    let (signals,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM events WHERE stream_id = $1::uuid AND type = 'SignalReceived'",
+    )
+    .bind(&run)
+    .fetch_one(&env.pool().await)
+    .await
+    .unwrap();
+    assert_eq!(signals, 12);
+}

@@ -7,6 +7,9 @@
 
 use std::future::Future;
 
+pub mod hook_call;
+pub mod runs;
+
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
@@ -16,6 +19,7 @@ use crate::{
         event::{DomainEvent, EventMetadata},
         job::{Job, JobEvent},
         now,
+        run::{Run, RunEvent},
         schedule::{Schedule, ScheduleEvent},
         trigger::{Trigger, TriggerEvent},
         workflow::{Workflow, WorkflowEvent},
@@ -27,7 +31,7 @@ use crate::{
         schedules::schedule_append,
         triggers::trigger_append,
         workflows::workflow_append,
-        Append, AppendError, Store, StoreError,
+        Append, AppendError, Effect, Store, StoreError,
     },
 };
 
@@ -189,6 +193,41 @@ impl Aggregate for Delivery {
     }
 }
 
+impl Aggregate for Run {
+    type Event = RunEvent;
+
+    fn load(
+        store: &Store,
+        namespace: &str,
+        id: Uuid,
+    ) -> impl Future<Output = Result<Option<Self>, StoreError>> + Send {
+        store::runs::get(&store.pool, namespace, id)
+    }
+
+    fn append(
+        &self,
+        id: Uuid,
+        events: &[RunEvent],
+        metadata: &EventMetadata,
+        at: DateTime<Utc>,
+    ) -> Result<(Run, Append), StoreError> {
+        let mut run = self.clone();
+        for e in events {
+            run = Run::apply(Some(run), id, &self.namespace, e, at)
+                .ok_or_else(does_not_apply::<RunEvent>)?;
+        }
+        let append = Append::of(
+            id,
+            Some(self.stream_version),
+            events,
+            metadata.clone(),
+            at,
+            vec![Effect::UpsertRun(Box::new(run.clone()))],
+        );
+        Ok((run, append))
+    }
+}
+
 /// A decision whose events the fold refuses: a bug of the decision, not the caller's.
 fn does_not_apply<E: DomainEvent>() -> StoreError {
     StoreError::Internal(format!("the events do not apply to the {}", E::STREAM))
@@ -262,32 +301,80 @@ where
     E: std::error::Error + 'static,
     F: Fn(&A) -> Result<Decision<A::Event, T>, E>,
 {
-    for attempt in 0..ATTEMPTS {
+    execute_async(store, namespace, id, |current: A| {
+        // The decision is synchronous; only its commit waits.
+        std::future::ready(writes(current, &decide, id, metadata))
+    })
+    .await
+}
+
+/// One attempt of [`execute_with`]: the decision on `current` and the appends that record it.
+fn writes<A, T, E, F>(
+    current: A,
+    decide: &F,
+    id: Uuid,
+    metadata: &EventMetadata,
+) -> Result<Writes<(A, T)>, CommandError<E>>
+where
+    A: Aggregate,
+    E: std::error::Error + 'static,
+    F: Fn(&A) -> Result<Decision<A::Event, T>, E>,
+{
+    let decision = decide(&current).map_err(CommandError::Rejected)?;
+    let (new, mut appends) = if decision.events.is_empty() {
+        (current, Vec::new())
+    } else {
+        let (new, append) = current.append(id, &decision.events, metadata, now())?;
+        (new, vec![append])
+    };
+    appends.extend(decision.with);
+    Ok(Writes {
+        appends,
+        out: (new, decision.out),
+    })
+}
+
+/// What one attempt of a command commits (in one transaction; nothing when empty) and the value
+/// it gives its caller once committed.
+#[derive(Debug)]
+pub struct Writes<T> {
+    pub appends: Vec<Append>,
+    pub out: T,
+}
+
+/// The loop under every command: load the aggregate, let `attempt` decide and build what it
+/// writes (it may read other streams first: the definition a run pinned, the workflow a hook
+/// call starts), commit that, and when another writer got there first (a version conflict on
+/// any of the appends) wait a little, load again and attempt again.
+pub async fn execute_async<A, T, E, F, Fut>(
+    store: &Store,
+    namespace: &str,
+    id: Uuid,
+    attempt: F,
+) -> Result<T, CommandError<E>>
+where
+    A: Aggregate,
+    E: std::error::Error + 'static,
+    F: Fn(A) -> Fut,
+    Fut: Future<Output = Result<Writes<T>, CommandError<E>>>,
+{
+    for round in 0..ATTEMPTS {
         let current = A::load(store, namespace, id)
             .await?
             .ok_or(CommandError::NotFound)?;
-        let decision = decide(&current).map_err(CommandError::Rejected)?;
-        if decision.events.is_empty() && decision.with.is_empty() {
-            return Ok((current, decision.out));
-        }
-        let (new, mut appends) = if decision.events.is_empty() {
-            (current, Vec::new())
-        } else {
-            let (new, append) = current.append(id, &decision.events, metadata, now())?;
-            (new, vec![append])
-        };
-        appends.extend(decision.with);
+        let Writes { appends, out } = attempt(current).await?;
         // One stream joins the group commit; several commit together in their own transaction.
         let written = match <[Append; 1]>::try_from(appends) {
             Ok([one]) => store.appender.append(one).await.map(drop),
+            Err(appends) if appends.is_empty() => Ok(()),
             Err(appends) => store.appender.append_all(appends).await.map(drop),
         };
         match written {
-            Ok(()) => return Ok((new, decision.out)),
+            Ok(()) => return Ok(out),
             Err(AppendError::Conflict { .. }) => {
                 // Another writer won this round: back off a little (randomly, so that the
                 // losers of a crowd do not collide again in the next group commit).
-                let most_ms = 2u64 << attempt.min(5);
+                let most_ms = 2u64 << round.min(5);
                 tokio::time::sleep(std::time::Duration::from_millis(
                     rand::random::<u64>() % most_ms,
                 ))
