@@ -10,6 +10,7 @@
 //! - [`leader`]: one leader per role among replicas (advisory lock).
 
 pub mod deliverer;
+mod driver;
 pub mod hooks;
 pub mod housekeeping;
 pub mod leader;

@@ -23,6 +23,8 @@ use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::driver::every;
+
 /// The scheduler's clock: real time plus an offset (`CAPIBARA_CLOCK_OFFSET_S`, for tests that
 /// need "an hour later" without waiting an hour).
 #[derive(Debug, Clone, Copy, Default)]
@@ -83,20 +85,19 @@ impl Refused {
     }
 }
 
-/// Run until `stop`.
+/// Run until `stop`: a pass every `POLL`, and again at once after a pass that fired something.
 pub async fn run(store: Store, clock: Clock, stop: CancellationToken) {
     let refused = Refused::default();
-    loop {
-        match tick_once_with(&store, clock, &refused).await {
-            Ok(n) if n > 0 => tracing::debug!(schedules = n, "schedules ticked"),
+    every(POLL, &stop, || async {
+        let pass = tick_once_with(&store, clock, &refused).await;
+        match &pass {
+            Ok(n) if *n > 0 => tracing::debug!(schedules = n, "schedules ticked"),
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "ticking schedules failed"),
         }
-        tokio::select! {
-            _ = tokio::time::sleep(POLL) => {}
-            _ = stop.cancelled() => return,
-        }
-    }
+        pass
+    })
+    .await
 }
 
 /// Schedules handled at once in one pass (each is its own small transaction).
