@@ -12,6 +12,7 @@ pub mod delivery_port;
 pub mod executors;
 pub mod http;
 pub mod runtime;
+mod supervisor;
 
 pub use runtime::{run, WorkerOptions};
 

@@ -33,7 +33,10 @@ use tokio::sync::{Mutex, Semaphore};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use uuid::Uuid;
 
-use crate::executors::{ExecError, JobContext, Output, ProgressSink, Registry};
+use crate::{
+    executors::{ExecError, JobContext, ProgressSink, Registry},
+    supervisor::{supervise, InvalidOutput, Outcome, Stops},
+};
 
 /// How a worker runs.
 #[derive(Debug, Clone)]
@@ -261,15 +264,6 @@ fn metadata(inner: &Inner, job: &Job) -> EventMetadata {
     }
 }
 
-/// How an attempt ended.
-enum Outcome {
-    Done(Result<Output, ExecError>),
-    TimedOut,
-    Canceled,
-    /// The worker is stopping: give the attempt back without using it up.
-    Released,
-}
-
 /// One attempt's view of its job, shared by the runner and the progress sink.
 struct AttemptState {
     /// The job as last written (or read) by this attempt.
@@ -295,31 +289,6 @@ fn redact_events(redactor: &Redactor, events: Vec<JobEvent>) -> Vec<JobEvent> {
             JobEvent::from_parts(t, redactor.value(&data)).unwrap_or(e)
         })
         .collect()
-}
-
-/// A report the executor made (progress, an output chunk) that Postgres cannot store: the
-/// attempt stops and ends with this error.
-#[derive(Default)]
-struct InvalidOutput {
-    stop: CancellationToken,
-    error: StdMutex<Option<JobError>>,
-}
-
-impl InvalidOutput {
-    fn set(&self, error: JobError) {
-        self.error
-            .lock()
-            .expect("invalid output lock")
-            .get_or_insert(error);
-        self.stop.cancel();
-    }
-
-    fn outcome(&self) -> Outcome {
-        let error = self.error.lock().expect("invalid output lock").clone();
-        Outcome::Done(Err(ExecError::Abort(error.unwrap_or_else(|| {
-            JobError::new("invalid_output", "a report of the attempt cannot be stored")
-        }))))
-    }
 }
 
 /// The error that ends an attempt whose output holds a value Postgres cannot store. Not
@@ -457,68 +426,24 @@ async fn run_job(inner: &Arc<Inner>, job: Job) {
         None => executor.execute(ctx),
         Some(e) => Box::pin(async move { Err(e) }),
     };
-    let mut run = Box::pin(async move {
-        match timeout {
-            Some(t) => tokio::time::timeout(t, exec).await.map_err(|_| ()),
-            None => Ok(exec.await),
-        }
-    });
-    let to_outcome = |r: Result<Result<Output, ExecError>, ()>| match r {
-        Ok(r) => Outcome::Done(r),
-        Err(()) => Outcome::TimedOut,
+    // Phase 2's claim, polled only if the attempt outlives CLAIM_AFTER.
+    let claim_start = async {
+        let mut st = state.lock().await;
+        claim(inner, &mut st).await
     };
-    // Phase 1: run unclaimed for a moment; most short jobs end here.
     let claim_after = if state.lock().await.claimed {
         Duration::ZERO
     } else {
         CLAIM_AFTER
     };
-    let early = tokio::select! {
-        r = &mut run => Some(to_outcome(r)),
-        _ = tokio::time::sleep(claim_after) => None,
-        _ = user_cancel.cancelled() => Some(Outcome::Canceled),
-        _ = inner.hard_stop.cancelled() => Some(Outcome::Released),
-        _ = invalid.stop.cancelled() => Some(invalid.outcome()),
+    let stops = Stops {
+        user_cancel: &user_cancel,
+        hard_stop: &inner.hard_stop,
+        invalid: &invalid,
+        on_end: &exec_cancel,
     };
-    // Phase 2: record the start (fenced), then keep running under the lease. The executor keeps
-    // being polled while the claim waits: a progress report of its own may hold the attempt's
-    // state (claiming through it), and waiting for that lock without driving the executor
-    // would leave both waiting forever.
-    let claim_start = async {
-        let mut st = state.lock().await;
-        claim(inner, &mut st).await
-    };
-    tokio::pin!(claim_start);
-    let phase_two = early.is_none();
-    // The phase-2 claim's result, once it has one.
-    let mut claimed: Option<bool> = None;
-    let outcome = match early {
-        Some(o) => Some(o),
-        None => loop {
-            tokio::select! {
-                ok = &mut claim_start, if claimed.is_none() => {
-                    claimed = Some(ok);
-                    if !ok {
-                        break None; // fenced off: the attempt is not ours
-                    }
-                }
-                r = &mut run => break Some(to_outcome(r)),
-                _ = user_cancel.cancelled() => break Some(Outcome::Canceled),
-                _ = inner.hard_stop.cancelled() => break Some(Outcome::Released),
-                _ = invalid.stop.cancelled() => break Some(invalid.outcome()),
-            }
-        },
-    };
-    // Dropping the future stops async executors (and releases whatever it held); blocking ones
-    // watch this token.
-    drop(run);
-    exec_cancel.cancel();
-    // A claim still in flight finishes before anything is reported (dropping it could leave its
-    // append committed unseen); the executor is gone, so the state lock is free.
-    if phase_two && claimed.is_none() {
-        claimed = Some(claim_start.await);
-    }
-    let Some(outcome) = outcome.filter(|_| claimed != Some(false)) else {
+    // None: fenced off (the claim found the attempt taken away).
+    let Some(outcome) = supervise(exec, timeout, claim_after, claim_start, stops).await else {
         inner.running.lock().expect("running lock").remove(&id);
         return;
     };
