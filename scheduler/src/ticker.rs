@@ -6,18 +6,13 @@
 use std::time::Duration;
 
 use capibara_shared::{
+    command::ticks::{self, FireError},
     domain::{
         self,
         event::EventMetadata,
-        job::{JobEvent, Submission},
-        schedule::{plan, Schedule, ScheduleEvent, ScheduleTarget, TickAction},
+        schedule::{plan, Schedule, ScheduleEvent, TickAction},
     },
-    store::{
-        self,
-        jobs::{job_append, JobWrite},
-        schedules::schedule_append,
-        Append, AppendError, Store,
-    },
+    store::{self, schedules::schedule_append, AppendError, Store, StoreError},
 };
 use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
@@ -233,31 +228,6 @@ fn meta(namespace: &str) -> EventMetadata {
     }
 }
 
-/// The job a tick submits: the schedule's template, tagged with the schedule and tick.
-pub fn tick_job(
-    s: &Schedule,
-    job_id: Uuid,
-    fire_time: DateTime<Utc>,
-    at: DateTime<Utc>,
-) -> Option<Append> {
-    let target: ScheduleTarget = serde_json::from_value(s.target.clone()).ok()?;
-    let ScheduleTarget::Job { job } = target else {
-        return None;
-    };
-    let mut sub: Submission = job;
-    sub.tags.insert("schedule_id".into(), s.id.to_string());
-    sub.tags.insert("fire_time".into(), fire_time.to_rfc3339());
-    sub.run_at = None;
-    job_append(
-        None,
-        job_id,
-        &[JobEvent::JobSubmitted(sub)],
-        JobWrite::new(meta(&s.namespace), at),
-    )
-    .ok()
-    .map(|(_, a)| a)
-}
-
 /// Turn planned actions into one atomic write: the schedule's events and the jobs they submit.
 pub async fn apply(
     store: &Store,
@@ -270,48 +240,28 @@ pub async fn apply(
     for a in actions {
         match a {
             TickAction::Fire { fire_time, trigger } => {
-                let job_id = Uuid::now_v7();
-                if let Some(run) =
-                    store::runs::prepare_tick_run(store, s, *fire_time, "scheduler").await
-                {
-                    match run.map_err(|e| match e {
-                        store::runs::StartError::WorkflowNotFound => {
-                            "target_unavailable".to_string()
-                        }
-                        store::runs::StartError::Input(e) => {
-                            format!("invalid_input: {}: {}", e.field, e.message)
-                        }
-                        e => format!("target_unavailable: {e}"),
-                    }) {
-                        Ok((run_id, appends)) => {
-                            jobs.extend(appends);
-                            events.push(ScheduleEvent::TickFired {
-                                fire_time: *fire_time,
-                                job_id: None,
-                                run_id: Some(run_id),
-                                trigger: trigger.to_string(),
-                            });
-                        }
-                        Err(reason) => events.push(ScheduleEvent::TickSkipped {
-                            fire_time: *fire_time,
-                            reason,
-                            count: 1,
-                        }),
+                match ticks::fire(store, s, *fire_time, trigger, "scheduler", at).await {
+                    Ok(fired) => {
+                        jobs.extend(fired.appends);
+                        events.push(fired.event);
                     }
-                } else if let Some(j) = tick_job(s, job_id, *fire_time, at) {
-                    jobs.push(j);
-                    events.push(ScheduleEvent::TickFired {
+                    // An outage: the pass tries this tick again.
+                    Err(FireError::Store(StoreError::Unavailable(m))) => {
+                        return Err(AppendError::Unavailable(m))
+                    }
+                    Err(e) => events.push(ScheduleEvent::TickSkipped {
                         fire_time: *fire_time,
-                        job_id: Some(job_id),
-                        run_id: None,
-                        trigger: trigger.to_string(),
-                    });
-                } else {
-                    events.push(ScheduleEvent::TickSkipped {
-                        fire_time: *fire_time,
-                        reason: "target_unavailable".into(),
+                        reason: match e {
+                            FireError::Input(e) => {
+                                format!("invalid_input: {}: {}", e.field, e.message)
+                            }
+                            FireError::WorkflowGone | FireError::Unreadable => {
+                                "target_unavailable".into()
+                            }
+                            e => format!("target_unavailable: {e}"),
+                        },
                         count: 1,
-                    });
+                    }),
                 }
             }
             TickAction::Skip {
@@ -344,7 +294,7 @@ pub async fn apply(
         metrics::counter!("capibara_schedule_ticks_fired_total").increment(fired as u64);
         for e in &events {
             if let ScheduleEvent::TickFired { fire_time, .. } = e {
-                let late = (at - *fire_time).num_milliseconds().max(0) as f64 / 1000.0;
+                let late = (at - fire_time).num_milliseconds().max(0) as f64 / 1000.0;
                 metrics::histogram!("capibara_schedule_fire_lateness_seconds").record(late);
             }
         }

@@ -9,7 +9,10 @@ use axum::{
 use std::convert::Infallible;
 
 use capibara_shared::{
-    command,
+    command::{
+        self,
+        ticks::{self, FireError, TickError},
+    },
     domain::{
         self,
         auth::Role,
@@ -19,7 +22,7 @@ use capibara_shared::{
         },
         storable,
     },
-    store::{self, jobs::job_append, schedules::schedule_append, AppendError, StoreError},
+    store::{self, schedules::schedule_append, AppendError, StoreError},
 };
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -421,71 +424,24 @@ pub async fn trigger(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     auth.require(Role::Submit)?;
-    let s = load(&state, &auth, &id).await?;
-    let now = domain::now();
-    let (ev, appends) = fire(&state, &s, now, "manual", &auth).await?;
-    let s = write(&state, &auth, Some(&s), s.id, &[ev], appends).await?;
+    let id = parse_id(&id)?;
+    let s = ticks::fire_now(&state.store, auth.namespace(), id, &auth.actor())
+        .await
+        .map_err(|e| ApiError::from_command(e, "schedule", id))?;
     Ok((StatusCode::ACCEPTED, Json(ScheduleView::from(s))).into_response())
 }
 
-/// Fire one tick now: the `TickFired` event and the appends of the job or run it starts.
-async fn fire(
-    state: &AppState,
-    s: &Schedule,
-    fire_time: DateTime<Utc>,
-    trigger: &str,
-    auth: &Auth,
-) -> Result<(ScheduleEvent, Vec<store::Append>), ApiError> {
-    if let Some(prepared) =
-        store::runs::prepare_tick_run(&state.store, s, fire_time, &auth.actor()).await
-    {
-        let (run_id, appends) = prepared.map_err(|e| match e {
-            store::runs::StartError::WorkflowNotFound => {
-                ApiError::Conflict("the target workflow no longer exists".into())
-            }
-            store::runs::StartError::Input(e) => e.under("target").into(),
-            other => ApiError::internal(other),
-        })?;
-        let ev = ScheduleEvent::TickFired {
-            fire_time,
-            job_id: None,
-            run_id: Some(run_id),
-            trigger: trigger.into(),
-        };
-        return Ok((ev, appends));
+/// A tick that could not be fired on request.
+impl From<TickError> for ApiError {
+    fn from(e: TickError) -> Self {
+        match e {
+            TickError::Fire(e @ FireError::WorkflowGone) => ApiError::Conflict(e.to_string()),
+            TickError::Fire(FireError::Input(e)) => e.under("target").into(),
+            TickError::Fire(FireError::Store(e)) => e.into(),
+            TickError::Fire(e @ FireError::Unreadable) => ApiError::internal(e),
+            e @ TickError::TooMany(_) => ApiError::field("to", e.to_string()),
+        }
     }
-    let job_id = Uuid::now_v7();
-    let ev = ScheduleEvent::TickFired {
-        fire_time,
-        job_id: Some(job_id),
-        run_id: None,
-        trigger: trigger.into(),
-    };
-    Ok((ev, vec![tick_job(s, job_id, fire_time, auth)?]))
-}
-
-fn tick_job(
-    s: &Schedule,
-    job_id: Uuid,
-    fire_time: DateTime<Utc>,
-    auth: &Auth,
-) -> Result<store::Append, ApiError> {
-    let target: ScheduleTarget =
-        serde_json::from_value(s.target.clone()).map_err(ApiError::internal)?;
-    let ScheduleTarget::Job { job: mut sub } = target else {
-        return Err(ApiError::Internal(anyhow::anyhow!("not a job target")));
-    };
-    sub.tags.insert("schedule_id".into(), s.id.to_string());
-    sub.tags.insert("fire_time".into(), fire_time.to_rfc3339());
-    sub.run_at = None;
-    job_append(
-        None,
-        job_id,
-        &[capibara_shared::domain::job::JobEvent::JobSubmitted(sub)],
-        store::jobs::JobWrite::new(meta(auth), domain::now()),
-    )
-    .map(|(_, a)| a)
-    .map_err(ApiError::internal)
 }
 
 #[utoipa::path(post, operation_id = "backfillSchedule", path = "/v1/schedules/{id}/backfill", tag = "schedules", params(("id" = String, Path)),
@@ -504,33 +460,16 @@ pub async fn backfill(
     if b.to < b.from {
         return Err(ApiError::field("to", "must not be before from"));
     }
-    let s = load(&state, &auth, &id).await?;
-    let spec = s
-        .cron_spec()
-        .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("stored cron does not parse")))?;
-    let times: Vec<DateTime<Utc>> = spec
-        .after(b.from - chrono::Duration::microseconds(1))
-        .take_while(|t| *t <= b.to)
-        .take(MAX_BACKFILL + 1)
-        .collect();
-    if times.len() > MAX_BACKFILL {
-        return Err(ApiError::field(
-            "to",
-            format!("the range holds more than {MAX_BACKFILL} ticks"),
-        ));
-    }
-    let done = store::schedules::fired_between(&state.store.pool, s.id, b.from, b.to).await?;
-    let mut events = Vec::new();
-    let mut jobs = Vec::new();
-    for t in times.into_iter().filter(|t| !done.contains(t)) {
-        let (ev, appends) = fire(&state, &s, t, "backfill", &auth).await?;
-        jobs.extend(appends);
-        events.push(ev);
-    }
-    let s = if events.is_empty() {
-        s
-    } else {
-        write(&state, &auth, Some(&s), s.id, &events, jobs).await?
-    };
+    let id = parse_id(&id)?;
+    let s = ticks::backfill(
+        &state.store,
+        auth.namespace(),
+        id,
+        (b.from, b.to),
+        MAX_BACKFILL,
+        &auth.actor(),
+    )
+    .await
+    .map_err(|e| ApiError::from_command(e, "schedule", id))?;
     Ok((StatusCode::ACCEPTED, Json(ScheduleView::from(s))).into_response())
 }

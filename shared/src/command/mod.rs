@@ -9,6 +9,7 @@ use std::future::Future;
 
 pub mod hook_call;
 pub mod runs;
+pub mod ticks;
 
 use chrono::{DateTime, Utc};
 use uuid::Uuid;

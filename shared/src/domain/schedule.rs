@@ -263,6 +263,21 @@ impl DomainEvent for ScheduleEvent {
 }
 
 impl Schedule {
+    /// The job a tick of a schedule with a job target submits: the target's template, tagged
+    /// with the schedule and the tick, to run now. None for a workflow target (or a target that
+    /// does not read).
+    pub fn tick_job(&self, fire_time: DateTime<Utc>) -> Option<super::job::Submission> {
+        let ScheduleTarget::Job { job: mut sub } =
+            serde_json::from_value::<ScheduleTarget>(self.target.clone()).ok()?
+        else {
+            return None;
+        };
+        sub.tags.insert("schedule_id".into(), self.id.to_string());
+        sub.tags.insert("fire_time".into(), fire_time.to_rfc3339());
+        sub.run_at = None;
+        Some(sub)
+    }
+
     /// The parsed cron of this schedule.
     pub fn cron_spec(&self) -> Option<CronSpec> {
         CronSpec::parse(&self.cron, &self.timezone).ok()

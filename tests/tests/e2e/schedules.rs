@@ -517,3 +517,60 @@ async fn concurrent_updates_of_different_fields_all_apply() {
         .count();
     assert_eq!(updates, patches.len());
 }
+
+/// Firing a tick by hand and backfilling are commands too: requests that race on one schedule
+/// all fire (a loser re-reads the schedule and fires from there), each tick once.
+#[tokio::test]
+async fn concurrent_manual_ticks_and_backfills_all_fire_once() {
+    let env = TestEnv::new().await;
+    let _api = env.spawn_api().await;
+    let api = env.client();
+    let id = yearly_schedule(&api).await;
+    // Four manual ticks, and four backfills of the same two yearly ticks (2020 and 2021).
+    let calls = (0..8).map(|i| {
+        let api = api.clone();
+        let id = id.clone();
+        async move {
+            if i % 2 == 0 {
+                api.post(&format!("/v1/schedules/{id}/trigger"), json!({}))
+                    .await
+            } else {
+                api.post(
+                    &format!("/v1/schedules/{id}/backfill"),
+                    json!({"from": "2020-01-01T00:00:00Z", "to": "2021-06-01T00:00:00Z"}),
+                )
+                .await
+            }
+        }
+    });
+    let refused: Vec<_> = futures::future::join_all(calls)
+        .await
+        .into_iter()
+        .filter(|r| r.status != 202)
+        .collect();
+    assert!(refused.is_empty(), "{refused:?}");
+    let pool = env.pool().await;
+    let fired: Vec<String> = schedule_events(&pool, &id)
+        .await
+        .into_iter()
+        .filter(|(t, _)| t == "TickFired")
+        .map(|(_, d)| d["trigger"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        fired.iter().filter(|t| *t == "manual").count(),
+        4,
+        "{fired:?}"
+    );
+    assert_eq!(
+        fired.iter().filter(|t| *t == "backfill").count(),
+        2,
+        "{fired:?}"
+    );
+    let (jobs,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM jobs WHERE tags->>'schedule_id' = $1")
+            .bind(&id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(jobs, 6);
+}
