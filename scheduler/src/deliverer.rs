@@ -24,11 +24,7 @@ use capibara_shared::{
     },
     queue::Queue,
     store::{
-        self,
-        deliveries::delivery_append,
-        events::LogCursor,
-        jobs::{job_append, JobWrite},
-        Append, AppendError, Effect, Store,
+        self, deliveries::delivery_append, events::LogCursor, Append, AppendError, Effect, Store,
     },
 };
 use futures::StreamExt;
@@ -525,14 +521,7 @@ pub fn delivery_job(
     now: chrono::DateTime<chrono::Utc>,
 ) -> Result<Append, store::StoreError> {
     let sub = delivery::delivery_job(delivery_id, opts.max_attempts);
-    job_append(
-        None,
-        job_id,
-        &[JobEvent::JobSubmitted(sub)],
-        JobWrite::new(meta(namespace), now),
-    )
-    .map(|(_, a)| a)
-    .map_err(|e| store::StoreError::Internal(e.to_string()))
+    store::jobs::submit_append(job_id, sub, meta(namespace), now)
 }
 
 /// The job as it was right after each of the given events (folding its stream up to there).

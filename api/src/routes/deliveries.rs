@@ -14,13 +14,8 @@ use capibara_shared::{
         auth::Role,
         delivery::{self, Delivery, DeliveryEvent, DeliveryStatus},
         event::{EventEnvelope, EventMetadata},
-        job::JobEvent,
     },
-    store::{
-        self,
-        deliveries::DeliveryFilter,
-        jobs::{job_append, JobWrite},
-    },
+    store::{self, deliveries::DeliveryFilter},
 };
 use serde::Serialize;
 use uuid::Uuid;
@@ -144,15 +139,12 @@ pub async fn redeliver(
                 )));
             }
             let job_id = Uuid::now_v7();
-            let (_, job) = job_append(
-                None,
+            let job = store::jobs::submit_append(
                 job_id,
-                &[JobEvent::JobSubmitted(delivery::delivery_job(
-                    d.id, attempts,
-                ))],
-                JobWrite::new(meta.clone(), domain::now()),
-            )
-            .map_err(ApiError::internal)?;
+                delivery::delivery_job(d.id, attempts),
+                meta.clone(),
+                domain::now(),
+            )?;
             Ok(Decision {
                 events: vec![DeliveryEvent::DeliveryQueued {
                     delivery_job_id: job_id,

@@ -185,18 +185,6 @@ pub async fn to_submission(s: SubmitJob, config: &Config) -> Result<Submission, 
     })
 }
 
-fn submit_events(sub: Submission, now: DateTime<Utc>) -> Vec<JobEvent> {
-    let delayed = sub.run_at.filter(|t| *t > now);
-    let mut events = vec![JobEvent::JobSubmitted(sub)];
-    if let Some(run_at) = delayed {
-        events.push(JobEvent::JobScheduled {
-            run_at,
-            reason: "delayed".into(),
-        });
-    }
-    events
-}
-
 fn metadata(auth: &Auth) -> EventMetadata {
     EventMetadata {
         namespace: auth.namespace().to_string(),
@@ -287,7 +275,7 @@ pub async fn create(
         received_at: now,
     });
     let (job, append) =
-        job_append(None, id, &submit_events(sub, now), w).map_err(ApiError::internal)?;
+        job_append(None, id, &sub.into_events(now), w).map_err(ApiError::internal)?;
     match state.store.appender.append(append).await {
         Ok(_) => {}
         Err(AppendError::DuplicateCommand) => {
@@ -375,7 +363,7 @@ pub async fn submit_batch(
         let (job, append) = job_append(
             None,
             Uuid::now_v7(),
-            &submit_events(sub, now),
+            &sub.into_events(now),
             JobWrite::new(metadata(&auth), now),
         )
         .map_err(ApiError::internal)?;

@@ -13,14 +13,13 @@ use super::{execute_async, CommandError, Writes};
 use crate::{
     domain::{
         event::EventMetadata,
-        job::{JobEvent, Submission},
+        job::Submission,
         now,
         trigger::{Trigger, TriggerEvent},
         FieldError,
     },
     store::{
         self,
-        jobs::{job_append, JobWrite},
         runs::{StartError, StartRun},
         triggers::trigger_append,
         Append, Effect, Store, StoreError,
@@ -147,14 +146,7 @@ fn job(
     sub: &Submission,
     at: chrono::DateTime<chrono::Utc>,
 ) -> Result<Append, StoreError> {
-    job_append(
-        None,
-        job_id,
-        &[JobEvent::JobSubmitted(sub.clone())],
-        JobWrite::new(meta(t), at),
-    )
-    .map(|(_, a)| a)
-    .map_err(|e| StoreError::Internal(e.to_string()))
+    store::jobs::submit_append(job_id, sub.clone(), meta(t), at)
 }
 
 async fn run(

@@ -11,18 +11,11 @@ use super::{execute_async, CommandError, Writes};
 use crate::{
     domain::{
         event::EventMetadata,
-        job::JobEvent,
         now,
         schedule::{Schedule, ScheduleEvent},
         FieldError,
     },
-    store::{
-        self,
-        jobs::{job_append, JobWrite},
-        runs::StartError,
-        schedules::schedule_append,
-        Append, Store, StoreError,
-    },
+    store::{self, runs::StartError, schedules::schedule_append, Append, Store, StoreError},
 };
 
 /// Why a tick cannot start what its schedule targets.
@@ -74,13 +67,7 @@ pub async fn fire(
     }
     let sub = s.tick_job(fire_time).ok_or(FireError::Unreadable)?;
     let job_id = Uuid::now_v7();
-    let (_, job) = job_append(
-        None,
-        job_id,
-        &[JobEvent::JobSubmitted(sub)],
-        JobWrite::new(metadata(s, actor), at),
-    )
-    .map_err(|e| StoreError::Internal(e.to_string()))?;
+    let job = store::jobs::submit_append(job_id, sub, metadata(s, actor), at)?;
     let event = ScheduleEvent::TickFired {
         fire_time,
         job_id: Some(job_id),

@@ -215,6 +215,22 @@ pub struct Submission {
     pub secret_refs: Option<BTreeSet<String>>,
 }
 
+impl Submission {
+    /// The events that submit a new job at `at`: `JobSubmitted`, then `JobScheduled` when it
+    /// is to run later (else it is queued at once).
+    pub fn into_events(self, at: DateTime<Utc>) -> Vec<JobEvent> {
+        let delayed = self.run_at.filter(|t| *t > at);
+        let mut events = vec![JobEvent::JobSubmitted(self)];
+        if let Some(run_at) = delayed {
+            events.push(JobEvent::JobScheduled {
+                run_at,
+                reason: "delayed".into(),
+            });
+        }
+        events
+    }
+}
+
 /// Events of the job stream (contract names, DESIGN §3). `JobQueued` is Capibara's addition: a
 /// delayed or retrying job became due, or an operator asked for a retry.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -13,7 +13,7 @@ use super::{
 };
 use crate::domain::{
     event::{EventMetadata, StreamType},
-    job::{Follow, InvalidTransition, Job, JobEvent, JobStatus},
+    job::{Follow, InvalidTransition, Job, JobEvent, JobStatus, Submission},
     DomainEvent,
 };
 
@@ -56,6 +56,20 @@ impl JobWrite {
             started_at: None,
         }
     }
+}
+
+/// The append that creates job `id` from `sub` (its events: [`Submission::into_events`]): the
+/// one way the workflow runner, the ticker, hooks and deliveries submit a job (the API adds
+/// its idempotency record to the same write).
+pub fn submit_append(
+    id: Uuid,
+    sub: Submission,
+    metadata: EventMetadata,
+    at: DateTime<Utc>,
+) -> Result<Append, StoreError> {
+    job_append(None, id, &sub.into_events(at), JobWrite::new(metadata, at))
+        .map(|(_, a)| a)
+        .map_err(|e| StoreError::Internal(e.to_string()))
 }
 
 /// Apply `events` to `prev` (or start a new job from `JobSubmitted`) and build the append:

@@ -18,7 +18,7 @@ use super::{
 };
 use crate::domain::{
     event::{EventMetadata, StreamType},
-    job::{Cancel, JobEvent, Priority, Submission},
+    job::{Cancel, Priority, Submission},
     kinds,
     run::{self, Action, Plan, Run, RunEvent, RunStatus, StepHead, StepJob},
     workflow::WorkflowDef,
@@ -376,22 +376,12 @@ fn step_job_append(
         }),
         secret_refs: (!j.secret_refs.is_empty()).then(|| j.secret_refs.clone()),
     };
-    let delayed = j.run_at.filter(|t| *t > at);
-    let mut events = vec![JobEvent::JobSubmitted(sub)];
-    if let Some(run_at) = delayed {
-        events.push(JobEvent::JobScheduled {
-            run_at,
-            reason: "delayed".into(),
-        });
-    }
     let meta = EventMetadata {
         namespace: run.namespace.clone(),
         actor: Some(actor.to_string()),
         ..Default::default()
     };
-    job_append(None, j.job_id, &events, JobWrite::new(meta, at))
-        .map(|(_, a)| a)
-        .map_err(|e| StoreError::Internal(e.to_string()))
+    super::jobs::submit_append(j.job_id, sub, meta, at)
 }
 
 /// Why a run could not start.
