@@ -13,7 +13,10 @@ use axum::{
 };
 use base64::Engine;
 use capibara_shared::{
-    command,
+    command::{
+        self,
+        jobs::{Idempotency, SubmitError, Submitter},
+    },
     config::Config,
     domain::{
         self,
@@ -27,9 +30,8 @@ use capibara_shared::{
     },
     store::{
         self,
-        append::CommandRecord,
         jobs::{job_append, JobFilter, JobWrite},
-        AppendError, StoreError,
+        StoreError,
     },
 };
 use chrono::{DateTime, Utc};
@@ -251,44 +253,39 @@ pub async fn create(
     hash: &str,
     command_type: &str,
 ) -> Result<(Job, bool), ApiError> {
-    if let Some(key) = &key {
-        if let Some(job) = replay(state, auth, key, hash, command_type).await? {
+    let idempotency = key.map(|key| Idempotency {
+        key,
+        request_hash: hash.to_string(),
+        command_type: command_type.to_string(),
+    });
+    if let Some(i) = &idempotency {
+        if let Some(job) = command::jobs::replay(&state.store, auth.namespace(), i).await? {
             return Ok((job, true));
         }
     }
     let sub = to_submission(submission, &state.config).await?;
-    let now = domain::now();
-    let id = Uuid::now_v7();
-    let mut w = JobWrite::new(metadata(auth), now);
-    // Commands are recorded when they carry an Idempotency-Key (the event metadata records the
-    // actor of every command anyway).
-    w.command = key.as_ref().map(|key| CommandRecord {
-        id: Uuid::now_v7(),
+    let by = Submitter {
         namespace: auth.namespace().to_string(),
-        command_type: command_type.into(),
-        idempotency_key: Some(key.clone()),
-        request_hash: hash.to_string(),
-        status_code: 202,
-        response: Some(serde_json::json!({"job_id": id})),
-        stream_id: Some(id),
-        actor: Some(auth.actor()),
-        received_at: now,
-    });
-    let (job, append) =
-        job_append(None, id, &sub.into_events(now), w).map_err(ApiError::internal)?;
-    match state.store.appender.append(append).await {
-        Ok(_) => {}
-        Err(AppendError::DuplicateCommand) => {
-            let key = key.as_deref().unwrap_or_default();
-            let job = replay(state, auth, key, hash, command_type)
-                .await?
-                .ok_or_else(|| ApiError::Conflict("idempotency key is in use".into()))?;
-            return Ok((job, true));
+        actor: auth.actor(),
+    };
+    Ok(command::jobs::submit(&state.store, &by, sub, idempotency.as_ref()).await?)
+}
+
+/// A submission the command refused.
+impl From<SubmitError> for ApiError {
+    fn from(e: SubmitError) -> Self {
+        match e {
+            e @ SubmitError::KeyReused => ApiError::Validation {
+                detail: e.to_string(),
+                errors: vec![FieldError::new(
+                    "Idempotency-Key",
+                    "reused with a different body",
+                )],
+            },
+            e @ SubmitError::KeyInUse => ApiError::Conflict(e.to_string()),
+            SubmitError::Store(e) => e.into(),
         }
-        Err(e) => return Err(StoreError::from(e).into()),
     }
-    metrics::counter!("capibara_jobs_submitted_total", "kind" => job.kind.clone()).increment(1);
-    Ok((job, false))
 }
 
 pub async fn finish(
@@ -307,33 +304,6 @@ pub async fn finish(
         _ => job,
     };
     Ok(job_response(&job, wait, replayed))
-}
-
-/// The job a previous command with this key created; 422 if the key was used for another body.
-async fn replay(
-    state: &AppState,
-    auth: &Auth,
-    key: &str,
-    hash: &str,
-    command_type: &str,
-) -> Result<Option<Job>, ApiError> {
-    let Some(cmd) = store::commands::find_by_key(&state.store.pool, auth.namespace(), key).await?
-    else {
-        return Ok(None);
-    };
-    if cmd.request_hash != *hash || cmd.command_type != command_type {
-        return Err(ApiError::Validation {
-            detail: "this Idempotency-Key was already used with a different request".into(),
-            errors: vec![FieldError::new(
-                "Idempotency-Key",
-                "reused with a different body",
-            )],
-        });
-    }
-    let id = cmd
-        .stream_id
-        .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("command without stream")))?;
-    Ok(store::jobs::get(&state.store.pool, auth.namespace(), id).await?)
 }
 
 #[utoipa::path(post, operation_id = "submitJobBatch", path = "/v1/jobs/batch", tag = "jobs", request_body = SubmitBatch,

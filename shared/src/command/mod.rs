@@ -8,6 +8,7 @@
 use std::future::Future;
 
 pub mod hook_call;
+pub mod jobs;
 pub mod runs;
 pub mod ticks;
 
