@@ -211,14 +211,8 @@ async fn fetch_loop(inner: &Arc<Inner>, tasks: &TaskTracker, shutdown: &Cancella
                 _ = shutdown.cancelled() => return,
             }
         }
-        let jobs = match store::jobs::get_many(&inner.store.pool, &ids).await {
-            Ok(j) => j,
-            Err(e) => {
-                // The jobs stay `queued` in Postgres; the relay pushes them again.
-                tracing::warn!(error = %e, "loading popped jobs failed");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                continue;
-            }
+        let Some(jobs) = load_popped(inner, &ids, shutdown).await else {
+            return;
         };
         let mut permit = Some(first);
         for job in jobs {
@@ -250,6 +244,31 @@ async fn fetch_loop(inner: &Arc<Inner>, tasks: &TaskTracker, shutdown: &Cancella
                 run_job(&inner, job).await;
                 drop(p);
             });
+        }
+    }
+}
+
+/// The jobs of ids popped from Redis. Popping took them off the queue, so a failed read is
+/// tried again (Postgres restarting, say) until it works: dropping them would leave them to the
+/// relay's full check, a visibility timeout later. None on shutdown (then the relay does push
+/// them again).
+async fn load_popped(
+    inner: &Inner,
+    ids: &[Uuid],
+    shutdown: &CancellationToken,
+) -> Option<Vec<Job>> {
+    let mut wait = Duration::from_millis(100);
+    loop {
+        match store::jobs::get_many(&inner.store.pool, ids).await {
+            Ok(jobs) => return Some(jobs),
+            Err(e) => {
+                tracing::warn!(error = %e, jobs = ids.len(), "loading popped jobs failed; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = shutdown.cancelled() => return None,
+                }
+                wait = (wait * 2).min(Duration::from_secs(2));
+            }
         }
     }
 }

@@ -212,6 +212,90 @@ async fn the_api_answers_503_while_postgres_is_down_and_recovers_by_itself() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// A worker that pops a job while Postgres is down keeps it and runs it once Postgres is back:
+/// the popped id is no longer on Redis, and dropping it would leave the job to the scheduler's
+/// relay, whose full check comes a visibility timeout later. No scheduler runs here, so only the
+/// worker can bring the job back.
+#[tokio::test]
+async fn a_job_popped_while_postgres_is_down_runs_as_soon_as_it_is_back() {
+    let dir = temp_dir("pg-popped");
+    let mut pg = tokio::task::spawn_blocking({
+        let dir = dir.clone();
+        move || {
+            PostgresServer::start(PostgresOptions {
+                data_dir: dir.join("data"),
+                port: 0,
+                fast_unsafe: false,
+            })
+            .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    let env = TestEnv::on(
+        pg.url("postgres"),
+        std::env::var("CAPIBARA_TEST_REDIS_URL")
+            .unwrap_or_else(|_| "redis://127.0.0.1:26379/".into()),
+    )
+    .await;
+    let _api = env.spawn_api().await;
+    let api = env.client();
+    // Queued in Postgres; taken off Redis for now, so the worker starts idle.
+    let job = api
+        .submit_id(json!({"kind": "echo", "input": {"n": 1}}))
+        .await;
+    let queue = capibara_shared::queue::Queue::connect(&env.redis_url, &env.redis_prefix)
+        .await
+        .unwrap();
+    let entry = capibara_shared::store::dispatch::DispatchEntry::new(
+        job.parse().unwrap(),
+        "default",
+        "default",
+        capibara_shared::domain::job::Priority::Normal,
+        chrono::Utc::now(),
+    );
+    let popped = || async {
+        queue
+            .missing(std::slice::from_ref(&entry))
+            .await
+            .unwrap()
+            .len()
+            == 1
+    };
+    queue.remove("default", entry.job_id).await.unwrap();
+    assert!(popped().await);
+    let _worker = env.spawn_worker(&[]);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // Postgres goes down; the job appears on Redis; the worker pops it and cannot load it.
+    pg = tokio::task::spawn_blocking(move || {
+        pg.kill().unwrap();
+        pg
+    })
+    .await
+    .unwrap();
+    queue.push(std::slice::from_ref(&entry)).await.unwrap();
+    eventually(
+        "the worker to pop the job",
+        Duration::from_secs(20),
+        || async { popped().await.then_some(()) },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let pg = tokio::task::spawn_blocking(move || {
+        pg.restart().unwrap();
+        pg
+    })
+    .await
+    .unwrap();
+    let done = api.wait_terminal(&job, Duration::from_secs(20)).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    drop(env);
+    drop(pg);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 #[tokio::test]
 async fn duplicate_deliveries_never_record_a_second_start_or_success() {
     let env = TestEnv::new().await;
