@@ -198,7 +198,7 @@ impl Relay {
                 tracing::info!(pushed, "relay re-dispatched queued jobs Redis did not hold");
             }
         }
-        Ok(0)
+        Ok(pushed)
     }
 }
 
