@@ -80,17 +80,18 @@ impl Refused {
     }
 }
 
-/// Run until `stop`: a pass every `POLL`, and again at once after a pass that fired something.
+/// Run until `stop`: a pass every `POLL`. A pass handles every due schedule (up to 500, each up
+/// to its own tick limit), so the next one waits a period even after work: a schedule that
+/// keeps being due (a bug) then costs one pass per `POLL`, not a busy loop.
 pub async fn run(store: Store, clock: Clock, stop: CancellationToken) {
     let refused = Refused::default();
     every(POLL, &stop, || async {
-        let pass = tick_once_with(&store, clock, &refused).await;
-        match &pass {
-            Ok(n) if *n > 0 => tracing::debug!(schedules = n, "schedules ticked"),
+        match tick_once_with(&store, clock, &refused).await {
+            Ok(n) if n > 0 => tracing::debug!(schedules = n, "schedules ticked"),
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "ticking schedules failed"),
         }
-        pass
+        Ok(0)
     })
     .await
 }

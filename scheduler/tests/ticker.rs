@@ -1,7 +1,7 @@
 //! One pass of the ticker (`ticker::tick_once`) in-process, on a real Postgres database of its
 //! own, at clock times the test chooses: what a pass fires, skips and leaves for later is
 //! checked without spawning a binary or waiting for a minute to turn. The loop around the pass
-//! is the scheduler's one driver (`housekeeping::every`, tested on a paused clock);
+//! is the scheduler's one driver (`driver::every`, tested on a paused clock);
 //! tests/tests/e2e/schedules.rs keeps replicas, restarts and real time.
 
 use capibara_scheduler::ticker::{tick_once, Clock};

@@ -248,10 +248,11 @@ async fn fetch_loop(inner: &Arc<Inner>, tasks: &TaskTracker, shutdown: &Cancella
     }
 }
 
-/// The jobs of ids popped from Redis. Popping took them off the queue, so a failed read is
-/// tried again (Postgres restarting, say) until it works: dropping them would leave them to the
-/// relay's full check, a visibility timeout later. None on shutdown (then the relay does push
-/// them again).
+/// The jobs of ids popped from Redis. Popping took them off the queue, so while Postgres cannot
+/// be reached (restarting, say) the read is tried again until it answers: dropping them would
+/// leave them to the relay's full check, a visibility timeout later. Another error (a row that
+/// does not decode) drops the batch as before, for the relay, so one bad row cannot stop the
+/// worker. None on shutdown (the relay pushes them again).
 async fn load_popped(
     inner: &Inner,
     ids: &[Uuid],
@@ -261,13 +262,17 @@ async fn load_popped(
     loop {
         match store::jobs::get_many(&inner.store.pool, ids).await {
             Ok(jobs) => return Some(jobs),
-            Err(e) => {
+            Err(e @ store::StoreError::Unavailable(_)) => {
                 tracing::warn!(error = %e, jobs = ids.len(), "loading popped jobs failed; retrying");
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
                     _ = shutdown.cancelled() => return None,
                 }
                 wait = (wait * 2).min(Duration::from_secs(2));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, jobs = ids.len(), "popped jobs cannot be loaded; the relay pushes them again");
+                return Some(Vec::new());
             }
         }
     }

@@ -309,4 +309,65 @@ mod tests {
         }
         assert_eq!(at, 500);
     }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_attempt_that_ends_while_its_claim_is_refused_reports_nothing() {
+        let (outcome, at, log, ended) = attempt(ms(50), None, ms(100), false, None).await;
+        assert!(
+            outcome.is_none(),
+            "the attempt was not ours: its result is discarded"
+        );
+        assert_eq!(
+            (log.work_finished, log.claim_answered, at),
+            (Some(50), Some(125), 125)
+        );
+        assert!(ended);
+    }
+
+    /// The runtime's claim takes the attempt's state, which the executor may hold (a progress
+    /// report claims through it). On a cancel the executor is dropped, releasing the state,
+    /// before the claim in flight is awaited: awaiting first would wait forever.
+    #[tokio::test(start_paused = true)]
+    async fn a_cancel_drops_the_executor_before_awaiting_the_claim_it_blocks() {
+        let state = Arc::new(tokio::sync::Mutex::new(()));
+        let switches = Switches::default();
+        let start = Instant::now();
+        let exec = {
+            let state = state.clone();
+            async move {
+                let _held = state.lock().await;
+                sleep(ms(10_000)).await;
+                Ok(Output {
+                    output: json!(null),
+                    artifacts: Vec::new(),
+                })
+            }
+        };
+        let answered = Mutex::new(None);
+        let claim = async {
+            let _state = state.lock().await;
+            *answered.lock().unwrap() =
+                Some((start.elapsed().as_millis(), switches.on_end.is_cancelled()));
+            true
+        };
+        let cancel = async {
+            sleep(ms(100)).await;
+            switches.user_cancel.cancel();
+            std::future::pending::<()>().await
+        };
+        let outcome = tokio::time::timeout(ms(60_000), async {
+            tokio::select! {
+                o = supervise(exec, None, CLAIM_AFTER, claim, switches.stops()) => o,
+                _ = cancel => unreachable!(),
+            }
+        })
+        .await
+        .expect("the claim was awaited while the executor still held the state");
+        assert!(matches!(outcome, Some(Outcome::Canceled)));
+        assert_eq!(
+            *answered.lock().unwrap(),
+            Some((100, true)),
+            "the claim answered once the executor was gone and told to end"
+        );
+    }
 }

@@ -414,6 +414,10 @@ impl Schedule {
                 fire_time, count, ..
             } => {
                 s.skipped_count += *count as i64;
+                // A buffered tick that could not start is done with too (else it stays due).
+                if s.buffered_fire_time == Some(*fire_time) {
+                    s.buffered_fire_time = None;
+                }
                 if s.next_fire_time.is_some_and(|n| n <= *fire_time) {
                     s.next_fire_time = s.next_after(*fire_time);
                 }
@@ -682,6 +686,45 @@ mod tests {
             utc(created),
         )
         .unwrap()
+    }
+
+    /// A buffered tick whose start fails (the workflow is gone) is skipped once and is then no
+    /// longer due; it used to stay buffered, and every pass failed it again.
+    #[test]
+    fn a_buffered_tick_that_cannot_start_is_skipped_once() {
+        let s = schedule(
+            "* * * * *",
+            CatchUp::Latest,
+            Overlap::BufferOne,
+            "2026-05-01T10:00:30Z",
+        );
+        let buffered = utc("2026-05-01T10:01:00Z");
+        let s = Schedule::apply(
+            Some(s),
+            Uuid::nil(),
+            "default",
+            &ScheduleEvent::TickBuffered {
+                fire_time: buffered,
+            },
+            buffered,
+        )
+        .unwrap();
+        let now = utc("2026-05-01T10:01:30Z");
+        assert_eq!(
+            plan(&s, now, false),
+            [TickAction::Fire {
+                fire_time: buffered,
+                trigger: "buffered"
+            }]
+        );
+        let skipped = ScheduleEvent::TickSkipped {
+            fire_time: buffered,
+            reason: "target_unavailable".into(),
+            count: 1,
+        };
+        let s = Schedule::apply(Some(s), Uuid::nil(), "default", &skipped, now).unwrap();
+        assert_eq!(s.buffered_fire_time, None);
+        assert!(plan(&s, now, false).is_empty());
     }
 
     #[test]

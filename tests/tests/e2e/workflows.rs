@@ -872,7 +872,7 @@ async fn secrets_resolve_only_for_the_steps_that_name_them_in_their_own_namespac
 
 /// Signals to different approval steps of one run, sent at once, all apply: each request that
 /// loses the race on the run's stream plans again (`command::runs::change`) instead of
-/// answering 409. A second signal of a step is still refused.
+/// answering 409. Copies of one signal sent at once still apply once.
 #[tokio::test]
 async fn concurrent_signals_to_one_run_all_apply() {
     let env = TestEnv::new().await;
@@ -906,16 +906,39 @@ async fn concurrent_signals_to_one_run_all_apply() {
             json!({"i": i})
         );
     }
-    let again = api
-        .post(&format!("/v1/runs/{run}/signals/approve-0"), json!({}))
-        .await;
-    assert_eq!(again.status, 409, "{again:?}");
-    let (signals,): (i64,) = sqlx::query_as(
+    assert_eq!(signal_count(&env, &run).await, 12);
+
+    // Copies of one signal sent at once to a waiting run: one applies, the others are refused
+    // by the step's own check ("already signalled"), not by a race.
+    let run = start(&api, &wf, json!({})).await;
+    let path = format!("/v1/runs/{run}/signals/approve-0");
+    let copies = futures::future::join_all(
+        (0..6).map(|_| api.post(&path, json!({"payload": {"copy": true}}))),
+    )
+    .await;
+    let accepted = copies.iter().filter(|r| r.status == 202).count();
+    let refused: Vec<_> = copies.iter().filter(|r| r.status != 202).collect();
+    assert_eq!(accepted, 1, "{copies:?}");
+    for r in &refused {
+        assert_eq!(r.status, 409, "{r:?}");
+        assert!(
+            r.body["detail"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("already"),
+            "{r:?}"
+        );
+    }
+    assert_eq!(signal_count(&env, &run).await, 1);
+}
+
+async fn signal_count(env: &TestEnv, run: &str) -> i64 {
+    let (n,): (i64,) = sqlx::query_as(
         "SELECT count(*) FROM events WHERE stream_id = $1::uuid AND type = 'SignalReceived'",
     )
-    .bind(&run)
+    .bind(run)
     .fetch_one(&env.pool().await)
     .await
     .unwrap();
-    assert_eq!(signals, 12);
+    n
 }
