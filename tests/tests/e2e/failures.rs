@@ -135,10 +135,11 @@ async fn jobs_survive_redis_restarting_empty() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-#[tokio::test]
-async fn the_api_answers_503_while_postgres_is_down_and_recovers_by_itself() {
-    let dir = temp_dir("pg");
-    let mut pg = tokio::task::spawn_blocking({
+/// A Postgres of the test's own (durable settings, so it can be killed and restarted) under a
+/// fresh directory, and a test environment on it with the shared Redis.
+async fn private_postgres(tag: &str) -> (std::path::PathBuf, PostgresServer, TestEnv) {
+    let dir = temp_dir(tag);
+    let pg = tokio::task::spawn_blocking({
         let dir = dir.clone();
         move || {
             PostgresServer::start(PostgresOptions {
@@ -157,6 +158,12 @@ async fn the_api_answers_503_while_postgres_is_down_and_recovers_by_itself() {
             .unwrap_or_else(|_| "redis://127.0.0.1:26379/".into()),
     )
     .await;
+    (dir, pg, env)
+}
+
+#[tokio::test]
+async fn the_api_answers_503_while_postgres_is_down_and_recovers_by_itself() {
+    let (dir, mut pg, env) = private_postgres("pg").await;
     let _procs = env.spawn_all().await;
     let api = env.client();
     let before = api
@@ -218,26 +225,7 @@ async fn the_api_answers_503_while_postgres_is_down_and_recovers_by_itself() {
 /// worker can bring the job back.
 #[tokio::test]
 async fn a_job_popped_while_postgres_is_down_runs_as_soon_as_it_is_back() {
-    let dir = temp_dir("pg-popped");
-    let mut pg = tokio::task::spawn_blocking({
-        let dir = dir.clone();
-        move || {
-            PostgresServer::start(PostgresOptions {
-                data_dir: dir.join("data"),
-                port: 0,
-                fast_unsafe: false,
-            })
-            .unwrap()
-        }
-    })
-    .await
-    .unwrap();
-    let env = TestEnv::on(
-        pg.url("postgres"),
-        std::env::var("CAPIBARA_TEST_REDIS_URL")
-            .unwrap_or_else(|_| "redis://127.0.0.1:26379/".into()),
-    )
-    .await;
+    let (dir, mut pg, env) = private_postgres("pg-popped").await;
     let _api = env.spawn_api().await;
     let api = env.client();
     // Queued in Postgres; taken off Redis for now, so the worker starts idle.
