@@ -9,7 +9,6 @@ use capibara_shared::{
     command::ticks::{self, FireError},
     domain::{
         self,
-        event::EventMetadata,
         schedule::{plan, Schedule, ScheduleEvent, TickAction},
     },
     store::{self, schedules::schedule_append, AppendError, Store, StoreError},
@@ -207,7 +206,14 @@ async fn refuse(
         .collect();
     // Its next tick would be refused the same way: the schedule stops until it is resumed.
     events.push(ScheduleEvent::SchedulePaused {});
-    let skipped = schedule_append(Some(s), s.id, &s.namespace, &events, meta(&s.namespace), at);
+    let skipped = schedule_append(
+        Some(s),
+        s.id,
+        &s.namespace,
+        &events,
+        ticks::metadata(s, "scheduler"),
+        at,
+    );
     let stored = match skipped {
         Some((_, append)) => store.appender.append_all(vec![append]).await,
         None => Err(AppendError::Unavailable("no events".into())),
@@ -218,14 +224,6 @@ async fn refuse(
             tracing::error!(schedule = %s.id, error = %e, "the store refuses the schedule itself; leaving it out until it changes");
             refused.add(s);
         }
-    }
-}
-
-fn meta(namespace: &str) -> EventMetadata {
-    EventMetadata {
-        namespace: namespace.to_string(),
-        actor: Some("scheduler".into()),
-        ..Default::default()
     }
 }
 
@@ -279,9 +277,14 @@ pub async fn apply(
             }),
         }
     }
-    let Some((_, append)) =
-        schedule_append(Some(s), s.id, &s.namespace, &events, meta(&s.namespace), at)
-    else {
+    let Some((_, append)) = schedule_append(
+        Some(s),
+        s.id,
+        &s.namespace,
+        &events,
+        ticks::metadata(s, "scheduler"),
+        at,
+    ) else {
         return Ok(());
     };
     let mut all = vec![append];

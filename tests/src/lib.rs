@@ -544,3 +544,24 @@ pub mod runs {
             .unwrap_or_else(|| panic!("no step {id} in {run}"))
     }
 }
+
+/// Whether Redis holds the dispatch entry of job `id` on `queue` (a worker that popped it took
+/// it off).
+pub async fn on_redis(
+    queue: &capibara_shared::queue::Queue,
+    queue_name: &str,
+    id: uuid::Uuid,
+) -> bool {
+    let entry = capibara_shared::store::dispatch::DispatchEntry::new(
+        id,
+        "default",
+        queue_name,
+        capibara_shared::domain::job::Priority::Normal,
+        chrono::Utc::now(),
+    );
+    queue
+        .missing(std::slice::from_ref(&entry))
+        .await
+        .expect("Redis answers")
+        .is_empty()
+}
