@@ -26,6 +26,9 @@ pub enum ApiError {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
+    /// A lease-scoped call whose lease is gone (docs/workers.md, "Leases and fencing").
+    #[error("{0}")]
+    LeaseLost(String),
     #[error("{detail}")]
     Validation {
         detail: String,
@@ -94,6 +97,7 @@ impl ApiError {
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden", "Forbidden"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not-found", "Not Found"),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict", "Conflict"),
+            ApiError::LeaseLost(_) => (StatusCode::CONFLICT, "lease-lost", "Lease Lost"),
             ApiError::Validation { .. } => (
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "validation",

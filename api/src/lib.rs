@@ -51,6 +51,8 @@ pub struct AppState {
     /// Where job artifacts are read from (`CAPIBARA_ARTIFACTS`); the error says why it could
     /// not be opened (artifact reads are then 503s).
     pub artifacts: Result<capibara_shared::artifacts::ArtifactStore, String>,
+    /// Lease calls of protocol workers waiting on Redis (bounded).
+    pub long_polls: routes::workers::LongPolls,
 }
 
 impl AppState {
@@ -66,6 +68,7 @@ impl AppState {
             firehose: firehose::Firehose::new(store.pool.clone(), &watch),
             artifacts: capibara_shared::artifacts::ArtifactStore::open(&config.artifacts)
                 .map_err(|e| e.to_string()),
+            long_polls: Default::default(),
             store,
             queue,
             watch,
@@ -76,7 +79,10 @@ impl AppState {
 
 /// The whole HTTP app.
 pub fn app(state: AppState) -> Router {
-    use routes::{admin, code, deliveries, jobs, orchestrate, schedules, subscriptions, triggers};
+    use routes::{
+        admin, code, deliveries, jobs, kinds, orchestrate, schedules, subscriptions, triggers,
+        workers,
+    };
     let v1 = Router::new()
         .route("/v1/jobs", post(jobs::submit).get(jobs::list))
         .route("/v1/jobs/batch", post(jobs::submit_batch))
@@ -116,10 +122,26 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/jobs/{id}/events", get(jobs::events))
         .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
         .route("/v1/jobs/{id}/retry", post(jobs::retry))
+        .route("/v1/jobs/{id}/heartbeat", post(workers::heartbeat))
+        .route("/v1/jobs/{id}/progress", post(workers::progress))
+        .route("/v1/jobs/{id}/logs", post(workers::logs))
+        .route("/v1/jobs/{id}/chunks", post(workers::chunk))
+        .route("/v1/jobs/{id}/complete", post(workers::complete))
+        .route("/v1/jobs/{id}/fail", post(workers::fail))
+        .route("/v1/jobs/{id}/release", post(workers::release))
         .route("/v1/events", get(routes::events::list))
-        .route("/v1/workers", get(admin::workers))
+        .route("/v1/workers", get(admin::workers).post(workers::register))
+        .route(
+            "/v1/workers/{id}",
+            axum::routing::delete(workers::deregister),
+        )
+        .route("/v1/workers/{id}/lease", post(workers::lease))
         .route("/v1/queues", get(admin::queues))
-        .route("/v1/kinds", get(admin::kinds_list))
+        .route("/v1/kinds", get(kinds::list))
+        .route(
+            "/v1/kinds/{name}",
+            get(kinds::get).put(kinds::put).delete(kinds::delete),
+        )
         .route(
             "/v1/api-keys",
             post(admin::create_key).get(admin::list_keys),

@@ -8,15 +8,18 @@ use utoipa::{
 use capibara_shared::domain::kinds::KindContext;
 
 use crate::routes::{
-    admin, code, deliveries, events, jobs, orchestrate, runs, schedules, secrets, subscriptions,
-    triggers, workflows,
+    admin, code, deliveries, events, jobs, kinds, orchestrate, runs, schedules, secrets,
+    subscriptions, triggers, workers, workflows,
 };
 
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Capibara API", description = "Event-sourced jobs: submit, wait, stream and inspect every event."),
     paths(jobs::submit, jobs::submit_batch, jobs::list, jobs::get, jobs::events, jobs::cancel, jobs::retry, events::list,
-          admin::workers, admin::queues, admin::kinds_list, admin::create_key, admin::list_keys, admin::revoke_key,
+          admin::workers, admin::queues, kinds::list, kinds::get, kinds::put, kinds::delete,
+          workers::register, workers::lease, workers::deregister, workers::heartbeat, workers::progress,
+          workers::logs, workers::chunk, workers::complete, workers::fail, workers::release,
+          admin::create_key, admin::list_keys, admin::revoke_key,
           subscriptions::create, subscriptions::list, subscriptions::get, subscriptions::update,
           subscriptions::pause, subscriptions::resume, subscriptions::delete,
           deliveries::list, deliveries::get, deliveries::redeliver, orchestrate::orchestrate,
@@ -29,7 +32,7 @@ use crate::routes::{
           secrets::put, secrets::list, secrets::delete),
     components(schemas(crate::error::Problem, capibara_shared::domain::FieldError)),
     modifiers(&BearerAuth),
-    tags((name = "jobs"), (name = "events"), (name = "deliveries"), (name = "schedules"), (name = "workflows"), (name = "code"), (name = "operations"))
+    tags((name = "jobs"), (name = "events"), (name = "deliveries"), (name = "schedules"), (name = "workflows"), (name = "code"), (name = "kinds"), (name = "workers"), (name = "operations"))
 )]
 pub struct ApiDoc;
 

@@ -283,7 +283,7 @@ async fn process(
     events: &[EventEnvelope],
     next: LogCursor,
 ) -> Result<usize, store::StoreError> {
-    // Job events of public kinds only (deliveries are jobs too: never deliver those).
+    // Job events of public and user kinds (deliveries are jobs too: never deliver those).
     let job_events: Vec<&EventEnvelope> = events
         .iter()
         .filter(|e| e.stream_type == "job")
@@ -291,7 +291,8 @@ async fn process(
             e.metadata
                 .get("kind")
                 .and_then(Value::as_str)
-                .is_some_and(|k| kinds::find(k).is_some_and(|s| !s.internal))
+                // User kinds are not in the catalog: theirs are delivered too.
+                .is_some_and(|k| !kinds::find(k).is_some_and(|s| s.internal))
         })
         .collect();
     let namespace_of = |e: &EventEnvelope| {

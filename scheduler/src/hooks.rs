@@ -332,8 +332,19 @@ async fn hook(
             return accept(&state, &t, message_id, body.len(), start).await;
         }
     };
-    // The call's input gets the same check as a job submitted through the API.
-    if let Err(e) = kinds::validate_input(&sub.kind, &input, state.config.as_ref()) {
+    // The call's input gets the same check as a job submitted through the API (a user kind's
+    // schema included).
+    let Ok(kinds) = capibara_shared::installed::with_user_kinds(
+        &state.store.pool,
+        &state.config,
+        &t.namespace,
+        &[sub.kind.as_str()],
+    )
+    .await
+    else {
+        return problem(StatusCode::SERVICE_UNAVAILABLE, "store unavailable");
+    };
+    if let Err(e) = kinds::validate_input(&sub.kind, &input, &kinds) {
         return reject(
             &state,
             &t,

@@ -69,7 +69,7 @@ pub async fn run(store: Store, queue: Queue, opts: HousekeepingOptions, stop: Ca
         every(opts.promote_every, &stop, || promote_due(&store)),
         relay_loop(&store, &queue, &opts, &stop),
         every(opts.reap_every, &stop, || reap(&store)),
-        gauges_loop(&store, &stop),
+        gauges_loop(&store, opts.repush_after, &stop),
         every(Duration::from_secs(5), &stop, || retention(
             &store,
             opts.retention
@@ -298,7 +298,8 @@ pub async fn reap(store: &Store) -> Result<usize, store::StoreError> {
 }
 
 /// Queue gauges for `/metrics`. Queues seen once keep being reported (at zero when empty).
-async fn gauges_loop(store: &Store, stop: &CancellationToken) {
+/// With them, the live workers of each user kind (`visibility_timeout` sets the window).
+async fn gauges_loop(store: &Store, visibility_timeout: Duration, stop: &CancellationToken) {
     let mut known: std::collections::BTreeSet<String> = ["default".to_string()].into();
     loop {
         match store::jobs::queue_stats(&store.pool, None).await {
@@ -318,6 +319,16 @@ async fn gauges_loop(store: &Store, stop: &CancellationToken) {
                 }
             }
             Err(e) => tracing::debug!(error = %e, "queue gauges failed"),
+        }
+        let since = store::user_kinds::live_since(visibility_timeout);
+        match store::user_kinds::live_workers_all(&store.pool, since).await {
+            Ok(kinds) => {
+                for (namespace, kind, n) in kinds {
+                    metrics::gauge!("capibara_kind_live_workers", "namespace" => namespace, "kind" => kind)
+                        .set(n as f64);
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "kind gauges failed"),
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(2)) => {}

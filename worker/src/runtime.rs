@@ -15,7 +15,7 @@ use capibara_shared::{
     domain::{
         self,
         event::EventMetadata,
-        job::{Job, JobError, JobEvent, JobStatus},
+        job::{AttemptEnd, Job, JobError, JobEvent, JobStatus},
         storable, DomainEvent, FieldError,
     },
     queue::Queue,
@@ -222,13 +222,7 @@ async fn fetch_loop(inner: &Arc<Inner>, tasks: &TaskTracker, shutdown: &Cancella
             }
             if inner.registry.get(&job.kind).is_none() {
                 tracing::warn!(job_id = %job.id, kind = %job.kind, "this worker cannot run this kind; returning it");
-                let entry = DispatchEntry::new(
-                    job.id,
-                    &job.namespace,
-                    &job.queue,
-                    job.priority,
-                    job.queued_at.unwrap_or_else(domain::now),
-                );
+                let entry = DispatchEntry::of(&job, job.queued_at.unwrap_or_else(domain::now));
                 let _ = inner.queue.push(&[entry]).await;
                 continue;
             }
@@ -532,58 +526,30 @@ async fn claim(inner: &Arc<Inner>, st: &mut AttemptState) -> bool {
     false
 }
 
+/// The events of `outcome`: the domain's decision ([`Job::end_attempt`]).
 fn outcome_events(job: &Job, attempt: u32, outcome: &Outcome) -> Vec<JobEvent> {
-    let now = domain::now();
-    match outcome {
-        Outcome::Done(Ok(out)) => vec![JobEvent::JobSucceeded {
-            attempt,
+    let end = match outcome {
+        Outcome::Done(Ok(out)) => AttemptEnd::Succeeded {
             output: out.output.clone(),
             artifacts: out.artifacts.clone(),
-        }],
-        Outcome::Done(Err(ExecError::Retryable(e))) => {
-            job.attempt_failure_events(attempt, e.clone(), true, None, now)
+        },
+        Outcome::Done(Err(e)) => {
+            let (error, retryable, retry_after) = match e {
+                ExecError::Retryable(e) => (e.clone(), true, None),
+                ExecError::Abort(e) => (e.clone(), false, None),
+                ExecError::RetryAfter(d, e) => (e.clone(), true, Some(*d)),
+            };
+            AttemptEnd::Failed {
+                error,
+                retryable,
+                retry_after,
+            }
         }
-        Outcome::Done(Err(ExecError::Abort(_))) if job.cancel_requested => {
-            vec![JobEvent::JobCanceled {
-                attempt: Some(attempt),
-            }]
-        }
-        Outcome::Done(Err(ExecError::Abort(e))) => {
-            job.attempt_failure_events(attempt, e.clone(), false, None, now)
-        }
-        Outcome::Done(Err(ExecError::RetryAfter(d, e))) => {
-            job.attempt_failure_events(attempt, e.clone(), true, Some(*d), now)
-        }
-        Outcome::TimedOut => {
-            let secs = job.timeout_s.unwrap_or_default();
-            let mut evs = vec![JobEvent::JobTimedOut { attempt }];
-            evs.extend(job.attempt_failure_events(
-                attempt,
-                JobError::new("timeout", format!("attempt exceeded timeout_s = {secs}")),
-                true,
-                None,
-                now,
-            ));
-            evs
-        }
-        Outcome::Canceled => vec![JobEvent::JobCanceled {
-            attempt: Some(attempt),
-        }],
-        Outcome::Released => vec![
-            JobEvent::JobAttemptFailed {
-                attempt,
-                error: JobError::new(
-                    "worker_shutdown",
-                    "the worker stopped before the attempt finished",
-                ),
-                retry_at: Some(now),
-            },
-            JobEvent::JobQueued {
-                reason: "released".into(),
-                max_attempts: Some(job.max_attempts + 1),
-            },
-        ],
-    }
+        Outcome::TimedOut => AttemptEnd::TimedOut,
+        Outcome::Canceled => AttemptEnd::Canceled,
+        Outcome::Released => AttemptEnd::Released,
+    };
+    job.end_attempt(attempt, end, domain::now())
 }
 
 /// Record the outcome. An unclaimed attempt records `JobStarted` with it (one append). A version
@@ -597,13 +563,7 @@ async fn report(inner: &Arc<Inner>, state: &Arc<Mutex<AttemptState>>, mut outcom
         if matches!(outcome, Outcome::Released) {
             // Never started as far as Postgres knows: just hand the id back to Redis.
             let j = &st.job;
-            let entry = DispatchEntry::new(
-                j.id,
-                &j.namespace,
-                &j.queue,
-                j.priority,
-                j.queued_at.unwrap_or_else(domain::now),
-            );
+            let entry = DispatchEntry::of(j, j.queued_at.unwrap_or_else(domain::now));
             let _ = inner.queue.push(&[entry]).await;
             return;
         }

@@ -1,4 +1,4 @@
-//! Operational resources: `/v1/workers`, `/v1/queues`, `/v1/kinds`, `/v1/api-keys`.
+//! Operational resources: `/v1/workers` (the list), `/v1/queues`, `/v1/api-keys`.
 
 use axum::{
     extract::{Path, State},
@@ -7,10 +7,7 @@ use axum::{
     Json,
 };
 use capibara_shared::{
-    domain::{
-        auth::{validate_namespace, Role},
-        kinds,
-    },
+    domain::auth::{validate_namespace, Role},
     store::{
         self,
         jobs::QueueStats,
@@ -58,47 +55,6 @@ pub async fn queues(
 ) -> Result<Json<Page<QueueStats>>, ApiError> {
     auth.require(Role::Read)?;
     let items = store::jobs::queue_stats(&state.store.pool, Some(auth.namespace())).await?;
-    Ok(Json(Page {
-        items,
-        next_cursor: None,
-    }))
-}
-
-/// A job kind this deployment accepts.
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct KindInfo {
-    pub name: &'static str,
-    pub default_queue: &'static str,
-    pub description: &'static str,
-    /// The JSON Schema of the kind's `input` here (the one submissions are checked against,
-    /// with this deployment's voices); the same as in `/openapi.json`.
-    #[schema(value_type = Object)]
-    pub input_schema: serde_json::Value,
-    /// The JSON Schema of a successful job's `output`, where the kind's output is known (absent
-    /// for `echo`, which returns its input).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<Object>)]
-    pub output_schema: Option<serde_json::Value>,
-}
-
-#[utoipa::path(get, operation_id = "listKinds", path = "/v1/kinds", tag = "jobs",
-    responses((status = 200, body = Page<KindInfo>)), security(("bearer" = [])))]
-pub async fn kinds_list(
-    State(state): State<AppState>,
-    auth: Auth,
-) -> Result<Json<Page<KindInfo>>, ApiError> {
-    auth.require(Role::Read)?;
-    let items = kinds::KINDS
-        .iter()
-        .filter(|k| !k.internal)
-        .map(|k| KindInfo {
-            name: k.name,
-            default_queue: k.default_queue,
-            description: k.description,
-            input_schema: k.input_schema(state.config.as_ref()),
-            output_schema: k.output_schema(),
-        })
-        .collect();
     Ok(Json(Page {
         items,
         next_cursor: None,

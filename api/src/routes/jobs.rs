@@ -18,13 +18,17 @@ use capibara_shared::{
         jobs::{Idempotency, SubmitError, Submitter},
     },
     config::Config,
+    installed::{self, RequestKinds},
     domain::{
         self,
         auth::Role,
         delivery::validate_patterns,
         event::{EventEnvelope, EventMetadata},
-        job::{validate_tags, Cancel, Job, JobEvent, NotAllowed, Priority, Submission},
-        kinds,
+        job::{
+            valid_queue_name, validate_tags, Cancel, Job, JobEvent, NotAllowed, Priority,
+            Submission,
+        },
+        kinds::{self, KindContext},
         retry::Backoff,
         storable, DomainEvent, FieldError,
     },
@@ -117,15 +121,32 @@ impl<T> Page<T> {
 /// Most jobs in one batch.
 pub const MAX_BATCH: usize = 1000;
 
-fn valid_queue_name(q: &str) -> bool {
-    !q.is_empty()
-        && q.len() <= 64
-        && q.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+/// The kinds a request names, resolved in the caller's namespace (user kinds are loaded in one
+/// query; built-in kinds need none).
+pub async fn request_kinds<'a>(
+    state: &'a AppState,
+    namespace: &str,
+    names: &[&str],
+) -> Result<RequestKinds<'a>, ApiError> {
+    Ok(installed::with_user_kinds(&state.store.pool, &state.config, namespace, names).await?)
 }
 
 /// Validate a submission into the domain type; errors name the field.
-pub async fn to_submission(s: SubmitJob, config: &Config) -> Result<Submission, ApiError> {
+pub async fn to_submission(
+    s: SubmitJob,
+    state: &AppState,
+    namespace: &str,
+) -> Result<Submission, ApiError> {
+    let kinds = request_kinds(state, namespace, &[s.kind.as_str()]).await?;
+    to_submission_in(s, &state.config, &kinds).await
+}
+
+/// [`to_submission`] against kinds already resolved (a batch resolves them once).
+pub async fn to_submission_in(
+    s: SubmitJob,
+    config: &Config,
+    kinds: &dyn KindContext,
+) -> Result<Submission, ApiError> {
     let input_limit = config.input_limit_bytes;
     let input = s.input.unwrap_or_else(|| Value::Object(Default::default()));
     let size = serde_json::to_vec(&input).map(|v| v.len()).unwrap_or(0);
@@ -135,19 +156,24 @@ pub async fn to_submission(s: SubmitJob, config: &Config) -> Result<Submission, 
         )));
     }
     // The one check of a kind's input, the same wherever a job comes from.
-    let spec = kinds::validate_input(&s.kind, &input, config)?;
-    let queue = s.queue.unwrap_or_else(|| spec.default_queue.to_string());
+    let kind = kinds::validate_input(&s.kind, &input, kinds)?;
+    // A user kind's defaults apply where the submission gives none.
+    let defaults = kind.user().cloned().unwrap_or_default();
+    let queue = s
+        .queue
+        .unwrap_or_else(|| kind.default_queue().to_string());
     if !valid_queue_name(&queue) {
         return Err(ApiError::field(
             "queue",
             "must be 1-64 characters of letters, digits, '.', '_' or '-'",
         ));
     }
-    let max_attempts = s.max_attempts.unwrap_or(3);
+    let max_attempts = s.max_attempts.or(defaults.max_attempts).unwrap_or(3);
     if !(1..=100).contains(&max_attempts) {
         return Err(ApiError::field("max_attempts", "must be between 1 and 100"));
     }
-    if let Some(t) = s.timeout_s {
+    let timeout_s = s.timeout_s.or(defaults.timeout_s);
+    if let Some(t) = timeout_s {
         if !(1..=86_400).contains(&t) {
             return Err(ApiError::field("timeout_s", "must be between 1 and 86400"));
         }
@@ -170,13 +196,13 @@ pub async fn to_submission(s: SubmitJob, config: &Config) -> Result<Submission, 
         storable::check_time("run_at", t)?;
     }
     Ok(Submission {
-        kind: spec.name.to_string(),
+        kind: s.kind,
         input,
         queue,
-        priority: s.priority.unwrap_or_default(),
+        priority: s.priority.or(defaults.priority).unwrap_or_default(),
         run_at: s.run_at.map(domain::truncate_micros),
         max_attempts,
-        timeout_s: s.timeout_s,
+        timeout_s,
         backoff: s.backoff,
         callback_url,
         callback_events: s.callback_events,
@@ -263,7 +289,7 @@ pub async fn create(
             return Ok((job, true));
         }
     }
-    let sub = to_submission(submission, &state.config).await?;
+    let sub = to_submission(submission, state, auth.namespace()).await?;
     let by = Submitter {
         namespace: auth.namespace().to_string(),
         actor: auth.actor(),
@@ -323,11 +349,13 @@ pub async fn submit_batch(
             format!("must hold 1 to {MAX_BATCH} jobs"),
         ));
     }
+    let names: Vec<&str> = jobs.iter().map(|j| j.kind.as_str()).collect();
+    let kinds = request_kinds(&state, auth.namespace(), &names).await?;
     let now = domain::now();
     let mut appends = Vec::with_capacity(jobs.len());
     let mut created = Vec::with_capacity(jobs.len());
     for (i, s) in jobs.into_iter().enumerate() {
-        let sub = to_submission(s, &state.config)
+        let sub = to_submission_in(s, &state.config, &kinds)
             .await
             .map_err(|e| nest(e, &format!("jobs[{i}]")))?;
         let (job, append) = job_append(
@@ -642,7 +670,8 @@ pub async fn cancel(
     .map_err(|e| ApiError::from_command(e, "job", id))?;
     match done {
         Cancel::Canceled => {
-            let _ = state.queue.remove(&job.queue, id).await;
+            let lane = kinds::lane(&job.queue, &job.namespace, &job.kind);
+            let _ = state.queue.remove(&lane, id).await;
             Ok((StatusCode::OK, Json(job)).into_response())
         }
         Cancel::Requested => {

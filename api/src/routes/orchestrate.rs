@@ -118,7 +118,11 @@ pub async fn orchestrate(
     ));
     let key = format!("orchestrate:{hash}");
     store::commands::expire_key(&state.store.pool, auth.namespace(), &key, DEDUP_WINDOW_S).await?;
-    if kinds::find_public(&req.intent).is_none() {
+    let user_kind = !kinds::user::is_builtin(&req.intent)
+        && !store::user_kinds::find(&state.store.pool, auth.namespace(), &[req.intent.as_str()])
+            .await?
+            .is_empty();
+    if kinds::find_public(&req.intent).is_none() && !user_kind {
         // Not a job kind: a workflow of that name (optionally written `workflow:<name>`)?
         let name = req.intent.strip_prefix("workflow:").unwrap_or(&req.intent);
         return match store::workflows::find_by_name(&state.store.pool, auth.namespace(), name)
@@ -135,7 +139,7 @@ pub async fn orchestrate(
                 Err(ApiError::field(
                     "intent",
                     format!(
-                        "unknown intent `{}`; available kinds: {}; workflows: {}",
+                        "unknown intent `{}`; available kinds: {} and this namespace's (GET /v1/kinds); workflows: {}",
                         req.intent,
                         kinds::names().join(", "),
                         if workflows.is_empty() {

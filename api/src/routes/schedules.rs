@@ -149,7 +149,7 @@ pub async fn target(
 ) -> Result<ScheduleTarget, ApiError> {
     match t {
         TargetBody::Job { job } => Ok(ScheduleTarget::Job {
-            job: to_submission(job, &state.config)
+            job: to_submission(job, state, auth.namespace())
                 .await
                 .map_err(|e| nest(e, "target.job"))?,
         }),

@@ -16,6 +16,7 @@ use capibara_shared::{
         self,
         auth::Role,
         event::EventMetadata,
+        kinds::{KindContext, UserKindLookup},
         workflow::{Workflow, WorkflowDef, WorkflowEvent},
     },
     store::{
@@ -53,8 +54,9 @@ fn metadata(auth: &Auth) -> EventMetadata {
 
 /// Parse and validate a definition from a JSON or YAML body (static step inputs get the same
 /// check as a job submitted on its own).
-fn definition(
+async fn definition(
     state: &AppState,
+    auth: &Auth,
     headers: &HeaderMap,
     body: &Bytes,
 ) -> Result<WorkflowDef, ApiError> {
@@ -69,8 +71,15 @@ fn definition(
             "send the definition as application/json or application/yaml".into(),
         ));
     }
-    let def = WorkflowDef::parse(body, yaml)?;
-    def.validate(state.config.as_ref())?;
+    let mut def = WorkflowDef::parse(body, yaml)?;
+    let names = def.kind_names();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let kinds = crate::routes::jobs::request_kinds(state, auth.namespace(), &names).await?;
+    def.validate(&kinds)?;
+    def.fill_user_kind_queues(|name| match kinds.user_kind(name) {
+        UserKindLookup::Registered(k) => Some(k.definition.queue().to_string()),
+        _ => None,
+    });
     Ok(def)
 }
 
@@ -111,7 +120,7 @@ pub async fn create(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     auth.require(Role::Submit)?;
-    let def = definition(&state, &headers, &body)?;
+    let def = definition(&state, &auth, &headers, &body).await?;
     require_admin_for_secrets(&auth, &def)?;
     let id = Uuid::now_v7();
     let (w, append) = workflow_append(
@@ -145,7 +154,7 @@ pub async fn update(
 ) -> Result<Response, ApiError> {
     auth.require(Role::Submit)?;
     let id = parse_id(&id)?;
-    let def = definition(&state, &headers, &body)?;
+    let def = definition(&state, &auth, &headers, &body).await?;
     require_admin_for_secrets(&auth, &def)?;
     let (w, ()) = command::execute::<Workflow, _, Infallible, _>(
         &state.store,

@@ -9,6 +9,8 @@ use std::future::Future;
 
 pub mod hook_call;
 pub mod jobs;
+pub mod kinds;
+pub mod leases;
 pub mod runs;
 pub mod ticks;
 

@@ -18,6 +18,7 @@ pub enum StreamType {
     Trigger,
     Delivery,
     Model,
+    Kind,
 }
 
 impl StreamType {
@@ -30,6 +31,7 @@ impl StreamType {
             StreamType::Trigger => "trigger",
             StreamType::Delivery => "delivery",
             StreamType::Model => "model",
+            StreamType::Kind => "kind",
         }
     }
 }
@@ -51,6 +53,7 @@ impl FromStr for StreamType {
             "trigger" => StreamType::Trigger,
             "delivery" => StreamType::Delivery,
             "model" => StreamType::Model,
+            "kind" => StreamType::Kind,
             other => return Err(format!("unknown stream type `{other}`")),
         })
     }

@@ -713,6 +713,89 @@ impl Job {
     }
 }
 
+/// How an attempt ended, as its worker reports it (the built-in worker, a worker of the HTTP
+/// protocol): [`Job::end_attempt`] turns it into the events, so retries, backoff, `retry_after`
+/// and cancellation are decided in one place.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AttemptEnd {
+    Succeeded {
+        output: serde_json::Value,
+        artifacts: Vec<Artifact>,
+    },
+    /// Failed: retried (after `retry_after`, else the backoff) while attempts remain and
+    /// `retryable`; a non-retryable failure of a job whose cancel was requested is its
+    /// cancellation.
+    Failed {
+        error: JobError,
+        retryable: bool,
+        retry_after: Option<std::time::Duration>,
+    },
+    TimedOut,
+    Canceled,
+    /// The worker is stopping: the attempt is given back without using up one.
+    Released,
+}
+
+impl Job {
+    /// The events that end attempt `attempt` as `end` says, at `now`.
+    pub fn end_attempt(&self, attempt: u32, end: AttemptEnd, now: DateTime<Utc>) -> Vec<JobEvent> {
+        match end {
+            AttemptEnd::Succeeded { output, artifacts } => vec![JobEvent::JobSucceeded {
+                attempt,
+                output,
+                artifacts,
+            }],
+            AttemptEnd::Failed { retryable: false, .. } if self.cancel_requested => {
+                vec![JobEvent::JobCanceled {
+                    attempt: Some(attempt),
+                }]
+            }
+            AttemptEnd::Failed {
+                error,
+                retryable,
+                retry_after,
+            } => self.attempt_failure_events(attempt, error, retryable, retry_after, now),
+            AttemptEnd::TimedOut => {
+                let secs = self.timeout_s.unwrap_or_default();
+                let mut evs = vec![JobEvent::JobTimedOut { attempt }];
+                evs.extend(self.attempt_failure_events(
+                    attempt,
+                    JobError::new("timeout", format!("attempt exceeded timeout_s = {secs}")),
+                    true,
+                    None,
+                    now,
+                ));
+                evs
+            }
+            AttemptEnd::Canceled => vec![JobEvent::JobCanceled {
+                attempt: Some(attempt),
+            }],
+            AttemptEnd::Released => vec![
+                JobEvent::JobAttemptFailed {
+                    attempt,
+                    error: JobError::new(
+                        "worker_shutdown",
+                        "the worker stopped before the attempt finished",
+                    ),
+                    retry_at: Some(now),
+                },
+                JobEvent::JobQueued {
+                    reason: "released".into(),
+                    max_attempts: Some(self.max_attempts + 1),
+                },
+            ],
+        }
+    }
+}
+
+/// A queue name: 1-64 letters, digits, '.', '_' or '-' (no '/': dispatch lanes use it).
+pub fn valid_queue_name(q: &str) -> bool {
+    !q.is_empty()
+        && q.len() <= 64
+        && q.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
 /// Validate common submission fields (kind-specific input is checked in [`super::kinds`]).
 pub fn validate_tags(tags: &BTreeMap<String, String>) -> Result<(), FieldError> {
     if tags.len() > 32 {

@@ -408,11 +408,13 @@ fn validate_kind_input(kind: &str, input: &Value, ctx: &dyn KindContext) -> Resu
             .map(|_| ())
             .map_err(|e| FieldError::new("input", e.to_string())),
         _ => {
-            if kinds::find_public(kind).is_none() {
+            let user_kind = !kinds::user::is_builtin(kind)
+                && !matches!(ctx.user_kind(kind), kinds::UserKindLookup::Missing);
+            if kinds::find_public(kind).is_none() && !user_kind {
                 return Err(FieldError::new(
                     "kind",
                     format!(
-                        "unknown kind `{kind}`; available: {}, {}",
+                        "unknown kind `{kind}`; available: {}, {} and this namespace's (GET /v1/kinds)",
                         kinds::names().join(", "),
                         CONTROL_KINDS.join(", ")
                     ),
@@ -424,6 +426,36 @@ fn validate_kind_input(kind: &str, input: &Value, ctx: &dyn KindContext) -> Resu
             } else {
                 kinds::validate_input(kind, input, ctx).map(|_| ())
             }
+        }
+    }
+}
+
+impl WorkflowDef {
+    /// The job kinds the definition's steps name (map children's included), to resolve the
+    /// user kinds among them before [`WorkflowDef::validate`].
+    pub fn kind_names(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for s in &self.steps {
+            out.push(s.kind.clone());
+            if let Some(k) = s.input.pointer("/step/kind").and_then(Value::as_str) {
+                out.push(k.to_string());
+            }
+        }
+        out
+    }
+
+    /// Give each step of a user kind that names no queue the kind's queue (`queue_of` answers
+    /// for user kinds), so its jobs reach the workers of that kind: the planner knows only the
+    /// built-in kinds' queues.
+    pub fn fill_user_kind_queues(&mut self, queue_of: impl Fn(&str) -> Option<String>) {
+        for s in &mut self.steps {
+            if s.queue.is_some() {
+                continue;
+            }
+            // A map's children run on the map step's queue.
+            let child = s.input.pointer("/step/kind").and_then(Value::as_str);
+            let kind = if s.kind == "map" { child } else { Some(s.kind.as_str()) };
+            s.queue = kind.and_then(&queue_of);
         }
     }
 }

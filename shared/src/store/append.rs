@@ -93,6 +93,7 @@ pub enum Effect {
     UpsertTrigger(Box<crate::domain::trigger::Trigger>),
     UpsertWorkflow(Box<crate::domain::workflow::Workflow>),
     UpsertRun(Box<crate::domain::run::Run>),
+    UpsertUserKind(Box<crate::domain::kinds::user::UserKind>),
     /// Fired ticks: `(schedule_id, fire_time)` is unique, so a tick fires once across replicas.
     InsertTicks {
         schedule_id: Uuid,
@@ -761,6 +762,7 @@ async fn write_effects(
     let mut triggers: HashMap<Uuid, &crate::domain::trigger::Trigger> = HashMap::new();
     let mut workflows: HashMap<Uuid, &crate::domain::workflow::Workflow> = HashMap::new();
     let mut runs: HashMap<Uuid, &crate::domain::run::Run> = HashMap::new();
+    let mut user_kinds: HashMap<Uuid, &crate::domain::kinds::user::UserKind> = HashMap::new();
     let (mut tick_sched, mut tick_time, mut tick_job) = (Vec::new(), Vec::new(), Vec::new());
     let mut credentials = Vec::new();
     let mut receipts = Vec::new();
@@ -788,6 +790,9 @@ async fn write_effects(
                 Effect::Checkpoint { name, cursor } => checkpoints.push((name, *cursor)),
                 Effect::UpsertSchedule(s) => {
                     schedules.insert(s.id, s);
+                }
+                Effect::UpsertUserKind(k) => {
+                    user_kinds.insert(k.id, k);
                 }
                 Effect::UpsertTrigger(t) => {
                     triggers.insert(t.id, t);
@@ -844,6 +849,14 @@ async fn write_effects(
         let rows = serde_json::to_value(triggers.values().collect::<Vec<_>>())
             .expect("triggers serialize");
         sqlx::query(super::triggers::UPSERT_TRIGGERS)
+            .bind(rows)
+            .execute(&mut **tx)
+            .await?;
+    }
+    if !user_kinds.is_empty() {
+        let rows = serde_json::to_value(user_kinds.values().collect::<Vec<_>>())
+            .expect("user kinds serialize");
+        sqlx::query(super::user_kinds::UPSERT_USER_KINDS)
             .bind(rows)
             .execute(&mut **tx)
             .await?;

@@ -22,6 +22,14 @@ pub struct DispatchEntry {
 }
 
 impl DispatchEntry {
+    /// The entry of a queued `job`, queued since `since`, on its lane
+    /// ([`crate::domain::kinds::lane`]: its queue, or for a user kind the queue's lane of
+    /// that kind).
+    pub fn of(job: &crate::domain::job::Job, since: DateTime<Utc>) -> Self {
+        let lane = crate::domain::kinds::lane(&job.queue, &job.namespace, &job.kind);
+        Self::new(job.id, &job.namespace, &lane, job.priority, since)
+    }
+
     pub fn new(
         job_id: Uuid,
         namespace: &str,

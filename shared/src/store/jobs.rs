@@ -111,13 +111,7 @@ pub fn job_append(
     // What follows the status change is the domain's decision; here it becomes rows.
     for follow in new.follows(prev.map(|p| p.status), w.at) {
         effects.push(match follow {
-            Follow::Dispatch { since } => Effect::Dispatch(DispatchEntry::new(
-                new.id,
-                &new.namespace,
-                &new.queue,
-                new.priority,
-                since,
-            )),
+            Follow::Dispatch { since } => Effect::Dispatch(DispatchEntry::of(&new, since)),
             Follow::Undispatch => Effect::Undispatch(new.id),
             Follow::GrantLease => {
                 let (worker, term) = w

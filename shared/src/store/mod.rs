@@ -31,6 +31,7 @@ pub mod schedules;
 pub mod secrets;
 pub mod subscriptions;
 pub mod triggers;
+pub mod user_kinds;
 pub mod workers;
 pub mod workflows;
 

@@ -164,13 +164,15 @@ pub struct FullRebuild {
     pub triggers: u64,
     pub workflows: u64,
     pub runs: u64,
+    pub user_kinds: u64,
 }
 
-/// Rebuild every projection: `jobs`, `deliveries`, `schedules`, `triggers`, `workflows`, `runs` (each in its own
-/// transaction).
+/// Rebuild every projection: `jobs`, `deliveries`, `schedules`, `triggers`, `workflows`, `runs`,
+/// `user_kinds` (each in its own transaction).
 pub async fn rebuild_all(pool: &PgPool) -> Result<FullRebuild, StoreError> {
     use crate::domain::{
         delivery::{Delivery, DeliveryEvent},
+        kinds::user::{KindEvent, UserKind},
         run::{Run, RunEvent},
         schedule::{Schedule, ScheduleEvent},
         trigger::{Trigger, TriggerEvent},
@@ -212,8 +214,17 @@ pub async fn rebuild_all(pool: &PgPool) -> Result<FullRebuild, StoreError> {
     let (re, runs) =
         rebuild_stream::<Run, RunEvent>(pool, "run", "runs", super::runs::UPSERT_RUNS, Run::apply)
             .await?;
+    let (ke, user_kinds) = rebuild_stream::<UserKind, KindEvent>(
+        pool,
+        "kind",
+        "user_kinds",
+        super::user_kinds::UPSERT_USER_KINDS,
+        UserKind::apply,
+    )
+    .await?;
     Ok(FullRebuild {
-        events: jobs.events + de + se + te + we + re,
+        events: jobs.events + de + se + te + we + re + ke,
+        user_kinds,
         jobs: jobs.jobs,
         deliveries,
         schedules,

@@ -115,6 +115,7 @@ pub async fn list(
                  WHERE l.worker_id = w.name AND ($2::text IS NULL OR l.namespace = $2))
          FROM workers w
          WHERE w.last_heartbeat_at > now() - interval '1 hour'
+             AND ($2::text IS NULL OR w.namespace IS NULL OR w.namespace = $2)
          ORDER BY w.started_at DESC LIMIT 500",
     )
     .bind(lease_s)
@@ -157,4 +158,95 @@ pub async fn list(
             },
         )
         .collect())
+}
+
+/// A worker of the HTTP protocol, as its calls need it (docs/workers.md).
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct RemoteWorker {
+    pub id: Uuid,
+    /// Unique: the `worker` of its attempts' `JobStarted` and leases.
+    pub name: String,
+    pub namespace: String,
+    pub queues: Vec<String>,
+    pub kinds: Vec<String>,
+    pub stopped_at: Option<DateTime<Utc>>,
+}
+
+/// Register a worker of the HTTP protocol in `namespace`.
+pub async fn register_remote(
+    pool: &PgPool,
+    w: &WorkerInfo,
+    namespace: &str,
+    labels: &serde_json::Value,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO workers (id, name, host, pid, queues, kinds, concurrency, version, started_at,
+             last_heartbeat_at, namespace, labels)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, $10, $11)",
+    )
+    .bind(w.id)
+    .bind(&w.name)
+    .bind(&w.host)
+    .bind(w.pid)
+    .bind(&w.queues)
+    .bind(&w.kinds)
+    .bind(w.concurrency)
+    .bind(&w.version)
+    .bind(w.started_at)
+    .bind(namespace)
+    .bind(labels)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// A protocol worker of `namespace`.
+pub async fn get_remote(
+    pool: &PgPool,
+    namespace: &str,
+    id: Uuid,
+) -> Result<Option<RemoteWorker>, StoreError> {
+    Ok(sqlx::query_as(
+        "SELECT id, name, namespace, queues, kinds, stopped_at FROM workers
+         WHERE id = $1 AND namespace = $2",
+    )
+    .bind(id)
+    .bind(namespace)
+    .fetch_optional(pool)
+    .await?)
+}
+
+/// Record that a protocol worker is alive (each lease call).
+pub async fn seen(pool: &PgPool, id: Uuid) -> Result<(), StoreError> {
+    sqlx::query("UPDATE workers SET last_heartbeat_at = now() WHERE id = $1")
+        .bind(id)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// Renew the lease of attempt `attempt` of `job_id` held by `worker` for `term` seconds from
+/// now, and mark the worker alive. `None`: it holds no such lease (expired and reaped, or the
+/// attempt ended).
+pub async fn renew_lease(
+    pool: &PgPool,
+    worker_id: Uuid,
+    worker: &str,
+    job_id: Uuid,
+    attempt: u32,
+    term: f64,
+) -> Result<Option<DateTime<Utc>>, StoreError> {
+    let row: Option<(DateTime<Utc>,)> = sqlx::query_as(
+        "WITH w AS (UPDATE workers SET last_heartbeat_at = now() WHERE id = $5)
+         UPDATE leases SET lease_until = now() + make_interval(secs => $4)
+         WHERE job_id = $1 AND attempt = $2 AND worker_id = $3 RETURNING lease_until",
+    )
+    .bind(job_id)
+    .bind(attempt as i32)
+    .bind(worker)
+    .bind(term)
+    .bind(worker_id)
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.map(|(t,)| t))
 }

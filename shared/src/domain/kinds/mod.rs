@@ -9,10 +9,12 @@
 
 pub mod input;
 pub mod output;
+pub mod user;
 
 use serde_json::{json, Value};
 
 use self::input::{CodeRunInput, CodeValidateInput, FailInput, SleepInput, TtsRenderInput};
+use self::user::UserKind;
 use super::FieldError;
 
 /// A job kind the platform can run.
@@ -35,7 +37,7 @@ pub struct KindSpec {
 /// What checking an input needs to know about this deployment beyond the input itself (which
 /// voices are installed, …). A trait so this module does no IO: the binaries answer from their
 /// configuration (`capibara_shared::installed`).
-pub trait KindContext {
+pub trait KindContext: Send + Sync {
     /// Whether `tts.render` can speak with `voice` here (a Piper voice in the voices
     /// directory, or an `espeak:<language>` voice).
     fn voice_installed(&self, voice: &str) -> bool;
@@ -43,26 +45,99 @@ pub trait KindContext {
     /// The voices installed here (names, as `GET /v1/tts/voices` lists them), for the published
     /// input schema.
     fn installed_voices(&self) -> Vec<String>;
+
+    /// The user kind `name` of the namespace being checked (docs/workers.md). Contexts that
+    /// check a request load the kinds it names first; the default knows none.
+    fn user_kind(&self, _name: &str) -> UserKindLookup<'_> {
+        UserKindLookup::Missing
+    }
+}
+
+/// What a [`KindContext`] knows of a user kind.
+pub enum UserKindLookup<'a> {
+    Registered(&'a UserKind),
+    /// Not registered (or deleted) in the namespace.
+    Missing,
+    /// This context does not load user kinds (a workflow step's rendered input, checked in the
+    /// orchestrator): a well-formed name is accepted unchecked.
+    NotLoaded,
+}
+
+/// A kind an input was checked against.
+#[derive(Debug, Clone, Copy)]
+pub enum KindRef<'a> {
+    Builtin(&'static KindSpec),
+    User(&'a UserKind),
+    /// A user kind's name the context could not check ([`UserKindLookup::NotLoaded`]).
+    Unchecked,
+}
+
+impl KindRef<'_> {
+    /// The queue its jobs go to when a submission names none.
+    pub fn default_queue(&self) -> &str {
+        match self {
+            KindRef::Builtin(k) => k.default_queue,
+            KindRef::User(k) => k.definition.queue(),
+            KindRef::Unchecked => user::DEFAULT_QUEUE,
+        }
+    }
+
+    /// The user kind's definition, if it is one.
+    pub fn user(&self) -> Option<&user::KindDef> {
+        match self {
+            KindRef::User(k) => Some(&k.definition),
+            _ => None,
+        }
+    }
 }
 
 /// Check a job's kind and input, wherever the job comes from: the kind must be one clients may
 /// submit, the input must have the kind's shape, and what it names must exist here (a
 /// `tts.render` voice must be installed). Returns the kind; errors name the field, `kind` or
 /// `input.<field>` (callers nest them: `jobs[2].input.voice`, `steps[0].input.voice`).
-pub fn validate_input(
+pub fn validate_input<'a>(
     kind: &str,
     input: &Value,
-    ctx: &dyn KindContext,
-) -> Result<&'static KindSpec, FieldError> {
-    let spec = find_public(kind).ok_or_else(|| {
+    ctx: &'a dyn KindContext,
+) -> Result<KindRef<'a>, FieldError> {
+    let unknown = || {
         FieldError::new(
             "kind",
-            format!("unknown kind `{kind}`; available: {}", names().join(", ")),
+            format!(
+                "unknown kind `{kind}`; available: {} and the kinds registered in this namespace \
+                 (GET /v1/kinds)",
+                names().join(", ")
+            ),
         )
-    })?;
+    };
+    let Some(spec) = find_public(kind) else {
+        if user::is_builtin(kind) || user::validate_name(kind).is_err() {
+            return Err(unknown());
+        }
+        return match ctx.user_kind(kind) {
+            UserKindLookup::Registered(k) => {
+                k.check_input(input).map_err(|e| e.under("input"))?;
+                Ok(KindRef::User(k))
+            }
+            UserKindLookup::Missing => Err(unknown()),
+            UserKindLookup::NotLoaded => Ok(KindRef::Unchecked),
+        };
+    };
     (spec.validate)(input).map_err(|e| e.under("input"))?;
     check_installed(spec, input, ctx).map_err(|e| e.under("input"))?;
-    Ok(spec)
+    Ok(KindRef::Builtin(spec))
+}
+
+/// The Redis key suffix a job of `kind` in `queue` is dispatched on: the queue for built-in
+/// kinds (`capibara-worker` pops queues), the lane `{queue}/{namespace}/{kind}` for user kinds
+/// (workers of the protocol lease the lanes of the kinds they declared), so no worker is ever
+/// handed a job it cannot run. Queue names hold no `/`.
+pub fn lane(queue: &str, namespace: &str, kind: &str) -> String {
+    if find(kind).is_some() {
+        queue.to_string()
+    } else {
+        format!("{queue}/{namespace}/{kind}")
+    }
 }
 
 /// The checks that need [`KindContext`]; the input already has the kind's shape.
@@ -426,6 +501,53 @@ mod tests {
         );
     }
 
+    /// A namespace with one user kind, `image.resize`.
+    struct WithUserKind(user::UserKind);
+
+    impl KindContext for WithUserKind {
+        fn voice_installed(&self, _: &str) -> bool {
+            false
+        }
+        fn installed_voices(&self) -> Vec<String> {
+            Vec::new()
+        }
+        fn user_kind(&self, name: &str) -> UserKindLookup<'_> {
+            if name == self.0.name {
+                UserKindLookup::Registered(&self.0)
+            } else {
+                UserKindLookup::Missing
+            }
+        }
+    }
+
+    #[test]
+    fn user_kinds_resolve_in_their_context_and_get_lanes_of_their_own() {
+        let def = user::KindDef {
+            queue: Some("images".into()),
+            input_schema: Some(json!({"type": "object", "required": ["width"],
+                "properties": {"width": {"type": "integer"}}})),
+            ..Default::default()
+        };
+        let ev = user::KindEvent::KindRegistered {
+            name: "image.resize".into(),
+            definition: def,
+        };
+        let k = user::UserKind::apply(None, uuid::Uuid::nil(), "ns", &ev, chrono::Utc::now());
+        let ctx = WithUserKind(k.unwrap());
+        let r = validate_input("image.resize", &json!({"width": 3}), &ctx).unwrap();
+        assert_eq!(r.default_queue(), "images");
+        assert!(r.user().is_some());
+        let e = validate_input("image.resize", &json!({"width": "x"}), &ctx).unwrap_err();
+        assert_eq!(e.field, "input.width");
+        // Unknown in this namespace, unknown to the default context, and never a built-in name.
+        assert_eq!(validate_input("image.crop", &json!({}), &ctx).unwrap_err().field, "kind");
+        assert_eq!(validate_input("image.resize", &json!({}), &TestContext).unwrap_err().field, "kind");
+        assert_eq!(validate_input("code.mine", &json!({}), &ctx).unwrap_err().field, "kind");
+        assert_eq!(lane("images", "ns", "image.resize"), "images/ns/image.resize");
+        assert_eq!(lane("code", "ns", "code.run"), "code");
+        assert_eq!(lane("callbacks", "ns", "callback.deliver"), "callbacks");
+    }
+
     #[test]
     fn unknown_kinds_are_not_found() {
         assert!(find("nope").is_none());
@@ -439,7 +561,7 @@ mod tests {
             &json!({"text": "hi", "voice": "en_US-joe-medium"}),
             &TestContext,
         );
-        assert_eq!(ok.unwrap().name, "tts.render");
+        assert!(matches!(ok.unwrap(), KindRef::Builtin(k) if k.name == "tts.render"));
         let e = validate_input(
             "tts.render",
             &json!({"text": "hi", "voice": "nope"}),

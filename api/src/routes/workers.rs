@@ -1,0 +1,820 @@
+//! The worker protocol over HTTP (docs/workers.md): register, long-poll leases, and the
+//! lease-scoped reports of a leased job (`Capibara-Lease`), each fenced by its token
+//! ([`command::leases`]).
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use axum::{
+    extract::{Path, State},
+    http::{HeaderMap, StatusCode},
+    response::IntoResponse,
+    Json,
+};
+use capibara_shared::{
+    command::{
+        self,
+        leases::{LeaseError, LeaseToken, Report},
+    },
+    domain::{
+        auth::Role,
+        job::{AttemptEnd, Job, JobError},
+        kinds::{
+            self,
+            user::{self, KindDef},
+        },
+        now, FieldError,
+    },
+    store::{
+        self,
+        workers::{RemoteWorker, WorkerInfo},
+    },
+};
+use chrono::{DateTime, Utc};
+use redis::aio::ConnectionManager;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::sync::Semaphore;
+use uuid::Uuid;
+
+use crate::{
+    auth::Auth, error::ApiError, extract::ApiJson, routes::kinds as kind_routes, AppState,
+};
+
+/// `POST /v1/workers` body.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterWorker {
+    /// Kinds this worker runs: names, or `{"name": …, <PUT /v1/kinds fields>}` objects that
+    /// register or update the kind first (1-100).
+    #[schema(value_type = Vec<Object>)]
+    pub kinds: Vec<Value>,
+    /// Queues to take those kinds' jobs from (default: each kind's queue).
+    #[serde(default)]
+    pub queues: Option<Vec<String>>,
+    /// Jobs it runs at once (1-1000, default 1); informational.
+    #[serde(default)]
+    #[schema(minimum = 1, maximum = 1000)]
+    pub concurrency: Option<u32>,
+    /// Shown in `GET /v1/workers` (1-100 characters).
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub labels: Option<BTreeMap<String, String>>,
+    /// Your code's version.
+    #[serde(default)]
+    pub version: Option<String>,
+}
+
+/// A registered worker.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct RegisteredWorker {
+    pub id: Uuid,
+    /// Unique name: the `worker_id` of the jobs it runs.
+    pub name: String,
+    pub kinds: Vec<String>,
+    pub queues: Vec<String>,
+    /// Visibility timeout: a lease not renewed within it expires and its job runs again.
+    pub lease_s: f64,
+    /// How often to renew each lease (a third of `lease_s`).
+    pub heartbeat_s: f64,
+}
+
+/// `POST /v1/workers/{id}/lease` body.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseRequest {
+    /// Most jobs to take (1-100, default 1).
+    #[serde(default)]
+    #[schema(minimum = 1, maximum = 100)]
+    pub max_jobs: Option<u32>,
+    /// How long to wait for one when none is waiting (0-30000 ms, default 30000).
+    #[serde(default)]
+    #[schema(minimum = 0, maximum = 30000)]
+    pub wait_ms: Option<u64>,
+}
+
+/// A lease on a job's attempt.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct LeaseInfo {
+    /// Send it as `Capibara-Lease` with every call about this job.
+    pub token: String,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// A leased job.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct LeasedJob {
+    pub job: Job,
+    pub lease: LeaseInfo,
+}
+
+/// Jobs handed to a worker.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Leased {
+    pub jobs: Vec<LeasedJob>,
+}
+
+/// Long polls waiting on Redis in this process, each on a connection of its own (a blocked
+/// command stalls its connection): bounded, so idle workers cannot exhaust connections.
+#[derive(Clone)]
+pub struct LongPolls {
+    slots: Arc<Semaphore>,
+    idle: Arc<Mutex<Vec<ConnectionManager>>>,
+}
+
+/// Most long polls one API process holds at once; beyond, a lease call answers without
+/// waiting (the worker polls again).
+const MAX_LONG_POLLS: usize = 256;
+
+impl Default for LongPolls {
+    fn default() -> Self {
+        Self {
+            slots: Arc::new(Semaphore::new(MAX_LONG_POLLS)),
+            idle: Default::default(),
+        }
+    }
+}
+
+/// A blocking pop waits at most this long per Redis command (below the connection's response
+/// timeout); a long poll repeats it until its deadline.
+const BLOCK_SLICE: Duration = Duration::from_secs(2);
+
+fn kind_field(i: usize) -> impl Fn(FieldError) -> FieldError {
+    move |e| e.under(&format!("kinds[{i}]"))
+}
+
+#[utoipa::path(post, operation_id = "registerWorker", path = "/v1/workers", tag = "workers",
+    request_body = RegisterWorker,
+    responses((status = 201, body = RegisteredWorker), (status = 422, body = crate::error::Problem)),
+    security(("bearer" = [])))]
+pub async fn register(
+    State(state): State<AppState>,
+    auth: Auth,
+    body: ApiJson<RegisterWorker>,
+) -> Result<impl IntoResponse, ApiError> {
+    auth.require(Role::Worker)?;
+    let req = body.value;
+    if req.kinds.is_empty() || req.kinds.len() > 100 {
+        return Err(ApiError::field("kinds", "must hold 1 to 100 kinds"));
+    }
+    let concurrency = req.concurrency.unwrap_or(1);
+    if !(1..=1000).contains(&concurrency) {
+        return Err(ApiError::field("concurrency", "must be between 1 and 1000"));
+    }
+    let id = Uuid::now_v7();
+    let short = &id.simple().to_string()[24..];
+    let name = match req.name.as_deref().map(str::trim) {
+        None => format!("worker-{short}"),
+        Some(n) if n.is_empty() || n.chars().count() > 100 => {
+            return Err(ApiError::field("name", "must be 1-100 characters"))
+        }
+        Some(n) => format!("{n}-{short}"),
+    };
+    let labels = req.labels.unwrap_or_default();
+    if labels.len() > 32 {
+        return Err(ApiError::field("labels", "at most 32 labels"));
+    }
+    let version = req.version.unwrap_or_default();
+    if version.chars().count() > 100 {
+        return Err(ApiError::field("version", "at most 100 characters"));
+    }
+    if let Some(queues) = &req.queues {
+        if queues.is_empty() || queues.len() > 100 {
+            return Err(ApiError::field("queues", "must hold 1 to 100 queues"));
+        }
+        if let Some(i) = queues
+            .iter()
+            .position(|q| !capibara_shared::domain::job::valid_queue_name(q))
+        {
+            return Err(ApiError::field(
+                format!("queues[{i}]"),
+                "must be 1-64 characters of letters, digits, '.', '_' or '-'",
+            ));
+        }
+    }
+    // Check every declaration before registering any kind.
+    let mut declared: Vec<(String, Option<KindDef>)> = Vec::new();
+    for (i, k) in req.kinds.into_iter().enumerate() {
+        let (name, definition) = match k {
+            Value::String(name) => (name, None),
+            Value::Object(mut o) => {
+                let name = match o.remove("name") {
+                    Some(Value::String(n)) => n,
+                    _ => {
+                        return Err(
+                            FieldError::new(format!("kinds[{i}].name"), "is required").into()
+                        )
+                    }
+                };
+                let def: KindDef = serde_json::from_value(Value::Object(o)).map_err(|e| {
+                    FieldError::new(format!("kinds[{i}]"), e.to_string())
+                })?;
+                def.validate().map_err(kind_field(i))?;
+                (name, Some(def))
+            }
+            _ => {
+                return Err(ApiError::field(
+                    format!("kinds[{i}]"),
+                    "must be a kind name or an object with `name`",
+                ))
+            }
+        };
+        if kinds::find(&name).is_some() {
+            return Err(ApiError::field(
+                format!("kinds[{i}]"),
+                format!("`{name}` is a built-in kind: capibara-worker runs it"),
+            ));
+        }
+        user::validate_name(&name).map_err(kind_field(i))?;
+        declared.push((name, definition));
+    }
+    // Register what is declared with a definition, or not registered yet (with defaults).
+    let names: Vec<&str> = declared.iter().map(|(n, _)| n.as_str()).collect();
+    let existing = store::user_kinds::find(&state.store.pool, auth.namespace(), &names).await?;
+    let mut queues_of_kinds = Vec::new();
+    for (name, definition) in &declared {
+        let current = existing.iter().find(|k| &k.name == name);
+        let kind = match (definition, current) {
+            (None, Some(k)) => k.clone(),
+            (definition, _) => {
+                kind_routes::put_definition(&state, &auth, name, definition.clone().unwrap_or_default())
+                    .await?
+                    .0
+            }
+        };
+        queues_of_kinds.push(kind.definition.queue().to_string());
+    }
+    let mut queues = req.queues.unwrap_or(queues_of_kinds);
+    queues.sort();
+    queues.dedup();
+    let info = WorkerInfo {
+        id,
+        name: name.clone(),
+        host: String::new(),
+        pid: 0,
+        queues: queues.clone(),
+        kinds: declared.iter().map(|(n, _)| n.clone()).collect(),
+        concurrency: concurrency as i32,
+        version,
+        started_at: now(),
+        last_heartbeat_at: now(),
+        stopped_at: None,
+        status: "active".into(),
+        running: 0,
+    };
+    let labels = serde_json::to_value(labels).map_err(ApiError::internal)?;
+    store::workers::register_remote(&state.store.pool, &info, auth.namespace(), &labels).await?;
+    let lease_s = state.config.visibility_timeout.as_secs_f64();
+    Ok((
+        StatusCode::CREATED,
+        Json(RegisteredWorker {
+            id,
+            name,
+            kinds: info.kinds,
+            queues,
+            lease_s,
+            heartbeat_s: lease_s / 3.0,
+        }),
+    ))
+}
+
+/// The caller's registered worker `id`, still running.
+async fn worker(state: &AppState, auth: &Auth, id: Uuid) -> Result<RemoteWorker, ApiError> {
+    auth.require(Role::Worker)?;
+    let w = store::workers::get_remote(&state.store.pool, auth.namespace(), id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no worker `{id}`")))?;
+    if w.stopped_at.is_some() {
+        return Err(ApiError::Conflict(format!(
+            "worker `{id}` is deregistered; register again"
+        )));
+    }
+    Ok(w)
+}
+
+#[utoipa::path(post, operation_id = "leaseJobs", path = "/v1/workers/{id}/lease", tag = "workers",
+    params(("id" = Uuid, Path)), request_body = LeaseRequest,
+    responses((status = 200, body = Leased), (status = 404, body = crate::error::Problem),
+              (status = 422, body = crate::error::Problem)),
+    security(("bearer" = [])))]
+pub async fn lease(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<Uuid>,
+    body: ApiJson<LeaseRequest>,
+) -> Result<Json<Leased>, ApiError> {
+    let w = worker(&state, &auth, id).await?;
+    let max = body.value.max_jobs.unwrap_or(1);
+    if !(1..=100).contains(&max) {
+        return Err(ApiError::field("max_jobs", "must be between 1 and 100"));
+    }
+    let wait_ms = body.value.wait_ms.unwrap_or(30_000);
+    if wait_ms > 30_000 {
+        return Err(ApiError::field("wait_ms", "must be between 0 and 30000"));
+    }
+    store::workers::seen(&state.store.pool, w.id).await?;
+    let lanes: Vec<String> = w
+        .queues
+        .iter()
+        .flat_map(|q| w.kinds.iter().map(|k| kinds_lane(q, &w.namespace, k)))
+        .collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(wait_ms);
+    let term = state.config.visibility_timeout;
+    let mut jobs = Vec::new();
+    loop {
+        let ids = state
+            .queue
+            .pop(&lanes, max as usize)
+            .await
+            .map_err(|_| ApiError::Unavailable)?;
+        claim_all(&state, &w, ids, term, &mut jobs).await?;
+        if !jobs.is_empty() {
+            break;
+        }
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        let Some(first) = wait_for_one(&state, &lanes, left).await? else {
+            break;
+        };
+        claim_all(&state, &w, vec![first], term, &mut jobs).await?;
+        if max > 1 && !jobs.is_empty() {
+            let more = state
+                .queue
+                .pop(&lanes, max as usize - jobs.len())
+                .await
+                .map_err(|_| ApiError::Unavailable)?;
+            claim_all(&state, &w, more, term, &mut jobs).await?;
+        }
+        if !jobs.is_empty() {
+            break;
+        }
+    }
+    if !jobs.is_empty() {
+        metrics::counter!("capibara_worker_protocol_leased_total").increment(jobs.len() as u64);
+    }
+    Ok(Json(Leased { jobs }))
+}
+
+fn kinds_lane(queue: &str, namespace: &str, kind: &str) -> String {
+    capibara_shared::domain::kinds::lane(queue, namespace, kind)
+}
+
+/// Claim each popped id for `w`; ids that are not its to run any more are skipped.
+async fn claim_all(
+    state: &AppState,
+    w: &RemoteWorker,
+    ids: Vec<Uuid>,
+    term: Duration,
+    out: &mut Vec<LeasedJob>,
+) -> Result<(), ApiError> {
+    for id in ids {
+        match command::leases::claim(&state.store, w, id, term).await? {
+            Some((job, token, expires_at)) => out.push(LeasedJob {
+                job,
+                lease: LeaseInfo {
+                    token: token.to_string(),
+                    expires_at,
+                },
+            }),
+            None => metrics::counter!("capibara_dispatch_stale_total").increment(1),
+        }
+    }
+    Ok(())
+}
+
+/// Wait up to `left` for one job on `lanes` (a blocking pop on a pooled connection).
+async fn wait_for_one(
+    state: &AppState,
+    lanes: &[String],
+    left: Duration,
+) -> Result<Option<Uuid>, ApiError> {
+    let polls = &state.long_polls;
+    let Ok(_slot) = polls.slots.clone().try_acquire_owned() else {
+        // Too many long polls here: let the worker come back.
+        tokio::time::sleep(left.min(Duration::from_secs(1))).await;
+        return Ok(None);
+    };
+    let pooled = polls.idle.lock().expect("long poll pool").pop();
+    let mut conn = match pooled {
+        Some(c) => c,
+        None => state
+            .queue
+            .blocking_connection()
+            .await
+            .map_err(|_| ApiError::Unavailable)?,
+    };
+    let deadline = tokio::time::Instant::now() + left;
+    let mut found = None;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if left < Duration::from_millis(10) {
+            break;
+        }
+        match state
+            .queue
+            .blocking_pop(&mut conn, lanes, left.min(BLOCK_SLICE))
+            .await
+        {
+            Ok(Some(id)) => {
+                found = Some(id);
+                break;
+            }
+            Ok(None) => continue,
+            Err(_) => return Err(ApiError::Unavailable),
+        }
+    }
+    polls.idle.lock().expect("long poll pool").push(conn);
+    Ok(found)
+}
+
+#[utoipa::path(delete, operation_id = "deregisterWorker", path = "/v1/workers/{id}", tag = "workers",
+    params(("id" = Uuid, Path)),
+    responses((status = 204, description = "stopped"), (status = 404, body = crate::error::Problem)),
+    security(("bearer" = [])))]
+pub async fn deregister(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<Uuid>,
+) -> Result<StatusCode, ApiError> {
+    auth.require(Role::Worker)?;
+    store::workers::get_remote(&state.store.pool, auth.namespace(), id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no worker `{id}`")))?;
+    store::workers::stopped(&state.store.pool, id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+// --- Lease-scoped calls -------------------------------------------------------------------
+
+/// The header carrying a lease token.
+pub const LEASE_HEADER: &str = "capibara-lease";
+
+/// The caller's worker and the token of `Capibara-Lease`, which must name job `job_id`.
+async fn leased(
+    state: &AppState,
+    auth: &Auth,
+    headers: &HeaderMap,
+    job_id: Uuid,
+) -> Result<(RemoteWorker, LeaseToken), ApiError> {
+    auth.require(Role::Worker)?;
+    let bad = || {
+        ApiError::field(
+            "Capibara-Lease",
+            "must be the lease token the lease call answered",
+        )
+    };
+    let token: LeaseToken = headers
+        .get(LEASE_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(bad)?
+        .parse()
+        .map_err(|()| bad())?;
+    if token.job_id != job_id {
+        return Err(ApiError::LeaseLost(format!(
+            "the lease token is for job `{}`, not `{job_id}`",
+            token.job_id
+        )));
+    }
+    let w = store::workers::get_remote(&state.store.pool, auth.namespace(), token.worker_id)
+        .await?
+        .ok_or_else(|| ApiError::LeaseLost("the lease's worker is not registered here".into()))?;
+    Ok((w, token))
+}
+
+impl From<LeaseError> for ApiError {
+    fn from(e: LeaseError) -> Self {
+        match e {
+            LeaseError::Lost { .. } => ApiError::LeaseLost(e.to_string()),
+            LeaseError::Invalid(f) => f.into(),
+        }
+    }
+}
+
+/// Record `report` under the caller's lease; the job after it.
+async fn record(
+    state: &AppState,
+    auth: &Auth,
+    headers: &HeaderMap,
+    id: Uuid,
+    report: Report,
+) -> Result<Job, ApiError> {
+    let (w, token) = leased(state, auth, headers, id).await?;
+    let job = store::jobs::get(&state.store.pool, &w.namespace, id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no job `{id}`")))?;
+    // The kind's output schema, when a success is reported.
+    let kind = if matches!(report, Report::End(AttemptEnd::Succeeded { .. })) {
+        store::user_kinds::find(&state.store.pool, &w.namespace, &[job.kind.as_str()])
+            .await?
+            .pop()
+    } else {
+        None
+    };
+    command::leases::report(&state.store, &w, token, report, |out| match &kind {
+        Some(k) => k.check_output(out),
+        None => Ok(()),
+    })
+    .await
+    .map_err(|e| ApiError::from_command(e, "job", id))
+}
+
+/// Answer to a heartbeat.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Heartbeat {
+    /// Stop the handler and report `fail` with `retryable: false` (recorded as canceled).
+    pub cancel_requested: bool,
+    pub expires_at: DateTime<Utc>,
+}
+
+#[utoipa::path(post, operation_id = "heartbeatJob", path = "/v1/jobs/{id}/heartbeat", tag = "workers",
+    params(("id" = Uuid, Path), ("Capibara-Lease" = String, Header)),
+    responses((status = 200, body = Heartbeat), (status = 409, body = crate::error::Problem)),
+    security(("bearer" = [])))]
+pub async fn heartbeat(
+    State(state): State<AppState>,
+    auth: Auth,
+    headers: HeaderMap,
+    Path(id): Path<Uuid>,
+) -> Result<Json<Heartbeat>, ApiError> {
+    let (w, token) = leased(&state, &auth, &headers, id).await?;
+    let term = state.config.visibility_timeout.as_secs_f64();
+    let renewed = store::workers::renew_lease(
+        &state.store.pool,
+        w.id,
+        &w.name,
+        id,
+        token.attempt,
+        term,
+    )
+    .await?;
+    let job = store::jobs::get(&state.store.pool, &w.namespace, id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no job `{id}`")))?;
+    command::leases::holds(&job, &w, token)?;
+    let expires_at = renewed.ok_or_else(|| {
+        ApiError::LeaseLost("the lease expired; the job runs again elsewhere".into())
+    })?;
+    Ok(Json(Heartbeat {
+        cancel_requested: job.cancel_requested,
+        expires_at,
+    }))
+}
+
+/// `POST /v1/jobs/{id}/progress` body.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProgressReport {
+    #[serde(default)]
+    #[schema(minimum = 0, maximum = 100)]
+    pub percent: Option<f64>,
+    #[serde(default)]
+    pub message: Option<String>,
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub data: Option<Value>,
+}
+
+#[utoipa::path(post, operation_id = "reportProgress", path = "/v1/jobs/{id}/progress", tag = "workers",
+    params(("id" = Uuid, Path), ("Capibara-Lease" = String, Header)), request_body = ProgressReport,
+    responses((status = 204, description = "recorded"), (status = 409, body = crate::error::Problem),
+              (status = 422, body = crate::error::Problem)),
+    security(("bearer" = [])))]
+pub async fn progress(
+    State(state): State<AppState>,
+    auth: Auth,
+    headers: HeaderMap,
+    Path(id): Path<Uuid>,
+    body: ApiJson<ProgressReport>,
+) -> Result<StatusCode, ApiError> {
+    let p = body.value;
+    if let Some(pc) = p.percent {
+        if !(0.0..=100.0).contains(&pc) {
+            return Err(ApiError::field("percent", "must be from 0 to 100"));
+        }
+    }
+    if p.message.as_ref().is_some_and(|m| m.chars().count() > 1000) {
+        return Err(ApiError::field("message", "at most 1000 characters"));
+    }
+    let report = Report::Progress {
+        percent: p.percent,
+        message: p.message,
+        data: p.data,
+    };
+    record(&state, &auth, &headers, id, report).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// One log line.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LogLine {
+    /// `debug`, `info`, `warn` or `error`.
+    pub level: String,
+    pub message: String,
+}
+
+/// `POST /v1/jobs/{id}/logs` body.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LogReport {
+    pub lines: Vec<LogLine>,
+}
+
+#[utoipa::path(post, operation_id = "reportLogs", path = "/v1/jobs/{id}/logs", tag = "workers",
+    params(("id" = Uuid, Path), ("Capibara-Lease" = String, Header)), request_body = LogReport,
+    responses((status = 204, description = "recorded"), (status = 409, body = crate::error::Problem),
+              (status = 422, body = crate::error::Problem)),
+    security(("bearer" = [])))]
+pub async fn logs(
+    State(state): State<AppState>,
+    auth: Auth,
+    headers: HeaderMap,
+    Path(id): Path<Uuid>,
+    body: ApiJson<LogReport>,
+) -> Result<StatusCode, ApiError> {
+    let lines = body.value.lines;
+    if lines.is_empty() || lines.len() > 100 {
+        return Err(ApiError::field("lines", "must hold 1 to 100 lines"));
+    }
+    for (i, l) in lines.iter().enumerate() {
+        if !["debug", "info", "warn", "error"].contains(&l.level.as_str()) {
+            return Err(ApiError::field(
+                format!("lines[{i}].level"),
+                "must be one of: debug, info, warn, error",
+            ));
+        }
+        if l.message.chars().count() > 10_000 {
+            return Err(ApiError::field(
+                format!("lines[{i}].message"),
+                "at most 10000 characters",
+            ));
+        }
+    }
+    let lines = lines.into_iter().map(|l| (l.level, l.message)).collect();
+    record(&state, &auth, &headers, id, Report::Logs(lines)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `POST /v1/jobs/{id}/chunks` body.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ChunkReport {
+    #[schema(minimum = 0)]
+    pub seq: u64,
+    #[schema(value_type = Object)]
+    pub data: Value,
+}
+
+#[utoipa::path(post, operation_id = "reportChunk", path = "/v1/jobs/{id}/chunks", tag = "workers",
+    params(("id" = Uuid, Path), ("Capibara-Lease" = String, Header)), request_body = ChunkReport,
+    responses((status = 204, description = "recorded"), (status = 409, body = crate::error::Problem),
+              (status = 422, body = crate::error::Problem)),
+    security(("bearer" = [])))]
+pub async fn chunk(
+    State(state): State<AppState>,
+    auth: Auth,
+    headers: HeaderMap,
+    Path(id): Path<Uuid>,
+    body: ApiJson<ChunkReport>,
+) -> Result<StatusCode, ApiError> {
+    let c = body.value;
+    let report = Report::Chunk {
+        seq: c.seq,
+        data: c.data,
+    };
+    record(&state, &auth, &headers, id, report).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `POST /v1/jobs/{id}/complete` body.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Complete {
+    /// The job's output (default null), checked against the kind's `output_schema`.
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub output: Option<Value>,
+}
+
+#[utoipa::path(post, operation_id = "completeJob", path = "/v1/jobs/{id}/complete", tag = "workers",
+    params(("id" = Uuid, Path), ("Capibara-Lease" = String, Header)), request_body = Complete,
+    responses((status = 200, body = Job), (status = 409, body = crate::error::Problem),
+              (status = 422, body = crate::error::Problem)),
+    security(("bearer" = [])))]
+pub async fn complete(
+    State(state): State<AppState>,
+    auth: Auth,
+    headers: HeaderMap,
+    Path(id): Path<Uuid>,
+    body: ApiJson<Complete>,
+) -> Result<Json<Job>, ApiError> {
+    let output = body.value.output.unwrap_or(Value::Null);
+    let end = AttemptEnd::Succeeded {
+        output,
+        artifacts: Vec::new(),
+    };
+    Ok(Json(
+        record(&state, &auth, &headers, id, Report::End(end)).await?,
+    ))
+}
+
+/// The error a worker reports.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReportedError {
+    /// A short machine-readable type (`ValueError`, `upstream_timeout`, …).
+    #[serde(rename = "type")]
+    pub error_type: String,
+    pub message: String,
+}
+
+/// `POST /v1/jobs/{id}/fail` body.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Fail {
+    pub error: ReportedError,
+    /// Retry while attempts remain (default true).
+    #[serde(default)]
+    pub retryable: Option<bool>,
+    /// Retry no sooner than this (seconds, 0-86400; default: the job's backoff).
+    #[serde(default)]
+    #[schema(minimum = 0, maximum = 86400)]
+    pub retry_after_s: Option<f64>,
+}
+
+#[utoipa::path(post, operation_id = "failJob", path = "/v1/jobs/{id}/fail", tag = "workers",
+    params(("id" = Uuid, Path), ("Capibara-Lease" = String, Header)), request_body = Fail,
+    responses((status = 200, body = Job), (status = 409, body = crate::error::Problem),
+              (status = 422, body = crate::error::Problem)),
+    security(("bearer" = [])))]
+pub async fn fail(
+    State(state): State<AppState>,
+    auth: Auth,
+    headers: HeaderMap,
+    Path(id): Path<Uuid>,
+    body: ApiJson<Fail>,
+) -> Result<Json<Job>, ApiError> {
+    let f = body.value;
+    let error_type = f.error.error_type.trim();
+    if error_type.is_empty() || error_type.chars().count() > 100 {
+        return Err(ApiError::field("error.type", "must be 1-100 characters"));
+    }
+    if f.error.message.chars().count() > 10_000 {
+        return Err(ApiError::field("error.message", "at most 10000 characters"));
+    }
+    let retry_after = match f.retry_after_s {
+        Some(s) if !(0.0..=86_400.0).contains(&s) => {
+            return Err(ApiError::field(
+                "retry_after_s",
+                "must be from 0 to 86400 seconds",
+            ))
+        }
+        Some(s) => Some(Duration::from_secs_f64(s)),
+        None => None,
+    };
+    let end = AttemptEnd::Failed {
+        error: JobError::new(error_type, f.error.message),
+        retryable: f.retryable.unwrap_or(true),
+        retry_after,
+    };
+    Ok(Json(
+        record(&state, &auth, &headers, id, Report::End(end)).await?,
+    ))
+}
+
+#[utoipa::path(post, operation_id = "releaseJob", path = "/v1/jobs/{id}/release", tag = "workers",
+    params(("id" = Uuid, Path), ("Capibara-Lease" = String, Header)),
+    responses((status = 200, body = Job), (status = 409, body = crate::error::Problem)),
+    security(("bearer" = [])))]
+pub async fn release(
+    State(state): State<AppState>,
+    auth: Auth,
+    headers: HeaderMap,
+    Path(id): Path<Uuid>,
+) -> Result<Json<Job>, ApiError> {
+    Ok(Json(
+        record(
+            &state,
+            &auth,
+            &headers,
+            id,
+            Report::End(AttemptEnd::Released),
+        )
+        .await?,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn lanes_of_user_kinds_are_apart_from_queues() {
+        assert_eq!(super::kinds_lane("images", "ns", "image.resize"), "images/ns/image.resize");
+        assert_eq!(super::kinds_lane("default", "ns", "echo"), "default");
+    }
+}

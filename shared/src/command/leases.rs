@@ -1,0 +1,230 @@
+//! Jobs taken and reported by workers of the HTTP protocol (docs/workers.md): the claim that
+//! starts an attempt under a lease, and the lease-scoped reports, each fenced by its token.
+//!
+//! Fencing: a report is decided on the job as loaded and appended at that version (the command
+//! loop), and the decision refuses it unless the job's current attempt is the token's, still
+//! running on the token's worker. An attempt that was reaped (its lease expired) or that ended
+//! moved the job on, so a stale token is refused ([`LeaseError::Lost`]) and records nothing —
+//! the same guarantee as the built-in worker's version fence.
+
+use std::{fmt, str::FromStr, time::Duration};
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use super::{execute, CommandError};
+use crate::{
+    domain::{
+        event::EventMetadata,
+        job::{AttemptEnd, Job, JobEvent, JobStatus},
+        now,
+    },
+    store::{
+        self,
+        jobs::{job_append, JobWrite},
+        workers::RemoteWorker,
+        AppendError, Store, StoreError,
+    },
+};
+
+/// Names one attempt of one job held by one worker: `{job}.{attempt}.{worker}`. Opaque to
+/// clients. Not a secret (the caller is authenticated by its key): a fencing token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseToken {
+    pub job_id: Uuid,
+    pub attempt: u32,
+    pub worker_id: Uuid,
+}
+
+impl fmt::Display for LeaseToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}.{}.{}",
+            self.job_id.simple(),
+            self.attempt,
+            self.worker_id.simple()
+        )
+    }
+}
+
+impl FromStr for LeaseToken {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        let mut parts = s.trim().split('.');
+        let (Some(j), Some(a), Some(w), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(());
+        };
+        Ok(LeaseToken {
+            job_id: j.parse().map_err(drop)?,
+            attempt: a.parse().map_err(drop)?,
+            worker_id: w.parse().map_err(drop)?,
+        })
+    }
+}
+
+/// Why a lease-scoped call was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum LeaseError {
+    /// The token no longer names the job's running attempt on this worker.
+    #[error("the lease of attempt {attempt} is lost: the job is {status} (attempt {current}); stop working on it")]
+    Lost {
+        attempt: u32,
+        current: u32,
+        status: JobStatus,
+    },
+    /// The output does not match the kind's output schema.
+    #[error("{}: {}", .0.field, .0.message)]
+    Invalid(crate::domain::FieldError),
+}
+
+/// The metadata of what worker `w` records.
+pub fn metadata(w: &RemoteWorker) -> EventMetadata {
+    EventMetadata {
+        namespace: w.namespace.clone(),
+        actor: Some(format!("worker:{}", w.id)),
+        ..Default::default()
+    }
+}
+
+/// Start the next attempt of popped job `job_id` for worker `w`, holding its lease for `term`.
+/// `None`: the job is not this worker's to run any more (a duplicate delivery, canceled or
+/// started elsewhere meanwhile, another namespace, a kind it did not declare).
+pub async fn claim(
+    store: &Store,
+    w: &RemoteWorker,
+    job_id: Uuid,
+    term: Duration,
+) -> Result<Option<(Job, LeaseToken, DateTime<Utc>)>, StoreError> {
+    for _ in 0..3 {
+        let Some(job) = store::jobs::get(&store.pool, &w.namespace, job_id).await? else {
+            return Ok(None);
+        };
+        if job.status != JobStatus::Queued || !w.kinds.contains(&job.kind) {
+            return Ok(None);
+        }
+        let at = now();
+        let mut write = JobWrite::new(metadata(w), at);
+        write.lease = Some((w.name.clone(), term));
+        let attempt = job.attempt + 1;
+        let events = [JobEvent::JobStarted {
+            attempt,
+            worker: w.name.clone(),
+        }];
+        let (started, append) = job_append(Some(&job), job.id, &events, write)
+            .map_err(|e| StoreError::Internal(e.to_string()))?;
+        match store.appender.append(append).await {
+            Ok(_) => {
+                let token = LeaseToken {
+                    job_id,
+                    attempt,
+                    worker_id: w.id,
+                };
+                let expires = at + chrono::Duration::from_std(term).unwrap_or_default();
+                return Ok(Some((started, token, expires)));
+            }
+            Err(AppendError::Conflict { .. }) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(None)
+}
+
+/// What a worker reports about its attempt.
+#[derive(Debug, Clone)]
+pub enum Report {
+    Progress {
+        percent: Option<f64>,
+        message: Option<String>,
+        data: Option<serde_json::Value>,
+    },
+    Logs(Vec<(String, String)>),
+    Chunk {
+        seq: u64,
+        data: serde_json::Value,
+    },
+    End(AttemptEnd),
+}
+
+/// Record `report` on the attempt `token` names, if worker `w` still holds it. Returns the job
+/// after it.
+pub async fn report(
+    store: &Store,
+    w: &RemoteWorker,
+    token: LeaseToken,
+    report: Report,
+    check_output: impl Fn(&serde_json::Value) -> Result<(), crate::domain::FieldError>,
+) -> Result<Job, CommandError<LeaseError>> {
+    let meta = metadata(w);
+    let (job, ()) = execute(store, &w.namespace, token.job_id, &meta, |job: &Job| {
+        holds(job, w, token)?;
+        let events = match &report {
+            Report::Progress {
+                percent,
+                message,
+                data,
+            } => vec![JobEvent::JobProgress {
+                percent: *percent,
+                message: message.clone(),
+                data: data.clone(),
+            }],
+            Report::Logs(lines) => lines
+                .iter()
+                .map(|(level, message)| JobEvent::JobLog {
+                    level: level.clone(),
+                    message: message.clone(),
+                })
+                .collect(),
+            Report::Chunk { seq, data } => vec![JobEvent::JobOutputChunk {
+                seq: *seq,
+                data: data.clone(),
+            }],
+            Report::End(end) => {
+                if let AttemptEnd::Succeeded { output, .. } = end {
+                    check_output(output).map_err(|e| LeaseError::Invalid(e.under("output")))?;
+                }
+                job.end_attempt(token.attempt, end.clone(), now())
+            }
+        };
+        Ok((events, ()))
+    })
+    .await?;
+    Ok(job)
+}
+
+/// Whether worker `w` holds the attempt `token` names on `job`.
+pub fn holds(job: &Job, w: &RemoteWorker, token: LeaseToken) -> Result<(), LeaseError> {
+    let ours = job.status == JobStatus::Running
+        && job.attempt == token.attempt
+        && token.worker_id == w.id
+        && job.worker_id.as_deref() == Some(w.name.as_str());
+    if ours {
+        Ok(())
+    } else {
+        Err(LeaseError::Lost {
+            attempt: token.attempt,
+            current: job.attempt,
+            status: job.status,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_round_trip_and_malformed_ones_are_refused() {
+        let t = LeaseToken {
+            job_id: Uuid::now_v7(),
+            attempt: 3,
+            worker_id: Uuid::now_v7(),
+        };
+        assert_eq!(t.to_string().parse::<LeaseToken>(), Ok(t));
+        for bad in ["", "x", "a.b.c", &format!("{}.x.{}", t.job_id, t.worker_id)] {
+            assert!(bad.parse::<LeaseToken>().is_err(), "{bad}");
+        }
+    }
+}
