@@ -107,11 +107,13 @@ fn parse_query(headers: &HeaderMap, raw: Option<&str>) -> Result<Query, ApiError
         filter.stream_type = Some(st.as_str().to_string());
     }
     if let Some(kind) = kind {
-        if kinds::find(&kind).is_none() {
+        // A built-in kind, or a well-formed user kind name (registered or not: its events are
+        // what the log holds).
+        if kinds::find(&kind).is_none() && kinds::user::validate_name(&kind).is_err() {
             return Err(ApiError::field(
                 "kind",
                 format!(
-                    "unknown kind `{kind}`; available: {}",
+                    "unknown kind `{kind}`; available: {} and user kinds (GET /v1/kinds)",
                     kinds::names().join(", ")
                 ),
             ));

@@ -18,7 +18,6 @@ use capibara_shared::{
         jobs::{Idempotency, SubmitError, Submitter},
     },
     config::Config,
-    installed::{self, RequestKinds},
     domain::{
         self,
         auth::Role,
@@ -32,6 +31,7 @@ use capibara_shared::{
         retry::Backoff,
         storable, DomainEvent, FieldError,
     },
+    installed::{self, RequestKinds},
     store::{
         self,
         jobs::{job_append, JobFilter, JobWrite},
@@ -159,9 +159,7 @@ pub async fn to_submission_in(
     let kind = kinds::validate_input(&s.kind, &input, kinds)?;
     // A user kind's defaults apply where the submission gives none.
     let defaults = kind.user().cloned().unwrap_or_default();
-    let queue = s
-        .queue
-        .unwrap_or_else(|| kind.default_queue().to_string());
+    let queue = s.queue.unwrap_or_else(|| kind.default_queue().to_string());
     if !valid_queue_name(&queue) {
         return Err(ApiError::field(
             "queue",

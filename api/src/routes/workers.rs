@@ -210,9 +210,8 @@ pub async fn register(
                         )
                     }
                 };
-                let def: KindDef = serde_json::from_value(Value::Object(o)).map_err(|e| {
-                    FieldError::new(format!("kinds[{i}]"), e.to_string())
-                })?;
+                let def: KindDef = serde_json::from_value(Value::Object(o))
+                    .map_err(|e| FieldError::new(format!("kinds[{i}]"), e.to_string()))?;
                 def.validate().map_err(kind_field(i))?;
                 (name, Some(def))
             }
@@ -241,9 +240,14 @@ pub async fn register(
         let kind = match (definition, current) {
             (None, Some(k)) => k.clone(),
             (definition, _) => {
-                kind_routes::put_definition(&state, &auth, name, definition.clone().unwrap_or_default())
-                    .await?
-                    .0
+                kind_routes::put_definition(
+                    &state,
+                    &auth,
+                    name,
+                    definition.clone().unwrap_or_default(),
+                )
+                .await?
+                .0
             }
         };
         queues_of_kinds.push(kind.definition.queue().to_string());
@@ -544,15 +548,9 @@ pub async fn heartbeat(
 ) -> Result<Json<Heartbeat>, ApiError> {
     let (w, token) = leased(&state, &auth, &headers, id).await?;
     let term = state.config.visibility_timeout.as_secs_f64();
-    let renewed = store::workers::renew_lease(
-        &state.store.pool,
-        w.id,
-        &w.name,
-        id,
-        token.attempt,
-        term,
-    )
-    .await?;
+    let renewed =
+        store::workers::renew_lease(&state.store.pool, w.id, &w.name, id, token.attempt, term)
+            .await?;
     let job = store::jobs::get(&state.store.pool, &w.namespace, id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no job `{id}`")))?;
@@ -814,7 +812,10 @@ pub async fn release(
 mod tests {
     #[test]
     fn lanes_of_user_kinds_are_apart_from_queues() {
-        assert_eq!(super::kinds_lane("images", "ns", "image.resize"), "images/ns/image.resize");
+        assert_eq!(
+            super::kinds_lane("images", "ns", "image.resize"),
+            "images/ns/image.resize"
+        );
         assert_eq!(super::kinds_lane("default", "ns", "echo"), "default");
     }
 }

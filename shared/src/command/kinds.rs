@@ -82,16 +82,22 @@ pub async fn put(
     definition: KindDef,
 ) -> Result<(UserKind, Put), CommandError<KindError>> {
     let id = user::stream_id(&metadata.namespace, name);
-    let (stream, put) = execute(store, &metadata.namespace, id, metadata, |s: &KindStream| {
-        let live = s.kind.as_ref().filter(|k| !k.deleted);
-        let events = UserKind::put(s.kind.as_ref(), name, definition.clone());
-        let put = match (live, events.is_empty()) {
-            (_, true) => Put::Unchanged,
-            (Some(_), false) => Put::Updated,
-            (None, false) => Put::Created,
-        };
-        Ok::<_, KindError>((events, put))
-    })
+    let (stream, put) = execute(
+        store,
+        &metadata.namespace,
+        id,
+        metadata,
+        |s: &KindStream| {
+            let live = s.kind.as_ref().filter(|k| !k.deleted);
+            let events = UserKind::put(s.kind.as_ref(), name, definition.clone());
+            let put = match (live, events.is_empty()) {
+                (_, true) => Put::Unchanged,
+                (Some(_), false) => Put::Updated,
+                (None, false) => Put::Created,
+            };
+            Ok::<_, KindError>((events, put))
+        },
+    )
     .await?;
     Ok((stream.kind.expect("a put kind exists"), put))
 }
@@ -103,12 +109,16 @@ pub async fn delete(
     name: &str,
 ) -> Result<UserKind, CommandError<KindError>> {
     let id = user::stream_id(&metadata.namespace, name);
-    let (stream, ()) = execute(store, &metadata.namespace, id, metadata, |s: &KindStream| {
-        match &s.kind {
+    let (stream, ()) = execute(
+        store,
+        &metadata.namespace,
+        id,
+        metadata,
+        |s: &KindStream| match &s.kind {
             Some(k) if !k.deleted => Ok((vec![KindEvent::KindDeleted {}], ())),
             _ => Err(KindError::NotFound(name.to_string())),
-        }
-    })
+        },
+    )
     .await?;
     Ok(stream.kind.expect("a deleted kind exists"))
 }

@@ -745,7 +745,9 @@ impl Job {
                 output,
                 artifacts,
             }],
-            AttemptEnd::Failed { retryable: false, .. } if self.cancel_requested => {
+            AttemptEnd::Failed {
+                retryable: false, ..
+            } if self.cancel_requested => {
                 vec![JobEvent::JobCanceled {
                     attempt: Some(attempt),
                 }]

@@ -454,7 +454,11 @@ impl WorkflowDef {
             }
             // A map's children run on the map step's queue.
             let child = s.input.pointer("/step/kind").and_then(Value::as_str);
-            let kind = if s.kind == "map" { child } else { Some(s.kind.as_str()) };
+            let kind = if s.kind == "map" {
+                child
+            } else {
+                Some(s.kind.as_str())
+            };
             s.queue = kind.and_then(&queue_of);
         }
     }

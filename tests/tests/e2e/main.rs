@@ -20,4 +20,5 @@ mod receiver_selftest;
 mod schedules;
 mod triggers;
 mod tts;
+mod user_workers;
 mod workflows;

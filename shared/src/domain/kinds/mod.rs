@@ -540,10 +540,28 @@ mod tests {
         let e = validate_input("image.resize", &json!({"width": "x"}), &ctx).unwrap_err();
         assert_eq!(e.field, "input.width");
         // Unknown in this namespace, unknown to the default context, and never a built-in name.
-        assert_eq!(validate_input("image.crop", &json!({}), &ctx).unwrap_err().field, "kind");
-        assert_eq!(validate_input("image.resize", &json!({}), &TestContext).unwrap_err().field, "kind");
-        assert_eq!(validate_input("code.mine", &json!({}), &ctx).unwrap_err().field, "kind");
-        assert_eq!(lane("images", "ns", "image.resize"), "images/ns/image.resize");
+        assert_eq!(
+            validate_input("image.crop", &json!({}), &ctx)
+                .unwrap_err()
+                .field,
+            "kind"
+        );
+        assert_eq!(
+            validate_input("image.resize", &json!({}), &TestContext)
+                .unwrap_err()
+                .field,
+            "kind"
+        );
+        assert_eq!(
+            validate_input("code.mine", &json!({}), &ctx)
+                .unwrap_err()
+                .field,
+            "kind"
+        );
+        assert_eq!(
+            lane("images", "ns", "image.resize"),
+            "images/ns/image.resize"
+        );
         assert_eq!(lane("code", "ns", "code.run"), "code");
         assert_eq!(lane("callbacks", "ns", "callback.deliver"), "callbacks");
     }

@@ -270,7 +270,8 @@ impl UserKind {
         };
         match ev {
             KindEvent::KindRegistered { .. } if existed => return None,
-            KindEvent::KindRegistered { definition, .. } | KindEvent::KindUpdated { definition } => {
+            KindEvent::KindRegistered { definition, .. }
+            | KindEvent::KindUpdated { definition } => {
                 k.definition = definition.clone();
                 k.deleted = false;
             }
@@ -330,7 +331,11 @@ fn first_error(v: Option<&jsonschema::Validator>, value: &Value) -> Result<(), F
     let Some(e) = v.iter_errors(value).next() else {
         return Ok(());
     };
-    let path = e.instance_path().as_str().trim_start_matches('/').to_string();
+    let path = e
+        .instance_path()
+        .as_str()
+        .trim_start_matches('/')
+        .to_string();
     let mut field = path
         .split('/')
         .map(|s| s.replace("~1", "/").replace("~0", "~"))
@@ -428,7 +433,9 @@ mod tests {
         assert_eq!(k.version, 2);
         let k = UserKind::apply(Some(k), id, "ns", &KindEvent::KindDeleted {}, at).unwrap();
         assert!(k.deleted);
-        assert!(UserKind::apply(Some(k.clone()), id, "ns", &KindEvent::KindDeleted {}, at).is_none());
+        assert!(
+            UserKind::apply(Some(k.clone()), id, "ns", &KindEvent::KindDeleted {}, at).is_none()
+        );
         let again = UserKind::put(Some(&k), "k", KindDef::default());
         let k = UserKind::apply(Some(k), id, "ns", &again[0], at).unwrap();
         assert!(!k.deleted);
@@ -455,7 +462,10 @@ mod tests {
         let field = |v: Value| k.check_input(&v).unwrap_err().field;
         assert_eq!(field(json!({"url": "u"})), "width");
         assert_eq!(field(json!({"url": "u", "width": 0})), "width");
-        assert_eq!(field(json!({"url": "u", "width": 1, "tags": [1]})), "tags.0");
+        assert_eq!(
+            field(json!({"url": "u", "width": 1, "tags": [1]})),
+            "tags.0"
+        );
         assert_eq!(field(json!(5)), "");
         // No output schema: any output.
         assert!(k.check_output(&json!(null)).is_ok());

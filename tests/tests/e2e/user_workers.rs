@@ -1,0 +1,582 @@
+//! Kinds registered by users and the HTTP worker protocol (docs/workers.md), against the real
+//! binaries: kinds and their schemas at submission, dispatch lanes (the built-in worker never
+//! takes a user kind's job), leases with fencing (a stale token is 409 and records nothing), a
+//! silent worker's job running again, cancel, retries, release, the `worker` role, and user
+//! kinds as workflow steps.
+
+use std::time::{Duration, Instant};
+
+use capibara_tests::{eventually, runs, types, Api, TestEnv};
+use serde_json::{json, Value};
+
+async fn put_kind(api: &Api, name: &str, def: Value) -> capibara_tests::Res {
+    api.send(
+        api.http
+            .put(api.url(&format!("/v1/kinds/{name}")))
+            .json(&def),
+    )
+    .await
+}
+
+/// A worker of the protocol, driven by the test.
+struct Proto {
+    api: Api,
+    id: String,
+}
+
+/// A leased job: its id, attempt and lease token.
+#[derive(Debug, Clone)]
+struct Leased {
+    id: String,
+    attempt: u64,
+    token: String,
+    job: Value,
+}
+
+impl Proto {
+    async fn register(api: &Api, body: Value) -> Proto {
+        let r = api.post("/v1/workers", body).await;
+        assert_eq!(r.status, 201, "{r:?}");
+        Proto {
+            api: api.clone(),
+            id: r.body["id"].as_str().unwrap().to_string(),
+        }
+    }
+
+    async fn lease(&self, max_jobs: u32, wait_ms: u64) -> Vec<Leased> {
+        let r = self
+            .api
+            .post(
+                &format!("/v1/workers/{}/lease", self.id),
+                json!({"max_jobs": max_jobs, "wait_ms": wait_ms}),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{r:?}");
+        r.body["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|j| Leased {
+                id: j["job"]["id"].as_str().unwrap().to_string(),
+                attempt: j["job"]["attempt"].as_u64().unwrap(),
+                token: j["lease"]["token"].as_str().unwrap().to_string(),
+                job: j["job"].clone(),
+            })
+            .collect()
+    }
+
+    /// Lease until one job arrives (or fail after `timeout`).
+    async fn lease_one(&self, timeout: Duration) -> Leased {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(j) = self.lease(1, 1000).await.pop() {
+                return j;
+            }
+            assert!(Instant::now() < deadline, "no job was leased");
+        }
+    }
+
+    async fn call(&self, job: &Leased, what: &str, body: Value) -> capibara_tests::Res {
+        self.api
+            .send(
+                self.api
+                    .http
+                    .post(self.api.url(&format!("/v1/jobs/{}/{what}", job.id)))
+                    .header("Capibara-Lease", &job.token)
+                    .json(&body),
+            )
+            .await
+    }
+}
+
+#[tokio::test]
+async fn kinds_are_registered_checked_at_submission_listed_and_deleted() {
+    let env = TestEnv::new().await;
+    let _api = env.spawn_api().await;
+    let api = env.client();
+
+    // Bad names and definitions name the field.
+    for (name, def, field) in [
+        ("Bad", json!({}), "name"),
+        ("echo", json!({}), "name"),
+        ("code.mine", json!({}), "name"),
+        (
+            "img.resize",
+            json!({"input_schema": {"type": 5}}),
+            "input_schema",
+        ),
+        ("img.resize", json!({"max_attempts": 0}), "max_attempts"),
+        ("img.resize", json!({"queue": "a/b"}), "queue"),
+    ] {
+        let r = put_kind(&api, name, def).await;
+        assert_eq!(r.status, 422, "{name}: {r:?}");
+        assert_eq!(r.body["errors"][0]["field"], field, "{name}: {r:?}");
+    }
+    let r = put_kind(&api, "img.resize", json!({"nope": 1})).await;
+    assert_eq!(r.status, 422, "unknown fields are refused: {r:?}");
+
+    let def = json!({
+        "description": "Resize an image", "queue": "images", "max_attempts": 5, "timeout_s": 60,
+        "priority": "high",
+        "input_schema": {"type": "object", "required": ["url", "width"],
+            "properties": {"url": {"type": "string"}, "width": {"type": "integer", "minimum": 1}}},
+        "output_schema": {"type": "object", "required": ["width"]}
+    });
+    let r = put_kind(&api, "img.resize", def.clone()).await;
+    assert_eq!(r.status, 201, "{r:?}");
+    assert_eq!(r.body["builtin"], false);
+    assert_eq!(r.body["live_workers"], 0);
+    let r = put_kind(&api, "img.resize", def.clone()).await;
+    assert_eq!(
+        (r.status, r.body["version"].as_i64()),
+        (200, Some(1)),
+        "unchanged: {r:?}"
+    );
+
+    // Submission checks the schema with field paths, and the kind's defaults apply.
+    let r = api
+        .submit(json!({"kind": "img.resize", "input": {"url": "u", "width": 0}}))
+        .await;
+    assert_eq!(r.status, 422, "{r:?}");
+    assert_eq!(r.body["errors"][0]["field"], "input.width");
+    let r = api
+        .submit(json!({"kind": "img.resize", "input": {"url": "u"}}))
+        .await;
+    assert_eq!(r.body["errors"][0]["field"], "input.width", "{r:?}");
+    let r = api
+        .submit(json!({"kind": "img.resize", "input": {"url": "u", "width": 3}}))
+        .await;
+    assert_eq!(r.status, 202, "{r:?}");
+    let job = &r.body;
+    assert_eq!(job["queue"], "images");
+    assert_eq!(job["max_attempts"], 5);
+    assert_eq!(job["timeout_s"], 60);
+    assert_eq!(job["priority"], "high");
+    // A batch resolves them too.
+    let r = api
+        .post(
+            "/v1/jobs/batch",
+            json!({"jobs": [{"kind": "echo"}, {"kind": "img.resize", "input": {"url": "u", "width": "x"}}]}),
+        )
+        .await;
+    assert_eq!(r.body["errors"][0]["field"], "jobs[1].input.width", "{r:?}");
+
+    // Listed with the built-in kinds; another namespace does not see it.
+    let list = api.get("/v1/kinds").await;
+    let names: Vec<&str> = list.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        names.contains(&"echo") && names.contains(&"img.resize"),
+        "{names:?}"
+    );
+    let other = api.key_for("other", &["submit"]).await;
+    assert_eq!(other.get("/v1/kinds/img.resize").await.status, 404);
+    let r = other
+        .submit(json!({"kind": "img.resize", "input": {"url": "u", "width": 3}}))
+        .await;
+    assert_eq!(r.body["errors"][0]["field"], "kind", "{r:?}");
+    assert_eq!(
+        api.get("/v1/kinds/img.resize").await.body["queue"],
+        Value::Null
+    );
+    assert_eq!(
+        api.get("/v1/kinds/img.resize").await.body["default_queue"],
+        "images"
+    );
+
+    // Every change is an event of the kind's stream; a delete refuses new submissions.
+    let r = put_kind(&api, "img.resize", json!({"queue": "images2"})).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let r = api
+        .send(api.http.delete(api.url("/v1/kinds/img.resize")))
+        .await;
+    assert_eq!(r.status, 204, "{r:?}");
+    let r = api
+        .send(api.http.delete(api.url("/v1/kinds/img.resize")))
+        .await;
+    assert_eq!(r.status, 404, "{r:?}");
+    let r = api
+        .submit(json!({"kind": "img.resize", "input": {"url": "u", "width": 3}}))
+        .await;
+    assert_eq!(r.body["errors"][0]["field"], "kind", "{r:?}");
+    let pool = env.pool().await;
+    let kinds: Vec<(String,)> =
+        sqlx::query_as("SELECT type FROM events WHERE stream_type = 'kind' ORDER BY position")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    let kinds: Vec<&str> = kinds.iter().map(|(t,)| t.as_str()).collect();
+    assert_eq!(kinds, ["KindRegistered", "KindUpdated", "KindDeleted"]);
+    // Registered again: the same stream goes on.
+    assert_eq!(put_kind(&api, "img.resize", json!({})).await.status, 201);
+}
+
+#[tokio::test]
+async fn a_protocol_worker_runs_a_user_kind_the_built_in_worker_never_takes() {
+    let env = TestEnv::new().await;
+    let (_api, _worker, _scheduler) = env.spawn_all().await;
+    let api = env.client();
+    assert_eq!(
+        put_kind(&api, "img.thumb", json!({"queue": "default"}))
+            .await
+            .status,
+        201
+    );
+    // The built-in worker serves `default`: it must leave the job alone.
+    let id = api
+        .submit_id(json!({"kind": "img.thumb", "input": {"n": 1}}))
+        .await;
+    let echo = api.submit_id(json!({"kind": "echo", "input": 1})).await;
+    api.wait_terminal(&echo, Duration::from_secs(20)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let job = api.job(&id).await;
+    assert_eq!(job["status"], "queued", "{job}");
+    assert_eq!(job["attempt"], 0);
+    assert_eq!(api.get("/v1/kinds/img.thumb").await.body["live_workers"], 0);
+
+    let w = Proto::register(
+        &api,
+        json!({"kinds": ["img.thumb"], "concurrency": 4, "name": "thumbs", "labels": {"gpu": "no"}, "version": "1.0"}),
+    )
+    .await;
+    assert_eq!(api.get("/v1/kinds/img.thumb").await.body["live_workers"], 1);
+    let leased = w.lease(4, 0).await;
+    assert_eq!(leased.len(), 1, "{leased:?}");
+    let j = &leased[0];
+    assert_eq!((j.id.as_str(), j.attempt), (id.as_str(), 1));
+    assert_eq!(j.job["status"], "running");
+    assert_eq!(j.job["input"], json!({"n": 1}));
+
+    let r = w.call(j, "heartbeat", json!({})).await;
+    assert_eq!(
+        (r.status, &r.body["cancel_requested"]),
+        (200, &json!(false))
+    );
+    let r = w
+        .call(j, "progress", json!({"percent": 50, "message": "half"}))
+        .await;
+    assert_eq!(r.status, 204, "{r:?}");
+    let r = w
+        .call(
+            j,
+            "logs",
+            json!({"lines": [{"level": "info", "message": "a"}, {"level": "warn", "message": "b"}]}),
+        )
+        .await;
+    assert_eq!(r.status, 204, "{r:?}");
+    let r = w.call(j, "chunks", json!({"seq": 0, "data": "part"})).await;
+    assert_eq!(r.status, 204, "{r:?}");
+    let r = w
+        .call(
+            j,
+            "logs",
+            json!({"lines": [{"level": "loud", "message": "a"}]}),
+        )
+        .await;
+    assert_eq!(r.body["errors"][0]["field"], "lines[0].level", "{r:?}");
+    let r = w
+        .call(j, "complete", json!({"output": {"done": true}}))
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.body["status"], "succeeded");
+    assert_eq!(r.body["output"], json!({"done": true}));
+    assert_eq!(
+        types(&api.events(&id).await),
+        [
+            "JobSubmitted",
+            "JobStarted",
+            "JobProgress",
+            "JobLog",
+            "JobLog",
+            "JobOutputChunk",
+            "JobSucceeded"
+        ]
+    );
+
+    // An idle long poll holds, and answers as soon as a job arrives.
+    let waiting = {
+        let w = Proto {
+            api: w.api.clone(),
+            id: w.id.clone(),
+        };
+        tokio::spawn(async move {
+            let t = Instant::now();
+            (w.lease(1, 20_000).await, t.elapsed())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let id2 = api.submit_id(json!({"kind": "img.thumb"})).await;
+    let (got, took) = waiting.await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].id, id2);
+    assert!(
+        took < Duration::from_secs(15),
+        "answered on arrival: {took:?}"
+    );
+
+    // Deregistered: no live worker, no more leases.
+    let r = api
+        .send(api.http.delete(api.url(&format!("/v1/workers/{}", w.id))))
+        .await;
+    assert_eq!(r.status, 204);
+    assert_eq!(api.get("/v1/kinds/img.thumb").await.body["live_workers"], 0);
+    let r = api
+        .post(
+            &format!("/v1/workers/{}/lease", w.id),
+            json!({"wait_ms": 0}),
+        )
+        .await;
+    assert_eq!(r.status, 409, "{r:?}");
+}
+
+#[tokio::test]
+async fn a_stale_lease_is_refused_and_records_nothing_and_a_silent_workers_job_runs_again() {
+    let env = TestEnv::new().await;
+    let _api = env.spawn_api().await;
+    let _scheduler = env.spawn_scheduler();
+    let api = env.client();
+    put_kind(&api, "slow.thing", json!({})).await;
+    let id = api.submit_id(json!({"kind": "slow.thing"})).await;
+    let a = Proto::register(&api, json!({"kinds": ["slow.thing"]})).await;
+    let first = a.lease_one(Duration::from_secs(10)).await;
+    assert_eq!(first.attempt, 1);
+    // Worker A goes silent: its lease expires (3 s here), the reaper fails the attempt as
+    // worker_lost and the job is retried.
+    let b = Proto::register(&api, json!({"kinds": ["slow.thing"]})).await;
+    let second = b.lease_one(Duration::from_secs(30)).await;
+    assert_eq!((second.id.as_str(), second.attempt), (id.as_str(), 2));
+    let events = api.events(&id).await;
+    let lost = events
+        .iter()
+        .find(|e| e["type"] == "JobAttemptFailed")
+        .expect("the lost attempt is recorded");
+    assert_eq!(lost["data"]["error"]["type"], "worker_lost");
+
+    // A's token is stale: every call is 409 and nothing is recorded.
+    let before = api.events(&id).await.len();
+    for (what, body) in [
+        ("complete", json!({"output": "stale"})),
+        ("fail", json!({"error": {"type": "x", "message": "stale"}})),
+        ("progress", json!({"percent": 1})),
+        ("heartbeat", json!({})),
+        ("release", json!({})),
+    ] {
+        let r = a.call(&first, what, body).await;
+        assert_eq!(r.status, 409, "{what}: {r:?}");
+        assert!(
+            r.body["type"].as_str().unwrap().ends_with("lease-lost"),
+            "{r:?}"
+        );
+    }
+    // B's token on another job's path, and garbage tokens.
+    let r = a
+        .api
+        .send(
+            a.api
+                .http
+                .post(a.api.url(&format!("/v1/jobs/{}/complete", first.id)))
+                .header("Capibara-Lease", "nonsense")
+                .json(&json!({})),
+        )
+        .await;
+    assert_eq!(r.status, 422, "{r:?}");
+    assert_eq!(r.body["errors"][0]["field"], "Capibara-Lease");
+    assert_eq!(api.events(&id).await.len(), before, "nothing recorded");
+
+    let r = b
+        .call(&second, "complete", json!({"output": "fresh"}))
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let job = api.job(&id).await;
+    assert_eq!(
+        (&job["status"], &job["output"]),
+        (&json!("succeeded"), &json!("fresh"))
+    );
+}
+
+#[tokio::test]
+async fn cancel_retries_release_and_output_schemas_follow_the_job_policy() {
+    let env = TestEnv::new().await;
+    let _api = env.spawn_api().await;
+    let _scheduler = env.spawn_scheduler();
+    let api = env.client();
+    put_kind(
+        &api,
+        "pol.thing",
+        json!({"output_schema": {"type": "object", "required": ["n"]}}),
+    )
+    .await;
+    let w = Proto::register(&api, json!({"kinds": ["pol.thing"]})).await;
+
+    // Cancel reaches the worker through its heartbeat; a non-retryable failure is the cancel.
+    let id = api.submit_id(json!({"kind": "pol.thing"})).await;
+    let j = w.lease_one(Duration::from_secs(10)).await;
+    let r = api.post(&format!("/v1/jobs/{id}/cancel"), json!({})).await;
+    assert_eq!(r.status, 202, "{r:?}");
+    let r = w.call(&j, "heartbeat", json!({})).await;
+    assert_eq!(r.body["cancel_requested"], true, "{r:?}");
+    let r = w
+        .call(
+            &j,
+            "fail",
+            json!({"error": {"type": "canceled", "message": "stopped"}, "retryable": false}),
+        )
+        .await;
+    assert_eq!(r.body["status"], "canceled", "{r:?}");
+
+    // A retryable failure with retry_after_s comes back as attempt 2; the output is checked.
+    let id = api.submit_id(json!({"kind": "pol.thing"})).await;
+    let j = w.lease_one(Duration::from_secs(10)).await;
+    let r = w
+        .call(
+            &j,
+            "fail",
+            json!({"error": {"type": "Busy", "message": "later"}, "retry_after_s": 0.2}),
+        )
+        .await;
+    assert_eq!(r.body["status"], "scheduled", "{r:?}");
+    let j = w.lease_one(Duration::from_secs(10)).await;
+    assert_eq!((j.id.as_str(), j.attempt), (id.as_str(), 2));
+    let r = w.call(&j, "complete", json!({"output": {"m": 1}})).await;
+    assert_eq!(r.status, 422, "{r:?}");
+    assert_eq!(r.body["errors"][0]["field"], "output.n");
+    // Released (a worker shutting down): queued again, the attempt not used up.
+    let r = w.call(&j, "release", json!({})).await;
+    assert_eq!(r.body["status"], "queued", "{r:?}");
+    assert_eq!(r.body["max_attempts"], 4);
+    let j = w.lease_one(Duration::from_secs(10)).await;
+    let r = w.call(&j, "complete", json!({"output": {"n": 1}})).await;
+    assert_eq!(r.body["status"], "succeeded", "{r:?}");
+
+    // A non-retryable failure fails the job at once.
+    let id = api.submit_id(json!({"kind": "pol.thing"})).await;
+    let j = w.lease_one(Duration::from_secs(10)).await;
+    let r = w
+        .call(
+            &j,
+            "fail",
+            json!({"error": {"type": "BadInput", "message": "no"}, "retryable": false}),
+        )
+        .await;
+    assert_eq!(r.body["status"], "failed", "{r:?}");
+    assert_eq!(api.job(&id).await["error"]["type"], "BadInput");
+}
+
+#[tokio::test]
+async fn a_worker_key_may_only_work_and_other_keys_may_not_lease() {
+    let env = TestEnv::new().await;
+    let _api = env.spawn_api().await;
+    let admin = env.client();
+    let worker = admin.key_for("team", &["worker"]).await;
+    let submitter = admin.key_for("team", &["submit"]).await;
+    assert_eq!(
+        put_kind(&submitter, "team.job", json!({})).await.status,
+        201
+    );
+    let r = submitter
+        .post("/v1/workers", json!({"kinds": ["team.job"]}))
+        .await;
+    assert_eq!(r.status, 403, "{r:?}");
+    let w = Proto::register(&worker, json!({"kinds": ["team.job"]})).await;
+    let id = submitter.submit_id(json!({"kind": "team.job"})).await;
+    let j = w.lease_one(Duration::from_secs(10)).await;
+    assert_eq!(j.id, id);
+    // A worker key reads nothing and submits nothing.
+    assert_eq!(worker.get(&format!("/v1/jobs/{id}")).await.status, 403);
+    assert_eq!(worker.get("/v1/jobs").await.status, 403);
+    assert_eq!(worker.submit(json!({"kind": "echo"})).await.status, 403);
+    // Another namespace's worker key cannot touch the lease, even with the token.
+    let stranger = admin.key_for("elsewhere", &["worker"]).await;
+    let r = stranger
+        .send(
+            stranger
+                .http
+                .post(stranger.url(&format!("/v1/jobs/{id}/complete")))
+                .header("Capibara-Lease", &j.token)
+                .json(&json!({})),
+        )
+        .await;
+    assert_eq!(r.status, 409, "{r:?}");
+    let r = stranger
+        .post(&format!("/v1/workers/{}/lease", w.id), json!({}))
+        .await;
+    assert_eq!(r.status, 404, "{r:?}");
+    // Built-in kinds are capibara-worker's.
+    let r = worker.post("/v1/workers", json!({"kinds": ["echo"]})).await;
+    assert_eq!(r.body["errors"][0]["field"], "kinds[0]", "{r:?}");
+    // Declaring an unregistered kind registers it; an object declares its definition.
+    let r = worker
+        .post(
+            "/v1/workers",
+            json!({"kinds": ["new.kind", {"name": "typed.kind", "queue": "typed", "input_schema": {"type": "object"}}]}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{r:?}");
+    assert_eq!(r.body["queues"], json!(["default", "typed"]));
+    let r = submitter
+        .submit(json!({"kind": "typed.kind", "input": [1]}))
+        .await;
+    assert_eq!(r.body["errors"][0]["field"], "input", "{r:?}");
+    assert_eq!(
+        submitter.get("/v1/kinds/new.kind").await.body["live_workers"],
+        1
+    );
+}
+
+#[tokio::test]
+async fn workflows_run_user_kind_steps_next_to_built_in_ones() {
+    let env = TestEnv::new().await;
+    let (_api, _worker, _scheduler) = env.spawn_all().await;
+    let api = env.client();
+    put_kind(
+        &api,
+        "wf.double",
+        json!({"queue": "math", "input_schema": {"type": "object", "required": ["n"],
+            "properties": {"n": {"type": "integer"}}}}),
+    )
+    .await;
+    // A static input is checked against the user kind's schema when the definition is saved.
+    let r = api
+        .post(
+            "/v1/workflows",
+            json!({"name": "bad", "steps": [{"id": "d", "kind": "wf.double", "input": {"n": "x"}}]}),
+        )
+        .await;
+    assert_eq!(r.status, 422, "{r:?}");
+    let r = api
+        .post(
+            "/v1/workflows",
+            json!({"name": "bad2", "steps": [{"id": "d", "kind": "wf.nope"}]}),
+        )
+        .await;
+    assert_eq!(r.body["errors"][0]["field"], "steps[0].kind", "{r:?}");
+    let wf = runs::create(
+        &api,
+        json!({"name": "mixed", "steps": [
+            {"id": "first", "kind": "echo", "input": {"n": "{{ input.n }}"}},
+            {"id": "double", "kind": "wf.double", "depends_on": ["first"],
+             "input": {"n": "{{ steps.first.output.n | int }}"}}
+        ]}),
+    )
+    .await;
+    let run = runs::start(&api, &wf, json!({"n": 21})).await;
+    let w = Proto::register(&api, json!({"kinds": ["wf.double"]})).await;
+    let j = w.lease_one(Duration::from_secs(30)).await;
+    assert_eq!(j.job["queue"], "math", "the kind's queue");
+    let n = j.job["input"]["n"].as_i64().unwrap();
+    let r = w
+        .call(&j, "complete", json!({"output": {"n": n * 2}}))
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let ended = runs::ended(&api, &run, Duration::from_secs(30)).await;
+    assert_eq!(ended["status"], "succeeded", "{ended}");
+    assert_eq!(runs::step(&ended, "double")["output"], json!({"n": 42}));
+    eventually("the worker is live", Duration::from_secs(5), || async {
+        (api.get("/v1/kinds/wf.double").await.body["live_workers"] == 1).then_some(())
+    })
+    .await;
+}
