@@ -22,6 +22,9 @@ drawn from the schema and must be accepted. Each rule is also documented on its 
 - `after` and `Last-Event-ID` on GET /v1/events must be an event id of this log (not past its
   end): dropped.
 - An `Idempotency-Key` names one request (reused with another body it is a 422): dropped.
+- A kind's `input_schema`/`output_schema` is a JSON Schema (a language of its own, compiled at
+  PUT): dropped from kind definitions (PUT /v1/kinds/{name}, POST /v1/workers).
+- A lease call holds up to `wait_ms` (30 s, the client's own timeout): at most 100 ms here.
 - JSON Schema counts `146.0` as an integer; the API's integer fields take integers without a
   fraction (docs/api.md): integral floats are written as integers.
 
@@ -135,8 +138,22 @@ def map_case(context, case):
     return case
 
 
+def _kind_def(d):
+    if isinstance(d, dict):
+        d.pop("input_schema", None)
+        d.pop("output_schema", None)
+
+
 def _body(op, body):
-    if op == "POST /v1/jobs":
+    if op == "PUT /v1/kinds/{name}":
+        _kind_def(body)
+    elif op == "POST /v1/workers":
+        for k in body.get("kinds") or []:
+            _kind_def(k)
+    elif op == "POST /v1/workers/{id}/lease":
+        wait = body.get("wait_ms")
+        body["wait_ms"] = min(wait, 100) if isinstance(wait, int) else 100
+    elif op == "POST /v1/jobs":
         _job(body)
     elif op == "POST /v1/jobs/batch":
         for job in body.get("jobs") or []:

@@ -22,9 +22,83 @@ fn name(max: usize) -> Value {
 
 const QUEUE_PATTERN: &str = "^[A-Za-z0-9._-]{1,64}$";
 
+/// A user kind's name (docs/workers.md): lowercase dotted segments, never a built-in kind or in
+/// a built-in family.
+fn user_kind_name() -> Value {
+    let families: Vec<String> = kinds::user::RESERVED_PREFIXES
+        .iter()
+        .map(|p| regex_escape(p.trim_end_matches('.')))
+        .collect();
+    let builtins: Vec<&str> = kinds::KINDS.iter().map(|k| k.name).collect();
+    json!({"type": "string", "maxLength": kinds::user::MAX_NAME,
+        "pattern": "^[a-z][a-z0-9_-]*(\\.[a-z0-9_-]+)*$",
+        "not": {"anyOf": [{"enum": builtins},
+                          {"pattern": format!("^({})\\.", families.join("|"))}]}})
+}
+
+fn regex_escape(s: &str) -> String {
+    s.chars()
+        .flat_map(|c| {
+            let special = "\\.+*?()|[]{}^$".contains(c);
+            special
+                .then_some('\\')
+                .into_iter()
+                .chain(std::iter::once(c))
+        })
+        .collect()
+}
+
 /// `(JSON pointer, keywords merged into the schema there)`.
 fn field_rules() -> Vec<(&'static str, Value)> {
     vec![
+        (
+            "/components/schemas/KindDef/properties/description",
+            json!({"maxLength": 1000}),
+        ),
+        (
+            "/components/schemas/KindDef/properties/queue",
+            json!({"pattern": QUEUE_PATTERN}),
+        ),
+        (
+            "/components/schemas/RegisterWorker/properties/queues",
+            json!({"minItems": 1, "maxItems": 100, "items": {"type": "string", "pattern": QUEUE_PATTERN}}),
+        ),
+        (
+            "/components/schemas/RegisterWorker/properties/name",
+            name(100),
+        ),
+        (
+            "/components/schemas/RegisterWorker/properties/version",
+            json!({"maxLength": 100}),
+        ),
+        (
+            "/components/schemas/RegisterWorker/properties/labels",
+            json!({"maxProperties": 32}),
+        ),
+        (
+            "/components/schemas/LogReport/properties/lines",
+            json!({"minItems": 1, "maxItems": 100}),
+        ),
+        (
+            "/components/schemas/LogLine/properties/level",
+            json!({"enum": ["debug", "info", "warn", "error"]}),
+        ),
+        (
+            "/components/schemas/LogLine/properties/message",
+            json!({"maxLength": 10_000}),
+        ),
+        (
+            "/components/schemas/ProgressReport/properties/message",
+            json!({"maxLength": 1000}),
+        ),
+        (
+            "/components/schemas/ReportedError/properties/type",
+            name(100),
+        ),
+        (
+            "/components/schemas/ReportedError/properties/message",
+            json!({"maxLength": 10_000}),
+        ),
         (
             "/components/schemas/SubmitJob/properties/queue",
             json!({"pattern": QUEUE_PATTERN}),
@@ -342,6 +416,25 @@ pub fn apply(doc: OpenApi, ctx: &dyn KindContext) -> Value {
             *items = json!({"$ref": format!("#/components/schemas/{item}")});
         }
     }
+    // A worker declares kinds by name or with their definition.
+    if let Some(def) = v.pointer("/components/schemas/KindDef").cloned() {
+        let mut declared = def;
+        declared["properties"]["name"] = user_kind_name();
+        declared["required"] = json!(["name"]);
+        declared["description"] =
+            json!("A kind with its definition (registered or updated first).");
+        v["components"]["schemas"]["RegisterWorker"]["properties"]["kinds"] = json!({
+            "type": "array", "minItems": 1, "maxItems": 100,
+            "description": "Kinds this worker runs: names (registered with the defaults when new), or kinds with their definition.",
+            "items": {"oneOf": [user_kind_name(), declared]}});
+    }
+    set_parameter(&mut v, "/v1/kinds/{name}", "put", "name", user_kind_name());
+    for_each_parameter(
+        &mut v,
+        "Capibara-Lease",
+        json!({"type": "string", "pattern": "^[0-9a-f]{32}\\.[0-9]{1,9}\\.[0-9a-f]{32}$",
+               "description": "The lease token the lease call answered."}),
+    );
     let public: Vec<&str> = kinds::names();
     set_parameter(&mut v, "/v1/events", "get", "kind", json!({"enum": public}));
     for_each_parameter(

@@ -206,7 +206,8 @@ pub async fn put(
 
 #[utoipa::path(delete, operation_id = "deleteKind", path = "/v1/kinds/{name}", tag = "kinds",
     params(("name" = String, Path)),
-    responses((status = 204, description = "deleted"), (status = 404, body = crate::error::Problem)),
+    responses((status = 204, description = "deleted"), (status = 404, body = crate::error::Problem),
+              (status = 409, description = "a built-in kind", body = crate::error::Problem)),
     security(("bearer" = [])))]
 pub async fn delete(
     State(state): State<AppState>,

@@ -301,17 +301,17 @@ async fn worker(state: &AppState, auth: &Auth, id: Uuid) -> Result<RemoteWorker,
 }
 
 #[utoipa::path(post, operation_id = "leaseJobs", path = "/v1/workers/{id}/lease", tag = "workers",
-    params(("id" = Uuid, Path)), request_body = LeaseRequest,
+    params(("id" = String, Path)), request_body = LeaseRequest,
     responses((status = 200, body = Leased), (status = 404, body = crate::error::Problem),
               (status = 422, body = crate::error::Problem)),
     security(("bearer" = [])))]
 pub async fn lease(
     State(state): State<AppState>,
     auth: Auth,
-    Path(id): Path<Uuid>,
+    Path(id): Path<String>,
     body: ApiJson<LeaseRequest>,
 ) -> Result<Json<Leased>, ApiError> {
-    let w = worker(&state, &auth, id).await?;
+    let w = worker(&state, &auth, parse_id(&id, "worker")?).await?;
     let max = body.value.max_jobs.unwrap_or(1);
     if !(1..=100).contains(&max) {
         return Err(ApiError::field("max_jobs", "must be between 1 and 100"));
@@ -438,15 +438,16 @@ async fn wait_for_one(
 }
 
 #[utoipa::path(delete, operation_id = "deregisterWorker", path = "/v1/workers/{id}", tag = "workers",
-    params(("id" = Uuid, Path)),
+    params(("id" = String, Path)),
     responses((status = 204, description = "stopped"), (status = 404, body = crate::error::Problem)),
     security(("bearer" = [])))]
 pub async fn deregister(
     State(state): State<AppState>,
     auth: Auth,
-    Path(id): Path<Uuid>,
+    Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     auth.require(Role::Worker)?;
+    let id = parse_id(&id, "worker")?;
     store::workers::get_remote(&state.store.pool, auth.namespace(), id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no worker `{id}`")))?;
@@ -456,6 +457,12 @@ pub async fn deregister(
 
 // --- Lease-scoped calls -------------------------------------------------------------------
 
+/// A path id: not a UUID is no such resource.
+fn parse_id(id: &str, what: &str) -> Result<Uuid, ApiError> {
+    id.parse()
+        .map_err(|_| ApiError::NotFound(format!("no {what} `{id}` (ids are UUIDs)")))
+}
+
 /// The header carrying a lease token.
 pub const LEASE_HEADER: &str = "capibara-lease";
 
@@ -464,9 +471,10 @@ async fn leased(
     state: &AppState,
     auth: &Auth,
     headers: &HeaderMap,
-    job_id: Uuid,
+    job_id: &str,
 ) -> Result<(RemoteWorker, LeaseToken), ApiError> {
     auth.require(Role::Worker)?;
+    let job_id = parse_id(job_id, "job")?;
     let bad = || {
         ApiError::field(
             "Capibara-Lease",
@@ -505,10 +513,11 @@ async fn record(
     state: &AppState,
     auth: &Auth,
     headers: &HeaderMap,
-    id: Uuid,
+    id: &str,
     report: Report,
 ) -> Result<Job, ApiError> {
     let (w, token) = leased(state, auth, headers, id).await?;
+    let id = token.job_id;
     let job = store::jobs::get(&state.store.pool, &w.namespace, id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no job `{id}`")))?;
@@ -537,16 +546,17 @@ pub struct Heartbeat {
 }
 
 #[utoipa::path(post, operation_id = "heartbeatJob", path = "/v1/jobs/{id}/heartbeat", tag = "workers",
-    params(("id" = Uuid, Path), ("Capibara-Lease" = String, Header)),
+    params(("id" = String, Path), ("Capibara-Lease" = String, Header)),
     responses((status = 200, body = Heartbeat), (status = 409, body = crate::error::Problem)),
     security(("bearer" = [])))]
 pub async fn heartbeat(
     State(state): State<AppState>,
     auth: Auth,
     headers: HeaderMap,
-    Path(id): Path<Uuid>,
+    Path(id): Path<String>,
 ) -> Result<Json<Heartbeat>, ApiError> {
-    let (w, token) = leased(&state, &auth, &headers, id).await?;
+    let (w, token) = leased(&state, &auth, &headers, &id).await?;
+    let id = token.job_id;
     let term = state.config.visibility_timeout.as_secs_f64();
     let renewed =
         store::workers::renew_lease(&state.store.pool, w.id, &w.name, id, token.attempt, term)
@@ -579,7 +589,7 @@ pub struct ProgressReport {
 }
 
 #[utoipa::path(post, operation_id = "reportProgress", path = "/v1/jobs/{id}/progress", tag = "workers",
-    params(("id" = Uuid, Path), ("Capibara-Lease" = String, Header)), request_body = ProgressReport,
+    params(("id" = String, Path), ("Capibara-Lease" = String, Header)), request_body = ProgressReport,
     responses((status = 204, description = "recorded"), (status = 409, body = crate::error::Problem),
               (status = 422, body = crate::error::Problem)),
     security(("bearer" = [])))]
@@ -587,7 +597,7 @@ pub async fn progress(
     State(state): State<AppState>,
     auth: Auth,
     headers: HeaderMap,
-    Path(id): Path<Uuid>,
+    Path(id): Path<String>,
     body: ApiJson<ProgressReport>,
 ) -> Result<StatusCode, ApiError> {
     let p = body.value;
@@ -604,7 +614,7 @@ pub async fn progress(
         message: p.message,
         data: p.data,
     };
-    record(&state, &auth, &headers, id, report).await?;
+    record(&state, &auth, &headers, &id, report).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -625,7 +635,7 @@ pub struct LogReport {
 }
 
 #[utoipa::path(post, operation_id = "reportLogs", path = "/v1/jobs/{id}/logs", tag = "workers",
-    params(("id" = Uuid, Path), ("Capibara-Lease" = String, Header)), request_body = LogReport,
+    params(("id" = String, Path), ("Capibara-Lease" = String, Header)), request_body = LogReport,
     responses((status = 204, description = "recorded"), (status = 409, body = crate::error::Problem),
               (status = 422, body = crate::error::Problem)),
     security(("bearer" = [])))]
@@ -633,7 +643,7 @@ pub async fn logs(
     State(state): State<AppState>,
     auth: Auth,
     headers: HeaderMap,
-    Path(id): Path<Uuid>,
+    Path(id): Path<String>,
     body: ApiJson<LogReport>,
 ) -> Result<StatusCode, ApiError> {
     let lines = body.value.lines;
@@ -655,7 +665,7 @@ pub async fn logs(
         }
     }
     let lines = lines.into_iter().map(|l| (l.level, l.message)).collect();
-    record(&state, &auth, &headers, id, Report::Logs(lines)).await?;
+    record(&state, &auth, &headers, &id, Report::Logs(lines)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -670,7 +680,7 @@ pub struct ChunkReport {
 }
 
 #[utoipa::path(post, operation_id = "reportChunk", path = "/v1/jobs/{id}/chunks", tag = "workers",
-    params(("id" = Uuid, Path), ("Capibara-Lease" = String, Header)), request_body = ChunkReport,
+    params(("id" = String, Path), ("Capibara-Lease" = String, Header)), request_body = ChunkReport,
     responses((status = 204, description = "recorded"), (status = 409, body = crate::error::Problem),
               (status = 422, body = crate::error::Problem)),
     security(("bearer" = [])))]
@@ -678,7 +688,7 @@ pub async fn chunk(
     State(state): State<AppState>,
     auth: Auth,
     headers: HeaderMap,
-    Path(id): Path<Uuid>,
+    Path(id): Path<String>,
     body: ApiJson<ChunkReport>,
 ) -> Result<StatusCode, ApiError> {
     let c = body.value;
@@ -686,7 +696,7 @@ pub async fn chunk(
         seq: c.seq,
         data: c.data,
     };
-    record(&state, &auth, &headers, id, report).await?;
+    record(&state, &auth, &headers, &id, report).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -701,7 +711,7 @@ pub struct Complete {
 }
 
 #[utoipa::path(post, operation_id = "completeJob", path = "/v1/jobs/{id}/complete", tag = "workers",
-    params(("id" = Uuid, Path), ("Capibara-Lease" = String, Header)), request_body = Complete,
+    params(("id" = String, Path), ("Capibara-Lease" = String, Header)), request_body = Complete,
     responses((status = 200, body = Job), (status = 409, body = crate::error::Problem),
               (status = 422, body = crate::error::Problem)),
     security(("bearer" = [])))]
@@ -709,7 +719,7 @@ pub async fn complete(
     State(state): State<AppState>,
     auth: Auth,
     headers: HeaderMap,
-    Path(id): Path<Uuid>,
+    Path(id): Path<String>,
     body: ApiJson<Complete>,
 ) -> Result<Json<Job>, ApiError> {
     let output = body.value.output.unwrap_or(Value::Null);
@@ -718,7 +728,7 @@ pub async fn complete(
         artifacts: Vec::new(),
     };
     Ok(Json(
-        record(&state, &auth, &headers, id, Report::End(end)).await?,
+        record(&state, &auth, &headers, &id, Report::End(end)).await?,
     ))
 }
 
@@ -747,7 +757,7 @@ pub struct Fail {
 }
 
 #[utoipa::path(post, operation_id = "failJob", path = "/v1/jobs/{id}/fail", tag = "workers",
-    params(("id" = Uuid, Path), ("Capibara-Lease" = String, Header)), request_body = Fail,
+    params(("id" = String, Path), ("Capibara-Lease" = String, Header)), request_body = Fail,
     responses((status = 200, body = Job), (status = 409, body = crate::error::Problem),
               (status = 422, body = crate::error::Problem)),
     security(("bearer" = [])))]
@@ -755,7 +765,7 @@ pub async fn fail(
     State(state): State<AppState>,
     auth: Auth,
     headers: HeaderMap,
-    Path(id): Path<Uuid>,
+    Path(id): Path<String>,
     body: ApiJson<Fail>,
 ) -> Result<Json<Job>, ApiError> {
     let f = body.value;
@@ -782,26 +792,26 @@ pub async fn fail(
         retry_after,
     };
     Ok(Json(
-        record(&state, &auth, &headers, id, Report::End(end)).await?,
+        record(&state, &auth, &headers, &id, Report::End(end)).await?,
     ))
 }
 
 #[utoipa::path(post, operation_id = "releaseJob", path = "/v1/jobs/{id}/release", tag = "workers",
-    params(("id" = Uuid, Path), ("Capibara-Lease" = String, Header)),
+    params(("id" = String, Path), ("Capibara-Lease" = String, Header)),
     responses((status = 200, body = Job), (status = 409, body = crate::error::Problem)),
     security(("bearer" = [])))]
 pub async fn release(
     State(state): State<AppState>,
     auth: Auth,
     headers: HeaderMap,
-    Path(id): Path<Uuid>,
+    Path(id): Path<String>,
 ) -> Result<Json<Job>, ApiError> {
     Ok(Json(
         record(
             &state,
             &auth,
             &headers,
-            id,
+            &id,
             Report::End(AttemptEnd::Released),
         )
         .await?,
