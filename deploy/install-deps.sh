@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what building and testing Capibara needs on Debian/Ubuntu: PostgreSQL, Redis,
-# espeak-ng (TTS executor) and build tools. Idempotent: apt is not touched when everything
+# espeak-ng (TTS executor), build tools, and Node.js (the TypeScript SDK's tests). Idempotent: apt is not touched when everything
 # is already there. Docker is never needed.
 set -euo pipefail
 
@@ -24,12 +24,14 @@ have_cmd curl || missing+=(curl)
 [[ -f /etc/ssl/certs/ca-certificates.crt ]] || missing+=(ca-certificates)
 # Assets come from PyPI wheels (pip), and the S3 test server runs in a venv.
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=("python3-venv python3-pip")
+# The SDKs' tests (sdk/typescript runs on Node >= 18; Debian 12 ships 18).
+have_cmd node || missing+=(nodejs)
 
 if ((${#missing[@]} > 0)); then
     log "missing: ${missing[*]}"
     if ! have_cmd apt-get; then
         log "error: apt-get not found; install the packages postgresql redis-server espeak-ng" \
-            "libespeak-ng-dev curl ca-certificates pkg-config with your package manager"
+            "libespeak-ng-dev curl ca-certificates pkg-config nodejs with your package manager"
         exit 1
     fi
     sudo=()
@@ -44,7 +46,7 @@ if ((${#missing[@]} > 0)); then
     "${sudo[@]}" apt-get update
     "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y \
         postgresql redis-server espeak-ng libespeak-ng-dev curl ca-certificates pkg-config \
-        python3-venv python3-pip
+        python3-venv python3-pip nodejs
 else
     log "system packages present (postgres, psql, redis-server, espeak-ng, build tools)"
 fi

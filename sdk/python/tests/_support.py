@@ -50,8 +50,22 @@ class ServerTestCase(unittest.TestCase):
         self.client = capibara.Client()
         self.addCleanup(self.client.close)
 
+    def kind(self) -> str:
+        """A kind name of this test only, deleted when the test ends."""
+        name = unique_kind()
+
+        def delete() -> None:
+            try:
+                self.client.delete_kind(name)
+            except capibara.NotFound:
+                pass
+
+        self.addCleanup(delete)
+        return name
+
     def worker(self, **kw: Any) -> capibara.Worker:
         kw.setdefault("poll_s", 1.0)
+        kw.setdefault("grace_s", 5.0)
         kw.setdefault("name", f"sdk-test-{self._testMethodName}"[:100])
         return capibara.Worker(self.client, **kw)
 
@@ -72,8 +86,7 @@ class ServerTestCase(unittest.TestCase):
 
         def stop() -> None:
             worker.stop()
-            worker.stop()  # skip the grace period
-            t.join(15)
+            t.join(20)
             self.assertFalse(t.is_alive(), "the worker did not stop")
             if errors:
                 raise errors[0]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-from _support import ServerTestCase, capibara, requires_server, unique_kind
+from _support import ServerTestCase, capibara, requires_server
 
 
 @requires_server
@@ -25,7 +25,9 @@ class SubmitAndWaitTest(ServerTestCase):
         self.assertEqual(self.client.get(job.id).status, "succeeded")
 
     def test_wait_timeout_raises_with_the_job(self) -> None:
-        job = self.client.submit(unique_kind())  # no worker runs this kind
+        kind = self.kind()
+        self.client.put_kind(kind)
+        job = self.client.submit(kind)  # no worker runs this kind
         with self.assertRaises(capibara.WaitTimeout) as cm:
             self.client.wait(job.id, timeout=1)
         self.assertEqual(cm.exception.resource["id"], job.id)
@@ -63,7 +65,7 @@ class SubmitAndWaitTest(ServerTestCase):
 @requires_server
 class KindsTest(ServerTestCase):
     def test_put_list_get_delete_and_schema_validation(self) -> None:
-        kind = unique_kind()
+        kind = self.kind()
         schema = {"type": "object", "required": ["width"],
                   "properties": {"width": {"type": "integer", "minimum": 1}}}
         created = self.client.put_kind(kind, input_schema=schema, description="test kind")

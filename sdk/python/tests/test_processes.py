@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import signal
 
-from _support import FAST_BACKOFF, ServerTestCase, WorkerProcess, requires_server, unique_kind, wait_status
+from _support import FAST_BACKOFF, ServerTestCase, WorkerProcess, requires_server
 
 
 @requires_server
@@ -18,7 +18,7 @@ class ProcessTest(ServerTestCase):
         return p
 
     def test_a_sigkilled_workers_job_runs_again_on_attempt_two(self) -> None:
-        kind = unique_kind()
+        kind = self.kind()
         first = self.spawn(kind, "--hang-first")
         job = self.client.submit(kind, max_attempts=3, backoff=FAST_BACKOFF)
         self.assertEqual(first.wait_line(f"started {job.id}"), f"started {job.id} 1")
@@ -32,8 +32,9 @@ class ProcessTest(ServerTestCase):
         self.assertEqual([f["error"]["type"] for f in failed], ["worker_lost"])
 
     def test_sigterm_lets_the_running_handler_finish_and_stops_leasing(self) -> None:
-        kind = unique_kind()
-        w = self.spawn(kind, "--sleep", "1.5", "--grace", "20")
+        kind = self.kind()
+        # The handler outlives the 3 s lease: it succeeds on attempt 1 only if heartbeats renew it.
+        w = self.spawn(kind, "--sleep", "4", "--grace", "20")
         job = self.client.submit(kind)
         w.wait_line(f"started {job.id}")
         w.signal(signal.SIGTERM)
@@ -49,7 +50,7 @@ class ProcessTest(ServerTestCase):
         self.assertEqual(self.client.wait(later.id, timeout=20).status, "succeeded")
 
     def test_sigterm_releases_a_handler_that_outlives_the_grace_period(self) -> None:
-        kind = unique_kind()
+        kind = self.kind()
         w = self.spawn(kind, "--sleep", "60", "--grace", "1")
         job = self.client.submit(kind, max_attempts=1)
         w.wait_line(f"started {job.id}")

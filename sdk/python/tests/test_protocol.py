@@ -5,13 +5,13 @@ from __future__ import annotations
 import time
 import uuid
 
-from _support import FAST_BACKOFF, ServerTestCase, capibara, requires_server, unique_kind
+from _support import FAST_BACKOFF, ServerTestCase, capibara, requires_server
 
 
 @requires_server
 class StaleLeaseTest(ServerTestCase):
     def test_an_expired_lease_is_refused_and_records_nothing(self) -> None:
-        kind = unique_kind()
+        kind = self.kind()
         a = self.client.register_worker([kind], name="sdk-stale-a")
         self.addCleanup(self.client.deregister_worker, a["id"])
         self.assertEqual(a["kinds"], [kind])
@@ -58,7 +58,7 @@ class StaleLeaseTest(ServerTestCase):
             self.client.complete(job.id, second.token, {"again": True})
 
     def test_a_malformed_token_or_another_jobs_token(self) -> None:
-        kind = unique_kind()
+        kind = self.kind()
         w = self.client.register_worker([kind])
         self.addCleanup(self.client.deregister_worker, w["id"])
         one = self.client.submit(kind)

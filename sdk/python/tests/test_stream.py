@@ -6,13 +6,13 @@ import threading
 import time
 from typing import Any
 
-from _support import ServerTestCase, capibara, requires_server, unique_kind
+from _support import ServerTestCase, capibara, requires_server
 
 
 @requires_server
 class StreamTest(ServerTestCase):
     def test_live_stream_resumes_after_the_last_event_without_gap_or_duplicate(self) -> None:
-        kind = unique_kind()
+        kind = self.kind()
         go = threading.Event()
         w = self.worker()
 

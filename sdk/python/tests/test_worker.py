@@ -8,13 +8,13 @@ import threading
 import time
 from typing import Any, Dict, List
 
-from _support import FAST_BACKOFF, ServerTestCase, capibara, requires_server, unique_kind, wait_status
+from _support import FAST_BACKOFF, ServerTestCase, capibara, requires_server, wait_status
 
 
 @requires_server
 class WorkerTest(ServerTestCase):
     def test_runs_jobs_with_progress_logs_and_chunks(self) -> None:
-        kind = unique_kind()
+        kind = self.kind()
         w = self.worker(concurrency=8)
 
         @w.handler(kind, input_schema={"type": "object", "required": ["n"],
@@ -46,7 +46,7 @@ class WorkerTest(ServerTestCase):
         self.assertEqual(done[3].progress.get("message"), "half way")
 
     def test_cancel_reaches_a_running_sync_handler(self) -> None:
-        kind = unique_kind()
+        kind = self.kind()
         saw: Dict[str, Any] = {}
         started = threading.Event()
         w = self.worker()
@@ -72,7 +72,7 @@ class WorkerTest(ServerTestCase):
         self.assertIn("JobCanceled", self.types(job.id))
 
     def test_cancel_cancels_an_async_handler_task(self) -> None:
-        kind = unique_kind()
+        kind = self.kind()
         cancelled = threading.Event()
         w = self.worker()
 
@@ -93,7 +93,7 @@ class WorkerTest(ServerTestCase):
         self.assertTrue(cancelled.is_set())
 
     def test_a_raising_handler_is_retried_and_attempt_two_succeeds(self) -> None:
-        kind = unique_kind()
+        kind = self.kind()
         w = self.worker()
         attempts: List[int] = []
 
@@ -115,7 +115,7 @@ class WorkerTest(ServerTestCase):
         self.assertEqual(failed[0]["error"]["message"], "first attempt fails")
 
     def test_fatal_retry_after_and_timeout(self) -> None:
-        fatal, later, slow = unique_kind(), unique_kind(), unique_kind()
+        fatal, later, slow = self.kind(), self.kind(), self.kind()
         w = self.worker()
 
         @w.handler(fatal)
@@ -140,3 +140,50 @@ class WorkerTest(ServerTestCase):
         self.assertEqual((a.status, a.attempt, a.error["type"]), ("failed", 1, "bad_input"))
         self.assertEqual((b.status, b.attempt, b.output), ("succeeded", 2, "ok"))
         self.assertEqual((c.status, c.error["type"]), ("failed", "timeout"))
+
+
+@requires_server
+class WorkerLifecycleTest(ServerTestCase):
+    def test_run_async_runs_async_handlers_on_the_callers_loop(self) -> None:
+        kind = self.kind()
+        w = self.worker()
+        loops = []
+
+        @w.handler(kind)
+        async def handle(job: capibara.JobContext) -> Any:
+            loops.append(asyncio.get_running_loop())
+            job.progress(10, "async progress")
+            await asyncio.sleep(0.05)
+            return {"n": job.input["n"] + 1}
+
+        async def main() -> None:
+            task = asyncio.ensure_future(w.run_async())
+            await asyncio.get_running_loop().run_in_executor(None, w.ready.wait, 10)
+            ac = capibara.AsyncClient(client=self.client)
+            jobs = await asyncio.gather(*(ac.submit(kind, {"n": i}) for i in range(4)))
+            done = await asyncio.gather(*(ac.wait(j.id, 20) for j in jobs))
+            self.assertEqual([d.output for d in done], [{"n": i + 1} for i in range(4)])
+            self.assertEqual(set(map(id, loops)), {id(asyncio.get_running_loop())})
+            task.cancel()  # stops the worker gracefully
+            with self.assertRaises(asyncio.CancelledError):
+                await task
+
+        asyncio.run(main())
+        self.assertIn("async progress", [e.data.get("message") for e in self.client.events(
+            self.client.list_jobs(kind=kind, limit=1)["items"][0]["id"]) if e.type == "JobProgress"])
+
+    def test_a_worker_deregistered_behind_its_back_registers_again(self) -> None:
+        kind = self.kind()
+        w = self.worker()
+
+        @w.handler(kind)
+        def handle(job: capibara.JobContext) -> Any:
+            return "ok"
+
+        self.start_worker(w)
+        first_id = w.worker_id
+        assert first_id is not None
+        self.client.deregister_worker(first_id)
+        job = self.client.submit(kind)
+        self.assertEqual(self.client.wait(job.id, timeout=20).output, "ok")
+        self.assertNotEqual(w.worker_id, first_id)

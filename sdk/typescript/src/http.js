@@ -54,10 +54,6 @@ export function anySignal(signals) {
   };
 }
 
-function isAbort(err) {
-  return err?.name === "AbortError";
-}
-
 /** The HTTP transport of a `Client`. */
 export class Http {
   /**
@@ -193,5 +189,3 @@ function describe(err) {
   const c = cause?.code ?? cause?.message;
   return c ? `${err.message} (${c})` : String(err?.message ?? err);
 }
-
-export { isAbort };

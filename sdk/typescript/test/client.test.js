@@ -172,6 +172,39 @@ describe("client (real server)", needsServer, () => {
       assert.equal((await client.get(job.id)).status, "succeeded");
     });
 
+    /** Follow the firehose with `filters` until our job's JobSucceeded; the events seen. */
+    async function firehose(filters, job) {
+      const ctrl = new AbortController();
+      const timer = setTimeout(() => ctrl.abort(), 20000);
+      const seen = [];
+      try {
+        for await (const ev of client.streamAll({ ...filters, lastEventId: "0", signal: ctrl.signal })) {
+          seen.push(ev);
+          if (ev.type === "JobSucceeded" && ev.stream_id === job.id) break;
+        }
+      } finally {
+        clearTimeout(timer);
+      }
+      return seen;
+    }
+
+    test("streamAll() follows the firehose with filters (tag, types)", async () => {
+      const tag = `sdk:${kind}`;
+      const job = await client.submit(kind, { x: 2 }, { tags: { sdk: kind } });
+      const seen = await firehose({ tag, types: ["JobStarted", "JobSucceeded"] }, job);
+      assert.deepEqual(seen.map((e) => [e.stream_id, e.type]), [
+        [job.id, "JobStarted"],
+        [job.id, "JobSucceeded"],
+      ]);
+    });
+
+    test("streamAll() filters by a user kind", async () => {
+      const job = await client.submit(kind, { x: 3 });
+      const seen = await firehose({ kind, types: ["JobSucceeded"] }, job);
+      assert.ok(seen.length >= 1);
+      assert.ok(seen.every((e) => e.metadata.kind === kind && e.type === "JobSucceeded"));
+    });
+
     test("events() pages with after and limit", async () => {
       const job = await client.submit("echo", { p: 1 }, { waitS: 20 });
       const all = await client.allEvents(job.id);

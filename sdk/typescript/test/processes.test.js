@@ -6,7 +6,7 @@
 import assert from "node:assert/strict";
 import { describe, test } from "node:test";
 
-import { Client, LeaseLostError, Worker } from "../src/index.js";
+import { Client, Lease, LeaseLostError, ValidationError, Worker } from "../src/index.js";
 import { SERVER, memoryLogger, needsServer, spawnWorker, uniqueKind, until } from "../testing/helpers.js";
 
 const FAST_RETRY = { initial_ms: 100, factor: 2, max_ms: 1000 };
@@ -93,13 +93,23 @@ describe("worker processes (real server)", { ...needsServer, concurrency: true }
     await assert.rejects(old.fail({ type: "x", message: "stale fail" }), LeaseLostError);
     await assert.rejects(old.logs([{ level: "info", message: "stale log" }]), LeaseLostError);
 
+    // A malformed token is a 422 naming the header; a token of another job is a lost lease.
+    const garbage = new Lease(client, { job: fresh.job, lease: { token: "not-a-token", expires_at: "" } });
+    const bad = await garbage.heartbeat().catch((e) => e);
+    assert.ok(bad instanceof ValidationError, String(bad));
+    assert.equal(bad.field, "Capibara-Lease");
+    const other = await client.submit(kind, { n: 2 });
+    const crossed = new Lease(client, { job: other, lease: { token: fresh.token, expires_at: "" } });
+    await assert.rejects(crossed.complete({ from: "crossed" }), LeaseLostError);
+    await client.cancel(other.id);
+
     const before = await client.allEvents(sub.id);
     const done = await fresh.complete({ from: "fresh" });
     assert.equal(done.status, "succeeded");
     const evs = await client.allEvents(sub.id);
     assert.deepEqual(evs.slice(0, before.length).map((e) => e.id), before.map((e) => e.id));
     const text = JSON.stringify(evs);
-    for (const stale of ["stale progress", "stale fail", "stale log", '"stale"']) {
+    for (const stale of ["stale progress", "stale fail", "stale log", '"stale"', "crossed"]) {
       assert.ok(!text.includes(stale), `the stale token recorded ${stale}`);
     }
     const succeeded = evs.filter((e) => e.type === "JobSucceeded");
@@ -168,7 +178,11 @@ describe("worker processes (real server)", { ...needsServer, concurrency: true }
       assert.equal(jc.status, "queued");
       const evs = await client.allEvents(c.id);
       assert.ok(evs.some((e) => e.type === "JobQueued" && e.data.reason === "released"));
-      assert.ok(!evs.some((e) => e.type === "JobAttemptFailed"), "a release is not a failed attempt");
+      // The server records the released attempt as ended by the shutdown, not as a lost worker,
+      // and it does not use up an attempt: as many attempts are left as before it started.
+      const ended = evs.filter((e) => e.type === "JobAttemptFailed").map((e) => e.data.error.type);
+      assert.deepEqual(ended, ["worker_shutdown"]);
+      assert.equal(jc.max_attempts - jc.attempt, c.max_attempts);
       h = await helper(kind);
       const done = await client.wait(c.id, { timeoutMs: 20000 });
       assert.equal(done.status, "succeeded");

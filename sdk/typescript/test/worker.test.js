@@ -4,7 +4,7 @@
 import assert from "node:assert/strict";
 import { describe, test } from "node:test";
 
-import { CanceledError, Client, FatalError, JobTimeoutError, Worker } from "../src/index.js";
+import { CanceledError, Client, FatalError, JobTimeoutError, RetryAfterError, Worker } from "../src/index.js";
 import { SERVER, memoryLogger, needsServer, uniqueKind } from "../testing/helpers.js";
 
 const FAST_RETRY = { initial_ms: 100, factor: 2, max_ms: 1000 };
@@ -105,6 +105,32 @@ describe("worker (real server)", needsServer, () => {
     }
   });
 
+  test("RetryAfterError retries no sooner than its delay", async () => {
+    const kind = uniqueKind();
+    const w = await worker({
+      [kind]: [
+        async (job) => {
+          if (job.attempt === 1) throw new RetryAfterError(1.5, "rate limited upstream");
+          return "later";
+        },
+      ],
+    });
+    try {
+      const sub = await client.submit(kind, {}, { backoff: FAST_RETRY });
+      const job = await client.wait(sub.id, { timeoutMs: 20000 });
+      assert.equal(job.status, "succeeded");
+      assert.equal(job.attempt, 2);
+      const evs = await client.allEvents(sub.id);
+      const failed = evs.find((e) => e.type === "JobAttemptFailed");
+      assert.equal(failed.data.error.type, "retry_after");
+      const started = evs.filter((e) => e.type === "JobStarted");
+      const gap = Date.parse(started[1].recorded_at) - Date.parse(failed.recorded_at);
+      assert.ok(gap >= 1400, `attempt 2 started ${gap} ms after the failure, expected ≥ 1500`);
+    } finally {
+      await w.stop();
+    }
+  });
+
   test("cancel reaches the running handler through job.signal; the job ends canceled", async () => {
     const kind = uniqueKind();
     let started;
@@ -163,6 +189,25 @@ describe("worker (real server)", needsServer, () => {
       assert.equal(job.attempt, 2);
       const failed = (await client.allEvents(sub.id)).find((e) => e.type === "JobAttemptFailed");
       assert.equal(failed.data.error.type, "timeout");
+    } finally {
+      await w.stop();
+    }
+  });
+
+  test("a kind handled by the SDK runs as a workflow step", async () => {
+    const kind = uniqueKind();
+    const w = await worker({ [kind]: [async (job) => ({ doubled: job.input.n * 2 })] });
+    try {
+      const wf = await client.createWorkflow({
+        name: `sdk-ts-${kind}`,
+        steps: [{ id: "a", kind, input: { n: "{{ input.n }}" } }],
+        output: "{{ steps.a.output }}",
+      });
+      const run = await client.startRun(wf.id, { n: 21 }, { waitS: 30 });
+      const ended = run.status === "succeeded" ? run : await client.waitRun(run.id, { timeoutMs: 30000 });
+      assert.equal(ended.status, "succeeded");
+      assert.deepEqual(ended.output, { doubled: 42 });
+      await client.deleteWorkflow(wf.id);
     } finally {
       await w.stop();
     }

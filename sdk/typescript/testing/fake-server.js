@@ -46,12 +46,11 @@ export async function startFakeServer({ leaseS = 3, backoffMs = 100 } = {}) {
     notify();
   }
   function view(job) {
-    const { events, lease, freeAttempts, ...rest } = job;
+    const { events, lease, ...rest } = job;
     return rest;
   }
   function retryOrFail(job, error, retryAfterS) {
-    const used = job.attempt - job.freeAttempts;
-    if (used < job.max_attempts) {
+    if (job.attempt < job.max_attempts) {
       const at = Date.now() + (retryAfterS != null ? retryAfterS * 1000 : backoffMs);
       append(job, "JobAttemptFailed", { attempt: job.attempt, error, retry_at: new Date(at).toISOString() });
       job.status = "scheduled";
@@ -205,7 +204,6 @@ export async function startFakeServer({ leaseS = 3, backoffMs = 100 } = {}) {
         tags: body.tags ?? {},
         events: [],
         lease: null,
-        freeAttempts: 0,
       };
       jobs.set(job.id, job);
       append(job, "JobSubmitted", body);
@@ -303,10 +301,15 @@ export async function startFakeServer({ leaseS = 3, backoffMs = 100 } = {}) {
             }
             return json(res, 200, view(job));
           case "release":
+            // As the server does: the attempt ends, and the budget grows by one.
+            append(job, "JobAttemptFailed", {
+              attempt: job.attempt,
+              error: { type: "worker_shutdown", message: "the worker stopped before the attempt finished" },
+            });
             job.status = "queued";
             job.lease = null;
-            job.freeAttempts++;
-            append(job, "JobQueued", { reason: "released" });
+            job.max_attempts++;
+            append(job, "JobQueued", { reason: "released", max_attempts: job.max_attempts });
             return json(res, 200, view(job));
         }
       }

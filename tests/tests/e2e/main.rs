@@ -18,6 +18,7 @@ mod operations;
 mod poison;
 mod receiver_selftest;
 mod schedules;
+mod sdks;
 mod triggers;
 mod tts;
 mod user_workers;

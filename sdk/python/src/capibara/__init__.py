@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from .async_client import AsyncClient
 from .client import Client
 from .errors import (
@@ -32,6 +34,9 @@ from .models import Event, Job, Lease, Model, Run
 from .worker import Worker
 
 __version__ = "0.1.0"
+
+# Silent unless the application configures logging (`logging.basicConfig(level=logging.INFO)`).
+logging.getLogger("capibara").addHandler(logging.NullHandler())
 
 __all__ = [
     "AsyncClient",

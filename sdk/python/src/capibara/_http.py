@@ -257,7 +257,7 @@ def _query_value(v: Any) -> str:
 
 def _backoff(attempt: int) -> float:
     """0.2 s, 0.4 s, 0.8 s, … (at most 5 s), with ±20 % jitter."""
-    return min(5.0, 0.2 * (2**attempt)) * random.uniform(0.8, 1.2)
+    return float(min(5.0, 0.2 * 2.0**attempt) * random.uniform(0.8, 1.2))
 
 
 def shutdown_socket(conn: Optional[http.client.HTTPConnection]) -> None:

@@ -31,7 +31,7 @@ async def _aiter(make: Callable[[], Iterator[Event]]) -> AsyncIterator[Event]:
             item = await _call(next, it, _END)
             if item is _END:
                 return
-            yield item  # type: ignore[misc]
+            yield item
     finally:
         await _call(it.close)  # type: ignore[attr-defined]
 

@@ -320,10 +320,13 @@ class Client:
         """Register a worker for `kinds` (names, or `{"name": …, <kind spec>}` objects that
         register or update the kind). Answers `{id, lease_s, heartbeat_s, kinds, queues, …}`."""
         body: Dict[str, Any] = {"kinds": [k if isinstance(k, str) else dict(k) for k in kinds]}
-        for key, value in (("queues", queues), ("concurrency", concurrency), ("name", name),
-                           ("labels", labels), ("version", version)):
+        if queues is not None:
+            body["queues"] = list(queues)
+        if labels is not None:
+            body["labels"] = dict(labels)
+        for key, value in (("concurrency", concurrency), ("name", name), ("version", version)):
             if value is not None:
-                body[key] = list(value) if key == "queues" else (dict(value) if key == "labels" else value)
+                body[key] = value
         return self._http.request("POST", "/v1/workers", json=body).body or {}
 
     def lease(self, worker_id: str, max_jobs: int = 1, wait_ms: Optional[int] = None) -> List[Lease]:

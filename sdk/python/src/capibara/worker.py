@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import json
 import logging
@@ -12,12 +13,13 @@ import socket
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from .client import Client
 from .errors import (
     CapibaraError,
     Cancelled,
+    Conflict,
     Fatal,
     LeaseLost,
     NotFound,
@@ -109,7 +111,7 @@ class Worker:
         *,
         queues: Optional[Sequence[str]] = None,
         grace_s: float = 30.0,
-        poll_s: float = 10.0,
+        poll_s: float = 5.0,
         heartbeat_s: Optional[float] = None,
     ) -> None:
         if concurrency < 1:
@@ -137,6 +139,7 @@ class Worker:
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._io: Optional[ThreadPoolExecutor] = None
         self._registration: Dict[str, Any] = {}
+        self._served = False
 
     # Handlers.
 
@@ -191,6 +194,32 @@ class Worker:
             for sig, old in restore:
                 signal.signal(sig, old)
 
+    @contextlib.contextmanager
+    def background(self) -> Iterator["Worker"]:
+        """Run the worker on a thread for the duration of a `with` block (registered on entry,
+        stopped gracefully on exit)."""
+        failed: List[BaseException] = []
+
+        def main() -> None:
+            try:
+                self._serve(own_loop=True)
+            except BaseException as e:
+                failed.append(e)
+                self.ready.set()
+
+        t = threading.Thread(target=main, name="capibara-worker", daemon=True)
+        t.start()
+        self.ready.wait()
+        if failed:
+            raise failed[0]
+        try:
+            yield self
+        finally:
+            self.stop()
+            t.join()
+        if failed:
+            raise failed[0]
+
     async def run_async(self) -> None:
         """`run()` for asyncio programs: async handlers run on the calling loop; the protocol's
         blocking HTTP calls run on threads. Cancelling this coroutine stops the worker."""
@@ -217,7 +246,7 @@ class Worker:
     def _install_signals(self) -> List[Tuple[int, Any]]:
         if threading.current_thread() is not threading.main_thread():
             return []
-        restore = []
+        restore: List[Tuple[int, Any]] = []
         for sig in (signal.SIGTERM, signal.SIGINT):
             restore.append((sig, signal.getsignal(sig)))
             signal.signal(sig, lambda _s, _f: self.stop())
@@ -226,6 +255,10 @@ class Worker:
     def _serve(self, own_loop: bool) -> None:
         if not self._specs:
             raise ValueError("no handlers: decorate one with @worker.handler(kind)")
+        with self._cond:
+            if self._served:
+                raise RuntimeError("a Worker runs once; create another to run again")
+            self._served = True
         self._io = ThreadPoolExecutor(max_workers=8, thread_name_prefix="capibara-io")
         loop_thread = None
         if own_loop and any(s.is_async for s in self._specs.values()):
@@ -319,8 +352,10 @@ class Worker:
                 leases = self.client.lease(self.worker_id or "", max_jobs=min(free, 100),
                                            wait_ms=int(self.poll_s * 1000))
                 failures = 0
-            except NotFound:
-                log.warning("capibara: worker %s is unknown to the server; registering again", self.worker_id)
+            except (NotFound, Conflict) as e:  # unknown, or deregistered by someone else
+                if self._stop.is_set():
+                    return
+                log.warning("capibara: worker %s: %s; registering again", self.worker_id, e)
                 self._retry_register()
                 continue
             except Exception as e:  # never let the loop die: back off and try again
@@ -433,16 +468,16 @@ class Worker:
                 except ValidationError as e:
                     self._fail(job_id, token, "invalid_output", e.detail or str(e), retryable=False)
             else:
-                e = value
-                if isinstance(e, Fatal):
-                    self._fail(job_id, token, e.type, e.message or str(e), retryable=False)
-                elif isinstance(e, RetryAfter):
-                    self._fail(job_id, token, e.type, e.message or str(e), retry_after_s=e.seconds)
-                elif isinstance(e, (Cancelled, asyncio.CancelledError)):
-                    self._fail(job_id, token, "canceled", str(e) or "canceled", retryable=False)
+                err: BaseException = value
+                if isinstance(err, Fatal):
+                    self._fail(job_id, token, err.type, err.message or str(err), retryable=False)
+                elif isinstance(err, RetryAfter):
+                    self._fail(job_id, token, err.type, err.message or str(err), retry_after_s=err.seconds)
+                elif isinstance(err, (Cancelled, asyncio.CancelledError)):
+                    self._fail(job_id, token, "canceled", str(err) or "canceled", retryable=False)
                 else:
-                    log.warning("capibara: job %s (attempt %s) raised %r", job_id, ctx.attempt, e)
-                    self._fail(job_id, token, type(e).__name__, str(e) or repr(e))
+                    log.warning("capibara: job %s (attempt %s) raised %r", job_id, ctx.attempt, err)
+                    self._fail(job_id, token, type(err).__name__, str(err) or repr(err))
         except LeaseLost:
             log.warning("capibara: job %s lost its lease before its result was recorded; dropped", job_id)
         except CapibaraError as e:
@@ -520,18 +555,22 @@ class Worker:
     def _drain(self, lease_thread: threading.Thread) -> None:
         deadline = time.monotonic() + self.grace_s
         with self._cond:
-            while self._running and not self._force.is_set():
+            while not self._force.is_set() and any(not r.finalized for r in self._running.values()):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
                 self._cond.wait(min(left, 0.2))
+        # The last long poll returns (what it brings is released) before handlers are released,
+        # so that a released job is not leased again by this worker.
+        if not self._force.is_set():
+            lease_thread.join(timeout=self.poll_s + self.client._http.timeout + 5)
+        with self._cond:
             left_over = [r for r in self._running.values() if not r.finalized]
         for run in left_over:
             if run.claim_final():
                 log.info("capibara: job %s still running after the grace period; releasing it", run.id)
                 self._interrupt(run, "shutdown")
                 self._release(run.lease)
-        lease_thread.join(timeout=self.poll_s + self.client._http.timeout + 5)
         # Final reports under way on handler threads finish before the worker deregisters.
         end = time.monotonic() + 10
         with self._cond:
