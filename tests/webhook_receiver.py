@@ -90,6 +90,8 @@ class State:
         self.fail_first = args.fail_first
         self.status_after = args.status_after
         self.always = args.always
+        self.reply_input = args.reply_input
+        self.retry_after = args.retry_after
         self.verified_count = 0
         self.lock = threading.Lock()
         self.log = open(args.log, "a", encoding="utf-8")
@@ -117,9 +119,11 @@ def make_handler(state):
         def log_message(self, fmt, *a):  # keep stderr quiet
             pass
 
-        def _reply(self, status, payload):
+        def _reply(self, status, payload, headers=()):
             data = json.dumps(payload).encode()
             self.send_response(status)
+            for k, v in headers:
+                self.send_header(k, v)
             self.send_header("content-type", "application/json")
             self.send_header("content-length", str(len(data)))
             self.end_headers()
@@ -154,7 +158,13 @@ def make_handler(state):
                 if raw is not None:
                     record["raw_body"] = raw
                 state.write(record)
-            if status == 200:
+            if status == 200 and state.reply_input:
+                # A push endpoint's answer: the job's input and attempt.
+                job = (parsed or {}).get("job") or {}
+                self._reply(200, {"input": job.get("input"), "attempt": job.get("attempt")})
+            elif status == 429 and state.retry_after is not None:
+                self._reply(429, {"ok": False}, [("retry-after", str(state.retry_after))])
+            elif status == 200:
                 self._reply(200, {"ok": True})
             elif status == 401:
                 self._reply(401, {"ok": False, "error": reason})
@@ -177,6 +187,9 @@ def main():
     p.add_argument("--status-after", type=int)
     p.add_argument("--always", type=int)
     p.add_argument("--tolerance", type=int, default=300)
+    p.add_argument("--reply-input", action="store_true",
+                   help="answer 200 with {input, attempt} of the pushed job")
+    p.add_argument("--retry-after", type=int, help="Retry-After (seconds) on 429 answers")
     args = p.parse_args()
     try:
         state = State(args)

@@ -54,7 +54,14 @@ use Component::{Api, Scheduler, Worker};
 use MetricType::{Counter, Gauge, Histogram};
 
 const ALL: &[Component] = &[Api, Worker, Scheduler];
-const JOB_OUTCOMES: &[&str] = &["succeeded", "failed", "timed_out", "canceled", "released"];
+const JOB_OUTCOMES: &[&str] = &[
+    "succeeded",
+    "failed",
+    "timed_out",
+    "canceled",
+    "released",
+    "detached",
+];
 
 /// The catalog (docs/configuration.md lists it too; a test keeps the two in step).
 pub const METRICS: &[MetricSpec] = &[

@@ -26,6 +26,10 @@ pub struct ReceiverOptions {
     pub tolerance_s: Option<u64>,
     /// Listen on this port (default: any free one).
     pub port: Option<u16>,
+    /// Answer 200s with `{input, attempt}` of the pushed job (a push kind's endpoint).
+    pub reply_input: bool,
+    /// `Retry-After` (seconds) on 429 answers.
+    pub retry_after_s: Option<u64>,
 }
 
 /// A running receiver; killed and reaped on drop.
@@ -70,6 +74,12 @@ impl Receiver {
         }
         if let Some(t) = opts.tolerance_s {
             c.arg("--tolerance").arg(t.to_string());
+        }
+        if opts.reply_input {
+            c.arg("--reply-input");
+        }
+        if let Some(s) = opts.retry_after_s {
+            c.arg("--retry-after").arg(s.to_string());
         }
         c.stdin(Stdio::null()).stdout(Stdio::piped());
         let mut child = c

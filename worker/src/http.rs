@@ -49,6 +49,10 @@ pub struct HttpResponse {
     pub duration: Duration,
     /// The body was longer than `max_response_bytes` and was cut there.
     pub truncated: bool,
+    /// The body read (at most `max_response_bytes`).
+    pub body: Vec<u8>,
+    /// `Retry-After` in seconds, when the response has one.
+    pub retry_after: Option<Duration>,
 }
 
 /// Why no response came back.
@@ -151,6 +155,12 @@ async fn send_pinned(
         .await
         .map_err(map_reqwest)?;
     let status = resp.status().as_u16();
+    let retry_after = resp
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs);
 
     let cap = policy.max_response_bytes;
     let mut buf: Vec<u8> = Vec::new();
@@ -175,6 +185,8 @@ async fn send_pinned(
         body_snippet,
         duration: started.elapsed(),
         truncated,
+        body: buf,
+        retry_after,
     })
 }
 

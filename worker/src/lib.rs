@@ -44,7 +44,16 @@ pub fn registry(store: &Store, config: &Config, warm: &WarmUp) -> executors::Reg
     });
     register_code(&mut registry, store, config);
     executors::tts::register(&mut registry, config, warm);
-    registry
+    registry.with_push(executors::PushSupport {
+        secret: config
+            .webhook_secret
+            .as_deref()
+            .and_then(|s| capibara_shared::domain::webhook::WebhookSecret::parse(s).ok()),
+        policy: http::OutboundPolicy {
+            allow_private: config.outbound_allow_private,
+            ..Default::default()
+        },
+    })
 }
 
 /// `code.run` and `code.validate` share one sandbox, loaded in the background from now on.

@@ -6,16 +6,18 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex as StdMutex},
+    sync::{Arc, Mutex as StdMutex, RwLock as StdRwLock},
     time::Duration,
 };
 
 use async_trait::async_trait;
 use capibara_shared::{
+    command::leases::LeaseToken,
     domain::{
         self,
         event::EventMetadata,
         job::{AttemptEnd, Job, JobError, JobEvent, JobStatus},
+        kinds::{self, user::PushTarget},
         storable, DomainEvent, FieldError,
     },
     queue::Queue,
@@ -34,7 +36,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use uuid::Uuid;
 
 use crate::{
-    executors::{ExecError, JobContext, ProgressSink, Registry},
+    executors::{push::PushCall, ExecError, Executor, JobContext, ProgressSink, Registry},
     supervisor::{supervise, InvalidOutput, Outcome, Stops},
 };
 
@@ -78,6 +80,103 @@ struct Inner {
     running: StdMutex<HashMap<Uuid, Running>>,
     /// Cancelled when the grace period after SIGTERM is over: in-flight jobs are given back.
     hard_stop: CancellationToken,
+    /// The push kinds of every namespace, refreshed every second ([`push_kinds_loop`]).
+    push_kinds: StdRwLock<PushKinds>,
+}
+
+/// Push kinds (docs/workers.md): their endpoints, and the lanes of this worker's queues that
+/// their jobs are dispatched on.
+#[derive(Default)]
+struct PushKinds {
+    targets: HashMap<(String, String), PushTarget>,
+    lanes: Vec<String>,
+}
+
+impl Inner {
+    /// Redis keys this worker pops: its queues, and their lanes of push kinds.
+    fn lanes(&self) -> Vec<String> {
+        let mut lanes = self.opts.queues.clone();
+        lanes.extend(
+            self.push_kinds
+                .read()
+                .expect("push kinds")
+                .lanes
+                .iter()
+                .cloned(),
+        );
+        lanes
+    }
+
+    /// The push endpoint of `job`'s kind, if it is a push kind this worker runs.
+    fn push_target(&self, job: &Job) -> Option<PushTarget> {
+        self.registry.push()?;
+        self.push_kinds
+            .read()
+            .expect("push kinds")
+            .targets
+            .get(&(job.namespace.clone(), job.kind.clone()))
+            .cloned()
+    }
+
+    fn can_run(&self, job: &Job) -> bool {
+        self.registry.get(&job.kind).is_some() || self.push_target(job).is_some()
+    }
+
+    /// The executor of `job`'s next attempt: a built-in one, or a call to its push endpoint.
+    fn executor_for(&self, job: &Job) -> Option<Arc<dyn Executor>> {
+        if let Some(e) = self.registry.get(&job.kind) {
+            return Some(e);
+        }
+        let target = self.push_target(job)?;
+        let support = self.registry.push()?;
+        let attempt = job.attempt + 1;
+        let token = LeaseToken {
+            job_id: job.id,
+            attempt,
+            worker_id: self.id,
+        };
+        let expires_at =
+            domain::now() + chrono::Duration::from_std(self.opts.lease).unwrap_or_default();
+        let mut sent = serde_json::to_value(job).unwrap_or_default();
+        sent["status"] = serde_json::json!("running");
+        sent["attempt"] = serde_json::json!(attempt);
+        sent["worker_id"] = serde_json::json!(self.name);
+        Some(Arc::new(PushCall {
+            target,
+            job: sent,
+            lease: serde_json::json!({"token": token.to_string(), "expires_at": expires_at}),
+            message_id: format!("{}.{attempt}", job.id),
+            secret: support.secret.clone(),
+            policy: support.policy.clone(),
+        }))
+    }
+}
+
+/// Keep [`Inner::push_kinds`] up to date: kinds registered or changed elsewhere apply within a
+/// second.
+async fn push_kinds_loop(inner: Arc<Inner>, stop: CancellationToken) {
+    loop {
+        match store::user_kinds::push_kinds(&inner.store.pool).await {
+            Ok(kinds) => {
+                let mut next = PushKinds::default();
+                for k in kinds {
+                    let Some(target) = k.definition.push.clone() else {
+                        continue;
+                    };
+                    for q in &inner.opts.queues {
+                        next.lanes.push(kinds::lane(q, &k.namespace, &k.name));
+                    }
+                    next.targets.insert((k.namespace, k.name), target);
+                }
+                *inner.push_kinds.write().expect("push kinds") = next;
+            }
+            Err(e) => tracing::debug!(error = %e, "loading push kinds failed"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = stop.cancelled() => return,
+        }
+    }
 }
 
 /// Run a worker until `shutdown` is cancelled, then drain.
@@ -132,11 +231,13 @@ pub async fn run(
         name,
         running: StdMutex::new(HashMap::new()),
         hard_stop: CancellationToken::new(),
+        push_kinds: Default::default(),
     });
     let tasks = TaskTracker::new();
     let background = CancellationToken::new();
     tokio::spawn(heartbeat_loop(inner.clone(), background.clone()));
     tokio::spawn(cancel_listener(inner.clone(), background.clone()));
+    tokio::spawn(push_kinds_loop(inner.clone(), background.clone()));
 
     fetch_loop(&inner, &tasks, &shutdown).await;
 
@@ -179,7 +280,8 @@ async fn fetch_loop(inner: &Arc<Inner>, tasks: &TaskTracker, shutdown: &Cancella
             _ = shutdown.cancelled() => return,
         };
         let want = slots.available_permits() + 1;
-        let mut ids = match inner.queue.pop(&inner.opts.queues, want).await {
+        let lanes = inner.lanes();
+        let mut ids = match inner.queue.pop(&lanes, want).await {
             Ok(ids) => ids,
             Err(e) => {
                 tracing::warn!(error = %e, "popping from Redis failed; retrying");
@@ -198,7 +300,7 @@ async fn fetch_loop(inner: &Arc<Inner>, tasks: &TaskTracker, shutdown: &Cancella
                 continue;
             };
             tokio::select! {
-                r = inner.queue.blocking_pop(conn, &inner.opts.queues, Duration::from_secs(1)) => match r {
+                r = inner.queue.blocking_pop(conn, &lanes, Duration::from_secs(1)) => match r {
                     Ok(Some(id)) => ids.push(id),
                     Ok(None) => continue,
                     Err(e) => {
@@ -220,7 +322,7 @@ async fn fetch_loop(inner: &Arc<Inner>, tasks: &TaskTracker, shutdown: &Cancella
                 metrics::counter!("capibara_dispatch_stale_total").increment(1);
                 continue;
             }
-            if inner.registry.get(&job.kind).is_none() {
+            if !inner.can_run(&job) {
                 tracing::warn!(job_id = %job.id, kind = %job.kind, "this worker cannot run this kind; returning it");
                 let entry = DispatchEntry::of(&job, job.queued_at.unwrap_or_else(domain::now));
                 let _ = inner.queue.push(&[entry]).await;
@@ -334,7 +436,10 @@ fn storable_outcome(outcome: Outcome) -> Outcome {
         Outcome::Done(Err(
             ExecError::Retryable(e) | ExecError::Abort(e) | ExecError::RetryAfter(_, e),
         )) => storable::check_json("error", &serde_json::to_value(e).unwrap_or_default()).err(),
-        Outcome::TimedOut | Outcome::Canceled | Outcome::Released => None,
+        Outcome::Done(Err(ExecError::Detached))
+        | Outcome::TimedOut
+        | Outcome::Canceled
+        | Outcome::Released => None,
     };
     match refused {
         None => outcome,
@@ -353,7 +458,7 @@ async fn run_job(inner: &Arc<Inner>, job: Job) {
     let attempt = job.attempt + 1;
     let id = job.id;
     let kind = job.kind.clone();
-    let Some(executor) = inner.registry.get(&kind) else {
+    let Some(executor) = inner.executor_for(&job) else {
         return;
     };
     let started_at = domain::now();
@@ -465,6 +570,17 @@ async fn run_job(inner: &Arc<Inner>, job: Job) {
         inner.running.lock().expect("running lock").remove(&id);
         return;
     };
+    if matches!(outcome, Outcome::Done(Err(ExecError::Detached))) {
+        // A push endpoint took the attempt over: its lease is no longer renewed by this worker's
+        // heartbeats, only by the endpoint's (it expires, and the job runs again, if those stop).
+        if let Err(e) = store::lease::detach(&inner.store.pool, id, attempt).await {
+            tracing::warn!(job_id = %id, error = %e, "handing the lease over failed; it expires with this worker");
+        }
+        metrics::counter!("capibara_jobs_total", "kind" => kind, "outcome" => "detached")
+            .increment(1);
+        inner.running.lock().expect("running lock").remove(&id);
+        return;
+    }
     let outcome = storable_outcome(outcome);
     let elapsed = timer.elapsed().as_secs_f64();
     let label = match &outcome {
@@ -538,6 +654,12 @@ fn outcome_events(job: &Job, attempt: u32, outcome: &Outcome) -> Vec<JobEvent> {
                 ExecError::Retryable(e) => (e.clone(), true, None),
                 ExecError::Abort(e) => (e.clone(), false, None),
                 ExecError::RetryAfter(d, e) => (e.clone(), true, Some(*d)),
+                // Handled before reporting (run_job); never recorded.
+                ExecError::Detached => (
+                    JobError::new("detached", "the attempt was handed over"),
+                    true,
+                    None,
+                ),
             };
             AttemptEnd::Failed {
                 error,

@@ -171,6 +171,15 @@ pub async fn put_definition(
 ) -> Result<(UserKind, Put), ApiError> {
     user::validate_name(name)?;
     definition.validate()?;
+    if let Some(push) = &definition.push {
+        if state.config.webhook_secret.is_none() {
+            return Err(ApiError::field(
+                "push.url",
+                "push calls are signed with CAPIBARA_WEBHOOK_SECRET, which this server does not have",
+            ));
+        }
+        crate::outbound::check_url("push.url", &push.url, &state.config).await?;
+    }
     let meta = EventMetadata {
         namespace: auth.namespace().to_string(),
         actor: Some(auth.actor()),

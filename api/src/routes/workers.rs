@@ -291,6 +291,7 @@ async fn worker(state: &AppState, auth: &Auth, id: Uuid) -> Result<RemoteWorker,
     auth.require(Role::Worker)?;
     let w = store::workers::get_remote(&state.store.pool, auth.namespace(), id)
         .await?
+        .filter(|w| !w.builtin)
         .ok_or_else(|| ApiError::NotFound(format!("no worker `{id}`")))?;
     if w.stopped_at.is_some() {
         return Err(ApiError::Conflict(format!(
@@ -450,6 +451,7 @@ pub async fn deregister(
     let id = parse_id(&id, "worker")?;
     store::workers::get_remote(&state.store.pool, auth.namespace(), id)
         .await?
+        .filter(|w| !w.builtin)
         .ok_or_else(|| ApiError::NotFound(format!("no worker `{id}`")))?;
     store::workers::stopped(&state.store.pool, id).await?;
     Ok(StatusCode::NO_CONTENT)

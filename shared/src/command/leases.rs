@@ -196,7 +196,10 @@ pub async fn report(
 
 /// Whether worker `w` holds the attempt `token` names on `job`.
 pub fn holds(job: &Job, w: &RemoteWorker, token: LeaseToken) -> Result<(), LeaseError> {
-    let ours = job.status == JobStatus::Running
+    // A built-in worker's token is only ever handed to push endpoints: user kinds only.
+    let kind_ok = !w.builtin || !crate::domain::kinds::user::is_builtin(&job.kind);
+    let ours = kind_ok
+        && job.status == JobStatus::Running
         && job.attempt == token.attempt
         && token.worker_id == w.id
         && job.worker_id.as_deref() == Some(w.name.as_str());

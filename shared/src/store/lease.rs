@@ -101,6 +101,25 @@ pub(super) async fn renew(
     .await
 }
 
+/// The suffix of a lease's `worker_id` once its worker handed the attempt over to a push
+/// endpoint: the worker's heartbeats no longer renew it, the endpoint's do.
+pub const DETACHED: &str = "#push";
+
+/// Hand attempt `attempt` of `job_id` over (a push endpoint answered `202`): the lease stays,
+/// renewed only by the endpoint's heartbeats from now on.
+pub async fn detach(pool: &PgPool, job_id: Uuid, attempt: u32) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE leases SET worker_id = worker_id || $3
+         WHERE job_id = $1 AND attempt = $2 AND right(worker_id, length($3)) <> $3",
+    )
+    .bind(job_id)
+    .bind(attempt as i32)
+    .bind(DETACHED)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
 /// Attempts whose lease ran out (their worker died or hung), `(job, attempt)`, oldest first.
 pub async fn expired(pool: &PgPool, limit: i64) -> Result<Vec<(Uuid, i32)>, StoreError> {
     Ok(sqlx::query_as(

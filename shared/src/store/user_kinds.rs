@@ -131,3 +131,14 @@ pub async fn live_workers_all(
     .fetch_all(pool)
     .await?)
 }
+
+/// The live push kinds of every namespace (workers dispatch their jobs to the endpoints).
+pub async fn push_kinds(pool: &PgPool) -> Result<Vec<UserKind>, StoreError> {
+    let rows: Vec<(Value,)> = sqlx::query_as(
+        "SELECT to_jsonb(k) FROM user_kinds k WHERE NOT deleted AND definition->>'mode' = 'push'
+         LIMIT 10000",
+    )
+    .fetch_all(pool)
+    .await?;
+    rows.into_iter().map(|(v,)| decode(v)).collect()
+}

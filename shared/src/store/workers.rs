@@ -160,13 +160,16 @@ pub async fn list(
         .collect())
 }
 
-/// A worker of the HTTP protocol, as its calls need it (docs/workers.md).
+/// A worker of the HTTP protocol, as its calls need it (docs/workers.md); or a built-in worker
+/// whose push call handed an attempt over to an endpoint (`builtin`: it leases nothing).
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct RemoteWorker {
     pub id: Uuid,
     /// Unique: the `worker` of its attempts' `JobStarted` and leases.
     pub name: String,
+    /// The caller's namespace (a built-in worker serves every namespace).
     pub namespace: String,
+    pub builtin: bool,
     pub queues: Vec<String>,
     pub kinds: Vec<String>,
     pub stopped_at: Option<DateTime<Utc>>,
@@ -207,8 +210,9 @@ pub async fn get_remote(
     id: Uuid,
 ) -> Result<Option<RemoteWorker>, StoreError> {
     Ok(sqlx::query_as(
-        "SELECT id, name, namespace, queues, kinds, stopped_at FROM workers
-         WHERE id = $1 AND namespace = $2",
+        "SELECT id, name, coalesce(namespace, $2) AS namespace, namespace IS NULL AS builtin,
+                queues, kinds, stopped_at FROM workers
+         WHERE id = $1 AND (namespace = $2 OR namespace IS NULL)",
     )
     .bind(id)
     .bind(namespace)
@@ -239,13 +243,14 @@ pub async fn renew_lease(
     let row: Option<(DateTime<Utc>,)> = sqlx::query_as(
         "WITH w AS (UPDATE workers SET last_heartbeat_at = now() WHERE id = $5)
          UPDATE leases SET lease_until = now() + make_interval(secs => $4)
-         WHERE job_id = $1 AND attempt = $2 AND worker_id = $3 RETURNING lease_until",
+         WHERE job_id = $1 AND attempt = $2 AND worker_id IN ($3, $3 || $6) RETURNING lease_until",
     )
     .bind(job_id)
     .bind(attempt as i32)
     .bind(worker)
     .bind(term)
     .bind(worker_id)
+    .bind(super::lease::DETACHED)
     .fetch_optional(pool)
     .await?;
     Ok(row.map(|(t,)| t))

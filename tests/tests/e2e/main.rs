@@ -16,6 +16,7 @@ mod openapi;
 mod openapi_fuzz;
 mod operations;
 mod poison;
+mod push_kinds;
 mod receiver_selftest;
 mod schedules;
 mod sdks;

@@ -4,6 +4,7 @@
 pub mod builtin;
 pub mod callback;
 pub mod code;
+pub mod push;
 pub mod tts;
 pub mod workflow;
 
@@ -54,6 +55,9 @@ pub enum ExecError {
     Abort(JobError),
     /// Retry after this delay (if attempts remain), instead of the backoff.
     RetryAfter(Duration, JobError),
+    /// The attempt goes on elsewhere: a push endpoint answered `202` and finishes it through
+    /// the worker protocol with the lease token. Nothing is reported; the lease is handed over.
+    Detached,
 }
 
 /// Runs one kind of job.
@@ -73,6 +77,16 @@ pub trait Executor: Send + Sync {
 #[derive(Clone, Default)]
 pub struct Registry {
     by_kind: HashMap<String, Arc<dyn Executor>>,
+    /// How push kinds' calls are made (`None`: this worker does not run push kinds).
+    push: Option<PushSupport>,
+}
+
+/// What calls to push kinds' endpoints need.
+#[derive(Clone)]
+pub struct PushSupport {
+    /// `CAPIBARA_WEBHOOK_SECRET`: calls are signed with it.
+    pub secret: Option<capibara_shared::domain::webhook::WebhookSecret>,
+    pub policy: crate::http::OutboundPolicy,
 }
 
 impl Registry {
@@ -102,6 +116,16 @@ impl Registry {
 
     pub fn get(&self, kind: &str) -> Option<Arc<dyn Executor>> {
         self.by_kind.get(kind).cloned()
+    }
+
+    /// Run push kinds with `support`.
+    pub fn with_push(mut self, support: PushSupport) -> Self {
+        self.push = Some(support);
+        self
+    }
+
+    pub fn push(&self) -> Option<&PushSupport> {
+        self.push.as_ref()
     }
 
     pub fn kinds(&self) -> Vec<String> {

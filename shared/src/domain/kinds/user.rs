@@ -91,6 +91,29 @@ pub enum Mode {
     /// Workers lease its jobs over the worker protocol.
     #[default]
     Pull,
+    /// Capibara POSTs each job to `push.url` (signed, Standard Webhooks).
+    Push,
+}
+
+/// Where a push kind's jobs are sent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PushTarget {
+    /// An absolute http(s) URL. Private and loopback addresses are refused unless
+    /// `CAPIBARA_OUTBOUND_ALLOW_PRIVATE=true`.
+    pub url: String,
+    /// How long one call may take, in seconds (1-900, default 30).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 900)]
+    pub timeout_s: Option<u32>,
+}
+
+impl PushTarget {
+    pub const DEFAULT_TIMEOUT_S: u32 = 30;
+
+    pub fn timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.timeout_s.unwrap_or(Self::DEFAULT_TIMEOUT_S) as u64)
+    }
 }
 
 /// A kind's definition, as `PUT /v1/kinds/{name}` takes it and its events record it.
@@ -122,9 +145,13 @@ pub struct KindDef {
     /// Priority when a submission gives none (default `normal`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priority: Option<Priority>,
-    /// `pull`: workers lease its jobs (docs/workers.md).
+    /// `pull`: workers lease its jobs; `push`: Capibara POSTs them to `push.url`
+    /// (docs/workers.md).
     #[serde(default)]
     pub mode: Mode,
+    /// The endpoint of a `push` kind (required then, refused otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub push: Option<PushTarget>,
 }
 
 /// Default queue of a user kind.
@@ -166,6 +193,25 @@ impl KindDef {
             if !(1..=100).contains(&m) {
                 return Err(FieldError::new("max_attempts", "must be between 1 and 100"));
             }
+        }
+        match (self.mode, &self.push) {
+            (Mode::Push, None) => {
+                return Err(FieldError::new("push", "a push kind needs push.url"));
+            }
+            (Mode::Pull, Some(_)) => {
+                return Err(FieldError::new("push", "only for `\"mode\": \"push\"`"));
+            }
+            (Mode::Push, Some(p)) => {
+                if p.timeout_s.is_some_and(|t| !(1..=900).contains(&t)) {
+                    return Err(FieldError::new(
+                        "push.timeout_s",
+                        "must be between 1 and 900",
+                    ));
+                }
+                crate::outbound::parse_url(&p.url)
+                    .map_err(|e| FieldError::new("push.url", e.to_string()))?;
+            }
+            (Mode::Pull, None) => {}
         }
         Ok(())
     }

@@ -1,0 +1,235 @@
+//! Push kinds (docs/workers.md, "Push kinds"): capibara-worker POSTs each job to the kind's
+//! endpoint, signed per Standard Webhooks and checked by an independent receiver
+//! (`tests/webhook_receiver.py`); the answer decides the attempt (2xx output, 5xx retry, 4xx
+//! fail, 429 after `Retry-After`), and a `202` hands the attempt to the endpoint, which finishes
+//! it through the worker protocol with its lease token — or loses it when it stops renewing.
+
+use std::time::Duration;
+
+use capibara_tests::{
+    eventually,
+    receiver::{Receiver, ReceiverOptions},
+    types, Api, TestEnv,
+};
+use serde_json::{json, Value};
+
+const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+async fn env_with_push() -> TestEnv {
+    let mut env = TestEnv::new().await;
+    env.extra_env
+        .push(("CAPIBARA_WEBHOOK_SECRET".into(), SECRET.into()));
+    env.extra_env
+        .push(("CAPIBARA_OUTBOUND_ALLOW_PRIVATE".into(), "true".into()));
+    env
+}
+
+async fn put_push_kind(api: &Api, name: &str, url: &str) {
+    let r = api
+        .send(api.http.put(api.url(&format!("/v1/kinds/{name}"))).json(
+            &json!({"mode": "push", "push": {"url": url, "timeout_s": 5}, "max_attempts": 3}),
+        ))
+        .await;
+    assert_eq!(r.status, 201, "{r:?}");
+}
+
+async fn requests(r: &Receiver, n: usize) -> Vec<Value> {
+    eventually(
+        &format!("{n} calls at the endpoint"),
+        Duration::from_secs(30),
+        || async {
+            let got = r.requests();
+            (got.len() >= n).then_some(got)
+        },
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_push_kinds_jobs_are_posted_signed_and_the_answer_is_the_outcome() {
+    let env = env_with_push().await;
+    let _procs = env.spawn_all().await;
+    let api = env.client();
+    // The definition is checked: push needs an endpoint, pull takes none.
+    let put = |body: Value| {
+        let api = api.clone();
+        async move {
+            api.send(api.http.put(api.url("/v1/kinds/hook.x")).json(&body))
+                .await
+        }
+    };
+    let r = put(json!({"mode": "push"})).await;
+    assert_eq!(r.body["errors"][0]["field"], "push", "{r:?}");
+    let r = put(json!({"push": {"url": "http://127.0.0.1:1/"}})).await;
+    assert_eq!(r.body["errors"][0]["field"], "push", "{r:?}");
+    let r = put(json!({"mode": "push", "push": {"url": "ftp://x/"}})).await;
+    assert_eq!(r.body["errors"][0]["field"], "push.url", "{r:?}");
+
+    // The first call fails (500): retried; the second answers the output.
+    let ok = Receiver::start(
+        &[SECRET],
+        ReceiverOptions {
+            fail_first: Some(1),
+            reply_input: true,
+            ..Default::default()
+        },
+    );
+    put_push_kind(&api, "hook.resize", &ok.url).await;
+    let id = api
+        .submit_id(json!({"kind": "hook.resize", "input": {"w": 7}}))
+        .await;
+    let job = api.wait_terminal(&id, Duration::from_secs(60)).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["output"], json!({"input": {"w": 7}, "attempt": 2}));
+    let calls = ok.requests();
+    assert_eq!(calls.len(), 2, "{calls:?}");
+    for (i, c) in calls.iter().enumerate() {
+        assert_eq!(c["verified"], true, "signed: {c}");
+        assert_eq!(
+            c["webhook_id"],
+            format!("{id}.{}", i + 1),
+            "one message per attempt"
+        );
+        assert_eq!(c["body"]["job"]["id"], id);
+        assert_eq!(c["body"]["job"]["status"], "running");
+        assert!(c["body"]["lease"]["token"].is_string(), "{c}");
+    }
+    let events = api.events(&id).await;
+    let t = types(&events);
+    assert_eq!(
+        t,
+        [
+            "JobSubmitted",
+            "JobStarted",
+            "JobProgress",
+            "JobAttemptFailed",
+            "JobScheduled",
+            "JobQueued",
+            "JobStarted",
+            "JobProgress",
+            "JobSucceeded"
+        ],
+        "every call is in the history"
+    );
+    let first = &events[2]["data"]["message"];
+    assert!(
+        first.as_str().unwrap().starts_with("push call: 500"),
+        "{first}"
+    );
+    assert_eq!(events[3]["data"]["error"]["type"], "push_failed");
+
+    // A 4xx is final.
+    let no = Receiver::start(
+        &[SECRET],
+        ReceiverOptions {
+            always: Some(422),
+            ..Default::default()
+        },
+    );
+    put_push_kind(&api, "hook.refuse", &no.url).await;
+    let id = api.submit_id(json!({"kind": "hook.refuse"})).await;
+    let job = api.wait_terminal(&id, Duration::from_secs(30)).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    assert_eq!(job["attempt"], 1);
+    assert_eq!(job["error"]["type"], "push_rejected");
+
+    // A 429 is retried after its Retry-After.
+    let busy = Receiver::start(
+        &[SECRET],
+        ReceiverOptions {
+            always: Some(429),
+            retry_after_s: Some(1),
+            ..Default::default()
+        },
+    );
+    put_push_kind(&api, "hook.busy", &busy.url).await;
+    let id = api.submit_id(json!({"kind": "hook.busy"})).await;
+    let job = api.wait_terminal(&id, Duration::from_secs(30)).await;
+    assert_eq!(job["status"], "failed");
+    assert_eq!(job["attempt"], 3);
+    let calls = busy.requests();
+    let at = |c: &Value| c["timestamp"].as_str().unwrap().parse::<i64>().unwrap();
+    assert!(
+        at(&calls[1]) - at(&calls[0]) >= 1,
+        "the retry waited for Retry-After: {calls:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_202_hands_the_attempt_to_the_endpoint_which_finishes_it_or_loses_it() {
+    let env = env_with_push().await;
+    let _procs = env.spawn_all().await;
+    let api = env.client();
+    let later = Receiver::start(
+        &[SECRET],
+        ReceiverOptions {
+            always: Some(202),
+            ..Default::default()
+        },
+    );
+    put_push_kind(&api, "hook.later", &later.url).await;
+    let id = api.submit_id(json!({"kind": "hook.later"})).await;
+    // The endpoint keeps the first attempt but never renews its lease: after the visibility
+    // timeout the attempt is lost (worker_lost) and the job is pushed again.
+    let calls = requests(&later, 2).await;
+    let token = |c: &Value| c["body"]["lease"]["token"].as_str().unwrap().to_string();
+    let (stale, fresh) = (token(&calls[0]), token(&calls[1]));
+    let job = api.job(&id).await;
+    assert_eq!(
+        (&job["status"], &job["attempt"]),
+        (&json!("running"), &json!(2))
+    );
+    let lease_call = |token: String, what: &'static str, body: Value| {
+        let api = api.clone();
+        let id = id.clone();
+        async move {
+            api.send(
+                api.http
+                    .post(api.url(&format!("/v1/jobs/{id}/{what}")))
+                    .header("Capibara-Lease", token)
+                    .json(&body),
+            )
+            .await
+        }
+    };
+    let r = lease_call(stale.clone(), "complete", json!({"output": "stale"})).await;
+    assert_eq!(r.status, 409, "{r:?}");
+    // The second attempt is finished by the endpoint through the protocol.
+    let r = lease_call(fresh.clone(), "heartbeat", json!({})).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let r = lease_call(fresh.clone(), "progress", json!({"percent": 90})).await;
+    assert_eq!(r.status, 204, "{r:?}");
+    let r = lease_call(fresh, "complete", json!({"output": {"done": 2}})).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.body["status"], "succeeded");
+    let events = api.events(&id).await;
+    let failed = events
+        .iter()
+        .find(|e| e["type"] == "JobAttemptFailed")
+        .unwrap();
+    assert_eq!(failed["data"]["error"]["type"], "worker_lost");
+    // A built-in worker's token is for push kinds only: never for a built-in kind's job.
+    let echo = api
+        .submit_id(json!({"kind": "sleep", "input": {"ms": 3000}}))
+        .await;
+    let running = eventually("the sleep job runs", Duration::from_secs(10), || async {
+        let j = api.job(&echo).await;
+        (j["status"] == "running").then_some(j)
+    })
+    .await;
+    let worker: Vec<(uuid::Uuid,)> = sqlx::query_as("SELECT id FROM workers WHERE name = $1")
+        .bind(running["worker_id"].as_str().unwrap())
+        .fetch_all(&env.pool().await)
+        .await
+        .unwrap();
+    let forged = format!("{}.1.{}", echo.replace('-', ""), worker[0].0.simple());
+    let r = api
+        .send(
+            api.http
+                .post(api.url(&format!("/v1/jobs/{echo}/complete")))
+                .header("Capibara-Lease", forged)
+                .json(&json!({"output": "forged"})),
+        )
+        .await;
+    assert_eq!(r.status, 409, "{r:?}");
+}
