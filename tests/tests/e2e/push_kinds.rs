@@ -233,3 +233,73 @@ async fn a_202_hands_the_attempt_to_the_endpoint_which_finishes_it_or_loses_it()
         .await;
     assert_eq!(r.status, 409, "{r:?}");
 }
+
+/// A child process killed on drop (the example's SDK worker).
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn the_mixed_workers_example_runs_code_run_a_python_sdk_kind_and_a_push_kind() {
+    let env = env_with_push().await;
+    let _procs = env.spawn_all().await;
+    let api = env.client();
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let example = root.join("docs/examples/mixed-workers");
+    // demo.notify: a push kind whose endpoint answers {input, attempt}.
+    let endpoint = Receiver::start(
+        &[SECRET],
+        ReceiverOptions {
+            reply_input: true,
+            ..Default::default()
+        },
+    );
+    put_push_kind(&api, "demo.notify", &endpoint.url).await;
+    // demo.describe: the example's Python SDK worker registers it.
+    let _worker = Child(
+        std::process::Command::new("python3")
+            .arg(example.join("worker.py"))
+            .env("PYTHONPATH", root.join("sdk/python/src"))
+            .env("CAPIBARA_URL", env.api_url())
+            .env("CAPIBARA_API_KEY", capibara_tests::ADMIN_KEY)
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .expect("starting the example's worker"),
+    );
+    eventually(
+        "the SDK worker is live",
+        Duration::from_secs(30),
+        || async {
+            (api.get("/v1/kinds/demo.describe").await.body["live_workers"] == 1).then_some(())
+        },
+    )
+    .await;
+    let yaml = std::fs::read_to_string(example.join("workflow.yaml")).unwrap();
+    let r = api
+        .send(
+            api.http
+                .post(api.url("/v1/workflows"))
+                .header("content-type", "application/yaml")
+                .body(yaml),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{r:?}");
+    let wf = r.body["id"].as_str().unwrap().to_string();
+    let run = capibara_tests::runs::start(&api, &wf, json!({"values": [2, 4, 9]})).await;
+    let ended = capibara_tests::runs::ended(&api, &run, Duration::from_secs(90)).await;
+    assert_eq!(ended["status"], "succeeded", "{ended}");
+    let summary = "3 values, total 15, mean 5.00";
+    assert_eq!(ended["output"]["summary"], summary, "{ended}");
+    assert_eq!(
+        ended["output"]["notified"],
+        json!({"input": {"text": summary}, "attempt": 1})
+    );
+    let call = &endpoint.requests()[0];
+    assert_eq!(call["verified"], true);
+    assert_eq!(call["body"]["job"]["input"]["text"], summary);
+}
