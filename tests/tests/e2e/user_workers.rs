@@ -580,3 +580,96 @@ async fn workflows_run_user_kind_steps_next_to_built_in_ones() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn schedules_and_triggers_submit_user_kinds_and_metrics_show_their_live_workers() {
+    let mut env = TestEnv::new().await;
+    let port = capibara_tests::find_free_port();
+    env.extra_env.push((
+        "CAPIBARA_SCHEDULER_ADDR".into(),
+        format!("127.0.0.1:{port}"),
+    ));
+    env.extra_env.push((
+        "CAPIBARA_HOOKS_PUBLIC_URL".into(),
+        format!("http://127.0.0.1:{port}"),
+    ));
+    let _api = env.spawn_api().await;
+    let _scheduler = env.spawn_scheduler();
+    capibara_tests::wait_http_ok(&format!("http://127.0.0.1:{port}/healthz")).await;
+    let api = env.client();
+    put_kind(
+        &api,
+        "sched.job",
+        json!({"input_schema": {"type": "object", "required": ["n"],
+            "properties": {"n": {"type": "integer"}}}}),
+    )
+    .await;
+    // A schedule's target is checked against the kind's schema, and fires the kind.
+    let r = api
+        .post(
+            "/v1/schedules",
+            json!({"name": "bad", "cron": "@daily",
+                   "target": {"type": "job", "job": {"kind": "sched.job", "input": {"n": "x"}}}}),
+        )
+        .await;
+    assert_eq!(r.body["errors"][0]["field"], "target.job.input.n", "{r:?}");
+    let r = api
+        .post(
+            "/v1/schedules",
+            json!({"name": "ok", "cron": "@daily",
+                   "target": {"type": "job", "job": {"kind": "sched.job", "input": {"n": 1}}}}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{r:?}");
+    let schedule = r.body["id"].as_str().unwrap().to_string();
+    let r = api
+        .post(&format!("/v1/schedules/{schedule}/trigger"), json!({}))
+        .await;
+    assert!(r.status < 300, "{r:?}");
+    let w = Proto::register(&api, json!({"kinds": ["sched.job"]})).await;
+    let j = w.lease_one(Duration::from_secs(10)).await;
+    assert_eq!(j.job["input"], json!({"n": 1}));
+    assert_eq!(j.job["tags"]["schedule_id"], schedule.as_str());
+    w.call(&j, "complete", json!({})).await;
+
+    // A trigger call's input gets the kind's schema check too.
+    let r = api
+        .post(
+            "/v1/triggers",
+            json!({"name": "t", "auth": {"type": "bearer", "token": "a-long-enough-token-123"},
+                   "target": {"type": "job", "job": {"kind": "sched.job", "input": {"n": 0}}}}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{r:?}");
+    let url = r.body["url"].as_str().unwrap().to_string();
+    let http = reqwest::Client::new();
+    let call = |body: Value| {
+        http.post(&url)
+            .bearer_auth("a-long-enough-token-123")
+            .json(&body)
+            .send()
+    };
+    assert_eq!(call(json!({"n": "x"})).await.unwrap().status(), 422);
+    let ok = call(json!({"n": 5})).await.unwrap();
+    assert_eq!(ok.status(), 202);
+    let j = w.lease_one(Duration::from_secs(10)).await;
+    assert_eq!(j.job["input"], json!({"n": 5}));
+
+    // /metrics: one live worker for the kind, none for a kind nobody runs.
+    put_kind(&api, "sched.idle", json!({})).await;
+    let metrics = eventually("kind gauges", Duration::from_secs(15), || async {
+        let m = http
+            .get(format!("http://127.0.0.1:{port}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        (m.contains(r#"capibara_kind_live_workers{namespace="default",kind="sched.job"} 1"#)
+            && m.contains(r#"capibara_kind_live_workers{namespace="default",kind="sched.idle"} 0"#))
+        .then_some(m)
+    })
+    .await;
+    assert!(metrics.contains("# HELP capibara_kind_live_workers"));
+}
