@@ -9,6 +9,7 @@ mod fanout;
 mod harness;
 mod jobs;
 mod schedules;
+mod sdk;
 mod tts;
 mod workflows;
 
@@ -46,6 +47,9 @@ enum Command {
     /// Workflow orchestration: per-step overhead on a chain of echo steps, and the wall time of
     /// a wide fan-out/fan-in (`capibara bench-workflows`).
     Workflows(workflows::WorkflowBenchArgs),
+    /// The Python and TypeScript SDK workers against the built-in Rust worker: end-to-end no-op
+    /// jobs/s and idle enqueue→start latency, on one stack in one run.
+    Sdk(sdk::SdkBenchArgs),
 }
 
 #[tokio::main]
@@ -58,5 +62,6 @@ async fn main() -> anyhow::Result<()> {
         Command::Tts(a) => tts::run(a).await,
         Command::Code(a) => code::run(a).await,
         Command::Workflows(a) => workflows::run(a).await,
+        Command::Sdk(a) => sdk::run(a).await,
     }
 }
