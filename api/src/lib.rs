@@ -53,6 +53,9 @@ pub struct AppState {
     pub artifacts: Result<capibara_shared::artifacts::ArtifactStore, String>,
     /// Lease calls of protocol workers waiting on Redis (bounded).
     pub long_polls: routes::workers::LongPolls,
+    /// Protocol workers and user kinds read recently (short-lived caches).
+    pub known_workers: routes::workers::KnownWorkers,
+    pub user_kinds: routes::kinds::KnownKinds,
 }
 
 impl AppState {
@@ -69,6 +72,8 @@ impl AppState {
             artifacts: capibara_shared::artifacts::ArtifactStore::open(&config.artifacts)
                 .map_err(|e| e.to_string()),
             long_polls: Default::default(),
+            known_workers: Default::default(),
+            user_kinds: Default::default(),
             store,
             queue,
             watch,

@@ -185,9 +185,11 @@ pub async fn put_definition(
         actor: Some(auth.actor()),
         ..Default::default()
     };
-    command::kinds::put(&state.store, &meta, name, definition)
+    let put = command::kinds::put(&state.store, &meta, name, definition)
         .await
-        .map_err(|e| ApiError::from_command(e, "kind", uuid::Uuid::nil()))
+        .map_err(|e| ApiError::from_command(e, "kind", uuid::Uuid::nil()))?;
+    state.user_kinds.forget(auth.namespace(), name);
+    Ok(put)
 }
 
 #[utoipa::path(put, operation_id = "putKind", path = "/v1/kinds/{name}", tag = "kinds",
@@ -237,6 +239,7 @@ pub async fn delete(
     command::kinds::delete(&state.store, &meta, &name)
         .await
         .map_err(|e| ApiError::from_command(e, "kind", uuid::Uuid::nil()))?;
+    state.user_kinds.forget(auth.namespace(), &name);
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -245,5 +248,53 @@ impl From<KindError> for ApiError {
         match e {
             KindError::NotFound(_) => ApiError::NotFound(e.to_string()),
         }
+    }
+}
+
+/// User kinds this API process read, for [`KIND_TTL`]: what a worker's `complete` checks its
+/// output against. A PUT or DELETE here evicts at once; another process's within [`KIND_TTL`].
+#[derive(Clone, Default)]
+pub struct KnownKinds {
+    #[allow(clippy::type_complexity)]
+    entries: std::sync::Arc<
+        std::sync::Mutex<
+            HashMap<(String, String), (Option<std::sync::Arc<UserKind>>, std::time::Instant)>,
+        >,
+    >,
+}
+
+/// How long a read user kind is remembered.
+const KIND_TTL: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl KnownKinds {
+    /// The live user kind `name` of `namespace`.
+    pub async fn get(
+        &self,
+        state: &AppState,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<std::sync::Arc<UserKind>>, ApiError> {
+        let key = (namespace.to_string(), name.to_string());
+        if let Some((k, at)) = self.entries.lock().expect("kinds").get(&key) {
+            if at.elapsed() < KIND_TTL {
+                return Ok(k.clone());
+            }
+        }
+        let found = store::user_kinds::find(&state.store.pool, namespace, &[name])
+            .await?
+            .pop()
+            .map(std::sync::Arc::new);
+        self.entries
+            .lock()
+            .expect("kinds")
+            .insert(key, (found.clone(), std::time::Instant::now()));
+        Ok(found)
+    }
+
+    fn forget(&self, namespace: &str, name: &str) {
+        self.entries
+            .lock()
+            .expect("kinds")
+            .remove(&(namespace.to_string(), name.to_string()));
     }
 }

@@ -5,7 +5,7 @@
 use std::{
     collections::BTreeMap,
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use axum::{
@@ -116,6 +116,72 @@ pub struct LeasedJob {
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Leased {
     pub jobs: Vec<LeasedJob>,
+}
+
+/// Protocol workers this API process looked up, for [`WORKER_TTL`]: every lease call and report
+/// names its worker, whose row changes only when it is deregistered. A deregistration here
+/// evicts at once; another process's within [`WORKER_TTL`].
+#[derive(Clone, Default)]
+pub struct KnownWorkers {
+    #[allow(clippy::type_complexity)]
+    entries:
+        Arc<Mutex<std::collections::HashMap<(String, Uuid), (RemoteWorker, Instant, Instant)>>>,
+}
+
+/// How long a looked-up worker is remembered, and how often its `last_heartbeat_at` is written
+/// (lease calls and heartbeats mark it alive at most this often).
+const WORKER_TTL: Duration = Duration::from_secs(5);
+
+impl KnownWorkers {
+    /// The worker `id` of `namespace` (a built-in worker too: push endpoints report for it).
+    async fn get(
+        &self,
+        state: &AppState,
+        namespace: &str,
+        id: Uuid,
+    ) -> Result<Option<RemoteWorker>, ApiError> {
+        let key = (namespace.to_string(), id);
+        if let Some((w, read, _)) = self.entries.lock().expect("workers").get(&key) {
+            if read.elapsed() < WORKER_TTL {
+                return Ok(Some(w.clone()));
+            }
+        }
+        let found = store::workers::get_remote(&state.store.pool, namespace, id).await?;
+        if let Some(w) = &found {
+            let now = Instant::now();
+            let mut entries = self.entries.lock().expect("workers");
+            let seen = entries.get(&key).map_or(now - WORKER_TTL, |e| e.2);
+            entries.insert(key, (w.clone(), now, seen));
+        }
+        Ok(found)
+    }
+
+    /// Record that worker `w` is alive, at most every [`WORKER_TTL`].
+    async fn seen(&self, state: &AppState, w: &RemoteWorker) -> Result<(), ApiError> {
+        let key = (w.namespace.clone(), w.id);
+        let due = {
+            let mut entries = self.entries.lock().expect("workers");
+            match entries.get_mut(&key) {
+                Some(e) if e.2.elapsed() < WORKER_TTL => false,
+                Some(e) => {
+                    e.2 = Instant::now();
+                    true
+                }
+                None => true,
+            }
+        };
+        if due {
+            store::workers::seen(&state.store.pool, w.id).await?;
+        }
+        Ok(())
+    }
+
+    fn forget(&self, namespace: &str, id: Uuid) {
+        self.entries
+            .lock()
+            .expect("workers")
+            .remove(&(namespace.to_string(), id));
+    }
 }
 
 /// Long polls waiting on Redis in this process, each on a connection of its own (a blocked
@@ -289,7 +355,9 @@ pub async fn register(
 /// The caller's registered worker `id`, still running.
 async fn worker(state: &AppState, auth: &Auth, id: Uuid) -> Result<RemoteWorker, ApiError> {
     auth.require(Role::Worker)?;
-    let w = store::workers::get_remote(&state.store.pool, auth.namespace(), id)
+    let w = state
+        .known_workers
+        .get(state, auth.namespace(), id)
         .await?
         .filter(|w| !w.builtin)
         .ok_or_else(|| ApiError::NotFound(format!("no worker `{id}`")))?;
@@ -321,7 +389,7 @@ pub async fn lease(
     if wait_ms > 30_000 {
         return Err(ApiError::field("wait_ms", "must be between 0 and 30000"));
     }
-    store::workers::seen(&state.store.pool, w.id).await?;
+    state.known_workers.seen(&state, &w).await?;
     let lanes: Vec<String> = w
         .queues
         .iter()
@@ -378,18 +446,22 @@ async fn claim_all(
     term: Duration,
     out: &mut Vec<LeasedJob>,
 ) -> Result<(), ApiError> {
-    for id in ids {
-        match command::leases::claim(&state.store, w, id, term).await? {
-            Some((job, token, expires_at)) => out.push(LeasedJob {
+    let claimed = command::leases::claim_many(&state.store, w, &ids, term).await?;
+    let stale = ids.len() - claimed.len();
+    if stale > 0 {
+        metrics::counter!("capibara_dispatch_stale_total").increment(stale as u64);
+    }
+    out.extend(
+        claimed
+            .into_iter()
+            .map(|(job, token, expires_at)| LeasedJob {
                 job,
                 lease: LeaseInfo {
                     token: token.to_string(),
                     expires_at,
                 },
             }),
-            None => metrics::counter!("capibara_dispatch_stale_total").increment(1),
-        }
-    }
+    );
     Ok(())
 }
 
@@ -454,6 +526,7 @@ pub async fn deregister(
         .filter(|w| !w.builtin)
         .ok_or_else(|| ApiError::NotFound(format!("no worker `{id}`")))?;
     store::workers::stopped(&state.store.pool, id).await?;
+    state.known_workers.forget(auth.namespace(), id);
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -495,7 +568,9 @@ async fn leased(
             token.job_id
         )));
     }
-    let w = store::workers::get_remote(&state.store.pool, auth.namespace(), token.worker_id)
+    let w = state
+        .known_workers
+        .get(state, auth.namespace(), token.worker_id)
         .await?
         .ok_or_else(|| ApiError::LeaseLost("the lease's worker is not registered here".into()))?;
     Ok((w, token))
@@ -520,17 +595,22 @@ async fn record(
 ) -> Result<Job, ApiError> {
     let (w, token) = leased(state, auth, headers, id).await?;
     let id = token.job_id;
-    let job = store::jobs::get(&state.store.pool, &w.namespace, id)
-        .await?
-        .ok_or_else(|| ApiError::NotFound(format!("no job `{id}`")))?;
     // The kind's output schema, when a success is reported.
-    let kind = if matches!(report, Report::End(AttemptEnd::Succeeded { .. })) {
-        store::user_kinds::find(&state.store.pool, &w.namespace, &[job.kind.as_str()])
-            .await?
-            .pop()
-    } else {
-        None
-    };
+    let mut kind = None;
+    if let Report::End(AttemptEnd::Succeeded { .. }) = report {
+        // Read the job for its kind only when a kind this worker runs has an output schema.
+        let mut schemas = false;
+        for k in &w.kinds {
+            let known = state.user_kinds.get(state, &w.namespace, k).await?;
+            schemas |= known.is_some_and(|k| k.definition.output_schema.is_some());
+        }
+        if schemas || w.builtin {
+            let job = store::jobs::get(&state.store.pool, &w.namespace, id)
+                .await?
+                .ok_or_else(|| ApiError::NotFound(format!("no job `{id}`")))?;
+            kind = state.user_kinds.get(state, &w.namespace, &job.kind).await?;
+        }
+    }
     command::leases::report(&state.store, &w, token, report, |out| match &kind {
         Some(k) => k.check_output(out),
         None => Ok(()),

@@ -89,19 +89,38 @@ pub fn metadata(w: &RemoteWorker) -> EventMetadata {
     }
 }
 
-/// Start the next attempt of popped job `job_id` for worker `w`, holding its lease for `term`.
-/// `None`: the job is not this worker's to run any more (a duplicate delivery, canceled or
-/// started elsewhere meanwhile, another namespace, a kind it did not declare).
-pub async fn claim(
+/// Start the next attempt of each popped job of `ids` for worker `w`, holding its lease for
+/// `term`: the jobs are read in one query and their claims committed together (one group
+/// commit). Jobs that are not this worker's to run any more are left out (a duplicate delivery,
+/// canceled or started elsewhere meanwhile, another namespace, a kind it did not declare).
+pub async fn claim_many(
     store: &Store,
     w: &RemoteWorker,
-    job_id: Uuid,
+    ids: &[Uuid],
+    term: Duration,
+) -> Result<Vec<(Job, LeaseToken, DateTime<Utc>)>, StoreError> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let jobs = store::jobs::get_many(&store.pool, ids).await?;
+    let claims = futures::future::join_all(
+        jobs.into_iter()
+            .filter(|j| j.namespace == w.namespace)
+            .map(|job| claim(store, w, job, term)),
+    )
+    .await;
+    claims.into_iter().filter_map(Result::transpose).collect()
+}
+
+/// Claim `job` (as read) for `w`; on a conflict read it again and retry while it is still
+/// queued.
+async fn claim(
+    store: &Store,
+    w: &RemoteWorker,
+    mut job: Job,
     term: Duration,
 ) -> Result<Option<(Job, LeaseToken, DateTime<Utc>)>, StoreError> {
     for _ in 0..3 {
-        let Some(job) = store::jobs::get(&store.pool, &w.namespace, job_id).await? else {
-            return Ok(None);
-        };
         if job.status != JobStatus::Queued || !w.kinds.contains(&job.kind) {
             return Ok(None);
         }
@@ -118,14 +137,19 @@ pub async fn claim(
         match store.appender.append(append).await {
             Ok(_) => {
                 let token = LeaseToken {
-                    job_id,
+                    job_id: job.id,
                     attempt,
                     worker_id: w.id,
                 };
                 let expires = at + chrono::Duration::from_std(term).unwrap_or_default();
                 return Ok(Some((started, token, expires)));
             }
-            Err(AppendError::Conflict { .. }) => continue,
+            Err(AppendError::Conflict { .. }) => {
+                match store::jobs::get(&store.pool, &w.namespace, job.id).await? {
+                    Some(fresh) => job = fresh,
+                    None => return Ok(None),
+                }
+            }
             Err(e) => return Err(e.into()),
         }
     }
