@@ -75,6 +75,10 @@ enum Command {
     /// time of a wide fan-out/fan-in.
     #[command(name = "bench-workflows")]
     BenchWorkflows(benchmarks::Forwarded),
+    /// The Python and TypeScript SDK workers against the built-in worker: end-to-end jobs/s and
+    /// idle pickup (runs `capibara-bench sdk`).
+    #[command(name = "bench-sdk")]
+    BenchSdk(benchmarks::Forwarded),
 }
 
 #[derive(Subcommand)]
@@ -195,5 +199,6 @@ async fn main() -> anyhow::Result<()> {
         Command::BenchTts(a) => benchmarks::exec("tts", a),
         Command::BenchCode(a) => benchmarks::exec("code", a),
         Command::BenchWorkflows(a) => benchmarks::exec("workflows", a),
+        Command::BenchSdk(a) => benchmarks::exec("sdk", a),
     }
 }
