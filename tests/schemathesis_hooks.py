@@ -23,7 +23,9 @@ drawn from the schema and must be accepted. Each rule is also documented on its 
   end): dropped.
 - An `Idempotency-Key` names one request (reused with another body it is a 422): dropped.
 - A kind's `input_schema`/`output_schema` is a JSON Schema (a language of its own, compiled at
-  PUT): dropped from kind definitions (PUT /v1/kinds/{name}, POST /v1/workers).
+  PUT): dropped from kind definitions (PUT /v1/kinds/{name}, POST /v1/workers). So are `mode`
+  and `push`: a push kind needs CAPIBARA_WEBHOOK_SECRET (the test server has none) and a URL
+  that resolves to a public address, like `callback_url`.
 - A lease call holds up to `wait_ms` (30 s, the client's own timeout): at most 100 ms here.
 - JSON Schema counts `146.0` as an integer; the API's integer fields take integers without a
   fraction (docs/api.md): integral floats are written as integers.
@@ -140,8 +142,8 @@ def map_case(context, case):
 
 def _kind_def(d):
     if isinstance(d, dict):
-        d.pop("input_schema", None)
-        d.pop("output_schema", None)
+        for k in ("input_schema", "output_schema", "mode", "push"):
+            d.pop(k, None)
 
 
 def _body(op, body):

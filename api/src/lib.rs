@@ -93,7 +93,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/jobs/batch", post(jobs::submit_batch))
         .route(
             "/v1/jobs/{id}/artifacts/{name}",
-            get(routes::artifacts::get),
+            get(routes::artifacts::get).put(workers::upload_artifact),
         )
         .route("/v1/tts", post(routes::tts::render))
         .route("/v1/tts/voices", get(routes::tts::voices))

@@ -416,6 +416,12 @@ pub fn apply(doc: OpenApi, ctx: &dyn KindContext) -> Value {
             *items = json!({"$ref": format!("#/components/schemas/{item}")});
         }
     }
+    // `push` goes with `"mode": "push"`, and only with it.
+    if let Some(def) = v.pointer_mut("/components/schemas/KindDef") {
+        def["if"] = json!({"properties": {"mode": {"const": "push"}}, "required": ["mode"]});
+        def["then"] = json!({"required": ["push"], "properties": {"push": {"type": "object"}}});
+        def["else"] = json!({"properties": {"push": {"type": "null"}}});
+    }
     // A worker declares kinds by name or with their definition.
     if let Some(def) = v.pointer("/components/schemas/KindDef").cloned() {
         let mut declared = def;

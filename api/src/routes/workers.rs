@@ -15,13 +15,14 @@ use axum::{
     Json,
 };
 use capibara_shared::{
+    artifacts::ArtifactError,
     command::{
         self,
         leases::{LeaseError, LeaseToken, Report},
     },
     domain::{
         auth::Role,
-        job::{AttemptEnd, Job, JobError},
+        job::{Artifact, AttemptEnd, Job, JobError},
         kinds::{
             self,
             user::{self, KindDef},
@@ -790,6 +791,25 @@ pub struct Complete {
     #[serde(default)]
     #[schema(value_type = Option<Object>)]
     pub output: Option<Value>,
+    /// Artifacts this attempt uploaded (`PUT /v1/jobs/{id}/artifacts/{name}`): what each upload
+    /// answered (or just its `name`); they become the job's artifacts.
+    #[serde(default)]
+    pub artifacts: Option<Vec<UploadedArtifact>>,
+}
+
+/// An uploaded artifact, as `complete` names it: the upload's answer does.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+pub struct UploadedArtifact {
+    pub name: String,
+    /// Default `application/octet-stream`.
+    #[serde(default)]
+    pub content_type: Option<String>,
+    /// Ignored: the store's own size is recorded.
+    #[serde(default)]
+    pub size: Option<u64>,
+    /// Ignored: the store's own location is recorded.
+    #[serde(default)]
+    pub location: Option<String>,
 }
 
 #[utoipa::path(post, operation_id = "completeJob", path = "/v1/jobs/{id}/complete", tag = "workers",
@@ -804,11 +824,21 @@ pub async fn complete(
     Path(id): Path<String>,
     body: ApiJson<Complete>,
 ) -> Result<Json<Job>, ApiError> {
-    let output = body.value.output.unwrap_or(Value::Null);
-    let end = AttemptEnd::Succeeded {
-        output,
-        artifacts: Vec::new(),
-    };
+    // The lease first: a stale token is a 409 whatever it names.
+    leased(&state, &auth, &headers, &id).await?;
+    let c = body.value;
+    let output = c.output.unwrap_or(Value::Null);
+    let names = c.artifacts.unwrap_or_default();
+    if names.len() > 100 {
+        return Err(ApiError::field("artifacts", "at most 100 artifacts"));
+    }
+    let mut artifacts = Vec::with_capacity(names.len());
+    for (i, a) in names.iter().enumerate() {
+        artifacts.push(uploaded(&state, &id, a).await.map_err(|e| {
+            e.map_fields(|f| FieldError::new(format!("artifacts[{i}]"), f.message))
+        })?);
+    }
+    let end = AttemptEnd::Succeeded { output, artifacts };
     Ok(Json(
         record(&state, &auth, &headers, &id, Report::End(end)).await?,
     ))
@@ -876,6 +906,78 @@ pub async fn fail(
     Ok(Json(
         record(&state, &auth, &headers, &id, Report::End(end)).await?,
     ))
+}
+
+/// The artifact `name` uploaded for job `id` (its size read from the store).
+async fn uploaded(state: &AppState, id: &str, a: &UploadedArtifact) -> Result<Artifact, ApiError> {
+    let name = a.name.as_str();
+    let store = state
+        .artifacts
+        .as_ref()
+        .map_err(|_| ApiError::Unavailable)?;
+    let job_id = parse_id(id, "job")?;
+    let missing = || ApiError::field("artifacts", format!("no artifact `{name}` was uploaded"));
+    if !capibara_shared::artifacts::valid_name(name) {
+        return Err(missing());
+    }
+    let location = format!("{}/jobs/{job_id}/{name}", store.base());
+    let size = match store.get(&location, Some(0..1)).await {
+        Ok(read) => read.size,
+        Err(ArtifactError::BadRange { size }) => size,
+        Err(ArtifactError::NotFound) => return Err(missing()),
+        Err(e) => return Err(ApiError::internal(e)),
+    };
+    Ok(Artifact {
+        name: name.to_string(),
+        content_type: a
+            .content_type
+            .clone()
+            .filter(|c| !c.is_empty() && c.len() <= 255)
+            .unwrap_or_else(|| "application/octet-stream".into()),
+        size,
+        location,
+    })
+}
+
+#[utoipa::path(put, operation_id = "uploadArtifact", path = "/v1/jobs/{id}/artifacts/{name}", tag = "workers",
+    params(("id" = String, Path), ("name" = String, Path), ("Capibara-Lease" = String, Header)),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream",
+        description = "The file; its Content-Type is kept (default application/octet-stream)."),
+    responses((status = 201, body = Artifact), (status = 409, body = crate::error::Problem),
+              (status = 413, body = crate::error::Problem), (status = 422, body = crate::error::Problem)),
+    security(("bearer" = [])))]
+pub async fn upload_artifact(
+    State(state): State<AppState>,
+    auth: Auth,
+    headers: HeaderMap,
+    Path((id, name)): Path<(String, String)>,
+    body: axum::body::Bytes,
+) -> Result<impl IntoResponse, ApiError> {
+    let (w, token) = leased(&state, &auth, &headers, &id).await?;
+    if !capibara_shared::artifacts::valid_name(&name) {
+        return Err(ApiError::field(
+            "name",
+            "must be 1-128 letters, digits, '.', '_' or '-', not starting with '.'",
+        ));
+    }
+    let job = store::jobs::get(&state.store.pool, &w.namespace, token.job_id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no job `{id}`")))?;
+    command::leases::holds(&job, &w, token)?;
+    let store = state
+        .artifacts
+        .as_ref()
+        .map_err(|_| ApiError::Unavailable)?;
+    let content_type = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 255)
+        .unwrap_or("application/octet-stream");
+    let artifact = store
+        .put(job.id, &name, content_type, body.to_vec())
+        .await
+        .map_err(ApiError::internal)?;
+    Ok((StatusCode::CREATED, Json(artifact)))
 }
 
 #[utoipa::path(post, operation_id = "releaseJob", path = "/v1/jobs/{id}/release", tag = "workers",

@@ -314,7 +314,7 @@ async fn json_pages_filter_paginate_and_stay_in_the_namespace() {
     // Bad parameters are 422 problems naming them.
     assert_422(&api, "/v1/events?foo=1", "foo").await;
     assert_422(&api, "/v1/events?stream_type=nope", "stream_type").await;
-    assert_422(&api, "/v1/events?kind=nope", "kind").await;
+    assert_422(&api, "/v1/events?kind=code.nope", "kind").await;
     assert_422(&api, "/v1/events?tag=nocolon", "tag").await;
     assert_422(&api, "/v1/events?types=Job-Submitted", "types").await;
     assert_422(&api, "/v1/events?types=", "types").await;

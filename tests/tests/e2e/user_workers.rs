@@ -673,3 +673,103 @@ async fn schedules_and_triggers_submit_user_kinds_and_metrics_show_their_live_wo
     .await;
     assert!(metrics.contains("# HELP capibara_kind_live_workers"));
 }
+
+#[tokio::test]
+async fn a_protocol_worker_uploads_artifacts_that_complete_attaches_to_the_job() {
+    let env = TestEnv::new().await;
+    let _api = env.spawn_api().await;
+    let api = env.client();
+    put_kind(&api, "art.make", json!({})).await;
+    let w = Proto::register(&api, json!({"kinds": ["art.make"]})).await;
+    let id = api.submit_id(json!({"kind": "art.make"})).await;
+    let j = w.lease_one(Duration::from_secs(10)).await;
+    let upload = |token: String, name: &'static str, body: &'static [u8]| {
+        let api = api.clone();
+        let id = id.clone();
+        async move {
+            api.send(
+                api.http
+                    .put(api.url(&format!("/v1/jobs/{id}/artifacts/{name}")))
+                    .header("Capibara-Lease", token)
+                    .header("content-type", "text/csv")
+                    .body(body),
+            )
+            .await
+        }
+    };
+    let r = upload(j.token.clone(), "rows.csv", b"a,b\n1,2\n").await;
+    assert_eq!(r.status, 201, "{r:?}");
+    assert_eq!(r.body["size"], 8);
+    let r2 = upload(j.token.clone(), "../x", b"no").await;
+    assert_eq!(r2.status, 404, "not a route: {r2:?}");
+    let bad = upload(j.token.clone(), ".hidden", b"no").await;
+    assert_eq!(bad.body["errors"][0]["field"], "name", "{bad:?}");
+    // Naming an artifact that was not uploaded is a 422.
+    let r3 = w
+        .call(&j, "complete", json!({"artifacts": [{"name": "nope.bin"}]}))
+        .await;
+    assert_eq!(r3.body["errors"][0]["field"], "artifacts[0]", "{r3:?}");
+    let r = w
+        .call(
+            &j,
+            "complete",
+            json!({"output": {"rows": 1}, "artifacts": [r.body]}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let a = &r.body["artifacts"][0];
+    assert_eq!(
+        (&a["name"], &a["content_type"], &a["size"]),
+        (&json!("rows.csv"), &json!("text/csv"), &json!(8))
+    );
+    let got = api
+        .http
+        .get(api.url(&format!("/v1/jobs/{id}/artifacts/rows.csv")))
+        .bearer_auth(&api.key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(got.status(), 200);
+    assert_eq!(got.headers()["content-type"], "text/csv");
+    assert_eq!(got.bytes().await.unwrap().as_ref(), b"a,b\n1,2\n");
+    // The attempt is over: its token uploads nothing more.
+    let r = upload(j.token.clone(), "late.csv", b"x").await;
+    assert_eq!(r.status, 409, "{r:?}");
+}
+
+#[tokio::test]
+async fn orchestrate_takes_a_user_kind_as_its_intent() {
+    let env = TestEnv::new().await;
+    let _api = env.spawn_api().await;
+    let api = env.client();
+    put_kind(
+        &api,
+        "orch.kind",
+        json!({"input_schema": {"type": "object", "required": ["q"]}}),
+    )
+    .await;
+    let r = api
+        .post(
+            "/v1/orchestrate",
+            json!({"intent": "orch.kind", "inputs": {}}),
+        )
+        .await;
+    assert_eq!(r.body["errors"][0]["field"], "inputs.q", "{r:?}");
+    let r = api
+        .post(
+            "/v1/orchestrate",
+            json!({"intent": "orch.kind", "inputs": {"q": 1}}),
+        )
+        .await;
+    assert!(r.status == 202 || r.status == 200, "{r:?}");
+    let w = Proto::register(&api, json!({"kinds": ["orch.kind"]})).await;
+    let j = w.lease_one(Duration::from_secs(10)).await;
+    assert_eq!(j.job["input"], json!({"q": 1}));
+    let r = api
+        .post(
+            "/v1/orchestrate",
+            json!({"intent": "orch.nope", "inputs": {}}),
+        )
+        .await;
+    assert_eq!(r.body["errors"][0]["field"], "intent", "{r:?}");
+}
