@@ -147,3 +147,10 @@ pub fn wants_sse(headers: &HeaderMap) -> bool {
         .and_then(|v| v.to_str().ok())
         .is_some_and(|a| a.contains("text/event-stream"))
 }
+
+/// A resource id from the path: one that is not a UUID names no resource (404, not 400), so a
+/// malformed id answers like an unknown one. `what` names the resource (`job`, `run`, …).
+pub fn path_id(id: &str, what: &str) -> Result<uuid::Uuid, ApiError> {
+    id.parse()
+        .map_err(|_| ApiError::NotFound(format!("no {what} `{id}` (ids are UUIDs)")))
+}

@@ -468,8 +468,7 @@ pub async fn list(
 }
 
 fn parse_id(id: &str) -> Result<Uuid, ApiError> {
-    id.parse()
-        .map_err(|_| ApiError::NotFound(format!("no job `{id}` (ids are UUIDs)")))
+    crate::extract::path_id(id, "job")
 }
 
 async fn load(state: &AppState, auth: &Auth, id: Uuid) -> Result<Job, ApiError> {

@@ -34,8 +34,7 @@ use crate::{
 pub const START_COMMAND: &str = "StartRun";
 
 fn parse_id(id: &str) -> Result<Uuid, ApiError> {
-    id.parse()
-        .map_err(|_| ApiError::NotFound(format!("no run `{id}` (ids are UUIDs)")))
+    crate::extract::path_id(id, "run")
 }
 
 async fn load(state: &AppState, auth: &Auth, id: Uuid) -> Result<Run, ApiError> {

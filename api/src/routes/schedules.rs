@@ -209,8 +209,7 @@ fn meta(auth: &Auth) -> EventMetadata {
 }
 
 fn parse_id(id: &str) -> Result<Uuid, ApiError> {
-    id.parse()
-        .map_err(|_| ApiError::NotFound(format!("no schedule `{id}`")))
+    crate::extract::path_id(id, "schedule")
 }
 
 async fn load(state: &AppState, auth: &Auth, id: &str) -> Result<Schedule, ApiError> {

@@ -121,8 +121,7 @@ fn check_description(d: &Option<String>) -> Result<(), ApiError> {
 }
 
 fn parse_id(id: &str) -> Result<Uuid, ApiError> {
-    id.parse()
-        .map_err(|_| ApiError::NotFound(format!("no subscription `{id}`")))
+    crate::extract::path_id(id, "subscription")
 }
 
 async fn load(state: &AppState, auth: &Auth, id: &str) -> Result<Subscription, ApiError> {

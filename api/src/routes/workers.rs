@@ -381,7 +381,7 @@ pub async fn lease(
     Path(id): Path<String>,
     body: ApiJson<LeaseRequest>,
 ) -> Result<Json<Leased>, ApiError> {
-    let w = worker(&state, &auth, parse_id(&id, "worker")?).await?;
+    let w = worker(&state, &auth, crate::extract::path_id(&id, "worker")?).await?;
     let max = body.value.max_jobs.unwrap_or(1);
     if !(1..=100).contains(&max) {
         return Err(ApiError::field("max_jobs", "must be between 1 and 100"));
@@ -394,7 +394,7 @@ pub async fn lease(
     let lanes: Vec<String> = w
         .queues
         .iter()
-        .flat_map(|q| w.kinds.iter().map(|k| kinds_lane(q, &w.namespace, k)))
+        .flat_map(|q| w.kinds.iter().map(|k| kinds::lane(q, &w.namespace, k)))
         .collect();
     let deadline = tokio::time::Instant::now() + Duration::from_millis(wait_ms);
     let term = state.config.visibility_timeout;
@@ -433,10 +433,6 @@ pub async fn lease(
         metrics::counter!("capibara_worker_protocol_leased_total").increment(jobs.len() as u64);
     }
     Ok(Json(Leased { jobs }))
-}
-
-fn kinds_lane(queue: &str, namespace: &str, kind: &str) -> String {
-    capibara_shared::domain::kinds::lane(queue, namespace, kind)
 }
 
 /// Claim each popped id for `w`; ids that are not its to run any more are skipped.
@@ -521,7 +517,7 @@ pub async fn deregister(
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     auth.require(Role::Worker)?;
-    let id = parse_id(&id, "worker")?;
+    let id = crate::extract::path_id(&id, "worker")?;
     store::workers::get_remote(&state.store.pool, auth.namespace(), id)
         .await?
         .filter(|w| !w.builtin)
@@ -532,12 +528,6 @@ pub async fn deregister(
 }
 
 // --- Lease-scoped calls -------------------------------------------------------------------
-
-/// A path id: not a UUID is no such resource.
-fn parse_id(id: &str, what: &str) -> Result<Uuid, ApiError> {
-    id.parse()
-        .map_err(|_| ApiError::NotFound(format!("no {what} `{id}` (ids are UUIDs)")))
-}
 
 /// The header carrying a lease token.
 pub const LEASE_HEADER: &str = "capibara-lease";
@@ -550,7 +540,7 @@ async fn leased(
     job_id: &str,
 ) -> Result<(RemoteWorker, LeaseToken), ApiError> {
     auth.require(Role::Worker)?;
-    let job_id = parse_id(job_id, "job")?;
+    let job_id = crate::extract::path_id(job_id, "job")?;
     let bad = || {
         ApiError::field(
             "Capibara-Lease",
@@ -915,7 +905,7 @@ async fn uploaded(state: &AppState, id: &str, a: &UploadedArtifact) -> Result<Ar
         .artifacts
         .as_ref()
         .map_err(|_| ApiError::Unavailable)?;
-    let job_id = parse_id(id, "job")?;
+    let job_id = crate::extract::path_id(id, "job")?;
     let missing = || ApiError::field("artifacts", format!("no artifact `{name}` was uploaded"));
     if !capibara_shared::artifacts::valid_name(name) {
         return Err(missing());
@@ -1000,16 +990,4 @@ pub async fn release(
         )
         .await?,
     ))
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn lanes_of_user_kinds_are_apart_from_queues() {
-        assert_eq!(
-            super::kinds_lane("images", "ns", "image.resize"),
-            "images/ns/image.resize"
-        );
-        assert_eq!(super::kinds_lane("default", "ns", "echo"), "default");
-    }
 }

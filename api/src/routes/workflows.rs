@@ -40,8 +40,7 @@ use crate::{
 };
 
 fn parse_id(id: &str) -> Result<Uuid, ApiError> {
-    id.parse()
-        .map_err(|_| ApiError::NotFound(format!("no workflow `{id}` (ids are UUIDs)")))
+    crate::extract::path_id(id, "workflow")
 }
 
 fn metadata(auth: &Auth) -> EventMetadata {
