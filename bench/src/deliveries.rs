@@ -36,7 +36,8 @@ use reqwest::Client;
 use serde_json::{json, Value};
 
 use crate::harness::{
-    bytes, default_dir, percentile, post, profile, sorted, thousands, CpuUse, Env, Facts,
+    bytes, default_dir, percentile, post, print_header, profile, run_dir, sorted, thousands,
+    CpuUse, Env, Facts,
 };
 
 /// `capibara bench-deliveries` options.
@@ -103,26 +104,10 @@ pub async fn run(mut a: Args) -> Result<()> {
             );
         }
     }
-    let dir = match &a.dir {
-        Some(d) => d.clone(),
-        None => default_dir(&bin_dir),
-    };
-    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let dir = std::path::absolute(&dir)?;
+    let dir = run_dir(a.dir.as_ref(), default_dir(&bin_dir))?;
 
     let facts = Facts::collect();
-    println!("capibara bench-deliveries — {}", facts.date);
-    println!("machine: {}", facts.machine());
-    println!(
-        "build: {} (git {}); Postgres durable commits: {}",
-        profile(),
-        facts.git,
-        if a.unsafe_pg {
-            "OFF (--unsafe-pg)"
-        } else {
-            "on"
-        }
-    );
+    print_header("capibara bench-deliveries", &facts, a.unsafe_pg, "");
     println!(
         "A: {} jobs, batches of {} × {} concurrent; B: {}/s for {} s; worker concurrency {}",
         a.jobs, a.batch_size, a.batch_concurrency, a.rate, a.secs, a.worker_concurrency

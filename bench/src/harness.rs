@@ -33,6 +33,27 @@ pub(crate) fn default_dir(bin_dir: &Path) -> PathBuf {
     named_dir(bin_dir, "run")
 }
 
+/// The run directory (`--dir`, else `fallback`), created and made absolute.
+pub(crate) fn run_dir(dir: Option<&PathBuf>, fallback: PathBuf) -> anyhow::Result<PathBuf> {
+    use anyhow::Context;
+    let dir = dir.cloned().unwrap_or(fallback);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(std::path::absolute(&dir)?)
+}
+
+/// The lines every measuring command opens with: what ran, on which machine and build, and
+/// whether commits were durable (`extra` is appended to the build line).
+pub(crate) fn print_header(command: &str, facts: &Facts, unsafe_pg: bool, extra: &str) {
+    println!("{command} — {}", facts.date);
+    println!("machine: {}", facts.machine());
+    println!(
+        "build: {} (git {}); Postgres durable commits: {}{extra}",
+        profile(),
+        facts.git,
+        if unsafe_pg { "OFF (--unsafe-pg)" } else { "on" },
+    );
+}
+
 /// `NAME-STAMP-PID` under `target/bench` when the binaries sit in a cargo target directory,
 /// else under the temp directory.
 pub(crate) fn named_dir(bin_dir: &Path, name: &str) -> PathBuf {

@@ -39,7 +39,8 @@ use reqwest::Client;
 use serde_json::json;
 
 use crate::harness::{
-    bytes, default_dir, percentile, post, profile, rss_mib, sorted, thousands, CpuUse, Env, Facts,
+    bytes, default_dir, percentile, post, print_header, profile, rss_mib, run_dir, sorted,
+    thousands, CpuUse, Env, Facts,
 };
 
 /// `capibara bench` options.
@@ -107,26 +108,10 @@ pub async fn run(mut a: BenchArgs) -> Result<()> {
             );
         }
     }
-    let dir = match &a.dir {
-        Some(d) => d.clone(),
-        None => default_dir(&bin_dir),
-    };
-    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let dir = std::path::absolute(&dir)?;
+    let dir = run_dir(a.dir.as_ref(), default_dir(&bin_dir))?;
 
     let facts = Facts::collect();
-    println!("capibara bench — {}", facts.date);
-    println!("machine: {}", facts.machine());
-    println!(
-        "build: {} (git {}); Postgres durable commits: {}",
-        profile(),
-        facts.git,
-        if a.unsafe_pg {
-            "OFF (--unsafe-pg)"
-        } else {
-            "on"
-        }
-    );
+    print_header("capibara bench", &facts, a.unsafe_pg, "");
     println!(
         "jobs per phase: {}; clients: {}; batch: {} × {} concurrent; worker concurrency: {}",
         a.jobs, a.clients, a.batch_size, a.batch_concurrency, a.worker_concurrency

@@ -31,7 +31,8 @@ use futures::StreamExt;
 use serde_json::{json, Value};
 
 use crate::harness::{
-    bytes, named_dir, percentile, post, profile, sorted, thousands, CpuUse, Env, Facts,
+    bytes, named_dir, percentile, post, print_header, profile, run_dir, sorted, thousands, CpuUse,
+    Env, Facts,
 };
 
 /// Jobs per `POST /v1/jobs/batch` request, and requests at once (as `capibara bench` phase c).
@@ -180,26 +181,17 @@ pub async fn run(mut a: SdkBenchArgs) -> Result<()> {
         let path = which(interp).ok_or_else(|| anyhow!("{interp} not found (--python/--node)"))?;
         versions.push(format!("{} {}", w.name(), version(&path)));
     }
-    let dir = match &a.dir {
-        Some(d) => d.clone(),
-        None => named_dir(&bin_dir, "sdk"),
-    };
-    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let dir = std::path::absolute(&dir)?;
+    let dir = run_dir(a.dir.as_ref(), named_dir(&bin_dir, "sdk"))?;
 
     let facts = Facts::collect();
-    println!("capibara-bench sdk — {}", facts.date);
-    println!("machine: {}", facts.machine());
-    println!(
-        "build: {} (git {}); Postgres durable commits: {}; {}",
-        profile(),
-        facts.git,
-        if a.unsafe_pg {
-            "OFF (--unsafe-pg)"
-        } else {
-            "on"
-        },
-        versions.join(", ")
+    print_header(
+        "capibara-bench sdk",
+        &facts,
+        a.unsafe_pg,
+        &versions
+            .iter()
+            .map(|v| format!("; {v}"))
+            .collect::<String>(),
     );
     println!(
         "end to end: {} jobs per worker, batches of {BATCH_SIZE} × {BATCH_CONCURRENCY} concurrent; \
