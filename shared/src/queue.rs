@@ -103,6 +103,14 @@ impl Queue {
     /// Add entries (idempotent). Also marks the epoch so a wipe can be detected.
     pub async fn push(&self, entries: &[DispatchEntry]) -> Result<(), QueueError> {
         let mut pipe = redis::pipe();
+        self.add_push(&mut pipe, entries);
+        let mut conn = self.conn.clone();
+        pipe.query_async::<()>(&mut conn).await?;
+        Ok(())
+    }
+
+    /// The commands of [`Queue::push`], added to `pipe`.
+    fn add_push(&self, pipe: &mut redis::Pipeline, entries: &[DispatchEntry]) {
         pipe.cmd("SET")
             .arg(self.epoch_key())
             .arg(1)
@@ -116,9 +124,19 @@ impl Queue {
                 .arg(e.job_id.to_string())
                 .ignore();
         }
-        let mut conn = self.conn.clone();
-        pipe.query_async::<()>(&mut conn).await?;
-        Ok(())
+    }
+
+    /// The command of [`Queue::publish_hints`], added to `pipe`.
+    fn add_hints(&self, pipe: &mut redis::Pipeline, streams: &[Uuid]) {
+        let payload = streams
+            .iter()
+            .map(Uuid::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        pipe.cmd("PUBLISH")
+            .arg(self.hints_channel())
+            .arg(payload)
+            .ignore();
     }
 
     /// The entries Redis does not hold (lost in a wipe, never pushed, or popped by a worker that
@@ -199,16 +217,10 @@ impl Queue {
 
     /// Best-effort notice that streams changed (waiters fall back to polling if it is lost).
     pub async fn publish_hints(&self, streams: &[Uuid]) {
-        let payload = streams
-            .iter()
-            .map(Uuid::to_string)
-            .collect::<Vec<_>>()
-            .join(",");
+        let mut pipe = redis::pipe();
+        self.add_hints(&mut pipe, streams);
         let mut conn = self.conn.clone();
-        if let Err(e) = conn
-            .publish::<_, _, ()>(self.hints_channel(), payload)
-            .await
-        {
+        if let Err(e) = pipe.query_async::<()>(&mut conn).await {
             tracing::debug!(error = %e, "publishing stream hints failed");
         }
     }
@@ -246,14 +258,20 @@ impl crate::store::append::CommitListener for Queue {
         dispatched: &'a [DispatchEntry],
         streams: &'a [Uuid],
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>> {
+        // One round trip: the pushes, then the hints (a waiter woken by a hint finds its job
+        // in the queue already).
         Box::pin(async move {
+            let mut pipe = redis::pipe();
             if !dispatched.is_empty() {
-                if let Err(e) = self.push(dispatched).await {
-                    tracing::warn!(error = %e, "fast-path dispatch to Redis failed; the relay will retry");
-                }
+                self.add_push(&mut pipe, dispatched);
             }
             if !streams.is_empty() {
-                self.publish_hints(streams).await;
+                self.add_hints(&mut pipe, streams);
+            }
+            let mut conn = self.conn.clone();
+            if let Err(e) = pipe.query_async::<()>(&mut conn).await {
+                tracing::warn!(error = %e, dispatched = dispatched.len(),
+                    "after-commit push to Redis failed; the relay will dispatch again");
             }
         })
     }

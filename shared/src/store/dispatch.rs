@@ -5,7 +5,7 @@
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use sqlx::{PgPool, Postgres, Transaction};
+use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::StoreError;
@@ -47,33 +47,13 @@ impl DispatchEntry {
     }
 }
 
-/// Write new outbox rows and delete the ones taken off, inside an append's transaction.
-pub(super) async fn write(
-    tx: &mut Transaction<'_, Postgres>,
-    put: &[&DispatchEntry],
-    delete: &[Uuid],
-) -> Result<(), sqlx::Error> {
-    if !delete.is_empty() {
-        sqlx::query("DELETE FROM dispatch WHERE job_id = ANY($1)")
-            .bind(delete)
-            .execute(&mut **tx)
-            .await?;
-    }
-    if !put.is_empty() {
-        let rows = serde_json::to_value(put).expect("dispatch serializes");
-        sqlx::query(
-            "INSERT INTO dispatch (job_id, namespace, queue, score, enqueued_at)
-             SELECT job_id, namespace, queue, score, enqueued_at FROM jsonb_to_recordset($1)
-                 AS d(job_id uuid, namespace text, queue text, score bigint, enqueued_at timestamptz)
-             ON CONFLICT (job_id) DO UPDATE SET queue = EXCLUDED.queue, score = EXCLUDED.score,
-                 enqueued_at = EXCLUDED.enqueued_at",
-        )
-        .bind(rows)
-        .execute(&mut **tx)
-        .await?;
-    }
-    Ok(())
-}
+/// Insert (or move) outbox rows: `$1` is a JSON array of [`DispatchEntry`]. Part of the one
+/// statement that writes a batch ([`super::batch`]); taking rows off is a delete by job id.
+pub(super) const PUT: &str = "INSERT INTO dispatch (job_id, namespace, queue, score, enqueued_at)
+    SELECT job_id, namespace, queue, score, enqueued_at FROM jsonb_to_recordset($1)
+        AS d(job_id uuid, namespace text, queue text, score bigint, enqueued_at timestamptz)
+    ON CONFLICT (job_id) DO UPDATE SET queue = EXCLUDED.queue, score = EXCLUDED.score,
+        enqueued_at = EXCLUDED.enqueued_at";
 
 /// Where a relay pass stands: the last row seen, in `(enqueued_at, job_id)` order.
 pub type DispatchCursor = (DateTime<Utc>, Uuid);

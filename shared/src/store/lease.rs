@@ -55,33 +55,13 @@ impl Lease {
     }
 }
 
-/// Write granted leases and delete released ones, inside an append's transaction.
-pub(super) async fn write(
-    tx: &mut Transaction<'_, Postgres>,
-    granted: &[&Lease],
-    released: &[Uuid],
-) -> Result<(), sqlx::Error> {
-    if !released.is_empty() {
-        sqlx::query("DELETE FROM leases WHERE job_id = ANY($1)")
-            .bind(released)
-            .execute(&mut **tx)
-            .await?;
-    }
-    if !granted.is_empty() {
-        let rows = serde_json::to_value(granted).expect("leases serialize");
-        sqlx::query(
-            "INSERT INTO leases (job_id, attempt, worker_id, namespace, queue, started_at, lease_until)
-             SELECT * FROM jsonb_to_recordset($1) AS l(job_id uuid, attempt int, worker_id text, namespace text,
-                 queue text, started_at timestamptz, lease_until timestamptz)
-             ON CONFLICT (job_id) DO UPDATE SET attempt = EXCLUDED.attempt, worker_id = EXCLUDED.worker_id,
-                 started_at = EXCLUDED.started_at, lease_until = EXCLUDED.lease_until",
-        )
-        .bind(rows)
-        .execute(&mut **tx)
-        .await?;
-    }
-    Ok(())
-}
+/// Grant leases: `$1` is a JSON array of [`Lease`]. Part of the one statement that writes a
+/// batch ([`super::batch`]); releasing is a delete by job id.
+pub(super) const GRANT: &str = "INSERT INTO leases (job_id, attempt, worker_id, namespace, queue, started_at, lease_until)
+    SELECT * FROM jsonb_to_recordset($1) AS l(job_id uuid, attempt int, worker_id text, namespace text,
+        queue text, started_at timestamptz, lease_until timestamptz)
+    ON CONFLICT (job_id) DO UPDATE SET attempt = EXCLUDED.attempt, worker_id = EXCLUDED.worker_id,
+        started_at = EXCLUDED.started_at, lease_until = EXCLUDED.lease_until";
 
 /// Extend every lease `worker` holds to `term` from now. Returns the jobs it still holds, each
 /// with whether its cancel was requested.

@@ -16,6 +16,7 @@
 //! - [`code_cache`]: `code.run`'s result cache.
 
 pub mod append;
+mod batch;
 pub mod checkpoints;
 pub mod code_cache;
 pub mod commands;

@@ -4,8 +4,16 @@
 use std::{collections::HashSet, time::Duration};
 
 use capibara_shared::{
-    domain::event::{EventMetadata, StreamType},
-    store::{self, events::LogCursor, Append, AppendError, Appender, Expected, NewEvent},
+    domain::{
+        event::{EventMetadata, StreamType},
+        job::{JobEvent, Submission},
+    },
+    store::{
+        self,
+        events::LogCursor,
+        jobs::{job_append, JobWrite},
+        Append, AppendError, Appender, Expected, NewEvent,
+    },
 };
 use capibara_tests::TestEnv;
 use serde_json::json;
@@ -73,6 +81,78 @@ async fn concurrent_appends_at_the_same_version_let_exactly_one_win() {
         matches!(again, Err(AppendError::Conflict { .. })),
         "{again:?}"
     );
+}
+
+/// A job's append that loses (its stream exists already, or another writer took its version)
+/// writes nothing: not its events, and none of its projection rows (jobs, dispatch, leases),
+/// although the job core is written as one statement.
+#[tokio::test]
+async fn an_append_that_loses_changes_no_projection_row() {
+    let env = TestEnv::new().await;
+    let (pool, appender) = appender(&env).await;
+    let sub: Submission = serde_json::from_value(
+        json!({"kind": "echo", "input": {}, "queue": "q", "priority": "normal", "max_attempts": 3}),
+    )
+    .unwrap();
+    let at = capibara_shared::domain::now();
+    let write = |lease: Option<&str>| {
+        let mut w = JobWrite::new(
+            EventMetadata {
+                namespace: "default".into(),
+                ..Default::default()
+            },
+            at,
+        );
+        w.lease = lease.map(|worker| (worker.to_string(), Duration::from_secs(30)));
+        w
+    };
+    let id = Uuid::now_v7();
+    let (queued, submit) = job_append(None, id, &sub.into_events(at), write(None)).unwrap();
+    appender.append(submit.clone()).await.unwrap();
+    let again = appender.append(submit).await;
+    assert!(
+        matches!(again, Err(AppendError::Conflict { actual: Some(1) })),
+        "{again:?}"
+    );
+
+    let start = |worker: &str| {
+        let events = [JobEvent::JobStarted {
+            attempt: 1,
+            worker: worker.into(),
+        }];
+        job_append(Some(&queued), id, &events, write(Some(worker)))
+            .unwrap()
+            .1
+    };
+    appender.append(start("first")).await.unwrap();
+    let stale = appender.append(start("second")).await;
+    assert!(
+        matches!(stale, Err(AppendError::Conflict { actual: Some(2) })),
+        "{stale:?}"
+    );
+    let (status, worker): (String, Option<String>) =
+        sqlx::query_as("SELECT status, worker_id FROM jobs WHERE id = $1")
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        (status.as_str(), worker.as_deref()),
+        ("running", Some("first"))
+    );
+    let (lease,): (String,) = sqlx::query_as("SELECT worker_id FROM leases WHERE job_id = $1")
+        .bind(id)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(lease, "first");
+    let (dispatched,): (i64,) = sqlx::query_as("SELECT count(*) FROM dispatch WHERE job_id = $1")
+        .bind(id)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(dispatched, 0);
+    assert_eq!(events_of(&pool, id).await, 2);
 }
 
 #[tokio::test]
@@ -346,8 +426,9 @@ async fn the_global_log_reader_orders_transaction_ids_numerically_across_a_power
     assert_eq!(unique.len(), seen.len());
 }
 
-/// Sends `appends` while the only flusher waits on a row lock, so that they all land in the
-/// batch it takes next (instead of trickling into batches of their own).
+/// Sends `appends` while the only flusher waits on a lock (another transaction holds the
+/// version its append inserts), so that they all land in the batch it takes next (instead of
+/// trickling into batches of their own).
 async fn in_one_batch(
     pool: &sqlx::PgPool,
     appender: &Appender,
@@ -359,11 +440,14 @@ async fn in_one_batch(
         .await
         .unwrap();
     let mut lock = pool.begin().await.unwrap();
-    sqlx::query("SELECT 1 FROM streams WHERE stream_id = $1 FOR UPDATE")
-        .bind(blocker)
-        .execute(&mut *lock)
-        .await
-        .unwrap();
+    sqlx::query(
+        "INSERT INTO events (stream_id, stream_type, version, type, data, metadata, recorded_at)
+         VALUES ($1, 'job', 2, 'Blocker', '{}', '{}', now())",
+    )
+    .bind(blocker)
+    .execute(&mut *lock)
+    .await
+    .unwrap();
     let held = {
         let appender = appender.clone();
         tokio::spawn(async move {
