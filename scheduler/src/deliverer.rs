@@ -36,6 +36,9 @@ use uuid::Uuid;
 
 use crate::leader::Leadership;
 
+/// How often the checkpoint moves while pages create no delivery.
+const SAVE_EVERY: Duration = Duration::from_secs(1);
+
 /// Name of the deliverer's checkpoint.
 pub const CHECKPOINT: &str = "deliverer";
 const LEADER_LOCK: i64 = 0x6361_7069_6465_6c76; // "capidelv"
@@ -110,8 +113,16 @@ async fn lead(
         .unwrap_or_default();
     let mut subs = SubscriptionCache::default();
     let mut last_release = Instant::now();
+    // A page that creates nothing moves the cursor in memory only; the checkpoint follows
+    // every SAVE_EVERY (a restart reads those pages again and again creates nothing: a
+    // delivery's (source_position, target) is unique besides).
+    let mut saved = cursor;
+    let mut last_save = Instant::now();
     loop {
         if stop.is_cancelled() {
+            if saved != cursor {
+                store::checkpoints::save(&store.pool, CHECKPOINT, cursor).await?;
+            }
             return Ok(());
         }
         leadership.confirm().await?;
@@ -123,11 +134,16 @@ async fn lead(
         tokio::pin!(notified);
         notified.as_mut().enable();
         let (events, next) = store::events::read_all(&store.pool, cursor, PAGE).await?;
+        if saved != cursor && last_save.elapsed() > SAVE_EVERY {
+            store::checkpoints::save(&store.pool, CHECKPOINT, cursor).await?;
+            saved = cursor;
+            last_save = Instant::now();
+        }
         if events.is_empty() {
             tokio::select! {
                 _ = &mut notified => {}
                 _ = tokio::time::sleep(opts.poll) => {}
-                _ = stop.cancelled() => return Ok(()),
+                _ = stop.cancelled() => continue,
             }
             continue;
         }
@@ -136,6 +152,9 @@ async fn lead(
             Ok(n) => {
                 if n > 0 {
                     metrics::counter!("capibara_deliveries_created_total").increment(n as u64);
+                    // The page's deliveries moved the checkpoint in their transaction.
+                    saved = next;
+                    last_save = Instant::now();
                 }
                 cursor = next;
             }
@@ -383,7 +402,6 @@ async fn process(
         cursor: next,
     };
     if planned.is_empty() {
-        store::checkpoints::save(&store.pool, CHECKPOINT, next).await?;
         return Ok(0);
     }
     // Order per (target, job): a delivery waits while an earlier one is unfinished.
