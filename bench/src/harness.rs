@@ -129,6 +129,8 @@ impl Env {
             })
             .context("starting Postgres")?;
             pg.ensure_database("bench")?;
+            let mut pg = pg;
+            statement_stats(&mut pg);
             let redis = RedisServer::start(RedisOptions {
                 dir: redis_dir,
                 port: 0,
@@ -156,10 +158,15 @@ impl Env {
             .timeout(Duration::from_secs(120))
             .build()?;
         let db_url = pg.url("bench");
+        // The bench's own queries run as another role, so the per-job counts leave them out.
+        let observer_url = match (db_url.find("://"), db_url.find('@')) {
+            (Some(s), Some(at)) => format!("{}{OBSERVER}{}", &db_url[..s + 3], &db_url[at..]),
+            _ => db_url.clone(),
+        };
         let pool = sqlx::postgres::PgPoolOptions::new()
             .max_connections(4)
             .acquire_timeout(Duration::from_secs(30))
-            .connect(&db_url)
+            .connect(&observer_url)
             .await
             .context("connecting to the bench database")?;
         let mut env = Env {
@@ -308,6 +315,36 @@ impl Env {
     }
 
     /// Transactions committed in the bench database so far (`pg_stat_database`).
+    /// What Postgres did so far, for per-job figures ([`PgWork::per_job`]); None where
+    /// `pg_stat_statements` is not installed.
+    pub(crate) async fn pg_work(&self) -> Option<PgWork> {
+        let row: Result<(i64, i64, i64, i64, i64, i64, f64), _> = sqlx::query_as(
+            "SELECT
+               (SELECT coalesce(sum(calls), 0)::int8 FROM pg_stat_statements s
+                 WHERE s.dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+                   AND s.userid <> (SELECT oid FROM pg_roles WHERE rolname = current_user)),
+               (SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()),
+               (SELECT coalesce(sum(n_tup_ins), 0)::int8 FROM pg_stat_user_tables),
+               (SELECT coalesce(sum(n_tup_upd), 0)::int8 FROM pg_stat_user_tables),
+               (SELECT coalesce(sum(n_tup_hot_upd), 0)::int8 FROM pg_stat_user_tables),
+               (SELECT coalesce(sum(n_tup_del), 0)::int8 FROM pg_stat_user_tables),
+               (SELECT wal_bytes::float8 FROM pg_stat_wal)",
+        )
+        .fetch_one(&self.pool)
+        .await;
+        row.ok().map(
+            |(statements, commits, inserted, updated, hot, deleted, wal)| PgWork {
+                statements,
+                commits,
+                inserted,
+                updated,
+                hot,
+                deleted,
+                wal,
+            },
+        )
+    }
+
     pub(crate) async fn commits(&self) -> Result<i64> {
         Ok(sqlx::query_scalar(
             "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()",
@@ -540,6 +577,7 @@ pub(crate) struct CpuSnapshot {
 pub(crate) struct CpuUse {
     groups: Vec<(String, f64)>,
     machine_busy: f64,
+    secs: f64,
 }
 
 impl CpuUse {
@@ -562,12 +600,21 @@ impl CpuUse {
         let total = b.machine.1.saturating_sub(a.machine.1) as f64;
         CpuUse {
             groups,
+            secs,
             machine_busy: if total > 0.0 {
                 busy / total * 100.0
             } else {
                 0.0
             },
         }
+    }
+
+    /// CPU seconds of one group (`postgres`, `api`, …) over the span.
+    pub(crate) fn seconds(&self, group: &str) -> f64 {
+        self.groups
+            .iter()
+            .find(|(k, _)| k == group)
+            .map_or(0.0, |(_, pct)| pct / 100.0 * self.secs)
     }
 
     pub(crate) fn describe(&self) -> String {
@@ -705,5 +752,73 @@ pub(crate) fn thousands(x: f64) -> String {
         format!("-{out}")
     } else {
         out
+    }
+}
+
+/// The role the bench's own connection uses (see [`Env::pg_work`]).
+const OBSERVER: &str = "bench_observer";
+
+/// Loads `pg_stat_statements` (a restart) and creates the observer role. A Postgres without
+/// the module still runs the bench, without the per-job statement counts.
+fn statement_stats(pg: &mut PostgresServer) {
+    let mut setup = || -> Result<()> {
+        pg.psql(
+            "postgres",
+            "ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'",
+        )?;
+        pg.restart()?;
+        pg.psql(
+            "bench",
+            &format!(
+                "CREATE EXTENSION IF NOT EXISTS pg_stat_statements;
+                 DO $$ BEGIN CREATE ROLE {OBSERVER} LOGIN SUPERUSER;
+                 EXCEPTION WHEN duplicate_object THEN NULL; END $$;"
+            ),
+        )?;
+        Ok(())
+    };
+    if let Err(e) = setup() {
+        eprintln!("pg_stat_statements unavailable ({e:#}); no per-job statement counts");
+        let _ = pg.psql(
+            "postgres",
+            &format!(
+                "DO $$ BEGIN CREATE ROLE {OBSERVER} LOGIN SUPERUSER;
+                 EXCEPTION WHEN duplicate_object THEN NULL; END $$;"
+            ),
+        );
+    }
+}
+
+/// Cumulative counters of Postgres' work (statements of the Capibara processes, commits, rows
+/// written, WAL).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PgWork {
+    statements: i64,
+    commits: i64,
+    inserted: i64,
+    updated: i64,
+    hot: i64,
+    deleted: i64,
+    wal: f64,
+}
+
+impl PgWork {
+    /// Per job between `a` and `b`, with Postgres' CPU time over the same span.
+    pub(crate) fn per_job(a: &PgWork, b: &PgWork, jobs: usize, pg_cpu_secs: f64) -> String {
+        let n = jobs.max(1) as f64;
+        let upd = (b.updated - a.updated) as f64;
+        let hot = (b.hot - a.hot) as f64;
+        format!(
+            "{:.2} statements (round trips), {:.2} commits, rows written {:.2} (insert {:.2}, update {:.2} of which HOT {:.0}%, delete {:.2}), WAL {} B, Postgres CPU {:.3} ms",
+            (b.statements - a.statements) as f64 / n,
+            (b.commits - a.commits) as f64 / n,
+            ((b.inserted - a.inserted) as f64 + upd + (b.deleted - a.deleted) as f64) / n,
+            (b.inserted - a.inserted) as f64 / n,
+            upd / n,
+            if upd > 0.0 { hot / upd * 100.0 } else { 0.0 },
+            (b.deleted - a.deleted) as f64 / n,
+            thousands((b.wal - a.wal) / n),
+            pg_cpu_secs * 1000.0 / n,
+        )
     }
 }

@@ -40,7 +40,7 @@ use serde_json::json;
 
 use crate::harness::{
     bytes, default_dir, percentile, post, print_header, profile, rss_mib, run_dir, sorted,
-    thousands, CpuUse, Env, Facts,
+    thousands, CpuUse, Env, Facts, PgWork,
 };
 
 /// `capibara bench` options.
@@ -247,6 +247,8 @@ struct E2e {
     batches: Vec<(String, f64, f64)>,
     /// Postgres transactions committed per second in the bench database.
     commits_per_s: f64,
+    /// Postgres' work per job (statements, commits, rows, WAL, CPU), where measurable.
+    per_job: Option<String>,
 }
 
 /// Submits `n` jobs in batches while the running workers execute them; measures from the first
@@ -254,6 +256,7 @@ struct E2e {
 async fn end_to_end(a: &BenchArgs, env: &mut Env, tag: &str) -> Result<E2e> {
     let events0 = env.count("SELECT count(*) FROM events").await?;
     let commits0 = env.commits().await?;
+    let work0 = env.pg_work().await;
     let batch0 = env.batch_snapshot().await;
     let cpu0 = env.cpu_snapshot();
     let started = Instant::now();
@@ -296,6 +299,7 @@ async fn end_to_end(a: &BenchArgs, env: &mut Env, tag: &str) -> Result<E2e> {
     // Backends report their counters at most once a second; let them.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let commits1 = env.commits().await?;
+    let work1 = env.pg_work().await;
     let ok = env.count_tag("succeeded", tag).await?;
     if ok != a.jobs as i64 {
         bail!("{tag}: {ok} of {} jobs succeeded", a.jobs);
@@ -319,11 +323,16 @@ async fn end_to_end(a: &BenchArgs, env: &mut Env, tag: &str) -> Result<E2e> {
         // group commit, so it records no flushes here.
         .filter(|(_, mean, _)| *mean > 0.0)
         .collect();
+    let cpu = CpuUse::between(&cpu0, &cpu1);
+    let per_job = work0
+        .zip(work1)
+        .map(|(w0, w1)| PgWork::per_job(&w0, &w1, a.jobs, cpu.seconds("postgres")));
     Ok(E2e {
         elapsed,
         submit_elapsed: submit_elapsed.unwrap_or_default(),
         events: events1 - events0,
-        cpu: CpuUse::between(&cpu0, &cpu1),
+        per_job,
+        cpu,
         batches,
         commits_per_s: (commits1 - commits0) as f64 / elapsed.as_secs_f64(),
     })
@@ -339,6 +348,9 @@ fn print_e2e(label: &str, n: usize, e: &E2e) {
     );
     println!("    CPU, % of one core: {}", e.cpu.describe());
     println!("    group commit: {}", batches_text(e));
+    if let Some(p) = &e.per_job {
+        println!("    Postgres per job: {p}");
+    }
 }
 
 fn batches_text(e: &E2e) -> String {
