@@ -169,6 +169,25 @@ impl Env {
             .connect(&observer_url)
             .await
             .context("connecting to the bench database")?;
+        let (pg_version, sync_commit, fsync): (String, String, String) = sqlx::query_as(
+            "SELECT current_setting('server_version'), current_setting('synchronous_commit'),
+                    current_setting('fsync')",
+        )
+        .fetch_one(&pool)
+        .await?;
+        let redis_version = Command::new("redis-server")
+            .arg("--version")
+            .output()
+            .ok()
+            .and_then(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .split_whitespace()
+                    .find_map(|w| w.strip_prefix("v=").map(str::to_string))
+            })
+            .unwrap_or_else(|| "unknown".into());
+        println!(
+            "versions: PostgreSQL {pg_version} (synchronous_commit={sync_commit}, fsync={fsync}), Redis {redis_version} (no persistence: it only dispatches)"
+        );
         let mut env = Env {
             procs: Vec::new(),
             redis_url: redis.url(),

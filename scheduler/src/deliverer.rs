@@ -36,6 +36,10 @@ use uuid::Uuid;
 
 use crate::leader::Leadership;
 
+/// The least time between two reads of the log while it trickles (a delivery waits at most
+/// this much longer; the scheduler reads a few events per query instead of one).
+const COALESCE: Duration = Duration::from_millis(10);
+
 /// How often the checkpoint moves while pages create no delivery.
 const SAVE_EVERY: Duration = Duration::from_secs(1);
 
@@ -133,6 +137,7 @@ async fn lead(
         let notified = wake.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
+        let read_at = Instant::now();
         let (events, next) = store::events::read_all(&store.pool, cursor, PAGE).await?;
         if saved != cursor && last_save.elapsed() > SAVE_EVERY {
             store::checkpoints::save(&store.pool, CHECKPOINT, cursor).await?;
@@ -157,6 +162,20 @@ async fn lead(
                     last_save = Instant::now();
                 }
                 cursor = next;
+                // A page short of PAGE read all there was: wait for the next hint (one that
+                // came while this page was processed ends the wait at once) instead of
+                // reading again for nothing, and let COALESCE pass since this read so that a
+                // steady stream of commits is read a few at a time, not one per commit.
+                if (events.len() as i64) < PAGE {
+                    tokio::select! {
+                        _ = async {
+                            (&mut notified).await;
+                            tokio::time::sleep(COALESCE.saturating_sub(read_at.elapsed())).await;
+                        } => {}
+                        _ = tokio::time::sleep(opts.poll) => {}
+                        _ = stop.cancelled() => {}
+                    }
+                }
             }
             Err(e) => {
                 tracing::warn!(error = %e, "creating deliveries failed; reloading the checkpoint");

@@ -99,6 +99,15 @@ async fn lead(
                     saved = next;
                     last_save = Instant::now();
                 }
+                // A short page read all there was: wait for the next hint (one that came while
+                // the page was processed ends the wait at once) instead of reading again.
+                if (events.len() as i64) < PAGE {
+                    tokio::select! {
+                        _ = &mut notified => {}
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                        _ = stop.cancelled() => {}
+                    }
+                }
             }
             Err(e) => {
                 // A conflict (the API changed a run meanwhile) or an outage: plan the page again,

@@ -91,6 +91,14 @@ pub const METRICS: &[MetricSpec] = &[
         labels: &[],
     },
     MetricSpec {
+        name: "capibara_append_retried_in_transaction_total",
+        kind: Counter,
+        help: "One-statement group commits that did not fully apply (a version or an idempotency key taken by another writer) and were written again in a transaction to find the losers.",
+        unit: None,
+        on: ALL,
+        labels: &[],
+    },
+    MetricSpec {
         name: "capibara_append_refused_total",
         kind: Counter,
         help: "Appends refused for their own data (a value Postgres cannot store); the rest of their batch committed.",

@@ -1,7 +1,8 @@
 //! Reading events: one stream in order, and the whole log gap-safely.
 //!
-//! Within one stream, positions grow with versions (appends to a stream are serialized by its
-//! `streams` row lock), so `position > after` never skips an event of that stream.
+//! Within one stream, positions grow with versions (an append at version v+1 is decided only
+//! after v committed, and the unique `(stream_id, version)` lets one of concurrent appends at a
+//! version win), so `position > after` never skips an event of that stream.
 //!
 //! The global log is different: positions are taken from a sequence before commit, so a
 //! transaction can commit a lower position after a reader already passed it. [`read_all`] only
