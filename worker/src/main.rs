@@ -82,5 +82,12 @@ async fn main() -> anyhow::Result<()> {
             components,
         },
     );
-    capibara_worker::run(store, queue, registry, opts, stop).await
+    let result = capibara_worker::run(store, queue, registry, opts, stop).await;
+    // Every attempt is recorded or given back by now. Dropping the runtime would wait for the
+    // blocking threads still warming up (a voice model, a sandbox compile), which can take
+    // longer than the shutdown grace: exit without them.
+    if let Err(e) = &result {
+        eprintln!("Error: {e:?}");
+    }
+    std::process::exit(i32::from(result.is_err()));
 }

@@ -255,7 +255,7 @@ impl Core {
             ev_at: Vec::new(),
             tip_stream: Vec::new(),
             tip_version: Vec::new(),
-            jobs: json_rows(rows.jobs.values()),
+            jobs: json_rows(rows.jobs()),
             undispatch: rows.undispatch.clone(),
             dispatch: json_rows(rows.dispatch.iter()),
             release: rows.release.clone(),
@@ -263,7 +263,12 @@ impl Core {
         };
         let mut commands = Vec::new();
         let mut in_batch = HashSet::new();
-        for &i in ok {
+        // Rows go in key order (streams by id, each stream's appends in arrival order), so two
+        // batches that touch the same streams wait for each other in the same order and never
+        // deadlock (the old `FOR UPDATE` in id order did this).
+        let mut by_stream = ok.to_vec();
+        by_stream.sort_by_key(|&i| appends[i].stream_id);
+        for &i in &by_stream {
             let a = &appends[i];
             match a.expected {
                 Expected::NoStream => {
@@ -296,6 +301,9 @@ impl Core {
                 core.ev_at.push(e.recorded_at.unwrap_or(a.recorded_at));
             }
         }
+        commands.sort_by(|a, b| {
+            (&a.namespace, &a.idempotency_key).cmp(&(&b.namespace, &b.idempotency_key))
+        });
         core.commands = json_rows(commands.iter());
         core
     }
@@ -534,6 +542,13 @@ impl<'a> Rows<'a> {
         rows
     }
 
+    /// The jobs rows in id order (see [`Core::new`] on order).
+    fn jobs(&self) -> impl Iterator<Item = &&'a Job> {
+        let mut jobs: Vec<&&Job> = self.jobs.values().collect();
+        jobs.sort_by_key(|j| j.id);
+        jobs.into_iter()
+    }
+
     /// Whether [`CORE`] writes everything (no other projection is touched).
     fn core_only(&self) -> bool {
         self.deliveries.is_empty()
@@ -629,9 +644,12 @@ impl<'a> Rows<'a> {
     }
 }
 
+/// The rows to put and the ids to delete, in id order (see [`Core::new`] on order).
 fn split<T>(m: HashMap<Uuid, Option<&T>>) -> (Vec<&T>, Vec<Uuid>) {
     let mut put = Vec::new();
     let mut delete = Vec::new();
+    let mut m: Vec<_> = m.into_iter().collect();
+    m.sort_by_key(|(id, _)| *id);
     for (id, v) in m {
         match v {
             Some(v) => put.push(v),
