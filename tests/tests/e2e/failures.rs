@@ -237,6 +237,11 @@ async fn a_job_popped_while_postgres_is_down_runs_as_soon_as_it_is_back() {
         .unwrap();
     let id: uuid::Uuid = job.parse().unwrap();
     let popped = || async { !capibara_tests::on_redis(&queue, "default", id).await };
+    // The API pushes a job to Redis right after answering: take it off once it is there.
+    eventually("pushed to Redis", Duration::from_secs(5), || async {
+        (!popped().await).then_some(())
+    })
+    .await;
     queue.remove("default", id).await.unwrap();
     assert!(popped().await);
     let _worker = env.spawn_worker(&[]);
@@ -386,17 +391,25 @@ async fn the_relay_re_dispatches_a_job_redis_lost_without_a_wipe() {
     let _scheduler = env.spawn_scheduler();
     let api = env.client();
     let id = api.submit_id(json!({"kind": "echo"})).await;
-    // As if a worker popped it and died before starting it.
+    // As if a worker popped it and died before starting it. The API answers as soon as the job
+    // is committed and pushes it to Redis right after: remove it once it is there.
     let client = redis::Client::open(env.redis_url.as_str()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let conn = client.get_multiplexed_async_connection().await.unwrap();
     let key = format!("{{{}}}:queue:default", env.redis_prefix);
-    let removed: i64 = redis::cmd("ZREM")
-        .arg(&key)
-        .arg(&id)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    assert_eq!(removed, 1);
+    eventually("pushed to Redis", Duration::from_secs(5), || {
+        let mut conn = conn.clone();
+        let (key, id) = (key.clone(), id.clone());
+        async move {
+            let removed: i64 = redis::cmd("ZREM")
+                .arg(&key)
+                .arg(&id)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            (removed == 1).then_some(())
+        }
+    })
+    .await;
 
     let _worker = env.spawn_worker(&[]);
     let job = api.wait_terminal(&id, Duration::from_secs(20)).await;
