@@ -777,34 +777,25 @@ pub(crate) fn thousands(x: f64) -> String {
 /// The role the bench's own connection uses (see [`Env::pg_work`]).
 const OBSERVER: &str = "bench_observer";
 
-/// Loads `pg_stat_statements` (a restart) and creates the observer role. A Postgres without
+/// Creates the observer role and loads `pg_stat_statements` (a restart). A Postgres without
 /// the module still runs the bench, without the per-job statement counts.
 fn statement_stats(pg: &mut PostgresServer) {
+    let role = format!(
+        "DO $$ BEGIN CREATE ROLE {OBSERVER} LOGIN SUPERUSER;
+         EXCEPTION WHEN duplicate_object THEN NULL; END $$;"
+    );
     let mut setup = || -> Result<()> {
+        pg.psql("postgres", &role)?;
         pg.psql(
             "postgres",
             "ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'",
         )?;
         pg.restart()?;
-        pg.psql(
-            "bench",
-            &format!(
-                "CREATE EXTENSION IF NOT EXISTS pg_stat_statements;
-                 DO $$ BEGIN CREATE ROLE {OBSERVER} LOGIN SUPERUSER;
-                 EXCEPTION WHEN duplicate_object THEN NULL; END $$;"
-            ),
-        )?;
+        pg.psql("bench", "CREATE EXTENSION IF NOT EXISTS pg_stat_statements")?;
         Ok(())
     };
     if let Err(e) = setup() {
         eprintln!("pg_stat_statements unavailable ({e:#}); no per-job statement counts");
-        let _ = pg.psql(
-            "postgres",
-            &format!(
-                "DO $$ BEGIN CREATE ROLE {OBSERVER} LOGIN SUPERUSER;
-                 EXCEPTION WHEN duplicate_object THEN NULL; END $$;"
-            ),
-        );
     }
 }
 

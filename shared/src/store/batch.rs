@@ -206,17 +206,17 @@ pub(super) fn check_batch(
     ok
 }
 
-/// The arrays [`CORE`] binds.
-struct Core {
+/// The arrays [`CORE`] binds (borrowing the appends' text).
+struct Core<'a> {
     new_ids: Vec<Uuid>,
     new_types: Vec<&'static str>,
-    new_ns: Vec<String>,
+    new_ns: Vec<&'a str>,
     commands: Value,
     command_ids: Vec<(usize, Uuid)>,
     ev_stream: Vec<Uuid>,
     ev_type_stream: Vec<&'static str>,
     ev_version: Vec<i64>,
-    ev_type: Vec<String>,
+    ev_type: Vec<&'a str>,
     ev_data: Vec<Value>,
     ev_meta: Vec<Value>,
     ev_at: Vec<chrono::DateTime<chrono::Utc>>,
@@ -238,8 +238,8 @@ struct CoreOut {
     tips: HashSet<(Uuid, i64)>,
 }
 
-impl Core {
-    fn new(appends: &[Append], ok: &[usize], rows: &Rows<'_>) -> Core {
+impl<'a> Core<'a> {
+    fn new(appends: &'a [Append], ok: &[usize], rows: &Rows<'_>) -> Core<'a> {
         let mut core = Core {
             new_ids: Vec::new(),
             new_types: Vec::new(),
@@ -274,7 +274,7 @@ impl Core {
                 Expected::NoStream => {
                     core.new_ids.push(a.stream_id);
                     core.new_types.push(a.stream_type.as_str());
-                    core.new_ns.push(a.namespace.clone());
+                    core.new_ns.push(&a.namespace);
                 }
                 // The first append to a stream in the batch expects a committed event; the
                 // next ones, the one before them in the batch.
@@ -295,7 +295,7 @@ impl Core {
                 core.ev_stream.push(a.stream_id);
                 core.ev_type_stream.push(a.stream_type.as_str());
                 core.ev_version.push(base + 1 + k as i64);
-                core.ev_type.push(e.event_type.clone());
+                core.ev_type.push(&e.event_type);
                 core.ev_data.push(e.data.clone());
                 core.ev_meta.push(meta.clone());
                 core.ev_at.push(e.recorded_at.unwrap_or(a.recorded_at));
