@@ -416,6 +416,12 @@ pub async fn lease(
         let Some(first) = wait_for_one(&state, &lanes, left).await? else {
             break;
         };
+        // Deregistered while it waited (here at once, elsewhere within WORKER_TTL): the job
+        // goes back to the queue, not to a worker that is gone.
+        if let Err(e) = worker(&state, &auth, w.id).await {
+            give_back(&state, &[first]).await;
+            return Err(e);
+        }
         claim_all(&state, &w, vec![first], term, &mut jobs).await?;
         if max > 1 && !jobs.is_empty() {
             let more = state
@@ -460,6 +466,20 @@ async fn claim_all(
             }),
     );
     Ok(())
+}
+
+/// Put popped `ids` back on the queue (best effort: the relay re-pushes what Redis lacks).
+async fn give_back(state: &AppState, ids: &[Uuid]) {
+    let entries = match store::dispatch::of_jobs(&state.store.pool, ids).await {
+        Ok(entries) => entries,
+        Err(e) => {
+            tracing::warn!(error = %e, "reading popped jobs to give back failed");
+            return;
+        }
+    };
+    if let Err(e) = state.queue.push(&entries).await {
+        tracing::warn!(error = %e, "giving popped jobs back failed");
+    }
 }
 
 /// Wait up to `left` for one job on `lanes` (a blocking pop on a pooled connection).

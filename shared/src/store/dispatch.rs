@@ -90,3 +90,25 @@ pub async fn page(
         )
         .collect())
 }
+
+/// The outbox rows of `ids` that are still queued (to hand a popped job back to the queue).
+pub async fn of_jobs(pool: &PgPool, ids: &[Uuid]) -> Result<Vec<DispatchEntry>, StoreError> {
+    let rows: Vec<(Uuid, String, String, i64, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT job_id, namespace, queue, score, enqueued_at FROM dispatch WHERE job_id = ANY($1)",
+    )
+    .bind(ids)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(
+            |(job_id, namespace, queue, score, enqueued_at)| DispatchEntry {
+                job_id,
+                namespace,
+                queue,
+                score,
+                enqueued_at,
+            },
+        )
+        .collect())
+}

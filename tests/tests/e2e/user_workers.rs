@@ -334,6 +334,35 @@ async fn a_protocol_worker_runs_a_user_kind_the_built_in_worker_never_takes() {
 }
 
 #[tokio::test]
+async fn a_long_poll_of_a_worker_deregistered_while_it_waits_hands_its_job_to_another() {
+    let env = TestEnv::new().await;
+    let (_api, _scheduler) = (env.spawn_api().await, env.spawn_scheduler());
+    let api = env.client();
+    assert_eq!(put_kind(&api, "img.crop", json!({})).await.status, 201);
+    let gone = Proto::register(&api, json!({"kinds": ["img.crop"]})).await;
+    let waiting = {
+        let api = api.clone();
+        let path = format!("/v1/workers/{}/lease", gone.id);
+        tokio::spawn(async move { api.post(&path, json!({"wait_ms": 20_000})).await })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let r = api
+        .send(
+            api.http
+                .delete(api.url(&format!("/v1/workers/{}", gone.id))),
+        )
+        .await;
+    assert_eq!(r.status, 204);
+    let id = api.submit_id(json!({"kind": "img.crop"})).await;
+    let r = waiting.await.unwrap();
+    assert_eq!(r.status, 409, "the long poll ends without the job: {r:?}");
+    assert_eq!(api.job(&id).await["status"], "queued");
+    let other = Proto::register(&api, json!({"kinds": ["img.crop"]})).await;
+    let j = other.lease_one(Duration::from_secs(10)).await;
+    assert_eq!((j.id.as_str(), j.attempt), (id.as_str(), 1));
+}
+
+#[tokio::test]
 async fn a_stale_lease_is_refused_and_records_nothing_and_a_silent_workers_job_runs_again() {
     let env = TestEnv::new().await;
     let _api = env.spawn_api().await;
