@@ -204,6 +204,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             concurrency: args.concurrency,
             lease: config.visibility_timeout,
             shutdown_grace: Duration::from_secs(10),
+            id: None,
         },
         stop.clone(),
     ));

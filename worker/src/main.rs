@@ -73,6 +73,7 @@ async fn main() -> anyhow::Result<()> {
         concurrency: args.concurrency.max(1),
         lease: config.visibility_timeout,
         shutdown_grace: Duration::from_secs_f64(args.shutdown_grace_s.max(0.0)),
+        id: None,
     };
     let registry = capibara_worker::registry(
         &store,

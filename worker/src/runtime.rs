@@ -51,6 +51,8 @@ pub struct WorkerOptions {
     pub lease: Duration,
     /// How long in-flight jobs may finish after SIGTERM before they are given back.
     pub shutdown_grace: Duration,
+    /// The worker's id (`None`: a new one); its name is `host-pid-` and the id's end.
+    pub id: Option<Uuid>,
 }
 
 impl Default for WorkerOptions {
@@ -60,6 +62,7 @@ impl Default for WorkerOptions {
             concurrency: 32,
             lease: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(25),
+            id: None,
         }
     }
 }
@@ -95,15 +98,25 @@ struct PushKinds {
 impl Inner {
     /// Redis keys this worker pops: its queues, and their lanes of push kinds.
     fn lanes(&self) -> Vec<String> {
-        let mut lanes = self.opts.queues.clone();
-        lanes.extend(
-            self.push_kinds
-                .read()
-                .expect("push kinds")
-                .lanes
-                .iter()
-                .cloned(),
-        );
+        let mut lanes = Vec::new();
+        if self.registry.has_builtin() {
+            lanes.extend(self.opts.queues.iter().cloned());
+        }
+        if let Some((namespace, user)) = self.registry.user_kinds() {
+            for q in &self.opts.queues {
+                lanes.extend(user.iter().map(|k| kinds::lane(q, namespace, k)));
+            }
+        }
+        if self.registry.push().is_some() {
+            lanes.extend(
+                self.push_kinds
+                    .read()
+                    .expect("push kinds")
+                    .lanes
+                    .iter()
+                    .cloned(),
+            );
+        }
         lanes
     }
 
@@ -119,12 +132,13 @@ impl Inner {
     }
 
     fn can_run(&self, job: &Job) -> bool {
-        self.registry.get(&job.kind).is_some() || self.push_target(job).is_some()
+        self.registry.executor(&job.namespace, &job.kind).is_some()
+            || self.push_target(job).is_some()
     }
 
     /// The executor of `job`'s next attempt: a built-in one, or a call to its push endpoint.
     fn executor_for(&self, job: &Job) -> Option<Arc<dyn Executor>> {
-        if let Some(e) = self.registry.get(&job.kind) {
+        if let Some(e) = self.registry.executor(&job.namespace, &job.kind) {
             return Some(e);
         }
         let target = self.push_target(job)?;
@@ -187,13 +201,9 @@ pub async fn run(
     opts: WorkerOptions,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let id = Uuid::now_v7();
+    let id = opts.id.unwrap_or_else(Uuid::now_v7);
     let host = hostname();
-    let name = format!(
-        "{host}-{}-{}",
-        std::process::id(),
-        &id.simple().to_string()[24..]
-    );
+    let name = worker_name(id);
     let info = WorkerInfo {
         id,
         name: name.clone(),
@@ -210,7 +220,8 @@ pub async fn run(
         running: 0,
     };
     loop {
-        match store::workers::register(&store.pool, &info).await {
+        let namespace = registry.user_kinds().map(|(ns, _)| ns);
+        match store::workers::register(&store.pool, &info, namespace).await {
             Ok(()) => break,
             Err(e) => {
                 tracing::warn!(error = %e, "worker registration failed; retrying");
@@ -260,6 +271,16 @@ pub async fn run(
     let _ = store::workers::stopped(&inner.store.pool, inner.id).await;
     tracing::info!(worker = %inner.name, "worker stopped");
     Ok(())
+}
+
+/// The name of worker `id` in this process: `host-pid-` and the id's last 8 hex digits.
+pub fn worker_name(id: Uuid) -> String {
+    format!(
+        "{}-{}-{}",
+        hostname(),
+        std::process::id(),
+        &id.simple().to_string()[24..]
+    )
 }
 
 fn hostname() -> String {
@@ -525,6 +546,7 @@ async fn run_job(inner: &Arc<Inner>, job: Job) {
         attempt,
         max_attempts: job.max_attempts,
         input,
+        job: Arc::new(job.clone()),
         cancel: exec_cancel.clone(),
         progress: Arc::new(Progress {
             inner: inner.clone(),
@@ -783,17 +805,28 @@ struct Progress {
 
 #[async_trait]
 impl ProgressSink for Progress {
-    async fn progress(&self, percent: Option<f64>, message: Option<String>) {
+    async fn progress_with_data(
+        &self,
+        percent: Option<f64>,
+        message: Option<String>,
+        data: Option<serde_json::Value>,
+    ) {
         if let Some(Err(e)) = message
             .as_deref()
             .map(|m| storable::check_text("progress.message", m))
         {
             return self.invalid.set(invalid_output(&e));
         }
+        if let Some(Err(e)) = data
+            .as_ref()
+            .map(|d| storable::check_json("progress.data", d))
+        {
+            return self.invalid.set(invalid_output(&e));
+        }
         let events = [JobEvent::JobProgress {
             percent,
             message,
-            data: None,
+            data,
         }];
         self.append(&events).await;
     }
@@ -803,6 +836,14 @@ impl ProgressSink for Progress {
             return self.invalid.set(invalid_output(&e));
         }
         self.append(&[JobEvent::JobOutputChunk { seq, data }]).await;
+    }
+
+    async fn log(&self, level: &str, message: String) {
+        if let Err(e) = storable::check_text("log.message", &message) {
+            return self.invalid.set(invalid_output(&e));
+        }
+        let level = level.to_string();
+        self.append(&[JobEvent::JobLog { level, message }]).await;
     }
 }
 

@@ -163,14 +163,9 @@ pub async fn get(
 
 /// Register or replace a kind's definition (the one use-case of `PUT` and of a worker that
 /// declares a kind with its definition).
-pub async fn put_definition(
-    state: &AppState,
-    auth: &Auth,
-    name: &str,
-    definition: KindDef,
-) -> Result<(UserKind, Put), ApiError> {
-    user::validate_name(name)?;
-    definition.validate()?;
+/// A push kind's endpoint can be called from here: calls are signed, and the URL passes the
+/// outbound policy.
+pub async fn check_push(state: &AppState, definition: &KindDef) -> Result<(), ApiError> {
     if let Some(push) = &definition.push {
         if state.config.webhook_secret.is_none() {
             return Err(ApiError::field(
@@ -180,6 +175,18 @@ pub async fn put_definition(
         }
         crate::outbound::check_url("push.url", &push.url, &state.config).await?;
     }
+    Ok(())
+}
+
+pub async fn put_definition(
+    state: &AppState,
+    auth: &Auth,
+    name: &str,
+    definition: KindDef,
+) -> Result<(UserKind, Put), ApiError> {
+    user::validate_name(name)?;
+    definition.validate()?;
+    check_push(state, &definition).await?;
     let meta = EventMetadata {
         namespace: auth.namespace().to_string(),
         actor: Some(auth.actor()),
@@ -291,7 +298,7 @@ impl KnownKinds {
         Ok(found)
     }
 
-    fn forget(&self, namespace: &str, name: &str) {
+    pub(crate) fn forget(&self, namespace: &str, name: &str) {
         self.entries
             .lock()
             .expect("kinds")

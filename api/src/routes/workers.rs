@@ -22,6 +22,7 @@ use capibara_shared::{
     },
     domain::{
         auth::Role,
+        event::EventMetadata,
         job::{Artifact, AttemptEnd, Job, JobError},
         kinds::{
             self,
@@ -296,29 +297,26 @@ pub async fn register(
             ));
         }
         user::validate_name(&name).map_err(kind_field(i))?;
+        if let Some(def) = &definition {
+            kind_routes::check_push(&state, def).await?;
+        }
         declared.push((name, definition));
     }
-    // Register what is declared with a definition, or not registered yet (with defaults).
-    let names: Vec<&str> = declared.iter().map(|(n, _)| n.as_str()).collect();
-    let existing = store::user_kinds::find(&state.store.pool, auth.namespace(), &names).await?;
-    let mut queues_of_kinds = Vec::new();
-    for (name, definition) in &declared {
-        let current = existing.iter().find(|k| &k.name == name);
-        let kind = match (definition, current) {
-            (None, Some(k)) => k.clone(),
-            (definition, _) => {
-                kind_routes::put_definition(
-                    &state,
-                    &auth,
-                    name,
-                    definition.clone().unwrap_or_default(),
-                )
-                .await?
-                .0
-            }
-        };
-        queues_of_kinds.push(kind.definition.queue().to_string());
+    let meta = EventMetadata {
+        namespace: auth.namespace().to_string(),
+        actor: Some(auth.actor()),
+        ..Default::default()
+    };
+    let kinds = command::kinds::declare(&state.store, &meta, &declared)
+        .await
+        .map_err(|e| ApiError::from_command(e, "kind", Uuid::nil()))?;
+    for (name, _) in &declared {
+        state.user_kinds.forget(auth.namespace(), name);
     }
+    let queues_of_kinds = kinds
+        .iter()
+        .map(|k| k.definition.queue().to_string())
+        .collect();
     let mut queues = req.queues.unwrap_or(queues_of_kinds);
     queues.sort();
     queues.dedup();

@@ -29,11 +29,15 @@
 //! - [`sse`]: the `text/event-stream` parser and the resumable event streams.
 //! - [`lease`]: a leased job's raw protocol calls, each fenced by its token.
 //! - [`worker`]: [`Worker`], [`JobContext`], and the lease / heartbeat / shutdown loop.
+//! - `in_process` (feature `in-process`): the same handlers inside `capibara-worker`'s own
+//!   runtime, straight on Postgres and Redis.
 //! - `http` (private): the transport, with its timeouts and retries.
 
 pub mod client;
 pub mod error;
 mod http;
+#[cfg(feature = "in-process")]
+pub mod in_process;
 pub mod lease;
 pub mod sse;
 pub mod types;
@@ -41,6 +45,8 @@ pub mod worker;
 
 pub use client::{Client, ClientBuilder, EventFilter, EventStream, JobQuery, StartRun, Submit};
 pub use error::{Error, FieldError, HandlerError, Problem, Result};
+#[cfg(feature = "in-process")]
+pub use in_process::InProcess;
 pub use lease::{Failure, Lease};
 pub use types::{
     Backoff, CatchUp, Event, Heartbeat, Job, JobError, JobSpec, JobStatus, Kind, KindDecl,

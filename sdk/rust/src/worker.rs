@@ -38,7 +38,7 @@ use crate::{
 };
 
 type HandlerFuture = Pin<Box<dyn Future<Output = Result<Value, HandlerError>> + Send>>;
-type HandlerFn = Arc<dyn Fn(JobContext) -> HandlerFuture + Send + Sync>;
+pub(crate) type HandlerFn = Arc<dyn Fn(JobContext) -> HandlerFuture + Send + Sync>;
 
 /// Why a running job's handler was told to stop ([`JobContext::stop_reason`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,20 +54,20 @@ pub enum StopReason {
 }
 
 /// A running job's stop signal: the first reason wins.
-struct JobState {
+pub(crate) struct JobState {
     token: CancellationToken,
     reason: Mutex<Option<StopReason>>,
 }
 
 impl JobState {
-    fn new() -> JobState {
+    pub(crate) fn new() -> JobState {
         JobState {
             token: CancellationToken::new(),
             reason: Mutex::new(None),
         }
     }
 
-    fn stop(&self, why: StopReason) {
+    pub(crate) fn stop(&self, why: StopReason) {
         {
             let mut r = self.reason.lock().expect("job state");
             if r.is_none() {
@@ -77,7 +77,7 @@ impl JobState {
         self.token.cancel();
     }
 
-    fn reason(&self) -> Option<StopReason> {
+    pub(crate) fn reason(&self) -> Option<StopReason> {
         *self.reason.lock().expect("job state")
     }
 }
@@ -96,15 +96,32 @@ pub struct JobContext {
 }
 
 struct ContextInner {
-    lease: Arc<Lease>,
+    reports: Reports,
     state: Arc<JobState>,
     /// The next output chunk's number.
     seq: AtomicU64,
 }
 
+/// Where a running job's reports go.
+enum Reports {
+    /// Over the HTTP protocol, with the lease token.
+    Http(Arc<Lease>),
+    /// Into the worker runtime of this process ([`crate::in_process`]).
+    #[cfg(feature = "in-process")]
+    InProcess(Box<crate::in_process::Reports>),
+}
+
 impl JobContext {
     fn new(lease: Arc<Lease>, state: Arc<JobState>) -> JobContext {
-        let j = &lease.job;
+        Self::with_reports(Reports::Http(lease), state)
+    }
+
+    fn with_reports(reports: Reports, state: Arc<JobState>) -> JobContext {
+        let j = match &reports {
+            Reports::Http(lease) => &lease.job,
+            #[cfg(feature = "in-process")]
+            Reports::InProcess(r) => &r.job,
+        };
         JobContext {
             id: j.id,
             kind: j.kind.clone(),
@@ -112,11 +129,17 @@ impl JobContext {
             attempt: j.attempt,
             max_attempts: j.max_attempts,
             inner: Arc::new(ContextInner {
-                lease: lease.clone(),
+                reports,
                 state,
                 seq: AtomicU64::new(0),
             }),
         }
+    }
+
+    /// A context whose reports go into this process's worker runtime.
+    #[cfg(feature = "in-process")]
+    pub(crate) fn in_process(reports: crate::in_process::Reports, state: Arc<JobState>) -> Self {
+        Self::with_reports(Reports::InProcess(Box::new(reports)), state)
     }
 
     /// The input as `T`; an input that does not fit fails the job without retry
@@ -128,12 +151,20 @@ impl JobContext {
 
     /// The job as leased (queue, tags, `timeout_s`, …).
     pub fn job(&self) -> &Job {
-        &self.inner.lease.job
+        match &self.inner.reports {
+            Reports::Http(lease) => &lease.job,
+            #[cfg(feature = "in-process")]
+            Reports::InProcess(r) => &r.job,
+        }
     }
 
-    /// The lease (token, raw protocol calls).
-    pub fn lease(&self) -> &Lease {
-        &self.inner.lease
+    /// The lease (token, raw protocol calls); `None` in-process, where there is no token.
+    pub fn lease(&self) -> Option<&Lease> {
+        match &self.inner.reports {
+            Reports::Http(lease) => Some(lease),
+            #[cfg(feature = "in-process")]
+            Reports::InProcess(_) => None,
+        }
     }
 
     /// Resolves when the handler should stop: the job was canceled, timed out, lost its lease
@@ -174,7 +205,16 @@ impl JobContext {
         if let Some(m) = &mut p.message {
             cut(m, 1000);
         }
-        let r = self.inner.lease.progress(&p).await;
+        let r = match &self.inner.reports {
+            Reports::Http(lease) => lease.progress(&p).await,
+            #[cfg(feature = "in-process")]
+            Reports::InProcess(r) => {
+                r.sink
+                    .progress_with_data(p.percent, p.message, p.data)
+                    .await;
+                Ok(())
+            }
+        };
         self.best("progress", r)
     }
 
@@ -182,7 +222,14 @@ impl JobContext {
     pub async fn log(&self, level: LogLevel, message: impl Into<String>) -> Result<()> {
         let mut message = message.into();
         cut(&mut message, 10_000);
-        let r = self.inner.lease.logs(&[LogLine { level, message }]).await;
+        let r = match &self.inner.reports {
+            Reports::Http(lease) => lease.logs(&[LogLine { level, message }]).await,
+            #[cfg(feature = "in-process")]
+            Reports::InProcess(r) => {
+                r.sink.log(level.as_str(), message).await;
+                Ok(())
+            }
+        };
         self.best("log", r)
     }
 
@@ -191,7 +238,14 @@ impl JobContext {
     pub async fn chunk(&self, data: impl Serialize) -> Result<()> {
         let data = serde_json::to_value(data).map_err(|e| Error::decode("an output chunk", e))?;
         let seq = self.inner.seq.fetch_add(1, Ordering::Relaxed);
-        let r = self.inner.lease.chunk(seq, data).await;
+        let r = match &self.inner.reports {
+            Reports::Http(lease) => lease.chunk(seq, data).await,
+            #[cfg(feature = "in-process")]
+            Reports::InProcess(r) => {
+                r.sink.output_chunk(seq, data).await;
+                Ok(())
+            }
+        };
         self.best("chunk", r)
     }
 
@@ -217,14 +271,23 @@ fn cut(s: &mut String, max: usize) {
     }
 }
 
-struct HandlerEntry {
-    f: HandlerFn,
+pub(crate) struct HandlerEntry {
+    pub(crate) f: HandlerFn,
+}
+
+/// How a worker reaches Capibara.
+enum Transport {
+    /// The HTTP worker protocol, through a [`Client`].
+    Http(Client),
+    /// Directly, inside this process ([`crate::in_process`]).
+    #[cfg(feature = "in-process")]
+    InProcess(Box<crate::in_process::InProcess>),
 }
 
 /// The settings of a worker: [`Worker::builder`].
 #[must_use = "a worker does nothing until started: `.run().await` or `.start().await`"]
 pub struct WorkerBuilder {
-    client: Client,
+    transport: Transport,
     handlers: BTreeMap<String, HandlerEntry>,
     specs: BTreeMap<String, KindSpec>,
     concurrency: u32,
@@ -245,8 +308,20 @@ impl Worker {
     /// A worker on `client`: add handlers with [`WorkerBuilder::handle`], then
     /// [`WorkerBuilder::run`].
     pub fn builder(client: Client) -> WorkerBuilder {
+        Self::with_transport(Transport::Http(client))
+    }
+
+    /// A worker that runs its handlers inside this process with `capibara-worker`'s own
+    /// runtime, straight on Postgres and Redis (feature `in-process`; see
+    /// [`crate::in_process`]).
+    #[cfg(feature = "in-process")]
+    pub fn in_process(connection: crate::in_process::InProcess) -> WorkerBuilder {
+        Self::with_transport(Transport::InProcess(Box::new(connection)))
+    }
+
+    fn with_transport(transport: Transport) -> WorkerBuilder {
         WorkerBuilder {
-            client,
+            transport,
             handlers: BTreeMap::new(),
             specs: BTreeMap::new(),
             concurrency: 32,
@@ -356,6 +431,33 @@ impl WorkerBuilder {
                 "kind `{kind}` has a definition but no handler"
             )));
         }
+        let stop = match &self.shutdown {
+            Some(t) => t.child_token(),
+            None => CancellationToken::new(),
+        };
+        let client = match self.transport {
+            Transport::Http(client) => client,
+            #[cfg(feature = "in-process")]
+            Transport::InProcess(connection) => {
+                let running = crate::in_process::start(
+                    *connection,
+                    crate::in_process::Settings {
+                        handlers: self.handlers,
+                        specs: self.specs,
+                        concurrency: self.concurrency,
+                        queues: self.queues,
+                        grace: self.grace,
+                    },
+                    stop.clone(),
+                )
+                .await?;
+                return Ok(RunningWorker {
+                    mode: Mode::InProcess(running),
+                    stop,
+                    signals: self.signals,
+                });
+            }
+        };
         let mut specs = self.specs;
         let spec = WorkerSpec {
             kinds: self
@@ -375,14 +477,10 @@ impl WorkerBuilder {
             labels: self.labels,
             version: self.version,
         };
-        let registration = self.client.register_worker(&spec).await?;
+        let registration = client.register_worker(&spec).await?;
         tracing::info!(worker = %registration.id, name = %registration.name, "registered");
-        let stop = match &self.shutdown {
-            Some(t) => t.child_token(),
-            None => CancellationToken::new(),
-        };
         let shared = Arc::new(Shared {
-            client: self.client,
+            client,
             handlers: self.handlers.into_iter().collect(),
             spec,
             registration: Mutex::new(registration),
@@ -395,9 +493,8 @@ impl WorkerBuilder {
         });
         let task = tokio::spawn(lease_loop(shared.clone(), stop.clone()));
         Ok(RunningWorker {
-            shared,
+            mode: Mode::Http { shared, task },
             stop,
-            task,
             signals: self.signals,
         })
     }
@@ -431,21 +528,33 @@ struct Shared {
 
 /// A started worker.
 pub struct RunningWorker {
-    shared: Arc<Shared>,
+    mode: Mode,
     /// Cancelled to begin the shutdown.
     stop: CancellationToken,
-    task: JoinHandle<()>,
     signals: bool,
 }
 
+/// What runs a started worker.
+enum Mode {
+    /// The lease loop of the HTTP protocol.
+    Http {
+        shared: Arc<Shared>,
+        task: JoinHandle<()>,
+    },
+    /// `capibara-worker`'s runtime in this process.
+    #[cfg(feature = "in-process")]
+    InProcess(crate::in_process::Running),
+}
+
 impl RunningWorker {
-    /// The registration answer (`id`, `lease_s`, `heartbeat_s`, …).
+    /// The registration answer (`id`, `lease_s`, `heartbeat_s`, …); in-process, the same
+    /// figures of the worker's own registration.
     pub fn registration(&self) -> Registration {
-        self.shared
-            .registration
-            .lock()
-            .expect("registration")
-            .clone()
+        match &self.mode {
+            Mode::Http { shared, .. } => shared.registration.lock().expect("registration").clone(),
+            #[cfg(feature = "in-process")]
+            Mode::InProcess(r) => r.registration.clone(),
+        }
     }
 
     /// The worker's id.
@@ -455,7 +564,11 @@ impl RunningWorker {
 
     /// How many jobs run now.
     pub fn running(&self) -> usize {
-        self.shared.jobs.lock().expect("jobs").len()
+        match &self.mode {
+            Mode::Http { shared, .. } => shared.jobs.lock().expect("jobs").len(),
+            #[cfg(feature = "in-process")]
+            Mode::InProcess(r) => r.running(),
+        }
     }
 
     /// Cancel it to begin the shutdown ([`RunningWorker::wait`] then finishes it).
@@ -481,15 +594,24 @@ impl RunningWorker {
                     self.stop.cancel();
                 }
             }
-            // A second signal ends the grace period.
-            let skip = self.shared.skip_grace.clone();
-            let second = tokio::spawn(async move {
-                shutdown_signal().await;
-                tracing::warn!("second signal: releasing running jobs now");
-                skip.cancel();
-            });
+            // A second signal ends the grace period (over HTTP; in-process the runtime keeps
+            // its grace).
+            let second = match &self.mode {
+                Mode::Http { shared, .. } => {
+                    let skip = shared.skip_grace.clone();
+                    Some(tokio::spawn(async move {
+                        shutdown_signal().await;
+                        tracing::warn!("second signal: releasing running jobs now");
+                        skip.cancel();
+                    }))
+                }
+                #[cfg(feature = "in-process")]
+                Mode::InProcess(_) => None,
+            };
             self.shutdown().await;
-            second.abort();
+            if let Some(second) = second {
+                second.abort();
+            }
         } else {
             self.stop.cancelled().await;
             self.shutdown().await;
@@ -497,8 +619,12 @@ impl RunningWorker {
     }
 
     async fn shutdown(&mut self) {
-        let shared = self.shared.clone();
-        let _ = (&mut self.task).await;
+        let (shared, task) = match &mut self.mode {
+            Mode::Http { shared, task } => (shared.clone(), task),
+            #[cfg(feature = "in-process")]
+            Mode::InProcess(r) => return r.finish().await,
+        };
+        let _ = task.await;
         let all = shared.concurrency;
         let finished = tokio::select! {
             r = shared.slots.acquire_many(all) => r.is_ok(),

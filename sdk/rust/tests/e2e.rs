@@ -961,3 +961,317 @@ async fn the_quickstart_runs_against_a_real_server() {
     let evs = s.client.all_events(job.id).await.unwrap();
     assert_eq!(of_type(&evs, "JobProgress")[0].data["message"], "thinking");
 }
+
+/// The two signs of a stopped in-process handler, in either order.
+async fn stopped(rx: &mut mpsc::UnboundedReceiver<&'static str>) -> Vec<&'static str> {
+    let mut got = vec![
+        recv(rx, "the handler to be dropped").await,
+        recv(rx, "its task to see the stop").await,
+    ];
+    got.sort();
+    got
+}
+
+// --- In-process mode ---------------------------------------------------------------------
+
+/// In-process settings on the test's database and Redis prefix.
+fn in_process(env: &TestEnv) -> capibara_sdk::InProcess {
+    let mut config = capibara_sdk::in_process::Config::from_env().expect("config");
+    config.database_url = env.database_url.clone();
+    config.redis_url = env.redis_url.clone();
+    config.redis_prefix = env.redis_prefix.clone();
+    config.visibility_timeout = Duration::from_secs_f64(env.visibility_timeout_s);
+    config.db_max_connections = 8;
+    capibara_sdk::InProcess::from_config(config)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_in_process_worker_runs_the_same_handlers_straight_on_postgres_and_redis() {
+    let s = stack().await;
+    let c = &s.client;
+    let kind = "sdk-inproc.add";
+    let worker = Worker::in_process(in_process(&s.env))
+        .concurrency(4)
+        .handle(kind, |job: JobContext| async move {
+            #[derive(serde::Deserialize)]
+            struct In {
+                a: i64,
+                b: i64,
+            }
+            let input: In = job.input_as()?;
+            assert!(job.lease().is_none(), "no lease token in-process");
+            job.progress(10.0, "start").await?;
+            job.log(LogLevel::Warn, "working").await?;
+            job.chunk(json!({"part": 1})).await?;
+            job.report_progress(Progress {
+                percent: Some(100.0),
+                message: Some("done".into()),
+                data: Some(json!({"k": "v"})),
+            })
+            .await?;
+            Ok(json!({"sum": input.a + input.b, "queue": job.job().queue}))
+        })
+        .kind_definition(
+            kind,
+            KindSpec {
+                description: Some("adds in-process".into()),
+                input_schema: Some(json!({
+                    "type": "object", "required": ["a", "b"],
+                    "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}
+                })),
+                ..Default::default()
+            },
+        )
+        .handle("sdk-inproc.flaky", |job: JobContext| async move {
+            if job.attempt == 1 {
+                return Err(HandlerError::retryable("first attempt fails"));
+            }
+            Ok(json!({"attempt": job.attempt}))
+        })
+        .handle("sdk-inproc.fatal", |_job: JobContext| async move {
+            Err::<(), _>(HandlerError::fatal("bad_request", "cannot be done"))
+        })
+        .handle("sdk-inproc.panics", |job: JobContext| async move {
+            if job.attempt == 1 {
+                panic!("boom");
+            }
+            Ok(job.attempt)
+        })
+        .start()
+        .await
+        .unwrap();
+    let reg = worker.registration();
+    assert_eq!((reg.lease_s, reg.heartbeat_s), (3.0, 1.0));
+    assert_eq!(reg.queues, ["default"]);
+
+    // Declared with its definition: checked at submission by the API.
+    let k = c.get_kind(kind).await.unwrap();
+    assert_eq!(k.description, "adds in-process");
+    let bad = c.submit(kind, json!({"a": 1})).await.unwrap_err();
+    assert_eq!(bad.field(), Some("input.b"), "{bad:?}");
+    // Listed in its namespace, and a live worker of its kinds.
+    assert_eq!(listed_worker(&s.env, reg.id).await["status"], "active");
+    let listed = s.env.client().get(&format!("/v1/kinds/{kind}")).await.body;
+    assert_eq!(listed["live_workers"], 1, "{listed}");
+
+    let job = c.submit(kind, json!({"a": 2, "b": 3})).await.unwrap();
+    let job = c.wait(job.id, Some(Duration::from_secs(30))).await.unwrap();
+    assert_eq!(job.status, JobStatus::Succeeded, "{job:?}");
+    assert_eq!(job.output, Some(json!({"sum": 5, "queue": "default"})));
+    assert_eq!(job.worker_id.as_deref(), Some(reg.name.as_str()));
+    let evs = c.all_events(job.id).await.unwrap();
+    assert_eq!(
+        types(&evs),
+        [
+            "JobSubmitted",
+            "JobStarted",
+            "JobProgress",
+            "JobLog",
+            "JobOutputChunk",
+            "JobProgress",
+            "JobSucceeded"
+        ]
+    );
+    assert_eq!(
+        of_type(&evs, "JobLog")[0].data,
+        json!({"level": "warn", "message": "working"})
+    );
+    assert_eq!(
+        of_type(&evs, "JobProgress")[1].data["data"],
+        json!({"k": "v"})
+    );
+    assert_eq!(
+        of_type(&evs, "JobOutputChunk")[0].data,
+        json!({"seq": 0, "data": {"part": 1}})
+    );
+
+    // Built-in jobs on the same queue stay with capibara-worker.
+    let echo = c.submit("echo", json!({"x": 1})).await.unwrap();
+    let echo = c
+        .wait(echo.id, Some(Duration::from_secs(30)))
+        .await
+        .unwrap();
+    assert_eq!(echo.status, JobStatus::Succeeded);
+    assert_ne!(echo.worker_id.as_deref(), Some(reg.name.as_str()));
+
+    // Handler errors steer retries as over HTTP.
+    let wait = |id| c.wait(id, Some(Duration::from_secs(30)));
+    let flaky = c
+        .submit("sdk-inproc.flaky", json!({}))
+        .backoff(FAST)
+        .await
+        .unwrap();
+    let fatal = c
+        .submit("sdk-inproc.fatal", json!({}))
+        .backoff(FAST)
+        .await
+        .unwrap();
+    let panics = c
+        .submit("sdk-inproc.panics", json!({}))
+        .backoff(FAST)
+        .await
+        .unwrap();
+    let j = wait(flaky.id).await.unwrap();
+    assert_eq!((j.status, j.attempt), (JobStatus::Succeeded, 2), "{j:?}");
+    let j = wait(fatal.id).await.unwrap();
+    assert_eq!((j.status, j.attempt), (JobStatus::Failed, 1), "{j:?}");
+    assert_eq!(j.error.unwrap().error_type, "bad_request");
+    let j = wait(panics.id).await.unwrap();
+    assert_eq!((j.status, j.attempt), (JobStatus::Succeeded, 2), "{j:?}");
+    let evs = c.all_events(panics.id).await.unwrap();
+    assert_eq!(
+        of_type(&evs, "JobAttemptFailed")[0].data["error"]["message"],
+        "boom"
+    );
+
+    worker.stop().await;
+    assert_eq!(listed_worker(&s.env, reg.id).await["status"], "stopped");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn in_process_cancel_timeout_and_shutdown_reach_the_handler() {
+    let s = stack().await;
+    let c = &s.client;
+    let (tx, mut rx) = mpsc::unbounded_channel::<&'static str>();
+    let reasons = Arc::new(Mutex::new(Vec::new()));
+    let waits = {
+        let reasons = reasons.clone();
+        move |job: JobContext| {
+            let tx = tx.clone();
+            let reasons = reasons.clone();
+            async move {
+                let _dropped = DropSignal(Some(tx.clone()));
+                let _ = tx.send("started");
+                // A task of the handler's own sees the stop through the token.
+                let watched = job.clone();
+                let seen = tx.clone();
+                tokio::spawn(async move {
+                    watched.cancelled().await;
+                    reasons.lock().unwrap().push(watched.stop_reason());
+                    let _ = seen.send("saw the stop");
+                });
+                match job.input["sleep_ms"].as_u64() {
+                    Some(ms) => tokio::time::sleep(Duration::from_millis(ms)).await,
+                    None => futures::future::pending::<()>().await,
+                }
+                Ok(json!({"slept": job.input["sleep_ms"]}))
+            }
+        }
+    };
+    let worker = Worker::in_process(in_process(&s.env))
+        .concurrency(2)
+        .grace(Duration::from_secs(15))
+        .handle("sdk-inproc.wait", waits)
+        .start()
+        .await
+        .unwrap();
+
+    // Cancel: the handler's future is dropped, its token fires, the job ends canceled.
+    let job = c.submit("sdk-inproc.wait", json!({})).await.unwrap();
+    assert_eq!(recv(&mut rx, "the handler to start").await, "started");
+    c.cancel(job.id).await.unwrap();
+    assert_eq!(stopped(&mut rx).await, ["dropped", "saw the stop"]);
+    let done = c.wait(job.id, Some(Duration::from_secs(20))).await.unwrap();
+    assert_eq!(done.status, JobStatus::Canceled, "{done:?}");
+    assert_eq!(
+        reasons.lock().unwrap().pop(),
+        Some(Some(StopReason::Canceled))
+    );
+
+    // timeout_s: stopped as a timeout, the attempt fails as `timeout`.
+    let job = c
+        .submit("sdk-inproc.wait", json!({}))
+        .timeout_s(1)
+        .max_attempts(1)
+        .await
+        .unwrap();
+    assert_eq!(recv(&mut rx, "the handler to start").await, "started");
+    assert_eq!(stopped(&mut rx).await, ["dropped", "saw the stop"]);
+    let done = c.wait(job.id, Some(Duration::from_secs(20))).await.unwrap();
+    assert_eq!(done.status, JobStatus::Failed, "{done:?}");
+    assert_eq!(done.error.unwrap().error_type, "timeout");
+    assert_eq!(
+        reasons.lock().unwrap().pop(),
+        Some(Some(StopReason::Timeout))
+    );
+
+    // Shutdown: a running handler finishes within the grace period.
+    let a = c
+        .submit("sdk-inproc.wait", json!({"sleep_ms": 1500}))
+        .await
+        .unwrap();
+    assert_eq!(recv(&mut rx, "a to start").await, "started");
+    assert_eq!(worker.running(), 1);
+    let t0 = Instant::now();
+    tokio::time::timeout(Duration::from_secs(20), worker.stop())
+        .await
+        .expect("stop() returns");
+    assert!(
+        t0.elapsed() >= Duration::from_millis(1000),
+        "{:?}",
+        t0.elapsed()
+    );
+    let a = c.get(a.id).await.unwrap();
+    assert_eq!((a.status, a.attempt), (JobStatus::Succeeded, 1), "{a:?}");
+    assert_eq!(a.output, Some(json!({"slept": 1500})));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_in_process_worker_refuses_bad_kinds_and_checks_outputs_against_the_schema() {
+    let s = stack().await;
+    let c = &s.client;
+    let e = Worker::in_process(in_process(&s.env))
+        .handle("echo", |_job: JobContext| async move { Ok(()) })
+        .start()
+        .await
+        .err()
+        .expect("refused");
+    assert!(e.to_string().contains("built-in"), "{e}");
+    let e = Worker::in_process(in_process(&s.env))
+        .handle("a.b", |_job: JobContext| async move { Ok(()) })
+        .kind_definition(
+            "a.b",
+            KindSpec {
+                timeout_s: Some(0),
+                ..Default::default()
+            },
+        )
+        .start()
+        .await
+        .err()
+        .expect("refused");
+    assert!(e.to_string().contains("`timeout_s`"), "{e}");
+
+    let worker = Worker::in_process(in_process(&s.env))
+        .handle("sdk-inproc.typed", |job: JobContext| async move {
+            Ok(json!({"n": job.input["n"]}))
+        })
+        .kind_definition(
+            "sdk-inproc.typed",
+            KindSpec {
+                output_schema: Some(json!({
+                    "type": "object", "properties": {"n": {"type": "integer"}}
+                })),
+                ..Default::default()
+            },
+        )
+        .start()
+        .await
+        .unwrap();
+    let good = c.submit("sdk-inproc.typed", json!({"n": 1})).await.unwrap();
+    let bad = c
+        .submit("sdk-inproc.typed", json!({"n": "x"}))
+        .await
+        .unwrap();
+    let good = c
+        .wait(good.id, Some(Duration::from_secs(30)))
+        .await
+        .unwrap();
+    assert_eq!(good.status, JobStatus::Succeeded, "{good:?}");
+    let bad = c.wait(bad.id, Some(Duration::from_secs(30))).await.unwrap();
+    assert_eq!((bad.status, bad.attempt), (JobStatus::Failed, 1), "{bad:?}");
+    let e = bad.error.unwrap();
+    assert_eq!(e.error_type, "invalid_output");
+    assert!(e.message.contains("output.n"), "{}", e.message);
+    worker.stop().await;
+}

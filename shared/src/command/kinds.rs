@@ -102,6 +102,37 @@ pub async fn put(
     Ok((stream.kind.expect("a put kind exists"), put))
 }
 
+/// The kinds a worker declares, as it starts: each one `declared` with a definition is
+/// registered or updated with it; one declared by name only is taken as it is, or registered
+/// with the defaults if the namespace has no such kind. Names and definitions are checked by
+/// the caller. Returns the kinds in the order declared.
+pub async fn declare(
+    store: &Store,
+    metadata: &EventMetadata,
+    declared: &[(String, Option<KindDef>)],
+) -> Result<Vec<UserKind>, CommandError<KindError>> {
+    let names: Vec<&str> = declared.iter().map(|(n, _)| n.as_str()).collect();
+    let existing = store::user_kinds::find(&store.pool, &metadata.namespace, &names).await?;
+    let mut kinds = Vec::with_capacity(declared.len());
+    for (name, definition) in declared {
+        let current = existing.iter().find(|k| &k.name == name);
+        kinds.push(match (definition, current) {
+            (None, Some(k)) => k.clone(),
+            (definition, _) => {
+                put(
+                    store,
+                    metadata,
+                    name,
+                    definition.clone().unwrap_or_default(),
+                )
+                .await?
+                .0
+            }
+        });
+    }
+    Ok(kinds)
+}
+
 /// Delete kind `name`: new submissions of it are refused; jobs already submitted still run.
 pub async fn delete(
     store: &Store,

@@ -27,11 +27,16 @@ pub struct WorkerInfo {
     pub running: i64,
 }
 
-/// Register a worker process.
-pub async fn register(pool: &PgPool, w: &WorkerInfo) -> Result<(), StoreError> {
+/// Register a worker process; one that runs user kinds of a `namespace` (the Rust SDK's
+/// in-process mode) is listed and counted as a live worker of those kinds there.
+pub async fn register(
+    pool: &PgPool,
+    w: &WorkerInfo,
+    namespace: Option<&str>,
+) -> Result<(), StoreError> {
     sqlx::query(
-        "INSERT INTO workers (id, name, host, pid, queues, kinds, concurrency, version, started_at, last_heartbeat_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9)",
+        "INSERT INTO workers (id, name, host, pid, queues, kinds, concurrency, version, started_at, last_heartbeat_at, namespace)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, $10)",
     )
     .bind(w.id)
     .bind(&w.name)
@@ -42,6 +47,7 @@ pub async fn register(pool: &PgPool, w: &WorkerInfo) -> Result<(), StoreError> {
     .bind(w.concurrency)
     .bind(&w.version)
     .bind(w.started_at)
+    .bind(namespace)
     .execute(pool)
     .await?;
     Ok(())

@@ -11,7 +11,7 @@ pub mod workflow;
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
-use capibara_shared::domain::job::{Artifact, JobError};
+use capibara_shared::domain::job::{Artifact, Job, JobError};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -24,6 +24,8 @@ pub struct JobContext {
     /// Attempts the job may use in all (this one included).
     pub max_attempts: u32,
     pub input: Value,
+    /// The job as it was read before this attempt (queue, tags, `timeout_s`, …).
+    pub job: Arc<Job>,
     /// Cancelled when the job is canceled or the worker must stop; long work checks it.
     pub cancel: CancellationToken,
     pub progress: Arc<dyn ProgressSink>,
@@ -33,10 +35,23 @@ pub struct JobContext {
 /// output (`JobOutputChunk` events, e.g. one per rendered TTS sentence).
 #[async_trait]
 pub trait ProgressSink: Send + Sync {
-    async fn progress(&self, percent: Option<f64>, message: Option<String>);
+    async fn progress(&self, percent: Option<f64>, message: Option<String>) {
+        self.progress_with_data(percent, message, None).await
+    }
+
+    /// Progress with a JSON `data` payload as well (what SDK handlers may report).
+    async fn progress_with_data(
+        &self,
+        percent: Option<f64>,
+        message: Option<String>,
+        data: Option<Value>,
+    );
 
     /// Record one piece of partial output; `seq` counts from 0 within the attempt.
     async fn output_chunk(&self, seq: u64, data: Value);
+
+    /// Record a log line (`JobLog`); `level` is `debug`, `info`, `warn` or `error`.
+    async fn log(&self, level: &str, message: String);
 }
 
 /// A successful attempt.
@@ -79,6 +94,16 @@ pub struct Registry {
     by_kind: HashMap<String, Arc<dyn Executor>>,
     /// How push kinds' calls are made (`None`: this worker does not run push kinds).
     push: Option<PushSupport>,
+    /// Kinds registered by users of one namespace, run in this process (the Rust SDK's
+    /// in-process mode): their jobs come from the kinds' lanes of this worker's queues.
+    user: Option<UserKinds>,
+}
+
+/// One namespace's user kinds that a [`Registry`] runs.
+#[derive(Clone)]
+struct UserKinds {
+    namespace: String,
+    by_kind: HashMap<String, Arc<dyn Executor>>,
 }
 
 /// What calls to push kinds' endpoints need.
@@ -118,6 +143,55 @@ impl Registry {
         self.by_kind.get(kind).cloned()
     }
 
+    /// A registry of no built-in kind, for user kinds of `namespace` ([`Registry::register_user`]).
+    pub fn for_namespace(namespace: impl Into<String>) -> Self {
+        Registry {
+            user: Some(UserKinds {
+                namespace: namespace.into(),
+                by_kind: HashMap::new(),
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// Run jobs of user kind `kind` of the registry's namespace with `executor`.
+    ///
+    /// # Panics
+    /// If the registry was not made with [`Registry::for_namespace`].
+    pub fn register_user(&mut self, kind: &str, executor: Arc<dyn Executor>) {
+        self.user
+            .as_mut()
+            .expect("a registry for a namespace (Registry::for_namespace)")
+            .by_kind
+            .insert(kind.to_string(), executor);
+    }
+
+    /// The executor of a job of `kind` in `namespace`: a built-in one, or a user kind of the
+    /// registry's namespace.
+    pub fn executor(&self, namespace: &str, kind: &str) -> Option<Arc<dyn Executor>> {
+        self.get(kind).or_else(|| {
+            self.user
+                .as_ref()
+                .filter(|u| u.namespace == namespace)
+                .and_then(|u| u.by_kind.get(kind).cloned())
+        })
+    }
+
+    /// Whether any built-in kind runs here (the worker then takes jobs from its queues
+    /// themselves, not only from user kinds' lanes).
+    pub fn has_builtin(&self) -> bool {
+        !self.by_kind.is_empty()
+    }
+
+    /// The namespace and names of the user kinds that run here.
+    pub fn user_kinds(&self) -> Option<(&str, Vec<String>)> {
+        self.user.as_ref().map(|u| {
+            let mut k: Vec<String> = u.by_kind.keys().cloned().collect();
+            k.sort();
+            (u.namespace.as_str(), k)
+        })
+    }
+
     /// Run push kinds with `support`.
     pub fn with_push(mut self, support: PushSupport) -> Self {
         self.push = Some(support);
@@ -128,8 +202,12 @@ impl Registry {
         self.push.as_ref()
     }
 
+    /// Every kind that runs here, built-in and user kinds.
     pub fn kinds(&self) -> Vec<String> {
         let mut k: Vec<String> = self.by_kind.keys().cloned().collect();
+        if let Some((_, user)) = self.user_kinds() {
+            k.extend(user);
+        }
         k.sort();
         k
     }
