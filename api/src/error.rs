@@ -199,9 +199,34 @@ impl From<StoreError> for ApiError {
 /// RFC 9457 problem details (shared by every binary).
 pub use capibara_shared::problem::Problem;
 
+impl ApiError {
+    /// The problem JSON this error answers with.
+    pub fn to_problem(&self) -> Problem {
+        let (status, slug, title) = self.parts();
+        let detail = match self {
+            ApiError::Internal(_) => "an unexpected error occurred; it has been logged".to_string(),
+            ApiError::Unavailable => {
+                "the database or queue is unavailable; retry shortly".to_string()
+            }
+            other => other.to_string(),
+        };
+        let errors = match self {
+            ApiError::Validation { errors, .. } => errors.clone(),
+            _ => Vec::new(),
+        };
+        Problem {
+            problem_type: format!("urn:capibara:problem:{slug}"),
+            title: title.to_string(),
+            status: status.as_u16(),
+            detail,
+            errors,
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let (status, slug, title) = self.parts();
+        let (status, _, _) = self.parts();
         let retry_after = match &self {
             ApiError::Unavailable => Some("1".to_string()),
             ApiError::RateLimited { retry_after, .. } => {
@@ -213,24 +238,7 @@ impl IntoResponse for ApiError {
             ApiError::Internal(e) => Some(InternalError(format!("{e:#}"))),
             _ => None,
         };
-        let detail = match &self {
-            ApiError::Internal(_) => "an unexpected error occurred; it has been logged".to_string(),
-            ApiError::Unavailable => {
-                "the database or queue is unavailable; retry shortly".to_string()
-            }
-            other => other.to_string(),
-        };
-        let errors = match self {
-            ApiError::Validation { errors, .. } => errors,
-            _ => Vec::new(),
-        };
-        let body = Problem {
-            problem_type: format!("urn:capibara:problem:{slug}"),
-            title: title.to_string(),
-            status: status.as_u16(),
-            detail,
-            errors,
-        };
+        let body = self.to_problem();
         let mut res = body.into_response();
         let h = res.headers_mut();
         if let Some(v) = retry_after.and_then(|v| HeaderValue::from_str(&v).ok()) {

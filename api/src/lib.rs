@@ -141,6 +141,7 @@ pub fn app(state: AppState) -> Router {
             axum::routing::delete(workers::deregister),
         )
         .route("/v1/workers/{id}/lease", post(workers::lease))
+        .route("/v1/workers/{id}/complete", post(workers::complete_many))
         .route("/v1/queues", get(admin::queues))
         .route("/v1/kinds", get(kinds::list))
         .route(

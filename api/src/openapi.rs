@@ -18,7 +18,7 @@ use crate::routes::{
     paths(jobs::submit, jobs::submit_batch, jobs::list, jobs::get, jobs::events, jobs::cancel, jobs::retry, events::list,
           admin::workers, admin::queues, kinds::list, kinds::get, kinds::put, kinds::delete,
           workers::register, workers::lease, workers::deregister, workers::heartbeat, workers::progress,
-          workers::logs, workers::chunk, workers::complete, workers::fail, workers::release, workers::upload_artifact,
+          workers::logs, workers::chunk, workers::complete, workers::complete_many, workers::fail, workers::release, workers::upload_artifact,
           admin::create_key, admin::list_keys, admin::revoke_key,
           subscriptions::create, subscriptions::list, subscriptions::get, subscriptions::update,
           subscriptions::pause, subscriptions::resume, subscriptions::delete,

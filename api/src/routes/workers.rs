@@ -557,20 +557,22 @@ async fn leased(
     headers: &HeaderMap,
     job_id: &str,
 ) -> Result<(RemoteWorker, LeaseToken), ApiError> {
+    let token = headers.get(LEASE_HEADER).and_then(|v| v.to_str().ok());
+    leased_by(state, auth, token, "Capibara-Lease", job_id).await
+}
+
+/// The caller's worker and lease `token` (given as `field`), which must name job `job_id`.
+async fn leased_by(
+    state: &AppState,
+    auth: &Auth,
+    token: Option<&str>,
+    field: &str,
+    job_id: &str,
+) -> Result<(RemoteWorker, LeaseToken), ApiError> {
     auth.require(Role::Worker)?;
     let job_id = crate::extract::path_id(job_id, "job")?;
-    let bad = || {
-        ApiError::field(
-            "Capibara-Lease",
-            "must be the lease token the lease call answered",
-        )
-    };
-    let token: LeaseToken = headers
-        .get(LEASE_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .ok_or_else(bad)?
-        .parse()
-        .map_err(|()| bad())?;
+    let bad = || ApiError::field(field, "must be the lease token the lease call answered");
+    let token: LeaseToken = token.ok_or_else(bad)?.parse().map_err(|()| bad())?;
     if token.job_id != job_id {
         return Err(ApiError::LeaseLost(format!(
             "the lease token is for job `{}`, not `{job_id}`",
@@ -603,6 +605,16 @@ async fn record(
     report: Report,
 ) -> Result<Job, ApiError> {
     let (w, token) = leased(state, auth, headers, id).await?;
+    record_for(state, &w, token, report).await
+}
+
+/// Record `report` under lease `token` of worker `w`; the job after it.
+async fn record_for(
+    state: &AppState,
+    w: &RemoteWorker,
+    token: LeaseToken,
+    report: Report,
+) -> Result<Job, ApiError> {
     let id = token.job_id;
     // The kind's output schema, when a success is reported.
     let mut kind = None;
@@ -620,7 +632,7 @@ async fn record(
             kind = state.user_kinds.get(state, &w.namespace, &job.kind).await?;
         }
     }
-    command::leases::report(&state.store, &w, token, report, |out| match &kind {
+    command::leases::report(&state.store, w, token, report, |out| match &kind {
         Some(k) => k.check_output(out),
         None => Ok(()),
     })
@@ -833,8 +845,18 @@ pub async fn complete(
     body: ApiJson<Complete>,
 ) -> Result<Json<Job>, ApiError> {
     // The lease first: a stale token is a 409 whatever it names.
-    leased(&state, &auth, &headers, &id).await?;
-    let c = body.value;
+    let (w, token) = leased(&state, &auth, &headers, &id).await?;
+    Ok(Json(completed(&state, &w, token, body.value).await?))
+}
+
+/// Record the success `c` under lease `token` of worker `w`.
+async fn completed(
+    state: &AppState,
+    w: &RemoteWorker,
+    token: LeaseToken,
+    c: Complete,
+) -> Result<Job, ApiError> {
+    let id = token.job_id.to_string();
     let output = c.output.unwrap_or(Value::Null);
     let names = c.artifacts.unwrap_or_default();
     if names.len() > 100 {
@@ -842,14 +864,119 @@ pub async fn complete(
     }
     let mut artifacts = Vec::with_capacity(names.len());
     for (i, a) in names.iter().enumerate() {
-        artifacts.push(uploaded(&state, &id, a).await.map_err(|e| {
+        artifacts.push(uploaded(state, &id, a).await.map_err(|e| {
             e.map_fields(|f| FieldError::new(format!("artifacts[{i}]"), f.message))
         })?);
     }
     let end = AttemptEnd::Succeeded { output, artifacts };
-    Ok(Json(
-        record(&state, &auth, &headers, &id, Report::End(end)).await?,
-    ))
+    record_for(state, w, token, Report::End(end)).await
+}
+
+/// One job of `POST /v1/workers/{id}/complete`.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CompleteOne {
+    /// The job's id.
+    pub id: String,
+    /// Its lease token (what `Capibara-Lease` carries on the one-job calls).
+    pub lease: String,
+    /// The job's output (default null), checked against the kind's `output_schema`.
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub output: Option<Value>,
+    /// Names of artifacts uploaded for this attempt.
+    #[serde(default)]
+    pub artifacts: Option<Vec<UploadedArtifact>>,
+}
+
+/// `POST /v1/workers/{id}/complete` body: up to 100 successes, recorded together.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CompleteMany {
+    #[schema(min_items = 1, max_items = 100)]
+    pub jobs: Vec<CompleteOne>,
+}
+
+/// What came of one job of a batch: `status` is what `POST /v1/jobs/{id}/complete` would have
+/// answered (200, or 409 for a lost lease, 422 for an output the schema refuses, …), with its
+/// problem when it is not 200.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct CompletedOne {
+    pub id: String,
+    pub status: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub problem: Option<crate::error::Problem>,
+}
+
+/// Answer to `POST /v1/workers/{id}/complete`, one result per job in the order sent.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct CompletedMany {
+    pub results: Vec<CompletedOne>,
+}
+
+#[utoipa::path(post, operation_id = "completeJobs", path = "/v1/workers/{id}/complete", tag = "workers",
+    params(("id" = String, Path)), request_body = CompleteMany,
+    responses((status = 200, body = CompletedMany), (status = 404, body = crate::error::Problem),
+              (status = 422, body = crate::error::Problem)),
+    security(("bearer" = [])))]
+/// Complete several jobs in one call (a worker with many short jobs reports them together:
+/// one request and one group commit instead of one each). Each job is checked and recorded as
+/// by `POST /v1/jobs/{id}/complete`; one refused job does not refuse the others.
+pub async fn complete_many(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+    body: ApiJson<CompleteMany>,
+) -> Result<Json<CompletedMany>, ApiError> {
+    auth.require(Role::Worker)?;
+    let worker_id = crate::extract::path_id(&id, "worker")?;
+    let jobs = body.value.jobs;
+    if jobs.is_empty() || jobs.len() > 100 {
+        return Err(ApiError::field("jobs", "must hold 1 to 100 jobs"));
+    }
+    let results = futures::future::join_all(jobs.into_iter().enumerate().map(|(i, c)| {
+        let (state, auth) = (&state, &auth);
+        async move {
+            let id = c.id.clone();
+            let r = async {
+                let (w, token) = leased_by(state, auth, Some(&c.lease), "lease", &c.id).await?;
+                if token.worker_id != worker_id {
+                    return Err(ApiError::LeaseLost(format!(
+                        "the lease of job `{id}` is not worker `{worker_id}`'s"
+                    )));
+                }
+                let c = Complete {
+                    output: c.output,
+                    artifacts: c.artifacts,
+                };
+                completed(state, &w, token, c).await
+            }
+            .await;
+            match r {
+                Ok(_) => CompletedOne {
+                    id,
+                    status: 200,
+                    problem: None,
+                },
+                Err(e) => {
+                    if let ApiError::Internal(cause) = &e {
+                        tracing::error!(job = %id, error = %format!("{cause:#}"), "completing a job of a batch failed");
+                    }
+                    let e = e.map_fields(|f| {
+                        FieldError::new(format!("jobs[{i}].{}", f.field), f.message)
+                    });
+                    let problem = e.to_problem();
+                    CompletedOne {
+                        id,
+                        status: problem.status,
+                        problem: Some(problem),
+                    }
+                }
+            }
+        }
+    }))
+    .await;
+    Ok(Json(CompletedMany { results }))
 }
 
 /// The error a worker reports.

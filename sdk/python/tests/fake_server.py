@@ -29,6 +29,7 @@ class State:
         self.fail_next: List[int] = []  # statuses to answer the next requests with
         self.drop_sse_after: Optional[int] = None  # break an SSE connection after N events
         self.requests: List[Tuple[str, str]] = []
+        self.batches: List[int] = []  # the size of each batch of completions
 
     def append(self, job_id: str, type_: str, data: Any) -> None:
         self.position += 1
@@ -149,6 +150,8 @@ class Handler(BaseHTTPRequestHandler):
                                     "kinds": body["kinds"]})
         if p[:1] == ["workers"] and len(p) == 3 and p[2] == "lease":
             return self._lease(p[1], body or {})
+        if p[:1] == ["workers"] and len(p) == 3 and p[2] == "complete":
+            return self._complete_many((body or {}).get("jobs") or [])
         if p[:1] == ["workers"] and len(p) == 2 and method == "DELETE":
             with st.cond:
                 st.workers[p[1]]["status"] = "stopped"
@@ -274,6 +277,31 @@ class Handler(BaseHTTPRequestHandler):
                 st.reap()
         self._send(200, {"jobs": out})
 
+    def _complete_many(self, jobs: List[Dict[str, Any]]) -> None:
+        st = self.server.state
+        results = []
+        with st.cond:
+            st.batches.append(len(jobs))
+            for j in jobs:
+                held = st.leases.get(j["id"])
+                if held is None or held[0] != j["lease"]:
+                    results.append({"id": j["id"], "status": 409, "problem": {
+                        "type": "urn:capibara:problem:lease-lost", "status": 409,
+                        "title": "Conflict", "detail": "the lease is no longer held"}})
+                    continue
+                self._succeed(st, j["id"], j.get("output"))
+                results.append({"id": j["id"], "status": 200})
+        self._send(200, {"results": results})
+
+    @staticmethod
+    def _succeed(st: "State", job_id: str, output: Any) -> Dict[str, Any]:
+        del st.leases[job_id]
+        job = st.jobs[job_id]
+        job["status"] = "succeeded"
+        job["output"] = output
+        st.append(job_id, "JobSucceeded", {"output": output})
+        return job
+
     def _leased(self, job_id: str, action: str, body: Any) -> None:
         st = self.server.state
         token = self.headers.get("Capibara-Lease")
@@ -294,11 +322,7 @@ class Handler(BaseHTTPRequestHandler):
             elif action == "chunks":
                 st.append(job_id, "JobOutputChunk", body)
             elif action == "complete":
-                del st.leases[job_id]
-                job["status"] = "succeeded"
-                job["output"] = (body or {}).get("output")
-                st.append(job_id, "JobSucceeded", {"output": job["output"]})
-                return self._send(200, dict(job))
+                return self._send(200, dict(self._succeed(st, job_id, (body or {}).get("output"))))
             elif action == "fail":
                 del st.leases[job_id]
                 st.append(job_id, "JobAttemptFailed", body)

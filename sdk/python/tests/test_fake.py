@@ -204,6 +204,24 @@ class WorkerTest(FakeTestCase):
         done = self.client.wait(job.id, timeout=5)
         self.assertEqual((done.status, done.error["type"]), ("failed", "timeout"))
 
+    def test_successes_finishing_together_are_sent_in_one_batch(self) -> None:
+        w = self.worker(concurrency=8)
+        gate = threading.Barrier(8)
+
+        @w.handler("together")
+        def together(job: capibara.JobContext) -> Any:
+            gate.wait(5)  # all eight finish at the same moment
+            return job.input["n"]
+
+        self.start_worker(w)
+        jobs = [self.client.submit("together", {"n": i}) for i in range(8)]
+        done = [self.client.wait(j.id, timeout=10) for j in jobs]
+        self.assertEqual([d.output for d in done], list(range(8)))
+        batches = self.server.state.batches
+        self.assertEqual(sum(batches), 8, batches)
+        self.assertLess(len(batches), 8, f"no two successes shared a request: {batches}")
+        self.assertEqual([self.types(j.id).count("JobSucceeded") for j in jobs], [1] * 8)
+
     def test_a_lost_lease_drops_the_result_and_the_worker_goes_on(self) -> None:
         w = self.worker(heartbeat_s=60)  # no heartbeat: the 1.5 s lease expires
         calls: List[Any] = []

@@ -1,7 +1,7 @@
 // The client API (docs/api.md): jobs, events, kinds, workflows and runs, schedules, and the
 // worker protocol's registration and lease calls (docs/workers.md).
 
-import { WaitTimeoutError } from "./errors.js";
+import { WaitTimeoutError, errorFromResponse } from "./errors.js";
 import { Http } from "./http.js";
 import { Lease, clean, enc } from "./lease.js";
 import { followSSE } from "./sse.js";
@@ -312,6 +312,22 @@ export class Client {
       signal,
     });
     return (res?.jobs ?? []).map((item) => new Lease(this, item));
+  }
+
+  /**
+   * Complete up to 100 jobs of worker `workerId` in one call: `[{id, lease, output?}]` (`lease`
+   * the token). Resolves one entry per job, in order: `null` when it was recorded, else the
+   * typed error the one-job `complete` would have thrown (`LeaseLostError`, `ValidationError`, …).
+   */
+  async completeJobs(workerId, jobs, opts = {}) {
+    const res = await this.#json("POST", `/v1/workers/${enc(workerId)}/complete`, {
+      body: { jobs: jobs.map((j) => clean({ id: j.id, lease: j.lease, output: j.output })) },
+      idempotent: true,
+      signal: opts.signal,
+    });
+    return (res?.results ?? []).map((r) =>
+      r.status === 200 ? null : errorFromResponse(r.status, r.problem ?? null),
+    );
   }
 
   /** Mark the worker stopped (release or finish its jobs first). */

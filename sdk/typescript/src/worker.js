@@ -17,6 +17,7 @@ import {
   ShutdownError,
   ValidationError,
 } from "./errors.js";
+import { Completions } from "./completions.js";
 import { backoffMs, sleep } from "./http.js";
 
 const SPEC_FIELDS = {
@@ -97,6 +98,7 @@ export class Job {
 
 export class Worker {
   #handlers = new Map();
+  #completions = null;
   #jobs = new Map(); // job id → entry
   #stopping = false;
   #pollCtrl = new AbortController();
@@ -266,6 +268,7 @@ export class Worker {
   #start(lease) {
     const entry = {
       lease,
+      workerId: this.id, // the registration that leased it
       ctrl: new AbortController(),
       phase: "running",
       lost: false,
@@ -353,7 +356,8 @@ export class Worker {
     const { lease } = entry;
     if (outcome.ok) {
       try {
-        await lease.complete(outcome.output);
+        this.#completions ??= new Completions(this.client);
+        await this.#completions.complete(entry.workerId, lease, outcome.output);
       } catch (err) {
         if (err instanceof ValidationError) {
           // The output does not match the kind's output_schema.

@@ -31,6 +31,29 @@ describe("worker (fake server)", () => {
   }
   const types = (id) => fake.events(id).map((e) => e.type);
 
+  test("successes finishing together are sent in one batch", async () => {
+    const w = newWorker({ concurrency: 8 });
+    let release;
+    const gate = new Promise((r) => (release = r));
+    let started = 0;
+    w.handle("t.together", async (job) => {
+      started += 1;
+      if (started === 8) release();
+      await gate; // all eight finish at the same moment
+      return job.input.n;
+    });
+    const before = fake.batches.length;
+    await w.start();
+    const subs = await Promise.all([...Array(8).keys()].map((n) => client.submit("t.together", { n })));
+    const done = await Promise.all(subs.map((s) => client.wait(s.id, { timeoutMs: 5000 })));
+    await w.stop();
+    assert.deepEqual(done.map((d) => d.output), [...Array(8).keys()]);
+    const batches = fake.batches.slice(before);
+    assert.equal(batches.reduce((a, b) => a + b, 0), 8, String(batches));
+    assert.ok(batches.length < 8, `no two successes shared a request: ${batches}`);
+    for (const s of subs) assert.equal(types(s.id).filter((t) => t === "JobSucceeded").length, 1);
+  });
+
   test("runs a job with progress, logs and chunks; output is the return value", async () => {
     const w = newWorker();
     w.handle("t.progress", async (job) => {

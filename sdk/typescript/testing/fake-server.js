@@ -16,6 +16,7 @@ export async function startFakeServer({ leaseS = 3, backoffMs = 100 } = {}) {
   let nextEvent = 1;
   const waiters = new Set();
   const requests = []; // `${method} ${path}` of every request, for assertions
+  const batches = []; // the size of each batch of completions
 
   function notify() {
     for (const w of [...waiters]) w();
@@ -107,6 +108,25 @@ export async function startFakeServer({ leaseS = 3, backoffMs = 100 } = {}) {
     return job.lease;
   }
 
+  // The output field the kind's schema requires and `output` lacks, if any.
+  function missingOutput(job, output) {
+    for (const f of kinds.get(job.kind)?.output_schema?.required ?? []) {
+      if (!(output && f in output)) return `output.${f}`;
+    }
+    return null;
+  }
+  function succeed(job, output) {
+    job.status = "succeeded";
+    job.output = output ?? null;
+    job.lease = null;
+    append(job, "JobSucceeded", { attempt: job.attempt, output: job.output });
+  }
+  function problemBody(status, slug, detail, field) {
+    const body = { type: `urn:capibara:problem:${slug}`, title: http.STATUS_CODES[status], status, detail };
+    if (field) body.errors = [{ field, message: detail }];
+    return body;
+  }
+
   async function handle(req, res) {
     const url = new URL(req.url, "http://x");
     const path = url.pathname;
@@ -157,6 +177,22 @@ export async function startFakeServer({ leaseS = 3, backoffMs = 100 } = {}) {
       if (!w) return problem(res, 404, "not-found", "no worker");
       w.status = "stopped";
       return json(res, 204);
+    }
+    if ((m = path.match(/^\/v1\/workers\/([^/]+)\/complete$/)) && method === "POST") {
+      const body = await readJson(req);
+      batches.push(body.jobs.length);
+      const results = body.jobs.map((c, i) => {
+        const job = jobs.get(c.id);
+        if (!job?.lease || job.lease.token !== c.lease || job.status !== "running") {
+          return { id: c.id, status: 409, problem: problemBody(409, "lease-lost", "the lease is no longer this attempt's") };
+        }
+        const missing = missingOutput(job, c.output);
+        if (missing) return { id: c.id, status: 422, problem: problemBody(422, "validation", "missing", `jobs[${i}].${missing}`) };
+        succeed(job, c.output);
+        return { id: c.id, status: 200 };
+      });
+      notify();
+      return json(res, 200, { results });
     }
     if ((m = path.match(/^\/v1\/workers\/([^/]+)\/lease$/)) && method === "POST") {
       const w = workers.get(m[1]);
@@ -273,17 +309,12 @@ export async function startFakeServer({ leaseS = 3, backoffMs = 100 } = {}) {
           case "chunks":
             append(job, "JobOutputChunk", body);
             return json(res, 204);
-          case "complete":
-            if (kinds.get(job.kind)?.output_schema?.required) {
-              for (const f of kinds.get(job.kind).output_schema.required) {
-                if (!(body.output && f in body.output)) return problem(res, 422, "validation", "missing", `output.${f}`);
-              }
-            }
-            job.status = "succeeded";
-            job.output = body.output ?? null;
-            job.lease = null;
-            append(job, "JobSucceeded", { attempt: job.attempt, output: job.output });
+          case "complete": {
+            const missing = missingOutput(job, body.output);
+            if (missing) return problem(res, 422, "validation", "missing", missing);
+            succeed(job, body.output);
             return json(res, 200, view(job));
+          }
           case "fail":
             if (body.retryable === false) {
               append(job, "JobAttemptFailed", { attempt: job.attempt, error: body.error });
@@ -330,6 +361,7 @@ export async function startFakeServer({ leaseS = 3, backoffMs = 100 } = {}) {
     jobs,
     workers,
     requests,
+    batches,
     events: (id) => jobs.get(id).events,
     async close() {
       clearInterval(reaper);

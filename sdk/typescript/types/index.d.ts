@@ -323,6 +323,12 @@ export class Client {
 
   registerWorker(spec: WorkerRegistrationSpec, options?: CallOptions): Promise<WorkerRegistration>;
   leaseJobs(workerId: string, options?: { maxJobs?: number; waitMs?: number } & CallOptions): Promise<Lease[]>;
+  /** Complete up to 100 jobs in one call; one entry per job: null when recorded, else the typed error. */
+  completeJobs(
+    workerId: string,
+    jobs: { id: string; lease: string; output?: unknown }[],
+    options?: CallOptions,
+  ): Promise<(ProblemError | null)[]>;
   deregisterWorker(workerId: string, options?: CallOptions): Promise<void>;
   listWorkers(options?: CallOptions): Promise<Array<{ id: string; name: string; status: string; [key: string]: unknown }>>;
 }

@@ -802,3 +802,93 @@ async fn orchestrate_takes_a_user_kind_as_its_intent() {
         .await;
     assert_eq!(r.body["errors"][0]["field"], "intent", "{r:?}");
 }
+
+#[tokio::test]
+async fn a_batch_completes_each_job_as_the_one_job_call_would_and_refuses_only_the_bad_ones() {
+    let env = TestEnv::new().await;
+    let (_api, _scheduler) = (env.spawn_api().await, env.spawn_scheduler());
+    let api = env.client();
+    put_kind(
+        &api,
+        "batch.thing",
+        json!({"output_schema": {"type": "object", "required": ["n"]}}),
+    )
+    .await;
+    let w = Proto::register(&api, json!({"kinds": ["batch.thing"], "concurrency": 8})).await;
+    let other = Proto::register(&api, json!({"kinds": ["batch.thing"]})).await;
+    let ids: Vec<String> =
+        futures::future::join_all((0..4).map(|_| api.submit_id(json!({"kind": "batch.thing"}))))
+            .await;
+    let mut leased = Vec::new();
+    while leased.len() < 4 {
+        leased.extend(w.lease(4, 1000).await);
+    }
+    leased.sort_by_key(|j| ids.iter().position(|i| i == &j.id));
+    let before = api.events(&leased[3].id).await.len();
+    let path = format!("/v1/workers/{}/complete", w.id);
+    let r = api
+        .post(
+            &path,
+            json!({"jobs": [
+                {"id": leased[0].id, "lease": leased[0].token, "output": {"n": 0}},
+                {"id": leased[1].id, "lease": leased[1].token, "output": {"n": 1}},
+                {"id": leased[2].id, "lease": leased[2].token, "output": {"m": 2}},
+                {"id": leased[3].id, "lease": "nonsense", "output": {"n": 3}},
+            ]}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let results = r.body["results"].as_array().unwrap();
+    let statuses: Vec<u64> = results
+        .iter()
+        .map(|x| x["status"].as_u64().unwrap())
+        .collect();
+    assert_eq!(statuses, [200, 200, 422, 422], "{r:?}");
+    assert_eq!(results[0]["id"], leased[0].id.as_str());
+    assert!(results[0].get("problem").is_none(), "{r:?}");
+    assert_eq!(
+        results[2]["problem"]["errors"][0]["field"],
+        "jobs[2].output.n"
+    );
+    assert_eq!(results[3]["problem"]["errors"][0]["field"], "jobs[3].lease");
+    for (j, n) in leased.iter().zip(0..2) {
+        let job = api.job(&j.id).await;
+        assert_eq!(
+            (&job["status"], &job["output"]),
+            (&json!("succeeded"), &json!({"n": n}))
+        );
+        assert_eq!(
+            types(&api.events(&j.id).await).last(),
+            Some(&"JobSucceeded".to_string())
+        );
+    }
+    assert_eq!(api.job(&leased[2].id).await["status"], "running");
+    assert_eq!(
+        api.events(&leased[3].id).await.len(),
+        before,
+        "nothing recorded"
+    );
+
+    // A finished job's token again, and a token of this worker sent under another's id: 409.
+    let r = api
+        .post(
+            &path,
+            json!({"jobs": [{"id": leased[0].id, "lease": leased[0].token, "output": {"n": 9}}]}),
+        )
+        .await;
+    assert_eq!(r.body["results"][0]["status"], 409, "{r:?}");
+    let r = api
+        .post(
+            &format!("/v1/workers/{}/complete", other.id),
+            json!({"jobs": [{"id": leased[3].id, "lease": leased[3].token, "output": {"n": 3}}]}),
+        )
+        .await;
+    assert_eq!(r.body["results"][0]["status"], 409, "{r:?}");
+    assert_eq!(api.job(&leased[3].id).await["status"], "running");
+    let r = api.post(&path, json!({"jobs": []})).await;
+    assert_eq!(
+        (r.status, &r.body["errors"][0]["field"]),
+        (422, &json!("jobs")),
+        "{r:?}"
+    );
+}

@@ -6,11 +6,11 @@ import os
 import time
 import urllib.parse
 import uuid
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 from . import sse
 from ._http import Response, Transport
-from .errors import WaitTimeout
+from .errors import ProblemError, WaitTimeout, problem_from_response
 from .models import Event, Job, Lease, Run
 
 __all__ = ["Client", "DEFAULT_URL"]
@@ -384,6 +384,23 @@ class Client:
     def complete(self, job_id: str, token: str, output: Any = None) -> Job:
         body = {} if output is None else {"output": output}
         return Job(self._leased(job_id, token, "complete", body, idempotent=True).body or {})
+
+    def complete_many(
+        self, worker_id: str, jobs: Sequence[Tuple[str, str, Any]]
+    ) -> List[Optional[ProblemError]]:
+        """Complete up to 100 jobs of worker `worker_id` in one call: `(job_id, token, output)`
+        each. One entry per job, in order: None when it was recorded, else the typed error the
+        one-job `complete` would have raised (`LeaseLost`, `ValidationError`, …)."""
+        body = {"jobs": [
+            {"id": job_id, "lease": token, **({} if output is None else {"output": output})}
+            for job_id, token, output in jobs
+        ]}
+        res = self._http.request("POST", f"/v1/workers/{_q(worker_id)}/complete", json=body,
+                                 idempotent=True)
+        results = (res.body or {}).get("results") or []
+        return [None if r.get("status") == 200 else
+                problem_from_response(int(r.get("status") or 500), r.get("problem"), lease_scoped=True)
+                for r in results]
 
     def fail(
         self, job_id: str, token: str, type: str, message: str, *,

@@ -49,6 +49,69 @@ class _Spec:
         return dict(self.fields, name=self.kind) if self.fields else self.kind
 
 
+class _Completion:
+    """One job's success, waiting to be sent in a batch."""
+
+    def __init__(self, worker_id: str, job_id: str, token: str, output: Any) -> None:
+        self.worker_id = worker_id
+        self.job_id = job_id
+        self.token = token
+        self.output = output
+        self.error: Optional[BaseException] = None
+        self.done = threading.Event()
+
+
+class _Completions:
+    """Successes sent together: the first handler thread to finish while no batch is in flight
+    sends one (`POST /v1/workers/{id}/complete`, up to 100 jobs), and keeps sending what
+    finished meanwhile; the others wait for their job's result. Under load one request (and
+    one group commit) records many jobs; a lone job goes out at once."""
+
+    MAX = 100
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+        self._lock = threading.Lock()
+        self._pending: List[_Completion] = []
+        self._sending = False
+
+    def complete(self, worker_id: str, job_id: str, token: str, output: Any) -> None:
+        """Record the job's success; raises what `Client.complete` would (`LeaseLost`,
+        `ValidationError`, …)."""
+        mine = _Completion(worker_id, job_id, token, output)
+        with self._lock:
+            self._pending.append(mine)
+            lead = not self._sending
+            self._sending = True
+        if lead:
+            self._send_pending()
+        mine.done.wait()
+        if mine.error is not None:
+            raise mine.error
+
+    def _send_pending(self) -> None:
+        while True:
+            with self._lock:
+                if not self._pending:
+                    self._sending = False
+                    return
+                # One worker id per request (a worker that registered again has two).
+                wid = self._pending[0].worker_id
+                batch = [c for c in self._pending if c.worker_id == wid][: self.MAX]
+                sent = set(map(id, batch))
+                self._pending = [c for c in self._pending if id(c) not in sent]
+            try:
+                errors = self._client.complete_many(wid, [(c.job_id, c.token, c.output) for c in batch])
+            except BaseException as e:  # the whole batch failed: each job's report did
+                errors = [e] * len(batch)
+            for c, e in zip(batch, errors):
+                c.error = e
+                c.done.set()
+            for c in batch[len(errors):]:  # an answer short of results: not recorded
+                c.error = CapibaraError("the batch answer has no result for this job")
+                c.done.set()
+
+
 class _Running:
     """One leased job while the worker holds it."""
 
@@ -63,6 +126,7 @@ class _Running:
         self.cancel_requested = False
         self.heartbeat_busy = False
         self.future: Optional["Future[Any]"] = None  # an async handler's task
+        self.worker_id = ""  # the registration that leased it
         self._final = False
         self._lock = threading.Lock()
 
@@ -128,6 +192,7 @@ class Worker:
         self.worker_id: Optional[str] = None
         self._specs: Dict[str, _Spec] = {}
         self._running: Dict[str, _Running] = {}
+        self._completions = _Completions(self.client)
         self._active = 0  # handlers still executing (a timed-out sync one included)
         self._reporting = 0  # final reports under way on handler threads
         self._cond = threading.Condition()
@@ -396,6 +461,7 @@ class Worker:
         ctx = JobContext(self.client, lease, outbox)
         timeout = lease.job.get("timeout_s") or spec.fields.get("timeout_s")
         run = _Running(lease, spec, ctx, self._heartbeat_every, timeout)
+        run.worker_id = self.worker_id or ""
         with self._cond:
             self._running[run.lease.token] = run
             self._active += 1
@@ -464,7 +530,7 @@ class Worker:
                     self._fail(job_id, token, "invalid_output", f"the output is not JSON: {e}", retryable=False)
                     return
                 try:
-                    self.client.complete(job_id, token, value)
+                    self._completions.complete(run.worker_id, job_id, token, value)
                 except ValidationError as e:
                     self._fail(job_id, token, "invalid_output", e.detail or str(e), retryable=False)
             else:
