@@ -10,6 +10,7 @@ mod harness;
 mod jobs;
 mod schedules;
 mod sdk;
+mod sdk_driver;
 mod tts;
 mod workflows;
 
@@ -47,9 +48,12 @@ enum Command {
     /// Workflow orchestration: per-step overhead on a chain of echo steps, and the wall time of
     /// a wide fan-out/fan-in (`capibara bench-workflows`).
     Workflows(workflows::WorkflowBenchArgs),
-    /// The Python and TypeScript SDK workers against the built-in Rust worker: end-to-end no-op
+    /// The Rust (in-process), Python and TypeScript SDK workers against the built-in Rust worker: end-to-end no-op
     /// jobs/s and idle enqueue→start latency, on one stack in one run.
     Sdk(sdk::SdkBenchArgs),
+    /// The Rust SDK's in-process no-op worker that `sdk` runs (not a benchmark of its own).
+    #[command(hide = true)]
+    SdkDriver(sdk_driver::DriverArgs),
 }
 
 #[tokio::main]
@@ -63,5 +67,6 @@ async fn main() -> anyhow::Result<()> {
         Command::Code(a) => code::run(a).await,
         Command::Workflows(a) => workflows::run(a).await,
         Command::Sdk(a) => sdk::run(a).await,
+        Command::SdkDriver(a) => sdk_driver::run(a).await,
     }
 }

@@ -43,6 +43,8 @@ const BATCH_CONCURRENCY: usize = 4;
 pub enum Which {
     /// `capibara-worker` running the built-in `echo`.
     Rust,
+    /// The Rust SDK's in-process mode (`capibara-bench sdk-driver`), a user kind.
+    RustSdk,
     /// The Python SDK worker (`bench/sdk-drivers/python_noop.py`).
     Python,
     /// The TypeScript SDK worker on Node (`bench/sdk-drivers/typescript_noop.mjs`).
@@ -53,6 +55,7 @@ impl Which {
     fn name(self) -> &'static str {
         match self {
             Which::Rust => "rust",
+            Which::RustSdk => "rust-sdk",
             Which::Python => "python",
             Which::Typescript => "typescript",
         }
@@ -68,6 +71,7 @@ impl Which {
     fn label(self) -> &'static str {
         match self {
             Which::Rust => "Rust (`capibara-worker`, built-in `echo`)",
+            Which::RustSdk => "Rust SDK in-process (`Worker::in_process`)",
             Which::Python => "Python SDK (`Worker`, sync handler)",
             Which::Typescript => "TypeScript SDK on Node (`Worker`)",
         }
@@ -97,7 +101,7 @@ pub struct SdkBenchArgs {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "rust,python,typescript"
+        default_value = "rust,rust-sdk,python,typescript"
     )]
     workers: Vec<Which>,
     /// Python interpreter (a name on PATH or a path).
@@ -166,7 +170,7 @@ pub async fn run(mut a: SdkBenchArgs) -> Result<()> {
     let mut versions = Vec::new();
     for w in &a.workers {
         let (interp, file) = match w {
-            Which::Rust => continue,
+            Which::Rust | Which::RustSdk => continue,
             Which::Python => (&a.python, "sdk/python/src/capibara/__init__.py"),
             Which::Typescript => (&a.node, "sdk/typescript/src/index.js"),
         };
@@ -379,7 +383,10 @@ async fn start_worker(a: &SdkBenchArgs, env: &mut Env, repo: &Path, w: Which) ->
         env.spawn_worker(&name).await?;
         return Ok(name);
     }
-    let name = format!("{}-sdk", w.name());
+    let name = match w {
+        Which::RustSdk => "rust-sdk".to_string(),
+        _ => format!("{}-sdk", w.name()),
+    };
     let kind = w.kind();
     let r = env
         .http
@@ -394,19 +401,27 @@ async fn start_worker(a: &SdkBenchArgs, env: &mut Env, repo: &Path, w: Which) ->
             r.text().await?
         );
     }
-    let (interp, extra) = match w {
+    let conc = a.concurrency.to_string();
+    let (program, script, extra) = match w {
         Which::Python => (
-            &a.python,
+            which(&a.python).ok_or_else(|| anyhow!("{} not found", a.python))?,
+            repo.join(driver(w)).display().to_string(),
             vec![(
                 "PYTHONPATH".to_string(),
                 repo.join("sdk/python/src").display().to_string(),
             )],
         ),
-        _ => (&a.node, Vec::new()),
+        Which::RustSdk => (
+            std::env::current_exe()?,
+            "sdk-driver".to_string(),
+            Vec::new(),
+        ),
+        _ => (
+            which(&a.node).ok_or_else(|| anyhow!("{} not found", a.node))?,
+            repo.join(driver(w)).display().to_string(),
+            Vec::new(),
+        ),
     };
-    let interp = which(interp).ok_or_else(|| anyhow!("{interp} not found"))?;
-    let script = repo.join(driver(w)).display().to_string();
-    let conc = a.concurrency.to_string();
     // `Env::spawn` joins the binary to its bin dir; an absolute path replaces it. The SDKs read
     // CAPIBARA_URL and CAPIBARA_API_KEY; `extra_env` carries them for this child only.
     let saved = env.extra_env.clone();
@@ -416,7 +431,7 @@ async fn start_worker(a: &SdkBenchArgs, env: &mut Env, repo: &Path, w: Which) ->
     env.extra_env.extend(extra);
     let spawned = env.spawn(
         &name,
-        &interp.display().to_string(),
+        &program.display().to_string(),
         &[&script, "--kind", &kind, "--concurrency", &conc],
         find_free_port(),
     );
