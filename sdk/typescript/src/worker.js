@@ -100,6 +100,7 @@ export class Worker {
   #handlers = new Map();
   #completions = null;
   #jobs = new Map(); // job id → entry
+  #busy = 0; // handlers still running: what counts against the concurrency
   #stopping = false;
   #pollCtrl = new AbortController();
   #stopCtrl = new AbortController();
@@ -223,7 +224,7 @@ export class Worker {
   async #loop() {
     let failures = 0;
     while (!this.#stopping) {
-      const free = this.concurrency - this.#jobs.size;
+      const free = this.concurrency - this.#busy;
       if (free <= 0) {
         await new Promise((r) => (this.#wake = r));
         continue;
@@ -273,19 +274,29 @@ export class Worker {
       phase: "running",
       lost: false,
       released: false,
+      slotFree: false,
       hbTimer: null,
       done: null,
     };
     this.#jobs.set(lease.jobId, entry);
+    this.#busy += 1;
     entry.done = this.#runJob(entry)
       .catch((err) => this.logger.error(`job ${lease.jobId}: ${err?.stack ?? err}`))
       .finally(() => {
         clearTimeout(entry.hbTimer);
         this.#jobs.delete(lease.jobId);
-        const w = this.#wake;
-        this.#wake = null;
-        w?.();
+        this.#freeSlot(entry);
       });
+  }
+
+  // The job's handler is done: another job may start (its report goes on without the slot).
+  #freeSlot(entry) {
+    if (entry.slotFree) return;
+    entry.slotFree = true;
+    this.#busy -= 1;
+    const w = this.#wake;
+    this.#wake = null;
+    w?.();
   }
 
   #heartbeats(entry) {
@@ -349,6 +360,7 @@ export class Worker {
       this.logger.warn(`job ${lease.jobId}: lease lost; dropped`);
       return;
     }
+    this.#freeSlot(entry);
     await this.#report(entry, outcome);
   }
 

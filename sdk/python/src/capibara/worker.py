@@ -127,6 +127,7 @@ class _Running:
         self.heartbeat_busy = False
         self.future: Optional["Future[Any]"] = None  # an async handler's task
         self.worker_id = ""  # the registration that leased it
+        self.slot_freed = False  # its handler no longer counts against the concurrency
         self._final = False
         self._lock = threading.Lock()
 
@@ -482,6 +483,7 @@ class Worker:
             if run.claim_final():
                 with self._cond:
                     self._reporting += 1
+                    self._free_slot(run)  # the handler is done: the report goes on without it
                 try:
                     self._report(run, outcome)
                 finally:
@@ -497,6 +499,8 @@ class Worker:
             outcome = (False, e)
         if run.claim_final():
             assert run.ctx._outbox is not None
+            with self._cond:
+                self._free_slot(run)
             run.ctx._outbox.put(lambda: self._finish_after_report(run, outcome))
         else:
             self._finished(run)
@@ -507,11 +511,17 @@ class Worker:
         finally:
             self._finished(run)
 
+    def _free_slot(self, run: _Running) -> None:
+        """Count the job's handler as done (under `_cond`): another job may start."""
+        if not run.slot_freed:
+            run.slot_freed = True
+            self._active -= 1
+            self._cond.notify_all()
+
     def _finished(self, run: _Running) -> None:
         with self._cond:
             self._running.pop(run.lease.token, None)
-            self._active -= 1
-            self._cond.notify_all()
+            self._free_slot(run)
 
     def _report(self, run: _Running, outcome: Tuple[bool, Any]) -> None:
         """The job's one final report: complete or fail."""
