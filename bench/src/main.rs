@@ -8,6 +8,7 @@ mod deliveries;
 mod fanout;
 mod harness;
 mod jobs;
+mod push;
 mod schedules;
 mod sdk;
 mod sdk_driver;

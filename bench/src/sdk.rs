@@ -34,6 +34,7 @@ use crate::harness::{
     bytes, named_dir, percentile, post, print_header, profile, run_dir, sorted, thousands, CpuUse,
     Env, Facts,
 };
+use crate::push;
 
 /// Jobs per `POST /v1/jobs/batch` request, and requests at once (as `capibara bench` phase c).
 const BATCH_SIZE: usize = 1000;
@@ -116,6 +117,9 @@ pub struct SdkBenchArgs {
     /// Run Postgres with fsync/synchronous_commit/full_page_writes off (not durable).
     #[arg(long)]
     unsafe_pg: bool,
+    /// Skip the push phase (a push kind's endpoint called by `capibara-worker`).
+    #[arg(long)]
+    no_push: bool,
     /// Directory for the servers' data and the logs (default: `target/bench/sdk-<time>`).
     #[arg(long)]
     dir: Option<PathBuf>,
@@ -204,7 +208,7 @@ pub async fn run(mut a: SdkBenchArgs) -> Result<()> {
     );
     println!("bench dir: {}", dir.display());
 
-    let mut env = Env::start_with(a.unsafe_pg, a.concurrency, Vec::new(), &dir, &bin_dir).await?;
+    let mut env = Env::start_with(a.unsafe_pg, a.concurrency, push::env(), &dir, &bin_dir).await?;
     let outcome = tokio::select! {
         r = phases(&a, &mut env, &repo, &facts) => r,
         _ = shutdown::signal() => Err(anyhow!("interrupted")),
@@ -348,7 +352,28 @@ async fn phases(a: &SdkBenchArgs, env: &mut Env, repo: &Path, facts: &Facts) -> 
             r.cpu.describe()
         ));
     }
+    let pushed = if a.no_push {
+        None
+    } else {
+        let p = push::measure(env, a.pickup_jobs, a.pickup_rate).await?;
+        let line = format!(
+            "push kind through capibara-worker ({} single submits at {}/s, idle): {}",
+            a.pickup_jobs,
+            a.pickup_rate,
+            p.describe()
+        );
+        println!("{line}");
+        t.push_str(&format!("\n{line}.\n"));
+        Some(p)
+    };
     let mut verdicts = Vec::new();
+    if let Some(p) = &pushed {
+        let p50 = percentile(&p.overhead, 0.5);
+        verdicts.push(format!(
+            "push overhead p50 {p50:.2} ms ({})",
+            if p50 <= 5.0 { "met" } else { "missed" }
+        ));
+    }
     for r in rows.iter().filter(|r| r.which != Which::Rust) {
         if let Some(x) = rust.filter(|x| *x > 0.0) {
             let pct = r.jobs_per_s / x * 100.0;
@@ -368,7 +393,7 @@ async fn phases(a: &SdkBenchArgs, env: &mut Env, repo: &Path, facts: &Facts) -> 
     }
     if !verdicts.is_empty() {
         t.push_str(&format!(
-            "\nTargets (≥ 50 % of Rust; idle pickup p50 ≤ 5 ms): {}.\n",
+            "\nTargets (≥ 50 % of Rust; idle pickup p50 ≤ 5 ms; push overhead p50 ≤ 5 ms): {}.\n",
             verdicts.join("; ")
         ));
     }
@@ -463,7 +488,7 @@ async fn start_worker(a: &SdkBenchArgs, env: &mut Env, repo: &Path, w: Which) ->
 
 /// SIGTERM, up to 20 s to exit (the SDKs finish their last long poll), then SIGKILL; the
 /// process leaves `env`.
-async fn stop(env: &mut Env, name: &str) -> Result<()> {
+pub(crate) async fn stop(env: &mut Env, name: &str) -> Result<()> {
     let i = env
         .procs
         .iter()

@@ -7,7 +7,9 @@
 //! and total time, and reads at most `max_response_bytes` of the response.
 
 use std::{
+    collections::HashMap,
     net::SocketAddr,
+    sync::{LazyLock, Mutex},
     time::{Duration, Instant},
 };
 
@@ -107,6 +109,54 @@ pub async fn post(
     Ok(res)
 }
 
+/// A client per host name and checked addresses, so calls to one endpoint reuse its
+/// connections (building one loads the TLS roots, and a new connection per call cost ~8 ms of a
+/// push call to a local endpoint). The addresses are part of the key: a name that resolves
+/// elsewhere gets a client pinned there. Bounded: emptied when it holds [`MAX_CLIENTS`].
+type ClientKey = (Option<String>, Vec<SocketAddr>, Duration);
+
+static CLIENTS: LazyLock<Mutex<HashMap<ClientKey, reqwest::Client>>> =
+    LazyLock::new(Default::default);
+
+const MAX_CLIENTS: usize = 256;
+
+fn pinned_client(
+    policy: &OutboundPolicy,
+    url: &url::Url,
+    addrs: &[SocketAddr],
+) -> Result<reqwest::Client, HttpError> {
+    let name = match url.host() {
+        Some(url::Host::Domain(name)) => Some(name.to_string()),
+        _ => None,
+    };
+    let mut pinned = addrs.to_vec();
+    pinned.sort();
+    let key = (name, pinned, policy.connect_timeout);
+    if let Some(c) = CLIENTS.lock().expect("http clients").get(&key) {
+        return Ok(c.clone());
+    }
+    let mut builder = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .connect_timeout(policy.connect_timeout)
+        .pool_idle_timeout(Duration::from_secs(30))
+        .pool_max_idle_per_host(8)
+        .user_agent(concat!("Capibara-Webhooks/", env!("CARGO_PKG_VERSION")));
+    if let Some(name) = &key.0 {
+        // Pin: reqwest looks names up in its overrides before the system resolver.
+        builder = builder.resolve_to_addrs(name, addrs);
+    }
+    let client = builder
+        .build()
+        .map_err(|e| HttpError::Other(error_chain(&e)))?;
+    let mut clients = CLIENTS.lock().expect("http clients");
+    if clients.len() >= MAX_CLIENTS {
+        clients.clear();
+    }
+    clients.insert(key, client.clone());
+    Ok(client)
+}
+
 /// Send to `url` connecting only to `addrs` (already checked).
 async fn send_pinned(
     policy: &OutboundPolicy,
@@ -117,20 +167,7 @@ async fn send_pinned(
     body: Vec<u8>,
 ) -> Result<HttpResponse, HttpError> {
     let started = Instant::now();
-    let mut builder = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .no_proxy()
-        .connect_timeout(policy.connect_timeout)
-        .timeout(timeout)
-        .pool_max_idle_per_host(0)
-        .user_agent(concat!("Capibara-Webhooks/", env!("CARGO_PKG_VERSION")));
-    if let Some(url::Host::Domain(name)) = url.host() {
-        // Pin: reqwest looks names up in its overrides before the system resolver.
-        builder = builder.resolve_to_addrs(name, addrs);
-    }
-    let client = builder
-        .build()
-        .map_err(|e| HttpError::Other(error_chain(&e)))?;
+    let client = pinned_client(policy, url, addrs)?;
 
     let mut header_map = reqwest::header::HeaderMap::new();
     for (k, v) in headers {
@@ -149,6 +186,7 @@ async fn send_pinned(
 
     let mut resp = client
         .post(url.clone())
+        .timeout(timeout)
         .headers(header_map)
         .body(body)
         .send()

@@ -68,12 +68,13 @@ class _Completions:
     one group commit) records many jobs; a lone job goes out at once."""
 
     MAX = 100
+    IN_FLIGHT = 2  # requests at once: one fills while the other is answered
 
     def __init__(self, client: Client) -> None:
         self._client = client
         self._lock = threading.Lock()
         self._pending: List[_Completion] = []
-        self._sending = False
+        self._sending = 0
 
     def complete(self, worker_id: str, job_id: str, token: str, output: Any) -> None:
         """Record the job's success; raises what `Client.complete` would (`LeaseLost`,
@@ -81,8 +82,9 @@ class _Completions:
         mine = _Completion(worker_id, job_id, token, output)
         with self._lock:
             self._pending.append(mine)
-            lead = not self._sending
-            self._sending = True
+            lead = self._sending < self.IN_FLIGHT
+            if lead:
+                self._sending += 1
         if lead:
             self._send_pending()
         mine.done.wait()
@@ -93,7 +95,7 @@ class _Completions:
         while True:
             with self._lock:
                 if not self._pending:
-                    self._sending = False
+                    self._sending -= 1
                     return
                 # One worker id per request (a worker that registered again has two).
                 wid = self._pending[0].worker_id
