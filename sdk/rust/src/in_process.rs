@@ -274,6 +274,10 @@ impl Drop for Counted {
     }
 }
 
+/// How much earlier than `timeout_s` (by this attempt's clock) a stop still counts as the
+/// timeout.
+const TIMER_SLACK: Duration = Duration::from_millis(50);
+
 /// Tells a handler's tasks that its attempt was stopped, if dropped before it ended.
 struct StopOnDrop {
     state: Option<Arc<JobState>>,
@@ -284,7 +288,10 @@ struct StopOnDrop {
 impl Drop for StopOnDrop {
     fn drop(&mut self) {
         if let Some(state) = self.state.take() {
-            let timed_out = self.timeout.is_some_and(|t| self.started.elapsed() >= t);
+            // The runtime's timer started a moment before this attempt's clock.
+            let timed_out = self
+                .timeout
+                .is_some_and(|t| self.started.elapsed() + TIMER_SLACK >= t);
             state.stop(if timed_out {
                 StopReason::Timeout
             } else {
@@ -297,6 +304,8 @@ impl Drop for StopOnDrop {
 #[async_trait]
 impl Executor for Handler {
     async fn execute(&self, ctx: executors::JobContext) -> Result<Output, ExecError> {
+        // As soon as the runtime starts the attempt (its timeout runs from about here).
+        let started = Instant::now();
         self.jobs.fetch_add(1, Ordering::Relaxed);
         let _counted = Counted(self.jobs.clone());
         let job = sdk_job(&ctx, &self.worker).map_err(|e| {
@@ -305,7 +314,6 @@ impl Executor for Handler {
                 format!("the job does not decode: {e}"),
             ))
         })?;
-        let started = Instant::now();
         let timeout = job.timeout_s.map(|s| Duration::from_secs(u64::from(s)));
         let state = Arc::new(JobState::new());
         // The runtime stops an attempt by dropping this future: the handler's token then fires
