@@ -14,7 +14,7 @@ use axum::{routing::post as route_post, Json, Router};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use crate::harness::{bytes, percentile, post, sorted, Env};
+use crate::harness::{percentile, sorted, Env};
 
 /// The webhook secret the bench's API and worker sign push calls with (push kinds need one).
 pub(crate) const WEBHOOK_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
@@ -103,19 +103,7 @@ pub(crate) async fn measure(env: &mut Env, jobs: usize, rate: u32) -> Result<Pus
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     let tag = "push";
-    let body = bytes(&json!({"kind": KIND, "input": {"n": 1}, "tags": {"phase": tag}}))?;
-    let mut interval = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate)));
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut tasks = Vec::with_capacity(jobs);
-    for _ in 0..jobs {
-        interval.tick().await;
-        let (http, url, body) = (env.http.clone(), env.api("/v1/jobs"), body.clone());
-        tasks.push(tokio::spawn(async move { post(&http, &url, body).await }));
-    }
-    for t in tasks {
-        t.await??;
-    }
-    env.wait_drained().await?;
+    crate::sdk::paced_submits(env, &crate::sdk::job(KIND, tag), jobs, rate).await?;
     let rows: Vec<(Uuid, f64, f64)> = sqlx::query_as(
         "SELECT id, (extract(epoch FROM finished_at - queued_at) * 1000)::float8, \
          (extract(epoch FROM started_at - queued_at) * 1000)::float8 FROM jobs \

@@ -512,7 +512,7 @@ pub(crate) async fn stop(env: &mut Env, name: &str) -> Result<()> {
     Ok(())
 }
 
-fn job(kind: &str, tag: &str) -> Value {
+pub(crate) fn job(kind: &str, tag: &str) -> Value {
     json!({"kind": kind, "input": {"n": 1}, "tags": {"phase": tag}})
 }
 
@@ -520,20 +520,7 @@ fn job(kind: &str, tag: &str) -> Value {
 /// enqueue→start latencies in ms.
 async fn idle_pickup(a: &SdkBenchArgs, env: &mut Env, w: Which) -> Result<Vec<f64>> {
     let tag = format!("pickup-{}", w.name());
-    let body = bytes(&job(&w.kind(), &tag))?;
-    let mut interval =
-        tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(a.pickup_rate)));
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut tasks = Vec::with_capacity(a.pickup_jobs);
-    for _ in 0..a.pickup_jobs {
-        interval.tick().await;
-        let (http, url, body) = (env.http.clone(), env.api("/v1/jobs"), body.clone());
-        tasks.push(tokio::spawn(async move { post(&http, &url, body).await }));
-    }
-    for t in tasks {
-        t.await??;
-    }
-    env.wait_drained().await?;
+    paced_submits(env, &job(&w.kind(), &tag), a.pickup_jobs, a.pickup_rate).await?;
     let lat: Vec<f64> = sqlx::query_scalar(
         "SELECT (extract(epoch FROM started_at - queued_at) * 1000)::float8 FROM jobs \
          WHERE tags->>'phase' = $1 AND status = 'succeeded'",
@@ -545,6 +532,28 @@ async fn idle_pickup(a: &SdkBenchArgs, env: &mut Env, w: Which) -> Result<Vec<f6
         bail!("{tag}: {} of {} jobs succeeded", lat.len(), a.pickup_jobs);
     }
     Ok(sorted(lat))
+}
+
+/// `jobs` single submits of `job` at `rate`/s, then wait until none is open.
+pub(crate) async fn paced_submits(
+    env: &mut Env,
+    job: &Value,
+    jobs: usize,
+    rate: u32,
+) -> Result<()> {
+    let body = bytes(job)?;
+    let mut interval = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate)));
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut tasks = Vec::with_capacity(jobs);
+    for _ in 0..jobs {
+        interval.tick().await;
+        let (http, url, body) = (env.http.clone(), env.api("/v1/jobs"), body.clone());
+        tasks.push(tokio::spawn(async move { post(&http, &url, body).await }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    env.wait_drained().await
 }
 
 /// N jobs in batches while the worker runs them, from the first submit until none is open

@@ -66,7 +66,7 @@ pub async fn page(
     limit: i64,
 ) -> Result<Vec<DispatchEntry>, StoreError> {
     let (after_at, after_id) = (after.map(|a| a.0), after.map(|a| a.1).unwrap_or_default());
-    let rows: Vec<(Uuid, String, String, i64, DateTime<Utc>)> = sqlx::query_as(
+    let rows: Vec<Row> = sqlx::query_as(
         "SELECT job_id, namespace, queue, score, enqueued_at FROM dispatch
          WHERE ($1::timestamptz IS NULL OR (enqueued_at, job_id) > ($1, $2)) AND enqueued_at <= $3
          ORDER BY enqueued_at, job_id LIMIT $4",
@@ -77,38 +77,29 @@ pub async fn page(
     .bind(limit)
     .fetch_all(pool)
     .await?;
-    Ok(rows
-        .into_iter()
-        .map(
-            |(job_id, namespace, queue, score, enqueued_at)| DispatchEntry {
-                job_id,
-                namespace,
-                queue,
-                score,
-                enqueued_at,
-            },
-        )
-        .collect())
+    Ok(rows.into_iter().map(entry).collect())
+}
+
+/// An outbox row as read: job id, namespace, queue, score, enqueued at.
+type Row = (Uuid, String, String, i64, DateTime<Utc>);
+
+fn entry((job_id, namespace, queue, score, enqueued_at): Row) -> DispatchEntry {
+    DispatchEntry {
+        job_id,
+        namespace,
+        queue,
+        score,
+        enqueued_at,
+    }
 }
 
 /// The outbox rows of `ids` that are still queued (to hand a popped job back to the queue).
 pub async fn of_jobs(pool: &PgPool, ids: &[Uuid]) -> Result<Vec<DispatchEntry>, StoreError> {
-    let rows: Vec<(Uuid, String, String, i64, DateTime<Utc>)> = sqlx::query_as(
+    let rows: Vec<Row> = sqlx::query_as(
         "SELECT job_id, namespace, queue, score, enqueued_at FROM dispatch WHERE job_id = ANY($1)",
     )
     .bind(ids)
     .fetch_all(pool)
     .await?;
-    Ok(rows
-        .into_iter()
-        .map(
-            |(job_id, namespace, queue, score, enqueued_at)| DispatchEntry {
-                job_id,
-                namespace,
-                queue,
-                score,
-                enqueued_at,
-            },
-        )
-        .collect())
+    Ok(rows.into_iter().map(entry).collect())
 }
