@@ -84,19 +84,9 @@ pub(crate) async fn measure(env: &mut Env, jobs: usize, rate: u32) -> Result<Pus
     let url = format!("http://{}/push", listener.local_addr()?);
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
 
-    let r = env
-        .http
-        .put(env.api(&format!("/v1/kinds/{KIND}")))
-        .json(&json!({"mode": "push", "push": {"url": url}, "description": "capibara-bench sdk: push"}))
-        .send()
-        .await?;
-    if !r.status().is_success() {
-        let status = r.status();
-        bail!(
-            "PUT /v1/kinds/{KIND} answered {status}: {}",
-            r.text().await?
-        );
-    }
+    let definition =
+        json!({"mode": "push", "push": {"url": url}, "description": "capibara-bench sdk: push"});
+    crate::sdk::put_kind(env, KIND, definition).await?;
     let name = "worker-push";
     env.spawn_worker(name).await?;
     // Workers reload the push kinds every second.

@@ -413,19 +413,12 @@ async fn start_worker(a: &SdkBenchArgs, env: &mut Env, repo: &Path, w: Which) ->
         _ => format!("{}-sdk", w.name()),
     };
     let kind = w.kind();
-    let r = env
-        .http
-        .put(env.api(&format!("/v1/kinds/{kind}")))
-        .json(&json!({"description": "capibara-bench sdk: returns its input"}))
-        .send()
-        .await?;
-    if !r.status().is_success() {
-        let status = r.status();
-        bail!(
-            "PUT /v1/kinds/{kind} answered {status}: {}",
-            r.text().await?
-        );
-    }
+    put_kind(
+        env,
+        &kind,
+        json!({"description": "capibara-bench sdk: returns its input"}),
+    )
+    .await?;
     let conc = a.concurrency.to_string();
     let (program, script, extra) = match w {
         Which::Python => (
@@ -532,6 +525,24 @@ async fn idle_pickup(a: &SdkBenchArgs, env: &mut Env, w: Which) -> Result<Vec<f6
         bail!("{tag}: {} of {} jobs succeeded", lat.len(), a.pickup_jobs);
     }
     Ok(sorted(lat))
+}
+
+/// Register (or update) user kind `kind` with `definition`.
+pub(crate) async fn put_kind(env: &Env, kind: &str, definition: Value) -> Result<()> {
+    let r = env
+        .http
+        .put(env.api(&format!("/v1/kinds/{kind}")))
+        .json(&definition)
+        .send()
+        .await?;
+    if !r.status().is_success() {
+        let status = r.status();
+        bail!(
+            "PUT /v1/kinds/{kind} answered {status}: {}",
+            r.text().await?
+        );
+    }
+    Ok(())
 }
 
 /// `jobs` single submits of `job` at `rate`/s, then wait until none is open.
