@@ -546,7 +546,7 @@ async fn run_job(inner: &Arc<Inner>, job: Job) {
         attempt,
         max_attempts: job.max_attempts,
         input,
-        job: Arc::new(job.clone()),
+        job: Arc::new(job),
         cancel: exec_cancel.clone(),
         progress: Arc::new(Progress {
             inner: inner.clone(),

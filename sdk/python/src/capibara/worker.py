@@ -62,8 +62,8 @@ class _Completion:
 
 
 class _Completions:
-    """Successes sent together: the first handler thread to finish while no batch is in flight
-    sends one (`POST /v1/workers/{id}/complete`, up to 100 jobs), and keeps sending what
+    """Successes sent together: a handler thread that finishes while fewer than `IN_FLIGHT`
+    batches are in flight sends one (`POST /v1/workers/{id}/complete`, up to 100 jobs), and keeps sending what
     finished meanwhile; the others wait for their job's result. Under load one request (and
     one group commit) records many jobs; a lone job goes out at once."""
 
