@@ -45,6 +45,9 @@ const TAIL_READ: i64 = 1000;
 /// Batches a receiver may fall behind before it lags and catches up from Postgres (default of
 /// `CAPIBARA_FIREHOSE_BUFFER`; tests set it tiny to exercise the lag path).
 const CHANNEL_BATCHES: usize = 1024;
+/// Frames queued for one client's socket (at most; never more than the live buffer, so a
+/// reader that stops reading blocks its task and lags by the same measure).
+const CLIENT_QUEUE: usize = 256;
 /// Fallback poll when no hint arrives.
 const POLL: Duration = Duration::from_millis(100);
 /// Least time between two reads: under a stream of commits, events are published in batches
@@ -101,6 +104,7 @@ struct Inner {
     /// subscriber learns exactly which batches it will receive).
     published: Mutex<LogCursor>,
     started: OnceCell<()>,
+    client_queue: usize,
 }
 
 impl Firehose {
@@ -118,8 +122,14 @@ impl Firehose {
                 tx,
                 published: Mutex::new(LogCursor::default()),
                 started: OnceCell::new(),
+                client_queue: batches.min(CLIENT_QUEUE),
             }),
         }
+    }
+
+    /// Capacity of the frame queue between one client's [`follow`] task and its socket.
+    pub fn client_queue(&self) -> usize {
+        self.inner.client_queue
     }
 
     /// Subscribe to the live batches. Returns the receiver and the cursor of the last event

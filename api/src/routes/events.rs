@@ -203,7 +203,7 @@ async fn sse(
 ) -> Result<Response, ApiError> {
     let (rx, published) = state.firehose.subscribe().await?;
     let start = cursor.map_or(Start::Now, Start::After);
-    let (tx, out) = tokio::sync::mpsc::channel::<firehose::Frame>(256);
+    let (tx, out) = tokio::sync::mpsc::channel::<firehose::Frame>(state.firehose.client_queue());
     let follow = firehose::follow(
         state.firehose.pool().clone(),
         filter,
