@@ -605,14 +605,16 @@ async fn record(
     report: Report,
 ) -> Result<Job, ApiError> {
     let (w, token) = leased(state, auth, headers, id).await?;
-    record_for(state, &w, token, report).await
+    record_for(state, &w, token, None, report).await
 }
 
-/// Record `report` under lease `token` of worker `w`; the job after it.
+/// Record `report` under lease `token` of worker `w`; the job after it. `loaded` is the job
+/// when the caller read it already (a batch reads its jobs at once).
 async fn record_for(
     state: &AppState,
     w: &RemoteWorker,
     token: LeaseToken,
+    mut loaded: Option<Job>,
     report: Report,
 ) -> Result<Job, ApiError> {
     let id = token.job_id;
@@ -626,13 +628,16 @@ async fn record_for(
             schemas |= known.is_some_and(|k| k.definition.output_schema.is_some());
         }
         if schemas || w.builtin {
-            let job = store::jobs::get(&state.store.pool, &w.namespace, id)
-                .await?
+            if loaded.is_none() {
+                loaded = store::jobs::get(&state.store.pool, &w.namespace, id).await?;
+            }
+            let job = loaded
+                .as_ref()
                 .ok_or_else(|| ApiError::NotFound(format!("no job `{id}`")))?;
             kind = state.user_kinds.get(state, &w.namespace, &job.kind).await?;
         }
     }
-    command::leases::report(&state.store, w, token, report, |out| match &kind {
+    command::leases::report_on(&state.store, w, token, loaded, report, |out| match &kind {
         Some(k) => k.check_output(out),
         None => Ok(()),
     })
@@ -846,7 +851,7 @@ pub async fn complete(
 ) -> Result<Json<Job>, ApiError> {
     // The lease first: a stale token is a 409 whatever it names.
     let (w, token) = leased(&state, &auth, &headers, &id).await?;
-    Ok(Json(completed(&state, &w, token, body.value).await?))
+    Ok(Json(completed(&state, &w, token, None, body.value).await?))
 }
 
 /// Record the success `c` under lease `token` of worker `w`.
@@ -854,6 +859,7 @@ async fn completed(
     state: &AppState,
     w: &RemoteWorker,
     token: LeaseToken,
+    loaded: Option<Job>,
     c: Complete,
 ) -> Result<Job, ApiError> {
     let id = token.job_id.to_string();
@@ -869,7 +875,7 @@ async fn completed(
         })?);
     }
     let end = AttemptEnd::Succeeded { output, artifacts };
-    record_for(state, w, token, Report::End(end)).await
+    record_for(state, w, token, loaded, Report::End(end)).await
 }
 
 /// One job of `POST /v1/workers/{id}/complete`.
@@ -934,6 +940,17 @@ pub async fn complete_many(
     if jobs.is_empty() || jobs.len() > 100 {
         return Err(ApiError::field("jobs", "must hold 1 to 100 jobs"));
     }
+    // One read for the batch; each job's report decides on its row (and reads again only if
+    // it changed meanwhile).
+    let ids: Vec<Uuid> = jobs.iter().filter_map(|c| c.id.parse().ok()).collect();
+    let loaded: std::collections::HashMap<Uuid, Job> =
+        store::jobs::get_many(&state.store.pool, &ids)
+            .await?
+            .into_iter()
+            .filter(|j| j.namespace == auth.namespace())
+            .map(|j| (j.id, j))
+            .collect();
+    let loaded = &Mutex::new(loaded);
     let results = futures::future::join_all(jobs.into_iter().enumerate().map(|(i, c)| {
         let (state, auth) = (&state, &auth);
         async move {
@@ -949,7 +966,8 @@ pub async fn complete_many(
                     output: c.output,
                     artifacts: c.artifacts,
                 };
-                completed(state, &w, token, c).await
+                let job = loaded.lock().expect("loaded jobs").remove(&token.job_id);
+                completed(state, &w, token, job, c).await
             }
             .await;
             match r {

@@ -12,7 +12,7 @@ use std::{fmt, str::FromStr, time::Duration};
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use super::{execute, CommandError};
+use super::{execute_from, CommandError};
 use crate::{
     domain::{
         event::EventMetadata,
@@ -181,39 +181,60 @@ pub async fn report(
     report: Report,
     check_output: impl Fn(&serde_json::Value) -> Result<(), crate::domain::FieldError>,
 ) -> Result<Job, CommandError<LeaseError>> {
+    report_on(store, w, token, None, report, check_output).await
+}
+
+/// [`report`] decided first on `loaded`, the job as the caller read it (a batch of reports
+/// reads its jobs at once); a job that changed since is read again.
+pub async fn report_on(
+    store: &Store,
+    w: &RemoteWorker,
+    token: LeaseToken,
+    loaded: Option<Job>,
+    report: Report,
+    check_output: impl Fn(&serde_json::Value) -> Result<(), crate::domain::FieldError>,
+) -> Result<Job, CommandError<LeaseError>> {
     let meta = metadata(w);
-    let (job, ()) = execute(store, &w.namespace, token.job_id, &meta, |job: &Job| {
-        holds(job, w, token)?;
-        let events = match &report {
-            Report::Progress {
-                percent,
-                message,
-                data,
-            } => vec![JobEvent::JobProgress {
-                percent: *percent,
-                message: message.clone(),
-                data: data.clone(),
-            }],
-            Report::Logs(lines) => lines
-                .iter()
-                .map(|(level, message)| JobEvent::JobLog {
-                    level: level.clone(),
+    let loaded = loaded.filter(|j| j.id == token.job_id && j.namespace == w.namespace);
+    let (job, ()) = execute_from(
+        store,
+        &w.namespace,
+        token.job_id,
+        loaded,
+        &meta,
+        |job: &Job| {
+            holds(job, w, token)?;
+            let events = match &report {
+                Report::Progress {
+                    percent,
+                    message,
+                    data,
+                } => vec![JobEvent::JobProgress {
+                    percent: *percent,
                     message: message.clone(),
-                })
-                .collect(),
-            Report::Chunk { seq, data } => vec![JobEvent::JobOutputChunk {
-                seq: *seq,
-                data: data.clone(),
-            }],
-            Report::End(end) => {
-                if let AttemptEnd::Succeeded { output, .. } = end {
-                    check_output(output).map_err(|e| LeaseError::Invalid(e.under("output")))?;
+                    data: data.clone(),
+                }],
+                Report::Logs(lines) => lines
+                    .iter()
+                    .map(|(level, message)| JobEvent::JobLog {
+                        level: level.clone(),
+                        message: message.clone(),
+                    })
+                    .collect(),
+                Report::Chunk { seq, data } => vec![JobEvent::JobOutputChunk {
+                    seq: *seq,
+                    data: data.clone(),
+                }],
+                Report::End(end) => {
+                    if let AttemptEnd::Succeeded { output, .. } = end {
+                        check_output(output).map_err(|e| LeaseError::Invalid(e.under("output")))?;
+                    }
+                    job.end_attempt(token.attempt, end.clone(), now())
                 }
-                job.end_attempt(token.attempt, end.clone(), now())
-            }
-        };
-        Ok((events, ()))
-    })
+            };
+            Ok((events, ()))
+        },
+    )
     .await?;
     Ok(job)
 }

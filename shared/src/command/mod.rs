@@ -281,12 +281,34 @@ where
     E: std::error::Error + 'static,
     F: Fn(&A) -> Result<(Vec<A::Event>, T), E>,
 {
-    execute_with(store, namespace, id, metadata, |a: &A| {
+    execute_from(store, namespace, id, None, metadata, decide).await
+}
+
+/// [`execute`] that decides first on `loaded`, the aggregate as the caller already read it
+/// (one read for a batch of commands); a conflict reads it again as usual. `None` reads it
+/// first, as [`execute`] does.
+pub async fn execute_from<A, T, E, F>(
+    store: &Store,
+    namespace: &str,
+    id: Uuid,
+    loaded: Option<A>,
+    metadata: &EventMetadata,
+    decide: F,
+) -> Result<(A, T), CommandError<E>>
+where
+    A: Aggregate,
+    E: std::error::Error + 'static,
+    F: Fn(&A) -> Result<(Vec<A::Event>, T), E>,
+{
+    let decide = |a: &A| {
         decide(a).map(|(events, out)| Decision {
             events,
             with: Vec::new(),
             out,
         })
+    };
+    execute_async_from(store, namespace, id, loaded, |current: A| {
+        std::future::ready(writes(current, &decide, id, metadata))
     })
     .await
 }
@@ -362,10 +384,30 @@ where
     F: Fn(A) -> Fut,
     Fut: Future<Output = Result<Writes<T>, CommandError<E>>>,
 {
+    execute_async_from(store, namespace, id, None, attempt).await
+}
+
+/// [`execute_async`] whose first attempt runs on `loaded` when given (read by the caller).
+async fn execute_async_from<A, T, E, F, Fut>(
+    store: &Store,
+    namespace: &str,
+    id: Uuid,
+    mut loaded: Option<A>,
+    attempt: F,
+) -> Result<T, CommandError<E>>
+where
+    A: Aggregate,
+    E: std::error::Error + 'static,
+    F: Fn(A) -> Fut,
+    Fut: Future<Output = Result<Writes<T>, CommandError<E>>>,
+{
     for round in 0..ATTEMPTS {
-        let current = A::load(store, namespace, id)
-            .await?
-            .ok_or(CommandError::NotFound)?;
+        let current = match loaded.take() {
+            Some(current) => current,
+            None => A::load(store, namespace, id)
+                .await?
+                .ok_or(CommandError::NotFound)?,
+        };
         let Writes { appends, out } = attempt(current).await?;
         // One stream joins the group commit; several commit together in their own transaction.
         let written = match <[Append; 1]>::try_from(appends) {

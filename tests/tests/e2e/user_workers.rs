@@ -885,6 +885,32 @@ async fn a_batch_completes_each_job_as_the_one_job_call_would_and_refuses_only_t
         .await;
     assert_eq!(r.body["results"][0]["status"], 409, "{r:?}");
     assert_eq!(api.job(&leased[3].id).await["status"], "running");
+
+    // The same job twice in one batch (the batch reads its jobs once; the two race on that
+    // row): recorded once, the other refused as the one-job call would be.
+    let r = api
+        .post(
+            &path,
+            json!({"jobs": [
+                {"id": leased[3].id, "lease": leased[3].token, "output": {"n": 3}},
+                {"id": leased[3].id, "lease": leased[3].token, "output": {"n": 4}},
+            ]}),
+        )
+        .await;
+    let mut statuses: Vec<u64> = r.body["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["status"].as_u64().unwrap())
+        .collect();
+    statuses.sort();
+    assert_eq!(statuses, [200, 409], "{r:?}");
+    let events = types(&api.events(&leased[3].id).await);
+    assert_eq!(
+        events.iter().filter(|t| *t == "JobSucceeded").count(),
+        1,
+        "{events:?}"
+    );
     let r = api.post(&path, json!({"jobs": []})).await;
     assert_eq!(
         (r.status, &r.body["errors"][0]["field"]),
