@@ -416,6 +416,8 @@ struct AttemptState {
     started_at: chrono::DateTime<chrono::Utc>,
     /// Secret values resolved into this attempt's input: removed from every event it records.
     redactor: Redactor,
+    /// Notes ([`ProgressSink::note`]) waiting for the attempt's next write.
+    pending: Vec<JobEvent>,
 }
 
 /// `events` with every resolved secret value replaced (outputs, errors, progress, chunks).
@@ -539,6 +541,7 @@ async fn run_job(inner: &Arc<Inner>, job: Job) {
         attempt,
         started_at,
         redactor,
+        pending: Vec::new(),
     }));
     let ctx = JobContext {
         job_id: id,
@@ -595,6 +598,14 @@ async fn run_job(inner: &Arc<Inner>, job: Job) {
     if matches!(outcome, Outcome::Done(Err(ExecError::Detached))) {
         // A push endpoint took the attempt over: its lease is no longer renewed by this worker's
         // heartbeats, only by the endpoint's (it expires, and the job runs again, if those stop).
+        // The call's note is recorded now; the endpoint writes the rest of the attempt.
+        Progress {
+            inner: inner.clone(),
+            state: state.clone(),
+            invalid: invalid.clone(),
+        }
+        .append(&[])
+        .await;
         if let Err(e) = store::lease::detach(&inner.store.pool, id, attempt).await {
             tracing::warn!(job_id = %id, error = %e, "handing the lease over failed; it expires with this worker");
         }
@@ -716,6 +727,7 @@ async fn report(inner: &Arc<Inner>, state: &Arc<Mutex<AttemptState>>, mut outcom
             return;
         }
     }
+    let notes = std::mem::take(&mut st.pending);
     loop {
         let attempt = st.attempt;
         let mut events = Vec::new();
@@ -725,6 +737,7 @@ async fn report(inner: &Arc<Inner>, state: &Arc<Mutex<AttemptState>>, mut outcom
                 worker: inner.name.clone(),
             });
         }
+        events.extend(notes.iter().cloned());
         events.extend(outcome_events(&st.job, attempt, &outcome));
         let events = redact_events(&st.redactor, events);
         let mut w = JobWrite::new(metadata(inner, &st.job), domain::now());
@@ -845,6 +858,17 @@ impl ProgressSink for Progress {
         let level = level.to_string();
         self.append(&[JobEvent::JobLog { level, message }]).await;
     }
+
+    async fn note(&self, message: String) {
+        if let Err(e) = storable::check_text("progress.message", &message) {
+            return self.invalid.set(invalid_output(&e));
+        }
+        self.state.lock().await.pending.push(JobEvent::JobProgress {
+            percent: None,
+            message: Some(message),
+            data: None,
+        });
+    }
 }
 
 impl Progress {
@@ -852,12 +876,18 @@ impl Progress {
     /// conflict refreshes the cached job, other failures drop the events (they are reports).
     async fn append(&self, events: &[JobEvent]) {
         let mut st = self.state.lock().await;
+        if events.is_empty() && st.pending.is_empty() {
+            return;
+        }
         if !claim(&self.inner, &mut st).await {
             return;
         }
+        // Notes waiting for a write go first, in this one.
+        let mut all = std::mem::take(&mut st.pending);
+        all.extend_from_slice(events);
         // A conflict (e.g. a cancel request appended meanwhile) is retried on the fresh stream
         // so streamed output is not lost.
-        let events = redact_events(&st.redactor, events.to_vec());
+        let events = redact_events(&st.redactor, all);
         for _ in 0..3 {
             let Ok((new, append)) = job_append(
                 Some(&st.job),

@@ -117,6 +117,21 @@ async fn a_push_kinds_jobs_are_posted_signed_and_the_answer_is_the_outcome() {
         "{first}"
     );
     assert_eq!(events[3]["data"]["error"]["type"], "push_failed");
+    // Each call's record commits with the attempt's end: no commit of its own on the way.
+    let pool = env.pool().await;
+    let tx: Vec<String> = sqlx::query_scalar(
+        "SELECT tx_id::text FROM events WHERE stream_id = $1::uuid ORDER BY version",
+    )
+    .bind(&id)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(tx.len(), 9, "{tx:?}");
+    assert_eq!(
+        tx[2], tx[3],
+        "the failed call's record and the attempt's failure"
+    );
+    assert_eq!(tx[7], tx[8], "the call's record and the success");
 
     // A 4xx is final.
     let no = Receiver::start(

@@ -52,6 +52,12 @@ pub trait ProgressSink: Send + Sync {
 
     /// Record a log line (`JobLog`); `level` is `debug`, `info`, `warn` or `error`.
     async fn log(&self, level: &str, message: String);
+
+    /// A progress message that need not be stored at once: recorded in the same commit as the
+    /// attempt's next write (its next report, or its end), so it adds no commit of its own.
+    async fn note(&self, message: String) {
+        self.progress(None, Some(message)).await
+    }
 }
 
 /// A successful attempt.

@@ -145,8 +145,9 @@ impl Executor for PushCall {
             Ok(r) => r.status.to_string(),
             Err(e) => e.to_string(),
         };
+        // Recorded with the attempt's end: no commit of its own between the answer and the end.
         ctx.progress
-            .progress(None, Some(format!("push call: {status} in {ms} ms")))
+            .note(format!("push call: {status} in {ms} ms"))
             .await;
         verdict(result)
     }
