@@ -41,6 +41,18 @@ use crate::leader::Leadership;
 pub const CHECKPOINT: &str = "orchestrator";
 const LEADER_LOCK: i64 = 0x6361_7069_7275_6e73; // "capiruns"
 const PAGE: i64 = 1000;
+/// Events of the log one read looks at (most are not a workflow's: they are skipped in SQL).
+const SCAN: i64 = 10_000;
+/// The events that advance runs: a step job's start and end, a child run's end.
+const ADVANCING: [&str; 7] = [
+    "JobStarted",
+    "JobSucceeded",
+    "JobFailed",
+    "JobCanceled",
+    "RunSucceeded",
+    "RunFailed",
+    "RunCanceled",
+];
 /// How often an idle follower saves how far it read.
 const SAVE_EVERY: Duration = Duration::from_secs(2);
 
@@ -69,6 +81,11 @@ async fn lead(
     let mut saved = cursor;
     let mut last_save = Instant::now();
     let mut failures: u32 = 0;
+    let filter = store::events::LogFilter {
+        types: ADVANCING.map(String::from).to_vec(),
+        correlated: true,
+        ..Default::default()
+    };
     loop {
         if stop.is_cancelled() {
             return Ok(());
@@ -77,8 +94,16 @@ async fn lead(
         let notified = wake.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        let (events, next) = store::events::read_all(&store.pool, cursor, PAGE).await?;
+        // Only the events of workflows, read past the rest in SQL.
+        let page =
+            store::events::read_all_filtered(&store.pool, cursor, &filter, PAGE, SCAN).await?;
+        let next = page.next;
+        let events: Vec<EventEnvelope> = page.events.into_iter().map(|(_, e)| e).collect();
         if events.is_empty() {
+            cursor = next;
+            if !page.at_end {
+                continue;
+            }
             if saved != cursor && last_save.elapsed() > SAVE_EVERY {
                 store::checkpoints::save(&store.pool, CHECKPOINT, cursor).await?;
                 saved = cursor;
@@ -99,9 +124,9 @@ async fn lead(
                     saved = next;
                     last_save = Instant::now();
                 }
-                // A short page read all there was: wait for the next hint (one that came while
-                // the page was processed ends the wait at once) instead of reading again.
-                if (events.len() as i64) < PAGE {
+                // A page that reached the end read all there was: wait for the next hint (one
+                // that came while the page was processed ends the wait at once).
+                if page.at_end {
                     tokio::select! {
                         _ = &mut notified => {}
                         _ = tokio::time::sleep(Duration::from_millis(500)) => {}

@@ -252,6 +252,9 @@ pub struct LogFilter {
     pub kind: Option<String>,
     /// `metadata.tags` must hold each `key = value`.
     pub tags: Vec<(String, String)>,
+    /// Only events whose metadata names a `correlation_id` (a workflow step's job events, a
+    /// child run's: the orchestrator's reading).
+    pub correlated: bool,
 }
 
 impl LogFilter {
@@ -270,6 +273,9 @@ impl LogFilter {
             if *st != e.stream_type {
                 return false;
             }
+        }
+        if self.correlated && meta_str("correlation_id").is_none() {
+            return false;
         }
         if let Some(kind) = &self.kind {
             if meta_str("kind") != Some(kind.as_str()) {
@@ -357,6 +363,7 @@ pub async fn read_all_filtered(
                AND ($7::text IS NULL OR stream_type = $7)
                AND ($8::text IS NULL OR metadata->>'kind' = $8)
                AND ($9::jsonb IS NULL OR jsonb_build_array(metadata->'tags') @> $9::jsonb)
+               AND (NOT $10 OR metadata->>'correlation_id' IS NOT NULL)
              ORDER BY tx_id, position LIMIT $4
          ), last AS (
              SELECT tx_id, position, (SELECT count(*) FROM scan) AS scanned
@@ -378,6 +385,7 @@ pub async fn read_all_filtered(
     .bind(&filter.stream_type)
     .bind(&filter.kind)
     .bind(filter.tags_json())
+    .bind(filter.correlated)
     .fetch_all(pool)
     .await?;
     let mut events = Vec::new();
