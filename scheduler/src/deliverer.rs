@@ -138,7 +138,8 @@ async fn lead(
         tokio::pin!(notified);
         notified.as_mut().enable();
         let read_at = Instant::now();
-        let (events, next) = store::events::read_all(&store.pool, cursor, PAGE).await?;
+        // Which events happened, not their data: a delivery's payload is the job's state.
+        let (events, next) = store::events::read_all_headers(&store.pool, cursor, PAGE).await?;
         if saved != cursor && last_save.elapsed() > SAVE_EVERY {
             store::checkpoints::save(&store.pool, CHECKPOINT, cursor).await?;
             saved = cursor;

@@ -111,8 +111,29 @@ pub async fn read_all(
     cursor: LogCursor,
     limit: i64,
 ) -> Result<(Vec<EventEnvelope>, LogCursor), StoreError> {
+    read_all_with(pool, cursor, limit, true).await
+}
+
+/// [`read_all`] without the events' `data` (JSON `null` in its place): for a follower that needs
+/// only which event happened to which stream (the deliverer reads the job's state itself), so
+/// Postgres neither reads nor sends the payloads.
+pub async fn read_all_headers(
+    pool: &PgPool,
+    cursor: LogCursor,
+    limit: i64,
+) -> Result<(Vec<EventEnvelope>, LogCursor), StoreError> {
+    read_all_with(pool, cursor, limit, false).await
+}
+
+async fn read_all_with(
+    pool: &PgPool,
+    cursor: LogCursor,
+    limit: i64,
+    with_data: bool,
+) -> Result<(Vec<EventEnvelope>, LogCursor), StoreError> {
     let rows: Vec<LogRow> = sqlx::query_as(
-        "SELECT tx_id::text, position, stream_type, stream_id, version, type, data, metadata, recorded_at
+        "SELECT tx_id::text, position, stream_type, stream_id, version, type,
+                CASE WHEN $4 THEN data ELSE 'null'::jsonb END, metadata, recorded_at
          FROM events
          WHERE (tx_id, position) > ($1::text::xid8, $2)
            AND tx_id < pg_snapshot_xmin(pg_current_snapshot())
@@ -121,6 +142,7 @@ pub async fn read_all(
     .bind(cursor.tx_id.to_string())
     .bind(cursor.position)
     .bind(limit)
+    .bind(with_data)
     .fetch_all(pool)
     .await?;
     let mut next = cursor;
