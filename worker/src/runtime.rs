@@ -543,6 +543,11 @@ async fn run_job(inner: &Arc<Inner>, job: Job) {
         redactor,
         pending: Vec::new(),
     }));
+    let progress = Arc::new(Progress {
+        inner: inner.clone(),
+        state: state.clone(),
+        invalid: invalid.clone(),
+    });
     let ctx = JobContext {
         job_id: id,
         kind: kind.clone(),
@@ -551,11 +556,7 @@ async fn run_job(inner: &Arc<Inner>, job: Job) {
         input,
         job: Arc::new(job),
         cancel: exec_cancel.clone(),
-        progress: Arc::new(Progress {
-            inner: inner.clone(),
-            state: state.clone(),
-            invalid: invalid.clone(),
-        }),
+        progress: progress.clone(),
     };
     // Attempts with outside effects are claimed before they start (no duplicate runs).
     if !executor.repeatable() {
@@ -599,13 +600,7 @@ async fn run_job(inner: &Arc<Inner>, job: Job) {
         // A push endpoint took the attempt over: its lease is no longer renewed by this worker's
         // heartbeats, only by the endpoint's (it expires, and the job runs again, if those stop).
         // The call's note is recorded now; the endpoint writes the rest of the attempt.
-        Progress {
-            inner: inner.clone(),
-            state: state.clone(),
-            invalid: invalid.clone(),
-        }
-        .append(&[])
-        .await;
+        progress.append(&[]).await;
         if let Err(e) = store::lease::detach(&inner.store.pool, id, attempt).await {
             tracing::warn!(job_id = %id, error = %e, "handing the lease over failed; it expires with this worker");
         }

@@ -943,16 +943,17 @@ pub async fn complete_many(
     // One read for the batch; each job's report decides on its row (and reads again only if
     // it changed meanwhile).
     let ids: Vec<Uuid> = jobs.iter().filter_map(|c| c.id.parse().ok()).collect();
-    let loaded: std::collections::HashMap<Uuid, Job> =
+    let mut loaded: std::collections::HashMap<Uuid, Job> =
         store::jobs::get_many(&state.store.pool, &ids)
             .await?
             .into_iter()
             .filter(|j| j.namespace == auth.namespace())
             .map(|j| (j.id, j))
             .collect();
-    let loaded = &Mutex::new(loaded);
     let results = futures::future::join_all(jobs.into_iter().enumerate().map(|(i, c)| {
         let (state, auth) = (&state, &auth);
+        // The token must name this id (checked below), so the row read for it is the job's.
+        let job = c.id.parse().ok().and_then(|id| loaded.remove(&id));
         async move {
             let id = c.id.clone();
             let r = async {
@@ -966,7 +967,6 @@ pub async fn complete_many(
                     output: c.output,
                     artifacts: c.artifacts,
                 };
-                let job = loaded.lock().expect("loaded jobs").remove(&token.job_id);
                 completed(state, &w, token, job, c).await
             }
             .await;

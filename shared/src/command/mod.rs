@@ -307,7 +307,10 @@ where
             out,
         })
     };
-    execute_with_from(store, namespace, id, loaded, metadata, decide).await
+    execute_async_from(store, namespace, id, loaded, |current: A| {
+        std::future::ready(writes(current, &decide, id, metadata))
+    })
+    .await
 }
 
 /// [`execute`] for a decision that also writes other streams ([`Decision::with`]), all in one
@@ -324,24 +327,7 @@ where
     E: std::error::Error + 'static,
     F: Fn(&A) -> Result<Decision<A::Event, T>, E>,
 {
-    execute_with_from(store, namespace, id, None, metadata, decide).await
-}
-
-/// [`execute_with`] whose first attempt decides on `loaded` when given.
-async fn execute_with_from<A, T, E, F>(
-    store: &Store,
-    namespace: &str,
-    id: Uuid,
-    loaded: Option<A>,
-    metadata: &EventMetadata,
-    decide: F,
-) -> Result<(A, T), CommandError<E>>
-where
-    A: Aggregate,
-    E: std::error::Error + 'static,
-    F: Fn(&A) -> Result<Decision<A::Event, T>, E>,
-{
-    execute_async_from(store, namespace, id, loaded, |current: A| {
+    execute_async(store, namespace, id, |current: A| {
         // The decision is synchronous; only its commit waits.
         std::future::ready(writes(current, &decide, id, metadata))
     })

@@ -63,8 +63,8 @@ class _Completion:
 
 class _Completions:
     """Successes sent together: a handler thread that finishes while fewer than `IN_FLIGHT`
-    batches are in flight sends one (`POST /v1/workers/{id}/complete`, up to 100 jobs), and keeps sending what
-    finished meanwhile; the others wait for their job's result. Under load one request (and
+    batches are in flight sends one (`POST /v1/workers/{id}/complete`, up to 100 jobs), and
+    keeps sending what finished meanwhile; the others wait for their job's result. Under load one request (and
     one group commit) records many jobs; a lone job goes out at once."""
 
     MAX = 100
