@@ -10,6 +10,8 @@ drawn from the schema and must be accepted. Each rule is also documented on its 
   resolves to a public address: dropped, with `callback_events`.
 - A subscription's `url` must resolve to a public address: a fixed public IP literal; its
   `headers` may not name the headers Capibara sets (listed in the field's description).
+- A connector's `config.url` (POST/PUT /v1/connectors, and a `connector.fetch` job's inline
+  config) must resolve to a public address: a fixed public IP literal.
 - `backoff.initial_ms` must not exceed `max_ms`; a schedule's `end_at` comes after `start_at`;
   a backfill's `to` is not before `from`.
 - `cron` is a crontab expression (docs/scheduler.md) and `timezone` an IANA name (about 600,
@@ -52,9 +54,19 @@ def _op(context):
     return f"{op.method.upper()} {op.path}"
 
 
+PUBLIC_FEED = "https://93.184.215.14/feed.xml"
+
+
+def _connector_config(body):
+    if isinstance(body, dict) and isinstance(body.get("config"), dict) and "url" in body["config"]:
+        body["config"]["url"] = PUBLIC_FEED
+
+
 def _job(job):
     if not isinstance(job, dict):
         return job
+    if job.get("kind") == "connector.fetch":
+        _connector_config(job.get("input"))
     job.pop("callback_url", None)
     job.pop("callback_events", None)
     _backoff(job.get("backoff"))
@@ -168,6 +180,8 @@ def _body(op, body):
             start, end = min(start, end), max(start, end)
             end = min(end, start + timedelta(seconds=900))
             body["from"], body["to"] = start.isoformat(), end.isoformat()
+    elif op in ("POST /v1/connectors", "PUT /v1/connectors/{id}"):
+        _connector_config(body)
     elif op == "POST /v1/subscriptions":
         body["url"] = "https://93.184.215.14/hooks/capibara"
         if isinstance(body.get("headers"), dict):

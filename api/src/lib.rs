@@ -143,6 +143,17 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/workers/{id}/lease", post(workers::lease))
         .route("/v1/workers/{id}/complete", post(workers::complete_many))
         .route("/v1/queues", get(admin::queues))
+        .route(
+            "/v1/connectors",
+            post(routes::connectors::create).get(routes::connectors::list),
+        )
+        .route(
+            "/v1/connectors/{id}",
+            get(routes::connectors::get)
+                .put(routes::connectors::update)
+                .delete(routes::connectors::delete),
+        )
+        .route("/v1/connector-types", get(routes::connectors::list_types))
         .route("/v1/kinds", get(kinds::list))
         .route(
             "/v1/kinds/{name}",

@@ -8,8 +8,8 @@ use utoipa::{
 use capibara_shared::domain::kinds::KindContext;
 
 use crate::routes::{
-    admin, code, deliveries, events, jobs, kinds, orchestrate, runs, schedules, secrets,
-    subscriptions, triggers, workers, workflows,
+    admin, code, connectors, deliveries, events, jobs, kinds, orchestrate, runs, schedules,
+    secrets, subscriptions, triggers, workers, workflows,
 };
 
 #[derive(OpenApi)]
@@ -29,10 +29,12 @@ use crate::routes::{
           code::execute, code::validate, code::cache_stats, code::cache_clear,
           workflows::create, workflows::list, workflows::get, workflows::update, workflows::delete,
           workflows::start_run, runs::list, runs::get, runs::events, runs::cancel, runs::retry, runs::signal,
-          secrets::put, secrets::list, secrets::delete),
+          secrets::put, secrets::list, secrets::delete,
+          connectors::create, connectors::list, connectors::get, connectors::update, connectors::delete,
+          connectors::list_types),
     components(schemas(crate::error::Problem, capibara_shared::domain::FieldError)),
     modifiers(&BearerAuth),
-    tags((name = "jobs"), (name = "events"), (name = "deliveries"), (name = "schedules"), (name = "workflows"), (name = "code"), (name = "kinds"), (name = "workers"), (name = "operations"))
+    tags((name = "jobs"), (name = "events"), (name = "deliveries"), (name = "schedules"), (name = "workflows"), (name = "code"), (name = "kinds"), (name = "connectors"), (name = "workers"), (name = "operations"))
 )]
 pub struct ApiDoc;
 

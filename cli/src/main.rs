@@ -129,8 +129,8 @@ async fn main() -> anyhow::Result<()> {
                 AdminCommand::RebuildProjections => {
                     let r = store::rebuild::rebuild_all(&pool).await?;
                     println!(
-                        "rebuilt {} jobs, {} deliveries, {} schedules, {} triggers, {} workflows, {} runs from {} events",
-                        r.jobs, r.deliveries, r.schedules, r.triggers, r.workflows, r.runs, r.events
+                        "rebuilt {} jobs, {} deliveries, {} schedules, {} triggers, {} workflows, {} runs, {} user kinds, {} connectors from {} events",
+                        r.jobs, r.deliveries, r.schedules, r.triggers, r.workflows, r.runs, r.user_kinds, r.connectors, r.events
                     );
                 }
                 AdminCommand::CreateKey {

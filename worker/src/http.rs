@@ -120,7 +120,7 @@ static CLIENTS: LazyLock<Mutex<HashMap<ClientKey, reqwest::Client>>> =
 
 const MAX_CLIENTS: usize = 256;
 
-fn pinned_client(
+pub(crate) fn pinned_client(
     policy: &OutboundPolicy,
     url: &url::Url,
     addrs: &[SocketAddr],
@@ -228,7 +228,7 @@ async fn send_pinned(
     })
 }
 
-fn map_reqwest(e: reqwest::Error) -> HttpError {
+pub(crate) fn map_reqwest(e: reqwest::Error) -> HttpError {
     // Never echo the URL: it may carry a token in its query.
     let e = e.without_url();
     if e.is_timeout() {

@@ -5,13 +5,18 @@
 //! - [`executors`]: the [`executors::Executor`] trait and one module per executor.
 //! - [`delivery_port`]: the Postgres side of webhook deliveries.
 //! - [`code_cache_port`]: the Postgres side of `code.run`'s result cache.
-//! - [`http`]: outbound HTTP with the SSRF guard.
+//! - [`connector_port`]: the Postgres side of `connector.fetch` (connectors, seen items).
+//! - [`sources`]: where `connector.fetch` lists items, one module per connector type.
+//! - [`http`]: outbound HTTP with the SSRF guard; [`fetch`]: GETs that follow redirects.
 
 pub mod code_cache_port;
+pub mod connector_port;
 pub mod delivery_port;
 pub mod executors;
+pub mod fetch;
 pub mod http;
 pub mod runtime;
+pub mod sources;
 mod supervisor;
 
 pub use runtime::{run, WorkerOptions};
@@ -43,6 +48,21 @@ pub fn registry(store: &Store, config: &Config, warm: &WarmUp) -> executors::Reg
         schedule: config.delivery_retry_schedule.clone(),
     });
     register_code(&mut registry, store, config);
+    registry.register(
+        "connector.fetch",
+        Arc::new(executors::connector::ConnectorFetch {
+            store: Arc::new(connector_port::PgConnectorStore {
+                store: store.clone(),
+                actor: "worker".into(),
+            }),
+            artifacts: capibara_shared::artifacts::ArtifactStore::open(&config.artifacts)
+                .map_err(|e| e.to_string()),
+            policy: http::OutboundPolicy {
+                allow_private: config.outbound_allow_private,
+                ..Default::default()
+            },
+        }),
+    );
     executors::tts::register(&mut registry, config, warm);
     registry.with_push(executors::PushSupport {
         secret: config

@@ -16,7 +16,7 @@ struct Args {
         long,
         env = "CAPIBARA_WORKER_QUEUES",
         value_delimiter = ',',
-        default_value = "default,callbacks,code,tts"
+        default_value = "default,callbacks,code,tts,connector"
     )]
     queues: Vec<String>,
     /// Jobs run at once.

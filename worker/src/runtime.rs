@@ -747,14 +747,36 @@ async fn report(inner: &Arc<Inner>, state: &Arc<Mutex<AttemptState>>, mut outcom
                 return;
             }
         };
-        match inner.store.appender.append(append).await {
-            Ok(_) => {
+        // Appends of other streams that commit with a success, or not at all (Output::also).
+        let also = match &outcome {
+            Outcome::Done(Ok(out)) => out.also.clone(),
+            _ => Vec::new(),
+        };
+        let with_also = !also.is_empty();
+        let written = if with_also {
+            let mut all = vec![append];
+            all.extend(also);
+            inner.store.appender.append_all(all).await.map(drop)
+        } else {
+            inner.store.appender.append(append).await.map(drop)
+        };
+        match written {
+            Ok(()) => {
                 st.job = new;
                 st.claimed = true;
                 return;
             }
             Err(AppendError::Conflict { .. }) => {
                 match store::jobs::get_any(&inner.store.pool, st.job.id).await {
+                    // The job did not move: one of the other streams did (another fetch advanced
+                    // the connector). The attempt's result is stale; it runs again.
+                    Ok(Some(fresh)) if with_also && fresh.version == st.job.version => {
+                        outcome = Outcome::Done(Err(ExecError::Retryable(JobError::new(
+                            "stream_moved",
+                            "another writer changed a stream this attempt records to (another \
+                             fetch of the same connector, say); the attempt runs again",
+                        ))));
+                    }
                     Ok(Some(fresh))
                         if st.claimed
                             && fresh.status == JobStatus::Running

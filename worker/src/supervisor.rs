@@ -173,7 +173,7 @@ mod tests {
         log.lock().unwrap().work_finished = Some(start.elapsed().as_millis());
         Ok(Output {
             output: json!({"ok": true}),
-            artifacts: Vec::new(),
+            ..Default::default()
         })
     }
 
@@ -339,7 +339,7 @@ mod tests {
                 sleep(ms(10_000)).await;
                 Ok(Output {
                     output: json!(null),
-                    artifacts: Vec::new(),
+                    ..Default::default()
                 })
             }
         };

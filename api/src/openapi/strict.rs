@@ -422,6 +422,28 @@ pub fn apply(doc: OpenApi, ctx: &dyn KindContext) -> Value {
         def["then"] = json!({"required": ["push"], "properties": {"push": {"type": "object"}}});
         def["else"] = json!({"properties": {"push": {"type": "null"}}});
     }
+    // A connector's config is its type's; one variant per type.
+    if let Some(def) = v.pointer("/components/schemas/ConnectorDef").cloned() {
+        let variants: Vec<Value> = capibara_shared::domain::connector::types::TYPES
+            .iter()
+            .map(|t| {
+                let mut d = def.clone();
+                d["title"] = json!(format!("a `{}` connector", t.name));
+                d["description"] = json!(t.description);
+                d["properties"]["type"] = json!({"const": t.name});
+                d["properties"]["config"] = (t.schema)();
+                d["properties"]["name"] = json!({"type": "string", "minLength": 1,
+                    "maxLength": capibara_shared::domain::connector::MAX_NAME, "pattern": "\\S"});
+                d["properties"]["secrets"] = json!({"type": "object",
+                    "propertyNames": {"pattern": t.secret_pattern},
+                    "additionalProperties": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,128}$"}});
+                d
+            })
+            .collect();
+        v["components"]["schemas"]["ConnectorDef"] = json!({
+            "description": def.get("description").cloned().unwrap_or(Value::Null),
+            "oneOf": variants});
+    }
     // A worker declares kinds by name or with their definition.
     if let Some(def) = v.pointer("/components/schemas/KindDef").cloned() {
         let mut declared = def;

@@ -152,7 +152,7 @@ async fn cursor_after(
 
 #[utoipa::path(get, operation_id = "listEvents", path = "/v1/events", tag = "events",
     params(("types" = Option<String>, Query, pattern = "^[A-Z][A-Za-z0-9]{0,63}(,[A-Z][A-Za-z0-9]{0,63})*$", description = "comma-separated event types, e.g. JobSucceeded,JobFailed"),
-           ("stream_type" = Option<String>, Query, pattern = "^(job|run|workflow|schedule|trigger|delivery|model)$", description = "job, run, workflow, schedule, trigger, delivery or model"),
+           ("stream_type" = Option<String>, Query, pattern = "^(job|run|workflow|schedule|trigger|delivery|model|kind|connector)$", description = "job, run, workflow, schedule, trigger, delivery, model, kind or connector"),
            ("kind" = Option<String>, Query, description = "job kind (job events)"),
            ("tag" = Option<String>, Query, pattern = "^[^:]+:", description = "k:v, repeatable; every one must match (job events)"),
            ("after" = Option<i64>, Query, minimum = 0, description = "an event id: continue after it (JSON: default the start of the log; SSE: default live events only)"),

@@ -27,12 +27,7 @@ pub struct SecretList {
 }
 
 fn check_name(name: &str) -> Result<(), ApiError> {
-    let ok = !name.is_empty()
-        && name.len() <= 128
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
-    if ok {
+    if capibara_shared::domain::secret_name_ok(name) {
         Ok(())
     } else {
         Err(ApiError::field(

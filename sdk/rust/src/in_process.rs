@@ -334,7 +334,7 @@ impl Executor for Handler {
             Ok(Ok(output)) => match self.kind.check_output(&output) {
                 Ok(()) => Ok(Output {
                     output,
-                    artifacts: Vec::new(),
+                    ..Default::default()
                 }),
                 Err(e) => {
                     let e = e.under("output");

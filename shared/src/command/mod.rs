@@ -7,6 +7,7 @@
 
 use std::future::Future;
 
+pub mod connectors;
 pub mod hook_call;
 pub mod jobs;
 pub mod kinds;

@@ -19,6 +19,7 @@ pub enum StreamType {
     Delivery,
     Model,
     Kind,
+    Connector,
 }
 
 impl StreamType {
@@ -32,6 +33,7 @@ impl StreamType {
             StreamType::Delivery => "delivery",
             StreamType::Model => "model",
             StreamType::Kind => "kind",
+            StreamType::Connector => "connector",
         }
     }
 }
@@ -54,6 +56,7 @@ impl FromStr for StreamType {
             "delivery" => StreamType::Delivery,
             "model" => StreamType::Model,
             "kind" => StreamType::Kind,
+            "connector" => StreamType::Connector,
             other => return Err(format!("unknown stream type `{other}`")),
         })
     }

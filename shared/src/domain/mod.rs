@@ -2,6 +2,7 @@
 //!
 //! # Layout
 //! - [`job`]: the job model, its event catalog and the fold that turns events into the `jobs` row.
+//! - [`connector`]: connectors, their types and the `connector` stream.
 //! - [`kinds`]: the job kinds Capibara knows, their default queues and input validation.
 //! - [`event`]: stream types and the event envelope clients see.
 //! - [`retry`]: backoff policy.
@@ -15,6 +16,7 @@
 //! - [`storable`]: values Postgres refuses (NUL characters, times outside 0001–9999).
 
 pub mod auth;
+pub mod connector;
 pub mod cron_expr;
 pub mod delivery;
 pub mod event;
@@ -33,6 +35,16 @@ pub mod workflow;
 
 pub use event::DomainEvent;
 pub use problem::FieldError;
+
+/// Whether `name` can name a namespace secret (`PUT /v1/secrets/{name}`): 1-128 letters,
+/// digits, '_' or '-'.
+pub fn secret_name_ok(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
 
 /// Current time truncated to microseconds, the precision Postgres stores.
 ///

@@ -92,6 +92,12 @@ pub enum Effect {
     UpsertWorkflow(Box<crate::domain::workflow::Workflow>),
     UpsertRun(Box<crate::domain::run::Run>),
     UpsertUserKind(Box<crate::domain::kinds::user::UserKind>),
+    UpsertConnector(Box<crate::domain::connector::Connector>),
+    /// Content hashes a connector returned (`connector_items`).
+    ConnectorItems {
+        connector_id: Uuid,
+        hashes: Vec<String>,
+    },
     /// Fired ticks: `(schedule_id, fire_time)` is unique, so a tick fires once across replicas.
     InsertTicks {
         schedule_id: Uuid,

@@ -462,6 +462,8 @@ struct Rows<'a> {
     workflows: HashMap<Uuid, &'a crate::domain::workflow::Workflow>,
     runs: HashMap<Uuid, &'a crate::domain::run::Run>,
     user_kinds: HashMap<Uuid, &'a crate::domain::kinds::user::UserKind>,
+    connectors: HashMap<Uuid, &'a crate::domain::connector::Connector>,
+    connector_items: (Vec<Uuid>, Vec<&'a str>),
     ticks: (
         Vec<Uuid>,
         Vec<chrono::DateTime<chrono::Utc>>,
@@ -508,6 +510,18 @@ impl<'a> Rows<'a> {
                     }
                     Effect::UpsertUserKind(k) => {
                         rows.user_kinds.insert(k.id, k);
+                    }
+                    Effect::UpsertConnector(c) => {
+                        rows.connectors.insert(c.id, c);
+                    }
+                    Effect::ConnectorItems {
+                        connector_id,
+                        hashes,
+                    } => {
+                        for h in hashes {
+                            rows.connector_items.0.push(*connector_id);
+                            rows.connector_items.1.push(h);
+                        }
                     }
                     Effect::UpsertTrigger(t) => {
                         rows.triggers.insert(t.id, t);
@@ -557,6 +571,8 @@ impl<'a> Rows<'a> {
             && self.workflows.is_empty()
             && self.runs.is_empty()
             && self.user_kinds.is_empty()
+            && self.connectors.is_empty()
+            && self.connector_items.0.is_empty()
             && self.ticks.0.is_empty()
             && self.credentials.is_empty()
             && self.receipts.is_empty()
@@ -565,7 +581,7 @@ impl<'a> Rows<'a> {
 
     /// The rows outside [`CORE`], inside the batch's transaction.
     async fn write_others(&self, tx: &mut Transaction<'_, Postgres>) -> Result<(), sqlx::Error> {
-        let upserts: [(&str, Value); 6] = [
+        let upserts: [(&str, Value); 7] = [
             (
                 super::deliveries::UPSERT_DELIVERIES,
                 json_rows(self.deliveries.values()),
@@ -587,11 +603,22 @@ impl<'a> Rows<'a> {
                 json_rows(self.workflows.values()),
             ),
             (super::runs::UPSERT_RUNS, json_rows(self.runs.values())),
+            (
+                super::connectors::UPSERT_CONNECTORS,
+                json_rows(self.connectors.values()),
+            ),
         ];
         for (sql, rows) in upserts {
             if rows.as_array().is_some_and(|r| !r.is_empty()) {
                 sqlx::query(sql).bind(rows).execute(&mut **tx).await?;
             }
+        }
+        if !self.connector_items.0.is_empty() {
+            sqlx::query(super::connectors::INSERT_ITEMS)
+                .bind(&self.connector_items.0)
+                .bind(&self.connector_items.1)
+                .execute(&mut **tx)
+                .await?;
         }
         if !self.ticks.0.is_empty() {
             sqlx::query(

@@ -14,12 +14,14 @@
 //! - [`secrets`]: secrets workflow templates refer to by name (values never enter the log).
 //! - [`deliveries`], [`subscriptions`], [`checkpoints`]: webhook deliveries and log followers.
 //! - [`code_cache`]: `code.run`'s result cache.
+//! - [`connectors`]: connectors and the item hashes they returned.
 
 pub mod append;
 mod batch;
 pub mod checkpoints;
 pub mod code_cache;
 pub mod commands;
+pub mod connectors;
 pub mod deliveries;
 pub mod dispatch;
 pub mod events;

@@ -165,12 +165,14 @@ pub struct FullRebuild {
     pub workflows: u64,
     pub runs: u64,
     pub user_kinds: u64,
+    pub connectors: u64,
 }
 
 /// Rebuild every projection: `jobs`, `deliveries`, `schedules`, `triggers`, `workflows`, `runs`,
-/// `user_kinds` (each in its own transaction).
+/// `user_kinds`, `connectors` and `connector_items` (each in its own transaction).
 pub async fn rebuild_all(pool: &PgPool) -> Result<FullRebuild, StoreError> {
     use crate::domain::{
+        connector::{Connector, ConnectorEvent},
         delivery::{Delivery, DeliveryEvent},
         kinds::user::{KindEvent, UserKind},
         run::{Run, RunEvent},
@@ -222,9 +224,19 @@ pub async fn rebuild_all(pool: &PgPool) -> Result<FullRebuild, StoreError> {
         UserKind::apply,
     )
     .await?;
+    let (ce, connectors) = rebuild_stream::<Connector, ConnectorEvent>(
+        pool,
+        "connector",
+        "connectors",
+        super::connectors::UPSERT_CONNECTORS,
+        Connector::apply,
+    )
+    .await?;
+    super::connectors::rebuild_items(pool).await?;
     Ok(FullRebuild {
-        events: jobs.events + de + se + te + we + re + ke,
+        events: jobs.events + de + se + te + we + re + ke + ce,
         user_kinds,
+        connectors,
         jobs: jobs.jobs,
         deliveries,
         schedules,

@@ -179,6 +179,24 @@ impl Redactor {
     }
 }
 
+/// The values of the secrets of `namespace` among `names` (absent names are left out).
+pub async fn values(
+    pool: &PgPool,
+    namespace: &str,
+    names: &[String],
+) -> Result<HashMap<String, String>, StoreError> {
+    if names.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let rows: Vec<(String, String)> =
+        sqlx::query_as("SELECT name, value FROM secrets WHERE namespace = $1 AND name = ANY($2)")
+            .bind(namespace)
+            .bind(names)
+            .fetch_all(pool)
+            .await?;
+    Ok(rows.into_iter().collect())
+}
+
 /// Replace `${secret:NAME}` in `input` for the names in `allowed` (the secrets the step's
 /// template referred to) with the namespace's values. References to other names stay literal
 /// strings. No query when nothing is allowed or referenced.
@@ -198,14 +216,7 @@ pub async fn resolve(
         return Ok(None);
     }
     let wanted: Vec<String> = wanted.into_iter().collect();
-    let rows: Vec<(String, String)> =
-        sqlx::query_as("SELECT name, value FROM secrets WHERE namespace = $1 AND name = ANY($2)")
-            .bind(namespace)
-            .bind(&wanted)
-            .fetch_all(pool)
-            .await
-            .map_err(StoreError::from)?;
-    let values: HashMap<String, String> = rows.into_iter().collect();
+    let values = values(pool, namespace, &wanted).await?;
     if let Some(missing) = wanted.iter().find(|n| !values.contains_key(*n)) {
         return Err(ResolveError::Missing(missing.clone()));
     }

@@ -21,7 +21,7 @@ impl Executor for Echo {
     async fn execute(&self, ctx: JobContext) -> Result<Output, ExecError> {
         Ok(Output {
             output: ctx.input,
-            artifacts: Vec::new(),
+            ..Default::default()
         })
     }
 }
@@ -61,7 +61,7 @@ impl Executor for Sleep {
         }
         Ok(Output {
             output: to_output(SleepOutput { slept_ms: ms }),
-            artifacts: Vec::new(),
+            ..Default::default()
         })
     }
 }
@@ -79,7 +79,7 @@ impl Executor for Fail {
                 output: to_output(FailOutput {
                     attempt: ctx.attempt,
                 }),
-                artifacts: Vec::new(),
+                ..Default::default()
             }),
             _ => Err(ExecError::Retryable(JobError::new(
                 "executor_error",

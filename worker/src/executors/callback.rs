@@ -107,7 +107,7 @@ impl Executor for CallbackDeliver {
         if d.finished {
             return Ok(Output {
                 output: json!({"delivery_id": id, "skipped": "already finished"}),
-                artifacts: vec![],
+                ..Default::default()
             });
         }
         let body = serde_json::to_vec(&d.payload).unwrap_or_default();
@@ -161,7 +161,7 @@ impl Executor for CallbackDeliver {
         match verdict {
             Verdict::Delivered => Ok(Output {
                 output: json!({"delivery_id": id, "status_code": result.as_ref().ok().map(|r| r.status), "attempt": attempt}),
-                artifacts: vec![],
+                ..Default::default()
             }),
             Verdict::GiveUp(m) => Err(ExecError::Abort(JobError::new("delivery_failed", m))),
             Verdict::Retry(m) => {

@@ -180,7 +180,7 @@ impl Executor for CodeRun {
                     output["cached"] = Value::Bool(true);
                     return Ok(Output {
                         output,
-                        artifacts: Vec::new(),
+                        ..Default::default()
                     });
                 }
                 Ok(None) => {}
@@ -233,7 +233,7 @@ impl Executor for CodeRun {
         }
         Ok(Output {
             output,
-            artifacts: Vec::new(),
+            ..Default::default()
         })
     }
 }
@@ -306,7 +306,7 @@ impl Executor for CodeValidate {
                 line: checked.line,
                 column: checked.column,
             }),
-            artifacts: Vec::new(),
+            ..Default::default()
         })
     }
 }

@@ -4,6 +4,7 @@
 pub mod builtin;
 pub mod callback;
 pub mod code;
+pub mod connector;
 pub mod push;
 pub mod tts;
 pub mod workflow;
@@ -65,6 +66,10 @@ pub trait ProgressSink: Send + Sync {
 pub struct Output {
     pub output: Value,
     pub artifacts: Vec<Artifact>,
+    /// Appends to other streams that commit in the same transaction as the job's success, or
+    /// not at all (a connector's cursor: docs/connectors-design.md). When one of them conflicts
+    /// the attempt fails, retryably, with `stream_moved`.
+    pub also: Vec<capibara_shared::store::Append>,
 }
 
 /// A failed attempt, typed by what should happen next.

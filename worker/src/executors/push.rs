@@ -72,13 +72,13 @@ pub fn verdict(r: Result<HttpResponse, HttpError>) -> Result<Output, ExecError> 
             if res.body.iter().all(u8::is_ascii_whitespace) {
                 return Ok(Output {
                     output: Value::Null,
-                    artifacts: Vec::new(),
+                    ..Default::default()
                 });
             }
             serde_json::from_slice(&res.body)
                 .map(|output| Output {
                     output,
-                    artifacts: Vec::new(),
+                    ..Default::default()
                 })
                 .map_err(|e| {
                     ExecError::Abort(error(

@@ -235,6 +235,7 @@ impl Executor for TtsRender {
                 artifact: format.artifact_name().into(),
             }),
             artifacts: vec![artifact],
+            ..Default::default()
         })
     }
 }

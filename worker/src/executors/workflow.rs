@@ -13,7 +13,7 @@ impl Executor for Wait {
     async fn execute(&self, ctx: JobContext) -> Result<Output, ExecError> {
         Ok(Output {
             output: json!({"waited_until": ctx.input.get("until")}),
-            artifacts: Vec::new(),
+            ..Default::default()
         })
     }
 }

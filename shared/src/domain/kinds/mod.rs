@@ -15,7 +15,10 @@ use serde_json::{json, Value};
 
 use self::input::{CodeRunInput, CodeValidateInput, FailInput, SleepInput, TtsRenderInput};
 use self::user::UserKind;
-use super::FieldError;
+use super::{
+    connector::types::{ConnectorFetchInput, ConnectorFetchOutput},
+    FieldError,
+};
 
 /// A job kind the platform can run.
 #[derive(Debug, Clone, Copy)]
@@ -231,6 +234,18 @@ pub const KINDS: &[KindSpec] = &[
         output: Some(typed::<output::TtsRenderOutput>),
     },
     KindSpec {
+        name: "connector.fetch",
+        default_queue: "connector",
+        description: "The new items of a connector (`connector_id`) or of an inline {type, \
+                      config}: output {fetched, new_items, items (the first few), artifact \
+                      items.jsonl, cursor}; the connector's cursor advances with the job's \
+                      success (docs/connectors.md).",
+        internal: false,
+        validate: input::check::<ConnectorFetchInput>,
+        schema: |_| super::connector::types::fetch_schema(),
+        output: Some(typed::<ConnectorFetchOutput>),
+    },
+    KindSpec {
         name: "callback.deliver",
         default_queue: "callbacks",
         description:
@@ -255,10 +270,12 @@ impl KindSpec {
 
     /// Whether an absent input (`{}`) is refused: the input has required fields.
     pub fn input_required(&self) -> bool {
-        (self.schema)(&[])
-            .get("required")
-            .and_then(Value::as_array)
-            .is_some_and(|r| !r.is_empty())
+        let schema = (self.schema)(&[]);
+        schema.get("oneOf").is_some()
+            || schema
+                .get("required")
+                .and_then(Value::as_array)
+                .is_some_and(|r| !r.is_empty())
     }
 }
 

@@ -1,0 +1,372 @@
+//! The connector types (`GET /v1/connector-types`): each one's typed config, from which its
+//! JSON Schema is derived and against which a definition is checked, an example, where it takes
+//! secrets, and what its cursor holds. And `connector.fetch`'s input.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::domain::{
+    kinds::input::{self, KindInput},
+    FieldError,
+};
+
+/// A connector type.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectorType {
+    pub name: &'static str,
+    pub description: &'static str,
+    /// Check a config (errors name the field within it).
+    pub validate: fn(&Value) -> Result<(), FieldError>,
+    /// The config's JSON Schema.
+    pub schema: fn() -> Value,
+    /// A config that works (documentation and `GET /v1/connector-types`).
+    pub example: fn() -> Value,
+    /// Whether a secret may be put at this place of the config.
+    pub secret_place: fn(&str) -> bool,
+    /// The places, in words.
+    pub secret_places: &'static str,
+    /// The places, as a regular expression (the published schema of `secrets`' keys).
+    pub secret_pattern: &'static str,
+    /// What the cursor holds, in words.
+    pub cursor: &'static str,
+}
+
+/// Every connector type of this build.
+pub const TYPES: &[ConnectorType] = &[ConnectorType {
+    name: "rss",
+    description: "An RSS 0.9x/1.0/2.0, Atom or JSON Feed feed over HTTP(S), parsed with the \
+                  feed-rs library. Items are the feed's entries; new ones are those whose \
+                  content was never returned before.",
+    validate: input::check::<RssConfig>,
+    schema: rss_schema,
+    example: || json!({"url": "https://blog.rust-lang.org/feed.xml"}),
+    secret_place: header_place,
+    secret_places: "`headers.<Header-Name>` (e.g. `headers.Authorization`)",
+    secret_pattern: "^headers\\.[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}$",
+    cursor: "{etag, last_modified, newest}: the validators of the last response (sent back as \
+             If-None-Match / If-Modified-Since, so an unchanged feed answers 304) and the newest \
+             item date seen",
+}];
+
+/// The type named `name`.
+pub fn find(name: &str) -> Option<&'static ConnectorType> {
+    TYPES.iter().find(|t| t.name == name)
+}
+
+/// The names of every type.
+pub fn names() -> Vec<&'static str> {
+    TYPES.iter().map(|t| t.name).collect()
+}
+
+/// A config's URL: http(s), a host, no user info (the rest is checked by
+/// [`crate::outbound::parse_url`]).
+pub const URL_PATTERN: &str = "^[Hh][Tt][Tt][Pp][Ss]?://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[!#-~]*)?$";
+/// An HTTP header name (a token).
+pub const HEADER_NAME_PATTERN: &str = "^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}$";
+/// An HTTP header value: visible ASCII, spaces and tabs.
+pub const HEADER_VALUE_PATTERN: &str = "^[\\t -~]*$";
+
+/// The `rss` config's schema: derived, with what the derivation cannot state.
+fn rss_schema() -> Value {
+    let mut s = input::schema::<RssConfig>();
+    s["properties"]["url"]["pattern"] = json!(URL_PATTERN);
+    s["properties"]["headers"]["propertyNames"] = json!({"pattern": HEADER_NAME_PATTERN});
+    s["properties"]["headers"]["additionalProperties"] =
+        json!({"type": "string", "pattern": HEADER_VALUE_PATTERN, "maxLength": 8192});
+    s
+}
+
+/// `connector.fetch`'s input schema: a connector by id, or an inline connector of one of the
+/// types (its config checked against the type's schema).
+pub fn fetch_schema() -> Value {
+    let derived = input::schema::<ConnectorFetchInput>();
+    let mut common = derived["properties"].clone();
+    for k in ["connector_id", "type", "config"] {
+        common.as_object_mut().expect("properties").remove(k);
+    }
+    let mut by_id = common.clone();
+    by_id["connector_id"] = derived["properties"]["connector_id"].clone();
+    let mut variants = vec![json!({
+        "title": "a connector",
+        "type": "object",
+        "properties": by_id,
+        "required": ["connector_id"],
+        "additionalProperties": false,
+    })];
+    for t in TYPES {
+        let mut p = common.clone();
+        p["type"] = json!({"const": t.name});
+        p["config"] = (t.schema)();
+        variants.push(json!({
+            "title": format!("an inline `{}` connector", t.name),
+            "type": "object",
+            "properties": p,
+            "required": ["type", "config"],
+            "additionalProperties": false,
+        }));
+    }
+    json!({
+        "description": derived.get("description").cloned().unwrap_or_else(|| json!("connector.fetch")),
+        "oneOf": variants,
+    })
+}
+
+fn header_place(place: &str) -> bool {
+    place
+        .strip_prefix("headers.")
+        .is_some_and(valid_header_name)
+}
+
+fn valid_header_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// Default largest response a fetch reads.
+pub const DEFAULT_MAX_BYTES: u64 = 10 * 1024 * 1024;
+/// Default time one request may take.
+pub const DEFAULT_TIMEOUT_S: u32 = 30;
+
+/// Config of an `rss` connector.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RssConfig {
+    /// The feed's http(s) URL. Private and loopback addresses are refused unless
+    /// `CAPIBARA_OUTBOUND_ALLOW_PRIVATE=true`.
+    #[schema(max_length = 2048)]
+    pub url: String,
+    /// Extra request headers. Secret values go in the connector's `secrets`
+    /// (`headers.Authorization` → a secret's name), not here.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
+    /// Largest response read, in bytes (default 10 MiB, at most 100 MiB); a longer one fails
+    /// the fetch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1024, maximum = 104_857_600, nullable = false)]
+    pub max_bytes: Option<u64>,
+    /// Seconds one request may take (default 30, 1-300).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 300, nullable = false)]
+    pub timeout_s: Option<u32>,
+}
+
+impl KindInput for RssConfig {
+    fn check(&self) -> Result<(), FieldError> {
+        crate::outbound::parse_url(&self.url).map_err(|e| FieldError::new("url", e.to_string()))?;
+        for (name, value) in &self.headers {
+            if !valid_header_name(name) {
+                return Err(FieldError::new(
+                    format!("headers.{name}"),
+                    "is not a valid HTTP header name",
+                ));
+            }
+            if value.len() > 8192
+                || !value
+                    .bytes()
+                    .all(|b| b == b'\t' || (b' '..=b'~').contains(&b))
+            {
+                return Err(FieldError::new(
+                    format!("headers.{name}"),
+                    "must be at most 8192 characters of visible ASCII, spaces and tabs",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `connector.fetch`: the new items of a connector (or of an inline config).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectorFetchInput {
+    /// A connector of this namespace: only items it never returned come back, and its cursor
+    /// advances with the job's success.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub connector_id: Option<Uuid>,
+    /// Instead of `connector_id`: a connector type, with `config`. Nothing is remembered
+    /// between such fetches (every item is new).
+    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub connector_type: Option<String>,
+    /// The inline connector's config (with `type`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>, nullable = false)]
+    pub config: Option<Value>,
+    /// Most new items one fetch returns (1-100000, default 1000); the rest come with the next
+    /// fetch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 100_000, nullable = false)]
+    pub max_items: Option<u32>,
+    /// Only items published or updated after this time (items without a date are kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub since: Option<DateTime<Utc>>,
+    /// How many of the new items the output lists inline (0-100, default 10); all of them are
+    /// in the `items.jsonl` artifact.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 0, maximum = 100, nullable = false)]
+    pub inline_items: Option<u32>,
+}
+
+impl ConnectorFetchInput {
+    pub const DEFAULT_MAX_ITEMS: u32 = 1000;
+    pub const DEFAULT_INLINE_ITEMS: u32 = 10;
+}
+
+impl KindInput for ConnectorFetchInput {
+    fn check(&self) -> Result<(), FieldError> {
+        match (&self.connector_id, &self.connector_type, &self.config) {
+            (Some(_), None, None) => Ok(()),
+            (Some(_), _, _) => Err(FieldError::new(
+                "connector_id",
+                "give either `connector_id` or an inline `type` and `config`, not both",
+            )),
+            (None, Some(t), Some(config)) => {
+                let ty = find(t).ok_or_else(|| {
+                    FieldError::new(
+                        "type",
+                        format!(
+                            "unknown connector type `{t}`; available: {}",
+                            names().join(", ")
+                        ),
+                    )
+                })?;
+                (ty.validate)(config).map_err(|e| e.under("config"))
+            }
+            (None, None, Some(_)) => Err(FieldError::new("type", "an inline config needs `type`")),
+            (None, _, None) => Err(FieldError::new(
+                "connector_id",
+                "give `connector_id`, or an inline `type` and `config`",
+            )),
+        }
+    }
+}
+
+/// One item a fetch returns (a line of `items.jsonl`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Item {
+    /// The source's id of the item (a feed entry's id or GUID).
+    pub id: String,
+    /// Content hash (128 bits of SHA-256, hex) over what the item says, not its id: the same
+    /// content is one item, whatever id it is published under.
+    pub hash: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub summary: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub published: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub updated: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub authors: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub categories: Vec<String>,
+}
+
+impl Item {
+    /// The hash of an item's content: title, url, summary and content, each length-prefixed.
+    pub fn content_hash(
+        title: Option<&str>,
+        url: Option<&str>,
+        summary: Option<&str>,
+        content: Option<&str>,
+    ) -> String {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        for part in [title, url, summary, content] {
+            let p = part.unwrap_or("").trim();
+            h.update((p.len() as u64).to_le_bytes());
+            h.update(p.as_bytes());
+        }
+        hex::encode(&h.finalize()[..16])
+    }
+}
+
+/// `connector.fetch`'s output.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ConnectorFetchOutput {
+    /// Items the source listed.
+    pub fetched: u64,
+    /// Items returned as new (all in `items.jsonl`).
+    pub new_items: u64,
+    /// The first `inline_items` new items.
+    pub items: Vec<Item>,
+    /// The artifact with every new item, one JSON object per line (absent when none is new).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifact: Option<String>,
+    /// The connector's cursor after this fetch.
+    #[schema(value_type = Object)]
+    pub cursor: Value,
+    /// The source answered "not modified" (HTTP 304): nothing was downloaded or parsed.
+    pub not_modified: bool,
+    /// More new items than `max_items` were found; the rest come with the next fetch.
+    pub more: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fetch_inputs_name_a_connector_or_carry_a_valid_inline_config() {
+        let ok = |v: Value| input::parse::<ConnectorFetchInput>(&v);
+        assert!(ok(json!({"connector_id": Uuid::now_v7()})).is_ok());
+        assert!(ok(json!({"type": "rss", "config": {"url": "http://x.test/f"}})).is_ok());
+        let field = |v: Value| ok(v).unwrap_err().field;
+        assert_eq!(field(json!({})), "connector_id");
+        assert_eq!(
+            field(json!({"type": "rss", "config": {"url": "file:///etc/passwd"}})),
+            "config.url"
+        );
+        assert_eq!(field(json!({"type": "nope", "config": {}})), "type");
+        assert_eq!(field(json!({"config": {"url": "http://x.test/"}})), "type");
+        assert_eq!(
+            field(json!({"connector_id": Uuid::now_v7(), "max_items": 0})),
+            "max_items"
+        );
+        assert_eq!(
+            field(
+                json!({"type": "rss", "config": {"url": "http://x.test/", "headers": {"a b": "c"}}})
+            ),
+            "config.headers.a b"
+        );
+    }
+
+    #[test]
+    fn every_type_publishes_a_schema_and_an_example_that_passes_it() {
+        for t in TYPES {
+            let schema = (t.schema)();
+            assert_eq!(schema["type"], "object", "{}", t.name);
+            (t.validate)(&(t.example)()).unwrap();
+            assert!(jsonschema::is_valid(&schema, &(t.example)()), "{}", t.name);
+        }
+        let fetch = jsonschema::validator_for(&fetch_schema()).unwrap();
+        assert!(fetch.is_valid(&json!({"connector_id": Uuid::now_v7(), "max_items": 5})));
+        assert!(fetch.is_valid(&json!({"type": "rss", "config": {"url": "https://x.test/f"}})));
+        assert!(!fetch.is_valid(&json!({"type": "rss", "config": {"url": "ftp://x.test/f"}})));
+        assert!(!fetch.is_valid(&json!({"connector_id": Uuid::now_v7(), "type": "rss"})));
+        assert!(!fetch.is_valid(&json!({})));
+    }
+
+    #[test]
+    fn the_content_hash_ignores_ids_and_separates_fields() {
+        let a = Item::content_hash(Some("ab"), Some("c"), None, None);
+        assert_eq!(a, Item::content_hash(Some(" ab "), Some("c"), None, None));
+        assert_ne!(a, Item::content_hash(Some("a"), Some("bc"), None, None));
+        assert_eq!(a.len(), 32);
+    }
+}

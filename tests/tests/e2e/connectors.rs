@@ -1,0 +1,644 @@
+//! Connectors (docs/connectors.md): configuration checked against the type's schema, each a
+//! stream; `connector.fetch` against a local feed server returns only new items, the cursor
+//! (ETag) and the returned items' hashes move with the job's success, two overlapping fetches
+//! never return an item twice, and hostile servers end the job with a clear error.
+
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use axum::{
+    body::Body,
+    extract::State,
+    http::{HeaderMap, StatusCode},
+    response::{IntoResponse, Response},
+    routing::get,
+    Router,
+};
+use capibara_tests::{Api, TestEnv};
+use serde_json::{json, Value};
+
+/// A feed whose items the test changes; answers 304 to its current ETag, and 401 without the
+/// token when one is set.
+#[derive(Default)]
+struct Feed {
+    items: Vec<(String, String)>,
+    version: u64,
+    token: Option<String>,
+    delay_ms: u64,
+    hits: u64,
+    not_modified: u64,
+}
+
+type Shared = Arc<Mutex<Feed>>;
+
+fn rss(items: &[(String, String)]) -> String {
+    let mut s = String::from(
+        r#"<?xml version="1.0" encoding="utf-8"?><rss version="2.0"><channel><title>Local</title><link>http://feed.test/</link><description>d</description>"#,
+    );
+    for (k, (guid, title)) in items.iter().enumerate() {
+        s.push_str(&format!(
+            "<item><title>{title}</title><link>/posts/{title}</link><guid>{guid}</guid>\
+             <pubDate>Tue, 01 Dec 2026 {:02}:00:00 GMT</pubDate><description>About {title}</description></item>",
+            k % 24
+        ));
+    }
+    s.push_str("</channel></rss>");
+    s
+}
+
+async fn feed(State(f): State<Shared>, headers: HeaderMap) -> Response {
+    let (delay, body, etag) = {
+        let mut f = f.lock().unwrap();
+        f.hits += 1;
+        if let Some(t) = &f.token {
+            let auth = headers.get("authorization").and_then(|v| v.to_str().ok());
+            if auth != Some(&format!("Bearer {t}")) {
+                return StatusCode::UNAUTHORIZED.into_response();
+            }
+        }
+        let etag = format!("\"v{}\"", f.version);
+        if headers.get("if-none-match").and_then(|v| v.to_str().ok()) == Some(etag.as_str()) {
+            f.not_modified += 1;
+            return (StatusCode::NOT_MODIFIED, [("etag", etag)]).into_response();
+        }
+        (f.delay_ms, rss(&f.items), etag)
+    };
+    tokio::time::sleep(Duration::from_millis(delay)).await;
+    (
+        [
+            ("etag", etag),
+            ("content-type", "application/rss+xml".into()),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+/// Bytes forever.
+async fn endless() -> Response {
+    let chunk = vec![b'x'; 64 * 1024];
+    let stream = futures::stream::repeat_with(move || Ok::<_, std::io::Error>(chunk.clone()));
+    Body::from_stream(stream).into_response()
+}
+
+/// One byte every 300 ms, forever (slowloris).
+async fn drip() -> Response {
+    let stream = futures::stream::unfold((), |()| async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        Some((Ok::<_, std::io::Error>(vec![b'<']), ()))
+    });
+    Body::from_stream(stream).into_response()
+}
+
+async fn redirect_loop() -> Response {
+    (StatusCode::FOUND, [("location", "/loop")]).into_response()
+}
+
+async fn malformed() -> Response {
+    "<rss version=\"2.0\"><channel><item><title>broken</tit".into_response()
+}
+
+async fn unavailable() -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        [("retry-after", "1")],
+        "busy",
+    )
+        .into_response()
+}
+
+/// 50 MB of zeros gzip-compressed (about 50 KB), served as `Content-Encoding: gzip`.
+async fn gzip_bomb(State(bomb): State<Arc<Vec<u8>>>) -> Response {
+    (
+        [
+            ("content-encoding", "gzip"),
+            ("content-type", "application/rss+xml"),
+        ],
+        bomb.as_ref().clone(),
+    )
+        .into_response()
+}
+
+async fn serve(feed_state: Shared) -> String {
+    let bomb = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import gzip,sys; sys.stdout.buffer.write(gzip.compress(bytes(50_000_000)))",
+        ])
+        .output()
+        .expect("python3 makes the gzip bomb")
+        .stdout;
+    assert!(bomb.len() < 200_000, "{}", bomb.len());
+    let app = Router::new()
+        .route("/feed.xml", get(feed))
+        .with_state(feed_state)
+        .route("/endless", get(endless))
+        .route("/drip", get(drip))
+        .route("/loop", get(redirect_loop))
+        .route("/malformed", get(malformed))
+        .route("/unavailable", get(unavailable))
+        .route("/bomb", get(gzip_bomb).with_state(Arc::new(bomb)));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}")
+}
+
+async fn env_allowing_loopback() -> TestEnv {
+    let mut env = TestEnv::new().await;
+    env.extra_env
+        .push(("CAPIBARA_OUTBOUND_ALLOW_PRIVATE".into(), "true".into()));
+    env
+}
+
+async fn fetch(api: &Api, input: Value) -> Value {
+    let id = api
+        .submit_id(json!({"kind": "connector.fetch", "input": input, "max_attempts": 3}))
+        .await;
+    api.wait_terminal(&id, Duration::from_secs(60)).await
+}
+
+async fn stream_types(env: &TestEnv, id: &str) -> Vec<String> {
+    let rows: Vec<(String,)> =
+        sqlx::query_as("SELECT type FROM events WHERE stream_id = $1::uuid ORDER BY version")
+            .bind(id)
+            .fetch_all(&env.pool().await)
+            .await
+            .unwrap();
+    rows.into_iter().map(|(t,)| t).collect()
+}
+
+#[tokio::test]
+async fn connectors_are_configuration_checked_against_their_types_schema() {
+    let env = env_allowing_loopback().await;
+    let _api = env.spawn_api().await;
+    let api = env.client();
+
+    // The catalog: each type's config schema accepts its example (an independent validator).
+    let types = api.get("/v1/connector-types").await;
+    assert_eq!(types.status, 200, "{types:?}");
+    let rss = types.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["type"] == "rss")
+        .expect("rss is in the catalog")
+        .clone();
+    let schema = jsonschema::validator_for(&rss["config_schema"]).unwrap();
+    assert!(schema.is_valid(&rss["example"]), "{rss}");
+    assert!(!schema.is_valid(&json!({"url": 5})));
+
+    // Bad definitions are 422s naming the field.
+    let field = |body: Value| {
+        let api = api.clone();
+        async move {
+            let r = api.post("/v1/connectors", body).await;
+            assert_eq!(r.status, 422, "{r:?}");
+            r.body["errors"][0]["field"].as_str().unwrap().to_string()
+        }
+    };
+    let url = "http://127.0.0.1:9/feed.xml";
+    assert_eq!(
+        field(json!({"name": "x", "type": "gopher", "config": {}})).await,
+        "type"
+    );
+    assert_eq!(
+        field(json!({"name": "x", "type": "rss", "config": {}})).await,
+        "config.url"
+    );
+    assert_eq!(
+        field(json!({"name": "x", "type": "rss", "config": {"url": "file:///etc/passwd"}})).await,
+        "config.url"
+    );
+    assert_eq!(
+        field(json!({"name": "x", "type": "rss", "config": {"url": url, "max_bytes": 1}})).await,
+        "config.max_bytes"
+    );
+    assert_eq!(
+        field(json!({"name": "x", "type": "rss", "config": {"url": url}, "secrets": {"url": "T"}}))
+            .await,
+        "secrets.url"
+    );
+    assert_eq!(
+        field(json!({"name": "", "type": "rss", "config": {"url": url}})).await,
+        "name"
+    );
+
+    // Create, read, list, update, delete; every change is an event of the connector's stream.
+    let created = api
+        .post(
+            "/v1/connectors",
+            json!({"name": "news", "type": "rss", "config": {"url": url},
+                   "secrets": {"headers.Authorization": "FEED_TOKEN"}}),
+        )
+        .await;
+    assert_eq!(created.status, 201, "{created:?}");
+    let id = created.body["id"].as_str().unwrap().to_string();
+    assert_eq!(created.body["cursor"], Value::Null);
+    assert_eq!(
+        created.body["secrets"],
+        json!({"headers.Authorization": "FEED_TOKEN"})
+    );
+    let got = api.get(&format!("/v1/connectors/{id}")).await;
+    assert_eq!((got.status, &got.body["name"]), (200, &json!("news")));
+    let list = api.get("/v1/connectors").await;
+    assert_eq!(list.body["items"].as_array().unwrap().len(), 1);
+    let put = api
+        .send(
+            api.http
+                .put(api.url(&format!("/v1/connectors/{id}")))
+                .json(&json!({"name": "news 2", "type": "rss", "config": {"url": url}})),
+        )
+        .await;
+    assert_eq!(put.status, 200, "{put:?}");
+    assert_eq!(
+        (put.body["name"].as_str(), put.body["version"].as_i64()),
+        (Some("news 2"), Some(2))
+    );
+    let bad_put = api
+        .send(
+            api.http
+                .put(api.url(&format!("/v1/connectors/{id}")))
+                .json(&json!({"name": "n", "type": "rss", "config": {"url": 1}})),
+        )
+        .await;
+    assert_eq!(
+        bad_put.body["errors"][0]["field"], "config.url",
+        "{bad_put:?}"
+    );
+    let del = api
+        .send(api.http.delete(api.url(&format!("/v1/connectors/{id}"))))
+        .await;
+    assert_eq!(del.status, 204, "{del:?}");
+    assert_eq!(api.get(&format!("/v1/connectors/{id}")).await.status, 404);
+    assert_eq!(api.get("/v1/connectors/nope").await.status, 404);
+    assert_eq!(
+        stream_types(&env, &id).await,
+        vec!["ConnectorCreated", "ConnectorUpdated", "ConnectorDeleted"]
+    );
+    // Another namespace does not see it.
+    let other = api.key_for("other", &["admin"]).await;
+    let created = api
+        .post(
+            "/v1/connectors",
+            json!({"name": "n", "type": "rss", "config": {"url": url}}),
+        )
+        .await;
+    let id = created.body["id"].as_str().unwrap();
+    assert_eq!(other.get(&format!("/v1/connectors/{id}")).await.status, 404);
+}
+
+#[tokio::test]
+async fn fetches_return_only_new_items_and_the_cursor_moves_with_the_jobs_success() {
+    let env = env_allowing_loopback().await;
+    let _procs = env.spawn_all().await;
+    let api = env.client();
+    let state: Shared = Arc::default();
+    {
+        let mut f = state.lock().unwrap();
+        f.items = (1..=3)
+            .map(|k| (format!("g{k}"), format!("post-{k}")))
+            .collect();
+        f.token = Some("s3cret-token".into());
+    }
+    let base = serve(state.clone()).await;
+    let r = api
+        .send(
+            api.http
+                .put(api.url("/v1/secrets/FEED_TOKEN"))
+                .json(&json!({"value": "Bearer s3cret-token"})),
+        )
+        .await;
+    assert!(r.status < 300, "{r:?}");
+    let c = api
+        .post(
+            "/v1/connectors",
+            json!({"name": "local", "type": "rss", "config": {"url": format!("{base}/feed.xml")},
+                   "secrets": {"headers.Authorization": "FEED_TOKEN"}}),
+        )
+        .await;
+    assert_eq!(c.status, 201, "{c:?}");
+    let cid = c.body["id"].as_str().unwrap().to_string();
+
+    // First fetch: everything is new; all of it in items.jsonl.
+    let job = fetch(&api, json!({"connector_id": cid, "inline_items": 2})).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    let out = &job["output"];
+    assert_eq!(
+        (out["fetched"].as_u64(), out["new_items"].as_u64()),
+        (Some(3), Some(3)),
+        "{out}"
+    );
+    assert_eq!(out["items"].as_array().unwrap().len(), 2);
+    assert_eq!(out["items"][0]["url"], format!("{base}/posts/post-1"));
+    assert_eq!(out["cursor"]["etag"], "\"v0\"");
+    assert!(
+        !job.to_string().contains("s3cret-token"),
+        "the secret stays out of the job"
+    );
+    let jsonl = api
+        .send(api.http.get(api.url(&format!(
+            "/v1/jobs/{}/artifacts/items.jsonl",
+            job["id"].as_str().unwrap()
+        ))))
+        .await;
+    assert_eq!(jsonl.status, 200);
+    let lines: Vec<Value> = jsonl
+        .body
+        .as_str()
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3);
+    assert_eq!(lines[2]["title"], "post-3");
+
+    // Unchanged: the feed answers 304 to the stored ETag; nothing new.
+    let job = fetch(&api, json!({"connector_id": cid})).await;
+    assert_eq!(job["output"]["not_modified"], true, "{job}");
+    assert_eq!(job["output"]["new_items"], 0);
+    assert_eq!(state.lock().unwrap().not_modified, 1);
+
+    // One new post, and an old one republished under a new GUID (same content): one is new.
+    {
+        let mut f = state.lock().unwrap();
+        f.items.push(("g4".into(), "post-4".into()));
+        f.items.push(("g1-again".into(), "post-1".into()));
+        f.version += 1;
+    }
+    let job = fetch(&api, json!({"connector_id": cid})).await;
+    let out = &job["output"];
+    assert_eq!(
+        (out["fetched"].as_u64(), out["new_items"].as_u64()),
+        (Some(5), Some(1)),
+        "{out}"
+    );
+    assert_eq!(out["items"][0]["title"], "post-4");
+
+    // More new items than max_items: the rest come with the next fetch (the ETag is not kept,
+    // so the feed is read again).
+    {
+        let mut f = state.lock().unwrap();
+        for k in 5..=7 {
+            f.items.push((format!("g{k}"), format!("post-{k}")));
+        }
+        f.version += 1;
+    }
+    let job = fetch(&api, json!({"connector_id": cid, "max_items": 2})).await;
+    assert_eq!(
+        (
+            job["output"]["new_items"].as_u64(),
+            job["output"]["more"].as_bool()
+        ),
+        (Some(2), Some(true)),
+        "{job}"
+    );
+    let job = fetch(&api, json!({"connector_id": cid, "max_items": 2})).await;
+    assert_eq!(
+        (
+            job["output"]["new_items"].as_u64(),
+            job["output"]["more"].as_bool()
+        ),
+        (Some(1), Some(false)),
+        "{job}"
+    );
+    assert_eq!(job["output"]["items"][0]["title"], "post-7");
+
+    // The connector's row and stream record it all.
+    let c = api.get(&format!("/v1/connectors/{cid}")).await.body;
+    assert_eq!(
+        (c["fetches"].as_i64(), c["items_total"].as_i64()),
+        (Some(5), Some(7)),
+        "{c}"
+    );
+    assert_eq!(c["cursor"]["etag"], "\"v2\"");
+    let types = stream_types(&env, &cid).await;
+    assert_eq!(
+        types.iter().filter(|t| *t == "ConnectorFetched").count(),
+        5,
+        "{types:?}"
+    );
+    assert_eq!(
+        types.iter().filter(|t| *t == "CursorAdvanced").count(),
+        4,
+        "{types:?}"
+    );
+    let (hashes,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM connector_items WHERE connector_id = $1::uuid")
+            .bind(&cid)
+            .fetch_one(&env.pool().await)
+            .await
+            .unwrap();
+    assert_eq!(hashes, 7);
+
+    // A failed fetch is an event too, and the connector shows the last error.
+    state.lock().unwrap().token = Some("rotated".into());
+    let job = fetch(&api, json!({"connector_id": cid})).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    assert_eq!(job["error"]["type"], "http_status");
+    let c = api.get(&format!("/v1/connectors/{cid}")).await.body;
+    assert_eq!(c["last_error"]["type"], "http_status", "{c}");
+    assert!(stream_types(&env, &cid)
+        .await
+        .contains(&"FetchFailed".to_string()));
+
+    // Rebuilt from the log, connectors and their item hashes are the same rows.
+    let pool = env.pool().await;
+    let snapshot = || async {
+        let a: Vec<(Value,)> = sqlx::query_as("SELECT to_jsonb(c) FROM connectors c ORDER BY id")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+        let b: Vec<(String, String)> =
+            sqlx::query_as("SELECT connector_id::text, hash FROM connector_items ORDER BY 1, 2")
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+        (a, b)
+    };
+    let before = snapshot().await;
+    let out = std::process::Command::new(capibara_tests::bin("capibara"))
+        .args(["admin", "rebuild-projections"])
+        .env("CAPIBARA_DATABASE_URL", &env.database_url)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(before, snapshot().await);
+
+    // A deleted connector is not fetched.
+    api.send(api.http.delete(api.url(&format!("/v1/connectors/{cid}"))))
+        .await;
+    let job = fetch(&api, json!({"connector_id": cid})).await;
+    assert_eq!(job["error"]["type"], "connector_not_found", "{job}");
+}
+
+#[tokio::test]
+async fn overlapping_fetches_of_one_connector_never_return_an_item_twice() {
+    let env = env_allowing_loopback().await;
+    let _procs = env.spawn_all().await;
+    let api = env.client();
+    let state: Shared = Arc::default();
+    {
+        let mut f = state.lock().unwrap();
+        f.items = (1..=20)
+            .map(|k| (format!("g{k}"), format!("post-{k}")))
+            .collect();
+        f.delay_ms = 500;
+    }
+    let base = serve(state.clone()).await;
+    let c = api
+        .post(
+            "/v1/connectors",
+            json!({"name": "busy", "type": "rss", "config": {"url": format!("{base}/feed.xml")}}),
+        )
+        .await;
+    let cid = c.body["id"].as_str().unwrap().to_string();
+    // Four fetches at once: all read the same feed from the same cursor; one records it.
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        ids.push(
+            api.submit_id(json!({"kind": "connector.fetch", "input": {"connector_id": cid}, "max_attempts": 5}))
+                .await,
+        );
+    }
+    let mut returned = Vec::new();
+    let mut moved = 0;
+    for id in &ids {
+        let job = api.wait_terminal(id, Duration::from_secs(60)).await;
+        assert_eq!(job["status"], "succeeded", "{job}");
+        moved += api
+            .events(id)
+            .await
+            .iter()
+            .filter(|e| {
+                e["type"] == "JobAttemptFailed" && e["data"]["error"]["type"] == "stream_moved"
+            })
+            .count();
+        let lines = if job["output"]["new_items"] == 0 {
+            String::new()
+        } else {
+            api.send(
+                api.http
+                    .get(api.url(&format!("/v1/jobs/{id}/artifacts/items.jsonl"))),
+            )
+            .await
+            .body
+            .as_str()
+            .unwrap()
+            .to_string()
+        };
+        for l in lines.lines() {
+            let item: Value = serde_json::from_str(l).unwrap();
+            returned.push(item["id"].as_str().unwrap().to_string());
+        }
+    }
+    returned.sort();
+    let mut unique = returned.clone();
+    unique.dedup();
+    assert_eq!(returned, unique, "an item was returned twice");
+    assert_eq!(returned.len(), 20, "every item was returned once");
+    // The fetches overlapped: the ones that lost the race to record ran again.
+    assert!(moved >= 1, "no fetch lost the race");
+    let c = api.get(&format!("/v1/connectors/{cid}")).await.body;
+    assert_eq!(c["items_total"], 20, "{c}");
+    assert!(state.lock().unwrap().hits >= 4);
+}
+
+#[tokio::test]
+async fn hostile_servers_end_the_fetch_with_a_clear_error() {
+    let env = env_allowing_loopback().await;
+    let _procs = env.spawn_all().await;
+    let api = env.client();
+    let base = serve(Arc::default()).await;
+    let inline = |path: &str, extra: Value| {
+        let mut config =
+            json!({"url": format!("{base}{path}"), "timeout_s": 2, "max_bytes": 1_048_576});
+        config
+            .as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        json!({"kind": "connector.fetch", "input": {"type": "rss", "config": config}, "max_attempts": 1})
+    };
+    let cases = [
+        ("/endless", "response_too_large"),
+        ("/drip", "timeout"),
+        ("/loop", "redirects"),
+        ("/malformed", "malformed_response"),
+        ("/bomb", "malformed_response"),
+        ("/unavailable", "http_status"),
+    ];
+    let mut ids = Vec::new();
+    for (path, _) in &cases {
+        ids.push(api.submit_id(inline(path, json!({}))).await);
+    }
+    for ((path, want), id) in cases.iter().zip(&ids) {
+        let job = api.wait_terminal(id, Duration::from_secs(60)).await;
+        assert_eq!(job["status"], "failed", "{path}: {job}");
+        assert_eq!(job["error"]["type"], *want, "{path}: {job}");
+    }
+    // The worker is still fine: an echo job runs.
+    let id = api
+        .submit_id(json!({"kind": "echo", "input": {"ok": 1}}))
+        .await;
+    assert_eq!(
+        api.wait_terminal(&id, Duration::from_secs(30)).await["status"],
+        "succeeded"
+    );
+    // 503 with Retry-After is retried no earlier than it says.
+    let id = api
+        .submit_id(json!({"kind": "connector.fetch", "input": {"type": "rss", "config": {"url": format!("{base}/unavailable")}}, "max_attempts": 2}))
+        .await;
+    let job = api.wait_terminal(&id, Duration::from_secs(60)).await;
+    assert_eq!(
+        (job["status"].as_str(), job["attempt"].as_u64()),
+        (Some("failed"), Some(2)),
+        "{job}"
+    );
+    let events = api.events(&id).await;
+    let failed = events
+        .iter()
+        .find(|e| e["type"] == "JobAttemptFailed")
+        .unwrap();
+    let at = |v: &Value| {
+        v.as_str()
+            .unwrap()
+            .parse::<chrono::DateTime<chrono::Utc>>()
+            .unwrap()
+    };
+    let retry_at = at(&failed["data"]["retry_at"]);
+    assert!(
+        retry_at - at(&failed["recorded_at"]) >= chrono::Duration::milliseconds(990),
+        "{failed}"
+    );
+}
+
+#[tokio::test]
+async fn private_addresses_are_refused_unless_allowed() {
+    let env = TestEnv::new().await;
+    let _procs = env.spawn_all().await;
+    let api = env.client();
+    let base = serve(Arc::default()).await;
+    let r = api
+        .post(
+            "/v1/connectors",
+            json!({"name": "n", "type": "rss", "config": {"url": format!("{base}/feed.xml")}}),
+        )
+        .await;
+    assert_eq!(
+        (r.status, &r.body["errors"][0]["field"]),
+        (422, &json!("config.url")),
+        "{r:?}"
+    );
+    let job = fetch(
+        &api,
+        json!({"type": "rss", "config": {"url": format!("{base}/feed.xml")}}),
+    )
+    .await;
+    assert_eq!(job["error"]["type"], "forbidden_address", "{job}");
+}

@@ -1,0 +1,159 @@
+//! Outbound GETs for connectors: every hop through the SSRF guard.
+//!
+//! [`get`] resolves and checks the URL ([`capibara_shared::outbound`]) and connects only to the
+//! checked addresses (as [`crate::http::post`] does), follows at most [`MAX_REDIRECTS`]
+//! redirects itself, checking each new URL again (so a public URL cannot redirect into the
+//! private network), drops credentials when a redirect leaves the host, bounds the whole
+//! exchange by the policy's timeout (a slow drip of bytes times out like a silent server) and
+//! fails when the body is longer than the policy's cap instead of reading on. No compression is
+//! asked for or decoded, so a compressed body is never inflated.
+
+use std::time::{Duration, Instant};
+
+use capibara_shared::outbound;
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+use tokio_util::sync::CancellationToken;
+
+use crate::http::{map_reqwest, pinned_client, HttpError, OutboundPolicy};
+
+/// Most redirects one GET follows.
+pub const MAX_REDIRECTS: usize = 5;
+
+/// A response to a GET.
+#[derive(Debug)]
+pub struct Got {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub body: Vec<u8>,
+    /// The URL that answered (after redirects).
+    pub url: url::Url,
+    /// `Retry-After` in seconds, when the response has one.
+    pub retry_after: Option<Duration>,
+}
+
+impl Got {
+    /// A header's value as text.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+/// Why a GET brought nothing back.
+#[derive(Debug, thiserror::Error)]
+pub enum GetError {
+    #[error(transparent)]
+    Http(#[from] HttpError),
+    #[error("the response is longer than the limit of {0} bytes")]
+    TooLarge(usize),
+    #[error("more than {MAX_REDIRECTS} redirects")]
+    TooManyRedirects,
+    #[error("a redirect without a valid Location")]
+    BadRedirect,
+    #[error("canceled")]
+    Canceled,
+}
+
+/// Headers that carry credentials: not sent on to another host.
+fn credential(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "authorization" | "cookie" | "proxy-authorization"
+    ) || name.as_str().contains("key")
+        || name.as_str().contains("token")
+}
+
+/// GET `url` with `headers` under `policy`, following redirects; any final status is a
+/// response.
+pub async fn get(
+    policy: &OutboundPolicy,
+    url: &str,
+    headers: &[(String, String)],
+    cancel: &CancellationToken,
+) -> Result<Got, GetError> {
+    let started = Instant::now();
+    let mut map = HeaderMap::new();
+    for (k, v) in headers {
+        let name = HeaderName::from_bytes(k.as_bytes())
+            .map_err(|_| HttpError::Other(format!("invalid header name {k:?}")))?;
+        let value = HeaderValue::from_str(v)
+            .map_err(|_| HttpError::Other(format!("invalid value for header {k:?}")))?;
+        map.append(name, value);
+    }
+    if !map.contains_key(reqwest::header::USER_AGENT) {
+        map.insert(
+            reqwest::header::USER_AGENT,
+            HeaderValue::from_static(concat!("Capibara-Connector/", env!("CARGO_PKG_VERSION"))),
+        );
+    }
+    let mut url = outbound::parse_url(url).map_err(HttpError::from)?;
+    let fut = async {
+        for _ in 0..=MAX_REDIRECTS {
+            let addrs = outbound::resolve(&url, policy.allow_private)
+                .await
+                .map_err(HttpError::from)?;
+            let client = pinned_client(policy, &url, &addrs)?;
+            let remaining = policy.timeout.saturating_sub(started.elapsed());
+            if remaining.is_zero() {
+                return Err(HttpError::Timeout.into());
+            }
+            let mut resp = client
+                .get(url.clone())
+                .timeout(remaining)
+                .headers(map.clone())
+                .send()
+                .await
+                .map_err(map_reqwest)?;
+            let status = resp.status();
+            if status.is_redirection() && status != reqwest::StatusCode::NOT_MODIFIED {
+                let next = resp
+                    .headers()
+                    .get(reqwest::header::LOCATION)
+                    .and_then(|l| l.to_str().ok())
+                    .and_then(|l| url.join(l).ok())
+                    .ok_or(GetError::BadRedirect)?;
+                let next = outbound::parse_url(next.as_str()).map_err(HttpError::from)?;
+                if next.host_str() != url.host_str()
+                    || next.port_or_known_default() != url.port_or_known_default()
+                {
+                    let keep: HeaderMap = map
+                        .iter()
+                        .filter(|(k, _)| !credential(k))
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect();
+                    map = keep;
+                }
+                url = next;
+                continue;
+            }
+            let retry_after = resp
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(Duration::from_secs);
+            let cap = policy.max_response_bytes;
+            if resp.content_length().is_some_and(|n| n as usize > cap) {
+                return Err(GetError::TooLarge(cap));
+            }
+            let mut body = Vec::new();
+            while let Some(chunk) = resp.chunk().await.map_err(map_reqwest)? {
+                if body.len() + chunk.len() > cap {
+                    return Err(GetError::TooLarge(cap));
+                }
+                body.extend_from_slice(&chunk);
+            }
+            return Ok(Got {
+                status: status.as_u16(),
+                headers: resp.headers().clone(),
+                body,
+                url,
+                retry_after,
+            });
+        }
+        Err(GetError::TooManyRedirects)
+    };
+    tokio::select! {
+        r = tokio::time::timeout(policy.timeout, fut) => r.unwrap_or(Err(HttpError::Timeout.into())),
+        () = cancel.cancelled() => Err(GetError::Canceled),
+    }
+}
