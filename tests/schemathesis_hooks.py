@@ -11,7 +11,8 @@ drawn from the schema and must be accepted. Each rule is also documented on its 
 - A subscription's `url` must resolve to a public address: a fixed public IP literal; its
   `headers` may not name the headers Capibara sets (listed in the field's description).
 - A connector's `config.url` (POST/PUT /v1/connectors, and a `connector.fetch` job's inline
-  config) must resolve to a public address: a fixed public IP literal.
+  config) must resolve to a public address: a fixed public IP literal; its CSS selectors
+  (`x-css-selector`, `lists`) are a language of their own: a valid selector.
 - `backoff.initial_ms` must not exceed `max_ms`; a schedule's `end_at` comes after `start_at`;
   a backfill's `to` is not before `from`.
 - `cron` is a crontab expression (docs/scheduler.md) and `timezone` an IANA name (about 600,
@@ -58,8 +59,16 @@ PUBLIC_FEED = "https://93.184.215.14/feed.xml"
 
 
 def _connector_config(body):
-    if isinstance(body, dict) and isinstance(body.get("config"), dict) and "url" in body["config"]:
-        body["config"]["url"] = PUBLIC_FEED
+    if isinstance(body, dict) and isinstance(body.get("config"), dict):
+        config = body["config"]
+        if "url" in config:
+            config["url"] = PUBLIC_FEED
+        # CSS selectors (`x-css-selector`) are a language of their own: a valid one.
+        for k in ("item", "title", "link", "content"):
+            if k in config:
+                config[k] = "p"
+        if isinstance(config.get("lists"), dict):
+            config["lists"] = {k: "li" for k in config["lists"]}
 
 
 def _job(job):

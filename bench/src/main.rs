@@ -4,6 +4,7 @@
 //! production binaries do not link any of it.
 
 mod code;
+mod connectors;
 mod deliveries;
 mod fanout;
 mod harness;
@@ -49,6 +50,9 @@ enum Command {
     /// Workflow orchestration: per-step overhead on a chain of echo steps, and the wall time of
     /// a wide fan-out/fan-in (`capibara bench-workflows`).
     Workflows(workflows::WorkflowBenchArgs),
+    /// connector.fetch: items/s of a 10,000-item local feed, and the cost of a fetch with
+    /// nothing new (`capibara bench-connectors`).
+    Connectors(connectors::ConnectorBenchArgs),
     /// The Rust (in-process), Python and TypeScript SDK workers against the built-in Rust worker: end-to-end no-op
     /// jobs/s and idle enqueue→start latency, on one stack in one run.
     Sdk(sdk::SdkBenchArgs),
@@ -67,6 +71,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Tts(a) => tts::run(a).await,
         Command::Code(a) => code::run(a).await,
         Command::Workflows(a) => workflows::run(a).await,
+        Command::Connectors(a) => connectors::run(a).await,
         Command::Sdk(a) => sdk::run(a).await,
         Command::SdkDriver(a) => sdk_driver::run(a).await,
     }

@@ -75,6 +75,10 @@ enum Command {
     /// time of a wide fan-out/fan-in.
     #[command(name = "bench-workflows")]
     BenchWorkflows(benchmarks::Forwarded),
+    /// connector.fetch: items/s of a local 10,000-item feed and the cost of a fetch with
+    /// nothing new (runs `capibara-bench connectors`).
+    #[command(name = "bench-connectors")]
+    BenchConnectors(benchmarks::Forwarded),
     /// The Python and TypeScript SDK workers against the built-in worker: end-to-end jobs/s and
     /// idle pickup (runs `capibara-bench sdk`).
     #[command(name = "bench-sdk")]
@@ -199,6 +203,7 @@ async fn main() -> anyhow::Result<()> {
         Command::BenchTts(a) => benchmarks::exec("tts", a),
         Command::BenchCode(a) => benchmarks::exec("code", a),
         Command::BenchWorkflows(a) => benchmarks::exec("workflows", a),
+        Command::BenchConnectors(a) => benchmarks::exec("connectors", a),
         Command::BenchSdk(a) => benchmarks::exec("sdk", a),
     }
 }

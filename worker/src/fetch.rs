@@ -6,12 +6,19 @@
 //! private network), drops credentials when a redirect leaves the host, bounds the whole
 //! exchange by the policy's timeout (a slow drip of bytes times out like a silent server) and
 //! fails when the body is longer than the policy's cap instead of reading on. No compression is
-//! asked for or decoded, so a compressed body is never inflated.
+//! asked for or decoded, so a compressed body is never inflated. At most [`HOST_CONCURRENCY`]
+//! requests of this process go to one host at once; connectors that ask for a pause between
+//! requests to a host wait for it ([`pause`]).
 
-use std::time::{Duration, Instant};
+use std::{
+    collections::HashMap,
+    sync::{Arc, LazyLock, Mutex},
+    time::{Duration, Instant},
+};
 
 use capibara_shared::outbound;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::http::{map_reqwest, pinned_client, HttpError, OutboundPolicy};
@@ -92,6 +99,7 @@ pub async fn get(
                 .await
                 .map_err(HttpError::from)?;
             let client = pinned_client(policy, &url, &addrs)?;
+            let _slot = slot(url.host_str().unwrap_or("")).await;
             let remaining = policy.timeout.saturating_sub(started.elapsed());
             if remaining.is_zero() {
                 return Err(HttpError::Timeout.into());
@@ -156,4 +164,57 @@ pub async fn get(
         r = tokio::time::timeout(policy.timeout, fut) => r.unwrap_or(Err(HttpError::Timeout.into())),
         () = cancel.cancelled() => Err(GetError::Canceled),
     }
+}
+
+/// Requests one worker process makes to one host at once, at most (per-host concurrency).
+pub const HOST_CONCURRENCY: usize = 4;
+
+/// Per-host manners of this process: at most [`HOST_CONCURRENCY`] requests in flight to a
+/// host, and a pause between two requests to it when a connector asks for one.
+#[derive(Default)]
+struct Hosts {
+    gates: HashMap<String, Arc<Semaphore>>,
+    /// When the next request to a host may start.
+    next: HashMap<String, Instant>,
+}
+
+static HOSTS: LazyLock<Mutex<Hosts>> = LazyLock::new(Default::default);
+
+/// Most hosts remembered; the maps are emptied when they grow past it.
+const MAX_HOSTS: usize = 10_000;
+
+/// A slot among the [`HOST_CONCURRENCY`] requests to `host`; hold it for the request's life.
+async fn slot(host: &str) -> OwnedSemaphorePermit {
+    let gate = {
+        let mut h = HOSTS.lock().expect("hosts");
+        if h.gates.len() > MAX_HOSTS {
+            h.gates.clear();
+        }
+        h.gates
+            .entry(host.to_string())
+            .or_insert_with(|| Arc::new(Semaphore::new(HOST_CONCURRENCY)))
+            .clone()
+    };
+    gate.acquire_owned()
+        .await
+        .expect("host gates are never closed")
+}
+
+/// Politeness: wait until `delay` has passed since the start of the previous request to `host`
+/// that asked for a pause (requests of this process; each waiter reserves its own start).
+pub async fn pause(host: &str, delay: Duration) {
+    if delay.is_zero() {
+        return;
+    }
+    let wait = {
+        let mut h = HOSTS.lock().expect("hosts");
+        if h.next.len() > MAX_HOSTS {
+            h.next.clear();
+        }
+        let now = Instant::now();
+        let at = h.next.get(host).copied().unwrap_or(now).max(now);
+        h.next.insert(host.to_string(), at + delay);
+        at - now
+    };
+    tokio::time::sleep(wait).await;
 }

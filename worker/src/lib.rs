@@ -6,11 +6,15 @@
 //! - [`delivery_port`]: the Postgres side of webhook deliveries.
 //! - [`code_cache_port`]: the Postgres side of `code.run`'s result cache.
 //! - [`connector_port`]: the Postgres side of `connector.fetch` (connectors, seen items).
+//! - [`content`]: the text operations of `content.process`; [`content_port`]: where it reads
+//!   an earlier job's artifact.
 //! - [`sources`]: where `connector.fetch` lists items, one module per connector type.
 //! - [`http`]: outbound HTTP with the SSRF guard; [`fetch`]: GETs that follow redirects.
 
 pub mod code_cache_port;
 pub mod connector_port;
+pub mod content;
+pub mod content_port;
 pub mod delivery_port;
 pub mod executors;
 pub mod fetch;
@@ -49,6 +53,15 @@ pub fn registry(store: &Store, config: &Config, warm: &WarmUp) -> executors::Reg
     });
     register_code(&mut registry, store, config);
     registry.register(
+        "chat.post",
+        Arc::new(executors::chat::ChatPost {
+            policy: http::OutboundPolicy {
+                allow_private: config.outbound_allow_private,
+                ..Default::default()
+            },
+        }),
+    );
+    registry.register(
         "connector.fetch",
         Arc::new(executors::connector::ConnectorFetch {
             store: Arc::new(connector_port::PgConnectorStore {
@@ -61,6 +74,16 @@ pub fn registry(store: &Store, config: &Config, warm: &WarmUp) -> executors::Reg
                 allow_private: config.outbound_allow_private,
                 ..Default::default()
             },
+        }),
+    );
+    registry.register(
+        "content.process",
+        Arc::new(executors::content::ContentProcess {
+            artifacts: Arc::new(content_port::PgArtifactReader {
+                store: store.clone(),
+                artifacts: capibara_shared::artifacts::ArtifactStore::open(&config.artifacts)
+                    .map_err(|e| e.to_string()),
+            }),
         }),
     );
     executors::tts::register(&mut registry, config, warm);

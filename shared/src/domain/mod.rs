@@ -3,6 +3,7 @@
 //! # Layout
 //! - [`job`]: the job model, its event catalog and the fold that turns events into the `jobs` row.
 //! - [`connector`]: connectors, their types and the `connector` stream.
+//! - [`content`]: `content.process`'s input (items or an artifact, operations) and output.
 //! - [`kinds`]: the job kinds Capibara knows, their default queues and input validation.
 //! - [`event`]: stream types and the event envelope clients see.
 //! - [`retry`]: backoff policy.
@@ -17,6 +18,7 @@
 
 pub mod auth;
 pub mod connector;
+pub mod content;
 pub mod cron_expr;
 pub mod delivery;
 pub mod event;

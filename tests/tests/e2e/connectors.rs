@@ -642,3 +642,317 @@ async fn private_addresses_are_refused_unless_allowed() {
     .await;
     assert_eq!(job["error"]["type"], "forbidden_address", "{job}");
 }
+
+/// A small site: robots.txt (no /private, Crawl-delay 1), a blog page of articles, and the
+/// times its pages were asked for.
+#[derive(Default)]
+struct Site {
+    posts: Vec<String>,
+    page_hits: Vec<std::time::Instant>,
+    robots_hits: u64,
+}
+
+async fn site(state: Arc<Mutex<Site>>) -> String {
+    async fn robots(State(s): State<Arc<Mutex<Site>>>) -> Response {
+        s.lock().unwrap().robots_hits += 1;
+        "User-agent: *\nDisallow: /private\nCrawl-delay: 1\n".into_response()
+    }
+    async fn blog(State(s): State<Arc<Mutex<Site>>>) -> Response {
+        let mut s = s.lock().unwrap();
+        s.page_hits.push(std::time::Instant::now());
+        let mut html = String::from(
+            "<html><head><title>Blog</title><script>tracking()</script></head><body><main>",
+        );
+        for (k, p) in s.posts.iter().enumerate() {
+            html.push_str(&format!(
+                "<article><h2>{p}</h2><a href=\"posts/{k}\">more</a><p>Text of {p}.</p>\
+                 <span class=\"tag\">t{k}</span></article>"
+            ));
+        }
+        html.push_str("</main></body></html>");
+        ([("content-type", "text/html; charset=utf-8")], html).into_response()
+    }
+    async fn private() -> Response {
+        "<html><body>secret</body></html>".into_response()
+    }
+    let app = Router::new()
+        .route("/robots.txt", get(robots))
+        .route("/blog/", get(blog))
+        .route("/private/page", get(private))
+        .with_state(state);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}")
+}
+
+#[tokio::test]
+async fn web_pages_are_read_with_css_selectors_politely_and_as_robots_txt_allows() {
+    let env = env_allowing_loopback().await;
+    let _procs = env.spawn_all().await;
+    let api = env.client();
+    let state: Arc<Mutex<Site>> = Arc::default();
+    state.lock().unwrap().posts = vec!["Alpha".into(), "Beta".into()];
+    let base = site(state.clone()).await;
+    let c = api
+        .post(
+            "/v1/connectors",
+            json!({"name": "blog", "type": "web", "config": {
+                "url": format!("{base}/blog/"), "item": "article", "content": "p",
+                "lists": {"tags": ".tag"}, "delay_ms": 0}}),
+        )
+        .await;
+    assert_eq!(c.status, 201, "{c:?}");
+    let cid = c.body["id"].as_str().unwrap().to_string();
+    // A selector that does not parse is refused when saved.
+    let bad = api
+        .post(
+            "/v1/connectors",
+            json!({"name": "x", "type": "web", "config": {"url": format!("{base}/blog/"), "item": "article[["}}),
+        )
+        .await;
+    assert_eq!(bad.body["errors"][0]["field"], "config.item", "{bad:?}");
+
+    let job = fetch(&api, json!({"connector_id": cid})).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    let items = job["output"]["items"].as_array().unwrap().clone();
+    assert_eq!(items.len(), 2, "{job}");
+    assert_eq!(items[0]["title"], "Alpha");
+    assert_eq!(items[0]["url"], format!("{base}/blog/posts/0"));
+    assert_eq!(items[0]["content"], "Text of Alpha.");
+    assert_eq!(items[1]["fields"]["tags"], json!(["t1"]));
+
+    // A new post: only it is new. The site's Crawl-delay (1 s) spaces the two page requests,
+    // though the connector asked for no delay.
+    state.lock().unwrap().posts.push("Gamma".into());
+    let job = fetch(&api, json!({"connector_id": cid})).await;
+    assert_eq!(job["output"]["new_items"], 1, "{job}");
+    assert_eq!(job["output"]["items"][0]["title"], "Gamma");
+    {
+        let s = state.lock().unwrap();
+        assert_eq!(s.page_hits.len(), 2);
+        assert!(
+            s.page_hits[1] - s.page_hits[0] >= Duration::from_millis(950),
+            "requests to one host are spaced by the Crawl-delay"
+        );
+        assert_eq!(s.robots_hits, 1, "robots.txt is kept between fetches");
+    }
+
+    // robots.txt disallows /private: the page is never requested.
+    let job = fetch(
+        &api,
+        json!({"type": "web", "config": {"url": format!("{base}/private/page")}}),
+    )
+    .await;
+    assert_eq!(job["status"], "failed", "{job}");
+    assert_eq!(job["error"]["type"], "robots_disallowed", "{job}");
+}
+
+/// A Slack-compatible incoming webhook: `ok` on /hook (recording the bodies), Slack's 404
+/// `no_service` elsewhere, 429 with Retry-After once on /busy.
+async fn slack(seen: Arc<Mutex<Vec<Value>>>) -> String {
+    async fn hook(State(s): State<Arc<Mutex<Vec<Value>>>>, body: String) -> Response {
+        let v: Value = match serde_json::from_str(&body) {
+            Ok(v) => v,
+            Err(_) => return (StatusCode::BAD_REQUEST, "invalid_payload").into_response(),
+        };
+        s.lock().unwrap().push(v);
+        "ok".into_response()
+    }
+    async fn busy(State(s): State<Arc<Mutex<Vec<Value>>>>) -> Response {
+        let mut s = s.lock().unwrap();
+        s.push(json!({"busy": true}));
+        if s.iter().filter(|v| v["busy"] == true).count() == 1 {
+            (
+                StatusCode::TOO_MANY_REQUESTS,
+                [("retry-after", "1")],
+                "rate_limited",
+            )
+                .into_response()
+        } else {
+            "ok".into_response()
+        }
+    }
+    async fn gone() -> Response {
+        (StatusCode::NOT_FOUND, "no_service").into_response()
+    }
+    let app = Router::new()
+        .route("/hook", axum::routing::post(hook))
+        .route("/busy", axum::routing::post(busy))
+        .route("/gone", axum::routing::post(gone))
+        .with_state(seen);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}")
+}
+
+#[tokio::test]
+async fn chat_posts_reach_a_slack_compatible_webhook_and_its_answers_decide_the_job() {
+    let env = env_allowing_loopback().await;
+    let _procs = env.spawn_all().await;
+    let api = env.client();
+    let seen: Arc<Mutex<Vec<Value>>> = Arc::default();
+    let base = slack(seen.clone()).await;
+    let post = |path: &str, extra: Value| {
+        let mut input = json!({"url": format!("{base}{path}"), "text": "*Digest*: 3 new posts"});
+        input
+            .as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        json!({"kind": "chat.post", "input": input, "max_attempts": 2})
+    };
+    let r = api
+        .submit(json!({"kind": "chat.post", "input": {"url": "ftp://x/", "text": "t"}}))
+        .await;
+    assert_eq!(r.body["errors"][0]["field"], "input.url", "{r:?}");
+
+    let id = api
+        .submit_id(post(
+            "/hook",
+            json!({"channel": "#news", "blocks": [{"type": "divider"}]}),
+        ))
+        .await;
+    let job = api.wait_terminal(&id, Duration::from_secs(30)).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["output"]["response"], "ok");
+    assert_eq!(
+        seen.lock().unwrap()[0],
+        json!({"text": "*Digest*: 3 new posts", "channel": "#news", "blocks": [{"type": "divider"}]})
+    );
+
+    let id = api.submit_id(post("/gone", json!({}))).await;
+    let job = api.wait_terminal(&id, Duration::from_secs(30)).await;
+    assert_eq!(
+        (job["status"].as_str(), job["attempt"].as_u64()),
+        (Some("failed"), Some(1)),
+        "{job}"
+    );
+    assert!(
+        job["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no_service"),
+        "{job}"
+    );
+
+    let id = api.submit_id(post("/busy", json!({}))).await;
+    let job = api.wait_terminal(&id, Duration::from_secs(30)).await;
+    assert_eq!(
+        (job["status"].as_str(), job["attempt"].as_u64()),
+        (Some("succeeded"), Some(2)),
+        "{job}"
+    );
+}
+
+/// The worked example of docs/connectors.md (docs/examples/feed-digest.json): a workflow,
+/// scheduled every 15 minutes, fetches two feeds, keeps only new items, summarizes them and
+/// posts one digest to a chat webhook — here fired by hand (`POST /v1/schedules/{id}/trigger`)
+/// against local feed and webhook servers.
+#[tokio::test]
+async fn the_feed_digest_example_posts_each_new_item_once() {
+    let env = env_allowing_loopback().await;
+    let _procs = env.spawn_all().await;
+    let api = env.client();
+    let (a, b): (Shared, Shared) = (Arc::default(), Arc::default());
+    a.lock().unwrap().items = vec![
+        ("a1".into(), "rust-2026".into()),
+        ("a2".into(), "tokio-news".into()),
+    ];
+    b.lock().unwrap().items = vec![("b1".into(), "postgres-18".into())];
+    let (feed_a, feed_b) = (serve(a.clone()).await, serve(b.clone()).await);
+    let seen: Arc<Mutex<Vec<Value>>> = Arc::default();
+    let hook = format!("{}/hook", slack(seen.clone()).await);
+    let connector = |url: String| {
+        let api = api.clone();
+        async move {
+            let r = api
+                .post(
+                    "/v1/connectors",
+                    json!({"name": url, "type": "rss", "config": {"url": url}}),
+                )
+                .await;
+            assert_eq!(r.status, 201, "{r:?}");
+            r.body["id"].as_str().unwrap().to_string()
+        }
+    };
+    let ca = connector(format!("{feed_a}/feed.xml")).await;
+    let cb = connector(format!("{feed_b}/feed.xml")).await;
+    let def: Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../docs/examples/feed-digest.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let wf = capibara_tests::runs::create(&api, def).await;
+    let schedule = api
+        .post(
+            "/v1/schedules",
+            json!({"name": "digest", "cron": "*/15 * * * *", "overlap": "skip",
+                   "target": {"type": "workflow", "workflow_id": wf,
+                              "input": {"feed_a": ca, "feed_b": cb, "webhook": hook}}}),
+        )
+        .await;
+    assert_eq!(schedule.status, 201, "{schedule:?}");
+    let sid = schedule.body["id"].as_str().unwrap().to_string();
+    let fire = || {
+        let api = api.clone();
+        let sid = sid.clone();
+        async move {
+            let r = api
+                .post(&format!("/v1/schedules/{sid}/trigger"), json!({}))
+                .await;
+            assert!(r.status < 300, "{r:?}");
+            // A workflow target's tick starts a run: `last_job_id` names it.
+            let run = r.body["last_job_id"].as_str().unwrap().to_string();
+            capibara_tests::runs::ended(&api, &run, Duration::from_secs(90)).await
+        }
+    };
+
+    let run = fire().await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    assert_eq!(run["output"]["new_items"], 3, "{run}");
+    let digest = seen.lock().unwrap()[0]["text"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(digest.starts_with("*3 new posts*"), "{digest}");
+    for title in ["rust-2026", "tokio-news", "postgres-18"] {
+        assert!(digest.contains(title), "{digest}");
+    }
+    assert!(
+        digest.contains("About rust-2026"),
+        "summaries are in the digest: {digest}"
+    );
+
+    // One new post in feed b: the next digest has it alone.
+    b.lock()
+        .unwrap()
+        .items
+        .push(("b2".into(), "redis-8".into()));
+    b.lock().unwrap().version += 1;
+    let run = fire().await;
+    assert_eq!(run["output"]["new_items"], 1, "{run}");
+    let digest = seen.lock().unwrap()[1]["text"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        digest.starts_with("*1 new posts*") && digest.contains("redis-8"),
+        "{digest}"
+    );
+    assert!(!digest.contains("rust-2026"), "{digest}");
+
+    // Nothing new: nothing is posted (the steps are skipped).
+    let run = fire().await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    assert_eq!(run["output"]["new_items"], 0, "{run}");
+    assert_eq!(
+        capibara_tests::runs::step(&run, "post")["status"],
+        "skipped",
+        "{run}"
+    );
+    assert_eq!(seen.lock().unwrap().len(), 2);
+}

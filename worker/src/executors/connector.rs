@@ -114,6 +114,7 @@ fn exec_error(e: SourceError) -> ExecError {
             }
         }
         SourceError::Malformed(m) => abort("malformed_response", m),
+        SourceError::Refused(m) => abort("robots_disallowed", m),
         SourceError::Config(m) => abort("invalid_config", m),
     }
 }
@@ -193,6 +194,7 @@ impl ConnectorFetch {
         };
         match t.connector_type.as_str() {
             "rss" => sources::rss::list(req).await.map_err(exec_error),
+            "web" => sources::web::list(req).await.map_err(exec_error),
             other => Err(abort(
                 "invalid_config",
                 format!(
@@ -354,6 +356,7 @@ mod tests {
             updated: None,
             authors: vec![],
             categories: vec![],
+            fields: Default::default(),
         }
     }
 

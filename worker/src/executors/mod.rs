@@ -3,8 +3,10 @@
 
 pub mod builtin;
 pub mod callback;
+pub mod chat;
 pub mod code;
 pub mod connector;
+pub mod content;
 pub mod push;
 pub mod tts;
 pub mod workflow;

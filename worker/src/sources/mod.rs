@@ -4,6 +4,7 @@
 //! ([`crate::executors::connector`]).
 
 pub mod rss;
+pub mod web;
 
 use std::{collections::BTreeMap, time::Duration};
 
@@ -51,6 +52,9 @@ pub enum SourceError {
     /// The answer is not what the type reads (malformed XML, not a feed).
     #[error("{0}")]
     Malformed(String),
+    /// The source refuses to be read (robots.txt disallows the page).
+    #[error("{0}")]
+    Refused(String),
     /// The config does not fit the type (checked at submission; a bug if it happens).
     #[error("{0}")]
     Config(String),

@@ -37,21 +37,43 @@ pub struct ConnectorType {
 }
 
 /// Every connector type of this build.
-pub const TYPES: &[ConnectorType] = &[ConnectorType {
-    name: "rss",
-    description: "An RSS 0.9x/1.0/2.0, Atom or JSON Feed feed over HTTP(S), parsed with the \
+pub const TYPES: &[ConnectorType] = &[
+    ConnectorType {
+        name: "rss",
+        description: "An RSS 0.9x/1.0/2.0, Atom or JSON Feed feed over HTTP(S), parsed with the \
                   feed-rs library. Items are the feed's entries; new ones are those whose \
                   content was never returned before.",
-    validate: input::check::<RssConfig>,
-    schema: rss_schema,
-    example: || json!({"url": "https://blog.rust-lang.org/feed.xml"}),
-    secret_place: header_place,
-    secret_places: "`headers.<Header-Name>` (e.g. `headers.Authorization`)",
-    secret_pattern: "^headers\\.[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}$",
-    cursor: "{etag, last_modified, newest}: the validators of the last response (sent back as \
+        validate: input::check::<RssConfig>,
+        schema: rss_schema,
+        example: || json!({"url": "https://blog.rust-lang.org/feed.xml"}),
+        secret_place: header_place,
+        secret_places: "`headers.<Header-Name>` (e.g. `headers.Authorization`)",
+        secret_pattern: "^headers\\.[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}$",
+        cursor: "{etag, last_modified, newest}: the validators of the last response (sent back as \
              If-None-Match / If-Modified-Since, so an unchanged feed answers 304) and the newest \
              item date seen",
-}];
+    },
+    ConnectorType {
+        name: "web",
+        description:
+            "A web page over HTTP(S), parsed like a browser does (html5ever) and read with \
+                  CSS selectors: the page as one item, or one item per element `item` selects, \
+                  with title, link (relative URLs resolved), content and named lists. \
+                  robots.txt is obeyed and requests to one host are spaced by `delay_ms` (or \
+                  the site's Crawl-delay, if longer).",
+        validate: input::check::<WebConfig>,
+        schema: web_schema,
+        example: || {
+            json!({"url": "https://blog.rust-lang.org/", "item": "article, li.post",
+                       "title": "h2, h3", "link": "a[href]"})
+        },
+        secret_place: header_place,
+        secret_places: "`headers.<Header-Name>` (e.g. `headers.Authorization`)",
+        secret_pattern: "^headers\\.[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}$",
+        cursor: "{etag, last_modified}: the validators of the last response (an unchanged page \
+             answers 304)",
+    },
+];
 
 /// The type named `name`.
 pub fn find(name: &str) -> Option<&'static ConnectorType> {
@@ -158,29 +180,143 @@ pub struct RssConfig {
     pub timeout_s: Option<u32>,
 }
 
+/// Request headers: valid names, values of visible ASCII.
+fn check_headers(headers: &BTreeMap<String, String>) -> Result<(), FieldError> {
+    for (name, value) in headers {
+        if !valid_header_name(name) {
+            return Err(FieldError::new(
+                format!("headers.{name}"),
+                "is not a valid HTTP header name",
+            ));
+        }
+        if value.len() > 8192
+            || !value
+                .bytes()
+                .all(|b| b == b'\t' || (b' '..=b'~').contains(&b))
+        {
+            return Err(FieldError::new(
+                format!("headers.{name}"),
+                "must be at most 8192 characters of visible ASCII, spaces and tabs",
+            ));
+        }
+    }
+    Ok(())
+}
+
 impl KindInput for RssConfig {
     fn check(&self) -> Result<(), FieldError> {
         crate::outbound::parse_url(&self.url).map_err(|e| FieldError::new("url", e.to_string()))?;
-        for (name, value) in &self.headers {
-            if !valid_header_name(name) {
+        check_headers(&self.headers)
+    }
+}
+
+/// Config of a `web` connector.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WebConfig {
+    /// The page's http(s) URL. Private and loopback addresses are refused unless
+    /// `CAPIBARA_OUTBOUND_ALLOW_PRIVATE=true`.
+    #[schema(max_length = 2048)]
+    pub url: String,
+    /// CSS selector of the page's items (each match is one item); absent: the page is one item.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false, min_length = 1, max_length = 500)]
+    pub item: Option<String>,
+    /// CSS selector of an item's title (default: the first heading; for the whole page, its
+    /// `<title>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false, min_length = 1, max_length = 500)]
+    pub title: Option<String>,
+    /// CSS selector of an item's link (default `a[href]`; for the whole page, the page's URL):
+    /// the first match's `href`, resolved against the page's URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false, min_length = 1, max_length = 500)]
+    pub link: Option<String>,
+    /// CSS selector of an item's content: the visible text of every match (default: the
+    /// item's own text; for the whole page, `body`'s). Scripts and styles are left out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false, min_length = 1, max_length = 500)]
+    pub content: Option<String>,
+    /// Named lists: name → CSS selector; each list holds the text of every match in the item
+    /// (or the page), in the item's `fields.<name>`. When the page is one item, `fields.links`
+    /// lists every link of the page.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub lists: BTreeMap<String, String>,
+    /// Extra request headers (secret values go in the connector's `secrets`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
+    /// Milliseconds between two requests of one worker to the page's host (default 1000, at
+    /// most 60000); robots.txt's Crawl-delay wins when longer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 0, maximum = 60_000, nullable = false)]
+    pub delay_ms: Option<u32>,
+    /// Largest response read, in bytes (default 10 MiB, at most 100 MiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1024, maximum = 104_857_600, nullable = false)]
+    pub max_bytes: Option<u64>,
+    /// Seconds one request may take (default 30, 1-300).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 300, nullable = false)]
+    pub timeout_s: Option<u32>,
+}
+
+/// Default pause between two requests of one worker to one host (`web` connectors).
+pub const DEFAULT_DELAY_MS: u32 = 1000;
+
+impl KindInput for WebConfig {
+    fn check(&self) -> Result<(), FieldError> {
+        crate::outbound::parse_url(&self.url).map_err(|e| FieldError::new("url", e.to_string()))?;
+        check_headers(&self.headers)?;
+        for (field, sel) in [
+            ("item", &self.item),
+            ("title", &self.title),
+            ("link", &self.link),
+            ("content", &self.content),
+        ] {
+            if let Some(sel) = sel {
+                check_selector(field, sel)?;
+            }
+        }
+        if self.lists.len() > 20 {
+            return Err(FieldError::new("lists", "at most 20 lists"));
+        }
+        for (name, sel) in &self.lists {
+            if name.is_empty() || name.chars().count() > 64 {
                 return Err(FieldError::new(
-                    format!("headers.{name}"),
-                    "is not a valid HTTP header name",
+                    format!("lists.{name}"),
+                    "names are 1-64 characters",
                 ));
             }
-            if value.len() > 8192
-                || !value
-                    .bytes()
-                    .all(|b| b == b'\t' || (b' '..=b'~').contains(&b))
-            {
-                return Err(FieldError::new(
-                    format!("headers.{name}"),
-                    "must be at most 8192 characters of visible ASCII, spaces and tabs",
-                ));
-            }
+            check_selector(&format!("lists.{name}"), sel)?;
         }
         Ok(())
     }
+}
+
+/// A CSS selector that parses (`scraper`'s parser, the one the worker uses).
+fn check_selector(field: &str, sel: &str) -> Result<(), FieldError> {
+    if sel.trim().is_empty() || sel.chars().count() > 500 {
+        return Err(FieldError::new(field, "must be 1-500 characters"));
+    }
+    scraper::Selector::parse(sel)
+        .map(drop)
+        .map_err(|e| FieldError::new(field, format!("is not a CSS selector: {e}")))
+}
+
+/// The `web` config's schema: derived, with what the derivation cannot state. A selector's
+/// syntax is checked when the connector is saved (`x-css-selector` marks those fields).
+fn web_schema() -> Value {
+    let mut s = input::schema::<WebConfig>();
+    s["properties"]["url"]["pattern"] = json!(URL_PATTERN);
+    s["properties"]["headers"]["propertyNames"] = json!({"pattern": HEADER_NAME_PATTERN});
+    s["properties"]["headers"]["additionalProperties"] =
+        json!({"type": "string", "pattern": HEADER_VALUE_PATTERN, "maxLength": 8192});
+    s["properties"]["lists"]["maxProperties"] = json!(20);
+    s["properties"]["lists"]["propertyNames"] = json!({"minLength": 1, "maxLength": 64});
+    for f in ["item", "title", "link", "content"] {
+        s["properties"][f]["x-css-selector"] = json!(true);
+    }
+    s
 }
 
 /// `connector.fetch`: the new items of a connector (or of an inline config).
@@ -275,6 +411,9 @@ pub struct Item {
     pub authors: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub categories: Vec<String>,
+    /// What else the type reads (a `web` connector's named lists, a page's links).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub fields: BTreeMap<String, Vec<String>>,
 }
 
 impl Item {

@@ -161,6 +161,60 @@ pub struct TtsRenderInput {
 }
 impl KindInput for TtsRenderInput {}
 
+/// `chat.post`: a message to a Slack-compatible incoming webhook (Slack, Mattermost, Rocket.Chat,
+/// Discord's `/slack` endpoint, …): `POST url` with `{text, …}` as JSON.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ChatPostInput {
+    /// The webhook's http(s) URL, or a whole `${secret:NAME}` reference to one (in workflow
+    /// steps). Private and loopback addresses are refused unless
+    /// `CAPIBARA_OUTBOUND_ALLOW_PRIVATE=true`.
+    #[schema(
+        max_length = 2048,
+        pattern = r"^([Hh][Tt][Tt][Pp][Ss]?://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[!#-~]*)?|\$\{secret:[A-Za-z0-9_-]{1,128}\})$"
+    )]
+    pub url: String,
+    /// The message (Slack mrkdwn), at most 40,000 characters.
+    #[schema(min_length = 1, max_length = 40_000)]
+    pub text: String,
+    /// Slack Block Kit blocks, sent as they are.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false, max_items = 50)]
+    pub blocks: Option<Vec<Map<String, Value>>>,
+    /// Override the webhook's default channel, where the service allows it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false, max_length = 200)]
+    pub channel: Option<String>,
+    /// Override the webhook's display name, where the service allows it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false, max_length = 200)]
+    pub username: Option<String>,
+    /// Seconds the call may take (default 15, 1-60).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 60, nullable = false)]
+    pub timeout_s: Option<u32>,
+}
+
+impl ChatPostInput {
+    /// Whether `url` is a whole `${secret:NAME}` reference (resolved on the worker).
+    pub fn url_is_secret(&self) -> bool {
+        self.url
+            .strip_prefix("${secret:")
+            .and_then(|r| r.strip_suffix('}'))
+            .is_some_and(crate::domain::secret_name_ok)
+    }
+}
+
+impl KindInput for ChatPostInput {
+    fn check(&self) -> Result<(), FieldError> {
+        if !self.url_is_secret() {
+            crate::outbound::parse_url(&self.url)
+                .map_err(|e| FieldError::new("url", e.to_string()))?;
+        }
+        Ok(())
+    }
+}
+
 /// The JSON Schema derived from `T`, as JSON.
 pub fn schema<T: PartialSchema>() -> Value {
     let mut v = serde_json::to_value(T::schema()).expect("a schema serializes");

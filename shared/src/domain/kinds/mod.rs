@@ -13,10 +13,13 @@ pub mod user;
 
 use serde_json::{json, Value};
 
-use self::input::{CodeRunInput, CodeValidateInput, FailInput, SleepInput, TtsRenderInput};
+use self::input::{
+    ChatPostInput, CodeRunInput, CodeValidateInput, FailInput, SleepInput, TtsRenderInput,
+};
 use self::user::UserKind;
 use super::{
     connector::types::{ConnectorFetchInput, ConnectorFetchOutput},
+    content::{ContentProcessInput, ContentProcessOutput},
     FieldError,
 };
 
@@ -244,6 +247,29 @@ pub const KINDS: &[KindSpec] = &[
         validate: input::check::<ConnectorFetchInput>,
         schema: |_| super::connector::types::fetch_schema(),
         output: Some(typed::<ConnectorFetchOutput>),
+    },
+    KindSpec {
+        name: "content.process",
+        default_queue: "default",
+        description: "Text operations on items, inline (`items`) or a JSONL artifact of an \
+                      earlier job (`artifact`, e.g. connector.fetch's items.jsonl): language, \
+                      keywords, summary, readability, stats, html_to_text; output {items (one \
+                      result per item), processed} (docs/content.md).",
+        internal: false,
+        validate: input::check::<ContentProcessInput>,
+        schema: |_| super::content::input_schema(),
+        output: Some(typed::<ContentProcessOutput>),
+    },
+    KindSpec {
+        name: "chat.post",
+        default_queue: "default",
+        description: "Posts `text` (and Block Kit `blocks`) to a Slack-compatible incoming \
+                      webhook; output {status, response, duration_ms}; 429 and 5xx are retried \
+                      (after Retry-After), other 4xx fail (docs/connectors.md).",
+        internal: false,
+        validate: input::check::<ChatPostInput>,
+        schema: |_| typed::<ChatPostInput>(),
+        output: Some(typed::<output::ChatPostOutput>),
     },
     KindSpec {
         name: "callback.deliver",

@@ -76,3 +76,13 @@ pub struct TtsRenderOutput {
     /// The artifact holding the audio (`audio.wav` or `audio.pcm`).
     pub artifact: String,
 }
+
+/// `chat.post`'s output: what the webhook answered.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ChatPostOutput {
+    /// The HTTP status (2xx).
+    pub status: u16,
+    /// The first 512 characters of the answer (Slack answers `ok`).
+    pub response: String,
+    pub duration_ms: f64,
+}
