@@ -956,3 +956,194 @@ async fn the_feed_digest_example_posts_each_new_item_once() {
     );
     assert_eq!(seen.lock().unwrap().len(), 2);
 }
+
+/// A JSON API: OAuth2 client credentials at /oauth/token, items behind the token with Link
+/// pagination at /items, a cursor-paginated event log at /events (`after`), an offset-paginated
+/// list behind an API key at /list.
+#[derive(Default)]
+struct JsonApi {
+    items: Vec<Value>,
+    events: Vec<Value>,
+    token_hits: u64,
+    /// The `after` of every /events request.
+    afters: Vec<Option<String>>,
+}
+
+async fn json_api(state: Arc<Mutex<JsonApi>>) -> String {
+    use axum::extract::Query;
+    use std::collections::HashMap;
+    type S = State<Arc<Mutex<JsonApi>>>;
+    async fn token(State(s): S, headers: HeaderMap, body: String) -> Response {
+        // client_id "app", client_secret "s3cret" with HTTP Basic (RFC 6749 §2.3.1).
+        let ok = headers.get("authorization").and_then(|v| v.to_str().ok())
+            == Some("Basic YXBwOnMzY3JldA==");
+        if !ok || !body.contains("grant_type=client_credentials") {
+            return (
+                StatusCode::UNAUTHORIZED,
+                axum::Json(json!({"error": "invalid_client"})),
+            )
+                .into_response();
+        }
+        s.lock().unwrap().token_hits += 1;
+        axum::Json(json!({"access_token": "tok-1", "token_type": "Bearer", "expires_in": 3600}))
+            .into_response()
+    }
+    async fn items(
+        State(s): S,
+        headers: HeaderMap,
+        Query(q): Query<HashMap<String, String>>,
+    ) -> Response {
+        if headers.get("authorization").and_then(|v| v.to_str().ok()) != Some("Bearer tok-1") {
+            return StatusCode::UNAUTHORIZED.into_response();
+        }
+        let page: usize = q.get("page").and_then(|p| p.parse().ok()).unwrap_or(1);
+        let all = s.lock().unwrap().items.clone();
+        let chunk: Vec<Value> = all.iter().skip((page - 1) * 5).take(5).cloned().collect();
+        let mut r = axum::Json(json!({"data": chunk})).into_response();
+        if page * 5 < all.len() {
+            let link = format!(
+                "</items?page={}>; rel=\"next\", </items?page=1>; rel=\"first\"",
+                page + 1
+            );
+            r.headers_mut().insert("link", link.parse().unwrap());
+        }
+        r
+    }
+    async fn events(State(s): S, Query(q): Query<HashMap<String, String>>) -> Response {
+        let mut s = s.lock().unwrap();
+        let after = q.get("after").cloned();
+        s.afters.push(after.clone());
+        let from = after.and_then(|a| a.parse::<usize>().ok()).unwrap_or(0);
+        let chunk: Vec<Value> = s.events.iter().skip(from).take(3).cloned().collect();
+        let next = from + chunk.len();
+        axum::Json(json!({"events": chunk, "meta": {"next": if chunk.is_empty() { Value::Null } else { json!(next.to_string()) }}}))
+            .into_response()
+    }
+    async fn list(headers: HeaderMap, Query(q): Query<HashMap<String, String>>) -> Response {
+        if headers.get("x-api-key").and_then(|v| v.to_str().ok()) != Some("k-123") {
+            return StatusCode::FORBIDDEN.into_response();
+        }
+        let offset: usize = q.get("offset").and_then(|p| p.parse().ok()).unwrap_or(0);
+        let limit: usize = q.get("limit").and_then(|p| p.parse().ok()).unwrap_or(2);
+        let rows: Vec<Value> = (0..7)
+            .skip(offset)
+            .take(limit)
+            .map(|k| json!({"id": k, "name": format!("row {k}")}))
+            .collect();
+        axum::Json(Value::Array(rows)).into_response()
+    }
+    let app = Router::new()
+        .route("/oauth/token", axum::routing::post(token))
+        .route("/items", get(items))
+        .route("/events", get(events))
+        .route("/list", get(list))
+        .with_state(state);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}")
+}
+
+#[tokio::test]
+async fn json_apis_are_read_page_after_page_with_their_authentication() {
+    let env = env_allowing_loopback().await;
+    let _procs = env.spawn_all().await;
+    let api = env.client();
+    let state: Arc<Mutex<JsonApi>> = Arc::default();
+    {
+        let mut s = state.lock().unwrap();
+        s.items = (0..12)
+            .map(|k| json!({"id": k, "name": format!("item {k}"), "url": format!("/i/{k}")}))
+            .collect();
+        s.events = (0..5)
+            .map(|k| json!({"seq": k, "what": format!("event {k}")}))
+            .collect();
+    }
+    let base = json_api(state.clone()).await;
+    for (name, value) in [("API_SECRET", "s3cret"), ("API_KEY", "k-123")] {
+        let r = api
+            .send(
+                api.http
+                    .put(api.url(&format!("/v1/secrets/{name}")))
+                    .json(&json!({"value": value})),
+            )
+            .await;
+        assert!(r.status < 300, "{r:?}");
+    }
+    let create = |body: Value| {
+        let api = api.clone();
+        async move {
+            let r = api.post("/v1/connectors", body).await;
+            assert_eq!(r.status, 201, "{r:?}");
+            r.body["id"].as_str().unwrap().to_string()
+        }
+    };
+    // OAuth2 client credentials and the Link header.
+    let items = create(json!({"name": "items", "type": "api", "config": {
+        "url": format!("{base}/items"), "items": "/data", "title": "/name", "link": "/url",
+        "pagination": {"type": "link"},
+        "auth": {"type": "oauth2", "token_url": format!("{base}/oauth/token"), "client_id": "app"}},
+        "secrets": {"auth.client_secret": "API_SECRET"}}))
+    .await;
+    let job = fetch(&api, json!({"connector_id": items, "inline_items": 20})).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["output"]["new_items"], 12, "three pages: {job}");
+    assert_eq!(job["output"]["items"][11]["title"], "item 11");
+    assert_eq!(job["output"]["items"][0]["data"]["url"], "/i/0");
+    let job = fetch(&api, json!({"connector_id": items})).await;
+    assert_eq!(job["output"]["new_items"], 0, "{job}");
+    state.lock().unwrap().items[3]["name"] = json!("item 3, edited");
+    let job = fetch(&api, json!({"connector_id": items})).await;
+    assert_eq!(job["output"]["new_items"], 1, "{job}");
+    assert_eq!(job["output"]["items"][0]["title"], "item 3, edited");
+    assert_eq!(
+        state.lock().unwrap().token_hits,
+        1,
+        "the token is kept until it expires"
+    );
+    assert!(!job.to_string().contains("s3cret"));
+
+    // A cursor in the page, resumed from where the last fetch stopped.
+    let events = create(json!({"name": "events", "type": "api", "config": {
+        "url": format!("{base}/events"), "items": "/events", "id": "/seq",
+        "pagination": {"type": "cursor", "cursor": "/meta/next", "param": "after", "resume": true}}}))
+    .await;
+    let job = fetch(&api, json!({"connector_id": events})).await;
+    assert_eq!(job["output"]["new_items"], 5, "{job}");
+    assert_eq!(job["output"]["cursor"]["cursor"], "5", "{job}");
+    state
+        .lock()
+        .unwrap()
+        .events
+        .push(json!({"seq": 5, "what": "event 5"}));
+    let job = fetch(&api, json!({"connector_id": events})).await;
+    assert_eq!(job["output"]["new_items"], 1, "{job}");
+    assert_eq!(
+        state.lock().unwrap().afters[3..].to_vec(),
+        vec![Some("5".to_string()), Some("6".to_string())],
+        "the second fetch started from the stored cursor"
+    );
+
+    // An API key header and offsets.
+    let rows = create(json!({"name": "rows", "type": "api", "config": {
+        "url": format!("{base}/list"), "title": "/name",
+        "pagination": {"type": "offset", "param": "offset", "limit_param": "limit", "limit": 3},
+        "auth": {"type": "header", "name": "X-Api-Key"}},
+        "secrets": {"auth.value": "API_KEY"}}))
+    .await;
+    let job = fetch(&api, json!({"connector_id": rows, "inline_items": 10})).await;
+    assert_eq!(job["output"]["new_items"], 7, "{job}");
+    // Without the credential's secret the fetch fails and says which one.
+    let broken = create(json!({"name": "b", "type": "api", "config": {
+        "url": format!("{base}/list"), "auth": {"type": "bearer"}}}))
+    .await;
+    let job = fetch(&api, json!({"connector_id": broken})).await;
+    assert_eq!(job["error"]["type"], "invalid_config", "{job}");
+    assert!(
+        job["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("auth.token"),
+        "{job}"
+    );
+}

@@ -193,6 +193,7 @@ impl ConnectorFetch {
             cancel: &ctx.cancel,
         };
         match t.connector_type.as_str() {
+            "api" => sources::api::list(req).await.map_err(exec_error),
             "rss" => sources::rss::list(req).await.map_err(exec_error),
             "web" => sources::web::list(req).await.map_err(exec_error),
             other => Err(abort(
@@ -357,6 +358,7 @@ mod tests {
             authors: vec![],
             categories: vec![],
             fields: Default::default(),
+            data: None,
         }
     }
 

@@ -3,6 +3,7 @@
 //! them; which of them are new is the executor's business
 //! ([`crate::executors::connector`]).
 
+pub mod api;
 pub mod rss;
 pub mod web;
 

@@ -115,6 +115,7 @@ pub fn parse(body: &[u8], base: &str) -> Result<Vec<Item>, SourceError> {
                 authors: e.authors.into_iter().filter_map(|p| p.name).collect(),
                 categories: e.categories.into_iter().map(|c| c.term).collect(),
                 fields: Default::default(),
+                data: None,
             }
         })
         .collect())

@@ -229,6 +229,7 @@ pub fn read(page: &str, base: &url::Url, config: &WebConfig) -> Result<Vec<Item>
             authors: Vec::new(),
             categories: Vec::new(),
             fields,
+            data: None,
         }
     };
     let root = doc.root_element();

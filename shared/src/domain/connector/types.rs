@@ -73,6 +73,28 @@ pub const TYPES: &[ConnectorType] = &[
         cursor: "{etag, last_modified}: the validators of the last response (an unchanged page \
              answers 304)",
     },
+    ConnectorType {
+        name: "api",
+        description: "A JSON API over HTTP(S): the items of each page (a JSON Pointer to the \
+                      array), page after page (Link header, a cursor in the page, a page number \
+                      or an offset), with bearer, basic, API-key header or OAuth2 \
+                      client-credentials authentication. New items are those whose JSON was \
+                      never returned before.",
+        validate: input::check::<ApiConfig>,
+        schema: api_schema,
+        example: || {
+            json!({"url": "https://api.github.com/repos/rust-lang/rust/releases",
+                   "pagination": {"type": "link"}, "max_pages": 3,
+                   "title": "/name", "link": "/html_url", "auth": {"type": "bearer"}})
+        },
+        secret_place: api_secret_place,
+        secret_places: "`headers.<Header-Name>`, and the credential of `auth`: `auth.token` \
+                        (bearer), `auth.password` (basic), `auth.value` (header), \
+                        `auth.client_secret` (oauth2)",
+        secret_pattern: "^(headers\\.[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}|auth\\.(token|password|value|client_secret))$",
+        cursor: "{cursor}: with `pagination.resume`, the last cursor of a cursor-paginated API; \
+                 otherwise every fetch walks from the first page",
+    },
 ];
 
 /// The type named `name`.
@@ -319,6 +341,206 @@ fn web_schema() -> Value {
     s
 }
 
+/// Config of an `api` connector: a JSON API over HTTP(S), page after page.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// The first page's http(s) URL. Private and loopback addresses are refused unless
+    /// `CAPIBARA_OUTBOUND_ALLOW_PRIVATE=true`.
+    #[schema(max_length = 2048)]
+    pub url: String,
+    /// JSON Pointer (RFC 6901) to the array of items in a page, e.g. `/data` (default: the page
+    /// itself when it is an array, else the first of `/items`, `/data`, `/results`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false, max_length = 200, pattern = "^(/[^/]*)*$")]
+    pub items: Option<String>,
+    /// JSON Pointer within an item to its id (default `/id`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false, max_length = 200, pattern = "^(/[^/]*)*$")]
+    pub id: Option<String>,
+    /// JSON Pointer within an item to its title.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false, max_length = 200, pattern = "^(/[^/]*)*$")]
+    pub title: Option<String>,
+    /// JSON Pointer within an item to its URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false, max_length = 200, pattern = "^(/[^/]*)*$")]
+    pub link: Option<String>,
+    /// How to get the next page (default: one page).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false, inline)]
+    pub pagination: Option<Pagination>,
+    /// Pages read at most in one fetch (1-1000, default 10).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 1000, nullable = false)]
+    pub max_pages: Option<u32>,
+    /// How to authenticate (the credential itself is a secret of the connector).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false, inline)]
+    pub auth: Option<ApiAuth>,
+    /// Extra request headers (secret values go in the connector's `secrets`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
+    /// Largest page read, in bytes (default 10 MiB, at most 100 MiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1024, maximum = 104_857_600, nullable = false)]
+    pub max_bytes: Option<u64>,
+    /// Seconds one request may take (default 30, 1-300).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 300, nullable = false)]
+    pub timeout_s: Option<u32>,
+}
+
+/// How an `api` connector finds the next page.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Pagination {
+    /// The response's `Link: <…>; rel="next"` header (RFC 8288), as GitHub's API sends it.
+    Link,
+    /// A cursor in the page (`cursor`, a JSON Pointer such as `/meta/next_cursor`) sent back as
+    /// the query parameter `param`; an absent, null or empty cursor ends the walk. With
+    /// `resume`, the next fetch starts from the last cursor instead of the first page (APIs
+    /// whose cursor means "after this point").
+    Cursor {
+        #[schema(max_length = 200, pattern = "^(/[^/]*)*$")]
+        cursor: String,
+        #[schema(min_length = 1, max_length = 100)]
+        param: String,
+        #[serde(default)]
+        resume: bool,
+    },
+    /// A page number in the query parameter `param`, from `start` (default 1); a page with no
+    /// items ends the walk.
+    Page {
+        #[schema(min_length = 1, max_length = 100)]
+        param: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[schema(nullable = false, minimum = 0)]
+        start: Option<u64>,
+    },
+    /// An offset in the query parameter `param`, moved by the number of items each page held;
+    /// `limit_param` = `limit` is sent with it when given. A page with no items ends the walk.
+    Offset {
+        #[schema(min_length = 1, max_length = 100)]
+        param: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[schema(nullable = false, min_length = 1, max_length = 100)]
+        limit_param: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[schema(nullable = false, minimum = 1, maximum = 10_000)]
+        limit: Option<u32>,
+    },
+}
+
+/// How an `api` connector authenticates. The credential is a secret of the connector, at the
+/// place named.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ApiAuth {
+    /// `Authorization: Bearer <secret auth.token>`.
+    Bearer,
+    /// `Authorization: Basic` with `username` and the password `<secret auth.password>`.
+    Basic {
+        #[schema(max_length = 200)]
+        username: String,
+    },
+    /// A header `name` holding `<secret auth.value>` (an API key).
+    Header {
+        #[schema(
+            min_length = 1,
+            max_length = 128,
+            pattern = "^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}$"
+        )]
+        name: String,
+    },
+    /// OAuth 2.0 client credentials (RFC 6749 §4.4): a token from `token_url` for `client_id`
+    /// and `<secret auth.client_secret>` (sent with HTTP Basic), kept until it expires.
+    Oauth2 {
+        #[schema(max_length = 2048)]
+        token_url: String,
+        #[schema(min_length = 1, max_length = 500)]
+        client_id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[schema(nullable = false, max_length = 1000)]
+        scope: Option<String>,
+    },
+}
+
+impl ApiAuth {
+    /// The secret place this method reads its credential from.
+    pub fn secret_place(&self) -> &'static str {
+        match self {
+            ApiAuth::Bearer => "auth.token",
+            ApiAuth::Basic { .. } => "auth.password",
+            ApiAuth::Header { .. } => "auth.value",
+            ApiAuth::Oauth2 { .. } => "auth.client_secret",
+        }
+    }
+}
+
+impl KindInput for ApiConfig {
+    fn check(&self) -> Result<(), FieldError> {
+        crate::outbound::parse_url(&self.url).map_err(|e| FieldError::new("url", e.to_string()))?;
+        check_headers(&self.headers)?;
+        if let Some(ApiAuth::Oauth2 { token_url, .. }) = &self.auth {
+            crate::outbound::parse_url(token_url)
+                .map_err(|e| FieldError::new("auth.token_url", e.to_string()))?;
+        }
+        Ok(())
+    }
+}
+
+fn api_secret_place(place: &str) -> bool {
+    header_place(place)
+        || [
+            "auth.token",
+            "auth.password",
+            "auth.value",
+            "auth.client_secret",
+        ]
+        .contains(&place)
+}
+
+/// The `api` config's schema: derived, with what the derivation cannot state.
+fn api_schema() -> Value {
+    /// Every `token_url` property under `v` is a URL.
+    fn token_urls(v: &mut Value) {
+        match v {
+            Value::Object(m) => {
+                if let Some(t) = m.get_mut("properties").and_then(|p| p.get_mut("token_url")) {
+                    t["pattern"] = json!(URL_PATTERN);
+                }
+                m.values_mut().for_each(token_urls);
+            }
+            Value::Array(a) => a.iter_mut().for_each(token_urls),
+            _ => {}
+        }
+    }
+    /// Object schemas under `v` allow no other properties (serde's `deny_unknown_fields` on
+    /// the tagged enums, which the derivation does not state).
+    fn closed(v: &mut Value) {
+        match v {
+            Value::Object(m) => {
+                if m.contains_key("properties") && !m.contains_key("additionalProperties") {
+                    m.insert("additionalProperties".into(), json!(false));
+                }
+                m.values_mut().for_each(closed);
+            }
+            Value::Array(a) => a.iter_mut().for_each(closed),
+            _ => {}
+        }
+    }
+    let mut s = input::schema::<ApiConfig>();
+    token_urls(&mut s);
+    closed(&mut s["properties"]["pagination"]);
+    closed(&mut s["properties"]["auth"]);
+    s["properties"]["url"]["pattern"] = json!(URL_PATTERN);
+    s["properties"]["headers"]["propertyNames"] = json!({"pattern": HEADER_NAME_PATTERN});
+    s["properties"]["headers"]["additionalProperties"] =
+        json!({"type": "string", "pattern": HEADER_VALUE_PATTERN, "maxLength": 8192});
+    s
+}
+
 /// `connector.fetch`: the new items of a connector (or of an inline config).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -414,6 +636,10 @@ pub struct Item {
     /// What else the type reads (a `web` connector's named lists, a page's links).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub fields: BTreeMap<String, Vec<String>>,
+    /// The source's own record, as it sent it (an `api` connector's item).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub data: Option<Value>,
 }
 
 impl Item {
@@ -493,6 +719,16 @@ mod tests {
             (t.validate)(&(t.example)()).unwrap();
             assert!(jsonschema::is_valid(&schema, &(t.example)()), "{}", t.name);
         }
+        let api = api_schema();
+        assert!(
+            api.to_string().contains("token_url\":{")
+                && api.to_string().matches(URL_PATTERN).count() >= 2,
+            "{api}"
+        );
+        let closed = jsonschema::validator_for(&api).unwrap();
+        assert!(!closed.is_valid(
+            &json!({"url": "http://x.test/", "pagination": {"type": "link", "extra": 1}})
+        ));
         let fetch = jsonschema::validator_for(&fetch_schema()).unwrap();
         assert!(fetch.is_valid(&json!({"connector_id": Uuid::now_v7(), "max_items": 5})));
         assert!(fetch.is_valid(&json!({"type": "rss", "config": {"url": "https://x.test/f"}})));
