@@ -10,9 +10,7 @@ use std::{
 };
 
 use base64::Engine as _;
-use capibara_shared::domain::connector::types::{
-    ApiAuth, ApiConfig, Item, Pagination, DEFAULT_MAX_BYTES, DEFAULT_TIMEOUT_S,
-};
+use capibara_shared::domain::connector::types::{ApiAuth, ApiConfig, Item, Pagination};
 use serde_json::{json, Value};
 
 use super::{snippet, Listing, Request, SourceError};
@@ -21,22 +19,8 @@ use crate::{fetch, http::OutboundPolicy};
 pub async fn list(req: Request<'_>) -> Result<Listing, SourceError> {
     let config: ApiConfig = serde_json::from_value(req.config.clone())
         .map_err(|e| SourceError::Config(e.to_string()))?;
-    let policy = OutboundPolicy {
-        max_response_bytes: config.max_bytes.unwrap_or(DEFAULT_MAX_BYTES) as usize,
-        timeout: Duration::from_secs(config.timeout_s.unwrap_or(DEFAULT_TIMEOUT_S).into()),
-        ..req.policy.clone()
-    };
-    let mut headers: Vec<(String, String)> = config
-        .headers
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    for (place, value) in req.secrets {
-        if let Some(name) = place.strip_prefix("headers.") {
-            headers.retain(|(k, _)| !k.eq_ignore_ascii_case(name));
-            headers.push((name.to_string(), value.clone()));
-        }
-    }
+    let policy = super::policy(req.policy, config.max_bytes, config.timeout_s);
+    let mut headers = super::headers(&config.headers, req.secrets);
     if let Some(auth) = &config.auth {
         let secret = req.secrets.get(auth.secret_place()).ok_or_else(|| {
             SourceError::Config(format!(
@@ -84,11 +68,7 @@ pub async fn list(req: Request<'_>) -> Result<Listing, SourceError> {
     for page in 0..max_pages {
         let got = fetch::get(&policy, &url, &headers, req.cancel).await?;
         if !(200..300).contains(&got.status) {
-            return Err(SourceError::Status {
-                status: got.status,
-                retry_after: got.retry_after,
-                snippet: snippet(&got.body),
-            });
+            return Err(super::status(&got));
         }
         bytes += got.body.len() as u64;
         let body: Value = serde_json::from_slice(&got.body)

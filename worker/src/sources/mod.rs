@@ -61,6 +61,68 @@ pub enum SourceError {
     Config(String),
 }
 
+/// A request's headers: the config's, with the connector's secrets at `headers.<Name>` (a
+/// secret replaces a header of the same name).
+pub fn headers(
+    config: &BTreeMap<String, String>,
+    secrets: &BTreeMap<String, String>,
+) -> Vec<(String, String)> {
+    let mut headers: Vec<(String, String)> =
+        config.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    for (place, value) in secrets {
+        if let Some(name) = place.strip_prefix("headers.") {
+            headers.retain(|(k, _)| !k.eq_ignore_ascii_case(name));
+            headers.push((name.to_string(), value.clone()));
+        }
+    }
+    headers
+}
+
+/// A conditional request: the validators a cursor kept (`etag`, `last_modified`) as
+/// `If-None-Match` / `If-Modified-Since`.
+pub fn validators(headers: &mut Vec<(String, String)>, cursor: Option<&Value>) {
+    let text = |k: &str| cursor.and_then(|c| c.get(k)).and_then(Value::as_str);
+    if let Some(etag) = text("etag") {
+        headers.push(("if-none-match".into(), etag.to_string()));
+    }
+    if let Some(lm) = text("last_modified") {
+        headers.push(("if-modified-since".into(), lm.to_string()));
+    }
+}
+
+/// The limits of one connector's requests: its `max_bytes` and `timeout_s`, or the defaults.
+pub fn policy(
+    base: &crate::http::OutboundPolicy,
+    max_bytes: Option<u64>,
+    timeout_s: Option<u32>,
+) -> crate::http::OutboundPolicy {
+    use capibara_shared::domain::connector::types::{DEFAULT_MAX_BYTES, DEFAULT_TIMEOUT_S};
+    crate::http::OutboundPolicy {
+        max_response_bytes: max_bytes.unwrap_or(DEFAULT_MAX_BYTES) as usize,
+        timeout: Duration::from_secs(timeout_s.unwrap_or(DEFAULT_TIMEOUT_S).into()),
+        ..base.clone()
+    }
+}
+
+/// What a 304 lists: nothing, and the cursor as it was.
+pub fn not_modified(cursor: Option<&Value>) -> Listing {
+    Listing {
+        items: Vec::new(),
+        cursor: cursor.cloned().unwrap_or_else(|| serde_json::json!({})),
+        not_modified: true,
+        bytes: 0,
+    }
+}
+
+/// A response that is not a listing (any status but 2xx).
+pub fn status(got: &crate::fetch::Got) -> SourceError {
+    SourceError::Status {
+        status: got.status,
+        retry_after: got.retry_after,
+        snippet: snippet(&got.body),
+    }
+}
+
 /// The first characters of a body, for error messages.
 pub fn snippet(body: &[u8]) -> String {
     String::from_utf8_lossy(&body[..body.len().min(200)])

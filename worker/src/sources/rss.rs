@@ -2,62 +2,30 @@
 //! the response's validators (`ETag`, `Last-Modified`), sent back as `If-None-Match` /
 //! `If-Modified-Since`, so an unchanged feed costs one request and no parse.
 
-use capibara_shared::domain::connector::types::{
-    Item, RssConfig, DEFAULT_MAX_BYTES, DEFAULT_TIMEOUT_S,
-};
+use capibara_shared::domain::connector::types::{Item, RssConfig};
 use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
 
-use super::{snippet, Listing, Request, SourceError};
-use crate::{fetch, http::OutboundPolicy};
+use super::{Listing, Request, SourceError};
+use crate::fetch;
 
 pub async fn list(req: Request<'_>) -> Result<Listing, SourceError> {
     let config: RssConfig = serde_json::from_value(req.config.clone())
         .map_err(|e| SourceError::Config(e.to_string()))?;
-    let mut headers: Vec<(String, String)> = config
-        .headers
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    for (place, value) in req.secrets {
-        if let Some(name) = place.strip_prefix("headers.") {
-            headers.retain(|(k, _)| !k.eq_ignore_ascii_case(name));
-            headers.push((name.to_string(), value.clone()));
-        }
-    }
+    let mut headers = super::headers(&config.headers, req.secrets);
     headers.push((
         "accept".into(),
         "application/rss+xml, application/atom+xml, application/feed+json, application/xml;q=0.9, */*;q=0.8".into(),
     ));
+    super::validators(&mut headers, req.cursor);
     let text = |k: &str| req.cursor.and_then(|c| c.get(k)).and_then(Value::as_str);
-    if let Some(etag) = text("etag") {
-        headers.push(("if-none-match".into(), etag.to_string()));
-    }
-    if let Some(lm) = text("last_modified") {
-        headers.push(("if-modified-since".into(), lm.to_string()));
-    }
-    let policy = OutboundPolicy {
-        max_response_bytes: config.max_bytes.unwrap_or(DEFAULT_MAX_BYTES) as usize,
-        timeout: std::time::Duration::from_secs(
-            config.timeout_s.unwrap_or(DEFAULT_TIMEOUT_S).into(),
-        ),
-        ..req.policy.clone()
-    };
+    let policy = super::policy(req.policy, config.max_bytes, config.timeout_s);
     let got = fetch::get(&policy, &config.url, &headers, req.cancel).await?;
     if got.status == 304 {
-        return Ok(Listing {
-            items: Vec::new(),
-            cursor: req.cursor.cloned().unwrap_or_else(|| json!({})),
-            not_modified: true,
-            bytes: 0,
-        });
+        return Ok(super::not_modified(req.cursor));
     }
     if !(200..300).contains(&got.status) {
-        return Err(SourceError::Status {
-            status: got.status,
-            retry_after: got.retry_after,
-            snippet: snippet(&got.body),
-        });
+        return Err(super::status(&got));
     }
     let items = parse(&got.body, got.url.as_str())?;
     let newest = items

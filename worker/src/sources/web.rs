@@ -10,14 +10,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use capibara_shared::domain::connector::types::{
-    Item, WebConfig, DEFAULT_DELAY_MS, DEFAULT_MAX_BYTES, DEFAULT_TIMEOUT_S,
-};
+use capibara_shared::domain::connector::types::{Item, WebConfig, DEFAULT_DELAY_MS};
 use scraper::{ElementRef, Html, Selector};
-use serde_json::{json, Value};
+use serde_json::json;
 use texting_robots::Robot;
 
-use super::{snippet, Listing, Request, SourceError};
+use super::{Listing, Request, SourceError};
 use crate::{fetch, http::OutboundPolicy};
 
 /// The name robots.txt rules are matched against.
@@ -26,22 +24,8 @@ pub const AGENT: &str = "Capibara-Connector";
 pub async fn list(req: Request<'_>) -> Result<Listing, SourceError> {
     let config: WebConfig = serde_json::from_value(req.config.clone())
         .map_err(|e| SourceError::Config(e.to_string()))?;
-    let mut headers: Vec<(String, String)> = config
-        .headers
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    for (place, value) in req.secrets {
-        if let Some(name) = place.strip_prefix("headers.") {
-            headers.retain(|(k, _)| !k.eq_ignore_ascii_case(name));
-            headers.push((name.to_string(), value.clone()));
-        }
-    }
-    let policy = OutboundPolicy {
-        max_response_bytes: config.max_bytes.unwrap_or(DEFAULT_MAX_BYTES) as usize,
-        timeout: Duration::from_secs(config.timeout_s.unwrap_or(DEFAULT_TIMEOUT_S).into()),
-        ..req.policy.clone()
-    };
+    let mut headers = super::headers(&config.headers, req.secrets);
+    let policy = super::policy(req.policy, config.max_bytes, config.timeout_s);
     let url = capibara_shared::outbound::parse_url(&config.url)
         .map_err(|e| SourceError::Config(e.to_string()))?;
     let host = url.host_str().unwrap_or("").to_string();
@@ -62,32 +46,17 @@ pub async fn list(req: Request<'_>) -> Result<Listing, SourceError> {
         Duration::from_millis(config.delay_ms.unwrap_or(DEFAULT_DELAY_MS).into()).max(crawl_delay);
     fetch::pause(&host, delay).await;
 
-    let text = |k: &str| req.cursor.and_then(|c| c.get(k)).and_then(Value::as_str);
-    if let Some(etag) = text("etag") {
-        headers.push(("if-none-match".into(), etag.to_string()));
-    }
-    if let Some(lm) = text("last_modified") {
-        headers.push(("if-modified-since".into(), lm.to_string()));
-    }
+    super::validators(&mut headers, req.cursor);
     headers.push((
         "accept".into(),
         "text/html, application/xhtml+xml;q=0.9, */*;q=0.5".into(),
     ));
     let got = fetch::get(&policy, url.as_str(), &headers, req.cancel).await?;
     if got.status == 304 {
-        return Ok(Listing {
-            items: Vec::new(),
-            cursor: req.cursor.cloned().unwrap_or_else(|| json!({})),
-            not_modified: true,
-            bytes: 0,
-        });
+        return Ok(super::not_modified(req.cursor));
     }
     if !(200..300).contains(&got.status) {
-        return Err(SourceError::Status {
-            status: got.status,
-            retry_after: got.retry_after,
-            snippet: snippet(&got.body),
-        });
+        return Err(super::status(&got));
     }
     let page = String::from_utf8_lossy(&got.body);
     let items = read(&page, &got.url, &config)?;
@@ -299,6 +268,8 @@ fn visible_text_all(el: ElementRef<'_>) -> String {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::Value;
+
     use super::*;
 
     const PAGE: &str = r#"<!doctype html><html><head><title> The  Blog </title>

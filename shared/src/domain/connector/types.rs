@@ -117,7 +117,12 @@ pub const HEADER_VALUE_PATTERN: &str = "^[\\t -~]*$";
 
 /// The `rss` config's schema: derived, with what the derivation cannot state.
 fn rss_schema() -> Value {
-    let mut s = input::schema::<RssConfig>();
+    http_schema(input::schema::<RssConfig>())
+}
+
+/// What an HTTP type's derived schema does not state: the URL's shape, the headers' names and
+/// values.
+fn http_schema(mut s: Value) -> Value {
     s["properties"]["url"]["pattern"] = json!(URL_PATTERN);
     s["properties"]["headers"]["propertyNames"] = json!({"pattern": HEADER_NAME_PATTERN});
     s["properties"]["headers"]["additionalProperties"] =
@@ -202,6 +207,12 @@ pub struct RssConfig {
     pub timeout_s: Option<u32>,
 }
 
+/// An HTTP type's URL (an http(s) URL: [`crate::outbound::parse_url`]) and headers.
+fn check_http(url: &str, headers: &BTreeMap<String, String>) -> Result<(), FieldError> {
+    crate::outbound::parse_url(url).map_err(|e| FieldError::new("url", e.to_string()))?;
+    check_headers(headers)
+}
+
 /// Request headers: valid names, values of visible ASCII.
 fn check_headers(headers: &BTreeMap<String, String>) -> Result<(), FieldError> {
     for (name, value) in headers {
@@ -227,8 +238,7 @@ fn check_headers(headers: &BTreeMap<String, String>) -> Result<(), FieldError> {
 
 impl KindInput for RssConfig {
     fn check(&self) -> Result<(), FieldError> {
-        crate::outbound::parse_url(&self.url).map_err(|e| FieldError::new("url", e.to_string()))?;
-        check_headers(&self.headers)
+        check_http(&self.url, &self.headers)
     }
 }
 
@@ -287,8 +297,7 @@ pub const DEFAULT_DELAY_MS: u32 = 1000;
 
 impl KindInput for WebConfig {
     fn check(&self) -> Result<(), FieldError> {
-        crate::outbound::parse_url(&self.url).map_err(|e| FieldError::new("url", e.to_string()))?;
-        check_headers(&self.headers)?;
+        check_http(&self.url, &self.headers)?;
         for (field, sel) in [
             ("item", &self.item),
             ("title", &self.title),
@@ -328,11 +337,7 @@ fn check_selector(field: &str, sel: &str) -> Result<(), FieldError> {
 /// The `web` config's schema: derived, with what the derivation cannot state. A selector's
 /// syntax is checked when the connector is saved (`x-css-selector` marks those fields).
 fn web_schema() -> Value {
-    let mut s = input::schema::<WebConfig>();
-    s["properties"]["url"]["pattern"] = json!(URL_PATTERN);
-    s["properties"]["headers"]["propertyNames"] = json!({"pattern": HEADER_NAME_PATTERN});
-    s["properties"]["headers"]["additionalProperties"] =
-        json!({"type": "string", "pattern": HEADER_VALUE_PATTERN, "maxLength": 8192});
+    let mut s = http_schema(input::schema::<WebConfig>());
     s["properties"]["lists"]["maxProperties"] = json!(20);
     s["properties"]["lists"]["propertyNames"] = json!({"minLength": 1, "maxLength": 64});
     for f in ["item", "title", "link", "content"] {
@@ -480,8 +485,7 @@ impl ApiAuth {
 
 impl KindInput for ApiConfig {
     fn check(&self) -> Result<(), FieldError> {
-        crate::outbound::parse_url(&self.url).map_err(|e| FieldError::new("url", e.to_string()))?;
-        check_headers(&self.headers)?;
+        check_http(&self.url, &self.headers)?;
         if let Some(ApiAuth::Oauth2 { token_url, .. }) = &self.auth {
             crate::outbound::parse_url(token_url)
                 .map_err(|e| FieldError::new("auth.token_url", e.to_string()))?;
@@ -530,14 +534,10 @@ fn api_schema() -> Value {
             _ => {}
         }
     }
-    let mut s = input::schema::<ApiConfig>();
+    let mut s = http_schema(input::schema::<ApiConfig>());
     token_urls(&mut s);
     closed(&mut s["properties"]["pagination"]);
     closed(&mut s["properties"]["auth"]);
-    s["properties"]["url"]["pattern"] = json!(URL_PATTERN);
-    s["properties"]["headers"]["propertyNames"] = json!({"pattern": HEADER_NAME_PATTERN});
-    s["properties"]["headers"]["additionalProperties"] =
-        json!({"type": "string", "pattern": HEADER_VALUE_PATTERN, "maxLength": 8192});
     s
 }
 
