@@ -189,8 +189,12 @@ def _body(op, body):
             start, end = min(start, end), max(start, end)
             end = min(end, start + timedelta(seconds=900))
             body["from"], body["to"] = start.isoformat(), end.isoformat()
-    elif op in ("POST /v1/connectors", "PUT /v1/connectors/{id}"):
+    elif op in ("POST /v1/connectors", "PUT /v1/connectors/{id}",
+                "POST /v1/content/connectors/web", "POST /v1/content/connectors/api"):
         _connector_config(body)
+    elif op == "POST /v1/content/discover":
+        for source in body.get("sources") or []:
+            _connector_config(source)
     elif op == "POST /v1/subscriptions":
         body["url"] = "https://93.184.215.14/hooks/capibara"
         if isinstance(body.get("headers"), dict):

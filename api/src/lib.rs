@@ -154,6 +154,19 @@ pub fn app(state: AppState) -> Router {
                 .delete(routes::connectors::delete),
         )
         .route("/v1/connector-types", get(routes::connectors::list_types))
+        .route(
+            "/v1/content/connectors/{family}",
+            post(routes::content::seed_family),
+        )
+        .route(
+            "/v1/content/connectors/web",
+            post(routes::content::seed_web),
+        )
+        .route(
+            "/v1/content/connectors/api",
+            post(routes::content::seed_api),
+        )
+        .route("/v1/content/discover", post(routes::content::discover))
         .route("/v1/kinds", get(kinds::list))
         .route(
             "/v1/kinds/{name}",

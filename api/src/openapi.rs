@@ -8,8 +8,8 @@ use utoipa::{
 use capibara_shared::domain::kinds::KindContext;
 
 use crate::routes::{
-    admin, code, connectors, deliveries, events, jobs, kinds, orchestrate, runs, schedules,
-    secrets, subscriptions, triggers, workers, workflows,
+    admin, code, connectors, content, deliveries, events, jobs, kinds, orchestrate, runs,
+    schedules, secrets, subscriptions, triggers, workers, workflows,
 };
 
 #[derive(OpenApi)]
@@ -31,7 +31,7 @@ use crate::routes::{
           workflows::start_run, runs::list, runs::get, runs::events, runs::cancel, runs::retry, runs::signal,
           secrets::put, secrets::list, secrets::delete,
           connectors::create, connectors::list, connectors::get, connectors::update, connectors::delete,
-          connectors::list_types),
+          connectors::list_types, content::seed_web, content::seed_api, content::discover),
     components(schemas(crate::error::Problem, capibara_shared::domain::FieldError)),
     modifiers(&BearerAuth),
     tags((name = "jobs"), (name = "events"), (name = "deliveries"), (name = "schedules"), (name = "workflows"), (name = "code"), (name = "kinds"), (name = "connectors"), (name = "workers"), (name = "operations"))

@@ -444,6 +444,27 @@ pub fn apply(doc: OpenApi, ctx: &dyn KindContext) -> Value {
             "description": def.get("description").cloned().unwrap_or(Value::Null),
             "oneOf": variants});
     }
+    // The seed endpoints take a `connector.fetch` input of their family's types; discover's
+    // sources are inline connectors of any type.
+    for (family, names) in capibara_shared::domain::connector::types::FAMILIES {
+        let at = format!(
+            "/paths/~1v1~1content~1connectors~1{family}/post/requestBody/content/application~1json/schema"
+        );
+        if let Some(schema) = v.pointer_mut(&at) {
+            *schema = capibara_shared::domain::connector::types::fetch_schema_of(names);
+        }
+    }
+    if let Some(items) = v.pointer_mut("/components/schemas/Discover/properties/sources/items") {
+        let variants: Vec<Value> = capibara_shared::domain::connector::types::TYPES
+            .iter()
+            .map(|t| {
+                json!({"type": "object", "title": t.name, "required": ["type", "config"],
+                       "additionalProperties": false,
+                       "properties": {"type": {"const": t.name}, "config": (t.schema)()}})
+            })
+            .collect();
+        *items = json!({"oneOf": variants});
+    }
     // A worker declares kinds by name or with their definition.
     if let Some(def) = v.pointer("/components/schemas/KindDef").cloned() {
         let mut declared = def;

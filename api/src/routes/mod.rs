@@ -4,6 +4,7 @@ pub mod admin;
 pub mod artifacts;
 pub mod code;
 pub mod connectors;
+pub mod content;
 pub mod deliveries;
 pub mod events;
 pub mod jobs;

@@ -1147,3 +1147,153 @@ async fn json_apis_are_read_page_after_page_with_their_authentication() {
         "{job}"
     );
 }
+
+/// `content.process` (docs/content.md) on the `items.jsonl` of a fetch, read from the artifact
+/// store by job id — of this namespace only — and inline; `classify` is refused at submission.
+#[tokio::test]
+async fn content_process_reads_a_fetchs_items_and_reports_per_item() {
+    let env = env_allowing_loopback().await;
+    let _procs = env.spawn_all().await;
+    let api = env.client();
+    let state: Shared = Arc::default();
+    state.lock().unwrap().items = (1..=4)
+        .map(|k| (format!("g{k}"), format!("post-{k}")))
+        .collect();
+    let base = serve(state).await;
+    let fetched = fetch(
+        &api,
+        json!({"type": "rss", "config": {"url": format!("{base}/feed.xml")}}),
+    )
+    .await;
+    assert_eq!(fetched["output"]["new_items"], 4, "{fetched}");
+    let fetch_id = fetched["id"].as_str().unwrap();
+
+    let r = api
+        .send(
+            api.http
+                .post(api.url("/v1/jobs"))
+                .header("Prefer", "wait=30")
+                .json(&json!({"kind": "content.process", "input": {
+                    "artifact": {"job_id": fetch_id, "name": "items.jsonl"},
+                    "operations": ["language", "stats", "summary"]}})),
+        )
+        .await;
+    assert_eq!(r.body["status"], "succeeded", "{r:?}");
+    let out = &r.body["output"];
+    assert_eq!(out["processed"], 4, "{out}");
+    assert_eq!(out["items"][0]["id"], "g1");
+    assert_eq!(out["items"][0]["summary"], "About post-1", "{out}");
+    assert_eq!(
+        out["items"][0]["stats"]["words"], 3,
+        "About, post, 1: {out}"
+    );
+
+    // Another namespace cannot read this job's artifact.
+    let other = api.key_for("elsewhere", &["admin"]).await;
+    let id = other
+        .submit_id(json!({"kind": "content.process", "input": {
+            "artifact": {"job_id": fetch_id, "name": "items.jsonl"}, "operations": ["stats"]}}))
+        .await;
+    let job = other.wait_terminal(&id, Duration::from_secs(30)).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    assert_eq!(job["error"]["type"], "artifact_not_found", "{job}");
+
+    let r = api
+        .submit(json!({"kind": "content.process", "input": {
+            "items": [{"text": "hi"}], "operations": ["stats", "classify"]}}))
+        .await;
+    assert_eq!(r.status, 422, "{r:?}");
+    assert_eq!(r.body["errors"][0]["field"], "input.operations[1]", "{r:?}");
+}
+
+/// The seed endpoints map onto `connector.fetch` jobs: by family, and several sources at once;
+/// synchronous under `Prefer: wait`, `202` otherwise.
+#[tokio::test]
+async fn seed_endpoints_submit_fetches_by_family_and_discover_several_sources() {
+    let env = env_allowing_loopback().await;
+    let _procs = env.spawn_all().await;
+    let api = env.client();
+    let state: Shared = Arc::default();
+    state.lock().unwrap().items = vec![("g1".into(), "only".into())];
+    let feed = format!("{}/feed.xml", serve(state).await);
+    let site_state: Arc<Mutex<Site>> = Arc::default();
+    site_state.lock().unwrap().posts = vec!["Page post".into()];
+    let page = format!("{}/blog/", site(site_state).await);
+
+    let post = |path: &str, body: Value, wait: bool| {
+        let api = api.clone();
+        let path = path.to_string();
+        async move {
+            let mut req = api.http.post(api.url(&path)).json(&body);
+            if wait {
+                req = req.header("Prefer", "wait=30");
+            }
+            api.send(req).await
+        }
+    };
+    let r = post(
+        "/v1/content/connectors/web",
+        json!({"type": "rss", "config": {"url": feed}}),
+        true,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.body["kind"], "connector.fetch");
+    assert_eq!(r.body["output"]["items"][0]["title"], "only", "{r:?}");
+    let r = post(
+        "/v1/content/connectors/web",
+        json!({"type": "web", "config": {"url": page, "item": "article"}}),
+        false,
+    )
+    .await;
+    assert_eq!(r.status, 202, "{r:?}");
+    assert!(r.header("location").unwrap().starts_with("/v1/jobs/"));
+    let r = post(
+        "/v1/content/connectors/api",
+        json!({"type": "rss", "config": {"url": feed}}),
+        false,
+    )
+    .await;
+    assert_eq!(
+        (r.status, &r.body["errors"][0]["field"]),
+        (422, &json!("type")),
+        "{r:?}"
+    );
+    let r = post("/v1/content/connectors/filesystem", json!({}), false).await;
+    assert_eq!(
+        (r.status, &r.body["errors"][0]["field"]),
+        (422, &json!("family")),
+        "{r:?}"
+    );
+    assert_eq!(
+        post("/v1/content/connectors/nope", json!({}), false)
+            .await
+            .status,
+        404
+    );
+
+    let r = post(
+        "/v1/content/discover",
+        json!({"sources": [{"type": "rss", "config": {"url": feed}},
+                           {"type": "web", "config": {"url": page, "item": "article"}}],
+               "inline_items": 5}),
+        true,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let jobs = r.body["items"].as_array().unwrap();
+    assert_eq!(jobs.len(), 2);
+    assert!(jobs.iter().all(|j| j["status"] == "succeeded"), "{r:?}");
+    assert_eq!(jobs[1]["output"]["items"][0]["title"], "Page post");
+    let r = post(
+        "/v1/content/discover",
+        json!({"sources": [{"type": "rss", "config": {"url": feed}},
+                           {"type": "rss", "config": {"url": "gopher://x"}}]}),
+        false,
+    )
+    .await;
+    assert_eq!(
+        r.body["errors"][0]["field"], "sources[1].config.url",
+        "{r:?}"
+    );
+}

@@ -133,6 +133,25 @@ fn http_schema(mut s: Value) -> Value {
 /// `connector.fetch`'s input schema: a connector by id, or an inline connector of one of the
 /// types (its config checked against the type's schema).
 pub fn fetch_schema() -> Value {
+    fetch_schema_of(&names())
+}
+
+/// Families of connector types, as the seed endpoints `POST /v1/content/connectors/{family}`
+/// name them, with the types of this build in each (none yet in some).
+pub const FAMILIES: &[(&str, &[&str])] = &[
+    ("web", &["rss", "web"]),
+    ("api", &["api"]),
+    ("communication", &[]),
+    ("filesystem", &[]),
+];
+
+/// The types of `family`, if it is one.
+pub fn family(name: &str) -> Option<&'static [&'static str]> {
+    FAMILIES.iter().find(|(f, _)| *f == name).map(|(_, t)| *t)
+}
+
+/// [`fetch_schema`] with inline connectors of `types` only.
+pub fn fetch_schema_of(types: &[&str]) -> Value {
     let derived = input::schema::<ConnectorFetchInput>();
     let mut common = derived["properties"].clone();
     for k in ["connector_id", "type", "config"] {
@@ -147,7 +166,7 @@ pub fn fetch_schema() -> Value {
         "required": ["connector_id"],
         "additionalProperties": false,
     })];
-    for t in TYPES {
+    for t in TYPES.iter().filter(|t| types.contains(&t.name)) {
         let mut p = common.clone();
         p["type"] = json!({"const": t.name});
         p["config"] = (t.schema)();
