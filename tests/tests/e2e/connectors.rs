@@ -1297,3 +1297,176 @@ async fn seed_endpoints_submit_fetches_by_family_and_discover_several_sources() 
         "{r:?}"
     );
 }
+
+mod graphql_server {
+    //! A GraphQL API served by async-graphql (an independent implementation): issues of a
+    //! repository as a Relay-style connection, `issues(first: Int!, after: String)`, behind a
+    //! bearer token.
+    use std::sync::{Arc, Mutex};
+
+    use async_graphql::{Context, EmptyMutation, EmptySubscription, Object, Schema, SimpleObject};
+
+    #[derive(SimpleObject, Clone)]
+    pub struct Issue {
+        pub id: String,
+        pub title: String,
+        pub url: String,
+    }
+
+    #[derive(SimpleObject)]
+    #[graphql(name = "PageInfo")]
+    pub struct PageInfo {
+        pub end_cursor: Option<String>,
+        pub has_next_page: bool,
+    }
+
+    #[derive(SimpleObject)]
+    pub struct IssueConnection {
+        pub nodes: Vec<Issue>,
+        pub page_info: PageInfo,
+    }
+
+    pub struct Query;
+
+    #[Object]
+    impl Query {
+        async fn issues(
+            &self,
+            ctx: &Context<'_>,
+            first: i32,
+            after: Option<String>,
+        ) -> IssueConnection {
+            let all = ctx
+                .data_unchecked::<Arc<Mutex<Vec<Issue>>>>()
+                .lock()
+                .unwrap()
+                .clone();
+            let from = after.and_then(|a| a.parse::<usize>().ok()).unwrap_or(0);
+            let nodes: Vec<Issue> = all
+                .iter()
+                .skip(from)
+                .take(first as usize)
+                .cloned()
+                .collect();
+            let end = from + nodes.len();
+            IssueConnection {
+                page_info: PageInfo {
+                    end_cursor: (!nodes.is_empty()).then(|| end.to_string()),
+                    has_next_page: end < all.len(),
+                },
+                nodes,
+            }
+        }
+    }
+
+    pub type Api = Schema<Query, EmptyMutation, EmptySubscription>;
+
+    pub fn schema(issues: Arc<Mutex<Vec<Issue>>>) -> Api {
+        Schema::build(Query, EmptyMutation, EmptySubscription)
+            .data(issues)
+            .finish()
+    }
+}
+
+#[tokio::test]
+async fn graphql_queries_are_paged_by_their_end_cursor() {
+    use graphql_server::Issue;
+    let env = env_allowing_loopback().await;
+    let _procs = env.spawn_all().await;
+    let api = env.client();
+    let issues: Arc<Mutex<Vec<Issue>>> = Arc::new(Mutex::new(
+        (0..7)
+            .map(|k| Issue {
+                id: format!("I{k}"),
+                title: format!("issue {k}"),
+                url: format!("https://tracker.test/{k}"),
+            })
+            .collect(),
+    ));
+    let schema = graphql_server::schema(issues.clone());
+    async fn serve_graphql(
+        State(schema): State<graphql_server::Api>,
+        headers: HeaderMap,
+        body: String,
+    ) -> Response {
+        if headers.get("authorization").and_then(|v| v.to_str().ok()) != Some("Bearer gql-token") {
+            return StatusCode::UNAUTHORIZED.into_response();
+        }
+        let Ok(req) = serde_json::from_str::<async_graphql::Request>(&body) else {
+            return (StatusCode::BAD_REQUEST, "not a GraphQL request").into_response();
+        };
+        axum::Json(schema.execute(req).await).into_response()
+    }
+    let app = Router::new()
+        .route("/graphql", axum::routing::post(serve_graphql))
+        .with_state(schema);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let r = api
+        .send(
+            api.http
+                .put(api.url("/v1/secrets/GQL"))
+                .json(&json!({"value": "gql-token"})),
+        )
+        .await;
+    assert!(r.status < 300, "{r:?}");
+    let c = api
+        .post(
+            "/v1/connectors",
+            json!({"name": "issues", "type": "graphql", "config": {
+                "url": format!("{base}/graphql"),
+                "query": "query($after: String) { issues(first: 3, after: $after) { nodes { id title url } pageInfo { endCursor hasNextPage } } }",
+                "items": "/data/issues/nodes",
+                "end_cursor": "/data/issues/pageInfo/endCursor",
+                "has_next_page": "/data/issues/pageInfo/hasNextPage",
+                "title": "/title", "link": "/url", "resume": true,
+                "auth": {"type": "bearer"}},
+                "secrets": {"auth.token": "GQL"}}),
+        )
+        .await;
+    assert_eq!(c.status, 201, "{c:?}");
+    let cid = c.body["id"].as_str().unwrap().to_string();
+    let job = fetch(&api, json!({"connector_id": cid, "inline_items": 10})).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(
+        job["output"]["new_items"], 7,
+        "three pages of 3, 3 and 1: {job}"
+    );
+    assert_eq!(job["output"]["items"][6]["title"], "issue 6");
+    assert_eq!(job["output"]["items"][6]["url"], "https://tracker.test/6");
+    assert_eq!(job["output"]["cursor"]["cursor"], "7", "{job}");
+    issues.lock().unwrap().push(Issue {
+        id: "I7".into(),
+        title: "issue 7".into(),
+        url: "https://tracker.test/7".into(),
+    });
+    let job = fetch(&api, json!({"connector_id": cid})).await;
+    assert_eq!(
+        job["output"]["new_items"], 1,
+        "resumed after the last cursor: {job}"
+    );
+    assert_eq!(job["output"]["items"][0]["title"], "issue 7");
+
+    // Without the token: the server's 401. A query it refuses: its errors.
+    let job = fetch(
+        &api,
+        json!({"type": "graphql", "config": {"url": format!("{base}/graphql"),
+            "query": "{ issues(first: 1) { nodes { id } } }", "items": "/data/issues/nodes"}}),
+    )
+    .await;
+    assert_eq!(job["error"]["type"], "http_status", "{job}");
+    let job = fetch(
+        &api,
+        json!({"type": "graphql", "config": {"url": format!("{base}/graphql"),
+            "headers": {"Authorization": "Bearer gql-token"},
+            "query": "{ nope }", "items": "/data/nope"}}),
+    )
+    .await;
+    assert_eq!(job["error"]["type"], "malformed_response", "{job}");
+    let message = job["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("the query failed") && message.contains("nope"),
+        "{job}"
+    );
+}

@@ -194,6 +194,7 @@ impl ConnectorFetch {
         };
         match t.connector_type.as_str() {
             "api" => sources::api::list(req).await.map_err(exec_error),
+            "graphql" => sources::graphql::list(req).await.map_err(exec_error),
             "rss" => sources::rss::list(req).await.map_err(exec_error),
             "web" => sources::web::list(req).await.map_err(exec_error),
             other => Err(abort(

@@ -22,33 +22,7 @@ pub async fn list(req: Request<'_>) -> Result<Listing, SourceError> {
     let policy = super::policy(req.policy, config.max_bytes, config.timeout_s);
     let mut headers = super::headers(&config.headers, req.secrets);
     if let Some(auth) = &config.auth {
-        let secret = req.secrets.get(auth.secret_place()).ok_or_else(|| {
-            SourceError::Config(format!(
-                "`auth` needs the secret `{}` in the connector's `secrets`",
-                auth.secret_place()
-            ))
-        })?;
-        headers.push(match auth {
-            ApiAuth::Bearer => ("authorization".into(), format!("Bearer {secret}")),
-            ApiAuth::Basic { username } => (
-                "authorization".into(),
-                format!(
-                    "Basic {}",
-                    base64::engine::general_purpose::STANDARD
-                        .encode(format!("{username}:{secret}"))
-                ),
-            ),
-            ApiAuth::Header { name } => (name.clone(), secret.clone()),
-            ApiAuth::Oauth2 {
-                token_url,
-                client_id,
-                scope,
-            } => {
-                let token =
-                    oauth2_token(&policy, token_url, client_id, secret, scope.as_deref()).await?;
-                ("authorization".into(), format!("Bearer {token}"))
-            }
-        });
+        headers.push(auth_header(auth, req.secrets, &policy).await?);
     }
     headers.push(("accept".into(), "application/json".into()));
 
@@ -116,6 +90,40 @@ pub async fn list(req: Request<'_>) -> Result<Listing, SourceError> {
         cursor: json!({"cursor": cursor.filter(|_| resume)}),
         not_modified: false,
         bytes,
+    })
+}
+
+/// The header that authenticates a request as `auth` says, with the connector's credential.
+pub(super) async fn auth_header(
+    auth: &ApiAuth,
+    secrets: &std::collections::BTreeMap<String, String>,
+    policy: &OutboundPolicy,
+) -> Result<(String, String), SourceError> {
+    let secret = secrets.get(auth.secret_place()).ok_or_else(|| {
+        SourceError::Config(format!(
+            "`auth` needs the secret `{}` in the connector's `secrets`",
+            auth.secret_place()
+        ))
+    })?;
+    Ok(match auth {
+        ApiAuth::Bearer => ("authorization".into(), format!("Bearer {secret}")),
+        ApiAuth::Basic { username } => (
+            "authorization".into(),
+            format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(format!("{username}:{secret}"))
+            ),
+        ),
+        ApiAuth::Header { name } => (name.clone(), secret.clone()),
+        ApiAuth::Oauth2 {
+            token_url,
+            client_id,
+            scope,
+        } => {
+            let token =
+                oauth2_token(policy, token_url, client_id, secret, scope.as_deref()).await?;
+            ("authorization".into(), format!("Bearer {token}"))
+        }
     })
 }
 
@@ -209,13 +217,29 @@ fn text_at(v: &Value, at: Option<&str>) -> Option<String> {
 }
 
 fn item(v: &Value, config: &ApiConfig) -> Item {
+    json_item(
+        v,
+        config.id.as_deref(),
+        config.title.as_deref(),
+        config.link.as_deref(),
+    )
+}
+
+/// An item of a JSON record: its id, title and URL at those JSON Pointers (`id` defaults to
+/// `/id`, else the hash), its hash over its JSON, the record in `data`.
+pub(super) fn json_item(
+    v: &Value,
+    id: Option<&str>,
+    title: Option<&str>,
+    link: Option<&str>,
+) -> Item {
     let json = v.to_string();
     let hash = Item::content_hash(None, None, None, Some(&json));
     Item {
-        id: text_at(v, Some(config.id.as_deref().unwrap_or("/id"))).unwrap_or_else(|| hash.clone()),
+        id: text_at(v, Some(id.unwrap_or("/id"))).unwrap_or_else(|| hash.clone()),
         hash,
-        title: text_at(v, config.title.as_deref()),
-        url: text_at(v, config.link.as_deref()),
+        title: text_at(v, title),
+        url: text_at(v, link),
         summary: None,
         content: None,
         published: None,

@@ -4,6 +4,7 @@
 //! ([`crate::executors::connector`]).
 
 pub mod api;
+pub mod graphql;
 pub mod rss;
 pub mod web;
 

@@ -95,6 +95,28 @@ pub const TYPES: &[ConnectorType] = &[
         cursor: "{cursor}: with `pagination.resume`, the last cursor of a cursor-paginated API; \
                  otherwise every fetch walks from the first page",
     },
+    ConnectorType {
+        name: "graphql",
+        description: "A GraphQL query over HTTP(S): the items at a JSON Pointer of the answer, \
+                      page after page by the connection's end cursor (passed back as a query \
+                      variable), with the `api` type's authentication. New items are those \
+                      whose JSON was never returned before.",
+        validate: input::check::<GraphqlConfig>,
+        schema: graphql_schema,
+        example: || {
+            json!({"url": "https://api.github.com/graphql",
+                   "query": "query($after: String) { repository(owner: \"rust-lang\", name: \"rust\") { issues(first: 50, after: $after) { nodes { id title url } pageInfo { endCursor hasNextPage } } } }",
+                   "items": "/data/repository/issues/nodes",
+                   "end_cursor": "/data/repository/issues/pageInfo/endCursor",
+                   "has_next_page": "/data/repository/issues/pageInfo/hasNextPage",
+                   "title": "/title", "link": "/url", "max_pages": 2, "auth": {"type": "bearer"}})
+        },
+        secret_place: api_secret_place,
+        secret_places: "`headers.<Header-Name>`, and the credential of `auth` (as for `api`)",
+        secret_pattern: "^(headers\\.[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}|auth\\.(token|password|value|client_secret))$",
+        cursor: "{cursor}: with `resume`, the last end cursor; otherwise every fetch starts at \
+                 the first page",
+    },
 ];
 
 /// The type named `name`.
@@ -140,7 +162,7 @@ pub fn fetch_schema() -> Value {
 /// name them, with the types of this build in each (none yet in some).
 pub const FAMILIES: &[(&str, &[&str])] = &[
     ("web", &["rss", "web"]),
-    ("api", &["api"]),
+    ("api", &["api", "graphql"]),
     ("communication", &[]),
     ("filesystem", &[]),
 ];
@@ -524,39 +546,133 @@ fn api_secret_place(place: &str) -> bool {
         .contains(&place)
 }
 
+/// What the derivation does not state of `auth`: a token URL is a URL, and the methods take
+/// no other fields.
+fn auth_rules(s: &mut Value) {
+    token_urls(s);
+    closed(&mut s["properties"]["auth"]);
+}
+
+/// Every `token_url` property under `v` is a URL.
+fn token_urls(v: &mut Value) {
+    match v {
+        Value::Object(m) => {
+            if let Some(t) = m.get_mut("properties").and_then(|p| p.get_mut("token_url")) {
+                t["pattern"] = json!(URL_PATTERN);
+            }
+            m.values_mut().for_each(token_urls);
+        }
+        Value::Array(a) => a.iter_mut().for_each(token_urls),
+        _ => {}
+    }
+}
+/// Object schemas under `v` allow no other properties (serde's `deny_unknown_fields` on
+/// the tagged enums, which the derivation does not state).
+fn closed(v: &mut Value) {
+    match v {
+        Value::Object(m) => {
+            if m.contains_key("properties") && !m.contains_key("additionalProperties") {
+                m.insert("additionalProperties".into(), json!(false));
+            }
+            m.values_mut().for_each(closed);
+        }
+        Value::Array(a) => a.iter_mut().for_each(closed),
+        _ => {}
+    }
+}
 /// The `api` config's schema: derived, with what the derivation cannot state.
 fn api_schema() -> Value {
-    /// Every `token_url` property under `v` is a URL.
-    fn token_urls(v: &mut Value) {
-        match v {
-            Value::Object(m) => {
-                if let Some(t) = m.get_mut("properties").and_then(|p| p.get_mut("token_url")) {
-                    t["pattern"] = json!(URL_PATTERN);
-                }
-                m.values_mut().for_each(token_urls);
-            }
-            Value::Array(a) => a.iter_mut().for_each(token_urls),
-            _ => {}
-        }
-    }
-    /// Object schemas under `v` allow no other properties (serde's `deny_unknown_fields` on
-    /// the tagged enums, which the derivation does not state).
-    fn closed(v: &mut Value) {
-        match v {
-            Value::Object(m) => {
-                if m.contains_key("properties") && !m.contains_key("additionalProperties") {
-                    m.insert("additionalProperties".into(), json!(false));
-                }
-                m.values_mut().for_each(closed);
-            }
-            Value::Array(a) => a.iter_mut().for_each(closed),
-            _ => {}
-        }
-    }
     let mut s = http_schema(input::schema::<ApiConfig>());
-    token_urls(&mut s);
+    auth_rules(&mut s);
     closed(&mut s["properties"]["pagination"]);
-    closed(&mut s["properties"]["auth"]);
+    s
+}
+
+/// Config of a `graphql` connector: a GraphQL query over HTTP(S), page after page by cursor.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GraphqlConfig {
+    /// The endpoint's http(s) URL (POST, `application/json`).
+    #[schema(max_length = 2048)]
+    pub url: String,
+    /// The query. When `end_cursor` is given, it takes the cursor as the variable
+    /// `cursor_variable` (`$after: String`), null on the first page.
+    #[schema(min_length = 1, max_length = 100_000)]
+    pub query: String,
+    /// Variables sent with every page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>, nullable = false)]
+    pub variables: Option<serde_json::Map<String, Value>>,
+    /// JSON Pointer to the array of items in the answer, e.g. `/data/repository/issues/nodes`.
+    #[schema(max_length = 200, pattern = "^(/[^/]*)+$")]
+    pub items: String,
+    /// JSON Pointer to the page's end cursor (`…/pageInfo/endCursor`): absent, one page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false, max_length = 200, pattern = "^(/[^/]*)+$")]
+    pub end_cursor: Option<String>,
+    /// JSON Pointer to whether there is a next page (`…/pageInfo/hasNextPage`; default: there
+    /// is while the cursor is not null).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false, max_length = 200, pattern = "^(/[^/]*)+$")]
+    pub has_next_page: Option<String>,
+    /// The query variable that carries the cursor (default `after`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(
+        nullable = false,
+        min_length = 1,
+        max_length = 100,
+        pattern = "^[_A-Za-z][_0-9A-Za-z]*$"
+    )]
+    pub cursor_variable: Option<String>,
+    /// Start the next fetch from the last cursor instead of the first page.
+    #[serde(default)]
+    pub resume: bool,
+    /// JSON Pointers within an item to its id (default `/id`), title and URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false, max_length = 200, pattern = "^(/[^/]*)*$")]
+    pub id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false, max_length = 200, pattern = "^(/[^/]*)*$")]
+    pub title: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false, max_length = 200, pattern = "^(/[^/]*)*$")]
+    pub link: Option<String>,
+    /// Pages read at most in one fetch (1-1000, default 10).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 1000, nullable = false)]
+    pub max_pages: Option<u32>,
+    /// How to authenticate (as for `api`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false, inline)]
+    pub auth: Option<ApiAuth>,
+    /// Extra request headers (secret values go in the connector's `secrets`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
+    /// Largest answer read, in bytes (default 10 MiB, at most 100 MiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1024, maximum = 104_857_600, nullable = false)]
+    pub max_bytes: Option<u64>,
+    /// Seconds one request may take (default 30, 1-300).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 300, nullable = false)]
+    pub timeout_s: Option<u32>,
+}
+
+impl KindInput for GraphqlConfig {
+    fn check(&self) -> Result<(), FieldError> {
+        check_http(&self.url, &self.headers)?;
+        if let Some(ApiAuth::Oauth2 { token_url, .. }) = &self.auth {
+            crate::outbound::parse_url(token_url)
+                .map_err(|e| FieldError::new("auth.token_url", e.to_string()))?;
+        }
+        Ok(())
+    }
+}
+
+/// The `graphql` config's schema: the `api` rules.
+fn graphql_schema() -> Value {
+    let mut s = http_schema(input::schema::<GraphqlConfig>());
+    auth_rules(&mut s);
     s
 }
 
