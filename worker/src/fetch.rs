@@ -21,7 +21,7 @@ use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use crate::http::{map_reqwest, pinned_client, HttpError, OutboundPolicy};
+use crate::http::{header_map, map_reqwest, pinned_client, retry_after, HttpError, OutboundPolicy};
 
 /// Most redirects one GET follows.
 pub const MAX_REDIRECTS: usize = 5;
@@ -78,14 +78,7 @@ pub async fn get(
     cancel: &CancellationToken,
 ) -> Result<Got, GetError> {
     let started = Instant::now();
-    let mut map = HeaderMap::new();
-    for (k, v) in headers {
-        let name = HeaderName::from_bytes(k.as_bytes())
-            .map_err(|_| HttpError::Other(format!("invalid header name {k:?}")))?;
-        let value = HeaderValue::from_str(v)
-            .map_err(|_| HttpError::Other(format!("invalid value for header {k:?}")))?;
-        map.append(name, value);
-    }
+    let mut map = header_map(headers)?;
     if !map.contains_key(reqwest::header::USER_AGENT) {
         map.insert(
             reqwest::header::USER_AGENT,
@@ -133,12 +126,7 @@ pub async fn get(
                 url = next;
                 continue;
             }
-            let retry_after = resp
-                .headers()
-                .get(reqwest::header::RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .map(Duration::from_secs);
+            let retry_after = retry_after(resp.headers());
             let cap = policy.max_response_bytes;
             if resp.content_length().is_some_and(|n| n as usize > cap) {
                 return Err(GetError::TooLarge(cap));

@@ -169,14 +169,7 @@ async fn send_pinned(
     let started = Instant::now();
     let client = pinned_client(policy, url, addrs)?;
 
-    let mut header_map = reqwest::header::HeaderMap::new();
-    for (k, v) in headers {
-        let name = reqwest::header::HeaderName::from_bytes(k.as_bytes())
-            .map_err(|_| HttpError::Other(format!("invalid header name {k:?}")))?;
-        let value = reqwest::header::HeaderValue::from_str(v)
-            .map_err(|_| HttpError::Other(format!("invalid value for header {k:?}")))?;
-        header_map.append(name, value);
-    }
+    let mut header_map = header_map(headers)?;
     if !header_map.contains_key(reqwest::header::CONTENT_TYPE) {
         header_map.insert(
             reqwest::header::CONTENT_TYPE,
@@ -193,12 +186,7 @@ async fn send_pinned(
         .await
         .map_err(map_reqwest)?;
     let status = resp.status().as_u16();
-    let retry_after = resp
-        .headers()
-        .get(reqwest::header::RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map(Duration::from_secs);
+    let retry_after = retry_after(resp.headers());
 
     let cap = policy.max_response_bytes;
     let mut buf: Vec<u8> = Vec::new();
@@ -226,6 +214,30 @@ async fn send_pinned(
         body: buf,
         retry_after,
     })
+}
+
+/// Request headers from name/value pairs; a bad name or value is an error naming the header.
+pub(crate) fn header_map(
+    headers: &[(String, String)],
+) -> Result<reqwest::header::HeaderMap, HttpError> {
+    let mut map = reqwest::header::HeaderMap::new();
+    for (k, v) in headers {
+        let name = reqwest::header::HeaderName::from_bytes(k.as_bytes())
+            .map_err(|_| HttpError::Other(format!("invalid header name {k:?}")))?;
+        let value = reqwest::header::HeaderValue::from_str(v)
+            .map_err(|_| HttpError::Other(format!("invalid value for header {k:?}")))?;
+        map.append(name, value);
+    }
+    Ok(map)
+}
+
+/// A response's `Retry-After` in seconds, when it has one.
+pub(crate) fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    headers
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs)
 }
 
 pub(crate) fn map_reqwest(e: reqwest::Error) -> HttpError {

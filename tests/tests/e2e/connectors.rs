@@ -140,6 +140,11 @@ async fn serve(feed_state: Shared) -> String {
         .route("/malformed", get(malformed))
         .route("/unavailable", get(unavailable))
         .route("/bomb", get(gzip_bomb).with_state(Arc::new(bomb)));
+    listen(app).await
+}
+
+/// Serve `app` on a free loopback port; its base URL.
+async fn listen(app: Router) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await });
@@ -680,10 +685,7 @@ async fn site(state: Arc<Mutex<Site>>) -> String {
         .route("/blog/", get(blog))
         .route("/private/page", get(private))
         .with_state(state);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    format!("http://{addr}")
+    listen(app).await
 }
 
 #[tokio::test]
@@ -781,10 +783,7 @@ async fn slack(seen: Arc<Mutex<Vec<Value>>>) -> String {
         .route("/busy", axum::routing::post(busy))
         .route("/gone", axum::routing::post(gone))
         .with_state(seen);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    format!("http://{addr}")
+    listen(app).await
 }
 
 #[tokio::test]
@@ -1038,10 +1037,7 @@ async fn json_api(state: Arc<Mutex<JsonApi>>) -> String {
         .route("/events", get(events))
         .route("/list", get(list))
         .with_state(state);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    format!("http://{addr}")
+    listen(app).await
 }
 
 #[tokio::test]
@@ -1400,9 +1396,7 @@ async fn graphql_queries_are_paged_by_their_end_cursor() {
     let app = Router::new()
         .route("/graphql", axum::routing::post(serve_graphql))
         .with_state(schema);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let base = listen(app).await;
     let r = api
         .send(
             api.http
