@@ -10,9 +10,11 @@ drawn from the schema and must be accepted. Each rule is also documented on its 
   resolves to a public address: dropped, with `callback_events`.
 - A subscription's `url` must resolve to a public address: a fixed public IP literal; its
   `headers` may not name the headers Capibara sets (listed in the field's description).
-- A connector's `config.url` (POST/PUT /v1/connectors, and a `connector.fetch` job's inline
-  config) must resolve to a public address: a fixed public IP literal; its CSS selectors
-  (`x-css-selector`, `lists`) are a language of their own: a valid selector.
+- A connector's `config.url` and `config.endpoint` (POST/PUT /v1/connectors, and a
+  `connector.fetch` job's inline config) must resolve to a public address: a fixed public IP
+  literal; its CSS selectors
+  (`x-css-selector`, `lists`) and its `glob` are languages of their own: a valid selector,
+  a valid glob.
 - `backoff.initial_ms` must not exceed `max_ms`; a schedule's `end_at` comes after `start_at`;
   a backfill's `to` is not before `from`.
 - `cron` is a crontab expression (docs/scheduler.md) and `timezone` an IANA name (about 600,
@@ -56,6 +58,7 @@ def _op(context):
 
 
 PUBLIC_FEED = "https://93.184.215.14/feed.xml"
+PUBLIC_ENDPOINT = "https://93.184.215.14"
 
 
 def _connector_config(body):
@@ -63,6 +66,11 @@ def _connector_config(body):
         config = body["config"]
         if "url" in config:
             config["url"] = PUBLIC_FEED
+        if "endpoint" in config:
+            config["endpoint"] = PUBLIC_ENDPOINT
+        # Globs (`files`, `s3`) are a language of their own: a valid one.
+        if "glob" in config:
+            config["glob"] = "**/*.md"
         # CSS selectors (`x-css-selector`) are a language of their own: a valid one.
         for k in ("item", "title", "link", "content"):
             if k in config:

@@ -2,7 +2,8 @@
 //! default): items/s of a first fetch (everything new: download, parse, hash, dedupe, write
 //! items.jsonl, record the hashes), and the cost of an incremental fetch with nothing new —
 //! the feed answering 304 to the stored ETag, and the same feed without validators (downloaded
-//! and parsed again, every item already seen).
+//! and parsed again, every item already seen). Then the same for a directory of N files
+//! (10,000 by default) read by the `files` type.
 
 use std::{
     sync::{
@@ -27,6 +28,9 @@ pub struct ConnectorBenchArgs {
     /// Incremental fetches measured (each case).
     #[arg(long, default_value_t = 20)]
     fetches: usize,
+    /// Files in the directory of the `files` case.
+    #[arg(long, default_value_t = 10_000)]
+    files: usize,
     /// Run Postgres with fsync/synchronous_commit off (not durable), to see the commit cost.
     #[arg(long)]
     unsafe_pg: bool,
@@ -143,10 +147,18 @@ pub async fn run(a: ConnectorBenchArgs) -> Result<()> {
     let url = format!("http://{}/feed.xml", listener.local_addr()?);
     tokio::spawn(async move { axum::serve(listener, app).await });
 
+    let files_root = dir.join("files");
+    let _ = std::fs::remove_dir_all(&files_root);
     let mut env = Env::start_with(
         a.unsafe_pg,
         32,
-        vec![("CAPIBARA_OUTBOUND_ALLOW_PRIVATE".into(), "true".into())],
+        vec![
+            ("CAPIBARA_OUTBOUND_ALLOW_PRIVATE".into(), "true".into()),
+            (
+                "CAPIBARA_FILES_ROOT".into(),
+                files_root.to_string_lossy().into_owned(),
+            ),
+        ],
         &dir,
         &bin_dir,
     )
@@ -209,6 +221,77 @@ pub async fn run(a: ConnectorBenchArgs) -> Result<()> {
     println!("nothing new, no validators (download, parse and dedupe {n} seen items):");
     line("client wall", &walls);
     line("job run", &runs);
-    println!("files: the `files` connector type is not built yet; no directory figure.");
+    files(&env, &files_root, &a).await
+}
+
+/// The `files` case: a directory of N small text and Markdown files in 100 subdirectories.
+async fn files(env: &Env, root: &std::path::Path, a: &ConnectorBenchArgs) -> Result<()> {
+    let base = root.join("default").join("bench");
+    let mut bytes = 0usize;
+    for k in 0..a.files {
+        let sub = base.join(format!("d{:02}", k % 100));
+        std::fs::create_dir_all(&sub)?;
+        let (name, body) = if k % 2 == 0 {
+            (
+                format!("note-{k}.md"),
+                format!("# Note {k}\n\nA few lines about item {k}, long enough to look like a real note, with a [link](https://example.org/{k}).\n"),
+            )
+        } else {
+            (
+                format!("log-{k}.txt"),
+                format!(
+                    "entry {k}: the job ran, wrote its output and finished without an error.\n"
+                ),
+            )
+        };
+        bytes += body.len();
+        std::fs::write(sub.join(name), body)?;
+    }
+    println!(
+        "files: a directory of {} files ({:.1} MB, .md and .txt in 100 subdirectories)",
+        a.files,
+        bytes as f64 / 1e6
+    );
+    let r: Value = env
+        .http
+        .post(env.api("/v1/connectors"))
+        .json(&json!({"name": "bench files", "type": "files", "config": {"path": "bench"}}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let Some(id) = r["id"].as_str().map(str::to_string) else {
+        bail!("creating the files connector: {r}");
+    };
+    // Warm-up (and the page cache): an inline fetch of the same directory.
+    fetch(
+        env,
+        json!({"type": "files", "config": {"path": "bench"}, "max_items": 100_000, "inline_items": 0}),
+    )
+    .await?;
+    let (wall, run, out) = fetch(
+        env,
+        json!({"connector_id": id, "max_items": 100_000, "inline_items": 0}),
+    )
+    .await?;
+    let n = out["new_items"].as_u64().unwrap_or(0);
+    println!("first fetch, every file new ({n} files read, typed, text extracted):");
+    println!(
+        "  client wall {wall:.0} ms = {:.0} files/s; job run {run:.0} ms = {:.0} files/s",
+        n as f64 / (wall / 1000.0),
+        n as f64 / (run / 1000.0)
+    );
+    let (mut walls, mut runs) = (Vec::new(), Vec::new());
+    for _ in 0..a.fetches.min(10) {
+        let (w, r, out) = fetch(env, json!({"connector_id": id})).await?;
+        if out["new_items"] != 0 {
+            bail!("expected nothing new: {out}");
+        }
+        walls.push(w);
+        runs.push(r);
+    }
+    println!("nothing new (the directory walked, no file older than the cursor opened):");
+    line("client wall", &walls);
+    line("job run", &runs);
     Ok(())
 }

@@ -23,6 +23,9 @@ pub struct Config {
     pub admin_key: Option<String>,
     pub assets_dir: PathBuf,
     pub artifacts: String,
+    /// The directory the `files` connector type reads, each namespace its `<root>/<namespace>/`
+    /// (`CAPIBARA_FILES_ROOT`; unset: the type is off).
+    pub files_root: Option<PathBuf>,
     pub webhook_secret: Option<String>,
     pub outbound_allow_private: bool,
     /// How long a running attempt's lease lasts without a heartbeat.
@@ -202,6 +205,7 @@ impl Config {
                 .map(PathBuf::from)
                 .unwrap_or_else(|| PathBuf::from(".capibara/assets")),
             artifacts: var("CAPIBARA_ARTIFACTS").unwrap_or_else(|| ".capibara/artifacts".into()),
+            files_root: var("CAPIBARA_FILES_ROOT").map(PathBuf::from),
             webhook_secret,
             outbound_allow_private: flag("CAPIBARA_OUTBOUND_ALLOW_PRIVATE", false)?,
             visibility_timeout: Duration::from_secs_f64(

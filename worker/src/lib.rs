@@ -74,6 +74,7 @@ pub fn registry(store: &Store, config: &Config, warm: &WarmUp) -> executors::Reg
                 allow_private: config.outbound_allow_private,
                 ..Default::default()
             },
+            files_root: config.files_root.clone(),
         }),
     );
     registry.register(

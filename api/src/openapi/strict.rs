@@ -423,6 +423,7 @@ pub fn apply(doc: OpenApi, ctx: &dyn KindContext) -> Value {
         def["else"] = json!({"properties": {"push": {"type": "null"}}});
     }
     // A connector's config is its type's; one variant per type.
+    use capibara_shared::domain::connector::types::ApiAuth;
     if let Some(def) = v.pointer("/components/schemas/ConnectorDef").cloned() {
         let variants: Vec<Value> = capibara_shared::domain::connector::types::TYPES
             .iter()
@@ -434,9 +435,25 @@ pub fn apply(doc: OpenApi, ctx: &dyn KindContext) -> Value {
                 d["properties"]["config"] = (t.schema)();
                 d["properties"]["name"] = json!({"type": "string", "minLength": 1,
                     "maxLength": capibara_shared::domain::connector::MAX_NAME, "pattern": "\\S"});
-                d["properties"]["secrets"] = json!({"type": "object",
+                if matches!(t.name, "api" | "graphql") {
+                    // The `auth` method's credential is a required secret.
+                    d["allOf"] = ApiAuth::SECRETS
+                        .iter()
+                        .map(|(method, place)| json!({
+                            "if": {"properties": {"config": {"properties": {"auth": {
+                                "properties": {"type": {"const": method}}, "required": ["type"]}},
+                                "required": ["auth"]}}, "required": ["config"]},
+                            "then": {"properties": {"secrets": {"required": [place]}},
+                                     "required": ["secrets"]}}))
+                        .collect();
+                }
+                d["properties"]["secrets"] = if t.secret_pattern.is_empty() {
+                    json!({"type": "object", "maxProperties": 0})
+                } else {
+                    json!({"type": "object",
                     "propertyNames": {"pattern": t.secret_pattern},
-                    "additionalProperties": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,128}$"}});
+                    "additionalProperties": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,128}$"}})
+                };
                 d
             })
             .collect();

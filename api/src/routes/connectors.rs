@@ -67,11 +67,14 @@ fn metadata(auth: &Auth) -> EventMetadata {
     }
 }
 
-/// The definition, checked against its type, with its URL passing the outbound policy.
+/// The definition, checked against its type, with its URL (or an `s3` endpoint) passing the
+/// outbound policy.
 async fn check(state: &AppState, def: &ConnectorDef) -> Result<(), ApiError> {
     def.validate()?;
-    if let Some(url) = def.config.get("url").and_then(|u| u.as_str()) {
-        crate::outbound::check_url("config.url", url, &state.config).await?;
+    for field in ["url", "endpoint"] {
+        if let Some(url) = def.config.get(field).and_then(|u| u.as_str()) {
+            crate::outbound::check_url(&format!("config.{field}"), url, &state.config).await?;
+        }
     }
     Ok(())
 }

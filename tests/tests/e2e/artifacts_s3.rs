@@ -14,9 +14,9 @@ use capibara_tts::audio::{parse_wav, rms};
 use serde_json::json;
 
 /// A moto S3 server, killed on drop.
-struct S3Server {
+pub(super) struct S3Server {
     child: Child,
-    url: String,
+    pub(super) url: String,
 }
 
 impl Drop for S3Server {
@@ -26,7 +26,7 @@ impl Drop for S3Server {
     }
 }
 
-fn moto_server() -> PathBuf {
+pub(super) fn moto_server() -> PathBuf {
     let path = std::env::var_os("CAPIBARA_TEST_MOTO_SERVER")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
@@ -41,7 +41,7 @@ fn moto_server() -> PathBuf {
     path
 }
 
-async fn start_s3() -> S3Server {
+pub(super) async fn start_s3() -> S3Server {
     let port = find_free_port();
     let child = Command::new(moto_server())
         .args(["-H", "127.0.0.1", "-p", &port.to_string()])

@@ -151,21 +151,21 @@ async fn listen(app: Router) -> String {
     format!("http://{addr}")
 }
 
-async fn env_allowing_loopback() -> TestEnv {
+pub(super) async fn env_allowing_loopback() -> TestEnv {
     let mut env = TestEnv::new().await;
     env.extra_env
         .push(("CAPIBARA_OUTBOUND_ALLOW_PRIVATE".into(), "true".into()));
     env
 }
 
-async fn fetch(api: &Api, input: Value) -> Value {
+pub(super) async fn fetch(api: &Api, input: Value) -> Value {
     let id = api
         .submit_id(json!({"kind": "connector.fetch", "input": input, "max_attempts": 3}))
         .await;
     api.wait_terminal(&id, Duration::from_secs(60)).await
 }
 
-async fn stream_types(env: &TestEnv, id: &str) -> Vec<String> {
+pub(super) async fn stream_types(env: &TestEnv, id: &str) -> Vec<String> {
     let rows: Vec<(String,)> =
         sqlx::query_as("SELECT type FROM events WHERE stream_id = $1::uuid ORDER BY version")
             .bind(id)
@@ -966,6 +966,8 @@ struct JsonApi {
     token_hits: u64,
     /// The `after` of every /events request.
     afters: Vec<Option<String>>,
+    /// How long each /items page takes.
+    delay_ms: u64,
 }
 
 async fn json_api(state: Arc<Mutex<JsonApi>>) -> String {
@@ -996,6 +998,8 @@ async fn json_api(state: Arc<Mutex<JsonApi>>) -> String {
             return StatusCode::UNAUTHORIZED.into_response();
         }
         let page: usize = q.get("page").and_then(|p| p.parse().ok()).unwrap_or(1);
+        let delay = s.lock().unwrap().delay_ms;
+        tokio::time::sleep(Duration::from_millis(delay)).await;
         let all = s.lock().unwrap().items.clone();
         let chunk: Vec<Value> = all.iter().skip((page - 1) * 5).take(5).cloned().collect();
         let mut r = axum::Json(json!({"data": chunk})).into_response();
@@ -1097,6 +1101,24 @@ async fn json_apis_are_read_page_after_page_with_their_authentication() {
         1,
         "the token is kept until it expires"
     );
+    // A slow walk reports its pages as it goes (at most once a second).
+    state.lock().unwrap().delay_ms = 700;
+    let job = fetch(&api, json!({"connector_id": items})).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    let progress: Vec<(Value,)> = sqlx::query_as(
+        "SELECT data FROM events WHERE stream_id = $1::uuid AND type = 'JobProgress' ORDER BY version",
+    )
+    .bind(job["id"].as_str().unwrap())
+    .fetch_all(&env.pool().await)
+    .await
+    .unwrap();
+    assert!(
+        progress
+            .iter()
+            .any(|(d,)| d.to_string().contains("page 2 of at most 10: 10 items")),
+        "{progress:?}"
+    );
+    state.lock().unwrap().delay_ms = 0;
     assert!(!job.to_string().contains("s3cret"));
 
     // A cursor in the page, resumed from where the last fetch stopped.
@@ -1129,11 +1151,25 @@ async fn json_apis_are_read_page_after_page_with_their_authentication() {
     .await;
     let job = fetch(&api, json!({"connector_id": rows, "inline_items": 10})).await;
     assert_eq!(job["output"]["new_items"], 7, "{job}");
-    // Without the credential's secret the fetch fails and says which one.
-    let broken = create(json!({"name": "b", "type": "api", "config": {
-        "url": format!("{base}/list"), "auth": {"type": "bearer"}}}))
+    // Without the credential's secret the connector is refused, naming the secret's place.
+    let r = api
+        .post(
+            "/v1/connectors",
+            json!({"name": "b", "type": "api", "config": {
+                "url": format!("{base}/list"), "auth": {"type": "bearer"}}}),
+        )
+        .await;
+    assert_eq!(
+        (r.status, &r.body["errors"][0]["field"]),
+        (422, &json!("secrets.auth.token")),
+        "{r:?}"
+    );
+    // An inline config has no secrets: its fetch fails and says which one it lacks.
+    let job = fetch(
+        &api,
+        json!({"type": "api", "config": {"url": format!("{base}/list"), "auth": {"type": "bearer"}}}),
+    )
     .await;
-    let job = fetch(&api, json!({"connector_id": broken})).await;
     assert_eq!(job["error"]["type"], "invalid_config", "{job}");
     assert!(
         job["error"]["message"]
@@ -1255,12 +1291,24 @@ async fn seed_endpoints_submit_fetches_by_family_and_discover_several_sources() 
         (422, &json!("type")),
         "{r:?}"
     );
-    let r = post("/v1/content/connectors/filesystem", json!({}), false).await;
+    let r = post(
+        "/v1/content/connectors/filesystem",
+        json!({"type": "rss", "config": {"url": feed}}),
+        false,
+    )
+    .await;
     assert_eq!(
         (r.status, &r.body["errors"][0]["field"]),
-        (422, &json!("family")),
+        (422, &json!("type")),
         "{r:?}"
     );
+    let r = post(
+        "/v1/content/connectors/filesystem",
+        json!({"type": "files", "config": {"path": "inbox"}}),
+        false,
+    )
+    .await;
+    assert_eq!(r.status, 202, "{r:?}");
     assert_eq!(
         post("/v1/content/connectors/nope", json!({}), false)
             .await

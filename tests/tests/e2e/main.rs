@@ -20,6 +20,7 @@ mod poison;
 mod push_kinds;
 mod receiver_selftest;
 mod schedules;
+mod storage_connectors;
 mod sdks;
 mod triggers;
 mod tts;

@@ -70,6 +70,9 @@ pub struct ConnectorFetch {
     pub artifacts: Result<ArtifactStore, String>,
     /// Whether private addresses may be reached (`CAPIBARA_OUTBOUND_ALLOW_PRIVATE`).
     pub policy: OutboundPolicy,
+    /// `CAPIBARA_FILES_ROOT`: the directory the `files` type reads (each namespace its
+    /// `<root>/<namespace>/`); `None`: that type is off.
+    pub files_root: Option<std::path::PathBuf>,
 }
 
 fn abort(t: &str, m: impl Into<String>) -> ExecError {
@@ -116,6 +119,11 @@ fn exec_error(e: SourceError) -> ExecError {
         SourceError::Malformed(m) => abort("malformed_response", m),
         SourceError::Refused(m) => abort("robots_disallowed", m),
         SourceError::Config(m) => abort("invalid_config", m),
+        SourceError::NotConfigured(m) => abort("not_configured", m),
+        SourceError::NotFound(m) => abort("not_found", m),
+        SourceError::Denied(m) => abort("access_denied", m),
+        SourceError::TooMany(m) => abort("too_many_files", m),
+        SourceError::Io(m) => retry("storage_failed", m),
     }
 }
 
@@ -191,9 +199,14 @@ impl ConnectorFetch {
             cursor: t.connector.as_ref().and_then(|c| c.cursor.as_ref()),
             policy: &self.policy,
             cancel: &ctx.cancel,
+            namespace: &ctx.job.namespace,
+            files_root: self.files_root.as_deref(),
+            progress: ctx.progress.as_ref(),
         };
         match t.connector_type.as_str() {
             "api" => sources::api::list(req).await.map_err(exec_error),
+            "files" => sources::files::list(req).await.map_err(exec_error),
+            "s3" => sources::s3::list(req).await.map_err(exec_error),
             "graphql" => sources::graphql::list(req).await.map_err(exec_error),
             "rss" => sources::rss::list(req).await.map_err(exec_error),
             "web" => sources::web::list(req).await.map_err(exec_error),
@@ -280,6 +293,12 @@ impl Executor for ConnectorFetch {
         let more = new.len() > max;
         new.truncate(max);
         let mut cursor = listing.cursor;
+        if let (true, Some(key)) = (more, listing.watermark) {
+            // The rest are newer than what is returned (oldest first): list from there again.
+            if let Some(last) = new.last().and_then(|i| i.published.or(i.updated)) {
+                cursor[key] = serde_json::json!(last);
+            }
+        }
         if more {
             // The rest come next time: keep the old validators so the source sends them again.
             let old = target.connector.as_ref().and_then(|c| c.cursor.clone());

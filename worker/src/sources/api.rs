@@ -39,6 +39,7 @@ pub async fn list(req: Request<'_>) -> Result<Listing, SourceError> {
     let mut url = page_url(&config, &config.url, cursor.as_deref(), 0, 0)?;
     let (mut items, mut bytes, mut seen) = (Vec::new(), 0u64, 0u64);
     let max_pages = config.max_pages.unwrap_or(10);
+    let mut reporter = super::Reporter::default();
     for page in 0..max_pages {
         let got = fetch::get(&policy, &url, &headers, req.cancel).await?;
         if !(200..300).contains(&got.status) {
@@ -51,6 +52,11 @@ pub async fn list(req: Request<'_>) -> Result<Listing, SourceError> {
         let n = found.len() as u64;
         seen += n;
         items.extend(found.iter().map(|v| item(v, &config)));
+        reporter
+            .report(&req, u64::from(page) + 1, None, || {
+                format!("page {} of at most {max_pages}: {seen} items", page + 1)
+            })
+            .await;
         let next = match &config.pagination {
             None => None,
             Some(Pagination::Link) => got
@@ -88,8 +94,8 @@ pub async fn list(req: Request<'_>) -> Result<Listing, SourceError> {
     Ok(Listing {
         items,
         cursor: json!({"cursor": cursor.filter(|_| resume)}),
-        not_modified: false,
         bytes,
+        ..Listing::default()
     })
 }
 

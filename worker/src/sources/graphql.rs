@@ -31,6 +31,7 @@ pub async fn list(req: Request<'_>) -> Result<Listing, SourceError> {
         .filter(|c| !c.is_null() && config.resume)
         .cloned();
     let (mut items, mut bytes) = (Vec::new(), 0u64);
+    let mut reporter = super::Reporter::default();
     for page in 0..config.max_pages.unwrap_or(10) {
         let mut variables = config.variables.clone().unwrap_or_default();
         if config.end_cursor.is_some() {
@@ -71,6 +72,12 @@ pub async fn list(req: Request<'_>) -> Result<Listing, SourceError> {
                 config.link.as_deref(),
             )
         }));
+        let n = items.len();
+        reporter
+            .report(&req, u64::from(page) + 1, None, || {
+                format!("page {}: {n} items", page + 1)
+            })
+            .await;
         let Some(at) = &config.end_cursor else { break };
         let next = answer.pointer(at).filter(|c| !c.is_null()).cloned();
         let more = match &config.has_next_page {
@@ -87,7 +94,7 @@ pub async fn list(req: Request<'_>) -> Result<Listing, SourceError> {
     Ok(Listing {
         items,
         cursor: json!({"cursor": cursor.filter(|_| config.resume)}),
-        not_modified: false,
         bytes,
+        ..Listing::default()
     })
 }

@@ -4,8 +4,11 @@
 //! ([`crate::executors::connector`]).
 
 pub mod api;
+pub mod document;
+pub mod files;
 pub mod graphql;
 pub mod rss;
+pub mod s3;
 pub mod web;
 
 use std::{collections::BTreeMap, time::Duration};
@@ -16,7 +19,7 @@ use serde_json::Value;
 use crate::fetch::GetError;
 
 /// What a source listed.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Listing {
     /// Every item the source lists now, in its order.
     pub items: Vec<Item>,
@@ -26,6 +29,10 @@ pub struct Listing {
     pub not_modified: bool,
     /// Bytes downloaded.
     pub bytes: u64,
+    /// The cursor's key that holds the newest item date listed (the storage types'
+    /// `modified_after`): when a fetch returns only part of the new items, the executor sets it
+    /// back to the newest date it returned, so the rest are listed again.
+    pub watermark: Option<&'static str>,
 }
 
 /// What a source needs besides its config.
@@ -37,6 +44,12 @@ pub struct Request<'a> {
     pub cursor: Option<&'a Value>,
     pub policy: &'a crate::http::OutboundPolicy,
     pub cancel: &'a tokio_util::sync::CancellationToken,
+    /// The job's namespace (the `files` type reads its directory only).
+    pub namespace: &'a str,
+    /// The workers' `CAPIBARA_FILES_ROOT` (`None`: the `files` type is off).
+    pub files_root: Option<&'a std::path::Path>,
+    /// Where long listings report how far they are.
+    pub progress: &'a dyn crate::executors::ProgressSink,
 }
 
 /// Why a source listed nothing.
@@ -60,6 +73,61 @@ pub enum SourceError {
     /// The config does not fit the type (checked at submission; a bug if it happens).
     #[error("{0}")]
     Config(String),
+    /// The type needs a setting this worker's operator has not made.
+    #[error("{0}")]
+    NotConfigured(String),
+    /// The directory or bucket the config names does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// The source refused the credentials (or their absence).
+    #[error("{0}")]
+    Denied(String),
+    /// More files match than the config's `max_files`.
+    #[error("{0}")]
+    TooMany(String),
+    /// Reading the source failed (an I/O or storage service error that may pass).
+    #[error("{0}")]
+    Io(String),
+}
+
+/// How far a long listing is, reported at most once a second (each report is a `JobProgress`
+/// event): pages walked, or files read of how many.
+pub struct Reporter {
+    last: std::time::Instant,
+}
+
+impl Default for Reporter {
+    fn default() -> Self {
+        Reporter {
+            last: std::time::Instant::now(),
+        }
+    }
+}
+
+impl Reporter {
+    /// `done` of `total` (a percentage) or of an unknown number, and what that is in words.
+    pub async fn report(
+        &mut self,
+        req: &Request<'_>,
+        done: u64,
+        total: Option<u64>,
+        message: impl FnOnce() -> String,
+    ) {
+        if self.last.elapsed() < Duration::from_secs(1) {
+            return;
+        }
+        self.last = std::time::Instant::now();
+        let percent = total.map(|t| 100.0 * done as f64 / t.max(1) as f64);
+        req.progress.progress(percent, Some(message())).await;
+    }
+}
+
+/// The newest item date a storage cursor holds (`modified_after`).
+pub fn watermark(cursor: Option<&Value>) -> Option<chrono::DateTime<chrono::Utc>> {
+    cursor
+        .and_then(|c| c.get("modified_after"))
+        .and_then(Value::as_str)
+        .and_then(|t| t.parse().ok())
 }
 
 /// A request's headers: the config's, with the connector's secrets at `headers.<Name>` (a
@@ -108,10 +176,9 @@ pub fn policy(
 /// What a 304 lists: nothing, and the cursor as it was.
 pub fn not_modified(cursor: Option<&Value>) -> Listing {
     Listing {
-        items: Vec::new(),
         cursor: cursor.cloned().unwrap_or_else(|| serde_json::json!({})),
         not_modified: true,
-        bytes: 0,
+        ..Listing::default()
     }
 }
 

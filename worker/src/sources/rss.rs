@@ -40,8 +40,8 @@ pub async fn list(req: Request<'_>) -> Result<Listing, SourceError> {
             "newest": newest,
         }),
         items,
-        not_modified: false,
         bytes: got.body.len() as u64,
+        ..Listing::default()
     })
 }
 

@@ -66,8 +66,8 @@ pub async fn list(req: Request<'_>) -> Result<Listing, SourceError> {
             "last_modified": got.header("last-modified"),
         }),
         items,
-        not_modified: false,
         bytes: got.body.len() as u64,
+        ..Listing::default()
     })
 }
 

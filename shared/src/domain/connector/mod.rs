@@ -4,7 +4,9 @@
 //!
 //! - [`types`]: the connector types, each one's typed config (its JSON Schema is derived from
 //!   it) and an example, and `connector.fetch`'s input.
+//! - [`storage`]: the configs of the types that read files (`files`, `s3`).
 
+pub mod storage;
 pub mod types;
 
 use std::collections::BTreeMap;
@@ -76,6 +78,15 @@ impl ConnectorDef {
                 return Err(FieldError::new(
                     format!("secrets.{place}"),
                     "must name a secret: 1-128 letters, digits, '_' or '-'",
+                ));
+            }
+        }
+        if let Some(place) = (ty.needs_secrets)(&self.config) {
+            if !self.secrets.contains_key(place) {
+                return Err(FieldError::new(
+                    format!("secrets.{place}"),
+                    "the config's `auth` reads its credential from this secret place: name a \
+                     namespace secret here (PUT /v1/secrets/{name} holds the value)",
                 ));
             }
         }

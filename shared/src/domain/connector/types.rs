@@ -10,6 +10,7 @@ use serde_json::{json, Value};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+use super::storage;
 use crate::domain::{
     kinds::input::{self, KindInput},
     FieldError,
@@ -30,10 +31,14 @@ pub struct ConnectorType {
     pub secret_place: fn(&str) -> bool,
     /// The places, in words.
     pub secret_places: &'static str,
-    /// The places, as a regular expression (the published schema of `secrets`' keys).
+    /// The places, as a regular expression (the published schema of `secrets`' keys); empty:
+    /// the type takes no secrets.
     pub secret_pattern: &'static str,
     /// What the cursor holds, in words.
     pub cursor: &'static str,
+    /// The secret places a (valid) config cannot do without: the credential of an `auth`
+    /// method. A connector without them is refused when it is saved.
+    pub needs_secrets: fn(&Value) -> Option<&'static str>,
 }
 
 /// Every connector type of this build.
@@ -52,6 +57,7 @@ pub const TYPES: &[ConnectorType] = &[
         cursor: "{etag, last_modified, newest}: the validators of the last response (sent back as \
              If-None-Match / If-Modified-Since, so an unchanged feed answers 304) and the newest \
              item date seen",
+        needs_secrets: |_| None,
     },
     ConnectorType {
         name: "web",
@@ -72,6 +78,7 @@ pub const TYPES: &[ConnectorType] = &[
         secret_pattern: "^headers\\.[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}$",
         cursor: "{etag, last_modified}: the validators of the last response (an unchanged page \
              answers 304)",
+        needs_secrets: |_| None,
     },
     ConnectorType {
         name: "api",
@@ -94,6 +101,7 @@ pub const TYPES: &[ConnectorType] = &[
         secret_pattern: "^(headers\\.[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}|auth\\.(token|password|value|client_secret))$",
         cursor: "{cursor}: with `pagination.resume`, the last cursor of a cursor-paginated API; \
                  otherwise every fetch walks from the first page",
+        needs_secrets: auth_secret,
     },
     ConnectorType {
         name: "graphql",
@@ -116,6 +124,42 @@ pub const TYPES: &[ConnectorType] = &[
         secret_pattern: "^(headers\\.[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}|auth\\.(token|password|value|client_secret))$",
         cursor: "{cursor}: with `resume`, the last end cursor; otherwise every fetch starts at \
                  the first page",
+        needs_secrets: auth_secret,
+    },
+    ConnectorType {
+        name: "files",
+        description: "Files in a directory the operator shares with the workers \
+                      (`CAPIBARA_FILES_ROOT`; each namespace reads its own `<root>/<namespace>/`), \
+                      matched by a glob, recursively. Types are detected from the content \
+                      (infer) and the name; text is extracted from txt, md, html, json, csv, xml \
+                      and pdf (pdf-extract). Items are the files; new ones are those modified \
+                      since the newest seen whose content was never returned before.",
+        validate: input::check::<storage::FilesConfig>,
+        schema: storage::files_schema,
+        example: || json!({"path": "reports", "glob": "**/*.{md,pdf}"}),
+        secret_place: |_| false,
+        secret_places: "none",
+        secret_pattern: "",
+        cursor: "{modified_after}: the newest modification time seen; older files are not read \
+                 again",
+        needs_secrets: |_| None,
+    },
+    ConnectorType {
+        name: "s3",
+        description: "Objects of an S3-compatible bucket (AWS S3, MinIO, R2, …) under a prefix, \
+                      matched by a glob, read with the object_store library; text is extracted \
+                      as for `files`. New items are objects modified since the newest seen whose \
+                      content was never returned before.",
+        validate: input::check::<storage::S3Config>,
+        schema: storage::s3_schema,
+        example: || json!({"bucket": "reports", "prefix": "2026/", "region": "eu-west-1"}),
+        secret_place: storage::s3_secret_place,
+        secret_places: "`auth.access_key_id`, `auth.secret_access_key` and `auth.session_token` \
+                        (none: anonymous requests, for public buckets)",
+        secret_pattern: "^auth\\.(access_key_id|secret_access_key|session_token)$",
+        cursor: "{modified_after}: the newest object modification time seen; older objects are \
+                 not read again",
+        needs_secrets: |_| None,
     },
 ];
 
@@ -164,7 +208,7 @@ pub const FAMILIES: &[(&str, &[&str])] = &[
     ("web", &["rss", "web"]),
     ("api", &["api", "graphql"]),
     ("communication", &[]),
-    ("filesystem", &[]),
+    ("filesystem", &["files", "s3"]),
 ];
 
 /// The types of `family`, if it is one.
@@ -513,6 +557,14 @@ pub enum ApiAuth {
 }
 
 impl ApiAuth {
+    /// Each method (its `type`) and the secret place it reads its credential from.
+    pub const SECRETS: &[(&str, &str)] = &[
+        ("bearer", "auth.token"),
+        ("basic", "auth.password"),
+        ("header", "auth.value"),
+        ("oauth2", "auth.client_secret"),
+    ];
+
     /// The secret place this method reads its credential from.
     pub fn secret_place(&self) -> &'static str {
         match self {
@@ -522,6 +574,15 @@ impl ApiAuth {
             ApiAuth::Oauth2 { .. } => "auth.client_secret",
         }
     }
+}
+
+/// The credential an `api` or `graphql` config's `auth` needs (`auth.type` → its place).
+fn auth_secret(config: &Value) -> Option<&'static str> {
+    let method = config.get("auth")?.get("type")?.as_str()?;
+    ApiAuth::SECRETS
+        .iter()
+        .find(|(m, _)| *m == method)
+        .map(|(_, place)| *place)
 }
 
 impl KindInput for ApiConfig {
