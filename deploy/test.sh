@@ -44,6 +44,19 @@ if [[ $(cat "$OPENAPI_VENV/.installed" 2>/dev/null) != "$OPENAPI_TOOLS" ]]; then
         log "warning: the OpenAPI tools could not be installed; the OpenAPI contract tests will fail"
 fi
 export CAPIBARA_TEST_OPENAPI_TOOLS=$OPENAPI_VENV/bin
+# Local mail servers (from PyPI) for the mail tests: aiosmtpd (SMTP, for `mail.send`) and pymap
+# (IMAP, for the `imap` connector type); installed once into a venv under target/
+# (tests/tests/e2e/mail.rs finds it there).
+MAIL_VENV=$ROOT/target/capibara-test/mail
+MAIL_TOOLS="aiosmtpd==1.4.6 pymap==0.36.7"
+if [[ $(cat "$MAIL_VENV/.installed" 2>/dev/null) != "$MAIL_TOOLS" ]]; then
+    log "installing $MAIL_TOOLS into $MAIL_VENV"
+    # shellcheck disable=SC2086 # one argument per package
+    { python3 -m venv "$MAIL_VENV" && "$MAIL_VENV/bin/pip" install --quiet $MAIL_TOOLS &&
+        echo "$MAIL_TOOLS" >"$MAIL_VENV/.installed"; } ||
+        log "warning: the mail servers could not be installed; the mail tests will fail"
+fi
+export CAPIBARA_TEST_MAIL_VENV=$MAIL_VENV
 
 PG_PORT=${CAPIBARA_TEST_PG_PORT:-25432}
 REDIS_PORT=${CAPIBARA_TEST_REDIS_PORT:-26379}

@@ -15,6 +15,15 @@ drawn from the schema and must be accepted. Each rule is also documented on its 
   literal; its CSS selectors
   (`x-css-selector`, `lists`) and its `glob` are languages of their own: a valid selector,
   a valid glob.
+- An `imap` connector's `config.host` (and any inline `host`): 127.0.0.1, which the fuzzed
+  server's worker refuses (loopback, no `CAPIBARA_OUTBOUND_ALLOW_PRIVATE`): nothing leaves.
+- `mail.send`: addresses (`from`, `to`, `cc`, `bcc`, `reply_to`) are a syntax of their own
+  (RFC 5322 mailboxes): valid ones; `text` or `html` must be present; `smtp.username` and
+  `smtp.password_secret` come together; `smtp.host` is 127.0.0.1 (refused by the worker, as
+  above).
+- A seed endpoint's `connector_id` (POST /v1/content/connectors/{family}) must name a
+  connector of that family, which is this deployment's state: an inline connector of the
+  family instead.
 - `backoff.initial_ms` must not exceed `max_ms`; a schedule's `end_at` comes after `start_at`;
   a backfill's `to` is not before `from`.
 - `cron` is a crontab expression (docs/scheduler.md) and `timezone` an IANA name (about 600,
@@ -59,6 +68,14 @@ def _op(context):
 
 PUBLIC_FEED = "https://93.184.215.14/feed.xml"
 PUBLIC_ENDPOINT = "https://93.184.215.14"
+# An inline connector of each seed family.
+SEED_INLINE = {
+    "web": {"type": "rss", "config": {"url": PUBLIC_FEED}},
+    "api": {"type": "api", "config": {"url": PUBLIC_FEED}},
+    "filesystem": {"type": "files", "config": {"path": "inbox"}},
+    "communication": {"type": "imap", "config": {"host": "127.0.0.1", "port": 993, "tls": "tls",
+                                                 "username": "u"}},
+}
 
 
 def _connector_config(body):
@@ -66,6 +83,8 @@ def _connector_config(body):
         config = body["config"]
         if "url" in config:
             config["url"] = PUBLIC_FEED
+        if "host" in config:
+            config["host"] = "127.0.0.1"
         if "endpoint" in config:
             config["endpoint"] = PUBLIC_ENDPOINT
         # Globs (`files`, `s3`) are a language of their own: a valid one.
@@ -84,10 +103,38 @@ def _job(job):
         return job
     if job.get("kind") == "connector.fetch":
         _connector_config(job.get("input"))
+    if job.get("kind") == "mail.send":
+        _mail_send(job.get("input"))
     job.pop("callback_url", None)
     job.pop("callback_events", None)
     _backoff(job.get("backoff"))
     return job
+
+
+def _mail_send(mail):
+    if not isinstance(mail, dict):
+        return
+    if "from" in mail:
+        mail["from"] = "Capibara <bot@capibara.test>"
+    if mail.get("reply_to") is not None:
+        mail["reply_to"] = "team@capibara.test"
+    for field in ("to", "cc", "bcc"):
+        if isinstance(mail.get(field), list):
+            mail[field] = [f"r{i}@example.org" for i in range(len(mail[field]))]
+    # At most 100 recipients in all.
+    room = 100 - len(mail.get("to") or [])
+    for field in ("cc", "bcc"):
+        if isinstance(mail.get(field), list):
+            mail[field] = mail[field][:max(room, 0)]
+            room -= len(mail[field])
+    if mail.get("text") is None and mail.get("html") is None:
+        mail["text"] = "t"
+    smtp = mail.get("smtp")
+    if isinstance(smtp, dict):
+        smtp["host"] = "127.0.0.1"
+        if (smtp.get("username") is None) != (smtp.get("password_secret") is None):
+            smtp.pop("username", None)
+            smtp.pop("password_secret", None)
 
 
 def _backoff(backoff):
@@ -197,8 +244,14 @@ def _body(op, body):
             start, end = min(start, end), max(start, end)
             end = min(end, start + timedelta(seconds=900))
             body["from"], body["to"] = start.isoformat(), end.isoformat()
-    elif op in ("POST /v1/connectors", "PUT /v1/connectors/{id}",
-                "POST /v1/content/connectors/web", "POST /v1/content/connectors/api"):
+    elif op in ("POST /v1/connectors", "PUT /v1/connectors/{id}"):
+        _connector_config(body)
+    elif op.startswith("POST /v1/content/connectors/"):
+        family = op.rsplit("/", 1)[1]
+        if "connector_id" in body and family in SEED_INLINE:
+            # Which connector an id names is this deployment's state: an inline one instead.
+            body.pop("connector_id")
+            body.update(SEED_INLINE[family])
         _connector_config(body)
     elif op == "POST /v1/content/discover":
         for source in body.get("sources") or []:

@@ -62,6 +62,18 @@ pub fn registry(store: &Store, config: &Config, warm: &WarmUp) -> executors::Reg
         }),
     );
     registry.register(
+        "mail.send",
+        Arc::new(executors::mail::MailSend {
+            secrets: Arc::new(executors::mail::PgSecrets {
+                store: store.clone(),
+            }),
+            policy: http::OutboundPolicy {
+                allow_private: config.outbound_allow_private,
+                ..Default::default()
+            },
+        }),
+    );
+    registry.register(
         "connector.fetch",
         Arc::new(executors::connector::ConnectorFetch {
             store: Arc::new(connector_port::PgConnectorStore {

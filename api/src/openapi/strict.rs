@@ -454,6 +454,13 @@ pub fn apply(doc: OpenApi, ctx: &dyn KindContext) -> Value {
                     "propertyNames": {"pattern": t.secret_pattern},
                     "additionalProperties": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,128}$"}})
                 };
+                if let Some(place) = (t.needs_secrets)(&json!({})) {
+                    // A credential the type always needs (an `imap` password) is a required secret.
+                    d["properties"]["secrets"]["required"] = json!([place]);
+                    let mut required = d["required"].as_array().cloned().unwrap_or_default();
+                    required.push(json!("secrets"));
+                    d["required"] = Value::Array(required);
+                }
                 d
             })
             .collect();

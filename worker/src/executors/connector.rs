@@ -208,6 +208,7 @@ impl ConnectorFetch {
             "files" => sources::files::list(req).await.map_err(exec_error),
             "s3" => sources::s3::list(req).await.map_err(exec_error),
             "graphql" => sources::graphql::list(req).await.map_err(exec_error),
+            "imap" => sources::imap::list(req).await.map_err(exec_error),
             "rss" => sources::rss::list(req).await.map_err(exec_error),
             "web" => sources::web::list(req).await.map_err(exec_error),
             other => Err(abort(
@@ -326,6 +327,18 @@ impl Executor for ConnectorFetch {
                     .await
                     .map_err(|e| retry("artifact_store", e.to_string()))?,
             );
+            // The files of the items returned (an email's attachments).
+            let kept: HashSet<&str> = new.iter().map(|i| i.id.as_str()).collect();
+            for a in listing.attachments {
+                if kept.contains(a.item.as_str()) {
+                    artifacts.push(
+                        store
+                            .put(ctx.job_id, &a.name, &a.media_type, a.bytes)
+                            .await
+                            .map_err(|e| retry("artifact_store", e.to_string()))?,
+                    );
+                }
+            }
         }
         let hashes: Vec<String> = new.iter().map(|i| i.hash.clone()).collect();
         let inline = input

@@ -7,6 +7,7 @@ pub mod api;
 pub mod document;
 pub mod files;
 pub mod graphql;
+pub mod imap;
 pub mod rss;
 pub mod s3;
 pub mod web;
@@ -33,6 +34,20 @@ pub struct Listing {
     /// `modified_after`): when a fetch returns only part of the new items, the executor sets it
     /// back to the newest date it returned, so the rest are listed again.
     pub watermark: Option<&'static str>,
+    /// Files that came with the items (an email's attachments): the executor stores those of
+    /// the items it returns as artifacts of the fetch.
+    pub attachments: Vec<Attachment>,
+}
+
+/// A file that came with an item, stored as an artifact of the fetch if the item is new.
+#[derive(Debug)]
+pub struct Attachment {
+    /// The item's `id`.
+    pub item: String,
+    /// The artifact's name (a valid one: `[A-Za-z0-9._-]`, at most 128 characters).
+    pub name: String,
+    pub media_type: String,
+    pub bytes: Vec<u8>,
 }
 
 /// What a source needs besides its config.

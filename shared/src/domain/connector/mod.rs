@@ -6,6 +6,7 @@
 //!   it) and an example, and `connector.fetch`'s input.
 //! - [`storage`]: the configs of the types that read files (`files`, `s3`).
 
+pub mod imap;
 pub mod storage;
 pub mod types;
 

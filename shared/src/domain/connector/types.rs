@@ -161,6 +161,26 @@ pub const TYPES: &[ConnectorType] = &[
                  not read again",
         needs_secrets: |_| None,
     },
+    ConnectorType {
+        name: "imap",
+        description: "The messages of one folder of an IMAP mailbox (async-imap; TLS, STARTTLS \
+                      or plain), parsed with mailparse: subject, sender, date, the text body \
+                      (HTML as text) and the headers; attachments are stored as artifacts of the \
+                      fetch. New items are messages with a UID above the last listed (optionally \
+                      unseen ones only); messages are never marked seen.",
+        validate: input::check::<super::imap::ImapConfig>,
+        schema: super::imap::imap_schema,
+        example: || {
+            json!({"host": "imap.example.com", "port": 993, "tls": "tls",
+                   "username": "reports@example.com", "folder": "INBOX"})
+        },
+        secret_place: super::imap::imap_secret_place,
+        secret_places: "`auth.password` (required)",
+        secret_pattern: "^auth\\.password$",
+        cursor: "{uidvalidity, last_uid}: the folder's UIDVALIDITY and the highest UID listed; a \
+                 new UIDVALIDITY (the folder was rebuilt) lists the folder from the start",
+        needs_secrets: super::imap::imap_needs_secrets,
+    },
 ];
 
 /// The type named `name`.
@@ -207,7 +227,7 @@ pub fn fetch_schema() -> Value {
 pub const FAMILIES: &[(&str, &[&str])] = &[
     ("web", &["rss", "web"]),
     ("api", &["api", "graphql"]),
-    ("communication", &[]),
+    ("communication", &["imap"]),
     ("filesystem", &["files", "s3"]),
 ];
 

@@ -171,7 +171,7 @@ pub struct ChatPostInput {
     /// `CAPIBARA_OUTBOUND_ALLOW_PRIVATE=true`.
     #[schema(
         max_length = 2048,
-        pattern = r"^([Hh][Tt][Tt][Pp][Ss]?://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[!#-~]*)?|\$\{secret:[A-Za-z0-9_-]{1,128}\})$"
+        pattern = r"^([Hh][Tt][Tt][Pp][Ss]?://[A-Za-z0-9.-]+(:([0-9]{1,4}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5]))?(/[!#-~]*)?|\$\{secret:[A-Za-z0-9_-]{1,128}\})$"
     )]
     pub url: String,
     /// The message (Slack mrkdwn), at most 40,000 characters.
@@ -213,6 +213,162 @@ impl KindInput for ChatPostInput {
         }
         Ok(())
     }
+}
+
+/// How `mail.send` secures its SMTP connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum SmtpTls {
+    /// Plain SMTP, no encryption (a relay on a trusted network, or a local test server).
+    None,
+    /// Plain SMTP upgraded with STARTTLS before anything is sent (submission, port 587); a
+    /// server that does not offer STARTTLS is refused.
+    Starttls,
+    /// TLS from the first byte (SMTPS, port 465).
+    Tls,
+}
+
+/// The SMTP server `mail.send` hands the message to.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SmtpServer {
+    /// The server's host name or IPv4 address (the TLS certificate must name it). Private and
+    /// loopback addresses are refused unless `CAPIBARA_OUTBOUND_ALLOW_PRIVATE=true`.
+    #[schema(
+        min_length = 1,
+        max_length = 253,
+        pattern = r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$"
+    )]
+    pub host: String,
+    /// The server's port (587 for STARTTLS submission, 465 for TLS, 25 for relays).
+    #[schema(minimum = 1, maximum = 65535)]
+    pub port: u32,
+    #[schema(inline)]
+    pub tls: SmtpTls,
+    /// Log in as this user (AUTH PLAIN or LOGIN) with the password in `password_secret`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false, min_length = 1, max_length = 256)]
+    pub username: Option<String>,
+    /// The name of the namespace secret (`PUT /v1/secrets/{name}`) that holds the password;
+    /// read by the worker when it sends. Required with `username`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false, pattern = r"^[A-Za-z0-9_-]{1,128}$")]
+    pub password_secret: Option<String>,
+}
+
+impl KindInput for SmtpServer {
+    fn check(&self) -> Result<(), FieldError> {
+        crate::outbound::parse_url(&format!("http://{}:{}/", self.host, self.port))
+            .map_err(|e| FieldError::new("host", e.to_string()))?;
+        match (&self.username, &self.password_secret) {
+            (Some(_), None) => Err(FieldError::new(
+                "password_secret",
+                "is required with `username`: the name of the secret holding the password",
+            )),
+            (None, Some(_)) => Err(FieldError::new(
+                "username",
+                "is required with `password_secret`",
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Most recipients of one `mail.send` (to, cc and bcc together).
+pub const MAIL_MAX_RECIPIENTS: usize = 100;
+
+/// `mail.send`: one message through an SMTP server (docs/mail.md). Addresses are `a@b.example`
+/// or `Name <a@b.example>`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MailSendInput {
+    /// The sender (the `From` header and the envelope sender).
+    #[schema(min_length = 3, max_length = 512)]
+    pub from: String,
+    /// Recipients (`To`).
+    #[schema(min_items = 1, max_items = 100)]
+    pub to: Vec<String>,
+    /// Copy recipients (`Cc`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false, max_items = 100)]
+    pub cc: Option<Vec<String>>,
+    /// Blind copy recipients: in the envelope, never in a header.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false, max_items = 100)]
+    pub bcc: Option<Vec<String>>,
+    /// Where replies go (`Reply-To`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false, max_length = 512)]
+    pub reply_to: Option<String>,
+    /// The subject line (one line).
+    #[schema(max_length = 998, pattern = r"^[^\r\n]*$")]
+    pub subject: String,
+    /// The plain-text body. At least one of `text` and `html`; with both, the message is
+    /// multipart/alternative.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false, max_length = 1_000_000)]
+    pub text: Option<String>,
+    /// The HTML body.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false, max_length = 1_000_000)]
+    pub html: Option<String>,
+    #[schema(inline)]
+    pub smtp: SmtpServer,
+    /// Seconds the whole exchange may take (default 30, 1-300).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 300, nullable = false)]
+    pub timeout_s: Option<u32>,
+}
+
+fn mailbox(field: String, s: &str) -> Result<(), FieldError> {
+    s.parse::<lettre::message::Mailbox>()
+        .map(drop)
+        .map_err(|e| FieldError::new(field, format!("is not an email address ({e}): {s:?}")))
+}
+
+impl KindInput for MailSendInput {
+    fn check(&self) -> Result<(), FieldError> {
+        mailbox("from".into(), &self.from)?;
+        if let Some(r) = &self.reply_to {
+            mailbox("reply_to".into(), r)?;
+        }
+        let lists = [
+            ("to", Some(&self.to)),
+            ("cc", self.cc.as_ref()),
+            ("bcc", self.bcc.as_ref()),
+        ];
+        let mut total = 0;
+        for (name, list) in lists {
+            for (i, a) in list.into_iter().flatten().enumerate() {
+                mailbox(format!("{name}[{i}]"), a)?;
+                total += 1;
+            }
+        }
+        if total > MAIL_MAX_RECIPIENTS {
+            return Err(FieldError::new(
+                "to",
+                format!("at most {MAIL_MAX_RECIPIENTS} recipients in to, cc and bcc together"),
+            ));
+        }
+        if self.text.is_none() && self.html.is_none() {
+            return Err(FieldError::new("text", "is required when `html` is absent"));
+        }
+        self.smtp.check().map_err(|e| e.under("smtp"))
+    }
+}
+
+/// `mail.send`'s input check: the SMTP server's fields first (so an error names
+/// `smtp.<field>`), then the rest.
+pub fn check_mail_send(input: &Value) -> Result<(), FieldError> {
+    parse_mail_send(input).map(drop)
+}
+
+/// [`check_mail_send`], keeping the parsed input.
+pub fn parse_mail_send(input: &Value) -> Result<MailSendInput, FieldError> {
+    if let Some(smtp) = input.get("smtp").filter(|s| s.is_object()) {
+        parse::<SmtpServer>(smtp).map_err(|e| e.under("smtp"))?;
+    }
+    parse::<MailSendInput>(input)
 }
 
 /// The JSON Schema derived from `T`, as JSON.

@@ -272,6 +272,18 @@ pub const KINDS: &[KindSpec] = &[
         output: Some(typed::<output::ChatPostOutput>),
     },
     KindSpec {
+        name: "mail.send",
+        default_queue: "default",
+        description: "Sends one email (text and/or HTML) through an SMTP server (STARTTLS, TLS or \
+                      plain; password from a namespace secret); output {message_id, accepted, \
+                      response}; 4xx answers and lost connections are retried, 5xx fail \
+                      (docs/mail.md).",
+        internal: false,
+        validate: input::check_mail_send,
+        schema: |_| typed::<input::MailSendInput>(),
+        output: Some(typed::<output::MailSendOutput>),
+    },
+    KindSpec {
         name: "callback.deliver",
         default_queue: "callbacks",
         description:

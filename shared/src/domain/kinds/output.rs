@@ -86,3 +86,15 @@ pub struct ChatPostOutput {
     pub response: String,
     pub duration_ms: f64,
 }
+
+/// `mail.send`'s output: what the SMTP server took.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct MailSendOutput {
+    /// The message's `Message-ID` (without angle brackets); the same on every attempt of a job.
+    pub message_id: String,
+    /// The recipients the server accepted (to, cc and bcc; bare addresses).
+    pub accepted: Vec<String>,
+    /// The server's answer to the message (`250 …`).
+    pub response: String,
+    pub duration_ms: f64,
+}
