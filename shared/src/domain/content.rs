@@ -29,7 +29,10 @@ pub const MAX_SUMMARY_SENTENCES: u32 = 20;
 pub const ARTIFACT_NAME_PATTERN: &str = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$";
 
 /// Operations of issue 17 that need a model this build does not ship: refused at submission.
-pub const NOT_BUILT: &[&str] = &["classify", "embed"];
+pub const NOT_BUILT: &[&str] = &["classify"];
+/// Most items one job embeds (the `embed` operation runs a model: about 20 ms per text of 100
+/// words on one core).
+pub const MAX_EMBED_ITEMS: usize = 1000;
 
 /// One operation of `content.process`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
@@ -47,17 +50,20 @@ pub enum Operation {
     Stats,
     /// The item's text as plain text (HTML converted): `text`.
     HtmlToText,
+    /// The text's sentence vector (`text.embed`'s model, all-MiniLM-L6-v2): `embedding`.
+    Embed,
 }
 
 impl Operation {
     /// Every operation, in the order results list them.
-    pub const ALL: [Operation; 6] = [
+    pub const ALL: [Operation; 7] = [
         Operation::Language,
         Operation::Keywords,
         Operation::Summary,
         Operation::Readability,
         Operation::Stats,
         Operation::HtmlToText,
+        Operation::Embed,
     ];
 
     /// The operation's name in inputs.
@@ -69,6 +75,7 @@ impl Operation {
             Operation::Readability => "readability",
             Operation::Stats => "stats",
             Operation::HtmlToText => "html_to_text",
+            Operation::Embed => "embed",
         }
     }
 
@@ -139,8 +146,8 @@ pub struct ContentProcessInput {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(inline, nullable = false)]
     pub artifact: Option<ArtifactRef>,
-    /// What to compute for each item (1-6, each once): `language`, `keywords`, `summary`,
-    /// `readability`, `stats`, `html_to_text`.
+    /// What to compute for each item (1-7, each once): `language`, `keywords`, `summary`,
+    /// `readability`, `stats`, `html_to_text`, `embed` (at most 1000 items).
     pub operations: Vec<String>,
     /// Most keywords per item (1-50, default 10).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -234,6 +241,14 @@ impl KindInput for ContentProcessInput {
                 format!("list at least one operation; available: {}", available()),
             ));
         }
+        if let (true, Some(items)) = (seen.contains(&Operation::Embed), &self.items) {
+            if items.len() > MAX_EMBED_ITEMS {
+                return Err(FieldError::new(
+                    "items",
+                    format!("`embed` takes at most {MAX_EMBED_ITEMS} items"),
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -285,10 +300,14 @@ pub fn input_schema() -> Value {
             "additionalProperties": false,
         })
     };
+    let mut inline = variant("inline items", "items", items);
+    // `embed` runs a model: fewer items.
+    inline["if"] = json!({"properties": {"operations": {"contains": {"const": "embed"}}}});
+    inline["then"] = json!({"properties": {"items": {"maxItems": MAX_EMBED_ITEMS}}});
     json!({
         "description": derived.get("description").cloned().unwrap_or_else(|| json!("content.process")),
         "oneOf": [
-            variant("inline items", "items", items),
+            inline,
             variant("a JSONL artifact of an earlier job", "artifact", artifact),
         ],
     })
@@ -372,6 +391,10 @@ pub struct ItemResult {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(nullable = false)]
     pub text: Option<String>,
+    /// `embed`: the text's unit-length sentence vector (384 numbers; its first 256 tokens).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub embedding: Option<Vec<f32>>,
 }
 
 /// `content.process`'s output.
@@ -473,7 +496,7 @@ mod tests {
     }
 
     #[test]
-    fn classify_and_embed_are_refused_with_the_available_operations() {
+    fn classify_is_refused_with_the_available_operations() {
         for (i, op) in NOT_BUILT.iter().enumerate() {
             let mut ops = vec![json!("language"); i + 1];
             ops[i] = json!(op);
@@ -484,12 +507,26 @@ mod tests {
             assert_eq!(e.field, format!("operations[{i}]"));
             assert!(e.message.contains(op), "{}", e.message);
             assert!(
-                e.message
-                    .contains("language, keywords, summary, readability, stats, html_to_text"),
+                e.message.contains(
+                    "language, keywords, summary, readability, stats, html_to_text, embed"
+                ),
                 "{}",
                 e.message
             );
         }
+    }
+
+    #[test]
+    fn embed_takes_at_most_a_thousand_inline_items() {
+        let items = |n: usize| vec![json!({"text": "x"}); n];
+        let ok = json!({"items": items(MAX_EMBED_ITEMS), "operations": ["embed", "stats"]});
+        let over = json!({"items": items(MAX_EMBED_ITEMS + 1), "operations": ["stats", "embed"]});
+        assert!(parse(ok.clone()).is_ok());
+        assert_eq!(parse(over.clone()).unwrap_err().field, "items");
+        let without = json!({"items": items(MAX_EMBED_ITEMS + 1), "operations": ["stats"]});
+        assert!(parse(without.clone()).is_ok());
+        let v = jsonschema::validator_for(&input_schema()).unwrap();
+        assert!(v.is_valid(&ok) && v.is_valid(&without) && !v.is_valid(&over));
     }
 
     #[test]
@@ -501,7 +538,7 @@ mod tests {
         assert_eq!(k.input_schema(&TestContext), input_schema());
         let e = kinds::validate_input(
             "content.process",
-            &json!({"items": [{"text": "x"}], "operations": ["stats", "embed"]}),
+            &json!({"items": [{"text": "x"}], "operations": ["stats", "classify"]}),
             &TestContext,
         )
         .unwrap_err();
@@ -577,6 +614,7 @@ mod tests {
                         avg_words_per_sentence: 1.0,
                     }),
                     text: Some("Rust.".into()),
+                    embedding: Some(vec![0.6, -0.8]),
                 },
                 ItemResult::default(),
             ],

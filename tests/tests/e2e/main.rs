@@ -14,6 +14,7 @@ mod jobs_api;
 mod keys_and_visibility;
 mod kind_validation;
 mod mail;
+mod models;
 mod openapi;
 mod openapi_fuzz;
 mod operations;

@@ -8,22 +8,28 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use capibara_shared::domain::{
     content::{
-        ArtifactRef, ContentItem, ContentProcessInput, ContentProcessOutput, MAX_ARTIFACT_BYTES,
-        MAX_ARTIFACT_ITEMS,
+        ArtifactRef, ContentItem, ContentProcessInput, ContentProcessOutput, Operation,
+        MAX_ARTIFACT_BYTES, MAX_ARTIFACT_ITEMS, MAX_EMBED_ITEMS,
     },
     job::JobError,
     kinds::input,
 };
 use uuid::Uuid;
 
+use super::embed::model_error;
 use super::{
     builtin::{invalid, to_output},
     ExecError, Executor, JobContext, Output,
 };
-use crate::content::{self, Options};
+use crate::{
+    content::{self, Options},
+    models::encoder::SharedEncoder,
+};
 
 /// Items processed between two progress reports (and checks for cancellation).
 pub const BATCH: usize = 1000;
+/// The same, when `embed` is asked for.
+pub const EMBED_BATCH: usize = 100;
 
 /// Why an artifact could not be read.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,6 +60,8 @@ pub trait ArtifactReader: Send + Sync {
 
 pub struct ContentProcess {
     pub artifacts: Arc<dyn ArtifactReader>,
+    /// For the `embed` operation (the process's encoder, shared with `text.embed`).
+    pub encoder: Arc<SharedEncoder>,
 }
 
 fn abort(t: &str, m: impl Into<String>) -> ExecError {
@@ -132,22 +140,48 @@ impl Executor for ContentProcess {
             (None, None) => return Err(abort("invalid_input", "input: no items")),
         };
         let total = items.len();
+        if ops.contains(&Operation::Embed) && total > MAX_EMBED_ITEMS {
+            return Err(abort(
+                "too_many_items",
+                format!("`embed` takes at most {MAX_EMBED_ITEMS} items; the artifact has {total}"),
+            ));
+        }
         let items = Arc::new(items);
+        // The model is slow next to the pure functions: report and check more often.
+        let batch_size = if ops.contains(&Operation::Embed) {
+            EMBED_BATCH
+        } else {
+            BATCH
+        };
         let mut results = Vec::with_capacity(total);
         let mut start = 0;
         while start < total {
             if ctx.cancel.is_cancelled() {
                 return Err(canceled());
             }
-            let end = (start + BATCH).min(total);
-            let (batch, ops) = (items.clone(), ops.clone());
+            let end = (start + batch_size).min(total);
+            let (batch, batch_ops) = (items.clone(), ops.clone());
             let run = tokio::task::spawn_blocking(move || {
-                content::process(&batch[start..end], &ops, &options)
+                content::process(&batch[start..end], &batch_ops, &options)
             });
             let done = tokio::select! {
                 r = run => r.map_err(|e| abort("executor_error", e.to_string()))?,
                 _ = ctx.cancel.cancelled() => return Err(canceled()),
             };
+            let mut done = done;
+            if ops.contains(&Operation::Embed) {
+                // The model's work, off the pure functions' thread; a cancel stops it between
+                // batches.
+                let texts: Vec<String> =
+                    items[start..end].iter().map(content::plain_text).collect();
+                let vectors = tokio::select! {
+                    r = self.encoder.embed(texts) => r.map_err(model_error)?,
+                    _ = ctx.cancel.cancelled() => return Err(canceled()),
+                };
+                for (r, e) in done.iter_mut().zip(vectors) {
+                    r.embedding = Some(e.vector);
+                }
+            }
             results.extend(done);
             if end < total {
                 let percent = (end as f64 / total as f64 * 1000.0).round() / 10.0;
@@ -268,10 +302,46 @@ mod tests {
         }
     }
 
+    fn encoder() -> Arc<SharedEncoder> {
+        let assets = std::env::var_os("CAPIBARA_ASSETS_DIR")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| {
+                std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.capibara/assets")
+            });
+        Arc::new(SharedEncoder::new(&assets))
+    }
+
     fn no_artifacts() -> ContentProcess {
         ContentProcess {
             artifacts: Arc::new(Artifacts::default()),
+            encoder: encoder(),
         }
+    }
+
+    #[tokio::test]
+    async fn embed_gives_each_item_the_vector_text_embed_gives_its_text() {
+        let exec = no_artifacts();
+        let (r, _) = run(
+            &exec,
+            json!({"items": [{"id": "a", "html": "<p>The invoice was <b>paid</b>.</p>"},
+                             {"id": "b", "text": "Penguins swim."}],
+                   "operations": ["embed", "stats"]}),
+        )
+        .await;
+        let out: ContentProcessOutput = serde_json::from_value(r.unwrap().output).unwrap();
+        let direct = exec
+            .encoder
+            .embed(vec![
+                "The invoice was paid.".into(),
+                "Penguins swim.".into(),
+            ])
+            .await
+            .unwrap();
+        for (item, e) in out.items.iter().zip(&direct) {
+            assert_eq!(item.embedding.as_ref().unwrap(), &e.vector);
+            assert!(item.stats.is_some());
+        }
+        assert!(out.items[0].language.is_none(), "only what was asked for");
     }
 
     #[tokio::test]
@@ -352,6 +422,7 @@ mod tests {
             .0
             .insert(("other".into(), job, "x.jsonl".into()), b"{}\n".to_vec());
         let exec = ContentProcess {
+            encoder: encoder(),
             artifacts: Arc::new(store),
         };
         let input = |name: &str| json!({"artifact": {"job_id": job, "name": name}, "operations": ["html_to_text"]});

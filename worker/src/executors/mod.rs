@@ -7,6 +7,7 @@ pub mod chat;
 pub mod code;
 pub mod connector;
 pub mod content;
+pub mod embed;
 pub mod mail;
 pub mod push;
 pub mod tts;

