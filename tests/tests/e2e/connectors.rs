@@ -16,7 +16,7 @@ use axum::{
     routing::get,
     Router,
 };
-use capibara_tests::{Api, TestEnv};
+use capibara_tests::{eventually, Api, TestEnv};
 use serde_json::{json, Value};
 
 /// A feed whose items the test changes; answers 304 to its current ETag, and 401 without the
@@ -553,6 +553,57 @@ async fn overlapping_fetches_of_one_connector_never_return_an_item_twice() {
     let c = api.get(&format!("/v1/connectors/{cid}")).await.body;
     assert_eq!(c["items_total"], 20, "{c}");
     assert!(state.lock().unwrap().hits >= 4);
+}
+
+/// Canceling a fetch that waits on a slow source ends it at once, and moves nothing: the next
+/// fetch returns every item.
+#[tokio::test]
+async fn canceling_a_fetch_stops_it_and_skips_nothing() {
+    let env = env_allowing_loopback().await;
+    let _procs = env.spawn_all().await;
+    let api = env.client();
+    let state: Shared = Arc::default();
+    {
+        let mut f = state.lock().unwrap();
+        f.items = (1..=3)
+            .map(|k| (format!("g{k}"), format!("post-{k}")))
+            .collect();
+        f.delay_ms = 25_000;
+    }
+    let base = serve(state.clone()).await;
+    let c = api
+        .post(
+            "/v1/connectors",
+            json!({"name": "slow", "type": "rss", "config": {"url": format!("{base}/feed.xml")}}),
+        )
+        .await;
+    let cid = c.body["id"].as_str().unwrap().to_string();
+    let id = api
+        .submit_id(json!({"kind": "connector.fetch", "input": {"connector_id": cid}}))
+        .await;
+    eventually(
+        "the fetch waits on the feed",
+        Duration::from_secs(20),
+        || async {
+            (api.job(&id).await["status"] == "running" && state.lock().unwrap().hits == 1)
+                .then_some(())
+        },
+    )
+    .await;
+    let r = api.post(&format!("/v1/jobs/{id}/cancel"), json!({})).await;
+    assert!(r.status < 300, "{r:?}");
+    // Well before the feed would answer.
+    let job = api.wait_terminal(&id, Duration::from_secs(10)).await;
+    assert_eq!(job["status"], "canceled", "{job}");
+    let c = api.get(&format!("/v1/connectors/{cid}")).await.body;
+    assert_eq!(
+        (c["fetches"].clone(), c["cursor"].clone()),
+        (json!(0), Value::Null),
+        "{c}"
+    );
+    state.lock().unwrap().delay_ms = 0;
+    let job = fetch(&api, json!({"connector_id": cid})).await;
+    assert_eq!(job["output"]["new_items"], 3, "{job}");
 }
 
 #[tokio::test]
