@@ -9,6 +9,7 @@ mod deliveries;
 mod fanout;
 mod harness;
 mod jobs;
+mod models;
 mod push;
 mod schedules;
 mod sdk;
@@ -53,6 +54,9 @@ enum Command {
     /// connector.fetch: items/s of a 10,000-item local feed, and the cost of a fetch with
     /// nothing new (`capibara bench-connectors`).
     Connectors(connectors::ConnectorBenchArgs),
+    /// text.embed: the first job (model load), 1 and 32 texts per job, texts/s, worker memory
+    /// (`capibara bench-models`).
+    Models(models::ModelBenchArgs),
     /// The Rust (in-process), Python and TypeScript SDK workers against the built-in Rust worker: end-to-end no-op
     /// jobs/s and idle enqueue→start latency, on one stack in one run.
     Sdk(sdk::SdkBenchArgs),
@@ -72,6 +76,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Code(a) => code::run(a).await,
         Command::Workflows(a) => workflows::run(a).await,
         Command::Connectors(a) => connectors::run(a).await,
+        Command::Models(a) => models::run(a).await,
         Command::Sdk(a) => sdk::run(a).await,
         Command::SdkDriver(a) => sdk_driver::run(a).await,
     }

@@ -79,6 +79,10 @@ enum Command {
     /// nothing new (runs `capibara-bench connectors`).
     #[command(name = "bench-connectors")]
     BenchConnectors(benchmarks::Forwarded),
+    /// text.embed: the first job (model load), 1 and 32 texts per job, texts/s, worker memory
+    /// (runs `capibara-bench models`).
+    #[command(name = "bench-models")]
+    BenchModels(benchmarks::Forwarded),
     /// The Python and TypeScript SDK workers against the built-in worker: end-to-end jobs/s and
     /// idle pickup (runs `capibara-bench sdk`).
     #[command(name = "bench-sdk")]
@@ -204,6 +208,7 @@ async fn main() -> anyhow::Result<()> {
         Command::BenchCode(a) => benchmarks::exec("code", a),
         Command::BenchWorkflows(a) => benchmarks::exec("workflows", a),
         Command::BenchConnectors(a) => benchmarks::exec("connectors", a),
+        Command::BenchModels(a) => benchmarks::exec("models", a),
         Command::BenchSdk(a) => benchmarks::exec("sdk", a),
     }
 }
