@@ -483,27 +483,33 @@ async fn fetches_return_only_new_items_and_the_cursor_moves_with_the_jobs_succes
     assert_eq!(job["error"]["type"], "connector_not_found", "{job}");
 }
 
-#[tokio::test]
-async fn overlapping_fetches_of_one_connector_never_return_an_item_twice() {
-    let env = env_allowing_loopback().await;
-    let _procs = env.spawn_all().await;
-    let api = env.client();
+/// A feed of `items` posts that answers after `delay_ms`, and an `rss` connector of it.
+async fn slow_feed_connector(api: &Api, items: usize, delay_ms: u64) -> (Shared, String) {
     let state: Shared = Arc::default();
     {
         let mut f = state.lock().unwrap();
-        f.items = (1..=20)
+        f.items = (1..=items)
             .map(|k| (format!("g{k}"), format!("post-{k}")))
             .collect();
-        f.delay_ms = 500;
+        f.delay_ms = delay_ms;
     }
     let base = serve(state.clone()).await;
     let c = api
         .post(
             "/v1/connectors",
-            json!({"name": "busy", "type": "rss", "config": {"url": format!("{base}/feed.xml")}}),
+            json!({"name": "slow", "type": "rss", "config": {"url": format!("{base}/feed.xml")}}),
         )
         .await;
-    let cid = c.body["id"].as_str().unwrap().to_string();
+    assert_eq!(c.status, 201, "{c:?}");
+    (state, c.body["id"].as_str().unwrap().to_string())
+}
+
+#[tokio::test]
+async fn overlapping_fetches_of_one_connector_never_return_an_item_twice() {
+    let env = env_allowing_loopback().await;
+    let _procs = env.spawn_all().await;
+    let api = env.client();
+    let (state, cid) = slow_feed_connector(&api, 20, 500).await;
     // Four fetches at once: all read the same feed from the same cursor; one records it.
     let mut ids = Vec::new();
     for _ in 0..4 {
@@ -562,22 +568,7 @@ async fn canceling_a_fetch_stops_it_and_skips_nothing() {
     let env = env_allowing_loopback().await;
     let _procs = env.spawn_all().await;
     let api = env.client();
-    let state: Shared = Arc::default();
-    {
-        let mut f = state.lock().unwrap();
-        f.items = (1..=3)
-            .map(|k| (format!("g{k}"), format!("post-{k}")))
-            .collect();
-        f.delay_ms = 25_000;
-    }
-    let base = serve(state.clone()).await;
-    let c = api
-        .post(
-            "/v1/connectors",
-            json!({"name": "slow", "type": "rss", "config": {"url": format!("{base}/feed.xml")}}),
-        )
-        .await;
-    let cid = c.body["id"].as_str().unwrap().to_string();
+    let (state, cid) = slow_feed_connector(&api, 3, 25_000).await;
     let id = api
         .submit_id(json!({"kind": "connector.fetch", "input": {"connector_id": cid}}))
         .await;
