@@ -9,7 +9,7 @@ use std::{
 };
 
 use capibara_shared::domain::connector::{
-    storage::{compile_glob, FilesConfig, DEFAULT_MAX_FILES, DEFAULT_MAX_FILE_BYTES},
+    storage::{FilesConfig, DEFAULT_MAX_FILE_BYTES},
     types::Item,
 };
 use chrono::{DateTime, Utc};
@@ -110,20 +110,15 @@ fn walk(
     if !base.starts_with(&dir) || !base.is_dir() {
         return Err(missing());
     }
-    let glob = config
-        .glob
-        .as_deref()
-        .map(compile_glob)
-        .transpose()
-        .map_err(SourceError::Config)?;
-    let max_files = config.max_files.unwrap_or(DEFAULT_MAX_FILES) as usize;
+    let mut selection =
+        super::Selection::new(config.glob.as_deref(), config.max_files, "files", "path")?;
     let mut walker = walkdir::WalkDir::new(&base)
         .follow_links(false)
         .sort_by_file_name();
     if !config.recursive {
         walker = walker.max_depth(1);
     }
-    let (mut found, mut matched, mut unchanged) = (Vec::new(), 0usize, 0usize);
+    let (mut found, mut unchanged) = (Vec::new(), 0usize);
     for entry in walker {
         let entry = entry.map_err(|e| SourceError::Io(e.to_string()))?;
         if !entry.file_type().is_file() {
@@ -138,14 +133,8 @@ fn walk(
         else {
             continue; // not UTF-8: cannot be named in an item
         };
-        if glob.as_ref().is_some_and(|g| !g.is_match(&rel)) {
+        if !selection.keeps(&rel)? {
             continue;
-        }
-        matched += 1;
-        if matched > max_files {
-            return Err(SourceError::TooMany(format!(
-                "more than {max_files} files match; narrow `path` or `glob`, or raise `max_files`"
-            )));
         }
         let meta = entry
             .metadata()

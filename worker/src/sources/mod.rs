@@ -137,6 +137,54 @@ impl Reporter {
     }
 }
 
+/// Which paths a storage listing keeps: those its glob matches, at most `max_files` of them.
+pub struct Selection {
+    glob: Option<globset::GlobMatcher>,
+    max_files: usize,
+    matched: usize,
+    /// What the listing lists (`files`, `objects`) and where it is narrowed (`path`), for the
+    /// error.
+    what: &'static str,
+    narrow: &'static str,
+}
+
+impl Selection {
+    pub fn new(
+        glob: Option<&str>,
+        max_files: Option<u32>,
+        what: &'static str,
+        narrow: &'static str,
+    ) -> Result<Selection, SourceError> {
+        use capibara_shared::domain::connector::storage::{compile_glob, DEFAULT_MAX_FILES};
+        Ok(Selection {
+            glob: glob
+                .map(compile_glob)
+                .transpose()
+                .map_err(SourceError::Config)?,
+            max_files: max_files.unwrap_or(DEFAULT_MAX_FILES) as usize,
+            matched: 0,
+            what,
+            narrow,
+        })
+    }
+
+    /// Whether `rel` is kept; an error once more than `max_files` are (a listing is never cut
+    /// short silently).
+    pub fn keeps(&mut self, rel: &str) -> Result<bool, SourceError> {
+        if self.glob.as_ref().is_some_and(|g| !g.is_match(rel)) {
+            return Ok(false);
+        }
+        self.matched += 1;
+        if self.matched > self.max_files {
+            return Err(SourceError::TooMany(format!(
+                "more than {} {} match; narrow `{}` or `glob`, or raise `max_files`",
+                self.max_files, self.what, self.narrow
+            )));
+        }
+        Ok(true)
+    }
+}
+
 /// The newest item date a storage cursor holds (`modified_after`).
 pub fn watermark(cursor: Option<&Value>) -> Option<chrono::DateTime<chrono::Utc>> {
     cursor

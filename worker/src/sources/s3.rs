@@ -10,9 +10,7 @@ use std::{
 };
 
 use capibara_shared::{
-    domain::connector::storage::{
-        compile_glob, S3Config, DEFAULT_MAX_FILES, DEFAULT_MAX_FILE_BYTES,
-    },
+    domain::connector::storage::{S3Config, DEFAULT_MAX_FILE_BYTES},
     outbound,
 };
 use futures::StreamExt;
@@ -99,31 +97,24 @@ async fn read(
     timeout: Duration,
 ) -> Result<Listing, SourceError> {
     let mark = super::watermark(req.cursor);
-    let glob = config
-        .glob
-        .as_deref()
-        .map(compile_glob)
-        .transpose()
-        .map_err(SourceError::Config)?;
-    let max_files = config.max_files.unwrap_or(DEFAULT_MAX_FILES) as usize;
+    let mut selection = super::Selection::new(
+        config.glob.as_deref(),
+        config.max_files,
+        "objects",
+        "prefix",
+    )?;
     let max_bytes = config.max_file_bytes.unwrap_or(DEFAULT_MAX_FILE_BYTES);
     let prefix = (!config.prefix.is_empty()).then(|| ObjectPath::from(config.prefix.as_str()));
     let mut listed = store.list(prefix.as_ref());
-    let (mut found, mut matched): (Vec<ObjectMeta>, usize) = (Vec::new(), 0);
+    let mut found: Vec<ObjectMeta> = Vec::new();
     while let Some(meta) = listed.next().await {
         if req.cancel.is_cancelled() {
             return Err(GetError::Canceled.into());
         }
         let meta = meta.map_err(storage_error)?;
         let rel = relative(&meta.location, prefix.as_ref());
-        if glob.as_ref().is_some_and(|g| !g.is_match(&rel)) {
+        if !selection.keeps(&rel)? {
             continue;
-        }
-        matched += 1;
-        if matched > max_files {
-            return Err(SourceError::TooMany(format!(
-                "more than {max_files} objects match; narrow `prefix` or `glob`, or raise `max_files`"
-            )));
         }
         if mark.is_some_and(|m| meta.last_modified < m) {
             continue;
