@@ -13,7 +13,6 @@ use capibara_shared::domain::connector::{
     types::Item,
 };
 use chrono::{DateTime, Utc};
-use serde_json::json;
 
 use super::{document, Listing, Request, SourceError};
 use crate::fetch::GetError;
@@ -77,13 +76,7 @@ pub async fn list(req: Request<'_>) -> Result<Listing, SourceError> {
         }
     }
     tracing::debug!(listed = total, unchanged, "files walked");
-    Ok(Listing {
-        items,
-        cursor: json!({"modified_after": newest}),
-        bytes,
-        watermark: Some("modified_after"),
-        ..Listing::default()
-    })
+    Ok(super::storage_listing(items, newest, bytes))
 }
 
 /// The files under `base` (which must be a directory inside `dir`) that match, modified at or

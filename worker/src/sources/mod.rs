@@ -185,12 +185,30 @@ impl Selection {
     }
 }
 
+/// The cursor key of the storage types: the newest modification time listed.
+const WATERMARK: &str = "modified_after";
+
 /// The newest item date a storage cursor holds (`modified_after`).
 pub fn watermark(cursor: Option<&Value>) -> Option<chrono::DateTime<chrono::Utc>> {
     cursor
-        .and_then(|c| c.get("modified_after"))
+        .and_then(|c| c.get(WATERMARK))
         .and_then(Value::as_str)
         .and_then(|t| t.parse().ok())
+}
+
+/// A storage type's listing: its items, and the watermark cursor at `newest`.
+pub fn storage_listing(
+    items: Vec<Item>,
+    newest: Option<chrono::DateTime<chrono::Utc>>,
+    bytes: u64,
+) -> Listing {
+    Listing {
+        items,
+        cursor: serde_json::json!({ WATERMARK: newest }),
+        bytes,
+        watermark: Some(WATERMARK),
+        ..Listing::default()
+    }
 }
 
 /// A request's headers: the config's, with the connector's secrets at `headers.<Name>` (a

@@ -20,7 +20,6 @@ use object_store::{
     path::Path as ObjectPath,
     ClientOptions, ObjectMeta, ObjectStore, RetryConfig,
 };
-use serde_json::json;
 
 use super::{document, Listing, Request, SourceError};
 use crate::{
@@ -156,13 +155,7 @@ async fn read(
                 .await;
         }
     }
-    Ok(Listing {
-        items,
-        cursor: json!({"modified_after": newest}),
-        bytes,
-        watermark: Some("modified_after"),
-        ..Listing::default()
-    })
+    Ok(super::storage_listing(items, newest, bytes))
 }
 
 /// An object's bytes, read as a stream and cut off past `max` (the listing's size is the
