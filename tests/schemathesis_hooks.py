@@ -24,6 +24,8 @@ drawn from the schema and must be accepted. Each rule is also documented on its 
 - A seed endpoint's `connector_id` (POST /v1/content/connectors/{family}) must name a
   connector of that family, which is this deployment's state: an inline connector of the
   family instead.
+- A `text.chunk` input's `overlap` is less than half of its `max_tokens` (also the body of
+  `POST /v1/semantic/chunk`).
 - `backoff.initial_ms` must not exceed `max_ms`; a schedule's `end_at` comes after `start_at`;
   a backfill's `to` is not before `from`.
 - `cron` is a crontab expression (docs/scheduler.md) and `timezone` an IANA name (about 600,
@@ -45,6 +47,13 @@ drawn from the schema and must be accepted. Each rule is also documented on its 
   fraction (docs/api.md): integral floats are written as integers.
 - A `text.embed` job's `texts` are cut to two short ones: the model's work is not what the
   fuzz test measures, and 256 long texts would take the CI machine's cores from the others.
+  So are a `model.classify` job's.
+- A `finetune.train` job's examples need two labels with two examples each (not a rule JSON
+  Schema states): four fixed examples of two labels, at most 2 epochs (the training is not what
+  the fuzz test measures); `examples_url`, `examples_artifact` and `resume_from` name this
+  deployment's state (a reachable file, another job): dropped. The same four rows are
+  `POST /v1/fine-tuning/start`'s `training_data`; `/v1/semantic/embed` and `/search` bodies are
+  cut like `text.embed` inputs.
 
 The hooks are `map_case` hooks, which schemathesis applies in every phase (coverage included).
 """
@@ -107,8 +116,12 @@ def _job(job):
         _connector_config(job.get("input"))
     if job.get("kind") == "mail.send":
         _mail_send(job.get("input"))
-    if job.get("kind") == "text.embed":
+    if job.get("kind") in ("text.embed", "model.classify"):
         _text_embed(job.get("input"))
+    if job.get("kind") == "finetune.train":
+        _finetune(job.get("input"))
+    if job.get("kind") == "text.chunk":
+        _chunk(job.get("input"))
     job.pop("callback_url", None)
     job.pop("callback_events", None)
     _backoff(job.get("backoff"))
@@ -120,6 +133,28 @@ def _text_embed(embed):
     # texts would take the CI machine's cores from the tests that run beside it.
     if isinstance(embed, dict) and isinstance(embed.get("texts"), list):
         embed["texts"] = [t[:64] for t in embed["texts"][:2] if isinstance(t, str)] or ["x"]
+
+
+def _chunk(chunk):
+    # A window's overlap is less than half of `max_tokens` (two fields compared).
+    if isinstance(chunk, dict):
+        most = chunk.get("max_tokens")
+        most = 128 if not isinstance(most, int) else most
+        if isinstance(chunk.get("overlap"), int) and chunk["overlap"] * 2 >= most:
+            chunk["overlap"] = 0
+
+
+def _finetune(train):
+    # Two labels with two examples each; a short training; no sources naming other state.
+    if not isinstance(train, dict):
+        return
+    for k in ("examples_url", "examples_artifact", "resume_from"):
+        train.pop(k, None)
+    train["examples"] = [{"text": t, "label": l} for t, l in
+                         (("good", "pos"), ("fine", "pos"), ("bad", "neg"), ("awful", "neg"))]
+    if isinstance(train.get("epochs"), int):
+        train["epochs"] = min(train["epochs"], 2)
+    return train["examples"]
 
 
 def _mail_send(mail):
@@ -244,6 +279,16 @@ def _body(op, body):
         body["wait_ms"] = min(wait, 100) if isinstance(wait, int) else 100
     elif op == "POST /v1/jobs":
         _job(body)
+    elif op in ("POST /v1/semantic/embed", "POST /v1/semantic/search"):
+        _text_embed(body)
+    elif op == "POST /v1/semantic/chunk":
+        _chunk(body)
+    elif op == "POST /v1/fine-tuning/start":
+        rows = _finetune({"examples": []})
+        body["training_data"] = [{"input": e["text"], "output": e["label"]} for e in rows]
+        config = body.get("fine_tuning_config")
+        if isinstance(config, dict) and isinstance(config.get("epochs"), int):
+            config["epochs"] = min(config["epochs"], 2)
     elif op == "POST /v1/jobs/batch":
         for job in body.get("jobs") or []:
             _job(job)

@@ -154,6 +154,19 @@ pub fn app(state: AppState) -> Router {
                 .delete(routes::connectors::delete),
         )
         .route("/v1/connector-types", get(routes::connectors::list_types))
+        .route("/v1/fine-tuning/start", post(routes::fine_tuning::start))
+        .route(
+            "/v1/fine-tuning/{id}/status",
+            get(routes::fine_tuning::status),
+        )
+        .route("/v1/semantic/embed", post(routes::semantic::embed))
+        .route("/v1/semantic/search", post(routes::semantic::search))
+        .route("/v1/semantic/chunk", post(routes::semantic::chunk))
+        .route("/v1/models", get(routes::models::list))
+        .route(
+            "/v1/models/{ref}",
+            get(routes::models::get).delete(routes::models::delete),
+        )
         .route(
             "/v1/content/connectors/{family}",
             post(routes::content::seed_family),

@@ -8,8 +8,8 @@ use utoipa::{
 use capibara_shared::domain::kinds::KindContext;
 
 use crate::routes::{
-    admin, code, connectors, content, deliveries, events, jobs, kinds, orchestrate, runs,
-    schedules, secrets, subscriptions, triggers, workers, workflows,
+    admin, code, connectors, content, deliveries, events, fine_tuning, jobs, kinds, models,
+    orchestrate, runs, schedules, secrets, semantic, subscriptions, triggers, workers, workflows,
 };
 
 #[derive(OpenApi)]
@@ -31,10 +31,12 @@ use crate::routes::{
           workflows::start_run, runs::list, runs::get, runs::events, runs::cancel, runs::retry, runs::signal,
           secrets::put, secrets::list, secrets::delete,
           connectors::create, connectors::list, connectors::get, connectors::update, connectors::delete,
-          connectors::list_types, content::seed_web, content::seed_api, content::discover),
+          connectors::list_types, content::seed_web, content::seed_api, content::discover,
+          models::list, models::get, models::delete, fine_tuning::start, fine_tuning::status,
+          semantic::embed, semantic::search, semantic::chunk),
     components(schemas(crate::error::Problem, capibara_shared::domain::FieldError)),
     modifiers(&BearerAuth),
-    tags((name = "jobs"), (name = "events"), (name = "deliveries"), (name = "schedules"), (name = "workflows"), (name = "code"), (name = "kinds"), (name = "connectors"), (name = "workers"), (name = "operations"))
+    tags((name = "jobs"), (name = "events"), (name = "deliveries"), (name = "schedules"), (name = "workflows"), (name = "code"), (name = "kinds"), (name = "connectors"), (name = "models"), (name = "workers"), (name = "operations"))
 )]
 pub struct ApiDoc;
 

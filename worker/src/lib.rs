@@ -19,6 +19,8 @@ pub mod delivery_port;
 pub mod executors;
 pub mod fetch;
 pub mod http;
+pub mod memory_port;
+pub mod model_port;
 pub mod models;
 pub mod runtime;
 pub mod sources;
@@ -108,6 +110,58 @@ pub fn registry(store: &Store, config: &Config, warm: &WarmUp) -> executors::Reg
         Arc::new(executors::embed::TextEmbed {
             encoder: encoder.clone(),
         }),
+    );
+    let models: Arc<dyn executors::finetune::ModelStore> = Arc::new(model_port::PgModelStore {
+        store: store.clone(),
+        artifacts: capibara_shared::artifacts::ArtifactStore::open(&config.artifacts)
+            .map_err(|e| e.to_string()),
+    });
+    registry.register(
+        "finetune.train",
+        Arc::new(executors::finetune::FinetuneTrain {
+            encoder: encoder.clone(),
+            models: models.clone(),
+            reader: Arc::new(content_port::PgArtifactReader {
+                store: store.clone(),
+                artifacts: capibara_shared::artifacts::ArtifactStore::open(&config.artifacts)
+                    .map_err(|e| e.to_string()),
+            }),
+            policy: http::OutboundPolicy {
+                allow_private: config.outbound_allow_private,
+                ..Default::default()
+            },
+        }),
+    );
+    registry.register(
+        "text.chunk",
+        Arc::new(executors::chunk::TextChunk::new(
+            models::encoder::Encoder::dir(&config.assets_dir),
+        )),
+    );
+    let memory: Arc<dyn executors::memory::MemoryStore> = Arc::new(memory_port::PgMemoryStore {
+        store: store.clone(),
+    });
+    registry.register(
+        "memory.write",
+        Arc::new(executors::memory::MemoryWrite {
+            encoder: encoder.clone(),
+            store: memory.clone(),
+        }),
+    );
+    registry.register(
+        "memory.search",
+        Arc::new(executors::memory::MemorySearch {
+            encoder: encoder.clone(),
+            store: memory,
+            index: Arc::default(),
+        }),
+    );
+    registry.register(
+        "model.classify",
+        Arc::new(executors::classify::ModelClassify::new(
+            encoder.clone(),
+            models,
+        )),
     );
     executors::tts::register(&mut registry, config, warm);
     registry.with_push(executors::PushSupport {

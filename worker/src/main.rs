@@ -16,7 +16,7 @@ struct Args {
         long,
         env = "CAPIBARA_WORKER_QUEUES",
         value_delimiter = ',',
-        default_value = "default,callbacks,code,tts,connector,models"
+        default_value = "default,callbacks,code,tts,connector,models,finetune"
     )]
     queues: Vec<String>,
     /// Jobs run at once.

@@ -545,6 +545,21 @@ pub fn apply(doc: OpenApi, ctx: &dyn KindContext) -> Value {
     ) {
         body["schema"] = tts.input_schema(ctx);
     }
+    // The semantic seed endpoints take their kind's input as their body.
+    for (path, kind) in [
+        ("semantic~1embed", "text.embed"),
+        ("semantic~1search", "memory.search"),
+        ("semantic~1chunk", "text.chunk"),
+    ] {
+        if let (Some(k), Some(body)) = (
+            kinds::find_public(kind),
+            v.pointer_mut(&format!(
+                "/paths/~1v1~1{path}/post/requestBody/content/application~1json"
+            )),
+        ) {
+            body["schema"] = k.input_schema(ctx);
+        }
+    }
     if let Some(job) = v.pointer_mut("/components/schemas/SubmitJob") {
         *job = job_variants(job, ctx);
     }

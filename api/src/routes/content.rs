@@ -28,19 +28,7 @@ use crate::{
 };
 
 fn fetch_job(input: Value) -> SubmitJob {
-    SubmitJob {
-        kind: "connector.fetch".into(),
-        input: Some(input),
-        queue: None,
-        priority: None,
-        run_at: None,
-        max_attempts: None,
-        timeout_s: None,
-        backoff: None,
-        callback_url: None,
-        callback_events: None,
-        tags: None,
-    }
+    SubmitJob::of("connector.fetch", input)
 }
 
 /// The family's types, or a 404 (an unknown family) / 422 (a family with no type here).

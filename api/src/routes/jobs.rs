@@ -267,6 +267,25 @@ pub async fn submit(
     finish(&state, &auth, job, wait, replayed).await
 }
 
+impl SubmitJob {
+    /// A job of `kind` with `input` and every other setting at its default.
+    pub fn of(kind: &str, input: Value) -> SubmitJob {
+        SubmitJob {
+            kind: kind.into(),
+            input: Some(input),
+            queue: None,
+            priority: None,
+            run_at: None,
+            max_attempts: None,
+            timeout_s: None,
+            backoff: None,
+            callback_url: None,
+            callback_events: None,
+            tags: None,
+        }
+    }
+}
+
 /// Create a job (or return the one an earlier command with the same idempotency key created).
 /// Returns the job and whether it was a replay.
 pub async fn create(

@@ -46,7 +46,9 @@ pub struct Orchestrate {
     #[serde(default)]
     #[schema(value_type = Object)]
     pub inputs: Option<Value>,
-    /// `auto` (default: wait up to the limit, then 202), `sync` (same), or `async` (202 at once).
+    /// `auto` (default: wait up to the limit, then 202), `sync` and `agent` (the same: the
+    /// orchestrator seed's clients send `agent` for an intent a local agent serves, which here
+    /// is the intent's job), or `async` (202 at once).
     #[serde(default)]
     pub mode: Option<String>,
     #[serde(default)]
@@ -100,12 +102,12 @@ pub async fn orchestrate(
     auth.require(Role::Submit)?;
     let req = body.value;
     let wait = match req.mode.as_deref().unwrap_or("auto") {
-        "auto" | "sync" => Duration::from_secs_f64(state.config.orchestrate_wait_s),
+        "auto" | "sync" | "agent" => Duration::from_secs_f64(state.config.orchestrate_wait_s),
         "async" => Duration::ZERO,
         other => {
             return Err(ApiError::field(
                 "mode",
-                format!("unknown mode `{other}` (auto, sync or async)"),
+                format!("unknown mode `{other}` (auto, sync, agent or async)"),
             ))
         }
     };

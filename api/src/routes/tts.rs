@@ -130,19 +130,7 @@ async fn submit(
     input: Value,
     key: Option<String>,
 ) -> Result<Job, ApiError> {
-    let submission = SubmitJob {
-        kind: "tts.render".into(),
-        input: Some(input),
-        queue: None,
-        priority: None,
-        run_at: None,
-        max_attempts: None,
-        timeout_s: None,
-        backoff: None,
-        callback_url: None,
-        callback_events: None,
-        tags: None,
-    };
+    let submission = SubmitJob::of("tts.render", input);
     // The request hash guards key reuse with another body: the input is that body.
     let hash = {
         use sha2::Digest;

@@ -182,6 +182,14 @@ pub struct Artifact {
     pub location: String,
 }
 
+/// Add `new` to a job's artifacts; one of the same name replaces the one listed.
+fn add_artifacts(artifacts: &mut Vec<Artifact>, new: Vec<Artifact>) {
+    for a in new {
+        artifacts.retain(|b| b.name != a.name);
+        artifacts.push(a);
+    }
+}
+
 /// A validated job submission: what `JobSubmitted` records.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Submission {
@@ -363,6 +371,8 @@ pub struct Job {
     pub cancel_requested: bool,
     /// Worker running (or that last ran) the job.
     pub worker_id: Option<String>,
+    /// Files the job stored: those its success listed, and those a progress report listed
+    /// while it ran (`data.artifacts`, e.g. a training's checkpoints).
     pub artifacts: Vec<Artifact>,
     /// Stream version after the last applied event (optimistic concurrency).
     pub version: i64,
@@ -609,6 +619,14 @@ impl Job {
                 }
                 if let Some(v) = data {
                     p.insert("data".into(), v.clone());
+                    // Files stored while the job runs (a training's checkpoints) are listed at
+                    // once, so they stay reachable if the job never succeeds.
+                    if let Some(stored) = v
+                        .get("artifacts")
+                        .and_then(|a| serde_json::from_value::<Vec<Artifact>>(a.clone()).ok())
+                    {
+                        add_artifacts(&mut self.artifacts, stored);
+                    }
                 }
                 self.progress = Some(serde_json::Value::Object(p));
             }
@@ -623,7 +641,7 @@ impl Job {
                 }
                 self.status = Succeeded;
                 self.output = Some(output.clone());
-                self.artifacts = artifacts.clone();
+                add_artifacts(&mut self.artifacts, artifacts.clone());
                 self.error = None;
                 self.finished_at = Some(at);
             }

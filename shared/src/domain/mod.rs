@@ -5,6 +5,7 @@
 //! - [`connector`]: connectors, their types and the `connector` stream.
 //! - [`content`]: `content.process`'s input (items or an artifact, operations) and output.
 //! - [`kinds`]: the job kinds Capibara knows, their default queues and input validation.
+//! - [`model`]: the model registry: a `model` stream per model name, its versions.
 //! - [`event`]: stream types and the event envelope clients see.
 //! - [`retry`]: backoff policy.
 //! - [`problem`]: field-level validation errors.
@@ -24,6 +25,7 @@ pub mod delivery;
 pub mod event;
 pub mod job;
 pub mod kinds;
+pub mod model;
 pub mod problem;
 pub mod retry;
 pub mod run;

@@ -93,6 +93,7 @@ pub enum Effect {
     UpsertRun(Box<crate::domain::run::Run>),
     UpsertUserKind(Box<crate::domain::kinds::user::UserKind>),
     UpsertConnector(Box<crate::domain::connector::Connector>),
+    UpsertModel(Box<crate::domain::model::ModelName>),
     /// Content hashes a connector returned (`connector_items`).
     ConnectorItems {
         connector_id: Uuid,

@@ -463,6 +463,7 @@ struct Rows<'a> {
     runs: HashMap<Uuid, &'a crate::domain::run::Run>,
     user_kinds: HashMap<Uuid, &'a crate::domain::kinds::user::UserKind>,
     connectors: HashMap<Uuid, &'a crate::domain::connector::Connector>,
+    models: HashMap<Uuid, &'a crate::domain::model::ModelName>,
     connector_items: (Vec<Uuid>, Vec<&'a str>),
     ticks: (
         Vec<Uuid>,
@@ -513,6 +514,9 @@ impl<'a> Rows<'a> {
                     }
                     Effect::UpsertConnector(c) => {
                         rows.connectors.insert(c.id, c);
+                    }
+                    Effect::UpsertModel(m) => {
+                        rows.models.insert(m.id, m);
                     }
                     Effect::ConnectorItems {
                         connector_id,
@@ -572,6 +576,7 @@ impl<'a> Rows<'a> {
             && self.runs.is_empty()
             && self.user_kinds.is_empty()
             && self.connectors.is_empty()
+            && self.models.is_empty()
             && self.connector_items.0.is_empty()
             && self.ticks.0.is_empty()
             && self.credentials.is_empty()
@@ -581,7 +586,7 @@ impl<'a> Rows<'a> {
 
     /// The rows outside [`CORE`], inside the batch's transaction.
     async fn write_others(&self, tx: &mut Transaction<'_, Postgres>) -> Result<(), sqlx::Error> {
-        let upserts: [(&str, Value); 7] = [
+        let upserts: [(&str, Value); 8] = [
             (
                 super::deliveries::UPSERT_DELIVERIES,
                 json_rows(self.deliveries.values()),
@@ -606,6 +611,10 @@ impl<'a> Rows<'a> {
             (
                 super::connectors::UPSERT_CONNECTORS,
                 json_rows(self.connectors.values()),
+            ),
+            (
+                super::models::UPSERT_MODELS,
+                json_rows(self.models.values()),
             ),
         ];
         for (sql, rows) in upserts {

@@ -15,6 +15,8 @@
 //! - [`deliveries`], [`subscriptions`], [`checkpoints`]: webhook deliveries and log followers.
 //! - [`code_cache`]: `code.run`'s result cache.
 //! - [`connectors`]: connectors and the item hashes they returned.
+//! - [`memory`]: memory items (texts with sentence vectors) and their full-text search.
+//! - [`models`]: the model registry (a row per model name).
 
 pub mod append;
 mod batch;
@@ -28,6 +30,8 @@ pub mod events;
 pub mod jobs;
 pub mod keys;
 pub mod lease;
+pub mod memory;
+pub mod models;
 pub mod rebuild;
 pub mod runs;
 pub mod schedules;

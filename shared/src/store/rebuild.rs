@@ -166,15 +166,17 @@ pub struct FullRebuild {
     pub runs: u64,
     pub user_kinds: u64,
     pub connectors: u64,
+    pub models: u64,
 }
 
 /// Rebuild every projection: `jobs`, `deliveries`, `schedules`, `triggers`, `workflows`, `runs`,
-/// `user_kinds`, `connectors` and `connector_items` (each in its own transaction).
+/// `user_kinds`, `connectors`, `connector_items` and `models` (each in its own transaction).
 pub async fn rebuild_all(pool: &PgPool) -> Result<FullRebuild, StoreError> {
     use crate::domain::{
         connector::{Connector, ConnectorEvent},
         delivery::{Delivery, DeliveryEvent},
         kinds::user::{KindEvent, UserKind},
+        model::{ModelEvent, ModelName},
         run::{Run, RunEvent},
         schedule::{Schedule, ScheduleEvent},
         trigger::{Trigger, TriggerEvent},
@@ -233,8 +235,17 @@ pub async fn rebuild_all(pool: &PgPool) -> Result<FullRebuild, StoreError> {
     )
     .await?;
     super::connectors::rebuild_items(pool).await?;
+    let (me, models) = rebuild_stream::<ModelName, ModelEvent>(
+        pool,
+        "model",
+        "models",
+        super::models::UPSERT_MODELS,
+        ModelName::apply,
+    )
+    .await?;
     Ok(FullRebuild {
-        events: jobs.events + de + se + te + we + re + ke + ce,
+        events: jobs.events + de + se + te + we + re + ke + ce + me,
+        models,
         user_kinds,
         connectors,
         jobs: jobs.jobs,

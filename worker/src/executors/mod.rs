@@ -4,11 +4,15 @@
 pub mod builtin;
 pub mod callback;
 pub mod chat;
+pub mod chunk;
+pub mod classify;
 pub mod code;
 pub mod connector;
 pub mod content;
 pub mod embed;
+pub mod finetune;
 pub mod mail;
+pub mod memory;
 pub mod push;
 pub mod tts;
 pub mod workflow;

@@ -71,8 +71,18 @@ impl SharedEncoder {
 
     /// The vectors of `texts`, off the async runtime.
     pub async fn embed(&self, texts: Vec<String>) -> Result<Vec<Embedding>, EncoderError> {
+        self.embed_with(texts, EMBED_MAX_TOKENS).await
+    }
+
+    /// The vectors of `texts`, each made of its first `max_tokens` tokens (at most 256), off
+    /// the async runtime.
+    pub async fn embed_with(
+        &self,
+        texts: Vec<String>,
+        max_tokens: usize,
+    ) -> Result<Vec<Embedding>, EncoderError> {
         let encoder = self.get().await?;
-        tokio::task::spawn_blocking(move || encoder.embed(&texts))
+        tokio::task::spawn_blocking(move || encoder.embed_with(&texts, max_tokens))
             .await
             .map_err(|e| EncoderError::Run(e.to_string()))?
     }
@@ -130,29 +140,57 @@ impl Encoder {
 
     /// The vectors of `texts`, in order. CPU-bound: call it off the async runtime.
     pub fn embed(&self, texts: &[String]) -> Result<Vec<Embedding>, EncoderError> {
+        self.embed_with(texts, EMBED_MAX_TOKENS)
+    }
+
+    /// [`Encoder::embed`] reading at most `max_tokens` tokens of each text (at least 2, at
+    /// most 256): a longer text is cut there and ends with `[SEP]`, as the tokenizer's own
+    /// truncation at that length would do.
+    pub fn embed_with(
+        &self,
+        texts: &[String],
+        max_tokens: usize,
+    ) -> Result<Vec<Embedding>, EncoderError> {
+        let max_tokens = max_tokens.clamp(2, EMBED_MAX_TOKENS);
         let mut out = Vec::with_capacity(texts.len());
         for batch in texts.chunks(BATCH) {
-            out.extend(self.embed_batch(batch)?);
+            out.extend(self.embed_batch(batch, max_tokens)?);
         }
         Ok(out)
     }
 
-    fn embed_batch(&self, texts: &[String]) -> Result<Vec<Embedding>, EncoderError> {
+    fn embed_batch(
+        &self,
+        texts: &[String],
+        max_tokens: usize,
+    ) -> Result<Vec<Embedding>, EncoderError> {
         let encodings = self
             .tokenizer
             .encode_batch(texts.to_vec(), true)
             .map_err(run)?;
         let n = encodings.len();
-        let len = encodings.first().map_or(0, |e| e.get_ids().len());
+        let len = encodings
+            .first()
+            .map_or(0, |e| e.get_ids().len())
+            .min(max_tokens);
+        let sep = self.tokenizer.token_to_id("[SEP]").unwrap_or(102);
         let (mut ids, mut types, mut mask) = (
             Vec::with_capacity(n * len),
             Vec::with_capacity(n * len),
             Vec::with_capacity(n * len),
         );
+        let mut cut = Vec::with_capacity(n);
         for e in &encodings {
-            ids.extend_from_slice(e.get_ids());
-            types.extend_from_slice(e.get_type_ids());
-            mask.extend_from_slice(e.get_attention_mask());
+            let real = e.get_attention_mask().iter().filter(|m| **m == 1).count();
+            ids.extend_from_slice(&e.get_ids()[..len]);
+            types.extend_from_slice(&e.get_type_ids()[..len]);
+            mask.extend_from_slice(&e.get_attention_mask()[..len]);
+            if real > len {
+                // Cut here: the last token read is the end marker.
+                let last = ids.len() - 1;
+                ids[last] = sep;
+            }
+            cut.push(real > len);
         }
         let tensor = |v: Vec<u32>| Tensor::from_vec(v, (n, len), &self.device).map_err(run);
         let (ids, types, mask) = (tensor(ids)?, tensor(types)?, tensor(mask)?);
@@ -180,12 +218,18 @@ impl Encoder {
         Ok(vectors
             .into_iter()
             .zip(&encodings)
-            .map(|(vector, e)| {
+            .zip(cut)
+            .map(|((vector, e), cut)| {
                 debug_assert_eq!(vector.len(), EMBED_DIMENSIONS);
                 Embedding {
                     vector,
-                    tokens: e.get_attention_mask().iter().filter(|m| **m == 1).count(),
-                    truncated: !e.get_overflowing().is_empty(),
+                    tokens: e
+                        .get_attention_mask()
+                        .iter()
+                        .filter(|m| **m == 1)
+                        .count()
+                        .min(len),
+                    truncated: cut || !e.get_overflowing().is_empty(),
                 }
             })
             .collect())
@@ -195,6 +239,46 @@ impl Encoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn load() -> Encoder {
+        let assets = std::env::var_os("CAPIBARA_ASSETS_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.capibara/assets")
+            });
+        Encoder::load(&Encoder::dir(&assets)).expect(
+            "the MiniLM model (deploy/fetch-assets.sh installs it; deploy/test.sh runs that)",
+        )
+    }
+
+    /// `embed_with`'s cut at N tokens is the tokenizer's own truncation at N.
+    #[test]
+    fn a_shorter_length_cuts_as_the_tokenizer_does() {
+        let encoder = load();
+        let mut short = load();
+        short
+            .tokenizer
+            .with_truncation(Some(TruncationParams {
+                max_length: 16,
+                ..Default::default()
+            }))
+            .unwrap();
+        let texts = vec![
+            "one two three four five six seven eight nine ten eleven twelve thirteen fourteen \
+             fifteen sixteen seventeen"
+                .to_string(),
+            "short text".to_string(),
+        ];
+        let cut = encoder.embed_with(&texts, 16).unwrap();
+        let reference = short.embed(&texts).unwrap();
+        for (a, b) in cut.iter().zip(&reference) {
+            assert_eq!((a.tokens, a.truncated), (b.tokens, b.truncated));
+            let cos: f32 = a.vector.iter().zip(&b.vector).map(|(x, y)| x * y).sum();
+            assert!(cos > 0.9999, "{cos}");
+        }
+        assert_eq!((cut[0].tokens, cut[0].truncated), (16, true));
+        assert_eq!((cut[1].tokens, cut[1].truncated), (4, false));
+    }
 
     /// The reference: the same model run by Hugging Face transformers' Flax BERT on JAX, an
     /// implementation independent of candle (tests/fixtures/minilm_reference.py).

@@ -1,3 +1,6 @@
 //! Models the worker runs in-process (docs/models.md).
 
+pub mod chunker;
+pub mod classifier;
 pub mod encoder;
+pub mod vector_index;

@@ -492,11 +492,40 @@ fn first_error(schema: &Value, errors: &[jsonschema::ValidationError<'_>]) -> Op
     };
     let e = errors.iter().min_by_key(|e| order(&field_of(e)))?;
     let field = field_of(e);
+    // Inside a field (an array's item, an object's member): name the place in full,
+    // `examples[3].text`.
+    let path = field_path(e.instance_path().as_str());
+    if path != field {
+        return Some(match e.kind() {
+            K::Required { property } => FieldError::new(
+                format!("{path}.{}", property.as_str().unwrap_or_default()),
+                "is required",
+            ),
+            _ => FieldError::new(path, e.to_string()),
+        });
+    }
     let wanted = properties
         .and_then(|p| p.get(&field))
         .map(describe)
         .unwrap_or_else(|| e.to_string());
     Some(FieldError::new(field, wanted))
+}
+
+/// A JSON pointer (`/examples/3/text`) as a field path (`examples[3].text`).
+fn field_path(pointer: &str) -> String {
+    let mut out = String::new();
+    for part in pointer.trim_start_matches('/').split('/') {
+        let part = part.replace("~1", "/").replace("~0", "~");
+        if !out.is_empty() && part.bytes().all(|b| b.is_ascii_digit()) && !part.is_empty() {
+            out.push_str(&format!("[{part}]"));
+        } else {
+            if !out.is_empty() {
+                out.push('.');
+            }
+            out.push_str(&part);
+        }
+    }
+    out
 }
 
 /// What a field's schema allows, in words: "must be an integer from 1 to 60000".

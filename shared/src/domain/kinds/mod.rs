@@ -8,6 +8,7 @@
 //! is what submission checks and what `GET /v1/kinds` publishes.
 
 pub mod input;
+pub mod memory;
 pub mod model;
 pub mod output;
 pub mod user;
@@ -294,6 +295,65 @@ pub const KINDS: &[KindSpec] = &[
         validate: input::check::<model::TextEmbedInput>,
         schema: |_| model::embed_schema(),
         output: Some(typed::<model::TextEmbedOutput>),
+    },
+    KindSpec {
+        name: "finetune.train",
+        default_queue: "finetune",
+        description: "Trains a text classifier (the all-MiniLM-L6-v2 encoder and a \
+                      classification head, candle) on labeled examples (inline, a JSONL URL or \
+                      artifact), with progress, checkpoints and resume; registers it as the \
+                      next version of `name` (`GET /v1/models`); output {model, model_id, \
+                      version, labels, metrics} (docs/models.md).",
+        internal: false,
+        validate: input::check::<model::FinetuneTrainInput>,
+        schema: |_| model::train_schema(),
+        output: Some(typed::<model::FinetuneTrainOutput>),
+    },
+    KindSpec {
+        name: "model.classify",
+        default_queue: "finetune",
+        description: "Classifies `texts` (1-256) with a model `finetune.train` registered \
+                      (`name`, `name@version` or an id); output {model, predictions: [{label, \
+                      score, scores}]} (docs/models.md).",
+        internal: false,
+        validate: input::check::<model::ModelClassifyInput>,
+        schema: |_| model::classify_schema(),
+        output: Some(typed::<model::ModelClassifyOutput>),
+    },
+    KindSpec {
+        name: "text.chunk",
+        default_queue: "models",
+        description: "Cuts `text` into chunks that fit the encoder (all-MiniLM-L6-v2's tokens): \
+                      whole sentences packed up to `max_tokens` (`sentence`, the default) or \
+                      token windows with an `overlap` (`tokens`); output {strategy, chunks: \
+                      [{text, start, end, tokens}]} (docs/models.md).",
+        internal: false,
+        validate: input::check::<model::TextChunkInput>,
+        schema: |_| typed::<model::TextChunkInput>(),
+        output: Some(typed::<model::TextChunkOutput>),
+    },
+    KindSpec {
+        name: "memory.write",
+        default_queue: "models",
+        description: "Stores `text` with its sentence vector (all-MiniLM-L6-v2), `tags` and \
+                      `metadata` in a collection, for `memory.search`; output {id, collection, \
+                      tokens, truncated} (docs/models.md).",
+        internal: false,
+        validate: input::check::<memory::MemoryWriteInput>,
+        schema: |_| memory::write_schema(),
+        output: Some(typed::<memory::MemoryWriteOutput>),
+    },
+    KindSpec {
+        name: "memory.search",
+        default_queue: "models",
+        description: "The `k` stored texts of a collection nearest to `query`: by meaning \
+                      (`semantic`), by words (`keyword`, Postgres full-text search) or both \
+                      fused by reciprocal rank (`hybrid`, the default); `tags` filter; output \
+                      {items: [{id, text, tags, metadata, score}]} (docs/models.md).",
+        internal: false,
+        validate: input::check::<memory::MemorySearchInput>,
+        schema: |_| memory::search_schema(),
+        output: Some(typed::<memory::MemorySearchOutput>),
     },
     KindSpec {
         name: "callback.deliver",

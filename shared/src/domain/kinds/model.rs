@@ -1,4 +1,5 @@
-//! The model kinds' inputs and outputs (docs/models.md): `text.embed` today.
+//! The model kinds' inputs and outputs (docs/models.md): `text.embed`, `finetune.train` and
+//! `model.classify`.
 
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -86,6 +87,55 @@ mod tests {
     use serde_json::json;
 
     #[test]
+    fn training_inputs_name_the_row_and_field() {
+        let field = |v| {
+            input::parse::<FinetuneTrainInput>(&v)
+                .err()
+                .map(|e| e.field)
+        };
+        let ex = |t: &str, l: &str| json!({"text": t, "label": l});
+        let four = json!([ex("a", "x"), ex("b", "x"), ex("c", "y"), ex("d", "y")]);
+        assert_eq!(field(json!({"name": "m", "examples": four})), None);
+        assert_eq!(
+            field(
+                json!({"name": "m", "examples": [ex("a", "x"), ex("b", "x"), ex("c", "y"), {"text": "d"}]})
+            ),
+            Some("examples[3].label".into())
+        );
+        assert_eq!(
+            field(
+                json!({"name": "m", "examples": [ex("a", "x"), ex(" ", "x"), ex("c", "y"), ex("d", "y")]})
+            ),
+            Some("examples[1].text".into())
+        );
+        assert_eq!(
+            field(
+                json!({"name": "m", "examples": [ex("a", "x"), ex("b", "x"), ex("c", "x"), ex("d", "x")]})
+            ),
+            Some("examples".into())
+        );
+        assert_eq!(
+            field(json!({"name": "m", "examples": four, "freeze_encoder": false})),
+            Some("freeze_encoder".into())
+        );
+        let schema = train_schema();
+        let text = &schema["properties"]["examples"]["items"]["properties"]["text"];
+        assert_eq!(text["maxLength"], 10_000, "{schema}");
+        assert_eq!(text["pattern"], "\\S");
+        assert_eq!(schema["properties"]["freeze_encoder"]["type"], "boolean");
+        let field = |v| {
+            input::parse::<ModelClassifyInput>(&v)
+                .err()
+                .map(|e| e.field)
+        };
+        assert_eq!(field(json!({"model": "m@2", "texts": ["a"]})), None);
+        assert_eq!(
+            field(json!({"model": "m@0", "texts": ["a"]})),
+            Some("model".into())
+        );
+    }
+
+    #[test]
     fn inputs_name_the_bad_field() {
         let field = |v| input::parse::<TextEmbedInput>(&v).err().map(|e| e.field);
         assert_eq!(field(json!({"texts": ["a", ""]})), None);
@@ -106,4 +156,460 @@ mod tests {
             100_000
         );
     }
+}
+
+/// The encoders a model can be trained on (`finetune.train`'s `base_model`).
+pub const BASE_MODELS: &[&str] = &[EMBED_MODEL];
+/// Most examples one training takes.
+pub const MAX_EXAMPLES: usize = 50_000;
+/// Longest example text, in characters.
+pub const MAX_EXAMPLE_CHARS: usize = 10_000;
+/// Most classes a model may have.
+pub const MAX_LABELS: usize = 100;
+
+/// One labeled example (a JSONL line of `examples_url` / `examples_artifact` has the same shape).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TrainingExample {
+    /// The text (1-10,000 characters).
+    #[schema(min_length = 1, max_length = 10000)]
+    pub text: String,
+    /// Its class (1-100 characters).
+    #[schema(min_length = 1, max_length = 100)]
+    pub label: String,
+}
+
+/// A JSONL file of examples stored as another job's artifact.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExamplesArtifact {
+    pub job_id: uuid::Uuid,
+    /// The artifact's name (e.g. `examples.jsonl`).
+    #[schema(min_length = 1, max_length = 128)]
+    pub name: String,
+}
+
+/// `finetune.train`: train a text classifier (the MiniLM encoder and a classification head)
+/// on labeled examples and register it as the next version of `name`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FinetuneTrainInput {
+    /// The model's name; the trained model is registered as `name@N` (`GET /v1/models`).
+    #[schema(pattern = "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+    pub name: String,
+    /// The encoder to start from (only `all-minilm-l6-v2` in this build).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false, pattern = "^all-minilm-l6-v2$")]
+    pub base_model: Option<String>,
+    /// The examples, inline (4-50,000, at least two labels, each label at least twice).
+    /// Exactly one of `examples`, `examples_url` and `examples_artifact`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(inline, nullable = false, min_items = 4, max_items = 50000)]
+    pub examples: Option<Vec<TrainingExample>>,
+    /// A JSONL file of examples (`{"text": …, "label": …}` per line) fetched over HTTP(S)
+    /// through the outbound guard (no private addresses unless the operator allows them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(
+        nullable = false,
+        min_length = 1,
+        max_length = 2048,
+        pattern = "^https?://"
+    )]
+    pub examples_url: Option<String>,
+    /// A JSONL file of examples stored as another job's artifact.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(inline, nullable = false)]
+    pub examples_artifact: Option<ExamplesArtifact>,
+    /// The share of the examples held out for validation, per label (default 0.2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false, minimum = 0.0, maximum = 0.5)]
+    pub validation_split: Option<f64>,
+    /// Passes over the training examples (default 20).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false, minimum = 1, maximum = 1000)]
+    pub epochs: Option<u32>,
+    /// AdamW's learning rate (default 0.01).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false, exclusive_minimum = 0.0, maximum = 10.0)]
+    pub learning_rate: Option<f64>,
+    /// Examples per step (default 16).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false, minimum = 1, maximum = 1024)]
+    pub batch_size: Option<u32>,
+    /// Tokens of a text the model reads (default 128, at most 256).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false, minimum = 8, maximum = 256)]
+    pub max_length: Option<u32>,
+    /// Seeds the split and the order of examples: the same seed on the same data gives the
+    /// same metrics (default 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false, minimum = 0)]
+    pub seed: Option<u64>,
+    /// Train only the classification head on the encoder's sentence vectors (default `true`;
+    /// full fine-tuning of the encoder is not in this build).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub freeze_encoder: Option<bool>,
+    /// Store a checkpoint artifact every this many steps (default 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false, minimum = 1, maximum = 1000000)]
+    pub checkpoint_every: Option<u32>,
+    /// Report progress every this many steps (default 10).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false, minimum = 1, maximum = 1000000)]
+    pub progress_every: Option<u32>,
+    /// A `finetune.train` job whose last checkpoint this training continues from (same
+    /// examples, labels and settings).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub resume_from: Option<uuid::Uuid>,
+}
+
+impl FinetuneTrainInput {
+    pub fn validation_split(&self) -> f64 {
+        self.validation_split.unwrap_or(0.2)
+    }
+    pub fn epochs(&self) -> u32 {
+        self.epochs.unwrap_or(20)
+    }
+    pub fn learning_rate(&self) -> f64 {
+        self.learning_rate.unwrap_or(0.01)
+    }
+    pub fn batch_size(&self) -> u32 {
+        self.batch_size.unwrap_or(16)
+    }
+    pub fn max_length(&self) -> u32 {
+        self.max_length.unwrap_or(128)
+    }
+    pub fn seed(&self) -> u64 {
+        self.seed.unwrap_or(0)
+    }
+    pub fn checkpoint_every(&self) -> u32 {
+        self.checkpoint_every.unwrap_or(100)
+    }
+    pub fn progress_every(&self) -> u32 {
+        self.progress_every.unwrap_or(10)
+    }
+    pub fn base_model(&self) -> &str {
+        self.base_model.as_deref().unwrap_or(EMBED_MODEL)
+    }
+}
+
+/// Check a set of examples (inline, or read from a file by the worker): at least two labels,
+/// each with at least two examples, no blank text. Errors name the row
+/// (`examples[7].text`); `field` is where the examples came from.
+pub fn check_examples(field: &str, examples: &[TrainingExample]) -> Result<(), FieldError> {
+    if examples.len() < 4 {
+        return Err(FieldError::new(
+            field,
+            format!("needs at least 4 examples (got {})", examples.len()),
+        ));
+    }
+    if examples.len() > MAX_EXAMPLES {
+        return Err(FieldError::new(
+            field,
+            format!("has more than {MAX_EXAMPLES} examples"),
+        ));
+    }
+    let mut counts = std::collections::BTreeMap::<&str, usize>::new();
+    for (i, e) in examples.iter().enumerate() {
+        if e.text.trim().is_empty() {
+            return Err(FieldError::new(
+                format!("{field}[{i}].text"),
+                "is blank: every example needs a text",
+            ));
+        }
+        if e.text.chars().count() > MAX_EXAMPLE_CHARS {
+            return Err(FieldError::new(
+                format!("{field}[{i}].text"),
+                format!("is longer than {MAX_EXAMPLE_CHARS} characters"),
+            ));
+        }
+        let n = e.label.chars().count();
+        if e.label.trim().is_empty() || n > 100 {
+            return Err(FieldError::new(
+                format!("{field}[{i}].label"),
+                "must be 1-100 characters, not blank",
+            ));
+        }
+        *counts.entry(e.label.as_str()).or_default() += 1;
+    }
+    if counts.len() < 2 {
+        return Err(FieldError::new(
+            field,
+            format!(
+                "needs at least two labels; every example is labeled `{}`",
+                examples[0].label
+            ),
+        ));
+    }
+    if counts.len() > MAX_LABELS {
+        return Err(FieldError::new(
+            field,
+            format!("has {} labels; at most {MAX_LABELS}", counts.len()),
+        ));
+    }
+    if let Some((label, _)) = counts.iter().find(|(_, n)| **n < 2) {
+        return Err(FieldError::new(
+            field,
+            format!("label `{label}` has one example; every label needs at least two"),
+        ));
+    }
+    Ok(())
+}
+
+impl KindInput for FinetuneTrainInput {
+    fn check(&self) -> Result<(), FieldError> {
+        crate::domain::model::check_name("name", &self.name)?;
+        if !BASE_MODELS.contains(&self.base_model()) {
+            return Err(FieldError::new(
+                "base_model",
+                format!(
+                    "`{}` is not available; available: {}",
+                    self.base_model(),
+                    BASE_MODELS.join(", ")
+                ),
+            ));
+        }
+        let sources = [
+            self.examples.is_some(),
+            self.examples_url.is_some(),
+            self.examples_artifact.is_some(),
+        ];
+        match sources.iter().filter(|s| **s).count() {
+            0 => {
+                return Err(FieldError::new(
+                    "examples",
+                    "give the examples: `examples`, `examples_url` or `examples_artifact`",
+                ))
+            }
+            1 => {}
+            _ => {
+                return Err(FieldError::new(
+                    if self.examples_url.is_some() && self.examples.is_some() {
+                        "examples_url"
+                    } else {
+                        "examples_artifact"
+                    },
+                    "give only one of `examples`, `examples_url` and `examples_artifact`",
+                ))
+            }
+        }
+        if let Some(examples) = &self.examples {
+            check_examples("examples", examples)?;
+        }
+        if self.freeze_encoder == Some(false) {
+            return Err(FieldError::new(
+                "freeze_encoder",
+                "full fine-tuning of the encoder is not available in this build; leave it \
+                 `true` (the classification head is trained on the encoder's vectors)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A training's final figures.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct TrainingMetrics {
+    pub train_examples: usize,
+    pub validation_examples: usize,
+    pub epochs: u32,
+    pub steps: u64,
+    /// Mean loss and accuracy over the last epoch's training steps.
+    pub train_loss: f64,
+    pub train_accuracy: f64,
+    /// On the held-out examples (absent with `validation_split` 0).
+    pub validation_loss: Option<f64>,
+    pub validation_accuracy: Option<f64>,
+    /// Training examples processed per second (the encoder's pass included).
+    pub examples_per_s: f64,
+    /// Seconds spent turning the examples into sentence vectors.
+    pub encode_s: f64,
+    pub duration_s: f64,
+}
+
+/// `finetune.train`'s output.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct FinetuneTrainOutput {
+    /// `name@version`: what `model.classify` takes.
+    pub model: String,
+    pub model_id: uuid::Uuid,
+    pub version: u32,
+    pub labels: Vec<String>,
+    #[schema(inline)]
+    pub metrics: TrainingMetrics,
+    /// The step the training continued from (a checkpoint), if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resumed_from_step: Option<u64>,
+    /// Checkpoints stored by this attempt.
+    pub checkpoints: u32,
+}
+
+/// `model.classify`: the classes of `texts` by a registered model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ModelClassifyInput {
+    /// `name` (its latest version), `name@version` or a model id.
+    #[schema(min_length = 1, max_length = 100)]
+    pub model: String,
+    /// The texts (1-256), each at most 100,000 characters (the model reads its first
+    /// `max_length` tokens).
+    #[schema(min_items = 1, max_items = 256)]
+    pub texts: Vec<String>,
+}
+
+impl KindInput for ModelClassifyInput {
+    fn check(&self) -> Result<(), FieldError> {
+        self.model
+            .parse::<crate::domain::model::ModelRef>()
+            .map_err(|e| FieldError::new("model", e))?;
+        if let Some(i) = self
+            .texts
+            .iter()
+            .position(|t| t.chars().count() > EMBED_MAX_CHARS)
+        {
+            return Err(FieldError::new(
+                format!("texts[{i}]"),
+                format!("is longer than {EMBED_MAX_CHARS} characters"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A model reference as a pattern: `name`, `name@version` or a version's id.
+pub const MODEL_REF_PATTERN: &str =
+    "^([A-Za-z0-9][A-Za-z0-9._-]{0,63}(@[1-9][0-9]{0,8})?|[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12})$";
+
+/// `model.classify`'s published schema: the derived one, with each text's length and the
+/// form of a model reference.
+pub fn classify_schema() -> serde_json::Value {
+    let mut s = super::input::schema::<ModelClassifyInput>();
+    s["properties"]["texts"]["items"]["maxLength"] = serde_json::json!(EMBED_MAX_CHARS);
+    s["properties"]["model"]["pattern"] = serde_json::json!(MODEL_REF_PATTERN);
+    s
+}
+
+/// `finetune.train`'s published schema: the derived one, stating what it can of `check`:
+/// exactly one source of examples, texts and labels not blank, `freeze_encoder` only `true`.
+/// (Two labels with two examples each is not a rule JSON Schema can state.)
+pub fn train_schema() -> serde_json::Value {
+    use serde_json::json;
+    let mut s = super::input::schema::<FinetuneTrainInput>();
+    s["oneOf"] = json!([
+        {"required": ["examples"]},
+        {"required": ["examples_url"]},
+        {"required": ["examples_artifact"]}
+    ]);
+    let example = &mut s["properties"]["examples"]["items"]["properties"];
+    example["text"]["pattern"] = json!("\\S");
+    example["label"]["pattern"] = json!("\\S");
+    s["properties"]["freeze_encoder"]["const"] = json!(true);
+    s
+}
+
+/// One text's class.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Prediction {
+    /// The most likely label.
+    pub label: String,
+    /// Its probability.
+    pub score: f64,
+    /// Every label's probability (they sum to 1).
+    pub scores: std::collections::BTreeMap<String, f64>,
+}
+
+/// `model.classify`'s output.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ModelClassifyOutput {
+    /// The version that answered (`name@version`).
+    pub model: String,
+    pub model_id: uuid::Uuid,
+    /// One per text, in order.
+    #[schema(inline)]
+    pub predictions: Vec<Prediction>,
+    pub duration_ms: f64,
+}
+
+/// How `text.chunk` cuts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ChunkStrategy {
+    /// Whole sentences, packed together up to the limit (a longer sentence is cut in windows).
+    #[default]
+    Sentence,
+    /// Windows of tokens, each `overlap` tokens into the one before.
+    Tokens,
+}
+
+/// Longest text `text.chunk` takes, in characters.
+pub const CHUNK_MAX_CHARS: usize = 1_000_000;
+
+/// `text.chunk`: cut a text into pieces that fit the encoder's window.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TextChunkInput {
+    /// The text (1-1,000,000 characters).
+    #[schema(min_length = 1, max_length = 1000000)]
+    pub text: String,
+    /// `sentence` (default) or `tokens`.
+    #[serde(default)]
+    #[schema(inline)]
+    pub strategy: ChunkStrategy,
+    /// A chunk's most tokens, the encoder's two markers included (16-256, default 128).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false, minimum = 16, maximum = 256)]
+    pub max_tokens: Option<u32>,
+    /// Tokens a window shares with the one before (0-64, default 0; less than half a chunk).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false, minimum = 0, maximum = 64)]
+    pub overlap: Option<u32>,
+}
+
+impl TextChunkInput {
+    pub fn max_tokens(&self) -> usize {
+        self.max_tokens.unwrap_or(128) as usize
+    }
+    pub fn overlap(&self) -> usize {
+        self.overlap.unwrap_or(0) as usize
+    }
+}
+
+impl KindInput for TextChunkInput {
+    fn check(&self) -> Result<(), FieldError> {
+        if self.text.chars().count() > CHUNK_MAX_CHARS {
+            return Err(FieldError::new(
+                "text",
+                format!("is longer than {CHUNK_MAX_CHARS} characters"),
+            ));
+        }
+        if self.overlap() * 2 >= self.max_tokens() {
+            return Err(FieldError::new(
+                "overlap",
+                "must be less than half of `max_tokens`",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// One piece of a chunked text.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Chunk {
+    pub text: String,
+    /// Where it is in the input, in characters (`end` exclusive).
+    pub start: usize,
+    pub end: usize,
+    /// Its tokens (without the encoder's two markers).
+    pub tokens: usize,
+}
+
+/// `text.chunk`'s output.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct TextChunkOutput {
+    #[schema(inline)]
+    pub strategy: ChunkStrategy,
+    #[schema(inline)]
+    pub chunks: Vec<Chunk>,
 }
