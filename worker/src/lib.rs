@@ -45,6 +45,8 @@ pub struct WarmUp {
 pub fn registry(store: &Store, config: &Config, warm: &WarmUp) -> executors::Registry {
     // One encoder per process, for `text.embed` and `content.process`'s `embed`.
     let encoder = Arc::new(models::encoder::SharedEncoder::new(&config.assets_dir));
+    // The same model as differentiable layers, for training and serving fine-tuned models.
+    let base = Arc::new(models::bert::SharedBase::new(&config.assets_dir));
     let mut registry = executors::Registry::with_callbacks(executors::callback::CallbackDeliver {
         port: Arc::new(delivery_port::PgDeliveryPort {
             store: store.clone(),
@@ -120,6 +122,7 @@ pub fn registry(store: &Store, config: &Config, warm: &WarmUp) -> executors::Reg
         "finetune.train",
         Arc::new(executors::finetune::FinetuneTrain {
             encoder: encoder.clone(),
+            base: base.clone(),
             models: models.clone(),
             reader: Arc::new(content_port::PgArtifactReader {
                 store: store.clone(),
@@ -160,6 +163,7 @@ pub fn registry(store: &Store, config: &Config, warm: &WarmUp) -> executors::Reg
         "model.classify",
         Arc::new(executors::classify::ModelClassify::new(
             encoder.clone(),
+            base,
             models,
         )),
     );

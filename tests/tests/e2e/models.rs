@@ -109,7 +109,9 @@ async fn finetune_train_registers_a_model_that_classifies_held_out_text() {
     let (train, heldout) = sentiment();
     assert!(train.len() >= 400 && heldout.len() >= 100);
     let body = json!({"kind": "finetune.train", "input": {
-        "name": "sentiment", "examples": train, "seed": 3, "checkpoint_every": 200}});
+        "name": "sentiment", "examples": train, "seed": 3, "checkpoint_every": 40,
+        // Every one of the 400 sentences trains; the 100 held-out ones measure.
+        "validation_split": 0.0}});
     let mut outputs = Vec::new();
     for round in 1..=2 {
         let id = api.submit_id(body.clone()).await;
@@ -127,7 +129,7 @@ async fn finetune_train_registers_a_model_that_classifies_held_out_text() {
             .collect();
         assert!(names.contains(&"model.safetensors"), "{names:?}");
         assert!(
-            names.contains(&"checkpoint-00000200.safetensors"),
+            names.contains(&"checkpoint-00000040.safetensors"),
             "{names:?}"
         );
         // Progress reports per step window: loss, accuracy, examples/s, ETA.
@@ -136,7 +138,7 @@ async fn finetune_train_registers_a_model_that_classifies_held_out_text() {
             .iter()
             .filter(|e| e["type"] == "JobProgress" && e["data"]["data"]["step"].is_number())
             .collect();
-        assert!(steps.len() >= 10, "{}", steps.len());
+        assert!(steps.len() >= 6, "{}", steps.len());
         for k in ["loss", "accuracy", "examples_per_s", "eta_s"] {
             assert!(steps[0]["data"]["data"][k].is_number(), "{k}: {}", steps[0]);
         }
@@ -148,12 +150,8 @@ async fn finetune_train_registers_a_model_that_classifies_held_out_text() {
         figures(&outputs[0]["metrics"]),
         figures(&outputs[1]["metrics"])
     );
-    assert!(
-        outputs[0]["metrics"]["validation_accuracy"]
-            .as_f64()
-            .unwrap()
-            > 0.75
-    );
+    assert!(outputs[0]["metrics"]["train_accuracy"].as_f64().unwrap() > 0.9);
+    assert!(outputs[0]["metrics"]["validation_accuracy"].is_null());
 
     // The held-out sentences, classified by the registered model.
     let texts: Vec<&str> = heldout
@@ -179,9 +177,7 @@ async fn finetune_train_registers_a_model_that_classifies_held_out_text() {
         "held-out accuracy: {accuracy} ({correct}/{})",
         heldout.len()
     );
-    // A head on the frozen encoder reaches about 0.8 on this set (0.85 is the bar once the
-    // encoder is fine-tuned too).
-    assert!(accuracy >= 0.75, "held-out accuracy {accuracy}");
+    assert!(accuracy >= 0.85, "held-out accuracy {accuracy}");
     let p = &predictions[0];
     let sum: f64 = p["scores"]
         .as_object()
@@ -292,8 +288,12 @@ async fn finetune_train_refuses_bad_examples() {
             "base_model",
         ),
         (
-            json!({"name": "m", "examples": four, "freeze_encoder": false}),
-            "freeze_encoder",
+            json!({"name": "m", "examples": four, "freeze_encoder": true, "train_layers": 2}),
+            "train_layers",
+        ),
+        (
+            json!({"name": "m", "examples": four, "train_layers": 7}),
+            "train_layers",
         ),
         (
             json!({"name": "m", "examples": four, "epochs": 0}),
@@ -340,7 +340,7 @@ async fn finetune_train_keeps_checkpoints_when_canceled_and_resumes() {
     tokio::spawn(async move { axum::serve(listener, app).await });
 
     // Long enough to cancel in the middle: 20 steps an epoch (320 training examples).
-    let settings = json!({"name": "long", "examples": train, "epochs": 1000,
+    let settings = json!({"name": "long", "examples": train, "epochs": 1000, "freeze_encoder": true,
                           "checkpoint_every": 500, "progress_every": 500, "seed": 5});
     let id = api
         .submit_id(json!({"kind": "finetune.train", "input": settings}))

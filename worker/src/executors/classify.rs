@@ -19,8 +19,11 @@ use super::{
     builtin::to_output, embed::model_error, finetune::ModelStore, ExecError, Executor, JobContext,
     Output,
 };
+use candle_transformers::models::bert::Config;
+
 use crate::models::{
-    classifier::{argmax, Classifier},
+    bert::SharedBase,
+    classifier::{argmax, Classifier, Features, ModelInfo},
     encoder::SharedEncoder,
 };
 
@@ -29,15 +32,22 @@ pub const CACHED: usize = 16;
 
 pub struct ModelClassify {
     pub encoder: Arc<SharedEncoder>,
+    /// The encoder's frozen layers, for models that trained the ones above.
+    pub base: Arc<SharedBase>,
     pub models: Arc<dyn ModelStore>,
     /// Loaded heads, most recently used last.
     pub loaded: tokio::sync::Mutex<Vec<(Uuid, Arc<Classifier>)>>,
 }
 
 impl ModelClassify {
-    pub fn new(encoder: Arc<SharedEncoder>, models: Arc<dyn ModelStore>) -> Self {
+    pub fn new(
+        encoder: Arc<SharedEncoder>,
+        base: Arc<SharedBase>,
+        models: Arc<dyn ModelStore>,
+    ) -> Self {
         ModelClassify {
             encoder,
+            base,
             models,
             loaded: tokio::sync::Mutex::new(Vec::new()),
         }
@@ -60,10 +70,15 @@ impl ModelClassify {
             .read(artifact)
             .await
             .map_err(|e| ExecError::Retryable(JobError::new("model_unavailable", e)))?;
-        let head = Arc::new(
-            Classifier::from_bytes(&bytes)
-                .map_err(|e| ExecError::Abort(JobError::new("model_failed", e.to_string())))?,
-        );
+        let failed = |e: String| ExecError::Abort(JobError::new("model_failed", e));
+        let info = ModelInfo::of(&bytes).map_err(|e| failed(e.to_string()))?;
+        let config = if info.train_layers > 0 {
+            self.base.get().await.map_err(failed)?.config.clone()
+        } else {
+            Config::default()
+        };
+        let head =
+            Arc::new(Classifier::from_bytes(&bytes, &config).map_err(|e| failed(e.to_string()))?);
         if loaded.len() >= CACHED {
             loaded.remove(0);
         }
@@ -99,17 +114,34 @@ impl Executor for ModelClassify {
             })?;
         let reg = &version.registration;
         let head = self.head(reg.id, &reg.artifact).await?;
-        let vectors: Vec<Vec<f32>> = self
-            .encoder
-            .embed_with(input.texts, head.info().max_length as usize)
+        let max = head.info().max_length as usize;
+        let retry = |e: String| ExecError::Retryable(JobError::new("model_failed", e));
+        let probabilities = if head.info().train_layers == 0 {
+            let vectors: Vec<Vec<f32>> = self
+                .encoder
+                .embed_with(input.texts, max)
+                .await
+                .map_err(model_error)?
+                .into_iter()
+                .map(|e| e.vector)
+                .collect();
+            head.probabilities(Features::Vectors(&vectors))
+                .map_err(|e| retry(e.to_string()))?
+        } else {
+            // The base's frozen layers, then the model's own.
+            let base = self.base.get().await.map_err(retry)?;
+            let encoder = self.encoder.get().await.map_err(model_error)?;
+            let head = head.clone();
+            tokio::task::spawn_blocking(move || {
+                let upto = head.first_trained_layer(&base.config);
+                let states = base.states(&encoder, &input.texts, max, upto)?;
+                head.probabilities(Features::States(&states))
+                    .map_err(|e| e.to_string())
+            })
             .await
-            .map_err(model_error)?
-            .into_iter()
-            .map(|e| e.vector)
-            .collect();
-        let probabilities = head
-            .probabilities(&vectors)
-            .map_err(|e| ExecError::Retryable(JobError::new("model_failed", e.to_string())))?;
+            .map_err(|e| retry(e.to_string()))?
+            .map_err(retry)?
+        };
         let labels = &head.info().labels;
         let predictions = probabilities
             .iter()

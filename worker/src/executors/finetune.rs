@@ -35,6 +35,7 @@ use crate::{
     executors::embed::model_error,
     http::OutboundPolicy,
     models::{
+        bert::SharedBase,
         classifier::{self, Cadence, Checkpoint, ClassifierError, Data, TrainEvent, TrainSettings},
         encoder::SharedEncoder,
     },
@@ -75,6 +76,8 @@ pub trait ModelStore: Send + Sync {
 
 pub struct FinetuneTrain {
     pub encoder: Arc<SharedEncoder>,
+    /// The encoder as layers that train (for `train_layers`).
+    pub base: Arc<SharedBase>,
     pub models: Arc<dyn ModelStore>,
     /// For `examples_artifact`.
     pub reader: Arc<dyn ArtifactReader>,
@@ -277,6 +280,12 @@ impl Executor for FinetuneTrain {
             seed: input.seed(),
             train_examples: examples.len() - held.len(),
             validation_examples: held.len(),
+            train_layers: input.trained_layers(),
+            encoder_learning_rate: if input.trained_layers() > 0 {
+                input.encoder_learning_rate()
+            } else {
+                0.0
+            },
         };
         let from = self.checkpoint(&ctx, &input).await?;
         if let Some((job, cp)) = &from {
@@ -293,39 +302,74 @@ impl Executor for FinetuneTrain {
         }
         let resumed_from_step = from.as_ref().map(|(_, cp)| cp.step());
 
-        // The sentence vectors of every example, in order, with progress.
+        // Every example through the frozen part of the encoder, in order, with progress: its
+        // sentence vector, or its token states below the layers to train.
         let encode_started = Instant::now();
         let texts: Vec<String> = examples.iter().map(|e| e.text.clone()).collect();
+        let trained = settings.train_layers as usize;
+        let base = if trained > 0 {
+            Some(
+                self.base
+                    .get()
+                    .await
+                    .map_err(|e| ExecError::Abort(JobError::new("model_unavailable", e)))?,
+            )
+        } else {
+            None
+        };
         let mut vectors = Vec::with_capacity(texts.len());
+        let mut states = Vec::new();
         for chunk in texts.chunks(ENCODE_CHUNK) {
-            let done = self
-                .encoder
-                .embed_with(chunk.to_vec(), settings.max_length as usize)
-                .await
-                .map_err(model_error)?;
-            vectors.extend(done.into_iter().map(|e| e.vector));
+            match &base {
+                None => {
+                    let done = self
+                        .encoder
+                        .embed_with(chunk.to_vec(), settings.max_length as usize)
+                        .await
+                        .map_err(model_error)?;
+                    vectors.extend(done.into_iter().map(|e| e.vector));
+                }
+                Some(base) => {
+                    let encoder = self.encoder.get().await.map_err(model_error)?;
+                    let (base, chunk) = (base.clone(), chunk.to_vec());
+                    let (max, upto) = (
+                        settings.max_length as usize,
+                        base.config.num_hidden_layers.saturating_sub(trained),
+                    );
+                    let done = tokio::task::spawn_blocking(move || {
+                        base.states(&encoder, &chunk, max, upto)
+                    })
+                    .await
+                    .map_err(|e| abort("training_failed", e.to_string()))?
+                    .map_err(|e| abort("training_failed", e))?;
+                    states.extend(done);
+                }
+            }
+            let encoded = vectors.len() + states.len();
             ctx.progress
                 .progress_with_data(
                     Some(0.0),
-                    Some(format!(
-                        "encoding the examples: {}/{}",
-                        vectors.len(),
-                        texts.len()
-                    )),
-                    Some(json!({"phase": "encode", "encoded": vectors.len(), "examples": texts.len()})),
+                    Some(format!("encoding the examples: {encoded}/{}", texts.len())),
+                    Some(json!({"phase": "encode", "encoded": encoded, "examples": texts.len()})),
                 )
                 .await;
         }
         let encode_s = encode_started.elapsed().as_secs_f64();
         let (mut train_set, mut validation) = (Data::default(), Data::default());
-        for (i, (e, v)) in examples.iter().zip(vectors).enumerate() {
+        let mut vectors = vectors.into_iter();
+        let mut states = states.into_iter();
+        for (i, e) in examples.iter().enumerate() {
             let y = labels.binary_search(&e.label).expect("a known label") as u32;
             let set = if held.contains(&i) {
                 &mut validation
             } else {
                 &mut train_set
             };
-            set.x.push(v);
+            if trained > 0 {
+                set.states.extend(states.next());
+            } else {
+                set.x.extend(vectors.next());
+            }
             set.y.push(y);
         }
 
@@ -342,7 +386,13 @@ impl Executor for FinetuneTrain {
                 &job_settings,
                 &train_set,
                 &validation,
-                from.map(|(_, cp)| cp),
+                classifier::Start {
+                    checkpoint: from.map(|(_, cp)| cp),
+                    encoder: base.as_ref().map(|b| classifier::Encoder {
+                        config: &b.config,
+                        weights: &b.weights,
+                    }),
+                },
                 cadence,
                 &cancel,
                 &mut |e| {

@@ -10,10 +10,14 @@
 use std::{collections::HashMap, time::Instant};
 
 use candle_core::{DType, Device, Tensor, Var, D};
+use candle_nn::{VarBuilder, VarMap};
+use candle_transformers::models::bert::Config;
 use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
+
+use super::bert::{attention_bias, mean_pool, Layer};
 
 /// The `format` of a trained model file.
 pub const MODEL_FORMAT: &str = "capibara-classifier/1";
@@ -57,13 +61,66 @@ pub struct ModelInfo {
     pub labels: Vec<String>,
     /// Tokens of a text the encoder reads for it.
     pub max_length: u32,
+    /// The encoder's last layers this model trained (and holds); 0: the encoder is the base
+    /// model's, and the head reads its sentence vectors.
+    #[serde(default)]
+    pub train_layers: u32,
 }
 
-/// A trained head, ready to classify sentence vectors.
+/// A trained model, ready to classify: its head, and the encoder layers it trained.
 pub struct Classifier {
     info: ModelInfo,
     w: Tensor,
     b: Tensor,
+    top: Option<Top>,
+    /// The trained layers' tensors by name (what the model file stores of them).
+    top_tensors: Vec<(String, Tensor)>,
+}
+
+/// The encoder's last layers that a training trains: they read the token states the frozen
+/// layers below them wrote, and their mean-pooled output is what the head reads.
+pub struct Top {
+    layers: Vec<Layer>,
+}
+
+impl Top {
+    /// Layers `first..` of the model from `vb` (named as in the base model's file).
+    fn load(vb: VarBuilder, config: &Config, first: usize) -> candle_core::Result<Top> {
+        Ok(Top {
+            layers: (first..config.num_hidden_layers)
+                .map(|i| Layer::load(vb.clone(), config, i))
+                .collect::<candle_core::Result<_>>()?,
+        })
+    }
+
+    /// The sentence vectors of texts whose token states are `states` ([tokens, hidden] each).
+    fn pooled(&self, states: &[&Tensor]) -> candle_core::Result<Tensor> {
+        let longest = states
+            .iter()
+            .map(|s| s.dim(0))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let t = longest.iter().copied().max().unwrap_or(0);
+        let mut padded = Vec::with_capacity(states.len());
+        let mut mask = Vec::with_capacity(states.len() * t);
+        for (s, n) in states.iter().zip(&longest) {
+            padded.push(s.pad_with_zeros(0, 0, t - n)?);
+            mask.extend((0..t).map(|i| u32::from(i < *n)));
+        }
+        let mut x = Tensor::stack(&padded, 0)?;
+        let mask = Tensor::from_vec(mask, (states.len(), t), &Device::Cpu)?;
+        let bias = attention_bias(&mask)?;
+        for l in &self.layers {
+            x = l.forward(&x, &bias)?;
+        }
+        mean_pool(&x, &mask)
+    }
+}
+
+/// What the head is trained on, per example: the frozen encoder's sentence vector (no layer
+/// trained), or the token states the trained layers read.
+pub enum Features<'a> {
+    Vectors(&'a [Vec<f32>]),
+    States(&'a [Tensor]),
 }
 
 fn logits(x: &Tensor, w: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
@@ -108,9 +165,23 @@ fn take(t: &mut HashMap<String, Tensor>, name: &str) -> Result<Tensor, Classifie
         .ok_or_else(|| format_err(format!("no tensor `{name}`")))
 }
 
+impl ModelInfo {
+    /// What a model file says about itself, without reading its tensors.
+    pub fn of(bytes: &[u8]) -> Result<ModelInfo, ClassifierError> {
+        let (_, header) = safetensors::SafeTensors::read_metadata(bytes).map_err(format_err)?;
+        let meta = header
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get(META_KEY))
+            .ok_or_else(|| format_err("no `capibara` metadata"))?;
+        serde_json::from_str(meta).map_err(format_err)
+    }
+}
+
 impl Classifier {
-    /// Read a model file (`model.safetensors` of a training job).
-    pub fn from_bytes(bytes: &[u8]) -> Result<Classifier, ClassifierError> {
+    /// Read a model file (`model.safetensors` of a training job); `config` is the base
+    /// encoder's (for the layers a model trained).
+    pub fn from_bytes(bytes: &[u8], config: &Config) -> Result<Classifier, ClassifierError> {
         let (mut t, info): (_, ModelInfo) = from_safetensors(bytes)?;
         if info.format != MODEL_FORMAT {
             return Err(format_err(format!("format `{}`", info.format)));
@@ -121,26 +192,60 @@ impl Classifier {
         {
             return Err(format_err("the head's shape does not fit its labels"));
         }
-        Ok(Classifier { info, w, b })
+        let n = info.train_layers as usize;
+        let (top, top_tensors) = if n == 0 {
+            (None, Vec::new())
+        } else {
+            if n > config.num_hidden_layers {
+                return Err(format_err("more trained layers than the encoder has"));
+            }
+            let mut named: Vec<(String, Tensor)> =
+                t.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            named.sort_by(|a, b| a.0.cmp(&b.0));
+            let vb = VarBuilder::from_tensors(t, DType::F32, &Device::Cpu);
+            let top = Top::load(vb, config, config.num_hidden_layers - n).map_err(format_err)?;
+            (Some(top), named)
+        };
+        Ok(Classifier {
+            info,
+            w,
+            b,
+            top,
+            top_tensors,
+        })
     }
 
     pub fn to_bytes(&self) -> Result<Vec<u8>, ClassifierError> {
-        to_safetensors(
-            &[("head.weight", &self.w), ("head.bias", &self.b)],
-            &self.info,
-        )
+        let mut tensors: Vec<(&str, &Tensor)> =
+            vec![("head.weight", &self.w), ("head.bias", &self.b)];
+        tensors.extend(self.top_tensors.iter().map(|(n, t)| (n.as_str(), t)));
+        to_safetensors(&tensors, &self.info)
     }
 
     pub fn info(&self) -> &ModelInfo {
         &self.info
     }
 
-    /// Each row's probability per label (softmax of the head's outputs), in label order.
-    pub fn probabilities(&self, features: &[Vec<f32>]) -> Result<Vec<Vec<f32>>, ClassifierError> {
-        if features.is_empty() {
-            return Ok(Vec::new());
-        }
-        let x = matrix(features)?;
+    /// The first encoder layer this model trained (the frozen ones below it make its input).
+    pub fn first_trained_layer(&self, config: &Config) -> usize {
+        config.num_hidden_layers - self.info.train_layers as usize
+    }
+
+    /// Each example's probability per label (softmax of the head's outputs), in label order.
+    pub fn probabilities(&self, features: Features) -> Result<Vec<Vec<f32>>, ClassifierError> {
+        let x = match (&self.top, features) {
+            (_, Features::Vectors([])) | (_, Features::States([])) => return Ok(Vec::new()),
+            (None, Features::Vectors(v)) => matrix(v)?,
+            (Some(top), Features::States(s)) => {
+                let refs: Vec<&Tensor> = s.iter().collect();
+                let mut out = Vec::new();
+                for chunk in refs.chunks(32) {
+                    out.push(top.pooled(chunk).map_err(run)?);
+                }
+                Tensor::cat(&out, 0).map_err(run)?
+            }
+            _ => return Err(run("the features do not fit the model")),
+        };
         let p = candle_nn::ops::softmax(&logits(&x, &self.w, &self.b).map_err(run)?, D::Minus1)
             .map_err(run)?;
         p.to_vec2::<f32>().map_err(run)
@@ -159,6 +264,12 @@ pub struct TrainSettings {
     pub seed: u64,
     pub train_examples: usize,
     pub validation_examples: usize,
+    /// The encoder's last layers trained with the head (0: the head alone).
+    #[serde(default)]
+    pub train_layers: u32,
+    /// Their learning rate.
+    #[serde(default)]
+    pub encoder_learning_rate: f64,
 }
 
 impl TrainSettings {
@@ -171,11 +282,23 @@ impl TrainSettings {
     }
 }
 
-/// Sentence vectors and their label indices.
+/// The examples' features and their label indices: sentence vectors (`x`) when no encoder
+/// layer is trained, else the token states the trained layers read (`states`).
 #[derive(Debug, Clone, Default)]
 pub struct Data {
     pub x: Vec<Vec<f32>>,
+    pub states: Vec<Tensor>,
     pub y: Vec<u32>,
+}
+
+impl Data {
+    fn features(&self) -> Features<'_> {
+        if self.states.is_empty() {
+            Features::Vectors(&self.x)
+        } else {
+            Features::States(&self.states)
+        }
+    }
 }
 
 /// Sums over the current epoch's steps so far (for its mean loss and accuracy).
@@ -291,7 +414,7 @@ fn order(seed: u64, epoch: u64, n: usize) -> Vec<u32> {
 
 /// Mean loss and accuracy of `head` on `data`.
 fn evaluate(head: &Classifier, data: &Data) -> Result<(f64, f64), ClassifierError> {
-    let p = head.probabilities(&data.x)?;
+    let p = head.probabilities(data.features())?;
     let mut loss = 0.0;
     let mut correct = 0;
     for (row, &y) in p.iter().zip(&data.y) {
@@ -314,6 +437,21 @@ pub fn argmax(row: &[f32]) -> usize {
         .0
 }
 
+/// The base encoder a training's layers start from: its configuration and its weights by name.
+#[derive(Clone, Copy)]
+pub struct Encoder<'a> {
+    pub config: &'a Config,
+    pub weights: &'a HashMap<String, Tensor>,
+}
+
+/// Where a training starts: a checkpoint to continue, and the base encoder its layers start
+/// from (needed when it trains encoder layers).
+#[derive(Default)]
+pub struct Start<'a> {
+    pub checkpoint: Option<Checkpoint>,
+    pub encoder: Option<Encoder<'a>>,
+}
+
 /// How often a training reports and stores checkpoints.
 #[derive(Debug, Clone, Copy)]
 pub struct Cadence {
@@ -328,17 +466,62 @@ pub fn train(
     settings: &TrainSettings,
     train: &Data,
     validation: &Data,
-    from: Option<Checkpoint>,
+    start: Start<'_>,
     cadence: Cadence,
     cancel: &CancellationToken,
     emit: &mut dyn FnMut(TrainEvent),
 ) -> Result<Trained, ClassifierError> {
+    let Start {
+        checkpoint: from,
+        encoder,
+    } = start;
     let started = Instant::now();
-    let (c, d) = (settings.labels.len(), train.x.first().map_or(0, Vec::len));
-    let x_all = matrix(&train.x)?;
+    let c = settings.labels.len();
+    let d = train
+        .x
+        .first()
+        .map(Vec::len)
+        .or_else(|| train.states.first().and_then(|s| s.dim(1).ok()))
+        .unwrap_or(0);
+    let x_all = if train.states.is_empty() {
+        Some(matrix(&train.x)?)
+    } else {
+        None
+    };
     let y_all = Tensor::new(train.y.as_slice(), &Device::Cpu).map_err(run)?;
     let zeros = |shape: &[usize]| Tensor::zeros(shape, DType::F32, &Device::Cpu).map_err(run);
-    let (mut w, mut b, mut step, mut epoch_sums) = match from {
+    // The trained encoder layers: variables named as in the base model's file, starting from
+    // its weights.
+    let varmap = VarMap::new();
+    let (top, config) = match (settings.train_layers, encoder) {
+        (0, _) => (None, None),
+        (n, Some(e)) => {
+            let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+            let first = e.config.num_hidden_layers - n as usize;
+            let top = Top::load(vb, e.config, first).map_err(run)?;
+            for (name, var) in varmap.data().lock().expect("varmap lock").iter() {
+                let base = e
+                    .weights
+                    .get(name)
+                    .ok_or_else(|| run(format!("the base model has no `{name}`")))?;
+                var.set(base).map_err(run)?;
+            }
+            (Some(top), Some(e.config))
+        }
+        (_, None) => return Err(run("training encoder layers needs the encoder")),
+    };
+    // Every parameter by name: the head's, then the trained layers' in name order.
+    let mut names = vec!["head.weight".to_string(), "head.bias".to_string()];
+    let mut vars: Vec<(String, Var)> = varmap
+        .data()
+        .lock()
+        .expect("varmap lock")
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    names.extend(vars.iter().map(|(k, _)| k.clone()));
+    let (mut params, mut step, mut epoch_sums) = match from {
         Some(mut cp) => {
             if cp.meta.settings != *settings {
                 return Err(run(
@@ -346,42 +529,76 @@ pub fn train(
                 ));
             }
             let t = &mut cp.tensors;
-            let w = Param::new(
-                Var::from_tensor(&take(t, "head.weight")?).map_err(run)?,
-                take(t, "adam.m.head.weight")?,
-                take(t, "adam.v.head.weight")?,
-            );
-            let b = Param::new(
-                Var::from_tensor(&take(t, "head.bias")?).map_err(run)?,
-                take(t, "adam.m.head.bias")?,
-                take(t, "adam.v.head.bias")?,
-            );
-            (w, b, cp.meta.step, cp.meta.epoch)
+            let mut params = Vec::with_capacity(names.len());
+            for (i, name) in names.iter().enumerate() {
+                let value = take(t, name)?;
+                let var = if i < 2 {
+                    Var::from_tensor(&value).map_err(run)?
+                } else {
+                    let v = vars[i - 2].1.clone();
+                    v.set(&value).map_err(run)?;
+                    v
+                };
+                params.push(Param::new(
+                    var,
+                    take(t, &format!("adam.m.{name}"))?,
+                    take(t, &format!("adam.v.{name}"))?,
+                ));
+            }
+            (params, cp.meta.step, cp.meta.epoch)
         }
-        None => (
-            Param::new(
-                Var::from_tensor(&zeros(&[c, d])?).map_err(run)?,
-                zeros(&[c, d])?,
-                zeros(&[c, d])?,
-            ),
-            Param::new(
-                Var::from_tensor(&zeros(&[c])?).map_err(run)?,
-                zeros(&[c])?,
-                zeros(&[c])?,
-            ),
-            0,
-            Sums::default(),
-        ),
+        None => {
+            let mut params = vec![
+                Param::new(
+                    Var::from_tensor(&zeros(&[c, d])?).map_err(run)?,
+                    zeros(&[c, d])?,
+                    zeros(&[c, d])?,
+                ),
+                Param::new(
+                    Var::from_tensor(&zeros(&[c])?).map_err(run)?,
+                    zeros(&[c])?,
+                    zeros(&[c])?,
+                ),
+            ];
+            for (_, v) in &vars {
+                params.push(Param::new(
+                    v.clone(),
+                    v.as_tensor().zeros_like().map_err(run)?,
+                    v.as_tensor().zeros_like().map_err(run)?,
+                ));
+            }
+            (params, 0, Sums::default())
+        }
     };
-    let head = |w: &Param, b: &Param| Classifier {
-        info: ModelInfo {
-            format: MODEL_FORMAT.into(),
-            base: settings.base.clone(),
-            labels: settings.labels.clone(),
-            max_length: settings.max_length,
-        },
-        w: w.var.as_tensor().copy().expect("a copy of a CPU tensor"),
-        b: b.var.as_tensor().copy().expect("a copy of a CPU tensor"),
+    let snapshot = |params: &[Param]| -> Result<Classifier, ClassifierError> {
+        let copy = |p: &Param| p.var.as_tensor().copy().map_err(run);
+        let top_tensors = params[2..]
+            .iter()
+            .zip(&names[2..])
+            .map(|(p, n)| Ok((n.clone(), copy(p)?)))
+            .collect::<Result<Vec<_>, ClassifierError>>()?;
+        let top = match config {
+            Some(cfg) => {
+                let map: HashMap<String, Tensor> = top_tensors.iter().cloned().collect();
+                let vb = VarBuilder::from_tensors(map, DType::F32, &Device::Cpu);
+                let first = cfg.num_hidden_layers - settings.train_layers as usize;
+                Some(Top::load(vb, cfg, first).map_err(run)?)
+            }
+            None => None,
+        };
+        Ok(Classifier {
+            info: ModelInfo {
+                format: MODEL_FORMAT.into(),
+                base: settings.base.clone(),
+                labels: settings.labels.clone(),
+                max_length: settings.max_length,
+                train_layers: settings.train_layers,
+            },
+            w: copy(&params[0])?,
+            b: copy(&params[1])?,
+            top,
+            top_tensors,
+        })
     };
     let spe = settings.steps_per_epoch();
     let total = settings.total_steps();
@@ -404,18 +621,31 @@ pub fn train(
         }
         let rows = &perm[k * bs..((k + 1) * bs).min(n)];
         let idx = Tensor::new(rows, &Device::Cpu).map_err(run)?;
-        let xb = x_all.index_select(&idx, 0).map_err(run)?;
+        let xb = match (&x_all, &top) {
+            (Some(x), _) => x.index_select(&idx, 0).map_err(run)?,
+            (None, Some(top)) => {
+                let states: Vec<&Tensor> =
+                    rows.iter().map(|r| &train.states[*r as usize]).collect();
+                top.pooled(&states).map_err(run)?
+            }
+            (None, None) => return Err(run("token states without layers to train")),
+        };
         let yb = y_all.index_select(&idx, 0).map_err(run)?;
-        let out = logits(&xb, w.var.as_tensor(), b.var.as_tensor()).map_err(run)?;
+        let out = logits(&xb, params[0].var.as_tensor(), params[1].var.as_tensor()).map_err(run)?;
         let loss = candle_nn::loss::cross_entropy(&out, &yb).map_err(run)?;
         let grads = loss.backward().map_err(run)?;
         let t = step + 1;
-        for p in [&mut w, &mut b] {
+        for (i, p) in params.iter_mut().enumerate() {
             let g = grads
                 .get(p.var.as_tensor())
                 .ok_or_else(|| run("no gradient for a parameter"))?
                 .clone();
-            p.step(&g, settings.learning_rate, t).map_err(run)?;
+            let lr = if i < 2 {
+                settings.learning_rate
+            } else {
+                settings.encoder_learning_rate
+            };
+            p.step(&g, lr, t).map_err(run)?;
         }
         let loss = f64::from(loss.to_scalar::<f32>().map_err(run)?);
         let predicted = out.argmax(D::Minus1).map_err(run)?;
@@ -438,7 +668,7 @@ pub fn train(
             validation_result = if validation.y.is_empty() {
                 None
             } else {
-                Some(evaluate(&head(&w, &b), validation)?)
+                Some(evaluate(&snapshot(&params)?, validation)?)
             };
         }
         if step % cadence.progress_every == 0 || epoch_end || step == total {
@@ -482,23 +712,24 @@ pub fn train(
                 step,
                 epoch: epoch_sums,
             };
-            let bytes = to_safetensors(
-                &[
-                    ("head.weight", w.var.as_tensor()),
-                    ("head.bias", b.var.as_tensor()),
-                    ("adam.m.head.weight", &w.m),
-                    ("adam.v.head.weight", &w.v),
-                    ("adam.m.head.bias", &b.m),
-                    ("adam.v.head.bias", &b.v),
-                ],
-                &meta,
-            )?;
+            let moments: Vec<(String, &Tensor)> = params
+                .iter()
+                .zip(&names)
+                .flat_map(|(p, n)| [(format!("adam.m.{n}"), &p.m), (format!("adam.v.{n}"), &p.v)])
+                .collect();
+            let mut tensors: Vec<(&str, &Tensor)> = params
+                .iter()
+                .zip(&names)
+                .map(|(p, n)| (n.as_str(), p.var.as_tensor()))
+                .collect();
+            tensors.extend(moments.iter().map(|(n, t)| (n.as_str(), *t)));
+            let bytes = to_safetensors(&tensors, &meta)?;
             emit(TrainEvent::Checkpoint { step, bytes });
             checkpoints += 1;
         }
     }
     Ok(Trained {
-        classifier: head(&w, &b),
+        classifier: snapshot(&params)?,
         steps: step,
         train_loss: last_epoch.mean_loss(),
         train_accuracy: last_epoch.accuracy(),
@@ -542,6 +773,8 @@ mod tests {
             seed: 7,
             train_examples: 60,
             validation_examples: 30,
+            train_layers: 0,
+            encoder_learning_rate: 0.0,
         }
     }
 
@@ -561,7 +794,10 @@ mod tests {
             &settings(10),
             &train_set,
             &val,
-            from,
+            Start {
+                checkpoint: from,
+                encoder: None,
+            },
             Cadence {
                 progress_every: 5,
                 checkpoint_every: 12,
@@ -578,6 +814,127 @@ mod tests {
             },
         );
         (out, checkpoints, progress)
+    }
+
+    /// A two-layer encoder of width 8 with random weights, and examples as token states whose
+    /// label shows in their first dimension.
+    fn tiny() -> (Config, HashMap<String, Tensor>, Data, Data) {
+        let config: Config = serde_json::from_value(json!({
+            "vocab_size": 10, "hidden_size": 8, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "intermediate_size": 16, "hidden_act": "gelu",
+            "hidden_dropout_prob": 0.0, "max_position_embeddings": 16, "type_vocab_size": 2,
+            "initializer_range": 0.02, "layer_norm_eps": 1e-12, "pad_token_id": 0,
+            "position_embedding_type": "absolute", "use_cache": false,
+            "classifier_dropout": null, "model_type": "bert"}))
+        .unwrap();
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        Top::load(vb, &config, 0).unwrap();
+        let weights: HashMap<String, Tensor> = varmap
+            .data()
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| {
+                // Layer norms start as the identity (their weights are not drawn at random).
+                let t = v.as_tensor();
+                let t = if k.ends_with("LayerNorm.weight") {
+                    t.ones_like().unwrap()
+                } else {
+                    t.copy().unwrap()
+                };
+                (k.clone(), t)
+            })
+            .collect();
+        let mut rng = StdRng::seed_from_u64(9);
+        let mut set = |n: usize| {
+            let mut d = Data::default();
+            for i in 0..n {
+                let y = (i % 2) as u32;
+                let t = 3 + i % 4;
+                let v: Vec<f32> = (0..t * 8)
+                    .map(|j| {
+                        let signal = if j % 8 == 0 {
+                            y as f32 * 2.0 - 1.0
+                        } else {
+                            0.0
+                        };
+                        signal + rand::Rng::random_range(&mut rng, -0.5..0.5)
+                    })
+                    .collect();
+                d.states
+                    .push(Tensor::from_vec(v, (t, 8), &Device::Cpu).unwrap());
+                d.y.push(y);
+            }
+            d
+        };
+        let (train_set, validation) = (set(40), set(20));
+        (config, weights, train_set, validation)
+    }
+
+    /// Training an encoder layer with the head: it learns, checkpoints hold the layer and its
+    /// moments, and a resumed training ends as one that never stopped.
+    #[test]
+    fn trains_encoder_layers_and_resumes_exactly() {
+        let (config, weights, train_set, validation) = tiny();
+        let mut s = settings(30);
+        s.labels = vec!["a".into(), "b".into()];
+        s.train_examples = 40;
+        s.validation_examples = 20;
+        s.train_layers = 1;
+        s.encoder_learning_rate = 0.01;
+        let encoder = Encoder {
+            config: &config,
+            weights: &weights,
+        };
+        let run_it = |from: Option<Checkpoint>, stop_at: Option<u64>| {
+            let cancel = CancellationToken::new();
+            let mut cps = Vec::new();
+            let out = train(
+                &s,
+                &train_set,
+                &validation,
+                Start {
+                    checkpoint: from,
+                    encoder: Some(encoder),
+                },
+                Cadence {
+                    progress_every: 100,
+                    checkpoint_every: 7,
+                },
+                &cancel,
+                &mut |e| {
+                    if let TrainEvent::Checkpoint { step, bytes } = e {
+                        cps.push(bytes);
+                        if Some(step) == stop_at {
+                            cancel.cancel();
+                        }
+                    }
+                },
+            );
+            (out, cps)
+        };
+        let (full, _) = run_it(None, None);
+        let full = full.unwrap();
+        let (_, accuracy) = full.validation.unwrap();
+        assert!(accuracy > 0.9, "{accuracy}");
+        let (stopped, cps) = run_it(None, Some(14));
+        assert!(matches!(stopped, Err(ClassifierError::Canceled)));
+        let cp = Checkpoint::from_bytes(cps.last().unwrap()).unwrap();
+        let (resumed, _) = run_it(Some(cp), None);
+        let resumed = resumed.unwrap();
+        assert_eq!(resumed.validation, full.validation);
+        assert_eq!(resumed.train_loss, full.train_loss);
+        // The model file holds the trained layer: read back, it classifies the same.
+        let read = Classifier::from_bytes(&full.classifier.to_bytes().unwrap(), &config).unwrap();
+        assert_eq!(read.info().train_layers, 1);
+        assert_eq!(
+            read.probabilities(Features::States(&validation.states))
+                .unwrap(),
+            full.classifier
+                .probabilities(Features::States(&validation.states))
+                .unwrap()
+        );
     }
 
     #[test]
@@ -612,15 +969,17 @@ mod tests {
         );
         // The model file round-trips and classifies as the trained head does.
         let bytes = full.classifier.to_bytes().unwrap();
-        let read = Classifier::from_bytes(&bytes).unwrap();
+        let read = Classifier::from_bytes(&bytes, &Config::default()).unwrap();
         assert_eq!(read.info().labels, vec!["a", "b", "c"]);
         let val = toy(30, 2);
         assert_eq!(
-            read.probabilities(&val.x).unwrap(),
-            full.classifier.probabilities(&val.x).unwrap()
+            read.probabilities(Features::Vectors(&val.x)).unwrap(),
+            full.classifier
+                .probabilities(Features::Vectors(&val.x))
+                .unwrap()
         );
         // A checkpoint is not a model, and a model not a checkpoint.
-        assert!(Classifier::from_bytes(&cps[0]).is_err());
+        assert!(Classifier::from_bytes(&cps[0], &Config::default()).is_err());
         assert!(Checkpoint::from_bytes(&bytes).is_err());
         // A checkpoint of other settings is refused.
         let mut other = settings(10);
@@ -630,7 +989,10 @@ mod tests {
             &other,
             &toy(60, 1),
             &toy(30, 2),
-            Some(cp),
+            Start {
+                checkpoint: Some(cp),
+                encoder: None,
+            },
             Cadence {
                 progress_every: 5,
                 checkpoint_every: 16,

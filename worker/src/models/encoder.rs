@@ -40,6 +40,18 @@ pub struct Embedding {
     pub truncated: bool,
 }
 
+/// Model inputs of a batch of texts ([`Encoder::tokens`]).
+pub struct Batch {
+    /// [texts, tokens] each, padded to the longest text.
+    pub ids: Tensor,
+    pub types: Tensor,
+    /// 1 for a token, 0 for padding.
+    pub mask: Tensor,
+    /// Tokens read per text (with the markers), and whether it was cut.
+    pub tokens: Vec<usize>,
+    pub cut: Vec<bool>,
+}
+
 /// The process's encoder, loaded by the first job that needs it (`text.embed`, or
 /// `content.process`'s `embed`) and shared by every job after it. A failed load is not kept:
 /// the next job tries again (e.g. after the assets were fetched).
@@ -159,11 +171,9 @@ impl Encoder {
         Ok(out)
     }
 
-    fn embed_batch(
-        &self,
-        texts: &[String],
-        max_tokens: usize,
-    ) -> Result<Vec<Embedding>, EncoderError> {
+    /// The tokens of `texts` (each cut at `max_tokens`, ending with `[SEP]` when cut, as the
+    /// tokenizer's own truncation does), padded to the longest, as model inputs.
+    pub fn tokens(&self, texts: &[String], max_tokens: usize) -> Result<Batch, EncoderError> {
         let encodings = self
             .tokenizer
             .encode_batch(texts.to_vec(), true)
@@ -172,14 +182,14 @@ impl Encoder {
         let len = encodings
             .first()
             .map_or(0, |e| e.get_ids().len())
-            .min(max_tokens);
+            .min(max_tokens.clamp(2, EMBED_MAX_TOKENS));
         let sep = self.tokenizer.token_to_id("[SEP]").unwrap_or(102);
         let (mut ids, mut types, mut mask) = (
             Vec::with_capacity(n * len),
             Vec::with_capacity(n * len),
             Vec::with_capacity(n * len),
         );
-        let mut cut = Vec::with_capacity(n);
+        let (mut tokens, mut cut) = (Vec::with_capacity(n), Vec::with_capacity(n));
         for e in &encodings {
             let real = e.get_attention_mask().iter().filter(|m| **m == 1).count();
             ids.extend_from_slice(&e.get_ids()[..len]);
@@ -190,10 +200,31 @@ impl Encoder {
                 let last = ids.len() - 1;
                 ids[last] = sep;
             }
-            cut.push(real > len);
+            tokens.push(real.min(len));
+            cut.push(real > len || !e.get_overflowing().is_empty());
         }
         let tensor = |v: Vec<u32>| Tensor::from_vec(v, (n, len), &self.device).map_err(run);
-        let (ids, types, mask) = (tensor(ids)?, tensor(types)?, tensor(mask)?);
+        Ok(Batch {
+            ids: tensor(ids)?,
+            types: tensor(types)?,
+            mask: tensor(mask)?,
+            tokens,
+            cut,
+        })
+    }
+
+    fn embed_batch(
+        &self,
+        texts: &[String],
+        max_tokens: usize,
+    ) -> Result<Vec<Embedding>, EncoderError> {
+        let Batch {
+            ids,
+            types,
+            mask,
+            tokens,
+            cut,
+        } = self.tokens(texts, max_tokens)?;
         let hidden = self.model.forward(&ids, &types, Some(&mask)).map_err(run)?;
         let mask = mask
             .to_dtype(DType::F32)
@@ -217,19 +248,14 @@ impl Encoder {
             .map_err(run)?;
         Ok(vectors
             .into_iter()
-            .zip(&encodings)
+            .zip(tokens)
             .zip(cut)
-            .map(|((vector, e), cut)| {
+            .map(|((vector, tokens), truncated)| {
                 debug_assert_eq!(vector.len(), EMBED_DIMENSIONS);
                 Embedding {
                     vector,
-                    tokens: e
-                        .get_attention_mask()
-                        .iter()
-                        .filter(|m| **m == 1)
-                        .count()
-                        .min(len),
-                    truncated: cut || !e.get_overflowing().is_empty(),
+                    tokens,
+                    truncated,
                 }
             })
             .collect())

@@ -1,5 +1,6 @@
 //! Models the worker runs in-process (docs/models.md).
 
+pub mod bert;
 pub mod chunker;
 pub mod classifier;
 pub mod encoder;

@@ -115,8 +115,10 @@ mod tests {
             Some("examples".into())
         );
         assert_eq!(
-            field(json!({"name": "m", "examples": four, "freeze_encoder": false})),
-            Some("freeze_encoder".into())
+            field(
+                json!({"name": "m", "examples": four, "freeze_encoder": true, "train_layers": 2})
+            ),
+            Some("train_layers".into())
         );
         let schema = train_schema();
         let text = &schema["properties"]["examples"]["items"]["properties"]["text"];
@@ -224,11 +226,12 @@ pub struct FinetuneTrainInput {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(nullable = false, minimum = 0.0, maximum = 0.5)]
     pub validation_split: Option<f64>,
-    /// Passes over the training examples (default 20).
+    /// Passes over the training examples (default 3 when encoder layers are fine-tuned, 20 for
+    /// the head alone).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(nullable = false, minimum = 1, maximum = 1000)]
     pub epochs: Option<u32>,
-    /// AdamW's learning rate (default 0.01).
+    /// AdamW's learning rate for the classification head (default 0.01).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(nullable = false, exclusive_minimum = 0.0, maximum = 10.0)]
     pub learning_rate: Option<f64>,
@@ -245,11 +248,20 @@ pub struct FinetuneTrainInput {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(nullable = false, minimum = 0)]
     pub seed: Option<u64>,
-    /// Train only the classification head on the encoder's sentence vectors (default `true`;
-    /// full fine-tuning of the encoder is not in this build).
+    /// `true`: train only the classification head, on the frozen encoder's sentence vectors.
+    /// `false`: fine-tune the encoder's last `train_layers` layers with the head (default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(nullable = false)]
     pub freeze_encoder: Option<bool>,
+    /// Encoder layers fine-tuned, counted from the top (1-6, 6 being the whole encoder;
+    /// default 2; only without `freeze_encoder: true`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false, minimum = 1, maximum = 6)]
+    pub train_layers: Option<u32>,
+    /// AdamW's learning rate for the encoder's layers (default 0.0001).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false, exclusive_minimum = 0.0, maximum = 1.0)]
+    pub encoder_learning_rate: Option<f64>,
     /// Store a checkpoint artifact every this many steps (default 100).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(nullable = false, minimum = 1, maximum = 1000000)]
@@ -269,8 +281,10 @@ impl FinetuneTrainInput {
     pub fn validation_split(&self) -> f64 {
         self.validation_split.unwrap_or(0.2)
     }
+    /// Default: 3 when encoder layers are fine-tuned, 20 for the head alone.
     pub fn epochs(&self) -> u32 {
-        self.epochs.unwrap_or(20)
+        self.epochs
+            .unwrap_or(if self.trained_layers() > 0 { 3 } else { 20 })
     }
     pub fn learning_rate(&self) -> f64 {
         self.learning_rate.unwrap_or(0.01)
@@ -292,6 +306,17 @@ impl FinetuneTrainInput {
     }
     pub fn base_model(&self) -> &str {
         self.base_model.as_deref().unwrap_or(EMBED_MODEL)
+    }
+    /// Encoder layers trained (0: the head alone).
+    pub fn trained_layers(&self) -> u32 {
+        if self.freeze_encoder == Some(true) {
+            0
+        } else {
+            self.train_layers.unwrap_or(2)
+        }
+    }
+    pub fn encoder_learning_rate(&self) -> f64 {
+        self.encoder_learning_rate.unwrap_or(1e-4)
     }
 }
 
@@ -398,11 +423,10 @@ impl KindInput for FinetuneTrainInput {
         if let Some(examples) = &self.examples {
             check_examples("examples", examples)?;
         }
-        if self.freeze_encoder == Some(false) {
+        if self.freeze_encoder == Some(true) && self.train_layers.is_some() {
             return Err(FieldError::new(
-                "freeze_encoder",
-                "full fine-tuning of the encoder is not available in this build; leave it \
-                 `true` (the classification head is trained on the encoder's vectors)",
+                "train_layers",
+                "names encoder layers to fine-tune, which `freeze_encoder: true` keeps frozen",
             ));
         }
         Ok(())
@@ -492,7 +516,8 @@ pub fn classify_schema() -> serde_json::Value {
 }
 
 /// `finetune.train`'s published schema: the derived one, stating what it can of `check`:
-/// exactly one source of examples, texts and labels not blank, `freeze_encoder` only `true`.
+/// exactly one source of examples, texts and labels not blank, no `train_layers` with a frozen
+/// encoder.
 /// (Two labels with two examples each is not a rule JSON Schema can state.)
 pub fn train_schema() -> serde_json::Value {
     use serde_json::json;
@@ -505,7 +530,10 @@ pub fn train_schema() -> serde_json::Value {
     let example = &mut s["properties"]["examples"]["items"]["properties"];
     example["text"]["pattern"] = json!("\\S");
     example["label"]["pattern"] = json!("\\S");
-    s["properties"]["freeze_encoder"]["const"] = json!(true);
+    // `train_layers` only with an encoder that is not frozen.
+    s["if"] =
+        json!({"properties": {"freeze_encoder": {"const": true}}, "required": ["freeze_encoder"]});
+    s["then"] = json!({"not": {"required": ["train_layers"]}});
     s
 }
 
