@@ -151,10 +151,12 @@ impl Executor for MemorySearch {
         } else {
             k
         };
-        let mut searched = 0;
-        let semantic: Vec<(Uuid, f32)> = if input.mode == SearchMode::Keyword {
-            Vec::new()
-        } else {
+        // By meaning (the query's vector against the worker's copy) and by words (Postgres),
+        // at once when both are wanted.
+        let by_meaning = async {
+            if input.mode == SearchMode::Keyword {
+                return Ok((Vec::new(), 0));
+            }
             let query = self
                 .encoder
                 .embed(vec![input.query.clone()])
@@ -169,17 +171,19 @@ impl Executor for MemorySearch {
                 .await
                 .map_err(unavailable)?;
             let copy = copy.read().await;
-            searched = copy.len();
-            copy.search(&query, depth, &input.tags)
+            Ok::<_, ExecError>((copy.search(&query, depth, &input.tags), copy.len()))
         };
-        let keyword: Vec<(Uuid, f32)> = if input.mode == SearchMode::Semantic {
-            Vec::new()
-        } else {
+        let by_words = async {
+            if input.mode == SearchMode::Semantic {
+                return Ok(Vec::new());
+            }
             self.store
                 .keyword(ns, collection, &input.query, &input.tags, depth as i64)
                 .await
-                .map_err(unavailable)?
+                .map_err(unavailable)
         };
+        let ((semantic, searched), keyword): ((Vec<(Uuid, f32)>, usize), Vec<(Uuid, f32)>) =
+            tokio::try_join!(by_meaning, by_words)?;
         let semantic_ids: Vec<Uuid> = semantic.iter().map(|h| h.0).collect();
         let keyword_ids: Vec<Uuid> = keyword.iter().map(|h| h.0).collect();
         let ranked: Vec<(Uuid, f64)> = match input.mode {
