@@ -65,6 +65,30 @@ async fn run_job(env: &Env, kind: &str, input: Value) -> Result<(f64, Value)> {
     Ok((wall, job))
 }
 
+/// `jobs` jobs of `kind` with 1, then 32 sentences as `texts` (beside `input`'s fields), one
+/// at a time: the client wall, the job's own `duration_ms`, and texts/s from it.
+async fn per_text(env: &Env, kind: &str, input: Value, jobs: usize) -> Result<()> {
+    for n in [1usize, 32] {
+        let (mut walls, mut models) = (Vec::new(), Vec::new());
+        for j in 0..jobs {
+            let mut input = input.clone();
+            input["texts"] = json!((0..n).map(|k| sentence(1 + j * n + k)).collect::<Vec<_>>());
+            let (w, job) = run_job(env, kind, input).await?;
+            walls.push(w);
+            models.push(job["output"]["duration_ms"].as_f64().unwrap_or(f64::NAN));
+        }
+        let (walls, models) = (sorted(walls), sorted(models));
+        let m50 = percentile(&models, 0.5);
+        println!(
+            "{kind}, {n} text(s) of ~20 words per job ({jobs} jobs): client wall p50 {:.1} ms, p99 {:.1} ms; model p50 {m50:.1} ms = {:.0} texts/s",
+            percentile(&walls, 0.5),
+            percentile(&walls, 0.99),
+            n as f64 / (m50 / 1000.0)
+        );
+    }
+    Ok(())
+}
+
 fn jsonl(text: &str) -> Vec<Value> {
     text.lines()
         .filter(|l| !l.trim().is_empty())
@@ -130,28 +154,6 @@ fn sentence(k: usize) -> String {
     )
 }
 
-/// One job with `Prefer: wait`: (client wall ms, the model's ms).
-async fn embed(env: &Env, texts: &[String]) -> Result<(f64, f64)> {
-    let t = Instant::now();
-    let job: Value = env
-        .http
-        .post(env.api("/v1/jobs"))
-        .header("prefer", "wait=60")
-        .json(&json!({"kind": "text.embed", "input": {"texts": texts}}))
-        .send()
-        .await?
-        .json()
-        .await?;
-    let wall = t.elapsed().as_secs_f64() * 1000.0;
-    if job["status"] != "succeeded" {
-        bail!("text.embed did not succeed: {job}");
-    }
-    Ok((
-        wall,
-        job["output"]["duration_ms"].as_f64().unwrap_or(f64::NAN),
-    ))
-}
-
 fn rss_mib(pid: u32) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let kb: f64 = status
@@ -196,30 +198,14 @@ pub async fn run(a: ModelBenchArgs) -> Result<()> {
         .find(|p| p.name == "worker-1")
         .map(|p| p.child.id());
     let before = pid.and_then(rss_mib);
-    let (wall, model) = embed(&env, &[sentence(0)]).await?;
+    let (wall, first) = run_job(&env, "text.embed", json!({"texts": [sentence(0)]})).await?;
+    let model = first["output"]["duration_ms"].as_f64().unwrap_or(f64::NAN);
     println!(
         "first job (loads the model): client wall {wall:.0} ms, model {model:.1} ms; worker RSS {:.0} → {:.0} MiB",
         before.unwrap_or(f64::NAN),
         pid.and_then(rss_mib).unwrap_or(f64::NAN)
     );
-    for n in [1usize, 32] {
-        let (mut walls, mut models) = (Vec::new(), Vec::new());
-        for j in 0..a.jobs {
-            let texts: Vec<String> = (0..n).map(|k| sentence(1 + j * n + k)).collect();
-            let (w, m) = embed(&env, &texts).await?;
-            walls.push(w);
-            models.push(m);
-        }
-        let (walls, models) = (sorted(walls), sorted(models));
-        let m50 = percentile(&models, 0.5);
-        println!(
-            "{n} text(s) of ~20 words per job ({} jobs): client wall p50 {:.1} ms, p99 {:.1} ms; model p50 {m50:.1} ms = {:.0} texts/s",
-            a.jobs,
-            percentile(&walls, 0.5),
-            percentile(&walls, 0.99),
-            n as f64 / (m50 / 1000.0)
-        );
-    }
+    per_text(&env, "text.embed", json!({}), a.jobs).await?;
     println!(
         "worker RSS with the model loaded: {:.0} MiB",
         pid.and_then(rss_mib).unwrap_or(f64::NAN)
@@ -274,37 +260,15 @@ pub async fn run(a: ModelBenchArgs) -> Result<()> {
             heldout.len()
         );
     }
-    // model.classify with the last (fine-tuned) model: 1 and 32 texts per job.
-    let (_, first) = run_job(
+    // model.classify with the last (fine-tuned) model, loaded by a first job: 1 and 32 texts
+    // per job.
+    run_job(
         &env,
         "model.classify",
         json!({"model": "bench", "texts": ["x"]}),
     )
     .await?;
-    let _ = first;
-    for n in [1usize, 32] {
-        let (mut walls, mut models) = (Vec::new(), Vec::new());
-        for j in 0..a.jobs {
-            let texts: Vec<String> = (0..n).map(|k| sentence(1 + j * n + k)).collect();
-            let (w, job) = run_job(
-                &env,
-                "model.classify",
-                json!({"model": "bench", "texts": texts}),
-            )
-            .await?;
-            walls.push(w);
-            models.push(job["output"]["duration_ms"].as_f64().unwrap_or(f64::NAN));
-        }
-        let (walls, models) = (sorted(walls), sorted(models));
-        let m50 = percentile(&models, 0.5);
-        println!(
-            "model.classify (2 fine-tuned layers), {n} text(s) per job ({} jobs): client wall p50 {:.1} ms, p99 {:.1} ms; model p50 {m50:.1} ms = {:.0} texts/s",
-            a.jobs,
-            percentile(&walls, 0.5),
-            percentile(&walls, 0.99),
-            n as f64 / (m50 / 1000.0)
-        );
-    }
+    per_text(&env, "model.classify", json!({"model": "bench"}), a.jobs).await?;
     println!(
         "worker RSS with the encoder, its trainable copy and the models loaded: {:.0} MiB",
         pid.and_then(rss_mib).unwrap_or(f64::NAN)

@@ -163,7 +163,6 @@ impl Encoder {
         texts: &[String],
         max_tokens: usize,
     ) -> Result<Vec<Embedding>, EncoderError> {
-        let max_tokens = max_tokens.clamp(2, EMBED_MAX_TOKENS);
         let mut out = Vec::with_capacity(texts.len());
         for batch in texts.chunks(BATCH) {
             out.extend(self.embed_batch(batch, max_tokens)?);
