@@ -24,9 +24,14 @@ drawn from the schema and must be accepted. Each rule is also documented on its 
 - A seed endpoint's `connector_id` (POST /v1/content/connectors/{family}) must name a
   connector of that family, which is this deployment's state: an inline connector of the
   family instead.
+- An `http.request` job's (and `POST /v1/http/request`'s, `/stream-download`'s) `url` is `http://127.0.0.1:9/` (nothing leaves the machine; the
+  outbound guard refuses loopback addresses there), with `auth` its headers hold no
+  `Authorization`, and without `response: artifact` it names no artifact and reads at most
+  10 MiB (JSON Schema's if/else says so, but the fuzzer draws both branches' fields).
 - A `text.chunk` input's `overlap` is less than half of its `max_tokens` (also the body of
   `POST /v1/semantic/chunk`).
-- `backoff.initial_ms` must not exceed `max_ms`; a schedule's `end_at` comes after `start_at`;
+- `backoff.initial_ms` must not exceed `max_ms`; a schedule's `end_at` comes after `start_at` (a PATCH's `start_at` goes only with a later `end_at`:
+  the stored one is unknown here);
   a backfill's `to` is not before `from`.
 - `cron` is a crontab expression (docs/scheduler.md) and `timezone` an IANA name (about 600,
   too many for an enum that the coverage phase walks): drawn from valid ones.
@@ -48,7 +53,7 @@ drawn from the schema and must be accepted. Each rule is also documented on its 
 - A `text.embed` job's `texts` are cut to two short ones: the model's work is not what the
   fuzz test measures, and 256 long texts would take the CI machine's cores from the others.
   So are a `model.classify` job's.
-- A `finetune.train` job's examples need two labels with two examples each (not a rule JSON
+- A `finetune.train` (or `finetune.command`) job's examples need two labels with two examples each (not a rule JSON
   Schema states): four fixed examples of two labels, at most 2 epochs (the training is not what
   the fuzz test measures); `examples_url`, `examples_artifact` and `resume_from` name this
   deployment's state (a reachable file, another job): dropped. The same four rows are
@@ -118,14 +123,34 @@ def _job(job):
         _mail_send(job.get("input"))
     if job.get("kind") in ("text.embed", "model.classify"):
         _text_embed(job.get("input"))
-    if job.get("kind") == "finetune.train":
+    if job.get("kind") in ("finetune.train", "finetune.command"):
         _finetune(job.get("input"))
     if job.get("kind") == "text.chunk":
         _chunk(job.get("input"))
+    if job.get("kind") == "http.request":
+        _http_request(job.get("input"))
     job.pop("callback_url", None)
     job.pop("callback_events", None)
     _backoff(job.get("backoff"))
     return job
+
+
+def _http_request(call, download=False):
+    if not isinstance(call, dict):
+        return
+    # No call leaves the machine: a loopback URL, which the outbound guard refuses.
+    call["url"] = "http://127.0.0.1:9/"
+    # A body bigger than 10 MiB or a named artifact only with `response: artifact`.
+    if not download and call.get("response") != "artifact":
+        call.pop("artifact_name", None)
+        most = call.get("max_response_bytes")
+        if isinstance(most, int) and most > 10485760:
+            call["max_response_bytes"] = 10485760
+    # `auth` sets Authorization: not both (two fields compared).
+    headers = call.get("headers")
+    if call.get("auth") is not None and isinstance(headers, dict):
+        for name in [n for n in headers if n.lower() == "authorization"]:
+            headers.pop(name)
 
 
 def _text_embed(embed):
@@ -231,7 +256,7 @@ def _time(s):
 TIMEZONES = ["UTC", "Europe/Berlin", "America/New_York", "Australia/Lord_Howe", "Asia/Kolkata"]
 
 
-def _schedule(body):
+def _schedule(body, patch=False):
     if body.get("timezone") is not None:
         body["timezone"] = TIMEZONES[len(str(body["timezone"])) % len(TIMEZONES)]
     if "cron" in body:
@@ -241,6 +266,9 @@ def _schedule(body):
     start, end = _time(body.get("start_at")), _time(body.get("end_at"))
     if start and end and end <= start:
         body.pop("end_at")
+    elif patch and start and not end:
+        # The schedule's stored end_at (unknown here) may come before this start_at.
+        body.pop("start_at")
 
 
 @schemathesis.hook
@@ -281,6 +309,10 @@ def _body(op, body):
         _job(body)
     elif op in ("POST /v1/semantic/embed", "POST /v1/semantic/search"):
         _text_embed(body)
+    elif op == "POST /v1/http/request":
+        _http_request(body)
+    elif op == "POST /v1/http/stream-download":
+        _http_request(body, download=True)
     elif op == "POST /v1/semantic/chunk":
         _chunk(body)
     elif op == "POST /v1/fine-tuning/start":
@@ -293,7 +325,7 @@ def _body(op, body):
         for job in body.get("jobs") or []:
             _job(job)
     elif op in ("POST /v1/schedules", "PATCH /v1/schedules/{id}"):
-        _schedule(body)
+        _schedule(body, patch=op.startswith("PATCH"))
     elif op == "POST /v1/schedules/{id}/backfill":
         start, end = _time(body.get("from")), _time(body.get("to"))
         if start and end:

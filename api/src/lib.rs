@@ -162,6 +162,15 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/semantic/embed", post(routes::semantic::embed))
         .route("/v1/semantic/search", post(routes::semantic::search))
         .route("/v1/semantic/chunk", post(routes::semantic::chunk))
+        .route("/v1/http/hosts", get(routes::http::hosts))
+        .route("/v1/http/request", post(routes::http::request))
+        .route(
+            "/v1/http/stream-download",
+            post(routes::http::stream_download),
+        )
+        .route("/v1/http/requests/{id}", get(routes::http::get_request))
+        .route("/v1/http/metrics", get(routes::http::metrics))
+        .route("/v1/http/health", get(routes::http::health))
         .route("/v1/models", get(routes::models::list))
         .route(
             "/v1/models/{ref}",

@@ -188,6 +188,11 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         ],
         &labels,
     );
+    // `CAPIBARA_DEVICE=cuda` puts the models on a GPU (a build with `--features cuda`).
+    if let Ok(choice) = std::env::var("CAPIBARA_DEVICE") {
+        let choice = choice.parse().map_err(anyhow::Error::msg)?;
+        capibara_worker::models::device::init(choice).map_err(anyhow::Error::msg)?;
+    }
     let worker = tokio::spawn(capibara_worker::run(
         store.clone(),
         queue.clone(),

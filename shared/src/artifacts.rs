@@ -47,6 +47,38 @@ pub struct ArtifactRead {
     pub size: u64,
 }
 
+/// An artifact being written in pieces ([`ArtifactStore::writer`]).
+pub struct ArtifactWriter {
+    parts: object_store::WriteMultipart,
+    artifact: Artifact,
+}
+
+impl ArtifactWriter {
+    /// Add `bytes` at the end (waits while too many parts are being uploaded).
+    pub async fn write(&mut self, bytes: &[u8]) -> Result<(), ArtifactError> {
+        self.parts.wait_for_capacity(4).await?;
+        self.parts.write(bytes);
+        self.artifact.size += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Bytes written so far.
+    pub fn size(&self) -> u64 {
+        self.artifact.size
+    }
+
+    /// Store the file; what the job lists.
+    pub async fn finish(self) -> Result<Artifact, ArtifactError> {
+        self.parts.finish().await?;
+        Ok(self.artifact)
+    }
+
+    /// Drop what was written: nothing is stored.
+    pub async fn abort(self) {
+        let _ = self.parts.abort().await;
+    }
+}
+
 /// A local directory or an S3-compatible bucket; cheap to clone.
 #[derive(Clone)]
 pub struct ArtifactStore {
@@ -185,6 +217,42 @@ impl ArtifactStore {
             content_type: content_type.to_string(),
             size,
             location: format!("{}/jobs/{job_id}/{name}", self.base),
+        })
+    }
+
+    /// A writer of the job's artifact `name` that takes the file in pieces (a download too
+    /// large to hold in memory): uploaded in parts (S3 multipart; a temporary file renamed
+    /// at the end for a directory), visible only once [`ArtifactWriter::finish`]ed.
+    pub async fn writer(
+        &self,
+        job_id: Uuid,
+        name: &str,
+        content_type: &str,
+    ) -> Result<ArtifactWriter, ArtifactError> {
+        if !valid_name(name) {
+            return Err(ArtifactError::Config(format!(
+                "`{name}` is not a valid artifact name"
+            )));
+        }
+        let path = ObjectPath::parse(self.key(job_id, name))
+            .map_err(|e| ArtifactError::Store(e.into()))?;
+        let mut attributes = Attributes::new();
+        if self.content_type_attribute {
+            attributes.insert(Attribute::ContentType, content_type.to_string().into());
+        }
+        let opts = object_store::PutMultipartOptions {
+            attributes,
+            ..Default::default()
+        };
+        let upload = self.inner.put_multipart_opts(&path, opts).await?;
+        Ok(ArtifactWriter {
+            parts: object_store::WriteMultipart::new(upload),
+            artifact: Artifact {
+                name: name.to_string(),
+                content_type: content_type.to_string(),
+                size: 0,
+                location: format!("{}/jobs/{job_id}/{name}", self.base),
+            },
         })
     }
 

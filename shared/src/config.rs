@@ -28,6 +28,11 @@ pub struct Config {
     pub files_root: Option<PathBuf>,
     pub webhook_secret: Option<String>,
     pub outbound_allow_private: bool,
+    /// Consecutive failures of calls to one host that open its circuit breaker
+    /// (`CAPIBARA_HTTP_BREAKER_FAILURES`, default 5; docs/http.md).
+    pub http_breaker_failures: u32,
+    /// How long an open breaker refuses calls (`CAPIBARA_HTTP_BREAKER_COOLDOWN_S`, default 30).
+    pub http_breaker_cooldown: Duration,
     /// How long a running attempt's lease lasts without a heartbeat.
     pub visibility_timeout: Duration,
     pub body_limit_bytes: usize,
@@ -208,6 +213,10 @@ impl Config {
             files_root: var("CAPIBARA_FILES_ROOT").map(PathBuf::from),
             webhook_secret,
             outbound_allow_private: flag("CAPIBARA_OUTBOUND_ALLOW_PRIVATE", false)?,
+            http_breaker_failures: parse("CAPIBARA_HTTP_BREAKER_FAILURES", 5u32)?.max(1),
+            http_breaker_cooldown: Duration::from_secs_f64(
+                parse("CAPIBARA_HTTP_BREAKER_COOLDOWN_S", 30.0f64)?.clamp(0.1, 86_400.0),
+            ),
             visibility_timeout: Duration::from_secs_f64(
                 parse("CAPIBARA_VISIBILITY_TIMEOUT_S", 30.0f64)?.max(0.5),
             ),

@@ -16,6 +16,7 @@ pub mod command;
 pub mod config;
 pub mod domain;
 pub mod hints;
+pub mod http_hosts;
 pub mod installed;
 pub mod metric_catalog;
 pub mod ops;

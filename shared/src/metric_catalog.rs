@@ -63,8 +63,27 @@ const JOB_OUTCOMES: &[&str] = &[
     "detached",
 ];
 
+const HTTP_OUTCOMES: &[&str] = &["ok", "unexpected_status", "error", "circuit_open"];
+const BREAKER_STATES: &[&str] = &["open", "closed"];
+
 /// The catalog (docs/configuration.md lists it too; a test keeps the two in step).
 pub const METRICS: &[MetricSpec] = &[
+    MetricSpec {
+        name: "capibara_http_requests_total",
+        kind: Counter,
+        help: "http.request calls by outcome: ok (an expected status), unexpected_status, error (no answer), circuit_open (refused by the host's breaker, not sent).",
+        unit: None,
+        on: &[Worker],
+        labels: &[("outcome", Values::Fixed(HTTP_OUTCOMES))],
+    },
+    MetricSpec {
+        name: "capibara_http_breaker_transitions_total",
+        kind: Counter,
+        help: "http.request circuit breakers that opened or closed (GET /v1/http/hosts shows each host's).",
+        unit: None,
+        on: &[Worker],
+        labels: &[("to", Values::Fixed(BREAKER_STATES))],
+    },
     // Event store (every binary appends).
     MetricSpec {
         name: "capibara_append_batch_size",

@@ -75,6 +75,17 @@ impl Queue {
         &self.client
     }
 
+    /// The shared connection, for other Redis state under this prefix
+    /// ([`crate::http_hosts`]).
+    pub fn connection(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    /// What every key of this deployment starts with.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
     /// The key of one queue. The `{prefix}` hash tag keeps all keys in one cluster slot.
     pub fn queue_key(&self, queue: &str) -> String {
         format!("{{{}}}:queue:{}", self.prefix, queue)

@@ -58,6 +58,9 @@ pub enum GetError {
     BadRedirect,
     #[error("canceled")]
     Canceled,
+    /// The sink a streamed body went to refused a piece.
+    #[error("storing the response: {0}")]
+    Sink(String),
 }
 
 /// Headers that carry credentials: not sent on to another host.
@@ -77,6 +80,41 @@ pub async fn get(
     headers: &[(String, String)],
     cancel: &CancellationToken,
 ) -> Result<Got, GetError> {
+    send(
+        policy,
+        reqwest::Method::GET,
+        url,
+        headers,
+        None,
+        cancel,
+        None,
+    )
+    .await
+}
+
+/// Where a streamed response body goes ([`send`] with a sink): each piece as it arrives, with
+/// the length the response announced.
+#[async_trait::async_trait]
+pub trait BodySink: Send {
+    /// The final response's headers, before its first piece.
+    async fn start(&mut self, _headers: &HeaderMap) {}
+    async fn piece(&mut self, bytes: &[u8], total: Option<u64>) -> Result<(), String>;
+}
+
+/// [`get`] for any method, with `body`. A redirect keeps the method and body on 307 and 308,
+/// and becomes a GET without a body on 303 (and on 301/302 after a POST), as browsers do.
+/// With a `sink`, the final response's body goes there piece by piece (still capped by the
+/// policy) instead of into [`Got::body`].
+pub async fn send(
+    policy: &OutboundPolicy,
+    method: reqwest::Method,
+    url: &str,
+    headers: &[(String, String)],
+    body: Option<Vec<u8>>,
+    cancel: &CancellationToken,
+    mut sink: Option<&mut dyn BodySink>,
+) -> Result<Got, GetError> {
+    let (mut method, mut body) = (method, body);
     let started = Instant::now();
     let mut map = header_map(headers)?;
     if !map.contains_key(reqwest::header::USER_AGENT) {
@@ -97,13 +135,14 @@ pub async fn get(
             if remaining.is_zero() {
                 return Err(HttpError::Timeout.into());
             }
-            let mut resp = client
-                .get(url.clone())
+            let mut request = client
+                .request(method.clone(), url.clone())
                 .timeout(remaining)
-                .headers(map.clone())
-                .send()
-                .await
-                .map_err(map_reqwest)?;
+                .headers(map.clone());
+            if let Some(b) = &body {
+                request = request.body(b.clone());
+            }
+            let mut resp = request.send().await.map_err(map_reqwest)?;
             let status = resp.status();
             if status.is_redirection() && status != reqwest::StatusCode::NOT_MODIFIED {
                 let next = resp
@@ -123,6 +162,12 @@ pub async fn get(
                         .collect();
                     map = keep;
                 }
+                let to_get = status == reqwest::StatusCode::SEE_OTHER
+                    || (method == reqwest::Method::POST && matches!(status.as_u16(), 301 | 302));
+                if to_get {
+                    method = reqwest::Method::GET;
+                    body = None;
+                }
                 url = next;
                 continue;
             }
@@ -131,12 +176,20 @@ pub async fn get(
             if resp.content_length().is_some_and(|n| n as usize > cap) {
                 return Err(GetError::TooLarge(cap));
             }
-            let mut body = Vec::new();
+            let total = resp.content_length();
+            if let Some(sink) = sink.as_deref_mut() {
+                sink.start(resp.headers()).await;
+            }
+            let (mut body, mut received) = (Vec::new(), 0usize);
             while let Some(chunk) = resp.chunk().await.map_err(map_reqwest)? {
-                if body.len() + chunk.len() > cap {
+                received += chunk.len();
+                if received > cap {
                     return Err(GetError::TooLarge(cap));
                 }
-                body.extend_from_slice(&chunk);
+                match sink.as_deref_mut() {
+                    Some(sink) => sink.piece(&chunk, total).await.map_err(GetError::Sink)?,
+                    None => body.extend_from_slice(&chunk),
+                }
             }
             return Ok(Got {
                 status: status.as_u16(),

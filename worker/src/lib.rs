@@ -69,6 +69,15 @@ pub fn registry(store: &Store, config: &Config, warm: &WarmUp) -> executors::Reg
         }),
     );
     registry.register(
+        "http.request",
+        Arc::new(executors::http_request::HttpRequest::new(
+            Arc::new(executors::mail::PgSecrets {
+                store: store.clone(),
+            }),
+            config,
+        )),
+    );
+    registry.register(
         "mail.send",
         Arc::new(executors::mail::MailSend {
             secrets: Arc::new(executors::mail::PgSecrets {

@@ -1,4 +1,5 @@
-//! `capibara-worker [--queues a,b] [--concurrency N]`: runs jobs until SIGTERM, then drains.
+//! `capibara-worker [--queues a,b] [--concurrency N] [--device cpu|cuda[:N]]`: runs jobs until
+//! SIGTERM, then drains.
 
 use std::{sync::Arc, time::Duration};
 
@@ -25,6 +26,10 @@ struct Args {
     /// Seconds in-flight jobs may finish after SIGTERM before they are given back.
     #[arg(long, env = "CAPIBARA_SHUTDOWN_GRACE_S", default_value_t = 25.0)]
     shutdown_grace_s: f64,
+    /// Where the models compute: `cpu`, or `cuda` / `cuda:N` (a worker built with the `cuda`
+    /// feature; docs/models.md, "GPU workers").
+    #[arg(long, env = "CAPIBARA_DEVICE", default_value = "cpu")]
+    device: capibara_worker::models::device::DeviceChoice,
 }
 
 #[tokio::main]
@@ -32,6 +37,9 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let config = Arc::new(Config::from_env()?);
     telemetry::init_logs(config.log_format);
+    // Before any model loads: every tensor of the models lives on this device.
+    let device = capibara_worker::models::device::init(args.device).map_err(anyhow::Error::msg)?;
+    tracing::info!(device = %args.device, cuda = device.is_cuda(), "models compute here");
     telemetry::init_metrics(
         &[metric_catalog::Component::Worker],
         &metric_catalog::Labels::worker(&args.queues),

@@ -560,6 +560,28 @@ pub fn apply(doc: OpenApi, ctx: &dyn KindContext) -> Value {
             body["schema"] = k.input_schema(ctx);
         }
     }
+    // The http seed endpoints take an `http.request` input (a stream-download's without
+    // `response`, which it sets).
+    if let Some(k) = kinds::find_public("http.request") {
+        for path in ["http~1request", "http~1stream-download"] {
+            if let Some(body) = v.pointer_mut(&format!(
+                "/paths/~1v1~1{path}/post/requestBody/content/application~1json"
+            )) {
+                let mut schema = k.input_schema(ctx);
+                if path == "http~1stream-download" {
+                    if let Some(p) = schema["properties"].as_object_mut() {
+                        p.remove("response");
+                    }
+                    // Always an artifact: the limits of that branch.
+                    if let Some(o) = schema.as_object_mut() {
+                        o.remove("if");
+                        o.remove("else");
+                    }
+                }
+                body["schema"] = schema;
+            }
+        }
+    }
     if let Some(job) = v.pointer_mut("/components/schemas/SubmitJob") {
         *job = job_variants(job, ctx);
     }

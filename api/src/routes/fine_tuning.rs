@@ -218,7 +218,7 @@ pub async fn start(
 }
 
 #[utoipa::path(get, operation_id = "getFineTuningStatus", path = "/v1/fine-tuning/{id}/status", tag = "models",
-    params(("id" = String, Path, description = "the id `start` answered (a `finetune.train` job's)")),
+    params(("id" = String, Path, description = "the id `start` answered (a `finetune.train` job's), or a `finetune.command` job's")),
     responses((status = 200, body = FineTuningStatus), (status = 404, body = crate::error::Problem)),
     security(("bearer" = [])))]
 pub async fn status(
@@ -231,7 +231,7 @@ pub async fn status(
     let job_id: Uuid = id.parse().map_err(|_| not_found())?;
     let job = store::jobs::get(&state.store.pool, auth.namespace(), job_id)
         .await?
-        .filter(|j| j.kind == "finetune.train")
+        .filter(|j| matches!(j.kind.as_str(), "finetune.train" | "finetune.command"))
         .ok_or_else(not_found)?;
     Ok(Json(FineTuningStatus::of(&job)))
 }

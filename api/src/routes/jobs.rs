@@ -331,6 +331,36 @@ impl From<SubmitError> for ApiError {
     }
 }
 
+/// How long a seed endpoint's answer waits for its job when `Prefer: wait` says nothing.
+pub const DEFAULT_SEED_WAIT: Duration = Duration::from_secs(30);
+
+/// What the seed endpoints that take a kind's input as their body do (`/v1/semantic/*`,
+/// `/v1/http/request`): submit a job of `kind` with that input (errors name the body's own
+/// fields), and answer the job when done within `Prefer: wait` (default 30 s), else `202`.
+pub async fn run_kind(
+    state: &AppState,
+    auth: &Auth,
+    headers: &HeaderMap,
+    kind: &str,
+    body: ApiJson<serde_json::Map<String, Value>>,
+    command_type: &str,
+) -> Result<Response, ApiError> {
+    auth.require(Role::Submit)?;
+    let wait = prefer_wait(headers)?.unwrap_or(DEFAULT_SEED_WAIT);
+    let key = idempotency_key(headers)?;
+    let (job, replayed) = create(
+        state,
+        auth,
+        SubmitJob::of(kind, Value::Object(body.value)),
+        key,
+        &body.hash,
+        command_type,
+    )
+    .await
+    .map_err(|e| rename_input(e, ""))?;
+    finish(state, auth, job, Some(wait), replayed).await
+}
+
 pub async fn finish(
     state: &AppState,
     auth: &Auth,
@@ -511,9 +541,19 @@ pub async fn get(
     let id = parse_id(&id)?;
     let wait = prefer_wait(&headers)?;
     let job = load(&state, &auth, id).await?;
+    answer(&state, &auth, job, wait).await
+}
+
+/// A job as read: at once, or (with `Prefer: wait`, `wait`) once it ends or the wait does.
+pub async fn answer(
+    state: &AppState,
+    auth: &Auth,
+    job: Job,
+    wait: Option<Duration>,
+) -> Result<Response, ApiError> {
     match wait {
         None => Ok(Json(job).into_response()),
-        Some(_) => finish(&state, &auth, job, wait, false).await,
+        Some(_) => finish(state, auth, job, wait, false).await,
     }
 }
 

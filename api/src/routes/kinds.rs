@@ -57,8 +57,9 @@ pub struct KindInfo {
     pub max_attempts: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub priority: Option<Priority>,
-    /// User kinds: registered workers that declared it and were seen recently (0: nothing
-    /// would run its jobs now).
+    /// User kinds and built-in kinds run by external programs (`finetune.command`):
+    /// registered workers that declared it and were seen recently (0: nothing would run its
+    /// jobs now).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub live_workers: Option<i64>,
     /// User kinds: the version of its stream (one per change).
@@ -69,7 +70,8 @@ pub struct KindInfo {
 }
 
 impl KindInfo {
-    fn builtin(k: &KindSpec, state: &AppState) -> KindInfo {
+    /// Built-in kind `k`; `live` counts the workers of the protocol per declared kind.
+    fn builtin(k: &KindSpec, state: &AppState, live: &HashMap<String, i64>) -> KindInfo {
         KindInfo {
             name: k.name.to_string(),
             builtin: true,
@@ -81,7 +83,7 @@ impl KindInfo {
             timeout_s: None,
             max_attempts: None,
             priority: None,
-            live_workers: None,
+            live_workers: k.external.then(|| live.get(k.name).copied().unwrap_or(0)),
             version: None,
             updated_at: None,
         }
@@ -123,12 +125,12 @@ pub async fn list(
     auth: Auth,
 ) -> Result<Json<Page<KindInfo>>, ApiError> {
     auth.require(Role::Read)?;
+    let live = live_workers(&state, auth.namespace()).await?;
     let mut items: Vec<KindInfo> = kinds::KINDS
         .iter()
         .filter(|k| !k.internal)
-        .map(|k| KindInfo::builtin(k, &state))
+        .map(|k| KindInfo::builtin(k, &state, &live))
         .collect();
-    let live = live_workers(&state, auth.namespace()).await?;
     for k in store::user_kinds::list(&state.store.pool, auth.namespace()).await? {
         let n = live.get(&k.name).copied().unwrap_or(0);
         items.push(KindInfo::user(k, n));
@@ -150,7 +152,8 @@ pub async fn get(
 ) -> Result<Json<KindInfo>, ApiError> {
     auth.require(Role::Read)?;
     if let Some(k) = kinds::find_public(&name) {
-        return Ok(Json(KindInfo::builtin(k, &state)));
+        let live = live_workers(&state, auth.namespace()).await?;
+        return Ok(Json(KindInfo::builtin(k, &state, &live)));
     }
     let found = store::user_kinds::find(&state.store.pool, auth.namespace(), &[name.as_str()])
         .await?

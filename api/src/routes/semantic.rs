@@ -2,46 +2,11 @@
 //! `/chunk` take the input of `text.embed`, `memory.search` and `text.chunk` as their body and
 //! answer that job, waiting for it up to `Prefer: wait` (default 30 s).
 
-use std::time::Duration;
-
 use axum::{extract::State, http::HeaderMap, response::Response};
-use capibara_shared::domain::{auth::Role, job::Job};
+use capibara_shared::domain::job::Job;
 use serde_json::{Map, Value};
 
-use crate::{
-    auth::Auth,
-    error::ApiError,
-    extract::{idempotency_key, prefer_wait, ApiJson},
-    routes::jobs::{create, finish, rename_input, SubmitJob},
-    AppState,
-};
-
-/// How long the answer waits for the job when `Prefer: wait` says nothing.
-const DEFAULT_WAIT: Duration = Duration::from_secs(30);
-
-/// Submit a job of `kind` with the body as its input, and answer it when done (or 202).
-async fn run(
-    state: &AppState,
-    auth: &Auth,
-    headers: &HeaderMap,
-    kind: &str,
-    body: ApiJson<Map<String, Value>>,
-) -> Result<Response, ApiError> {
-    auth.require(Role::Submit)?;
-    let wait = prefer_wait(headers)?.unwrap_or(DEFAULT_WAIT);
-    let key = idempotency_key(headers)?;
-    let (job, replayed) = create(
-        state,
-        auth,
-        SubmitJob::of(kind, Value::Object(body.value)),
-        key,
-        &body.hash,
-        "Semantic",
-    )
-    .await
-    .map_err(|e| rename_input(e, ""))?;
-    finish(state, auth, job, Some(wait), replayed).await
-}
+use crate::{auth::Auth, error::ApiError, extract::ApiJson, routes::jobs::run_kind, AppState};
 
 macro_rules! semantic_route {
     ($name:ident, $path:literal, $kind:literal, $op:literal, $what:literal) => {
@@ -60,7 +25,7 @@ macro_rules! semantic_route {
             headers: HeaderMap,
             body: ApiJson<Map<String, Value>>,
         ) -> Result<Response, ApiError> {
-            run(&state, &auth, &headers, $kind, body).await
+            run_kind(&state, &auth, &headers, $kind, body, "Semantic").await
         }
     };
 }

@@ -42,6 +42,7 @@ use serde_json::Value;
 use tokio::sync::Semaphore;
 use uuid::Uuid;
 
+use super::trainers;
 use crate::{
     auth::Auth, error::ApiError, extract::ApiJson, routes::kinds as kind_routes, AppState,
 };
@@ -266,6 +267,7 @@ pub async fn register(
     }
     // Check every declaration before registering any kind.
     let mut declared: Vec<(String, Option<KindDef>)> = Vec::new();
+    let mut external: Vec<&kinds::KindSpec> = Vec::new();
     for (i, k) in req.kinds.into_iter().enumerate() {
         let (name, definition) = match k {
             Value::String(name) => (name, None),
@@ -290,11 +292,28 @@ pub async fn register(
                 ))
             }
         };
-        if kinds::find(&name).is_some() {
-            return Err(ApiError::field(
-                format!("kinds[{i}]"),
-                format!("`{name}` is a built-in kind: capibara-worker runs it"),
-            ));
+        match kinds::find(&name) {
+            // A built-in kind that external programs run (`finetune.command`): declared by
+            // name, its definition is Capibara's.
+            Some(k) if k.external && definition.is_none() => {
+                external.push(k);
+                continue;
+            }
+            Some(k) if k.external => {
+                return Err(ApiError::field(
+                    format!("kinds[{i}]"),
+                    format!(
+                        "`{name}` is a built-in kind: declare it by name, without a definition"
+                    ),
+                ))
+            }
+            Some(_) => {
+                return Err(ApiError::field(
+                    format!("kinds[{i}]"),
+                    format!("`{name}` is a built-in kind: capibara-worker runs it"),
+                ))
+            }
+            None => {}
         }
         user::validate_name(&name).map_err(kind_field(i))?;
         if let Some(def) = &definition {
@@ -316,6 +335,7 @@ pub async fn register(
     let queues_of_kinds = kinds
         .iter()
         .map(|k| k.definition.queue().to_string())
+        .chain(external.iter().map(|k| k.default_queue.to_string()))
         .collect();
     let mut queues = req.queues.unwrap_or(queues_of_kinds);
     queues.sort();
@@ -326,7 +346,11 @@ pub async fn register(
         host: String::new(),
         pid: 0,
         queues: queues.clone(),
-        kinds: declared.iter().map(|(n, _)| n.clone()).collect(),
+        kinds: declared
+            .iter()
+            .map(|(n, _)| n.clone())
+            .chain(external.iter().map(|k| k.name.to_string()))
+            .collect(),
         concurrency: concurrency as i32,
         version,
         started_at: now(),
@@ -717,13 +741,52 @@ pub async fn progress(
     if p.message.as_ref().is_some_and(|m| m.chars().count() > 1000) {
         return Err(ApiError::field("message", "at most 1000 characters"));
     }
+    // The lease first: a stale token is a 409 whatever the report holds.
+    let (w, token) = leased(&state, &auth, &headers, &id).await?;
+    let mut data = p.data;
+    if let Some(listed) = data.as_mut().and_then(|d| d.get_mut("artifacts")) {
+        *listed = stored_files(&state, &id, listed).await?;
+    }
     let report = Report::Progress {
         percent: p.percent,
         message: p.message,
-        data: p.data,
+        data,
     };
-    record(&state, &auth, &headers, &id, report).await?;
+    record_for(&state, &w, token, None, report).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// A progress report's `data.artifacts` (files stored while the job runs, such as a training's
+/// checkpoints, listed on the job at once): each names a file uploaded for job `id` (what the
+/// upload answered, or just `{"name": …}`), and becomes what the store holds, so a report can
+/// only list the job's own files.
+async fn stored_files(state: &AppState, id: &str, listed: &Value) -> Result<Value, ApiError> {
+    let field =
+        |i: usize| move |f: FieldError| FieldError::new(format!("data.artifacts[{i}]"), f.message);
+    let items = listed
+        .as_array()
+        .filter(|a| a.len() <= 100)
+        .ok_or_else(|| {
+            ApiError::field(
+                "data.artifacts",
+                "must be a list of at most 100 uploaded files",
+            )
+        })?;
+    let mut files = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        let named: UploadedArtifact = serde_json::from_value(item.clone()).map_err(|_| {
+            ApiError::field(
+                format!("data.artifacts[{i}]"),
+                "must be an object with the uploaded file's `name`",
+            )
+        })?;
+        files.push(
+            uploaded(state, id, &named)
+                .await
+                .map_err(|e| e.map_fields(field(i)))?,
+        );
+    }
+    serde_json::to_value(files).map_err(ApiError::internal)
 }
 
 /// One log line.
@@ -859,7 +922,7 @@ async fn completed(
     state: &AppState,
     w: &RemoteWorker,
     token: LeaseToken,
-    loaded: Option<Job>,
+    mut loaded: Option<Job>,
     c: Complete,
 ) -> Result<Job, ApiError> {
     let id = token.job_id.to_string();
@@ -873,6 +936,18 @@ async fn completed(
         artifacts.push(uploaded(state, &id, a).await.map_err(|e| {
             e.map_fields(|f| FieldError::new(format!("artifacts[{i}]"), f.message))
         })?);
+    }
+    // An external trainer's success registers the model it uploaded.
+    if w.kinds.iter().any(|k| k == trainers::TRAINER_KIND) {
+        if loaded.is_none() {
+            loaded = store::jobs::get(&state.store.pool, &w.namespace, token.job_id).await?;
+        }
+        if let Some(job) = loaded.as_ref().filter(|j| j.kind == trainers::TRAINER_KIND) {
+            // The lease first: a stale token is a 409 whatever it reports.
+            command::leases::holds(job, w, token)?;
+            let trained = trainers::trained(state, output, artifacts).await?;
+            return record_for(state, w, token, loaded, Report::Trained(Box::new(trained))).await;
+        }
     }
     let end = AttemptEnd::Succeeded { output, artifacts };
     record_for(state, w, token, loaded, Report::End(end)).await

@@ -12,18 +12,20 @@ use std::{fmt, str::FromStr, time::Duration};
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use super::{execute_from, CommandError};
+use super::{execute_async_from, Aggregate, CommandError, Writes};
 use crate::{
     domain::{
         event::EventMetadata,
-        job::{AttemptEnd, Job, JobEvent, JobStatus},
-        now,
+        job::{Artifact, AttemptEnd, Job, JobEvent, JobStatus},
+        kinds::model::{FinetuneCommandOutput, FinetuneTrainInput},
+        model::{self, ModelInfo, Registration},
+        now, FieldError,
     },
     store::{
         self,
         jobs::{job_append, JobWrite},
         workers::RemoteWorker,
-        AppendError, Store, StoreError,
+        Append, AppendError, Store, StoreError,
     },
 };
 
@@ -170,6 +172,19 @@ pub enum Report {
         data: serde_json::Value,
     },
     End(AttemptEnd),
+    /// The success of a `finetune.command` job: the model it trained is registered with it.
+    Trained(Box<Trained>),
+}
+
+/// What an external trainer completed a `finetune.command` job with: its model file (whose
+/// header the caller read and checked, [`crate::domain::model::check_model_header`]) among the
+/// files the attempt uploaded, and the figures it reported.
+#[derive(Debug, Clone)]
+pub struct Trained {
+    pub artifacts: Vec<Artifact>,
+    pub model: Artifact,
+    pub info: ModelInfo,
+    pub metrics: serde_json::Value,
 }
 
 /// Record `report` on the attempt `token` names, if worker `w` still holds it. Returns the job
@@ -196,15 +211,16 @@ pub async fn report_on(
 ) -> Result<Job, CommandError<LeaseError>> {
     let meta = metadata(w);
     let loaded = loaded.filter(|j| j.id == token.job_id && j.namespace == w.namespace);
-    let (job, ()) = execute_from(
+    let (report, check_output, meta) = (&report, &check_output, &meta);
+    execute_async_from(
         store,
         &w.namespace,
         token.job_id,
         loaded,
-        &meta,
-        |job: &Job| {
-            holds(job, w, token)?;
-            let events = match &report {
+        |job: Job| async move {
+            holds(&job, w, token).map_err(CommandError::Rejected)?;
+            let mut with = Vec::new();
+            let events = match report {
                 Report::Progress {
                     percent,
                     message,
@@ -227,16 +243,95 @@ pub async fn report_on(
                 }],
                 Report::End(end) => {
                     if let AttemptEnd::Succeeded { output, .. } = end {
-                        check_output(output).map_err(|e| LeaseError::Invalid(e.under("output")))?;
+                        check_output(output).map_err(|e| {
+                            CommandError::Rejected(LeaseError::Invalid(e.under("output")))
+                        })?;
                     }
                     job.end_attempt(token.attempt, end.clone(), now())
                 }
+                Report::Trained(trained) => {
+                    let (end, registration) = registered(store, &job, w, trained).await?;
+                    with.push(registration);
+                    job.end_attempt(token.attempt, end, now())
+                }
             };
-            Ok((events, ()))
+            if events.is_empty() {
+                return Ok(Writes {
+                    appends: Vec::new(),
+                    out: job,
+                });
+            }
+            let (after, append) = job.append(job.id, &events, meta, now())?;
+            with.insert(0, append);
+            Ok(Writes {
+                appends: with,
+                out: after,
+            })
         },
     )
+    .await
+}
+
+/// The success of `finetune.command` job `job` that registers `trained`'s model as the next
+/// version of the job's `name` (read now: a registration that loses the race for the number
+/// conflicts, and the command reads both streams again), and the append registering it.
+async fn registered(
+    store: &Store,
+    job: &Job,
+    w: &RemoteWorker,
+    trained: &Trained,
+) -> Result<(AttemptEnd, Append), CommandError<LeaseError>> {
+    let input: FinetuneTrainInput = serde_json::from_value(job.input.clone())
+        .map_err(|e| StoreError::Internal(format!("a finetune.command input: {e}")))?;
+    let info = &trained.info;
+    if info.base != input.base_model() {
+        return Err(CommandError::Rejected(LeaseError::Invalid(
+            FieldError::new(
+                "output.artifact",
+                format!(
+                    "the model file was trained on `{}`; the job asked for `{}`",
+                    info.base,
+                    input.base_model()
+                ),
+            ),
+        )));
+    }
+    let current = store::models::get(
+        &store.pool,
+        &job.namespace,
+        model::stream_id(&job.namespace, &input.name),
+    )
     .await?;
-    Ok(job)
+    let registration = Registration {
+        id: Uuid::now_v7(),
+        name: input.name.clone(),
+        base: info.base.clone(),
+        task: "text_classification".into(),
+        labels: info.labels.clone(),
+        max_length: info.max_length,
+        metrics: trained.metrics.clone(),
+        training_job_id: job.id,
+        artifact: trained.model.clone(),
+    };
+    let metadata = EventMetadata {
+        causation_id: Some(job.id),
+        ..metadata(w)
+    };
+    let model_id = registration.id;
+    let (version, append) = super::models::registered(current.as_ref(), &metadata, registration)?;
+    let output = FinetuneCommandOutput {
+        model: format!("{}@{version}", input.name),
+        model_id,
+        version,
+        labels: info.labels.clone(),
+        metrics: trained.metrics.clone(),
+        trainer: w.name.clone(),
+    };
+    let end = AttemptEnd::Succeeded {
+        output: serde_json::to_value(output).map_err(|e| StoreError::Internal(e.to_string()))?,
+        artifacts: trained.artifacts.clone(),
+    };
+    Ok((end, append))
 }
 
 /// Whether worker `w` holds the attempt `token` names on `job`.

@@ -183,6 +183,13 @@ pub struct Artifact {
 }
 
 /// Add `new` to a job's artifacts; one of the same name replaces the one listed.
+/// Whether `a` is a file of job `job`'s own (`…/jobs/{job}/{name}`, as every artifact store
+/// names them), with no `..` segment that could lead elsewhere.
+pub fn stored_under(a: &Artifact, job: Uuid) -> bool {
+    a.location.ends_with(&format!("/jobs/{job}/{}", a.name))
+        && !a.location.split('/').any(|s| s == "..")
+}
+
 fn add_artifacts(artifacts: &mut Vec<Artifact>, new: Vec<Artifact>) {
     for a in new {
         artifacts.retain(|b| b.name != a.name);
@@ -625,7 +632,13 @@ impl Job {
                         .get("artifacts")
                         .and_then(|a| serde_json::from_value::<Vec<Artifact>>(a.clone()).ok())
                     {
-                        add_artifacts(&mut self.artifacts, stored);
+                        // Only files stored under this job: a report cannot list another
+                        // job's (another tenant's) file as its own.
+                        let own = stored
+                            .into_iter()
+                            .filter(|a| stored_under(a, self.id))
+                            .collect();
+                        add_artifacts(&mut self.artifacts, own);
                     }
                 }
                 self.progress = Some(serde_json::Value::Object(p));
@@ -910,6 +923,38 @@ mod tests {
             job.apply(e, crate::domain::now()).unwrap();
         }
         job
+    }
+
+    #[test]
+    fn progress_lists_only_the_jobs_own_files() {
+        let at = crate::domain::now();
+        let job = Job::submitted(Uuid::now_v7(), "default", &submission(), at);
+        let other = Uuid::now_v7();
+        let file = |job: Uuid, name: &str, prefix: &str| {
+            serde_json::json!({"name": name, "content_type": "application/octet-stream",
+                "size": 1, "location": format!("file:///a{prefix}/jobs/{job}/{name}")})
+        };
+        let running = decided(
+            job.clone(),
+            &[JobEvent::JobStarted {
+                attempt: 1,
+                worker: "w".into(),
+            }],
+        );
+        let reported = decided(
+            running,
+            &[JobEvent::JobProgress {
+                percent: None,
+                message: None,
+                data: Some(serde_json::json!({"artifacts": [
+                    file(job.id, "ckpt-1", ""),
+                    file(other, "secret.wav", ""),
+                    file(job.id, "x", &format!("/jobs/{other}/y/..")),
+                ]})),
+            }],
+        );
+        let names: Vec<&str> = reported.artifacts.iter().map(|a| a.name.as_str()).collect();
+        assert_eq!(names, ["ckpt-1"]);
     }
 
     #[test]

@@ -103,6 +103,92 @@ impl fmt::Display for ModelRef {
     }
 }
 
+/// The `format` of a trained model file (`model.safetensors`), whoever trained it.
+pub const MODEL_FORMAT: &str = "capibara-classifier/1";
+/// The safetensors metadata key holding a model file's [`ModelInfo`] (as a JSON string).
+pub const MODEL_META_KEY: &str = "capibara";
+/// Longest safetensors header read when a model file is checked.
+pub const MAX_MODEL_HEADER: u64 = 1 << 20;
+
+/// What a trained model file says about itself: the JSON under the `capibara` key of its
+/// safetensors metadata (docs/models.md, "The model file").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelInfo {
+    /// [`MODEL_FORMAT`].
+    pub format: String,
+    /// The encoder the head reads (`all-minilm-l6-v2`).
+    pub base: String,
+    /// The classes, in the order of the head's outputs.
+    pub labels: Vec<String>,
+    /// Tokens of a text the encoder reads for it.
+    pub max_length: u32,
+    /// The encoder's last layers this model trained (and holds); 0: the encoder is the base
+    /// model's, and the head reads its sentence vectors.
+    #[serde(default)]
+    pub train_layers: u32,
+}
+
+/// Check a model file's safetensors header (the JSON after its 8-byte length) as a file that
+/// `model.classify` can serve: our format on an available base, 2-100 distinct labels, and a
+/// float32 head `head.weight` [labels, 384] / `head.bias` [labels]. Returns what it says; the
+/// error says what is wrong. (A file that trained encoder layers holds them too; the worker
+/// checks those when it loads the file.)
+pub fn check_model_header(header: &[u8]) -> Result<ModelInfo, String> {
+    let header: Value = serde_json::from_slice(header)
+        .map_err(|e| format!("its safetensors header is not JSON: {e}"))?;
+    let info = header
+        .pointer(&format!("/__metadata__/{MODEL_META_KEY}"))
+        .and_then(Value::as_str)
+        .ok_or("its safetensors metadata has no `capibara` key")?;
+    let info: ModelInfo = serde_json::from_str(info)
+        .map_err(|e| format!("its `capibara` metadata is not a model description: {e}"))?;
+    if info.format != MODEL_FORMAT {
+        return Err(format!(
+            "its format is `{}`, not `{MODEL_FORMAT}`",
+            info.format
+        ));
+    }
+    let bases = super::kinds::model::BASE_MODELS;
+    if !bases.contains(&info.base.as_str()) {
+        return Err(format!(
+            "its base `{}` is not available; available: {}",
+            info.base,
+            bases.join(", ")
+        ));
+    }
+    let n = info.labels.len();
+    let distinct: std::collections::BTreeSet<&String> = info.labels.iter().collect();
+    if !(2..=super::kinds::model::MAX_LABELS).contains(&n)
+        || distinct.len() != n
+        || info
+            .labels
+            .iter()
+            .any(|l| l.trim().is_empty() || l.chars().count() > 100)
+    {
+        return Err("its labels must be 2-100 distinct names of 1-100 characters".into());
+    }
+    if !(8..=256).contains(&info.max_length) || info.train_layers > 6 {
+        return Err("its max_length must be 8-256 and train_layers 0-6".into());
+    }
+    let dims = super::kinds::model::EMBED_DIMENSIONS as u64;
+    for (name, shape) in [
+        ("head.weight", vec![n as u64, dims]),
+        ("head.bias", vec![n as u64]),
+    ] {
+        let t = header
+            .get(name)
+            .ok_or(format!("it has no tensor `{name}`"))?;
+        let ok = t.get("dtype").and_then(Value::as_str) == Some("F32")
+            && t.get("shape") == Some(&serde_json::json!(shape));
+        if !ok {
+            return Err(format!(
+                "its tensor `{name}` must be F32 of shape {shape:?}"
+            ));
+        }
+    }
+    Ok(info)
+}
+
 /// What a finished training registers: everything a version holds but its number.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Registration {
@@ -120,7 +206,7 @@ pub struct Registration {
     /// The training's final figures (`validation_accuracy`, `train_loss`, …).
     #[schema(value_type = Object)]
     pub metrics: Value,
-    /// The `finetune.train` job that trained it.
+    /// The `finetune.train` (or `finetune.command`) job that trained it.
     pub training_job_id: Uuid,
     /// The weights (`model.safetensors`, an artifact of the training job).
     pub artifact: Artifact,
@@ -254,6 +340,41 @@ impl ModelName {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn model_headers_are_checked_as_files_classify_can_serve() {
+        let header = |info: Value, rows: usize| {
+            serde_json::json!({
+                "__metadata__": {"capibara": info.to_string()},
+                "head.weight": {"dtype": "F32", "shape": [rows, 384], "data_offsets": [0, rows * 1536]},
+                "head.bias": {"dtype": "F32", "shape": [rows], "data_offsets": [rows * 1536, rows * 1540]},
+            })
+            .to_string()
+        };
+        let info = serde_json::json!({"format": MODEL_FORMAT, "base": "all-minilm-l6-v2",
+            "labels": ["neg", "pos"], "max_length": 128, "train_layers": 0});
+        let ok = check_model_header(header(info.clone(), 2).as_bytes()).unwrap();
+        assert_eq!(ok.labels, ["neg", "pos"]);
+        let wrong = |k: &str, v: Value, rows: usize, says: &str| {
+            let mut i = info.clone();
+            i[k] = v;
+            let e = check_model_header(header(i, rows).as_bytes()).unwrap_err();
+            assert!(e.contains(says), "{k}: {e}");
+        };
+        wrong("format", "other/1".into(), 2, "format");
+        wrong("base", "bert-large".into(), 2, "base");
+        wrong("labels", serde_json::json!(["a", "a"]), 2, "labels");
+        wrong(
+            "labels",
+            serde_json::json!(["a", "b", "c"]),
+            2,
+            "head.weight",
+        );
+        wrong("train_layers", 7.into(), 2, "train_layers");
+        for bad in ["", "{}", "[1]", r#"{"__metadata__": {"capibara": "{"}}"#] {
+            assert!(check_model_header(bad.as_bytes()).is_err(), "{bad}");
+        }
+    }
 
     fn reg(name: &str) -> Registration {
         Registration {

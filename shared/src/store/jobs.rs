@@ -291,3 +291,19 @@ pub async fn queue_stats(
         })
         .collect())
 }
+
+/// How many jobs of `kind` in `namespace` are in each status (statuses with none left out).
+pub async fn count_by_status(
+    pool: &PgPool,
+    namespace: &str,
+    kind: &str,
+) -> Result<Vec<(String, i64)>, StoreError> {
+    Ok(sqlx::query_as(
+        "SELECT status, count(*) FROM jobs WHERE namespace = $1 AND kind = $2
+         GROUP BY status ORDER BY status",
+    )
+    .bind(namespace)
+    .bind(kind)
+    .fetch_all(pool)
+    .await?)
+}

@@ -9,6 +9,7 @@ mod deliveries;
 mod event_store;
 mod failures;
 mod firehose;
+mod http_request;
 mod isolation;
 mod jobs_api;
 mod keys_and_visibility;

@@ -1,6 +1,7 @@
 //! `model.classify`: the classes of texts by a registered model. The model's head is read from
 //! its artifact once per worker and kept (the most recently used [`CACHED`] of them); the
-//! texts go through the process's shared encoder in batches, then the head.
+//! texts go through the process's shared encoder in batches, then the head. Concurrent jobs
+//! of one model share passes ([`Coalescer`]).
 
 use std::{collections::BTreeMap, sync::Arc, time::Instant};
 
@@ -23,7 +24,8 @@ use candle_transformers::models::bert::Config;
 
 use crate::models::{
     bert::SharedBase,
-    classifier::{argmax, Classifier, Features, ModelInfo},
+    classifier::{argmax, model_info, Classifier, Features},
+    coalesce::{Coalescer, Work},
     encoder::SharedEncoder,
 };
 
@@ -37,6 +39,9 @@ pub struct ModelClassify {
     pub models: Arc<dyn ModelStore>,
     /// Loaded heads, most recently used last.
     pub loaded: tokio::sync::Mutex<Vec<(Uuid, Arc<Classifier>)>>,
+    /// Concurrent requests of a model that fine-tuned encoder layers, merged into shared
+    /// passes (a model with a frozen encoder shares the encoder's).
+    passes: Arc<Coalescer<Uuid, Vec<f32>>>,
 }
 
 impl ModelClassify {
@@ -50,6 +55,7 @@ impl ModelClassify {
             base,
             models,
             loaded: tokio::sync::Mutex::new(Vec::new()),
+            passes: Default::default(),
         }
     }
 
@@ -71,7 +77,7 @@ impl ModelClassify {
             .await
             .map_err(|e| ExecError::Retryable(JobError::new("model_unavailable", e)))?;
         let failed = |e: String| ExecError::Abort(JobError::new("model_failed", e));
-        let info = ModelInfo::of(&bytes).map_err(|e| failed(e.to_string()))?;
+        let info = model_info(&bytes).map_err(|e| failed(e.to_string()))?;
         let config = if info.train_layers > 0 {
             self.base.get().await.map_err(failed)?.config.clone()
         } else {
@@ -132,15 +138,16 @@ impl Executor for ModelClassify {
             let base = self.base.get().await.map_err(retry)?;
             let encoder = self.encoder.get().await.map_err(model_error)?;
             let head = head.clone();
-            tokio::task::spawn_blocking(move || {
+            let work: Work<Vec<f32>> = Arc::new(move |texts: &[String]| {
                 let upto = head.first_trained_layer(&base.config);
-                let states = base.states(&encoder, &input.texts, max, upto)?;
+                let states = base.states(&encoder, texts, max, upto)?;
                 head.probabilities(Features::States(&states))
                     .map_err(|e| e.to_string())
-            })
-            .await
-            .map_err(|e| retry(e.to_string()))?
-            .map_err(retry)?
+            });
+            self.passes
+                .run(reg.id, input.texts, work)
+                .await
+                .map_err(retry)?
         };
         let labels = &head.info().labels;
         let predictions = probabilities

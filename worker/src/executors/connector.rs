@@ -28,8 +28,7 @@ use uuid::Uuid;
 
 use super::{builtin::to_output, ExecError, Executor, JobContext, Output};
 use crate::{
-    fetch::GetError,
-    http::{HttpError, OutboundPolicy},
+    http::OutboundPolicy,
     sources::{self, Listing, SourceError},
 };
 
@@ -86,21 +85,7 @@ fn retry(t: &str, m: impl Into<String>) -> ExecError {
 /// A source's failure as what the job should do next.
 fn exec_error(e: SourceError) -> ExecError {
     match e {
-        SourceError::Get(GetError::Http(h)) => match h {
-            HttpError::Forbidden(m) => abort("forbidden_address", m),
-            HttpError::InvalidUrl(m) => abort("invalid_url", m),
-            HttpError::Timeout => retry("timeout", "the source did not answer in time"),
-            HttpError::Connect(m) => retry("connect_failed", m),
-            HttpError::Other(m) => retry("request_failed", m),
-        },
-        SourceError::Get(GetError::TooLarge(n)) => abort(
-            "response_too_large",
-            format!("the response is longer than {n} bytes (the config's max_bytes)"),
-        ),
-        SourceError::Get(e @ (GetError::TooManyRedirects | GetError::BadRedirect)) => {
-            abort("redirects", e.to_string())
-        }
-        SourceError::Get(GetError::Canceled) => abort("canceled", "the fetch was canceled"),
+        SourceError::Get(e) => super::outbound_error(e, "the config's max_bytes"),
         SourceError::Status {
             status,
             retry_after,

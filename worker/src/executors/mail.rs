@@ -35,11 +35,30 @@ use lettre::{
 use super::{builtin::to_output, ExecError, Executor, JobContext, Output};
 use crate::http::OutboundPolicy;
 
-/// Where `mail.send` reads the password secret.
+/// Where `mail.send` and `http.request` read the secrets their inputs name.
 #[async_trait]
 pub trait SecretStore: Send + Sync {
     /// The value of the namespace's secret `name`, if it exists.
     async fn secret(&self, namespace: &str, name: &str) -> Result<Option<String>, String>;
+
+    /// The value of the secret `name` that the input's `field` names: a job fails
+    /// (`secret_not_found`) when it does not exist, and retries when the store is unavailable.
+    async fn required(
+        &self,
+        namespace: &str,
+        name: &str,
+        field: &str,
+    ) -> Result<String, ExecError> {
+        self.secret(namespace, name)
+            .await
+            .map_err(|e| retry("store_unavailable", e))?
+            .ok_or_else(|| {
+                abort(
+                    "secret_not_found",
+                    format!("secret `{name}` ({field}) does not exist in this namespace"),
+                )
+            })
+    }
 }
 
 /// The namespace secrets in Postgres (`/v1/secrets`).
@@ -182,17 +201,8 @@ impl MailSend {
         };
         let value = self
             .secrets
-            .secret(namespace, name)
-            .await
-            .map_err(|e| retry("store_unavailable", e))?
-            .ok_or_else(|| {
-                abort(
-                    "secret_not_found",
-                    format!(
-                        "secret `{name}` (smtp.password_secret) does not exist in this namespace"
-                    ),
-                )
-            })?;
+            .required(namespace, name, "smtp.password_secret")
+            .await?;
         Ok(Some(Credentials::new(user.clone(), value)))
     }
 

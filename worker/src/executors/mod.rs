@@ -11,6 +11,7 @@ pub mod connector;
 pub mod content;
 pub mod embed;
 pub mod finetune;
+pub mod http_request;
 pub mod mail;
 pub mod memory;
 pub mod push;
@@ -92,6 +93,32 @@ pub enum ExecError {
     /// The attempt goes on elsewhere: a push endpoint answered `202` and finishes it through
     /// the worker protocol with the lease token. Nothing is reported; the lease is handed over.
     Detached,
+}
+
+/// What a failed outbound call ([`crate::fetch::send`]) means for its job, for the kinds that
+/// call out (`connector.fetch`, `http.request`): an address the guard refuses, a bad URL or
+/// redirect, a body over `limit` (the input field that set it) or a cancel fail the job;
+/// no connection or no answer in time is retried.
+pub fn outbound_error(e: crate::fetch::GetError, limit: &str) -> ExecError {
+    use crate::{fetch::GetError, http::HttpError};
+    let abort = |t: &str, m: String| ExecError::Abort(JobError::new(t, m));
+    let retry = |t: &str, m: String| ExecError::Retryable(JobError::new(t, m));
+    match e {
+        GetError::Http(HttpError::Forbidden(m)) => abort("forbidden_address", m),
+        GetError::Http(HttpError::InvalidUrl(m)) => abort("invalid_url", m),
+        GetError::Http(HttpError::Timeout) => retry("timeout", "no complete answer in time".into()),
+        GetError::Http(HttpError::Connect(m)) => retry("connect_failed", m),
+        GetError::Http(HttpError::Other(m)) => retry("request_failed", m),
+        GetError::TooLarge(n) => abort(
+            "response_too_large",
+            format!("the response is longer than {n} bytes ({limit})"),
+        ),
+        e @ (GetError::TooManyRedirects | GetError::BadRedirect) => {
+            abort("redirects", e.to_string())
+        }
+        GetError::Canceled => abort("canceled", "the job was canceled".into()),
+        GetError::Sink(m) => retry("artifact_store", m),
+    }
 }
 
 /// Runs one kind of job.

@@ -165,9 +165,9 @@ impl Base {
         let config: Config =
             serde_json::from_slice(&read("config.json")?).map_err(|e| e.to_string())?;
         let bytes = read("model.safetensors")?;
-        let weights = candle_core::safetensors::load_buffer(&bytes, &candle_core::Device::Cpu)
+        let weights = candle_core::safetensors::load_buffer(&bytes, super::device::get())
             .map_err(|e| e.to_string())?;
-        let vb = VarBuilder::from_tensors(weights.clone(), DType::F32, &candle_core::Device::Cpu);
+        let vb = VarBuilder::from_tensors(weights.clone(), DType::F32, super::device::get());
         let embeddings = Embeddings::load(vb.clone(), &config).map_err(|e| e.to_string())?;
         let layers = (0..config.num_hidden_layers)
             .map(|i| Layer::load(vb.clone(), &config, i))

@@ -9,7 +9,7 @@
 
 use std::{collections::HashMap, time::Instant};
 
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Tensor, Var, D};
 use candle_nn::{VarBuilder, VarMap};
 use candle_transformers::models::bert::Config;
 use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
@@ -19,12 +19,11 @@ use tokio_util::sync::CancellationToken;
 
 use super::bert::{attention_bias, mean_pool, Layer};
 
-/// The `format` of a trained model file.
-pub const MODEL_FORMAT: &str = "capibara-classifier/1";
+pub use capibara_shared::domain::model::{ModelInfo, MODEL_FORMAT};
 /// The `format` of a checkpoint file.
 pub const CHECKPOINT_FORMAT: &str = "capibara-classifier-checkpoint/1";
 /// The metadata key holding a file's description (JSON).
-const META_KEY: &str = "capibara";
+use capibara_shared::domain::model::MODEL_META_KEY as META_KEY;
 
 // AdamW's constants (PyTorch's defaults; the weight decay is transformers' usual 0.01).
 const BETA1: f64 = 0.9;
@@ -49,22 +48,6 @@ fn run(e: impl std::fmt::Display) -> ClassifierError {
 
 fn format_err(e: impl std::fmt::Display) -> ClassifierError {
     ClassifierError::Format(e.to_string())
-}
-
-/// What a trained model file says about itself.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ModelInfo {
-    pub format: String,
-    /// The encoder the head reads (`all-minilm-l6-v2`).
-    pub base: String,
-    /// The classes, in the order of the head's outputs.
-    pub labels: Vec<String>,
-    /// Tokens of a text the encoder reads for it.
-    pub max_length: u32,
-    /// The encoder's last layers this model trained (and holds); 0: the encoder is the base
-    /// model's, and the head reads its sentence vectors.
-    #[serde(default)]
-    pub train_layers: u32,
 }
 
 /// A trained model, ready to classify: its head, and the encoder layers it trained.
@@ -107,7 +90,7 @@ impl Top {
             mask.extend((0..t).map(|i| u32::from(i < *n)));
         }
         let mut x = Tensor::stack(&padded, 0)?;
-        let mask = Tensor::from_vec(mask, (states.len(), t), &Device::Cpu)?;
+        let mask = Tensor::from_vec(mask, (states.len(), t), super::device::get())?;
         let bias = attention_bias(&mask)?;
         for l in &self.layers {
             x = l.forward(&x, &bias)?;
@@ -130,7 +113,7 @@ fn logits(x: &Tensor, w: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
 fn matrix(rows: &[Vec<f32>]) -> Result<Tensor, ClassifierError> {
     let d = rows.first().map_or(0, Vec::len);
     let flat: Vec<f32> = rows.iter().flatten().copied().collect();
-    Tensor::from_vec(flat, (rows.len(), d), &Device::Cpu).map_err(run)
+    Tensor::from_vec(flat, (rows.len(), d), super::device::get()).map_err(run)
 }
 
 /// Serialize `tensors` with `meta` as the file's description.
@@ -149,14 +132,9 @@ fn to_safetensors(
 fn from_safetensors<M: for<'a> Deserialize<'a>>(
     bytes: &[u8],
 ) -> Result<(HashMap<String, Tensor>, M), ClassifierError> {
-    let (_, header) = safetensors::SafeTensors::read_metadata(bytes).map_err(format_err)?;
-    let meta = header
-        .metadata()
-        .as_ref()
-        .and_then(|m| m.get(META_KEY))
-        .ok_or_else(|| format_err("no `capibara` metadata"))?;
-    let meta: M = serde_json::from_str(meta).map_err(format_err)?;
-    let tensors = candle_core::safetensors::load_buffer(bytes, &Device::Cpu).map_err(format_err)?;
+    let meta: M = description(bytes)?;
+    let tensors =
+        candle_core::safetensors::load_buffer(bytes, super::device::get()).map_err(format_err)?;
     Ok((tensors, meta))
 }
 
@@ -165,17 +143,20 @@ fn take(t: &mut HashMap<String, Tensor>, name: &str) -> Result<Tensor, Classifie
         .ok_or_else(|| format_err(format!("no tensor `{name}`")))
 }
 
-impl ModelInfo {
-    /// What a model file says about itself, without reading its tensors.
-    pub fn of(bytes: &[u8]) -> Result<ModelInfo, ClassifierError> {
-        let (_, header) = safetensors::SafeTensors::read_metadata(bytes).map_err(format_err)?;
-        let meta = header
-            .metadata()
-            .as_ref()
-            .and_then(|m| m.get(META_KEY))
-            .ok_or_else(|| format_err("no `capibara` metadata"))?;
-        serde_json::from_str(meta).map_err(format_err)
-    }
+/// What a model file says about itself, without reading its tensors.
+pub fn model_info(bytes: &[u8]) -> Result<ModelInfo, ClassifierError> {
+    description(bytes)
+}
+
+/// The description (`capibara` metadata) of a file of ours, without reading its tensors.
+fn description<M: for<'a> Deserialize<'a>>(bytes: &[u8]) -> Result<M, ClassifierError> {
+    let (_, header) = safetensors::SafeTensors::read_metadata(bytes).map_err(format_err)?;
+    let meta = header
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get(META_KEY))
+        .ok_or_else(|| format_err("no `capibara` metadata"))?;
+    serde_json::from_str(meta).map_err(format_err)
 }
 
 impl Classifier {
@@ -202,7 +183,7 @@ impl Classifier {
             let mut named: Vec<(String, Tensor)> =
                 t.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
             named.sort_by(|a, b| a.0.cmp(&b.0));
-            let vb = VarBuilder::from_tensors(t, DType::F32, &Device::Cpu);
+            let vb = VarBuilder::from_tensors(t, DType::F32, super::device::get());
             let top = Top::load(vb, config, config.num_hidden_layers - n).map_err(format_err)?;
             (Some(top), named)
         };
@@ -488,15 +469,16 @@ pub fn train(
     } else {
         None
     };
-    let y_all = Tensor::new(train.y.as_slice(), &Device::Cpu).map_err(run)?;
-    let zeros = |shape: &[usize]| Tensor::zeros(shape, DType::F32, &Device::Cpu).map_err(run);
+    let y_all = Tensor::new(train.y.as_slice(), super::device::get()).map_err(run)?;
+    let zeros =
+        |shape: &[usize]| Tensor::zeros(shape, DType::F32, super::device::get()).map_err(run);
     // The trained encoder layers: variables named as in the base model's file, starting from
     // its weights.
     let varmap = VarMap::new();
     let (top, config) = match (settings.train_layers, encoder) {
         (0, _) => (None, None),
         (n, Some(e)) => {
-            let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+            let vb = VarBuilder::from_varmap(&varmap, DType::F32, super::device::get());
             let first = e.config.num_hidden_layers - n as usize;
             let top = Top::load(vb, e.config, first).map_err(run)?;
             for (name, var) in varmap.data().lock().expect("varmap lock").iter() {
@@ -580,7 +562,7 @@ pub fn train(
         let top = match config {
             Some(cfg) => {
                 let map: HashMap<String, Tensor> = top_tensors.iter().cloned().collect();
-                let vb = VarBuilder::from_tensors(map, DType::F32, &Device::Cpu);
+                let vb = VarBuilder::from_tensors(map, DType::F32, super::device::get());
                 let first = cfg.num_hidden_layers - settings.train_layers as usize;
                 Some(Top::load(vb, cfg, first).map_err(run)?)
             }
@@ -620,7 +602,7 @@ pub fn train(
             epoch_sums = Sums::default();
         }
         let rows = &perm[k * bs..((k + 1) * bs).min(n)];
-        let idx = Tensor::new(rows, &Device::Cpu).map_err(run)?;
+        let idx = Tensor::new(rows, super::device::get()).map_err(run)?;
         let xb = match (&x_all, &top) {
             (Some(x), _) => x.index_select(&idx, 0).map_err(run)?,
             (None, Some(top)) => {
@@ -743,6 +725,7 @@ pub fn train(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Device;
 
     /// Two well-separated clusters per label in 8 dimensions.
     fn toy(n: usize, seed: u64) -> Data {

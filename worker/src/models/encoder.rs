@@ -12,6 +12,8 @@ use candle_transformers::models::bert::{BertModel, Config, DTYPE};
 use capibara_shared::domain::kinds::model::{EMBED_DIMENSIONS, EMBED_MAX_TOKENS};
 use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 
+use super::coalesce::{Coalescer, Work};
+
 /// Texts run through the model at once (each batch is padded to its longest text).
 const BATCH: usize = 32;
 
@@ -58,6 +60,8 @@ pub struct Batch {
 pub struct SharedEncoder {
     dir: PathBuf,
     cell: tokio::sync::OnceCell<std::sync::Arc<Encoder>>,
+    /// Concurrent requests merged into shared passes, per token limit.
+    passes: std::sync::Arc<Coalescer<usize, Embedding>>,
 }
 
 impl SharedEncoder {
@@ -66,6 +70,7 @@ impl SharedEncoder {
         SharedEncoder {
             dir: Encoder::dir(assets),
             cell: tokio::sync::OnceCell::new(),
+            passes: Default::default(),
         }
     }
 
@@ -87,16 +92,24 @@ impl SharedEncoder {
     }
 
     /// The vectors of `texts`, each made of its first `max_tokens` tokens (at most 256), off
-    /// the async runtime.
+    /// the async runtime, in a pass shared with the requests that wait with it
+    /// ([`Coalescer`]).
     pub async fn embed_with(
         &self,
         texts: Vec<String>,
         max_tokens: usize,
     ) -> Result<Vec<Embedding>, EncoderError> {
         let encoder = self.get().await?;
-        tokio::task::spawn_blocking(move || encoder.embed_with(&texts, max_tokens))
+        let work: Work<Embedding> = std::sync::Arc::new(move |texts: &[String]| {
+            encoder.embed_with(texts, max_tokens).map_err(|e| match e {
+                EncoderError::Run(m) => m,
+                e => e.to_string(),
+            })
+        });
+        self.passes
+            .run(max_tokens, texts, work)
             .await
-            .map_err(|e| EncoderError::Run(e.to_string()))?
+            .map_err(EncoderError::Run)
     }
 }
 
@@ -136,7 +149,7 @@ impl Encoder {
             strategy: PaddingStrategy::BatchLongest,
             ..Default::default()
         }));
-        let device = Device::Cpu;
+        let device = super::device::get().clone();
         // Read, not mapped (no unsafe code here): the weights are copied into the model's
         // tensors, and the buffer is dropped with the builder.
         let weights = std::fs::read(dir.join("model.safetensors")).map_err(|e| load(&e))?;

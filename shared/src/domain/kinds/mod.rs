@@ -7,6 +7,7 @@
 //! is one typed struct ([`input`]): the executor reads it, and its JSON Schema, derived from it,
 //! is what submission checks and what `GET /v1/kinds` publishes.
 
+pub mod http;
 pub mod input;
 pub mod memory;
 pub mod model;
@@ -33,6 +34,9 @@ pub struct KindSpec {
     pub description: &'static str,
     /// Created by Capibara itself; clients cannot submit it.
     pub internal: bool,
+    /// Run by programs of the worker protocol that declare it (an external trainer), never by
+    /// `capibara-worker`: its jobs are dispatched on a lane, as user kinds are.
+    pub external: bool,
     validate: fn(&Value) -> Result<(), FieldError>,
     /// The JSON Schema of the input: the one `validate` checks, derived from the kind's input
     /// type. `voices` are the installed voices (a `tts.render` input must name one), which the
@@ -138,10 +142,11 @@ pub fn validate_input<'a>(
 
 /// The Redis key suffix a job of `kind` in `queue` is dispatched on: the queue for built-in
 /// kinds (`capibara-worker` pops queues), the lane `{queue}/{namespace}/{kind}` for user kinds
+/// and the built-in kinds that external programs run ([`KindSpec::external`])
 /// (workers of the protocol lease the lanes of the kinds they declared), so no worker is ever
 /// handed a job it cannot run. Queue names hold no `/`.
 pub fn lane(queue: &str, namespace: &str, kind: &str) -> String {
-    if find(kind).is_some() {
+    if find(kind).is_some_and(|k| !k.external) {
         queue.to_string()
     } else {
         format!("{queue}/{namespace}/{kind}")
@@ -175,6 +180,7 @@ pub const KINDS: &[KindSpec] = &[
         default_queue: "default",
         description: "Returns its input as output.",
         internal: false,
+        external: false,
         validate: |_| Ok(()),
         schema: |_| json!({"description": "Any JSON value; it is the job's output."}),
         output: None,
@@ -185,6 +191,7 @@ pub const KINDS: &[KindSpec] = &[
         description: "Sleeps for `ms` milliseconds (cancelable), reporting progress every \
                       `progress_ms` (default: every second from 2 s on), then returns {slept_ms}.",
         internal: false,
+        external: false,
         validate: input::check::<SleepInput>,
         schema: |_| typed::<SleepInput>(),
         output: Some(typed::<output::SleepOutput>),
@@ -194,6 +201,7 @@ pub const KINDS: &[KindSpec] = &[
         default_queue: "default",
         description: "Fails the first `times` attempts (or always) with `message`.",
         internal: false,
+        external: false,
         validate: input::check::<FailInput>,
         schema: |_| typed::<FailInput>(),
         output: Some(typed::<output::FailOutput>),
@@ -204,6 +212,7 @@ pub const KINDS: &[KindSpec] = &[
         description: "Runs a Python or JavaScript snippet in the wasm sandbox; output {result, \
                       stdout, stderr, exit_code, duration_ms, cached} (docs/code.md).",
         internal: false,
+        external: false,
         validate: input::check::<CodeRunInput>,
         schema: |_| typed::<CodeRunInput>(),
         output: Some(typed::<output::CodeRunOutput>),
@@ -214,6 +223,7 @@ pub const KINDS: &[KindSpec] = &[
         description: "Syntax-checks a snippet without running it; output {valid, message, \
                       line, column} (behind POST /v1/code/validate).",
         internal: false,
+        external: false,
         validate: input::check::<CodeValidateInput>,
         schema: |_| typed::<CodeValidateInput>(),
         output: Some(typed::<output::CodeValidateOutput>),
@@ -223,6 +233,7 @@ pub const KINDS: &[KindSpec] = &[
         default_queue: "default",
         description: "A workflow `wait` step: a delayed job that does nothing (a durable timer).",
         internal: true,
+        external: false,
         validate: |_| Ok(()),
         schema: |_| json!({}),
         output: None,
@@ -234,6 +245,7 @@ pub const KINDS: &[KindSpec] = &[
                       audio.pcm), one JobOutputChunk per sentence; output {duration_s, \
                       sample_rate, voice, chars_per_second, …} (docs/tts.md).",
         internal: false,
+        external: false,
         validate: input::check::<TtsRenderInput>,
         schema: schema_tts,
         output: Some(typed::<output::TtsRenderOutput>),
@@ -246,6 +258,7 @@ pub const KINDS: &[KindSpec] = &[
                       items.jsonl, cursor}; the connector's cursor advances with the job's \
                       success (docs/connectors.md).",
         internal: false,
+        external: false,
         validate: input::check::<ConnectorFetchInput>,
         schema: |_| super::connector::types::fetch_schema(),
         output: Some(typed::<ConnectorFetchOutput>),
@@ -258,6 +271,7 @@ pub const KINDS: &[KindSpec] = &[
                       keywords, summary, readability, stats, html_to_text; output {items (one \
                       result per item), processed} (docs/content.md).",
         internal: false,
+        external: false,
         validate: input::check::<ContentProcessInput>,
         schema: |_| super::content::input_schema(),
         output: Some(typed::<ContentProcessOutput>),
@@ -269,6 +283,7 @@ pub const KINDS: &[KindSpec] = &[
                       webhook; output {status, response, duration_ms}; 429 and 5xx are retried \
                       (after Retry-After), other 4xx fail (docs/connectors.md).",
         internal: false,
+        external: false,
         validate: input::check::<ChatPostInput>,
         schema: |_| typed::<ChatPostInput>(),
         output: Some(typed::<output::ChatPostOutput>),
@@ -281,9 +296,25 @@ pub const KINDS: &[KindSpec] = &[
                       response}; 4xx answers and lost connections are retried, 5xx fail \
                       (docs/mail.md).",
         internal: false,
+        external: false,
         validate: input::check_mail_send,
         schema: |_| typed::<input::MailSendInput>(),
         output: Some(typed::<output::MailSendOutput>),
+    },
+    KindSpec {
+        name: "http.request",
+        default_queue: "default",
+        description: "One HTTP call through the outbound guard: {method, url, headers, query, \
+                      body | json | form, auth (bearer/basic from a secret), timeout_ms, \
+                      expect_status, response}; 408, 429 (Retry-After) and 5xx are retried \
+                      with the job's backoff; a circuit breaker per host (GET \
+                      /v1/http/hosts); output {status, headers, body, url, duration_ms} \
+                      (docs/http.md).",
+        internal: false,
+        external: false,
+        validate: input::check::<http::HttpRequestInput>,
+        schema: |_| http::http_schema(),
+        output: Some(typed::<http::HttpRequestOutput>),
     },
     KindSpec {
         name: "text.embed",
@@ -292,6 +323,7 @@ pub const KINDS: &[KindSpec] = &[
                       dimensions, unit length, first 256 tokens of each text); output {model, \
                       dimensions, vectors, tokens, truncated} (docs/models.md).",
         internal: false,
+        external: false,
         validate: input::check::<model::TextEmbedInput>,
         schema: |_| model::embed_schema(),
         output: Some(typed::<model::TextEmbedOutput>),
@@ -305,9 +337,25 @@ pub const KINDS: &[KindSpec] = &[
                       next version of `name` (`GET /v1/models`); output {model, model_id, \
                       version, labels, metrics} (docs/models.md).",
         internal: false,
-        validate: input::check::<model::FinetuneTrainInput>,
+        external: false,
+        validate: model::check_train,
         schema: |_| model::train_schema(),
         output: Some(typed::<model::FinetuneTrainOutput>),
+    },
+    KindSpec {
+        name: "finetune.command",
+        default_queue: "finetune",
+        description: "Hands a training (`finetune.train`'s input, plus `params` for the \
+                      trainer) to an external trainer, any program that declares this kind \
+                      over the worker protocol; its progress and checkpoints are the job's, \
+                      and the model file it completes with is checked and registered as the \
+                      next version of `name`; output {model, model_id, version, labels, \
+                      metrics, trainer} (docs/models.md).",
+        internal: false,
+        external: true,
+        validate: input::check::<model::FinetuneTrainInput>,
+        schema: |_| model::command_schema(),
+        output: Some(typed::<model::FinetuneCommandOutput>),
     },
     KindSpec {
         name: "model.classify",
@@ -316,6 +364,7 @@ pub const KINDS: &[KindSpec] = &[
                       (`name`, `name@version` or an id); output {model, predictions: [{label, \
                       score, scores}]} (docs/models.md).",
         internal: false,
+        external: false,
         validate: input::check::<model::ModelClassifyInput>,
         schema: |_| model::classify_schema(),
         output: Some(typed::<model::ModelClassifyOutput>),
@@ -328,6 +377,7 @@ pub const KINDS: &[KindSpec] = &[
                       token windows with an `overlap` (`tokens`); output {strategy, chunks: \
                       [{text, start, end, tokens}]} (docs/models.md).",
         internal: false,
+        external: false,
         validate: input::check::<model::TextChunkInput>,
         schema: |_| typed::<model::TextChunkInput>(),
         output: Some(typed::<model::TextChunkOutput>),
@@ -339,6 +389,7 @@ pub const KINDS: &[KindSpec] = &[
                       `metadata` in a collection, for `memory.search`; output {id, collection, \
                       tokens, truncated} (docs/models.md).",
         internal: false,
+        external: false,
         validate: input::check::<memory::MemoryWriteInput>,
         schema: |_| memory::write_schema(),
         output: Some(typed::<memory::MemoryWriteOutput>),
@@ -351,6 +402,7 @@ pub const KINDS: &[KindSpec] = &[
                       fused by reciprocal rank (`hybrid`, the default); `tags` filter; output \
                       {items: [{id, text, tags, metadata, score}]} (docs/models.md).",
         internal: false,
+        external: false,
         validate: input::check::<memory::MemorySearchInput>,
         schema: |_| memory::search_schema(),
         output: Some(typed::<memory::MemorySearchOutput>),
@@ -361,6 +413,7 @@ pub const KINDS: &[KindSpec] = &[
         description:
             "Delivers one signed webhook (created by Capibara for callbacks and subscriptions).",
         internal: true,
+        external: false,
         validate: |_| Ok(()),
         schema: |_| json!({}),
         output: None,

@@ -275,6 +275,11 @@ pub struct FinetuneTrainInput {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(nullable = false)]
     pub resume_from: Option<uuid::Uuid>,
+    /// `finetune.command` only: settings for the external trainer (an object it reads, such
+    /// as `{"lora_rank": 8}`); Capibara passes it on unread.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false, value_type = Object)]
+    pub params: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 impl FinetuneTrainInput {
@@ -470,6 +475,43 @@ pub struct FinetuneTrainOutput {
     pub checkpoints: u32,
 }
 
+/// What an external trainer reports when it completes a `finetune.command` job
+/// (`POST /v1/jobs/{id}/complete` `output`): the model file it uploaded, and its figures.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TrainerResult {
+    /// The uploaded model file, listed in the completion's `artifacts` (default
+    /// `model.safetensors`); docs/models.md, "The model file", says its format.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false, min_length = 1, max_length = 128)]
+    pub artifact: Option<String>,
+    /// The training's final figures (`validation_accuracy`, …), recorded as the model's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false, value_type = Object)]
+    pub metrics: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+impl TrainerResult {
+    pub fn artifact(&self) -> &str {
+        self.artifact.as_deref().unwrap_or("model.safetensors")
+    }
+}
+
+/// `finetune.command`'s output, recorded when the trainer completes: the version registered.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct FinetuneCommandOutput {
+    /// `name@version`: what `model.classify` takes.
+    pub model: String,
+    pub model_id: uuid::Uuid,
+    pub version: u32,
+    pub labels: Vec<String>,
+    /// What the trainer reported.
+    #[schema(value_type = Object)]
+    pub metrics: serde_json::Value,
+    /// The worker that trained it.
+    pub trainer: String,
+}
+
 /// `model.classify`: the classes of `texts` by a registered model.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -520,6 +562,29 @@ pub fn classify_schema() -> serde_json::Value {
 /// encoder.
 /// (Two labels with two examples each is not a rule JSON Schema can state.)
 pub fn train_schema() -> serde_json::Value {
+    let mut s = command_schema();
+    if let Some(p) = s["properties"].as_object_mut() {
+        p.remove("params");
+    }
+    s
+}
+
+/// `finetune.train`'s check: [`FinetuneTrainInput`]'s, and no `params` (its own trainer has
+/// none).
+pub fn check_train(input: &serde_json::Value) -> Result<(), FieldError> {
+    super::input::check::<FinetuneTrainInput>(input)?;
+    if input.get("params").is_some() {
+        return Err(FieldError::new(
+            "params",
+            "is for an external trainer (`finetune.command`); `finetune.train` takes its \
+             settings as fields",
+        ));
+    }
+    Ok(())
+}
+
+/// `finetune.command`'s published schema: `finetune.train`'s, with `params`.
+pub fn command_schema() -> serde_json::Value {
     use serde_json::json;
     let mut s = super::input::schema::<FinetuneTrainInput>();
     s["oneOf"] = json!([
@@ -641,3 +706,5 @@ pub struct TextChunkOutput {
     #[schema(inline)]
     pub chunks: Vec<Chunk>,
 }
+
+impl KindInput for TrainerResult {}

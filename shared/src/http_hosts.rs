@@ -1,0 +1,208 @@
+//! The circuit breaker of each (namespace, host) that `http.request` calls (docs/http.md,
+//! decision in docs/http-design.md): shared by every worker through Redis, each transition one
+//! Lua script. After `failures` consecutive failures the breaker opens for `cooldown`: calls
+//! are refused without being sent. Then one call goes through (half-open); its success closes
+//! the breaker, its failure opens it again. Redis holds nothing durable here: a Redis that
+//! restarts empty forgets every breaker, which closes them.
+
+use std::{sync::LazyLock, time::Duration};
+
+use chrono::{DateTime, TimeZone, Utc};
+use redis::{aio::ConnectionManager, Script};
+use serde::Serialize;
+
+/// Breakers are forgotten this long after their last call.
+const TTL_S: u64 = 86_400;
+
+const ALLOW: &str = r#"
+local now = tonumber(ARGV[1])
+local state = redis.call('HGET', KEYS[1], 'state')
+if state == 'open' then
+  local reopen = tonumber(redis.call('HGET', KEYS[1], 'open_until'))
+  if now < reopen then return reopen - now end
+  redis.call('HSET', KEYS[1], 'state', 'half_open', 'probe_until', now + tonumber(ARGV[2]))
+  return 0
+elseif state == 'half_open' then
+  local probe = tonumber(redis.call('HGET', KEYS[1], 'probe_until') or '0')
+  if now < probe then return probe - now end
+  redis.call('HSET', KEYS[1], 'probe_until', now + tonumber(ARGV[2]))
+end
+return 0
+"#;
+
+const RECORD: &str = r#"
+local now = tonumber(ARGV[2])
+redis.call('SADD', KEYS[2], ARGV[5])
+redis.call('EXPIRE', KEYS[2], ARGV[6])
+redis.call('EXPIRE', KEYS[1], ARGV[6])
+local state = redis.call('HGET', KEYS[1], 'state') or 'closed'
+if ARGV[1] == '1' then
+  redis.call('HSET', KEYS[1], 'state', 'closed', 'failures', 0, 'last_success_at', now)
+  if state ~= 'closed' then return 'closed' end
+  return ''
+end
+local failures = redis.call('HINCRBY', KEYS[1], 'failures', 1)
+redis.call('HSET', KEYS[1], 'last_failure_at', now)
+if state == 'half_open' or (state == 'closed' and failures >= tonumber(ARGV[3])) then
+  redis.call('HSET', KEYS[1], 'state', 'open', 'open_until', now + tonumber(ARGV[4]),
+             'opened_at', now)
+  return 'open'
+end
+if state == 'closed' then redis.call('HSET', KEYS[1], 'state', 'closed') end
+return ''
+"#;
+
+static ALLOW_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(ALLOW));
+static RECORD_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(RECORD));
+
+/// The breakers of every host, and their settings.
+#[derive(Clone)]
+pub struct HostBreakers {
+    conn: ConnectionManager,
+    prefix: String,
+    /// Consecutive failures that open a breaker.
+    pub failures: u32,
+    /// How long an open breaker refuses calls before it lets one through.
+    pub cooldown: Duration,
+}
+
+/// A breaker as `GET /v1/http/hosts` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+pub struct HostState {
+    pub host: String,
+    /// `closed` (calls go through), `open` (refused until `open_until`), or `half_open` (one
+    /// call is trying the host).
+    pub state: String,
+    /// Failures since the last success.
+    pub consecutive_failures: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub open_until: Option<DateTime<Utc>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_failure_at: Option<DateTime<Utc>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_success_at: Option<DateTime<Utc>>,
+}
+
+/// What [`HostBreakers::record`] changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transition {
+    Opened,
+    Closed,
+}
+
+fn now_ms() -> i64 {
+    Utc::now().timestamp_millis()
+}
+
+fn at(ms: Option<i64>) -> Option<DateTime<Utc>> {
+    ms.and_then(|ms| Utc.timestamp_millis_opt(ms).single())
+}
+
+impl HostBreakers {
+    pub fn new(conn: ConnectionManager, prefix: &str, failures: u32, cooldown: Duration) -> Self {
+        HostBreakers {
+            conn,
+            prefix: prefix.to_string(),
+            failures: failures.max(1),
+            cooldown,
+        }
+    }
+
+    fn key(&self, namespace: &str, host: &str) -> String {
+        format!("{{{}}}:http:host:{namespace}:{host}", self.prefix)
+    }
+
+    fn set_key(&self, namespace: &str) -> String {
+        format!("{{{}}}:http:hosts:{namespace}", self.prefix)
+    }
+
+    /// Whether a call to `host` may go now: `Err(wait)` while the breaker is open (or another
+    /// call is the half-open probe, whose `timeout` bounds how long it holds the probe).
+    pub async fn allow(
+        &self,
+        namespace: &str,
+        host: &str,
+        timeout: Duration,
+    ) -> Result<Result<(), Duration>, redis::RedisError> {
+        let wait: i64 = ALLOW_SCRIPT
+            .key(self.key(namespace, host))
+            .arg(now_ms())
+            .arg(timeout.as_millis() as i64)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(if wait > 0 {
+            Err(Duration::from_millis(wait as u64))
+        } else {
+            Ok(())
+        })
+    }
+
+    /// Record the outcome of a call to `host` (`ok`: it answered, not with 408, 429 or 5xx).
+    pub async fn record(
+        &self,
+        namespace: &str,
+        host: &str,
+        ok: bool,
+    ) -> Result<Option<Transition>, redis::RedisError> {
+        let changed: String = RECORD_SCRIPT
+            .key(self.key(namespace, host))
+            .key(self.set_key(namespace))
+            .arg(if ok { "1" } else { "0" })
+            .arg(now_ms())
+            .arg(self.failures)
+            .arg(self.cooldown.as_millis() as i64)
+            .arg(host)
+            .arg(TTL_S)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(match changed.as_str() {
+            "open" => Some(Transition::Opened),
+            "closed" => Some(Transition::Closed),
+            _ => None,
+        })
+    }
+
+    /// The breakers of `namespace`'s hosts, by host name.
+    pub async fn list(&self, namespace: &str) -> Result<Vec<HostState>, redis::RedisError> {
+        let mut conn = self.conn.clone();
+        let mut hosts: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(self.set_key(namespace))
+            .query_async(&mut conn)
+            .await?;
+        hosts.sort();
+        hosts.truncate(1000);
+        // Every host's hash in one round trip.
+        let mut pipe = redis::pipe();
+        for host in &hosts {
+            pipe.cmd("HGETALL").arg(self.key(namespace, host));
+        }
+        let all: Vec<std::collections::HashMap<String, String>> =
+            pipe.query_async(&mut conn).await?;
+        let now = now_ms();
+        let mut out = Vec::with_capacity(hosts.len());
+        for (host, fields) in hosts.into_iter().zip(all) {
+            if fields.is_empty() {
+                continue;
+            }
+            let num = |k: &str| fields.get(k).and_then(|v| v.parse::<i64>().ok());
+            let mut state = fields
+                .get("state")
+                .cloned()
+                .unwrap_or_else(|| "closed".into());
+            let open_until = num("open_until").filter(|_| state != "closed");
+            // An open breaker whose cool-down is over lets the next call through.
+            if state == "open" && open_until.is_some_and(|u| u <= now) {
+                state = "half_open".into();
+            }
+            out.push(HostState {
+                host,
+                state,
+                consecutive_failures: num("failures").unwrap_or(0).max(0) as u32,
+                open_until: at(open_until),
+                last_failure_at: at(num("last_failure_at")),
+                last_success_at: at(num("last_success_at")),
+            });
+        }
+        Ok(out)
+    }
+}
