@@ -171,6 +171,13 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/http/requests/{id}", get(routes::http::get_request))
         .route("/v1/http/metrics", get(routes::http::metrics))
         .route("/v1/http/health", get(routes::http::health))
+        .route("/v1/llm/providers", get(routes::llm::list))
+        .route(
+            "/v1/llm/providers/{name}",
+            get(routes::llm::get)
+                .put(routes::llm::put)
+                .delete(routes::llm::delete),
+        )
         .route("/v1/models", get(routes::models::list))
         .route(
             "/v1/models/{ref}",

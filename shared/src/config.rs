@@ -33,6 +33,12 @@ pub struct Config {
     pub http_breaker_failures: u32,
     /// How long an open breaker refuses calls (`CAPIBARA_HTTP_BREAKER_COOLDOWN_S`, default 30).
     pub http_breaker_cooldown: Duration,
+    /// Consecutive failures of one LLM provider that open its circuit breaker
+    /// (`CAPIBARA_LLM_BREAKER_FAILURES`, default 5; docs/llm.md).
+    pub llm_breaker_failures: u32,
+    /// How long an open provider breaker refuses calls (`CAPIBARA_LLM_BREAKER_COOLDOWN_S`,
+    /// default 30).
+    pub llm_breaker_cooldown: Duration,
     /// How long a running attempt's lease lasts without a heartbeat.
     pub visibility_timeout: Duration,
     pub body_limit_bytes: usize,
@@ -216,6 +222,10 @@ impl Config {
             http_breaker_failures: parse("CAPIBARA_HTTP_BREAKER_FAILURES", 5u32)?.max(1),
             http_breaker_cooldown: Duration::from_secs_f64(
                 parse("CAPIBARA_HTTP_BREAKER_COOLDOWN_S", 30.0f64)?.clamp(0.1, 86_400.0),
+            ),
+            llm_breaker_failures: parse("CAPIBARA_LLM_BREAKER_FAILURES", 5u32)?.max(1),
+            llm_breaker_cooldown: Duration::from_secs_f64(
+                parse("CAPIBARA_LLM_BREAKER_COOLDOWN_S", 30.0f64)?.clamp(0.1, 86_400.0),
             ),
             visibility_timeout: Duration::from_secs_f64(
                 parse("CAPIBARA_VISIBILITY_TIMEOUT_S", 30.0f64)?.max(0.5),

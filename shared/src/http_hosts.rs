@@ -1,6 +1,6 @@
 //! The circuit breaker of each (namespace, host) that `http.request` calls (docs/http.md,
-//! decision in docs/http-design.md): shared by every worker through Redis, each transition one
-//! Lua script. After `failures` consecutive failures the breaker opens for `cooldown`: calls
+//! decision in docs/http-design.md), and of each LLM provider (docs/llm-design.md): shared by
+//! every worker through Redis, each transition one Lua script. After `failures` consecutive failures the breaker opens for `cooldown`: calls
 //! are refused without being sent. Then one call goes through (half-open); its success closes
 //! the breaker, its failure opens it again. Redis holds nothing durable here: a Redis that
 //! restarts empty forgets every breaker, which closes them.
@@ -60,6 +60,8 @@ static RECORD_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(RECORD));
 pub struct HostBreakers {
     conn: ConnectionManager,
     prefix: String,
+    /// What the breakers guard: `http` (hosts `http.request` calls) or `llm` (LLM providers).
+    scope: &'static str,
     /// Consecutive failures that open a breaker.
     pub failures: u32,
     /// How long an open breaker refuses calls before it lets one through.
@@ -81,6 +83,12 @@ pub struct HostState {
     pub last_failure_at: Option<DateTime<Utc>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_success_at: Option<DateTime<Utc>>,
+    /// The last call's error, while the last call failed (LLM providers).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// How long the last call took (LLM providers).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_latency_ms: Option<f64>,
 }
 
 /// What [`HostBreakers::record`] changed.
@@ -103,17 +111,25 @@ impl HostBreakers {
         HostBreakers {
             conn,
             prefix: prefix.to_string(),
+            scope: "http",
             failures: failures.max(1),
             cooldown,
         }
     }
 
+    /// The same breakers for another kind of target (`llm`: LLM providers, by name), in their
+    /// own keys.
+    pub fn scoped(mut self, scope: &'static str) -> Self {
+        self.scope = scope;
+        self
+    }
+
     fn key(&self, namespace: &str, host: &str) -> String {
-        format!("{{{}}}:http:host:{namespace}:{host}", self.prefix)
+        format!("{{{}}}:{}:host:{namespace}:{host}", self.prefix, self.scope)
     }
 
     fn set_key(&self, namespace: &str) -> String {
-        format!("{{{}}}:http:hosts:{namespace}", self.prefix)
+        format!("{{{}}}:{}:hosts:{namespace}", self.prefix, self.scope)
     }
 
     /// Whether a call to `host` may go now: `Err(wait)` while the breaker is open (or another
@@ -162,6 +178,26 @@ impl HostBreakers {
         })
     }
 
+    /// Note the last call's error (or none) and duration beside its breaker (after
+    /// [`HostBreakers::record`]).
+    pub async fn note(
+        &self,
+        namespace: &str,
+        host: &str,
+        error: Option<&str>,
+        latency_ms: f64,
+    ) -> Result<(), redis::RedisError> {
+        let error: String = error.unwrap_or_default().chars().take(500).collect();
+        redis::cmd("HSET")
+            .arg(self.key(namespace, host))
+            .arg("last_error")
+            .arg(error)
+            .arg("last_latency_ms")
+            .arg(format!("{latency_ms:.1}"))
+            .query_async::<()>(&mut self.conn.clone())
+            .await
+    }
+
     /// The breakers of `namespace`'s hosts, by host name.
     pub async fn list(&self, namespace: &str) -> Result<Vec<HostState>, redis::RedisError> {
         let mut conn = self.conn.clone();
@@ -201,6 +237,8 @@ impl HostBreakers {
                 open_until: at(open_until),
                 last_failure_at: at(num("last_failure_at")),
                 last_success_at: at(num("last_success_at")),
+                last_error: fields.get("last_error").filter(|e| !e.is_empty()).cloned(),
+                last_latency_ms: fields.get("last_latency_ms").and_then(|v| v.parse().ok()),
             });
         }
         Ok(out)

@@ -11,6 +11,7 @@
 //! - [`sources`]: where `connector.fetch` lists items, one module per connector type.
 //! - [`http`]: outbound HTTP with the SSRF guard; [`fetch`]: GETs that follow redirects.
 
+pub mod breakers;
 pub mod code_cache_port;
 pub mod connector_port;
 pub mod content;
@@ -19,6 +20,8 @@ pub mod delivery_port;
 pub mod executors;
 pub mod fetch;
 pub mod http;
+pub mod llm;
+pub mod llm_port;
 pub mod memory_port;
 pub mod model_port;
 pub mod models;
@@ -77,6 +80,17 @@ pub fn registry(store: &Store, config: &Config, warm: &WarmUp) -> executors::Reg
             config,
         )),
     );
+    let llm = Arc::new(executors::llm::Llm::new(
+        Arc::new(llm_port::PgProviders {
+            store: store.clone(),
+        }),
+        Arc::new(executors::mail::PgSecrets {
+            store: store.clone(),
+        }),
+        config,
+    ));
+    registry.register("llm.generate", llm.clone());
+    registry.register("llm.chat", llm);
     registry.register(
         "mail.send",
         Arc::new(executors::mail::MailSend {

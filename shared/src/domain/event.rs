@@ -20,6 +20,7 @@ pub enum StreamType {
     Model,
     Kind,
     Connector,
+    LlmProvider,
 }
 
 impl StreamType {
@@ -34,6 +35,7 @@ impl StreamType {
             StreamType::Model => "model",
             StreamType::Kind => "kind",
             StreamType::Connector => "connector",
+            StreamType::LlmProvider => "llm_provider",
         }
     }
 }
@@ -57,6 +59,7 @@ impl FromStr for StreamType {
             "model" => StreamType::Model,
             "kind" => StreamType::Kind,
             "connector" => StreamType::Connector,
+            "llm_provider" => StreamType::LlmProvider,
             other => return Err(format!("unknown stream type `{other}`")),
         })
     }

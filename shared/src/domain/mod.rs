@@ -25,6 +25,7 @@ pub mod delivery;
 pub mod event;
 pub mod job;
 pub mod kinds;
+pub mod llm;
 pub mod model;
 pub mod problem;
 pub mod retry;

@@ -94,6 +94,7 @@ pub enum Effect {
     UpsertUserKind(Box<crate::domain::kinds::user::UserKind>),
     UpsertConnector(Box<crate::domain::connector::Connector>),
     UpsertModel(Box<crate::domain::model::ModelName>),
+    UpsertLlmProvider(Box<crate::domain::llm::LlmProvider>),
     /// Content hashes a connector returned (`connector_items`).
     ConnectorItems {
         connector_id: Uuid,

@@ -464,6 +464,7 @@ struct Rows<'a> {
     user_kinds: HashMap<Uuid, &'a crate::domain::kinds::user::UserKind>,
     connectors: HashMap<Uuid, &'a crate::domain::connector::Connector>,
     models: HashMap<Uuid, &'a crate::domain::model::ModelName>,
+    llm_providers: HashMap<Uuid, &'a crate::domain::llm::LlmProvider>,
     connector_items: (Vec<Uuid>, Vec<&'a str>),
     ticks: (
         Vec<Uuid>,
@@ -517,6 +518,9 @@ impl<'a> Rows<'a> {
                     }
                     Effect::UpsertModel(m) => {
                         rows.models.insert(m.id, m);
+                    }
+                    Effect::UpsertLlmProvider(p) => {
+                        rows.llm_providers.insert(p.id, p);
                     }
                     Effect::ConnectorItems {
                         connector_id,
@@ -577,6 +581,7 @@ impl<'a> Rows<'a> {
             && self.user_kinds.is_empty()
             && self.connectors.is_empty()
             && self.models.is_empty()
+            && self.llm_providers.is_empty()
             && self.connector_items.0.is_empty()
             && self.ticks.0.is_empty()
             && self.credentials.is_empty()
@@ -586,7 +591,7 @@ impl<'a> Rows<'a> {
 
     /// The rows outside [`CORE`], inside the batch's transaction.
     async fn write_others(&self, tx: &mut Transaction<'_, Postgres>) -> Result<(), sqlx::Error> {
-        let upserts: [(&str, Value); 8] = [
+        let upserts: [(&str, Value); 9] = [
             (
                 super::deliveries::UPSERT_DELIVERIES,
                 json_rows(self.deliveries.values()),
@@ -615,6 +620,10 @@ impl<'a> Rows<'a> {
             (
                 super::models::UPSERT_MODELS,
                 json_rows(self.models.values()),
+            ),
+            (
+                super::llm_providers::UPSERT_LLM_PROVIDERS,
+                json_rows(self.llm_providers.values()),
             ),
         ];
         for (sql, rows) in upserts {

@@ -167,15 +167,17 @@ pub struct FullRebuild {
     pub user_kinds: u64,
     pub connectors: u64,
     pub models: u64,
+    pub llm_providers: u64,
 }
 
 /// Rebuild every projection: `jobs`, `deliveries`, `schedules`, `triggers`, `workflows`, `runs`,
-/// `user_kinds`, `connectors`, `connector_items` and `models` (each in its own transaction).
+/// `user_kinds`, `connectors`, `connector_items`, `models` and `llm_providers` (each in its own transaction).
 pub async fn rebuild_all(pool: &PgPool) -> Result<FullRebuild, StoreError> {
     use crate::domain::{
         connector::{Connector, ConnectorEvent},
         delivery::{Delivery, DeliveryEvent},
         kinds::user::{KindEvent, UserKind},
+        llm::{LlmProvider, ProviderEvent},
         model::{ModelEvent, ModelName},
         run::{Run, RunEvent},
         schedule::{Schedule, ScheduleEvent},
@@ -243,9 +245,18 @@ pub async fn rebuild_all(pool: &PgPool) -> Result<FullRebuild, StoreError> {
         ModelName::apply,
     )
     .await?;
+    let (pe, llm_providers) = rebuild_stream::<LlmProvider, ProviderEvent>(
+        pool,
+        "llm_provider",
+        "llm_providers",
+        super::llm_providers::UPSERT_LLM_PROVIDERS,
+        LlmProvider::apply,
+    )
+    .await?;
     Ok(FullRebuild {
-        events: jobs.events + de + se + te + we + re + ke + ce + me,
+        events: jobs.events + de + se + te + we + re + ke + ce + me + pe,
         models,
+        llm_providers,
         user_kinds,
         connectors,
         jobs: jobs.jobs,

@@ -14,6 +14,7 @@ mod isolation;
 mod jobs_api;
 mod keys_and_visibility;
 mod kind_validation;
+mod llm;
 mod mail;
 mod models;
 mod openapi;

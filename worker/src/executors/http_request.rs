@@ -20,7 +20,7 @@ use capibara_shared::{
             input,
         },
     },
-    http_hosts::{HostBreakers, Transition},
+    http_hosts::Transition,
 };
 use serde_json::Value;
 
@@ -29,6 +29,7 @@ use super::{
     ProgressSink,
 };
 use crate::{
+    breakers::LazyBreakers,
     fetch::{self, BodySink, GetError},
     http::{HttpError, OutboundPolicy},
 };
@@ -38,11 +39,7 @@ pub struct HttpRequest {
     /// Where `response: artifact` bodies go.
     pub artifacts: Result<ArtifactStore, String>,
     pub allow_private: bool,
-    redis_url: String,
-    redis_prefix: String,
-    failures: u32,
-    cooldown: std::time::Duration,
-    breakers: tokio::sync::OnceCell<HostBreakers>,
+    breakers: LazyBreakers,
 }
 
 fn abort(kind: &str, message: impl Into<String>) -> ExecError {
@@ -59,32 +56,14 @@ impl HttpRequest {
             secrets,
             artifacts: ArtifactStore::open(&config.artifacts).map_err(|e| e.to_string()),
             allow_private: config.outbound_allow_private,
-            redis_url: config.redis_url.clone(),
-            redis_prefix: config.redis_prefix.clone(),
-            failures: config.http_breaker_failures,
-            cooldown: config.http_breaker_cooldown,
-            breakers: tokio::sync::OnceCell::new(),
+            breakers: LazyBreakers::new(
+                &config.redis_url,
+                &config.redis_prefix,
+                "http",
+                config.http_breaker_failures,
+                config.http_breaker_cooldown,
+            ),
         }
-    }
-
-    /// The breakers, on this worker's own Redis connection (made by the first call).
-    async fn breakers(&self) -> Result<&HostBreakers, ExecError> {
-        self.breakers
-            .get_or_try_init(|| async {
-                let client = redis::Client::open(self.redis_url.as_str())
-                    .map_err(|e| retry("breaker_unavailable", e.to_string()))?;
-                let conn = client
-                    .get_connection_manager()
-                    .await
-                    .map_err(|e| retry("breaker_unavailable", e.to_string()))?;
-                Ok(HostBreakers::new(
-                    conn,
-                    &self.redis_prefix,
-                    self.failures,
-                    self.cooldown,
-                ))
-            })
-            .await
     }
 
     /// The `Authorization` header `auth` names, its secret read now.
@@ -249,7 +228,7 @@ impl Executor for HttpRequest {
             ));
         }
         let timeout = std::time::Duration::from_millis(input.timeout_ms());
-        let breakers = self.breakers().await?;
+        let breakers = self.breakers.get().await?;
         let redis = |e: redis::RedisError| retry("breaker_unavailable", e.to_string());
         if let Err(wait) = breakers
             .allow(namespace, &host, timeout)

@@ -12,6 +12,7 @@ pub mod content;
 pub mod embed;
 pub mod finetune;
 pub mod http_request;
+pub mod llm;
 pub mod mail;
 pub mod memory;
 pub mod push;

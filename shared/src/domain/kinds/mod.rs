@@ -9,6 +9,7 @@
 
 pub mod http;
 pub mod input;
+pub mod llm;
 pub mod memory;
 pub mod model;
 pub mod output;
@@ -317,6 +318,32 @@ pub const KINDS: &[KindSpec] = &[
         output: Some(typed::<http::HttpRequestOutput>),
     },
     KindSpec {
+        name: "llm.generate",
+        default_queue: "default",
+        description: "One answer from a language model through the namespace's providers \
+                      (/v1/llm/providers, OpenAI-compatible or Anthropic): {model | provider, \
+                      prompt | messages, system, params, stream}; routed by model with \
+                      failover and a circuit breaker per provider; `stream` writes tokens as \
+                      output chunks; output {text, message, provider, model, usage, \
+                      latency_ms, ttft_ms, cost_usd, tries} (docs/llm.md).",
+        internal: false,
+        external: false,
+        validate: input::check::<llm::LlmInput>,
+        schema: |_| llm::llm_schema(false),
+        output: Some(typed::<llm::LlmOutput>),
+    },
+    KindSpec {
+        name: "llm.chat",
+        default_queue: "default",
+        description: "`llm.generate` for a conversation: {model | provider, messages, system, \
+                      params, stream}; the output's `message` continues it (docs/llm.md).",
+        internal: false,
+        external: false,
+        validate: llm::check_chat,
+        schema: |_| llm::llm_schema(true),
+        output: Some(typed::<llm::LlmOutput>),
+    },
+    KindSpec {
         name: "text.embed",
         default_queue: "models",
         description: "Sentence vectors of `texts` (1-256) with all-MiniLM-L6-v2 (384 \
@@ -433,12 +460,10 @@ impl KindSpec {
 
     /// Whether an absent input (`{}`) is refused: the input has required fields.
     pub fn input_required(&self) -> bool {
+        // Whatever the schema's form (`required`, `oneOf`, rules between fields): does it take
+        // an empty input?
         let schema = (self.schema)(&[]);
-        schema.get("oneOf").is_some()
-            || schema
-                .get("required")
-                .and_then(Value::as_array)
-                .is_some_and(|r| !r.is_empty())
+        jsonschema::validator_for(&schema).map_or(true, |v| !v.is_valid(&json!({})))
     }
 }
 
