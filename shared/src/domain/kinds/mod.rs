@@ -9,6 +9,7 @@
 
 pub mod http;
 pub mod input;
+pub mod mcp;
 pub mod memory;
 pub mod model;
 pub mod output;
@@ -315,6 +316,20 @@ pub const KINDS: &[KindSpec] = &[
         validate: input::check::<http::HttpRequestInput>,
         schema: |_| http::http_schema(),
         output: Some(typed::<http::HttpRequestOutput>),
+    },
+    KindSpec {
+        name: "mcp.call",
+        default_queue: "default",
+        description: "Calls `tool` with `arguments` on a remote MCP server (streamable HTTP, \
+                      through the outbound guard; `auth` bearer/basic from a secret); relays \
+                      the server's progress; output {content, structuredContent, isError}; a \
+                      tool error fails the job, connect errors, timeouts and 5xx are retried \
+                      (docs/mcp.md).",
+        internal: false,
+        external: false,
+        validate: input::check::<mcp::McpCallInput>,
+        schema: |_| mcp::mcp_schema(),
+        output: Some(typed::<mcp::McpCallOutput>),
     },
     KindSpec {
         name: "text.embed",
