@@ -13,6 +13,7 @@ pub mod embed;
 pub mod finetune;
 pub mod http_request;
 pub mod mail;
+pub mod mcp_call;
 pub mod memory;
 pub mod push;
 pub mod tts;
