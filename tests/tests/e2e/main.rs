@@ -15,6 +15,7 @@ mod jobs_api;
 mod keys_and_visibility;
 mod kind_validation;
 mod mail;
+mod mcp;
 mod models;
 mod openapi;
 mod openapi_fuzz;
