@@ -119,11 +119,12 @@ fn refused(e: ApiError) -> Result<Value, RpcError> {
                 .iter()
                 .map(|f| format!("{}: {}", f.field, f.message))
                 .collect();
-            Ok(result(
-                format!("invalid arguments: {detail} ({})", fields.join("; ")),
-                None,
-                true,
-            ))
+            let why = if fields.is_empty() {
+                detail
+            } else {
+                fields.join("; ")
+            };
+            Ok(result(format!("invalid arguments: {why}"), None, true))
         }
         e @ (ApiError::BadRequest(_) | ApiError::PayloadTooLarge(_) | ApiError::Conflict(_)) => {
             Ok(result(e.to_string(), None, true))

@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use capibara_tests::{find_free_port, workflows, TestEnv};
+use capibara_tests::{find_free_port, runs, TestEnv};
 use serde_json::{json, Value};
 
 /// The Python of the venv deploy/test.sh makes with the MCP SDK.
@@ -163,7 +163,7 @@ async fn the_sdk_client_lists_kinds_and_workflows_as_tools_and_calls_them() {
     let env = TestEnv::new().await;
     let _procs = env.spawn_all().await;
     let api = env.client();
-    workflows::create(
+    runs::create(
         &api,
         json!({"name": "double", "description": "Echoes n twice.",
                "input_schema": {"type": "object", "required": ["n"],
@@ -315,15 +315,29 @@ async fn mcp_call_calls_a_tool_on_a_remote_server_and_its_errors_fail_the_job() 
     assert_eq!(job["status"], "failed", "{job}");
     assert_eq!(job["attempt"], 1, "{job}");
 
-    // A server that is not there: retried, like http.request's connect errors.
+    // A server that is not there: the attempt fails retryably (a retry is scheduled), like
+    // http.request's connect errors.
     let gone = find_free_port();
     let id = api
-        .submit_id(json!({"kind": "mcp.call", "max_attempts": 2,
-                          "backoff": {"initial_ms": 100},
+        .submit_id(json!({"kind": "mcp.call", "max_attempts": 3,
+                          "backoff": {"initial_ms": 60000},
                           "input": {"server": format!("http://127.0.0.1:{gone}/mcp"), "tool": "add"}}))
         .await;
-    let job = api.wait_terminal(&id, Duration::from_secs(60)).await;
-    assert_eq!(job["status"], "failed", "{job}");
-    assert_eq!(job["error"]["type"], "connect_failed", "{job}");
-    assert_eq!(job["attempt"], 2, "{job}");
+    let failed = capibara_tests::eventually("the attempt to fail", Duration::from_secs(30), || {
+        let api = api.clone();
+        let id = id.clone();
+        async move {
+            api.events(&id)
+                .await
+                .into_iter()
+                .find(|e| e["type"] == "JobAttemptFailed")
+        }
+    })
+    .await;
+    assert_eq!(
+        failed["data"]["error"]["type"], "connect_failed",
+        "{failed}"
+    );
+    assert!(failed["data"]["retry_at"].is_string(), "{failed}");
+    assert_ne!(api.job(&id).await["status"], "failed");
 }
