@@ -80,7 +80,7 @@ impl Answer {
                 None => return,
             };
             let event = text[..end].to_string();
-            self.buf = text[(end + 2).min(text.len())..].as_bytes().to_vec();
+            self.buf = text.as_bytes()[(end + 2).min(text.len())..].to_vec();
             let data: Vec<&str> = event
                 .lines()
                 .filter_map(|l| l.strip_prefix("data:"))
