@@ -57,6 +57,18 @@ if [[ $(cat "$MAIL_VENV/.installed" 2>/dev/null) != "$MAIL_TOOLS" ]]; then
         log "warning: the mail servers could not be installed; the mail tests will fail"
 fi
 export CAPIBARA_TEST_MAIL_VENV=$MAIL_VENV
+# The official MCP SDK (from PyPI) for the MCP tests: its client against `/mcp` and its server
+# for `mcp.call`; installed once into a venv under target/ (tests/tests/e2e/mcp.rs finds it).
+AGENTS_VENV=$ROOT/target/capibara-test/agents
+AGENTS_TOOLS="mcp==2.3.0"
+if [[ $(cat "$AGENTS_VENV/.installed" 2>/dev/null) != "$AGENTS_TOOLS" ]]; then
+    log "installing $AGENTS_TOOLS into $AGENTS_VENV"
+    # shellcheck disable=SC2086 # one argument per package
+    { python3 -m venv "$AGENTS_VENV" && "$AGENTS_VENV/bin/pip" install --quiet $AGENTS_TOOLS &&
+        echo "$AGENTS_TOOLS" >"$AGENTS_VENV/.installed"; } ||
+        log "warning: the MCP SDK could not be installed; the MCP tests will fail"
+fi
+export CAPIBARA_TEST_AGENTS_VENV=$AGENTS_VENV
 
 PG_PORT=${CAPIBARA_TEST_PG_PORT:-25432}
 REDIS_PORT=${CAPIBARA_TEST_REDIS_PORT:-26379}

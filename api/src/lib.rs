@@ -8,11 +8,14 @@
 //! - [`error`]: the only place errors become HTTP responses (RFC 9457).
 //! - [`wait`]: `Prefer: wait` on top of stream hints.
 //! - [`openapi`]: the generated OpenAPI document and Swagger UI.
+//! - [`mcp`]: the MCP server at `/mcp` (kinds and workflows as tools; jobs, runs, artifacts as
+//!   resources).
 
 pub mod auth;
 pub mod error;
 pub mod extract;
 pub mod firehose;
+pub mod mcp;
 pub mod openapi;
 pub mod outbound;
 pub mod routes;
@@ -225,6 +228,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/deliveries/{id}", get(deliveries::get))
         .route("/v1/deliveries/{id}/redeliver", post(deliveries::redeliver))
         .route("/v1/orchestrate", post(orchestrate::orchestrate))
+        .route("/mcp", post(mcp::post).get(mcp::get).delete(mcp::delete))
         .route("/v1/code/execute", post(code::execute))
         .route("/v1/code/validate", post(code::validate))
         .route("/v1/code/cache/stats", get(code::cache_stats))

@@ -39,6 +39,9 @@ pub struct Config {
     /// How long an open provider breaker refuses calls (`CAPIBARA_LLM_BREAKER_COOLDOWN_S`,
     /// default 30).
     pub llm_breaker_cooldown: Duration,
+    /// How long an MCP `tools/call` waits for its job or run before answering with a handle
+    /// (`CAPIBARA_MCP_WAIT_S`, default 30; a call's `_meta["capibara/wait_s"]` may ask less).
+    pub mcp_wait: Duration,
     /// How long a running attempt's lease lasts without a heartbeat.
     pub visibility_timeout: Duration,
     pub body_limit_bytes: usize,
@@ -226,6 +229,9 @@ impl Config {
             llm_breaker_failures: parse("CAPIBARA_LLM_BREAKER_FAILURES", 5u32)?.max(1),
             llm_breaker_cooldown: Duration::from_secs_f64(
                 parse("CAPIBARA_LLM_BREAKER_COOLDOWN_S", 30.0f64)?.clamp(0.1, 86_400.0),
+            ),
+            mcp_wait: Duration::from_secs_f64(
+                parse("CAPIBARA_MCP_WAIT_S", 30.0f64)?.clamp(0.0, 60.0),
             ),
             visibility_timeout: Duration::from_secs_f64(
                 parse("CAPIBARA_VISIBILITY_TIMEOUT_S", 30.0f64)?.max(0.5),

@@ -63,6 +63,17 @@ const JOB_OUTCOMES: &[&str] = &[
     "detached",
 ];
 
+const MCP_METHODS: &[&str] = &[
+    "initialize",
+    "ping",
+    "tools/list",
+    "tools/call",
+    "resources/list",
+    "resources/templates/list",
+    "resources/read",
+    "other",
+];
+const MCP_OUTCOMES: &[&str] = &["ok", "tool_error", "error"];
 const HTTP_OUTCOMES: &[&str] = &["ok", "unexpected_status", "error", "circuit_open"];
 const BREAKER_STATES: &[&str] = &["open", "closed"];
 
@@ -131,6 +142,22 @@ pub const METRICS: &[MetricSpec] = &[
         unit: None,
         on: &[Worker],
         labels: &[("to", Values::Fixed(BREAKER_STATES))],
+    },
+    MetricSpec {
+        name: "capibara_mcp_requests_total",
+        kind: Counter,
+        help: "JSON-RPC requests to the MCP server at /mcp, by method (docs/mcp.md).",
+        unit: None,
+        on: &[Api],
+        labels: &[("method", Values::Fixed(MCP_METHODS))],
+    },
+    MetricSpec {
+        name: "capibara_mcp_calls_total",
+        kind: Counter,
+        help: "mcp.call tool calls by outcome: ok, tool_error (the tool answered isError), error (no result).",
+        unit: None,
+        on: &[Worker],
+        labels: &[("outcome", Values::Fixed(MCP_OUTCOMES))],
     },
     // Event store (every binary appends).
     MetricSpec {

@@ -92,6 +92,15 @@ pub fn registry(store: &Store, config: &Config, warm: &WarmUp) -> executors::Reg
     registry.register("llm.generate", llm.clone());
     registry.register("llm.chat", llm);
     registry.register(
+        "mcp.call",
+        Arc::new(executors::mcp_call::McpCall {
+            secrets: Arc::new(executors::mail::PgSecrets {
+                store: store.clone(),
+            }),
+            allow_private: config.outbound_allow_private,
+        }),
+    );
+    registry.register(
         "mail.send",
         Arc::new(executors::mail::MailSend {
             secrets: Arc::new(executors::mail::PgSecrets {

@@ -125,20 +125,26 @@ pub async fn list(
     auth: Auth,
 ) -> Result<Json<Page<KindInfo>>, ApiError> {
     auth.require(Role::Read)?;
-    let live = live_workers(&state, auth.namespace()).await?;
+    Ok(Json(Page {
+        items: visible(&state, auth.namespace()).await?,
+        next_cursor: None,
+    }))
+}
+
+/// The kinds a namespace sees: the public built-in ones, then its registered ones (what
+/// `GET /v1/kinds` lists and the MCP server offers as tools).
+pub async fn visible(state: &AppState, namespace: &str) -> Result<Vec<KindInfo>, ApiError> {
+    let live = live_workers(state, namespace).await?;
     let mut items: Vec<KindInfo> = kinds::KINDS
         .iter()
         .filter(|k| !k.internal)
-        .map(|k| KindInfo::builtin(k, &state, &live))
+        .map(|k| KindInfo::builtin(k, state, &live))
         .collect();
-    for k in store::user_kinds::list(&state.store.pool, auth.namespace()).await? {
+    for k in store::user_kinds::list(&state.store.pool, namespace).await? {
         let n = live.get(&k.name).copied().unwrap_or(0);
         items.push(KindInfo::user(k, n));
     }
-    Ok(Json(Page {
-        items,
-        next_cursor: None,
-    }))
+    Ok(items)
 }
 
 #[utoipa::path(get, operation_id = "getKind", path = "/v1/kinds/{name}", tag = "kinds",

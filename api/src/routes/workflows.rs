@@ -316,11 +316,6 @@ pub async fn start_run(
     )
     .await;
     let run = match started {
-        Ok(run) => run,
-        Err(StartError::WorkflowNotFound) => {
-            return Err(ApiError::NotFound(format!("no workflow `{workflow_id}`")))
-        }
-        Err(StartError::Input(e)) => return Err(e.into()),
         Err(StartError::Append(AppendError::DuplicateCommand)) => {
             let key = key.as_deref().unwrap_or_default();
             let run = super::runs::replay(&state, &auth, key, &hash)
@@ -328,8 +323,49 @@ pub async fn start_run(
                 .ok_or_else(|| ApiError::Conflict("idempotency key is in use".into()))?;
             return super::runs::finish(&state, &auth, run, wait, true).await;
         }
-        Err(StartError::Append(e)) => return Err(StoreError::from(e).into()),
-        Err(StartError::Store(e)) => return Err(e.into()),
+        other => started_run(other, workflow_id)?,
     };
     super::runs::finish(&state, &auth, run, wait, false).await
+}
+
+/// The run a start made, or its refusal as an API error.
+fn started_run(
+    started: Result<capibara_shared::domain::run::Run, StartError>,
+    workflow_id: Uuid,
+) -> Result<capibara_shared::domain::run::Run, ApiError> {
+    match started {
+        Ok(run) => Ok(run),
+        Err(StartError::WorkflowNotFound) => {
+            Err(ApiError::NotFound(format!("no workflow `{workflow_id}`")))
+        }
+        Err(StartError::Input(e)) => Err(e.into()),
+        Err(StartError::Append(e)) => Err(StoreError::from(e).into()),
+        Err(StartError::Store(e)) => Err(e.into()),
+    }
+}
+
+/// Start a run of `workflow_id` with `input` for the caller, without an idempotency key (the
+/// MCP server's workflow tools).
+pub async fn start(
+    state: &AppState,
+    auth: &Auth,
+    workflow_id: Uuid,
+    input: Value,
+) -> Result<capibara_shared::domain::run::Run, ApiError> {
+    auth.require(Role::Submit)?;
+    let started = store::runs::start_run(
+        &state.store,
+        StartRun {
+            namespace: auth.namespace().to_string(),
+            workflow_id,
+            input,
+            callback_url: None,
+            actor: auth.actor(),
+            command: None,
+            with: Vec::new(),
+            run_id: Uuid::now_v7(),
+        },
+    )
+    .await;
+    started_run(started, workflow_id)
 }

@@ -16,6 +16,7 @@ mod keys_and_visibility;
 mod kind_validation;
 mod llm;
 mod mail;
+mod mcp;
 mod models;
 mod openapi;
 mod openapi_fuzz;

@@ -14,6 +14,7 @@ pub mod finetune;
 pub mod http_request;
 pub mod llm;
 pub mod mail;
+pub mod mcp_call;
 pub mod memory;
 pub mod push;
 pub mod tts;

@@ -10,6 +10,7 @@
 pub mod http;
 pub mod input;
 pub mod llm;
+pub mod mcp;
 pub mod memory;
 pub mod model;
 pub mod output;
@@ -342,6 +343,20 @@ pub const KINDS: &[KindSpec] = &[
         validate: llm::check_chat,
         schema: |_| llm::llm_schema(true),
         output: Some(typed::<llm::LlmOutput>),
+    },
+    KindSpec {
+        name: "mcp.call",
+        default_queue: "default",
+        description: "Calls `tool` with `arguments` on a remote MCP server (streamable HTTP, \
+                      through the outbound guard; `auth` bearer/basic from a secret); relays \
+                      the server's progress; output {content, structuredContent, isError}; a \
+                      tool error fails the job, connect errors, timeouts and 5xx are retried \
+                      (docs/mcp.md).",
+        internal: false,
+        external: false,
+        validate: input::check::<mcp::McpCallInput>,
+        schema: |_| mcp::mcp_schema(),
+        output: Some(typed::<mcp::McpCallOutput>),
     },
     KindSpec {
         name: "text.embed",
