@@ -28,6 +28,10 @@ drawn from the schema and must be accepted. Each rule is also documented on its 
   outbound guard refuses loopback addresses there), with `auth` its headers hold no
   `Authorization`, and without `response: artifact` it names no artifact and reads at most
   10 MiB (JSON Schema's if/else says so, but the fuzzer draws both branches' fields).
+- An `mcp.call` job's `server` is `http://127.0.0.1:9/mcp` (refused by the worker, as above).
+- An LLM provider's `base_url` (PUT /v1/llm/providers/{name}) must resolve to a public
+  address: a fixed public IP literal; `check=true` on GET /v1/llm/providers would probe it
+  (a call out of the machine): dropped.
 - A `text.chunk` input's `overlap` is less than half of its `max_tokens` (also the body of
   `POST /v1/semantic/chunk`).
 - `backoff.initial_ms` must not exceed `max_ms`; a schedule's `end_at` comes after `start_at` (a PATCH's `start_at` goes only with a later `end_at`:
@@ -129,6 +133,9 @@ def _job(job):
         _chunk(job.get("input"))
     if job.get("kind") == "http.request":
         _http_request(job.get("input"))
+    if job.get("kind") == "mcp.call" and isinstance(job.get("input"), dict):
+        # No call leaves the machine: a loopback URL, which the outbound guard refuses.
+        job["input"]["server"] = "http://127.0.0.1:9/mcp"
     job.pop("callback_url", None)
     job.pop("callback_events", None)
     _backoff(job.get("backoff"))
@@ -276,6 +283,8 @@ def map_case(context, case):
     op = _op(context)
     if op == "GET /v1/events" and isinstance(case.query, dict):
         case.query.pop("after", None)
+    if op.startswith("GET /v1/llm/providers") and isinstance(case.query, dict):
+        case.query.pop("check", None)
     if case.headers:
         # A key names one request: a generated key reused with another body is a 422.
         case.headers.pop("Idempotency-Key", None)
@@ -309,6 +318,8 @@ def _body(op, body):
         _job(body)
     elif op in ("POST /v1/semantic/embed", "POST /v1/semantic/search"):
         _text_embed(body)
+    elif op == "PUT /v1/llm/providers/{name}":
+        body["base_url"] = "https://93.184.215.14/v1"
     elif op == "POST /v1/http/request":
         _http_request(body)
     elif op == "POST /v1/http/stream-download":

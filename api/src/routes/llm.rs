@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use axum::{
-    extract::{Path, Query, State},
+    extract::{Path, RawQuery, State},
     http::StatusCode,
     response::IntoResponse,
     Json,
@@ -23,7 +23,13 @@ use capibara_shared::{
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::{auth::Auth, error::ApiError, extract::ApiJson, routes::jobs::Page, AppState};
+use crate::{
+    auth::Auth,
+    error::ApiError,
+    extract::{query_pairs, ApiJson},
+    routes::jobs::Page,
+    AppState,
+};
 
 /// How long a health probe may take.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
@@ -102,7 +108,7 @@ impl ProviderHealth {
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct ProviderInfo {
     pub name: String,
-    #[serde(flatten)]
+    /// What `PUT` set.
     pub definition: ProviderDef,
     pub health: ProviderHealth,
     /// The provider stream's version (one per change).
@@ -125,12 +131,27 @@ impl ProviderInfo {
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
-#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ListParams {
     /// Probe each provider now (its model list, at most 5 s) and record the result in its
     /// circuit breaker.
     #[serde(default)]
     pub check: Option<bool>,
+}
+
+/// `?check=`: `true` or `false` (a 422 naming it otherwise; other parameters are ignored).
+fn wants_check(raw: Option<&str>) -> Result<bool, ApiError> {
+    let mut check = false;
+    for (k, v) in query_pairs(raw)? {
+        if k == "check" {
+            check = match v.as_str() {
+                "true" => true,
+                "false" => false,
+                _ => return Err(ApiError::field("check", "must be `true` or `false`")),
+            };
+        }
+    }
+    Ok(check)
 }
 
 /// Probe `p`: `GET` its model list through the outbound guard (the address resolved, checked
@@ -232,23 +253,19 @@ async fn with_health(
 
 #[utoipa::path(get, operation_id = "listLlmProviders", path = "/v1/llm/providers", tag = "llm",
     params(ListParams),
-    responses((status = 200, body = Page<ProviderInfo>), (status = 503, body = crate::error::Problem)),
+    responses((status = 200, body = Page<ProviderInfo>), (status = 422, body = crate::error::Problem),
+              (status = 503, body = crate::error::Problem)),
     security(("bearer" = [])))]
 /// The namespace's LLM providers, by name, with each one's health.
 pub async fn list(
     State(state): State<AppState>,
     auth: Auth,
-    Query(params): Query<ListParams>,
+    RawQuery(query): RawQuery,
 ) -> Result<Json<Page<ProviderInfo>>, ApiError> {
     auth.require(Role::Read)?;
+    let probe = wants_check(query.as_deref())?;
     let providers = store::llm_providers::list(&state.store.pool, auth.namespace()).await?;
-    let items = with_health(
-        &state,
-        auth.namespace(),
-        providers,
-        params.check.unwrap_or(false),
-    )
-    .await?;
+    let items = with_health(&state, auth.namespace(), providers, probe).await?;
     Ok(Json(Page {
         items,
         next_cursor: None,
@@ -268,28 +285,24 @@ async fn find(state: &AppState, namespace: &str, name: &str) -> Result<LlmProvid
 
 #[utoipa::path(get, operation_id = "getLlmProvider", path = "/v1/llm/providers/{name}", tag = "llm",
     params(("name" = String, Path), ListParams),
-    responses((status = 200, body = ProviderInfo), (status = 404, body = crate::error::Problem)),
+    responses((status = 200, body = ProviderInfo), (status = 404, body = crate::error::Problem),
+              (status = 422, body = crate::error::Problem)),
     security(("bearer" = [])))]
 pub async fn get(
     State(state): State<AppState>,
     auth: Auth,
     Path(name): Path<String>,
-    Query(params): Query<ListParams>,
+    RawQuery(query): RawQuery,
 ) -> Result<Json<ProviderInfo>, ApiError> {
     auth.require(Role::Read)?;
+    let probe = wants_check(query.as_deref())?;
     let p = find(&state, auth.namespace(), &name).await?;
-    let mut items = with_health(
-        &state,
-        auth.namespace(),
-        vec![p],
-        params.check.unwrap_or(false),
-    )
-    .await?;
+    let mut items = with_health(&state, auth.namespace(), vec![p], probe).await?;
     Ok(Json(items.pop().expect("one provider in, one out")))
 }
 
 #[utoipa::path(put, operation_id = "putLlmProvider", path = "/v1/llm/providers/{name}", tag = "llm",
-    params(("name" = String, Path)), request_body = ProviderDef,
+    params(("name" = String, Path, pattern = "^[a-z][a-z0-9_-]{0,63}$")), request_body = ProviderDef,
     responses((status = 201, description = "configured", body = ProviderInfo),
               (status = 200, description = "replaced (or unchanged)", body = ProviderInfo),
               (status = 422, body = crate::error::Problem)),

@@ -48,7 +48,7 @@ pub struct ProviderDef {
     )]
     pub base_url: String,
     /// The models it serves: names, or a prefix ending in `*` (`llama3*`), or `*` for any.
-    #[schema(min_items = 1, max_items = 100)]
+    #[schema(schema_with = models_schema)]
     pub models: Vec<String>,
     /// The namespace secret (`/v1/secrets`) holding the API key, read by the worker when it
     /// calls (`Authorization: Bearer` for OpenAI, `x-api-key` for Anthropic).
@@ -66,6 +66,23 @@ pub struct ProviderDef {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(inline, nullable = false)]
     pub cost: Option<ProviderCost>,
+}
+
+/// `models`: 1-100 names of 1-200 characters without spaces or control characters, a `*` only
+/// at the end.
+fn models_schema() -> utoipa::openapi::schema::Array {
+    use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, Type};
+    ArrayBuilder::new()
+        .items(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .min_length(Some(1))
+                .max_length(Some(200))
+                .pattern(Some(r"^[^\s\x00-\x1f\x7f-\x9f*]*\*?$")),
+        )
+        .min_items(Some(1))
+        .max_items(Some(100))
+        .build()
 }
 
 impl ProviderDef {
@@ -132,13 +149,22 @@ impl ProviderDef {
             let ok = !m.is_empty()
                 && m.len() <= 200
                 && !m.chars().any(|c| c.is_control() || c.is_whitespace())
-                && !m[..m.len() - 1].contains('*');
+                && !m.strip_suffix('*').unwrap_or(m).contains('*');
             if !ok {
                 return Err(FieldError::new(
                     format!("models[{i}]"),
                     "a model name (1-200 characters, no spaces), or a prefix ending in `*`",
                 ));
             }
+        }
+        if self.priority.is_some_and(|p| p > 1000) {
+            return Err(FieldError::new("priority", "between 0 and 1000"));
+        }
+        if self
+            .timeout_ms
+            .is_some_and(|t| !(100..=600_000).contains(&t))
+        {
+            return Err(FieldError::new("timeout_ms", "between 100 and 600000"));
         }
         if let Some(cost) = &self.cost {
             for (field, v) in [
@@ -337,9 +363,16 @@ mod tests {
         assert!(def(&["gpt-4o", "llama*"], 1).validate().is_ok());
         assert_eq!(def(&["a b"], 1).validate().unwrap_err().field, "models[0]");
         assert_eq!(def(&["l*a*"], 1).validate().unwrap_err().field, "models[0]");
+        // Multibyte characters anywhere (the fuzzer found a slice inside one).
+        assert!(def(&["é", "llamaé*", "*"], 1).validate().is_ok());
         let mut d = def(&["m"], 1);
         d.base_url = "ftp://x".into();
         assert_eq!(d.validate().unwrap_err().field, "base_url");
+        let mut d = def(&["m"], 1001);
+        assert_eq!(d.validate().unwrap_err().field, "priority");
+        d.priority = None;
+        d.timeout_ms = Some(600_001);
+        assert_eq!(d.validate().unwrap_err().field, "timeout_ms");
         assert!(validate_name("openai-main").is_ok());
         let mut d = def(&["m"], 1);
         d.base_url = "http://h/v1/".into();

@@ -415,3 +415,31 @@ async fn the_relay_re_dispatches_a_job_redis_lost_without_a_wipe() {
     let job = api.wait_terminal(&id, Duration::from_secs(20)).await;
     assert_eq!(job["status"], "succeeded");
 }
+
+/// An attempt of a claim-first (not repeatable) kind that fails within a millisecond (a
+/// connection refused) is retried after its backoff, and the last attempt's failure ends the
+/// job: nothing waits for a dispatch that never comes.
+#[tokio::test]
+async fn a_fast_failing_claim_first_attempt_is_retried_after_its_backoff() {
+    let mut env = TestEnv::new().await;
+    env.extra_env
+        .push(("CAPIBARA_OUTBOUND_ALLOW_PRIVATE".into(), "true".into()));
+    let _procs = env.spawn_all().await;
+    let api = env.client();
+    let gone = capibara_tests::find_free_port();
+    for backoff in [
+        json!({"initial_ms": 100}),
+        json!({"initial_ms": 100, "factor": 1, "max_ms": 100}),
+    ] {
+        let id = api
+            .submit_id(
+                json!({"kind": "http.request", "max_attempts": 2, "backoff": backoff,
+                              "input": {"url": format!("http://127.0.0.1:{gone}/")}}),
+            )
+            .await;
+        let job = api.wait_terminal(&id, Duration::from_secs(30)).await;
+        assert_eq!(job["status"], "failed", "{backoff}: {job}");
+        assert_eq!(job["attempt"], 2, "{backoff}: {job}");
+        assert_eq!(job["error"]["type"], "connect_failed", "{job}");
+    }
+}

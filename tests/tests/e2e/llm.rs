@@ -522,7 +522,7 @@ async fn llm_routes_streams_fails_over_and_breaks_the_circuit_per_provider() {
             .contains("connect_failed"),
         "{primary}"
     );
-    assert_eq!(primary["api_key_secret"], "OPENAI_KEY");
+    assert_eq!(primary["definition"]["api_key_secret"], "OPENAI_KEY");
     assert_eq!(items[2]["health"]["state"], "closed");
     assert!(items[2]["health"]["last_success_at"].is_string());
 
@@ -549,6 +549,10 @@ async fn llm_routes_streams_fails_over_and_breaks_the_circuit_per_provider() {
         "{}",
         r.body
     );
+
+    let r = api.get("/v1/llm/providers?check=maybe").await;
+    assert_eq!(r.status, 422, "{r:?}");
+    assert_eq!(r.body["errors"][0]["field"], "check");
 
     // A pinned provider gets no failover: with the breaker open, the job waits for it.
     let job = run(
