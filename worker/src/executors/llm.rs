@@ -152,10 +152,9 @@ impl BodySink for Stream {
 
     async fn piece(&mut self, bytes: &[u8], _total: Option<u64>) -> Result<(), String> {
         if self.events != Some(true) {
-            let keep = (64 * 1024usize)
-                .saturating_sub(self.raw.len())
-                .min(bytes.len());
-            self.raw.extend_from_slice(&bytes[..keep]);
+            // An error's JSON, or a whole answer from a provider that does not stream (the
+            // policy caps it at MAX_ANSWER_BYTES).
+            self.raw.extend_from_slice(bytes);
             return Ok(());
         }
         for event in self.parser.feed(bytes) {
