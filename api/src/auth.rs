@@ -45,6 +45,15 @@ impl Auth {
     }
 
     /// Fail with 403 unless the key holds `role` (or a higher one).
+    /// The metadata of events this caller's command records: its namespace and actor.
+    pub fn metadata(&self) -> capibara_shared::domain::event::EventMetadata {
+        capibara_shared::domain::event::EventMetadata {
+            namespace: self.namespace().to_string(),
+            actor: Some(self.actor()),
+            ..Default::default()
+        }
+    }
+
     pub fn require(&self, role: Role) -> Result<(), ApiError> {
         if self.key.allows(role) {
             Ok(())

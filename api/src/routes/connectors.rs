@@ -11,7 +11,6 @@ use capibara_shared::{
     domain::{
         auth::Role,
         connector::{types, Connector, ConnectorDef},
-        event::EventMetadata,
     },
     store,
 };
@@ -59,14 +58,6 @@ pub async fn list_types(auth: Auth) -> Result<Json<Page<ConnectorTypeInfo>>, Api
     }))
 }
 
-fn metadata(auth: &Auth) -> EventMetadata {
-    EventMetadata {
-        namespace: auth.namespace().to_string(),
-        actor: Some(auth.actor()),
-        ..Default::default()
-    }
-}
-
 /// The definition, checked against its type, with its URL (or an `s3` endpoint) passing the
 /// outbound policy.
 async fn check(state: &AppState, def: &ConnectorDef) -> Result<(), ApiError> {
@@ -103,7 +94,7 @@ pub async fn create(
 ) -> Result<(StatusCode, Json<Connector>), ApiError> {
     auth.require(Role::Submit)?;
     check(&state, &body.value).await?;
-    let c = command::connectors::create(&state.store, &metadata(&auth), body.value).await?;
+    let c = command::connectors::create(&state.store, &auth.metadata(), body.value).await?;
     Ok((StatusCode::CREATED, Json(c)))
 }
 
@@ -148,7 +139,7 @@ pub async fn update(
     auth.require(Role::Submit)?;
     let id = parse_id(&id)?;
     check(&state, &body.value).await?;
-    let c = command::connectors::update(&state.store, &metadata(&auth), id, body.value)
+    let c = command::connectors::update(&state.store, &auth.metadata(), id, body.value)
         .await
         .map_err(|e| ApiError::from_command(e, "connector", id))?;
     Ok(Json(c))
@@ -165,7 +156,7 @@ pub async fn delete(
 ) -> Result<StatusCode, ApiError> {
     auth.require(Role::Submit)?;
     let id = parse_id(&id)?;
-    command::connectors::delete(&state.store, &metadata(&auth), id)
+    command::connectors::delete(&state.store, &auth.metadata(), id)
         .await
         .map_err(|e| ApiError::from_command(e, "connector", id))?;
     Ok(StatusCode::NO_CONTENT)

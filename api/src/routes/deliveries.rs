@@ -13,7 +13,7 @@ use capibara_shared::{
         self,
         auth::Role,
         delivery::{self, Delivery, DeliveryEvent, DeliveryStatus},
-        event::{EventEnvelope, EventMetadata},
+        event::EventEnvelope,
     },
     store::{self, deliveries::DeliveryFilter},
 };
@@ -119,11 +119,7 @@ pub async fn redeliver(
     let id: Uuid = id
         .parse()
         .map_err(|_| ApiError::NotFound(format!("no delivery `{id}`")))?;
-    let meta = EventMetadata {
-        namespace: auth.namespace().to_string(),
-        actor: Some(auth.actor()),
-        ..Default::default()
-    };
+    let meta = auth.metadata();
     let attempts = state.config.delivery_retry_schedule.len() as u32 + 1;
     // The delivery is queued again and its job submitted in one transaction.
     let (d, ()) = command::execute_with::<Delivery, _, ApiError, _>(

@@ -15,7 +15,6 @@ use capibara_shared::{
     },
     domain::{
         auth::Role,
-        event::EventMetadata,
         job::Priority,
         kinds::{
             self,
@@ -196,11 +195,7 @@ pub async fn put_definition(
     user::validate_name(name)?;
     definition.validate()?;
     check_push(state, &definition).await?;
-    let meta = EventMetadata {
-        namespace: auth.namespace().to_string(),
-        actor: Some(auth.actor()),
-        ..Default::default()
-    };
+    let meta = auth.metadata();
     let put = command::kinds::put(&state.store, &meta, name, definition)
         .await
         .map_err(|e| ApiError::from_command(e, "kind", uuid::Uuid::nil()))?;
@@ -247,11 +242,7 @@ pub async fn delete(
             "`{name}` is a built-in kind; it cannot be deleted"
         )));
     }
-    let meta = EventMetadata {
-        namespace: auth.namespace().to_string(),
-        actor: Some(auth.actor()),
-        ..Default::default()
-    };
+    let meta = auth.metadata();
     command::kinds::delete(&state.store, &meta, &name)
         .await
         .map_err(|e| ApiError::from_command(e, "kind", uuid::Uuid::nil()))?;

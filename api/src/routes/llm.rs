@@ -14,7 +14,6 @@ use capibara_shared::{
     command::{self, llm_providers::ProviderError},
     domain::{
         auth::Role,
-        event::EventMetadata,
         llm::{self, LlmProvider, ProviderDef},
     },
     http_hosts::{HostBreakers, HostState},
@@ -320,11 +319,7 @@ pub async fn put(
     let definition = body.value;
     definition.validate()?;
     crate::outbound::check_url("base_url", &definition.base_url, &state.config).await?;
-    let meta = EventMetadata {
-        namespace: auth.namespace().to_string(),
-        actor: Some(auth.actor()),
-        ..Default::default()
-    };
+    let meta = auth.metadata();
     let (provider, created) = command::llm_providers::put(&state.store, &meta, &name, definition)
         .await
         .map_err(|e| ApiError::from_command(e, "LLM provider", uuid::Uuid::nil()))?;
@@ -347,11 +342,7 @@ pub async fn delete(
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     auth.require(Role::Admin)?;
-    let meta = EventMetadata {
-        namespace: auth.namespace().to_string(),
-        actor: Some(auth.actor()),
-        ..Default::default()
-    };
+    let meta = auth.metadata();
     command::llm_providers::delete(&state.store, &meta, &name)
         .await
         .map_err(|e| ApiError::from_command(e, "LLM provider", uuid::Uuid::nil()))?;

@@ -10,7 +10,6 @@ use capibara_shared::{
     command::{self, models::ModelError},
     domain::{
         auth::Role,
-        event::EventMetadata,
         model::{ModelRef, ModelVersion},
     },
     store,
@@ -80,11 +79,7 @@ pub async fn delete(
 ) -> Result<StatusCode, ApiError> {
     auth.require(Role::Submit)?;
     let r = parse_ref(&reference)?;
-    let metadata = EventMetadata {
-        namespace: auth.namespace().to_string(),
-        actor: Some(auth.actor()),
-        ..Default::default()
-    };
+    let metadata = auth.metadata();
     command::models::delete(&state.store, &metadata, &r)
         .await
         .map_err(|e| match e {

@@ -16,7 +16,6 @@ use capibara_shared::{
     domain::{
         self,
         auth::Role,
-        event::EventMetadata,
         schedule::{
             CatchUp, CronSpec, Overlap, Schedule, ScheduleEvent, ScheduleSpec, ScheduleTarget,
         },
@@ -200,14 +199,6 @@ fn check_spec(s: &ScheduleSpec) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn meta(auth: &Auth) -> EventMetadata {
-    EventMetadata {
-        namespace: auth.namespace().to_string(),
-        actor: Some(auth.actor()),
-        ..Default::default()
-    }
-}
-
 fn parse_id(id: &str) -> Result<Uuid, ApiError> {
     crate::extract::path_id(id, "schedule")
 }
@@ -233,7 +224,7 @@ async fn write(
         id,
         auth.namespace(),
         events,
-        meta(auth),
+        auth.metadata(),
         domain::now(),
     )
     .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("schedule state")))?;
@@ -335,7 +326,7 @@ pub async fn update(
         &state.store,
         auth.namespace(),
         id,
-        &meta(&auth),
+        &auth.metadata(),
         |s| {
             let target = match &new_target {
                 Some(t) => t.clone(),
@@ -374,7 +365,7 @@ async fn simple(
         &state.store,
         auth.namespace(),
         id,
-        &meta(auth),
+        &auth.metadata(),
         |_| Ok((vec![ev.clone()], ())),
     )
     .await

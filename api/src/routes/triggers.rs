@@ -14,7 +14,6 @@ use capibara_shared::{
     domain::{
         self,
         auth::Role,
-        event::EventMetadata,
         trigger::{check_template, Trigger, TriggerAuth, TriggerEvent},
         webhook::WebhookSecret,
     },
@@ -79,14 +78,6 @@ fn view(state: &AppState, t: Trigger) -> TriggerView {
     TriggerView { trigger: t, url }
 }
 
-fn meta(auth: &Auth) -> EventMetadata {
-    EventMetadata {
-        namespace: auth.namespace().to_string(),
-        actor: Some(auth.actor()),
-        ..Default::default()
-    }
-}
-
 #[utoipa::path(post, operation_id = "createTrigger", path = "/v1/triggers", tag = "schedules", request_body = CreateTrigger,
     responses((status = 201, body = CreatedTrigger), (status = 422, body = crate::error::Problem)),
     security(("bearer" = [])))]
@@ -148,7 +139,7 @@ pub async fn create(
         Uuid::now_v7(),
         auth.namespace(),
         &[ev],
-        meta(&auth),
+        auth.metadata(),
         domain::now(),
     )
     .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("trigger state")))?;
@@ -224,7 +215,7 @@ pub async fn delete(
         &state.store,
         auth.namespace(),
         id,
-        &meta(&auth),
+        &auth.metadata(),
         |_| Ok((vec![TriggerEvent::TriggerDeleted {}], ())),
     )
     .await

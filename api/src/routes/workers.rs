@@ -22,7 +22,6 @@ use capibara_shared::{
     },
     domain::{
         auth::Role,
-        event::EventMetadata,
         job::{Artifact, AttemptEnd, Job, JobError},
         kinds::{
             self,
@@ -321,11 +320,7 @@ pub async fn register(
         }
         declared.push((name, definition));
     }
-    let meta = EventMetadata {
-        namespace: auth.namespace().to_string(),
-        actor: Some(auth.actor()),
-        ..Default::default()
-    };
+    let meta = auth.metadata();
     let kinds = command::kinds::declare(&state.store, &meta, &declared)
         .await
         .map_err(|e| ApiError::from_command(e, "kind", Uuid::nil()))?;

@@ -15,7 +15,6 @@ use capibara_shared::{
     domain::{
         self,
         auth::Role,
-        event::EventMetadata,
         kinds::{KindContext, UserKindLookup},
         workflow::{Workflow, WorkflowDef, WorkflowEvent},
     },
@@ -41,14 +40,6 @@ use crate::{
 
 fn parse_id(id: &str) -> Result<Uuid, ApiError> {
     crate::extract::path_id(id, "workflow")
-}
-
-fn metadata(auth: &Auth) -> EventMetadata {
-    EventMetadata {
-        namespace: auth.namespace().to_string(),
-        actor: Some(auth.actor()),
-        ..Default::default()
-    }
 }
 
 /// Parse and validate a definition from a JSON or YAML body (static step inputs get the same
@@ -126,7 +117,7 @@ pub async fn create(
         None,
         id,
         &[WorkflowEvent::WorkflowCreated { definition: def }],
-        metadata(&auth),
+        auth.metadata(),
         domain::now(),
     )
     .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("workflow state")))?;
@@ -159,7 +150,7 @@ pub async fn update(
         &state.store,
         auth.namespace(),
         id,
-        &metadata(&auth),
+        &auth.metadata(),
         |_| {
             Ok((
                 vec![WorkflowEvent::WorkflowUpdated {
@@ -230,7 +221,7 @@ pub async fn delete(
         &state.store,
         auth.namespace(),
         id,
-        &metadata(&auth),
+        &auth.metadata(),
         |_| Ok((vec![WorkflowEvent::WorkflowDeleted {}], ())),
     )
     .await

@@ -195,22 +195,7 @@ impl KindInput for HttpRequestInput {
             }
         }
         for name in self.headers.iter().flat_map(|h| h.keys()) {
-            let ok = !name.is_empty()
-                && name
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b));
-            if !ok {
-                return Err(FieldError::new(
-                    format!("headers.{name}"),
-                    "is not a header name (letters, digits, '-' and '_')",
-                ));
-            }
-            if self.auth.is_some() && name.eq_ignore_ascii_case("authorization") {
-                return Err(FieldError::new(
-                    format!("headers.{name}"),
-                    "`auth` sets Authorization; give one of them",
-                ));
-            }
+            check_header_name(name, self.auth.is_some())?;
         }
         if !self.to_artifact() {
             if self.artifact_name.is_some() {
@@ -242,6 +227,28 @@ impl KindInput for HttpRequestInput {
         }
         Ok(())
     }
+}
+
+/// A header name an input gives (`headers.<name>`): letters, digits, `-` and `_`, and not
+/// `Authorization` when `auth` sets it. Shared by the kinds that call out with headers.
+pub fn check_header_name(name: &str, has_auth: bool) -> Result<(), FieldError> {
+    let ok = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b));
+    if !ok {
+        return Err(FieldError::new(
+            format!("headers.{name}"),
+            "is not a header name (letters, digits, '-' and '_')",
+        ));
+    }
+    if has_auth && name.eq_ignore_ascii_case("authorization") {
+        return Err(FieldError::new(
+            format!("headers.{name}"),
+            "`auth` sets Authorization; give one of them",
+        ));
+    }
+    Ok(())
 }
 
 /// `http.request`'s published schema: the derived one, with what serde's types cannot say

@@ -58,27 +58,12 @@ impl KindInput for McpCallInput {
             return Err(FieldError::new("headers", "at most 20 entries"));
         }
         for name in self.headers.iter().flat_map(|h| h.keys()) {
-            let ok = !name.is_empty()
-                && name
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b));
-            if !ok {
-                return Err(FieldError::new(
-                    format!("headers.{name}"),
-                    "is not a header name (letters, digits, '-' and '_')",
-                ));
-            }
+            super::http::check_header_name(name, self.auth.is_some())?;
             let lower = name.to_ascii_lowercase();
             if lower.starts_with("mcp-") || lower == "content-type" || lower == "accept" {
                 return Err(FieldError::new(
                     format!("headers.{name}"),
                     "is set by the MCP transport",
-                ));
-            }
-            if self.auth.is_some() && lower == "authorization" {
-                return Err(FieldError::new(
-                    format!("headers.{name}"),
-                    "`auth` sets Authorization; give one of them",
                 ));
             }
         }
