@@ -29,6 +29,10 @@ drawn from the schema and must be accepted. Each rule is also documented on its 
   `Authorization`, and without `response: artifact` it names no artifact and reads at most
   10 MiB (JSON Schema's if/else says so, but the fuzzer draws both branches' fields).
 - An `mcp.call` job's `server` is `http://127.0.0.1:9/mcp` (refused by the worker, as above).
+- `POST /v1/orchestrate`: the intent is a built-in kind, so mode `flow` (a workflow) becomes
+  `agent`; `mcp` goes only with modes `mcp` and `auto` (mode `mcp` needs it), its `server` is
+  `http://127.0.0.1:9/mcp` (as above) and its `headers` are dropped (names are checked as
+  `http.request`'s).
 - An LLM provider's `base_url` (PUT /v1/llm/providers/{name}) must resolve to a public
   address: a fixed public IP literal; `check=true` on GET /v1/llm/providers would probe it
   (a call out of the machine): dropped.
@@ -364,6 +368,16 @@ def _body(op, body):
         if body.get("intent") not in KINDS:
             body["intent"] = "echo"
         body.pop("callback_url", None)
+        # The intent is a kind: modes that need a workflow or a server are set up to match.
+        if body.get("mode") == "flow":
+            body["mode"] = "agent"
+        if body.get("mode") in ("agent", "sync", "async") or body.get("mode") is None:
+            body.pop("mcp", None)
+        elif body.get("mode") == "mcp" and not isinstance(body.get("mcp"), dict):
+            body["mcp"] = {}
+        if isinstance(body.get("mcp"), dict):
+            body["mcp"]["server"] = "http://127.0.0.1:9/mcp"
+            body["mcp"].pop("headers", None)
     elif op == "POST /v1/workflows/{id}/runs":
         body.pop("callback_url", None)
     elif op == "POST /v1/triggers":

@@ -77,6 +77,9 @@ pub struct Config {
     pub hooks_public_url: String,
     /// How long `POST /v1/orchestrate` waits for the result before answering 202.
     pub orchestrate_wait_s: f64,
+    /// Intents `POST /v1/orchestrate` only dry-runs without `confirm_dangerous`
+    /// (`CAPIBARA_ORCHESTRATE_DANGEROUS`; set but empty = none).
+    pub orchestrate_dangerous: crate::domain::orchestrate::DangerList,
     /// `code.run` settings (`CAPIBARA_CODE_*`, docs/code.md).
     pub code: CodeConfig,
     /// `tts.render` settings (`CAPIBARA_TTS_*`, docs/tts.md).
@@ -293,6 +296,13 @@ impl Config {
                 )
             }),
             orchestrate_wait_s: parse("CAPIBARA_ORCHESTRATE_WAIT_S", 8.0f64)?.clamp(0.0, 60.0),
+            orchestrate_dangerous: std::env::var("CAPIBARA_ORCHESTRATE_DANGEROUS")
+                .unwrap_or_else(|_| crate::domain::orchestrate::DangerList::DEFAULT.into())
+                .parse()
+                .map_err(|message| ConfigError {
+                    var: "CAPIBARA_ORCHESTRATE_DANGEROUS",
+                    message,
+                })?,
             code: CodeConfig {
                 cache_ttl: match var("CAPIBARA_CODE_CACHE_TTL") {
                     None => Duration::from_secs(86400),

@@ -53,7 +53,7 @@ use crate::{
 };
 
 /// A job submission (contract body).
-#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SubmitJob {
     /// Job kind: `echo`, `sleep`, `fail`, … (`GET /v1/kinds` lists them).

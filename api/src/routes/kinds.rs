@@ -66,6 +66,10 @@ pub struct KindInfo {
     pub version: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub updated_at: Option<DateTime<Utc>>,
+    /// `POST /v1/orchestrate` only dry-runs it unless the request says `confirm_dangerous`
+    /// (its definition says `dangerous: true`, or its name is in
+    /// `CAPIBARA_ORCHESTRATE_DANGEROUS`).
+    pub dangerous: bool,
 }
 
 impl KindInfo {
@@ -85,12 +89,14 @@ impl KindInfo {
             live_workers: k.external.then(|| live.get(k.name).copied().unwrap_or(0)),
             version: None,
             updated_at: None,
+            dangerous: state.config.orchestrate_dangerous.matches(k.name),
         }
     }
 
-    fn user(k: UserKind, live: i64) -> KindInfo {
+    fn user(k: UserKind, live: i64, state: &AppState) -> KindInfo {
         let d = k.definition;
         KindInfo {
+            dangerous: d.dangerous || state.config.orchestrate_dangerous.matches(&k.name),
             default_queue: d.queue().to_string(),
             name: k.name,
             builtin: false,
@@ -141,7 +147,7 @@ pub async fn visible(state: &AppState, namespace: &str) -> Result<Vec<KindInfo>,
         .collect();
     for k in store::user_kinds::list(&state.store.pool, namespace).await? {
         let n = live.get(&k.name).copied().unwrap_or(0);
-        items.push(KindInfo::user(k, n));
+        items.push(KindInfo::user(k, n, state));
     }
     Ok(items)
 }
@@ -166,7 +172,7 @@ pub async fn get(
         .ok_or_else(|| ApiError::NotFound(format!("no kind `{name}`")))?;
     let live = live_workers(&state, auth.namespace()).await?;
     let n = live.get(&found.name).copied().unwrap_or(0);
-    Ok(Json(KindInfo::user(found, n)))
+    Ok(Json(KindInfo::user(found, n, &state)))
 }
 
 /// Register or replace a kind's definition (the one use-case of `PUT` and of a worker that
@@ -223,7 +229,7 @@ pub async fn put(
         Put::Created => StatusCode::CREATED,
         Put::Updated | Put::Unchanged => StatusCode::OK,
     };
-    Ok((status, Json(KindInfo::user(kind, n))))
+    Ok((status, Json(KindInfo::user(kind, n, &state))))
 }
 
 #[utoipa::path(delete, operation_id = "deleteKind", path = "/v1/kinds/{name}", tag = "kinds",

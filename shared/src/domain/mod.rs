@@ -7,6 +7,7 @@
 //! - [`kinds`]: the job kinds Capibara knows, their default queues and input validation.
 //! - [`model`]: the model registry: a `model` stream per model name, its versions.
 //! - [`event`]: stream types and the event envelope clients see.
+//! - [`orchestrate`]: `/v1/orchestrate`'s modes, routes and dangerous intents.
 //! - [`retry`]: backoff policy.
 //! - [`problem`]: field-level validation errors.
 //! - [`auth`]: roles of an API key.
@@ -27,6 +28,7 @@ pub mod job;
 pub mod kinds;
 pub mod llm;
 pub mod model;
+pub mod orchestrate;
 pub mod problem;
 pub mod retry;
 pub mod run;

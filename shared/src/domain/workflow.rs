@@ -42,6 +42,11 @@ pub struct WorkflowDef {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
     pub output: Option<Value>,
+    /// `POST /v1/orchestrate` only dry-runs this workflow unless the request says
+    /// `confirm_dangerous: true` (also when a step's kind is dangerous). Plain run starts are
+    /// not affected.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dangerous: bool,
 }
 
 /// One step of a definition.

@@ -21,6 +21,7 @@ mod models;
 mod openapi;
 mod openapi_fuzz;
 mod operations;
+mod orchestrate;
 mod poison;
 mod push_kinds;
 mod receiver_selftest;

@@ -429,7 +429,10 @@ async fn memory_stores_and_finds_texts_by_meaning_words_and_both() {
         )
         .await;
     assert_eq!(r.status, 200, "{r:?}");
-    assert_eq!(r.body["status"], "succeeded", "{r:?}");
+    // The seed's answer: `success`, the route taken, the job.
+    assert_eq!(r.body["status"], "success", "{r:?}");
+    assert_eq!(r.body["mode"], "agent", "{r:?}");
+    assert_eq!(r.body["job_status"], "succeeded", "{r:?}");
     let hello = r.body["result"]["id"].as_str().unwrap().to_string();
 
     let docs = [

@@ -152,6 +152,10 @@ pub struct KindDef {
     /// The endpoint of a `push` kind (required then, refused otherwise).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub push: Option<PushTarget>,
+    /// `POST /v1/orchestrate` only dry-runs this kind unless the request says
+    /// `confirm_dangerous: true` (docs/api.md). Plain submissions are not affected.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dangerous: bool,
 }
 
 /// Default queue of a user kind.
