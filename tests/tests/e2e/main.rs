@@ -7,6 +7,7 @@ mod code_run;
 mod connectors;
 mod deliveries;
 mod event_store;
+mod examples;
 mod failures;
 mod firehose;
 mod http_request;
