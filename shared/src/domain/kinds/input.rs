@@ -376,7 +376,32 @@ pub fn schema<T: PartialSchema>() -> Value {
     let mut v = serde_json::to_value(T::schema()).expect("a schema serializes");
     // The derived integer formats (`int64`, …) are OpenAPI annotations the ranges already say.
     strip_formats(&mut v);
+    // An optional inline struct is derived as a `oneOf` of one form: the form itself, so that
+    // errors name the fields inside it (`rate_limit.count`, not `rate_limit`).
+    unwrap_single_forms(&mut v);
     v
+}
+
+fn unwrap_single_forms(v: &mut Value) {
+    match v {
+        Value::Object(o) => {
+            let single = match o.get("oneOf") {
+                Some(Value::Array(forms)) if forms.len() == 1 && forms[0].is_object() => {
+                    forms[0].as_object().cloned()
+                }
+                _ => None,
+            };
+            if let Some(form) = single {
+                o.remove("oneOf");
+                for (k, val) in form {
+                    o.entry(k).or_insert(val);
+                }
+            }
+            o.values_mut().for_each(unwrap_single_forms);
+        }
+        Value::Array(a) => a.iter_mut().for_each(unwrap_single_forms),
+        _ => {}
+    }
 }
 
 fn strip_formats(v: &mut Value) {
