@@ -52,7 +52,29 @@ if state == 'closed' then redis.call('HSET', KEYS[1], 'state', 'closed') end
 return ''
 "#;
 
+/// GCRA: reserve the host's next call slot when it is at most ARGV[4] ms away (returns
+/// {1, wait}), else reserve nothing (returns {0, wait}). `rate_tat` is the theoretical arrival
+/// time of the next call; a call may go `burst` intervals before it.
+const TAKE: &str = r#"
+local now = tonumber(ARGV[1])
+local interval = tonumber(ARGV[2])
+local burst = tonumber(ARGV[3])
+local tat = tonumber(redis.call('HGET', KEYS[1], 'rate_tat') or '0')
+if tat < now then tat = now end
+local next_tat = tat + interval
+local wait = math.ceil(next_tat - burst * interval - now)
+if wait < 0 then wait = 0 end
+if wait > tonumber(ARGV[4]) then return {0, wait} end
+redis.call('HSET', KEYS[1], 'rate_tat', string.format('%.3f', next_tat),
+           'rate_interval_ms', ARGV[2], 'rate_burst', ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+redis.call('SADD', KEYS[2], ARGV[6])
+redis.call('EXPIRE', KEYS[2], ARGV[5])
+return {1, wait}
+"#;
+
 static ALLOW_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(ALLOW));
+static TAKE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(TAKE));
 static RECORD_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(RECORD));
 
 /// The breakers of every host, and their settings.
@@ -89,6 +111,30 @@ pub struct HostState {
     /// How long the last call took (LLM providers).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_latency_ms: Option<f64>,
+    /// The rate limit the last rate-limited call gave (`http.request`'s `rate_limit`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateState>,
+}
+
+/// A host's token bucket, as its calls left it.
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+pub struct RateState {
+    /// Time between two calls.
+    pub interval_ms: f64,
+    /// Calls that may go back to back.
+    pub burst: u32,
+    /// When the next call may go, while calls are spaced out (absent: now).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_call_at: Option<DateTime<Utc>>,
+}
+
+/// What the host's token bucket says about a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Take {
+    /// A slot is reserved: go after this wait (zero: now).
+    Go(Duration),
+    /// No slot within the longest wait in place: try again after this long.
+    Later(Duration),
 }
 
 /// What [`HostBreakers::record`] changed.
@@ -150,6 +196,35 @@ impl HostBreakers {
             Err(Duration::from_millis(wait as u64))
         } else {
             Ok(())
+        })
+    }
+
+    /// Take a slot of `host`'s token bucket (`interval_ms` between calls, `burst` back to back),
+    /// reserving it if it is at most `max_wait` away.
+    pub async fn take(
+        &self,
+        namespace: &str,
+        host: &str,
+        interval_ms: f64,
+        burst: u32,
+        max_wait: Duration,
+    ) -> Result<Take, redis::RedisError> {
+        let (reserved, wait): (i64, i64) = TAKE_SCRIPT
+            .key(self.key(namespace, host))
+            .key(self.set_key(namespace))
+            .arg(now_ms())
+            .arg(format!("{interval_ms:.3}"))
+            .arg(burst.max(1))
+            .arg(max_wait.as_millis() as i64)
+            .arg(TTL_S)
+            .arg(host)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        let wait = Duration::from_millis(wait.max(0) as u64);
+        Ok(if reserved == 1 {
+            Take::Go(wait)
+        } else {
+            Take::Later(wait)
         })
     }
 
@@ -221,6 +296,17 @@ impl HostBreakers {
                 continue;
             }
             let num = |k: &str| fields.get(k).and_then(|v| v.parse::<i64>().ok());
+            let float = |k: &str| fields.get(k).and_then(|v| v.parse::<f64>().ok());
+            let rate_limit = float("rate_interval_ms").map(|interval_ms| {
+                let burst = num("rate_burst").unwrap_or(1).max(1);
+                // The next call may go `burst - 1` intervals before the stored arrival time.
+                let next = float("rate_tat").map(|t| (t - (burst - 1) as f64 * interval_ms) as i64);
+                RateState {
+                    interval_ms,
+                    burst: burst as u32,
+                    next_call_at: at(next.filter(|n| *n > now)),
+                }
+            });
             let mut state = fields
                 .get("state")
                 .cloned()
@@ -239,6 +325,7 @@ impl HostBreakers {
                 last_success_at: at(num("last_success_at")),
                 last_error: fields.get("last_error").filter(|e| !e.is_empty()).cloned(),
                 last_latency_ms: fields.get("last_latency_ms").and_then(|v| v.parse().ok()),
+                rate_limit,
             });
         }
         Ok(out)

@@ -144,6 +144,14 @@ pub const METRICS: &[MetricSpec] = &[
         labels: &[("to", Values::Fixed(BREAKER_STATES))],
     },
     MetricSpec {
+        name: "capibara_http_rate_limited_total",
+        kind: Counter,
+        help: "http.request calls that found no token in their host's rate_limit bucket: waited in place, or deferred (scheduled again, using no attempt).",
+        unit: None,
+        on: &[Worker],
+        labels: &[("outcome", Values::Fixed(&["waited", "deferred"]))],
+    },
+    MetricSpec {
         name: "capibara_mcp_requests_total",
         kind: Counter,
         help: "JSON-RPC requests to the MCP server at /mcp, by method (docs/mcp.md).",

@@ -456,13 +456,10 @@ fn storable_outcome(outcome: Outcome) -> Outcome {
                 storable::check_json("artifacts", &artifacts)
             })
             .err(),
-        Outcome::Done(Err(
-            ExecError::Retryable(e) | ExecError::Abort(e) | ExecError::RetryAfter(_, e),
-        )) => storable::check_json("error", &serde_json::to_value(e).unwrap_or_default()).err(),
-        Outcome::Done(Err(ExecError::Detached))
-        | Outcome::TimedOut
-        | Outcome::Canceled
-        | Outcome::Released => None,
+        Outcome::Done(Err(e)) => e.job_error().and_then(|e| {
+            storable::check_json("error", &serde_json::to_value(e).unwrap_or_default()).err()
+        }),
+        Outcome::TimedOut | Outcome::Canceled | Outcome::Released => None,
     };
     match refused {
         None => outcome,
@@ -677,11 +674,16 @@ fn outcome_events(job: &Job, attempt: u32, outcome: &Outcome) -> Vec<JobEvent> {
             output: out.output.clone(),
             artifacts: out.artifacts.clone(),
         },
+        Outcome::Done(Err(ExecError::Defer(after, error))) => AttemptEnd::Deferred {
+            error: error.clone(),
+            after: *after,
+        },
         Outcome::Done(Err(e)) => {
             let (error, retryable, retry_after) = match e {
                 ExecError::Retryable(e) => (e.clone(), true, None),
                 ExecError::Abort(e) => (e.clone(), false, None),
                 ExecError::RetryAfter(d, e) => (e.clone(), true, Some(*d)),
+                ExecError::Defer(..) => unreachable!("matched above"),
                 // Handled before reporting (run_job); never recorded.
                 ExecError::Detached => (
                     JobError::new("detached", "the attempt was handed over"),

@@ -89,6 +89,7 @@ impl ProviderHealth {
             last_success_at: None,
             last_error: None,
             last_latency_ms: None,
+            rate_limit: None,
         });
         ProviderHealth {
             state: s.state,

@@ -240,6 +240,7 @@ impl Submission {
             events.push(JobEvent::JobScheduled {
                 run_at,
                 reason: "delayed".into(),
+                max_attempts: None,
             });
         }
         events
@@ -254,8 +255,12 @@ pub enum JobEvent {
     JobSubmitted(Submission),
     JobScheduled {
         run_at: DateTime<Utc>,
-        /// `delayed` (run_at on submission) or `retry`.
+        /// `delayed` (run_at on submission), `retry`, or `deferred` (the attempt waited for a
+        /// rate limit without using up an attempt).
         reason: String,
+        /// A deferral gives the attempt back: the job may make this many attempts.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_attempts: Option<u32>,
     },
     JobQueued {
         /// `due`, `manual_retry`, or `released` (a worker shutting down gave the attempt back).
@@ -574,9 +579,16 @@ impl Job {
         };
         match ev {
             JobEvent::JobSubmitted(_) => return Err(bad(self.status)),
-            JobEvent::JobScheduled { run_at, .. } => {
+            JobEvent::JobScheduled {
+                run_at,
+                max_attempts,
+                ..
+            } => {
                 if self.status.is_terminal() || self.status == Running {
                     return Err(bad(self.status));
+                }
+                if let Some(m) = max_attempts {
+                    self.max_attempts = *m;
                 }
                 self.status = Scheduled;
                 self.run_at = Some(*run_at);
@@ -729,6 +741,7 @@ impl Job {
                 JobEvent::JobScheduled {
                     run_at: retry_at,
                     reason: "retry".into(),
+                    max_attempts: None,
                 },
             ]
         } else {
@@ -765,6 +778,12 @@ pub enum AttemptEnd {
     Canceled,
     /// The worker is stopping: the attempt is given back without using up one.
     Released,
+    /// The attempt waited for something outside the job (a rate limit) and gives the attempt
+    /// back: the job is scheduled again after `after`, without using up one.
+    Deferred {
+        error: JobError,
+        after: std::time::Duration,
+    },
 }
 
 impl Job {
@@ -817,6 +836,27 @@ impl Job {
                     max_attempts: Some(self.max_attempts + 1),
                 },
             ],
+            AttemptEnd::Deferred { .. } if self.cancel_requested => {
+                vec![JobEvent::JobCanceled {
+                    attempt: Some(attempt),
+                }]
+            }
+            AttemptEnd::Deferred { error, after } => {
+                let run_at = now + chrono::Duration::from_std(after).unwrap_or_default();
+                let run_at = crate::domain::truncate_micros(run_at);
+                vec![
+                    JobEvent::JobAttemptFailed {
+                        attempt,
+                        error,
+                        retry_at: Some(run_at),
+                    },
+                    JobEvent::JobScheduled {
+                        run_at,
+                        reason: "deferred".into(),
+                        max_attempts: Some(self.max_attempts + 1),
+                    },
+                ]
+            }
         }
     }
 }
@@ -1096,5 +1136,79 @@ mod tests {
                 now
             )
             .is_err());
+    }
+
+    #[test]
+    fn a_deferred_attempt_is_scheduled_again_without_using_up_an_attempt() {
+        let at = crate::domain::now();
+        let job = Job::submitted(Uuid::now_v7(), "default", &submission(), at);
+        let mut job = job;
+        // Three attempts deferred in a row: the job still has its three attempts.
+        for attempt in 1..=3 {
+            if job.status == JobStatus::Scheduled {
+                job = decided(
+                    job,
+                    &[JobEvent::JobQueued {
+                        reason: "due".into(),
+                        max_attempts: None,
+                    }],
+                );
+            }
+            let running = decided(
+                job.clone(),
+                &[JobEvent::JobStarted {
+                    attempt,
+                    worker: "w".into(),
+                }],
+            );
+            let end = AttemptEnd::Deferred {
+                error: JobError::new("rate_limited", "later"),
+                after: std::time::Duration::from_secs(5),
+            };
+            let events = running.end_attempt(attempt, end, at);
+            assert!(matches!(
+                &events[1],
+                JobEvent::JobScheduled { reason, max_attempts: Some(m), run_at }
+                    if reason == "deferred" && *m == 3 + attempt && *run_at > at
+            ));
+            job = decided(running, &events);
+            assert_eq!(job.status, JobStatus::Scheduled);
+            assert_eq!(job.max_attempts - job.attempt, 3);
+        }
+        // A job whose cancel was requested is canceled instead.
+        let mut running = decided(
+            job,
+            &[
+                JobEvent::JobQueued {
+                    reason: "due".into(),
+                    max_attempts: None,
+                },
+                JobEvent::JobStarted {
+                    attempt: 4,
+                    worker: "w".into(),
+                },
+            ],
+        );
+        running.cancel_requested = true;
+        let end = AttemptEnd::Deferred {
+            error: JobError::new("rate_limited", "later"),
+            after: std::time::Duration::from_secs(5),
+        };
+        assert!(matches!(
+            running.end_attempt(4, end, at)[..],
+            [JobEvent::JobCanceled { attempt: Some(4) }]
+        ));
+        // Events written before `max_attempts` existed on JobScheduled still read.
+        let old: JobEvent = serde_json::from_value(serde_json::json!(
+            {"type": "JobScheduled", "data": {"run_at": at, "reason": "retry"}}
+        ))
+        .unwrap();
+        assert!(matches!(
+            old,
+            JobEvent::JobScheduled {
+                max_attempts: None,
+                ..
+            }
+        ));
     }
 }

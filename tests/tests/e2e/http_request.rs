@@ -2,7 +2,9 @@
 //! JSON and form bodies, auth from a secret, redirects, statuses that fail with and without a
 //! retry (`Retry-After` honoured, each try in the job's history), and the per-host circuit
 //! breaker shared through Redis: it opens after repeated failures, refuses calls without
-//! sending them, shows at `GET /v1/http/hosts`, and closes after a successful probe.
+//! sending them, shows at `GET /v1/http/hosts`, and closes after a successful probe. The
+//! per-host token bucket: calls from two workers spaced out, deferrals that use no attempt,
+//! other hosts unaffected.
 
 use std::{
     sync::{
@@ -29,6 +31,8 @@ struct Counts {
     flaky: AtomicUsize,
     down: AtomicUsize,
     healthy: std::sync::atomic::AtomicBool,
+    /// When each `/tick` call arrived.
+    ticks: std::sync::Mutex<Vec<std::time::Instant>>,
 }
 
 type Shared = Arc<Counts>;
@@ -99,6 +103,13 @@ async fn serve(counts: Shared) -> String {
         .route("/echo", any(echo))
         .route("/flaky", get(flaky))
         .route("/down", get(down))
+        .route(
+            "/tick",
+            get(|State(c): State<Shared>| async move {
+                c.ticks.lock().unwrap().push(std::time::Instant::now());
+                "tick"
+            }),
+        )
         .route(
             "/missing",
             get(|| async { (StatusCode::NOT_FOUND, "no such thing") }),
@@ -418,4 +429,101 @@ async fn http_request_calls_retries_and_breaks_the_circuit_per_host() {
     let hosts = api.get("/v1/http/hosts").await;
     assert_eq!(hosts.body["items"][0]["state"], "closed", "{}", hosts.body);
     assert_eq!(hosts.body["items"][0]["consecutive_failures"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn http_request_rate_limit_spaces_calls_across_workers_and_defers_without_using_attempts() {
+    let mut env = TestEnv::new().await;
+    env.extra_env
+        .push(("CAPIBARA_OUTBOUND_ALLOW_PRIVATE".into(), "true".into()));
+    let _procs = env.spawn_all().await;
+    let _second_worker = env.spawn_worker(&[]);
+    let api = env.client();
+    let counts: Shared = Arc::default();
+    let base = serve(counts.clone()).await;
+
+    // 30 calls at 5 per second from two workers, one attempt each: about 6 s, none fails.
+    let rate = json!({"count": 5, "period_s": 1});
+    let mut ids = Vec::new();
+    for _ in 0..30 {
+        ids.push(
+            api.submit_id(json!({"kind": "http.request", "max_attempts": 1,
+                "input": {"url": format!("{base}/tick"), "rate_limit": rate}}))
+                .await,
+        );
+    }
+    // Another host (the same server by name) is not held up meanwhile.
+    let other = base.replace("127.0.0.1", "localhost");
+    let free = run(&api, json!({"url": format!("{other}/echo")}), 1).await;
+    assert_eq!(free["status"], "succeeded", "{free}");
+    let free_done = std::time::Instant::now();
+
+    let mut deferred = 0;
+    let mut waited = 0;
+    for id in &ids {
+        let job = api.wait_terminal(id, Duration::from_secs(90)).await;
+        assert_eq!(job["status"], "succeeded", "{job}");
+        let events = api.events(id).await;
+        let deferrals = events
+            .iter()
+            .filter(|e| e["type"] == "JobScheduled" && e["data"]["reason"] == "deferred")
+            .count();
+        if deferrals > 0 {
+            deferred += 1;
+            // Each deferral gave its attempt back.
+            assert_eq!(job["max_attempts"], 1 + deferrals, "{job}");
+            let failed = events
+                .iter()
+                .find(|e| e["type"] == "JobAttemptFailed")
+                .unwrap();
+            assert_eq!(failed["data"]["error"]["type"], "rate_limited", "{failed}");
+        }
+        if job["output"]["rate_wait_ms"].as_f64().unwrap_or(0.0) > 0.0 {
+            waited += 1;
+        }
+    }
+    assert!(deferred > 0, "calls more than 2 s away are deferred");
+    assert!(waited > 0, "calls less than 2 s away wait in place");
+
+    // Never more than 5 calls (plus one for scheduling jitter) in any second; 30 calls at
+    // 200 ms intervals span close to 6 s.
+    let mut ticks = counts.ticks.lock().unwrap().clone();
+    ticks.sort();
+    assert_eq!(ticks.len(), 30);
+    for (i, t) in ticks.iter().enumerate() {
+        let in_window = ticks[i..]
+            .iter()
+            .take_while(|u| u.duration_since(*t) < Duration::from_secs(1))
+            .count();
+        assert!(in_window <= 6, "{in_window} calls within 1 s from call {i}");
+    }
+    let span = ticks[29].duration_since(ticks[0]);
+    assert!(span >= Duration::from_millis(5_000), "30 calls in {span:?}");
+    assert!(
+        free_done < ticks[29],
+        "the other host's call waited for the throttled ones"
+    );
+
+    // The bucket is shown with the host.
+    let hosts = api.get("/v1/http/hosts").await;
+    let host = hosts.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["host"] == "127.0.0.1")
+        .cloned()
+        .unwrap_or_else(|| panic!("{}", hosts.body));
+    assert_eq!(host["rate_limit"]["interval_ms"], 200.0, "{host}");
+    assert_eq!(host["rate_limit"]["burst"], 1, "{host}");
+
+    // A bad rate is refused at submission, naming the field.
+    let r = api
+        .submit(json!({"kind": "http.request",
+            "input": {"url": format!("{base}/tick"), "rate_limit": {"count": 0}}}))
+        .await;
+    assert_eq!(r.status, 422, "{r:?}");
+    assert_eq!(
+        r.body["errors"][0]["field"], "input.rate_limit.count",
+        "{r:?}"
+    );
 }

@@ -112,13 +112,6 @@ fn exec_error(e: SourceError) -> ExecError {
     }
 }
 
-fn job_error(e: &ExecError) -> Option<&JobError> {
-    match e {
-        ExecError::Retryable(e) | ExecError::Abort(e) | ExecError::RetryAfter(_, e) => Some(e),
-        ExecError::Detached => None,
-    }
-}
-
 /// What a fetch reads: the connector (if one is named), its type and config, and its secrets.
 struct Target {
     connector: Option<Connector>,
@@ -239,7 +232,7 @@ impl Executor for ConnectorFetch {
         let listing = match self.list(&target, &ctx).await {
             Ok(l) => l,
             Err(e) => {
-                if let (Some(c), Some(je)) = (&target.connector, job_error(&e)) {
+                if let (Some(c), Some(je)) = (&target.connector, e.job_error()) {
                     let error = FetchError {
                         error_type: je.error_type.clone(),
                         message: je.message.clone(),

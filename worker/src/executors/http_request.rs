@@ -5,6 +5,8 @@
 //! fail the attempt retryably (with `Retry-After` when the answer has one), other unexpected
 //! statuses fail the job. Each (namespace, host) has a circuit breaker shared by every worker
 //! ([`HostBreakers`]): while it is open, calls fail at once, retryably, without being sent.
+//! With `rate_limit`, each call first takes a slot of the host's token bucket (in place when
+//! it is near, else the attempt is deferred without using one).
 
 use std::{collections::BTreeMap, sync::Arc, time::Instant};
 
@@ -16,11 +18,11 @@ use capibara_shared::{
     domain::{
         job::{Artifact, JobError},
         kinds::{
-            http::{HttpAuth, HttpRequestInput, HttpRequestOutput, ResponseAs},
+            http::{HttpAuth, HttpRequestInput, HttpRequestOutput, RateLimit, ResponseAs},
             input,
         },
     },
-    http_hosts::Transition,
+    http_hosts::{HostBreakers, Take, Transition},
 };
 use serde_json::Value;
 
@@ -83,7 +85,61 @@ impl HttpRequest {
             ),
         })
     }
+
+    /// Wait for a slot of `host`'s token bucket: in place when it is at most
+    /// [`RATE_WAIT_IN_PLACE`] away (returns the ms waited), else the attempt is deferred
+    /// (scheduled again when the bucket has room, using no attempt).
+    async fn wait_for_rate(
+        breakers: &HostBreakers,
+        namespace: &str,
+        host: &str,
+        rate: &RateLimit,
+        ctx: &JobContext,
+    ) -> Result<f64, ExecError> {
+        let take = breakers
+            .take(
+                namespace,
+                host,
+                rate.interval_ms(),
+                rate.burst(),
+                RATE_WAIT_IN_PLACE,
+            )
+            .await
+            .map_err(|e| retry("breaker_unavailable", e.to_string()))?;
+        match take {
+            Take::Go(wait) if wait.is_zero() => Ok(0.0),
+            Take::Go(wait) => {
+                metrics::counter!("capibara_http_rate_limited_total", "outcome" => "waited")
+                    .increment(1);
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => Ok(wait.as_secs_f64() * 1000.0),
+                    _ = ctx.cancel.cancelled() => Err(abort("canceled", "the job was canceled")),
+                }
+            }
+            Take::Later(wait) => {
+                metrics::counter!("capibara_http_rate_limited_total", "outcome" => "deferred")
+                    .increment(1);
+                Err(ExecError::Defer(
+                    wait,
+                    JobError::new(
+                        "rate_limited",
+                        format!(
+                            "the rate limit of `{host}` ({} per {} s, burst {}) lets the next call \
+                             go in {:.1} s; the job waits without using an attempt",
+                            rate.count,
+                            rate.period_s.unwrap_or(1),
+                            rate.burst(),
+                            wait.as_secs_f64()
+                        ),
+                    ),
+                ))
+            }
+        }
+    }
 }
+
+/// The longest wait for a rate-limit slot inside an attempt; longer waits defer the job.
+const RATE_WAIT_IN_PLACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The request's headers and body as `input` describes them.
 fn request_parts(input: &HttpRequestInput) -> (Vec<(String, String)>, Option<Vec<u8>>) {
@@ -249,6 +305,10 @@ impl Executor for HttpRequest {
                 ),
             ));
         }
+        let rate_wait_ms = match &input.rate_limit {
+            Some(rate) => Some(Self::wait_for_rate(breakers, namespace, &host, rate, &ctx).await?),
+            None => None,
+        };
         let policy = OutboundPolicy {
             allow_private: self.allow_private,
             connect_timeout: timeout.min(std::time::Duration::from_secs(10)),
@@ -362,6 +422,7 @@ impl Executor for HttpRequest {
                     artifact: Some(artifact.clone()),
                     url: got.url.to_string(),
                     duration_ms,
+                    rate_wait_ms,
                 }),
                 artifacts: vec![artifact],
                 ..Output::default()
@@ -397,6 +458,7 @@ impl Executor for HttpRequest {
                 artifact: None,
                 url: got.url.to_string(),
                 duration_ms,
+                rate_wait_ms,
             }),
             ..Output::default()
         })

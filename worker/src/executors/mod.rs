@@ -92,9 +92,25 @@ pub enum ExecError {
     Abort(JobError),
     /// Retry after this delay (if attempts remain), instead of the backoff.
     RetryAfter(Duration, JobError),
+    /// Not a failure: the attempt waited for something outside the job (a rate limit) and
+    /// gives itself back; the job runs again after this delay without using up an attempt.
+    Defer(Duration, JobError),
     /// The attempt goes on elsewhere: a push endpoint answered `202` and finishes it through
     /// the worker protocol with the lease token. Nothing is reported; the lease is handed over.
     Detached,
+}
+
+impl ExecError {
+    /// The error to record (none for an attempt handed over).
+    pub fn job_error(&self) -> Option<&JobError> {
+        match self {
+            ExecError::Retryable(e)
+            | ExecError::Abort(e)
+            | ExecError::RetryAfter(_, e)
+            | ExecError::Defer(_, e) => Some(e),
+            ExecError::Detached => None,
+        }
+    }
 }
 
 /// What a failed outbound call ([`crate::fetch::send`]) means for its job, for the kinds that

@@ -181,6 +181,7 @@ mod tests {
             Err(ExecError::Retryable(e)) => format!("retry {}", e.error_type),
             Err(ExecError::RetryAfter(d, _)) => format!("retry after {}", d.as_secs()),
             Err(ExecError::Abort(e)) => format!("abort {}", e.error_type),
+            Err(ExecError::Defer(d, _)) => format!("defer {}", d.as_secs()),
         }
     }
 

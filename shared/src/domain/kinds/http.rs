@@ -143,6 +143,61 @@ pub struct HttpRequestInput {
         pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]*$"
     )]
     pub artifact_name: Option<String>,
+    /// A token bucket for the host, shared by every worker: at most `count` calls per
+    /// `period_s` on average, `burst` of them back to back. A call that finds no token waits
+    /// for one (up to 2 s in place, longer as a deferral that uses no attempt).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(inline, nullable = false)]
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// `http.request`'s `rate_limit` (docs/http.md).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    /// Calls per period (1-100,000).
+    #[schema(minimum = 1, maximum = 100000)]
+    pub count: u32,
+    /// The period in seconds (1-86,400; default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false, minimum = 1, maximum = 86400)]
+    pub period_s: Option<u32>,
+    /// Calls that may go back to back after a quiet spell (1-100,000; default 1: evenly
+    /// spaced).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false, minimum = 1, maximum = 100000)]
+    pub burst: Option<u32>,
+}
+
+impl RateLimit {
+    /// The time between two calls, in milliseconds.
+    pub fn interval_ms(&self) -> f64 {
+        self.period_s.unwrap_or(1) as f64 * 1000.0 / self.count.max(1) as f64
+    }
+    pub fn burst(&self) -> u32 {
+        self.burst.unwrap_or(1)
+    }
+    fn check(&self) -> Result<(), FieldError> {
+        if !(1..=100_000).contains(&self.count) {
+            return Err(FieldError::new(
+                "rate_limit.count",
+                "must be between 1 and 100000",
+            ));
+        }
+        if self.period_s.is_some_and(|p| !(1..=86_400).contains(&p)) {
+            return Err(FieldError::new(
+                "rate_limit.period_s",
+                "must be between 1 and 86400",
+            ));
+        }
+        if self.burst.is_some_and(|b| !(1..=100_000).contains(&b)) {
+            return Err(FieldError::new(
+                "rate_limit.burst",
+                "must be between 1 and 100000",
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl HttpRequestInput {
@@ -225,6 +280,9 @@ impl KindInput for HttpRequestInput {
                 "must be an HTTP status (100-599)",
             ));
         }
+        if let Some(rate) = &self.rate_limit {
+            rate.check()?;
+        }
         Ok(())
     }
 }
@@ -299,6 +357,9 @@ pub struct HttpRequestOutput {
     /// The URL that answered (after redirects).
     pub url: String,
     pub duration_ms: f64,
+    /// How long this attempt waited for the host's `rate_limit` before sending.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_wait_ms: Option<f64>,
 }
 
 #[cfg(test)]
