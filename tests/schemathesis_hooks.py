@@ -29,6 +29,7 @@ drawn from the schema and must be accepted. Each rule is also documented on its 
   `Authorization`, and without `response: artifact` it names no artifact and reads at most
   10 MiB (JSON Schema's if/else says so, but the fuzzer draws both branches' fields).
 - An `mcp.call` job's `server` is `http://127.0.0.1:9/mcp` (refused by the worker, as above).
+- A batch's jobs carry no `dedup` (refused in a batch: it answers with an existing job).
 - `POST /v1/orchestrate`: the intent is a built-in kind, so mode `flow` (a workflow) becomes
   `agent`; `mcp` goes only with modes `mcp` and `auto` (mode `mcp` needs it), its `server` is
   `http://127.0.0.1:9/mcp` (as above) and its `headers` are dropped (names are checked as
@@ -339,6 +340,9 @@ def _body(op, body):
     elif op == "POST /v1/jobs/batch":
         for job in body.get("jobs") or []:
             _job(job)
+            if isinstance(job, dict):
+                # A batch is all new jobs: `dedup` is refused there (submit one at a time).
+                job.pop("dedup", None)
     elif op in ("POST /v1/schedules", "PATCH /v1/schedules/{id}"):
         _schedule(body, patch=op.startswith("PATCH"))
     elif op == "POST /v1/schedules/{id}/backfill":

@@ -146,11 +146,7 @@ async fn submit_and_wait(
         run_at: None,
         // Code that failed would fail the same way again.
         max_attempts: Some(1),
-        timeout_s: None,
-        backoff: None,
-        callback_url: None,
-        callback_events: None,
-        tags: None,
+        ..SubmitJob::default()
     };
     let (job, _) = create(state, auth, submission, None, hash, command_type).await?;
     if job.status.is_terminal() {

@@ -88,6 +88,42 @@ pub struct SubmitJob {
     pub callback_events: Option<Vec<String>>,
     #[serde(default)]
     pub tags: Option<BTreeMap<String, String>>,
+    /// Return the job submitted with the same `key` within `window_s` seconds instead of a new
+    /// one, whatever its body and status (`200` with `Capibara-Deduplicated: true`; the merge is
+    /// recorded on that job as `JobDeduplicated`). Not with an Idempotency-Key, not in a batch.
+    #[serde(default)]
+    #[schema(inline)]
+    pub dedup: Option<DedupSpec>,
+}
+
+/// `dedup` of a submission (docs/flow-control.md).
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DedupSpec {
+    /// 1-256 characters, per namespace.
+    #[schema(min_length = 1, max_length = 256)]
+    pub key: String,
+    /// How long after the first submission the key returns its job (1-2,592,000 s: 30 days).
+    #[schema(minimum = 1, maximum = 2592000)]
+    pub window_s: u32,
+}
+
+impl DedupSpec {
+    fn check(self) -> Result<command::jobs::Dedup, ApiError> {
+        if self.key.is_empty() || self.key.chars().count() > 256 {
+            return Err(ApiError::field("dedup.key", "must be 1-256 characters"));
+        }
+        if !(1..=2_592_000).contains(&self.window_s) {
+            return Err(ApiError::field(
+                "dedup.window_s",
+                "must be between 1 and 2592000 (30 days)",
+            ));
+        }
+        Ok(command::jobs::Dedup {
+            key: self.key,
+            window_s: self.window_s,
+        })
+    }
 }
 
 /// `POST /v1/jobs/batch` body.
@@ -263,7 +299,21 @@ pub async fn submit(
     auth.require(Role::Submit)?;
     let wait = prefer_wait(&headers)?;
     let key = idempotency_key(&headers)?;
+    let dedup = body.value.dedup.is_some();
+    if dedup && key.is_some() {
+        return Err(ApiError::field(
+            "dedup",
+            "give either `dedup` or an Idempotency-Key header, not both",
+        ));
+    }
     let (job, replayed) = create(&state, &auth, body.value, key, &body.hash, "SubmitJob").await?;
+    if dedup && replayed {
+        let mut res = finish(&state, &auth, job, wait, false).await?;
+        *res.status_mut() = StatusCode::OK;
+        res.headers_mut()
+            .insert("capibara-deduplicated", HeaderValue::from_static("true"));
+        return Ok(res);
+    }
     finish(&state, &auth, job, wait, replayed).await
 }
 
@@ -282,20 +332,30 @@ impl SubmitJob {
             callback_url: None,
             callback_events: None,
             tags: None,
+            dedup: None,
         }
     }
 }
 
-/// Create a job (or return the one an earlier command with the same idempotency key created).
-/// Returns the job and whether it was a replay.
+/// Create a job (or return the one an earlier command with the same idempotency key, or the same
+/// `dedup` key within its window, created). Returns the job and whether it was a replay.
 pub async fn create(
     state: &AppState,
     auth: &Auth,
-    submission: SubmitJob,
+    mut submission: SubmitJob,
     key: Option<String>,
     hash: &str,
     command_type: &str,
 ) -> Result<(Job, bool), ApiError> {
+    if let Some(dedup) = submission.dedup.take() {
+        let dedup = dedup.check()?;
+        let sub = to_submission(submission, state, auth.namespace()).await?;
+        let by = Submitter {
+            namespace: auth.namespace().to_string(),
+            actor: auth.actor(),
+        };
+        return Ok(command::jobs::submit_deduplicated(&state.store, &by, sub, &dedup).await?);
+    }
     let idempotency = key.map(|key| Idempotency {
         key,
         request_hash: hash.to_string(),
@@ -402,6 +462,12 @@ pub async fn submit_batch(
     let mut appends = Vec::with_capacity(jobs.len());
     let mut created = Vec::with_capacity(jobs.len());
     for (i, s) in jobs.into_iter().enumerate() {
+        if s.dedup.is_some() {
+            return Err(ApiError::field(
+                format!("jobs[{i}].dedup"),
+                "is not taken in a batch: submit the job on its own",
+            ));
+        }
         let sub = to_submission_in(s, &state.config, &kinds)
             .await
             .map_err(|e| nest(e, &format!("jobs[{i}]")))?;

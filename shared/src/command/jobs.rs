@@ -1,14 +1,16 @@
 //! Submitting a job: the one way a new job is created at a client's request (`POST /v1/jobs`,
 //! `/v1/orchestrate`, and the entry points that follow: SDKs, the HTTP worker protocol). With an
 //! Idempotency-Key the command is recorded in the job's transaction, and a repeat of the same
-//! request returns the job the first one created instead of a second job.
+//! request returns the job the first one created instead of a second job. With `dedup` any
+//! submission with the same key within the window returns the first one's job, and the merge is
+//! recorded on it.
 
 use uuid::Uuid;
 
 use crate::{
     domain::{
         event::EventMetadata,
-        job::{Job, Submission},
+        job::{Job, JobEvent, Submission},
         now,
     },
     store::{
@@ -116,4 +118,82 @@ pub async fn submit(
         },
         Err(e) => Err(StoreError::from(e).into()),
     }
+}
+
+/// A submission's `dedup`: the job submitted with `key` within `window_s` seconds is returned,
+/// whatever the body and the job's status.
+#[derive(Debug, Clone)]
+pub struct Dedup {
+    pub key: String,
+    pub window_s: u32,
+}
+
+impl Dedup {
+    /// Dedup keys live beside Idempotency-Keys in the command log, as their own command type
+    /// (a header that happens to spell the same key is a different command: refused, not
+    /// merged), with one hash for every body.
+    fn idempotency(&self) -> Idempotency {
+        Idempotency {
+            key: format!("dedup:{}", self.key),
+            request_hash: "dedup".into(),
+            command_type: "SubmitJobDeduplicated".into(),
+        }
+    }
+}
+
+/// Submit `sub` unless a job was submitted with the same `dedup` key within its window: then
+/// that job, with `JobDeduplicated` appended to it. Returns the job and whether it was merged.
+pub async fn submit_deduplicated(
+    store: &Store,
+    by: &Submitter,
+    sub: Submission,
+    dedup: &Dedup,
+) -> Result<(Job, bool), SubmitError> {
+    let idempotency = dedup.idempotency();
+    store::commands::expire_key(
+        &store.pool,
+        &by.namespace,
+        &idempotency.key,
+        dedup.window_s as i64,
+    )
+    .await?;
+    let (job, merged) = match replay(store, &by.namespace, &idempotency).await? {
+        Some(job) => (job, true),
+        None => submit(store, by, sub, Some(&idempotency)).await?,
+    };
+    if !merged {
+        return Ok((job, false));
+    }
+    Ok((record_merge(store, by, job, &dedup.key).await?, true))
+}
+
+/// Append `JobDeduplicated` to `job` (the command loop re-reads it when its version moved).
+async fn record_merge(
+    store: &Store,
+    by: &Submitter,
+    job: Job,
+    key: &str,
+) -> Result<Job, SubmitError> {
+    let metadata = EventMetadata {
+        namespace: by.namespace.clone(),
+        actor: Some(by.actor.clone()),
+        ..Default::default()
+    };
+    let merged = JobEvent::JobDeduplicated {
+        key: key.to_string(),
+    };
+    let (job, ()) = super::execute_from::<Job, _, std::convert::Infallible, _>(
+        store,
+        &by.namespace,
+        job.id,
+        Some(job),
+        &metadata,
+        |_| Ok((vec![merged.clone()], ())),
+    )
+    .await
+    .map_err(|e| match e {
+        super::CommandError::Store(e) => e,
+        other => StoreError::Internal(other.to_string()),
+    })?;
+    Ok(job)
 }

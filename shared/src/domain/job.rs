@@ -313,6 +313,11 @@ pub enum JobEvent {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         attempt: Option<u32>,
     },
+    /// A later submission with the same `dedup` key, within its window, was answered with this
+    /// job instead of a new one (any status; nothing changes).
+    JobDeduplicated {
+        key: String,
+    },
     JobTimedOut {
         attempt: u32,
     },
@@ -336,6 +341,7 @@ impl DomainEvent for JobEvent {
             JobEvent::JobCancelRequested { .. } => "JobCancelRequested",
             JobEvent::JobCanceled { .. } => "JobCanceled",
             JobEvent::JobTimedOut { .. } => "JobTimedOut",
+            JobEvent::JobDeduplicated { .. } => "JobDeduplicated",
         }
     }
 }
@@ -657,7 +663,8 @@ impl Job {
             }
             JobEvent::JobLog { .. }
             | JobEvent::JobOutputChunk { .. }
-            | JobEvent::JobTimedOut { .. } => {}
+            | JobEvent::JobTimedOut { .. }
+            | JobEvent::JobDeduplicated { .. } => {}
             JobEvent::JobSucceeded {
                 output, artifacts, ..
             } => {

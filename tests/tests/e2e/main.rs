@@ -10,6 +10,7 @@ mod event_store;
 mod examples;
 mod failures;
 mod firehose;
+mod flow_control;
 mod http_request;
 mod isolation;
 mod jobs_api;

@@ -1,0 +1,117 @@
+//! Flow control (docs/flow-control.md) against the real binaries. Built so far: `dedup` —
+//! the job submitted with a key within its window is returned for any later body, whatever its
+//! status, with `Capibara-Deduplicated: true`, and each merge is recorded on that job.
+
+use std::time::Duration;
+
+use capibara_tests::{types, TestEnv};
+use serde_json::json;
+
+#[tokio::test]
+async fn dedup_returns_the_job_of_the_key_within_its_window_and_records_each_merge() {
+    let env = TestEnv::new().await;
+    let _procs = env.spawn_all().await;
+    let api = env.client();
+
+    let first = api
+        .submit(json!({"kind": "echo", "input": {"order": 42},
+                       "dedup": {"key": "order-42", "window_s": 60}}))
+        .await;
+    assert_eq!(first.status, 202, "{first:?}");
+    assert_eq!(first.header("capibara-deduplicated"), None);
+    let id = first.body["id"].as_str().unwrap().to_string();
+    api.wait_terminal(&id, Duration::from_secs(30)).await;
+
+    // Another body with the same key: the finished job, 200, said so.
+    let again = api
+        .submit(json!({"kind": "sleep", "input": {"ms": 10},
+                       "dedup": {"key": "order-42", "window_s": 60}}))
+        .await;
+    assert_eq!(again.status, 200, "{again:?}");
+    assert_eq!(
+        again.header("capibara-deduplicated").as_deref(),
+        Some("true")
+    );
+    assert_eq!(again.body["id"], id.as_str());
+    assert_eq!(again.body["status"], "succeeded");
+    assert_eq!(again.body["kind"], "echo");
+    let events = api.events(&id).await;
+    let merges: Vec<_> = events
+        .iter()
+        .filter(|e| e["type"] == "JobDeduplicated")
+        .collect();
+    assert_eq!(merges.len(), 1, "{:?}", types(&events));
+    assert_eq!(merges[0]["data"]["key"], "order-42");
+    assert!(merges[0]["metadata"]["actor"].is_string(), "{}", merges[0]);
+
+    // Other keys and other namespaces are other jobs.
+    let other = api
+        .submit(json!({"kind": "echo", "dedup": {"key": "order-43", "window_s": 60}}))
+        .await;
+    assert_eq!(other.status, 202);
+    assert_ne!(other.body["id"], id.as_str());
+    let tenant = api.key_for("tenant-b", &["submit", "read"]).await;
+    let theirs = tenant
+        .submit(json!({"kind": "echo", "dedup": {"key": "order-42", "window_s": 60}}))
+        .await;
+    assert_eq!(theirs.status, 202, "{theirs:?}");
+    assert_ne!(theirs.body["id"], id.as_str());
+
+    // Past the window the key makes a new job.
+    let short = api
+        .submit(json!({"kind": "echo", "dedup": {"key": "tick", "window_s": 1}}))
+        .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let later = api
+        .submit(json!({"kind": "echo", "dedup": {"key": "tick", "window_s": 1}}))
+        .await;
+    assert_eq!(later.status, 202, "{later:?}");
+    assert_ne!(later.body["id"], short.body["id"]);
+
+    // Concurrent submissions with one key make one job.
+    let racers = (0..8).map(|i| {
+        let api = api.clone();
+        async move {
+            api.submit(json!({"kind": "echo", "input": {"i": i},
+                              "dedup": {"key": "race", "window_s": 60}}))
+                .await
+        }
+    });
+    let answers = futures::future::join_all(racers).await;
+    let ids: std::collections::BTreeSet<String> = answers
+        .iter()
+        .map(|r| r.body["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids.len(), 1, "{answers:?}");
+    assert_eq!(answers.iter().filter(|r| r.status == 202).count(), 1);
+
+    // Bad input names the field; dedup goes with neither an Idempotency-Key nor a batch.
+    for (dedup, field) in [
+        (json!({"key": "", "window_s": 5}), "dedup.key"),
+        (json!({"key": "k", "window_s": 0}), "dedup.window_s"),
+        // Serde's own message for a missing field names it: "missing field `window_s`".
+        (json!({"key": "k"}), "dedup"),
+    ] {
+        let r = api.submit(json!({"kind": "echo", "dedup": dedup})).await;
+        assert_eq!(r.status, 422, "{r:?}");
+        assert_eq!(r.body["errors"][0]["field"], field, "{r:?}");
+    }
+    let r = api
+        .send(
+            api.http
+                .post(api.url("/v1/jobs"))
+                .header("idempotency-key", "k1")
+                .json(&json!({"kind": "echo", "dedup": {"key": "k", "window_s": 5}})),
+        )
+        .await;
+    assert_eq!(r.status, 422, "{r:?}");
+    assert_eq!(r.body["errors"][0]["field"], "dedup");
+    let r = api
+        .post(
+            "/v1/jobs/batch",
+            json!({"jobs": [{"kind": "echo"}, {"kind": "echo", "dedup": {"key": "k", "window_s": 5}}]}),
+        )
+        .await;
+    assert_eq!(r.status, 422, "{r:?}");
+    assert_eq!(r.body["errors"][0]["field"], "jobs[1].dedup");
+}
