@@ -29,6 +29,8 @@ drawn from the schema and must be accepted. Each rule is also documented on its 
   `Authorization`, and without `response: artifact` it names no artifact and reads at most
   10 MiB (JSON Schema's if/else says so, but the fuzzer draws both branches' fields).
 - An `mcp.call` job's `server` is `http://127.0.0.1:9/mcp` (refused by the worker, as above).
+- A job's `expires_at` is after now and after its `run_at`, and not given with `ttl_s`: a fixed
+  far-future time (dropped with `run_at`, and in schedule and trigger targets, which refuse it).
 - A batch's jobs carry no `dedup` (refused in a batch: it answers with an existing job).
 - `POST /v1/orchestrate`: the intent is a built-in kind, so mode `flow` (a workflow) becomes
   `agent`; `mcp` goes only with modes `mcp` and `auto` (mode `mcp` needs it), its `server` is
@@ -144,6 +146,13 @@ def _job(job):
     job.pop("callback_url", None)
     job.pop("callback_events", None)
     _backoff(job.get("backoff"))
+    # `expires_at` is after now and after `run_at`, and not with `ttl_s`.
+    if job.get("expires_at") is not None:
+        job.pop("ttl_s", None)
+        if job.get("run_at") is not None:
+            job.pop("expires_at")
+        else:
+            job["expires_at"] = "2999-01-01T00:00:00Z"
     return job
 
 
@@ -235,6 +244,9 @@ def _target(target):
         if target.get("type") == "workflow":
             return {"type": "job", "job": {"kind": "echo"}}
         _job(target.get("job"))
+        if isinstance(target.get("job"), dict):
+            # A schedule or trigger fires many times: `ttl_s`, never a fixed `expires_at`.
+            target["job"].pop("expires_at", None)
     return target
 
 

@@ -2,6 +2,8 @@
 //! a stream version or claimed with `FOR UPDATE SKIP LOCKED`.
 //!
 //! - promoter: scheduled jobs whose `run_at` passed get `JobQueued` (and so a dispatch row);
+//! - expirer: waiting jobs past their `expires_at` or `deadline_at` get `JobCanceled` with
+//!   `expired` or `deadline_exceeded` (no attempt used);
 //! - relay: queued jobs Redis does not hold are pushed again (checked without writing to Postgres);
 //! - reaper: attempts whose lease expired (their worker died) fail with `worker_lost` and are
 //!   retried per their policy;
@@ -67,6 +69,7 @@ fn scheduler_metadata(job: &Job) -> EventMetadata {
 pub async fn run(store: Store, queue: Queue, opts: HousekeepingOptions, stop: CancellationToken) {
     tokio::join!(
         every(opts.promote_every, &stop, || promote_due(&store)),
+        every(opts.promote_every, &stop, || expire_due(&store)),
         relay_loop(&store, &queue, &opts, &stop),
         every(opts.reap_every, &stop, || reap(&store)),
         gauges_loop(&store, opts.repush_after, &stop),
@@ -118,6 +121,31 @@ pub async fn promote_due(store: &Store) -> Result<usize, store::StoreError> {
     // Conflicts mean another replica (or a cancel) got there first: fine.
     store.appender.append_many(appends).await;
     Ok(if n == 500 { n } else { 0 })
+}
+
+/// Cancel waiting jobs whose time ran out ([`Job::expiry`]). Returns how many (the loop runs
+/// again at once while there is a backlog).
+pub async fn expire_due(store: &Store) -> Result<usize, store::StoreError> {
+    let now = domain::now();
+    let expiring = store::jobs::expiring(&store.pool, 500).await?;
+    let mut appends = Vec::with_capacity(expiring.len());
+    for job in &expiring {
+        let Some(event) = job.expiry(now) else {
+            continue;
+        };
+        if let Ok((_, a)) = job_append(
+            Some(job),
+            job.id,
+            &[event],
+            JobWrite::new(scheduler_metadata(job), now),
+        ) {
+            appends.push(a);
+        }
+    }
+    let n = appends.len();
+    // Conflicts: the job started (or was canceled) meanwhile; the next sweep sees it again.
+    store.appender.append_many(appends).await;
+    Ok(if expiring.len() == 500 { n } else { 0 })
 }
 
 /// The relay: makes sure Redis holds every queued job, without writing to Postgres.
@@ -266,6 +294,7 @@ pub async fn reap(store: &Store) -> Result<usize, store::StoreError> {
         let events = if job.cancel_requested {
             vec![JobEvent::JobCanceled {
                 attempt: Some(job.attempt),
+                error: None,
             }]
         } else {
             job.attempt_failure_events(

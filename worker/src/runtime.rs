@@ -343,6 +343,19 @@ async fn fetch_loop(inner: &Arc<Inner>, tasks: &TaskTracker, shutdown: &Cancella
                 metrics::counter!("capibara_dispatch_stale_total").increment(1);
                 continue;
             }
+            // Popped after its time ran out (before the expirer got to it): record that, not
+            // an attempt. A conflict means it changed meanwhile; the expirer sees it again.
+            if let Some(expired) = job.expiry(domain::now()) {
+                if let Ok((_, append)) = job_append(
+                    Some(&job),
+                    job.id,
+                    &[expired],
+                    JobWrite::new(metadata(inner, &job), domain::now()),
+                ) {
+                    let _ = inner.store.appender.append(append).await;
+                }
+                continue;
+            }
             if !inner.can_run(&job) {
                 tracing::warn!(job_id = %job.id, kind = %job.kind, "this worker cannot run this kind; returning it");
                 let entry = DispatchEntry::of(&job, job.queued_at.unwrap_or_else(domain::now));
@@ -496,7 +509,8 @@ async fn run_job(inner: &Arc<Inner>, job: Job) {
     );
     let exec_cancel = CancellationToken::new();
     let invalid = Arc::new(InvalidOutput::default());
-    let timeout = job.timeout_s.map(|s| Duration::from_secs(s as u64));
+    // The attempt's timeout, cut at the job's deadline.
+    let timeout = job.attempt_timeout(domain::now());
     // Workflow steps may carry `${secret:NAME}` references: resolved here, never stored. Only a
     // step job's own references resolve (the names its template used, recorded by the workflow
     // engine); in any other job a `${secret:…}` string is just text.

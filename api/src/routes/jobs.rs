@@ -94,6 +94,19 @@ pub struct SubmitJob {
     #[serde(default)]
     #[schema(inline)]
     pub dedup: Option<DedupSpec>,
+    /// Not started by then → `canceled` with error `expired`, using no attempt (RFC 3339, after
+    /// `run_at` and now). Not with `ttl_s`.
+    #[serde(default)]
+    pub expires_at: Option<DateTime<Utc>>,
+    /// The same, in seconds from when the job is due (its `run_at`, else now; 1-31,536,000).
+    #[serde(default)]
+    #[schema(minimum = 1, maximum = 31536000)]
+    pub ttl_s: Option<u32>,
+    /// The job ends within this many seconds of when it is due, across all attempts: an attempt
+    /// is stopped there and no retry starts after it (error `deadline_exceeded`; 1-31,536,000).
+    #[serde(default)]
+    #[schema(minimum = 1, maximum = 31536000)]
+    pub deadline_s: Option<u32>,
 }
 
 /// `dedup` of a submission (docs/flow-control.md).
@@ -229,6 +242,30 @@ pub async fn to_submission_in(
     if let Some(t) = s.run_at {
         storable::check_time("run_at", t)?;
     }
+    for (field, v) in [("ttl_s", s.ttl_s), ("deadline_s", s.deadline_s)] {
+        if v.is_some_and(|v| !(1..=31_536_000).contains(&v)) {
+            return Err(ApiError::field(
+                field,
+                "must be between 1 and 31536000 (a year)",
+            ));
+        }
+    }
+    if let Some(t) = s.expires_at {
+        storable::check_time("expires_at", t)?;
+        if s.ttl_s.is_some() {
+            return Err(ApiError::field(
+                "ttl_s",
+                "give `expires_at` or `ttl_s`, not both",
+            ));
+        }
+        let due = s.run_at.unwrap_or_else(domain::now).max(domain::now());
+        if t <= due {
+            return Err(ApiError::field(
+                "expires_at",
+                "must be after now and after run_at (the job would expire before it may start)",
+            ));
+        }
+    }
     Ok(Submission {
         kind: s.kind,
         input,
@@ -244,6 +281,9 @@ pub async fn to_submission_in(
         run_id: None,
         step_id: None,
         secret_refs: None,
+        expires_at: s.expires_at.map(domain::truncate_micros),
+        ttl_s: s.ttl_s,
+        deadline_s: s.deadline_s,
     })
 }
 
@@ -323,16 +363,7 @@ impl SubmitJob {
         SubmitJob {
             kind: kind.into(),
             input: Some(input),
-            queue: None,
-            priority: None,
-            run_at: None,
-            max_attempts: None,
-            timeout_s: None,
-            backoff: None,
-            callback_url: None,
-            callback_events: None,
-            tags: None,
-            dedup: None,
+            ..SubmitJob::default()
         }
     }
 }

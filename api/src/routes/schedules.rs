@@ -40,7 +40,7 @@ use crate::{
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum TargetBody {
     /// Submit this job.
-    Job { job: SubmitJob },
+    Job { job: Box<SubmitJob> },
     /// Start a run of a workflow (its latest version) with this input.
     Workflow {
         workflow_id: String,
@@ -147,8 +147,12 @@ pub async fn target(
     auth: &Auth,
 ) -> Result<ScheduleTarget, ApiError> {
     match t {
+        TargetBody::Job { job } if job.expires_at.is_some() => Err(ApiError::field(
+            "target.job.expires_at",
+            "a schedule fires many times: give `ttl_s`, counted from each fire",
+        )),
         TargetBody::Job { job } => Ok(ScheduleTarget::Job {
-            job: to_submission(job, state, auth.namespace())
+            job: to_submission(*job, state, auth.namespace())
                 .await
                 .map_err(|e| nest(e, "target.job"))?,
         }),

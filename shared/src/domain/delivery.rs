@@ -308,6 +308,9 @@ pub fn delivery_job(delivery_id: Uuid, max_attempts: u32) -> super::job::Submiss
         run_id: None,
         step_id: None,
         secret_refs: None,
+        expires_at: None,
+        ttl_s: None,
+        deadline_s: None,
     }
 }
 

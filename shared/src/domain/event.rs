@@ -155,7 +155,13 @@ mod tests {
     #[test]
     fn every_stream_types_events_are_stored_as_type_and_data() {
         stores(JobEvent::JobTimedOut { attempt: 2 }, StreamType::Job);
-        stores(JobEvent::JobCanceled { attempt: None }, StreamType::Job);
+        stores(
+            JobEvent::JobCanceled {
+                attempt: None,
+                error: None,
+            },
+            StreamType::Job,
+        );
         stores(ScheduleEvent::SchedulePaused {}, StreamType::Schedule);
         stores(
             DeliveryEvent::DeliveryFailed {

@@ -228,9 +228,24 @@ pub struct Submission {
     /// from a client): the worker resolves `${secret:NAME}` for these names and no others.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_refs: Option<BTreeSet<String>>,
+    /// Not started by then: the job is canceled with error `expired`, using no attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<DateTime<Utc>>,
+    /// The same, counted from when the job is due (its `run_at`, else its submission).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_s: Option<u32>,
+    /// The job ends within this many seconds of when it is due, across all attempts: an
+    /// attempt is stopped there and no retry starts after it (error `deadline_exceeded`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_s: Option<u32>,
 }
 
 impl Submission {
+    /// When a job submitted at `at` is due: its `run_at`, else `at`.
+    pub fn due(&self, at: DateTime<Utc>) -> DateTime<Utc> {
+        self.run_at.filter(|r| *r > at).unwrap_or(at)
+    }
+
     /// The events that submit a new job at `at`: `JobSubmitted`, then `JobScheduled` when it
     /// is to run later (else it is queued at once).
     pub fn into_events(self, at: DateTime<Utc>) -> Vec<JobEvent> {
@@ -251,6 +266,9 @@ impl Submission {
 /// delayed or retrying job became due, or an operator asked for a retry.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", content = "data")]
+// A submission is the one large event, written once per job and folded in place; boxing it
+// would buy nothing on this path but an allocation.
+#[allow(clippy::large_enum_variant)]
 pub enum JobEvent {
     JobSubmitted(Submission),
     JobScheduled {
@@ -312,6 +330,10 @@ pub enum JobEvent {
     JobCanceled {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         attempt: Option<u32>,
+        /// Why, when Capibara canceled it rather than a client: `expired` (not started by its
+        /// `expires_at`), `deadline_exceeded` (its `deadline_at` passed while it waited).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<JobError>,
     },
     /// A later submission with the same `dedup` key, within its window, was answered with this
     /// job instead of a new one (any status; nothing changes).
@@ -407,6 +429,12 @@ pub struct Job {
     /// Secrets this step job may resolve (see [`Submission::secret_refs`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_refs: Option<BTreeSet<String>>,
+    /// Not started by then: canceled with error `expired` (`ttl_s` / `expires_at`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<DateTime<Utc>>,
+    /// Ends by then across all attempts (`deadline_s`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_at: Option<DateTime<Utc>>,
 }
 
 /// A job event could not be applied to the current state (a bug or a corrupted log).
@@ -453,7 +481,10 @@ impl Job {
         Ok((
             vec![
                 JobEvent::JobCancelRequested { reason },
-                JobEvent::JobCanceled { attempt: None },
+                JobEvent::JobCanceled {
+                    attempt: None,
+                    error: None,
+                },
             ],
             Cancel::Canceled,
         ))
@@ -549,6 +580,13 @@ impl Job {
             run_id: s.run_id,
             step_id: s.step_id.clone(),
             secret_refs: s.secret_refs.clone(),
+            expires_at: s.expires_at.or_else(|| {
+                s.ttl_s
+                    .map(|t| s.due(at) + chrono::Duration::seconds(t as i64))
+            }),
+            deadline_at: s
+                .deadline_s
+                .map(|d| s.due(at) + chrono::Duration::seconds(d as i64)),
         }
     }
 
@@ -705,9 +743,12 @@ impl Job {
                 }
                 self.cancel_requested = true;
             }
-            JobEvent::JobCanceled { .. } => {
+            JobEvent::JobCanceled { error, .. } => {
                 if self.status.is_terminal() {
                     return Err(bad(self.status));
+                }
+                if error.is_some() {
+                    self.error = error.clone();
                 }
                 self.status = Canceled;
                 self.run_at = None;
@@ -718,6 +759,60 @@ impl Job {
         self.version += 1;
         self.updated_at = at;
         Ok(())
+    }
+
+    /// `deadline_exceeded` (naming `last`) when the next try, at `next`, would start at or
+    /// after the job's `deadline_at`.
+    fn past_deadline(&self, next: DateTime<Utc>, last: &JobError) -> Option<JobError> {
+        let deadline = self.deadline_at.filter(|d| next >= *d)?;
+        Some(JobError::new(
+            "deadline_exceeded",
+            format!(
+                "the job's deadline ({}) leaves no time for another attempt; the last one failed with {}: {}",
+                deadline.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                last.error_type,
+                last.message
+            ),
+        ))
+    }
+
+    /// What a waiting job whose time ran out records at `now`: `JobCanceled` with `expired`
+    /// (not started by `expires_at`) or `deadline_exceeded` (its `deadline_at` passed), using
+    /// no attempt. `None` while it may still start (or once it has).
+    pub fn expiry(&self, now: DateTime<Utc>) -> Option<JobEvent> {
+        if !matches!(self.status, JobStatus::Queued | JobStatus::Scheduled) {
+            return None;
+        }
+        let at = |t: DateTime<Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let error = match (self.expires_at, self.deadline_at) {
+            (Some(e), _) if e <= now => JobError::new(
+                "expired",
+                format!("not started by its expires_at ({})", at(e)),
+            ),
+            (_, Some(d)) if d <= now => JobError::new(
+                "deadline_exceeded",
+                format!("not started by its deadline ({})", at(d)),
+            ),
+            _ => return None,
+        };
+        Some(JobEvent::JobCanceled {
+            attempt: None,
+            error: Some(error),
+        })
+    }
+
+    /// How long the attempt starting at `now` may run: its `timeout_s`, cut at `deadline_at`.
+    pub fn attempt_timeout(&self, now: DateTime<Utc>) -> Option<std::time::Duration> {
+        let timeout = self
+            .timeout_s
+            .map(|s| std::time::Duration::from_secs(s as u64));
+        let left = self
+            .deadline_at
+            .map(|d| (d - now).to_std().unwrap_or_default());
+        match (timeout, left) {
+            (Some(t), Some(l)) => Some(t.min(l)),
+            (t, l) => t.or(l),
+        }
     }
 
     /// The backoff policy in force.
@@ -739,6 +834,16 @@ impl Job {
             let delay = retry_after.unwrap_or_else(|| self.backoff_policy().delay(attempt));
             let retry_at = now + chrono::Duration::from_std(delay).unwrap_or_default();
             let retry_at = crate::domain::truncate_micros(retry_at);
+            if let Some(error) = self.past_deadline(retry_at, &error) {
+                return vec![
+                    JobEvent::JobAttemptFailed {
+                        attempt,
+                        error: error.clone(),
+                        retry_at: None,
+                    },
+                    JobEvent::JobFailed { attempt, error },
+                ];
+            }
             vec![
                 JobEvent::JobAttemptFailed {
                     attempt,
@@ -807,6 +912,7 @@ impl Job {
             } if self.cancel_requested => {
                 vec![JobEvent::JobCanceled {
                     attempt: Some(attempt),
+                    error: None,
                 }]
             }
             AttemptEnd::Failed {
@@ -828,6 +934,7 @@ impl Job {
             }
             AttemptEnd::Canceled => vec![JobEvent::JobCanceled {
                 attempt: Some(attempt),
+                error: None,
             }],
             AttemptEnd::Released => vec![
                 JobEvent::JobAttemptFailed {
@@ -846,11 +953,22 @@ impl Job {
             AttemptEnd::Deferred { .. } if self.cancel_requested => {
                 vec![JobEvent::JobCanceled {
                     attempt: Some(attempt),
+                    error: None,
                 }]
             }
             AttemptEnd::Deferred { error, after } => {
                 let run_at = now + chrono::Duration::from_std(after).unwrap_or_default();
                 let run_at = crate::domain::truncate_micros(run_at);
+                if let Some(error) = self.past_deadline(run_at, &error) {
+                    return vec![
+                        JobEvent::JobAttemptFailed {
+                            attempt,
+                            error: error.clone(),
+                            retry_at: None,
+                        },
+                        JobEvent::JobFailed { attempt, error },
+                    ];
+                }
                 vec![
                     JobEvent::JobAttemptFailed {
                         attempt,
@@ -918,6 +1036,9 @@ mod tests {
             run_id: None,
             step_id: None,
             secret_refs: None,
+            expires_at: None,
+            ttl_s: None,
+            deadline_s: None,
         }
     }
 
@@ -1132,8 +1253,14 @@ mod tests {
     fn a_finished_job_cannot_start_again() {
         let now = crate::domain::now();
         let mut job = Job::submitted(Uuid::now_v7(), "default", &submission(), now);
-        job.apply(&JobEvent::JobCanceled { attempt: None }, now)
-            .unwrap();
+        job.apply(
+            &JobEvent::JobCanceled {
+                attempt: None,
+                error: None,
+            },
+            now,
+        )
+        .unwrap();
         assert!(job
             .apply(
                 &JobEvent::JobStarted {
@@ -1203,7 +1330,10 @@ mod tests {
         };
         assert!(matches!(
             running.end_attempt(4, end, at)[..],
-            [JobEvent::JobCanceled { attempt: Some(4) }]
+            [JobEvent::JobCanceled {
+                attempt: Some(4),
+                ..
+            }]
         ));
         // Events written before `max_attempts` existed on JobScheduled still read.
         let old: JobEvent = serde_json::from_value(serde_json::json!(
@@ -1217,5 +1347,76 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn deadlines_cancel_waiting_jobs_cut_attempts_and_stop_retries() {
+        let at = crate::domain::now();
+        let secs = |n: i64| chrono::Duration::seconds(n);
+        let mut sub = submission();
+        sub.ttl_s = Some(10);
+        sub.deadline_s = Some(60);
+        sub.timeout_s = Some(300);
+        let job = Job::submitted(Uuid::now_v7(), "default", &sub, at);
+        assert_eq!(job.expires_at, Some(at + secs(10)));
+        assert_eq!(job.deadline_at, Some(at + secs(60)));
+        // ttl and deadline count from run_at when the job is delayed.
+        let mut later = sub.clone();
+        later.run_at = Some(at + secs(100));
+        let delayed = Job::submitted(Uuid::now_v7(), "default", &later, at);
+        assert_eq!(delayed.expires_at, Some(at + secs(110)));
+        // Waiting past expires_at: canceled with `expired`, no attempt.
+        assert_eq!(job.expiry(at + secs(9)), None);
+        let expired = decided(job.clone(), &[job.expiry(at + secs(10)).unwrap()]);
+        assert_eq!(expired.status, JobStatus::Canceled);
+        assert_eq!(expired.error.as_ref().unwrap().error_type, "expired");
+        assert_eq!(expired.attempt, 0);
+        // Once started, it no longer expires; the attempt is cut at the deadline.
+        let running = decided(
+            job.clone(),
+            &[JobEvent::JobStarted {
+                attempt: 1,
+                worker: "w".into(),
+            }],
+        );
+        assert_eq!(running.expiry(at + secs(30)), None);
+        assert_eq!(
+            running.attempt_timeout(at + secs(50)),
+            Some(std::time::Duration::from_secs(10))
+        );
+        assert_eq!(
+            running.attempt_timeout(at),
+            Some(std::time::Duration::from_secs(60))
+        );
+        // A retry that would start past the deadline is not made.
+        let events = running.attempt_failure_events(
+            1,
+            JobError::new("boom", "no"),
+            true,
+            Some(std::time::Duration::from_secs(30)),
+            at + secs(40),
+        );
+        match &events[..] {
+            [JobEvent::JobAttemptFailed { retry_at: None, .. }, JobEvent::JobFailed { error, .. }] =>
+            {
+                assert_eq!(error.error_type, "deadline_exceeded");
+                assert!(error.message.contains("boom: no"), "{}", error.message);
+            }
+            other => panic!("{other:?}"),
+        }
+        // One that starts before it is.
+        let events = running.attempt_failure_events(1, JobError::new("boom", "no"), true, None, at);
+        assert!(matches!(events[1], JobEvent::JobScheduled { .. }));
+        // A queued job whose deadline passed is canceled with `deadline_exceeded`.
+        let mut only_deadline = submission();
+        only_deadline.deadline_s = Some(5);
+        let waiting = Job::submitted(Uuid::now_v7(), "default", &only_deadline, at);
+        match waiting.expiry(at + secs(5)) {
+            Some(JobEvent::JobCanceled {
+                attempt: None,
+                error: Some(e),
+            }) => assert_eq!(e.error_type, "deadline_exceeded"),
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -31,7 +31,8 @@ ON CONFLICT (id) DO UPDATE SET
     worker_id = EXCLUDED.worker_id, artifacts = EXCLUDED.artifacts, version = EXCLUDED.version,
     created_at = EXCLUDED.created_at, queued_at = EXCLUDED.queued_at,
     started_at = EXCLUDED.started_at, finished_at = EXCLUDED.finished_at,
-    updated_at = EXCLUDED.updated_at";
+    updated_at = EXCLUDED.updated_at, expires_at = EXCLUDED.expires_at,
+    deadline_at = EXCLUDED.deadline_at";
 
 /// Context for turning job events into an append.
 #[derive(Debug, Clone)]
@@ -240,6 +241,22 @@ pub async fn list(
 pub async fn due(pool: &PgPool, limit: i64) -> Result<Vec<Job>, StoreError> {
     let rows: Vec<(Value,)> = sqlx::query_as(
         "SELECT to_jsonb(j) FROM jobs j WHERE status = 'scheduled' AND run_at <= now() ORDER BY run_at LIMIT $1",
+    )
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    rows.into_iter().map(|(v,)| decode(v)).collect()
+}
+
+/// Waiting (queued or scheduled) jobs whose `expires_at` or `deadline_at` passed: the
+/// expirer's work.
+pub async fn expiring(pool: &PgPool, limit: i64) -> Result<Vec<Job>, StoreError> {
+    let rows: Vec<(Value,)> = sqlx::query_as(
+        "SELECT to_jsonb(j) FROM jobs j
+          WHERE status IN ('queued', 'scheduled')
+            AND (expires_at IS NOT NULL OR deadline_at IS NOT NULL)
+            AND LEAST(expires_at, deadline_at) <= now()
+          ORDER BY LEAST(expires_at, deadline_at) LIMIT $1",
     )
     .bind(limit)
     .fetch_all(pool)

@@ -375,6 +375,9 @@ fn step_job_append(
             None => j.step_id.clone(),
         }),
         secret_refs: (!j.secret_refs.is_empty()).then(|| j.secret_refs.clone()),
+        expires_at: None,
+        ttl_s: None,
+        deadline_s: None,
     };
     let meta = EventMetadata {
         namespace: run.namespace.clone(),

@@ -1,6 +1,8 @@
 //! Flow control (docs/flow-control.md) against the real binaries. Built so far: `dedup` —
 //! the job submitted with a key within its window is returned for any later body, whatever its
-//! status, with `Capibara-Deduplicated: true`, and each merge is recorded on that job.
+//! status, with `Capibara-Deduplicated: true`, and each merge is recorded on that job; and
+//! deadlines — `ttl_s`/`expires_at` cancel a job not started in time (no attempt used),
+//! `deadline_s` cuts the running attempt and stops retries.
 
 use std::time::Duration;
 
@@ -114,4 +116,79 @@ async fn dedup_returns_the_job_of_the_key_within_its_window_and_records_each_mer
         .await;
     assert_eq!(r.status, 422, "{r:?}");
     assert_eq!(r.body["errors"][0]["field"], "jobs[1].dedup");
+}
+
+#[tokio::test]
+async fn deadlines_cancel_unstarted_jobs_cut_attempts_and_stop_retries() {
+    let env = TestEnv::new().await;
+    let _procs = env.spawn_all().await;
+    let api = env.client();
+
+    // No worker serves queue `nobody`: not started within 1 s → canceled, `expired`, no attempt.
+    let id = api
+        .submit_id(json!({"kind": "echo", "queue": "nobody", "ttl_s": 1}))
+        .await;
+    let queued = api.job(&id).await;
+    assert!(queued["expires_at"].is_string(), "{queued}");
+    let job = api.wait_terminal(&id, Duration::from_secs(30)).await;
+    assert_eq!(job["status"], "canceled", "{job}");
+    assert_eq!(job["error"]["type"], "expired", "{job}");
+    assert_eq!(job["attempt"], 0, "{job}");
+    let events = api.events(&id).await;
+    assert_eq!(
+        types(&events),
+        vec!["JobSubmitted", "JobCanceled"],
+        "{events:?}"
+    );
+
+    // A job that starts in time runs as usual.
+    let id = api.submit_id(json!({"kind": "echo", "ttl_s": 30})).await;
+    let job = api.wait_terminal(&id, Duration::from_secs(30)).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+
+    // deadline_s stops retries: `fail` would try 10 times, 500 ms apart; the deadline allows
+    // about 2 s of them.
+    let id = api
+        .submit_id(json!({"kind": "fail", "max_attempts": 10, "deadline_s": 2,
+                          "backoff": {"initial_ms": 500, "factor": 1, "max_ms": 500}}))
+        .await;
+    let job = api.wait_terminal(&id, Duration::from_secs(30)).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    assert_eq!(job["error"]["type"], "deadline_exceeded", "{job}");
+    let attempts = job["attempt"].as_u64().unwrap();
+    assert!((2..10).contains(&attempts), "{job}");
+
+    // ... and cuts the running attempt at the deadline.
+    let id = api
+        .submit_id(
+            json!({"kind": "sleep", "input": {"ms": 20000}, "deadline_s": 1,
+                          "max_attempts": 3}),
+        )
+        .await;
+    let job = api.wait_terminal(&id, Duration::from_secs(15)).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    assert_eq!(job["error"]["type"], "deadline_exceeded", "{job}");
+    assert_eq!(job["attempt"], 1, "{job}");
+    assert!(types(&api.events(&id).await).contains(&"JobTimedOut".to_string()));
+
+    // Bad deadlines name the field.
+    let past = (chrono::Utc::now() - chrono::Duration::seconds(5)).to_rfc3339();
+    let soon = (chrono::Utc::now() + chrono::Duration::seconds(60)).to_rfc3339();
+    for (body, field) in [
+        (json!({"kind": "echo", "expires_at": past}), "expires_at"),
+        (
+            json!({"kind": "echo", "expires_at": soon, "ttl_s": 5}),
+            "ttl_s",
+        ),
+        (json!({"kind": "echo", "ttl_s": 0}), "ttl_s"),
+        (json!({"kind": "echo", "deadline_s": 0}), "deadline_s"),
+        (
+            json!({"kind": "echo", "run_at": soon, "expires_at": soon}),
+            "expires_at",
+        ),
+    ] {
+        let r = api.submit(body.clone()).await;
+        assert_eq!(r.status, 422, "{body}: {r:?}");
+        assert_eq!(r.body["errors"][0]["field"], field, "{body}: {r:?}");
+    }
 }

@@ -268,6 +268,9 @@ mod tests {
             run_id: None,
             step_id: None,
             secret_refs: None,
+            expires_at: None,
+            ttl_s: None,
+            deadline_s: None,
         };
         let id = Uuid::now_v7();
         JobContext {
