@@ -90,7 +90,8 @@ pub struct SubmitJob {
     pub tags: Option<BTreeMap<String, String>>,
     /// Return the job submitted with the same `key` within `window_s` seconds instead of a new
     /// one, whatever its body and status (`200` with `Capibara-Deduplicated: true`; the merge is
-    /// recorded on that job as `JobDeduplicated`). Not with an Idempotency-Key, not in a batch.
+    /// recorded on that job as `JobDeduplicated`). It supersedes an Idempotency-Key; not in a
+    /// batch.
     #[serde(default)]
     #[schema(inline)]
     pub dedup: Option<DedupSpec>,
@@ -340,12 +341,9 @@ pub async fn submit(
     let wait = prefer_wait(&headers)?;
     let key = idempotency_key(&headers)?;
     let dedup = body.value.dedup.is_some();
-    if dedup && key.is_some() {
-        return Err(ApiError::field(
-            "dedup",
-            "give either `dedup` or an Idempotency-Key header, not both",
-        ));
-    }
+    // `dedup` makes retries safe by itself (its key returns the same job): it supersedes an
+    // Idempotency-Key (SDKs send one with every submission).
+    let key = if dedup { None } else { key };
     let (job, replayed) = create(&state, &auth, body.value, key, &body.hash, "SubmitJob").await?;
     if dedup && replayed {
         let mut res = finish(&state, &auth, job, wait, false).await?;

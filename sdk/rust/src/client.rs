@@ -556,6 +556,30 @@ impl<'a> Submit<'a> {
         self
     }
 
+    /// Any submission with `key` within `window_s` seconds of the first returns the first's
+    /// job, whatever its body (docs/flow-control.md; also makes the call safe to retry).
+    pub fn dedup(mut self, key: impl Into<String>, window_s: u32) -> Self {
+        self.spec.dedup = Some(crate::Dedup {
+            key: key.into(),
+            window_s,
+        });
+        self
+    }
+
+    /// Canceled (`expired`, no attempt used) if not started within `ttl_s` seconds of being
+    /// due.
+    pub fn ttl_s(mut self, ttl_s: u32) -> Self {
+        self.spec.ttl_s = Some(ttl_s);
+        self
+    }
+
+    /// Must end within `deadline_s` seconds of being due, across all attempts
+    /// (`deadline_exceeded`).
+    pub fn deadline_s(mut self, deadline_s: u32) -> Self {
+        self.spec.deadline_s = Some(deadline_s);
+        self
+    }
+
     /// The same key and body return the same job (also makes the call safe to retry).
     pub fn idempotency_key(mut self, key: impl Into<String>) -> Self {
         self.idempotency_key = Some(key.into());
@@ -571,9 +595,10 @@ impl<'a> Submit<'a> {
     /// Send it; the job as it is now (finished, with [`Submit::wait`], if it ended in time).
     pub async fn send(self) -> Result<Job> {
         let body = serde_json::to_value(&self.spec).map_err(|e| Error::decode("a job", e))?;
+        let retry_safe = self.idempotency_key.is_some() || self.spec.dedup.is_some();
         let req = Req::post("/v1/jobs")
             .json(body)
-            .idempotent(self.idempotency_key.is_some())
+            .idempotent(retry_safe)
             .header("idempotency-key", self.idempotency_key)
             .prefer_wait(self.wait);
         self.client.http.json(req).await

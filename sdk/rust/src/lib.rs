@@ -49,7 +49,7 @@ pub use error::{Error, FieldError, HandlerError, Problem, Result};
 pub use in_process::InProcess;
 pub use lease::{Failure, Lease};
 pub use types::{
-    Backoff, CatchUp, Event, Heartbeat, Job, JobError, JobSpec, JobStatus, Kind, KindDecl,
+    Backoff, CatchUp, Dedup, Event, Heartbeat, Job, JobError, JobSpec, JobStatus, Kind, KindDecl,
     KindSpec, LogLevel, LogLine, Overlap, Page, Priority, Progress, Registration, Run, RunStatus,
     Schedule, ScheduleSpec, ScheduleTarget, Step, WorkerSpec, Workflow,
 };

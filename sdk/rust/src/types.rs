@@ -296,6 +296,8 @@ pub enum CatchUp {
 /// Where a schedule's ticks go.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
+// Built once per schedule: boxing the job would only make it harder to write.
+#[allow(clippy::large_enum_variant)]
 pub enum ScheduleTarget {
     /// Submit this job.
     Job { job: JobSpec },
@@ -384,6 +386,27 @@ pub struct JobSpec {
     pub callback_url: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub callback_events: Option<Vec<String>>,
+    /// Return the job submitted with the same key within the window instead of a new one
+    /// (not in a batch).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dedup: Option<Dedup>,
+    /// Not started within this many seconds of being due: canceled (`expired`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ttl_s: Option<u32>,
+    /// Not started by then: canceled (`expired`). Not with `ttl_s`, not in schedule targets.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<DateTime<Utc>>,
+    /// Ended within this many seconds of being due, across all attempts
+    /// (`deadline_exceeded`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deadline_s: Option<u32>,
+}
+
+/// A submission's `dedup` (docs/flow-control.md).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Dedup {
+    pub key: String,
+    pub window_s: u32,
 }
 
 impl JobSpec {
@@ -400,6 +423,10 @@ impl JobSpec {
             tags: BTreeMap::new(),
             callback_url: None,
             callback_events: None,
+            dedup: None,
+            ttl_s: None,
+            expires_at: None,
+            deadline_s: None,
         }
     }
 }

@@ -86,6 +86,21 @@ async fn submit_and_wait_returns_the_builtin_workers_output() {
     assert_eq!(job.output, Some(json!({"hello": "world"})));
     assert_eq!(job.tags.get("team").map(String::as_str), Some("sdk"));
 
+    // dedup: another body with the same key returns the first job; ttl and deadline are set.
+    let first = c
+        .submit("echo", json!({"order": 1}))
+        .dedup("order-1", 60)
+        .ttl_s(300)
+        .deadline_s(600)
+        .await
+        .unwrap();
+    let merged = c
+        .submit("echo", json!({"order": 1, "again": true}))
+        .dedup("order-1", 60)
+        .await
+        .unwrap();
+    assert_eq!(merged.id, first.id);
+
     // Without a wait: queued now, `wait` follows it to the end.
     let queued = c.submit("echo", json!({"n": 2})).await.unwrap();
     assert!(!queued.status.is_terminal() || queued.status == JobStatus::Succeeded);

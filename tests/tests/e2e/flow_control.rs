@@ -87,7 +87,8 @@ async fn dedup_returns_the_job_of_the_key_within_its_window_and_records_each_mer
     assert_eq!(ids.len(), 1, "{answers:?}");
     assert_eq!(answers.iter().filter(|r| r.status == 202).count(), 1);
 
-    // Bad input names the field; dedup goes with neither an Idempotency-Key nor a batch.
+    // Bad input names the field; an Idempotency-Key (SDKs always send one) does not stop the
+    // merge; a batch refuses dedup.
     for (dedup, field) in [
         (json!({"key": "", "window_s": 5}), "dedup.key"),
         (json!({"key": "k", "window_s": 0}), "dedup.window_s"),
@@ -103,11 +104,12 @@ async fn dedup_returns_the_job_of_the_key_within_its_window_and_records_each_mer
             api.http
                 .post(api.url("/v1/jobs"))
                 .header("idempotency-key", "k1")
-                .json(&json!({"kind": "echo", "dedup": {"key": "k", "window_s": 5}})),
+                .json(&json!({"kind": "sleep", "input": {"ms": 1},
+                               "dedup": {"key": "order-42", "window_s": 60}})),
         )
         .await;
-    assert_eq!(r.status, 422, "{r:?}");
-    assert_eq!(r.body["errors"][0]["field"], "dedup");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.body["id"], id.as_str());
     let r = api
         .post(
             "/v1/jobs/batch",
@@ -153,7 +155,12 @@ async fn deadlines_cancel_unstarted_jobs_cut_attempts_and_stop_retries() {
                           "backoff": {"initial_ms": 500, "factor": 1, "max_ms": 500}}))
         .await;
     let job = api.wait_terminal(&id, Duration::from_secs(30)).await;
-    assert_eq!(job["status"], "failed", "{job}");
+    // `failed` when the deadline stopped a retry; `canceled` when a retry was waiting for a
+    // worker as the deadline passed.
+    assert!(
+        job["status"] == "failed" || job["status"] == "canceled",
+        "{job}"
+    );
     assert_eq!(job["error"]["type"], "deadline_exceeded", "{job}");
     let attempts = job["attempt"].as_u64().unwrap();
     assert!((2..10).contains(&attempts), "{job}");
