@@ -5,10 +5,7 @@
 //! job: the content hash is the idempotency key. Modes, the two `status` vocabularies and
 //! dangerous intents: docs/orchestrate-design.md.
 
-use std::{
-    collections::BTreeMap,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use axum::{
     extract::State,
@@ -22,7 +19,7 @@ use capibara_shared::{
         auth::Role,
         job::Job,
         kinds,
-        kinds::{http::HttpAuth, mcp::McpCallInput},
+        kinds::mcp::McpServer,
         orchestrate::{seed_status, Mode, Route},
         problem::FieldError,
         run::Run,
@@ -84,31 +81,6 @@ pub struct Orchestrate {
     /// nothing runs, and `status` is `dry_run`.
     #[serde(default)]
     pub confirm_dangerous: bool,
-}
-
-/// Where an MCP tool lives: `mcp.call`'s input without `tool` and `arguments` (docs/mcp.md).
-#[derive(Debug, Clone, Deserialize, Serialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct McpServer {
-    /// The server's MCP endpoint: an `http` or `https` URL (e.g. `https://host/mcp`).
-    #[schema(
-        min_length = 1,
-        max_length = 2048,
-        pattern = "^[hH][tT][tT][pP][sS]?://"
-    )]
-    pub server: String,
-    /// Extra request headers (at most 20; names of letters, digits, '-' and '_').
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(nullable = false)]
-    pub headers: Option<BTreeMap<String, String>>,
-    /// Credentials from a namespace secret, as `http.request`'s `auth`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(inline, nullable = false)]
-    pub auth: Option<HttpAuth>,
-    /// The whole exchange in ms (default 60,000, at most 300,000).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(nullable = false, minimum = 1, maximum = 300000)]
-    pub timeout_ms: Option<u64>,
 }
 
 /// The answer: the existing fields and the seed's (`mode`, `duration_ms`, `message`).
@@ -375,14 +347,7 @@ fn tool_input(req: &Orchestrate, inputs: &Value) -> Result<Value, ApiError> {
             "a tool's arguments must be an object",
         ));
     };
-    let input = McpCallInput {
-        server: mcp.server.clone(),
-        tool: req.intent.clone(),
-        arguments: Some(arguments.clone()),
-        headers: mcp.headers.clone(),
-        auth: mcp.auth.clone(),
-        timeout_ms: mcp.timeout_ms,
-    };
+    let input = mcp.clone().call(&req.intent, arguments.clone());
     Ok(serde_json::to_value(input).expect("mcp.call input serializes"))
 }
 

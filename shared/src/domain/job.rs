@@ -835,14 +835,7 @@ impl Job {
             let retry_at = now + chrono::Duration::from_std(delay).unwrap_or_default();
             let retry_at = crate::domain::truncate_micros(retry_at);
             if let Some(error) = self.past_deadline(retry_at, &error) {
-                return vec![
-                    JobEvent::JobAttemptFailed {
-                        attempt,
-                        error: error.clone(),
-                        retry_at: None,
-                    },
-                    JobEvent::JobFailed { attempt, error },
-                ];
+                return self.attempt_failure_events(attempt, error, false, None, now);
             }
             vec![
                 JobEvent::JobAttemptFailed {
@@ -960,14 +953,7 @@ impl Job {
                 let run_at = now + chrono::Duration::from_std(after).unwrap_or_default();
                 let run_at = crate::domain::truncate_micros(run_at);
                 if let Some(error) = self.past_deadline(run_at, &error) {
-                    return vec![
-                        JobEvent::JobAttemptFailed {
-                            attempt,
-                            error: error.clone(),
-                            retry_at: None,
-                        },
-                        JobEvent::JobFailed { attempt, error },
-                    ];
+                    return self.attempt_failure_events(attempt, error, false, None, now);
                 }
                 vec![
                     JobEvent::JobAttemptFailed {

@@ -44,6 +44,46 @@ pub struct McpCallInput {
     pub timeout_ms: Option<u64>,
 }
 
+/// Where an MCP tool lives: `mcp.call`'s input without `tool` and `arguments` (what
+/// `POST /v1/orchestrate` takes in mode `mcp`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct McpServer {
+    /// The server's MCP endpoint: an `http` or `https` URL (e.g. `https://host/mcp`).
+    #[schema(
+        min_length = 1,
+        max_length = 2048,
+        pattern = "^[hH][tT][tT][pP][sS]?://"
+    )]
+    pub server: String,
+    /// Extra request headers (at most 20; names of letters, digits, '-' and '_').
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub headers: Option<BTreeMap<String, String>>,
+    /// Credentials from a namespace secret, as `http.request`'s `auth`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(inline, nullable = false)]
+    pub auth: Option<HttpAuth>,
+    /// The whole exchange in ms (default 60,000, at most 300,000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false, minimum = 1, maximum = 300000)]
+    pub timeout_ms: Option<u64>,
+}
+
+impl McpServer {
+    /// The `mcp.call` input that calls `tool` with `arguments` on this server.
+    pub fn call(self, tool: &str, arguments: Map<String, Value>) -> McpCallInput {
+        McpCallInput {
+            server: self.server,
+            tool: tool.to_string(),
+            arguments: Some(arguments),
+            headers: self.headers,
+            auth: self.auth,
+            timeout_ms: self.timeout_ms,
+        }
+    }
+}
+
 impl McpCallInput {
     pub fn timeout_ms(&self) -> u64 {
         self.timeout_ms.unwrap_or(60_000)
