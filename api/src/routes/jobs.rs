@@ -566,9 +566,17 @@ pub fn decode_cursor(s: &str) -> Result<Uuid, ApiError> {
         .ok_or_else(|| ApiError::field("cursor", "is not a cursor returned by this API"))
 }
 
+/// Jobs, newest first. Besides the parameters listed, `input.<path>=<value>` and
+/// `output.<path>=<value>` keep the jobs whose input (output) contains that value at that path
+/// (`?input.customer.id=42`; the value is JSON when it parses as JSON, else a string; repeatable).
 #[utoipa::path(get, operation_id = "listJobs", path = "/v1/jobs", tag = "jobs",
     params(("status" = Option<capibara_shared::domain::job::JobStatus>, Query), ("kind" = Option<String>, Query), ("queue" = Option<String>, Query),
-           ("tag" = Option<String>, Query, pattern = ":", description = "k:v, repeatable"), ("limit" = Option<i64>, Query, minimum = 1, maximum = 500),
+           ("tag" = Option<String>, Query, pattern = ":", description = "k:v, repeatable"),
+           ("created_after" = Option<DateTime<Utc>>, Query), ("created_before" = Option<DateTime<Utc>>, Query),
+           ("finished_after" = Option<DateTime<Utc>>, Query), ("finished_before" = Option<DateTime<Utc>>, Query),
+           ("error_type" = Option<String>, Query, description = "the error's `type` (`timeout`, `expired`, …)"),
+           ("worker" = Option<String>, Query, description = "the worker id of the last attempt"),
+           ("limit" = Option<i64>, Query, minimum = 1, maximum = 500),
            ("cursor" = Option<String>, Query, pattern = "^[A-Za-z0-9_-]{21}[AQgw]$", description = "`next_cursor` of the previous page")),
     responses((status = 200, body = Page<Job>), (status = 422, body = crate::error::Problem)),
     security(("bearer" = [])))]
@@ -598,17 +606,75 @@ pub async fn list(
             }
             "limit" => limit = Some(v),
             "cursor" => f.before = Some(decode_cursor(&v)?),
-            other => {
-                return Err(ApiError::field(
-                    other,
-                    "unknown query parameter (status, kind, queue, tag, limit, cursor)",
-                ))
-            }
+            "created_after" => f.created_after = Some(query_time(&k, &v)?),
+            "created_before" => f.created_before = Some(query_time(&k, &v)?),
+            "finished_after" => f.finished_after = Some(query_time(&k, &v)?),
+            "finished_before" => f.finished_before = Some(query_time(&k, &v)?),
+            "error_type" => f.error_type = Some(v),
+            "worker" => f.worker = Some(v),
+            other => match other.split_once('.') {
+                Some(("input", path)) => contains(&mut f.input, other, path, &v)?,
+                Some(("output", path)) => contains(&mut f.output, other, path, &v)?,
+                _ => {
+                    return Err(ApiError::field(
+                        other,
+                        "unknown query parameter (status, kind, queue, tag, input.<path>, \
+                         output.<path>, created_after, created_before, finished_after, \
+                         finished_before, error_type, worker, limit, cursor)",
+                    ))
+                }
+            },
         }
     }
     let limit = parse_limit(limit.as_deref())?;
     let items = store::jobs::list(&state.store.pool, auth.namespace(), &f, limit + 1).await?;
     Ok(Json(Page::from_extra_row(items, limit, |j| j.id)))
+}
+
+/// An RFC 3339 time in a query parameter.
+fn query_time(name: &str, v: &str) -> Result<DateTime<Utc>, ApiError> {
+    let t = DateTime::parse_from_rfc3339(v)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|_| ApiError::field(name, "must be an RFC 3339 time (2026-12-05T08:00:00Z)"))?;
+    storable::check_time(name, t)?;
+    Ok(t)
+}
+
+/// Add `path = value` to a containment filter: `input.customer.id=42` → `{"customer": {"id":
+/// 42}}`. The value is JSON when it parses as JSON (`42`, `true`, `"42"`), else a string.
+fn contains(
+    filter: &mut Option<Value>,
+    name: &str,
+    path: &str,
+    value: &str,
+) -> Result<(), ApiError> {
+    let keys: Vec<&str> = path.split('.').collect();
+    if keys.len() > 16 || keys.iter().any(|k| k.is_empty() || k.chars().count() > 128) {
+        return Err(ApiError::field(
+            name,
+            "must be a path of 1-16 dot-separated keys (input.customer.id=42)",
+        ));
+    }
+    let leaf = serde_json::from_str(value).unwrap_or_else(|_| Value::String(value.to_string()));
+    let mut node = filter.get_or_insert_with(|| Value::Object(Default::default()));
+    for (i, key) in keys.iter().enumerate() {
+        let Value::Object(map) = node else {
+            return Err(ApiError::field(
+                name,
+                "conflicts with another filter on the same path",
+            ));
+        };
+        if i + 1 == keys.len() {
+            if map.insert(key.to_string(), leaf).is_some() {
+                return Err(ApiError::field(name, "is given twice"));
+            }
+            return Ok(());
+        }
+        node = map
+            .entry(key.to_string())
+            .or_insert_with(|| Value::Object(Default::default()));
+    }
+    Ok(())
 }
 
 fn parse_id(id: &str) -> Result<Uuid, ApiError> {

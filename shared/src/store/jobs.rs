@@ -196,6 +196,19 @@ pub struct JobFilter {
     pub tags: Vec<(String, String)>,
     /// Only jobs with an id below this (cursor; ids are time-ordered UUIDv7).
     pub before: Option<Uuid>,
+    /// JSON the job's input (output) contains (`@>`).
+    pub input: Option<Value>,
+    pub output: Option<Value>,
+    /// `created_at` in [after, before).
+    pub created_after: Option<DateTime<Utc>>,
+    pub created_before: Option<DateTime<Utc>>,
+    /// `finished_at` in [after, before).
+    pub finished_after: Option<DateTime<Utc>>,
+    pub finished_before: Option<DateTime<Utc>>,
+    /// The error's `type`.
+    pub error_type: Option<String>,
+    /// The worker that ran (or runs) its last attempt.
+    pub worker: Option<String>,
 }
 
 /// Newest first.
@@ -223,6 +236,14 @@ pub async fn list(
            AND ($4::text IS NULL OR queue = $4)
            AND ($5::jsonb IS NULL OR (tags <> '{}'::jsonb AND tags @> $5))
            AND ($6::uuid IS NULL OR id < $6)
+           AND ($8::jsonb IS NULL OR input @> $8)
+           AND ($9::jsonb IS NULL OR output @> $9)
+           AND ($10::timestamptz IS NULL OR created_at >= $10)
+           AND ($11::timestamptz IS NULL OR created_at < $11)
+           AND ($12::timestamptz IS NULL OR finished_at >= $12)
+           AND ($13::timestamptz IS NULL OR finished_at < $13)
+           AND ($14::text IS NULL OR error->>'type' = $14)
+           AND ($15::text IS NULL OR worker_id = $15)
          ORDER BY id DESC LIMIT $7",
     )
     .bind(namespace)
@@ -232,6 +253,14 @@ pub async fn list(
     .bind(tags)
     .bind(f.before)
     .bind(limit)
+    .bind(&f.input)
+    .bind(&f.output)
+    .bind(f.created_after)
+    .bind(f.created_before)
+    .bind(f.finished_after)
+    .bind(f.finished_before)
+    .bind(&f.error_type)
+    .bind(&f.worker)
     .fetch_all(pool)
     .await?;
     rows.into_iter().map(|(v,)| decode(v)).collect()

@@ -199,3 +199,88 @@ async fn deadlines_cancel_unstarted_jobs_cut_attempts_and_stop_retries() {
         assert_eq!(r.body["errors"][0]["field"], field, "{body}: {r:?}");
     }
 }
+
+#[tokio::test]
+async fn jobs_are_searched_by_input_and_output_contents_times_error_type_and_worker() {
+    let env = TestEnv::new().await;
+    let _procs = env.spawn_all().await;
+    let api = env.client();
+    let ids_of = |r: &capibara_tests::Res| -> Vec<String> {
+        r.body["items"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{r:?}"))
+            .iter()
+            .map(|j| j["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let before = chrono::Utc::now();
+    let a = api
+        .submit_id(json!({"kind": "echo", "input": {"customer": {"id": 42, "tier": "gold"}}}))
+        .await;
+    let b = api
+        .submit_id(json!({"kind": "echo", "input": {"customer": {"id": 7, "tier": "gold"}}}))
+        .await;
+    let c = api
+        .submit_id(json!({"kind": "fail", "max_attempts": 1, "input": {"message": "boom"}}))
+        .await;
+    for id in [&a, &b, &c] {
+        api.wait_terminal(id, Duration::from_secs(30)).await;
+    }
+
+    let q = |query: &str| {
+        let api = api.clone();
+        let query = query.to_string();
+        async move { api.get(&format!("/v1/jobs?{query}")).await }
+    };
+    assert_eq!(ids_of(&q("input.customer.id=42").await), vec![a.clone()]);
+    assert_eq!(
+        ids_of(&q("input.customer.tier=gold").await),
+        vec![b.clone(), a.clone()]
+    );
+    assert_eq!(
+        ids_of(&q("input.customer.tier=gold&input.customer.id=7").await),
+        vec![b.clone()]
+    );
+    // A quoted value is a string: 42 is not "42".
+    assert!(ids_of(&q("input.customer.id=%2242%22").await).is_empty());
+    // Outputs: echo's output is its input.
+    assert_eq!(ids_of(&q("output.customer.id=7").await), vec![b.clone()]);
+    assert_eq!(ids_of(&q("error_type=failed_on_purpose").await).len(), 0);
+    let failed = api.job(&c).await;
+    let error_type = failed["error"]["type"].as_str().unwrap().to_string();
+    assert_eq!(
+        ids_of(&q(&format!("error_type={error_type}")).await),
+        vec![c.clone()]
+    );
+    let worker = failed["worker_id"].as_str().unwrap().to_string();
+    assert_eq!(
+        ids_of(&q(&format!("worker={worker}&kind=fail")).await),
+        vec![c.clone()]
+    );
+    // Time ranges.
+    let t = |d: chrono::DateTime<chrono::Utc>| d.to_rfc3339().replace('+', "%2B");
+    assert_eq!(
+        ids_of(&q(&format!("created_after={}", t(before))).await).len(),
+        3
+    );
+    assert!(ids_of(&q(&format!("created_before={}", t(before))).await).is_empty());
+    let later = chrono::Utc::now() + chrono::Duration::seconds(1);
+    assert_eq!(
+        ids_of(&q(&format!("finished_before={}", t(later))).await).len(),
+        3
+    );
+    assert!(ids_of(&q(&format!("finished_after={}", t(later))).await).is_empty());
+
+    // Bad filters name the parameter.
+    for (query, field) in [
+        ("input.=1", "input."),
+        ("created_after=yesterday", "created_after"),
+        ("input.a=1&input.a=2", "input.a"),
+        ("input.a=1&input.a.b=2", "input.a.b"),
+        ("color=red", "color"),
+    ] {
+        let r = q(query).await;
+        assert_eq!(r.status, 422, "{query}: {r:?}");
+        assert_eq!(r.body["errors"][0]["field"], field, "{query}: {r:?}");
+    }
+}
