@@ -84,7 +84,7 @@ pub struct Orchestrate {
 }
 
 /// The answer: the existing fields and the seed's (`mode`, `duration_ms`, `message`).
-#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Default, Serialize, utoipa::ToSchema)]
 pub struct OrchestrateResponse {
     /// Without a seed mode: `accepted` (still running) or the job's or run's final status
     /// (`succeeded`, `failed`, `canceled`). With `mode` agent, flow, mcp or auto: `success`,
@@ -158,6 +158,21 @@ struct Call {
     route: Route,
     inputs: Value,
     started: Instant,
+}
+
+impl Call {
+    /// The answer's fields every route fills the same way; the caller adds its own.
+    fn response(self, status: String, message: String) -> OrchestrateResponse {
+        OrchestrateResponse {
+            status,
+            mode: self.route.to_string(),
+            duration_ms: self.started.elapsed().as_millis() as u64,
+            message,
+            intent: self.req.intent,
+            context: self.req.context,
+            ..OrchestrateResponse::default()
+        }
+    }
 }
 
 #[utoipa::path(post, operation_id = "orchestrate", path = "/v1/orchestrate", tag = "jobs", request_body = Orchestrate,
@@ -266,7 +281,9 @@ async fn resolve(
     };
     let route = match wanted {
         Some(r) => r,
-        None => Route::choose(false, is_kind, workflow.is_some()).unwrap_or(Route::Agent),
+        None => {
+            Route::choose(req.mcp.is_some(), is_kind, workflow.is_some()).unwrap_or(Route::Agent)
+        }
     };
     match (route, workflow) {
         (Route::Agent, _) if is_kind => Ok(Target::Kind {
@@ -287,7 +304,7 @@ async fn resolve(
                 req.intent
             ),
         )),
-        _ => Err(unknown_intent(state, auth, req, route).await?),
+        _ => Err(unknown_intent(state, auth, req, mode, route).await?),
     }
 }
 
@@ -300,6 +317,7 @@ async fn unknown_intent(
     state: &AppState,
     auth: &Auth,
     req: &Orchestrate,
+    mode: Mode,
     route: Route,
 ) -> Result<ApiError, ApiError> {
     let workflows: Vec<String> =
@@ -319,7 +337,7 @@ async fn unknown_intent(
     );
     let detail = match route {
         Route::Flow => format!("unknown workflow `{}`; workflows: {workflows}", req.intent),
-        _ if req.mode.is_some() && mode_name(req) == "agent" => {
+        _ if mode == Mode::Agent => {
             format!(
                 "unknown job kind `{}`; available kinds: {kinds}",
                 req.intent
@@ -434,45 +452,21 @@ async fn dry_run(
         }
         Target::Workflow(w) => {
             if let Some(def) = w.latest() {
-                workflow::check_input(def, &call.inputs).map_err(|e| {
-                    ApiError::from(FieldError::new(rename_field(&e.field, "inputs"), e.message))
-                })?;
+                workflow::check_input(def, &call.inputs)
+                    .map_err(|e| rename_input(e.into(), "inputs"))?;
             }
             json!({"workflow": w.name, "input": call.inputs})
         }
     };
+    let message = format!(
+        "`{}` is marked dangerous: nothing ran (dry run); send \"confirm_dangerous\": true to run it",
+        call.req.intent
+    );
     let body = OrchestrateResponse {
-        status: "dry_run".into(),
-        mode: call.route.to_string(),
-        job_status: None,
-        duration_ms: call.started.elapsed().as_millis() as u64,
-        message: format!(
-            "`{}` is marked dangerous: nothing ran (dry run); send \"confirm_dangerous\": true to run it",
-            call.req.intent
-        ),
-        job_id: None,
-        run_id: None,
-        intent: call.req.intent,
-        result: None,
-        error: None,
-        location: None,
-        deduplicated: false,
-        context: call.req.context,
         plan: Some(plan),
-        job: None,
-        run: None,
+        ..call.response("dry_run".into(), message)
     };
     Ok((StatusCode::OK, Json(body)).into_response())
-}
-
-/// `input…` renamed under `to` (a workflow's input errors).
-fn rename_field(field: &str, to: &str) -> String {
-    match field.strip_prefix("input") {
-        Some(rest) if rest.is_empty() || rest.starts_with('.') || rest.starts_with('[') => {
-            format!("{to}{rest}")
-        }
-        _ => field.to_string(),
-    }
 }
 
 /// Submit (or, within the hour, return) the job and wait for it.
@@ -523,23 +517,16 @@ async fn run_job(
             None => format!("{what} {}", job.status),
         }
     };
+    let status = status_word(call.mode, done, succeeded, job.status.to_string());
     let body = OrchestrateResponse {
-        status: status_word(call.mode, done, succeeded, job.status.to_string()),
-        mode: call.route.to_string(),
         job_status: Some(job.status.to_string()),
-        duration_ms: call.started.elapsed().as_millis() as u64,
-        message,
         job_id: Some(job.id),
-        run_id: None,
-        intent: call.req.intent,
         result: job.output.clone(),
         error: job.error.clone(),
         location: Some(format!("/v1/jobs/{}", job.id)),
         deduplicated,
-        context: call.req.context,
-        plan: None,
         job: Some(job),
-        run: None,
+        ..call.response(status, message)
     };
     Ok(answer(body, done))
 }
@@ -618,7 +605,7 @@ async fn run_workflow(
             .await
             {
                 Ok(run) => (run, false),
-                Err(StartError::Input(e)) => return Err(e.under("inputs").into()),
+                Err(StartError::Input(e)) => return Err(rename_input(e.into(), "inputs")),
                 Err(StartError::Append(AppendError::DuplicateCommand)) => (
                     runs::replay(state, auth, &key, &hash)
                         .await?
@@ -650,23 +637,15 @@ async fn run_workflow(
     } else {
         format!("workflow `{}` {}", call.req.intent, run.status)
     };
+    let status = status_word(call.mode, done, succeeded, run.status.to_string());
     let body = OrchestrateResponse {
-        status: status_word(call.mode, done, succeeded, run.status.to_string()),
-        mode: call.route.to_string(),
         job_status: Some(run.status.to_string()),
-        duration_ms: call.started.elapsed().as_millis() as u64,
-        message,
-        job_id: None,
         run_id: Some(run.id),
-        intent: call.req.intent,
         result: run.output.clone(),
-        error: None,
         location: Some(format!("/v1/runs/{}", run.id)),
         deduplicated,
-        context: call.req.context,
-        plan: None,
-        job: None,
         run: Some(run),
+        ..call.response(status, message)
     };
     Ok(answer(body, done))
 }

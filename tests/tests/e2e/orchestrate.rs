@@ -113,6 +113,24 @@ async fn orchestrate_runs_agents_flows_and_mcp_tools_and_dry_runs_dangerous_inte
         (&json!("success"), &json!("flow")),
         "{w2}"
     );
+    // A run's input is checked against the workflow's input_schema; errors name `inputs.…`.
+    workflows::create(
+        &api,
+        json!({"name": "typed", "input_schema": {"type": "object", "required": ["n"],
+                  "properties": {"n": {"type": "integer"}}},
+               "steps": [{"id": "a", "kind": "echo", "input": {"n": "{{ input.n }}"}}]}),
+    )
+    .await;
+    let (code, p) = orchestrate(
+        &api,
+        json!({"intent": "typed", "inputs": {"n": "x"}, "mode": "flow"}),
+    )
+    .await;
+    assert_eq!(
+        (code, &p["errors"][0]["field"]),
+        (422, &json!("inputs.n")),
+        "{p}"
+    );
     // A mode insists on its sort of intent.
     let (code, p) = orchestrate(&api, json!({"intent": "greet", "mode": "agent"})).await;
     assert_eq!(code, 422, "{p}");
