@@ -341,9 +341,6 @@ pub async fn submit(
     let wait = prefer_wait(&headers)?;
     let key = idempotency_key(&headers)?;
     let dedup = body.value.dedup.is_some();
-    // `dedup` makes retries safe by itself (its key returns the same job): it supersedes an
-    // Idempotency-Key (SDKs send one with every submission).
-    let key = if dedup { None } else { key };
     let (job, replayed) = create(&state, &auth, body.value, key, &body.hash, "SubmitJob").await?;
     if dedup && replayed {
         let mut res = finish(&state, &auth, job, wait, false).await?;
@@ -376,16 +373,9 @@ pub async fn create(
     hash: &str,
     command_type: &str,
 ) -> Result<(Job, bool), ApiError> {
-    if let Some(dedup) = submission.dedup.take() {
-        let dedup = dedup.check()?;
-        let sub = to_submission(submission, state, auth.namespace()).await?;
-        let by = Submitter {
-            namespace: auth.namespace().to_string(),
-            actor: auth.actor(),
-        };
-        return Ok(command::jobs::submit_deduplicated(&state.store, &by, sub, &dedup).await?);
-    }
-    let idempotency = key.map(|key| Idempotency {
+    // `dedup` supersedes an Idempotency-Key: its own key makes the request safe to repeat.
+    let dedup = submission.dedup.take().map(DedupSpec::check).transpose()?;
+    let idempotency = key.filter(|_| dedup.is_none()).map(|key| Idempotency {
         key,
         request_hash: hash.to_string(),
         command_type: command_type.to_string(),
@@ -400,7 +390,10 @@ pub async fn create(
         namespace: auth.namespace().to_string(),
         actor: auth.actor(),
     };
-    Ok(command::jobs::submit(&state.store, &by, sub, idempotency.as_ref()).await?)
+    Ok(match &dedup {
+        Some(d) => command::jobs::submit_deduplicated(&state.store, &by, sub, d).await?,
+        None => command::jobs::submit(&state.store, &by, sub, idempotency.as_ref()).await?,
+    })
 }
 
 /// A submission the command refused.
