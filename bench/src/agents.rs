@@ -34,6 +34,7 @@ use axum::{
     extract::Query,
     response::{IntoResponse, Response},
     routing::{get, post},
+    serve::{ListenerExt, TapIo},
     Json, Router,
 };
 use capibara_shared::shutdown;
@@ -41,6 +42,7 @@ use clap::Args;
 use futures::StreamExt;
 use reqwest::{header, Client};
 use serde_json::{json, Value};
+use tokio::net::{TcpListener, TcpStream};
 use uuid::Uuid;
 
 use crate::harness::{named_dir, percentile, print_header, profile, run_dir, sorted, Env, Facts};
@@ -210,6 +212,18 @@ struct Hit {
 
 type Hits = Arc<Mutex<HashMap<String, Hit>>>;
 
+/// A loopback listener whose connections send at once (`TCP_NODELAY`), as HTTP servers and
+/// providers' front ends do: without it, a token written a while after the response's head
+/// waits for the client's delayed ACK (up to 40 ms on Linux) on a kept-alive connection.
+async fn nodelay_listener() -> Result<(String, TapIo<TcpListener, fn(&mut TcpStream)>)> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let base = format!("http://{}", listener.local_addr()?);
+    let nodelay: fn(&mut TcpStream) = |tcp| {
+        let _ = tcp.set_nodelay(true);
+    };
+    Ok((base, listener.tap_io(nodelay)))
+}
+
 /// A server on loopback answering `GET /x?i=…` at once with a small JSON body.
 async fn serve_x() -> Result<(String, Hits, tokio::task::JoinHandle<()>)> {
     let hits: Hits = Arc::default();
@@ -227,8 +241,7 @@ async fn serve_x() -> Result<(String, Hits, tokio::task::JoinHandle<()>)> {
             }
         }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let base = format!("http://{}", listener.local_addr()?);
+    let (base, listener) = nodelay_listener().await?;
     let server = tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
     });
@@ -473,8 +486,8 @@ async fn serve_provider(
             }
         }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let base = format!("http://{}/v1", listener.local_addr()?);
+    let (base, listener) = nodelay_listener().await?;
+    let base = format!("{base}/v1");
     let server = tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
     });
