@@ -3,6 +3,7 @@
 //! `capibara-scheduler` found next to it. `capibara bench …` runs this binary, so the
 //! production binaries do not link any of it.
 
+mod agents;
 mod code;
 mod connectors;
 mod deliveries;
@@ -60,6 +61,9 @@ enum Command {
     /// The Rust (in-process), Python and TypeScript SDK workers against the built-in Rust worker: end-to-end no-op
     /// jobs/s and idle enqueue→start latency, on one stack in one run.
     Sdk(sdk::SdkBenchArgs),
+    /// http.request's overhead over a loopback server, and llm.generate's time to the first
+    /// token through Capibara over a stand-in provider's own, as an SSE client sees it.
+    Agents(agents::AgentsBenchArgs),
     /// The Rust SDK's in-process no-op worker that `sdk` runs (not a benchmark of its own).
     #[command(hide = true)]
     SdkDriver(sdk_driver::DriverArgs),
@@ -78,6 +82,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Connectors(a) => connectors::run(a).await,
         Command::Models(a) => models::run(a).await,
         Command::Sdk(a) => sdk::run(a).await,
+        Command::Agents(a) => agents::run(a).await,
         Command::SdkDriver(a) => sdk_driver::run(a).await,
     }
 }
