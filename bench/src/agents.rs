@@ -28,7 +28,7 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use axum::{
     body::{Body, Bytes},
     extract::Query,
@@ -45,6 +45,7 @@ use serde_json::{json, Value};
 use tokio::net::{TcpListener, TcpStream};
 use uuid::Uuid;
 
+use crate::harness::server_bin_dir;
 use crate::harness::{named_dir, percentile, print_header, profile, run_dir, sorted, Env, Facts};
 use crate::push;
 
@@ -129,19 +130,7 @@ pub async fn run(a: AgentsBenchArgs) -> Result<()> {
     if a.jobs == 0 {
         bail!("--jobs must be positive");
     }
-    let exe = std::env::current_exe().context("locating this executable")?;
-    let bin_dir = exe
-        .parent()
-        .ok_or_else(|| anyhow!("{} has no parent directory", exe.display()))?
-        .to_path_buf();
-    for b in ["capibara-api", "capibara-scheduler", "capibara-worker"] {
-        if !bin_dir.join(b).is_file() {
-            bail!(
-                "{} is missing: build all binaries in the same profile (`cargo build --workspace --bins`)",
-                bin_dir.join(b).display()
-            );
-        }
-    }
+    let bin_dir = server_bin_dir()?;
     let dir = run_dir(a.dir.as_ref(), named_dir(&bin_dir, "agents"))?;
     let facts = Facts::collect();
     print_header("capibara-bench agents", &facts, a.unsafe_pg, "");

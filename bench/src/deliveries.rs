@@ -35,6 +35,7 @@ use chrono::{DateTime, Utc};
 use reqwest::Client;
 use serde_json::{json, Value};
 
+use crate::harness::server_bin_dir;
 use crate::harness::{
     bytes, default_dir, percentile, post, print_header, profile, run_dir, sorted, thousands,
     CpuUse, Env, Facts,
@@ -90,20 +91,7 @@ pub async fn run(mut a: Args) -> Result<()> {
     if a.rate == 0 || a.secs <= 0.0 || a.worker_concurrency == 0 {
         bail!("--rate, --secs and --worker-concurrency must be positive");
     }
-    let exe = std::env::current_exe().context("locating this executable")?;
-    let bin_dir = exe
-        .parent()
-        .ok_or_else(|| anyhow!("{} has no parent directory", exe.display()))?
-        .to_path_buf();
-    for b in ["capibara-api", "capibara-scheduler", "capibara-worker"] {
-        if !bin_dir.join(b).is_file() {
-            bail!(
-                "{} is missing: build all binaries in the same profile (`cargo build --workspace --bins`, \
-                 with `--release` for figures worth quoting)",
-                bin_dir.join(b).display()
-            );
-        }
-    }
+    let bin_dir = server_bin_dir()?;
     let dir = run_dir(a.dir.as_ref(), default_dir(&bin_dir))?;
 
     let facts = Facts::collect();

@@ -30,6 +30,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::harness::server_bin_dir;
 use crate::harness::{named_dir, profile, Env};
 use anyhow::{anyhow, bail, Context, Result};
 use capibara_shared::shutdown;
@@ -97,20 +98,7 @@ pub async fn run(a: FanoutArgs) -> Result<()> {
             a.clients
         );
     }
-    let exe = std::env::current_exe().context("locating this executable")?;
-    let bin_dir = exe
-        .parent()
-        .ok_or_else(|| anyhow!("{} has no parent directory", exe.display()))?
-        .to_path_buf();
-    for b in ["capibara-api", "capibara-scheduler", "capibara-worker"] {
-        if !bin_dir.join(b).is_file() {
-            bail!(
-                "{} is missing: build all binaries in the same profile (`cargo build --workspace --bins`, \
-                 with `--release` for figures worth quoting)",
-                bin_dir.join(b).display()
-            );
-        }
-    }
+    let bin_dir = server_bin_dir()?;
     let dir = match &a.dir {
         Some(d) => d.clone(),
         None => named_dir(&bin_dir, "fanout"),

@@ -27,6 +27,26 @@ pub(crate) fn profile() -> &'static str {
     }
 }
 
+/// The directory of this executable, where the server binaries it spawns must be (built in
+/// the same profile).
+pub(crate) fn server_bin_dir() -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating this executable")?;
+    let bin_dir = exe
+        .parent()
+        .with_context(|| format!("{} has no parent directory", exe.display()))?
+        .to_path_buf();
+    for b in ["capibara-api", "capibara-scheduler", "capibara-worker"] {
+        if !bin_dir.join(b).is_file() {
+            bail!(
+                "{} is missing: build all binaries in the same profile (`cargo build --workspace --bins`, \
+                 with `--release` for figures worth quoting)",
+                bin_dir.join(b).display()
+            );
+        }
+    }
+    Ok(bin_dir)
+}
+
 /// `<target>/bench/run-<unix time>` when the binary is in `<target>/<profile>/`, else a
 /// directory under the temp dir.
 pub(crate) fn default_dir(bin_dir: &Path) -> PathBuf {

@@ -32,12 +32,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use capibara_shared::shutdown;
 use clap::Args;
 use reqwest::Client;
 use serde_json::json;
 
+use crate::harness::server_bin_dir;
 use crate::harness::{
     bytes, default_dir, percentile, post, print_header, profile, rss_mib, run_dir, sorted,
     thousands, CpuUse, Env, Facts, PgWork,
@@ -94,20 +95,7 @@ pub async fn run(mut a: BenchArgs) -> Result<()> {
     if a.rate == 0 || a.latency_secs <= 0.0 {
         bail!("--rate and --latency-secs must be positive");
     }
-    let exe = std::env::current_exe().context("locating this executable")?;
-    let bin_dir = exe
-        .parent()
-        .ok_or_else(|| anyhow!("{} has no parent directory", exe.display()))?
-        .to_path_buf();
-    for b in ["capibara-api", "capibara-scheduler", "capibara-worker"] {
-        if !bin_dir.join(b).is_file() {
-            bail!(
-                "{} is missing: build all binaries in the same profile (`cargo build --workspace --bins`, \
-                 with `--release` for figures worth quoting)",
-                bin_dir.join(b).display()
-            );
-        }
-    }
+    let bin_dir = server_bin_dir()?;
     let dir = run_dir(a.dir.as_ref(), default_dir(&bin_dir))?;
 
     let facts = Facts::collect();

@@ -23,13 +23,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use capibara_dev_services::find_free_port;
 use capibara_shared::shutdown;
 use clap::{Args, ValueEnum};
 use futures::StreamExt;
 use serde_json::{json, Value};
 
+use crate::harness::server_bin_dir;
 use crate::harness::{
     bytes, named_dir, percentile, post, print_header, profile, run_dir, sorted, thousands, CpuUse,
     Env, Facts,
@@ -150,19 +151,7 @@ pub async fn run(mut a: SdkBenchArgs) -> Result<()> {
     if a.workers.is_empty() {
         bail!("--workers names none");
     }
-    let exe = std::env::current_exe().context("locating this executable")?;
-    let bin_dir = exe
-        .parent()
-        .ok_or_else(|| anyhow!("{} has no parent directory", exe.display()))?
-        .to_path_buf();
-    for b in ["capibara-api", "capibara-scheduler", "capibara-worker"] {
-        if !bin_dir.join(b).is_file() {
-            bail!(
-                "{} is missing: build all binaries in the same profile (`cargo build --workspace --bins`)",
-                bin_dir.join(b).display()
-            );
-        }
-    }
+    let bin_dir = server_bin_dir()?;
     let repo = match &a.repo {
         Some(r) => r.clone(),
         None => Path::new(env!("CARGO_MANIFEST_DIR"))
