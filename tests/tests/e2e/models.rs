@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use capibara_tests::TestEnv;
+use capibara_tests::{eventually, TestEnv};
 use serde_json::{json, Value};
 
 fn dot(a: &Value, b: &Value) -> f64 {
@@ -243,17 +243,26 @@ async fn finetune_train_registers_a_model_that_classifies_held_out_text() {
     assert_eq!(r.status, 422, "{r:?}");
     assert_eq!(r.body["errors"][0]["field"], "input.model");
 
-    // The model stream's history.
-    let stream = api.get("/v1/events?stream_type=model&limit=10").await;
-    let types: Vec<&str> = stream.body["items"]
-        .as_array()
-        .map(|a| a.iter().map(|e| e["type"].as_str().unwrap()).collect())
-        .unwrap_or_default();
-    assert_eq!(
-        types,
-        ["ModelRegistered", "ModelRegistered", "ModelDeleted"],
-        "{stream:?}"
-    );
+    // The model stream's history. The feed is gap-safe: a page stops before any older
+    // transaction still in flight (on the shared test server, other tests' too).
+    let expected = ["ModelRegistered", "ModelRegistered", "ModelDeleted"];
+    let types = eventually(
+        "the delete to be readable",
+        Duration::from_secs(30),
+        || async {
+            let page = api.get("/v1/events?stream_type=model&limit=10").await;
+            assert_eq!(page.status, 200, "{page:?}");
+            let types: Vec<String> = page.body["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["type"].as_str().unwrap().to_owned())
+                .collect();
+            (types.len() >= expected.len()).then_some(types)
+        },
+    )
+    .await;
+    assert_eq!(types, expected);
 }
 
 /// Bad training data is a 422 at submission naming the row and field.
