@@ -39,6 +39,9 @@ drawn from the schema and must be accepted. Each rule is also documented on its 
 - An LLM provider's `base_url` (PUT /v1/llm/providers/{name}) must resolve to a public
   address: a fixed public IP literal; `check=true` on GET /v1/llm/providers would probe it
   (a call out of the machine): dropped.
+- A limit (PUT /v1/limits/{name}) needs `max_running` or `rate` (or both): `max_running: 1`
+  when the fuzzer drew neither; its `match.namespace` may only name the caller's own
+  namespace: dropped.
 - A `text.chunk` input's `overlap` is less than half of its `max_tokens` (also the body of
   `POST /v1/semantic/chunk`).
 - `backoff.initial_ms` must not exceed `max_ms`; a schedule's `end_at` comes after `start_at` (a PATCH's `start_at` goes only with a later `end_at`:
@@ -337,6 +340,11 @@ def _body(op, body):
         _text_embed(body)
     elif op == "PUT /v1/llm/providers/{name}":
         body["base_url"] = "https://93.184.215.14/v1"
+    elif op == "PUT /v1/limits/{name}":
+        if body.get("max_running") is None and body.get("rate") is None:
+            body["max_running"] = 1
+        if isinstance(body.get("match"), dict):
+            body["match"].pop("namespace", None)
     elif op == "POST /v1/http/request":
         _http_request(body)
     elif op == "POST /v1/http/stream-download":

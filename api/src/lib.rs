@@ -146,6 +146,29 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/workers/{id}/lease", post(workers::lease))
         .route("/v1/workers/{id}/complete", post(workers::complete_many))
         .route("/v1/queues", get(admin::queues))
+        .route("/v1/queues/{name}/pause", post(routes::limits::pause_queue))
+        .route(
+            "/v1/queues/{name}/resume",
+            post(routes::limits::resume_queue),
+        )
+        .route("/v1/kinds/{name}/pause", post(routes::limits::pause_kind))
+        .route("/v1/kinds/{name}/resume", post(routes::limits::resume_kind))
+        .route("/v1/limits", get(routes::limits::list))
+        .route(
+            "/v1/limits/{name}",
+            get(routes::limits::get)
+                .put(routes::limits::put)
+                .delete(routes::limits::delete),
+        )
+        .route(
+            "/v1/limits/{name}/keys/{key}/pause",
+            post(routes::limits::pause_key),
+        )
+        .route(
+            "/v1/limits/{name}/keys/{key}/resume",
+            post(routes::limits::resume_key),
+        )
+        .route("/v1/pauses", get(routes::limits::pauses))
         .route(
             "/v1/connectors",
             post(routes::connectors::create).get(routes::connectors::list),

@@ -24,6 +24,8 @@ async fn main() -> anyhow::Result<()> {
         Some(std::sync::Arc::new(queue.clone())),
         config.as_ref().into(),
     );
+    // Jobs are grouped by the limits they fall under when queued (docs/flow-control.md).
+    capibara_shared::flow::spawn_refresher(queue.clone());
     let state =
         capibara_api::AppState::new(store::Store::new(pool, appender), queue, config.clone());
     let listener = tokio::net::TcpListener::bind(config.api_addr)

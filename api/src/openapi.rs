@@ -8,8 +8,8 @@ use utoipa::{
 use capibara_shared::domain::kinds::KindContext;
 
 use crate::routes::{
-    admin, code, connectors, content, deliveries, events, fine_tuning, http, jobs, kinds, llm,
-    models, orchestrate, runs, schedules, secrets, semantic, subscriptions, triggers, workers,
+    admin, code, connectors, content, deliveries, events, fine_tuning, http, jobs, kinds, limits,
+    llm, models, orchestrate, runs, schedules, secrets, semantic, subscriptions, triggers, workers,
     workflows,
 };
 
@@ -33,11 +33,13 @@ use crate::routes::{
           secrets::put, secrets::list, secrets::delete,
           connectors::create, connectors::list, connectors::get, connectors::update, connectors::delete,
           connectors::list_types, content::seed_web, content::seed_api, content::discover,
-          models::list, models::get, models::delete, http::hosts, http::request, http::stream_download, http::get_request, http::metrics, http::health, llm::list, llm::get, llm::put, llm::delete, fine_tuning::start, fine_tuning::status,
+          models::list, models::get, models::delete, http::hosts, http::request, http::stream_download, http::get_request, http::metrics, http::health, llm::list, llm::get, llm::put, llm::delete,
+          limits::list, limits::get, limits::put, limits::delete, limits::pauses, limits::pause_queue, limits::resume_queue,
+          limits::pause_kind, limits::resume_kind, limits::pause_key, limits::resume_key, fine_tuning::start, fine_tuning::status,
           semantic::embed, semantic::search, semantic::chunk),
     components(schemas(crate::error::Problem, capibara_shared::domain::FieldError)),
     modifiers(&BearerAuth),
-    tags((name = "jobs"), (name = "events"), (name = "deliveries"), (name = "schedules"), (name = "workflows"), (name = "code"), (name = "kinds"), (name = "connectors"), (name = "models"), (name = "http"), (name = "llm"), (name = "workers"), (name = "operations"))
+    tags((name = "jobs"), (name = "events"), (name = "deliveries"), (name = "schedules"), (name = "workflows"), (name = "code"), (name = "kinds"), (name = "connectors"), (name = "models"), (name = "http"), (name = "llm"), (name = "flow"), (name = "workers"), (name = "operations"))
 )]
 pub struct ApiDoc;
 

@@ -71,6 +71,7 @@ pub async fn run(store: Store, queue: Queue, opts: HousekeepingOptions, stop: Ca
         every(opts.promote_every, &stop, || promote_due(&store)),
         every(opts.promote_every, &stop, || expire_due(&store)),
         relay_loop(&store, &queue, &opts, &stop),
+        crate::flow::run(&store, &queue, &stop),
         every(opts.reap_every, &stop, || reap(&store)),
         gauges_loop(&store, opts.repush_after, &stop),
         every(Duration::from_secs(5), &stop, || retention(

@@ -11,6 +11,7 @@
 
 pub mod deliverer;
 mod driver;
+mod flow;
 pub mod hooks;
 pub mod housekeeping;
 pub mod leader;

@@ -129,7 +129,7 @@ async fn the_reaper_ends_only_attempts_whose_lease_expired() {
 async fn the_relay_pushes_what_redis_lacks_after_the_grace_and_again_at_its_full_check() {
     let (store, queue, _env) = setup().await;
     let job = submit(&store, None).await;
-    let missing = || async { !capibara_tests::on_redis(&queue, "default", job.id).await };
+    let missing = || async { !capibara_tests::on_redis(&queue, "default", "echo", job.id).await };
     assert!(
         missing().await,
         "no commit listener: the fast path did not push it"
@@ -144,7 +144,10 @@ async fn the_relay_pushes_what_redis_lacks_after_the_grace_and_again_at_its_full
 
     // A worker popped it and died before starting it: the incremental check has seen the row,
     // so only the next full check pushes it again.
-    queue.remove("default", job.id).await.unwrap();
+    queue
+        .remove(&capibara_tests::dispatch_entry("default", "echo", job.id))
+        .await
+        .unwrap();
     assert_eq!(relay.sweep(&store, &queue).await.unwrap(), 0);
     assert!(missing().await);
     tokio::time::sleep(Duration::from_millis(2100)).await;

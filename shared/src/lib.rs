@@ -15,6 +15,7 @@ pub mod artifacts;
 pub mod command;
 pub mod config;
 pub mod domain;
+pub mod flow;
 pub mod hints;
 pub mod http_hosts;
 pub mod installed;

@@ -1,10 +1,12 @@
-//! The Redis dispatch structure (owned by Capibara; see docs/queue.md).
+//! The Redis dispatch structure (owned by Capibara; see docs/queue.md and
+//! docs/flow-control.md).
 //!
-//! One sorted set per queue, `{<prefix>}:queue:<name>`, member = job id, score =
-//! `enqueued_at_ms - priority head start` ([`crate::domain::job::Priority::head_start_ms`]).
-//! Lowest score is served first, so higher priorities go first but an old low-priority job
-//! eventually beats new critical ones. Pushes are `ZADD NX` (idempotent: the relay can re-push
-//! freely); pops are atomic (`BZPOPMIN` when idle, a Lua multi-pop when busy).
+//! Per lane a ring of groups (`{<prefix>}:ring:<lane>`), per group a sorted set of job ids
+//! (`{<prefix>}:g:<lane>:<group>`, score = `enqueued_at_ms - priority head start`,
+//! [`crate::domain::job::Priority::head_start_ms`]). A pop (one Lua script) takes the group
+//! whose turn comes first, checks its pauses, ordering key and limits, and hands out its head.
+//! Pushes are `ZADD NX` (idempotent: the relay can re-push freely) plus a wake token for blocked
+//! fetchers.
 //!
 //! Redis holds no state of record: a popped job that never started stays `queued` in Postgres and
 //! is re-pushed by the relay; the `epoch` key tells the relay that Redis lost its data.
@@ -14,29 +16,285 @@ use std::time::Duration;
 use redis::{aio::ConnectionManager, AsyncCommands, Script};
 use uuid::Uuid;
 
-use crate::store::dispatch::DispatchEntry;
+use crate::{
+    domain::limit::{Group, Limit},
+    store::dispatch::{DispatchEntry, Release},
+};
+
+/// The group an entry waits in; rows written before groups existed wait in their namespace's.
+fn group_id(e: &DispatchEntry) -> String {
+    if !e.group.is_empty() {
+        return e.group.clone();
+    }
+    Group {
+        ns: e.namespace.clone(),
+        kind: String::new(),
+        queue: e.queue.clone(),
+        ord: None,
+        lim: Vec::new(),
+    }
+    .id()
+}
+
+/// What the queue keeps of a limit: what its scripts read (`max`; `ms` and `burst` of a rate)
+/// and the whole limit, from which every process learns how to group jobs
+/// ([`crate::flow::refresh`]).
+fn limit_config(limit: &Limit) -> serde_json::Value {
+    let mut c = serde_json::Map::new();
+    if let Some(m) = limit.definition.max_running {
+        c.insert("max".into(), m.into());
+    }
+    if let Some(r) = &limit.definition.rate {
+        c.insert("ms".into(), r.interval_ms().into());
+        c.insert("burst".into(), r.burst.unwrap_or(1).into());
+    }
+    c.insert(
+        "limit".into(),
+        serde_json::to_value(limit).expect("a limit serializes"),
+    );
+    serde_json::Value::Object(c)
+}
 
 /// Redis errors, kept opaque at this boundary.
 #[derive(Debug, thiserror::Error)]
 #[error("redis: {0}")]
 pub struct QueueError(#[from] redis::RedisError);
 
+/// Pop up to `ARGV[2]` jobs from the lanes whose rings are `KEYS` (lane names in `ARGV[3..]`),
+/// taking turns between groups and checking each group's pauses, ordering key and limits before
+/// handing out its head. Returns the ms until the next rate-delayed group is due (-1: none),
+/// then the job ids. See docs/flow-control-design.md.
 const POP_SCRIPT: &str = r#"
-local count = tonumber(ARGV[1])
-local best = {}
-for _, key in ipairs(KEYS) do
-  local items = redis.call('ZRANGE', key, 0, count - 1, 'WITHSCORES')
-  for j = 1, #items, 2 do
-    best[#best + 1] = {items[j], tonumber(items[j + 1]), key}
+local P = ARGV[1]
+local want = tonumber(ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local lanes = {}
+for i = 1, #KEYS do lanes[i] = ARGV[2 + i] end
+local next_due = -1
+local function due_in(d)
+  if next_due < 0 or d < next_due then next_due = d end
+end
+for i, ring in ipairs(KEYS) do
+  local dk = P .. ':delayed:' .. lanes[i]
+  local due = redis.call('ZRANGEBYSCORE', dk, '-inf', now)
+  for _, g in ipairs(due) do
+    redis.call('ZADD', ring, 'NX', now, g)
+    redis.call('ZREM', dk, g)
+  end
+  local nd = redis.call('ZRANGE', dk, 0, 0, 'WITHSCORES')
+  if nd[2] then due_in(tonumber(nd[2]) - now) end
+end
+local cfgs = {}
+local function cfg(ns, name)
+  local k = ns .. '/' .. name
+  if cfgs[k] == nil then
+    local raw = redis.call('HGET', P .. ':limits', k)
+    cfgs[k] = raw and cjson.decode(raw) or false
+  end
+  return cfgs[k]
+end
+local function waited(lane, gid, head, w)
+  local mark = head .. '|' .. w.reason .. '|' .. (w.limit or w.target or w.key or '')
+  local field = lane .. '\n' .. gid
+  if redis.call('HGET', P .. ':lastwait', field) ~= mark then
+    redis.call('HSET', P .. ':lastwait', field, mark)
+    w.job = head
+    w.at_ms = now
+    redis.call('RPUSH', P .. ':waits', cjson.encode(w))
+    redis.call('LTRIM', P .. ':waits', -10000, -1)
   end
 end
-table.sort(best, function(a, b) return a[2] < b[2] end)
-local out = {}
-for i = 1, math.min(count, #best) do
-  redis.call('ZREM', best[i][3], best[i][1])
-  out[#out + 1] = best[i][1]
+local function park(ring, lane, gid, blocker, head, w)
+  redis.call('ZREM', ring, gid)
+  redis.call('SADD', P .. ':parked:' .. blocker, lane .. '\n' .. gid)
+  redis.call('SADD', P .. ':parkedsets', P .. ':parked:' .. blocker)
+  waited(lane, gid, head, w)
 end
-return out
+local out = {}
+local budget = want + 64
+while #out < want and budget > 0 do
+  budget = budget - 1
+  local bi, gid, bscore = nil, nil, nil
+  for i, ring in ipairs(KEYS) do
+    local f = redis.call('ZRANGE', ring, 0, 0, 'WITHSCORES')
+    if f[1] and (bscore == nil or tonumber(f[2]) < bscore) then
+      bi, gid, bscore = i, f[1], tonumber(f[2])
+    end
+  end
+  if not bi then break end
+  local ring, lane = KEYS[bi], lanes[bi]
+  local gk = P .. ':g:' .. lane .. ':' .. gid
+  local h = redis.call('ZRANGE', gk, 0, 0)
+  if not h[1] then
+    redis.call('ZREM', ring, gid)
+  else
+    local head = h[1]
+    local g = cjson.decode(gid)
+    local ns = g.ns
+    local lim = g.lim or {}
+    local blocked = false
+    local fields = {'queue:' .. ns .. '/' .. g.queue, 'kind:' .. ns .. '/' .. g.kind}
+    for _, l in ipairs(lim) do fields[#fields + 1] = 'key:' .. ns .. '/' .. l[1] .. '/' .. l[2] end
+    local pv = redis.call('HMGET', P .. ':paused', unpack(fields))
+    for i = 1, #fields do
+      if pv[i] then
+        park(ring, lane, gid, 'pause:' .. fields[i], head, {reason = 'paused', target = fields[i]})
+        blocked = true
+        break
+      end
+    end
+    if not blocked and g.ord then
+      local ok = P .. ':ord:' .. ns .. '/' .. g.ord
+      if not redis.call('ZSCORE', ok, head) and redis.call('ZCARD', ok) > 0 then
+        local holder = redis.call('ZRANGE', ok, 0, 0)[1]
+        park(ring, lane, gid, 'ord:' .. ns .. '/' .. g.ord, head,
+          {reason = 'ordering', key = g.ord, behind = holder})
+        blocked = true
+      end
+    end
+    local rates = {}
+    if not blocked then
+      for _, l in ipairs(lim) do
+        local c = cfg(ns, l[1])
+        if c then
+          local sk = ns .. '/' .. l[1] .. '/' .. l[2]
+          if c.max then
+            local rk = P .. ':run:' .. sk
+            if not redis.call('ZSCORE', rk, head) and redis.call('ZCARD', rk) >= c.max then
+              park(ring, lane, gid, 'run:' .. sk, head,
+                {reason = 'concurrency', limit = l[1], key = l[2], max_running = c.max})
+              blocked = true
+              break
+            end
+          end
+          if c.ms then
+            local tk = P .. ':tat:' .. sk
+            local tat = tonumber(redis.call('GET', tk) or '0')
+            if tat < now then tat = now end
+            local allow = tat - (c.burst - 1) * c.ms
+            if allow > now then
+              redis.call('ZREM', ring, gid)
+              redis.call('ZADD', P .. ':delayed:' .. lane, allow, gid)
+              waited(lane, gid, head, {reason = 'rate', limit = l[1], key = l[2], until_ms = allow})
+              due_in(allow - now)
+              blocked = true
+              break
+            end
+            rates[#rates + 1] = {tk, tat + c.ms, c.ms * c.burst}
+          end
+        end
+      end
+    end
+    if not blocked then
+      redis.call('ZREM', gk, head)
+      for _, r in ipairs(rates) do
+        redis.call('SET', r[1], tostring(r[2]), 'PX', math.ceil(r[2] - now + r[3]) + 1000)
+      end
+      local holds = false
+      for _, l in ipairs(lim) do
+        local c = cfg(ns, l[1])
+        if c and c.max then
+          local rk = P .. ':run:' .. ns .. '/' .. l[1] .. '/' .. l[2]
+          redis.call('ZADD', rk, now, head)
+          redis.call('SADD', P .. ':runsets', rk)
+          holds = true
+        end
+      end
+      if g.ord then
+        local ok = P .. ':ord:' .. ns .. '/' .. g.ord
+        redis.call('ZADD', ok, 'NX', now, head)
+        redis.call('SADD', P .. ':runsets', ok)
+        holds = true
+      end
+      if holds then redis.call('HSET', P .. ':held', head, lane .. '\n' .. gid) end
+      redis.call('HDEL', P .. ':lastwait', lane .. '\n' .. gid)
+      out[#out + 1] = head
+      local n = redis.call('ZRANGE', gk, 0, 0, 'WITHSCORES')
+      if n[1] then
+        local s = tonumber(n[2])
+        if s < now then s = now end
+        redis.call('ZADD', ring, s, gid)
+      else
+        redis.call('ZREM', ring, gid)
+      end
+    end
+  end
+end
+return {tostring(next_due), unpack(out)}
+"#;
+
+/// Give back what job `ARGV[2]` held (`ARGV[3]` lane and `ARGV[4]` group as dispatched;
+/// `ARGV[5]` = 1 when the job ended; `ARGV[6]` = ms its limits' rates wait until, or empty)
+/// and return the groups that waited for it to their rings.
+const RELEASE_SCRIPT: &str = r#"
+local P, job = ARGV[1], ARGV[2]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local lane, gid = ARGV[3], ARGV[4]
+local held = redis.call('HGET', P .. ':held', job)
+if held then
+  local nl = string.find(held, '\n', 1, true)
+  lane, gid = string.sub(held, 1, nl - 1), string.sub(held, nl + 1)
+end
+local g = cjson.decode(gid)
+local ns = g.ns
+local freed = {}
+for _, l in ipairs(g.lim or {}) do
+  local sk = ns .. '/' .. l[1] .. '/' .. l[2]
+  if redis.call('ZREM', P .. ':run:' .. sk, job) == 1 then freed[#freed + 1] = 'run:' .. sk end
+  if ARGV[6] ~= '' then
+    local untl = tonumber(ARGV[6])
+    local tk = P .. ':tat:' .. sk
+    if tonumber(redis.call('GET', tk) or '0') < untl then
+      redis.call('SET', tk, tostring(untl), 'PX', math.max(untl - now, 0) + 60000)
+    end
+  end
+end
+if ARGV[5] == '1' then
+  if g.ord then
+    local ok = P .. ':ord:' .. ns .. '/' .. g.ord
+    if redis.call('ZREM', ok, job) == 1 then freed[#freed + 1] = 'ord:' .. ns .. '/' .. g.ord end
+  end
+  redis.call('HDEL', P .. ':held', job)
+  redis.call('ZREM', P .. ':g:' .. ARGV[3] .. ':' .. ARGV[4], job)
+elseif not g.ord then
+  redis.call('HDEL', P .. ':held', job)
+end
+for _, b in ipairs(freed) do
+  local pk = P .. ':parked:' .. b
+  for _, m in ipairs(redis.call('SMEMBERS', pk)) do
+    local nl = string.find(m, '\n', 1, true)
+    local l = string.sub(m, 1, nl - 1)
+    redis.call('ZADD', P .. ':ring:' .. l, 'NX', now, string.sub(m, nl + 1))
+    redis.call('LPUSH', P .. ':wake:' .. l, '1')
+    redis.call('LTRIM', P .. ':wake:' .. l, 0, 63)
+  end
+  redis.call('DEL', pk)
+end
+return #freed
+"#;
+
+/// Return every group parked on the sets `KEYS` to its ring (after a resume, a limit change,
+/// or the relay's periodic kick that heals a release Redis never saw).
+const UNPARK_SCRIPT: &str = r#"
+local P = ARGV[1]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local n = 0
+for _, pk in ipairs(KEYS) do
+  for _, m in ipairs(redis.call('SMEMBERS', pk)) do
+    local nl = string.find(m, '\n', 1, true)
+    local l = string.sub(m, 1, nl - 1)
+    redis.call('ZADD', P .. ':ring:' .. l, 'NX', now, string.sub(m, nl + 1))
+    redis.call('LPUSH', P .. ':wake:' .. l, '1')
+    redis.call('LTRIM', P .. ':wake:' .. l, 0, 63)
+    n = n + 1
+  end
+  redis.call('DEL', pk)
+  redis.call('SREM', P .. ':parkedsets', pk)
+end
+return n
 "#;
 
 /// Handle to the dispatch queues; cheap to clone.
@@ -46,6 +304,7 @@ pub struct Queue {
     conn: ConnectionManager,
     prefix: String,
     pop: Script,
+    unpark: Script,
 }
 
 fn manager_config() -> redis::aio::ConnectionManagerConfig {
@@ -68,6 +327,7 @@ impl Queue {
             conn,
             prefix: prefix.to_string(),
             pop: Script::new(POP_SCRIPT),
+            unpark: Script::new(UNPARK_SCRIPT),
         })
     }
 
@@ -86,9 +346,23 @@ impl Queue {
         &self.prefix
     }
 
-    /// The key of one queue. The `{prefix}` hash tag keeps all keys in one cluster slot.
-    pub fn queue_key(&self, queue: &str) -> String {
-        format!("{{{}}}:queue:{}", self.prefix, queue)
+    /// What every key starts with: the `{prefix}` hash tag keeps all keys in one cluster slot.
+    fn base(&self) -> String {
+        format!("{{{}}}", self.prefix)
+    }
+
+    /// The ring of a lane: its groups, scored by their next turn.
+    pub fn ring_key(&self, lane: &str) -> String {
+        format!("{{{}}}:ring:{}", self.prefix, lane)
+    }
+
+    /// The jobs of one group on a lane, scored by priority and age.
+    fn group_key(&self, lane: &str, group: &str) -> String {
+        format!("{{{}}}:g:{}:{}", self.prefix, lane, group)
+    }
+
+    fn wake_key(&self, lane: &str) -> String {
+        format!("{{{}}}:wake:{}", self.prefix, lane)
     }
 
     fn epoch_key(&self) -> String {
@@ -127,13 +401,31 @@ impl Queue {
             .arg(1)
             .arg("NX")
             .ignore();
+        let mut wakes: std::collections::BTreeMap<&str, usize> = Default::default();
         for e in entries {
+            let group = group_id(e);
             pipe.cmd("ZADD")
-                .arg(self.queue_key(&e.queue))
+                .arg(self.group_key(&e.queue, &group))
                 .arg("NX")
                 .arg(e.score)
                 .arg(e.job_id.to_string())
                 .ignore();
+            pipe.cmd("ZADD")
+                .arg(self.ring_key(&e.queue))
+                .arg("NX")
+                .arg(e.score)
+                .arg(group)
+                .ignore();
+            *wakes.entry(e.queue.as_str()).or_default() += 1;
+        }
+        // One token per job, up to a worker-pool's worth: each wakes one blocked fetcher.
+        for (lane, n) in wakes {
+            let key = self.wake_key(lane);
+            pipe.cmd("LPUSH")
+                .arg(&key)
+                .arg(vec!["1"; n.min(64)])
+                .ignore();
+            pipe.cmd("LTRIM").arg(&key).arg(0).arg(63).ignore();
         }
     }
 
@@ -162,7 +454,7 @@ impl Queue {
         let mut pipe = redis::pipe();
         for e in entries {
             pipe.cmd("ZSCORE")
-                .arg(self.queue_key(&e.queue))
+                .arg(self.group_key(&e.queue, &group_id(e)))
                 .arg(e.job_id.to_string());
         }
         let mut conn = self.conn.clone();
@@ -175,20 +467,41 @@ impl Queue {
             .collect())
     }
 
-    /// Pop up to `max` jobs across `queues`, lowest score first, without blocking.
-    pub async fn pop(&self, queues: &[String], max: usize) -> Result<Vec<Uuid>, QueueError> {
-        let mut inv = self.pop.prepare_invoke();
-        for q in queues {
-            inv.key(self.queue_key(q));
-        }
-        inv.arg(max);
-        let mut conn = self.conn.clone();
-        let ids: Vec<String> = inv.invoke_async(&mut conn).await?;
-        Ok(ids.iter().filter_map(|s| s.parse().ok()).collect())
+    /// Pop up to `max` jobs across `lanes` without blocking: groups take turns, each group's
+    /// limits and pauses are checked first (docs/flow-control.md).
+    pub async fn pop(&self, lanes: &[String], max: usize) -> Result<Vec<Uuid>, QueueError> {
+        Ok(self.pop_due(lanes, max).await?.0)
     }
 
-    /// A connection for blocking pops (a blocked command stalls its connection, so each fetcher
-    /// has its own).
+    /// [`Queue::pop`], and how soon a group held back by a rate limit may go.
+    async fn pop_due(
+        &self,
+        lanes: &[String],
+        max: usize,
+    ) -> Result<(Vec<Uuid>, Option<Duration>), QueueError> {
+        let mut inv = self.pop.prepare_invoke();
+        for l in lanes {
+            inv.key(self.ring_key(l));
+        }
+        inv.arg(self.base()).arg(max);
+        for l in lanes {
+            inv.arg(l);
+        }
+        let mut conn = self.conn.clone();
+        let out: Vec<String> = inv.invoke_async(&mut conn).await?;
+        let due = out
+            .first()
+            .and_then(|d| d.parse::<i64>().ok())
+            .filter(|d| *d >= 0)
+            .map(|d| Duration::from_millis(d as u64 + 1));
+        Ok((
+            out.iter().skip(1).filter_map(|s| s.parse().ok()).collect(),
+            due,
+        ))
+    }
+
+    /// A connection for blocking waits (a blocked command stalls its connection, so each
+    /// fetcher has its own).
     pub async fn blocking_connection(&self) -> Result<ConnectionManager, QueueError> {
         Ok(self
             .client
@@ -196,28 +509,244 @@ impl Queue {
             .await?)
     }
 
-    /// Wait up to `timeout` for one job across `queues`.
+    /// Wait up to `timeout` for one job across `lanes`: pop, else block until a push (or a
+    /// release) wakes this fetcher or a rate-limited group is due, and pop again.
     pub async fn blocking_pop(
         &self,
         conn: &mut ConnectionManager,
-        queues: &[String],
+        lanes: &[String],
         timeout: Duration,
     ) -> Result<Option<Uuid>, QueueError> {
-        let keys: Vec<String> = queues.iter().map(|q| self.queue_key(q)).collect();
-        let res: Option<(String, String, f64)> = redis::cmd("BZPOPMIN")
-            .arg(&keys)
-            .arg(timeout.as_secs_f64())
-            .query_async(conn)
-            .await?;
-        Ok(res.and_then(|(_, member, _)| member.parse().ok()))
+        let (ids, due) = self.pop_due(lanes, 1).await?;
+        if let Some(id) = ids.into_iter().next() {
+            return Ok(Some(id));
+        }
+        let keys: Vec<String> = lanes.iter().map(|l| self.wake_key(l)).collect();
+        match due.filter(|d| *d < timeout) {
+            // Redis times out a blocked client only at its cron's pace (100 ms at the default
+            // `hz`), too coarse to space a rate limit's starts: sleep here, precisely, and
+            // unblock the client when the group is due.
+            Some(due) => {
+                let client: i64 = redis::cmd("CLIENT").arg("ID").query_async(conn).await?;
+                let mut cmd = redis::cmd("BLPOP");
+                cmd.arg(&keys).arg(timeout.as_secs_f64().max(0.01));
+                let blpop = cmd.query_async::<Option<(String, String)>>(conn);
+                tokio::pin!(blpop);
+                tokio::select! {
+                    r = &mut blpop => { r?; }
+                    _ = tokio::time::sleep(due) => {
+                        let mut main = self.conn.clone();
+                        redis::cmd("CLIENT")
+                            .arg("UNBLOCK")
+                            .arg(client)
+                            .query_async::<i64>(&mut main)
+                            .await?;
+                        blpop.await?;
+                    }
+                }
+            }
+            None => {
+                let _: Option<(String, String)> = redis::cmd("BLPOP")
+                    .arg(&keys)
+                    .arg(timeout.as_secs_f64().max(0.01))
+                    .query_async(conn)
+                    .await?;
+            }
+        }
+        Ok(self.pop_due(lanes, 1).await?.0.into_iter().next())
     }
 
-    /// Remove a job from its queue (after cancel); harmless if absent.
-    pub async fn remove(&self, queue: &str, job_id: Uuid) -> Result<(), QueueError> {
+    /// Take a job that will not run off its group (after a cancel); harmless if absent.
+    pub async fn remove(&self, entry: &DispatchEntry) -> Result<(), QueueError> {
         let mut conn = self.conn.clone();
-        conn.zrem::<_, _, ()>(self.queue_key(queue), job_id.to_string())
+        conn.zrem::<_, _, ()>(
+            self.group_key(&entry.queue, &group_id(entry)),
+            entry.job_id.to_string(),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// The commands of [`Queue::release`], added to `pipe`.
+    fn add_releases(&self, pipe: &mut redis::Pipeline, released: &[Release]) {
+        for r in released {
+            // EVAL, not EVALSHA: a pipeline cannot fall back when Redis lacks the script.
+            pipe.cmd("EVAL")
+                .arg(RELEASE_SCRIPT)
+                .arg(0)
+                .arg(self.base())
+                .arg(r.job_id.to_string())
+                .arg(&r.lane)
+                .arg(&r.group)
+                .arg(if r.terminal { "1" } else { "0" })
+                .arg(
+                    r.backoff_until_ms
+                        .map(|t| t.to_string())
+                        .unwrap_or_default(),
+                )
+                .ignore();
+        }
+    }
+
+    /// Give back what jobs held (the appender does this after each commit).
+    pub async fn release(&self, released: &[Release]) -> Result<(), QueueError> {
+        let mut pipe = redis::pipe();
+        self.add_releases(&mut pipe, released);
+        let mut conn = self.conn.clone();
+        pipe.query_async::<()>(&mut conn).await?;
+        Ok(())
+    }
+
+    /// Write the limits the queue enforces (`ns/name` → its config), dropping the others, and
+    /// return parked groups to their rings so they see the change.
+    pub async fn sync_limits(&self, limits: &[Limit]) -> Result<(), QueueError> {
+        let key = format!("{}:limits", self.base());
+        let mut pipe = redis::pipe();
+        pipe.atomic().cmd("DEL").arg(&key).ignore();
+        for l in limits.iter().filter(|l| !l.deleted) {
+            pipe.cmd("HSET")
+                .arg(&key)
+                .arg(format!("{}/{}", l.namespace, l.name))
+                .arg(limit_config(l).to_string())
+                .ignore();
+        }
+        let mut conn = self.conn.clone();
+        pipe.query_async::<()>(&mut conn).await?;
+        self.kick().await?;
+        Ok(())
+    }
+
+    /// The limits Redis enforces (as last synced from Postgres).
+    pub async fn limits(&self) -> Result<Vec<Limit>, QueueError> {
+        let mut conn = self.conn.clone();
+        let raw: Vec<String> = conn.hvals(format!("{}:limits", self.base())).await?;
+        Ok(raw
+            .iter()
+            .filter_map(|r| {
+                let v: serde_json::Value = serde_json::from_str(r).ok()?;
+                serde_json::from_value(v.get("limit")?.clone()).ok()
+            })
+            .collect())
+    }
+
+    /// Make Redis's pause set exactly `fields` ([`PauseTarget::field`]); groups parked on a
+    /// pause that ended go back to their rings.
+    pub async fn sync_pauses(&self, fields: &[String]) -> Result<(), QueueError> {
+        let key = format!("{}:paused", self.base());
+        let mut conn = self.conn.clone();
+        let now: Vec<String> = conn.hkeys(&key).await?;
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        let mut resumed = Vec::new();
+        for f in &now {
+            if !fields.contains(f) {
+                pipe.cmd("HDEL").arg(&key).arg(f).ignore();
+                resumed.push(format!("{}:parked:pause:{f}", self.base()));
+            }
+        }
+        for f in fields {
+            pipe.cmd("HSET").arg(&key).arg(f).arg(1).ignore();
+        }
+        pipe.query_async::<()>(&mut conn).await?;
+        self.unpark_sets(&resumed).await?;
+        Ok(())
+    }
+
+    /// Return every parked group to its ring: those still blocked park again at their next
+    /// turn (a wait is recorded once per episode, so this writes nothing new). Heals a
+    /// release Redis never saw.
+    pub async fn kick(&self) -> Result<u64, QueueError> {
+        let mut conn = self.conn.clone();
+        let sets: Vec<String> = conn.smembers(format!("{}:parkedsets", self.base())).await?;
+        self.unpark_sets(&sets).await
+    }
+
+    async fn unpark_sets(&self, sets: &[String]) -> Result<u64, QueueError> {
+        if sets.is_empty() {
+            return Ok(0);
+        }
+        let mut inv = self.unpark.prepare_invoke();
+        for s in sets {
+            inv.key(s);
+        }
+        inv.arg(self.base());
+        let mut conn = self.conn.clone();
+        Ok(inv.invoke_async(&mut conn).await?)
+    }
+
+    /// What holds slots (running sets of limits and ordering keys): each set's key and its
+    /// members popped before `before_ms` (to check against Postgres).
+    pub async fn held_before(
+        &self,
+        before_ms: i64,
+    ) -> Result<Vec<(String, Vec<Uuid>)>, QueueError> {
+        let mut conn = self.conn.clone();
+        let sets: Vec<String> = conn.smembers(format!("{}:runsets", self.base())).await?;
+        let mut out = Vec::new();
+        for key in sets {
+            let ids: Vec<String> = conn.zrangebyscore(&key, "-inf", before_ms).await?;
+            if ids.is_empty() {
+                let n: u64 = conn.zcard(&key).await?;
+                if n == 0 {
+                    conn.srem::<_, _, ()>(format!("{}:runsets", self.base()), &key)
+                        .await?;
+                }
+                continue;
+            }
+            out.push((key, ids.iter().filter_map(|s| s.parse().ok()).collect()));
+        }
+        Ok(out)
+    }
+
+    /// Drop members of a running set whose jobs no longer hold it, and let the groups that
+    /// waited for it go again.
+    pub async fn drop_held(&self, set: &str, ids: &[Uuid]) -> Result<(), QueueError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.conn.clone();
+        let members: Vec<String> = ids.iter().map(Uuid::to_string).collect();
+        conn.zrem::<_, _, ()>(set, &members).await?;
+        conn.hdel::<_, _, ()>(format!("{}:held", self.base()), &members)
+            .await?;
+        // `{p}:run:ns/l/k` waits in `{p}:parked:run:ns/l/k`.
+        let blocker = set
+            .strip_prefix(&format!("{}:", self.base()))
+            .unwrap_or(set);
+        self.unpark_sets(&[format!("{}:parked:{blocker}", self.base())])
             .await?;
         Ok(())
+    }
+
+    /// Take up to `max` recorded waits (decisions to hold a job back), oldest first.
+    pub async fn take_waits(&self, max: usize) -> Result<Vec<serde_json::Value>, QueueError> {
+        let key = format!("{}:waits", self.base());
+        let mut conn = self.conn.clone();
+        let (raw, ()): (Vec<String>, ()) = redis::pipe()
+            .atomic()
+            .lrange(&key, 0, max as isize - 1)
+            .ltrim(&key, max as isize, -1)
+            .ignore()
+            .query_async(&mut conn)
+            .await
+            .map(|(r,): (Vec<String>,)| (r, ()))?;
+        Ok(raw
+            .iter()
+            .filter_map(|r| serde_json::from_str(r).ok())
+            .collect())
+    }
+
+    /// How many jobs of a limit's key hold a slot now.
+    pub async fn running_of(
+        &self,
+        namespace: &str,
+        limit: &str,
+        key: &str,
+    ) -> Result<u64, QueueError> {
+        let mut conn = self.conn.clone();
+        Ok(conn
+            .zcard(format!("{}:run:{namespace}/{limit}/{key}", self.base()))
+            .await?)
     }
 
     /// Whether Redis still holds the epoch mark (false after a wipe or on a fresh Redis).
@@ -267,6 +796,7 @@ impl crate::store::append::CommitListener for Queue {
     fn committed<'a>(
         &'a self,
         dispatched: &'a [DispatchEntry],
+        released: &'a [Release],
         streams: &'a [Uuid],
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>> {
         // One round trip: the pushes, then the hints (a waiter woken by a hint finds its job
@@ -275,6 +805,9 @@ impl crate::store::append::CommitListener for Queue {
             let mut pipe = redis::pipe();
             if !dispatched.is_empty() {
                 self.add_push(&mut pipe, dispatched);
+            }
+            if !released.is_empty() {
+                self.add_releases(&mut pipe, released);
             }
             if !streams.is_empty() {
                 self.add_hints(&mut pipe, streams);

@@ -545,20 +545,50 @@ pub mod runs {
     }
 }
 
-/// Whether Redis holds the dispatch entry of job `id` on `queue` (a worker that popped it took
-/// it off).
-pub async fn on_redis(
-    queue: &capibara_shared::queue::Queue,
+/// The dispatch entry of a `kind` job `id` of namespace `default`, with no limits, on `queue`.
+pub fn dispatch_entry(
     queue_name: &str,
+    kind: &str,
     id: uuid::Uuid,
-) -> bool {
-    let entry = capibara_shared::store::dispatch::DispatchEntry::new(
+) -> capibara_shared::store::dispatch::DispatchEntry {
+    let mut entry = capibara_shared::store::dispatch::DispatchEntry::new(
         id,
         "default",
         queue_name,
         capibara_shared::domain::job::Priority::Normal,
         chrono::Utc::now(),
     );
+    entry.group = capibara_shared::domain::limit::Group {
+        ns: "default".into(),
+        kind: kind.into(),
+        queue: queue_name.into(),
+        ord: None,
+        lim: Vec::new(),
+    }
+    .id();
+    entry
+}
+
+/// The Redis keys holding `kind` jobs of namespace `default` on `queue` (no limits): the
+/// group's sorted set, and the lane's ring of groups.
+pub fn redis_group_keys(prefix: &str, queue_name: &str, kind: &str) -> (String, String, String) {
+    let group = dispatch_entry(queue_name, kind, uuid::Uuid::nil()).group;
+    (
+        format!("{{{prefix}}}:g:{queue_name}:{group}"),
+        format!("{{{prefix}}}:ring:{queue_name}"),
+        group,
+    )
+}
+
+/// Whether Redis holds the dispatch entry of `kind` job `id` on `queue` (a worker that popped
+/// it took it off).
+pub async fn on_redis(
+    queue: &capibara_shared::queue::Queue,
+    queue_name: &str,
+    kind: &str,
+    id: uuid::Uuid,
+) -> bool {
+    let entry = dispatch_entry(queue_name, kind, id);
     queue
         .missing(std::slice::from_ref(&entry))
         .await

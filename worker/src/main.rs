@@ -49,6 +49,8 @@ async fn main() -> anyhow::Result<()> {
     let queue = Queue::connect(&config.redis_url, &config.redis_prefix)
         .await
         .context("connecting to Redis")?;
+    // Jobs are grouped by the limits they fall under when queued (docs/flow-control.md).
+    capibara_shared::flow::spawn_refresher(queue.clone());
     let store = store::Store::new(
         pool.clone(),
         store::Appender::start(

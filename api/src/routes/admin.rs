@@ -54,7 +54,33 @@ pub async fn queues(
     auth: Auth,
 ) -> Result<Json<Page<QueueStats>>, ApiError> {
     auth.require(Role::Read)?;
-    let items = store::jobs::queue_stats(&state.store.pool, Some(auth.namespace())).await?;
+    let mut items = store::jobs::queue_stats(&state.store.pool, Some(auth.namespace())).await?;
+    let paused: Vec<String> = store::limits::pauses(&state.store.pool, auth.namespace())
+        .await?
+        .map(|p| p.paused)
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|(t, _)| match t {
+            capibara_shared::domain::limit::PauseTarget::Queue { queue } => Some(queue),
+            _ => None,
+        })
+        .collect();
+    for q in &mut items {
+        q.paused = paused.contains(&q.name);
+    }
+    // A paused queue with no jobs is listed too: the pause is what an operator looks for.
+    for name in paused {
+        if !items.iter().any(|q| q.name == name) {
+            items.push(store::jobs::QueueStats {
+                name,
+                depth: 0,
+                running: 0,
+                scheduled: 0,
+                oldest_age_s: None,
+                paused: true,
+            });
+        }
+    }
     Ok(Json(Page {
         items,
         next_cursor: None,

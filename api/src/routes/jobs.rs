@@ -108,6 +108,11 @@ pub struct SubmitJob {
     #[serde(default)]
     #[schema(minimum = 1, maximum = 31536000)]
     pub deadline_s: Option<u32>,
+    /// Jobs with the same ordering key run one at a time, in submission order, retries
+    /// included (1-256 characters; docs/flow-control.md).
+    #[serde(default)]
+    #[schema(min_length = 1, max_length = 256)]
+    pub ordering_key: Option<String>,
 }
 
 /// `dedup` of a submission (docs/flow-control.md).
@@ -251,6 +256,12 @@ pub async fn to_submission_in(
             ));
         }
     }
+    if s.ordering_key
+        .as_ref()
+        .is_some_and(|k| k.is_empty() || k.chars().count() > 256)
+    {
+        return Err(ApiError::field("ordering_key", "must be 1-256 characters"));
+    }
     if let Some(t) = s.expires_at {
         storable::check_time("expires_at", t)?;
         if s.ttl_s.is_some() {
@@ -285,6 +296,7 @@ pub async fn to_submission_in(
         expires_at: s.expires_at.map(domain::truncate_micros),
         ttl_s: s.ttl_s,
         deadline_s: s.deadline_s,
+        ordering_key: s.ordering_key,
     })
 }
 
@@ -880,8 +892,8 @@ pub async fn cancel(
     .map_err(|e| ApiError::from_command(e, "job", id))?;
     match done {
         Cancel::Canceled => {
-            let lane = kinds::lane(&job.queue, &job.namespace, &job.kind);
-            let _ = state.queue.remove(&lane, id).await;
+            let entry = store::dispatch::DispatchEntry::of(&job, domain::now());
+            let _ = state.queue.remove(&entry).await;
             Ok((StatusCode::OK, Json(job)).into_response())
         }
         Cancel::Requested => {

@@ -11,6 +11,7 @@ pub mod fine_tuning;
 pub mod http;
 pub mod jobs;
 pub mod kinds;
+pub mod limits;
 pub mod llm;
 pub mod models;
 pub mod orchestrate;

@@ -12,6 +12,7 @@ pub mod hook_call;
 pub mod jobs;
 pub mod kinds;
 pub mod leases;
+pub mod limits;
 pub mod llm_providers;
 pub mod models;
 pub mod runs;

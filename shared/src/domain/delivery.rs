@@ -311,6 +311,7 @@ pub fn delivery_job(delivery_id: Uuid, max_attempts: u32) -> super::job::Submiss
         expires_at: None,
         ttl_s: None,
         deadline_s: None,
+        ordering_key: None,
     }
 }
 

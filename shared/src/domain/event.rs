@@ -21,6 +21,8 @@ pub enum StreamType {
     Kind,
     Connector,
     LlmProvider,
+    Limit,
+    Pauses,
 }
 
 impl StreamType {
@@ -36,6 +38,8 @@ impl StreamType {
             StreamType::Kind => "kind",
             StreamType::Connector => "connector",
             StreamType::LlmProvider => "llm_provider",
+            StreamType::Limit => "limit",
+            StreamType::Pauses => "pauses",
         }
     }
 }
@@ -60,6 +64,8 @@ impl FromStr for StreamType {
             "kind" => StreamType::Kind,
             "connector" => StreamType::Connector,
             "llm_provider" => StreamType::LlmProvider,
+            "limit" => StreamType::Limit,
+            "pauses" => StreamType::Pauses,
             other => return Err(format!("unknown stream type `{other}`")),
         })
     }

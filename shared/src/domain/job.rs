@@ -238,6 +238,10 @@ pub struct Submission {
     /// attempt is stopped there and no retry starts after it (error `deadline_exceeded`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline_s: Option<u32>,
+    /// Jobs with the same ordering key run one at a time, in submission order (retries
+    /// included).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ordering_key: Option<String>,
 }
 
 impl Submission {
@@ -340,6 +344,21 @@ pub enum JobEvent {
     JobDeduplicated {
         key: String,
     },
+    /// The queue held this queued job back (docs/flow-control.md), recorded once per episode:
+    /// `reason` is `concurrency` (limit `limit` full for `key`), `rate` (no start allowed for
+    /// `key` until `until`), `paused` (`target` is paused) or `ordering` (an earlier job of
+    /// ordering key `key` has not ended).
+    JobWaiting {
+        reason: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        key: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        target: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        until: Option<DateTime<Utc>>,
+    },
     JobTimedOut {
         attempt: u32,
     },
@@ -364,6 +383,7 @@ impl DomainEvent for JobEvent {
             JobEvent::JobCanceled { .. } => "JobCanceled",
             JobEvent::JobTimedOut { .. } => "JobTimedOut",
             JobEvent::JobDeduplicated { .. } => "JobDeduplicated",
+            JobEvent::JobWaiting { .. } => "JobWaiting",
         }
     }
 }
@@ -435,6 +455,14 @@ pub struct Job {
     /// Ends by then across all attempts (`deadline_s`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline_at: Option<DateTime<Utc>>,
+    /// Jobs with the same ordering key run one at a time, in submission order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ordering_key: Option<String>,
+    /// Why the queue holds this queued job back, as last recorded (`JobWaiting`; cleared when
+    /// it starts or leaves the queue).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub waiting: Option<serde_json::Value>,
 }
 
 /// A job event could not be applied to the current state (a bug or a corrupted log).
@@ -587,6 +615,8 @@ impl Job {
             deadline_at: s
                 .deadline_s
                 .map(|d| s.due(at) + chrono::Duration::seconds(d as i64)),
+            ordering_key: s.ordering_key.clone(),
+            waiting: None,
         }
     }
 
@@ -703,6 +733,14 @@ impl Job {
             | JobEvent::JobOutputChunk { .. }
             | JobEvent::JobTimedOut { .. }
             | JobEvent::JobDeduplicated { .. } => {}
+            JobEvent::JobWaiting { .. } => {
+                if self.status != Queued {
+                    return Err(bad(self.status));
+                }
+                let mut w = serde_json::to_value(ev).unwrap_or_default()["data"].take();
+                w["since"] = serde_json::json!(at);
+                self.waiting = Some(w);
+            }
             JobEvent::JobSucceeded {
                 output, artifacts, ..
             } => {
@@ -755,6 +793,9 @@ impl Job {
                 self.queued_at = None;
                 self.finished_at = Some(at);
             }
+        }
+        if self.status != Queued {
+            self.waiting = None;
         }
         self.version += 1;
         self.updated_at = at;
@@ -1025,6 +1066,7 @@ mod tests {
             expires_at: None,
             ttl_s: None,
             deadline_s: None,
+            ordering_key: None,
         }
     }
 

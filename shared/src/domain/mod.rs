@@ -26,6 +26,7 @@ pub mod delivery;
 pub mod event;
 pub mod job;
 pub mod kinds;
+pub mod limit;
 pub mod llm;
 pub mod model;
 pub mod orchestrate;

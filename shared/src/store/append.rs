@@ -40,6 +40,7 @@ pub trait CommitListener: Send + Sync + 'static {
     fn committed<'a>(
         &'a self,
         dispatched: &'a [DispatchEntry],
+        released: &'a [super::dispatch::Release],
         streams: &'a [Uuid],
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
 }
@@ -95,6 +96,11 @@ pub enum Effect {
     UpsertConnector(Box<crate::domain::connector::Connector>),
     UpsertModel(Box<crate::domain::model::ModelName>),
     UpsertLlmProvider(Box<crate::domain::llm::LlmProvider>),
+    UpsertLimit(Box<crate::domain::limit::Limit>),
+    UpsertPauses(Box<crate::domain::limit::Pauses>),
+    /// After the commit, give back what a running (or ordered) job held in the queue
+    /// ([`super::dispatch::Release`]); nothing is written.
+    Release(super::dispatch::Release),
     /// Content hashes a connector returned (`connector_items`).
     ConnectorItems {
         connector_id: Uuid,
@@ -440,6 +446,7 @@ async fn write_isolating(
             match try_flush(pool, appends, results, &excluded, false).await {
                 Ok(Ok(done)) => {
                     committed.dispatched.extend(done.dispatched);
+                    committed.released.extend(done.released);
                     committed.streams.extend(done.streams);
                     break;
                 }
@@ -495,8 +502,10 @@ fn refused(e: &sqlx::Error) -> Option<AppendError> {
 /// Tell the listener what the commit changed.
 async fn after_commit(listener: Option<&dyn CommitListener>, done: Written) {
     if let Some(listener) = listener {
-        if !done.dispatched.is_empty() || !done.streams.is_empty() {
-            listener.committed(&done.dispatched, &done.streams).await;
+        if !done.dispatched.is_empty() || !done.released.is_empty() || !done.streams.is_empty() {
+            listener
+                .committed(&done.dispatched, &done.released, &done.streams)
+                .await;
         }
     }
 }

@@ -86,6 +86,7 @@ const DID_NOT_APPLY: &str = "CBC01";
 #[derive(Default)]
 pub(super) struct Written {
     pub dispatched: Vec<DispatchEntry>,
+    pub released: Vec<super::dispatch::Release>,
     pub streams: Vec<Uuid>,
 }
 
@@ -436,6 +437,7 @@ impl<'a> Core<'a> {
         streams.dedup();
         Written {
             dispatched: rows.dispatch.iter().map(|d| (*d).clone()).collect(),
+            released: rows.released.iter().map(|r| (*r).clone()).collect(),
             streams,
         }
     }
@@ -465,6 +467,9 @@ struct Rows<'a> {
     connectors: HashMap<Uuid, &'a crate::domain::connector::Connector>,
     models: HashMap<Uuid, &'a crate::domain::model::ModelName>,
     llm_providers: HashMap<Uuid, &'a crate::domain::llm::LlmProvider>,
+    limits: HashMap<Uuid, &'a crate::domain::limit::Limit>,
+    pauses: HashMap<Uuid, &'a crate::domain::limit::Pauses>,
+    released: Vec<&'a super::dispatch::Release>,
     connector_items: (Vec<Uuid>, Vec<&'a str>),
     ticks: (
         Vec<Uuid>,
@@ -522,6 +527,13 @@ impl<'a> Rows<'a> {
                     Effect::UpsertLlmProvider(p) => {
                         rows.llm_providers.insert(p.id, p);
                     }
+                    Effect::UpsertLimit(l) => {
+                        rows.limits.insert(l.id, l);
+                    }
+                    Effect::UpsertPauses(p) => {
+                        rows.pauses.insert(p.id, p);
+                    }
+                    Effect::Release(r) => rows.released.push(r),
                     Effect::ConnectorItems {
                         connector_id,
                         hashes,
@@ -582,6 +594,8 @@ impl<'a> Rows<'a> {
             && self.connectors.is_empty()
             && self.models.is_empty()
             && self.llm_providers.is_empty()
+            && self.limits.is_empty()
+            && self.pauses.is_empty()
             && self.connector_items.0.is_empty()
             && self.ticks.0.is_empty()
             && self.credentials.is_empty()
@@ -591,7 +605,7 @@ impl<'a> Rows<'a> {
 
     /// The rows outside [`CORE`], inside the batch's transaction.
     async fn write_others(&self, tx: &mut Transaction<'_, Postgres>) -> Result<(), sqlx::Error> {
-        let upserts: [(&str, Value); 9] = [
+        let upserts: [(&str, Value); 11] = [
             (
                 super::deliveries::UPSERT_DELIVERIES,
                 json_rows(self.deliveries.values()),
@@ -624,6 +638,14 @@ impl<'a> Rows<'a> {
             (
                 super::llm_providers::UPSERT_LLM_PROVIDERS,
                 json_rows(self.llm_providers.values()),
+            ),
+            (
+                super::limits::UPSERT_LIMITS,
+                json_rows(self.limits.values()),
+            ),
+            (
+                super::limits::UPSERT_PAUSES,
+                json_rows(self.pauses.values()),
             ),
         ];
         for (sql, rows) in upserts {

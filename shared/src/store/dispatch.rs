@@ -19,6 +19,23 @@ pub struct DispatchEntry {
     pub queue: String,
     pub score: i64,
     pub enqueued_at: DateTime<Utc>,
+    /// The dispatch group it waits in ([`crate::domain::limit::Group`], as its id); empty for
+    /// rows written before groups existed (the queue then groups by namespace and queue).
+    #[serde(rename = "grp")]
+    pub group: String,
+}
+
+/// What a job held in the queue while it ran, given back after the commit that ended its
+/// attempt (or, for an ordering key, ended the job).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Release {
+    pub job_id: Uuid,
+    pub lane: String,
+    pub group: String,
+    /// The job ended: its ordering key goes to the next job.
+    pub terminal: bool,
+    /// A rate-limited attempt asked its limits to wait until then (ms since the epoch).
+    pub backoff_until_ms: Option<i64>,
 }
 
 impl DispatchEntry {
@@ -27,7 +44,16 @@ impl DispatchEntry {
     /// that kind).
     pub fn of(job: &crate::domain::job::Job, since: DateTime<Utc>) -> Self {
         let lane = crate::domain::kinds::lane(&job.queue, &job.namespace, &job.kind);
-        Self::new(job.id, &job.namespace, &lane, job.priority, since)
+        // Jobs of an ordering key keep their place across retries: by submission, not by
+        // when they were queued again.
+        let since = if job.ordering_key.is_some() {
+            job.created_at
+        } else {
+            since
+        };
+        let mut e = Self::new(job.id, &job.namespace, &lane, job.priority, since);
+        e.group = crate::flow::group_of(job).id();
+        e
     }
 
     pub fn new(
@@ -43,17 +69,20 @@ impl DispatchEntry {
             queue: queue.to_string(),
             score: enqueued_at.timestamp_millis() - priority.head_start_ms(),
             enqueued_at,
+            group: String::new(),
         }
     }
 }
 
 /// Insert (or move) outbox rows: `$1` is a JSON array of [`DispatchEntry`]. Part of the one
 /// statement that writes a batch ([`super::batch`]); taking rows off is a delete by job id.
-pub(super) const PUT: &str = "INSERT INTO dispatch (job_id, namespace, queue, score, enqueued_at)
-    SELECT job_id, namespace, queue, score, enqueued_at FROM jsonb_to_recordset($1)
-        AS d(job_id uuid, namespace text, queue text, score bigint, enqueued_at timestamptz)
+pub(super) const PUT: &str =
+    "INSERT INTO dispatch (job_id, namespace, queue, score, enqueued_at, grp)
+    SELECT job_id, namespace, queue, score, enqueued_at, grp FROM jsonb_to_recordset($1)
+        AS d(job_id uuid, namespace text, queue text, score bigint, enqueued_at timestamptz,
+             grp text)
     ON CONFLICT (job_id) DO UPDATE SET queue = EXCLUDED.queue, score = EXCLUDED.score,
-        enqueued_at = EXCLUDED.enqueued_at";
+        enqueued_at = EXCLUDED.enqueued_at, grp = EXCLUDED.grp";
 
 /// Where a relay pass stands: the last row seen, in `(enqueued_at, job_id)` order.
 pub type DispatchCursor = (DateTime<Utc>, Uuid);
@@ -67,7 +96,7 @@ pub async fn page(
 ) -> Result<Vec<DispatchEntry>, StoreError> {
     let (after_at, after_id) = (after.map(|a| a.0), after.map(|a| a.1).unwrap_or_default());
     let rows: Vec<Row> = sqlx::query_as(
-        "SELECT job_id, namespace, queue, score, enqueued_at FROM dispatch
+        "SELECT job_id, namespace, queue, score, enqueued_at, grp FROM dispatch
          WHERE ($1::timestamptz IS NULL OR (enqueued_at, job_id) > ($1, $2)) AND enqueued_at <= $3
          ORDER BY enqueued_at, job_id LIMIT $4",
     )
@@ -80,23 +109,24 @@ pub async fn page(
     Ok(rows.into_iter().map(entry).collect())
 }
 
-/// An outbox row as read: job id, namespace, queue, score, enqueued at.
-type Row = (Uuid, String, String, i64, DateTime<Utc>);
+/// An outbox row as read: job id, namespace, queue, score, enqueued at, group.
+type Row = (Uuid, String, String, i64, DateTime<Utc>, String);
 
-fn entry((job_id, namespace, queue, score, enqueued_at): Row) -> DispatchEntry {
+fn entry((job_id, namespace, queue, score, enqueued_at, group): Row) -> DispatchEntry {
     DispatchEntry {
         job_id,
         namespace,
         queue,
         score,
         enqueued_at,
+        group,
     }
 }
 
 /// The outbox rows of `ids` that are still queued (to hand a popped job back to the queue).
 pub async fn of_jobs(pool: &PgPool, ids: &[Uuid]) -> Result<Vec<DispatchEntry>, StoreError> {
     let rows: Vec<Row> = sqlx::query_as(
-        "SELECT job_id, namespace, queue, score, enqueued_at FROM dispatch WHERE job_id = ANY($1)",
+        "SELECT job_id, namespace, queue, score, enqueued_at, grp FROM dispatch WHERE job_id = ANY($1)",
     )
     .bind(ids)
     .fetch_all(pool)

@@ -8,8 +8,10 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::{
-    append::CommandRecord, dispatch::DispatchEntry, lease::Lease, Append, Effect, Expected,
-    NewEvent, StoreError,
+    append::CommandRecord,
+    dispatch::{DispatchEntry, Release},
+    lease::Lease,
+    Append, Effect, Expected, NewEvent, StoreError,
 };
 use crate::domain::{
     event::{EventMetadata, StreamType},
@@ -32,7 +34,8 @@ ON CONFLICT (id) DO UPDATE SET
     created_at = EXCLUDED.created_at, queued_at = EXCLUDED.queued_at,
     started_at = EXCLUDED.started_at, finished_at = EXCLUDED.finished_at,
     updated_at = EXCLUDED.updated_at, expires_at = EXCLUDED.expires_at,
-    deadline_at = EXCLUDED.deadline_at";
+    deadline_at = EXCLUDED.deadline_at, ordering_key = EXCLUDED.ordering_key,
+    waiting = EXCLUDED.waiting";
 
 /// Context for turning job events into an append.
 #[derive(Debug, Clone)]
@@ -130,6 +133,9 @@ pub fn job_append(
             Follow::ReleaseLease => Effect::ReleaseLease(new.id),
         });
     }
+    if let Some(release) = release(prev, &new, events) {
+        effects.push(Effect::Release(release));
+    }
     let append = Append {
         stream_id: id,
         stream_type: StreamType::Job,
@@ -155,6 +161,46 @@ pub fn job_append(
         effects,
     };
     Ok((new, append))
+}
+
+/// What the queue gives back after this change (docs/flow-control.md): the limits' slots of an
+/// attempt that ended, the ordering key of a job that ended, and with a `rate_limited` failure
+/// the rate limits' keys wait until its `retry_at`.
+fn release(prev: Option<&Job>, new: &Job, events: &[JobEvent]) -> Option<Release> {
+    let was = prev?.status;
+    // A fast attempt records its start and its end in one append: it ran too.
+    let ran = was == JobStatus::Running
+        || events
+            .iter()
+            .any(|e| matches!(e, JobEvent::JobStarted { .. }));
+    let left_running = ran && new.status != JobStatus::Running;
+    let ended = new.status.is_terminal() && !was.is_terminal();
+    if !(left_running || ended) {
+        return None;
+    }
+    let group = crate::flow::group_of(new);
+    if !group.holds() {
+        return None;
+    }
+    let backoff_until_ms = events.iter().find_map(|e| match e {
+        JobEvent::JobAttemptFailed {
+            error,
+            retry_at: Some(t),
+            ..
+        } if error.error_type == "rate_limited"
+            || error.details.as_ref().is_some_and(|d| d["status"] == 429) =>
+        {
+            Some(t.timestamp_millis())
+        }
+        _ => None,
+    });
+    Some(Release {
+        job_id: new.id,
+        lane: crate::domain::kinds::lane(&new.queue, &new.namespace, &new.kind),
+        group: group.id(),
+        terminal: new.status.is_terminal(),
+        backoff_until_ms,
+    })
 }
 
 fn decode(v: Value) -> Result<Job, StoreError> {
@@ -305,6 +351,9 @@ pub struct QueueStats {
     pub scheduled: i64,
     /// Age in seconds of the oldest waiting job.
     pub oldest_age_s: Option<f64>,
+    /// Paused in this namespace (`POST /v1/queues/{name}/pause`): nothing new starts.
+    #[serde(default)]
+    pub paused: bool,
 }
 
 /// Per-queue depth, running and oldest age for a namespace (`None` = all namespaces).
@@ -334,6 +383,7 @@ pub async fn queue_stats(
             running,
             scheduled,
             oldest_age_s: oldest,
+            paused: false,
         })
         .collect())
 }
@@ -352,4 +402,75 @@ pub async fn count_by_status(
     .bind(kind)
     .fetch_all(pool)
     .await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{
+        job::{AttemptEnd, JobError},
+        limit::{Limit, LimitDef, LimitMatch},
+    };
+
+    /// A job of a namespace with a `max_running` limit keyed by `tags.tenant`.
+    fn limited_job(namespace: &str) -> Job {
+        let limit = Limit {
+            id: Uuid::nil(),
+            namespace: namespace.into(),
+            name: "per-tenant".into(),
+            definition: LimitDef {
+                matches: LimitMatch::default(),
+                key: Some("tags.tenant".into()),
+                max_running: Some(2),
+                rate: None,
+            },
+            deleted: false,
+            version: 1,
+            created_at: crate::domain::now(),
+            updated_at: crate::domain::now(),
+        };
+        crate::flow::set_namespace(namespace, vec![limit]);
+        let sub: Submission = serde_json::from_value(serde_json::json!({
+            "kind": "echo", "input": {}, "queue": "default", "priority": "normal",
+            "max_attempts": 3, "tags": {"tenant": "acme"}
+        }))
+        .unwrap();
+        Job::submitted(Uuid::now_v7(), namespace, &sub, crate::domain::now())
+    }
+
+    #[test]
+    fn an_attempt_that_ends_gives_its_slots_back_even_when_its_start_is_in_the_same_append() {
+        let job = limited_job("release-fast");
+        let now = crate::domain::now();
+        // A fast attempt: started and failed (retry later) in one append.
+        let mut events = vec![JobEvent::JobStarted {
+            attempt: 1,
+            worker: "w".into(),
+        }];
+        events.extend(job.attempt_failure_events(
+            1,
+            JobError::new("rate_limited", "429"),
+            true,
+            Some(Duration::from_secs(3)),
+            now,
+        ));
+        let (new, _) = job_append(
+            Some(&job),
+            job.id,
+            &events,
+            JobWrite::new(EventMetadata::default(), now),
+        )
+        .unwrap();
+        let r = release(Some(&job), &new, &events).expect("a release");
+        assert!(!r.terminal);
+        assert!(r.group.contains("acme"), "{}", r.group);
+        let backoff = r.backoff_until_ms.expect("a back-off");
+        assert!((backoff - now.timestamp_millis() - 3000).abs() < 5);
+        // Nothing to give back for a job that only waited, or for one with no limits.
+        assert_eq!(release(None, &job, &[]), None);
+        let mut free = job.clone();
+        free.namespace = "release-none".into();
+        let ended = free.end_attempt(1, AttemptEnd::Canceled, now);
+        assert_eq!(release(Some(&free), &free, &ended), None);
+    }
 }

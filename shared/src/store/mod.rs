@@ -30,6 +30,7 @@ pub mod events;
 pub mod jobs;
 pub mod keys;
 pub mod lease;
+pub mod limits;
 pub mod llm_providers;
 pub mod memory;
 pub mod models;

@@ -168,6 +168,8 @@ pub struct FullRebuild {
     pub connectors: u64,
     pub models: u64,
     pub llm_providers: u64,
+    pub limits: u64,
+    pub pauses: u64,
 }
 
 /// Rebuild every projection: `jobs`, `deliveries`, `schedules`, `triggers`, `workflows`, `runs`,
@@ -177,6 +179,7 @@ pub async fn rebuild_all(pool: &PgPool) -> Result<FullRebuild, StoreError> {
         connector::{Connector, ConnectorEvent},
         delivery::{Delivery, DeliveryEvent},
         kinds::user::{KindEvent, UserKind},
+        limit::{Limit, LimitEvent, PauseEvent, Pauses},
         llm::{LlmProvider, ProviderEvent},
         model::{ModelEvent, ModelName},
         run::{Run, RunEvent},
@@ -253,8 +256,26 @@ pub async fn rebuild_all(pool: &PgPool) -> Result<FullRebuild, StoreError> {
         LlmProvider::apply,
     )
     .await?;
+    let (le, limits) = rebuild_stream::<Limit, LimitEvent>(
+        pool,
+        "limit",
+        "limits",
+        super::limits::UPSERT_LIMITS,
+        Limit::apply,
+    )
+    .await?;
+    let (pse, pauses) = rebuild_stream::<Pauses, PauseEvent>(
+        pool,
+        "pauses",
+        "pauses",
+        super::limits::UPSERT_PAUSES,
+        Pauses::apply,
+    )
+    .await?;
     Ok(FullRebuild {
-        events: jobs.events + de + se + te + we + re + ke + ce + me + pe,
+        events: jobs.events + de + se + te + we + re + ke + ce + me + pe + le + pse,
+        limits,
+        pauses,
         models,
         llm_providers,
         user_kinds,

@@ -378,6 +378,7 @@ fn step_job_append(
         expires_at: None,
         ttl_s: None,
         deadline_s: None,
+        ordering_key: None,
     };
     let meta = EventMetadata {
         namespace: run.namespace.clone(),

@@ -236,13 +236,16 @@ async fn a_job_popped_while_postgres_is_down_runs_as_soon_as_it_is_back() {
         .await
         .unwrap();
     let id: uuid::Uuid = job.parse().unwrap();
-    let popped = || async { !capibara_tests::on_redis(&queue, "default", id).await };
+    let popped = || async { !capibara_tests::on_redis(&queue, "default", "echo", id).await };
     // The API pushes a job to Redis right after answering: take it off once it is there.
     eventually("pushed to Redis", Duration::from_secs(5), || async {
         (!popped().await).then_some(())
     })
     .await;
-    queue.remove("default", id).await.unwrap();
+    queue
+        .remove(&capibara_tests::dispatch_entry("default", "echo", id))
+        .await
+        .unwrap();
     assert!(popped().await);
     let _worker = env.spawn_worker(&[]);
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -254,13 +257,7 @@ async fn a_job_popped_while_postgres_is_down_runs_as_soon_as_it_is_back() {
     })
     .await
     .unwrap();
-    let entry = capibara_shared::store::dispatch::DispatchEntry::new(
-        id,
-        "default",
-        "default",
-        capibara_shared::domain::job::Priority::Normal,
-        chrono::Utc::now(),
-    );
+    let entry = capibara_tests::dispatch_entry("default", "echo", id);
     queue.push(&[entry]).await.unwrap();
     eventually(
         "the worker to pop the job",
@@ -303,13 +300,21 @@ async fn duplicate_deliveries_never_record_a_second_start_or_success() {
     // Deliver every job again and again while the workers run them.
     let client = redis::Client::open(env.redis_url.as_str()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let key = format!("{{{}}}:queue:default", env.redis_prefix);
+    let (key, ring, group) =
+        capibara_tests::redis_group_keys(&env.redis_prefix, "default", "sleep");
     for _ in 0..30 {
         for id in &ids {
-            let _: () = redis::cmd("ZADD")
+            let _: () = redis::pipe()
+                .cmd("ZADD")
                 .arg(&key)
                 .arg(0)
                 .arg(id)
+                .ignore()
+                .cmd("ZADD")
+                .arg(&ring)
+                .arg(0)
+                .arg(&group)
+                .ignore()
                 .query_async(&mut conn)
                 .await
                 .unwrap();
@@ -395,7 +400,7 @@ async fn the_relay_re_dispatches_a_job_redis_lost_without_a_wipe() {
     // is committed and pushes it to Redis right after: remove it once it is there.
     let client = redis::Client::open(env.redis_url.as_str()).unwrap();
     let conn = client.get_multiplexed_async_connection().await.unwrap();
-    let key = format!("{{{}}}:queue:default", env.redis_prefix);
+    let (key, _, _) = capibara_tests::redis_group_keys(&env.redis_prefix, "default", "echo");
     eventually("pushed to Redis", Duration::from_secs(5), || {
         let mut conn = conn.clone();
         let (key, id) = (key.clone(), id.clone());

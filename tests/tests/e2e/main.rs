@@ -16,6 +16,7 @@ mod isolation;
 mod jobs_api;
 mod keys_and_visibility;
 mod kind_validation;
+mod limits;
 mod llm;
 mod mail;
 mod mcp;

@@ -72,8 +72,14 @@ pub struct Fail;
 #[async_trait]
 impl Executor for Fail {
     async fn execute(&self, ctx: JobContext) -> Result<Output, ExecError> {
-        let FailInput { message, times } = input::parse(&ctx.input).map_err(invalid)?;
+        let FailInput {
+            message,
+            times,
+            error_type,
+            retry_after_s,
+        } = input::parse(&ctx.input).map_err(invalid)?;
         let message = message.unwrap_or_else(|| "failed on purpose".into());
+        let error = JobError::new(error_type.as_deref().unwrap_or("executor_error"), message);
         match times {
             Some(times) if u64::from(ctx.attempt) > times => Ok(Output {
                 output: to_output(FailOutput {
@@ -81,10 +87,12 @@ impl Executor for Fail {
                 }),
                 ..Default::default()
             }),
-            _ => Err(ExecError::Retryable(JobError::new(
-                "executor_error",
-                message,
-            ))),
+            _ => Err(match retry_after_s {
+                Some(s) if s.is_finite() && (0.0..=3600.0).contains(&s) => {
+                    ExecError::RetryAfter(std::time::Duration::from_secs_f64(s), error)
+                }
+                _ => ExecError::Retryable(error),
+            }),
         }
     }
 }

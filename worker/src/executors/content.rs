@@ -271,6 +271,7 @@ mod tests {
             expires_at: None,
             ttl_s: None,
             deadline_s: None,
+            ordering_key: None,
         };
         let id = Uuid::now_v7();
         JobContext {

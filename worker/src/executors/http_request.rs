@@ -391,10 +391,12 @@ impl Executor for HttpRequest {
         if !input.expected(got.status) {
             let first = download.as_ref().map_or(&got.body, |d| &d.first);
             let snippet: String = String::from_utf8_lossy(first).chars().take(512).collect();
-            let error = JobError::new(
+            let mut error = JobError::new(
                 "http_status",
                 format!("{} answered {}: {snippet}", host, got.status),
             );
+            // A 429 makes the job's rate limits back off (docs/flow-control.md).
+            error.details = Some(serde_json::json!({"status": got.status}));
             return Err(match (failing(got.status), got.retry_after) {
                 (true, Some(after)) => ExecError::RetryAfter(after, error),
                 (true, None) => ExecError::Retryable(error),

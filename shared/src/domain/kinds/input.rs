@@ -46,6 +46,15 @@ pub struct FailInput {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(minimum = 0, nullable = false)]
     pub times: Option<u64>,
+    /// The error type (default `executor_error`; `rate_limited` with `retry_after_s` makes the
+    /// job's rate limits back off, as a downstream 429 would).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false, min_length = 1, max_length = 64)]
+    pub error_type: Option<String>,
+    /// Retry after this many seconds instead of the backoff (0-3600).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 0, maximum = 3600, nullable = false)]
+    pub retry_after_s: Option<f64>,
 }
 impl KindInput for FailInput {}
 

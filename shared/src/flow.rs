@@ -1,0 +1,77 @@
+//! The limits every process dispatches with (docs/flow-control.md). A job's group
+//! ([`Group::of`]) is decided when it is queued, from the limits this process last loaded:
+//! [`spawn_refresher`] reloads them every second, and the API process that configures a limit
+//! updates its own copy at once. A limit therefore applies to jobs queued from about a second
+//! after it is configured; its `max_running` and `rate` are read by the queue itself, live.
+
+use std::{
+    sync::{Arc, LazyLock, RwLock},
+    time::Duration,
+};
+
+use sqlx::PgPool;
+
+use crate::domain::{
+    job::Job,
+    limit::{Group, Limit, LimitsByNamespace},
+};
+
+static BOOK: LazyLock<RwLock<Arc<LimitsByNamespace>>> = LazyLock::new(Default::default);
+
+/// The dispatch group of `job` under the limits last loaded.
+pub fn group_of(job: &Job) -> Group {
+    let book = BOOK.read().expect("limits book").clone();
+    let limits = book.get(&job.namespace).map(Vec::as_slice).unwrap_or(&[]);
+    Group::of(job, limits)
+}
+
+/// Replace `namespace`'s limits in this process (after a limit command committed).
+pub fn set_namespace(namespace: &str, limits: Vec<Limit>) {
+    let mut book = BOOK.write().expect("limits book");
+    let mut next = (**book).clone();
+    next.insert(namespace.to_string(), limits);
+    *book = Arc::new(next);
+}
+
+/// Load every namespace's live limits from the queue's copy (Redis, which the scheduler keeps
+/// equal to Postgres): no process polls Postgres for them.
+pub async fn refresh(queue: &crate::queue::Queue) -> Result<(), crate::queue::QueueError> {
+    let mut next = LimitsByNamespace::new();
+    for l in queue.limits().await? {
+        next.entry(l.namespace.clone()).or_default().push(l);
+    }
+    *BOOK.write().expect("limits book") = Arc::new(next);
+    Ok(())
+}
+
+/// Keep this process's limits fresh: once now, then every second, for the process's life.
+pub fn spawn_refresher(queue: crate::queue::Queue) {
+    tokio::spawn(async move {
+        loop {
+            if let Err(e) = refresh(&queue).await {
+                tracing::debug!(error = %e, "loading limits failed");
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    });
+}
+
+/// Make Redis enforce what Postgres holds: every live limit, every pause (the API calls this
+/// after a change; the scheduler every few seconds, which also heals a Redis that restarted
+/// empty).
+pub async fn sync_queue(
+    pool: &PgPool,
+    queue: &crate::queue::Queue,
+) -> Result<(), crate::store::StoreError> {
+    let unavailable =
+        |e: crate::queue::QueueError| crate::store::StoreError::Unavailable(e.to_string());
+    let limits = crate::store::limits::all(pool).await?;
+    let fields: Vec<String> = crate::store::limits::all_pauses(pool)
+        .await?
+        .iter()
+        .flat_map(|p| p.paused.iter().map(|(t, _)| t.field(&p.namespace)))
+        .collect();
+    queue.sync_limits(&limits).await.map_err(unavailable)?;
+    queue.sync_pauses(&fields).await.map_err(unavailable)?;
+    Ok(())
+}
