@@ -21,6 +21,8 @@ pub enum StreamType {
     Kind,
     Connector,
     LlmProvider,
+    /// A bulk action on jobs (`POST /v1/jobs/bulk`).
+    Bulk,
 }
 
 impl StreamType {
@@ -36,6 +38,7 @@ impl StreamType {
             StreamType::Kind => "kind",
             StreamType::Connector => "connector",
             StreamType::LlmProvider => "llm_provider",
+            StreamType::Bulk => "bulk",
         }
     }
 }
@@ -60,6 +63,7 @@ impl FromStr for StreamType {
             "kind" => StreamType::Kind,
             "connector" => StreamType::Connector,
             "llm_provider" => StreamType::LlmProvider,
+            "bulk" => StreamType::Bulk,
             other => return Err(format!("unknown stream type `{other}`")),
         })
     }

@@ -95,6 +95,7 @@ pub enum Effect {
     UpsertConnector(Box<crate::domain::connector::Connector>),
     UpsertModel(Box<crate::domain::model::ModelName>),
     UpsertLlmProvider(Box<crate::domain::llm::LlmProvider>),
+    UpsertBulk(Box<crate::domain::bulk::BulkOperation>),
     /// Content hashes a connector returned (`connector_items`).
     ConnectorItems {
         connector_id: Uuid,

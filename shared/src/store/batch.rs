@@ -465,6 +465,7 @@ struct Rows<'a> {
     connectors: HashMap<Uuid, &'a crate::domain::connector::Connector>,
     models: HashMap<Uuid, &'a crate::domain::model::ModelName>,
     llm_providers: HashMap<Uuid, &'a crate::domain::llm::LlmProvider>,
+    bulk: HashMap<Uuid, &'a crate::domain::bulk::BulkOperation>,
     connector_items: (Vec<Uuid>, Vec<&'a str>),
     ticks: (
         Vec<Uuid>,
@@ -521,6 +522,9 @@ impl<'a> Rows<'a> {
                     }
                     Effect::UpsertLlmProvider(p) => {
                         rows.llm_providers.insert(p.id, p);
+                    }
+                    Effect::UpsertBulk(b) => {
+                        rows.bulk.insert(b.id, b);
                     }
                     Effect::ConnectorItems {
                         connector_id,
@@ -582,6 +586,7 @@ impl<'a> Rows<'a> {
             && self.connectors.is_empty()
             && self.models.is_empty()
             && self.llm_providers.is_empty()
+            && self.bulk.is_empty()
             && self.connector_items.0.is_empty()
             && self.ticks.0.is_empty()
             && self.credentials.is_empty()
@@ -591,7 +596,7 @@ impl<'a> Rows<'a> {
 
     /// The rows outside [`CORE`], inside the batch's transaction.
     async fn write_others(&self, tx: &mut Transaction<'_, Postgres>) -> Result<(), sqlx::Error> {
-        let upserts: [(&str, Value); 9] = [
+        let upserts: [(&str, Value); 10] = [
             (
                 super::deliveries::UPSERT_DELIVERIES,
                 json_rows(self.deliveries.values()),
@@ -625,6 +630,7 @@ impl<'a> Rows<'a> {
                 super::llm_providers::UPSERT_LLM_PROVIDERS,
                 json_rows(self.llm_providers.values()),
             ),
+            (super::bulk::UPSERT_BULK, json_rows(self.bulk.values())),
         ];
         for (sql, rows) in upserts {
             if rows.as_array().is_some_and(|r| !r.is_empty()) {

@@ -168,12 +168,14 @@ pub struct FullRebuild {
     pub connectors: u64,
     pub models: u64,
     pub llm_providers: u64,
+    pub bulk_operations: u64,
 }
 
 /// Rebuild every projection: `jobs`, `deliveries`, `schedules`, `triggers`, `workflows`, `runs`,
-/// `user_kinds`, `connectors`, `connector_items`, `models` and `llm_providers` (each in its own transaction).
+/// `user_kinds`, `connectors`, `connector_items`, `models`, `llm_providers` and `bulk_operations` (each in its own transaction).
 pub async fn rebuild_all(pool: &PgPool) -> Result<FullRebuild, StoreError> {
     use crate::domain::{
+        bulk::{BulkEvent, BulkOperation},
         connector::{Connector, ConnectorEvent},
         delivery::{Delivery, DeliveryEvent},
         kinds::user::{KindEvent, UserKind},
@@ -253,8 +255,17 @@ pub async fn rebuild_all(pool: &PgPool) -> Result<FullRebuild, StoreError> {
         LlmProvider::apply,
     )
     .await?;
+    let (be, bulk_operations) = rebuild_stream::<BulkOperation, BulkEvent>(
+        pool,
+        "bulk",
+        "bulk_operations",
+        super::bulk::UPSERT_BULK,
+        BulkOperation::apply,
+    )
+    .await?;
     Ok(FullRebuild {
-        events: jobs.events + de + se + te + we + re + ke + ce + me + pe,
+        events: jobs.events + de + se + te + we + re + ke + ce + me + pe + be,
+        bulk_operations,
         models,
         llm_providers,
         user_kinds,
