@@ -32,6 +32,9 @@ drawn from the schema and must be accepted. Each rule is also documented on its 
 - A job's `expires_at` is after now and after its `run_at`, and not given with `ttl_s`: a fixed
   far-future time (dropped with `run_at`, and in schedule and trigger targets, which refuse it).
 - A batch's jobs carry no `dedup` (refused in a batch: it answers with an existing job).
+- `POST /v1/jobs/bulk`: an empty `filter` needs `all: true` (a guard against a mass cancel that
+  compares two fields), and each `filter.tag` is `key:value`: `all` is set when the filter is
+  empty, and a tag without a colon gets one.
 - `POST /v1/orchestrate`: the intent is a built-in kind, so mode `flow` (a workflow) becomes
   `agent`; `mcp` goes only with modes `mcp` and `auto` (mode `mcp` needs it), its `server` is
   `http://127.0.0.1:9/mcp` (as above) and its `headers` are dropped (names are checked as
@@ -355,6 +358,12 @@ def _body(op, body):
             if isinstance(job, dict):
                 # A batch is all new jobs: `dedup` is refused there (submit one at a time).
                 job.pop("dedup", None)
+    elif op == "POST /v1/jobs/bulk":
+        f = body.get("filter")
+        if isinstance(f, dict) and isinstance(f.get("tag"), list):
+            f["tag"] = [t if not isinstance(t, str) or ":" in t else f"{t}:v" for t in f["tag"]]
+        if not isinstance(f, dict) or all(v is None or v == [] for v in f.values()):
+            body["all"] = True
     elif op in ("POST /v1/schedules", "PATCH /v1/schedules/{id}"):
         _schedule(body, patch=op.startswith("PATCH"))
     elif op == "POST /v1/schedules/{id}/backfill":
