@@ -120,6 +120,27 @@ async fn bulk_cancel_cancels_exactly_the_jobs_matching_at_its_position_and_not_l
     assert_eq!(kinds.first().map(String::as_str), Some("BulkStarted"));
     assert_eq!(kinds.last().map(String::as_str), Some("BulkFinished"));
     assert!(kinds.iter().any(|t| t == "BulkProgressed"), "{kinds:?}");
+
+    // The operation's row is a projection: rebuilt from the log, it is the same.
+    let rows = || async {
+        sqlx::query_scalar::<_, Value>("SELECT to_jsonb(o) FROM bulk_operations o ORDER BY id")
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+    };
+    let before = rows().await;
+    assert_eq!(before.len(), 1);
+    let out = std::process::Command::new(capibara_tests::bin("capibara"))
+        .args(["admin", "rebuild-projections"])
+        .env("CAPIBARA_DATABASE_URL", &env.database_url)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(rows().await, before);
 }
 
 #[tokio::test]
