@@ -32,6 +32,11 @@ drawn from the schema and must be accepted. Each rule is also documented on its 
 - A job's `expires_at` is after now and after its `run_at`, and not given with `ttl_s`: a fixed
   far-future time (dropped with `run_at`, and in schedule and trigger targets, which refuse it).
 - A batch's jobs carry no `dedup` (refused in a batch: it answers with an existing job).
+- `POST /v1/jobs/bulk`: each `filter.tag` is `key:value` (a tag without a colon gets one), and
+  an empty filter needs `all: true` (a guard against a mass cancel that compares two fields).
+  A bulk cancel would also end the jobs other operations wait for (`POST /v1/code/validate`
+  answers 500 for a canceled check): the filter always holds the tag `fuzz:bulk`, which no
+  other job carries (so it is never empty either).
 - `POST /v1/orchestrate`: the intent is a built-in kind, so mode `flow` (a workflow) becomes
   `agent`; `mcp` goes only with modes `mcp` and `auto` (mode `mcp` needs it), its `server` is
   `http://127.0.0.1:9/mcp` (as above) and its `headers` are dropped (names are checked as
@@ -363,6 +368,13 @@ def _body(op, body):
             if isinstance(job, dict):
                 # A batch is all new jobs: `dedup` is refused there (submit one at a time).
                 job.pop("dedup", None)
+    elif op == "POST /v1/jobs/bulk":
+        f = body.get("filter")
+        if not isinstance(f, dict):
+            f = body["filter"] = {}
+        tags = [t if not isinstance(t, str) or ":" in t else f"{t}:v"
+                for t in f.get("tag") or []]
+        f["tag"] = tags + ["fuzz:bulk"]
     elif op in ("POST /v1/schedules", "PATCH /v1/schedules/{id}"):
         _schedule(body, patch=op.startswith("PATCH"))
     elif op == "POST /v1/schedules/{id}/backfill":

@@ -88,12 +88,14 @@ impl AppState {
 /// The whole HTTP app.
 pub fn app(state: AppState) -> Router {
     use routes::{
-        admin, code, deliveries, jobs, kinds, orchestrate, schedules, subscriptions, triggers,
-        workers,
+        admin, bulk, code, deliveries, jobs, kinds, orchestrate, schedules, subscriptions,
+        triggers, workers,
     };
     let v1 = Router::new()
         .route("/v1/jobs", post(jobs::submit).get(jobs::list))
         .route("/v1/jobs/batch", post(jobs::submit_batch))
+        .route("/v1/jobs/bulk", post(bulk::start))
+        .route("/v1/jobs/bulk/{id}", get(bulk::get))
         .route(
             "/v1/jobs/{id}/artifacts/{name}",
             get(routes::artifacts::get).put(workers::upload_artifact),

@@ -3,12 +3,14 @@
 //!
 //! # Layout
 //! - [`housekeeping`]: promoter, relay, reaper and queue gauges.
+//! - [`bulk`]: runs bulk actions on jobs, a page per transaction.
 //! - [`hooks`]: `POST /hooks/{id}`, inbound webhook triggers.
 //! - [`ticker`]: fires cron schedules, exactly once across replicas.
 //! - [`deliverer`]: turns job events into webhook deliveries (callbacks, subscriptions).
 //! - [`orchestrator`]: advances workflow runs as their step jobs start and end.
 //! - [`leader`]: one leader per role among replicas (advisory lock).
 
+pub mod bulk;
 pub mod deliverer;
 mod driver;
 mod flow;

@@ -61,6 +61,15 @@ async fn main() -> anyhow::Result<()> {
         queue.clone(),
         stop.clone(),
     ));
+    let bulk = tokio::spawn(capibara_scheduler::bulk::run(
+        store.clone(),
+        queue.clone(),
+        capibara_scheduler::bulk::BulkOptions {
+            page_size: config.bulk_page_size,
+            poll: std::time::Duration::from_millis(500),
+        },
+        stop.clone(),
+    ));
     let deliverer = tokio::spawn(capibara_scheduler::deliverer::run(
         store.clone(),
         queue.clone(),
@@ -77,6 +86,7 @@ async fn main() -> anyhow::Result<()> {
         stop,
     )
     .await;
+    let _ = bulk.await;
     let _ = deliverer.await;
     let _ = orchestrator.await;
     let _ = ticker.await;

@@ -73,6 +73,8 @@ pub struct Config {
     /// Terminal jobs' projection rows (and finished deliveries) older than this are pruned; the
     /// event log keeps everything. `CAPIBARA_RETENTION` (`30d` default, `0` = keep forever).
     pub retention: Option<Duration>,
+    /// Jobs a bulk operation acts on per transaction (`CAPIBARA_BULK_PAGE_SIZE`, 1-1000).
+    pub bulk_page_size: i64,
     /// Base URL under which the scheduler serves `/hooks/{id}` (returned when a trigger is created).
     pub hooks_public_url: String,
     /// How long `POST /v1/orchestrate` waits for the result before answering 202.
@@ -281,6 +283,7 @@ impl Config {
             },
             db_max_connections: parse("CAPIBARA_DB_MAX_CONNECTIONS", 16)?,
             append_flushers: parse("CAPIBARA_APPEND_FLUSHERS", 2usize)?.max(1),
+            bulk_page_size: parse("CAPIBARA_BULK_PAGE_SIZE", 200i64)?.clamp(1, 1000),
             retention: match var("CAPIBARA_RETENTION").as_deref() {
                 None => Some(Duration::from_secs(30 * 86400)),
                 Some("0") => None,

@@ -388,6 +388,17 @@ pub const METRICS: &[MetricSpec] = &[
         labels: &[],
     },
     MetricSpec {
+        name: "capibara_bulk_jobs_total",
+        kind: Counter,
+        help: "Jobs bulk actions went through: acted on (done) or no longer qualified (skipped).",
+        unit: None,
+        on: &[Scheduler],
+        labels: &[
+            ("action", Values::Fixed(&["cancel", "retry"])),
+            ("result", Values::Fixed(&["done", "skipped"])),
+        ],
+    },
+    MetricSpec {
         name: "capibara_retention_pruned_total",
         kind: Counter,
         help: "Finished jobs and deliveries removed by retention.",

@@ -23,13 +23,10 @@ use capibara_shared::{
         auth::Role,
         delivery::validate_patterns,
         event::{EventEnvelope, EventMetadata},
-        job::{
-            valid_queue_name, validate_tags, Cancel, Job, JobEvent, NotAllowed, Priority,
-            Submission,
-        },
+        job::{valid_queue_name, validate_tags, Cancel, Job, NotAllowed, Priority, Submission},
         kinds::{self, KindContext},
         retry::Backoff,
-        storable, DomainEvent, FieldError,
+        storable, FieldError,
     },
     installed::{self, RequestKinds},
     store::{
@@ -595,91 +592,32 @@ pub async fn list(
     let mut limit = None;
     for (k, v) in query_pairs(q.as_deref())? {
         match k.as_str() {
-            "status" => {
-                f.status = Some(
-                    v.parse()
-                        .map_err(|e: String| ApiError::field("status", e))?,
-                )
-            }
-            "kind" => f.kind = Some(v),
-            "queue" => f.queue = Some(v),
-            "tag" => {
-                let (tk, tv) = v
-                    .split_once(':')
-                    .ok_or_else(|| ApiError::field("tag", "must look like key:value"))?;
-                f.tags.push((tk.to_string(), tv.to_string()));
-            }
             "limit" => limit = Some(v),
             "cursor" => f.before = Some(decode_cursor(&v)?),
-            "created_after" => f.created_after = Some(query_time(&k, &v)?),
-            "created_before" => f.created_before = Some(query_time(&k, &v)?),
-            "finished_after" => f.finished_after = Some(query_time(&k, &v)?),
-            "finished_before" => f.finished_before = Some(query_time(&k, &v)?),
-            "error_type" => f.error_type = Some(v),
-            "worker" => f.worker = Some(v),
-            other => match other.split_once('.') {
-                Some(("input", path)) => contains(&mut f.input, other, path, &v)?,
-                Some(("output", path)) => contains(&mut f.output, other, path, &v)?,
-                _ => {
+            name => {
+                // The value of a containment filter is JSON when it parses as JSON (`42`,
+                // `true`, `"42"`), else a string.
+                let value = match name.split_once('.') {
+                    Some(("input" | "output", _)) => {
+                        serde_json::from_str(&v).unwrap_or(Value::String(v))
+                    }
+                    _ => Value::String(v),
+                };
+                if !f.set(name, &value)? {
                     return Err(ApiError::field(
-                        other,
-                        "unknown query parameter (status, kind, queue, tag, input.<path>, \
-                         output.<path>, created_after, created_before, finished_after, \
-                         finished_before, error_type, worker, limit, cursor)",
-                    ))
+                        name,
+                        format!(
+                            "unknown query parameter ({}, limit, cursor)",
+                            JobFilter::FIELDS
+                        ),
+                    ));
                 }
-            },
+            }
         }
     }
     let limit = parse_limit(limit.as_deref())?;
     let items = store::jobs::list(&state.store.pool, auth.namespace(), &f, limit + 1).await?;
     Ok(Json(Page::from_extra_row(items, limit, |j| j.id)))
-}
-
-/// An RFC 3339 time in a query parameter.
-fn query_time(name: &str, v: &str) -> Result<DateTime<Utc>, ApiError> {
-    let t = DateTime::parse_from_rfc3339(v)
-        .map(|t| t.with_timezone(&Utc))
-        .map_err(|_| ApiError::field(name, "must be an RFC 3339 time (2026-12-05T08:00:00Z)"))?;
-    storable::check_time(name, t)?;
-    Ok(t)
-}
-
-/// Add `path = value` to a containment filter: `input.customer.id=42` → `{"customer": {"id":
-/// 42}}`. The value is JSON when it parses as JSON (`42`, `true`, `"42"`), else a string.
-fn contains(
-    filter: &mut Option<Value>,
-    name: &str,
-    path: &str,
-    value: &str,
-) -> Result<(), ApiError> {
-    let keys: Vec<&str> = path.split('.').collect();
-    if keys.len() > 16 || keys.iter().any(|k| k.is_empty() || k.chars().count() > 128) {
-        return Err(ApiError::field(
-            name,
-            "must be a path of 1-16 dot-separated keys (input.customer.id=42)",
-        ));
-    }
-    let leaf = serde_json::from_str(value).unwrap_or_else(|_| Value::String(value.to_string()));
-    let mut node = filter.get_or_insert_with(|| Value::Object(Default::default()));
-    for (i, key) in keys.iter().enumerate() {
-        let Value::Object(map) = node else {
-            return Err(ApiError::field(
-                name,
-                "conflicts with another filter on the same path",
-            ));
-        };
-        if i + 1 == keys.len() {
-            if map.insert(key.to_string(), leaf).is_some() {
-                return Err(ApiError::field(name, "is given twice"));
-            }
-            return Ok(());
-        }
-        node = map
-            .entry(key.to_string())
-            .or_insert_with(|| Value::Object(Default::default()));
-    }
-    Ok(())
 }
 
 fn parse_id(id: &str) -> Result<Uuid, ApiError> {
@@ -937,11 +875,9 @@ pub async fn retry(
 }
 
 async fn submitted_max_attempts(state: &AppState, id: Uuid) -> Result<Option<u32>, ApiError> {
-    let first = store::events::read_stream(&state.store.pool, id, 0, 1).await?;
-    Ok(first.into_iter().next().and_then(|e| {
-        match JobEvent::from_parts(&e.event_type, e.data).ok()? {
-            JobEvent::JobSubmitted(s) => Some(s.max_attempts),
-            _ => None,
-        }
-    }))
+    Ok(
+        store::jobs::submitted_max_attempts(&state.store.pool, &[id])
+            .await?
+            .remove(&id),
+    )
 }

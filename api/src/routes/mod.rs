@@ -2,6 +2,7 @@
 
 pub mod admin;
 pub mod artifacts;
+pub mod bulk;
 pub mod code;
 pub mod connectors;
 pub mod content;

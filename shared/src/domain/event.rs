@@ -23,6 +23,8 @@ pub enum StreamType {
     LlmProvider,
     Limit,
     Pauses,
+    /// A bulk action on jobs (`POST /v1/jobs/bulk`).
+    Bulk,
 }
 
 impl StreamType {
@@ -40,6 +42,7 @@ impl StreamType {
             StreamType::LlmProvider => "llm_provider",
             StreamType::Limit => "limit",
             StreamType::Pauses => "pauses",
+            StreamType::Bulk => "bulk",
         }
     }
 }
@@ -66,6 +69,7 @@ impl FromStr for StreamType {
             "llm_provider" => StreamType::LlmProvider,
             "limit" => StreamType::Limit,
             "pauses" => StreamType::Pauses,
+            "bulk" => StreamType::Bulk,
             other => return Err(format!("unknown stream type `{other}`")),
         })
     }

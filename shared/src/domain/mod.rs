@@ -1,6 +1,7 @@
 //! Domain types: pure data and rules, free of SQL, HTTP and Redis.
 //!
 //! # Layout
+//! - [`bulk`]: bulk actions on jobs (an operation stream pinned to a log position).
 //! - [`job`]: the job model, its event catalog and the fold that turns events into the `jobs` row.
 //! - [`connector`]: connectors, their types and the `connector` stream.
 //! - [`content`]: `content.process`'s input (items or an artifact, operations) and output.
@@ -19,6 +20,7 @@
 //! - [`storable`]: values Postgres refuses (NUL characters, times outside 0001–9999).
 
 pub mod auth;
+pub mod bulk;
 pub mod connector;
 pub mod content;
 pub mod cron_expr;

@@ -101,6 +101,7 @@ pub enum Effect {
     /// After the commit, give back what a running (or ordered) job held in the queue
     /// ([`super::dispatch::Release`]); nothing is written.
     Release(super::dispatch::Release),
+    UpsertBulk(Box<crate::domain::bulk::BulkOperation>),
     /// Content hashes a connector returned (`connector_items`).
     ConnectorItems {
         connector_id: Uuid,

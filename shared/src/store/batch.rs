@@ -470,6 +470,7 @@ struct Rows<'a> {
     limits: HashMap<Uuid, &'a crate::domain::limit::Limit>,
     pauses: HashMap<Uuid, &'a crate::domain::limit::Pauses>,
     released: Vec<&'a super::dispatch::Release>,
+    bulk: HashMap<Uuid, &'a crate::domain::bulk::BulkOperation>,
     connector_items: (Vec<Uuid>, Vec<&'a str>),
     ticks: (
         Vec<Uuid>,
@@ -534,6 +535,9 @@ impl<'a> Rows<'a> {
                         rows.pauses.insert(p.id, p);
                     }
                     Effect::Release(r) => rows.released.push(r),
+                    Effect::UpsertBulk(b) => {
+                        rows.bulk.insert(b.id, b);
+                    }
                     Effect::ConnectorItems {
                         connector_id,
                         hashes,
@@ -596,6 +600,7 @@ impl<'a> Rows<'a> {
             && self.llm_providers.is_empty()
             && self.limits.is_empty()
             && self.pauses.is_empty()
+            && self.bulk.is_empty()
             && self.connector_items.0.is_empty()
             && self.ticks.0.is_empty()
             && self.credentials.is_empty()
@@ -605,7 +610,7 @@ impl<'a> Rows<'a> {
 
     /// The rows outside [`CORE`], inside the batch's transaction.
     async fn write_others(&self, tx: &mut Transaction<'_, Postgres>) -> Result<(), sqlx::Error> {
-        let upserts: [(&str, Value); 11] = [
+        let upserts: [(&str, Value); 12] = [
             (
                 super::deliveries::UPSERT_DELIVERIES,
                 json_rows(self.deliveries.values()),
@@ -647,6 +652,7 @@ impl<'a> Rows<'a> {
                 super::limits::UPSERT_PAUSES,
                 json_rows(self.pauses.values()),
             ),
+            (super::bulk::UPSERT_BULK, json_rows(self.bulk.values())),
         ];
         for (sql, rows) in upserts {
             if rows.as_array().is_some_and(|r| !r.is_empty()) {

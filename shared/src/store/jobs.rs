@@ -16,7 +16,7 @@ use super::{
 use crate::domain::{
     event::{EventMetadata, StreamType},
     job::{Follow, InvalidTransition, Job, JobEvent, JobStatus, Submission},
-    DomainEvent,
+    DomainEvent, FieldError,
 };
 
 /// Upsert of whole rows from a JSON array of [`Job`]s (column names = field names).
@@ -233,7 +233,7 @@ pub async fn get_any(pool: &PgPool, id: Uuid) -> Result<Option<Job>, StoreError>
     Ok(get_many(pool, &[id]).await?.into_iter().next())
 }
 
-/// Filters of `GET /v1/jobs`.
+/// Filters of `GET /v1/jobs` and of bulk actions (set field by field with [`JobFilter::set`]).
 #[derive(Debug, Clone, Default)]
 pub struct JobFilter {
     pub status: Option<JobStatus>,
@@ -257,6 +257,213 @@ pub struct JobFilter {
     pub worker: Option<String>,
 }
 
+impl JobFilter {
+    /// The filter fields, as `GET /v1/jobs` names them (for error messages).
+    pub const FIELDS: &'static str = "status, kind, queue, tag, input.<path>, output.<path>, \
+                                      created_after, created_before, finished_after, \
+                                      finished_before, error_type, worker";
+
+    /// Set the filter field `name` (a query parameter of `GET /v1/jobs`, or a key of a bulk
+    /// action's `filter`) to `value`. `input.<path>` and `output.<path>` take any JSON value (the
+    /// leaf of a containment); the others a string. `Ok(false)`: `name` is not a filter field.
+    pub fn set(&mut self, name: &str, value: &Value) -> Result<bool, FieldError> {
+        if let Some((root @ ("input" | "output"), path)) = name.split_once('.') {
+            let target = if root == "input" {
+                &mut self.input
+            } else {
+                &mut self.output
+            };
+            contains(target, name, path, value.clone())?;
+            return Ok(true);
+        }
+        let known = [
+            "status",
+            "kind",
+            "queue",
+            "tag",
+            "created_after",
+            "created_before",
+            "finished_after",
+            "finished_before",
+            "error_type",
+            "worker",
+        ];
+        if !known.contains(&name) {
+            return Ok(false);
+        }
+        let Value::String(v) = value else {
+            return Err(FieldError::new(name, "must be a string"));
+        };
+        let v = v.clone();
+        match name {
+            "status" => {
+                self.status = Some(v.parse().map_err(|e: String| FieldError::new(name, e))?)
+            }
+            "kind" => self.kind = Some(v),
+            "queue" => self.queue = Some(v),
+            "tag" => {
+                let (tk, tv) = v
+                    .split_once(':')
+                    .ok_or_else(|| FieldError::new(name, "must look like key:value"))?;
+                self.tags.push((tk.to_string(), tv.to_string()));
+            }
+            "created_after" => self.created_after = Some(filter_time(name, &v)?),
+            "created_before" => self.created_before = Some(filter_time(name, &v)?),
+            "finished_after" => self.finished_after = Some(filter_time(name, &v)?),
+            "finished_before" => self.finished_before = Some(filter_time(name, &v)?),
+            "error_type" => self.error_type = Some(v),
+            _ => self.worker = Some(v),
+        }
+        Ok(true)
+    }
+
+    /// A filter given as a JSON object (a bulk action's `filter`): the keys are the query
+    /// parameters of `GET /v1/jobs`, except that `tag` is a list and `input` and `output` are
+    /// the JSON the job's input (output) contains. Errors name `filter.<key>`.
+    pub fn from_json(filter: &Value) -> Result<JobFilter, FieldError> {
+        let Value::Object(map) = filter else {
+            return Err(FieldError::new("filter", "must be an object"));
+        };
+        let mut f = JobFilter::default();
+        for (k, v) in map {
+            let under = |e: FieldError| FieldError::new(format!("filter.{}", e.field), e.message);
+            if k == "input" || k == "output" {
+                let target = if k == "input" {
+                    &mut f.input
+                } else {
+                    &mut f.output
+                };
+                *target = Some(v.clone());
+                continue;
+            }
+            let values = match (k.as_str(), v) {
+                ("tag", Value::Array(tags)) => tags.iter().collect(),
+                _ => vec![v],
+            };
+            for v in values {
+                if !f.set(k, v).map_err(under)? {
+                    return Err(FieldError::new(
+                        format!("filter.{k}"),
+                        format!("unknown filter field (one of {})", JobFilter::FIELDS),
+                    ));
+                }
+            }
+        }
+        Ok(f)
+    }
+
+    /// Whether no field is set (every job matches).
+    pub fn is_empty(&self) -> bool {
+        self.status.is_none()
+            && self.kind.is_none()
+            && self.queue.is_none()
+            && self.tags.is_empty()
+            && self.input.is_none()
+            && self.output.is_none()
+            && self.created_after.is_none()
+            && self.created_before.is_none()
+            && self.finished_after.is_none()
+            && self.finished_before.is_none()
+            && self.error_type.is_none()
+            && self.worker.is_none()
+    }
+
+    /// The tags as one JSON object for `@>` (`None` when there are none).
+    fn tags_json(&self) -> Option<Value> {
+        (!self.tags.is_empty()).then(|| {
+            Value::Object(
+                self.tags
+                    .iter()
+                    .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+                    .collect(),
+            )
+        })
+    }
+}
+
+/// An RFC 3339 time of a filter.
+fn filter_time(name: &str, v: &str) -> Result<DateTime<Utc>, FieldError> {
+    let t = DateTime::parse_from_rfc3339(v)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|_| FieldError::new(name, "must be an RFC 3339 time (2026-12-05T08:00:00Z)"))?;
+    crate::domain::storable::check_time(name, t)?;
+    Ok(t)
+}
+
+/// Add `path = leaf` to a containment filter: `input.customer.id=42` → `{"customer": {"id":
+/// 42}}`.
+fn contains(
+    filter: &mut Option<Value>,
+    name: &str,
+    path: &str,
+    leaf: Value,
+) -> Result<(), FieldError> {
+    let keys: Vec<&str> = path.split('.').collect();
+    if keys.len() > 16 || keys.iter().any(|k| k.is_empty() || k.chars().count() > 128) {
+        return Err(FieldError::new(
+            name,
+            "must be a path of 1-16 dot-separated keys (input.customer.id=42)",
+        ));
+    }
+    let mut node = filter.get_or_insert_with(|| Value::Object(Default::default()));
+    for (i, key) in keys.iter().enumerate() {
+        let Value::Object(map) = node else {
+            return Err(FieldError::new(
+                name,
+                "conflicts with another filter on the same path",
+            ));
+        };
+        if i + 1 == keys.len() {
+            if map.insert(key.to_string(), leaf).is_some() {
+                return Err(FieldError::new(name, "is given twice"));
+            }
+            return Ok(());
+        }
+        node = map
+            .entry(key.to_string())
+            .or_insert_with(|| Value::Object(Default::default()));
+    }
+    Ok(())
+}
+
+/// The conditions of a [`JobFilter`] on `jobs j`, with parameters `$1` (namespace) to `$13`;
+/// [`bind_filter`] binds them in this order.
+pub(crate) const FILTER_WHERE: &str = "
+    j.namespace = $1
+    AND ($2::text IS NULL OR j.status = $2)
+    AND ($3::text IS NULL OR j.kind = $3)
+    AND ($4::text IS NULL OR j.queue = $4)
+    AND ($5::jsonb IS NULL OR (j.tags <> '{}'::jsonb AND j.tags @> $5))
+    AND ($6::jsonb IS NULL OR j.input @> $6)
+    AND ($7::jsonb IS NULL OR j.output @> $7)
+    AND ($8::timestamptz IS NULL OR j.created_at >= $8)
+    AND ($9::timestamptz IS NULL OR j.created_at < $9)
+    AND ($10::timestamptz IS NULL OR j.finished_at >= $10)
+    AND ($11::timestamptz IS NULL OR j.finished_at < $11)
+    AND ($12::text IS NULL OR j.error->>'type' = $12)
+    AND ($13::text IS NULL OR j.worker_id = $13)";
+
+/// Bind `$1`-`$13` of [`FILTER_WHERE`].
+pub(crate) fn bind_filter<'q, O>(
+    q: sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>,
+    namespace: &'q str,
+    f: &'q JobFilter,
+) -> sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments> {
+    q.bind(namespace)
+        .bind(f.status.map(|s| s.as_str()))
+        .bind(&f.kind)
+        .bind(&f.queue)
+        .bind(f.tags_json())
+        .bind(&f.input)
+        .bind(&f.output)
+        .bind(f.created_after)
+        .bind(f.created_before)
+        .bind(f.finished_after)
+        .bind(f.finished_before)
+        .bind(&f.error_type)
+        .bind(&f.worker)
+}
+
 /// Newest first.
 pub async fn list(
     pool: &PgPool,
@@ -264,52 +471,36 @@ pub async fn list(
     f: &JobFilter,
     limit: i64,
 ) -> Result<Vec<Job>, StoreError> {
-    let tags = if f.tags.is_empty() {
-        None
-    } else {
-        let m: serde_json::Map<String, Value> = f
-            .tags
-            .iter()
-            .map(|(k, v)| (k.clone(), Value::String(v.clone())))
-            .collect();
-        Some(Value::Object(m))
-    };
-    let rows: Vec<(Value,)> = sqlx::query_as(
-        "SELECT to_jsonb(j) FROM jobs j
-         WHERE namespace = $1
-           AND ($2::text IS NULL OR status = $2)
-           AND ($3::text IS NULL OR kind = $3)
-           AND ($4::text IS NULL OR queue = $4)
-           AND ($5::jsonb IS NULL OR (tags <> '{}'::jsonb AND tags @> $5))
-           AND ($6::uuid IS NULL OR id < $6)
-           AND ($8::jsonb IS NULL OR input @> $8)
-           AND ($9::jsonb IS NULL OR output @> $9)
-           AND ($10::timestamptz IS NULL OR created_at >= $10)
-           AND ($11::timestamptz IS NULL OR created_at < $11)
-           AND ($12::timestamptz IS NULL OR finished_at >= $12)
-           AND ($13::timestamptz IS NULL OR finished_at < $13)
-           AND ($14::text IS NULL OR error->>'type' = $14)
-           AND ($15::text IS NULL OR worker_id = $15)
-         ORDER BY id DESC LIMIT $7",
+    let sql = format!(
+        "SELECT to_jsonb(j) FROM jobs j WHERE {FILTER_WHERE}
+           AND ($14::uuid IS NULL OR j.id < $14)
+         ORDER BY j.id DESC LIMIT $15"
+    );
+    let rows: Vec<(Value,)> = bind_filter(sqlx::query_as(&sql), namespace, f)
+        .bind(f.before)
+        .bind(limit)
+        .fetch_all(pool)
+        .await?;
+    rows.into_iter().map(|(v,)| decode(v)).collect()
+}
+
+/// The `max_attempts` each job was submitted with (its `JobSubmitted`): a manual retry's fresh
+/// budget. Jobs whose first event says none are left out.
+pub async fn submitted_max_attempts(
+    pool: &PgPool,
+    ids: &[Uuid],
+) -> Result<std::collections::HashMap<Uuid, u32>, StoreError> {
+    let rows: Vec<(Uuid, Option<i64>)> = sqlx::query_as(
+        "SELECT stream_id, (data->>'max_attempts')::bigint FROM events
+          WHERE stream_id = ANY($1) AND version = 1 AND type = 'JobSubmitted'",
     )
-    .bind(namespace)
-    .bind(f.status.map(|s| s.as_str()))
-    .bind(&f.kind)
-    .bind(&f.queue)
-    .bind(tags)
-    .bind(f.before)
-    .bind(limit)
-    .bind(&f.input)
-    .bind(&f.output)
-    .bind(f.created_after)
-    .bind(f.created_before)
-    .bind(f.finished_after)
-    .bind(f.finished_before)
-    .bind(&f.error_type)
-    .bind(&f.worker)
+    .bind(ids)
     .fetch_all(pool)
     .await?;
-    rows.into_iter().map(|(v,)| decode(v)).collect()
+    Ok(rows
+        .into_iter()
+        .filter_map(|(id, n)| Some((id, u32::try_from(n?).ok()?)))
+        .collect())
 }
 
 /// Scheduled jobs whose `run_at` has passed, oldest first.
@@ -406,6 +597,8 @@ pub async fn count_by_status(
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
     use crate::domain::{
         job::{AttemptEnd, JobError},
@@ -472,5 +665,26 @@ mod tests {
         free.namespace = "release-none".into();
         let ended = free.end_attempt(1, AttemptEnd::Canceled, now);
         assert_eq!(release(Some(&free), &free, &ended), None);
+    }
+
+    #[test]
+    fn a_bulk_filter_object_parses_as_the_query_parameters_do_and_errors_name_its_field() {
+        let f = JobFilter::from_json(&json!({
+            "status": "queued", "tag": ["team:a", "env:prod"],
+            "input": {"customer": {"id": 42}}, "created_after": "2026-12-05T08:00:00Z"
+        }))
+        .unwrap();
+        assert_eq!(f.status, Some(JobStatus::Queued));
+        assert_eq!(f.tags.len(), 2);
+        assert_eq!(f.input, Some(json!({"customer": {"id": 42}})));
+        assert!(f.created_after.is_some());
+        assert!(!f.is_empty());
+        assert!(JobFilter::from_json(&json!({})).unwrap().is_empty());
+        let bad = JobFilter::from_json(&json!({"tag": ["nocolon"]})).unwrap_err();
+        assert_eq!(bad.field, "filter.tag");
+        let bad = JobFilter::from_json(&json!({"status": "sleeping"})).unwrap_err();
+        assert_eq!(bad.field, "filter.status");
+        let bad = JobFilter::from_json(&json!({"colour": "red"})).unwrap_err();
+        assert_eq!(bad.field, "filter.colour");
     }
 }

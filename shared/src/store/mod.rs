@@ -17,9 +17,11 @@
 //! - [`connectors`]: connectors and the item hashes they returned.
 //! - [`memory`]: memory items (texts with sentence vectors) and their full-text search.
 //! - [`models`]: the model registry (a row per model name).
+//! - [`bulk`]: bulk operations on jobs: their rows, and the pages of jobs they act on.
 
 pub mod append;
 mod batch;
+pub mod bulk;
 pub mod checkpoints;
 pub mod code_cache;
 pub mod commands;

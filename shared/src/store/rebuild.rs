@@ -170,12 +170,14 @@ pub struct FullRebuild {
     pub llm_providers: u64,
     pub limits: u64,
     pub pauses: u64,
+    pub bulk_operations: u64,
 }
 
 /// Rebuild every projection: `jobs`, `deliveries`, `schedules`, `triggers`, `workflows`, `runs`,
-/// `user_kinds`, `connectors`, `connector_items`, `models` and `llm_providers` (each in its own transaction).
+/// `user_kinds`, `connectors`, `connector_items`, `models`, `llm_providers` and `bulk_operations` (each in its own transaction).
 pub async fn rebuild_all(pool: &PgPool) -> Result<FullRebuild, StoreError> {
     use crate::domain::{
+        bulk::{BulkEvent, BulkOperation},
         connector::{Connector, ConnectorEvent},
         delivery::{Delivery, DeliveryEvent},
         kinds::user::{KindEvent, UserKind},
@@ -272,10 +274,19 @@ pub async fn rebuild_all(pool: &PgPool) -> Result<FullRebuild, StoreError> {
         Pauses::apply,
     )
     .await?;
+    let (be, bulk_operations) = rebuild_stream::<BulkOperation, BulkEvent>(
+        pool,
+        "bulk",
+        "bulk_operations",
+        super::bulk::UPSERT_BULK,
+        BulkOperation::apply,
+    )
+    .await?;
     Ok(FullRebuild {
-        events: jobs.events + de + se + te + we + re + ke + ce + me + pe + le + pse,
+        events: jobs.events + de + se + te + we + re + ke + ce + me + pe + le + pse + be,
         limits,
         pauses,
+        bulk_operations,
         models,
         llm_providers,
         user_kinds,

@@ -3,6 +3,7 @@
 
 mod api_errors;
 mod artifacts_s3;
+mod bulk;
 mod code_run;
 mod connectors;
 mod deliveries;
