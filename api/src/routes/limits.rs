@@ -12,7 +12,7 @@ use capibara_shared::{
     domain::{
         auth::Role,
         job::valid_queue_name,
-        limit::{valid_limit_name, Limit, LimitDef, PauseTarget},
+        limit::{valid_limit_name, Limit, LimitDef, LimitMatch, LimitRate, PauseTarget},
     },
     flow, store,
 };
@@ -21,21 +21,38 @@ use serde::Serialize;
 
 use crate::{auth::Auth, error::ApiError, extract::ApiJson, routes::jobs::Page, AppState};
 
-/// A limit as shown.
+/// A limit as shown (its definition's fields, with its name and times).
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct LimitInfo {
     pub name: String,
-    #[serde(flatten)]
-    pub definition: LimitDef,
+    #[serde(rename = "match")]
+    #[schema(inline)]
+    pub matches: LimitMatch,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_running: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(inline)]
+    pub rate: Option<LimitRate>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
 
 impl From<Limit> for LimitInfo {
     fn from(l: Limit) -> Self {
+        let LimitDef {
+            matches,
+            key,
+            max_running,
+            rate,
+        } = l.definition;
         LimitInfo {
             name: l.name,
-            definition: l.definition,
+            matches,
+            key,
+            max_running,
+            rate,
             created_at: l.created_at,
             updated_at: l.updated_at,
         }

@@ -580,6 +580,12 @@ impl<'a> Submit<'a> {
         self
     }
 
+    /// Run one at a time with the other jobs of `key`, in submission order (retries included).
+    pub fn ordering_key(mut self, key: impl Into<String>) -> Self {
+        self.spec.ordering_key = Some(key.into());
+        self
+    }
+
     /// The same key and body return the same job (also makes the call safe to retry).
     pub fn idempotency_key(mut self, key: impl Into<String>) -> Self {
         self.idempotency_key = Some(key.into());

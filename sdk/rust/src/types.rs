@@ -128,6 +128,10 @@ pub struct Job {
     /// The workflow run this job is a step of.
     #[serde(default)]
     pub run_id: Option<Uuid>,
+    /// Why it is not running (`reason`: `concurrency`, `rate`, `paused`, `ordering`,
+    /// `scheduled`, `backing_off`, `rate_limited`; docs/flow-control.md).
+    #[serde(default)]
+    pub waiting: Option<Value>,
     /// The rest of the job as the API sent it (`namespace`, `backoff`, `artifacts`, …).
     #[serde(flatten)]
     pub extra: Map<String, Value>,
@@ -400,6 +404,9 @@ pub struct JobSpec {
     /// (`deadline_exceeded`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub deadline_s: Option<u32>,
+    /// Jobs with the same ordering key run one at a time, in submission order.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ordering_key: Option<String>,
 }
 
 /// A submission's `dedup` (docs/flow-control.md).
@@ -427,6 +434,7 @@ impl JobSpec {
             ttl_s: None,
             expires_at: None,
             deadline_s: None,
+            ordering_key: None,
         }
     }
 }

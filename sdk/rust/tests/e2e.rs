@@ -92,8 +92,14 @@ async fn submit_and_wait_returns_the_builtin_workers_output() {
         .dedup("order-1", 60)
         .ttl_s(300)
         .deadline_s(600)
+        .ordering_key("customer-1")
         .await
         .unwrap();
+    assert_eq!(
+        first.extra.get("ordering_key"),
+        Some(&json!("customer-1")),
+        "{first:?}"
+    );
     let merged = c
         .submit("echo", json!({"order": 1, "again": true}))
         .dedup("order-1", 60)

@@ -458,8 +458,9 @@ pub struct Job {
     /// Jobs with the same ordering key run one at a time, in submission order.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ordering_key: Option<String>,
-    /// Why the queue holds this queued job back, as last recorded (`JobWaiting`; cleared when
-    /// it starts or leaves the queue).
+    /// Why this job is not running: for a queued job why the queue holds it back, as last
+    /// recorded (`JobWaiting`); for a scheduled one `scheduled`, `backing_off` (a retry) or
+    /// `rate_limited` (a deferral) `until` its `run_at`. Cleared when it starts or ends.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
     pub waiting: Option<serde_json::Value>,
@@ -656,7 +657,7 @@ impl Job {
             JobEvent::JobScheduled {
                 run_at,
                 max_attempts,
-                ..
+                reason,
             } => {
                 if self.status.is_terminal() || self.status == Running {
                     return Err(bad(self.status));
@@ -667,6 +668,13 @@ impl Job {
                 self.status = Scheduled;
                 self.run_at = Some(*run_at);
                 self.queued_at = None;
+                let why = match reason.as_str() {
+                    "retry" => "backing_off",
+                    "deferred" => "rate_limited",
+                    _ => "scheduled",
+                };
+                self.waiting =
+                    Some(serde_json::json!({"reason": why, "until": run_at, "since": at}));
             }
             JobEvent::JobQueued {
                 max_attempts,
@@ -687,6 +695,7 @@ impl Job {
                 self.status = Queued;
                 self.run_at = None;
                 self.queued_at = Some(at);
+                self.waiting = None;
             }
             JobEvent::JobStarted { attempt, worker } => {
                 if self.status != Queued {
@@ -794,7 +803,7 @@ impl Job {
                 self.finished_at = Some(at);
             }
         }
-        if self.status != Queued {
+        if !matches!(self.status, Queued | Scheduled) {
             self.waiting = None;
         }
         self.version += 1;
@@ -1068,6 +1077,63 @@ mod tests {
             deadline_s: None,
             ordering_key: None,
         }
+    }
+
+    #[test]
+    fn waiting_says_why_a_job_is_not_running_until_it_runs() {
+        let at = crate::domain::now();
+        let mut job = Job::submitted(Uuid::now_v7(), "default", &submission(), at);
+        assert_eq!(job.waiting, None);
+        let hold = JobEvent::JobWaiting {
+            reason: "concurrency".into(),
+            limit: Some("per-tenant".into()),
+            key: Some("acme".into()),
+            target: None,
+            until: None,
+        };
+        job.apply(&hold, at).unwrap();
+        let w = job.waiting.clone().unwrap();
+        assert_eq!(w["reason"], "concurrency");
+        assert_eq!(w["key"], "acme");
+        for e in [
+            JobEvent::JobStarted {
+                attempt: 1,
+                worker: "w".into(),
+            },
+            JobEvent::JobAttemptFailed {
+                attempt: 1,
+                error: JobError::new("executor_error", "x"),
+                retry_at: Some(at),
+            },
+            JobEvent::JobScheduled {
+                run_at: at,
+                reason: "retry".into(),
+                max_attempts: None,
+            },
+        ] {
+            job.apply(&e, at).unwrap();
+        }
+        assert_eq!(job.waiting.as_ref().unwrap()["reason"], "backing_off");
+        job.apply(
+            &JobEvent::JobQueued {
+                reason: "due".into(),
+                max_attempts: None,
+            },
+            at,
+        )
+        .unwrap();
+        assert_eq!(job.waiting, None);
+        // Waiting is only for a queued job.
+        job.apply(
+            &JobEvent::JobStarted {
+                attempt: 2,
+                worker: "w".into(),
+            },
+            at,
+        )
+        .unwrap();
+        assert!(job.apply(&hold, at).is_err());
+        assert_eq!(job.waiting, None);
     }
 
     #[test]

@@ -262,6 +262,11 @@ async fn rate_limits_space_starts_and_back_off_when_a_job_reports_429() {
             .map(|e| at(&e["recorded_at"]))
     })
     .await;
+    // The failed job says why it is not running: backing off until its retry.
+    let job = api.job(&failing).await;
+    assert_eq!(job["status"], "scheduled", "{job}");
+    assert_eq!(job["waiting"]["reason"], "backing_off", "{job}");
+    assert_eq!(job["waiting"]["until"], job["run_at"], "{job}");
     let held = api
         .submit_id(json!({"kind": "sleep", "input": {"ms": 1}, "tags": {"customer": "c1"}}))
         .await;
