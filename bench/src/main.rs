@@ -8,6 +8,7 @@ mod code;
 mod connectors;
 mod deliveries;
 mod fanout;
+mod flow;
 mod harness;
 mod jobs;
 mod models;
@@ -64,6 +65,9 @@ enum Command {
     /// http.request's overhead over a loopback server, and llm.generate's time to the first
     /// token through Capibara over a stand-in provider's own, as an SSE client sees it.
     Agents(agents::AgentsBenchArgs),
+    /// Flow control: end-to-end throughput with 1,000 per-key limits and a global rate vs none,
+    /// enqueue→start under the limits, and one tenant's job behind another's backlog.
+    Flow(flow::FlowBenchArgs),
     /// The Rust SDK's in-process no-op worker that `sdk` runs (not a benchmark of its own).
     #[command(hide = true)]
     SdkDriver(sdk_driver::DriverArgs),
@@ -83,6 +87,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Models(a) => models::run(a).await,
         Command::Sdk(a) => sdk::run(a).await,
         Command::Agents(a) => agents::run(a).await,
+        Command::Flow(a) => flow::run(a).await,
         Command::SdkDriver(a) => sdk_driver::run(a).await,
     }
 }
