@@ -101,6 +101,14 @@ async fn record_waits(store: &Store, queue: &Queue) -> Result<(), store::StoreEr
             .and_then(DateTime::<Utc>::from_timestamp_millis)
             .unwrap_or_else(domain::now);
         let event = waiting_event(w);
+        if let JobEvent::JobWaiting { reason, .. } = &event {
+            if let Some(reason) = ["concurrency", "rate", "paused", "ordering"]
+                .into_iter()
+                .find(|r| r == reason)
+            {
+                metrics::counter!("capibara_flow_waits_total", "reason" => reason).increment(1);
+            }
+        }
         // The decision's own time, not when it was written down.
         let write = JobWrite::new(
             capibara_shared::domain::event::EventMetadata {

@@ -388,6 +388,17 @@ pub const METRICS: &[MetricSpec] = &[
         labels: &[],
     },
     MetricSpec {
+        name: "capibara_flow_waits_total",
+        kind: Counter,
+        help: "Jobs the queue held back, once per blocking episode (each is a JobWaiting event).",
+        unit: None,
+        on: &[Scheduler],
+        labels: &[(
+            "reason",
+            Values::Fixed(&["concurrency", "rate", "paused", "ordering"]),
+        )],
+    },
+    MetricSpec {
         name: "capibara_bulk_jobs_total",
         kind: Counter,
         help: "Jobs bulk actions went through: acted on (done) or no longer qualified (skipped).",

@@ -31,23 +31,10 @@ pub fn limit_append(
     metadata: EventMetadata,
     at: DateTime<Utc>,
 ) -> Option<(Limit, Append)> {
-    let mut state = prev.cloned();
-    for e in events {
-        state = Some(Limit::apply(state, id, namespace, e, at)?);
-    }
-    let new = state?;
-    let append = Append::of(
-        id,
-        prev.map(|p| p.version),
-        events,
-        EventMetadata {
-            namespace: namespace.to_string(),
-            ..metadata
-        },
-        at,
-        vec![Effect::UpsertLimit(Box::new(new.clone()))],
-    );
-    Some((new, append))
+    let new = fold(prev, events, |s, e| Limit::apply(s, id, namespace, e, at))?;
+    let effect = Effect::UpsertLimit(Box::new(new.clone()));
+    let version = prev.map(|p| p.version);
+    Some((new, append(id, version, namespace, events, metadata, at, effect)))
 }
 
 /// The same for a namespace's pause stream.
@@ -59,23 +46,39 @@ pub fn pauses_append(
     metadata: EventMetadata,
     at: DateTime<Utc>,
 ) -> Option<(Pauses, Append)> {
+    let new = fold(prev, events, |s, e| Pauses::apply(s, id, namespace, e, at))?;
+    let effect = Effect::UpsertPauses(Box::new(new.clone()));
+    let version = prev.map(|p| p.version);
+    Some((new, append(id, version, namespace, events, metadata, at, effect)))
+}
+
+/// `events` folded onto `prev` (`None` when one does not apply).
+fn fold<S: Clone, E>(
+    prev: Option<&S>,
+    events: &[E],
+    apply: impl Fn(Option<S>, &E) -> Option<S>,
+) -> Option<S> {
     let mut state = prev.cloned();
     for e in events {
-        state = Some(Pauses::apply(state, id, namespace, e, at)?);
+        state = Some(apply(state, e)?);
     }
-    let new = state?;
-    let append = Append::of(
-        id,
-        prev.map(|p| p.version),
-        events,
-        EventMetadata {
-            namespace: namespace.to_string(),
-            ..metadata
-        },
-        at,
-        vec![Effect::UpsertPauses(Box::new(new.clone()))],
-    );
-    Some((new, append))
+    state
+}
+
+fn append<E: crate::domain::DomainEvent>(
+    id: Uuid,
+    version: Option<i64>,
+    namespace: &str,
+    events: &[E],
+    metadata: EventMetadata,
+    at: DateTime<Utc>,
+    effect: Effect,
+) -> Append {
+    let metadata = EventMetadata {
+        namespace: namespace.to_string(),
+        ..metadata
+    };
+    Append::of(id, version, events, metadata, at, vec![effect])
 }
 
 fn decode<T: serde::de::DeserializeOwned>(v: Value) -> Result<T, StoreError> {
