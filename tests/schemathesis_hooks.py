@@ -32,6 +32,10 @@ drawn from the schema and must be accepted. Each rule is also documented on its 
 - A job's `expires_at` is after now and after its `run_at`, and not given with `ttl_s`: a fixed
   far-future time (dropped with `run_at`, and in schedule and trigger targets, which refuse it).
 - A batch's jobs carry no `dedup` (refused in a batch: it answers with an existing job).
+- `debounce` goes with neither `run_at` nor `dedup` (it sets the job's due time; it merges
+  where dedup returns): dropped when either is present, and from a batch's jobs (refused in a
+  batch). A key merges only jobs of the kind pending under it (this deployment's state): the
+  key is prefixed with the kind.
 - `POST /v1/jobs/bulk`: each `filter.tag` is `key:value` (a tag without a colon gets one), and
   an empty filter needs `all: true` (a guard against a mass cancel that compares two fields).
   A bulk cancel would also end the jobs other operations wait for (`POST /v1/code/validate`
@@ -154,6 +158,14 @@ def _job(job):
     job.pop("callback_url", None)
     job.pop("callback_events", None)
     _backoff(job.get("backoff"))
+    # `debounce` sets the due time and merges: not with `run_at` or `dedup`; a key merges only
+    # jobs of one kind (what is pending under it is this deployment's state).
+    if job.get("debounce") is not None:
+        if job.get("run_at") is not None or job.get("dedup") is not None:
+            job.pop("debounce")
+        elif isinstance(job["debounce"], dict) and isinstance(job["debounce"].get("key"), str):
+            key = job["debounce"]["key"]
+            job["debounce"]["key"] = f"{job.get('kind')}/{key}"[:256]
     # `expires_at` is after now and after `run_at`, and not with `ttl_s`.
     if job.get("expires_at") is not None:
         job.pop("ttl_s", None)
@@ -366,8 +378,10 @@ def _body(op, body):
         for job in body.get("jobs") or []:
             _job(job)
             if isinstance(job, dict):
-                # A batch is all new jobs: `dedup` is refused there (submit one at a time).
+                # A batch is all new jobs: `dedup` and `debounce` are refused there (submit one
+                # at a time).
                 job.pop("dedup", None)
+                job.pop("debounce", None)
     elif op == "POST /v1/jobs/bulk":
         f = body.get("filter")
         if not isinstance(f, dict):

@@ -110,6 +110,13 @@ pub struct SubmitJob {
     #[serde(default)]
     #[schema(min_length = 1, max_length = 256)]
     pub ordering_key: Option<String>,
+    /// Keep one waiting job per `key`, due `delay_s` after the latest submission: while the job
+    /// made by the first still waits, each later one replaces its input and pushes it back
+    /// (`200` with `Capibara-Debounced: true`; recorded on that job as `JobDebounced`). Not with
+    /// `run_at` or `dedup`; not in a batch.
+    #[serde(default)]
+    #[schema(inline)]
+    pub debounce: Option<DebounceSpec>,
 }
 
 /// `dedup` of a submission (docs/flow-control.md).
@@ -138,6 +145,36 @@ impl DedupSpec {
         Ok(command::jobs::Dedup {
             key: self.key,
             window_s: self.window_s,
+        })
+    }
+}
+
+/// `debounce` of a submission (docs/flow-control.md).
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DebounceSpec {
+    /// 1-256 characters, per namespace.
+    #[schema(min_length = 1, max_length = 256)]
+    pub key: String,
+    /// How long the key must stay quiet before its job is due (1-86,400 s).
+    #[schema(minimum = 1, maximum = 86400)]
+    pub delay_s: u32,
+}
+
+impl DebounceSpec {
+    fn check(self) -> Result<command::jobs::Debounce, ApiError> {
+        if self.key.is_empty() || self.key.chars().count() > 256 {
+            return Err(ApiError::field("debounce.key", "must be 1-256 characters"));
+        }
+        if !(1..=86_400).contains(&self.delay_s) {
+            return Err(ApiError::field(
+                "debounce.delay_s",
+                "must be between 1 and 86400 (a day)",
+            ));
+        }
+        Ok(command::jobs::Debounce {
+            key: self.key,
+            delay_s: self.delay_s,
         })
     }
 }
@@ -294,6 +331,7 @@ pub async fn to_submission_in(
         ttl_s: s.ttl_s,
         deadline_s: s.deadline_s,
         ordering_key: s.ordering_key,
+        debounce_key: None,
     })
 }
 
@@ -349,13 +387,19 @@ pub async fn submit(
     auth.require(Role::Submit)?;
     let wait = prefer_wait(&headers)?;
     let key = idempotency_key(&headers)?;
-    let dedup = body.value.dedup.is_some();
+    let merged_header = if body.value.dedup.is_some() {
+        Some("capibara-deduplicated")
+    } else if body.value.debounce.is_some() {
+        Some("capibara-debounced")
+    } else {
+        None
+    };
     let (job, replayed) = create(&state, &auth, body.value, key, &body.hash, "SubmitJob").await?;
-    if dedup && replayed {
+    if let Some(header) = merged_header.filter(|_| replayed) {
         let mut res = finish(&state, &auth, job, wait, false).await?;
         *res.status_mut() = StatusCode::OK;
         res.headers_mut()
-            .insert("capibara-deduplicated", HeaderValue::from_static("true"));
+            .insert(header, HeaderValue::from_static("true"));
         return Ok(res);
     }
     finish(&state, &auth, job, wait, replayed).await
@@ -373,7 +417,8 @@ impl SubmitJob {
 }
 
 /// Create a job (or return the one an earlier command with the same idempotency key, or the same
-/// `dedup` key within its window, created). Returns the job and whether it was a replay.
+/// `dedup` key within its window, created; or the job pending under the same `debounce` key,
+/// merged into). Returns the job and whether it was a replay (or merge).
 pub async fn create(
     state: &AppState,
     auth: &Auth,
@@ -384,11 +429,31 @@ pub async fn create(
 ) -> Result<(Job, bool), ApiError> {
     // `dedup` supersedes an Idempotency-Key: its own key makes the request safe to repeat.
     let dedup = submission.dedup.take().map(DedupSpec::check).transpose()?;
-    let idempotency = key.filter(|_| dedup.is_none()).map(|key| Idempotency {
-        key,
-        request_hash: hash.to_string(),
-        command_type: command_type.to_string(),
-    });
+    let debounce = submission
+        .debounce
+        .take()
+        .map(DebounceSpec::check)
+        .transpose()?;
+    if debounce.is_some() && dedup.is_some() {
+        return Err(ApiError::field(
+            "debounce",
+            "give `debounce` or `dedup`, not both",
+        ));
+    }
+    if debounce.is_some() && submission.run_at.is_some() {
+        return Err(ApiError::field(
+            "debounce",
+            "a debounced job is due `delay_s` after the latest submission: give no `run_at`",
+        ));
+    }
+    // `debounce` supersedes an Idempotency-Key as well: a repeat merges into the same job.
+    let idempotency = key
+        .filter(|_| dedup.is_none() && debounce.is_none())
+        .map(|key| Idempotency {
+            key,
+            request_hash: hash.to_string(),
+            command_type: command_type.to_string(),
+        });
     if let Some(i) = &idempotency {
         if let Some(job) = command::jobs::replay(&state.store, auth.namespace(), i).await? {
             return Ok((job, true));
@@ -399,9 +464,10 @@ pub async fn create(
         namespace: auth.namespace().to_string(),
         actor: auth.actor(),
     };
-    Ok(match &dedup {
-        Some(d) => command::jobs::submit_deduplicated(&state.store, &by, sub, d).await?,
-        None => command::jobs::submit(&state.store, &by, sub, idempotency.as_ref()).await?,
+    Ok(match (&dedup, &debounce) {
+        (Some(d), _) => command::jobs::submit_deduplicated(&state.store, &by, sub, d).await?,
+        (None, Some(d)) => command::jobs::submit_debounced(&state.store, &by, sub, d).await?,
+        (None, None) => command::jobs::submit(&state.store, &by, sub, idempotency.as_ref()).await?,
     })
 }
 
@@ -417,6 +483,13 @@ impl From<SubmitError> for ApiError {
                 )],
             },
             e @ SubmitError::KeyInUse => ApiError::Conflict(e.to_string()),
+            e @ SubmitError::DebounceKind { .. } => ApiError::Validation {
+                detail: e.to_string(),
+                errors: vec![FieldError::new(
+                    "debounce.key",
+                    "a job of another kind is pending under this key",
+                )],
+            },
             SubmitError::Store(e) => e.into(),
         }
     }
@@ -493,11 +566,16 @@ pub async fn submit_batch(
     let mut appends = Vec::with_capacity(jobs.len());
     let mut created = Vec::with_capacity(jobs.len());
     for (i, s) in jobs.into_iter().enumerate() {
-        if s.dedup.is_some() {
-            return Err(ApiError::field(
-                format!("jobs[{i}].dedup"),
-                "is not taken in a batch: submit the job on its own",
-            ));
+        for (field, given) in [
+            ("dedup", s.dedup.is_some()),
+            ("debounce", s.debounce.is_some()),
+        ] {
+            if given {
+                return Err(ApiError::field(
+                    format!("jobs[{i}].{field}"),
+                    "is not taken in a batch: submit the job on its own",
+                ));
+            }
         }
         let sub = to_submission_in(s, &state.config, &kinds)
             .await

@@ -566,6 +566,16 @@ impl<'a> Submit<'a> {
         self
     }
 
+    /// While the job of an earlier submission with `key` still waits, merge into it (this
+    /// input, due `delay_s` from now) instead of making another (docs/flow-control.md).
+    pub fn debounce(mut self, key: impl Into<String>, delay_s: u32) -> Self {
+        self.spec.debounce = Some(crate::Debounce {
+            key: key.into(),
+            delay_s,
+        });
+        self
+    }
+
     /// Canceled (`expired`, no attempt used) if not started within `ttl_s` seconds of being
     /// due.
     pub fn ttl_s(mut self, ttl_s: u32) -> Self {
@@ -601,7 +611,9 @@ impl<'a> Submit<'a> {
     /// Send it; the job as it is now (finished, with [`Submit::wait`], if it ended in time).
     pub async fn send(self) -> Result<Job> {
         let body = serde_json::to_value(&self.spec).map_err(|e| Error::decode("a job", e))?;
-        let retry_safe = self.idempotency_key.is_some() || self.spec.dedup.is_some();
+        let retry_safe = self.idempotency_key.is_some()
+            || self.spec.dedup.is_some()
+            || self.spec.debounce.is_some();
         let req = Req::post("/v1/jobs")
             .json(body)
             .idempotent(retry_safe)

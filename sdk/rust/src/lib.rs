@@ -49,9 +49,9 @@ pub use error::{Error, FieldError, HandlerError, Problem, Result};
 pub use in_process::InProcess;
 pub use lease::{Failure, Lease};
 pub use types::{
-    Backoff, CatchUp, Dedup, Event, Heartbeat, Job, JobError, JobSpec, JobStatus, Kind, KindDecl,
-    KindSpec, LogLevel, LogLine, Overlap, Page, Priority, Progress, Registration, Run, RunStatus,
-    Schedule, ScheduleSpec, ScheduleTarget, Step, WorkerSpec, Workflow,
+    Backoff, CatchUp, Debounce, Dedup, Event, Heartbeat, Job, JobError, JobSpec, JobStatus, Kind,
+    KindDecl, KindSpec, LogLevel, LogLine, Overlap, Page, Priority, Progress, Registration, Run,
+    RunStatus, Schedule, ScheduleSpec, ScheduleTarget, Step, WorkerSpec, Workflow,
 };
 pub use worker::{JobContext, RunningWorker, StopReason, Worker, WorkerBuilder};
 

@@ -394,6 +394,10 @@ pub struct JobSpec {
     /// (not in a batch).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dedup: Option<Dedup>,
+    /// Keep one waiting job per key, due `delay_s` after the latest submission, with the
+    /// latest input (not with `run_at` or `dedup`, not in a batch).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub debounce: Option<Debounce>,
     /// Not started within this many seconds of being due: canceled (`expired`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ttl_s: Option<u32>,
@@ -416,6 +420,13 @@ pub struct Dedup {
     pub window_s: u32,
 }
 
+/// A submission's `debounce` (docs/flow-control.md).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Debounce {
+    pub key: String,
+    pub delay_s: u32,
+}
+
 impl JobSpec {
     pub fn new(kind: impl Into<String>, input: Value) -> JobSpec {
         JobSpec {
@@ -431,6 +442,7 @@ impl JobSpec {
             callback_url: None,
             callback_events: None,
             dedup: None,
+            debounce: None,
             ttl_s: None,
             expires_at: None,
             deadline_s: None,

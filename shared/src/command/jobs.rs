@@ -3,7 +3,8 @@
 //! Idempotency-Key the command is recorded in the job's transaction, and a repeat of the same
 //! request returns the job the first one created instead of a second job. With `dedup` any
 //! submission with the same key within the window returns the first one's job, and the merge is
-//! recorded on it.
+//! recorded on it. With `debounce` a submission merges into the job still waiting out its delay
+//! under the same key (new input, later `run_at`) instead of making another.
 
 use uuid::Uuid;
 
@@ -47,6 +48,10 @@ pub enum SubmitError {
     /// A concurrent request with the same key holds it and its job is not visible yet.
     #[error("idempotency key is in use")]
     KeyInUse,
+    /// The job pending under the `debounce` key is of another kind: a merge would run this
+    /// input with that kind.
+    #[error("the job pending under this debounce key is of kind {pending}")]
+    DebounceKind { pending: String },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -196,4 +201,81 @@ async fn record_merge(
         other => StoreError::Internal(other.to_string()),
     })?;
     Ok(job)
+}
+
+/// A submission's `debounce`: at most one job per key waits, due `delay_s` after the latest
+/// submission, with the latest submission's input.
+#[derive(Debug, Clone)]
+pub struct Debounce {
+    pub key: String,
+    pub delay_s: u32,
+}
+
+/// How often a debounced submission goes round between "merge into the pending job" and
+/// "create one" while other submissions with the key keep moving the pending job in and out of
+/// its wait; every lap means another writer made progress.
+const DEBOUNCE_LAPS: usize = 16;
+
+/// Submit `sub` (its `run_at` ignored) due `delay_s` from now, unless a job with the same
+/// `debounce` key still waits out its delay: then that job takes `sub`'s input and the new due
+/// time (`JobDebounced`). Returns the job and whether it was merged.
+///
+/// Race-free through the projection's unique index on `(namespace, debounce_key)` over waiting
+/// jobs: of two submissions that both found no job, one insert fails with a conflict and goes
+/// round to merge into the other's job; a merge that finds the job gone from its wait (due,
+/// canceled) goes round to create one.
+pub async fn submit_debounced(
+    store: &Store,
+    by: &Submitter,
+    mut sub: Submission,
+    debounce: &Debounce,
+) -> Result<(Job, bool), SubmitError> {
+    let metadata = EventMetadata {
+        namespace: by.namespace.clone(),
+        actor: Some(by.actor.clone()),
+        ..Default::default()
+    };
+    sub.debounce_key = Some(debounce.key.clone());
+    for _ in 0..DEBOUNCE_LAPS {
+        let run_at = crate::domain::truncate_micros(
+            now() + chrono::Duration::seconds(debounce.delay_s as i64),
+        );
+        if let Some(pending) =
+            store::jobs::pending_debounce(&store.pool, &by.namespace, &debounce.key).await?
+        {
+            if pending.kind != sub.kind {
+                return Err(SubmitError::DebounceKind {
+                    pending: pending.kind,
+                });
+            }
+            let merged = super::execute_from::<Job, _, std::convert::Infallible, _>(
+                store,
+                &by.namespace,
+                pending.id,
+                Some(pending),
+                &metadata,
+                |job| {
+                    let merge = job.debounce(&debounce.key, &sub.input, run_at);
+                    let done = merge.is_some();
+                    Ok((merge.into_iter().collect(), done))
+                },
+            )
+            .await;
+            match merged {
+                Ok((job, true)) => return Ok((job, true)),
+                // It left its wait (or was deleted) meanwhile: the key makes a new job.
+                Ok((_, false)) | Err(super::CommandError::NotFound) => {}
+                Err(super::CommandError::Store(e)) => return Err(e.into()),
+                Err(other) => return Err(StoreError::Internal(other.to_string()).into()),
+            }
+        }
+        sub.run_at = Some(run_at);
+        match submit(store, by, sub.clone(), None).await {
+            Ok(created) => return Ok(created),
+            // Another submission's job took the key first: merge into it.
+            Err(SubmitError::Store(StoreError::Conflict)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Err(StoreError::Conflict.into())
 }

@@ -312,6 +312,7 @@ pub fn delivery_job(delivery_id: Uuid, max_attempts: u32) -> super::job::Submiss
         ttl_s: None,
         deadline_s: None,
         ordering_key: None,
+        debounce_key: None,
     }
 }
 

@@ -242,6 +242,11 @@ pub struct Submission {
     /// included).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ordering_key: Option<String>,
+    /// The submission's `debounce` key: the job waits out its delay (`run_at`) under this key,
+    /// and later submissions with the key replace its input and push its `run_at` back
+    /// (`JobDebounced`) until it is due.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub debounce_key: Option<String>,
 }
 
 impl Submission {
@@ -254,11 +259,13 @@ impl Submission {
     /// is to run later (else it is queued at once).
     pub fn into_events(self, at: DateTime<Utc>) -> Vec<JobEvent> {
         let delayed = self.run_at.filter(|t| *t > at);
+        let debounced = self.debounce_key.is_some();
         let mut events = vec![JobEvent::JobSubmitted(self)];
         if let Some(run_at) = delayed {
+            let reason = if debounced { "debounced" } else { "delayed" };
             events.push(JobEvent::JobScheduled {
                 run_at,
-                reason: "delayed".into(),
+                reason: reason.into(),
                 max_attempts: None,
             });
         }
@@ -277,7 +284,8 @@ pub enum JobEvent {
     JobSubmitted(Submission),
     JobScheduled {
         run_at: DateTime<Utc>,
-        /// `delayed` (run_at on submission), `retry`, or `deferred` (the attempt waited for a
+        /// `delayed` (run_at on submission), `debounced` (a submission's `debounce` delay),
+        /// `retry`, or `deferred` (the attempt waited for a
         /// rate limit without using up an attempt).
         reason: String,
         /// A deferral gives the attempt back: the job may make this many attempts.
@@ -344,6 +352,14 @@ pub enum JobEvent {
     JobDeduplicated {
         key: String,
     },
+    /// A later submission with the same `debounce` key, while this job still waited out its
+    /// delay, was merged into it: its `input` replaces the job's, and the job is now due at
+    /// `run_at` (the later submission's time plus its `delay_s`).
+    JobDebounced {
+        key: String,
+        input: serde_json::Value,
+        run_at: DateTime<Utc>,
+    },
     /// The queue held this queued job back (docs/flow-control.md), recorded once per episode:
     /// `reason` is `concurrency` (limit `limit` full for `key`), `rate` (no start allowed for
     /// `key` until `until`), `paused` (`target` is paused) or `ordering` (an earlier job of
@@ -383,6 +399,7 @@ impl DomainEvent for JobEvent {
             JobEvent::JobCanceled { .. } => "JobCanceled",
             JobEvent::JobTimedOut { .. } => "JobTimedOut",
             JobEvent::JobDeduplicated { .. } => "JobDeduplicated",
+            JobEvent::JobDebounced { .. } => "JobDebounced",
             JobEvent::JobWaiting { .. } => "JobWaiting",
         }
     }
@@ -464,6 +481,11 @@ pub struct Job {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
     pub waiting: Option<serde_json::Value>,
+    /// The `debounce` key the job waits under while it waits out its delay; cleared once it
+    /// leaves `scheduled`, so that the key makes a new job from then on (at most one pending
+    /// job per key and namespace: a unique index on the projection).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub debounce_key: Option<String>,
 }
 
 /// A job event could not be applied to the current state (a bug or a corrupted log).
@@ -618,6 +640,7 @@ impl Job {
                 .map(|d| s.due(at) + chrono::Duration::seconds(d as i64)),
             ordering_key: s.ordering_key.clone(),
             waiting: None,
+            debounce_key: s.debounce_key.clone(),
         }
     }
 
@@ -671,6 +694,7 @@ impl Job {
                 let why = match reason.as_str() {
                     "retry" => "backing_off",
                     "deferred" => "rate_limited",
+                    "debounced" => "debounced",
                     _ => "scheduled",
                 };
                 self.waiting =
@@ -742,6 +766,16 @@ impl Job {
             | JobEvent::JobOutputChunk { .. }
             | JobEvent::JobTimedOut { .. }
             | JobEvent::JobDeduplicated { .. } => {}
+            JobEvent::JobDebounced { input, run_at, .. } => {
+                if self.status != Scheduled || self.debounce_key.is_none() {
+                    return Err(bad(self.status));
+                }
+                self.input = input.clone();
+                self.run_at = Some(*run_at);
+                if let Some(w) = self.waiting.as_mut() {
+                    w["until"] = serde_json::json!(run_at);
+                }
+            }
             JobEvent::JobWaiting { .. } => {
                 if self.status != Queued {
                     return Err(bad(self.status));
@@ -806,6 +840,11 @@ impl Job {
         if !matches!(self.status, Queued | Scheduled) {
             self.waiting = None;
         }
+        // Only the first wait is a debounce: once the job leaves it (queued, canceled), a
+        // later retry's wait is not, and the key makes a new job.
+        if self.status != Scheduled {
+            self.debounce_key = None;
+        }
         self.version += 1;
         self.updated_at = at;
         Ok(())
@@ -824,6 +863,24 @@ impl Job {
                 last.message
             ),
         ))
+    }
+
+    /// Decide the merge of a later submission with debounce `key` (its `input`, due at
+    /// `run_at`) into this job: `JobDebounced` while the job still waits out its delay under
+    /// that key, else `None` (the key makes a new job).
+    pub fn debounce(
+        &self,
+        key: &str,
+        input: &serde_json::Value,
+        run_at: DateTime<Utc>,
+    ) -> Option<JobEvent> {
+        (self.status == JobStatus::Scheduled && self.debounce_key.as_deref() == Some(key)).then(
+            || JobEvent::JobDebounced {
+                key: key.to_string(),
+                input: input.clone(),
+                run_at,
+            },
+        )
     }
 
     /// What a waiting job whose time ran out records at `now`: `JobCanceled` with `expired`
@@ -1076,6 +1133,7 @@ mod tests {
             ttl_s: None,
             deadline_s: None,
             ordering_key: None,
+            debounce_key: None,
         }
     }
 
@@ -1134,6 +1192,65 @@ mod tests {
         .unwrap();
         assert!(job.apply(&hold, at).is_err());
         assert_eq!(job.waiting, None);
+    }
+
+    #[test]
+    fn a_debounced_job_takes_each_merge_until_it_leaves_its_wait_and_replays_identically() {
+        let at = crate::domain::now();
+        let later = |s: i64| at + chrono::Duration::seconds(s);
+        let sub = Submission {
+            run_at: Some(later(5)),
+            debounce_key: Some("k".into()),
+            ..submission()
+        };
+        let mut log: Vec<(JobEvent, DateTime<Utc>)> =
+            sub.into_events(at).into_iter().map(|e| (e, at)).collect();
+        assert!(
+            matches!(&log[1].0, JobEvent::JobScheduled { reason, .. } if reason == "debounced")
+        );
+        let id = Uuid::now_v7();
+        let fold = |log: &[(JobEvent, DateTime<Utc>)]| {
+            Job::replay(id, "default", log.iter().map(|(e, t)| (e, *t)))
+                .unwrap()
+                .unwrap()
+        };
+        let job = fold(&log);
+        assert_eq!(job.debounce_key.as_deref(), Some("k"));
+        // Another key, or the same key after the job left its wait, does not merge.
+        assert!(job
+            .debounce("other", &serde_json::json!({}), later(6))
+            .is_none());
+        let merge = job
+            .debounce("k", &serde_json::json!({"n": 2}), later(7))
+            .unwrap();
+        log.push((merge, later(2)));
+        let job = fold(&log);
+        assert_eq!(job.input, serde_json::json!({"n": 2}));
+        assert_eq!(job.run_at, Some(later(7)));
+        assert_eq!(job.status, JobStatus::Scheduled);
+
+        log.push((
+            JobEvent::JobQueued {
+                reason: "due".into(),
+                max_attempts: None,
+            },
+            later(7),
+        ));
+        let job = fold(&log);
+        assert_eq!(job.debounce_key, None);
+        assert!(job
+            .debounce("k", &serde_json::json!({}), later(8))
+            .is_none());
+        // A merge can no longer apply: the log would be corrupt.
+        let mut bad = job.clone();
+        let stale = JobEvent::JobDebounced {
+            key: "k".into(),
+            input: serde_json::json!({}),
+            run_at: later(9),
+        };
+        assert!(bad.apply(&stale, later(8)).is_err());
+        // The fold is a function of the log: folding again gives the same row.
+        assert_eq!(fold(&log), job);
     }
 
     #[test]

@@ -35,7 +35,7 @@ ON CONFLICT (id) DO UPDATE SET
     started_at = EXCLUDED.started_at, finished_at = EXCLUDED.finished_at,
     updated_at = EXCLUDED.updated_at, expires_at = EXCLUDED.expires_at,
     deadline_at = EXCLUDED.deadline_at, ordering_key = EXCLUDED.ordering_key,
-    waiting = EXCLUDED.waiting";
+    waiting = EXCLUDED.waiting, debounce_key = EXCLUDED.debounce_key";
 
 /// Context for turning job events into an append.
 #[derive(Debug, Clone)]
@@ -214,6 +214,22 @@ pub async fn get(pool: &PgPool, namespace: &str, id: Uuid) -> Result<Option<Job>
         sqlx::query_as("SELECT to_jsonb(j) FROM jobs j WHERE id = $1 AND namespace = $2")
             .bind(id)
             .bind(namespace)
+            .fetch_optional(pool)
+            .await?;
+    row.map(|(v,)| decode(v)).transpose()
+}
+
+/// The job waiting out its delay under `debounce_key` in `namespace`, if any (at most one: a
+/// unique index).
+pub async fn pending_debounce(
+    pool: &PgPool,
+    namespace: &str,
+    debounce_key: &str,
+) -> Result<Option<Job>, StoreError> {
+    let row: Option<(Value,)> =
+        sqlx::query_as("SELECT to_jsonb(j) FROM jobs j WHERE namespace = $1 AND debounce_key = $2")
+            .bind(namespace)
+            .bind(debounce_key)
             .fetch_optional(pool)
             .await?;
     row.map(|(v,)| decode(v)).transpose()

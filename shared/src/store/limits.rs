@@ -34,7 +34,10 @@ pub fn limit_append(
     let new = fold(prev, events, |s, e| Limit::apply(s, id, namespace, e, at))?;
     let effect = Effect::UpsertLimit(Box::new(new.clone()));
     let version = prev.map(|p| p.version);
-    Some((new, append(id, version, namespace, events, metadata, at, effect)))
+    Some((
+        new,
+        append(id, version, namespace, events, metadata, at, effect),
+    ))
 }
 
 /// The same for a namespace's pause stream.
@@ -49,7 +52,10 @@ pub fn pauses_append(
     let new = fold(prev, events, |s, e| Pauses::apply(s, id, namespace, e, at))?;
     let effect = Effect::UpsertPauses(Box::new(new.clone()));
     let version = prev.map(|p| p.version);
-    Some((new, append(id, version, namespace, events, metadata, at, effect)))
+    Some((
+        new,
+        append(id, version, namespace, events, metadata, at, effect),
+    ))
 }
 
 /// `events` folded onto `prev` (`None` when one does not apply).

@@ -379,6 +379,7 @@ fn step_job_append(
         ttl_s: None,
         deadline_s: None,
         ordering_key: None,
+        debounce_key: None,
     };
     let meta = EventMetadata {
         namespace: run.namespace.clone(),

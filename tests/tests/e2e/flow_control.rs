@@ -1,7 +1,8 @@
 //! Flow control (docs/flow-control.md) against the real binaries. Built so far: `dedup` —
 //! the job submitted with a key within its window is returned for any later body, whatever its
-//! status, with `Capibara-Deduplicated: true`, and each merge is recorded on that job; and
-//! deadlines — `ttl_s`/`expires_at` cancel a job not started in time (no attempt used),
+//! status, with `Capibara-Deduplicated: true`, and each merge is recorded on that job;
+//! `debounce` — one waiting job per key takes each later submission's input and due time
+//! (`Capibara-Debounced: true`, `JobDebounced`); and deadlines — `ttl_s`/`expires_at` cancel a job not started in time (no attempt used),
 //! `deadline_s` cuts the running attempt and stops retries.
 
 use std::time::Duration;
@@ -283,4 +284,162 @@ async fn jobs_are_searched_by_input_and_output_contents_times_error_type_and_wor
         assert_eq!(r.status, 422, "{query}: {r:?}");
         assert_eq!(r.body["errors"][0]["field"], field, "{query}: {r:?}");
     }
+}
+
+#[tokio::test]
+async fn debounce_keeps_one_waiting_job_per_key_with_the_latest_input_due_after_the_last_submission(
+) {
+    let env = TestEnv::new().await;
+    let _procs = env.spawn_all().await;
+    let api = env.client();
+    let debounce = json!({"key": "save-doc-7", "delay_s": 2});
+
+    // Five submissions within the delay: one job, the first 202, the next four merged into it.
+    let first = api
+        .submit(json!({"kind": "echo", "input": {"n": 0}, "debounce": debounce}))
+        .await;
+    assert_eq!(first.status, 202, "{first:?}");
+    assert_eq!(first.header("capibara-debounced"), None);
+    assert_eq!(first.body["status"], "scheduled", "{first:?}");
+    let id = first.body["id"].as_str().unwrap().to_string();
+    let mut last = chrono::Utc::now();
+    for n in 1..5 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let r = api
+            .submit(json!({"kind": "echo", "input": {"n": n}, "debounce": debounce}))
+            .await;
+        last = chrono::Utc::now();
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(r.header("capibara-debounced").as_deref(), Some("true"));
+        assert_eq!(r.body["id"], id.as_str());
+        assert_eq!(r.body["input"], json!({"n": n}), "{r:?}");
+        assert_eq!(r.body["status"], "scheduled", "{r:?}");
+    }
+
+    // It runs once, with the last input, about delay_s after the last submission.
+    let job = api.wait_terminal(&id, Duration::from_secs(30)).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["input"], json!({"n": 4}), "{job}");
+    assert_eq!(job["attempt"], 1, "{job}");
+    let started: chrono::DateTime<chrono::Utc> =
+        serde_json::from_value(job["started_at"].clone()).unwrap();
+    let after = started - last;
+    assert!(
+        after >= chrono::Duration::milliseconds(1500) && after <= chrono::Duration::seconds(8),
+        "started {after} after the last submission: {job}"
+    );
+    let events = api.events(&id).await;
+    let merges: Vec<_> = events
+        .iter()
+        .filter(|e| e["type"] == "JobDebounced")
+        .collect();
+    assert_eq!(merges.len(), 4, "{:?}", types(&events));
+    assert_eq!(merges[3]["data"]["input"], json!({"n": 4}));
+    assert_eq!(merges[3]["data"]["key"], "save-doc-7");
+    assert!(merges[0]["metadata"]["actor"].is_string(), "{}", merges[0]);
+    assert_eq!(
+        events.iter().filter(|e| e["type"] == "JobStarted").count(),
+        1
+    );
+    let scheduled = events.iter().find(|e| e["type"] == "JobScheduled").unwrap();
+    assert_eq!(scheduled["data"]["reason"], "debounced");
+
+    // Once the job has run, the key makes a new job.
+    let next = api
+        .submit(json!({"kind": "echo", "input": {"n": 5}, "debounce": debounce}))
+        .await;
+    assert_eq!(next.status, 202, "{next:?}");
+    assert_ne!(next.body["id"], id.as_str());
+
+    // A merge takes the kind's input check, and the pending job's kind only.
+    let bad = api
+        .submit(json!({"kind": "sleep", "input": {"ms": "soon"},
+                       "debounce": {"key": "typed", "delay_s": 60}}))
+        .await;
+    assert_eq!(bad.status, 422, "{bad:?}");
+    let ok = api
+        .submit(json!({"kind": "sleep", "input": {"ms": 1},
+                       "debounce": {"key": "typed", "delay_s": 60}}))
+        .await;
+    assert_eq!(ok.status, 202, "{ok:?}");
+    let bad = api
+        .submit(json!({"kind": "sleep", "input": {"ms": "later"},
+                       "debounce": {"key": "typed", "delay_s": 60}}))
+        .await;
+    assert_eq!(bad.status, 422, "{bad:?}");
+    let other_kind = api
+        .submit(json!({"kind": "echo", "debounce": {"key": "typed", "delay_s": 60}}))
+        .await;
+    assert_eq!(other_kind.status, 422, "{other_kind:?}");
+    assert_eq!(other_kind.body["errors"][0]["field"], "debounce.key");
+    let pending = api.job(ok.body["id"].as_str().unwrap()).await;
+    assert_eq!(pending["input"], json!({"ms": 1}), "{pending}");
+
+    // Concurrent submissions with one key: exactly one pending job, every other one merged.
+    let racers = (0..8).map(|i| {
+        let api = api.clone();
+        async move {
+            api.submit(json!({"kind": "echo", "input": {"i": i},
+                              "debounce": {"key": "race", "delay_s": 60}}))
+                .await
+        }
+    });
+    let answers = futures::future::join_all(racers).await;
+    let ids: std::collections::BTreeSet<String> = answers
+        .iter()
+        .map(|r| r.body["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids.len(), 1, "{answers:?}");
+    assert_eq!(answers.iter().filter(|r| r.status == 202).count(), 1);
+    assert_eq!(answers.iter().filter(|r| r.status == 200).count(), 7);
+    let raced = ids.iter().next().unwrap();
+    let merges = api
+        .events(raced)
+        .await
+        .iter()
+        .filter(|e| e["type"] == "JobDebounced")
+        .count();
+    assert_eq!(merges, 7);
+
+    // Bad settings name the field; a batch refuses debounce.
+    let soon = (chrono::Utc::now() + chrono::Duration::seconds(60)).to_rfc3339();
+    for (body, field) in [
+        (
+            json!({"kind": "echo", "debounce": {"key": "", "delay_s": 5}}),
+            "debounce.key",
+        ),
+        (
+            json!({"kind": "echo", "debounce": {"key": "k".repeat(257), "delay_s": 5}}),
+            "debounce.key",
+        ),
+        (
+            json!({"kind": "echo", "debounce": {"key": "k", "delay_s": 0}}),
+            "debounce.delay_s",
+        ),
+        (
+            json!({"kind": "echo", "debounce": {"key": "k", "delay_s": 86401}}),
+            "debounce.delay_s",
+        ),
+        (
+            json!({"kind": "echo", "debounce": {"key": "k", "delay_s": 5},
+                   "dedup": {"key": "k", "window_s": 5}}),
+            "debounce",
+        ),
+        (
+            json!({"kind": "echo", "debounce": {"key": "k", "delay_s": 5}, "run_at": soon}),
+            "debounce",
+        ),
+    ] {
+        let r = api.submit(body.clone()).await;
+        assert_eq!(r.status, 422, "{body}: {r:?}");
+        assert_eq!(r.body["errors"][0]["field"], field, "{body}: {r:?}");
+    }
+    let r = api
+        .post(
+            "/v1/jobs/batch",
+            json!({"jobs": [{"kind": "echo"}, {"kind": "echo", "debounce": {"key": "k", "delay_s": 5}}]}),
+        )
+        .await;
+    assert_eq!(r.status, 422, "{r:?}");
+    assert_eq!(r.body["errors"][0]["field"], "jobs[1].debounce");
 }

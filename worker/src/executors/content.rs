@@ -272,6 +272,7 @@ mod tests {
             ttl_s: None,
             deadline_s: None,
             ordering_key: None,
+            debounce_key: None,
         };
         let id = Uuid::now_v7();
         JobContext {

@@ -84,7 +84,7 @@ class Client:
     ) -> Job:
         """Submit a job. `opts` are the submission's other fields (`queue`, `priority`, `run_at`,
         `max_attempts`, `timeout_s`, `backoff`, `tags`, `callback_url`, `callback_events`, `dedup`,
-        `ttl_s`, `expires_at`, `deadline_s`).
+        `debounce`, `ttl_s`, `expires_at`, `deadline_s`).
         With `wait`, waits up to that many seconds and returns the job as it is then.
         An `Idempotency-Key` is always sent (a random one unless given), so a submission is
         safely retried after a network error."""
