@@ -60,6 +60,13 @@ fn max_overlap<'a>(jobs: impl Iterator<Item = &'a Value>) -> usize {
 async fn concurrency_limits_cap_each_key_across_workers_without_blocking_other_keys() {
     let env = TestEnv::new().await;
     let _api_proc = env.spawn_api().await;
+    // A second API process: it learns of the limit from the first one's change.
+    let port_b = capibara_tests::find_free_port();
+    let _api_b = env.spawn_api_on(port_b).await;
+    let api_b = Api::new(
+        &format!("http://127.0.0.1:{port_b}"),
+        capibara_tests::ADMIN_KEY,
+    );
     let _scheduler = env.spawn_scheduler();
     let _workers: Vec<_> = (0..3)
         .map(|_| env.spawn_worker(&["--concurrency", "16"]))
@@ -77,11 +84,14 @@ async fn concurrency_limits_cap_each_key_across_workers_without_blocking_other_k
     let listed = api.get("/v1/limits").await;
     assert_eq!(listed.body["items"][0]["name"], "per-tenant", "{listed:?}");
 
-    // 1,000 jobs over 10 tenants, 48 worker slots: at most 3 of a tenant at once.
+    // 1,000 jobs over 10 tenants, 48 worker slots: at most 3 of a tenant at once. Half go
+    // through the other API process (every process knows a limit within a second).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     let jobs: Vec<Value> = (0..1000)
         .map(|i| json!({"kind": "sleep", "input": {"ms": 25}, "tags": {"tenant": format!("t{}", i % 10)}}))
         .collect();
-    let ids = submit_all(&api, jobs).await;
+    let mut ids = submit_all(&api, jobs[..500].to_vec()).await;
+    ids.extend(submit_all(&api_b, jobs[500..].to_vec()).await);
     let done = all_terminal(&api, &ids, Duration::from_secs(120)).await;
     let mut by_tenant: BTreeMap<String, Vec<Value>> = BTreeMap::new();
     for j in done {
