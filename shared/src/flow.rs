@@ -25,22 +25,19 @@ pub fn group_of(job: &Job) -> Group {
     Group::of(job, limits)
 }
 
-/// Replace `namespace`'s limits in this process (after a limit command committed).
-pub fn set_namespace(namespace: &str, limits: Vec<Limit>) {
-    let mut book = BOOK.write().expect("limits book");
-    let mut next = (**book).clone();
-    next.insert(namespace.to_string(), limits);
-    *book = Arc::new(next);
+/// Dispatch with `limits` (every namespace's live limits) from now on in this process.
+pub fn install(limits: Vec<Limit>) {
+    let mut next = LimitsByNamespace::new();
+    for l in limits.into_iter().filter(|l| !l.deleted) {
+        next.entry(l.namespace.clone()).or_default().push(l);
+    }
+    *BOOK.write().expect("limits book") = Arc::new(next);
 }
 
 /// Load every namespace's live limits from the queue's copy (Redis, which the scheduler keeps
 /// equal to Postgres): no process polls Postgres for them.
 pub async fn refresh(queue: &crate::queue::Queue) -> Result<(), crate::queue::QueueError> {
-    let mut next = LimitsByNamespace::new();
-    for l in queue.limits().await? {
-        next.entry(l.namespace.clone()).or_default().push(l);
-    }
-    *BOOK.write().expect("limits book") = Arc::new(next);
+    install(queue.limits().await?);
     Ok(())
 }
 
@@ -56,9 +53,9 @@ pub fn spawn_refresher(queue: crate::queue::Queue) {
     });
 }
 
-/// Make Redis enforce what Postgres holds: every live limit, every pause (the API calls this
-/// after a change; the scheduler every few seconds, which also heals a Redis that restarted
-/// empty).
+/// Make Redis enforce what Postgres holds: every live limit, every pause; this process
+/// dispatches with those limits at once (the API calls this after a change; the scheduler every
+/// few seconds, which also heals a Redis that restarted empty).
 pub async fn sync_queue(
     pool: &PgPool,
     queue: &crate::queue::Queue,
@@ -73,5 +70,6 @@ pub async fn sync_queue(
         .collect();
     queue.sync_limits(&limits).await.map_err(unavailable)?;
     queue.sync_pauses(&fields).await.map_err(unavailable)?;
+    install(limits);
     Ok(())
 }

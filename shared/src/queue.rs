@@ -601,16 +601,25 @@ impl Queue {
     /// return parked groups to their rings so they see the change.
     pub async fn sync_limits(&self, limits: &[Limit]) -> Result<(), QueueError> {
         let key = format!("{}:limits", self.base());
+        let wanted: std::collections::HashMap<String, String> = limits
+            .iter()
+            .filter(|l| !l.deleted)
+            .map(|l| {
+                let field = format!("{}/{}", l.namespace, l.name);
+                (field, limit_config(l).to_string())
+            })
+            .collect();
+        let mut conn = self.conn.clone();
+        let held: std::collections::HashMap<String, String> = conn.hgetall(&key).await?;
+        // Unchanged (every sync but the one after a change): nothing to write or to wake.
+        if held == wanted {
+            return Ok(());
+        }
         let mut pipe = redis::pipe();
         pipe.atomic().cmd("DEL").arg(&key).ignore();
-        for l in limits.iter().filter(|l| !l.deleted) {
-            pipe.cmd("HSET")
-                .arg(&key)
-                .arg(format!("{}/{}", l.namespace, l.name))
-                .arg(limit_config(l).to_string())
-                .ignore();
+        for (field, config) in &wanted {
+            pipe.cmd("HSET").arg(&key).arg(field).arg(config).ignore();
         }
-        let mut conn = self.conn.clone();
         pipe.query_async::<()>(&mut conn).await?;
         self.kick().await?;
         Ok(())
@@ -681,19 +690,30 @@ impl Queue {
         before_ms: i64,
     ) -> Result<Vec<(String, Vec<Uuid>)>, QueueError> {
         let mut conn = self.conn.clone();
-        let sets: Vec<String> = conn.smembers(format!("{}:runsets", self.base())).await?;
+        let registry = format!("{}:runsets", self.base());
+        let sets: Vec<String> = conn.smembers(&registry).await?;
+        if sets.is_empty() {
+            return Ok(Vec::new());
+        }
+        // One round trip for every set: its old members and its size.
+        let mut pipe = redis::pipe();
+        for key in &sets {
+            pipe.zrangebyscore(key, "-inf", before_ms).zcard(key);
+        }
+        let answers: Vec<redis::Value> = pipe.query_async(&mut conn).await?;
         let mut out = Vec::new();
-        for key in sets {
-            let ids: Vec<String> = conn.zrangebyscore(&key, "-inf", before_ms).await?;
-            if ids.is_empty() {
-                let n: u64 = conn.zcard(&key).await?;
-                if n == 0 {
-                    conn.srem::<_, _, ()>(format!("{}:runsets", self.base()), &key)
-                        .await?;
-                }
-                continue;
+        let mut empty = Vec::new();
+        for (key, pair) in sets.into_iter().zip(answers.chunks(2)) {
+            let ids: Vec<String> = redis::from_redis_value(&pair[0])?;
+            let size: u64 = redis::from_redis_value(&pair[1])?;
+            if size == 0 {
+                empty.push(key);
+            } else if !ids.is_empty() {
+                out.push((key, ids.iter().filter_map(|s| s.parse().ok()).collect()));
             }
-            out.push((key, ids.iter().filter_map(|s| s.parse().ok()).collect()));
+        }
+        if !empty.is_empty() {
+            conn.srem::<_, _, ()>(&registry, &empty).await?;
         }
         Ok(out)
     }
@@ -722,31 +742,17 @@ impl Queue {
     pub async fn take_waits(&self, max: usize) -> Result<Vec<serde_json::Value>, QueueError> {
         let key = format!("{}:waits", self.base());
         let mut conn = self.conn.clone();
-        let (raw, ()): (Vec<String>, ()) = redis::pipe()
+        let (raw,): (Vec<String>,) = redis::pipe()
             .atomic()
             .lrange(&key, 0, max as isize - 1)
             .ltrim(&key, max as isize, -1)
             .ignore()
             .query_async(&mut conn)
-            .await
-            .map(|(r,): (Vec<String>,)| (r, ()))?;
+            .await?;
         Ok(raw
             .iter()
             .filter_map(|r| serde_json::from_str(r).ok())
             .collect())
-    }
-
-    /// How many jobs of a limit's key hold a slot now.
-    pub async fn running_of(
-        &self,
-        namespace: &str,
-        limit: &str,
-        key: &str,
-    ) -> Result<u64, QueueError> {
-        let mut conn = self.conn.clone();
-        Ok(conn
-            .zcard(format!("{}:run:{namespace}/{limit}/{key}", self.base()))
-            .await?)
     }
 
     /// Whether Redis still holds the epoch mark (false after a wipe or on a fresh Redis).

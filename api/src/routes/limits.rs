@@ -78,13 +78,9 @@ fn check_name(field: &str, name: &str) -> Result<(), ApiError> {
     }
 }
 
-/// After a change: this process dispatches with it at once, Redis enforces it at once (the
-/// others load it within a second, and the scheduler re-syncs Redis every two).
-async fn apply_now(state: &AppState, namespace: &str) {
-    match store::limits::list(&state.store.pool, namespace).await {
-        Ok(limits) => flow::set_namespace(namespace, limits),
-        Err(e) => tracing::debug!(error = %e, "reloading limits failed"),
-    }
+/// After a change: this process dispatches with it and Redis enforces it at once (the other
+/// processes load it from Redis within a second, and the scheduler re-syncs Redis every two).
+async fn apply_now(state: &AppState) {
     if let Err(e) = flow::sync_queue(&state.store.pool, &state.queue).await {
         tracing::warn!(error = %e, "syncing limits to Redis failed; the scheduler retries");
     }
@@ -153,7 +149,7 @@ pub async fn put(
     let (limit, created) = command::limits::put(&state.store, &meta, &name, definition)
         .await
         .map_err(|e| ApiError::from_command(e, "limit", uuid::Uuid::nil()))?;
-    apply_now(&state, auth.namespace()).await;
+    apply_now(&state).await;
     let status = if created {
         StatusCode::CREATED
     } else {
@@ -176,7 +172,7 @@ pub async fn delete(
     command::limits::delete(&state.store, &meta, &name)
         .await
         .map_err(|e| ApiError::from_command(e, "limit", uuid::Uuid::nil()))?;
-    apply_now(&state, auth.namespace()).await;
+    apply_now(&state).await;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -199,7 +195,7 @@ async fn set(
     let paused = command::limits::set_paused(&state.store, &meta, target, pause)
         .await
         .map_err(|e| ApiError::from_command(e, "pause", uuid::Uuid::nil()))?;
-    apply_now(state, auth.namespace()).await;
+    apply_now(state).await;
     Ok(Json(Page {
         items: paused
             .into_iter()

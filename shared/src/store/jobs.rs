@@ -638,7 +638,7 @@ mod tests {
             created_at: crate::domain::now(),
             updated_at: crate::domain::now(),
         };
-        crate::flow::set_namespace(namespace, vec![limit]);
+        crate::flow::install(vec![limit]);
         let sub: Submission = serde_json::from_value(serde_json::json!({
             "kind": "echo", "input": {}, "queue": "default", "priority": "normal",
             "max_attempts": 3, "tags": {"tenant": "acme"}
