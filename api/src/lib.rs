@@ -128,7 +128,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/runs/{id}/cancel", post(routes::runs::cancel))
         .route("/v1/runs/{id}/retry", post(routes::runs::retry))
         .route("/v1/runs/{id}/signals/{name}", post(routes::runs::signal))
-        .route("/v1/jobs/{id}", get(jobs::get))
+        .route("/v1/jobs/{id}", get(jobs::get).delete(jobs::delete))
         .route("/v1/jobs/{id}/events", get(jobs::events))
         .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
         .route("/v1/jobs/{id}/retry", post(jobs::retry))

@@ -16,7 +16,7 @@ use crate::routes::{
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Capibara API", description = "Event-sourced jobs: submit, wait, stream and inspect every event."),
-    paths(jobs::submit, jobs::submit_batch, jobs::list, jobs::get, jobs::events, jobs::cancel, jobs::retry, bulk::start, bulk::get, events::list,
+    paths(jobs::submit, jobs::submit_batch, jobs::list, jobs::get, jobs::events, jobs::cancel, jobs::retry, jobs::delete, bulk::start, bulk::get, events::list,
           admin::workers, admin::queues, kinds::list, kinds::get, kinds::put, kinds::delete,
           workers::register, workers::lease, workers::deregister, workers::heartbeat, workers::progress,
           workers::logs, workers::chunk, workers::complete, workers::complete_many, workers::fail, workers::release, workers::upload_artifact,

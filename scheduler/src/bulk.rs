@@ -96,7 +96,7 @@ pub async fn step(store: &Store, queue: &Queue, page_size: i64) -> Result<usize,
             let ids: Vec<_> = jobs.iter().map(|j| j.id).collect();
             store::jobs::submitted_max_attempts(&store.pool, &ids).await?
         }
-        BulkAction::Cancel => HashMap::new(),
+        BulkAction::Cancel | BulkAction::Delete => HashMap::new(),
     };
     let page = decide_page(&op, &pin, &jobs, &budgets);
     let progressed = BulkEvent::BulkProgressed {

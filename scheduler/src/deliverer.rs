@@ -348,23 +348,31 @@ async fn process(
         .collect::<HashSet<_>>()
         .into_iter()
         .collect();
-    let callbacks: HashMap<Uuid, (String, Option<Vec<String>>)> = if ids.is_empty() {
-        HashMap::new()
+    type CallbackRow = (Uuid, Option<String>, Option<sqlx::types::Json<Vec<String>>>);
+    let rows: Vec<CallbackRow> = if ids.is_empty() {
+        Vec::new()
     } else {
-        sqlx::query_as::<_, (Uuid, String, Option<sqlx::types::Json<Vec<String>>>)>(
-            "SELECT id, callback_url, callback_events FROM jobs WHERE id = ANY($1) AND callback_url IS NOT NULL",
-        )
-        .bind(&ids)
-        .fetch_all(&store.pool)
-        .await?
-        .into_iter()
-        .map(|(id, url, ev)| (id, (url, ev.map(|j| j.0))))
-        .collect()
+        sqlx::query_as("SELECT id, callback_url, callback_events FROM jobs WHERE id = ANY($1)")
+            .bind(&ids)
+            .fetch_all(&store.pool)
+            .await?
     };
+    // A job missing from the projection was deleted (`JobDeleted`) before its events were
+    // delivered: its callback comes from its history below, so deleting never drops one.
+    let mut deleted: HashSet<Uuid> = ids.iter().copied().collect();
+    let mut callbacks: HashMap<Uuid, (String, Option<Vec<String>>)> = HashMap::new();
+    for (id, url, wanted) in rows {
+        deleted.remove(&id);
+        if let Some(url) = url {
+            callbacks.insert(id, (url, wanted.map(|j| j.0)));
+        }
+    }
     let interesting: Vec<&EventEnvelope> = job_events
         .into_iter()
         .filter(|e| {
-            callbacks.contains_key(&e.stream_id) || subs.by_namespace.contains_key(&namespace_of(e))
+            callbacks.contains_key(&e.stream_id)
+                || deleted.contains(&e.stream_id)
+                || subs.by_namespace.contains_key(&namespace_of(e))
         })
         .collect();
     let mut planned: Vec<Planned> = Vec::new();
@@ -379,7 +387,14 @@ async fn process(
             };
             let ns = namespace_of(e);
             let payload = json!({"type": name, "timestamp": e.recorded_at, "data": job});
-            if let Some((url, wanted)) = callbacks.get(&e.stream_id) {
+            let callback = match deleted.contains(&e.stream_id) {
+                true => job
+                    .callback_url
+                    .clone()
+                    .map(|url| (url, job.callback_events.clone())),
+                false => callbacks.get(&e.stream_id).cloned(),
+            };
+            if let Some((url, wanted)) = &callback {
                 let wanted = wanted
                     .as_ref()
                     .map(|w| w.contains(&name))

@@ -28,8 +28,8 @@ use crate::{auth::Auth, error::ApiError, extract::ApiJson, AppState};
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BulkRequest {
-    /// `cancel` (as `POST /v1/jobs/{id}/cancel`) or `retry` (as `POST /v1/jobs/{id}/retry`).
-    /// `delete` is refused: jobs cannot be deleted.
+    /// `cancel` (as `POST /v1/jobs/{id}/cancel`), `retry` (as `POST /v1/jobs/{id}/retry`) or
+    /// `delete` (as `DELETE /v1/jobs/{id}`: finished jobs outside workflow runs).
     #[schema(value_type = BulkAction)]
     pub action: String,
     /// Which jobs: the filters of `GET /v1/jobs`. An empty filter is refused unless `all` is
@@ -98,7 +98,7 @@ pub struct Operation {
     /// Jobs acted on.
     pub done: i64,
     /// Jobs that matched but no longer qualified for the action (a finished job for `cancel`,
-    /// one that did not fail for `retry`).
+    /// one that did not fail for `retry`, an unfinished job or a run's step for `delete`).
     pub skipped: i64,
     /// Why it failed (`status: failed`).
     pub error: Option<String>,
@@ -125,7 +125,7 @@ impl Operation {
     }
 }
 
-/// Cancel or retry every job of the key's namespace that `filter` matches. The operation runs in
+/// Cancel, retry or delete every job of the key's namespace that `filter` matches. The operation runs in
 /// the background (`GET /v1/jobs/bulk/{id}` shows its progress); each job's events name it as
 /// their causation.
 #[utoipa::path(post, operation_id = "startBulkAction", path = "/v1/jobs/bulk", tag = "jobs", request_body = BulkRequest,

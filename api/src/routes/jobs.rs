@@ -952,6 +952,30 @@ pub async fn retry(
         .into_response())
 }
 
+#[utoipa::path(delete, operation_id = "deleteJob", path = "/v1/jobs/{id}", tag = "jobs", params(("id" = String, Path)),
+    responses((status = 204, description = "deleted: gone from every read of the API; its history stays in the event log"),
+              (status = 404, description = "no such job (or already deleted)", body = crate::error::Problem),
+              (status = 409, description = "not finished, or a workflow run's step", body = crate::error::Problem)),
+    security(("bearer" = [])))]
+pub async fn delete(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    auth.require(Role::Submit)?;
+    let id = parse_id(&id)?;
+    command::execute::<Job, _, NotAllowed, _>(
+        &state.store,
+        auth.namespace(),
+        id,
+        &metadata(&auth),
+        |job| Ok((job.delete()?, ())),
+    )
+    .await
+    .map_err(|e| ApiError::from_command(e, "job", id))?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
 async fn submitted_max_attempts(state: &AppState, id: Uuid) -> Result<Option<u32>, ApiError> {
     Ok(
         store::jobs::submitted_max_attempts(&state.store.pool, &[id])

@@ -27,6 +27,10 @@ pub enum BulkAction {
     /// What `POST /v1/jobs/{id}/retry` does: a failed or canceled job is queued again with a
     /// fresh budget of attempts; any other is skipped.
     Retry,
+    /// What `DELETE /v1/jobs/{id}` does: a finished job leaves every read of the API
+    /// (`JobDeleted`; its history stays in the event log); a job still waiting or running, or a
+    /// workflow run's step, is skipped.
+    Delete,
 }
 
 impl BulkAction {
@@ -34,6 +38,7 @@ impl BulkAction {
         match self {
             BulkAction::Cancel => "cancel",
             BulkAction::Retry => "retry",
+            BulkAction::Delete => "delete",
         }
     }
 }
@@ -50,12 +55,8 @@ impl FromStr for BulkAction {
         match s {
             "cancel" => Ok(BulkAction::Cancel),
             "retry" => Ok(BulkAction::Retry),
-            "delete" => Err(
-                "`delete` is not available: jobs cannot be deleted (there is no \
-                             DELETE /v1/jobs/{id}); use cancel or retry"
-                    .into(),
-            ),
-            _ => Err("must be `cancel` or `retry`".into()),
+            "delete" => Ok(BulkAction::Delete),
+            _ => Err("must be `cancel`, `retry` or `delete`".into()),
         }
     }
 }
@@ -86,6 +87,13 @@ impl BulkAction {
                 },
             },
             BulkAction::Retry => match job.retry(budget.unwrap_or(job.max_attempts)) {
+                Ok(events) => JobAction::Act {
+                    events,
+                    cancel: None,
+                },
+                Err(_) => JobAction::Skip,
+            },
+            BulkAction::Delete => match job.delete() {
                 Ok(events) => JobAction::Act {
                     events,
                     cancel: None,
@@ -257,17 +265,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn delete_is_refused_with_a_reason_and_unknown_actions_name_the_choices() {
+    fn actions_parse_and_unknown_ones_name_the_choices() {
         assert_eq!("cancel".parse(), Ok(BulkAction::Cancel));
         assert_eq!("retry".parse(), Ok(BulkAction::Retry));
-        assert!("delete"
-            .parse::<BulkAction>()
-            .unwrap_err()
-            .contains("cannot be deleted"));
-        assert!("purge"
-            .parse::<BulkAction>()
-            .unwrap_err()
-            .contains("cancel"));
+        assert_eq!("delete".parse(), Ok(BulkAction::Delete));
+        assert_eq!(
+            "purge".parse::<BulkAction>().unwrap_err(),
+            "must be `cancel`, `retry` or `delete`"
+        );
     }
 
     #[test]

@@ -378,6 +378,10 @@ pub enum JobEvent {
     JobTimedOut {
         attempt: u32,
     },
+    /// The finished job was deleted (`DELETE /v1/jobs/{id}`, a bulk `delete`): it leaves the
+    /// `jobs` projection, and so every read of the API; its stream stays in the log. Always the
+    /// stream's last event: nothing applies after it.
+    JobDeleted {},
 }
 
 impl DomainEvent for JobEvent {
@@ -401,6 +405,7 @@ impl DomainEvent for JobEvent {
             JobEvent::JobDeduplicated { .. } => "JobDeduplicated",
             JobEvent::JobDebounced { .. } => "JobDebounced",
             JobEvent::JobWaiting { .. } => "JobWaiting",
+            JobEvent::JobDeleted { .. } => "JobDeleted",
         }
     }
 }
@@ -486,6 +491,9 @@ pub struct Job {
     /// job per key and namespace: a unique index on the projection).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub debounce_key: Option<String>,
+    /// `JobDeleted` was applied: the row is to be removed, not written (never stored).
+    #[serde(skip)]
+    pub deleted: bool,
 }
 
 /// A job event could not be applied to the current state (a bug or a corrupted log).
@@ -554,6 +562,23 @@ impl Job {
             reason: "manual_retry".into(),
             max_attempts: Some(self.attempt + budget),
         }])
+    }
+
+    /// Decide a delete: only a finished job, and not a workflow run's step (it belongs to its
+    /// run, whose record and retries refer to it).
+    pub fn delete(&self) -> Result<Vec<JobEvent>, NotAllowed> {
+        if !self.status.is_terminal() {
+            return Err(NotAllowed(format!(
+                "only finished jobs can be deleted; this one is {} (cancel it first)",
+                self.status
+            )));
+        }
+        if let Some(run) = self.run_id {
+            return Err(NotAllowed(format!(
+                "this job is a step of workflow run {run}; it is kept with its run"
+            )));
+        }
+        Ok(vec![JobEvent::JobDeleted {}])
     }
 }
 
@@ -641,6 +666,7 @@ impl Job {
             ordering_key: s.ordering_key.clone(),
             waiting: None,
             debounce_key: s.debounce_key.clone(),
+            deleted: false,
         }
     }
 
@@ -675,8 +701,17 @@ impl Job {
             event: ev.type_name(),
             status,
         };
+        if self.deleted {
+            return Err(bad(self.status));
+        }
         match ev {
             JobEvent::JobSubmitted(_) => return Err(bad(self.status)),
+            JobEvent::JobDeleted {} => {
+                if !self.status.is_terminal() {
+                    return Err(bad(self.status));
+                }
+                self.deleted = true;
+            }
             JobEvent::JobScheduled {
                 run_at,
                 max_attempts,
@@ -1380,6 +1415,51 @@ mod tests {
         let retried = decided(canceled, &events);
         assert_eq!(retried.status, JobStatus::Queued);
         assert_eq!(retried.max_attempts, retried.attempt + 3);
+    }
+
+    #[test]
+    fn only_a_finished_job_outside_a_run_is_deleted_and_nothing_applies_after() {
+        let now = crate::domain::now();
+        let queued = Job::submitted(Uuid::now_v7(), "default", &submission(), now);
+        assert!(queued
+            .delete()
+            .unwrap_err()
+            .0
+            .contains("only finished jobs can be deleted; this one is queued"));
+        let (events, _) = queued.cancel(None).unwrap();
+        let canceled = decided(queued, &events);
+        let events = canceled.delete().unwrap();
+        let (t, d) = events[0].to_parts();
+        assert_eq!((t, &d), ("JobDeleted", &serde_json::json!({})));
+        assert_eq!(JobEvent::from_parts(t, d).unwrap(), events[0]);
+        let deleted = decided(canceled.clone(), &events);
+        assert!(deleted.deleted);
+        assert_eq!(deleted.version, canceled.version + 1);
+        // Never stored: the row of a deleted job is removed, not written.
+        assert!(serde_json::to_value(&deleted)
+            .unwrap()
+            .get("deleted")
+            .is_none());
+        let mut again = deleted.clone();
+        assert!(again.apply(&JobEvent::JobDeleted {}, now).is_err());
+        assert!(again.retry(3).is_ok(), "the domain decision alone");
+        assert!(again
+            .apply(
+                &JobEvent::JobQueued {
+                    reason: "manual_retry".into(),
+                    max_attempts: None
+                },
+                now
+            )
+            .is_err());
+
+        let mut step = canceled;
+        step.run_id = Some(Uuid::now_v7());
+        assert!(step
+            .delete()
+            .unwrap_err()
+            .0
+            .contains("is a step of workflow run"));
     }
 
     #[test]

@@ -83,6 +83,8 @@ pub struct CommandRecord {
 #[derive(Debug, Clone)]
 pub enum Effect {
     UpsertJob(Box<Job>),
+    /// The job was deleted (`JobDeleted`): its `jobs` row goes.
+    DeleteJob(Uuid),
     Dispatch(DispatchEntry),
     Undispatch(Uuid),
     Lease(Lease),

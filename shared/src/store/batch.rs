@@ -454,6 +454,7 @@ fn json_rows<T: serde::Serialize>(rows: impl Iterator<Item = T>) -> Value {
 #[derive(Default)]
 struct Rows<'a> {
     jobs: HashMap<Uuid, &'a Job>,
+    deleted_jobs: HashSet<Uuid>,
     dispatch: Vec<&'a DispatchEntry>,
     undispatch: Vec<Uuid>,
     leases: Vec<&'a Lease>,
@@ -495,7 +496,12 @@ impl<'a> Rows<'a> {
             for e in &appends[i].effects {
                 match e {
                     Effect::UpsertJob(j) => {
+                        rows.deleted_jobs.remove(&j.id);
                         rows.jobs.insert(j.id, j);
+                    }
+                    Effect::DeleteJob(id) => {
+                        rows.jobs.remove(id);
+                        rows.deleted_jobs.insert(*id);
                     }
                     Effect::Dispatch(d) => {
                         dispatch.insert(d.job_id, Some(d));
@@ -589,7 +595,8 @@ impl<'a> Rows<'a> {
 
     /// Whether [`CORE`] writes everything (no other projection is touched).
     fn core_only(&self) -> bool {
-        self.deliveries.is_empty()
+        self.deleted_jobs.is_empty()
+            && self.deliveries.is_empty()
             && self.schedules.is_empty()
             && self.triggers.is_empty()
             && self.workflows.is_empty()
@@ -658,6 +665,13 @@ impl<'a> Rows<'a> {
             if rows.as_array().is_some_and(|r| !r.is_empty()) {
                 sqlx::query(sql).bind(rows).execute(&mut **tx).await?;
             }
+        }
+        if !self.deleted_jobs.is_empty() {
+            let ids: Vec<Uuid> = self.deleted_jobs.iter().copied().collect();
+            sqlx::query("DELETE FROM jobs WHERE id = ANY($1)")
+                .bind(&ids)
+                .execute(&mut **tx)
+                .await?;
         }
         if !self.connector_items.0.is_empty() {
             sqlx::query(super::connectors::INSERT_ITEMS)

@@ -111,7 +111,10 @@ pub fn job_append(
         // Step jobs name their run, so the orchestrator finds them in the log without a lookup.
         metadata.correlation_id = new.run_id;
     }
-    let mut effects = vec![Effect::UpsertJob(Box::new(new.clone()))];
+    let mut effects = vec![match new.deleted {
+        true => Effect::DeleteJob(new.id),
+        false => Effect::UpsertJob(Box::new(new.clone())),
+    }];
     // What follows the status change is the domain's decision; here it becomes rows.
     for follow in new.follows(prev.map(|p| p.status), w.at) {
         effects.push(match follow {

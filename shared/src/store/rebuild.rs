@@ -51,7 +51,7 @@ pub async fn rebuild_jobs(pool: &PgPool) -> Result<RebuildReport, StoreError> {
                     .apply(&ev, at)
                     .map_err(|e| StoreError::Internal(format!("job {stream_id}: {e}")))?,
                 _ => {
-                    if let Some(done) = current.take() {
+                    if let Some(done) = current.take().filter(|j| !j.deleted) {
                         rows.push(done);
                     }
                     current = Job::replay(stream_id, &namespace, [(&ev, at)])
@@ -68,7 +68,7 @@ pub async fn rebuild_jobs(pool: &PgPool) -> Result<RebuildReport, StoreError> {
                     .await?;
             }
         }
-        if let Some(done) = current.take() {
+        if let Some(done) = current.take().filter(|j| !j.deleted) {
             rows.push(done);
         }
     }

@@ -1,11 +1,17 @@
 //! Bulk actions (`POST /v1/jobs/bulk`, docs/flow-control.md "Bulk actions") against the real
 //! binaries: an operation acts on exactly the jobs its filter matched when it was asked for (its
 //! place in the log), never on jobs submitted later; its progress is visible; it resumes after
-//! the scheduler is killed with nothing done twice.
+//! the scheduler is killed with nothing done twice. Deleting jobs (one, or in bulk) removes
+//! finished jobs from every read, keeps their history, agrees with a rebuild, and never drops a
+//! callback still owed.
 
 use std::time::Duration;
 
-use capibara_tests::{eventually, types, Api, TestEnv};
+use capibara_tests::{
+    eventually,
+    receiver::{Receiver, ReceiverOptions},
+    types, Api, TestEnv,
+};
 use serde_json::{json, Value};
 
 /// Submit `n` jobs of `job` (in batches of at most 1000); returns their ids.
@@ -211,19 +217,14 @@ async fn bulk_requests_are_checked_and_namespaced() {
     let r = api
         .post(
             "/v1/jobs/bulk",
-            json!({"action": "delete", "filter": {"kind": "echo"}}),
-        )
-        .await;
-    assert_eq!(r.status, 422, "{r:?}");
-    assert_eq!(field(&r), "action");
-    assert!(r.body.to_string().contains("cannot be deleted"), "{r:?}");
-    let r = api
-        .post(
-            "/v1/jobs/bulk",
             json!({"action": "purge", "filter": {"kind": "echo"}}),
         )
         .await;
     assert_eq!((r.status, field(&r)), (422, json!("action")), "{r:?}");
+    assert!(
+        r.body.to_string().contains("`cancel`, `retry` or `delete`"),
+        "{r:?}"
+    );
     // An empty filter would act on everything: refused unless said so.
     let r = api.post("/v1/jobs/bulk", json!({"action": "cancel"})).await;
     assert_eq!((r.status, field(&r)), (422, json!("filter")), "{r:?}");
@@ -319,4 +320,157 @@ async fn a_bulk_operation_resumes_after_the_scheduler_is_killed_and_acts_on_each
     .await
     .unwrap();
     assert_eq!((canceled, jobs), (n as i64, n as i64));
+}
+
+#[tokio::test]
+async fn delete_removes_finished_jobs_from_every_read_and_a_rebuild_agrees() {
+    let env = TestEnv::new().await;
+    let _procs = env.spawn_all().await;
+    let api = env.client();
+    let finished_ids = submit_many(&api, 6, json!({"kind": "echo", "tags": {"del": "me"}})).await;
+    // Scheduled far ahead: they match, but are not finished, so they are kept.
+    let waiting = submit_many(
+        &api,
+        3,
+        json!({"kind": "echo", "tags": {"del": "me"}, "run_at": "2099-01-01T00:00:00Z"}),
+    )
+    .await;
+    let kept = api.submit_id(json!({"kind": "echo"})).await;
+    for id in finished_ids.iter().chain([&kept]) {
+        api.wait_terminal(id, Duration::from_secs(30)).await;
+    }
+
+    // One job: an unfinished one is refused, a finished one goes, and then it is not found.
+    let r = api
+        .send(
+            api.http
+                .delete(api.url(&format!("/v1/jobs/{}", waiting[0]))),
+        )
+        .await;
+    assert_eq!(r.status, 409, "{r:?}");
+    assert!(
+        r.body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("cancel it first"),
+        "{r:?}"
+    );
+    let reader = api.key_for("default", &["read"]).await;
+    let one = &finished_ids[0];
+    let r = reader
+        .send(reader.http.delete(reader.url(&format!("/v1/jobs/{one}"))))
+        .await;
+    assert_eq!(r.status, 403, "{r:?}");
+    let r = api
+        .send(api.http.delete(api.url(&format!("/v1/jobs/{one}"))))
+        .await;
+    assert_eq!(r.status, 204, "{r:?}");
+    for path in [format!("/v1/jobs/{one}"), format!("/v1/jobs/{one}/events")] {
+        assert_eq!(api.get(&path).await.status, 404, "{path}");
+    }
+    let r = api
+        .send(api.http.delete(api.url(&format!("/v1/jobs/{one}"))))
+        .await;
+    assert_eq!(r.status, 404, "{r:?}");
+
+    // In bulk: the other five finished ones; the scheduled ones are skipped.
+    let r = api
+        .post(
+            "/v1/jobs/bulk",
+            json!({"action": "delete", "filter": {"tag": ["del:me"]}}),
+        )
+        .await;
+    assert_eq!(r.status, 202, "{r:?}");
+    let op = r.body["id"].as_str().unwrap().to_string();
+    let done = finished(&api, &op, Duration::from_secs(60)).await;
+    assert_eq!(done["status"], "finished", "{done}");
+    assert_eq!(
+        (
+            done["matched"].clone(),
+            done["done"].clone(),
+            done["skipped"].clone()
+        ),
+        (json!(8), json!(5), json!(3)),
+        "{done}"
+    );
+    assert_eq!(count(&api, "tag=del:me").await, 3);
+    assert_eq!(count(&api, "tag=del:me&status=scheduled").await, 3);
+    assert_eq!(api.job(&kept).await["status"], "succeeded");
+    for id in &finished_ids[1..] {
+        assert_eq!(api.get(&format!("/v1/jobs/{id}")).await.status, 404);
+    }
+
+    // The history stays in the log: each deleted job's stream ends with `JobDeleted`, caused by
+    // the operation (or by the key, for the single delete).
+    let pool = env.pool().await;
+    let last: Vec<(String, Value)> = sqlx::query_as(
+        "SELECT DISTINCT ON (stream_id) type, metadata FROM events
+         WHERE stream_id = ANY($1::uuid[]) ORDER BY stream_id, version DESC",
+    )
+    .bind(&finished_ids)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(last.len(), 6);
+    assert!(last.iter().all(|(t, _)| t == "JobDeleted"), "{last:?}");
+    let by_op = last
+        .iter()
+        .filter(|(_, m)| m["causation_id"] == op.as_str())
+        .count();
+    assert_eq!(by_op, 5, "{last:?}");
+
+    // The projection rebuilt from the log is the same: the deleted jobs stay deleted.
+    let rows = || async {
+        sqlx::query_scalar::<_, Value>("SELECT to_jsonb(j) FROM jobs j ORDER BY id")
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+    };
+    let before = rows().await;
+    assert_eq!(before.len(), 4, "3 scheduled and the one kept");
+    let out = std::process::Command::new(capibara_tests::bin("capibara"))
+        .args(["admin", "rebuild-projections"])
+        .env("CAPIBARA_DATABASE_URL", &env.database_url)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(rows().await, before);
+}
+
+#[tokio::test]
+async fn a_job_deleted_before_its_callback_was_planned_still_gets_it() {
+    const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    let mut env = TestEnv::new().await;
+    env.extra_env
+        .push(("CAPIBARA_WEBHOOK_SECRET".into(), SECRET.into()));
+    env.extra_env
+        .push(("CAPIBARA_OUTBOUND_ALLOW_PRIVATE".into(), "true".into()));
+    let receiver = Receiver::start(&[SECRET], ReceiverOptions::default());
+    // No scheduler yet: the deliverer (in the scheduler) has not read the job's events when
+    // the job is deleted.
+    let _api = env.spawn_api().await;
+    let _worker = env.spawn_worker(&[]);
+    let api = env.client();
+    let id = api
+        .submit_id(json!({"kind": "echo", "input": {"n": 3}, "callback_url": receiver.url}))
+        .await;
+    assert_eq!(
+        api.wait_terminal(&id, Duration::from_secs(30)).await["status"],
+        "succeeded"
+    );
+    let r = api
+        .send(api.http.delete(api.url(&format!("/v1/jobs/{id}"))))
+        .await;
+    assert_eq!(r.status, 204, "{r:?}");
+
+    let _scheduler = env.spawn_scheduler();
+    let got = receiver.wait_requests(1, Duration::from_secs(30)).await;
+    assert_eq!(got[0]["verified"], true, "{got:?}");
+    assert_eq!(got[0]["body"]["type"], "job.succeeded");
+    assert_eq!(got[0]["body"]["data"]["id"], id.as_str());
+    assert_eq!(got[0]["body"]["data"]["output"], json!({"n": 3}));
 }
