@@ -183,18 +183,65 @@ pub async fn events(a: EventsArgs) -> anyhow::Result<()> {
     if !res.status().is_success() {
         return print(res).await.map(drop);
     }
-    let mut body = res.bytes_stream();
-    let mut buf = String::new();
-    while let Some(chunk) = body.next().await {
-        buf.push_str(&String::from_utf8_lossy(&chunk?));
-        while let Some(end) = buf.find("\n\n") {
-            let frame: String = buf.drain(..end + 2).collect();
-            for line in frame.lines() {
-                if let Some(data) = line.strip_prefix("data:") {
-                    println!("{}", data.trim());
+    let mut frames = Sse::new(res);
+    while let Some(frame) = frames.next().await? {
+        println!("{}", frame.data);
+    }
+    Ok(())
+}
+
+/// One event of a server-sent event stream.
+pub struct Frame {
+    /// `event:` (the event type; `message` when absent).
+    pub event: String,
+    /// `data:` lines joined by newlines.
+    pub data: String,
+}
+
+/// Reads the frames of an SSE response (keep-alive comments skipped).
+pub struct Sse {
+    body: futures::stream::BoxStream<'static, reqwest::Result<Vec<u8>>>,
+    buf: String,
+}
+
+impl Sse {
+    pub fn new(res: Response) -> Sse {
+        Sse {
+            body: res.bytes_stream().map(|c| c.map(|b| b.to_vec())).boxed(),
+            buf: String::new(),
+        }
+    }
+
+    /// The next frame; `None` when the server ended the stream.
+    pub async fn next(&mut self) -> anyhow::Result<Option<Frame>> {
+        loop {
+            if let Some(end) = self.buf.find("\n\n") {
+                let raw: String = self.buf.drain(..end + 2).collect();
+                let mut frame = Frame {
+                    event: "message".into(),
+                    data: String::new(),
+                };
+                let mut data = Vec::new();
+                for line in raw.lines() {
+                    if let Some(v) = line.strip_prefix("event:") {
+                        frame.event = v.trim().to_string();
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        data.push(v.strip_prefix(' ').unwrap_or(v));
+                    }
                 }
+                if data.is_empty() {
+                    continue;
+                }
+                frame.data = data.join("\n");
+                return Ok(Some(frame));
+            }
+            match self.body.next().await {
+                Some(chunk) => {
+                    let text = String::from_utf8_lossy(&chunk?).replace("\r\n", "\n");
+                    self.buf.push_str(&text);
+                }
+                None => return Ok(None),
             }
         }
     }
-    Ok(())
 }

@@ -1,11 +1,15 @@
 //! `capibara`: the command line. `dev` runs everything on a laptop; `migrate` and `admin` act on
-//! the database; `submit`, `get`, `wait` and `events` are API clients; `bench…` runs the
-//! benchmarks of the `capibara-bench` binary.
+//! the database; `submit`, `get`, `wait`, `events`, `jobs`, `runs`, `schedules` and `triggers`
+//! are API clients; `completions` prints shell completions; `bench…` runs the benchmarks of the
+//! `capibara-bench` binary.
 
 mod benchmarks;
 mod client;
 mod dev;
+mod jobs;
 mod manage;
+mod output;
+mod runs;
 
 use anyhow::Context;
 use capibara_shared::{config::Config, store, telemetry};
@@ -44,6 +48,21 @@ enum Command {
     Wait(client::WaitArgs),
     /// Print a job's events (`--follow` streams them live over SSE).
     Events(client::EventsArgs),
+    /// Jobs: list them as a table, or tail their events live.
+    Jobs {
+        #[command(subcommand)]
+        command: jobs::JobsCommand,
+    },
+    /// Workflow runs: list them, or watch one's steps live until it ends.
+    Runs {
+        #[command(subcommand)]
+        command: runs::RunsCommand,
+    },
+    /// Print a shell completion script: `capibara completions bash > /etc/bash_completion.d/capibara`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// Fire accuracy of cron schedules with several scheduler replicas.
     BenchSchedules(benchmarks::Forwarded),
     /// Cron schedules: list, create, pause, resume, trigger.
@@ -198,6 +217,13 @@ async fn main() -> anyhow::Result<()> {
         Command::Get(a) => client::get(a).await,
         Command::Wait(a) => client::wait(a).await,
         Command::Events(a) => client::events(a).await,
+        Command::Jobs { command } => jobs::run(command).await,
+        Command::Runs { command } => runs::run(command).await,
+        Command::Completions { shell } => {
+            let mut cli = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cli, "capibara", &mut std::io::stdout());
+            Ok(())
+        }
         Command::Bench(a) => benchmarks::exec("jobs", a),
         Command::BenchSchedules(a) => benchmarks::exec("schedules", a),
         Command::Schedules { command } => manage::schedules(command).await,

@@ -4,6 +4,7 @@
 mod api_errors;
 mod artifacts_s3;
 mod bulk;
+mod cli;
 mod code_run;
 mod connectors;
 mod deliveries;
