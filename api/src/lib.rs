@@ -20,6 +20,7 @@ pub mod openapi;
 pub mod outbound;
 pub mod routes;
 pub mod streams;
+pub mod trace;
 pub mod wait;
 
 use std::{future::Future, sync::Arc, time::Duration};
@@ -303,6 +304,7 @@ pub fn app(state: AppState) -> Router {
             )))
         }))
         .layer(axum::middleware::from_fn(error::log_internal_errors))
+        .layer(axum::middleware::from_fn(trace::continue_trace))
         .layer(TraceLayer::new_for_http())
 }
 

@@ -9,7 +9,7 @@ use capibara_shared::{config::Config, metric_catalog, queue::Queue, shutdown, st
 async fn main() -> anyhow::Result<()> {
     let config = Arc::new(Config::from_env()?);
     capibara_shared::installed::install(&config);
-    telemetry::init_logs(config.log_format);
+    telemetry::init_logs(config.log_format, "capibara-api");
     telemetry::init_metrics(
         &[metric_catalog::Component::Api],
         &metric_catalog::Labels::api(),
@@ -33,5 +33,6 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("binding {}", config.api_addr))?;
     tracing::info!(addr = %listener.local_addr()?, "capibara-api listening");
     capibara_api::serve(listener, state, shutdown::signal()).await?;
+    capibara_shared::trace_context::shutdown();
     Ok(())
 }

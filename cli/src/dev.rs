@@ -38,7 +38,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     if std::env::var("CAPIBARA_LOG_FORMAT").is_err() {
         config.log_format = LogFormat::Pretty;
     }
-    telemetry::init_logs(config.log_format);
+    telemetry::init_logs(config.log_format, "capibara");
     telemetry::metrics_handle();
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating {}", args.data_dir.display()))?;

@@ -142,7 +142,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Migrate => {
             let config = Config::from_env()?;
-            telemetry::init_logs(config.log_format);
+            telemetry::init_logs(config.log_format, "capibara");
             let pool = store::connect(&config.database_url, 2).await?;
             store::migrate(&pool).await?;
             println!("migrations applied");

@@ -12,7 +12,7 @@ use capibara_shared::{
 async fn main() -> anyhow::Result<()> {
     let config = Arc::new(Config::from_env()?);
     capibara_shared::installed::install(&config);
-    telemetry::init_logs(config.log_format);
+    telemetry::init_logs(config.log_format, "capibara-scheduler");
     telemetry::init_metrics(
         &[metric_catalog::Component::Scheduler],
         &metric_catalog::Labels::default(),
@@ -91,5 +91,6 @@ async fn main() -> anyhow::Result<()> {
     let _ = orchestrator.await;
     let _ = ticker.await;
     let _ = http.await;
+    capibara_shared::trace_context::shutdown();
     Ok(())
 }

@@ -27,6 +27,7 @@ pub mod queue;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;
+pub mod trace_context;
 
 /// Version of this build, reported by workers and `/healthz`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

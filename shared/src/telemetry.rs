@@ -3,25 +3,37 @@
 use std::sync::OnceLock;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use tracing_subscriber::{fmt, EnvFilter};
+use tracing_subscriber::{fmt, layer::SubscriberExt, util::SubscriberInitExt, EnvFilter, Layer};
 
 use crate::{
     config::LogFormat,
     metric_catalog::{Component, Labels},
 };
 
-/// Install the global log subscriber once (later calls are ignored).
-pub fn init_logs(format: LogFormat) {
+/// Install the global log subscriber once (later calls are ignored), with span export over
+/// OTLP when `CAPIBARA_OTLP_ENDPOINT` is set ([`crate::trace_context`]); `service` names this
+/// process in the traces (`OTEL_SERVICE_NAME` overrides it).
+pub fn init_logs(format: LogFormat, service: &str) {
     let filter = EnvFilter::try_from_env("CAPIBARA_LOG")
         .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
-    let _ = match format {
-        LogFormat::Json => fmt()
-            .json()
-            .with_env_filter(filter)
-            .with_current_span(false)
-            .try_init(),
-        LogFormat::Pretty => fmt().with_env_filter(filter).compact().try_init(),
+    let endpoint = std::env::var("CAPIBARA_OTLP_ENDPOINT").ok();
+    let service = std::env::var("OTEL_SERVICE_NAME").unwrap_or_else(|_| service.to_string());
+    // Spans are exported whatever the log level (CAPIBARA_LOG=warn still traces); the
+    // exporter's own HTTP client is never traced.
+    let traces = crate::trace_context::layer(endpoint.as_deref(), &service).map(|l| {
+        l.with_filter(EnvFilter::new(
+            "info,sqlx=warn,opentelemetry=off,opentelemetry_sdk=off,opentelemetry_otlp=off,\
+             opentelemetry_http=off,hyper=off,hyper_util=off,reqwest=off,h2=off",
+        ))
+    });
+    let logs = match format {
+        LogFormat::Json => fmt::layer().json().with_current_span(false).boxed(),
+        LogFormat::Pretty => fmt::layer().compact().boxed(),
     };
+    let _ = tracing_subscriber::registry()
+        .with(logs.with_filter(filter))
+        .with(traces)
+        .try_init();
 }
 
 static RECORDER: OnceLock<PrometheusHandle> = OnceLock::new();

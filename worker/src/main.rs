@@ -36,7 +36,7 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let config = Arc::new(Config::from_env()?);
-    telemetry::init_logs(config.log_format);
+    telemetry::init_logs(config.log_format, "capibara-worker");
     // Before any model loads: every tensor of the models lives on this device.
     let device = capibara_worker::models::device::init(args.device).map_err(anyhow::Error::msg)?;
     tracing::info!(device = %args.device, cuda = device.is_cuda(), "models compute here");
@@ -100,5 +100,6 @@ async fn main() -> anyhow::Result<()> {
     if let Err(e) = &result {
         eprintln!("Error: {e:?}");
     }
+    capibara_shared::trace_context::shutdown();
     std::process::exit(i32::from(result.is_err()));
 }

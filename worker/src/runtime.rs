@@ -33,6 +33,7 @@ use capibara_shared::{
 use futures::StreamExt;
 use tokio::sync::{Mutex, Semaphore};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::{
@@ -370,10 +371,14 @@ async fn fetch_loop(inner: &Arc<Inner>, tasks: &TaskTracker, shutdown: &Cancella
                 },
             };
             let inner = inner.clone();
-            tasks.spawn(async move {
-                run_job(&inner, job).await;
-                drop(p);
-            });
+            let span = attempt_span(&job);
+            tasks.spawn(
+                async move {
+                    run_job(&inner, job).await;
+                    drop(p);
+                }
+                .instrument(span),
+            );
         }
     }
 }
@@ -486,6 +491,21 @@ fn storable_outcome(outcome: Outcome) -> Outcome {
 /// How long an attempt runs before its `JobStarted` is written on its own. Attempts that end
 /// sooner record `JobStarted` and their outcome in one append (docs/queue.md, "fast attempts").
 const CLAIM_AFTER: Duration = Duration::from_millis(25);
+
+/// The attempt's span, in the trace of what submitted the job (exported with
+/// `CAPIBARA_OTLP_ENDPOINT`; docs/observability.md).
+fn attempt_span(job: &Job) -> tracing::Span {
+    let span = tracing::info_span!(
+        "job.attempt",
+        otel.name = %format!("attempt {}", job.kind),
+        job.id = %job.id,
+        job.kind = %job.kind,
+        job.queue = %job.queue,
+        job.attempt = job.attempt + 1,
+    );
+    capibara_shared::trace_context::adopt(&span, job.traceparent.as_deref());
+    span
+}
 
 async fn run_job(inner: &Arc<Inner>, job: Job) {
     let attempt = job.attempt + 1;

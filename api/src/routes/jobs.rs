@@ -332,6 +332,8 @@ pub async fn to_submission_in(
         deadline_s: s.deadline_s,
         ordering_key: s.ordering_key,
         debounce_key: None,
+        // Filled from the request's trace context when the job is written.
+        traceparent: None,
     })
 }
 

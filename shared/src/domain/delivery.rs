@@ -313,6 +313,7 @@ pub fn delivery_job(delivery_id: Uuid, max_attempts: u32) -> super::job::Submiss
         deadline_s: None,
         ordering_key: None,
         debounce_key: None,
+        traceparent: None,
     }
 }
 

@@ -247,6 +247,10 @@ pub struct Submission {
     /// (`JobDebounced`) until it is due.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub debounce_key: Option<String>,
+    /// W3C trace context of what submitted the job (the request, or the attempt that made it),
+    /// continued by each attempt, callback and push call ([`crate::trace_context`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 impl Submission {
@@ -491,6 +495,10 @@ pub struct Job {
     /// job per key and namespace: a unique index on the projection).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub debounce_key: Option<String>,
+    /// W3C `traceparent` of what submitted the job: an SDK worker or push endpoint continues
+    /// this trace (docs/observability.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
     /// `JobDeleted` was applied: the row is to be removed, not written (never stored).
     #[serde(skip)]
     pub deleted: bool,
@@ -666,6 +674,7 @@ impl Job {
             ordering_key: s.ordering_key.clone(),
             waiting: None,
             debounce_key: s.debounce_key.clone(),
+            traceparent: s.traceparent.clone(),
             deleted: false,
         }
     }
@@ -1169,6 +1178,7 @@ mod tests {
             deadline_s: None,
             ordering_key: None,
             debounce_key: None,
+            traceparent: None,
         }
     }
 

@@ -89,6 +89,23 @@ pub fn job_append(
         (JobEvent::JobStarted { .. }, Some(t)) => t,
         _ => w.at,
     };
+    // A new job continues the trace of what submits it (the request, or the attempt that makes
+    // it), unless its submission names one.
+    let filled;
+    let events = match (prev, events.first()) {
+        (None, Some(JobEvent::JobSubmitted(s))) if s.traceparent.is_none() => {
+            match crate::trace_context::current() {
+                Some(tp) => {
+                    let mut s = s.clone();
+                    s.traceparent = Some(tp);
+                    filled = [&[JobEvent::JobSubmitted(s)], &events[1..]].concat();
+                    filled.as_slice()
+                }
+                None => events,
+            }
+        }
+        _ => events,
+    };
     let new = match prev {
         Some(p) => {
             let mut j = p.clone();

@@ -155,6 +155,7 @@ pub fn start(def: &WorkflowDef, new: NewRun, at: DateTime<Utc>) -> (Run, Plan) {
         parent_run_id: new.parent.as_ref().map(|p| p.0),
         parent_step_id: new.parent.map(|p| p.1),
         callback_url: new.callback_url,
+        traceparent: crate::trace_context::current(),
     };
     let mut run = Run::apply(None, new.id, &new.namespace, &started, at).expect("RunStarted folds");
     let mut plan = Plan {
@@ -380,6 +381,7 @@ fn step_job_append(
         deadline_s: None,
         ordering_key: None,
         debounce_key: None,
+        traceparent: run.traceparent.clone(),
     };
     let meta = EventMetadata {
         namespace: run.namespace.clone(),

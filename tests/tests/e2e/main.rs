@@ -33,6 +33,7 @@ mod receiver_selftest;
 mod schedules;
 mod sdks;
 mod storage_connectors;
+mod traces;
 mod triggers;
 mod tts;
 mod user_workers;

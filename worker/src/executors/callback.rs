@@ -3,6 +3,7 @@
 //! the delivery retry schedule; any other 4xx, or a refused address, is final.
 
 use std::{sync::Arc, time::Duration};
+use tracing::Instrument;
 
 use async_trait::async_trait;
 use capibara_shared::domain::{job::JobError, webhook::WebhookSecret};
@@ -123,8 +124,23 @@ impl Executor for CallbackDeliver {
                 d.secret.sign(&msg_id, timestamp, &body),
             ),
         ]);
+        // The call continues the trace of the job (or run) the event is about: the payload's
+        // `data` is it (docs/observability.md).
+        let recorded = d.payload["data"]["traceparent"].as_str();
+        let span = tracing::info_span!(
+            "callback.send",
+            otel.kind = "client",
+            delivery.id = %id,
+            event = %d.payload["type"].as_str().unwrap_or_default(),
+        );
+        capibara_shared::trace_context::adopt(&span, recorded);
+        if let Some(tp) = span.in_scope(|| capibara_shared::trace_context::outgoing(recorded)) {
+            headers.push(("traceparent".to_string(), tp));
+        }
         let started = std::time::Instant::now();
-        let result = http::post(&self.policy, &d.url, &headers, body).await;
+        let result = http::post(&self.policy, &d.url, &headers, body)
+            .instrument(span)
+            .await;
         let duration_ms = match &result {
             Ok(r) => r.duration.as_millis() as u64,
             Err(_) => started.elapsed().as_millis() as u64,

@@ -273,6 +273,7 @@ mod tests {
             deadline_s: None,
             ordering_key: None,
             debounce_key: None,
+            traceparent: None,
         };
         let id = Uuid::now_v7();
         JobContext {

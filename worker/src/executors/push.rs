@@ -119,7 +119,7 @@ impl Executor for PushCall {
         let body =
             serde_json::to_vec(&json!({"job": self.job, "lease": self.lease})).unwrap_or_default();
         let timestamp = chrono::Utc::now().timestamp();
-        let headers = vec![
+        let mut headers = vec![
             ("content-type".to_string(), "application/json".to_string()),
             ("webhook-id".to_string(), self.message_id.clone()),
             ("webhook-timestamp".to_string(), timestamp.to_string()),
@@ -130,6 +130,10 @@ impl Executor for PushCall {
             ("capibara-job-id".to_string(), ctx.job_id.to_string()),
             ("capibara-attempt".to_string(), ctx.attempt.to_string()),
         ];
+        // The endpoint continues the job's trace (docs/observability.md).
+        if let Some(tp) = capibara_shared::trace_context::outgoing(ctx.job.traceparent.as_deref()) {
+            headers.push(("traceparent".to_string(), tp));
+        }
         let policy = OutboundPolicy {
             timeout: self.target.timeout(),
             max_response_bytes: MAX_ANSWER_BYTES,

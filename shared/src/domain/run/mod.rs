@@ -226,6 +226,9 @@ pub struct Run {
     pub parent_run_id: Option<Uuid>,
     pub parent_step_id: Option<String>,
     pub callback_url: Option<String>,
+    /// W3C `traceparent` of what started the run; its step jobs continue that trace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
     pub stream_version: i64,
     pub created_at: DateTime<Utc>,
     pub started_at: Option<DateTime<Utc>>,
@@ -249,6 +252,9 @@ pub enum RunEvent {
         parent_step_id: Option<String>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         callback_url: Option<String>,
+        /// W3C trace context of what started the run: its step jobs continue it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        traceparent: Option<String>,
     },
     StepReady {
         step_id: String,
@@ -359,6 +365,7 @@ impl Run {
                     parent_run_id,
                     parent_step_id,
                     callback_url,
+                    traceparent,
                 },
             ) => Run {
                 id,
@@ -378,6 +385,7 @@ impl Run {
                 parent_run_id: *parent_run_id,
                 parent_step_id: parent_step_id.clone(),
                 callback_url: callback_url.clone(),
+                traceparent: traceparent.clone(),
                 stream_version: 0,
                 created_at: at,
                 started_at: Some(at),

@@ -91,6 +91,7 @@ fn placeholder() -> Run {
         parent_run_id: None,
         parent_step_id: None,
         callback_url: None,
+        traceparent: None,
         stream_version: 0,
         created_at: DateTime::<Utc>::UNIX_EPOCH,
         started_at: None,
@@ -753,6 +754,7 @@ mod tests {
             parent_run_id: None,
             parent_step_id: None,
             callback_url: None,
+            traceparent: None,
         };
         let mut run = Run::apply(None, Uuid::now_v7(), "default", &started, at).unwrap();
         let mut plan = Plan::default();
@@ -996,6 +998,7 @@ mod secret_tests {
             parent_run_id: None,
             parent_step_id: None,
             callback_url: None,
+            traceparent: None,
         };
         let at = crate::domain::now();
         let mut run = Run::apply(None, Uuid::now_v7(), "default", &started, at).unwrap();
