@@ -7,6 +7,7 @@ mod bulk;
 mod code_run;
 mod connectors;
 mod deliveries;
+mod deploy;
 mod event_store;
 mod examples;
 mod failures;
