@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building and testing Capibara needs on Debian/Ubuntu: PostgreSQL, Redis,
-# espeak-ng (TTS executor), build tools, and Node.js (the TypeScript SDK's tests). Idempotent: apt is not touched when everything
-# is already there. Docker is never needed.
+# espeak-ng (TTS executor), build tools, and Node.js (the TypeScript SDK's tests), and the tools
+# the deployment tests run on deploy/ (Prometheus, docker-compose, kubectl, systemd-analyze).
+# Idempotent: apt is not touched when everything is already there. Docker is never needed.
 set -euo pipefail
 
 log() { printf 'install-deps: %s\n' "$*" >&2; }
@@ -27,14 +28,24 @@ python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=("python3-venv p
 # The SDKs' tests (sdk/typescript runs on Node >= 18; Debian 12 ships 18).
 have_cmd node || missing+=(nodejs)
 
-if ((${#missing[@]} > 0)); then
-    log "missing: ${missing[*]}"
+# The deployment tests (tests/tests/e2e/deploy): promtool and prometheus check and run
+# deploy/prometheus, docker-compose 1.29 resolves deploy/docker-compose.yml (`config` needs no
+# Docker daemon), `kubectl kustomize` renders deploy/k8s, systemd-analyze verifies
+# deploy/systemd. Any kubectl will do (Debian 12's kubernetes-client is 1.20).
+deploy_missing=()
+{ have_cmd promtool && have_cmd prometheus; } || deploy_missing+=(prometheus)
+have_cmd docker-compose || deploy_missing+=(docker-compose)
+have_cmd kubectl || deploy_missing+=(kubernetes-client)
+have_cmd systemd-analyze || deploy_missing+=(systemd)
+
+sudo=()
+need_apt() {
     if ! have_cmd apt-get; then
         log "error: apt-get not found; install the packages postgresql redis-server espeak-ng" \
-            "libespeak-ng-dev curl ca-certificates pkg-config nodejs with your package manager"
+            "libespeak-ng-dev curl ca-certificates pkg-config nodejs prometheus docker-compose" \
+            "kubernetes-client systemd with your package manager"
         exit 1
     fi
-    sudo=()
     if [[ $(id -u) -ne 0 ]]; then
         if have_cmd sudo; then
             sudo=(sudo)
@@ -43,12 +54,43 @@ if ((${#missing[@]} > 0)); then
             exit 1
         fi
     fi
+}
+
+if ((${#missing[@]} > 0)); then
+    log "missing: ${missing[*]}"
+    need_apt
     "${sudo[@]}" apt-get update
     "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y \
         postgresql redis-server espeak-ng libespeak-ng-dev curl ca-certificates pkg-config \
         python3-venv python3-pip nodejs
 else
     log "system packages present (postgres, psql, redis-server, espeak-ng, build tools)"
+fi
+
+if ((${#deploy_missing[@]} > 0)); then
+    log "missing deployment tools: ${deploy_missing[*]}"
+    need_apt
+    ((${#missing[@]} > 0)) || "${sudo[@]}" apt-get update
+    # The prometheus package would start a server on :9090: a policy-rc.d that refuses every
+    # start keeps it (and anything else installed here) stopped; the tests start their own
+    # Prometheus on a free port. An existing policy-rc.d is left as it is.
+    held=false
+    if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+        printf '#!/bin/sh\nexit 101\n' | "${sudo[@]}" tee /usr/sbin/policy-rc.d >/dev/null
+        "${sudo[@]}" chmod 755 /usr/sbin/policy-rc.d
+        held=true
+    fi
+    rc=0
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+        "${deploy_missing[@]}" || rc=$?
+    ! $held || "${sudo[@]}" rm -f /usr/sbin/policy-rc.d
+    ((rc == 0)) || exit "$rc"
+    # Nor is it started at the next boot.
+    if [[ " ${deploy_missing[*]} " == *" prometheus "* && -d /run/systemd/system ]]; then
+        "${sudo[@]}" systemctl disable --now prometheus >/dev/null 2>&1 || true
+    fi
+else
+    log "deployment tools present (promtool, prometheus, docker-compose, kubectl, systemd-analyze)"
 fi
 
 if ! have_cmd cargo; then

@@ -108,7 +108,7 @@ async fn lead(
     wake: &Notify,
     stop: &CancellationToken,
 ) -> Result<(), store::StoreError> {
-    let mut leadership = Leadership::acquire(&store.pool, LEADER_LOCK).await?;
+    let mut leadership = Leadership::acquire(&store.pool, LEADER_LOCK, "deliverer").await?;
     tracing::info!("deliverer leading");
     // A first run starts at the beginning of the log: only jobs with a callback_url and
     // subscriptions created before an event produce deliveries, so old history sends nothing.

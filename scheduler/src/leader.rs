@@ -1,6 +1,8 @@
 //! One leader per role among scheduler replicas (the deliverer, the orchestrator): a
 //! session-level advisory lock held on a connection of its own. The lock goes with the
 //! connection, so a replica that dies or loses Postgres hands leadership over by itself.
+//! `capibara_scheduler_leader{role}` is 1 on the replica that holds a role's lock, so an alert
+//! can tell when no replica leads one.
 
 use std::{
     future::Future,
@@ -16,15 +18,21 @@ const CONFIRM_EVERY: Duration = Duration::from_secs(1);
 /// How long a replica that is not leading waits before trying again.
 const RETRY_EVERY: Duration = Duration::from_secs(2);
 
-/// A held leader lock.
+/// A held leader lock; dropping it sets the role's leader gauge back to 0.
 pub struct Leadership {
     conn: PoolConnection<Postgres>,
     confirmed: Instant,
+    /// The role this lock leads (the gauge's `role` label).
+    role: &'static str,
 }
 
 impl Leadership {
-    /// Take lock `key`, or [`StoreError::Conflict`] when another replica holds it.
-    pub async fn acquire(pool: &PgPool, key: i64) -> Result<Leadership, StoreError> {
+    /// Take lock `key` for `role`, or [`StoreError::Conflict`] when another replica holds it.
+    pub async fn acquire(
+        pool: &PgPool,
+        key: i64,
+        role: &'static str,
+    ) -> Result<Leadership, StoreError> {
         let mut conn = pool.acquire().await?;
         let (got,): (bool,) = sqlx::query_as("SELECT pg_try_advisory_lock($1)")
             .bind(key)
@@ -33,9 +41,11 @@ impl Leadership {
         if !got {
             return Err(StoreError::Conflict);
         }
+        metrics::gauge!("capibara_scheduler_leader", "role" => role).set(1.0);
         Ok(Leadership {
             conn,
             confirmed: Instant::now(),
+            role,
         })
     }
 
@@ -47,6 +57,12 @@ impl Leadership {
             self.confirmed = Instant::now();
         }
         Ok(())
+    }
+}
+
+impl Drop for Leadership {
+    fn drop(&mut self) {
+        metrics::gauge!("capibara_scheduler_leader", "role" => self.role).set(0.0);
     }
 }
 

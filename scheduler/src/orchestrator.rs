@@ -73,7 +73,7 @@ async fn lead(
     wake: &Notify,
     stop: &CancellationToken,
 ) -> Result<(), store::StoreError> {
-    let mut leadership = Leadership::acquire(&store.pool, LEADER_LOCK).await?;
+    let mut leadership = Leadership::acquire(&store.pool, LEADER_LOCK, "orchestrator").await?;
     tracing::info!("orchestrator leading");
     let mut cursor = store::checkpoints::load(&store.pool, CHECKPOINT)
         .await?

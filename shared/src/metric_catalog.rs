@@ -498,6 +498,14 @@ pub const METRICS: &[MetricSpec] = &[
         labels: &[],
     },
     MetricSpec {
+        name: "capibara_scheduler_leader",
+        kind: Gauge,
+        help: "1 on the scheduler replica that leads a role (deliverer, orchestrator), else 0; summed over replicas, 0 means no replica leads it.",
+        unit: None,
+        on: &[Scheduler],
+        labels: &[("role", Values::Fixed(&["deliverer", "orchestrator"]))],
+    },
+    MetricSpec {
         name: "capibara_schedule_ticks_refused_total",
         kind: Counter,
         help: "Schedule ticks the store refused (the schedule is paused with the reason).",

@@ -116,7 +116,8 @@ pub async fn live_workers(
 }
 
 /// Live workers per (namespace, kind) across namespaces, for the `/metrics` gauge; kinds with
-/// none are listed with 0.
+/// none are listed with 0. Push kinds are left out: no worker leases them (Capibara calls their
+/// endpoint), so a 0 there would only raise a false alert.
 pub async fn live_workers_all(
     pool: &PgPool,
     since: DateTime<Utc>,
@@ -125,7 +126,8 @@ pub async fn live_workers_all(
         "SELECT k.namespace, k.name, count(w.id) FROM user_kinds k
          LEFT JOIN workers w ON w.namespace = k.namespace AND k.name = ANY(w.kinds)
              AND w.stopped_at IS NULL AND w.last_heartbeat_at >= $1
-         WHERE NOT k.deleted GROUP BY k.namespace, k.name",
+         WHERE NOT k.deleted AND k.definition->>'mode' IS DISTINCT FROM 'push'
+         GROUP BY k.namespace, k.name",
     )
     .bind(since)
     .fetch_all(pool)

@@ -8,6 +8,7 @@ mod cli;
 mod code_run;
 mod connectors;
 mod deliveries;
+mod deploy;
 mod event_store;
 mod examples;
 mod failures;

@@ -622,6 +622,14 @@ async fn schedules_and_triggers_submit_user_kinds_and_metrics_show_their_live_wo
         "CAPIBARA_HOOKS_PUBLIC_URL".into(),
         format!("http://127.0.0.1:{port}"),
     ));
+    // For the push kind below.
+    env.extra_env.extend([
+        (
+            "CAPIBARA_WEBHOOK_SECRET".into(),
+            "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into(),
+        ),
+        ("CAPIBARA_OUTBOUND_ALLOW_PRIVATE".into(), "true".into()),
+    ]);
     let _api = env.spawn_api().await;
     let _scheduler = env.spawn_scheduler();
     capibara_tests::wait_http_ok(&format!("http://127.0.0.1:{port}/healthz")).await;
@@ -684,7 +692,16 @@ async fn schedules_and_triggers_submit_user_kinds_and_metrics_show_their_live_wo
     let j = w.lease_one(Duration::from_secs(10)).await;
     assert_eq!(j.job["input"], json!({"n": 5}));
 
-    // /metrics: one live worker for the kind, none for a kind nobody runs.
+    // /metrics: one live worker for the kind, none for a kind nobody runs, and nothing for a
+    // push kind (Capibara calls its endpoint; no worker ever leases it). The push kind exists
+    // before sched.idle, so the sample that shows sched.idle saw it too.
+    let r = put_kind(
+        &api,
+        "sched.pushed",
+        json!({"mode": "push", "push": {"url": "http://127.0.0.1:9/hook"}}),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{r:?}");
     put_kind(&api, "sched.idle", json!({})).await;
     let metrics = eventually("kind gauges", Duration::from_secs(15), || async {
         let m = http
@@ -701,6 +718,7 @@ async fn schedules_and_triggers_submit_user_kinds_and_metrics_show_their_live_wo
     })
     .await;
     assert!(metrics.contains("# HELP capibara_kind_live_workers"));
+    assert!(!metrics.contains(r#"kind="sched.pushed""#), "{metrics}");
 }
 
 #[tokio::test]
