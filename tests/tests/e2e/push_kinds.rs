@@ -75,9 +75,18 @@ async fn a_push_kinds_jobs_are_posted_signed_and_the_answer_is_the_outcome() {
         },
     );
     put_push_kind(&api, "hook.resize", &ok.url).await;
-    let id = api
-        .submit_id(json!({"kind": "hook.resize", "input": {"w": 7}}))
+    // The client's trace context goes with the job to its endpoint (docs/observability.md).
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let r = api
+        .send(
+            api.http
+                .post(api.url("/v1/jobs"))
+                .header("traceparent", traceparent)
+                .json(&json!({"kind": "hook.resize", "input": {"w": 7}})),
+        )
         .await;
+    assert_eq!(r.status, 202, "{r:?}");
+    let id = r.body["id"].as_str().unwrap().to_string();
     let job = api.wait_terminal(&id, Duration::from_secs(60)).await;
     assert_eq!(job["status"], "succeeded", "{job}");
     assert_eq!(job["output"], json!({"input": {"w": 7}, "attempt": 2}));
@@ -92,6 +101,8 @@ async fn a_push_kinds_jobs_are_posted_signed_and_the_answer_is_the_outcome() {
         );
         assert_eq!(c["body"]["job"]["id"], id);
         assert_eq!(c["body"]["job"]["status"], "running");
+        assert_eq!(c["headers"]["traceparent"], traceparent, "{c}");
+        assert_eq!(c["body"]["job"]["traceparent"], traceparent, "{c}");
         assert!(c["body"]["lease"]["token"].is_string(), "{c}");
     }
     let events = api.events(&id).await;
