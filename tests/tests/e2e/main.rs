@@ -31,6 +31,7 @@ mod push_kinds;
 mod receiver_selftest;
 mod schedules;
 mod sdks;
+mod stream_tokens;
 mod storage_connectors;
 mod triggers;
 mod tts;
