@@ -47,8 +47,9 @@ export function drawDag(steps, status, href) {
   const svg = el("svg", {
     viewBox: `0 0 ${width} ${height}`,
     class: "dag",
-    role: "img",
-    "aria-label": `Workflow graph: ${steps.map((s) => `${s.id} ${status(s.id)}`).join(", ")}`,
+    // A group, not an image: it holds links to the steps' jobs.
+    role: "group",
+    "aria-label": "Workflow graph",
   });
   svg.append(el("title", {}, "Run steps and their dependencies"));
   const defs = el("defs");
@@ -73,8 +74,8 @@ export function drawDag(steps, status, href) {
     g.append(el("text", { x: p.x + 10, y: p.y + 42, class: "step-meta" }, `${s.kind} · ${st}`));
     const link = href && href(s.id);
     if (link) {
+      // Named by its visible text (step id, kind, status).
       const a = el("a", { href: link });
-      a.setAttribute("aria-label", `Step ${s.id}: ${st}`);
       a.append(g);
       svg.append(a);
     } else svg.append(g);

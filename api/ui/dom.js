@@ -34,7 +34,7 @@ export function table(caption, columns, items, { empty = "Nothing yet." } = {}) 
   return h(
     "div",
     // Focusable: a region that scrolls sideways must be reachable from the keyboard.
-    { class: "table-wrap", tabindex: "0", role: "region", "aria-label": caption },
+    { class: "table-wrap", tabindex: "0", role: "region", "aria-label": `${caption} (table)` },
     h(
       "table",
       {},

@@ -53,7 +53,7 @@ export async function render(main, { me, args: [id] }) {
         job.run_id ? [" · run ", h("a", { href: `#/runs/${job.run_id}` }, job.run_id.slice(0, 8))] : null,
       ),
     );
-    const pct = job.progress?.percent ?? (job.status === "succeeded" ? 100 : 0);
+    const pct = job.status === "succeeded" ? 100 : (job.progress?.percent ?? 0);
     put(
       progress,
       h("label", { for: "job-progress" }, `Progress ${Math.round(pct)}%`, job.progress?.message ? ` — ${job.progress.message}` : ""),

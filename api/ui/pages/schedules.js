@@ -30,12 +30,12 @@ export async function render(main, { me }) {
         await api(`/v1/schedules/${s.id}/${s.status === "paused" ? "resume" : "pause"}`, { method: "POST" });
         toast("Done.");
         render(main, { me });
-      }, { "aria-label": `${s.status === "paused" ? "Resume" : "Pause"} ${s.name}` }),
+      }, { "aria-label": `${s.status === "paused" ? "Resume" : "Pause"}: ${s.name}` }),
       button("Fire now", async () => {
         await api(`/v1/schedules/${s.id}/trigger`, { method: "POST" });
         toast("Fired.");
         render(main, { me });
-      }, { "aria-label": `Fire ${s.name} now` }),
+      }, { "aria-label": `Fire now: ${s.name}` }),
     );
   };
   put(
