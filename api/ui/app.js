@@ -74,6 +74,7 @@ function signOut() {
 }
 
 async function route() {
+  put(document.getElementById("toast"));
   if (cleanup) {
     cleanup();
     cleanup = null;

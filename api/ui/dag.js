@@ -47,6 +47,8 @@ export function drawDag(steps, status, href) {
   const svg = el("svg", {
     viewBox: `0 0 ${width} ${height}`,
     class: "dag",
+    // Its natural size, shrunk (never stretched) to fit.
+    width: String(width),
     // A group, not an image: it holds links to the steps' jobs.
     role: "group",
     "aria-label": "Workflow graph",

@@ -75,8 +75,10 @@ export function json(v) {
   return h("pre", { class: "json", tabindex: "0" }, v === undefined ? "—" : JSON.stringify(v, null, 2));
 }
 
+/** The last 8 hex digits of an id: ids are UUIDv7, whose first digits are a timestamp shared
+ * by everything made in the same moment. */
 export function short(id) {
-  return id ? String(id).slice(0, 8) : "—";
+  return id ? String(id).slice(-8) : "—";
 }
 
 export function link(href, text) {

@@ -1,12 +1,14 @@
 // The dashboard in a real browser (Debian's chromium, headless, driven by playwright-core):
-// sign in, submit a job and watch it finish live, open a run's DAG, cancel a running job,
+// sign in, submit a job and watch it finish live, open a run's DAG, start a run and watch its
+// DAG change live, play a TTS job's audio, cancel a running job,
 // redeliver a failed delivery, check a read-only key sees no buttons that would fail, and
 // check every page at 1280×800 and on a phone with axe-core (no serious or critical
 // violations). Screenshots of each page go to CAPIBARA_UI_SCREENSHOTS.
 //
 // Run by tests/tests/e2e/dashboard.rs, which starts the servers, makes the data and passes:
 //   CAPIBARA_UI_URL, CAPIBARA_UI_ADMIN_KEY, CAPIBARA_UI_READ_KEY, CAPIBARA_UI_RUN_ID,
-//   CAPIBARA_UI_RUNNING_JOB_ID, CAPIBARA_UI_DELIVERY_ID, CAPIBARA_UI_SCREENSHOTS,
+//   CAPIBARA_UI_RUNNING_JOB_ID, CAPIBARA_UI_DELIVERY_ID, CAPIBARA_UI_TTS_JOB_ID,
+//   CAPIBARA_UI_SCREENSHOTS,
 //   CAPIBARA_UI_NODE_MODULES (where playwright-core and axe-core are), CAPIBARA_UI_CHROMIUM.
 import { createRequire } from "node:module";
 import { mkdirSync, readFileSync } from "node:fs";
@@ -165,6 +167,40 @@ await step("open a run's DAG with each step's status", async () => {
   if ((await desktop.locator("svg.dag path.edge").count()) < 2) throw new Error("no edges drawn");
 });
 
+await step("start a run from the page and watch its DAG change live", async () => {
+  await go(desktop, "#/workflows");
+  await desktop.getByRole("button", { name: "Start slow-pipeline" }).click();
+  await desktop.waitForFunction(() => /#\/runs\/[0-9a-f-]{36}$/.test(location.hash));
+  await desktop.locator("svg.dag g.node").first().waitFor();
+  await desktop.evaluate(() => {
+    window.__steps = [];
+    const note = () => {
+      const s = document.querySelector('svg.dag g.node[data-step="wait"]')?.dataset.status;
+      if (s && window.__steps.at(-1) !== s) window.__steps.push(s);
+    };
+    note();
+    new MutationObserver(note).observe(document.querySelector("main"), { subtree: true, childList: true, attributes: true });
+  });
+  await desktop.waitForFunction(() => document.querySelector("[data-testid=run-status]")?.textContent === "succeeded", null, { timeout: 30000 });
+  const seen = await desktop.evaluate(() => window.__steps);
+  if (!seen.includes("running") || seen.at(-1) !== "succeeded") throw new Error(`step "wait" went ${seen}`);
+  console.log(`     step "wait" seen live: ${seen.join(" → ")}`);
+  await desktop.screenshot({ path: path.join(SHOTS, "run-live.png"), fullPage: true });
+});
+
+await step("play a TTS job's audio artifact in the page", async () => {
+  await go(desktop, `#/jobs/${env("CAPIBARA_UI_TTS_JOB_ID")}`);
+  await desktop.getByRole("button", { name: /^Play / }).click();
+  const audio = desktop.locator("audio");
+  await audio.waitFor();
+  await desktop.waitForFunction(() => {
+    const a = document.querySelector("audio");
+    return a && a.readyState >= 1 && a.duration > 0;
+  }, null, { timeout: 15000 });
+  const src = await audio.getAttribute("src");
+  if (!src.startsWith("blob:")) throw new Error(`audio src ${src}`);
+});
+
 await step("cancel a running job", async () => {
   const id = env("CAPIBARA_UI_RUNNING_JOB_ID");
   await go(desktop, `#/jobs/${id}`);
@@ -180,8 +216,8 @@ await step("see a failed delivery and redeliver it", async () => {
   const badge = desktop.locator(`[data-delivery="${id}"]`);
   await badge.waitFor();
   if ((await badge.textContent()) !== "failed") throw new Error(`status ${await badge.textContent()}`);
-  await desktop.getByRole("button", { name: `Redeliver ${id.slice(0, 8)}` }).click();
-  await desktop.getByText(`Delivery ${id.slice(0, 8)} queued again.`).waitFor();
+  await desktop.getByRole("button", { name: `Redeliver ${id.slice(-8)}` }).click();
+  await desktop.getByText(`Delivery ${id.slice(-8)} queued again.`).waitFor();
   await go(desktop, "#/deliveries");
   await desktop.waitForFunction(
     (d) => ["pending", "failed"].includes(document.querySelector(`[data-delivery="${d}"]`)?.textContent) &&
@@ -189,7 +225,7 @@ await step("see a failed delivery and redeliver it", async () => {
     id,
     { timeout: 30000 },
   );
-  await desktop.getByRole("button", { name: id.slice(0, 8), exact: true }).click();
+  await desktop.getByRole("button", { name: id.slice(-8), exact: true }).click();
   await desktop.getByRole("table", { name: "Attempts" }).waitFor();
 });
 

@@ -50,7 +50,7 @@ export async function render(main, { me, args: [id] }) {
         "Status: ",
         h("span", { "data-testid": "job-status" }, badge(job.status)),
         ` · ${job.kind} on queue ${job.queue} · attempt ${job.attempt}/${job.max_attempts}`,
-        job.run_id ? [" · run ", h("a", { href: `#/runs/${job.run_id}` }, job.run_id.slice(0, 8))] : null,
+        job.run_id ? [" · run ", h("a", { href: `#/runs/${job.run_id}` }, job.run_id.slice(-8))] : null,
       ),
     );
     const pct = job.status === "succeeded" ? 100 : (job.progress?.percent ?? 0);
@@ -109,7 +109,7 @@ export async function render(main, { me, args: [id] }) {
         [
           ["Name", (a) => a.name],
           ["Type", (a) => a.content_type || "—"],
-          ["Size", (a) => (a.size_bytes ?? a.size ?? "—")],
+          ["Size", (a) => `${a.size} bytes`],
           [
             "Open",
             (a) => {
@@ -119,7 +119,7 @@ export async function render(main, { me, args: [id] }) {
               holder.append(
                 button(audio ? `Play ${a.name}` : `Download ${a.name}`, async () => {
                   const url = URL.createObjectURL(await blob(path));
-                  if (audio) put(holder, h("audio", { controls: true, src: url, "aria-label": a.name }));
+                  if (audio) put(holder, h("audio", { controls: true, src: url, "aria-label": `Audio ${a.name}` }));
                   else {
                     const link = h("a", { href: url, download: a.name }, a.name);
                     put(holder, link);

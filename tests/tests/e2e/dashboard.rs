@@ -1,9 +1,9 @@
 //! The web dashboard (`/ui`) in a real browser: Debian's `chromium`, headless, driven by
 //! playwright-core from tests/browser/dashboard.mjs (docs/dashboard.md). This test starts the
-//! API, a worker and the scheduler, makes the data the script needs (a workflow run, a running
-//! job, a failed delivery to a receiver that refuses, a schedule, a trigger, a subscription),
-//! then runs the script and asserts it passed. Screenshots land in
-//! target/capibara-test/screenshots.
+//! API, a worker and the scheduler, makes the data the script needs (a workflow run, a workflow
+//! the browser starts, a finished TTS job, a running job, a failed delivery to a receiver that
+//! refuses, a schedule, a trigger, a subscription), then runs the script and asserts it passed.
+//! Screenshots land in target/capibara-test/screenshots.
 //!
 //! deploy/test.sh installs playwright-core and axe-core from the npm registry into
 //! target/capibara-test/browser (`CAPIBARA_TEST_BROWSER_MODULES`); deploy/install-deps.sh
@@ -93,6 +93,22 @@ async fn the_dashboard_works_in_a_real_browser() {
     .await;
     let run = runs::start(&admin, &wf, json!({})).await;
     runs::ended(&admin, &run, Duration::from_secs(60)).await;
+    // One the browser starts itself: its middle step sleeps, so the DAG changes while watched.
+    runs::create(
+        &admin,
+        json!({"name": "slow-pipeline", "steps": [
+            {"id": "fetch", "kind": "echo", "input": {}},
+            {"id": "wait", "kind": "sleep", "depends_on": ["fetch"], "input": {"ms": 3000}},
+            {"id": "publish", "kind": "echo", "depends_on": ["wait"], "input": {}}]}),
+    )
+    .await;
+
+    // A TTS job whose audio the page plays.
+    let tts = admin
+        .submit_id(json!({"kind": "tts.render", "input": {"text": "Hello from the dashboard."}}))
+        .await;
+    let done = admin.wait_terminal(&tts, Duration::from_secs(60)).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
 
     // A failed delivery: the receiver answers 410 (final, no retries).
     let receiver = Receiver::start(
@@ -167,6 +183,7 @@ async fn the_dashboard_works_in_a_real_browser() {
             .env("CAPIBARA_UI_RUN_ID", run)
             .env("CAPIBARA_UI_RUNNING_JOB_ID", running)
             .env("CAPIBARA_UI_DELIVERY_ID", delivery)
+            .env("CAPIBARA_UI_TTS_JOB_ID", tts)
             .env("CAPIBARA_UI_SCREENSHOTS", &shots)
             .env("CAPIBARA_UI_NODE_MODULES", modules)
             .env("CAPIBARA_UI_CHROMIUM", chromium)

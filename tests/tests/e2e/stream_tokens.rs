@@ -179,6 +179,18 @@ async fn a_stream_token_never_widens_its_key() {
         .header("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="))
     .await;
     assert_eq!(status, 403, "{body}");
+    // A submit key's token opens it (101 Switching Protocols).
+    let submitter = admin.key_for("team-b", &["submit"]).await;
+    let st = token(&submitter, json!({"path": "/v1/tts/stream"})).await;
+    let (status, _, _) = raw(submitter
+        .http
+        .get(submitter.url(&format!("/v1/tts/stream?token={st}")))
+        .header("Connection", "Upgrade")
+        .header("Upgrade", "websocket")
+        .header("Sec-WebSocket-Version", "13")
+        .header("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="))
+    .await;
+    assert_eq!(status, 101);
 
     // A revoked key's tokens open nothing.
     let keys = admin.get("/v1/api-keys").await;
@@ -186,7 +198,7 @@ async fn a_stream_token_never_widens_its_key() {
         .as_array()
         .unwrap()
         .iter()
-        .find(|k| k["namespace"] == "team-b")
+        .find(|k| k["namespace"] == "team-b" && k["roles"] == json!(["read"]))
         .expect("team-b key")["id"]
         .as_str()
         .unwrap()
