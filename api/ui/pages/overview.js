@@ -1,5 +1,6 @@
 // Overview: every queue with its depth, running, throughput (jobs finished in the last
-// minute) and oldest waiting age; refreshed live every few seconds.
+// minute) and oldest waiting age; refreshed live every few seconds. Queues come from
+// GET /v1/queues (those holding work) and from the namespace's recent jobs.
 import { api } from "../api.js";
 import { h, put, table, ago, failure } from "../dom.js";
 
@@ -17,7 +18,16 @@ export async function render(main) {
   let stopped = false;
   const refresh = async () => {
     try {
-      const queues = (await api("/v1/queues")).items;
+      // GET /v1/queues lists queues holding work; queues of recent jobs join them (idle, but
+      // with a throughput worth showing).
+      const [busy, recent] = await Promise.all([api("/v1/queues"), api("/v1/jobs?limit=200")]);
+      const queues = [...busy.items];
+      for (const name of new Set(recent.items.map((j) => j.queue))) {
+        if (!queues.some((q) => q.name === name)) {
+          queues.push({ name, depth: 0, running: 0, scheduled: 0, oldest_age_s: null, paused: false });
+        }
+      }
+      queues.sort((a, b) => a.name.localeCompare(b.name));
       const rates = await Promise.all(queues.map((q) => throughput(q.name).catch(() => "?")));
       const rows = queues.map((q, i) => ({ ...q, rate: rates[i] }));
       put(
