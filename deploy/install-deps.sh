@@ -27,6 +27,9 @@ have_cmd curl || missing+=(curl)
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=("python3-venv python3-pip")
 # The SDKs' tests (sdk/typescript runs on Node >= 18; Debian 12 ships 18).
 have_cmd node || missing+=(nodejs)
+have_cmd npm || missing+=(npm)
+# The dashboard's browser test drives Debian's chromium headless (tests/browser/dashboard.mjs).
+[[ -x /usr/bin/chromium ]] || missing+=(chromium)
 
 # The deployment tests (tests/tests/e2e/deploy): promtool and prometheus check and run
 # deploy/prometheus, docker-compose 1.29 resolves deploy/docker-compose.yml (`config` needs no
@@ -42,7 +45,7 @@ sudo=()
 need_apt() {
     if ! have_cmd apt-get; then
         log "error: apt-get not found; install the packages postgresql redis-server espeak-ng" \
-            "libespeak-ng-dev curl ca-certificates pkg-config nodejs prometheus docker-compose" \
+            "libespeak-ng-dev curl ca-certificates pkg-config nodejs npm chromium prometheus docker-compose" \
             "kubernetes-client systemd with your package manager"
         exit 1
     fi
@@ -62,7 +65,7 @@ if ((${#missing[@]} > 0)); then
     "${sudo[@]}" apt-get update
     "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y \
         postgresql redis-server espeak-ng libespeak-ng-dev curl ca-certificates pkg-config \
-        python3-venv python3-pip nodejs
+        python3-venv python3-pip nodejs npm chromium
 else
     log "system packages present (postgres, psql, redis-server, espeak-ng, build tools)"
 fi

@@ -69,6 +69,21 @@ if [[ $(cat "$AGENTS_VENV/.installed" 2>/dev/null) != "$AGENTS_TOOLS" ]]; then
         log "warning: the MCP SDK could not be installed; the MCP tests will fail"
 fi
 export CAPIBARA_TEST_AGENTS_VENV=$AGENTS_VENV
+# The dashboard's browser test (tests/tests/e2e/dashboard.rs): playwright-core drives Debian's
+# chromium (deploy/install-deps.sh) and axe-core checks accessibility; exact versions from the
+# npm registry (tests/browser/package.json), installed once into a folder under target/.
+BROWSER_DIR=$ROOT/target/capibara-test/browser
+BROWSER_TOOLS="playwright-core@1.65.2 axe-core@4.14.1"
+if [[ $(cat "$BROWSER_DIR/.installed" 2>/dev/null) != "$BROWSER_TOOLS" ]]; then
+    log "installing $BROWSER_TOOLS into $BROWSER_DIR"
+    # shellcheck disable=SC2086 # one argument per package
+    { mkdir -p "$BROWSER_DIR" && cp tests/browser/package.json "$BROWSER_DIR/package.json" &&
+        (cd "$BROWSER_DIR" && npm install --no-audit --no-fund --ignore-scripts --save-exact \
+            --loglevel=error $BROWSER_TOOLS) &&
+        echo "$BROWSER_TOOLS" >"$BROWSER_DIR/.installed"; } ||
+        log "warning: playwright-core/axe-core could not be installed; the dashboard browser test will fail under CI=true"
+fi
+export CAPIBARA_TEST_BROWSER_MODULES=$BROWSER_DIR/node_modules
 
 PG_PORT=${CAPIBARA_TEST_PG_PORT:-25432}
 REDIS_PORT=${CAPIBARA_TEST_REDIS_PORT:-26379}

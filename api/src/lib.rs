@@ -8,6 +8,8 @@
 //! - [`error`]: the only place errors become HTTP responses (RFC 9457).
 //! - [`wait`]: `Prefer: wait` on top of stream hints.
 //! - [`openapi`]: the generated OpenAPI document and Swagger UI.
+//! - [`stream_tokens`]: short-lived signed tokens for browser streams (`?token=`).
+//! - [`ui`]: the web dashboard at `/ui`, embedded in the binary.
 //! - [`mcp`]: the MCP server at `/mcp` (kinds and workflows as tools; jobs, runs, artifacts as
 //!   resources).
 
@@ -19,8 +21,10 @@ pub mod mcp;
 pub mod openapi;
 pub mod outbound;
 pub mod routes;
+pub mod stream_tokens;
 pub mod streams;
 pub mod trace;
+pub mod ui;
 pub mod wait;
 
 use std::{future::Future, sync::Arc, time::Duration};
@@ -60,6 +64,8 @@ pub struct AppState {
     /// Protocol workers and user kinds read recently (short-lived caches).
     pub known_workers: routes::workers::KnownWorkers,
     pub user_kinds: routes::kinds::KnownKinds,
+    /// The key that signs stream tokens (config, or loaded once from Postgres).
+    pub stream_secret: stream_tokens::TokenSecret,
 }
 
 impl AppState {
@@ -78,6 +84,7 @@ impl AppState {
             long_polls: Default::default(),
             known_workers: Default::default(),
             user_kinds: Default::default(),
+            stream_secret: Default::default(),
             store,
             queue,
             watch,
@@ -141,6 +148,8 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/jobs/{id}/fail", post(workers::fail))
         .route("/v1/jobs/{id}/release", post(workers::release))
         .route("/v1/events", get(routes::events::list))
+        .route("/v1/stream-tokens", post(stream_tokens::create))
+        .route("/v1/me", get(routes::me::get))
         .route("/v1/workers", get(admin::workers).post(workers::register))
         .route(
             "/v1/workers/{id}",
@@ -280,8 +289,9 @@ pub fn app(state: AppState) -> Router {
         )
         .with_state(state.clone());
     let spec = openapi::spec(state.config.as_ref());
-    Router::new()
+    let router = Router::new()
         .merge(v1)
+        .merge(ui::router())
         .merge(
             utoipa_swagger_ui::SwaggerUi::new("/docs")
                 .external_url_unchecked("/openapi.json", spec),
@@ -305,7 +315,50 @@ pub fn app(state: AppState) -> Router {
         }))
         .layer(axum::middleware::from_fn(error::log_internal_errors))
         .layer(axum::middleware::from_fn(trace::continue_trace))
-        .layer(TraceLayer::new_for_http())
+        .layer(TraceLayer::new_for_http());
+    // Same-origin only unless origins are configured: no CORS headers at all by default.
+    match cors(&state.config.cors_origins) {
+        Some(layer) => router.layer(layer),
+        None => router,
+    }
+}
+
+/// The CORS layer for `CAPIBARA_CORS_ORIGINS` (none when the list is empty): those origins may
+/// call every route with a bearer key; the answer names the one origin, never `*`.
+fn cors(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
+    use axum::http::{header, HeaderName, HeaderValue, Method};
+    if origins.is_empty() {
+        return None;
+    }
+    let origins: Vec<HeaderValue> = origins
+        .iter()
+        .filter_map(|o| HeaderValue::from_str(o).ok())
+        .collect();
+    Some(
+        tower_http::cors::CorsLayer::new()
+            .allow_origin(origins)
+            .allow_methods([
+                Method::GET,
+                Method::POST,
+                Method::PUT,
+                Method::PATCH,
+                Method::DELETE,
+            ])
+            .allow_headers([
+                header::AUTHORIZATION,
+                header::CONTENT_TYPE,
+                header::ACCEPT,
+                HeaderName::from_static("idempotency-key"),
+                HeaderName::from_static("prefer"),
+                HeaderName::from_static("last-event-id"),
+            ])
+            .expose_headers([
+                header::LOCATION,
+                header::RETRY_AFTER,
+                HeaderName::from_static("preference-applied"),
+            ])
+            .max_age(Duration::from_secs(600)),
+    )
 }
 
 struct MethodNotAllowed;

@@ -36,7 +36,7 @@ use crate::routes::{
           models::list, models::get, models::delete, http::hosts, http::request, http::stream_download, http::get_request, http::metrics, http::health, llm::list, llm::get, llm::put, llm::delete,
           limits::list, limits::get, limits::put, limits::delete, limits::pauses, limits::pause_queue, limits::resume_queue,
           limits::pause_kind, limits::resume_kind, limits::pause_key, limits::resume_key, fine_tuning::start, fine_tuning::status,
-          semantic::embed, semantic::search, semantic::chunk),
+          semantic::embed, semantic::search, semantic::chunk, crate::routes::me::get, crate::stream_tokens::create),
     components(schemas(crate::error::Problem, capibara_shared::domain::FieldError)),
     modifiers(&BearerAuth),
     tags((name = "jobs"), (name = "events"), (name = "deliveries"), (name = "schedules"), (name = "workflows"), (name = "code"), (name = "kinds"), (name = "connectors"), (name = "models"), (name = "http"), (name = "llm"), (name = "flow"), (name = "workers"), (name = "operations"))

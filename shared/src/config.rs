@@ -61,6 +61,15 @@ pub struct Config {
     /// SSE streams (job, run and firehose) one key may hold open at once on one API process
     /// (`CAPIBARA_SSE_MAX_STREAMS_PER_KEY`).
     pub sse_max_streams_per_key: usize,
+    /// Secret that signs stream tokens (`CAPIBARA_STREAM_TOKEN_SECRET`); unset: a secret
+    /// generated once and kept in Postgres, so every API process accepts every other's tokens.
+    pub stream_token_secret: Option<String>,
+    /// How long a stream token may be used to open a stream (`CAPIBARA_STREAM_TOKEN_TTL_S`,
+    /// default 60, 1-3600); an open stream outlives it.
+    pub stream_token_ttl: Duration,
+    /// Origins allowed to call the API from a browser (`CAPIBARA_CORS_ORIGINS`, comma-separated
+    /// like `https://ops.example.com`); empty (the default): same-origin only, no CORS headers.
+    pub cors_origins: Vec<String>,
     /// How often an idle job/run SSE stream re-reads Postgres when no hint woke it
     /// (`CAPIBARA_SSE_FALLBACK_POLL`, default `15s`).
     pub sse_fallback_poll: Duration,
@@ -270,6 +279,26 @@ impl Config {
                 })
                 .collect::<Result<_, _>>()?,
             sse_max_streams_per_key: parse("CAPIBARA_SSE_MAX_STREAMS_PER_KEY", 100usize)?.max(1),
+            stream_token_secret: var("CAPIBARA_STREAM_TOKEN_SECRET"),
+            stream_token_ttl: Duration::from_secs(
+                parse("CAPIBARA_STREAM_TOKEN_TTL_S", 60u64)?.clamp(1, 3600),
+            ),
+            cors_origins: var("CAPIBARA_CORS_ORIGINS")
+                .unwrap_or_default()
+                .split(',')
+                .map(|o| o.trim().trim_end_matches('/').to_string())
+                .filter(|o| !o.is_empty())
+                .map(|o| {
+                    if o.starts_with("http://") || o.starts_with("https://") {
+                        Ok(o)
+                    } else {
+                        Err(ConfigError {
+                            var: "CAPIBARA_CORS_ORIGINS",
+                            message: format!("`{o}` is not an origin like https://ops.example.com"),
+                        })
+                    }
+                })
+                .collect::<Result<_, _>>()?,
             sse_fallback_poll: match var("CAPIBARA_SSE_FALLBACK_POLL") {
                 None => Duration::from_secs(15),
                 Some(v) => {

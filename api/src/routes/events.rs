@@ -21,7 +21,6 @@ use capibara_shared::{
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::{
-    auth::Auth,
     error::ApiError,
     extract::{parse_limit, query_pairs, wants_sse},
     firehose::{self, Start},
@@ -72,6 +71,8 @@ fn parse_query(headers: &HeaderMap, raw: Option<&str>) -> Result<Query, ApiError
             "limit" => once(&mut limit, "limit", v)?,
             "stream_type" => once(&mut stream_type, "stream_type", v)?,
             "kind" => once(&mut kind, "kind", v)?,
+            // A stream token (`crate::stream_tokens`), already checked by the extractor.
+            "token" => {}
             "types" => {
                 for t in v.split(',').map(str::trim) {
                     if !valid_type_name(t) {
@@ -165,7 +166,7 @@ async fn cursor_after(
     security(("bearer" = [])))]
 pub async fn list(
     State(state): State<AppState>,
-    auth: Auth,
+    crate::stream_tokens::StreamAuth(auth): crate::stream_tokens::StreamAuth,
     headers: HeaderMap,
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {

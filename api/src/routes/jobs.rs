@@ -770,7 +770,7 @@ fn parse_after(headers: &HeaderMap, q: &[(String, String)]) -> Result<i64, ApiEr
     security(("bearer" = [])))]
 pub async fn events(
     State(state): State<AppState>,
-    auth: Auth,
+    crate::stream_tokens::StreamAuth(auth): crate::stream_tokens::StreamAuth,
     headers: HeaderMap,
     Path(id): Path<String>,
     RawQuery(q): RawQuery,

@@ -14,6 +14,7 @@ pub mod jobs;
 pub mod kinds;
 pub mod limits;
 pub mod llm;
+pub mod me;
 pub mod models;
 pub mod orchestrate;
 pub mod runs;

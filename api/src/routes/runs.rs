@@ -198,7 +198,7 @@ fn terminal_type(t: &str) -> bool {
     security(("bearer" = [])))]
 pub async fn events(
     State(state): State<AppState>,
-    auth: Auth,
+    crate::stream_tokens::StreamAuth(auth): crate::stream_tokens::StreamAuth,
     headers: HeaderMap,
     Path(id): Path<String>,
     RawQuery(q): RawQuery,

@@ -238,7 +238,7 @@ pub async fn render(
     security(("bearer" = [])))]
 pub async fn stream(
     State(state): State<AppState>,
-    auth: Auth,
+    crate::stream_tokens::StreamAuth(auth): crate::stream_tokens::StreamAuth,
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
     auth.require(Role::Submit)?;
