@@ -53,8 +53,8 @@ drawn from the schema and must be accepted. Each rule is also documented on its 
   namespace: dropped.
 - A `text.chunk` input's `overlap` is less than half of its `max_tokens` (also the body of
   `POST /v1/semantic/chunk`).
-- `backoff.initial_ms` must not exceed `max_ms`; a schedule's `end_at` comes after `start_at` (a PATCH's `start_at` goes only with a later `end_at`:
-  the stored one is unknown here);
+- `backoff.initial_ms` must not exceed `max_ms`; a schedule's `end_at` comes after `start_at` (a PATCH's `start_at` goes only with a later `end_at`, and its `end_at`
+  only with an earlier `start_at`: the stored ones are unknown here);
   a backfill's `to` is not before `from`.
 - `cron` is a crontab expression (docs/scheduler.md) and `timezone` an IANA name (about 600,
   too many for an enum that the coverage phase walks): drawn from valid ones.
@@ -313,6 +313,9 @@ def _schedule(body, patch=False):
     elif patch and start and not end:
         # The schedule's stored end_at (unknown here) may come before this start_at.
         body.pop("start_at")
+    elif patch and end and not start:
+        # The schedule's stored start_at (unknown here) may come after this end_at.
+        body.pop("end_at")
 
 
 @schemathesis.hook
