@@ -245,3 +245,46 @@ impl Sse {
         }
     }
 }
+
+/// The query of a listing: `pairs` whose value is given, then `repeated` (a repeatable filter).
+pub fn query(
+    pairs: impl IntoIterator<Item = (&'static str, Option<String>)>,
+    repeated: impl IntoIterator<Item = (&'static str, String)>,
+) -> Vec<(&'static str, String)> {
+    pairs
+        .into_iter()
+        .filter_map(|(k, v)| v.map(|v| (k, v)))
+        .chain(repeated)
+        .collect()
+}
+
+/// One page of a listing (`GET path?query`): as the API's JSON, or as a table with a row per
+/// item; the next page's cursor goes to stderr.
+pub async fn list_page(
+    conn: &Conn,
+    path: &str,
+    query: &[(&str, String)],
+    output: crate::output::Output,
+    headers: &[&'static str],
+    row: fn(&Value) -> Vec<String>,
+) -> anyhow::Result<()> {
+    let res = conn
+        .client()?
+        .get(conn.at(path))
+        .query(query)
+        .send()
+        .await?;
+    if output == crate::output::Output::Json || !res.status().is_success() {
+        return print(res).await.map(drop);
+    }
+    let page: Value = res.json().await?;
+    let mut table = crate::output::Table::new(headers);
+    for item in page["items"].as_array().into_iter().flatten() {
+        table.row(row(item));
+    }
+    print!("{}", table.render());
+    if let Some(next) = page["next_cursor"].as_str() {
+        eprintln!("more: --cursor {next}");
+    }
+    Ok(())
+}

@@ -7,8 +7,8 @@ use reqwest::header;
 use serde_json::Value;
 
 use crate::{
-    client::{print, Conn, Sse},
-    output::{cell, clock, when, Output, Table},
+    client::{list_page, print, query, Conn, Sse},
+    output::{cell, clock, when, Output},
 };
 
 #[derive(Subcommand)]
@@ -75,29 +75,19 @@ pub async fn run(command: JobsCommand) -> anyhow::Result<()> {
 }
 
 async fn list(a: ListJobs) -> anyhow::Result<()> {
-    let mut query: Vec<(&str, String)> = vec![("limit", a.limit.to_string())];
-    let optional = [
-        ("status", a.status),
-        ("kind", a.kind),
-        ("queue", a.queue),
-        ("cursor", a.cursor),
-    ];
-    query.extend(optional.into_iter().filter_map(|(k, v)| v.map(|v| (k, v))));
-    query.extend(a.tags.into_iter().map(|t| ("tag", t)));
-    let res = a
-        .conn
-        .client()?
-        .get(a.conn.at("/v1/jobs"))
-        .query(&query)
-        .send()
-        .await?;
-    if a.output == Output::Json || !res.status().is_success() {
-        return print(res).await.map(drop);
-    }
-    let page: Value = res.json().await?;
-    let mut table = Table::new(&["ID", "KIND", "QUEUE", "STATUS", "ATTEMPT", "CREATED", "WHY"]);
-    for j in page["items"].as_array().into_iter().flatten() {
-        table.row(vec![
+    let query = query(
+        [
+            ("limit", Some(a.limit.to_string())),
+            ("status", a.status),
+            ("kind", a.kind),
+            ("queue", a.queue),
+            ("cursor", a.cursor),
+        ],
+        a.tags.into_iter().map(|t| ("tag", t)),
+    );
+    let headers = ["ID", "KIND", "QUEUE", "STATUS", "ATTEMPT", "CREATED", "WHY"];
+    list_page(&a.conn, "/v1/jobs", &query, a.output, &headers, |j| {
+        vec![
             cell(&j["id"]),
             cell(&j["kind"]),
             cell(&j["queue"]),
@@ -105,13 +95,9 @@ async fn list(a: ListJobs) -> anyhow::Result<()> {
             format!("{}/{}", j["attempt"], j["max_attempts"]),
             when(&j["created_at"]),
             why(j),
-        ]);
-    }
-    print!("{}", table.render());
-    if let Some(next) = page["next_cursor"].as_str() {
-        eprintln!("more: --cursor {next}");
-    }
-    Ok(())
+        ]
+    })
+    .await
 }
 
 /// Why a job is where it is: its error, or what it waits for.
@@ -129,10 +115,15 @@ fn why(job: &Value) -> String {
 }
 
 async fn tail(a: TailJobs) -> anyhow::Result<()> {
-    let mut query: Vec<(&str, String)> = vec![("stream_type", "job".into())];
-    let optional = [("kind", a.kind), ("types", a.types), ("after", a.after)];
-    query.extend(optional.into_iter().filter_map(|(k, v)| v.map(|v| (k, v))));
-    query.extend(a.tags.into_iter().map(|t| ("tag", t)));
+    let query = query(
+        [
+            ("stream_type", Some("job".to_string())),
+            ("kind", a.kind),
+            ("types", a.types),
+            ("after", a.after),
+        ],
+        a.tags.into_iter().map(|t| ("tag", t)),
+    );
     let res = a
         .conn
         .client()?

@@ -9,7 +9,7 @@ use reqwest::header;
 use serde_json::Value;
 
 use crate::{
-    client::{print, Conn, Sse},
+    client::{list_page, print, query, Conn, Sse},
     output::{cell, when, Output, Table},
 };
 
@@ -57,40 +57,27 @@ pub async fn run(command: RunsCommand) -> anyhow::Result<()> {
 }
 
 async fn list(a: ListRuns) -> anyhow::Result<()> {
-    let mut query: Vec<(&str, String)> = vec![("limit", a.limit.to_string())];
-    let optional = [
-        ("workflow_id", a.workflow_id),
-        ("status", a.status),
-        ("cursor", a.cursor),
-    ];
-    query.extend(optional.into_iter().filter_map(|(k, v)| v.map(|v| (k, v))));
-    let res = a
-        .conn
-        .client()?
-        .get(a.conn.at("/v1/runs"))
-        .query(&query)
-        .send()
-        .await?;
-    if a.output == Output::Json || !res.status().is_success() {
-        return print(res).await.map(drop);
-    }
-    let page: Value = res.json().await?;
-    let mut table = Table::new(&["ID", "WORKFLOW", "STATUS", "STEPS", "CREATED", "FINISHED"]);
-    for r in page["items"].as_array().into_iter().flatten() {
-        table.row(vec![
+    let query = query(
+        [
+            ("limit", Some(a.limit.to_string())),
+            ("workflow_id", a.workflow_id),
+            ("status", a.status),
+            ("cursor", a.cursor),
+        ],
+        [],
+    );
+    let headers = ["ID", "WORKFLOW", "STATUS", "STEPS", "CREATED", "FINISHED"];
+    list_page(&a.conn, "/v1/runs", &query, a.output, &headers, |r| {
+        vec![
             cell(&r["id"]),
             cell(&r["workflow_name"]),
             cell(&r["status"]),
             steps_done(r),
             when(&r["created_at"]),
             when(&r["finished_at"]),
-        ]);
-    }
-    print!("{}", table.render());
-    if let Some(next) = page["next_cursor"].as_str() {
-        eprintln!("more: --cursor {next}");
-    }
-    Ok(())
+        ]
+    })
+    .await
 }
 
 /// `finished/total` steps.

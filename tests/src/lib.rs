@@ -190,6 +190,23 @@ impl TestEnv {
     }
 
     /// A client with the admin key.
+    /// `capibara admin rebuild-projections` on this test's database (fails the test if it
+    /// does); returns what it printed.
+    pub fn rebuild_projections(&self) -> String {
+        let out = Command::new(bin("capibara"))
+            .args(["admin", "rebuild-projections"])
+            .env("CAPIBARA_DATABASE_URL", &self.database_url)
+            .env("CAPIBARA_REDIS_URL", &self.redis_url)
+            .output()
+            .expect("capibara runs");
+        assert!(
+            out.status.success(),
+            "rebuild-projections: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     pub fn client(&self) -> Api {
         Api::new(&self.api_url(), ADMIN_KEY)
     }

@@ -136,16 +136,7 @@ async fn bulk_cancel_cancels_exactly_the_jobs_matching_at_its_position_and_not_l
     };
     let before = rows().await;
     assert_eq!(before.len(), 1);
-    let out = std::process::Command::new(capibara_tests::bin("capibara"))
-        .args(["admin", "rebuild-projections"])
-        .env("CAPIBARA_DATABASE_URL", &env.database_url)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    env.rebuild_projections();
     assert_eq!(rows().await, before);
 }
 
@@ -428,16 +419,7 @@ async fn delete_removes_finished_jobs_from_every_read_and_a_rebuild_agrees() {
     };
     let before = rows().await;
     assert_eq!(before.len(), 4, "3 scheduled and the one kept");
-    let out = std::process::Command::new(capibara_tests::bin("capibara"))
-        .args(["admin", "rebuild-projections"])
-        .env("CAPIBARA_DATABASE_URL", &env.database_url)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    env.rebuild_projections();
     assert_eq!(rows().await, before);
 }
 

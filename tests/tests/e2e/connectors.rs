@@ -464,16 +464,7 @@ async fn fetches_return_only_new_items_and_the_cursor_moves_with_the_jobs_succes
         (a, b)
     };
     let before = snapshot().await;
-    let out = std::process::Command::new(capibara_tests::bin("capibara"))
-        .args(["admin", "rebuild-projections"])
-        .env("CAPIBARA_DATABASE_URL", &env.database_url)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    env.rebuild_projections();
     assert_eq!(before, snapshot().await);
 
     // A deleted connector is not fetched.

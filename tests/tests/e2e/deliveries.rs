@@ -571,16 +571,7 @@ async fn rebuilding_deliveries_schedules_and_triggers_gives_identical_rows() {
         snapshot("triggers").await,
     );
     assert_eq!((before.0.len(), before.1.len(), before.2.len()), (1, 1, 1));
-    let out = std::process::Command::new(capibara_tests::bin("capibara"))
-        .args(["admin", "rebuild-projections"])
-        .env("CAPIBARA_DATABASE_URL", &env.database_url)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    env.rebuild_projections();
     let after = (
         snapshot("deliveries").await,
         snapshot("schedules").await,

@@ -348,17 +348,8 @@ async fn rebuilding_projections_gives_identical_rows() {
     let before = snapshot().await;
     assert_eq!(before.len(), 6);
 
-    let out = std::process::Command::new(capibara_tests::bin("capibara"))
-        .args(["admin", "rebuild-projections"])
-        .env("CAPIBARA_DATABASE_URL", &env.database_url)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("rebuilt 6 jobs"));
+    let printed = env.rebuild_projections();
+    assert!(printed.contains("rebuilt 6 jobs"), "{printed}");
 
     let after = snapshot().await;
     assert_eq!(before, after);

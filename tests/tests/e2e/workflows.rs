@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use capibara_tests::{
-    bin, eventually, parse_sse,
+    eventually, parse_sse,
     runs::{create, ended, start, step},
     types, Api, TestEnv,
 };
@@ -389,17 +389,7 @@ async fn crashes_mid_run_lose_and_duplicate_nothing_and_a_rebuild_reproduces_run
         .fetch_all(&pool)
         .await
         .unwrap();
-    let out = std::process::Command::new(bin("capibara"))
-        .args(["admin", "rebuild-projections"])
-        .env("CAPIBARA_DATABASE_URL", &env.database_url)
-        .env("CAPIBARA_REDIS_URL", &env.redis_url)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    env.rebuild_projections();
     let after: Vec<(Value,)> = sqlx::query_as("SELECT to_jsonb(r) FROM runs r ORDER BY id")
         .fetch_all(&pool)
         .await
