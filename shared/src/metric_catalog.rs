@@ -275,6 +275,22 @@ pub const METRICS: &[MetricSpec] = &[
         labels: &[("kind", Values::Kinds)],
     },
     MetricSpec {
+        name: "capibara_worker_slots",
+        kind: Gauge,
+        help: "Attempts this worker may run at once (its --concurrency).",
+        unit: None,
+        on: &[Worker],
+        labels: &[],
+    },
+    MetricSpec {
+        name: "capibara_worker_busy_slots",
+        kind: Gauge,
+        help: "Attempts this worker is running now (busy / slots: its saturation).",
+        unit: None,
+        on: &[Worker],
+        labels: &[],
+    },
+    MetricSpec {
         name: "capibara_job_pickup_latency_seconds",
         kind: Histogram,
         help: "Time from a job becoming runnable to a worker starting it, by queue.",

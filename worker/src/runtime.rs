@@ -295,6 +295,7 @@ fn hostname() -> String {
 
 async fn fetch_loop(inner: &Arc<Inner>, tasks: &TaskTracker, shutdown: &CancellationToken) {
     let slots = Arc::new(Semaphore::new(inner.opts.concurrency));
+    metrics::gauge!("capibara_worker_slots").set(inner.opts.concurrency as f64);
     let mut blocking = None;
     loop {
         let first = tokio::select! {
@@ -374,7 +375,10 @@ async fn fetch_loop(inner: &Arc<Inner>, tasks: &TaskTracker, shutdown: &Cancella
             let span = attempt_span(&job);
             tasks.spawn(
                 async move {
+                    let busy = metrics::gauge!("capibara_worker_busy_slots");
+                    busy.increment(1.0);
                     run_job(&inner, job).await;
+                    busy.decrement(1.0);
                     drop(p);
                 }
                 .instrument(span),

@@ -57,6 +57,22 @@ async fn every_binary_serves_health_readiness_and_metrics() {
         "{worker_metrics}"
     );
     assert!(worker_metrics.contains("capibara_job_pickup_latency_seconds_bucket"));
+    // Saturation: its slots (its concurrency), none busy once the job has ended.
+    let gauge = |name: &str| {
+        worker_metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+    };
+    assert!(
+        gauge("capibara_worker_slots").is_some_and(|n| n >= 1.0),
+        "{worker_metrics}"
+    );
+    assert_eq!(
+        gauge("capibara_worker_busy_slots"),
+        Some(0.0),
+        "{worker_metrics}"
+    );
     assert!(worker_metrics.contains("capibara_job_run_seconds_bucket"));
     let scheduler_metrics = eventually("queue gauges", Duration::from_secs(10), || async {
         let m = http
