@@ -13,6 +13,10 @@ pub async fn continue_trace(req: Request, next: Next) -> Response {
         .map(str::trim)
         .filter(|v| trace_context::valid(v))
         .map(str::to_string);
+    if !trace_context::exporting() {
+        // Nothing would read a span: only the client's context is passed along.
+        return trace_context::with_incoming(incoming, next.run(req)).await;
+    }
     let span = tracing::info_span!(
         "http.request",
         otel.name = %format!("{} {}", req.method(), route_of(req.uri().path())),

@@ -499,6 +499,10 @@ const CLAIM_AFTER: Duration = Duration::from_millis(25);
 /// The attempt's span, in the trace of what submitted the job (exported with
 /// `CAPIBARA_OTLP_ENDPOINT`; docs/observability.md).
 fn attempt_span(job: &Job) -> tracing::Span {
+    if !capibara_shared::trace_context::exporting() {
+        // Nothing would read it: no span, no fields formatted on the hot path.
+        return tracing::Span::none();
+    }
     let span = tracing::info_span!(
         "job.attempt",
         otel.name = %format!("attempt {}", job.kind),
