@@ -432,6 +432,17 @@ impl Api {
     }
 
     /// Submit a job and return the response.
+    /// `POST path` with one extra header (a `traceparent`, say).
+    pub async fn post_with(&self, path: &str, header: (&str, &str), body: Value) -> Res {
+        self.send(
+            self.http
+                .post(self.url(path))
+                .header(header.0, header.1)
+                .json(&body),
+        )
+        .await
+    }
+
     pub async fn submit(&self, body: Value) -> Res {
         self.post("/v1/jobs", body).await
     }

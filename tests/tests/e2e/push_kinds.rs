@@ -78,11 +78,10 @@ async fn a_push_kinds_jobs_are_posted_signed_and_the_answer_is_the_outcome() {
     // The client's trace context goes with the job to its endpoint (docs/observability.md).
     let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
     let r = api
-        .send(
-            api.http
-                .post(api.url("/v1/jobs"))
-                .header("traceparent", traceparent)
-                .json(&json!({"kind": "hook.resize", "input": {"w": 7}})),
+        .post_with(
+            "/v1/jobs",
+            ("traceparent", traceparent),
+            json!({"kind": "hook.resize", "input": {"w": 7}}),
         )
         .await;
     assert_eq!(r.status, 202, "{r:?}");

@@ -118,11 +118,10 @@ async fn one_trace_runs_from_the_request_through_the_attempt_to_the_callback_and
     let traceparent = format!("00-{TRACE}-{CLIENT_SPAN}-01");
 
     let r = api
-        .send(
-            api.http
-                .post(api.url("/v1/jobs"))
-                .header("traceparent", &traceparent)
-                .json(&json!({"kind": "echo", "input": {"n": 1}, "callback_url": hook.url})),
+        .post_with(
+            "/v1/jobs",
+            ("traceparent", &traceparent),
+            json!({"kind": "echo", "input": {"n": 1}, "callback_url": hook.url}),
         )
         .await;
     assert_eq!(r.status, 202, "{r:?}");
@@ -144,11 +143,10 @@ async fn one_trace_runs_from_the_request_through_the_attempt_to_the_callback_and
     )
     .await;
     let r = api
-        .send(
-            api.http
-                .post(api.url(&format!("/v1/workflows/{wf}/runs")))
-                .header("traceparent", &traceparent)
-                .json(&json!({"input": {}})),
+        .post_with(
+            &format!("/v1/workflows/{wf}/runs"),
+            ("traceparent", &traceparent),
+            json!({"input": {}}),
         )
         .await;
     assert_eq!(r.status, 202, "{r:?}");
@@ -218,11 +216,10 @@ async fn without_an_exporter_a_clients_traceparent_is_passed_along_unchanged() {
     let hook = Receiver::start(&[SECRET], ReceiverOptions::default());
     let traceparent = format!("00-{TRACE}-{CLIENT_SPAN}-01");
     let r = api
-        .send(
-            api.http
-                .post(api.url("/v1/jobs"))
-                .header("traceparent", &traceparent)
-                .json(&json!({"kind": "echo", "callback_url": hook.url})),
+        .post_with(
+            "/v1/jobs",
+            ("traceparent", &traceparent),
+            json!({"kind": "echo", "callback_url": hook.url}),
         )
         .await;
     assert_eq!(r.status, 202, "{r:?}");
@@ -233,11 +230,10 @@ async fn without_an_exporter_a_clients_traceparent_is_passed_along_unchanged() {
     assert_eq!(got[0]["headers"]["traceparent"], traceparent.as_str());
     // A malformed one is not recorded.
     let r = api
-        .send(
-            api.http
-                .post(api.url("/v1/jobs"))
-                .header("traceparent", "00-not-a-trace-01")
-                .json(&json!({"kind": "echo"})),
+        .post_with(
+            "/v1/jobs",
+            ("traceparent", "00-not-a-trace-01"),
+            json!({"kind": "echo"}),
         )
         .await;
     assert_eq!(r.status, 202, "{r:?}");
