@@ -19,6 +19,9 @@
 //! dead, and a `postmaster.pid` naming a zombie is removed before starting again (PostgreSQL
 //! itself would refuse to start, seeing the pid as alive).
 
+pub mod proxy;
+pub use proxy::{Fault, FaultProxy};
+
 use anyhow::{anyhow, bail, Context, Result};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};

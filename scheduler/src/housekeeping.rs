@@ -164,6 +164,8 @@ pub struct Relay {
 }
 
 const RELAY_PAGE: i64 = 2000;
+/// Entries per push transaction of the relay.
+const RELAY_PUSH_CHUNK: usize = 100;
 
 impl Relay {
     pub fn new(opts: HousekeepingOptions) -> Self {
@@ -204,9 +206,11 @@ impl Relay {
             let Some(last) = page.last() else { break };
             cursor = Some((last.enqueued_at, last.job_id));
             let missing = queue.missing(&page).await.map_err(unavailable)?;
-            if !missing.is_empty() {
-                queue.push(&missing).await.map_err(unavailable)?;
-                pushed += missing.len();
+            // In small transactions: a Redis near its `maxmemory` takes what fits (workers
+            // popping free room for the rest) instead of refusing one page-sized push forever.
+            for chunk in missing.chunks(RELAY_PUSH_CHUNK) {
+                queue.push(chunk).await.map_err(unavailable)?;
+                pushed += chunk.len();
             }
             if (page.len() as i64) < RELAY_PAGE {
                 break;

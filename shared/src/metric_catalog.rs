@@ -396,6 +396,14 @@ pub const METRICS: &[MetricSpec] = &[
         labels: &[],
     },
     MetricSpec {
+        name: "capibara_dispatch_deferred_total",
+        kind: Counter,
+        help: "Jobs committed as queued whose after-commit push to Redis failed or was skipped while Redis did not answer; the relay dispatches them.",
+        unit: None,
+        on: ALL,
+        labels: &[],
+    },
+    MetricSpec {
         name: "capibara_relay_pushed_total",
         kind: Counter,
         help: "Queued jobs the relay found missing from Redis and pushed again.",

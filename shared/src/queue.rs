@@ -305,6 +305,60 @@ pub struct Queue {
     prefix: String,
     pop: Script,
     unpark: Script,
+    fast_path: std::sync::Arc<FastPath>,
+}
+
+/// How long the after-commit push may hold the committing writer while Redis answers (a
+/// healthy loopback Redis answers a pipeline in well under a millisecond).
+const FAST_PATH_TIMEOUT: Duration = Duration::from_millis(500);
+/// How long a background probe of a degraded fast path may wait for Redis.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The after-commit push's circuit breaker. Every commit of the group-commit writer waits for its
+/// push, so a Redis that is unreachable, stalled or out of memory must not hold the writer: after
+/// one failed or slow push the fast path is *degraded* and commits go on without pushing (their
+/// outbox rows are the relay's), while at most one background push at a time probes Redis with
+/// the entries of the commit at hand; the first that succeeds closes the breaker again.
+#[derive(Default)]
+struct FastPath {
+    degraded: std::sync::atomic::AtomicBool,
+    probing: std::sync::atomic::AtomicBool,
+}
+
+impl FastPath {
+    fn is_degraded(&self) -> bool {
+        self.degraded.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn failed(&self, why: &str, dispatched: usize) {
+        if !self
+            .degraded
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            tracing::warn!(error = %why, dispatched,
+                "after-commit push to Redis failed; commits go on without it and the relay \
+                 dispatches from Postgres until Redis answers again");
+        }
+    }
+
+    fn recovered(&self) {
+        if self
+            .degraded
+            .swap(false, std::sync::atomic::Ordering::AcqRel)
+        {
+            tracing::info!("Redis answers again; after-commit pushes resumed");
+        }
+    }
+
+    /// Whether the caller may start the one probe.
+    fn start_probe(&self) -> bool {
+        !self.probing.swap(true, std::sync::atomic::Ordering::AcqRel)
+    }
+
+    fn end_probe(&self) {
+        self.probing
+            .store(false, std::sync::atomic::Ordering::Release);
+    }
 }
 
 fn manager_config() -> redis::aio::ConnectionManagerConfig {
@@ -328,6 +382,7 @@ impl Queue {
             prefix: prefix.to_string(),
             pop: Script::new(POP_SCRIPT),
             unpark: Script::new(UNPARK_SCRIPT),
+            fast_path: Default::default(),
         })
     }
 
@@ -394,8 +449,14 @@ impl Queue {
         Ok(())
     }
 
-    /// The commands of [`Queue::push`], added to `pipe`.
+    /// The commands of [`Queue::push`], added to `pipe` as one transaction: all or none. A
+    /// Redis at its `maxmemory` (with `noeviction`) refuses writes one command at a time, and a
+    /// job that reached its group's set but not the group's place in the lane's ring would be
+    /// held by Redis yet never popped — and the relay, seeing it held, would never push it
+    /// again. In a transaction a refused command aborts the whole push, so an entry is either
+    /// poppable or missing (and the relay's).
     fn add_push(&self, pipe: &mut redis::Pipeline, entries: &[DispatchEntry]) {
+        pipe.cmd("MULTI").ignore();
         pipe.cmd("SET")
             .arg(self.epoch_key())
             .arg(1)
@@ -427,6 +488,7 @@ impl Queue {
                 .ignore();
             pipe.cmd("LTRIM").arg(&key).arg(0).arg(63).ignore();
         }
+        pipe.cmd("EXEC").ignore();
     }
 
     /// The command of [`Queue::publish_hints`], added to `pipe`.
@@ -797,7 +859,8 @@ impl Queue {
 }
 
 /// After each commit: push what became ready (the fast path; the relay sweeps what this misses)
-/// and publish the changed streams as hints.
+/// and publish the changed streams as hints. While Redis fails ([`FastPath`]) the commit is not
+/// held: the push is skipped or sent as the breaker's background probe.
 impl crate::store::append::CommitListener for Queue {
     fn committed<'a>(
         &'a self,
@@ -819,10 +882,34 @@ impl crate::store::append::CommitListener for Queue {
                 self.add_hints(&mut pipe, streams);
             }
             let mut conn = self.conn.clone();
-            if let Err(e) = pipe.query_async::<()>(&mut conn).await {
-                tracing::warn!(error = %e, dispatched = dispatched.len(),
-                    "after-commit push to Redis failed; the relay will dispatch again");
+            if !self.fast_path.is_degraded() {
+                let outcome =
+                    tokio::time::timeout(FAST_PATH_TIMEOUT, pipe.query_async::<()>(&mut conn))
+                        .await;
+                let why = match outcome {
+                    Ok(Ok(())) => return,
+                    Ok(Err(e)) => e.to_string(),
+                    Err(_) => format!("no answer within {FAST_PATH_TIMEOUT:?}"),
+                };
+                metrics::counter!("capibara_dispatch_deferred_total")
+                    .increment(dispatched.len() as u64);
+                self.fast_path.failed(&why, dispatched.len());
+                return;
             }
+            if !self.fast_path.start_probe() {
+                metrics::counter!("capibara_dispatch_deferred_total")
+                    .increment(dispatched.len() as u64);
+                return;
+            }
+            let fast_path = self.fast_path.clone();
+            let n = dispatched.len() as u64;
+            tokio::spawn(async move {
+                match tokio::time::timeout(PROBE_TIMEOUT, pipe.query_async::<()>(&mut conn)).await {
+                    Ok(Ok(())) => fast_path.recovered(),
+                    _ => metrics::counter!("capibara_dispatch_deferred_total").increment(n),
+                }
+                fast_path.end_probe();
+            });
         })
     }
 }

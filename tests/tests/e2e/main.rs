@@ -3,6 +3,7 @@
 
 mod api_errors;
 mod artifacts_s3;
+mod backpressure;
 mod bulk;
 mod cli;
 mod code_run;

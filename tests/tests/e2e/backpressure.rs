@@ -1,0 +1,301 @@
+//! Backpressure instead of loss: while Redis is unreachable, stalled or out of memory, and
+//! while Postgres stalls, every submission is either accepted durably (and runs once the fault
+//! ends) or refused with a 503 problem and `Retry-After` — never accepted and lost.
+
+use std::time::{Duration, Instant};
+
+use capibara_tests::{eventually, Fault, FaultProxy, RedisOptions, RedisServer, TestEnv};
+use serde_json::json;
+
+fn temp_dir(tag: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("capibara-{tag}-{}", uuid::Uuid::now_v7().simple()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+async fn count(pool: &sqlx::PgPool, sql: &str) -> i64 {
+    let (n,): (i64,) = sqlx::query_as(sql).fetch_one(pool).await.unwrap();
+    n
+}
+
+fn shared_pg() -> String {
+    std::env::var("CAPIBARA_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://capibara@127.0.0.1:25432/postgres".into())
+}
+
+fn shared_redis_addr() -> std::net::SocketAddr {
+    let url = std::env::var("CAPIBARA_TEST_REDIS_URL")
+        .unwrap_or_else(|_| "redis://127.0.0.1:26379/".into());
+    let port: u16 = url
+        .trim_end_matches('/')
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("a port in CAPIBARA_TEST_REDIS_URL");
+    std::net::SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+#[tokio::test]
+async fn submissions_while_redis_is_cut_or_stalled_are_accepted_and_run_when_it_returns() {
+    let proxy = FaultProxy::start(shared_redis_addr()).unwrap();
+    let env = TestEnv::on(shared_pg(), format!("redis://127.0.0.1:{}/", proxy.port())).await;
+    let _procs = env.spawn_all().await;
+    let api = env.client();
+    let pool = env.pool().await;
+    let warm = api.submit_id(json!({"kind": "echo"})).await;
+    api.wait_terminal(&warm, Duration::from_secs(20)).await;
+
+    let mut accepted = vec![warm];
+    for fault in [Fault::Cut, Fault::Stall] {
+        proxy.set(fault);
+        let started = Instant::now();
+        for i in 0..20 {
+            let r = api.submit(json!({"kind": "echo", "input": {"i": i}})).await;
+            assert_eq!(
+                r.status, 202,
+                "accepted durably while Redis is {fault:?}: {r:?}"
+            );
+            accepted.push(r.body["id"].as_str().unwrap().to_string());
+        }
+        eprintln!(
+            "20 submissions while Redis is {fault:?}: {:?}",
+            started.elapsed()
+        );
+        proxy.heal();
+    }
+    // The writer did not wait for Redis: the pushes it could not make were left to the relay.
+    let metrics = reqwest::get(format!("{}/metrics", env.api_url()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metric(&metrics, "capibara_dispatch_deferred_total") > 0.0,
+        "the fast path deferred to the relay: {metrics}"
+    );
+    let n = accepted.len() as i64;
+    eventually(
+        "every accepted job ran",
+        Duration::from_secs(60),
+        || async {
+            (count(
+                &pool,
+                "SELECT count(*) FROM jobs WHERE status = 'succeeded'",
+            )
+            .await
+                == n)
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM events WHERE type = 'JobSucceeded'"
+        )
+        .await,
+        n,
+        "each once"
+    );
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A Redis at its `maxmemory` with `noeviction` refuses our pushes. Submissions are still
+/// accepted (the outbox holds what Redis cannot), workers keep draining the queue — popping
+/// frees memory, so the pop must work at the limit — and the relay pushes the rest as room
+/// appears: every accepted job runs once.
+#[tokio::test]
+async fn a_redis_out_of_memory_loses_nothing_and_the_queue_drains() {
+    let dir = temp_dir("redis-oom");
+    let redis = RedisServer::start(RedisOptions {
+        dir: dir.clone(),
+        port: 0,
+        persist: false,
+    })
+    .unwrap();
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let env = TestEnv::on(shared_pg(), redis.url()).await;
+    let _api = env.spawn_api().await;
+    let _scheduler = env.spawn_scheduler();
+    let api = env.client();
+    let pool = env.pool().await;
+    let (group_key, _, _) = capibara_tests::redis_group_keys(&env.redis_prefix, "default", "echo");
+    let warm: Vec<_> = (0..10)
+        .map(|i| json!({"kind": "echo", "input": {"warm": i}}))
+        .collect();
+    assert_eq!(
+        api.post("/v1/jobs/batch", json!({"jobs": warm}))
+            .await
+            .status,
+        202
+    );
+    let info: String = redis::cmd("INFO")
+        .arg("memory")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let used: u64 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap();
+    // Room for a few thousand queued ids on top of what Redis uses with our processes connected.
+    let () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory-policy")
+        .arg("noeviction")
+        .arg("maxmemory")
+        .arg(used + 1_000_000)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    // Fill Redis until it refuses: every batch is still accepted.
+    let mut accepted = 10i64;
+    let mut held = 0i64;
+    for batch in 0..30 {
+        let jobs: Vec<_> = (0..500)
+            .map(|i| json!({"kind": "echo", "input": {"b": batch, "i": i}}))
+            .collect();
+        let r = api.post("/v1/jobs/batch", json!({"jobs": jobs})).await;
+        assert_eq!(r.status, 202, "accepted while Redis is full: {r:?}");
+        accepted += 500;
+        held = redis::cmd("ZCARD")
+            .arg(&group_key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if accepted - held > 1000 {
+            break;
+        }
+    }
+    assert!(
+        accepted - held > 1000,
+        "Redis refused pushes at its maxmemory ({held} of {accepted} held)"
+    );
+    let one = api
+        .submit(json!({"kind": "echo", "input": {"last": true}}))
+        .await;
+    assert_eq!(one.status, 202, "a single submission too: {one:?}");
+    accepted += 1;
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM jobs WHERE status = 'queued'").await,
+        accepted,
+        "everything accepted is queued in Postgres"
+    );
+
+    let _worker = env.spawn_worker(&["--concurrency", "32"]);
+    eventually("the queue drained", Duration::from_secs(120), || async {
+        let done = count(
+            &pool,
+            "SELECT count(*) FROM jobs WHERE status = 'succeeded'",
+        )
+        .await;
+
+        (done == accepted).then_some(())
+    })
+    .await;
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM events WHERE type = 'JobSucceeded'"
+        )
+        .await,
+        accepted,
+        "each once"
+    );
+    drop(env);
+    drop(redis);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A push that Redis refuses half-way at its `maxmemory` must not leave a job in its group's
+/// set without the group in the lane's ring: Redis would hold the job (so the relay never
+/// pushes it again) but no worker could pop it. Pushes at every distance from the limit leave
+/// each entry either poppable or missing.
+#[tokio::test]
+async fn a_push_refused_at_maxmemory_leaves_no_job_stranded() {
+    let dir = temp_dir("redis-strand");
+    let redis = RedisServer::start(RedisOptions {
+        dir: dir.clone(),
+        port: 0,
+        persist: false,
+    })
+    .unwrap();
+    let queue = capibara_shared::queue::Queue::connect(&redis.url(), "strand")
+        .await
+        .unwrap();
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let used = |info: String| -> u64 {
+        info.lines()
+            .find_map(|l| l.strip_prefix("used_memory:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap()
+    };
+    let () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory-policy")
+        .arg("noeviction")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let (mut refused, mut stranded) = (0, Vec::new());
+    for k in 0..400u64 {
+        let () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("maxmemory")
+            .arg(0)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let info: String = redis::cmd("INFO")
+            .arg("memory")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("maxmemory")
+            .arg(used(info) + k * 8)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let kind = format!("kind-{k}-{}", "x".repeat(200));
+        let entry = capibara_tests::dispatch_entry("default", &kind, uuid::Uuid::now_v7());
+        if queue.push(std::slice::from_ref(&entry)).await.is_err() {
+            refused += 1;
+        }
+        let group_key = format!("{{strand}}:g:default:{}", entry.group);
+        let in_group: Option<f64> = redis::cmd("ZSCORE")
+            .arg(&group_key)
+            .arg(entry.job_id.to_string())
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let in_ring: Option<f64> = redis::cmd("ZSCORE")
+            .arg("{strand}:ring:default")
+            .arg(&entry.group)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if in_group.is_some() && in_ring.is_none() {
+            stranded.push(k);
+        }
+    }
+    assert!(refused > 0, "some pushes met the limit");
+    assert!(
+        stranded.is_empty(),
+        "jobs held but not poppable at offsets {stranded:?}"
+    );
+    drop(redis);
+    let _ = std::fs::remove_dir_all(dir);
+}
