@@ -49,6 +49,13 @@ pub enum ApiError {
     },
     #[error("a dependency is unavailable")]
     Unavailable,
+    /// Capibara refuses more work for now (`detail` says why: the backlog bound, a request
+    /// that outlived its deadline); 503 with `Retry-After`. Nothing was accepted.
+    #[error("{detail}")]
+    Overloaded {
+        retry_after: Duration,
+        detail: String,
+    },
     /// A fault of ours: the source is kept (its chain is logged once, by [`log_internal_errors`]);
     /// the client sees only that it happened.
     #[error("internal error: {0:#}")]
@@ -128,6 +135,11 @@ impl ApiError {
                 "unavailable",
                 "Service Unavailable",
             ),
+            ApiError::Overloaded { .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "overloaded",
+                "Service Unavailable",
+            ),
             ApiError::Internal(_) => (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal",
@@ -173,6 +185,16 @@ impl From<FieldError> for ApiError {
         ApiError::Validation {
             detail: format!("{}: {}", e.field, e.message),
             errors: vec![e],
+        }
+    }
+}
+
+/// The backlog bound was reached: nothing was accepted.
+impl From<capibara_shared::backlog::BacklogFull> for ApiError {
+    fn from(e: capibara_shared::backlog::BacklogFull) -> Self {
+        ApiError::Overloaded {
+            retry_after: Duration::from_secs(5),
+            detail: e.to_string(),
         }
     }
 }
@@ -234,7 +256,8 @@ impl IntoResponse for ApiError {
         let (status, _, _) = self.parts();
         let retry_after = match &self {
             ApiError::Unavailable => Some("1".to_string()),
-            ApiError::RateLimited { retry_after, .. } => {
+            ApiError::RateLimited { retry_after, .. }
+            | ApiError::Overloaded { retry_after, .. } => {
                 Some((retry_after.as_secs_f64().ceil().max(1.0) as u64).to_string())
             }
             _ => None,

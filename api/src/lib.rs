@@ -36,7 +36,7 @@ use axum::{
 };
 use capibara_shared::{config::Config, hints::StreamWatch, ops, queue::Queue, store::Store};
 use tokio::net::TcpListener;
-use tower_http::{catch_panic::CatchPanicLayer, timeout::TimeoutLayer, trace::TraceLayer};
+use tower_http::{catch_panic::CatchPanicLayer, trace::TraceLayer};
 
 use crate::error::ApiError;
 
@@ -66,6 +66,9 @@ pub struct AppState {
     pub user_kinds: routes::kinds::KnownKinds,
     /// The key that signs stream tokens (config, or loaded once from Postgres).
     pub stream_secret: stream_tokens::TokenSecret,
+    /// The bound on jobs waiting for a worker (`CAPIBARA_MAX_BACKLOG`): requests that create
+    /// work ask it first.
+    pub backlog: capibara_shared::backlog::Backlog,
 }
 
 impl AppState {
@@ -85,6 +88,10 @@ impl AppState {
             known_workers: Default::default(),
             user_kinds: Default::default(),
             stream_secret: Default::default(),
+            backlog: capibara_shared::backlog::Backlog::start(
+                store.pool.clone(),
+                config.max_backlog,
+            ),
             store,
             queue,
             watch,
@@ -304,10 +311,7 @@ pub fn app(state: AppState) -> Router {
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .method_not_allowed_fallback(|| async { MethodNotAllowed })
         .layer(DefaultBodyLimit::max(state.config.body_limit_bytes))
-        .layer(TimeoutLayer::with_status_code(
-            axum::http::StatusCode::SERVICE_UNAVAILABLE,
-            Duration::from_secs(75),
-        ))
+        .layer(axum::middleware::from_fn(deadline))
         .layer(CatchPanicLayer::custom(|_| {
             axum::response::IntoResponse::into_response(ApiError::Internal(anyhow::anyhow!(
                 "handler panicked"
@@ -320,6 +324,27 @@ pub fn app(state: AppState) -> Router {
     match cors(&state.config.cors_origins) {
         Some(layer) => router.layer(layer),
         None => router,
+    }
+}
+
+/// The longest a request may take to be answered (a long poll holds at most 60 s): past it,
+/// a 503 problem with `Retry-After` instead of a connection held for ever by a stalled
+/// dependency. Streams (SSE, WebSocket) are answered at once and not limited here.
+const REQUEST_DEADLINE: Duration = Duration::from_secs(75);
+
+async fn deadline(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    match tokio::time::timeout(REQUEST_DEADLINE, next.run(req)).await {
+        Ok(res) => res,
+        Err(_) => axum::response::IntoResponse::into_response(ApiError::Overloaded {
+            retry_after: Duration::from_secs(5),
+            detail: format!(
+                "no answer within {}s (a dependency is slow); retry later",
+                REQUEST_DEADLINE.as_secs()
+            ),
+        }),
     }
 }
 

@@ -69,11 +69,17 @@ pub struct HookState {
     config: Arc<Config>,
     limits: Arc<Mutex<HashMap<Uuid, (f64, Instant)>>>,
     refusals: Arc<Mutex<Refusals>>,
+    /// The bound on jobs waiting for a worker (`CAPIBARA_MAX_BACKLOG`), as in the API.
+    backlog: capibara_shared::backlog::Backlog,
 }
 
 impl HookState {
     pub fn new(store: Store, config: Arc<Config>) -> Self {
         Self {
+            backlog: capibara_shared::backlog::Backlog::start(
+                store.pool.clone(),
+                config.max_backlog,
+            ),
             store,
             config,
             limits: Arc::default(),
@@ -373,6 +379,14 @@ async fn accept(
     body_bytes: usize,
     start: Start,
 ) -> Response {
+    if let Err(full) = state.backlog.admit(1) {
+        let mut res = problem(StatusCode::SERVICE_UNAVAILABLE, &full.to_string());
+        res.headers_mut().insert(
+            axum::http::header::RETRY_AFTER,
+            axum::http::HeaderValue::from(state.backlog.retry_after().as_secs()),
+        );
+        return res;
+    }
     let call = Call {
         message_id,
         body_bytes,

@@ -76,6 +76,15 @@ pub struct Config {
     pub db_max_connections: u32,
     /// Group-commit flushes that may run at once per process.
     pub append_flushers: usize,
+    /// Appends that may wait for a flusher per process (`CAPIBARA_APPEND_QUEUE`, default
+    /// 10000); beyond, callers wait for room up to `append_timeout`.
+    pub append_queue: usize,
+    /// Jobs that may wait for a worker before requests that create work are refused with 503
+    /// (`CAPIBARA_MAX_BACKLOG`, default 1000000; 0: no bound).
+    pub max_backlog: Option<u64>,
+    /// How long a write to the event log may take before it is answered 503
+    /// (`CAPIBARA_APPEND_TIMEOUT`, default `10s`).
+    pub append_timeout: Duration,
     /// Delays between webhook delivery attempts (`CAPIBARA_DELIVERY_RETRY_SCHEDULE`,
     /// e.g. `5s,30s,2m`); a delivery is tried once more than the schedule is long.
     pub delivery_retry_schedule: Vec<Duration>,
@@ -312,6 +321,19 @@ impl Config {
             },
             db_max_connections: parse("CAPIBARA_DB_MAX_CONNECTIONS", 16)?,
             append_flushers: parse("CAPIBARA_APPEND_FLUSHERS", 2usize)?.max(1),
+            append_queue: parse("CAPIBARA_APPEND_QUEUE", 10_000usize)?.max(1),
+            max_backlog: Some(parse("CAPIBARA_MAX_BACKLOG", 1_000_000u64)?).filter(|n| *n > 0),
+            append_timeout: match var("CAPIBARA_APPEND_TIMEOUT") {
+                None => Duration::from_secs(10),
+                Some(v) => {
+                    parse_duration(&v)
+                        .filter(|d| !d.is_zero())
+                        .ok_or_else(|| ConfigError {
+                            var: "CAPIBARA_APPEND_TIMEOUT",
+                            message: format!("`{v}` is not a duration like 500ms, 10s or 1m"),
+                        })?
+                }
+            },
             bulk_page_size: parse("CAPIBARA_BULK_PAGE_SIZE", 200i64)?.clamp(1, 1000),
             retention: match var("CAPIBARA_RETENTION").as_deref() {
                 None => Some(Duration::from_secs(30 * 86400)),

@@ -12,6 +12,7 @@
 //! - [`config`], [`telemetry`], [`metric_catalog`], [`ops`], [`shutdown`]: process plumbing.
 
 pub mod artifacts;
+pub mod backlog;
 pub mod command;
 pub mod config;
 pub mod domain;

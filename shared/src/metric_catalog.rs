@@ -201,6 +201,22 @@ pub const METRICS: &[MetricSpec] = &[
         labels: &[],
     },
     MetricSpec {
+        name: "capibara_append_queue_full_total",
+        kind: Counter,
+        help: "Writes refused because the group-commit queue stayed full for the append timeout (Postgres not keeping up).",
+        unit: None,
+        on: ALL,
+        labels: &[],
+    },
+    MetricSpec {
+        name: "capibara_backlog_refused_total",
+        kind: Counter,
+        help: "Jobs refused with 503 because the backlog of jobs waiting for a worker was at CAPIBARA_MAX_BACKLOG.",
+        unit: None,
+        on: &[Api, Scheduler],
+        labels: &[],
+    },
+    MetricSpec {
         name: "capibara_append_refused_total",
         kind: Counter,
         help: "Appends refused for their own data (a value Postgres cannot store); the rest of their batch committed.",

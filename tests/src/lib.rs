@@ -249,7 +249,8 @@ fn replace_db(url: &str, db: &str) -> String {
     format!("{base}/{db}")
 }
 
-async fn sqlx_connect(url: &str) -> sqlx::PgPool {
+/// A pool on `url` (for assertions that must not go through a test's fault proxy).
+pub async fn sqlx_connect(url: &str) -> sqlx::PgPool {
     sqlx::postgres::PgPoolOptions::new()
         .max_connections(4)
         .acquire_timeout(Duration::from_secs(10))

@@ -429,6 +429,7 @@ pub async fn create(
     hash: &str,
     command_type: &str,
 ) -> Result<(Job, bool), ApiError> {
+    state.backlog.admit(1)?;
     // `dedup` supersedes an Idempotency-Key: its own key makes the request safe to repeat.
     let dedup = submission.dedup.take().map(DedupSpec::check).transpose()?;
     let debounce = submission
@@ -562,6 +563,7 @@ pub async fn submit_batch(
             format!("must hold 1 to {MAX_BATCH} jobs"),
         ));
     }
+    state.backlog.admit(jobs.len() as u64)?;
     let names: Vec<&str> = jobs.iter().map(|j| j.kind.as_str()).collect();
     let kinds = request_kinds(&state, auth.namespace(), &names).await?;
     let now = domain::now();

@@ -572,6 +572,7 @@ async fn run_workflow(
     let (run, deduplicated) = match runs::replay(state, auth, &key, &hash).await? {
         Some(run) => (run, true),
         None => {
+            state.backlog.admit(1)?;
             let run_id = uuid::Uuid::now_v7();
             // The same checks as a job's callback (the signing secret must exist).
             let callback_url =

@@ -418,6 +418,7 @@ pub async fn trigger(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     auth.require(Role::Submit)?;
+    state.backlog.admit(1)?;
     let id = parse_id(&id)?;
     let s = ticks::fire_now(&state.store, auth.namespace(), id, &auth.actor())
         .await

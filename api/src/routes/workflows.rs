@@ -258,6 +258,7 @@ pub async fn start_run(
     body: ApiJson<StartRunBody>,
 ) -> Result<Response, ApiError> {
     auth.require(Role::Submit)?;
+    state.backlog.admit(1)?;
     let workflow_id = parse_id(&id)?;
     let wait = prefer_wait(&headers)?;
     let key = idempotency_key(&headers)?;
@@ -344,6 +345,7 @@ pub async fn start(
     input: Value,
 ) -> Result<capibara_shared::domain::run::Run, ApiError> {
     auth.require(Role::Submit)?;
+    state.backlog.admit(1)?;
     let started = store::runs::start_run(
         &state.store,
         StartRun {

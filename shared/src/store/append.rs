@@ -18,7 +18,11 @@
 //! what this misses) and of the changed stream ids (hints for waiters and SSE readers), before
 //! the flusher takes its next batch.
 
-use std::{collections::HashSet, sync::Arc, time::Instant};
+use std::{
+    collections::HashSet,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -262,6 +266,13 @@ pub struct AppenderOptions {
     pub flushers: usize,
     /// Most appends in one transaction.
     pub max_batch: usize,
+    /// Most appends waiting for a flusher; a caller finding it full waits (up to `timeout`)
+    /// for room, so memory stays bounded while Postgres is slow.
+    pub queue: usize,
+    /// How long a write (or a wait for room in the queue) may take before its callers get
+    /// [`AppendError::Unavailable`]. A write that timed out may still commit: callers that
+    /// must know repeat it with the same Idempotency-Key.
+    pub timeout: Duration,
 }
 
 impl Default for AppenderOptions {
@@ -269,6 +280,8 @@ impl Default for AppenderOptions {
         Self {
             flushers: 2,
             max_batch: 1000,
+            queue: 10_000,
+            timeout: Duration::from_secs(10),
         }
     }
 }
@@ -277,6 +290,8 @@ impl From<&crate::config::Config> for AppenderOptions {
     fn from(c: &crate::config::Config) -> Self {
         Self {
             flushers: c.append_flushers,
+            queue: c.append_queue,
+            timeout: c.append_timeout,
             ..Self::default()
         }
     }
@@ -285,9 +300,10 @@ impl From<&crate::config::Config> for AppenderOptions {
 /// Handle to the group-commit writer; cheap to clone.
 #[derive(Clone)]
 pub struct Appender {
-    tx: mpsc::UnboundedSender<Pending>,
+    tx: mpsc::Sender<Pending>,
     pool: PgPool,
     listener: Option<Arc<dyn CommitListener>>,
+    timeout: Duration,
 }
 
 impl Appender {
@@ -297,7 +313,7 @@ impl Appender {
         listener: Option<Arc<dyn CommitListener>>,
         opts: AppenderOptions,
     ) -> Appender {
-        let (tx, rx) = mpsc::unbounded_channel::<Pending>();
+        let (tx, rx) = mpsc::channel::<Pending>(opts.queue.max(1));
         let rx = Arc::new(Mutex::new(rx));
         for _ in 0..opts.flushers.max(1) {
             let rx = rx.clone();
@@ -317,11 +333,31 @@ impl Appender {
                         }
                         batch
                     };
-                    flush(&pool, listener.as_deref(), batch).await;
+                    flush(&pool, listener.as_deref(), batch, opts.timeout).await;
                 }
             });
         }
-        Appender { tx, pool, listener }
+        Appender {
+            tx,
+            pool,
+            listener,
+            timeout: opts.timeout,
+        }
+    }
+
+    /// Queue `p` for a flusher, waiting for room up to the write timeout.
+    async fn enqueue(&self, p: Pending) -> Result<(), AppendError> {
+        match tokio::time::timeout(self.timeout, self.tx.send(p)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(AppendError::Unavailable("appender stopped".into())),
+            Err(_) => {
+                metrics::counter!("capibara_append_queue_full_total").increment(1);
+                Err(AppendError::Unavailable(format!(
+                    "the database is not keeping up: no room to queue a write within {:?}",
+                    self.timeout
+                )))
+            }
+        }
     }
 
     /// Append all in one transaction, or none (batch submission).
@@ -330,7 +366,13 @@ impl Appender {
             return Err(AppendError::Invalid(why));
         }
         let mut results: Vec<Option<Result<Appended, AppendError>>> = vec![None; appends.len()];
-        match try_flush(&self.pool, &appends, &mut results, &HashSet::new(), true).await {
+        let written = tokio::time::timeout(
+            self.timeout,
+            try_flush(&self.pool, &appends, &mut results, &HashSet::new(), true),
+        )
+        .await
+        .unwrap_or_else(|_| Err(timed_out(self.timeout)));
+        match written {
             Ok(Ok(done)) => {
                 after_commit(self.listener.as_deref(), done).await;
                 results
@@ -353,9 +395,7 @@ impl Appender {
     /// Append and wait for the commit.
     pub async fn append(&self, append: Append) -> Result<Appended, AppendError> {
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Pending { append, reply })
-            .map_err(|_| AppendError::Unavailable("appender stopped".into()))?;
+        self.enqueue(Pending { append, reply }).await?;
         rx.await
             .map_err(|_| AppendError::Unavailable("appender dropped the request".into()))?
     }
@@ -365,28 +405,40 @@ impl Appender {
         let mut rxs = Vec::with_capacity(appends.len());
         for append in appends {
             let (reply, rx) = oneshot::channel();
-            if self.tx.send(Pending { append, reply }).is_err() {
-                rxs.push(None);
-            } else {
-                rxs.push(Some(rx));
+            match self.enqueue(Pending { append, reply }).await {
+                Ok(()) => rxs.push(Ok(rx)),
+                Err(e) => rxs.push(Err(e)),
             }
         }
         let mut out = Vec::with_capacity(rxs.len());
         for rx in rxs {
             out.push(match rx {
-                Some(rx) => rx.await.unwrap_or_else(|_| {
+                Ok(rx) => rx.await.unwrap_or_else(|_| {
                     Err(AppendError::Unavailable(
                         "appender dropped the request".into(),
                     ))
                 }),
-                None => Err(AppendError::Unavailable("appender stopped".into())),
+                Err(e) => Err(e),
             });
         }
         out
     }
 }
 
-async fn flush(pool: &PgPool, listener: Option<&dyn CommitListener>, batch: Vec<Pending>) {
+/// The error of a write Postgres did not finish within `timeout` (its outcome is unknown).
+fn timed_out(timeout: Duration) -> sqlx::Error {
+    sqlx::Error::Io(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!("the database did not answer within {timeout:?}; the write may or may not have committed"),
+    ))
+}
+
+async fn flush(
+    pool: &PgPool,
+    listener: Option<&dyn CommitListener>,
+    batch: Vec<Pending>,
+    timeout: Duration,
+) {
     let started = Instant::now();
     let size = batch.len();
     let (appends, replies): (Vec<Append>, Vec<_>) =
@@ -404,7 +456,17 @@ async fn flush(pool: &PgPool, listener: Option<&dyn CommitListener>, batch: Vec<
             None => candidates.push(i),
         }
     }
-    let (committed, failed) = write_isolating(pool, &appends, &mut results, candidates).await;
+    // A stalled connection never answers: give up after `timeout` (dropping the write closes
+    // its connection) so callers get an answer and the flusher serves the next batch.
+    let (committed, failed) = match tokio::time::timeout(
+        timeout,
+        write_isolating(pool, &appends, &mut results, candidates),
+    )
+    .await
+    {
+        Ok(done) => done,
+        Err(_) => (Written::default(), Some(timed_out(timeout))),
+    };
     if let Some(e) = failed {
         let msg = e.to_string();
         tracing::warn!(error = %msg, size, "append batch failed");

@@ -299,3 +299,195 @@ async fn a_push_refused_at_maxmemory_leaves_no_job_stranded() {
     drop(redis);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+fn shared_pg_addr() -> std::net::SocketAddr {
+    let url = shared_pg();
+    let port: u16 = url
+        .rsplit_once('@')
+        .map(|(_, rest)| rest)
+        .and_then(|hp| hp.split('/').next())
+        .and_then(|hp| hp.rsplit(':').next())
+        .and_then(|p| p.parse().ok())
+        .expect("a port in CAPIBARA_TEST_DATABASE_URL");
+    std::net::SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+fn rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+/// While every connection to Postgres hangs, a burst of submissions is answered with 503
+/// problems and `Retry-After` (bounded waits, bounded memory), nothing answered 202 is lost, and
+/// the API recovers by itself when Postgres answers again.
+#[tokio::test]
+async fn a_stalled_postgres_gets_503s_with_bounded_memory_and_loses_nothing() {
+    let proxy = FaultProxy::start(shared_pg_addr()).unwrap();
+    let direct = shared_pg();
+    let through = direct.replace(
+        &format!(":{}/", shared_pg_addr().port()),
+        &format!(":{}/", proxy.port()),
+    );
+    let mut env = TestEnv::on(
+        through,
+        std::env::var("CAPIBARA_TEST_REDIS_URL")
+            .unwrap_or_else(|_| "redis://127.0.0.1:26379/".into()),
+    )
+    .await;
+    // Short waits so the test is quick; the defaults are documented in docs/configuration.md.
+    env.extra_env
+        .push(("CAPIBARA_APPEND_TIMEOUT".into(), "2s".into()));
+    let api_proc = env.spawn_api().await;
+    let _scheduler = env.spawn_scheduler();
+    let _worker = env.spawn_worker(&[]);
+    let api = env.client();
+    let pool = capibara_tests::sqlx_connect(&env.database_url.replace(
+        &format!(":{}/", proxy.port()),
+        &format!(":{}/", shared_pg_addr().port()),
+    ))
+    .await;
+    let mut accepted = Vec::new();
+    for i in 0..20 {
+        accepted.push(
+            api.submit_id(json!({"kind": "echo", "input": {"before": i}}))
+                .await,
+        );
+    }
+    let rss_before = rss_kb(api_proc.pid());
+
+    proxy.set(Fault::Stall);
+    let burst = futures::future::join_all((0..500).map(|i| {
+        let api = api.clone();
+        async move {
+            api.submit(json!({"kind": "echo", "input": {"during": i}}))
+                .await
+        }
+    }))
+    .await;
+    let rss_during = rss_kb(api_proc.pid());
+    let mut refused = 0;
+    for r in &burst {
+        match r.status {
+            202 => accepted.push(r.body["id"].as_str().unwrap().to_string()),
+            503 => {
+                refused += 1;
+                assert_eq!(
+                    r.header("content-type").as_deref(),
+                    Some("application/problem+json"),
+                    "{r:?}"
+                );
+                assert!(r.header("retry-after").is_some(), "{r:?}");
+            }
+            _ => panic!("a submission while Postgres stalls: {r:?}"),
+        }
+    }
+    assert!(refused > 0, "the stall was felt");
+    eprintln!(
+        "stalled Postgres: {refused} of 500 refused with 503; API RSS {rss_before} kB before, {rss_during} kB after the burst"
+    );
+    assert!(
+        rss_during < rss_before + 64 * 1024,
+        "memory stays bounded: {rss_before} kB → {rss_during} kB"
+    );
+
+    proxy.heal();
+    let after = eventually("the API recovers", Duration::from_secs(60), || async {
+        let r = api
+            .submit(json!({"kind": "echo", "input": {"after": true}}))
+            .await;
+        (r.status == 202).then(|| r.body["id"].as_str().unwrap().to_string())
+    })
+    .await;
+    accepted.push(after);
+    for id in &accepted {
+        let job = api.wait_terminal(id, Duration::from_secs(60)).await;
+        assert_eq!(job["status"], "succeeded", "accepted means it runs: {job}");
+    }
+    let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM jobs")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(n >= accepted.len() as i64);
+}
+
+/// At `CAPIBARA_MAX_BACKLOG` jobs waiting for a worker, requests that create work are refused
+/// with a 503 `overloaded` problem and `Retry-After` (nothing of them is stored), and accepted
+/// again once workers bring the backlog down.
+#[tokio::test]
+async fn the_backlog_bound_refuses_new_work_with_503_until_workers_catch_up() {
+    let mut env = TestEnv::new().await;
+    env.extra_env
+        .push(("CAPIBARA_MAX_BACKLOG".into(), "50".into()));
+    let _api = env.spawn_api().await;
+    let _scheduler = env.spawn_scheduler();
+    let api = env.client();
+    let pool = env.pool().await;
+    let jobs: Vec<_> = (0..50)
+        .map(|i| json!({"kind": "echo", "input": {"i": i}}))
+        .collect();
+    assert_eq!(
+        api.post("/v1/jobs/batch", json!({"jobs": jobs}))
+            .await
+            .status,
+        202
+    );
+
+    let refused = eventually("the bound is felt", Duration::from_secs(10), || async {
+        let r = api
+            .submit(json!({"kind": "echo", "input": {"over": true}}))
+            .await;
+        (r.status == 503).then_some(r)
+    })
+    .await;
+    assert_eq!(
+        refused.header("content-type").as_deref(),
+        Some("application/problem+json")
+    );
+    assert_eq!(
+        refused.body["type"], "urn:capibara:problem:overloaded",
+        "{refused:?}"
+    );
+    assert!(
+        refused.body["detail"].as_str().unwrap().contains("backlog"),
+        "{refused:?}"
+    );
+    assert!(refused.header("retry-after").is_some());
+    let again = api
+        .submit(json!({"kind": "echo", "input": {"refused": 1}}))
+        .await;
+    assert_eq!(again.status, 503, "{again:?}");
+    let batch = api
+        .post(
+            "/v1/jobs/batch",
+            json!({"jobs": [{"kind": "echo", "input": {"refused": 2}}]}),
+        )
+        .await;
+    assert_eq!(batch.status, 503, "{batch:?}");
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM jobs WHERE input ? 'refused'").await,
+        0,
+        "nothing of a refused request is stored"
+    );
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM jobs").await,
+        50,
+        "the process counts what it admits between counts"
+    );
+
+    let _worker = env.spawn_worker(&["--concurrency", "16"]);
+    let after = eventually("accepted again", Duration::from_secs(30), || async {
+        let r = api
+            .submit(json!({"kind": "echo", "input": {"after": true}}))
+            .await;
+        (r.status == 202).then(|| r.body["id"].as_str().unwrap().to_string())
+    })
+    .await;
+    assert_eq!(
+        api.wait_terminal(&after, Duration::from_secs(30)).await["status"],
+        "succeeded"
+    );
+}

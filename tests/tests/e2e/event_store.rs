@@ -492,7 +492,7 @@ async fn a_poison_append_fails_alone_and_the_rest_of_its_batch_commits() {
         None,
         store::AppenderOptions {
             flushers: 1,
-            max_batch: 1000,
+            ..Default::default()
         },
     );
     let schedule = Uuid::now_v7();
