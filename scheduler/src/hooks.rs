@@ -380,7 +380,9 @@ async fn accept(
     start: Start,
 ) -> Response {
     if let Err(full) = state.backlog.admit(1) {
-        let mut res = problem(StatusCode::SERVICE_UNAVAILABLE, &full.to_string());
+        let mut res =
+            Problem::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", &full.to_string())
+                .into_response();
         res.headers_mut().insert(
             axum::http::header::RETRY_AFTER,
             axum::http::HeaderValue::from(state.backlog.retry_after().as_secs()),
