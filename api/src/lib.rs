@@ -88,10 +88,7 @@ impl AppState {
             known_workers: Default::default(),
             user_kinds: Default::default(),
             stream_secret: Default::default(),
-            backlog: capibara_shared::backlog::Backlog::start(
-                store.pool.clone(),
-                config.max_backlog,
-            ),
+            backlog: capibara_shared::backlog::Backlog::new(store.pool.clone(), config.max_backlog),
             store,
             queue,
             watch,

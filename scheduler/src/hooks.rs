@@ -76,10 +76,7 @@ pub struct HookState {
 impl HookState {
     pub fn new(store: Store, config: Arc<Config>) -> Self {
         Self {
-            backlog: capibara_shared::backlog::Backlog::start(
-                store.pool.clone(),
-                config.max_backlog,
-            ),
+            backlog: capibara_shared::backlog::Backlog::new(store.pool.clone(), config.max_backlog),
             store,
             config,
             limits: Arc::default(),
@@ -380,9 +377,12 @@ async fn accept(
     start: Start,
 ) -> Response {
     if let Err(full) = state.backlog.admit(1) {
-        let mut res =
-            Problem::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", &full.to_string())
-                .into_response();
+        let mut res = Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            &full.to_string(),
+        )
+        .into_response();
         res.headers_mut().insert(
             axum::http::header::RETRY_AFTER,
             axum::http::HeaderValue::from(state.backlog.retry_after().as_secs()),

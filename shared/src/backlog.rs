@@ -6,15 +6,18 @@
 //! 503 and `Retry-After` — told "not accepted", never accepted and lost. Work already accepted
 //! (retries, workflow steps, schedule occurrences that fall due) is never refused.
 //!
-//! Counting on every request would cost a scan per submission, so each process counts in the
-//! background once a second (a count never scans more than `limit + 1` rows) and adds what it
-//! admits in between. The bound is soft only by what *other* processes accept within a second.
+//! Counting on every request would cost a scan per submission, so a process counts at most
+//! once a second, in the background, when a request asks and the last count is older (an
+//! idle process costs Postgres nothing); a count never scans more than `limit + 1` rows, and
+//! what the process admits in between is added to it. The bound is soft only by what other
+//! processes admit within a second, and by the first admissions after an idle spell, which
+//! are judged on the last count.
 
 use std::sync::{
     atomic::{AtomicU64, Ordering},
-    Arc,
+    Arc, Mutex,
 };
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
 
@@ -40,6 +43,9 @@ struct Inner {
     /// 0: no bound.
     limit: u64,
     waiting: AtomicU64,
+    pool: Option<PgPool>,
+    /// When the last count started (none yet: `None`).
+    counted_at: Mutex<Option<Instant>>,
 }
 
 impl Backlog {
@@ -48,33 +54,42 @@ impl Backlog {
         Backlog::default()
     }
 
-    /// A bound of `limit` waiting jobs (`None` or 0: none), counted on `pool` in the background
-    /// (the task stops with the last clone).
-    pub fn start(pool: PgPool, limit: Option<u64>) -> Backlog {
-        let limit = limit.unwrap_or(0);
-        let backlog = Backlog {
+    /// A bound of `limit` waiting jobs (`None` or 0: none), counted on `pool`.
+    pub fn new(pool: PgPool, limit: Option<u64>) -> Backlog {
+        Backlog {
             inner: Arc::new(Inner {
-                limit,
+                limit: limit.unwrap_or(0),
                 waiting: AtomicU64::new(0),
+                pool: Some(pool),
+                counted_at: Mutex::new(None),
             }),
-        };
-        if limit > 0 {
-            let weak = Arc::downgrade(&backlog.inner);
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(REFRESH);
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                loop {
-                    tick.tick().await;
-                    let Some(inner) = weak.upgrade() else { return };
-                    match count(&pool, inner.limit).await {
-                        Ok(n) => inner.waiting.store(n, Ordering::Relaxed),
-                        // Postgres down: submissions fail on their own; keep the last count.
-                        Err(e) => tracing::debug!(error = %e, "counting the backlog failed"),
-                    }
-                }
-            });
         }
-        backlog
+    }
+
+    /// Start a count in the background unless one started less than [`REFRESH`] ago.
+    fn refresh_if_stale(&self) {
+        let Some(pool) = self.inner.pool.clone() else {
+            return;
+        };
+        {
+            let mut at = self
+                .inner
+                .counted_at
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if at.is_some_and(|t| t.elapsed() < REFRESH) {
+                return;
+            }
+            *at = Some(Instant::now());
+        }
+        let inner = self.inner.clone();
+        tokio::spawn(async move {
+            match count(&pool, inner.limit).await {
+                Ok(n) => inner.waiting.store(n, Ordering::Relaxed),
+                // Postgres down: submissions fail on their own; keep the last count.
+                Err(e) => tracing::debug!(error = %e, "counting the backlog failed"),
+            }
+        });
     }
 
     /// Whether `n` more jobs may be accepted now.
@@ -83,6 +98,7 @@ impl Backlog {
         if limit == 0 {
             return Ok(());
         }
+        self.refresh_if_stale();
         let waiting = self.inner.waiting.load(Ordering::Relaxed);
         if waiting.saturating_add(n) > limit {
             metrics::counter!("capibara_backlog_refused_total").increment(n);
@@ -119,6 +135,7 @@ mod tests {
             inner: Arc::new(Inner {
                 limit: 10,
                 waiting: AtomicU64::new(8),
+                ..Inner::default()
             }),
         };
         assert_eq!(
