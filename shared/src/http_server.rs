@@ -4,14 +4,15 @@
 //!
 //! `axum::serve` offers no header read timeout, connection limit or header size limit, so this
 //! is a small accept loop on hyper-util's HTTP/1 + HTTP/2 connection builder:
-//! - a client must send a request's complete head within `header_read_timeout`; the same
+//! - a client must send a request's complete head within `header_read_timeout` (a client that
+//!   connects and sends nothing is dropped after it too); the same
 //!   timer bounds how long a keep-alive connection may sit idle between requests (hyper starts
 //!   it when it waits for the next request's first byte), so slowloris connections are closed;
 //! - at most `max_connections` connections are served at once; further ones wait in the
 //!   kernel's accept backlog until one closes, so a flood of slow clients cannot exhaust file
 //!   descriptors or memory;
 //! - a request head larger than `max_header_bytes` is answered 431 and the connection closed
-//!   (hyper; a URI longer than its 64 KiB limit: 414);
+//!   (hyper); a URI longer than [`MAX_URI_BYTES`] is answered 414 (problem JSON);
 //! - HTTP/2 connections get pings (`keep_alive`), and at most 256 concurrent streams.
 //!
 //! Request smuggling is hyper's: a request with both `Content-Length` and
@@ -29,6 +30,10 @@ use hyper_util::{
 };
 use tokio::{net::TcpListener, sync::Semaphore};
 use tower::ServiceExt as _;
+
+/// Longest request target (path and query) served; beyond: 414. Capibara's longest legitimate
+/// URIs (list filters, cursors) are a few hundred bytes.
+pub const MAX_URI_BYTES: usize = 16 * 1024;
 
 /// Bounds on the connections one listener serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,6 +75,7 @@ pub async fn serve(
     limits: ServeLimits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let router = router.layer(axum::middleware::from_fn(refuse_long_uris));
     let mut builder = Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -109,6 +115,7 @@ pub async fn serve(
             () = &mut shutdown => break,
         };
         let _ = tcp.set_nodelay(true);
+        let header_read_timeout = limits.header_read_timeout;
         let service = router
             .clone()
             .map_request(move |mut req: axum::extract::Request<_>| {
@@ -119,6 +126,14 @@ pub async fn serve(
         let builder = builder.clone();
         let mut stop_rx = stop_rx.clone();
         tokio::spawn(async move {
+            // hyper's header timer starts once the protocol is known; until then (a client
+            // that connects and sends nothing, or a byte of the HTTP/2 preface) it would wait
+            // forever.
+            let deadline = tokio::time::Instant::now() + header_read_timeout;
+            if !protocol_known(&tcp, deadline).await {
+                drop(permit);
+                return;
+            }
             let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service);
             let mut conn = std::pin::pin!(conn);
             tokio::select! {
@@ -143,5 +158,46 @@ pub async fn serve(
 fn log_close(r: Result<(), Box<dyn std::error::Error + Send + Sync>>) {
     if let Err(e) = r {
         tracing::debug!(error = %e, "connection closed with an error");
+    }
+}
+
+async fn refuse_long_uris(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    let len = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
+    if len > MAX_URI_BYTES {
+        return crate::problem::Problem::for_status(
+            axum::http::StatusCode::URI_TOO_LONG,
+            format!("the request target is {len} bytes; at most {MAX_URI_BYTES} are served"),
+        )
+        .into_response();
+    }
+    next.run(req).await
+}
+
+/// Whether the client sent enough by `deadline` to tell HTTP/1 from HTTP/2: a first byte that
+/// differs from the HTTP/2 connection preface, or the whole 24-byte preface. Only peeks: hyper
+/// reads the same bytes again.
+async fn protocol_known(tcp: &tokio::net::TcpStream, deadline: tokio::time::Instant) -> bool {
+    const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let mut buf = [0u8; 24];
+    loop {
+        let n = match tokio::time::timeout_at(deadline, tcp.peek(&mut buf)).await {
+            Ok(Ok(n)) => n,
+            Ok(Err(_)) | Err(_) => return false,
+        };
+        if n == 0 {
+            return false; // closed before a request
+        }
+        if n == buf.len() || buf[..n] != PREFACE[..n] {
+            return true;
+        }
+        // Part of the HTTP/2 preface: wait for more (a peek would return the same bytes at once).
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
