@@ -130,7 +130,11 @@ pub async fn serve(
             // that connects and sends nothing, or a byte of the HTTP/2 preface) it would wait
             // forever.
             let deadline = tokio::time::Instant::now() + header_read_timeout;
-            if !protocol_known(&tcp, deadline).await {
+            let known = tokio::select! {
+                known = protocol_known(&tcp, deadline) => known,
+                _ = stop_rx.changed() => false, // shutting down: no request started yet
+            };
+            if !known {
                 drop(permit);
                 return;
             }
