@@ -39,7 +39,8 @@ pub const MAX_URI_BYTES: usize = 16 * 1024;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ServeLimits {
     /// How long a client may take to send a request head, and how long a keep-alive connection
-    /// may stay idle between requests (`CAPIBARA_HTTP_HEADER_TIMEOUT_S`, default 10 s).
+    /// may stay idle between requests (`CAPIBARA_HTTP_HEADER_TIMEOUT_S`, default 30 s, hyper's own
+    /// default: a client pool's idle connection closed under it races with its reuse, so not less).
     pub header_read_timeout: Duration,
     /// Connections served at once (`CAPIBARA_HTTP_MAX_CONNECTIONS`, default 4096); the rest wait
     /// in the accept backlog.
@@ -51,7 +52,7 @@ pub struct ServeLimits {
 
 impl ServeLimits {
     pub const DEFAULT: ServeLimits = ServeLimits {
-        header_read_timeout: Duration::from_secs(10),
+        header_read_timeout: Duration::from_secs(30),
         max_connections: 4096,
         max_header_bytes: 64 * 1024,
     };
