@@ -395,20 +395,13 @@ impl axum::response::IntoResponse for MethodNotAllowed {
     }
 }
 
-/// Serve until `shutdown` resolves; in-flight requests finish first.
+/// Serve until `shutdown` resolves; in-flight requests finish first. The listener's bounds
+/// (header read timeout, connections at once, head size) are the config's `http`.
 pub async fn serve(
     listener: TcpListener,
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    use axum::serve::ListenerExt;
-    // Small writes (SSE frames, short JSON answers) go out at once instead of waiting on Nagle.
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    // Peer addresses reach the handlers (the failed-authentication limit is per address).
-    let app = app(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
+    let limits = state.config.http;
+    capibara_shared::http_server::serve(listener, app(state), limits, shutdown).await
 }

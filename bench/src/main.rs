@@ -8,6 +8,7 @@ mod code;
 mod connectors;
 mod deliveries;
 mod fanout;
+mod flood;
 mod flow;
 mod harness;
 mod jobs;
@@ -68,6 +69,9 @@ enum Command {
     /// Flow control: end-to-end throughput with 1,000 per-key limits and a global rate vs none,
     /// enqueue→start under the limits, and one tenant's job behind another's backlog.
     Flow(flow::FlowBenchArgs),
+    /// One API key floods the API from loopback while other keys are served: the flood's
+    /// request rate, its 429 share, and the other keys' successes and latency.
+    Flood(flood::FloodArgs),
     /// The Rust SDK's in-process no-op worker that `sdk` runs (not a benchmark of its own).
     #[command(hide = true)]
     SdkDriver(sdk_driver::DriverArgs),
@@ -88,6 +92,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Sdk(a) => sdk::run(a).await,
         Command::Agents(a) => agents::run(a).await,
         Command::Flow(a) => flow::run(a).await,
+        Command::Flood(a) => flood::run(a).await,
         Command::SdkDriver(a) => sdk_driver::run(a).await,
     }
 }

@@ -163,10 +163,12 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         match tokio::net::TcpListener::bind(addr).await {
             Ok(l) => {
                 let s = stop.clone();
+                let limits = config.http;
                 tokio::spawn(async move {
-                    axum::serve(l, router)
-                        .with_graceful_shutdown(async move { s.cancelled().await })
-                        .await
+                    capibara_shared::http_server::serve(l, router, limits, async move {
+                        s.cancelled().await
+                    })
+                    .await
                 });
             }
             Err(e) => tracing::warn!(%addr, error = %e, "health/metrics port busy; skipping"),

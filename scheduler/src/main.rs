@@ -38,6 +38,7 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!(addr = %listener.local_addr()?, "capibara-scheduler listening");
     let stop = shutdown::token();
     let http_stop = stop.clone();
+    let http_limits = config.http;
     let router = ops::router(ops::Readiness {
         store: store.clone(),
         queue: queue.clone(),
@@ -47,9 +48,10 @@ async fn main() -> anyhow::Result<()> {
         capibara_scheduler::hooks::HookState::new(store.clone(), config.clone()),
     ));
     let http = tokio::spawn(async move {
-        axum::serve(listener, router)
-            .with_graceful_shutdown(async move { http_stop.cancelled().await })
-            .await
+        capibara_shared::http_server::serve(listener, router, http_limits, async move {
+            http_stop.cancelled().await
+        })
+        .await
     });
     let ticker = tokio::spawn(capibara_scheduler::ticker::run(
         store.clone(),

@@ -50,6 +50,9 @@ pub struct Config {
     /// `CAPIBARA_TEMPLATE_OUTPUT_LIMIT_BYTES`); binaries that render install it with
     /// [`crate::domain::template::set_budget`] at startup.
     pub template_budget: crate::domain::template::Budget,
+    /// Bounds on every HTTP listener's connections: header read timeout, connections at once,
+    /// request head size (`CAPIBARA_HTTP_*`; docs/security.md, "Hostile input").
+    pub http: crate::http_server::ServeLimits,
     /// Requests per second per API key (token bucket; burst = 2×).
     pub rate_limit_rps: u32,
     /// Failed authentications (unknown bearer tokens) allowed per client address per minute,
@@ -272,6 +275,27 @@ impl Config {
                     crate::domain::template::Budget::DEFAULT.output_bytes,
                 )?
                 .max(1),
+            },
+            http: crate::http_server::ServeLimits {
+                header_read_timeout: Duration::from_secs_f64(
+                    parse(
+                        "CAPIBARA_HTTP_HEADER_TIMEOUT_S",
+                        crate::http_server::ServeLimits::DEFAULT
+                            .header_read_timeout
+                            .as_secs_f64(),
+                    )?
+                    .clamp(0.1, 3600.0),
+                ),
+                max_connections: parse(
+                    "CAPIBARA_HTTP_MAX_CONNECTIONS",
+                    crate::http_server::ServeLimits::DEFAULT.max_connections,
+                )?
+                .clamp(1, 1 << 20),
+                max_header_bytes: parse(
+                    "CAPIBARA_HTTP_MAX_HEADER_BYTES",
+                    crate::http_server::ServeLimits::DEFAULT.max_header_bytes,
+                )?
+                .clamp(8192, 1 << 20),
             },
             rate_limit_rps: parse("CAPIBARA_RATE_LIMIT_RPS", 2000)?,
             auth_failures_per_min: parse("CAPIBARA_AUTH_FAILURES_PER_MIN", 60u32)?.max(1),

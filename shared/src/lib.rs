@@ -9,6 +9,7 @@
 //! - [`installed`]: what this deployment has installed (voices), for kinds' input checks.
 //! - [`outbound`]: SSRF guard for URLs Capibara calls out to.
 //! - [`artifacts`]: files jobs produce, in a local directory or an S3-compatible bucket.
+//! - [`http_server`]: the bounded accept loop every HTTP listener serves through.
 //! - [`config`], [`telemetry`], [`metric_catalog`], [`ops`], [`shutdown`]: process plumbing.
 
 pub mod artifacts;
@@ -19,6 +20,7 @@ pub mod domain;
 pub mod flow;
 pub mod hints;
 pub mod http_hosts;
+pub mod http_server;
 pub mod installed;
 pub mod metric_catalog;
 pub mod ops;

@@ -72,10 +72,12 @@ async fn main() -> anyhow::Result<()> {
     });
     let stop = shutdown::token();
     let http_stop = stop.clone();
+    let http_limits = config.http;
     tokio::spawn(async move {
-        let _ = axum::serve(listener, ops)
-            .with_graceful_shutdown(async move { http_stop.cancelled().await })
-            .await;
+        let _ = capibara_shared::http_server::serve(listener, ops, http_limits, async move {
+            http_stop.cancelled().await
+        })
+        .await;
     });
 
     let opts = capibara_worker::WorkerOptions {

@@ -43,6 +43,9 @@ pub mod trigger;
 pub mod webhook;
 pub mod workflow;
 
+#[cfg(test)]
+mod fuzz;
+
 pub use event::DomainEvent;
 pub use problem::FieldError;
 

@@ -320,8 +320,8 @@ pub fn check(t: &Templates, v: &Value) -> Result<(), String> {
 /// the budget of `t`.
 pub fn condition(t: &Templates, expr: &str, ctx: &minijinja::Value) -> Result<bool, String> {
     let e = single_expression(expr).unwrap_or(expr.trim());
-    t.env
-        .compile_expression(e)
+    bare_expression(e)
+        .and_then(|e| t.env.compile_expression(e))
         .and_then(|c| c.eval(ctx))
         .map(|v| v.is_true())
         .map_err(|err| error_message(expr, &err, t))
@@ -333,10 +333,36 @@ pub fn check_condition(t: &Templates, expr: &str) -> Result<(), String> {
     if e.is_empty() {
         return Err("is empty".into());
     }
-    t.env
-        .compile_expression(e)
+    bare_expression(e)
+        .and_then(|e| t.env.compile_expression(e))
         .map(|_| ())
         .map_err(|err| error_message(expr, &err, t))
+}
+
+/// A condition as minijinja's expression compiler may take it: with no `}}` outside a string
+/// literal. minijinja (2.24) lexes an expression as the inside of `{{ }}`, so a `}}` ends that
+/// state and a following `{{` finds no state left: `}}{{` panicked ("empty lexer stack") in the
+/// API's definition check and in the scheduler's run of the step.
+fn bare_expression(e: &str) -> Result<&str, minijinja::Error> {
+    let mut quote: Option<char> = None;
+    let mut chars = e.chars().peekable();
+    while let Some(c) = chars.next() {
+        match (quote, c) {
+            (Some(_), '\\') => {
+                chars.next();
+            }
+            (Some(q), c) if c == q => quote = None,
+            (None, '\'' | '"') => quote = Some(c),
+            (None, '}') if chars.peek() == Some(&'}') => {
+                return Err(minijinja::Error::new(
+                    minijinja::ErrorKind::SyntaxError,
+                    "unexpected `}}` in an expression",
+                ));
+            }
+            _ => {}
+        }
+    }
+    Ok(e)
 }
 
 #[cfg(test)]

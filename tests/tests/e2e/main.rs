@@ -16,6 +16,7 @@ mod examples;
 mod failures;
 mod firehose;
 mod flow_control;
+mod hostile_http;
 mod http_request;
 mod isolation;
 mod jobs_api;
