@@ -249,6 +249,13 @@ pub fn install(keyring: Keyring) {
     let _ = KEYRING.set(keyring);
 }
 
+/// Read the keys from the environment and install them: the api, the worker and the scheduler
+/// call it first thing, so a missing or malformed key is a one-line startup error.
+pub fn install_from_env() -> Result<(), KeyConfigError> {
+    install(Keyring::require_from_env()?);
+    Ok(())
+}
+
 /// This process's keyring.
 pub fn keyring() -> Result<&'static Keyring, CryptoError> {
     KEYRING.get().ok_or(CryptoError::NotConfigured)
