@@ -75,6 +75,9 @@ pub struct TestEnv {
     pub redis_prefix: String,
     pub api_port: u16,
     pub visibility_timeout_s: f64,
+    /// This test's `CAPIBARA_SECRETS_KEY` (a fresh key per test; `extra_env` may override it, an
+    /// empty value there leaves the processes without a key).
+    pub secrets_key: String,
     /// Extra `CAPIBARA_*` settings for every process.
     pub extra_env: Vec<(String, String)>,
     admin_url: String,
@@ -109,6 +112,7 @@ impl TestEnv {
             redis_prefix: format!("t{}", &id[16..]),
             api_port: find_free_port(),
             visibility_timeout_s: 3.0,
+            secrets_key: capibara_shared::crypto::generate_key(),
             extra_env: Vec::new(),
             admin_url,
             db_name,
@@ -130,6 +134,7 @@ impl TestEnv {
             .env("CAPIBARA_REDIS_URL", &self.redis_url)
             .env("CAPIBARA_REDIS_PREFIX", &self.redis_prefix)
             .env("CAPIBARA_ADMIN_KEY", ADMIN_KEY)
+            .env("CAPIBARA_SECRETS_KEY", &self.secrets_key)
             .env("CAPIBARA_API_ADDR", format!("127.0.0.1:{}", self.api_port))
             .env("CAPIBARA_SCHEDULER_ADDR", "127.0.0.1:0")
             .env("CAPIBARA_WORKER_ADDR", "127.0.0.1:0")
