@@ -160,6 +160,33 @@ impl TestEnv {
         c
     }
 
+    /// Start `bin_name` with `args`, its stdout and stderr appended to `log` (tests that read what
+    /// a process logged); does not wait for it to answer.
+    pub fn spawn_logged(
+        &self,
+        name: &'static str,
+        bin_name: &str,
+        args: &[&str],
+        log: &std::path::Path,
+    ) -> Proc {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap_or_else(|e| panic!("opening {}: {e}", log.display()));
+        let mut c = self.command(bin_name);
+        c.args(args)
+            .stdout(file.try_clone().expect("log file"))
+            .stderr(file);
+        let child = c.spawn().unwrap_or_else(|e| panic!("starting {name}: {e}"));
+        Proc { name, child }
+    }
+
+    /// What [`Self::spawn_logged`] runs: `bin_name` with this test's settings, not started.
+    pub fn command_for(&self, bin_name: &str) -> Command {
+        self.command(bin_name)
+    }
+
     /// Start `capibara-api` and wait until `/healthz` answers.
     pub async fn spawn_api(&self) -> Proc {
         let p = Proc::spawn("api", self.command("capibara-api"));
