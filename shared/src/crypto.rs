@@ -34,7 +34,9 @@ pub enum CryptoError {
     UnknownKey(String),
     #[error("a stored secret is not a valid encrypted value")]
     Malformed,
-    #[error("a stored secret does not decrypt with key {0}: it was altered or belongs to another row")]
+    #[error(
+        "a stored secret does not decrypt with key {0}: it was altered or belongs to another row"
+    )]
     Tampered(String),
 }
 
@@ -55,7 +57,9 @@ pub struct Key {
 
 impl std::fmt::Debug for Key {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Key").field("id", &self.id).finish_non_exhaustive()
+        f.debug_struct("Key")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
     }
 }
 

@@ -695,8 +695,8 @@ impl<'a> Rows<'a> {
             match credential {
                 Some(c) => {
                     // Encrypted at rest under the current key, bound to the trigger id.
-                    let ring = crate::crypto::keyring()
-                        .map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+                    let ring =
+                        crate::crypto::keyring().map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
                     let (sealed, key_id) = super::sealed::seal_credential(ring, **trigger_id, c);
                     sqlx::query(
                         "INSERT INTO trigger_credentials (trigger_id, namespace, credential, key_id) VALUES ($1, $2, $3, $4)

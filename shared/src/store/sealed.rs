@@ -101,12 +101,11 @@ pub async fn trigger_credential(
     pool: &PgPool,
     trigger_id: Uuid,
 ) -> Result<Option<TriggerCredential>, StoreError> {
-    let row: Option<(Value, Option<String>)> = sqlx::query_as(
-        "SELECT credential, key_id FROM trigger_credentials WHERE trigger_id = $1",
-    )
-    .bind(trigger_id)
-    .fetch_optional(pool)
-    .await?;
+    let row: Option<(Value, Option<String>)> =
+        sqlx::query_as("SELECT credential, key_id FROM trigger_credentials WHERE trigger_id = $1")
+            .bind(trigger_id)
+            .fetch_optional(pool)
+            .await?;
     let Some((stored, key_id)) = row else {
         return Ok(None);
     };
@@ -245,13 +244,15 @@ async fn reencrypt_secrets(pool: &PgPool, ring: &Keyring) -> Result<u64, StoreEr
             Some(_) => ring.open_text(&secret_aad(namespace, name), value)?,
         };
         let (sealed, id) = seal_secret(ring, namespace, name, &plain);
-        sqlx::query("UPDATE secrets SET value = $3, key_id = $4 WHERE namespace = $1 AND name = $2")
-            .bind(namespace)
-            .bind(name)
-            .bind(sealed)
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "UPDATE secrets SET value = $3, key_id = $4 WHERE namespace = $1 AND name = $2",
+        )
+        .bind(namespace)
+        .bind(name)
+        .bind(sealed)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
     }
     tx.commit().await?;
     Ok(rows.len() as u64)
@@ -274,12 +275,14 @@ async fn reencrypt_credentials(pool: &PgPool, ring: &Keyring) -> Result<u64, Sto
             StoreError::Internal(format!("a stored trigger credential does not parse: {e}"))
         })?;
         let (sealed, id) = seal_credential(ring, trigger_id, &credential);
-        sqlx::query("UPDATE trigger_credentials SET credential = $2, key_id = $3 WHERE trigger_id = $1")
-            .bind(trigger_id)
-            .bind(sealed)
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "UPDATE trigger_credentials SET credential = $2, key_id = $3 WHERE trigger_id = $1",
+        )
+        .bind(trigger_id)
+        .bind(sealed)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
     }
     tx.commit().await?;
     Ok(n)

@@ -30,7 +30,8 @@ pub async fn put(
 ) -> Result<SecretInfo, StoreError> {
     let now = crate::domain::now();
     // Encrypted at rest under the current key, bound to (namespace, name): super::sealed.
-    let (sealed, key_id) = super::sealed::seal_secret(crate::crypto::keyring()?, namespace, name, value);
+    let (sealed, key_id) =
+        super::sealed::seal_secret(crate::crypto::keyring()?, namespace, name, value);
     Ok(sqlx::query_as(
         "INSERT INTO secrets (namespace, name, value, key_id, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $5)
          ON CONFLICT (namespace, name) DO UPDATE SET value = EXCLUDED.value, key_id = EXCLUDED.key_id,

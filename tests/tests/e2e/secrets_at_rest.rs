@@ -20,7 +20,10 @@ fn env_with_ports(env: &mut TestEnv) -> (String, String) {
     let (hooks, worker) = (find_free_port(), find_free_port());
     for (k, v) in [
         ("CAPIBARA_SCHEDULER_ADDR", format!("127.0.0.1:{hooks}")),
-        ("CAPIBARA_HOOKS_PUBLIC_URL", format!("http://127.0.0.1:{hooks}")),
+        (
+            "CAPIBARA_HOOKS_PUBLIC_URL",
+            format!("http://127.0.0.1:{hooks}"),
+        ),
         ("CAPIBARA_WORKER_ADDR", format!("127.0.0.1:{worker}")),
         ("CAPIBARA_LOG", "debug".to_string()),
     ] {
@@ -209,7 +212,11 @@ async fn secret_values_are_encrypted_at_rest_and_appear_nowhere_after_a_run() {
         "{rows:?}"
     );
     for v in values {
-        assert_eq!(tables_containing(&pool, v).await, Vec::<String>::new(), "{v}");
+        assert_eq!(
+            tables_containing(&pool, v).await,
+            Vec::<String>::new(),
+            "{v}"
+        );
     }
     let (leaks,): (i64,) = sqlx::query_as(
         "SELECT count(*) FROM events WHERE strpos(data::text, $1) > 0 OR strpos(data::text, $2) > 0",
@@ -238,7 +245,7 @@ async fn secret_values_are_encrypted_at_rest_and_appear_nowhere_after_a_run() {
         p.terminate(Duration::from_secs(10));
     }
     for name in ["api", "worker", "scheduler"] {
-        let log = std::fs::read_to_string(&dir.join(format!("{name}.log"))).unwrap();
+        let log = std::fs::read_to_string(dir.join(format!("{name}.log"))).unwrap();
         assert!(!log.is_empty(), "{name} logged nothing at debug");
         for v in values {
             assert!(!log.contains(v), "{name}'s log shows a secret");
@@ -303,7 +310,10 @@ async fn keys_rotate_without_downtime_and_plain_text_rows_are_encrypted() {
     // Under the old key: a secret, a trigger, and a row from before encryption (plain text).
     let mut procs = spawn_logged(&env, &dir, &hooks, &worker).await;
     let api = env.client();
-    assert_eq!(put_secret(&api, "TOKEN", "rotating-token-value-1").await.0, 200);
+    assert_eq!(
+        put_secret(&api, "TOKEN", "rotating-token-value-1").await.0,
+        200
+    );
     let r = api
         .post(
             "/v1/triggers",
@@ -337,31 +347,37 @@ async fn keys_rotate_without_downtime_and_plain_text_rows_are_encrypted() {
 
     // Deploy with the new key current and the old one accepted; the scheduler re-encrypts at
     // startup and `capibara secrets rotate` finishes (or finds nothing left).
-    env.extra_env.push(("CAPIBARA_SECRETS_KEY".into(), new_key.clone()));
+    env.extra_env
+        .push(("CAPIBARA_SECRETS_KEY".into(), new_key.clone()));
     env.extra_env
         .push(("CAPIBARA_SECRETS_OLD_KEYS".into(), old_key.clone()));
     let mut procs = spawn_logged(&env, &dir, &hooks, &worker).await;
     // The scheduler's pass may hold rows for a moment (they are skipped, not waited for): run
     // the command until it reports nothing left, as an operator would.
     let done = format!("under key {new_id}, 0 remaining");
-    capibara_tests::eventually("the rotation to finish", Duration::from_secs(20), || async {
-        let out = env
-            .command_for("capibara")
-            .args(["secrets", "rotate"])
-            .output()
-            .unwrap();
-        let printed = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(
-            out.status.success(),
-            "{printed} {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        printed.contains(&done).then_some(())
-    })
+    capibara_tests::eventually(
+        "the rotation to finish",
+        Duration::from_secs(20),
+        || async {
+            let out = env
+                .command_for("capibara")
+                .args(["secrets", "rotate"])
+                .output()
+                .unwrap();
+            let printed = String::from_utf8_lossy(&out.stdout).into_owned();
+            assert!(
+                out.status.success(),
+                "{printed} {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            printed.contains(&done).then_some(())
+        },
+    )
     .await;
     let rows = key_ids(&pool).await;
     assert!(
-        rows.iter().all(|(_, k)| k.as_deref() == Some(new_id.as_str())),
+        rows.iter()
+            .all(|(_, k)| k.as_deref() == Some(new_id.as_str())),
         "{rows:?}"
     );
     assert!(rows.len() >= 3, "{rows:?}");
@@ -374,7 +390,8 @@ async fn keys_rotate_without_downtime_and_plain_text_rows_are_encrypted() {
     }
 
     // The old key removed: everything still reads, a job uses the secrets, the hook checks calls.
-    env.extra_env.retain(|(k, _)| k != "CAPIBARA_SECRETS_OLD_KEYS");
+    env.extra_env
+        .retain(|(k, _)| k != "CAPIBARA_SECRETS_OLD_KEYS");
     let _procs = spawn_logged(&env, &dir, &hooks, &worker).await;
     let done = run_with_secret(&api, &workflow).await;
     assert_eq!(done["status"], "succeeded", "{done}");
@@ -384,8 +401,10 @@ async fn keys_rotate_without_downtime_and_plain_text_rows_are_encrypted() {
 
     // A process given only the old key refuses to start, naming the key the rows use.
     let mut c = env.command_for("capibara-api");
-    c.env("CAPIBARA_SECRETS_KEY", &old_key)
-        .env("CAPIBARA_API_ADDR", format!("127.0.0.1:{}", find_free_port()));
+    c.env("CAPIBARA_SECRETS_KEY", &old_key).env(
+        "CAPIBARA_API_ADDR",
+        format!("127.0.0.1:{}", find_free_port()),
+    );
     let (status, err) = run_to_exit(c);
     assert!(!status.success());
     assert!(

@@ -77,8 +77,7 @@ fn docker_compose_config_resolves_every_service() {
         let env = &service["environment"];
         assert_eq!(env["CAPIBARA_ADMIN_KEY"], "test-admin-key", "{name}");
         assert_eq!(
-            env["CAPIBARA_SECRETS_KEY"],
-            "dGVzdC1zZWNyZXRzLWtleS0zMi1ieXRlcy0wMDAwMDA=",
+            env["CAPIBARA_SECRETS_KEY"], "dGVzdC1zZWNyZXRzLWtleS0zMi1ieXRlcy0wMDAwMDA=",
             "{name}: every process gets the key of secrets at rest"
         );
         assert!(
