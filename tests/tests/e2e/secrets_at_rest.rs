@@ -253,9 +253,12 @@ async fn secret_values_are_encrypted_at_rest_and_appear_nowhere_after_a_run() {
     }
 }
 
-/// Run `bin_name` to its exit (at most 60 s); returns its status and stderr.
+/// Run `c` to its exit (at most 60 s), as an operator would (no backtraces asked for); returns
+/// its status and stderr.
 fn run_to_exit(mut c: Command) -> (std::process::ExitStatus, String) {
     let mut child = c
+        .env_remove("RUST_BACKTRACE")
+        .env_remove("RUST_LIB_BACKTRACE")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
