@@ -8,6 +8,8 @@ use capibara_shared::{config::Config, metric_catalog, queue::Queue, shutdown, st
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Arc::new(Config::from_env()?);
+    // Secrets are encrypted at rest: no key, no start (docs/security.md).
+    capibara_shared::crypto::install_from_env()?;
     capibara_shared::installed::install(&config);
     telemetry::init_logs(config.log_format, "capibara-api");
     telemetry::init_metrics(
@@ -16,6 +18,7 @@ async fn main() -> anyhow::Result<()> {
     );
     let pool = store::connect(&config.database_url, config.db_max_connections).await?;
     store::migrate(&pool).await.context("applying migrations")?;
+    store::sealed::check_installed_keys(&pool).await?;
     let queue = Queue::connect(&config.redis_url, &config.redis_prefix)
         .await
         .context("connecting to Redis")?;

@@ -124,20 +124,13 @@ impl TokenSecret {
                     return Ok(s.as_bytes().to_vec());
                 }
                 let fresh: [u8; 32] = rand::random();
-                sqlx::query(
-                    "INSERT INTO server_secrets (name, secret) VALUES ('stream_tokens', $1) \
-                     ON CONFLICT (name) DO NOTHING",
+                // Encrypted at rest like every stored secret (docs/security.md).
+                let secret = capibara_shared::store::sealed::server_secret(
+                    &state.store.pool,
+                    "stream_tokens",
+                    &fresh,
                 )
-                .bind(&fresh[..])
-                .execute(&state.store.pool)
-                .await
-                .map_err(ApiError::internal)?;
-                let (secret,): (Vec<u8>,) = sqlx::query_as(
-                    "SELECT secret FROM server_secrets WHERE name = 'stream_tokens'",
-                )
-                .fetch_one(&state.store.pool)
-                .await
-                .map_err(ApiError::internal)?;
+                .await?;
                 Ok(secret)
             })
             .await

@@ -109,6 +109,8 @@ pub(crate) struct Env {
     pub(crate) db_url: String,
     pub(crate) redis_url: String,
     pub(crate) admin_key: String,
+    /// `CAPIBARA_SECRETS_KEY` of every process (secrets are encrypted at rest).
+    pub(crate) secrets_key: String,
     pub(crate) api_port: u16,
     pub(crate) pool: PgPool,
     pub(crate) http: Client,
@@ -217,6 +219,7 @@ impl Env {
             bin_dir: bin_dir.to_path_buf(),
             db_url,
             admin_key,
+            secrets_key: capibara_shared::crypto::generate_key(),
             api_port: find_free_port(),
             pool,
             http,
@@ -254,6 +257,8 @@ impl Env {
             .env("CAPIBARA_REDIS_URL", &self.redis_url)
             .env("CAPIBARA_REDIS_PREFIX", "bench")
             .env("CAPIBARA_ADMIN_KEY", &self.admin_key)
+            // Secrets are encrypted at rest; a key for this run's fresh database.
+            .env("CAPIBARA_SECRETS_KEY", &self.secrets_key)
             .env("CAPIBARA_API_ADDR", format!("127.0.0.1:{}", self.api_port))
             .env(
                 "CAPIBARA_SCHEDULER_ADDR",

@@ -89,11 +89,34 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         };
         config.webhook_secret = Some(secret);
     }
+    // Secrets are encrypted at rest; with no key configured, one generated once into the data
+    // directory (mode 0600) and reused, so `capibara dev` needs no setup.
+    let keyring = match capibara_shared::crypto::Keyring::from_env()? {
+        Some(k) => k,
+        None => {
+            let file = args.data_dir.join("secrets.key");
+            let text = match std::fs::read_to_string(&file) {
+                Ok(t) if !t.trim().is_empty() => t,
+                _ => {
+                    let t = capibara_shared::crypto::generate_key();
+                    write_private(&file, &t)?;
+                    t
+                }
+            };
+            let key = capibara_shared::crypto::Key::parse(&text)
+                .map_err(|m| anyhow::anyhow!("{}: {m}", file.display()))?;
+            capibara_shared::crypto::Keyring::new(key, Vec::new())
+        }
+    };
+    capibara_shared::crypto::install(keyring);
     let config = Arc::new(config);
     capibara_shared::installed::install(&config);
 
     let pool = store::connect(&config.database_url, config.db_max_connections).await?;
     store::migrate(&pool).await.context("applying migrations")?;
+    store::sealed::check_installed_keys(&pool).await?;
+    let ring = capibara_shared::crypto::keyring()?;
+    store::sealed::reencrypt(&pool, ring).await?;
     let queue = Queue::connect(&config.redis_url, &config.redis_prefix)
         .await
         .context("connecting to Redis")?;
@@ -251,4 +274,20 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     stop.cancelled().await;
     let _ = tokio::join!(api, worker, housekeeping, deliverer, orchestrator, ticker);
     Ok(())
+}
+
+/// Write `text` to `path` readable by its owner only (a key).
+fn write_private(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    #[cfg(unix)]
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    options.mode(0o600);
+    let mut file = options
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    file.write_all(text.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))
 }

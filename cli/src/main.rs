@@ -35,6 +35,11 @@ enum Command {
     /// Print the API's OpenAPI document (as served at /openapi.json; the `tts.render` voices are
     /// those installed in CAPIBARA_TTS_VOICES_DIR), e.g. to generate a client offline.
     Openapi,
+    /// Secrets encrypted at rest (CAPIBARA_SECRETS_KEY, CAPIBARA_SECRETS_OLD_KEYS).
+    Secrets {
+        #[command(subcommand)]
+        command: SecretsCommand,
+    },
     /// Administrative commands.
     Admin {
         #[command(subcommand)]
@@ -130,6 +135,15 @@ enum AdminCommand {
     RevokeKey { id: uuid::Uuid },
 }
 
+#[derive(Subcommand)]
+enum SecretsCommand {
+    /// Re-encrypt every stored secret under CAPIBARA_SECRETS_KEY (rows under a key in
+    /// CAPIBARA_SECRETS_OLD_KEYS, and plain-text rows from before encryption), in batches; safe
+    /// to run beside running processes and again after an interruption. Prints what it rewrote
+    /// and what remains; at `0 remaining` the old keys can be removed (docs/security.md).
+    Rotate,
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -146,6 +160,22 @@ async fn main() -> anyhow::Result<()> {
             let pool = store::connect(&config.database_url, 2).await?;
             store::migrate(&pool).await?;
             println!("migrations applied");
+            Ok(())
+        }
+        Command::Secrets {
+            command: SecretsCommand::Rotate,
+        } => {
+            let config = Config::from_env()?;
+            let ring = capibara_shared::crypto::Keyring::require_from_env()?;
+            let pool = store::connect(&config.database_url, 2).await?;
+            store::migrate(&pool).await?;
+            let done = store::sealed::reencrypt(&pool, &ring).await?;
+            println!(
+                "re-encrypted {} rows under key {}, {} remaining",
+                done.rewritten,
+                ring.current_id(),
+                done.remaining
+            );
             Ok(())
         }
         Command::Admin { command } => {

@@ -11,6 +11,8 @@ use capibara_shared::{
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Arc::new(Config::from_env()?);
+    // Secrets are encrypted at rest: no key, no start (docs/security.md).
+    capibara_shared::crypto::install_from_env()?;
     capibara_shared::installed::install(&config);
     telemetry::init_logs(config.log_format, "capibara-scheduler");
     telemetry::init_metrics(
@@ -19,6 +21,7 @@ async fn main() -> anyhow::Result<()> {
     );
     let pool = store::connect(&config.database_url, config.db_max_connections).await?;
     store::migrate(&pool).await.context("applying migrations")?;
+    store::sealed::check_installed_keys(&pool).await?;
     let queue = Queue::connect(&config.redis_url, &config.redis_prefix)
         .await
         .context("connecting to Redis")?;
@@ -32,6 +35,21 @@ async fn main() -> anyhow::Result<()> {
             config.as_ref().into(),
         ),
     );
+    // Rows under an old key, or plain text from before encryption, move to the current key
+    // (batch-wise, replicas skip each other's rows; `capibara secrets rotate` runs the same pass).
+    let reencrypt_pool = store.pool.clone();
+    tokio::spawn(async move {
+        let ring = capibara_shared::crypto::keyring().expect("installed at startup");
+        match store::sealed::reencrypt(&reencrypt_pool, ring).await {
+            Ok(done) => tracing::info!(
+                rewritten = done.rewritten,
+                remaining = done.remaining,
+                key_id = ring.current_id(),
+                "secrets re-encrypted under the current key"
+            ),
+            Err(e) => tracing::error!(error = %e, "re-encrypting secrets failed"),
+        }
+    });
     let listener = tokio::net::TcpListener::bind(config.scheduler_addr)
         .await
         .with_context(|| format!("binding {}", config.scheduler_addr))?;

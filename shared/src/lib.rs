@@ -16,6 +16,7 @@ pub mod artifacts;
 pub mod backlog;
 pub mod command;
 pub mod config;
+pub mod crypto;
 pub mod domain;
 pub mod flow;
 pub mod hints;

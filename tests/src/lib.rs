@@ -75,6 +75,9 @@ pub struct TestEnv {
     pub redis_prefix: String,
     pub api_port: u16,
     pub visibility_timeout_s: f64,
+    /// This test's `CAPIBARA_SECRETS_KEY` (a fresh key per test; `extra_env` may override it, an
+    /// empty value there leaves the processes without a key).
+    pub secrets_key: String,
     /// Extra `CAPIBARA_*` settings for every process.
     pub extra_env: Vec<(String, String)>,
     admin_url: String,
@@ -109,6 +112,7 @@ impl TestEnv {
             redis_prefix: format!("t{}", &id[16..]),
             api_port: find_free_port(),
             visibility_timeout_s: 3.0,
+            secrets_key: capibara_shared::crypto::generate_key(),
             extra_env: Vec::new(),
             admin_url,
             db_name,
@@ -130,6 +134,7 @@ impl TestEnv {
             .env("CAPIBARA_REDIS_URL", &self.redis_url)
             .env("CAPIBARA_REDIS_PREFIX", &self.redis_prefix)
             .env("CAPIBARA_ADMIN_KEY", ADMIN_KEY)
+            .env("CAPIBARA_SECRETS_KEY", &self.secrets_key)
             .env("CAPIBARA_API_ADDR", format!("127.0.0.1:{}", self.api_port))
             .env("CAPIBARA_SCHEDULER_ADDR", "127.0.0.1:0")
             .env("CAPIBARA_WORKER_ADDR", "127.0.0.1:0")
@@ -153,6 +158,33 @@ impl TestEnv {
             c.env(k, v);
         }
         c
+    }
+
+    /// Start `bin_name` with `args`, its stdout and stderr appended to `log` (tests that read what
+    /// a process logged); does not wait for it to answer.
+    pub fn spawn_logged(
+        &self,
+        name: &'static str,
+        bin_name: &str,
+        args: &[&str],
+        log: &std::path::Path,
+    ) -> Proc {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap_or_else(|e| panic!("opening {}: {e}", log.display()));
+        let mut c = self.command(bin_name);
+        c.args(args)
+            .stdout(file.try_clone().expect("log file"))
+            .stderr(file);
+        let child = c.spawn().unwrap_or_else(|e| panic!("starting {name}: {e}"));
+        Proc { name, child }
+    }
+
+    /// What [`Self::spawn_logged`] runs: `bin_name` with this test's settings, not started.
+    pub fn command_for(&self, bin_name: &str) -> Command {
+        self.command(bin_name)
     }
 
     /// Start `capibara-api` and wait until `/healthz` answers.

@@ -36,6 +36,8 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let config = Arc::new(Config::from_env()?);
+    // Secrets are encrypted at rest: no key, no start (docs/security.md).
+    capibara_shared::crypto::install_from_env()?;
     telemetry::init_logs(config.log_format, "capibara-worker");
     // Before any model loads: every tensor of the models lives on this device.
     let device = capibara_worker::models::device::init(args.device).map_err(anyhow::Error::msg)?;
@@ -46,6 +48,7 @@ async fn main() -> anyhow::Result<()> {
     );
     let pool = store::connect(&config.database_url, config.db_max_connections).await?;
     store::migrate(&pool).await.context("applying migrations")?;
+    store::sealed::check_installed_keys(&pool).await?;
     let queue = Queue::connect(&config.redis_url, &config.redis_prefix)
         .await
         .context("connecting to Redis")?;

@@ -72,6 +72,13 @@ impl InProcess {
     /// docs/configuration.md); kinds of the namespace `CAPIBARA_NAMESPACE`, `default` if unset.
     pub fn from_env() -> Result<InProcess> {
         let config = Config::from_env().map_err(|e| Error::Config(e.to_string()))?;
+        // Workflow steps' `${secret:NAME}` references are resolved here as in `capibara-worker`:
+        // with the deployment's key (CAPIBARA_SECRETS_KEY), when one is set.
+        if let Some(keyring) = capibara_shared::crypto::Keyring::from_env()
+            .map_err(|e| Error::Config(e.to_string()))?
+        {
+            capibara_shared::crypto::install(keyring);
+        }
         let namespace = std::env::var("CAPIBARA_NAMESPACE")
             .ok()
             .filter(|n| !n.is_empty())

@@ -694,13 +694,18 @@ impl<'a> Rows<'a> {
         for (trigger_id, namespace, credential) in &self.credentials {
             match credential {
                 Some(c) => {
+                    // Encrypted at rest under the current key, bound to the trigger id.
+                    let ring =
+                        crate::crypto::keyring().map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+                    let (sealed, key_id) = super::sealed::seal_credential(ring, **trigger_id, c);
                     sqlx::query(
-                        "INSERT INTO trigger_credentials (trigger_id, namespace, credential) VALUES ($1, $2, $3)
-                         ON CONFLICT (trigger_id) DO UPDATE SET credential = EXCLUDED.credential",
+                        "INSERT INTO trigger_credentials (trigger_id, namespace, credential, key_id) VALUES ($1, $2, $3, $4)
+                         ON CONFLICT (trigger_id) DO UPDATE SET credential = EXCLUDED.credential, key_id = EXCLUDED.key_id",
                     )
                     .bind(trigger_id)
                     .bind(namespace)
-                    .bind(sqlx::types::Json(c))
+                    .bind(sealed)
+                    .bind(key_id)
                     .execute(&mut **tx)
                     .await?;
                 }

@@ -39,6 +39,7 @@ pub mod models;
 pub mod rebuild;
 pub mod runs;
 pub mod schedules;
+pub mod sealed;
 pub mod secrets;
 pub mod subscriptions;
 pub mod triggers;

@@ -2,7 +2,7 @@
 //! event log); job inputs carry `${secret:NAME}` references that [`resolve`] replaces on the
 //! worker just before an executor runs — only in workflow step jobs, and only for the names the
 //! step's template referred to (`Job::secret_refs`). [`Redactor`] keeps resolved values out of
-//! whatever the attempt records.
+//! whatever the attempt records. Values are encrypted at rest ([`super::sealed`]).
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -29,14 +29,19 @@ pub async fn put(
     value: &str,
 ) -> Result<SecretInfo, StoreError> {
     let now = crate::domain::now();
+    // Encrypted at rest under the current key, bound to (namespace, name): super::sealed.
+    let (sealed, key_id) =
+        super::sealed::seal_secret(crate::crypto::keyring()?, namespace, name, value);
     Ok(sqlx::query_as(
-        "INSERT INTO secrets (namespace, name, value, created_at, updated_at) VALUES ($1, $2, $3, $4, $4)
-         ON CONFLICT (namespace, name) DO UPDATE SET value = EXCLUDED.value, updated_at = EXCLUDED.updated_at
+        "INSERT INTO secrets (namespace, name, value, key_id, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $5)
+         ON CONFLICT (namespace, name) DO UPDATE SET value = EXCLUDED.value, key_id = EXCLUDED.key_id,
+             updated_at = EXCLUDED.updated_at
          RETURNING name, created_at, updated_at",
     )
     .bind(namespace)
     .bind(name)
-    .bind(value)
+    .bind(sealed)
+    .bind(key_id)
     .bind(now)
     .fetch_one(pool)
     .await?)
@@ -188,13 +193,19 @@ pub async fn values(
     if names.is_empty() {
         return Ok(HashMap::new());
     }
-    let rows: Vec<(String, String)> =
-        sqlx::query_as("SELECT name, value FROM secrets WHERE namespace = $1 AND name = ANY($2)")
-            .bind(namespace)
-            .bind(names)
-            .fetch_all(pool)
-            .await?;
-    Ok(rows.into_iter().collect())
+    let rows: Vec<(String, String, Option<String>)> = sqlx::query_as(
+        "SELECT name, value, key_id FROM secrets WHERE namespace = $1 AND name = ANY($2)",
+    )
+    .bind(namespace)
+    .bind(names)
+    .fetch_all(pool)
+    .await?;
+    rows.into_iter()
+        .map(|(name, value, key_id)| {
+            let value = super::sealed::open_secret(namespace, &name, value, key_id.as_deref())?;
+            Ok((name, value))
+        })
+        .collect()
 }
 
 /// Replace `${secret:NAME}` in `input` for the names in `allowed` (the secrets the step's

@@ -102,15 +102,10 @@ pub async fn received(
     Ok(row.is_some())
 }
 
-/// The credential a trigger's callers are checked against.
+/// The credential a trigger's callers are checked against (decrypted: [`super::sealed`]).
 pub async fn credential(
     pool: &PgPool,
     trigger_id: Uuid,
 ) -> Result<Option<TriggerCredential>, StoreError> {
-    let row: Option<(sqlx::types::Json<TriggerCredential>,)> =
-        sqlx::query_as("SELECT credential FROM trigger_credentials WHERE trigger_id = $1")
-            .bind(trigger_id)
-            .fetch_optional(pool)
-            .await?;
-    Ok(row.map(|(c,)| c.0))
+    super::sealed::trigger_credential(pool, trigger_id).await
 }

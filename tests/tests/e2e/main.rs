@@ -36,6 +36,7 @@ mod push_kinds;
 mod receiver_selftest;
 mod schedules;
 mod sdks;
+mod secrets_at_rest;
 mod storage_connectors;
 mod stream_tokens;
 mod traces;

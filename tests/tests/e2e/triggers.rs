@@ -373,15 +373,23 @@ async fn trigger_credentials_are_shown_once_and_never_enter_the_log() {
                 .unwrap();
         assert_eq!(n, 0, "a credential is in the log");
     }
-    // The bearer token is kept only as its SHA-256.
-    let (stored,): (Value,) =
-        sqlx::query_as("SELECT credential FROM trigger_credentials WHERE trigger_id = $1::uuid")
-            .bind(&bearer_id)
-            .fetch_one(&pool)
+    // Credentials are encrypted at rest (the bearer token, besides, only as its SHA-256).
+    let stored: Vec<(Value, Option<String>)> =
+        sqlx::query_as("SELECT credential, key_id FROM trigger_credentials")
+            .fetch_all(&pool)
             .await
             .unwrap();
-    assert!(!stored.to_string().contains(&token));
-    assert_eq!(stored["type"], "bearer");
+    assert!(!stored.is_empty());
+    for (credential, key_id) in &stored {
+        assert!(key_id.is_some(), "{credential}");
+        assert!(
+            credential.as_str().is_some_and(|c| c.starts_with("v1:")),
+            "{credential}"
+        );
+        for c in credentials {
+            assert!(!credential.to_string().contains(c), "{credential}");
+        }
+    }
 
     // A trigger made before this fix (raw token in its event and row, no stored credential) is
     // repaired by the migration: the credential moves out of the log and the hook still works.

@@ -9,8 +9,12 @@ use serde_json::Value;
 use super::{bin_targets, run_ok, tool};
 
 const FILE: &str = "deploy/docker-compose.yml";
-const SECRETS: [(&str, &str); 3] = [
+const SECRETS: [(&str, &str); 4] = [
     ("CAPIBARA_ADMIN_KEY", "test-admin-key"),
+    (
+        "CAPIBARA_SECRETS_KEY",
+        "dGVzdC1zZWNyZXRzLWtleS0zMi1ieXRlcy0wMDAwMDA=",
+    ),
     ("CAPIBARA_WEBHOOK_SECRET", "whsec_dGVzdA=="),
     ("POSTGRES_PASSWORD", "test-password"),
 ];
@@ -72,6 +76,10 @@ fn docker_compose_config_resolves_every_service() {
         );
         let env = &service["environment"];
         assert_eq!(env["CAPIBARA_ADMIN_KEY"], "test-admin-key", "{name}");
+        assert_eq!(
+            env["CAPIBARA_SECRETS_KEY"], "dGVzdC1zZWNyZXRzLWtleS0zMi1ieXRlcy0wMDAwMDA=",
+            "{name}: every process gets the key of secrets at rest"
+        );
         assert!(
             env["CAPIBARA_DATABASE_URL"]
                 .as_str()
