@@ -380,7 +380,7 @@ async fn accept(
         let mut res = Problem::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "overloaded",
-            &full.to_string(),
+            full.to_string(),
         )
         .into_response();
         res.headers_mut().insert(

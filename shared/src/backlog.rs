@@ -43,6 +43,8 @@ struct Inner {
     /// 0: no bound.
     limit: u64,
     waiting: AtomicU64,
+    /// Admitted since the running (or last) count started: the count may not see them yet.
+    admitted_since_count: AtomicU64,
     pool: Option<PgPool>,
     /// When the last count started (none yet: `None`).
     counted_at: Mutex<Option<Instant>>,
@@ -60,6 +62,7 @@ impl Backlog {
             inner: Arc::new(Inner {
                 limit: limit.unwrap_or(0),
                 waiting: AtomicU64::new(0),
+                admitted_since_count: AtomicU64::new(0),
                 pool: Some(pool),
                 counted_at: Mutex::new(None),
             }),
@@ -81,11 +84,17 @@ impl Backlog {
                 return;
             }
             *at = Some(Instant::now());
+            self.inner.admitted_since_count.store(0, Ordering::Relaxed);
         }
         let inner = self.inner.clone();
         tokio::spawn(async move {
             match count(&pool, inner.limit).await {
-                Ok(n) => inner.waiting.store(n, Ordering::Relaxed),
+                // What was admitted while counting may be missing from `n` (or not: then it is
+                // counted twice until the next count, erring on the side of the bound).
+                Ok(n) => inner.waiting.store(
+                    n + inner.admitted_since_count.load(Ordering::Relaxed),
+                    Ordering::Relaxed,
+                ),
                 // Postgres down: submissions fail on their own; keep the last count.
                 Err(e) => tracing::debug!(error = %e, "counting the backlog failed"),
             }
@@ -106,6 +115,9 @@ impl Backlog {
         }
         // Count what this process lets in until the next count replaces the figure.
         self.inner.waiting.fetch_add(n, Ordering::Relaxed);
+        self.inner
+            .admitted_since_count
+            .fetch_add(n, Ordering::Relaxed);
         Ok(())
     }
 

@@ -100,6 +100,18 @@ async fn submissions_while_redis_is_cut_or_stalled_are_accepted_and_run_when_it_
     );
 }
 
+/// A Redis of the test's own (its memory limit is changed), in a fresh directory.
+fn private_redis(tag: &str) -> (std::path::PathBuf, RedisServer) {
+    let dir = temp_dir(tag);
+    let redis = RedisServer::start(RedisOptions {
+        dir: dir.clone(),
+        port: 0,
+        persist: false,
+    })
+    .unwrap();
+    (dir, redis)
+}
+
 fn metric(text: &str, name: &str) -> f64 {
     text.lines()
         .filter(|l| l.starts_with(name) && !l.starts_with('#'))
@@ -113,13 +125,7 @@ fn metric(text: &str, name: &str) -> f64 {
 /// appears: every accepted job runs once.
 #[tokio::test]
 async fn a_redis_out_of_memory_loses_nothing_and_the_queue_drains() {
-    let dir = temp_dir("redis-oom");
-    let redis = RedisServer::start(RedisOptions {
-        dir: dir.clone(),
-        port: 0,
-        persist: false,
-    })
-    .unwrap();
+    let (dir, redis) = private_redis("redis-oom");
     let client = redis::Client::open(redis.url()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let env = TestEnv::on(shared_pg(), redis.url()).await;
@@ -223,13 +229,7 @@ async fn a_redis_out_of_memory_loses_nothing_and_the_queue_drains() {
 /// each entry either poppable or missing.
 #[tokio::test]
 async fn a_push_refused_at_maxmemory_leaves_no_job_stranded() {
-    let dir = temp_dir("redis-strand");
-    let redis = RedisServer::start(RedisOptions {
-        dir: dir.clone(),
-        port: 0,
-        persist: false,
-    })
-    .unwrap();
+    let (dir, redis) = private_redis("redis-strand");
     let queue = capibara_shared::queue::Queue::connect(&redis.url(), "strand")
         .await
         .unwrap();
