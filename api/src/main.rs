@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use anyhow::Context;
-use capibara_shared::{config::Config, metric_catalog, queue::Queue, shutdown, store, telemetry};
+use capibara_shared::{config::Config, metric_catalog, shutdown, store, telemetry};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -16,12 +16,9 @@ async fn main() -> anyhow::Result<()> {
         &[metric_catalog::Component::Api],
         &metric_catalog::Labels::api(),
     );
-    let pool = store::connect(&config.database_url, config.db_max_connections).await?;
-    store::migrate(&pool).await.context("applying migrations")?;
-    store::sealed::check_installed_keys(&pool).await?;
-    let queue = Queue::connect(&config.redis_url, &config.redis_prefix)
-        .await
-        .context("connecting to Redis")?;
+    // Waits for Postgres and Redis (CAPIBARA_STARTUP_WAIT_S), migrates, checks the keys.
+    let capibara_shared::startup::Backends { pool, queue } =
+        capibara_shared::startup::connect(&config).await?;
     let appender = store::Appender::start(
         pool.clone(),
         Some(std::sync::Arc::new(queue.clone())),

@@ -11,9 +11,7 @@ use capibara_dev_services::{PostgresOptions, PostgresServer, RedisOptions, Redis
 use capibara_shared::{
     config::{Config, LogFormat},
     domain::{auth::Role, kinds},
-    metric_catalog, ops,
-    queue::Queue,
-    shutdown, store, telemetry,
+    metric_catalog, ops, shutdown, store, telemetry,
 };
 use clap::Args;
 
@@ -112,14 +110,10 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let config = Arc::new(config);
     capibara_shared::installed::install(&config);
 
-    let pool = store::connect(&config.database_url, config.db_max_connections).await?;
-    store::migrate(&pool).await.context("applying migrations")?;
-    store::sealed::check_installed_keys(&pool).await?;
+    let capibara_shared::startup::Backends { pool, queue } =
+        capibara_shared::startup::connect(&config).await?;
     let ring = capibara_shared::crypto::keyring()?;
     store::sealed::reencrypt(&pool, ring).await?;
-    let queue = Queue::connect(&config.redis_url, &config.redis_prefix)
-        .await
-        .context("connecting to Redis")?;
     // Jobs are grouped by the limits they fall under when queued (docs/flow-control.md).
     capibara_shared::flow::spawn_refresher(queue.clone());
     let store = store::Store::new(

@@ -4,9 +4,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use capibara_scheduler::housekeeping;
-use capibara_shared::{
-    config::Config, metric_catalog, ops, queue::Queue, shutdown, store, telemetry,
-};
+use capibara_shared::{config::Config, metric_catalog, ops, shutdown, store, telemetry};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -19,12 +17,9 @@ async fn main() -> anyhow::Result<()> {
         &[metric_catalog::Component::Scheduler],
         &metric_catalog::Labels::default(),
     );
-    let pool = store::connect(&config.database_url, config.db_max_connections).await?;
-    store::migrate(&pool).await.context("applying migrations")?;
-    store::sealed::check_installed_keys(&pool).await?;
-    let queue = Queue::connect(&config.redis_url, &config.redis_prefix)
-        .await
-        .context("connecting to Redis")?;
+    // Waits for Postgres and Redis (CAPIBARA_STARTUP_WAIT_S), migrates, checks the keys.
+    let capibara_shared::startup::Backends { pool, queue } =
+        capibara_shared::startup::connect(&config).await?;
     // Jobs are grouped by the limits they fall under when queued (docs/flow-control.md).
     capibara_shared::flow::spawn_refresher(queue.clone());
     let store = store::Store::new(

@@ -44,6 +44,9 @@ pub struct Config {
     pub mcp_wait: Duration,
     /// How long a running attempt's lease lasts without a heartbeat.
     pub visibility_timeout: Duration,
+    /// How long a starting process waits for Postgres and Redis to answer before it gives up
+    /// (`CAPIBARA_STARTUP_WAIT_S`, default 60; 0 fails at the first refusal).
+    pub startup_wait: Duration,
     pub body_limit_bytes: usize,
     pub input_limit_bytes: usize,
     /// What one template may spend (`CAPIBARA_TEMPLATE_FUEL`,
@@ -261,6 +264,9 @@ impl Config {
             ),
             visibility_timeout: Duration::from_secs_f64(
                 parse("CAPIBARA_VISIBILITY_TIMEOUT_S", 30.0f64)?.max(0.5),
+            ),
+            startup_wait: Duration::from_secs_f64(
+                parse("CAPIBARA_STARTUP_WAIT_S", 60.0f64)?.clamp(0.0, 86_400.0),
             ),
             body_limit_bytes: parse("CAPIBARA_BODY_LIMIT_BYTES", 10 * 1024 * 1024)?,
             input_limit_bytes: parse("CAPIBARA_INPUT_LIMIT_BYTES", 1024 * 1024)?,

@@ -29,6 +29,7 @@ pub mod outbound;
 pub mod problem;
 pub mod queue;
 pub mod shutdown;
+pub mod startup;
 pub mod store;
 pub mod telemetry;
 pub mod trace_context;

@@ -60,6 +60,14 @@ fn limit_config(limit: &Limit) -> serde_json::Value {
 #[error("redis: {0}")]
 pub struct QueueError(#[from] redis::RedisError);
 
+impl QueueError {
+    /// Redis did not answer (refused, reset, timed out), as opposed to a bad URL or command.
+    pub fn is_unreachable(&self) -> bool {
+        let r = &self.0;
+        r.is_io_error() || r.is_connection_refusal() || r.is_timeout() || r.is_connection_dropped()
+    }
+}
+
 /// Pop up to `ARGV[2]` jobs from the lanes whose rings are `KEYS` (lane names in `ARGV[3..]`),
 /// taking turns between groups and checking each group's pauses, ordering key and limits before
 /// handing out its head. Returns the ms until the next rate-delayed group is due (-1: none),

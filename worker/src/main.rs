@@ -4,9 +4,7 @@
 use std::{sync::Arc, time::Duration};
 
 use anyhow::Context;
-use capibara_shared::{
-    config::Config, metric_catalog, ops, queue::Queue, shutdown, store, telemetry,
-};
+use capibara_shared::{config::Config, metric_catalog, ops, shutdown, store, telemetry};
 use clap::Parser;
 
 #[derive(Parser)]
@@ -46,12 +44,9 @@ async fn main() -> anyhow::Result<()> {
         &[metric_catalog::Component::Worker],
         &metric_catalog::Labels::worker(&args.queues),
     );
-    let pool = store::connect(&config.database_url, config.db_max_connections).await?;
-    store::migrate(&pool).await.context("applying migrations")?;
-    store::sealed::check_installed_keys(&pool).await?;
-    let queue = Queue::connect(&config.redis_url, &config.redis_prefix)
-        .await
-        .context("connecting to Redis")?;
+    // Waits for Postgres and Redis (CAPIBARA_STARTUP_WAIT_S), migrates, checks the keys.
+    let capibara_shared::startup::Backends { pool, queue } =
+        capibara_shared::startup::connect(&config).await?;
     // Jobs are grouped by the limits they fall under when queued (docs/flow-control.md).
     capibara_shared::flow::spawn_refresher(queue.clone());
     let store = store::Store::new(

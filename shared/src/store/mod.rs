@@ -125,10 +125,23 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, StoreErr
 /// Apply pending migrations. sqlx holds an advisory lock meanwhile, so replicas starting together
 /// migrate once.
 pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
+    use sqlx::migrate::MigrateError;
     sqlx::migrate!("../migrations")
         .run(pool)
         .await
-        .map_err(|e| StoreError::Unavailable(format!("migration failed: {e}")))
+        .map_err(|e| match e {
+            // Postgres unreachable (a restart, a cut network): worth waiting for.
+            MigrateError::Execute(inner) | MigrateError::ExecuteMigration(inner, _) => {
+                match StoreError::from(inner) {
+                    StoreError::Unavailable(m) => {
+                        StoreError::Unavailable(format!("migration failed: {m}"))
+                    }
+                    other => StoreError::Internal(format!("migration failed: {other}")),
+                }
+            }
+            // A migration missing from this build, edited, or left dirty: waiting changes nothing.
+            other => StoreError::Internal(format!("migration failed: {other}")),
+        })
 }
 
 /// Store handle: the pool and the group-commit appender.

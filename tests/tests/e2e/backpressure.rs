@@ -491,3 +491,58 @@ async fn the_backlog_bound_refuses_new_work_with_503_until_workers_catch_up() {
         "succeeded"
     );
 }
+
+/// A process started while Postgres and Redis do not answer waits for them
+/// (`CAPIBARA_STARTUP_WAIT_S`) instead of exiting: before, every worker the chaos suite restarted
+/// during a database restart exited with "applying migrations" and crash-looped.
+#[tokio::test]
+async fn processes_started_while_postgres_and_redis_are_unreachable_wait_for_them() {
+    let pg = FaultProxy::start(shared_pg_addr()).unwrap();
+    let redis = FaultProxy::start(shared_redis_addr()).unwrap();
+    let through = shared_pg().replace(
+        &format!(":{}/", shared_pg_addr().port()),
+        &format!(":{}/", pg.port()),
+    );
+    let env = TestEnv::on(through, format!("redis://127.0.0.1:{}/", redis.port())).await;
+    pg.set(Fault::Cut);
+    redis.set(Fault::Cut);
+    let dir = temp_dir("startup-wait");
+    let mut api_proc = env.spawn_logged("api", "capibara-api", &[], &dir.join("api.log"));
+    let mut worker = env.spawn_worker(&[]);
+    let mut scheduler = env.spawn_scheduler();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for (name, p) in [
+        ("api", &mut api_proc),
+        ("worker", &mut worker),
+        ("scheduler", &mut scheduler),
+    ] {
+        assert!(
+            p.is_running(),
+            "{name} exited while Postgres was unreachable"
+        );
+    }
+    // Postgres back (migrations run), Redis still cut: still waiting, not exited.
+    pg.heal();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for (name, p) in [
+        ("api", &mut api_proc),
+        ("worker", &mut worker),
+        ("scheduler", &mut scheduler),
+    ] {
+        assert!(p.is_running(), "{name} exited while Redis was unreachable");
+    }
+    redis.heal();
+    capibara_tests::wait_http_ok(&format!("{}/healthz", env.api_url())).await;
+    let api = env.client();
+    let id = api
+        .submit_id(json!({"kind": "echo", "input": {"after": "startup"}}))
+        .await;
+    let job = api.wait_terminal(&id, Duration::from_secs(30)).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    let log = std::fs::read_to_string(dir.join("api.log")).unwrap_or_default();
+    assert!(
+        log.contains("not reachable at startup"),
+        "the wait is logged: {log}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
