@@ -4,6 +4,7 @@
 //! production binaries do not link any of it.
 
 mod agents;
+mod chaos;
 mod code;
 mod connectors;
 mod deliveries;
@@ -72,6 +73,10 @@ enum Command {
     /// One API key floods the API from loopback while other keys are served: the flood's
     /// request rate, its 429 share, and the other keys' successes and latency.
     Flood(flood::FloodArgs),
+    /// Mixed work under combined faults (killed workers, APIs, schedulers; Redis and Postgres
+    /// restarted; the network to them cut and stalled), then an exact account from the event
+    /// log (`capibara chaos`).
+    Chaos(chaos::ChaosArgs),
     /// The Rust SDK's in-process no-op worker that `sdk` runs (not a benchmark of its own).
     #[command(hide = true)]
     SdkDriver(sdk_driver::DriverArgs),
@@ -93,6 +98,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Agents(a) => agents::run(a).await,
         Command::Flow(a) => flow::run(a).await,
         Command::Flood(a) => flood::run(a).await,
+        Command::Chaos(a) => chaos::run(a).await,
         Command::SdkDriver(a) => sdk_driver::run(a).await,
     }
 }

@@ -111,6 +111,10 @@ enum Command {
     /// idle pickup (runs `capibara-bench sdk`).
     #[command(name = "bench-sdk")]
     BenchSdk(benchmarks::Forwarded),
+    /// Mixed work under combined faults, then an exact account from the event log: lost,
+    /// completed twice, recovery time per fault (runs `capibara-bench chaos`; `--profile short`
+    /// is the CI run, `--profile soak` the 30-minute one).
+    Chaos(benchmarks::Forwarded),
 }
 
 #[derive(Subcommand)]
@@ -266,5 +270,6 @@ async fn main() -> anyhow::Result<()> {
         Command::BenchConnectors(a) => benchmarks::exec("connectors", a),
         Command::BenchModels(a) => benchmarks::exec("models", a),
         Command::BenchSdk(a) => benchmarks::exec("sdk", a),
+        Command::Chaos(a) => benchmarks::exec("chaos", a),
     }
 }

@@ -321,6 +321,28 @@ impl PostgresServer {
         Ok(())
     }
 
+    /// Immediate shutdown (`pg_ctl stop -m immediate`): every process quits at once without a
+    /// checkpoint, so the next start runs crash recovery. Kills the server if that fails.
+    pub fn stop_immediate(&mut self) -> Result<()> {
+        if !self.is_live() {
+            self.running = false;
+            return Ok(());
+        }
+        let out = self
+            .server_command("pg_ctl")?
+            .args(["stop", "-m", "immediate", "-w", "-s"])
+            .args(["-t", &STOP_TIMEOUT.as_secs().to_string()])
+            .arg("-D")
+            .arg(&self.data_dir)
+            .output()
+            .context("cannot run pg_ctl stop")?;
+        if !out.status.success() && self.is_live() {
+            self.kill()?;
+        }
+        self.running = false;
+        Ok(())
+    }
+
     /// Adopts the live server found on the data dir.
     fn adopt(mut self, pm: PostmasterPid, requested_port: u16) -> Result<PostgresServer> {
         let Some(port) = pm.port else {

@@ -5,6 +5,7 @@ mod api_errors;
 mod artifacts_s3;
 mod backpressure;
 mod bulk;
+mod chaos;
 mod cli;
 mod code_run;
 mod connectors;
