@@ -146,6 +146,11 @@ pub enum Transition {
     Closed,
 }
 
+/// The hash tag of a namespace's breakers of `scope`.
+fn tag(prefix: &str, scope: &str, namespace: &str) -> String {
+    format!("{{{prefix}:{scope}:{namespace}}}")
+}
+
 fn now_ms() -> i64 {
     Utc::now().timestamp_millis()
 }
@@ -176,7 +181,7 @@ impl HostBreakers {
     /// each script and `list`'s pipeline stays on one slot of a cluster, and the namespaces
     /// spread over its masters.
     fn tag(&self, namespace: &str) -> String {
-        format!("{{{}:{}:{namespace}}}", self.prefix, self.scope)
+        tag(&self.prefix, self.scope, namespace)
     }
 
     fn key(&self, namespace: &str, host: &str) -> String {
@@ -338,5 +343,28 @@ impl HostBreakers {
             });
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tag;
+    use crate::redis_conn::key_slot;
+
+    #[test]
+    fn a_namespaces_breakers_share_a_slot_and_namespaces_spread() {
+        let t = tag("capibara", "http", "acme");
+        assert_eq!(
+            key_slot(&format!("{t}:host:api.example.com")),
+            key_slot(&format!("{t}:hosts"))
+        );
+        let thirds: std::collections::BTreeSet<u16> = (0..30)
+            .map(|i| key_slot(&tag("capibara", "http", &format!("ns-{i}"))) / 5462)
+            .collect();
+        assert_eq!(
+            thirds.len(),
+            3,
+            "30 namespaces land on all three masters' slot ranges"
+        );
     }
 }
