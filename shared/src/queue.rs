@@ -10,6 +10,10 @@
 //!
 //! Redis holds no state of record: a popped job that never started stays `queued` in Postgres and
 //! is re-pushed by the relay; the `epoch` key tells the relay that Redis lost its data.
+//!
+//! Every key shares the hash tag `{<prefix>}`, so on a Redis Cluster each script and each
+//! pipeline here touches one slot: the pop checks and takes limits, ordering keys and pauses
+//! shared by several lanes in one atomic step (docs/redis-cluster.md, "How keys are tagged").
 
 use std::time::Duration;
 
