@@ -90,6 +90,18 @@ async fn jobs_of_several_queues_run_exactly_once_on_a_redis_cluster() {
         })))
         .await;
     assert_eq!(r.status, 201, "{r:?}");
+    // A rate limit: idle fetchers blocked on the wake keys are unblocked (`CLIENT UNBLOCK`, sent
+    // to the wake keys' master) when the next start is due.
+    let r = api
+        .send(
+            api.http
+                .put(api.url("/v1/limits/emails-rate"))
+                .json(&json!({
+                    "match": {"queue": "emails"}, "rate": {"count": 10, "period_s": 1}
+                })),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{r:?}");
     tokio::time::sleep(Duration::from_millis(1500)).await;
 
     let mut ids = Vec::new();
@@ -121,6 +133,19 @@ async fn jobs_of_several_queues_run_exactly_once_on_a_redis_cluster() {
     )
     .await;
     assert_eq!(overlaps, 0, "max_running 1 per tenant held on the cluster");
+    // 20 emails at 10/s: their starts spread over about 2 s.
+    let (spread_ms,): (f64,) = sqlx::query_as(
+        "SELECT (extract(epoch FROM max(started_at) - min(started_at)) * 1000)::float8
+         FROM jobs WHERE queue = 'emails'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    eprintln!("20 emails at 10/s started over {spread_ms:.0} ms");
+    assert!(
+        spread_ms >= 1500.0,
+        "the rate limit spaced the emails: {spread_ms} ms"
+    );
 
     // Where the keys live: every dispatch key of the deployment shares its hash tag, so one
     // master holds them all (docs/redis-cluster.md says why); the slot is the tag's.
