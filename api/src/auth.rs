@@ -117,11 +117,11 @@ impl KeyCache {
     /// cached key whenever the subscription drops (messages may have been missed).
     pub fn listen(&self, queue: &Queue) {
         let cache = self.clone();
-        let client = queue.client().clone();
+        let redis = queue.redis().clone();
         let channel = queue.revoked_keys_channel();
         tokio::spawn(async move {
             loop {
-                match client.get_async_pubsub().await {
+                match redis.pubsub().await {
                     Ok(mut pubsub) => {
                         if pubsub.subscribe(&channel).await.is_ok() {
                             // Revocations published while we were not subscribed.

@@ -19,7 +19,9 @@
 //! dead, and a `postmaster.pid` naming a zombie is removed before starting again (PostgreSQL
 //! itself would refuse to start, seeing the pid as alive).
 
+pub mod cluster;
 pub mod proxy;
+pub use cluster::RedisCluster;
 pub use proxy::{Fault, FaultProxy};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -788,25 +790,20 @@ pub struct RedisServer {
     adopted_pid: Option<u32>,
     /// Found already answering by `start`: someone else's, so drop leaves it running.
     adopted: bool,
+    /// More `redis-server` arguments (a cluster node's).
+    extra_args: Vec<String>,
 }
 
 impl RedisServer {
     /// Spawns `redis-server` on 127.0.0.1:`port` with `--dir dir` and waits until it answers
     /// PING. A server already answering PING on `port` is adopted (left running on drop).
     pub fn start(opts: RedisOptions) -> Result<RedisServer> {
-        let binary = which("redis-server")
-            .or_else(|| {
-                ["/usr/bin/redis-server", "/usr/local/bin/redis-server"]
-                    .iter()
-                    .map(PathBuf::from)
-                    .find(|p| p.is_file())
-            })
-            .ok_or_else(|| {
-                anyhow!(
-                    "`redis-server` not found on PATH; install it with `apt-get install redis-server` \
-                     (or run deploy/install-deps.sh)"
-                )
-            })?;
+        Self::start_with(opts, Vec::new())
+    }
+
+    /// [`RedisServer::start`] with more `redis-server` arguments.
+    pub(crate) fn start_with(opts: RedisOptions, extra_args: Vec<String>) -> Result<RedisServer> {
+        let binary = redis_binary("redis-server")?;
         let dir = std::path::absolute(&opts.dir)
             .with_context(|| format!("invalid redis dir {}", opts.dir.display()))?;
         fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -819,6 +816,7 @@ impl RedisServer {
             child: None,
             adopted_pid: None,
             adopted: false,
+            extra_args,
         };
         if opts.port != 0 {
             if redis_ping(opts.port) {
@@ -952,6 +950,7 @@ impl RedisServer {
         } else {
             cmd.args(["--save", "", "--appendonly", "no"]);
         }
+        cmd.args(&self.extra_args);
         let child = cmd
             .current_dir(&self.dir)
             .stdin(Stdio::null())
@@ -992,6 +991,23 @@ impl RedisServer {
             sleep(POLL_INTERVAL);
         }
     }
+}
+
+/// Path of a Redis tool (`redis-server`, `redis-cli`).
+fn redis_binary(name: &str) -> Result<PathBuf> {
+    which(name)
+        .or_else(|| {
+            ["/usr/bin", "/usr/local/bin"]
+                .iter()
+                .map(|d| Path::new(d).join(name))
+                .find(|p| p.is_file())
+        })
+        .ok_or_else(|| {
+            anyhow!(
+                "`{name}` not found on PATH; install it with `apt-get install redis-server` \
+                 (or run deploy/install-deps.sh)"
+            )
+        })
 }
 
 impl Drop for RedisServer {

@@ -81,7 +81,7 @@ pub(crate) async fn listen_hints(
 ) {
     let channel = queue.hints_channel();
     loop {
-        if let Ok(mut pubsub) = queue.client().get_async_pubsub().await {
+        if let Ok(mut pubsub) = queue.redis().pubsub().await {
             if pubsub.subscribe(&channel).await.is_ok() {
                 let mut messages = pubsub.on_message();
                 loop {

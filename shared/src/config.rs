@@ -13,6 +13,7 @@ pub enum LogFormat {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub database_url: String,
+    /// One Redis server's URL, or a Redis Cluster's seed nodes ([`crate::redis_conn::RedisTarget::parse`]).
     pub redis_url: String,
     /// Prefix of every Redis key (one per deployment, or per test).
     pub redis_prefix: String,

@@ -29,12 +29,12 @@ impl StreamWatch {
     /// Start following the hints channel of `queue` (reconnects on its own).
     pub fn start(queue: &Queue) -> StreamWatch {
         let watch = StreamWatch::default();
-        let client = queue.client().clone();
+        let redis = queue.redis().clone();
         let channel = queue.hints_channel();
         let w = watch.clone();
         tokio::spawn(async move {
             loop {
-                match client.get_async_pubsub().await {
+                match redis.pubsub().await {
                     Ok(mut pubsub) => {
                         if pubsub.subscribe(&channel).await.is_ok() {
                             let mut messages = pubsub.on_message();

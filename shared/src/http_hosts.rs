@@ -8,8 +8,10 @@
 use std::{sync::LazyLock, time::Duration};
 
 use chrono::{DateTime, TimeZone, Utc};
-use redis::{aio::ConnectionManager, Script};
+use redis::Script;
 use serde::Serialize;
+
+use crate::redis_conn::RedisConn;
 
 /// Breakers are forgotten this long after their last call.
 const TTL_S: u64 = 86_400;
@@ -80,7 +82,7 @@ static RECORD_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(RECORD));
 /// The breakers of every host, and their settings.
 #[derive(Clone)]
 pub struct HostBreakers {
-    conn: ConnectionManager,
+    conn: RedisConn,
     prefix: String,
     /// What the breakers guard: `http` (hosts `http.request` calls) or `llm` (LLM providers).
     scope: &'static str,
@@ -144,6 +146,11 @@ pub enum Transition {
     Closed,
 }
 
+/// The hash tag of a namespace's breakers of `scope`.
+fn tag(prefix: &str, scope: &str, namespace: &str) -> String {
+    format!("{{{prefix}:{scope}:{namespace}}}")
+}
+
 fn now_ms() -> i64 {
     Utc::now().timestamp_millis()
 }
@@ -153,7 +160,7 @@ fn at(ms: Option<i64>) -> Option<DateTime<Utc>> {
 }
 
 impl HostBreakers {
-    pub fn new(conn: ConnectionManager, prefix: &str, failures: u32, cooldown: Duration) -> Self {
+    pub fn new(conn: RedisConn, prefix: &str, failures: u32, cooldown: Duration) -> Self {
         HostBreakers {
             conn,
             prefix: prefix.to_string(),
@@ -170,12 +177,19 @@ impl HostBreakers {
         self
     }
 
+    /// A namespace's breakers share a hash tag of their own (`{<prefix>:<scope>:<namespace>}`):
+    /// each script and `list`'s pipeline stays on one slot of a cluster, and the namespaces
+    /// spread over its masters.
+    fn tag(&self, namespace: &str) -> String {
+        tag(&self.prefix, self.scope, namespace)
+    }
+
     fn key(&self, namespace: &str, host: &str) -> String {
-        format!("{{{}}}:{}:host:{namespace}:{host}", self.prefix, self.scope)
+        format!("{}:host:{host}", self.tag(namespace))
     }
 
     fn set_key(&self, namespace: &str) -> String {
-        format!("{{{}}}:{}:hosts:{namespace}", self.prefix, self.scope)
+        format!("{}:hosts", self.tag(namespace))
     }
 
     /// Whether a call to `host` may go now: `Err(wait)` while the breaker is open (or another
@@ -329,5 +343,28 @@ impl HostBreakers {
             });
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tag;
+    use crate::redis_conn::key_slot;
+
+    #[test]
+    fn a_namespaces_breakers_share_a_slot_and_namespaces_spread() {
+        let t = tag("capibara", "http", "acme");
+        assert_eq!(
+            key_slot(&format!("{t}:host:api.example.com")),
+            key_slot(&format!("{t}:hosts"))
+        );
+        let thirds: std::collections::BTreeSet<u16> = (0..30)
+            .map(|i| key_slot(&tag("capibara", "http", &format!("ns-{i}"))) / 5462)
+            .collect();
+        assert_eq!(
+            thirds.len(),
+            3,
+            "30 namespaces land on all three masters' slot ranges"
+        );
     }
 }

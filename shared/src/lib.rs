@@ -28,6 +28,7 @@ pub mod ops;
 pub mod outbound;
 pub mod problem;
 pub mod queue;
+pub mod redis_conn;
 pub mod shutdown;
 pub mod startup;
 pub mod store;

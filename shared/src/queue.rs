@@ -10,14 +10,19 @@
 //!
 //! Redis holds no state of record: a popped job that never started stays `queued` in Postgres and
 //! is re-pushed by the relay; the `epoch` key tells the relay that Redis lost its data.
+//!
+//! Every key shares the hash tag `{<prefix>}`, so on a Redis Cluster each script and each
+//! pipeline here touches one slot: the pop checks and takes limits, ordering keys and pauses
+//! shared by several lanes in one atomic step (docs/redis-cluster.md, "How keys are tagged").
 
 use std::time::Duration;
 
-use redis::{aio::ConnectionManager, AsyncCommands, Script};
+use redis::{AsyncCommands, Script};
 use uuid::Uuid;
 
 use crate::{
     domain::limit::{Group, Limit},
+    redis_conn::{Redis, RedisConn},
     store::dispatch::{DispatchEntry, Release},
 };
 
@@ -232,7 +237,8 @@ end
 return {tostring(next_due), unpack(out)}
 "#;
 
-/// Give back what job `ARGV[2]` held (`ARGV[3]` lane and `ARGV[4]` group as dispatched;
+/// Give back what job `ARGV[2]` held (`KEYS[1]`: the `held` hash, named so that a cluster
+/// routes the script to the node of the deployment's slot) (`ARGV[3]` lane and `ARGV[4]` group as dispatched;
 /// `ARGV[5]` = 1 when the job ended; `ARGV[6]` = ms its limits' rates wait until, or empty)
 /// and return the groups that waited for it to their rings.
 const RELEASE_SCRIPT: &str = r#"
@@ -308,8 +314,8 @@ return n
 /// Handle to the dispatch queues; cheap to clone.
 #[derive(Clone)]
 pub struct Queue {
-    client: redis::Client,
-    conn: ConnectionManager,
+    redis: Redis,
+    conn: RedisConn,
     prefix: String,
     pop: Script,
     unpark: Script,
@@ -369,23 +375,14 @@ impl FastPath {
     }
 }
 
-fn manager_config() -> redis::aio::ConnectionManagerConfig {
-    redis::aio::ConnectionManagerConfig::new()
-        .set_connection_timeout(Duration::from_secs(2))
-        .set_response_timeout(Duration::from_secs(5))
-        .set_number_of_retries(2)
-        .set_max_delay(500)
-}
-
 impl Queue {
-    /// Connect; `prefix` namespaces every key (tests use one per test).
+    /// Connect to a server or a cluster ([`crate::redis_conn::RedisTarget::parse`]); `prefix`
+    /// namespaces every key (tests use one per test).
     pub async fn connect(url: &str, prefix: &str) -> Result<Queue, QueueError> {
-        let client = redis::Client::open(url)?;
-        let conn = client
-            .get_connection_manager_with_config(manager_config())
-            .await?;
+        let redis = Redis::open(url)?;
+        let conn = redis.connect().await?;
         Ok(Queue {
-            client,
+            redis,
             conn,
             prefix: prefix.to_string(),
             pop: Script::new(POP_SCRIPT),
@@ -394,13 +391,14 @@ impl Queue {
         })
     }
 
-    pub fn client(&self) -> &redis::Client {
-        &self.client
+    /// Where Redis is: for pub/sub connections ([`Redis::pubsub`]).
+    pub fn redis(&self) -> &Redis {
+        &self.redis
     }
 
     /// The shared connection, for other Redis state under this prefix
     /// ([`crate::http_hosts`]).
-    pub fn connection(&self) -> ConnectionManager {
+    pub fn connection(&self) -> RedisConn {
         self.conn.clone()
     }
 
@@ -572,18 +570,15 @@ impl Queue {
 
     /// A connection for blocking waits (a blocked command stalls its connection, so each
     /// fetcher has its own).
-    pub async fn blocking_connection(&self) -> Result<ConnectionManager, QueueError> {
-        Ok(self
-            .client
-            .get_connection_manager_with_config(manager_config())
-            .await?)
+    pub async fn blocking_connection(&self) -> Result<RedisConn, QueueError> {
+        Ok(self.redis.connect_blocking().await?)
     }
 
     /// Wait up to `timeout` for one job across `lanes`: pop, else block until a push (or a
     /// release) wakes this fetcher or a rate-limited group is due, and pop again.
     pub async fn blocking_pop(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut RedisConn,
         lanes: &[String],
         timeout: Duration,
     ) -> Result<Option<Uuid>, QueueError> {
@@ -592,12 +587,17 @@ impl Queue {
             return Ok(Some(id));
         }
         let keys: Vec<String> = lanes.iter().map(|l| self.wake_key(l)).collect();
+        let slot_key = keys.first().cloned().unwrap_or_else(|| self.base());
         match due.filter(|d| *d < timeout) {
             // Redis times out a blocked client only at its cron's pace (100 ms at the default
             // `hz`), too coarse to space a rate limit's starts: sleep here, precisely, and
             // unblock the client when the group is due.
+            // On a cluster `CLIENT ID` and `CLIENT UNBLOCK` go to the node of the wake keys'
+            // slot, where the `BLPOP` blocks.
             Some(due) => {
-                let client: i64 = redis::cmd("CLIENT").arg("ID").query_async(conn).await?;
+                let client: i64 = conn
+                    .query_at_key(redis::cmd("CLIENT").arg("ID"), &slot_key)
+                    .await?;
                 let mut cmd = redis::cmd("BLPOP");
                 cmd.arg(&keys).arg(timeout.as_secs_f64().max(0.01));
                 let blpop = cmd.query_async::<Option<(String, String)>>(conn);
@@ -606,11 +606,11 @@ impl Queue {
                     r = &mut blpop => { r?; }
                     _ = tokio::time::sleep(due) => {
                         let mut main = self.conn.clone();
-                        redis::cmd("CLIENT")
-                            .arg("UNBLOCK")
-                            .arg(client)
-                            .query_async::<i64>(&mut main)
-                            .await?;
+                        main.query_at_key::<i64>(
+                            redis::cmd("CLIENT").arg("UNBLOCK").arg(client),
+                            &slot_key,
+                        )
+                        .await?;
                         blpop.await?;
                     }
                 }
@@ -643,7 +643,8 @@ impl Queue {
             // EVAL, not EVALSHA: a pipeline cannot fall back when Redis lacks the script.
             pipe.cmd("EVAL")
                 .arg(RELEASE_SCRIPT)
-                .arg(0)
+                .arg(1)
+                .arg(format!("{}:held", self.base()))
                 .arg(self.base())
                 .arg(r.job_id.to_string())
                 .arg(&r.lane)

@@ -17,7 +17,8 @@ use uuid::Uuid;
 pub mod receiver;
 
 pub use capibara_dev_services::{
-    find_free_port, Fault, FaultProxy, PostgresOptions, PostgresServer, RedisOptions, RedisServer,
+    find_free_port, Fault, FaultProxy, PostgresOptions, PostgresServer, RedisCluster, RedisOptions,
+    RedisServer,
 };
 
 /// Admin key every test environment bootstraps with.

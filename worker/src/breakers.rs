@@ -41,8 +41,11 @@ impl LazyBreakers {
         };
         self.cell
             .get_or_try_init(|| async {
-                let client = redis::Client::open(self.redis_url.as_str()).map_err(unavailable)?;
-                let conn = client.get_connection_manager().await.map_err(unavailable)?;
+                let conn = capibara_shared::redis_conn::Redis::open(&self.redis_url)
+                    .map_err(unavailable)?
+                    .connect()
+                    .await
+                    .map_err(unavailable)?;
                 Ok(
                     HostBreakers::new(conn, &self.prefix, self.failures, self.cooldown)
                         .scoped(self.scope),

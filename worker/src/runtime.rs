@@ -1019,7 +1019,7 @@ fn cancel_running(inner: &Inner, id: Uuid) {
 async fn cancel_listener(inner: Arc<Inner>, stop: CancellationToken) {
     let channel = inner.queue.cancel_channel();
     loop {
-        if let Ok(mut pubsub) = inner.queue.client().get_async_pubsub().await {
+        if let Ok(mut pubsub) = inner.queue.redis().pubsub().await {
             if pubsub.subscribe(&channel).await.is_ok() {
                 let mut messages = pubsub.on_message();
                 loop {

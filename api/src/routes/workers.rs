@@ -29,13 +29,13 @@ use capibara_shared::{
         },
         now, FieldError,
     },
+    redis_conn::RedisConn,
     store::{
         self,
         workers::{RemoteWorker, WorkerInfo},
     },
 };
 use chrono::{DateTime, Utc};
-use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::Semaphore;
@@ -191,7 +191,7 @@ impl KnownWorkers {
 #[derive(Clone)]
 pub struct LongPolls {
     slots: Arc<Semaphore>,
-    idle: Arc<Mutex<Vec<ConnectionManager>>>,
+    idle: Arc<Mutex<Vec<RedisConn>>>,
 }
 
 /// Most long polls one API process holds at once; beyond, a lease call answers without

@@ -35,6 +35,7 @@ mod orchestrate;
 mod poison;
 mod push_kinds;
 mod receiver_selftest;
+mod redis_cluster;
 mod schedules;
 mod sdks;
 mod secrets_at_rest;
