@@ -7,6 +7,7 @@ mod agents;
 mod code;
 mod connectors;
 mod deliveries;
+mod eventlog;
 mod fanout;
 mod flood;
 mod flow;
@@ -72,6 +73,9 @@ enum Command {
     /// One API key floods the API from loopback while other keys are served: the flood's
     /// request rate, its 429 share, and the other keys' successes and latency.
     Flood(flood::FloodArgs),
+    /// The bounded event log: submissions/s with an empty `events` table and with `--events`
+    /// generated in an old partition, then that partition's archive rate in events/s.
+    Eventlog(eventlog::EventLogBenchArgs),
     /// The Rust SDK's in-process no-op worker that `sdk` runs (not a benchmark of its own).
     #[command(hide = true)]
     SdkDriver(sdk_driver::DriverArgs),
@@ -93,6 +97,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Agents(a) => agents::run(a).await,
         Command::Flow(a) => flow::run(a).await,
         Command::Flood(a) => flood::run(a).await,
+        Command::Eventlog(a) => eventlog::run(a).await,
         Command::SdkDriver(a) => sdk_driver::run(a).await,
     }
 }
