@@ -8,6 +8,7 @@ mod chaos;
 mod code;
 mod connectors;
 mod deliveries;
+mod eventlog;
 mod fanout;
 mod flood;
 mod flow;
@@ -77,6 +78,9 @@ enum Command {
     /// restarted; the network to them cut and stalled), then an exact account from the event
     /// log (`capibara chaos`).
     Chaos(chaos::ChaosArgs),
+    /// The bounded event log: submissions/s with an empty `events` table and with `--events`
+    /// generated in an old partition, then that partition's archive rate in events/s.
+    Eventlog(eventlog::EventLogBenchArgs),
     /// The Rust SDK's in-process no-op worker that `sdk` runs (not a benchmark of its own).
     #[command(hide = true)]
     SdkDriver(sdk_driver::DriverArgs),
@@ -99,6 +103,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Flow(a) => flow::run(a).await,
         Command::Flood(a) => flood::run(a).await,
         Command::Chaos(a) => chaos::run(a).await,
+        Command::Eventlog(a) => eventlog::run(a).await,
         Command::SdkDriver(a) => sdk_driver::run(a).await,
     }
 }

@@ -259,6 +259,14 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         },
         stop.clone(),
     ));
+    let event_log = tokio::spawn(capibara_scheduler::event_log::run(
+        store.pool.clone(),
+        capibara_shared::artifacts::ArtifactStore::open(&config.artifacts)
+            .ok()
+            .map(std::sync::Arc::new),
+        config.event_log.clone(),
+        stop.clone(),
+    ));
 
     let secret_file = args.data_dir.join("webhook-secret").display().to_string();
     println!(
@@ -266,7 +274,15 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     );
 
     stop.cancelled().await;
-    let _ = tokio::join!(api, worker, housekeeping, deliverer, orchestrator, ticker);
+    let _ = tokio::join!(
+        api,
+        worker,
+        housekeeping,
+        deliverer,
+        orchestrator,
+        ticker,
+        event_log
+    );
     Ok(())
 }
 

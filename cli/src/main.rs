@@ -115,12 +115,20 @@ enum Command {
     /// completed twice, recovery time per fault (runs `capibara-bench chaos`; `--profile short`
     /// is the CI run, `--profile soak` the 30-minute one).
     Chaos(benchmarks::Forwarded),
+    /// The bounded event log: submissions/s with 50 M events in the table vs none, and the
+    /// archive rate (runs `capibara-bench eventlog`).
+    #[command(name = "bench-eventlog")]
+    BenchEventlog(benchmarks::Forwarded),
 }
 
 #[derive(Subcommand)]
 enum AdminCommand {
     /// Rebuild the projections (jobs, deliveries, schedules, triggers) from the event log.
     RebuildProjections,
+    /// Create the `events` partitions ahead and archive old ones whose streams are all finished
+    /// (what the scheduler does every `CAPIBARA_EVENTS_ARCHIVE_EVERY`,
+    /// docs/event-log-retention.md).
+    ArchiveEvents,
     /// Create an API key: `capibara admin create-key --name ci --roles submit`.
     CreateKey {
         #[arg(long)]
@@ -188,11 +196,49 @@ async fn main() -> anyhow::Result<()> {
             store::migrate(&pool).await?;
             match command {
                 AdminCommand::RebuildProjections => {
-                    let r = store::rebuild::rebuild_all(&pool).await?;
+                    // Archived partitions are replayed from the artifact store.
+                    let archives = if store::archive::any_archived(&pool).await? {
+                        Some(capibara_shared::artifacts::ArtifactStore::open(
+                            &config.artifacts,
+                        )?)
+                    } else {
+                        None
+                    };
+                    let r = store::rebuild::rebuild_all(&pool, archives.as_ref()).await?;
                     println!(
                         "rebuilt {} jobs, {} deliveries, {} schedules, {} triggers, {} workflows, {} runs, {} user kinds, {} connectors from {} events",
                         r.jobs, r.deliveries, r.schedules, r.triggers, r.workflows, r.runs, r.user_kinds, r.connectors, r.events
                     );
+                }
+                AdminCommand::ArchiveEvents => {
+                    let created =
+                        store::archive::ensure_partitions(&pool, &config.event_log).await?;
+                    let Some(retention) = config.event_log.retention else {
+                        println!("created {created} partitions; CAPIBARA_EVENTS_RETENTION=0: nothing archived");
+                        return Ok(());
+                    };
+                    let artifacts =
+                        capibara_shared::artifacts::ArtifactStore::open(&config.artifacts)?;
+                    let started = std::time::Instant::now();
+                    let r = store::archive::archive_old(
+                        &pool,
+                        &artifacts,
+                        retention,
+                        store::archive::Halt::Never,
+                    )
+                    .await?;
+                    if r.busy {
+                        println!("another archive run holds the lock; nothing done");
+                    } else {
+                        println!(
+                            "created {created} partitions; archived {} partitions ({} events, {} objects) in {:.1}s; {} old partitions kept (streams not finished)",
+                            r.partitions,
+                            r.events,
+                            r.objects,
+                            started.elapsed().as_secs_f64(),
+                            r.blocked
+                        );
+                    }
                 }
                 AdminCommand::CreateKey {
                     name,
@@ -271,5 +317,6 @@ async fn main() -> anyhow::Result<()> {
         Command::BenchModels(a) => benchmarks::exec("models", a),
         Command::BenchSdk(a) => benchmarks::exec("sdk", a),
         Command::Chaos(a) => benchmarks::exec("chaos", a),
+        Command::BenchEventlog(a) => benchmarks::exec("eventlog", a),
     }
 }

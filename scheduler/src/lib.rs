@@ -13,6 +13,7 @@
 pub mod bulk;
 pub mod deliverer;
 mod driver;
+pub mod event_log;
 mod flow;
 pub mod hooks;
 pub mod housekeeping;

@@ -91,6 +91,15 @@ async fn main() -> anyhow::Result<()> {
         capibara_scheduler::deliverer::DelivererOptions::new(&config),
         stop.clone(),
     ));
+    let event_log = tokio::spawn(capibara_scheduler::event_log::run(
+        store.pool.clone(),
+        capibara_shared::artifacts::ArtifactStore::open(&config.artifacts)
+            .map_err(|e| tracing::error!(error = %e, "event archive off: no artifact store"))
+            .ok()
+            .map(Arc::new),
+        config.event_log.clone(),
+        stop.clone(),
+    ));
     housekeeping::run(
         store,
         queue,
@@ -102,6 +111,7 @@ async fn main() -> anyhow::Result<()> {
     )
     .await;
     let _ = bulk.await;
+    let _ = event_log.await;
     let _ = deliverer.await;
     let _ = orchestrator.await;
     let _ = ticker.await;

@@ -256,6 +256,55 @@ impl ArtifactStore {
         })
     }
 
+    /// The object path of `key`, a store-relative key outside `jobs/` (e.g. the event archive's
+    /// `events/…`).
+    fn object_path(&self, key: &str) -> Result<ObjectPath, ArtifactError> {
+        let full = if self.prefix.is_empty() {
+            key.to_string()
+        } else {
+            format!("{}/{key}", self.prefix)
+        };
+        ObjectPath::parse(full).map_err(|e| ArtifactError::Store(e.into()))
+    }
+
+    /// A writer of the object `key` (store-relative; written in parts like [`Self::writer`]):
+    /// visible only once finished, and a second write of the same key replaces the first.
+    pub async fn object_writer(
+        &self,
+        key: &str,
+        content_type: &str,
+    ) -> Result<ArtifactWriter, ArtifactError> {
+        let path = self.object_path(key)?;
+        let mut attributes = Attributes::new();
+        if self.content_type_attribute {
+            attributes.insert(Attribute::ContentType, content_type.to_string().into());
+        }
+        let opts = object_store::PutMultipartOptions {
+            attributes,
+            ..Default::default()
+        };
+        let upload = self.inner.put_multipart_opts(&path, opts).await?;
+        Ok(ArtifactWriter {
+            parts: object_store::WriteMultipart::new(upload),
+            artifact: Artifact {
+                name: key.rsplit('/').next().unwrap_or(key).to_string(),
+                content_type: content_type.to_string(),
+                size: 0,
+                location: format!("{}/{key}", self.base),
+            },
+        })
+    }
+
+    /// The whole object `key` (store-relative).
+    pub async fn get_object(&self, key: &str) -> Result<Bytes, ArtifactError> {
+        let path = self.object_path(key)?;
+        match self.inner.get(&path).await {
+            Ok(r) => Ok(r.bytes().await?),
+            Err(object_store::Error::NotFound { .. }) => Err(ArtifactError::NotFound),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Read an artifact, or the byte range `range` of it (`start..end`, end exclusive; an
     /// end past the object is cut to its size).
     pub async fn get(

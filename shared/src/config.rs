@@ -111,7 +111,33 @@ pub struct Config {
     pub code: CodeConfig,
     /// `tts.render` settings (`CAPIBARA_TTS_*`, docs/tts.md).
     pub tts: TtsConfig,
+    /// The bounded event log (`CAPIBARA_EVENTS_*`, docs/event-log-retention.md).
+    pub event_log: EventLogConfig,
     pub log_format: LogFormat,
+}
+
+/// Partitioning and archiving of the `events` table.
+#[derive(Debug, Clone)]
+pub struct EventLogConfig {
+    /// How long after a partition's period ends its finished streams are archived and the
+    /// partition dropped (`CAPIBARA_EVENTS_RETENTION`, default `30d`; `0` = never).
+    pub retention: Option<Duration>,
+    /// The period of creation times one partition covers (`CAPIBARA_EVENTS_PARTITION`,
+    /// default `7d`).
+    pub partition: Duration,
+    /// How often the scheduler creates partitions ahead and archives old ones
+    /// (`CAPIBARA_EVENTS_ARCHIVE_EVERY`, default `5m`).
+    pub archive_every: Duration,
+}
+
+impl Default for EventLogConfig {
+    fn default() -> Self {
+        EventLogConfig {
+            retention: Some(Duration::from_secs(30 * 86400)),
+            partition: Duration::from_secs(7 * 86400),
+            archive_every: Duration::from_secs(300),
+        }
+    }
 }
 
 /// `tts.render` settings.
@@ -407,6 +433,38 @@ impl Config {
                     .as_deref()
                     .unwrap_or(DEFAULT_DELIVERY_SCHEDULE),
             )?,
+            event_log: EventLogConfig {
+                retention: match var("CAPIBARA_EVENTS_RETENTION").as_deref() {
+                    None => EventLogConfig::default().retention,
+                    Some("0") => None,
+                    Some(v) => Some(parse_duration(v).ok_or_else(|| ConfigError {
+                        var: "CAPIBARA_EVENTS_RETENTION",
+                        message: format!("`{v}` is not a duration like 30d, 12h or 0"),
+                    })?),
+                },
+                partition: match var("CAPIBARA_EVENTS_PARTITION") {
+                    None => EventLogConfig::default().partition,
+                    Some(v) => {
+                        parse_duration(&v)
+                            .filter(|d| d.as_secs() >= 1)
+                            .ok_or_else(|| ConfigError {
+                                var: "CAPIBARA_EVENTS_PARTITION",
+                                message: format!("`{v}` is not a duration of 1s or more like 7d"),
+                            })?
+                    }
+                },
+                archive_every: match var("CAPIBARA_EVENTS_ARCHIVE_EVERY") {
+                    None => EventLogConfig::default().archive_every,
+                    Some(v) => {
+                        parse_duration(&v)
+                            .filter(|d| !d.is_zero())
+                            .ok_or_else(|| ConfigError {
+                                var: "CAPIBARA_EVENTS_ARCHIVE_EVERY",
+                                message: format!("`{v}` is not a duration like 30s or 5m"),
+                            })?
+                    }
+                },
+            },
             tts: TtsConfig {
                 threads: parse("CAPIBARA_TTS_THREADS", 1usize)?.clamp(1, 64),
                 ort_library: var("CAPIBARA_ORT_LIBRARY").map(PathBuf::from),

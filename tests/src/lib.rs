@@ -125,6 +125,13 @@ impl TestEnv {
         sqlx_connect(&self.database_url).await
     }
 
+    /// This test's artifact directory (`CAPIBARA_ARTIFACTS` of its processes).
+    pub fn artifacts_dir(&self) -> PathBuf {
+        std::env::temp_dir()
+            .join("capibara-test-artifacts")
+            .join(&self.db_name)
+    }
+
     pub fn api_url(&self) -> String {
         format!("http://127.0.0.1:{}", self.api_port)
     }
@@ -146,12 +153,7 @@ impl TestEnv {
             .env("CAPIBARA_DB_MAX_CONNECTIONS", "8")
             .env("CAPIBARA_ASSETS_DIR", assets_dir())
             // Each test's artifacts in their own directory (tests may point this at S3).
-            .env(
-                "CAPIBARA_ARTIFACTS",
-                std::env::temp_dir()
-                    .join("capibara-test-artifacts")
-                    .join(&self.db_name),
-            )
+            .env("CAPIBARA_ARTIFACTS", self.artifacts_dir())
             .env("CAPIBARA_LOG", env_or("CAPIBARA_TEST_LOG", "warn"))
             .env("CAPIBARA_LOG_FORMAT", "json")
             .stdin(Stdio::null());
@@ -229,6 +231,7 @@ impl TestEnv {
         let out = Command::new(bin("capibara"))
             .args(["admin", "rebuild-projections"])
             .env("CAPIBARA_DATABASE_URL", &self.database_url)
+            .env("CAPIBARA_ARTIFACTS", self.artifacts_dir())
             .env("CAPIBARA_REDIS_URL", &self.redis_url)
             .output()
             .expect("capibara runs");

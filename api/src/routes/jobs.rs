@@ -804,9 +804,35 @@ pub async fn stream_events(
     )?;
     if wants_sse(headers) {
         let slot = state.streams.acquire(auth.key.id)?;
-        return Ok(sse(state, slot, id, after, terminal).into_response());
+        return Ok(sse(
+            state,
+            slot,
+            auth.namespace().to_string(),
+            id,
+            after,
+            terminal,
+        )
+        .into_response());
     }
-    let items = store::events::read_stream(&state.store.pool, id, after, limit).await?;
+    let mut items = store::events::read_stream(&state.store.pool, id, after, limit).await?;
+    if items.is_empty() {
+        // An archived stream (docs/event-log-retention.md): the slower path, same page shape.
+        if let Ok(archives) = &state.artifacts {
+            let archived = store::archive::read_archived_stream(
+                &state.store.pool,
+                archives,
+                auth.namespace(),
+                id,
+                after,
+                limit,
+            )
+            .await
+            .map_err(ApiError::internal)?;
+            if let Some(archived) = archived {
+                items = archived;
+            }
+        }
+    }
     let next_cursor = (items.len() as i64 == limit)
         .then(|| items.last().map(|e| e.id.clone()))
         .flatten();
@@ -817,9 +843,36 @@ pub async fn stream_events(
 /// (`terminal` tells which event types end the stream). An idle stream sleeps until a hint for
 /// its stream arrives (`StreamWatch`), re-reading Postgres only every
 /// `CAPIBARA_SSE_FALLBACK_POLL` otherwise; `slot` is held until the stream ends.
+/// The events of `id` after `after` when its partition was archived (docs/event-log-retention.md).
+async fn archived(
+    state: &AppState,
+    namespace: &str,
+    id: Uuid,
+    after: i64,
+) -> Option<Vec<capibara_shared::domain::event::EventEnvelope>> {
+    let archives = state.artifacts.as_ref().ok()?;
+    match store::archive::read_archived_stream(
+        &state.store.pool,
+        archives,
+        namespace,
+        id,
+        after,
+        i64::MAX,
+    )
+    .await
+    {
+        Ok(events) => events,
+        Err(e) => {
+            tracing::warn!(error = %e, stream = %id, "reading an archived stream failed");
+            None
+        }
+    }
+}
+
 fn sse(
     state: AppState,
     slot: Slot,
+    namespace: String,
     id: Uuid,
     mut after: i64,
     terminal: fn(&str) -> bool,
@@ -844,6 +897,22 @@ fn sse(
                     }
                 }
             };
+            if first && batch.is_empty() {
+                // An archived stream: everything from the archive, then the end.
+                if let Some(events) = archived(&state, &namespace, id, after).await {
+                    for ev in events {
+                        let data = serde_json::to_string(&ev).unwrap_or_default();
+                        let event = Event::default()
+                            .id(ev.id.clone())
+                            .event(ev.event_type.clone())
+                            .data(data);
+                        if tx.send(Ok(event)).await.is_err() {
+                            return;
+                        }
+                    }
+                    return;
+                }
+            }
             let full = batch.len() == 500;
             let mut ended = false;
             for ev in batch {

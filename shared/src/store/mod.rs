@@ -20,6 +20,7 @@
 //! - [`bulk`]: bulk operations on jobs: their rows, and the pages of jobs they act on.
 
 pub mod append;
+pub mod archive;
 mod batch;
 pub mod bulk;
 pub mod checkpoints;

@@ -4,16 +4,60 @@
 //! comes from an event's `recorded_at`, so a rebuilt row equals the row written inline.
 
 use chrono::{DateTime, Utc};
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use serde_json::Value;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use super::{jobs::UPSERT_JOBS, StoreError};
+use super::{archive, jobs::UPSERT_JOBS, StoreError};
+use crate::artifacts::ArtifactStore;
 use crate::domain::{
     job::{Job, JobEvent},
     DomainEvent,
 };
+
+/// A row a projection folds: stream id, event type, data, namespace, recorded at.
+type SourceRow = (Uuid, String, Value, String, DateTime<Utc>);
+
+/// The archived events of `stream_type` (docs/event-log-retention.md), in (stream, version)
+/// order, one archive object in memory at a time: a partition holds whole streams, so they fold
+/// before the live ones. Fails when partitions were archived and no artifact store is given.
+async fn archived_rows<'a>(
+    pool: &PgPool,
+    archives: Option<&'a ArtifactStore>,
+    stream_type: &'a str,
+) -> Result<impl futures::Stream<Item = Result<SourceRow, StoreError>> + 'a, StoreError> {
+    let keys = archive::archive_keys(pool).await?;
+    if !keys.is_empty() && archives.is_none() {
+        return Err(StoreError::Internal(format!(
+            "{} event archive objects exist: a rebuild needs the artifact store \
+             (CAPIBARA_ARTIFACTS) to replay them",
+            keys.len()
+        )));
+    }
+    Ok(futures::stream::iter(keys)
+        .then(move |key| async move {
+            let store = archives.ok_or(StoreError::NotFound)?;
+            archive::read_object(store, &key)
+                .await
+                .map_err(|e| StoreError::Internal(e.to_string()))
+        })
+        .map_ok(move |events| {
+            futures::stream::iter(
+                events
+                    .into_iter()
+                    .filter(move |e| e.stream_type == stream_type)
+                    .map(|e| {
+                        let ns = e.metadata["namespace"]
+                            .as_str()
+                            .unwrap_or_default()
+                            .to_string();
+                        Ok((e.stream_id, e.event_type, e.data, ns, e.recorded_at))
+                    }),
+            )
+        })
+        .try_flatten())
+}
 
 /// What a rebuild did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -23,7 +67,11 @@ pub struct RebuildReport {
 }
 
 /// Rebuild the `jobs` projection in one transaction (readers see the old rows until commit).
-pub async fn rebuild_jobs(pool: &PgPool) -> Result<RebuildReport, StoreError> {
+pub async fn rebuild_jobs(
+    pool: &PgPool,
+    archives: Option<&ArtifactStore>,
+) -> Result<RebuildReport, StoreError> {
+    let archived = archived_rows(pool, archives, "job").await?;
     let mut tx = pool.begin().await?;
     sqlx::query("LOCK TABLE jobs IN EXCLUSIVE MODE")
         .execute(&mut *tx)
@@ -33,11 +81,12 @@ pub async fn rebuild_jobs(pool: &PgPool) -> Result<RebuildReport, StoreError> {
     let mut rows: Vec<Job> = Vec::new();
     {
         let mut reader = pool.acquire().await?;
-        let mut stream = sqlx::query_as::<_, (Uuid, String, Value, String, DateTime<Utc>)>(
+        let stream = sqlx::query_as::<_, (Uuid, String, Value, String, DateTime<Utc>)>(
             "SELECT stream_id, type, data, metadata->>'namespace', recorded_at FROM events
              WHERE stream_type = 'job' ORDER BY stream_id, version",
         )
         .fetch(&mut *reader);
+        let mut stream = Box::pin(archived.chain(stream.map_err(StoreError::from)));
         let mut current: Option<Job> = None;
         while let Some((stream_id, event_type, data, namespace, at)) = stream.try_next().await? {
             report.events += 1;
@@ -94,11 +143,13 @@ async fn rebuild_stream<T, E>(
     table: &str,
     upsert: &str,
     apply: Fold<T, E>,
+    archives: Option<&ArtifactStore>,
 ) -> Result<(u64, u64), StoreError>
 where
     T: serde::Serialize,
     E: serde::de::DeserializeOwned,
 {
+    let archived = archived_rows(pool, archives, stream_type).await?;
     let mut tx = pool.begin().await?;
     sqlx::query(&format!("LOCK TABLE {table} IN EXCLUSIVE MODE"))
         .execute(&mut *tx)
@@ -110,12 +161,13 @@ where
     let mut rows: Vec<T> = Vec::new();
     {
         let mut reader = pool.acquire().await?;
-        let mut stream = sqlx::query_as::<_, (Uuid, String, Value, String, DateTime<Utc>)>(
+        let stream = sqlx::query_as::<_, (Uuid, String, Value, String, DateTime<Utc>)>(
             "SELECT stream_id, type, data, metadata->>'namespace', recorded_at FROM events
              WHERE stream_type = $1 ORDER BY stream_id, version",
         )
         .bind(stream_type)
         .fetch(&mut *reader);
+        let mut stream = Box::pin(archived.chain(stream.map_err(StoreError::from)));
         let mut current: Option<(Uuid, T)> = None;
         while let Some((stream_id, t, data, namespace, at)) = stream.try_next().await? {
             events += 1;
@@ -175,7 +227,13 @@ pub struct FullRebuild {
 
 /// Rebuild every projection: `jobs`, `deliveries`, `schedules`, `triggers`, `workflows`, `runs`,
 /// `user_kinds`, `connectors`, `connector_items`, `models`, `llm_providers` and `bulk_operations` (each in its own transaction).
-pub async fn rebuild_all(pool: &PgPool) -> Result<FullRebuild, StoreError> {
+///
+/// Events of archived partitions are replayed from `archives` (required once any partition
+/// was archived).
+pub async fn rebuild_all(
+    pool: &PgPool,
+    archives: Option<&ArtifactStore>,
+) -> Result<FullRebuild, StoreError> {
     use crate::domain::{
         bulk::{BulkEvent, BulkOperation},
         connector::{Connector, ConnectorEvent},
@@ -189,13 +247,14 @@ pub async fn rebuild_all(pool: &PgPool) -> Result<FullRebuild, StoreError> {
         trigger::{Trigger, TriggerEvent},
         workflow::{Workflow, WorkflowEvent},
     };
-    let jobs = rebuild_jobs(pool).await?;
+    let jobs = rebuild_jobs(pool, archives).await?;
     let (de, deliveries) = rebuild_stream::<Delivery, DeliveryEvent>(
         pool,
         "delivery",
         "deliveries",
         super::deliveries::UPSERT_DELIVERIES,
         Delivery::apply,
+        archives,
     )
     .await?;
     let (se, schedules) = rebuild_stream::<Schedule, ScheduleEvent>(
@@ -204,6 +263,7 @@ pub async fn rebuild_all(pool: &PgPool) -> Result<FullRebuild, StoreError> {
         "schedules",
         super::schedules::UPSERT_SCHEDULES,
         Schedule::apply,
+        archives,
     )
     .await?;
     let (te, triggers) = rebuild_stream::<Trigger, TriggerEvent>(
@@ -212,6 +272,7 @@ pub async fn rebuild_all(pool: &PgPool) -> Result<FullRebuild, StoreError> {
         "triggers",
         super::triggers::UPSERT_TRIGGERS,
         Trigger::apply,
+        archives,
     )
     .await?;
     let (we, workflows) = rebuild_stream::<Workflow, WorkflowEvent>(
@@ -220,17 +281,25 @@ pub async fn rebuild_all(pool: &PgPool) -> Result<FullRebuild, StoreError> {
         "workflows",
         super::workflows::UPSERT_WORKFLOWS,
         Workflow::apply,
+        archives,
     )
     .await?;
-    let (re, runs) =
-        rebuild_stream::<Run, RunEvent>(pool, "run", "runs", super::runs::UPSERT_RUNS, Run::apply)
-            .await?;
+    let (re, runs) = rebuild_stream::<Run, RunEvent>(
+        pool,
+        "run",
+        "runs",
+        super::runs::UPSERT_RUNS,
+        Run::apply,
+        archives,
+    )
+    .await?;
     let (ke, user_kinds) = rebuild_stream::<UserKind, KindEvent>(
         pool,
         "kind",
         "user_kinds",
         super::user_kinds::UPSERT_USER_KINDS,
         UserKind::apply,
+        archives,
     )
     .await?;
     let (ce, connectors) = rebuild_stream::<Connector, ConnectorEvent>(
@@ -239,6 +308,7 @@ pub async fn rebuild_all(pool: &PgPool) -> Result<FullRebuild, StoreError> {
         "connectors",
         super::connectors::UPSERT_CONNECTORS,
         Connector::apply,
+        archives,
     )
     .await?;
     super::connectors::rebuild_items(pool).await?;
@@ -248,6 +318,7 @@ pub async fn rebuild_all(pool: &PgPool) -> Result<FullRebuild, StoreError> {
         "models",
         super::models::UPSERT_MODELS,
         ModelName::apply,
+        archives,
     )
     .await?;
     let (pe, llm_providers) = rebuild_stream::<LlmProvider, ProviderEvent>(
@@ -256,6 +327,7 @@ pub async fn rebuild_all(pool: &PgPool) -> Result<FullRebuild, StoreError> {
         "llm_providers",
         super::llm_providers::UPSERT_LLM_PROVIDERS,
         LlmProvider::apply,
+        archives,
     )
     .await?;
     let (le, limits) = rebuild_stream::<Limit, LimitEvent>(
@@ -264,6 +336,7 @@ pub async fn rebuild_all(pool: &PgPool) -> Result<FullRebuild, StoreError> {
         "limits",
         super::limits::UPSERT_LIMITS,
         Limit::apply,
+        archives,
     )
     .await?;
     let (pse, pauses) = rebuild_stream::<Pauses, PauseEvent>(
@@ -272,6 +345,7 @@ pub async fn rebuild_all(pool: &PgPool) -> Result<FullRebuild, StoreError> {
         "pauses",
         super::limits::UPSERT_PAUSES,
         Pauses::apply,
+        archives,
     )
     .await?;
     let (be, bulk_operations) = rebuild_stream::<BulkOperation, BulkEvent>(
@@ -280,6 +354,7 @@ pub async fn rebuild_all(pool: &PgPool) -> Result<FullRebuild, StoreError> {
         "bulk_operations",
         super::bulk::UPSERT_BULK,
         BulkOperation::apply,
+        archives,
     )
     .await?;
     Ok(FullRebuild {
