@@ -287,3 +287,61 @@ async fn one_archiver_at_a_time_and_unfinished_streams_keep_their_partition() {
         Some("JobSucceeded")
     );
 }
+
+/// Creating partitions beside a writer does not deadlock. A writer that read `events` (its
+/// version check) and then appends, in one transaction, while the scheduler creates partitions:
+/// creation used to lock the default partition first and wait for the reader, while the writer
+/// waited for the default partition (`deadlock detected`: a 503 to the client; the full test run
+/// hit it when a test's scheduler started beside its API's writes). Creation now takes `events`
+/// itself first, in ACCESS EXCLUSIVE mode, so the writer finishes first.
+#[tokio::test]
+async fn creating_partitions_beside_a_writer_does_not_deadlock() {
+    let env = TestEnv::new().await;
+    // The API migrates; no scheduler, so no partition exists yet beyond the migration's.
+    let api = env.spawn_api().await;
+    drop(api);
+    let pool = env.pool().await;
+    let stream = uuid::Uuid::now_v7();
+    let mut writer = pool.begin().await.unwrap();
+    let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM events WHERE stream_id = $1")
+        .bind(stream)
+        .fetch_one(&mut *writer)
+        .await
+        .unwrap();
+    assert_eq!(n, 0);
+    let creator = {
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            sqlx::query_scalar::<_, i32>(
+                "SELECT capibara_events_ensure_partitions('1 day', '2 days')",
+            )
+            .fetch_one(&pool)
+            .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    sqlx::query(
+        "INSERT INTO events (stream_id, stream_type, version, type, data, metadata, recorded_at)
+         VALUES ($1, 'job', 1, 'JobSubmitted', '{}', '{}', now())",
+    )
+    .bind(stream)
+    .execute(&mut *writer)
+    .await
+    .expect("the append beside partition creation (deadlock detected before the fix)");
+    writer.commit().await.unwrap();
+    let created = creator
+        .await
+        .unwrap()
+        .expect("partition creation finished after the writer");
+    assert!(created >= 2, "partitions created: {created}");
+    let (where_,): (String,) =
+        sqlx::query_as("SELECT tableoid::regclass::text FROM events WHERE stream_id = $1")
+            .bind(stream)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_ne!(
+        where_, "events_default",
+        "the row moved into its time partition"
+    );
+}
