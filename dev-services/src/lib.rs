@@ -294,13 +294,24 @@ impl PostgresServer {
     /// Fast shutdown (`pg_ctl stop -m fast`): disconnects clients, checkpoints, exits.
     /// Kills the server if that does not finish in time.
     pub fn stop(&mut self) -> Result<()> {
+        self.pg_ctl_stop("fast")
+    }
+
+    /// Immediate shutdown (`pg_ctl stop -m immediate`): every process quits at once without a
+    /// checkpoint, so the next start runs crash recovery. Kills the server if that fails.
+    pub fn stop_immediate(&mut self) -> Result<()> {
+        self.pg_ctl_stop("immediate")
+    }
+
+    /// `pg_ctl stop -m <mode>`; kills the server when that fails and it still runs.
+    fn pg_ctl_stop(&mut self, mode: &str) -> Result<()> {
         if !self.is_live() {
             self.running = false;
             return Ok(());
         }
         let out = self
             .server_command("pg_ctl")?
-            .args(["stop", "-m", "fast", "-w", "-s"])
+            .args(["stop", "-m", mode, "-w", "-s"])
             .args(["-t", &STOP_TIMEOUT.as_secs().to_string()])
             .arg("-D")
             .arg(&self.data_dir)
@@ -309,7 +320,7 @@ impl PostgresServer {
         if !out.status.success() && self.is_live() {
             let kill_result = self.kill();
             bail!(
-                "pg_ctl stop -m fast on {} failed ({}): {}; killed it instead ({})",
+                "pg_ctl stop -m {mode} on {} failed ({}): {}; killed it instead ({})",
                 self.data_dir.display(),
                 out.status,
                 String::from_utf8_lossy(&out.stderr).trim(),
@@ -318,28 +329,6 @@ impl PostgresServer {
                     Err(e) => format!("{e:#}"),
                 }
             );
-        }
-        self.running = false;
-        Ok(())
-    }
-
-    /// Immediate shutdown (`pg_ctl stop -m immediate`): every process quits at once without a
-    /// checkpoint, so the next start runs crash recovery. Kills the server if that fails.
-    pub fn stop_immediate(&mut self) -> Result<()> {
-        if !self.is_live() {
-            self.running = false;
-            return Ok(());
-        }
-        let out = self
-            .server_command("pg_ctl")?
-            .args(["stop", "-m", "immediate", "-w", "-s"])
-            .args(["-t", &STOP_TIMEOUT.as_secs().to_string()])
-            .arg("-D")
-            .arg(&self.data_dir)
-            .output()
-            .context("cannot run pg_ctl stop")?;
-        if !out.status.success() && self.is_live() {
-            self.kill()?;
         }
         self.running = false;
         Ok(())

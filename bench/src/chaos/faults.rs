@@ -152,7 +152,10 @@ pub(crate) async fn inject(
             blocking(move || {
                 let mut pg = s.pg.lock().unwrap_or_else(|p| p.into_inner());
                 if fault == Fault::PgRestartImmediate {
-                    pg.stop_immediate()?;
+                    // A stop that failed killed the server instead: start it again either way.
+                    if let Err(e) = pg.stop_immediate() {
+                        eprintln!("immediate shutdown: {e:#}");
+                    }
                 }
                 pg.restart()
             })
