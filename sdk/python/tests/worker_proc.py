@@ -7,11 +7,23 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 import threading
 import time
 from typing import Any
 
 import capibara
+
+
+_out = threading.Lock()
+
+
+def say(line: str) -> None:
+    """One whole line at a time: print() writes the text and the newline separately, so lines
+    printed from a handler thread and the announcing thread could interleave."""
+    with _out:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
 
 
 def main() -> None:
@@ -27,24 +39,24 @@ def main() -> None:
 
     @worker.handler(args.kind)
     def handle(job: capibara.JobContext) -> Any:
-        print(f"started {job.id} {job.attempt}", flush=True)
+        say(f"started {job.id} {job.attempt}")
         if args.hang_first and job.attempt == 1:
             time.sleep(3600)
         end = time.monotonic() + args.sleep
         while time.monotonic() < end:
             if job.wait_cancelled(0.05):
-                print(f"interrupted {job.id} {job.cancel_reason}", flush=True)
+                say(f"interrupted {job.id} {job.cancel_reason}")
                 job.check_cancelled()
-        print(f"finished {job.id} {job.attempt}", flush=True)
+        say(f"finished {job.id} {job.attempt}")
         return {"attempt": job.attempt, "pid": os.getpid()}
 
     def announce() -> None:
         worker.ready.wait()
-        print(f"registered {worker.worker_id}", flush=True)
+        say(f"registered {worker.worker_id}")
 
     threading.Thread(target=announce, daemon=True).start()
     worker.run()
-    print("stopped", flush=True)
+    say("stopped")
 
 
 if __name__ == "__main__":
