@@ -124,11 +124,24 @@ DECLARE
     until_ms bigint := (extract(epoch FROM now() + ahead) * 1000)::bigint;
     now_ms bigint := (extract(epoch FROM now()) * 1000)::bigint;
     part text;
+    prev_lock_timeout text := current_setting('lock_timeout');
 BEGIN
     -- One creator at a time (replicas, the admin command).
     PERFORM pg_advisory_xact_lock(7300000000000000001);
     SELECT (extract(epoch FROM max(hi_at)) * 1000)::bigint INTO top_ms FROM event_partitions;
     top_ms := coalesce(top_ms, now_ms);
+    IF top_ms < until_ms THEN
+        -- Writers take `events` itself, then the partitions (reading, then appending). Taking
+        -- the default partition first and then waiting for a writer's read of it, while that
+        -- writer waited for the default partition, deadlocked (40P01, a 503 to the client)
+        -- when a scheduler started beside writers. `events` first, in ACCESS EXCLUSIVE mode:
+        -- current readers and writers finish (one already holding a lock may take more), new
+        -- ones wait for this short transaction. Give up after 5 s rather than hold writers
+        -- behind a long reader: the partitions are made ahead, the next run retries.
+        PERFORM set_config('lock_timeout', '5s', true);
+        LOCK TABLE events IN ACCESS EXCLUSIVE MODE;
+        PERFORM set_config('lock_timeout', prev_lock_timeout, true);
+    END IF;
     WHILE top_ms < until_ms LOOP
         lo_ms := top_ms;
         -- A gap (nothing created for a while) closes with one partition up to the next

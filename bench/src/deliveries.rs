@@ -27,7 +27,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use axum::{body::Bytes, extract::State, http::HeaderMap, http::StatusCode, Router};
 use capibara_dev_services::find_free_port;
 use capibara_shared::{domain::webhook::WebhookSecret, shutdown};
@@ -214,20 +214,12 @@ struct Receiver {
 
 impl Receiver {
     async fn start(secret: WebhookSecret) -> Result<Receiver> {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .context("binding the webhook receiver")?;
-        let port = listener.local_addr()?.port();
         let state = Arc::new(ReceiverState {
             secret,
             inbox: Mutex::new(Inbox::default()),
         });
         let app = Router::new().fallback(receive).with_state(state.clone());
-        let server = tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app).await {
-                eprintln!("webhook receiver stopped: {e}");
-            }
-        });
+        let (port, server) = crate::harness::serve_loopback(app, "webhook receiver").await?;
         Ok(Receiver {
             url: format!("http://127.0.0.1:{port}/hook"),
             state,

@@ -128,6 +128,52 @@ impl Drop for Env {
     }
 }
 
+/// Postgres (with database `db`; durable unless `fast_unsafe`) and Redis (no persistence: it
+/// only dispatches), under `<dir>/postgres/data` and `<dir>/redis`, on free ports.
+pub(crate) async fn start_servers(
+    dir: &Path,
+    fast_unsafe: bool,
+    db: &str,
+) -> Result<(PostgresServer, RedisServer)> {
+    let pg_dir = dir.join("postgres").join("data");
+    let redis_dir = dir.join("redis");
+    let db = db.to_string();
+    tokio::task::spawn_blocking(move || {
+        let pg = PostgresServer::start(PostgresOptions {
+            data_dir: pg_dir,
+            port: 0,
+            fast_unsafe,
+        })
+        .context("starting Postgres")?;
+        pg.ensure_database(&db)?;
+        let redis = RedisServer::start(RedisOptions {
+            dir: redis_dir,
+            port: 0,
+            persist: false,
+        })
+        .context("starting Redis")?;
+        anyhow::Ok((pg, redis))
+    })
+    .await?
+}
+
+/// Serves `app` on a free loopback port (a stand-in receiver) until the task is aborted.
+pub(crate) async fn serve_loopback(
+    app: axum::Router,
+    what: &'static str,
+) -> Result<(u16, tokio::task::JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .with_context(|| format!("binding the {what}"))?;
+    let port = listener.local_addr()?.port();
+    let server = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            eprintln!("{what} stopped: {e}");
+        }
+    });
+    Ok((port, server))
+}
+
 impl Env {
     pub(crate) async fn start(a: &BenchArgs, dir: &Path, bin_dir: &Path) -> Result<Env> {
         Self::start_with(a.unsafe_pg, a.worker_concurrency, Vec::new(), dir, bin_dir).await
@@ -141,27 +187,12 @@ impl Env {
         dir: &Path,
         bin_dir: &Path,
     ) -> Result<Env> {
-        let pg_dir = dir.join("postgres").join("data");
-        let redis_dir = dir.join("redis");
-        let (pg, redis) = tokio::task::spawn_blocking(move || {
-            let pg = PostgresServer::start(PostgresOptions {
-                data_dir: pg_dir,
-                port: 0,
-                fast_unsafe,
-            })
-            .context("starting Postgres")?;
-            pg.ensure_database("bench")?;
-            let mut pg = pg;
+        let (mut pg, redis) = start_servers(dir, fast_unsafe, "bench").await?;
+        let pg = tokio::task::spawn_blocking(move || {
             statement_stats(&mut pg);
-            let redis = RedisServer::start(RedisOptions {
-                dir: redis_dir,
-                port: 0,
-                persist: false,
-            })
-            .context("starting Redis")?;
-            anyhow::Ok((pg, redis))
+            pg
         })
-        .await??;
+        .await?;
         println!(
             "postgres: {} (log {}); redis: {}",
             pg.url("bench"),

@@ -839,6 +839,14 @@ pub async fn stream_events(
     Ok(Json(Page { items, next_cursor }).into_response())
 }
 
+/// One event of a stream as an SSE message (live or read from the archive alike).
+fn sse_event(ev: &capibara_shared::domain::event::EventEnvelope) -> Event {
+    Event::default()
+        .id(ev.id.clone())
+        .event(ev.event_type.clone())
+        .data(serde_json::to_string(ev).unwrap_or_default())
+}
+
 /// Follow one stream: everything after `after`, then live events, closing after a terminal one
 /// (`terminal` tells which event types end the stream). An idle stream sleeps until a hint for
 /// its stream arrives (`StreamWatch`), re-reading Postgres only every
@@ -901,12 +909,7 @@ fn sse(
                 // An archived stream: everything from the archive, then the end.
                 if let Some(events) = archived(&state, &namespace, id, after).await {
                     for ev in events {
-                        let data = serde_json::to_string(&ev).unwrap_or_default();
-                        let event = Event::default()
-                            .id(ev.id.clone())
-                            .event(ev.event_type.clone())
-                            .data(data);
-                        if tx.send(Ok(event)).await.is_err() {
+                        if tx.send(Ok(sse_event(&ev))).await.is_err() {
                             return;
                         }
                     }
@@ -918,12 +921,7 @@ fn sse(
             for ev in batch {
                 after = ev.position();
                 ended = terminal(&ev.event_type);
-                let data = serde_json::to_string(&ev).unwrap_or_default();
-                let event = Event::default()
-                    .id(ev.id.clone())
-                    .event(ev.event_type.clone())
-                    .data(data);
-                if tx.send(Ok(event)).await.is_err() {
+                if tx.send(Ok(sse_event(&ev))).await.is_err() {
                     return;
                 }
             }

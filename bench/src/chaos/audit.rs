@@ -96,6 +96,31 @@ impl Audit {
     }
 }
 
+/// The events that end a job stream, and a run stream.
+const JOB_ENDS: &[&str] = &["JobSucceeded", "JobFailed", "JobCanceled"];
+const RUN_ENDS: &[&str] = &["RunSucceeded", "RunFailed", "RunCanceled"];
+
+/// For each stream of `ids`: its events, those among `ends`, and the status of its row in the
+/// projection `table` (None when the row is missing).
+async fn stream_ends(
+    pool: &PgPool,
+    ids: &[Uuid],
+    ends: &[&str],
+    table: &str,
+) -> Result<Vec<(Uuid, i64, i64, Option<String>)>> {
+    Ok(sqlx::query_as(&format!(
+        "SELECT s.id,
+                (SELECT count(*) FROM events e WHERE e.stream_id = s.id),
+                (SELECT count(*) FROM events e WHERE e.stream_id = s.id AND e.type = ANY($2)),
+                p.status
+         FROM unnest($1::uuid[]) s(id) LEFT JOIN {table} p ON p.id = s.id"
+    ))
+    .bind(ids)
+    .bind(ends)
+    .fetch_all(pool)
+    .await?)
+}
+
 /// Jobs and runs not yet terminal, anywhere in the database (steps and deliveries included).
 pub(crate) async fn open_work(pool: &PgPool) -> Result<i64> {
     Ok(sqlx::query_scalar(
@@ -125,17 +150,7 @@ pub(crate) async fn check(
         .filter(|a| a.shape != Shape::Workflow)
         .map(|a| a.id)
         .collect();
-    let rows: Vec<(Uuid, i64, i64, Option<String>)> = sqlx::query_as(
-        "SELECT s.id,
-                (SELECT count(*) FROM events e WHERE e.stream_id = s.id),
-                (SELECT count(*) FROM events e WHERE e.stream_id = s.id
-                   AND e.type IN ('JobSucceeded', 'JobFailed', 'JobCanceled')),
-                j.status
-         FROM unnest($1::uuid[]) s(id) LEFT JOIN jobs j ON j.id = s.id",
-    )
-    .bind(&jobs)
-    .fetch_all(pool)
-    .await?;
+    let rows = stream_ends(pool, &jobs, JOB_ENDS, "jobs").await?;
     let mut status_of = BTreeMap::new();
     for (id, events, terminal, status) in rows {
         if events == 0 {
@@ -151,10 +166,10 @@ pub(crate) async fn check(
     }
     // Two terminal events on one job stream, for every job (steps and deliveries too).
     audit.completed_twice = sqlx::query_scalar(
-        "SELECT stream_id FROM events WHERE stream_type = 'job'
-           AND type IN ('JobSucceeded', 'JobFailed', 'JobCanceled')
+        "SELECT stream_id FROM events WHERE stream_type = 'job' AND type = ANY($1)
          GROUP BY stream_id HAVING count(*) > 1",
     )
+    .bind(JOB_ENDS)
     .fetch_all(pool)
     .await?;
 
@@ -164,17 +179,7 @@ pub(crate) async fn check(
         .filter(|a| a.shape == Shape::Workflow)
         .map(|a| a.id)
         .collect();
-    let rows: Vec<(Uuid, i64, i64, Option<String>)> = sqlx::query_as(
-        "SELECT s.id,
-                (SELECT count(*) FROM events e WHERE e.stream_id = s.id),
-                (SELECT count(*) FROM events e WHERE e.stream_id = s.id
-                   AND e.type IN ('RunSucceeded', 'RunFailed', 'RunCanceled')),
-                r.status
-         FROM unnest($1::uuid[]) s(id) LEFT JOIN runs r ON r.id = s.id",
-    )
-    .bind(&runs)
-    .fetch_all(pool)
-    .await?;
+    let rows = stream_ends(pool, &runs, RUN_ENDS, "runs").await?;
     for (id, events, terminal, status) in rows {
         if events == 0 {
             audit.lost.push(id);

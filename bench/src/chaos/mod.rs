@@ -25,9 +25,7 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use capibara_dev_services::{
-    find_free_port, FaultProxy, PostgresOptions, PostgresServer, RedisOptions, RedisServer,
-};
+use capibara_dev_services::{find_free_port, FaultProxy};
 use capibara_shared::domain::webhook::WebhookSecret;
 use clap::{Args, ValueEnum};
 use serde_json::Value;
@@ -155,25 +153,7 @@ pub async fn run(a: ChaosArgs) -> Result<()> {
     let t0 = Instant::now();
 
     // Postgres (durable) and Redis, each behind a fault proxy.
-    let pg_dir = dir.join("postgres").join("data");
-    let redis_dir = dir.join("redis");
-    let (pg, redis) = tokio::task::spawn_blocking(move || {
-        let pg = PostgresServer::start(PostgresOptions {
-            data_dir: pg_dir,
-            port: 0,
-            fast_unsafe: false,
-        })
-        .context("starting Postgres")?;
-        pg.ensure_database("chaos")?;
-        let redis = RedisServer::start(RedisOptions {
-            dir: redis_dir,
-            port: 0,
-            persist: false,
-        })
-        .context("starting Redis")?;
-        anyhow::Ok((pg, redis))
-    })
-    .await??;
+    let (pg, redis) = crate::harness::start_servers(&dir, false, "chaos").await?;
     let direct_db = pg.url("chaos");
     let direct_redis = redis.url();
     let loopback = |port: u16| std::net::SocketAddr::from(([127, 0, 0, 1], port));

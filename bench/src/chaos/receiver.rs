@@ -7,7 +7,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use axum::{body::Bytes, extract::State, http::HeaderMap, http::StatusCode, Router};
 use capibara_shared::domain::webhook::WebhookSecret;
 use chrono::{DateTime, Utc};
@@ -43,20 +43,12 @@ pub(crate) struct Receiver {
 
 impl Receiver {
     pub(crate) async fn start(secret: WebhookSecret) -> Result<Receiver> {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .context("binding the callback receiver")?;
-        let port = listener.local_addr()?.port();
         let state = Arc::new(ReceiverState {
             secret,
             inbox: Mutex::new(Inbox::default()),
         });
         let app = Router::new().fallback(receive).with_state(state.clone());
-        let server = tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app).await {
-                eprintln!("callback receiver stopped: {e}");
-            }
-        });
+        let (port, server) = crate::harness::serve_loopback(app, "callback receiver").await?;
         Ok(Receiver {
             url: format!("http://127.0.0.1:{port}/chaos"),
             state,
