@@ -779,7 +779,17 @@ pub async fn events(
 ) -> Result<Response, ApiError> {
     auth.require(Role::Read)?;
     let id = parse_id(&id)?;
-    load(&state, &auth, id).await?;
+    match load(&state, &auth, id).await {
+        Ok(_) => {}
+        // A finished job whose row `CAPIBARA_RETENTION` pruned keeps its history: in the log,
+        // or in its partition's archive (docs/event-log-retention.md).
+        Err(ApiError::NotFound(m)) => {
+            if !store::events::stream_of(&state.store.pool, auth.namespace(), "job", id).await? {
+                return Err(ApiError::NotFound(m));
+            }
+        }
+        Err(e) => return Err(e),
+    }
     stream_events(state, &auth, id, &headers, q.as_deref(), terminal_type).await
 }
 

@@ -66,6 +66,26 @@ pub async fn read_stream(
     Ok(rows.into_iter().map(envelope).collect())
 }
 
+/// Whether `stream_id` is a stream of `stream_type` in `namespace`. The `streams` row outlives
+/// the projections (a job row pruned by `CAPIBARA_RETENTION`) and the stream's events (an
+/// archived partition), so it answers who may read a history after both.
+pub async fn stream_of(
+    pool: &PgPool,
+    namespace: &str,
+    stream_type: &str,
+    stream_id: Uuid,
+) -> Result<bool, StoreError> {
+    let row: Option<(i32,)> = sqlx::query_as(
+        "SELECT 1 FROM streams WHERE stream_id = $1 AND namespace = $2 AND stream_type = $3",
+    )
+    .bind(stream_id)
+    .bind(namespace)
+    .bind(stream_type)
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.is_some())
+}
+
 /// Type of the last event of a stream.
 pub async fn last_type(pool: &PgPool, stream_id: Uuid) -> Result<Option<String>, StoreError> {
     let row: Option<(String,)> = sqlx::query_as(

@@ -38,6 +38,86 @@ async fn live_job_events(pool: &sqlx::PgPool) -> i64 {
     n
 }
 
+/// With the default settings a finished job's row is pruned (`CAPIBARA_RETENTION`, 30 d) before
+/// its partition is archived (`CAPIBARA_EVENTS_RETENTION`, 30 d after the partition's 7 days):
+/// its history stays readable by its namespace, from the log and then from the archive.
+#[tokio::test]
+async fn a_pruned_jobs_history_reads_from_the_log_then_from_its_archive() {
+    let mut env = TestEnv::new().await;
+    short_partitions(&mut env, "0");
+    env.extra_env
+        .push(("CAPIBARA_RETENTION".into(), "1s".into()));
+    let _procs = env.spawn_all().await;
+    let api = env.client();
+    let pool = env.pool().await;
+    let store = ArtifactStore::open(env.artifacts_dir().to_str().unwrap()).unwrap();
+    let other = api.key_for("elsewhere", &["admin"]).await;
+
+    let id = api
+        .submit_id(json!({"kind": "echo", "input": {"n": 7}}))
+        .await;
+    let before = eventually("the job's terminal event", Duration::from_secs(20), || {
+        let api = api.clone();
+        let id = id.clone();
+        async move {
+            let events = api.events(&id).await;
+            types(&events)
+                .contains(&"JobSucceeded".to_string())
+                .then_some(events)
+        }
+    })
+    .await;
+
+    eventually("the job's row pruned", Duration::from_secs(30), || {
+        let api = api.clone();
+        let id = id.clone();
+        async move { (api.get(&format!("/v1/jobs/{id}")).await.status == 404).then_some(()) }
+    })
+    .await;
+    // From the log.
+    assert_eq!(api.events(&id).await, before, "history of a pruned job");
+    let foreign = other.get(&format!("/v1/jobs/{id}/events")).await;
+    assert_eq!(foreign.status, 404, "{foreign:?}");
+    let unknown = api
+        .get(&format!("/v1/jobs/{}/events", uuid::Uuid::now_v7()))
+        .await;
+    assert_eq!(unknown.status, 404, "{unknown:?}");
+
+    // From the archive, once its partition is gone.
+    eventually("the job's events archived", Duration::from_secs(30), || {
+        let (pool, store) = (pool.clone(), store.clone());
+        async move {
+            archive::archive_old(&pool, &store, Duration::ZERO, Halt::Never)
+                .await
+                .unwrap();
+            (live_job_events(&pool).await == 0).then_some(())
+        }
+    })
+    .await;
+    assert_eq!(
+        api.events(&id).await,
+        before,
+        "archived history of a pruned job"
+    );
+    let foreign = other.get(&format!("/v1/jobs/{id}/events")).await;
+    assert_eq!(foreign.status, 404, "{foreign:?}");
+    let text = tokio::time::timeout(
+        Duration::from_secs(20),
+        api.http
+            .get(api.url(&format!("/v1/jobs/{id}/events")))
+            .bearer_auth(&api.key)
+            .header("Accept", "text/event-stream")
+            .send()
+            .await
+            .unwrap()
+            .text(),
+    )
+    .await
+    .expect("the stream of a pruned, archived job closes")
+    .unwrap();
+    assert_eq!(parse_sse(&text).len(), before.len());
+}
+
 #[tokio::test]
 async fn archived_histories_read_from_the_artifact_store_and_rebuild_the_projections() {
     let mut env = TestEnv::new().await;
