@@ -7,29 +7,34 @@ set -euo pipefail
 
 log() { printf 'install-deps: %s\n' "$*" >&2; }
 
+# What is missing, and the Debian packages that provide it: apt installs only those, so a
+# machine whose Node.js comes from elsewhere (NodeSource's nodejs bundles npm and conflicts with
+# Debian's npm package) is not asked to replace it.
 missing=()
+packages=()
 have_cmd() { command -v "$1" >/dev/null 2>&1; }
+need() { missing+=("$1"); shift; packages+=("$@"); }
 
 # The PostgreSQL server lives outside PATH on Debian.
 have_postgres=false
 for bin in /usr/lib/postgresql/*/bin/postgres; do
     [[ -x "$bin" ]] && have_postgres=true
 done
-$have_postgres || missing+=("postgres (/usr/lib/postgresql/*/bin/postgres)")
-have_cmd psql || missing+=(psql)
-have_cmd redis-server || missing+=(redis-server)
-have_cmd espeak-ng || missing+=(espeak-ng)
-[[ -f /usr/include/espeak-ng/speak_lib.h ]] || missing+=("libespeak-ng-dev headers")
-have_cmd pkg-config || missing+=(pkg-config)
-have_cmd curl || missing+=(curl)
-[[ -f /etc/ssl/certs/ca-certificates.crt ]] || missing+=(ca-certificates)
+$have_postgres || need "postgres (/usr/lib/postgresql/*/bin/postgres)" postgresql
+have_cmd psql || need psql postgresql-client
+have_cmd redis-server || need redis-server redis-server
+have_cmd espeak-ng || need espeak-ng espeak-ng
+[[ -f /usr/include/espeak-ng/speak_lib.h ]] || need "libespeak-ng-dev headers" libespeak-ng-dev
+have_cmd pkg-config || need pkg-config pkg-config
+have_cmd curl || need curl curl
+[[ -f /etc/ssl/certs/ca-certificates.crt ]] || need ca-certificates ca-certificates
 # Assets come from PyPI wheels (pip), and the S3 test server runs in a venv.
-python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=("python3-venv python3-pip")
+python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need "python3-venv python3-pip" python3-venv python3-pip
 # The SDKs' tests (sdk/typescript runs on Node >= 18; Debian 12 ships 18).
-have_cmd node || missing+=(nodejs)
-have_cmd npm || missing+=(npm)
+have_cmd node || need nodejs nodejs
+have_cmd npm || need npm npm
 # The dashboard's browser test drives Debian's chromium headless (tests/browser/dashboard.mjs).
-[[ -x /usr/bin/chromium ]] || missing+=(chromium)
+[[ -x /usr/bin/chromium ]] || need chromium chromium
 
 # The deployment tests (tests/tests/e2e/deploy): promtool and prometheus check and run
 # deploy/prometheus, docker-compose 1.29 resolves deploy/docker-compose.yml (`config` needs no
@@ -63,9 +68,7 @@ if ((${#missing[@]} > 0)); then
     log "missing: ${missing[*]}"
     need_apt
     "${sudo[@]}" apt-get update
-    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y \
-        postgresql redis-server espeak-ng libespeak-ng-dev curl ca-certificates pkg-config \
-        python3-venv python3-pip nodejs npm chromium
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y "${packages[@]}"
 else
     log "system packages present (postgres, psql, redis-server, espeak-ng, build tools)"
 fi
