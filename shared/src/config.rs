@@ -17,6 +17,10 @@ pub struct Config {
     pub redis_url: String,
     /// Prefix of every Redis key (one per deployment, or per test).
     pub redis_prefix: String,
+    /// Dispatch shards, each a hash tag of its own holding the namespaces that hash to it
+    /// (`CAPIBARA_REDIS_SHARDS`, 1–256, default 1; docs/redis-cluster.md). The same in every
+    /// process of a deployment.
+    pub redis_shards: u16,
     pub api_addr: SocketAddr,
     pub scheduler_addr: SocketAddr,
     pub worker_addr: SocketAddr,
@@ -258,6 +262,15 @@ impl Config {
             redis_url: var("CAPIBARA_REDIS_URL")
                 .unwrap_or_else(|| "redis://127.0.0.1:6379/".into()),
             redis_prefix: var("CAPIBARA_REDIS_PREFIX").unwrap_or_else(|| "capibara".into()),
+            redis_shards: match parse("CAPIBARA_REDIS_SHARDS", 1u16)? {
+                n @ 1..=256 => n,
+                n => {
+                    return Err(ConfigError {
+                        var: "CAPIBARA_REDIS_SHARDS",
+                        message: format!("{n} is not a shard count from 1 to 256"),
+                    })
+                }
+            },
             api_addr: parse(
                 "CAPIBARA_API_ADDR",
                 "127.0.0.1:8080".parse().expect("literal"),

@@ -53,23 +53,38 @@ pub fn spawn_refresher(queue: crate::queue::Queue) {
     });
 }
 
+/// The transaction-level advisory lock that serializes syncs ("capiflow").
+const SYNC_LOCK: i64 = 0x6361_7069_666c_6f77;
+
 /// Make Redis enforce what Postgres holds: every live limit, every pause; this process
 /// dispatches with those limits at once (the API calls this after a change; the scheduler every
 /// few seconds, which also heals a Redis that restarted empty).
+///
+/// Syncs take turns (an advisory lock held from the read of Postgres to the last write to
+/// Redis): a sync that read Postgres just before a change must not write its older copy over
+/// the newer one the changing API wrote — the processes would load it back (they read limits
+/// from Redis) and queue jobs without the new limit until the next sync. In turn, the later
+/// sync reads Postgres after the earlier one wrote, so the last write is the newest.
 pub async fn sync_queue(
     pool: &PgPool,
     queue: &crate::queue::Queue,
 ) -> Result<(), crate::store::StoreError> {
     let unavailable =
         |e: crate::queue::QueueError| crate::store::StoreError::Unavailable(e.to_string());
-    let limits = crate::store::limits::all(pool).await?;
-    let fields: Vec<String> = crate::store::limits::all_pauses(pool)
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(SYNC_LOCK)
+        .execute(&mut *tx)
+        .await?;
+    let limits = crate::store::limits::all(&mut *tx).await?;
+    let fields: Vec<String> = crate::store::limits::all_pauses(&mut *tx)
         .await?
         .iter()
         .flat_map(|p| p.paused.iter().map(|(t, _)| t.field(&p.namespace)))
         .collect();
     queue.sync_limits(&limits).await.map_err(unavailable)?;
     queue.sync_pauses(&fields).await.map_err(unavailable)?;
+    tx.commit().await?;
     install(limits);
     Ok(())
 }

@@ -11,9 +11,13 @@
 //! Redis holds no state of record: a popped job that never started stays `queued` in Postgres and
 //! is re-pushed by the relay; the `epoch` key tells the relay that Redis lost its data.
 //!
-//! Every key shares the hash tag `{<prefix>}`, so on a Redis Cluster each script and each
-//! pipeline here touches one slot: the pop checks and takes limits, ordering keys and pauses
-//! shared by several lanes in one atomic step (docs/redis-cluster.md, "How keys are tagged").
+//! The dispatch keys of a namespace share one hash tag, its shard's (`{<prefix>}` with one
+//! shard, the default; `{<prefix>:<s>/<n>}` with `n` shards, a namespace in shard
+//! FNV-1a(namespace) mod `n`), so on a Redis Cluster each script and each pipeline here
+//! touches one slot: the pop checks and takes limits, ordering keys and pauses — shared by the
+//! lanes of a namespace, never across namespaces — in one atomic step. Wake lists and channels
+//! keep the deployment's tag `{<prefix>}`: one `BLPOP` waits on every lane of a fetcher
+//! (docs/redis-cluster.md, "How keys are tagged").
 
 use std::time::Duration;
 
@@ -39,6 +43,42 @@ fn group_id(e: &DispatchEntry) -> String {
         lim: Vec::new(),
     }
     .id()
+}
+
+/// The dispatch shard of a namespace among `shards`: FNV-1a of its name (stable across
+/// processes and releases).
+pub fn shard_of(namespace: &str, shards: u16) -> u16 {
+    if shards <= 1 {
+        return 0;
+    }
+    (fnv1a(namespace) % u64::from(shards)) as u16
+}
+
+/// 64-bit FNV-1a.
+fn fnv1a(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// What the dispatch keys of shard `s` of `shards` start with: the deployment's tag
+/// `{prefix}` when there is one shard (key names as before shards existed), else
+/// `{prefix:s/shards}` — the count is part of the name, so a deployment that changes it starts
+/// on fresh keys (the relay re-pushes from Postgres, as after a wipe) instead of reading
+/// another layout's.
+pub fn shard_tag(prefix: &str, s: u16, shards: u16) -> String {
+    if shards <= 1 {
+        format!("{{{prefix}}}")
+    } else {
+        format!("{{{prefix}:{s}/{shards}}}")
+    }
+}
+
+/// The namespace of a released job (from its group, which names it).
+fn release_namespace(r: &Release) -> String {
+    serde_json::from_str::<Group>(&r.group)
+        .map(|g| g.ns)
+        .unwrap_or_default()
 }
 
 /// What the queue keeps of a limit: what its scripts read (`max`; `ms` and `burst` of a rate)
@@ -237,10 +277,12 @@ end
 return {tostring(next_due), unpack(out)}
 "#;
 
-/// Give back what job `ARGV[2]` held (`KEYS[1]`: the `held` hash, named so that a cluster
-/// routes the script to the node of the deployment's slot) (`ARGV[3]` lane and `ARGV[4]` group as dispatched;
-/// `ARGV[5]` = 1 when the job ended; `ARGV[6]` = ms its limits' rates wait until, or empty)
-/// and return the groups that waited for it to their rings.
+/// Give back what job `ARGV[2]` held in the shard `ARGV[1]` (`KEYS[1]`: its `held` hash, named
+/// so that a cluster routes the script to the node of the shard's slot) (`ARGV[3]` lane and
+/// `ARGV[4]` group as dispatched; `ARGV[5]` = 1 when the job ended; `ARGV[6]` = ms its limits'
+/// rates wait until, or empty) and return the groups that waited for it to their rings.
+/// Returns the lanes of those groups, and wakes their fetchers when the wake keys share the
+/// shard's slot (`ARGV[7]`: their prefix, or empty: the caller wakes them).
 const RELEASE_SCRIPT: &str = r#"
 local P, job = ARGV[1], ARGV[2]
 local t = redis.call('TIME')
@@ -275,40 +317,54 @@ if ARGV[5] == '1' then
 elseif not g.ord then
   redis.call('HDEL', P .. ':held', job)
 end
+local W = ARGV[7]
+local woken, seen = {}, {}
 for _, b in ipairs(freed) do
   local pk = P .. ':parked:' .. b
   for _, m in ipairs(redis.call('SMEMBERS', pk)) do
     local nl = string.find(m, '\n', 1, true)
     local l = string.sub(m, 1, nl - 1)
     redis.call('ZADD', P .. ':ring:' .. l, 'NX', now, string.sub(m, nl + 1))
-    redis.call('LPUSH', P .. ':wake:' .. l, '1')
-    redis.call('LTRIM', P .. ':wake:' .. l, 0, 63)
+    if W ~= '' then
+      redis.call('LPUSH', W .. ':wake:' .. l, '1')
+      redis.call('LTRIM', W .. ':wake:' .. l, 0, 63)
+    end
+    if not seen[l] then
+      seen[l] = true
+      woken[#woken + 1] = l
+    end
   end
   redis.call('DEL', pk)
 end
-return #freed
+return woken
 "#;
 
-/// Return every group parked on the sets `KEYS` to its ring (after a resume, a limit change,
-/// or the relay's periodic kick that heals a release Redis never saw).
+/// Return every group parked on the sets `KEYS` of the shard `ARGV[1]` to its ring (after a
+/// resume, a limit change, or the relay's periodic kick that heals a release Redis never saw).
+/// Returns their lanes; wakes their fetchers as the release script does (`ARGV[2]`).
 const UNPARK_SCRIPT: &str = r#"
-local P = ARGV[1]
+local P, W = ARGV[1], ARGV[2]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local n = 0
+local woken, seen = {}, {}
 for _, pk in ipairs(KEYS) do
   for _, m in ipairs(redis.call('SMEMBERS', pk)) do
     local nl = string.find(m, '\n', 1, true)
     local l = string.sub(m, 1, nl - 1)
     redis.call('ZADD', P .. ':ring:' .. l, 'NX', now, string.sub(m, nl + 1))
-    redis.call('LPUSH', P .. ':wake:' .. l, '1')
-    redis.call('LTRIM', P .. ':wake:' .. l, 0, 63)
-    n = n + 1
+    if W ~= '' then
+      redis.call('LPUSH', W .. ':wake:' .. l, '1')
+      redis.call('LTRIM', W .. ':wake:' .. l, 0, 63)
+    end
+    if not seen[l] then
+      seen[l] = true
+      woken[#woken + 1] = l
+    end
   end
   redis.call('DEL', pk)
   redis.call('SREM', P .. ':parkedsets', pk)
 end
-return n
+return woken
 "#;
 
 /// Handle to the dispatch queues; cheap to clone.
@@ -317,6 +373,10 @@ pub struct Queue {
     redis: Redis,
     conn: RedisConn,
     prefix: String,
+    /// Dispatch shards ([`Queue::connect_sharded`]).
+    shards: u16,
+    /// Which shard the next pop starts at.
+    turn: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     pop: Script,
     unpark: Script,
     fast_path: std::sync::Arc<FastPath>,
@@ -376,15 +436,29 @@ impl FastPath {
 }
 
 impl Queue {
-    /// Connect to a server or a cluster ([`crate::redis_conn::RedisTarget::parse`]); `prefix`
-    /// namespaces every key (tests use one per test).
+    /// Connect to a server or a cluster ([`crate::redis_conn::RedisTarget::parse`]) with one
+    /// dispatch shard; `prefix` namespaces every key (tests use one per test).
     pub async fn connect(url: &str, prefix: &str) -> Result<Queue, QueueError> {
+        Queue::connect_sharded(url, prefix, 1).await
+    }
+
+    /// [`Queue::connect`] with `shards` dispatch shards (`CAPIBARA_REDIS_SHARDS`): each holds
+    /// the dispatch keys of the namespaces that hash to it under a hash tag of its own, so a
+    /// Redis Cluster spreads them over its masters (docs/redis-cluster.md). Every process of a
+    /// deployment must use the same count.
+    pub async fn connect_sharded(
+        url: &str,
+        prefix: &str,
+        shards: u16,
+    ) -> Result<Queue, QueueError> {
         let redis = Redis::open(url)?;
         let conn = redis.connect().await?;
         Ok(Queue {
             redis,
             conn,
             prefix: prefix.to_string(),
+            shards: shards.max(1),
+            turn: Default::default(),
             pop: Script::new(POP_SCRIPT),
             unpark: Script::new(UNPARK_SCRIPT),
             fast_path: Default::default(),
@@ -407,27 +481,54 @@ impl Queue {
         &self.prefix
     }
 
-    /// What every key starts with: the `{prefix}` hash tag keeps all keys in one cluster slot.
+    /// How many dispatch shards the namespaces are spread over.
+    pub fn shards(&self) -> u16 {
+        self.shards
+    }
+
+    /// The deployment's own hash tag, `{prefix}`: wake lists, channels, and with one shard
+    /// every dispatch key.
     fn base(&self) -> String {
         format!("{{{}}}", self.prefix)
     }
 
-    /// The ring of a lane: its groups, scored by their next turn.
-    pub fn ring_key(&self, lane: &str) -> String {
-        format!("{{{}}}:ring:{}", self.prefix, lane)
+    fn shard_base(&self, s: u16) -> String {
+        shard_tag(&self.prefix, s, self.shards)
+    }
+
+    fn shard_of(&self, namespace: &str) -> u16 {
+        shard_of(namespace, self.shards)
+    }
+
+    fn all_shards(&self) -> impl Iterator<Item = String> + '_ {
+        (0..self.shards).map(|s| self.shard_base(s))
+    }
+
+    /// The wake keys' prefix a script may push to itself: only when they share its slot.
+    fn inline_wakes(&self) -> String {
+        if self.shards == 1 {
+            self.base()
+        } else {
+            String::new()
+        }
+    }
+
+    /// The ring of a lane in a shard: its groups, scored by their next turn.
+    fn ring_key(&self, shard: &str, lane: &str) -> String {
+        format!("{shard}:ring:{lane}")
     }
 
     /// The jobs of one group on a lane, scored by priority and age.
-    fn group_key(&self, lane: &str, group: &str) -> String {
-        format!("{{{}}}:g:{}:{}", self.prefix, lane, group)
+    fn group_key(&self, shard: &str, lane: &str, group: &str) -> String {
+        format!("{shard}:g:{lane}:{group}")
     }
 
     fn wake_key(&self, lane: &str) -> String {
         format!("{{{}}}:wake:{}", self.prefix, lane)
     }
 
-    fn epoch_key(&self) -> String {
-        format!("{{{}}}:epoch", self.prefix)
+    fn epoch_key(&self, shard: &str) -> String {
+        format!("{shard}:epoch")
     }
 
     /// Channel carrying ids of streams that just changed.
@@ -446,55 +547,158 @@ impl Queue {
         format!("{{{}}}:revoked-keys", self.prefix)
     }
 
-    /// Add entries (idempotent). Also marks the epoch so a wipe can be detected.
+    /// Add entries (idempotent). Also marks the epoch so a wipe can be detected (every
+    /// shard's, when `entries` is empty).
     pub async fn push(&self, entries: &[DispatchEntry]) -> Result<(), QueueError> {
+        if entries.is_empty() {
+            let marks = self.all_shards().map(|shard| {
+                let mut conn = self.conn.clone();
+                let key = self.epoch_key(&shard);
+                async move { conn.set_nx::<_, _, ()>(key, 1).await }
+            });
+            futures::future::try_join_all(marks).await?;
+            return Ok(());
+        }
+        self.send(entries, &[], &[]).await
+    }
+
+    /// Push `dispatched`, give back what `released` held, and publish `streams` as hints: with
+    /// one shard in one round trip; with several, one pipeline per shard touched (at once),
+    /// then the wake tokens and hints (after: a woken fetcher finds its job).
+    async fn send(
+        &self,
+        dispatched: &[DispatchEntry],
+        released: &[Release],
+        streams: &[Uuid],
+    ) -> Result<(), QueueError> {
+        if self.shards == 1 {
+            let base = self.base();
+            let mut pipe = redis::pipe();
+            if !dispatched.is_empty() {
+                let wakes = self.add_push(&mut pipe, &base, dispatched.iter());
+                self.add_wakes(&mut pipe, wakes.iter().map(|(l, n)| (l.as_str(), *n)));
+                pipe.cmd("EXEC").ignore();
+            }
+            for r in released {
+                self.add_release(&mut pipe, &base, r).ignore();
+            }
+            if !streams.is_empty() {
+                self.add_hints(&mut pipe, streams);
+            }
+            let mut conn = self.conn.clone();
+            pipe.query_async::<()>(&mut conn).await?;
+            return Ok(());
+        }
+        let mut by_shard: std::collections::BTreeMap<u16, (Vec<&DispatchEntry>, Vec<&Release>)> =
+            Default::default();
+        for e in dispatched {
+            by_shard
+                .entry(self.shard_of(&e.namespace))
+                .or_default()
+                .0
+                .push(e);
+        }
+        for r in released {
+            by_shard
+                .entry(self.shard_of(&release_namespace(r)))
+                .or_default()
+                .1
+                .push(r);
+        }
+        let sends = by_shard.into_iter().map(|(s, (entries, releases))| {
+            let shard = self.shard_base(s);
+            let mut pipe = redis::pipe();
+            let mut wakes = std::collections::BTreeMap::new();
+            if !entries.is_empty() {
+                wakes = self.add_push(&mut pipe, &shard, entries.into_iter());
+                pipe.cmd("EXEC").ignore();
+            }
+            for r in &releases {
+                self.add_release(&mut pipe, &shard, r);
+            }
+            let mut conn = self.conn.clone();
+            async move {
+                let woken: Vec<Vec<String>> = pipe.query_async(&mut conn).await?;
+                for lane in woken.into_iter().flatten() {
+                    wakes.entry(lane).or_insert(1);
+                }
+                Ok::<_, redis::RedisError>(wakes)
+            }
+        });
+        let mut wakes: std::collections::BTreeMap<String, usize> = Default::default();
+        for w in futures::future::try_join_all(sends).await? {
+            for (lane, n) in w {
+                *wakes.entry(lane).or_default() += n;
+            }
+        }
+        if wakes.is_empty() && streams.is_empty() {
+            return Ok(());
+        }
         let mut pipe = redis::pipe();
-        self.add_push(&mut pipe, entries);
+        self.add_wakes(&mut pipe, wakes.iter().map(|(l, n)| (l.as_str(), *n)));
+        if !streams.is_empty() {
+            self.add_hints(&mut pipe, streams);
+        }
         let mut conn = self.conn.clone();
         pipe.query_async::<()>(&mut conn).await?;
         Ok(())
     }
 
-    /// The commands of [`Queue::push`], added to `pipe` as one transaction: all or none. A
-    /// Redis at its `maxmemory` (with `noeviction`) refuses writes one command at a time, and a
-    /// job that reached its group's set but not the group's place in the lane's ring would be
-    /// held by Redis yet never popped — and the relay, seeing it held, would never push it
-    /// again. In a transaction a refused command aborts the whole push, so an entry is either
-    /// poppable or missing (and the relay's).
-    fn add_push(&self, pipe: &mut redis::Pipeline, entries: &[DispatchEntry]) {
+    /// The commands pushing `entries` (all of shard `shard`), added to `pipe` as one
+    /// transaction that the caller ends with `EXEC` (after the wake tokens, when they share
+    /// the shard's slot): all or none. A Redis at its `maxmemory` (with `noeviction`) refuses
+    /// writes one command at a time, and a job that reached its group's set but not the
+    /// group's place in the lane's ring would be held by Redis yet never popped — and the
+    /// relay, seeing it held, would never push it again. In a transaction a refused command
+    /// aborts the whole push, so an entry is either poppable or missing (and the relay's).
+    /// Returns how many jobs each lane received.
+    fn add_push<'e>(
+        &self,
+        pipe: &mut redis::Pipeline,
+        shard: &str,
+        entries: impl Iterator<Item = &'e DispatchEntry>,
+    ) -> std::collections::BTreeMap<String, usize> {
         pipe.cmd("MULTI").ignore();
         pipe.cmd("SET")
-            .arg(self.epoch_key())
+            .arg(self.epoch_key(shard))
             .arg(1)
             .arg("NX")
             .ignore();
-        let mut wakes: std::collections::BTreeMap<&str, usize> = Default::default();
+        let mut wakes: std::collections::BTreeMap<String, usize> = Default::default();
         for e in entries {
             let group = group_id(e);
             pipe.cmd("ZADD")
-                .arg(self.group_key(&e.queue, &group))
+                .arg(self.group_key(shard, &e.queue, &group))
                 .arg("NX")
                 .arg(e.score)
                 .arg(e.job_id.to_string())
                 .ignore();
             pipe.cmd("ZADD")
-                .arg(self.ring_key(&e.queue))
+                .arg(self.ring_key(shard, &e.queue))
                 .arg("NX")
                 .arg(e.score)
                 .arg(group)
                 .ignore();
-            *wakes.entry(e.queue.as_str()).or_default() += 1;
+            *wakes.entry(e.queue.clone()).or_default() += 1;
         }
-        // One token per job, up to a worker-pool's worth: each wakes one blocked fetcher.
-        for (lane, n) in wakes {
+        wakes
+    }
+
+    /// Wake tokens for `lanes`: one per job, up to a worker-pool's worth (each wakes one
+    /// blocked fetcher).
+    fn add_wakes<'l>(
+        &self,
+        pipe: &mut redis::Pipeline,
+        lanes: impl Iterator<Item = (&'l str, usize)>,
+    ) {
+        for (lane, n) in lanes {
             let key = self.wake_key(lane);
             pipe.cmd("LPUSH")
                 .arg(&key)
-                .arg(vec!["1"; n.min(64)])
+                .arg(vec!["1"; n.clamp(1, 64)])
                 .ignore();
             pipe.cmd("LTRIM").arg(&key).arg(0).arg(63).ignore();
         }
-        pipe.cmd("EXEC").ignore();
     }
 
     /// The command of [`Queue::publish_hints`], added to `pipe`.
@@ -519,20 +723,47 @@ impl Queue {
         if entries.is_empty() {
             return Ok(Vec::new());
         }
-        let mut pipe = redis::pipe();
+        let mut by_shard: std::collections::BTreeMap<u16, Vec<&DispatchEntry>> = Default::default();
         for e in entries {
-            pipe.cmd("ZSCORE")
-                .arg(self.group_key(&e.queue, &group_id(e)))
-                .arg(e.job_id.to_string());
+            by_shard
+                .entry(self.shard_of(&e.namespace))
+                .or_default()
+                .push(e);
         }
-        let mut conn = self.conn.clone();
-        let scores: Vec<Option<f64>> = pipe.query_async(&mut conn).await?;
-        Ok(entries
+        let checks = by_shard.into_values().map(|group| {
+            let shard = self.shard_base(self.shard_of(&group[0].namespace));
+            let mut pipe = redis::pipe();
+            for e in &group {
+                pipe.cmd("ZSCORE")
+                    .arg(self.group_key(&shard, &e.queue, &group_id(e)))
+                    .arg(e.job_id.to_string());
+            }
+            let mut conn = self.conn.clone();
+            async move {
+                let scores: Vec<Option<f64>> = pipe.query_async(&mut conn).await?;
+                Ok::<_, redis::RedisError>(
+                    group
+                        .into_iter()
+                        .zip(scores)
+                        .filter(|(_, s)| s.is_none())
+                        .map(|(e, _)| e.clone())
+                        .collect::<Vec<_>>(),
+                )
+            }
+        });
+        let mut out: Vec<DispatchEntry> = futures::future::try_join_all(checks)
+            .await?
+            .into_iter()
+            .flatten()
+            .collect();
+        // In the order given (the relay pushes oldest first).
+        let order: std::collections::HashMap<Uuid, usize> = entries
             .iter()
-            .zip(scores)
-            .filter(|(_, s)| s.is_none())
-            .map(|(e, _)| e.clone())
-            .collect())
+            .enumerate()
+            .map(|(i, e)| (e.job_id, i))
+            .collect();
+        out.sort_by_key(|e| order[&e.job_id]);
+        Ok(out)
     }
 
     /// Pop up to `max` jobs across `lanes` without blocking: groups take turns, each group's
@@ -541,31 +772,58 @@ impl Queue {
         Ok(self.pop_due(lanes, max).await?.0)
     }
 
-    /// [`Queue::pop`], and how soon a group held back by a rate limit may go.
+    /// [`Queue::pop`], and how soon a group held back by a rate limit may go. With several
+    /// shards, one script per shard until `max` are taken, starting at the shard after the one
+    /// the previous pop started at (so no shard's groups wait behind another's); a shard that
+    /// fails is skipped when another hands out work.
     async fn pop_due(
         &self,
         lanes: &[String],
         max: usize,
     ) -> Result<(Vec<Uuid>, Option<Duration>), QueueError> {
-        let mut inv = self.pop.prepare_invoke();
-        for l in lanes {
-            inv.key(self.ring_key(l));
+        let n = usize::from(self.shards);
+        let first = self.turn.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % n;
+        let mut ids = Vec::new();
+        let mut due: Option<Duration> = None;
+        let mut failed = None;
+        for i in 0..n {
+            if ids.len() >= max {
+                break;
+            }
+            let shard = self.shard_base(((first + i) % n) as u16);
+            let mut inv = self.pop.prepare_invoke();
+            for l in lanes {
+                inv.key(self.ring_key(&shard, l));
+            }
+            inv.arg(&shard).arg(max - ids.len());
+            for l in lanes {
+                inv.arg(l);
+            }
+            let mut conn = self.conn.clone();
+            // A shard whose master is failing over does not stop the others' work.
+            let out: Vec<String> = match inv.invoke_async(&mut conn).await {
+                Ok(out) => out,
+                Err(e) if n > 1 => {
+                    failed.get_or_insert(e);
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let d = out
+                .first()
+                .and_then(|d| d.parse::<i64>().ok())
+                .filter(|d| *d >= 0)
+                .map(|d| Duration::from_millis(d as u64 + 1));
+            due = match (due, d) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            ids.extend(out.iter().skip(1).filter_map(|s| s.parse::<Uuid>().ok()));
         }
-        inv.arg(self.base()).arg(max);
-        for l in lanes {
-            inv.arg(l);
+        match failed {
+            Some(e) if ids.is_empty() => Err(e.into()),
+            _ => Ok((ids, due)),
         }
-        let mut conn = self.conn.clone();
-        let out: Vec<String> = inv.invoke_async(&mut conn).await?;
-        let due = out
-            .first()
-            .and_then(|d| d.parse::<i64>().ok())
-            .filter(|d| *d >= 0)
-            .map(|d| Duration::from_millis(d as u64 + 1));
-        Ok((
-            out.iter().skip(1).filter_map(|s| s.parse().ok()).collect(),
-            due,
-        ))
     }
 
     /// A connection for blocking waits (a blocked command stalls its connection, so each
@@ -575,7 +833,8 @@ impl Queue {
     }
 
     /// Wait up to `timeout` for one job across `lanes`: pop, else block until a push (or a
-    /// release) wakes this fetcher or a rate-limited group is due, and pop again.
+    /// release) wakes this fetcher or a rate-limited group is due, and pop again. The wake
+    /// lists carry the deployment's own tag whatever the shards, so one `BLPOP` waits on all.
     pub async fn blocking_pop(
         &self,
         conn: &mut RedisConn,
@@ -629,49 +888,49 @@ impl Queue {
     /// Take a job that will not run off its group (after a cancel); harmless if absent.
     pub async fn remove(&self, entry: &DispatchEntry) -> Result<(), QueueError> {
         let mut conn = self.conn.clone();
+        let shard = self.shard_base(self.shard_of(&entry.namespace));
         conn.zrem::<_, _, ()>(
-            self.group_key(&entry.queue, &group_id(entry)),
+            self.group_key(&shard, &entry.queue, &group_id(entry)),
             entry.job_id.to_string(),
         )
         .await?;
         Ok(())
     }
 
-    /// The commands of [`Queue::release`], added to `pipe`.
-    fn add_releases(&self, pipe: &mut redis::Pipeline, released: &[Release]) {
-        for r in released {
-            // EVAL, not EVALSHA: a pipeline cannot fall back when Redis lacks the script.
-            pipe.cmd("EVAL")
-                .arg(RELEASE_SCRIPT)
-                .arg(1)
-                .arg(format!("{}:held", self.base()))
-                .arg(self.base())
-                .arg(r.job_id.to_string())
-                .arg(&r.lane)
-                .arg(&r.group)
-                .arg(if r.terminal { "1" } else { "0" })
-                .arg(
-                    r.backoff_until_ms
-                        .map(|t| t.to_string())
-                        .unwrap_or_default(),
-                )
-                .ignore();
-        }
+    /// The release script for `r` (of shard `shard`), added to `pipe`; its answer is the lanes
+    /// whose fetchers the caller must wake (none with one shard: the script wakes them).
+    fn add_release<'p>(
+        &self,
+        pipe: &'p mut redis::Pipeline,
+        shard: &str,
+        r: &Release,
+    ) -> &'p mut redis::Pipeline {
+        // EVAL, not EVALSHA: a pipeline cannot fall back when Redis lacks the script.
+        pipe.cmd("EVAL")
+            .arg(RELEASE_SCRIPT)
+            .arg(1)
+            .arg(format!("{shard}:held"))
+            .arg(shard)
+            .arg(r.job_id.to_string())
+            .arg(&r.lane)
+            .arg(&r.group)
+            .arg(if r.terminal { "1" } else { "0" })
+            .arg(
+                r.backoff_until_ms
+                    .map(|t| t.to_string())
+                    .unwrap_or_default(),
+            )
+            .arg(self.inline_wakes())
     }
 
     /// Give back what jobs held (the appender does this after each commit).
     pub async fn release(&self, released: &[Release]) -> Result<(), QueueError> {
-        let mut pipe = redis::pipe();
-        self.add_releases(&mut pipe, released);
-        let mut conn = self.conn.clone();
-        pipe.query_async::<()>(&mut conn).await?;
-        Ok(())
+        self.send(&[], released, &[]).await
     }
 
-    /// Write the limits the queue enforces (`ns/name` → its config), dropping the others, and
-    /// return parked groups to their rings so they see the change.
+    /// Write the limits the queue enforces (`ns/name` → its config, in every shard), dropping
+    /// the others, and return parked groups to their rings so they see the change.
     pub async fn sync_limits(&self, limits: &[Limit]) -> Result<(), QueueError> {
-        let key = format!("{}:limits", self.base());
         let wanted: std::collections::HashMap<String, String> = limits
             .iter()
             .filter(|l| !l.deleted)
@@ -680,26 +939,29 @@ impl Queue {
                 (field, limit_config(l).to_string())
             })
             .collect();
-        let mut conn = self.conn.clone();
-        let held: std::collections::HashMap<String, String> = conn.hgetall(&key).await?;
-        // Unchanged (every sync but the one after a change): nothing to write or to wake.
-        if held == wanted {
-            return Ok(());
+        for shard in self.all_shards() {
+            let key = format!("{shard}:limits");
+            let mut conn = self.conn.clone();
+            let held: std::collections::HashMap<String, String> = conn.hgetall(&key).await?;
+            // Unchanged (every sync but the one after a change): nothing to write or to wake.
+            if held == wanted {
+                continue;
+            }
+            let mut pipe = redis::pipe();
+            pipe.atomic().cmd("DEL").arg(&key).ignore();
+            for (field, config) in &wanted {
+                pipe.cmd("HSET").arg(&key).arg(field).arg(config).ignore();
+            }
+            pipe.query_async::<()>(&mut conn).await?;
+            self.kick_shard(&shard).await?;
         }
-        let mut pipe = redis::pipe();
-        pipe.atomic().cmd("DEL").arg(&key).ignore();
-        for (field, config) in &wanted {
-            pipe.cmd("HSET").arg(&key).arg(field).arg(config).ignore();
-        }
-        pipe.query_async::<()>(&mut conn).await?;
-        self.kick().await?;
         Ok(())
     }
 
-    /// The limits Redis enforces (as last synced from Postgres).
+    /// The limits Redis enforces (as last synced from Postgres; every shard holds them all).
     pub async fn limits(&self) -> Result<Vec<Limit>, QueueError> {
         let mut conn = self.conn.clone();
-        let raw: Vec<String> = conn.hvals(format!("{}:limits", self.base())).await?;
+        let raw: Vec<String> = conn.hvals(format!("{}:limits", self.shard_base(0))).await?;
         Ok(raw
             .iter()
             .filter_map(|r| {
@@ -709,39 +971,51 @@ impl Queue {
             .collect())
     }
 
-    /// Make Redis's pause set exactly `fields` ([`PauseTarget::field`]); groups parked on a
-    /// pause that ended go back to their rings.
+    /// Make each shard's pause set exactly `fields` ([`PauseTarget::field`]); groups parked on
+    /// a pause that ended go back to their rings.
     pub async fn sync_pauses(&self, fields: &[String]) -> Result<(), QueueError> {
-        let key = format!("{}:paused", self.base());
-        let mut conn = self.conn.clone();
-        let now: Vec<String> = conn.hkeys(&key).await?;
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        let mut resumed = Vec::new();
-        for f in &now {
-            if !fields.contains(f) {
-                pipe.cmd("HDEL").arg(&key).arg(f).ignore();
-                resumed.push(format!("{}:parked:pause:{f}", self.base()));
+        for shard in self.all_shards() {
+            let key = format!("{shard}:paused");
+            let mut conn = self.conn.clone();
+            let now: Vec<String> = conn.hkeys(&key).await?;
+            let mut pipe = redis::pipe();
+            pipe.atomic();
+            let mut resumed = Vec::new();
+            for f in &now {
+                if !fields.contains(f) {
+                    pipe.cmd("HDEL").arg(&key).arg(f).ignore();
+                    resumed.push(format!("{shard}:parked:pause:{f}"));
+                }
             }
+            for f in fields {
+                pipe.cmd("HSET").arg(&key).arg(f).arg(1).ignore();
+            }
+            pipe.query_async::<()>(&mut conn).await?;
+            self.unpark_sets(&shard, &resumed).await?;
         }
-        for f in fields {
-            pipe.cmd("HSET").arg(&key).arg(f).arg(1).ignore();
-        }
-        pipe.query_async::<()>(&mut conn).await?;
-        self.unpark_sets(&resumed).await?;
         Ok(())
     }
 
     /// Return every parked group to its ring: those still blocked park again at their next
     /// turn (a wait is recorded once per episode, so this writes nothing new). Heals a
-    /// release Redis never saw.
+    /// release Redis never saw. Returns how many lanes had groups to take up again.
     pub async fn kick(&self) -> Result<u64, QueueError> {
-        let mut conn = self.conn.clone();
-        let sets: Vec<String> = conn.smembers(format!("{}:parkedsets", self.base())).await?;
-        self.unpark_sets(&sets).await
+        let mut n = 0;
+        for shard in self.all_shards() {
+            n += self.kick_shard(&shard).await?;
+        }
+        Ok(n)
     }
 
-    async fn unpark_sets(&self, sets: &[String]) -> Result<u64, QueueError> {
+    async fn kick_shard(&self, shard: &str) -> Result<u64, QueueError> {
+        let mut conn = self.conn.clone();
+        let sets: Vec<String> = conn.smembers(format!("{shard}:parkedsets")).await?;
+        self.unpark_sets(shard, &sets).await
+    }
+
+    /// Return the groups parked on `sets` (of shard `shard`) to their rings and wake their
+    /// lanes' fetchers; returns how many lanes were woken.
+    async fn unpark_sets(&self, shard: &str, sets: &[String]) -> Result<u64, QueueError> {
         if sets.is_empty() {
             return Ok(0);
         }
@@ -749,87 +1023,110 @@ impl Queue {
         for s in sets {
             inv.key(s);
         }
-        inv.arg(self.base());
+        inv.arg(shard).arg(self.inline_wakes());
         let mut conn = self.conn.clone();
-        Ok(inv.invoke_async(&mut conn).await?)
+        let lanes: Vec<String> = inv.invoke_async(&mut conn).await?;
+        if self.shards > 1 && !lanes.is_empty() {
+            let mut pipe = redis::pipe();
+            self.add_wakes(&mut pipe, lanes.iter().map(|l| (l.as_str(), 1)));
+            pipe.query_async::<()>(&mut conn).await?;
+        }
+        Ok(lanes.len() as u64)
     }
 
-    /// What holds slots (running sets of limits and ordering keys): each set's key and its
-    /// members popped before `before_ms` (to check against Postgres).
+    /// What holds slots (running sets of limits and ordering keys, of every shard): each set's
+    /// key and its members popped before `before_ms` (to check against Postgres).
     pub async fn held_before(
         &self,
         before_ms: i64,
     ) -> Result<Vec<(String, Vec<Uuid>)>, QueueError> {
-        let mut conn = self.conn.clone();
-        let registry = format!("{}:runsets", self.base());
-        let sets: Vec<String> = conn.smembers(&registry).await?;
-        if sets.is_empty() {
-            return Ok(Vec::new());
-        }
-        // One round trip for every set: its old members and its size.
-        let mut pipe = redis::pipe();
-        for key in &sets {
-            pipe.zrangebyscore(key, "-inf", before_ms).zcard(key);
-        }
-        let answers: Vec<redis::Value> = pipe.query_async(&mut conn).await?;
         let mut out = Vec::new();
-        let mut empty = Vec::new();
-        for (key, pair) in sets.into_iter().zip(answers.chunks(2)) {
-            let ids: Vec<String> = redis::from_redis_value(&pair[0])?;
-            let size: u64 = redis::from_redis_value(&pair[1])?;
-            if size == 0 {
-                empty.push(key);
-            } else if !ids.is_empty() {
-                out.push((key, ids.iter().filter_map(|s| s.parse().ok()).collect()));
+        for shard in self.all_shards() {
+            let mut conn = self.conn.clone();
+            let registry = format!("{shard}:runsets");
+            let sets: Vec<String> = conn.smembers(&registry).await?;
+            if sets.is_empty() {
+                continue;
             }
-        }
-        if !empty.is_empty() {
-            conn.srem::<_, _, ()>(&registry, &empty).await?;
+            // One round trip for every set: its old members and its size.
+            let mut pipe = redis::pipe();
+            for key in &sets {
+                pipe.zrangebyscore(key, "-inf", before_ms).zcard(key);
+            }
+            let answers: Vec<redis::Value> = pipe.query_async(&mut conn).await?;
+            let mut empty = Vec::new();
+            for (key, pair) in sets.into_iter().zip(answers.chunks(2)) {
+                let ids: Vec<String> = redis::from_redis_value(&pair[0])?;
+                let size: u64 = redis::from_redis_value(&pair[1])?;
+                if size == 0 {
+                    empty.push(key);
+                } else if !ids.is_empty() {
+                    out.push((key, ids.iter().filter_map(|s| s.parse().ok()).collect()));
+                }
+            }
+            if !empty.is_empty() {
+                conn.srem::<_, _, ()>(&registry, &empty).await?;
+            }
         }
         Ok(out)
     }
 
-    /// Drop members of a running set whose jobs no longer hold it, and let the groups that
-    /// waited for it go again.
+    /// Drop members of a running set (as [`Queue::held_before`] named it) whose jobs no longer
+    /// hold it, and let the groups that waited for it go again.
     pub async fn drop_held(&self, set: &str, ids: &[Uuid]) -> Result<(), QueueError> {
         if ids.is_empty() {
             return Ok(());
         }
+        // The set's shard: its key up to the end of its hash tag.
+        let shard = match set.find('}') {
+            Some(end) => &set[..=end],
+            None => return Ok(()),
+        };
         let mut conn = self.conn.clone();
         let members: Vec<String> = ids.iter().map(Uuid::to_string).collect();
         conn.zrem::<_, _, ()>(set, &members).await?;
-        conn.hdel::<_, _, ()>(format!("{}:held", self.base()), &members)
+        conn.hdel::<_, _, ()>(format!("{shard}:held"), &members)
             .await?;
-        // `{p}:run:ns/l/k` waits in `{p}:parked:run:ns/l/k`.
-        let blocker = set
-            .strip_prefix(&format!("{}:", self.base()))
-            .unwrap_or(set);
-        self.unpark_sets(&[format!("{}:parked:{blocker}", self.base())])
+        // `{s}:run:ns/l/k` waits in `{s}:parked:run:ns/l/k`.
+        let blocker = set.strip_prefix(&format!("{shard}:")).unwrap_or(set);
+        self.unpark_sets(shard, &[format!("{shard}:parked:{blocker}")])
             .await?;
         Ok(())
     }
 
-    /// Take up to `max` recorded waits (decisions to hold a job back), oldest first.
+    /// Take up to `max` recorded waits (decisions to hold a job back), oldest first in each
+    /// shard.
     pub async fn take_waits(&self, max: usize) -> Result<Vec<serde_json::Value>, QueueError> {
-        let key = format!("{}:waits", self.base());
-        let mut conn = self.conn.clone();
-        let (raw,): (Vec<String>,) = redis::pipe()
-            .atomic()
-            .lrange(&key, 0, max as isize - 1)
-            .ltrim(&key, max as isize, -1)
-            .ignore()
-            .query_async(&mut conn)
-            .await?;
-        Ok(raw
-            .iter()
-            .filter_map(|r| serde_json::from_str(r).ok())
-            .collect())
+        let mut out = Vec::new();
+        for shard in self.all_shards() {
+            let want = max - out.len();
+            if want == 0 {
+                break;
+            }
+            let key = format!("{shard}:waits");
+            let mut conn = self.conn.clone();
+            let (raw,): (Vec<String>,) = redis::pipe()
+                .atomic()
+                .lrange(&key, 0, want as isize - 1)
+                .ltrim(&key, want as isize, -1)
+                .ignore()
+                .query_async(&mut conn)
+                .await?;
+            out.extend(raw.iter().filter_map(|r| serde_json::from_str(r).ok()));
+        }
+        Ok(out)
     }
 
-    /// Whether Redis still holds the epoch mark (false after a wipe or on a fresh Redis).
+    /// Whether Redis still holds every shard's epoch mark (false after a wipe, on a fresh
+    /// Redis, or when a shard's keys were lost).
     pub async fn epoch_present(&self) -> Result<bool, QueueError> {
-        let mut conn = self.conn.clone();
-        Ok(conn.exists(self.epoch_key()).await?)
+        for shard in self.all_shards() {
+            let mut conn = self.conn.clone();
+            if !conn.exists::<_, bool>(self.epoch_key(&shard)).await? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     /// Best-effort notice that streams changed (waiters fall back to polling if it is lost).
@@ -877,24 +1174,15 @@ impl crate::store::append::CommitListener for Queue {
         released: &'a [Release],
         streams: &'a [Uuid],
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>> {
-        // One round trip: the pushes, then the hints (a waiter woken by a hint finds its job
-        // in the queue already).
+        // One round trip per shard touched: the pushes, then the hints (a waiter woken by a
+        // hint finds its job in the queue already).
         Box::pin(async move {
-            let mut pipe = redis::pipe();
-            if !dispatched.is_empty() {
-                self.add_push(&mut pipe, dispatched);
-            }
-            if !released.is_empty() {
-                self.add_releases(&mut pipe, released);
-            }
-            if !streams.is_empty() {
-                self.add_hints(&mut pipe, streams);
-            }
-            let mut conn = self.conn.clone();
             if !self.fast_path.is_degraded() {
-                let outcome =
-                    tokio::time::timeout(FAST_PATH_TIMEOUT, pipe.query_async::<()>(&mut conn))
-                        .await;
+                let outcome = tokio::time::timeout(
+                    FAST_PATH_TIMEOUT,
+                    self.send(dispatched, released, streams),
+                )
+                .await;
                 let why = match outcome {
                     Ok(Ok(())) => return,
                     Ok(Err(e)) => e.to_string(),
@@ -910,14 +1198,21 @@ impl crate::store::append::CommitListener for Queue {
                     .increment(dispatched.len() as u64);
                 return;
             }
-            let fast_path = self.fast_path.clone();
-            let n = dispatched.len() as u64;
+            let queue = self.clone();
+            let (dispatched, released, streams) =
+                (dispatched.to_vec(), released.to_vec(), streams.to_vec());
             tokio::spawn(async move {
-                match tokio::time::timeout(PROBE_TIMEOUT, pipe.query_async::<()>(&mut conn)).await {
-                    Ok(Ok(())) => fast_path.recovered(),
+                let n = dispatched.len() as u64;
+                match tokio::time::timeout(
+                    PROBE_TIMEOUT,
+                    queue.send(&dispatched, &released, &streams),
+                )
+                .await
+                {
+                    Ok(Ok(())) => queue.fast_path.recovered(),
                     _ => metrics::counter!("capibara_dispatch_deferred_total").increment(n),
                 }
-                fast_path.end_probe();
+                queue.fast_path.end_probe();
             });
         })
     }
@@ -931,6 +1226,21 @@ mod tests {
     fn score(p: Priority, secs_ago: i64) -> i64 {
         let at = chrono::Utc::now() - chrono::Duration::seconds(secs_ago);
         DispatchEntry::new(Uuid::now_v7(), "default", "q", p, at).score
+    }
+
+    #[test]
+    fn namespaces_spread_over_the_shards_and_one_shard_keeps_the_old_key_names() {
+        assert_eq!(shard_tag("capibara", 0, 1), "{capibara}");
+        assert_eq!(shard_of("anything", 1), 0);
+        assert_eq!(shard_tag("capibara", 3, 16), "{capibara:3/16}");
+        let used: std::collections::BTreeSet<u16> = (0..200)
+            .map(|i| shard_of(&format!("tenant-{i}"), 16))
+            .collect();
+        assert_eq!(used.len(), 16, "200 namespaces use all 16 shards");
+        // Stable in every process and release: FNV-1a's published test vectors.
+        assert_eq!(fnv1a(""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a("a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(fnv1a("foobar"), 0x8594_4171_f739_67e8);
     }
 
     #[test]

@@ -63,7 +63,7 @@ pub async fn connect(config: &Config) -> Result<Backends, StartupError> {
     )
     .await?;
     let queue = retry("Redis", deadline, is_queue_transient, || {
-        Queue::connect(&config.redis_url, &config.redis_prefix)
+        Queue::connect_sharded(&config.redis_url, &config.redis_prefix, config.redis_shards)
     })
     .await
     .map_err(StartupError::Redis)?;

@@ -178,9 +178,10 @@ pub(crate) async fn start(
     store::migrate(&pool)
         .await
         .map_err(|e| unavailable("applying migrations", &e))?;
-    let queue = Queue::connect(&config.redis_url, &config.redis_prefix)
-        .await
-        .map_err(|e| unavailable("connecting to Redis", &e))?;
+    let queue =
+        Queue::connect_sharded(&config.redis_url, &config.redis_prefix, config.redis_shards)
+            .await
+            .map_err(|e| unavailable("connecting to Redis", &e))?;
     let store = store::Store::new(
         pool.clone(),
         store::Appender::start(pool, Some(Arc::new(queue.clone())), (&config).into()),

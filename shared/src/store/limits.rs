@@ -116,11 +116,11 @@ pub async fn list(pool: &PgPool, namespace: &str) -> Result<Vec<Limit>, StoreErr
 }
 
 /// Every namespace's live limits (what each process dispatches with).
-pub async fn all(pool: &PgPool) -> Result<Vec<Limit>, StoreError> {
+pub async fn all(db: impl sqlx::PgExecutor<'_>) -> Result<Vec<Limit>, StoreError> {
     let rows: Vec<(Value,)> = sqlx::query_as(
         "SELECT to_jsonb(l) FROM limits l WHERE NOT deleted ORDER BY namespace, name",
     )
-    .fetch_all(pool)
+    .fetch_all(db)
     .await?;
     rows.into_iter().map(|(v,)| decode(v)).collect()
 }
@@ -136,9 +136,9 @@ pub async fn pauses(pool: &PgPool, namespace: &str) -> Result<Option<Pauses>, St
 }
 
 /// Every namespace's pauses.
-pub async fn all_pauses(pool: &PgPool) -> Result<Vec<Pauses>, StoreError> {
+pub async fn all_pauses(db: impl sqlx::PgExecutor<'_>) -> Result<Vec<Pauses>, StoreError> {
     let rows: Vec<(Value,)> = sqlx::query_as("SELECT to_jsonb(p) FROM pauses p")
-        .fetch_all(pool)
+        .fetch_all(db)
         .await?;
     rows.into_iter().map(|(v,)| decode(v)).collect()
 }

@@ -520,3 +520,195 @@ async fn paused_queues_kinds_and_keys_start_nothing_new_until_resumed() {
     let r = api.post("/v1/queues/bad%20name/pause", json!({})).await;
     assert_eq!(r.status, 422, "{r:?}");
 }
+
+/// Two namespaces whose dispatch shards (of `shards`) differ from each other and from
+/// `default`'s.
+fn namespaces_on_other_shards(shards: u16) -> (String, String) {
+    use capibara_shared::queue::shard_of;
+    let home = shard_of("default", shards);
+    let mut picked: Vec<String> = Vec::new();
+    for i in 0.. {
+        let ns = format!("shard-ns-{i}");
+        let s = shard_of(&ns, shards);
+        if s != home && picked.iter().all(|p| shard_of(p, shards) != s) {
+            picked.push(ns);
+        }
+        if picked.len() == 2 {
+            break;
+        }
+    }
+    (picked[0].clone(), picked[1].clone())
+}
+
+/// With the dispatch spread over shards (`CAPIBARA_REDIS_SHARDS`, docs/redis-cluster.md), each
+/// namespace's keys under its shard's tag: a limit still spans its namespace's queues, an
+/// ordering key still orders across queues, a pause still holds, and the namespaces of the
+/// other shards flow meanwhile.
+#[tokio::test]
+async fn flow_control_holds_with_the_dispatch_spread_over_shards() {
+    let mut env = TestEnv::new().await;
+    env.extra_env
+        .push(("CAPIBARA_REDIS_SHARDS".into(), "4".into()));
+    let _api_proc = env.spawn_api().await;
+    let _scheduler = env.spawn_scheduler();
+    let _w1 = env.spawn_worker(&["--queues", "default,reports", "--concurrency", "8"]);
+    let _w2 = env.spawn_worker(&["--queues", "default,reports", "--concurrency", "8"]);
+    let admin = env.client();
+    let (ns_a, ns_b) = namespaces_on_other_shards(4);
+    let a = admin.key_for(&ns_a, &["admin"]).await;
+    let b = admin.key_for(&ns_b, &["admin"]).await;
+
+    // Namespace A: one job per tenant at a time, whatever its queue.
+    let r = a
+        .send(a.http.put(a.url("/v1/limits/per-tenant")).json(&json!({
+            "key": "tags.tenant", "max_running": 1
+        })))
+        .await;
+    assert_eq!(r.status, 201, "{r:?}");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let limited: Vec<Value> = (0..16)
+        .map(|i| {
+            json!({"kind": "sleep", "input": {"ms": 60},
+                   "queue": if i % 2 == 0 { "default" } else { "reports" },
+                   "tags": {"tenant": format!("t{}", i % 4 / 2)}})
+        })
+        .collect();
+    let a_ids = submit_all(&a, limited).await;
+    // Namespace B: an ordering key across both queues.
+    let ordered: Vec<Value> = (0..6)
+        .map(|i| {
+            json!({"kind": "sleep", "input": {"ms": 30}, "ordering_key": "acct",
+                   "queue": if i % 2 == 0 { "reports" } else { "default" }})
+        })
+        .collect();
+    let b_ids = submit_all(&b, ordered).await;
+    // Namespace default: no limits, its own shard.
+    let free = submit_all(
+        &admin,
+        (0..20)
+            .map(|i| json!({"kind": "echo", "input": {"i": i}}))
+            .collect(),
+    )
+    .await;
+
+    let done_a = all_terminal(&a, &a_ids, Duration::from_secs(60)).await;
+    let mut peaks = Vec::new();
+    for tenant in ["t0", "t1"] {
+        let mine: Vec<&Value> = done_a
+            .iter()
+            .filter(|j| j["tags"]["tenant"] == tenant)
+            .collect();
+        assert_eq!(mine.len(), 8);
+        assert!(mine.iter().all(|j| j["status"] == "succeeded"), "{mine:?}");
+        let peak = max_overlap(mine.into_iter());
+        assert_eq!(
+            peak, 1,
+            "tenant {tenant} ran {peak} at once across its queues"
+        );
+        peaks.push(peak);
+    }
+    let overall = max_overlap(done_a.iter());
+    assert_eq!(overall, 2, "the two tenants ran side by side");
+    // Waits are taken off each shard and recorded on the jobs (by the scheduler, shortly).
+    eventually(
+        "a concurrency wait recorded from the namespace's shard",
+        Duration::from_secs(10),
+        || async {
+            for id in &a_ids {
+                let events = a.events(id).await;
+                if events
+                    .iter()
+                    .any(|e| e["type"] == "JobWaiting" && e["data"]["reason"] == "concurrency")
+                {
+                    return Some(());
+                }
+            }
+            None
+        },
+    )
+    .await;
+    let done_b = all_terminal(&b, &b_ids, Duration::from_secs(60)).await;
+    assert!(
+        done_b.iter().all(|j| j["status"] == "succeeded"),
+        "{done_b:?}"
+    );
+    assert_eq!(
+        max_overlap(done_b.iter()),
+        1,
+        "an ordering key runs one job at a time across its namespace's queues"
+    );
+    // In submission order within a queue (across queues, jobs submitted in the same
+    // millisecond may swap: docs/flow-control.md, "Ordering keys").
+    for queue in ["reports", "default"] {
+        let mine: Vec<&Value> = done_b.iter().filter(|j| j["queue"] == queue).collect();
+        for pair in mine.windows(2) {
+            assert!(
+                at(&pair[1]["started_at"]) >= at(&pair[0]["finished_at"]),
+                "{queue}: {} started before {} ended",
+                pair[1]["id"],
+                pair[0]["id"]
+            );
+        }
+    }
+    for j in all_terminal(&admin, &free, Duration::from_secs(30)).await {
+        assert_eq!(j["status"], "succeeded", "{j}");
+    }
+
+    // A pause of a kind in namespace A holds its jobs; namespace B's go on.
+    let r = a.post("/v1/kinds/sleep/pause", json!({})).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let held = a
+        .submit_id(json!({"kind": "sleep", "input": {"ms": 1}, "queue": "reports"}))
+        .await;
+    let other = b
+        .submit_id(json!({"kind": "sleep", "input": {"ms": 1}}))
+        .await;
+    assert_eq!(
+        b.wait_terminal(&other, Duration::from_secs(10)).await["status"],
+        "succeeded"
+    );
+    eventually(
+        "the pause to be explained",
+        Duration::from_secs(10),
+        || async {
+            let job = a.job(&held).await;
+            assert_eq!(job["status"], "queued", "{job}");
+            (job["waiting"]["reason"] == "paused").then_some(())
+        },
+    )
+    .await;
+    let r = a.post("/v1/kinds/sleep/resume", json!({})).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(
+        a.wait_terminal(&held, Duration::from_secs(10)).await["status"],
+        "succeeded"
+    );
+
+    // Where the keys are: every shard was marked, limits are in each shard, and nothing was
+    // written under the one-shard names.
+    let client = redis::Client::open(env.redis_url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let p = &env.redis_prefix;
+    for s in 0..4 {
+        let tag = capibara_shared::queue::shard_tag(p, s, 4);
+        let epoch: bool = redis::cmd("EXISTS")
+            .arg(format!("{tag}:epoch"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(epoch, "shard {tag} marked");
+        let limits: Vec<String> = redis::cmd("HKEYS")
+            .arg(format!("{tag}:limits"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(limits, vec![format!("{ns_a}/per-tenant")], "shard {tag}");
+    }
+    let old: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{{{p}}}:epoch"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(old.is_empty(), "no one-shard keys: {old:?}");
+    println!("namespaces {ns_a} and {ns_b} beside default on 4 shards; per-tenant peaks {peaks:?}");
+}

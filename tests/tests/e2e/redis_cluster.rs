@@ -279,3 +279,176 @@ async fn a_master_sigkilled_under_load_loses_nothing_and_runs_each_job_once() {
     drop(cluster);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// With `CAPIBARA_REDIS_SHARDS`, one deployment's namespaces spread over the masters (each
+/// shard under a hash tag of its own); a master SIGKILLed under load, its replica promoted,
+/// loses nothing, and every job of every namespace runs once.
+#[tokio::test]
+async fn a_sharded_deployment_spreads_its_namespaces_over_the_masters_and_survives_a_failover() {
+    use capibara_shared::queue::{shard_of, shard_tag};
+    const SHARDS: u16 = 16;
+    let started = Instant::now();
+    let (dir, mut cluster) = cluster("redis-sharded").await;
+    let mut env = TestEnv::on(shared_pg(), cluster.url()).await;
+    env.visibility_timeout_s = 2.0;
+    env.extra_env
+        .push(("CAPIBARA_REDIS_SHARDS".into(), SHARDS.to_string()));
+    let _api = env.spawn_api().await;
+    let _scheduler = env.spawn_scheduler();
+    let _w1 = env.spawn_worker(&["--queues", "default,emails,reports", "--concurrency", "8"]);
+    let _w2 = env.spawn_worker(&["--queues", "default,emails,reports", "--concurrency", "8"]);
+    let admin = env.client();
+    let pool = env.pool().await;
+    let prefix = env.redis_prefix.clone();
+    let master_of_ns = |c: &capibara_tests::RedisCluster, ns: &str| {
+        c.master_of_slot(key_slot(&shard_tag(&prefix, shard_of(ns, SHARDS), SHARDS)))
+            .unwrap()
+    };
+    let namespaces = ["default", "acme", "globex", "initech", "umbrella", "hooli"];
+    let mut clients = vec![admin.clone()];
+    for ns in &namespaces[1..] {
+        clients.push(admin.key_for(ns, &["admin"]).await);
+    }
+    // A limit in one namespace spanning its queues: flow control inside a shard.
+    let r = clients[1]
+        .send(
+            clients[1]
+                .http
+                .put(clients[1].url("/v1/limits/per-tenant"))
+                .json(&json!({"key": "tags.tenant", "max_running": 1})),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{r:?}");
+    let warm = admin.submit_id(json!({"kind": "echo"})).await;
+    admin.wait_terminal(&warm, Duration::from_secs(20)).await;
+
+    // The shards (each marked by the relay) are on several masters, and so are the
+    // namespaces.
+    let homes: std::collections::BTreeSet<u16> = (0..SHARDS)
+        .map(|s| {
+            cluster
+                .master_of_slot(key_slot(&shard_tag(&prefix, s, SHARDS)))
+                .unwrap()
+        })
+        .collect();
+    let ns_homes: Vec<(&str, u16)> = namespaces
+        .iter()
+        .map(|ns| (*ns, master_of_ns(&cluster, ns)))
+        .collect();
+    let per_master = cluster.keys_per_master().unwrap();
+    eprintln!("{SHARDS} shards on masters {homes:?}; namespaces on {ns_homes:?}; keys per master {per_master:?}");
+    assert!(
+        homes.len() >= 2,
+        "16 shard tags land on more than one master: {homes:?}"
+    );
+    let masters_with_keys = per_master.values().filter(|n| **n > 0).count();
+    assert!(
+        masters_with_keys >= 2,
+        "dispatch keys on several masters: {per_master:?}"
+    );
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut submitters = Vec::new();
+    for (s, api) in clients.iter().cloned().enumerate() {
+        let stop = stop.clone();
+        submitters.push(tokio::spawn(async move {
+            let (mut accepted, mut refused) = (Vec::new(), 0);
+            let mut i = 0usize;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let queue = QUEUES[i % QUEUES.len()];
+                let body = if s == 1 {
+                    json!({"kind": "sleep", "queue": queue, "input": {"ms": 5},
+                           "tags": {"tenant": format!("t{}", i % 3)}})
+                } else {
+                    json!({"kind": "echo", "queue": queue, "input": {"s": s, "i": i}})
+                };
+                let r = api.submit(body).await;
+                match r.status {
+                    202 => accepted.push(r.body["id"].as_str().unwrap().to_string()),
+                    503 | 429 => refused += 1,
+                    other => panic!("unexpected answer {other}: {r:?}"),
+                }
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(15)).await;
+            }
+            (accepted, refused)
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let victim = master_of_ns(&cluster, "default");
+    let killed_at = Instant::now();
+    cluster.kill(victim).unwrap();
+    eprintln!("SIGKILLed master {victim} (serving the shard of namespace default)");
+    let cluster = tokio::task::spawn_blocking(move || {
+        std::thread::sleep(cluster.node_timeout() * 2);
+        cluster.wait_ok(Duration::from_secs(30)).unwrap();
+        cluster
+    })
+    .await
+    .unwrap();
+    assert_ne!(
+        master_of_ns(&cluster, "default"),
+        victim,
+        "a replica took over"
+    );
+    eprintln!(
+        "replica serves the slot {:?} after the kill",
+        killed_at.elapsed()
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut ids = vec![warm];
+    let mut refused = 0;
+    for s in submitters {
+        let (a, r) = s.await.unwrap();
+        ids.extend(a);
+        refused += r;
+    }
+    eprintln!(
+        "accepted {} jobs over {} namespaces, refused {refused}",
+        ids.len(),
+        namespaces.len()
+    );
+    assert!(ids.len() > 100, "load ran: {} accepted", ids.len());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let done = count(
+            &pool,
+            "SELECT count(*) FROM jobs WHERE status IN ('succeeded', 'failed', 'canceled')",
+        )
+        .await;
+        if done >= ids.len() as i64 || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let not_done: Vec<(uuid::Uuid, String, String)> = sqlx::query_as(
+        "SELECT id, namespace, status FROM jobs WHERE status NOT IN ('succeeded') LIMIT 5",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert!(not_done.is_empty(), "jobs not succeeded: {not_done:?}");
+    assert_each_succeeded_once(&pool, &ids).await;
+    let per_ns: Vec<(String, i64)> =
+        sqlx::query_as("SELECT namespace, count(*) FROM jobs GROUP BY 1 ORDER BY 1")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(per_ns.len(), namespaces.len(), "{per_ns:?}");
+    // The limit held inside its shard through the failover.
+    let overlaps = count(
+        &pool,
+        "SELECT count(*) FROM jobs a JOIN jobs b ON a.id < b.id
+           AND a.namespace = 'acme' AND b.namespace = 'acme'
+           AND a.tags->>'tenant' = b.tags->>'tenant'
+           AND a.started_at < b.finished_at AND b.started_at < a.finished_at",
+    )
+    .await;
+    eprintln!(
+        "jobs per namespace {per_ns:?}; overlapping starts under the limit: {overlaps}; took {:?}",
+        started.elapsed()
+    );
+    drop(cluster);
+    let _ = std::fs::remove_dir_all(dir);
+}
