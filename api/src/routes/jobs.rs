@@ -783,14 +783,29 @@ pub async fn events(
         Ok(_) => {}
         // A finished job whose row `CAPIBARA_RETENTION` pruned keeps its history: in the log,
         // or in its partition's archive (docs/event-log-retention.md).
+        // A deleted job (`JobDeleted`, whose row went too) is not found, in the log or archived.
         Err(ApiError::NotFound(m)) => {
-            if !store::events::stream_of(&state.store.pool, auth.namespace(), "job", id).await? {
+            if !store::events::stream_of(&state.store.pool, auth.namespace(), "job", id).await?
+                || was_deleted(&state, auth.namespace(), id).await?
+            {
                 return Err(ApiError::NotFound(m));
             }
         }
         Err(e) => return Err(e),
     }
     stream_events(state, &auth, id, &headers, q.as_deref(), terminal_type).await
+}
+
+/// Whether job `id`'s history ends with `JobDeleted`: its last event in the log or, once its
+/// partition was archived, in the archive.
+async fn was_deleted(state: &AppState, namespace: &str, id: Uuid) -> Result<bool, ApiError> {
+    let last = match store::events::last_type(&state.store.pool, id).await? {
+        Some(t) => Some(t),
+        None => archived(state, namespace, id, 0)
+            .await
+            .and_then(|events| events.last().map(|e| e.event_type.clone())),
+    };
+    Ok(last.as_deref() == Some("JobDeleted"))
 }
 
 /// One stream's events: a JSON page (`after`, `limit`), or SSE with `Accept: text/event-stream`

@@ -56,6 +56,13 @@ async fn a_pruned_jobs_history_reads_from_the_log_then_from_its_archive() {
     let id = api
         .submit_id(json!({"kind": "echo", "input": {"n": 7}}))
         .await;
+    // A job deleted (not pruned) stays not found, its history in the log or archived.
+    let deleted = api.submit_id(json!({"kind": "echo"})).await;
+    api.wait_terminal(&deleted, Duration::from_secs(20)).await;
+    let r = api
+        .send(api.http.delete(api.url(&format!("/v1/jobs/{deleted}"))))
+        .await;
+    assert_eq!(r.status, 204, "{r:?}");
     let before = eventually("the job's terminal event", Duration::from_secs(20), || {
         let api = api.clone();
         let id = id.clone();
@@ -82,6 +89,8 @@ async fn a_pruned_jobs_history_reads_from_the_log_then_from_its_archive() {
         .get(&format!("/v1/jobs/{}/events", uuid::Uuid::now_v7()))
         .await;
     assert_eq!(unknown.status, 404, "{unknown:?}");
+    let gone = api.get(&format!("/v1/jobs/{deleted}/events")).await;
+    assert_eq!(gone.status, 404, "a deleted job's history: {gone:?}");
 
     // From the archive, once its partition is gone.
     eventually("the job's events archived", Duration::from_secs(30), || {
@@ -101,6 +110,11 @@ async fn a_pruned_jobs_history_reads_from_the_log_then_from_its_archive() {
     );
     let foreign = other.get(&format!("/v1/jobs/{id}/events")).await;
     assert_eq!(foreign.status, 404, "{foreign:?}");
+    let gone = api.get(&format!("/v1/jobs/{deleted}/events")).await;
+    assert_eq!(
+        gone.status, 404,
+        "a deleted job's archived history: {gone:?}"
+    );
     let text = tokio::time::timeout(
         Duration::from_secs(20),
         api.http
