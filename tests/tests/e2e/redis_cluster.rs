@@ -181,10 +181,98 @@ fn prefixes_spread_over_the_slot_space() {
     );
 }
 
+/// Submit without pause from each of `clients` (`body(client, i)` is the `i`-th submission of
+/// `client`), SIGKILL the master serving `slot` after 2 s, wait for its replica to take over,
+/// go on submitting for 3 s; then check that every accepted job (and those of `ids`) succeeded
+/// exactly once. Returns the cluster (its killed master down) and every accepted id.
+async fn kill_the_master_of_a_slot_under_load(
+    mut cluster: RedisCluster,
+    clients: Vec<capibara_tests::Api>,
+    pace: Duration,
+    body: fn(usize, usize) -> serde_json::Value,
+    slot: u16,
+    pool: &sqlx::PgPool,
+    mut ids: Vec<String>,
+) -> (RedisCluster, Vec<String>) {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut submitters = Vec::new();
+    for (s, api) in clients.into_iter().enumerate() {
+        let stop = stop.clone();
+        submitters.push(tokio::spawn(async move {
+            let (mut accepted, mut refused) = (Vec::new(), 0);
+            let mut i = 0usize;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let r = api.submit(body(s, i)).await;
+                match r.status {
+                    202 => accepted.push(r.body["id"].as_str().unwrap().to_string()),
+                    // Refused (never accepted): allowed, the client would retry.
+                    503 | 429 => refused += 1,
+                    other => panic!("unexpected answer {other}: {r:?}"),
+                }
+                i += 1;
+                tokio::time::sleep(pace).await;
+            }
+            (accepted, refused)
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let victim = cluster.master_of_slot(slot).unwrap();
+    let killed_at = Instant::now();
+    cluster.kill(victim).unwrap();
+    eprintln!("SIGKILLed master {victim} (serving slot {slot})");
+    let cluster = tokio::task::spawn_blocking(move || {
+        // The replica is promoted once the others see the master failing (node timeout).
+        std::thread::sleep(cluster.node_timeout() * 2);
+        cluster.wait_ok(Duration::from_secs(30)).unwrap();
+        cluster
+    })
+    .await
+    .unwrap();
+    let promoted = cluster.master_of_slot(slot).unwrap();
+    assert_ne!(promoted, victim, "a replica took over the slot");
+    eprintln!(
+        "replica {promoted} serves the slot {:?} after the kill",
+        killed_at.elapsed()
+    );
+    // Keep submitting on the promoted master for a while.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut refused = 0;
+    for s in submitters {
+        let (a, r) = s.await.unwrap();
+        ids.extend(a);
+        refused += r;
+    }
+    eprintln!("accepted {} jobs, refused {refused}", ids.len());
+    assert!(ids.len() > 100, "load ran: {} accepted", ids.len());
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let done = count(
+            pool,
+            "SELECT count(*) FROM jobs WHERE status IN ('succeeded', 'failed', 'canceled')",
+        )
+        .await;
+        if done >= ids.len() as i64 || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let not_done: Vec<(uuid::Uuid, String, String)> = sqlx::query_as(
+        "SELECT id, namespace, status FROM jobs WHERE status NOT IN ('succeeded') LIMIT 5",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    assert!(not_done.is_empty(), "jobs not succeeded: {not_done:?}");
+    assert_each_succeeded_once(pool, &ids).await;
+    (cluster, ids)
+}
+
 #[tokio::test]
 async fn a_master_sigkilled_under_load_loses_nothing_and_runs_each_job_once() {
     let started = Instant::now();
-    let (dir, mut cluster) = cluster("redis-failover").await;
+    let (dir, cluster) = cluster("redis-failover").await;
     let mut env = TestEnv::on(shared_pg(), cluster.url()).await;
     // The relay re-checks every queued row this often: what the dead master had not yet
     // copied to its replica is pushed again within it.
@@ -199,82 +287,19 @@ async fn a_master_sigkilled_under_load_loses_nothing_and_runs_each_job_once() {
     api.wait_terminal(&warm, Duration::from_secs(20)).await;
 
     // Submit continuously from two clients; kill the master of the deployment's slot midway.
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut submitters = Vec::new();
-    for s in 0..2 {
-        let api = env.client();
-        let stop = stop.clone();
-        submitters.push(tokio::spawn(async move {
-            let (mut accepted, mut refused) = (Vec::new(), 0);
-            let mut i = 0usize;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let queue = QUEUES[i % QUEUES.len()];
-                let r = api
-                    .submit(json!({"kind": "echo", "queue": queue, "input": {"s": s, "i": i}}))
-                    .await;
-                match r.status {
-                    202 => accepted.push(r.body["id"].as_str().unwrap().to_string()),
-                    // Refused (never accepted): allowed, the client would retry.
-                    503 | 429 => refused += 1,
-                    other => panic!("unexpected answer {other}: {r:?}"),
-                }
-                i += 1;
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            (accepted, refused)
-        }));
-    }
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let victim = cluster.master_of_slot(key_slot(&env.redis_prefix)).unwrap();
-    let killed_at = Instant::now();
-    cluster.kill(victim).unwrap();
-    eprintln!("SIGKILLed master {victim} (serving the deployment's slot)");
-    let cluster = tokio::task::spawn_blocking(move || {
-        // The replica is promoted once the others see the master failing (node timeout).
-        std::thread::sleep(cluster.node_timeout() * 2);
-        cluster.wait_ok(Duration::from_secs(30)).unwrap();
-        cluster
-    })
-    .await
-    .unwrap();
-    let promoted = cluster.master_of_slot(key_slot(&env.redis_prefix)).unwrap();
-    assert_ne!(promoted, victim, "a replica took over the slot");
-    eprintln!(
-        "replica {promoted} serves the slot {:?} after the kill",
-        killed_at.elapsed()
-    );
-    // Keep submitting on the promoted master for a while.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let mut ids = vec![warm];
-    let mut refused = 0;
-    for s in submitters {
-        let (a, r) = s.await.unwrap();
-        ids.extend(a);
-        refused += r;
-    }
-    eprintln!("accepted {} jobs, refused {refused}", ids.len());
-    assert!(ids.len() > 100, "load ran: {} accepted", ids.len());
-
-    let deadline = Instant::now() + Duration::from_secs(40);
-    loop {
-        let done = count(
-            &pool,
-            "SELECT count(*) FROM jobs WHERE status IN ('succeeded', 'failed', 'canceled')",
-        )
-        .await;
-        if done >= ids.len() as i64 || Instant::now() > deadline {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    let not_done: Vec<(uuid::Uuid, String)> =
-        sqlx::query_as("SELECT id, status FROM jobs WHERE status NOT IN ('succeeded') LIMIT 5")
-            .fetch_all(&pool)
-            .await
-            .unwrap();
-    assert!(not_done.is_empty(), "jobs not succeeded: {not_done:?}");
-    assert_each_succeeded_once(&pool, &ids).await;
+    let clients = vec![env.client(), env.client()];
+    let echo: fn(usize, usize) -> serde_json::Value = |s, i| json!({"kind": "echo", "queue": QUEUES[i % QUEUES.len()], "input": {"s": s, "i": i}});
+    let slot = key_slot(&env.redis_prefix);
+    let (cluster, _) = kill_the_master_of_a_slot_under_load(
+        cluster,
+        clients,
+        Duration::from_millis(5),
+        echo,
+        slot,
+        &pool,
+        vec![warm],
+    )
+    .await;
     eprintln!("took {:?}", started.elapsed());
     drop(cluster);
     let _ = std::fs::remove_dir_all(dir);
@@ -288,7 +313,7 @@ async fn a_sharded_deployment_spreads_its_namespaces_over_the_masters_and_surviv
     use capibara_shared::queue::{shard_of, shard_tag};
     const SHARDS: u16 = 16;
     let started = Instant::now();
-    let (dir, mut cluster) = cluster("redis-sharded").await;
+    let (dir, cluster) = cluster("redis-sharded").await;
     let mut env = TestEnv::on(shared_pg(), cluster.url()).await;
     env.visibility_timeout_s = 2.0;
     env.extra_env
@@ -347,96 +372,35 @@ async fn a_sharded_deployment_spreads_its_namespaces_over_the_masters_and_surviv
         "dispatch keys on several masters: {per_master:?}"
     );
 
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut submitters = Vec::new();
-    for (s, api) in clients.iter().cloned().enumerate() {
-        let stop = stop.clone();
-        submitters.push(tokio::spawn(async move {
-            let (mut accepted, mut refused) = (Vec::new(), 0);
-            let mut i = 0usize;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let queue = QUEUES[i % QUEUES.len()];
-                let body = if s == 1 {
-                    json!({"kind": "sleep", "queue": queue, "input": {"ms": 5},
-                           "tags": {"tenant": format!("t{}", i % 3)}})
-                } else {
-                    json!({"kind": "echo", "queue": queue, "input": {"s": s, "i": i}})
-                };
-                let r = api.submit(body).await;
-                match r.status {
-                    202 => accepted.push(r.body["id"].as_str().unwrap().to_string()),
-                    503 | 429 => refused += 1,
-                    other => panic!("unexpected answer {other}: {r:?}"),
-                }
-                i += 1;
-                tokio::time::sleep(Duration::from_millis(15)).await;
-            }
-            (accepted, refused)
-        }));
-    }
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let victim = master_of_ns(&cluster, "default");
-    let killed_at = Instant::now();
-    cluster.kill(victim).unwrap();
-    eprintln!("SIGKILLed master {victim} (serving the shard of namespace default)");
-    let cluster = tokio::task::spawn_blocking(move || {
-        std::thread::sleep(cluster.node_timeout() * 2);
-        cluster.wait_ok(Duration::from_secs(30)).unwrap();
-        cluster
-    })
-    .await
-    .unwrap();
-    assert_ne!(
-        master_of_ns(&cluster, "default"),
-        victim,
-        "a replica took over"
-    );
-    eprintln!(
-        "replica serves the slot {:?} after the kill",
-        killed_at.elapsed()
-    );
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let mut ids = vec![warm];
-    let mut refused = 0;
-    for s in submitters {
-        let (a, r) = s.await.unwrap();
-        ids.extend(a);
-        refused += r;
-    }
-    eprintln!(
-        "accepted {} jobs over {} namespaces, refused {refused}",
-        ids.len(),
-        namespaces.len()
-    );
-    assert!(ids.len() > 100, "load ran: {} accepted", ids.len());
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let done = count(
-            &pool,
-            "SELECT count(*) FROM jobs WHERE status IN ('succeeded', 'failed', 'canceled')",
-        )
-        .await;
-        if done >= ids.len() as i64 || Instant::now() > deadline {
-            break;
+    // Submit from every namespace; kill the master of namespace default's shard midway.
+    let mixed: fn(usize, usize) -> serde_json::Value = |s, i| {
+        let queue = QUEUES[i % QUEUES.len()];
+        if s == 1 {
+            json!({"kind": "sleep", "queue": queue, "input": {"ms": 5},
+                   "tags": {"tenant": format!("t{}", i % 3)}})
+        } else {
+            json!({"kind": "echo", "queue": queue, "input": {"s": s, "i": i}})
         }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    let not_done: Vec<(uuid::Uuid, String, String)> = sqlx::query_as(
-        "SELECT id, namespace, status FROM jobs WHERE status NOT IN ('succeeded') LIMIT 5",
+    };
+    let slot = key_slot(&shard_tag(&prefix, shard_of("default", SHARDS), SHARDS));
+    let (cluster, _) = kill_the_master_of_a_slot_under_load(
+        cluster,
+        clients,
+        Duration::from_millis(15),
+        mixed,
+        slot,
+        &pool,
+        vec![warm],
     )
-    .fetch_all(&pool)
-    .await
-    .unwrap();
-    assert!(not_done.is_empty(), "jobs not succeeded: {not_done:?}");
-    assert_each_succeeded_once(&pool, &ids).await;
+    .await;
     let per_ns: Vec<(String, i64)> =
         sqlx::query_as("SELECT namespace, count(*) FROM jobs GROUP BY 1 ORDER BY 1")
             .fetch_all(&pool)
             .await
             .unwrap();
     assert_eq!(per_ns.len(), namespaces.len(), "{per_ns:?}");
-    // The limit held inside its shard through the failover.
+    // Printed, not asserted: a failover may lose a running set's newest member, and the limit
+    // then admits one more job once (docs/redis-cluster.md).
     let overlaps = count(
         &pool,
         "SELECT count(*) FROM jobs a JOIN jobs b ON a.id < b.id
