@@ -1096,20 +1096,31 @@ fn redis_pid(port: u16) -> Option<u32> {
 // Processes, ports, files
 // ---------------------------------------------------------------------------------------------
 
-/// A port on 127.0.0.1 that was free a moment ago (the OS picks it; another process may take
-/// it before it is used, which `start` with port 0 retries on).
+/// A port on 127.0.0.1 that was free a moment ago (another process may take it before it is
+/// used, which `start` with port 0 retries on).
 pub fn find_free_port() -> u16 {
+    // Below the kernel's ephemeral range (32768–60999 on Linux): a port taken from that range
+    // and released can be handed at once to another process's port-0 listener or outgoing
+    // connection (a parallel test's worker health server, a connection to Postgres), and the
+    // server meant for it then fails to bind while a readiness probe reaches the other one.
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let mut seed = (nanos ^ std::process::id().wrapping_mul(2_654_435_761)) | 1;
+    for _ in 0..64 {
+        // xorshift: a different candidate each try.
+        seed ^= seed << 13;
+        seed ^= seed >> 17;
+        seed ^= seed << 5;
+        let port = 10_000 + (seed % 22_000) as u16;
+        if TcpListener::bind(loopback(port)).is_ok() {
+            return port;
+        }
+    }
     match TcpListener::bind(loopback(0)).and_then(|l| l.local_addr()) {
         Ok(addr) => addr.port(),
-        // Binding port 0 on loopback does not fail in practice; guess in the dynamic range.
-        Err(_) => {
-            let nanos = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.subsec_nanos())
-                .unwrap_or(0);
-            let seed = nanos ^ std::process::id().wrapping_mul(2_654_435_761);
-            20_000 + (seed % 30_000) as u16
-        }
+        Err(_) => 10_000 + (seed % 22_000) as u16,
     }
 }
 
