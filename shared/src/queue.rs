@@ -730,8 +730,8 @@ impl Queue {
                 .or_default()
                 .push(e);
         }
-        let checks = by_shard.into_values().map(|group| {
-            let shard = self.shard_base(self.shard_of(&group[0].namespace));
+        let checks = by_shard.into_iter().map(|(s, group)| {
+            let shard = self.shard_base(s);
             let mut pipe = redis::pipe();
             for e in &group {
                 pipe.cmd("ZSCORE")
