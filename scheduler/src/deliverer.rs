@@ -139,7 +139,8 @@ async fn lead(
         notified.as_mut().enable();
         let read_at = Instant::now();
         // Which events happened, not their data: a delivery's payload is the job's state.
-        let (events, next) = store::events::read_all_headers(&store.pool, cursor, PAGE).await?;
+        let (events, next) =
+            store::events::read_all_headers(store.log_pool(), cursor, PAGE).await?;
         if saved != cursor && last_save.elapsed() > SAVE_EVERY {
             store::checkpoints::save(&store.pool, CHECKPOINT, cursor).await?;
             saved = cursor;

@@ -313,6 +313,8 @@ impl Appender {
         listener: Option<Arc<dyn CommitListener>>,
         opts: AppenderOptions,
     ) -> Appender {
+        // One plan per statement for the whole life of a connection (see the function).
+        let pool = super::with_generic_plans(&pool);
         let (tx, rx) = mpsc::channel::<Pending>(opts.queue.max(1));
         let rx = Arc::new(Mutex::new(rx));
         for _ in 0..opts.flushers.max(1) {
@@ -343,6 +345,11 @@ impl Appender {
             listener,
             timeout: opts.timeout,
         }
+    }
+
+    /// The appender's pool: generic plans ([`super::with_generic_plans`]).
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
     }
 
     /// Queue `p` for a flusher, waiting for room up to the write timeout.

@@ -123,6 +123,34 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, StoreErr
     Ok(pool)
 }
 
+/// A pool on the same database as `pool` whose connections plan each prepared statement once,
+/// generically (`plan_cache_mode = force_generic_plan`), for the hot statements whose plan does
+/// not depend on their values: the append (docs/write-path.md) and the reads of the log.
+///
+/// Left to choose (`auto`), Postgres plans these again on every execution: a custom plan
+/// knows the arrays' lengths, so it always looks cheaper than the generic one, and planning a
+/// statement over the partitioned `events` table costs more than running it (0.9 ms of
+/// planning against 0.4 ms of execution for a lone submit; 0.8 ms for a 0.07 ms log read).
+/// Their generic plans are the same index probes and ordered index scans, and Postgres
+/// replans them when `ANALYZE` changes a table's statistics. Lazy, like `pool`: a connection
+/// opens on first use.
+pub fn with_generic_plans(pool: &PgPool) -> PgPool {
+    let opts = pool.options();
+    PgPoolOptions::new()
+        .max_connections(opts.get_max_connections())
+        .min_connections(0)
+        .acquire_timeout(opts.get_acquire_timeout())
+        .idle_timeout(opts.get_idle_timeout())
+        .test_before_acquire(false)
+        .after_connect(|conn, _meta| {
+            Box::pin(async move {
+                sqlx::Executor::execute(conn, "SET plan_cache_mode = force_generic_plan").await?;
+                Ok(())
+            })
+        })
+        .connect_lazy_with((*pool.connect_options()).clone())
+}
+
 /// Apply pending migrations. sqlx holds an advisory lock meanwhile, so replicas starting together
 /// migrate once.
 pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
@@ -155,6 +183,12 @@ pub struct Store {
 impl Store {
     pub fn new(pool: PgPool, appender: Appender) -> Self {
         Self { pool, appender }
+    }
+
+    /// The pool for the log's followers: generic plans ([`with_generic_plans`]), shared with
+    /// the appender.
+    pub fn log_pool(&self) -> &PgPool {
+        self.appender.pool()
     }
 
     /// Liveness check for `/readyz`.
