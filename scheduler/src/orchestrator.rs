@@ -30,6 +30,7 @@ use capibara_shared::{
         Append, AppendError, Effect, Store,
     },
 };
+use futures::StreamExt;
 use serde_json::Value;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -59,12 +60,53 @@ const SAVE_EVERY: Duration = Duration::from_secs(2);
 /// Run until `stop`: lead when possible, follow the log, advance runs.
 pub async fn run(store: Store, queue: Queue, stop: CancellationToken) {
     let wake = Arc::new(Notify::new());
-    tokio::spawn(crate::deliverer::listen_hints(
-        queue.clone(),
-        wake.clone(),
-        stop.clone(),
-    ));
+    tokio::spawn(listen_run_hints(queue.clone(), wake.clone(), stop.clone()));
     crate::leader::run("orchestrator", &stop, || lead(&store, &queue, &wake, &stop)).await;
+}
+
+/// After a commit with a step job's or a child run's events, how long every commit's hint
+/// still wakes the orchestrator.
+const FOLLOW_ALL_FOR: Duration = Duration::from_millis(100);
+
+/// Wake the orchestrator on the hints of commits with an event that names a run, and not on the
+/// others (the rest of the log is read past on the 500 ms poll): one log read per workflow
+/// commit instead of one per commit. For `FOLLOW_ALL_FOR` after such a hint every commit's hint
+/// wakes it again, as the gap-safe read may not show the hinted events yet (an older
+/// transaction still open holds the horizon back), and a later commit is what moves it.
+async fn listen_run_hints(queue: Queue, wake: Arc<Notify>, stop: CancellationToken) {
+    let runs = queue.run_hints_channel();
+    let channels = [runs.clone(), queue.hints_channel()];
+    loop {
+        if let Ok(mut pubsub) = queue.redis().pubsub().await {
+            if pubsub.subscribe(&channels[..]).await.is_ok() {
+                let mut messages = pubsub.on_message();
+                let mut run_hint_at: Option<Instant> = None;
+                loop {
+                    tokio::select! {
+                        m = messages.next() => match m {
+                            Some(m) if m.get_channel_name() == runs => {
+                                run_hint_at = Some(Instant::now());
+                                wake.notify_one();
+                            }
+                            Some(_) => {
+                                if run_hint_at.is_some_and(|t| t.elapsed() < FOLLOW_ALL_FOR) {
+                                    wake.notify_one();
+                                }
+                            }
+                            None => break,
+                        },
+                        _ = stop.cancelled() => return,
+                    }
+                }
+            }
+        }
+        // Reconnected: hints may have been missed.
+        wake.notify_one();
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = stop.cancelled() => return,
+        }
+    }
 }
 
 async fn lead(

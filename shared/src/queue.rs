@@ -27,7 +27,16 @@ use uuid::Uuid;
 use crate::{
     domain::limit::{Group, Limit},
     redis_conn::{Redis, RedisConn},
-    store::dispatch::{DispatchEntry, Release},
+    store::{
+        append::Changed,
+        dispatch::{DispatchEntry, Release},
+    },
+};
+
+/// No stream changed: a push or release outside a commit.
+const NO_HINTS: Changed<'static> = Changed {
+    streams: &[],
+    runs: false,
 };
 
 /// The group an entry waits in; rows written before groups existed wait in their namespace's.
@@ -536,6 +545,12 @@ impl Queue {
         format!("{{{}}}:hints", self.prefix)
     }
 
+    /// Channel carrying the same ids for commits with an event that names a run (a workflow
+    /// step's job, a child run): the orchestrator's wake-up.
+    pub fn run_hints_channel(&self) -> String {
+        format!("{{{}}}:hints:runs", self.prefix)
+    }
+
     /// Channel carrying ids of running jobs whose cancel was requested.
     pub fn cancel_channel(&self) -> String {
         format!("{{{}}}:cancel", self.prefix)
@@ -559,7 +574,7 @@ impl Queue {
             futures::future::try_join_all(marks).await?;
             return Ok(());
         }
-        self.send(entries, &[], &[]).await
+        self.send(entries, &[], NO_HINTS).await
     }
 
     /// Push `dispatched`, give back what `released` held, and publish `streams` as hints: with
@@ -569,8 +584,9 @@ impl Queue {
         &self,
         dispatched: &[DispatchEntry],
         released: &[Release],
-        streams: &[Uuid],
+        changed: Changed<'_>,
     ) -> Result<(), QueueError> {
+        let streams = changed.streams;
         if self.shards == 1 {
             let base = self.base();
             let mut pipe = redis::pipe();
@@ -583,7 +599,7 @@ impl Queue {
                 self.add_release(&mut pipe, &base, r).ignore();
             }
             if !streams.is_empty() {
-                self.add_hints(&mut pipe, streams);
+                self.add_hints(&mut pipe, changed);
             }
             let mut conn = self.conn.clone();
             pipe.query_async::<()>(&mut conn).await?;
@@ -637,7 +653,7 @@ impl Queue {
         let mut pipe = redis::pipe();
         self.add_wakes(&mut pipe, wakes.iter().map(|(l, n)| (l.as_str(), *n)));
         if !streams.is_empty() {
-            self.add_hints(&mut pipe, streams);
+            self.add_hints(&mut pipe, changed);
         }
         let mut conn = self.conn.clone();
         pipe.query_async::<()>(&mut conn).await?;
@@ -702,12 +718,21 @@ impl Queue {
     }
 
     /// The command of [`Queue::publish_hints`], added to `pipe`.
-    fn add_hints(&self, pipe: &mut redis::Pipeline, streams: &[Uuid]) {
-        let payload = streams
+    /// The changed streams on the hints channel, and on the runs' channel too when an event
+    /// names a run (what the orchestrator follows: it wakes for nothing else).
+    fn add_hints(&self, pipe: &mut redis::Pipeline, changed: Changed<'_>) {
+        let payload = changed
+            .streams
             .iter()
             .map(Uuid::to_string)
             .collect::<Vec<_>>()
             .join(",");
+        if changed.runs {
+            pipe.cmd("PUBLISH")
+                .arg(self.run_hints_channel())
+                .arg(&payload)
+                .ignore();
+        }
         pipe.cmd("PUBLISH")
             .arg(self.hints_channel())
             .arg(payload)
@@ -925,7 +950,7 @@ impl Queue {
 
     /// Give back what jobs held (the appender does this after each commit).
     pub async fn release(&self, released: &[Release]) -> Result<(), QueueError> {
-        self.send(&[], released, &[]).await
+        self.send(&[], released, NO_HINTS).await
     }
 
     /// Write the limits the queue enforces (`ns/name` → its config, in every shard), dropping
@@ -1129,16 +1154,6 @@ impl Queue {
         Ok(true)
     }
 
-    /// Best-effort notice that streams changed (waiters fall back to polling if it is lost).
-    pub async fn publish_hints(&self, streams: &[Uuid]) {
-        let mut pipe = redis::pipe();
-        self.add_hints(&mut pipe, streams);
-        let mut conn = self.conn.clone();
-        if let Err(e) = pipe.query_async::<()>(&mut conn).await {
-            tracing::debug!(error = %e, "publishing stream hints failed");
-        }
-    }
-
     /// Tell every API process that a key was revoked (they also forget cached keys after a
     /// few seconds, so a lost message delays the revocation, never loses it).
     pub async fn publish_key_revoked(&self, key_id: Uuid) -> Result<(), QueueError> {
@@ -1172,7 +1187,7 @@ impl crate::store::append::CommitListener for Queue {
         &'a self,
         dispatched: &'a [DispatchEntry],
         released: &'a [Release],
-        streams: &'a [Uuid],
+        changed: Changed<'a>,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>> {
         // One round trip per shard touched: the pushes, then the hints (a waiter woken by a
         // hint finds its job in the queue already).
@@ -1180,7 +1195,7 @@ impl crate::store::append::CommitListener for Queue {
             if !self.fast_path.is_degraded() {
                 let outcome = tokio::time::timeout(
                     FAST_PATH_TIMEOUT,
-                    self.send(dispatched, released, streams),
+                    self.send(dispatched, released, changed),
                 )
                 .await;
                 let why = match outcome {
@@ -1199,13 +1214,24 @@ impl crate::store::append::CommitListener for Queue {
                 return;
             }
             let queue = self.clone();
-            let (dispatched, released, streams) =
-                (dispatched.to_vec(), released.to_vec(), streams.to_vec());
+            let (dispatched, released, streams, runs) = (
+                dispatched.to_vec(),
+                released.to_vec(),
+                changed.streams.to_vec(),
+                changed.runs,
+            );
             tokio::spawn(async move {
                 let n = dispatched.len() as u64;
                 match tokio::time::timeout(
                     PROBE_TIMEOUT,
-                    queue.send(&dispatched, &released, &streams),
+                    queue.send(
+                        &dispatched,
+                        &released,
+                        Changed {
+                            streams: &streams,
+                            runs,
+                        },
+                    ),
                 )
                 .await
                 {

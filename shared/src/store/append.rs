@@ -45,8 +45,17 @@ pub trait CommitListener: Send + Sync + 'static {
         &'a self,
         dispatched: &'a [DispatchEntry],
         released: &'a [super::dispatch::Release],
-        streams: &'a [Uuid],
+        changed: Changed<'a>,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
+}
+
+/// The streams a commit changed, for the hints that wake their readers.
+#[derive(Debug, Clone, Copy)]
+pub struct Changed<'a> {
+    pub streams: &'a [Uuid],
+    /// Whether an event of the commit names a run (`correlation_id`: a workflow step's job or a
+    /// child run), the only events the orchestrator follows.
+    pub runs: bool,
 }
 
 /// What a stream's version must be for an append to apply.
@@ -520,6 +529,7 @@ async fn write_isolating(
                     committed.dispatched.extend(done.dispatched);
                     committed.released.extend(done.released);
                     committed.streams.extend(done.streams);
+                    committed.runs |= done.runs;
                     break;
                 }
                 Ok(Err(losers)) => excluded.extend(losers),
@@ -576,7 +586,14 @@ async fn after_commit(listener: Option<&dyn CommitListener>, done: Written) {
     if let Some(listener) = listener {
         if !done.dispatched.is_empty() || !done.released.is_empty() || !done.streams.is_empty() {
             listener
-                .committed(&done.dispatched, &done.released, &done.streams)
+                .committed(
+                    &done.dispatched,
+                    &done.released,
+                    Changed {
+                        streams: &done.streams,
+                        runs: done.runs,
+                    },
+                )
                 .await;
         }
     }

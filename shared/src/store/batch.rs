@@ -88,6 +88,9 @@ pub(super) struct Written {
     pub dispatched: Vec<DispatchEntry>,
     pub released: Vec<super::dispatch::Release>,
     pub streams: Vec<Uuid>,
+    /// Whether an event written names a run (`correlation_id`): a workflow step's job or a
+    /// child run, the events the orchestrator follows.
+    pub runs: bool,
 }
 
 /// One try at writing the appends `ok` (checked by [`check_batch`]): `Ok(Err(losers))` means it
@@ -416,8 +419,10 @@ impl<'a> Core<'a> {
         rows: &Rows<'_>,
     ) -> Written {
         let mut streams = Vec::with_capacity(ok.len());
+        let mut runs = false;
         for &i in ok {
             let a = &appends[i];
+            runs |= a.metadata.correlation_id.is_some();
             let base = a.new_version() - a.events.len() as i64;
             let positions = (1..=a.events.len() as i64)
                 .map(|k| {
@@ -439,6 +444,7 @@ impl<'a> Core<'a> {
             dispatched: rows.dispatch.iter().map(|d| (*d).clone()).collect(),
             released: rows.released.iter().map(|r| (*r).clone()).collect(),
             streams,
+            runs,
         }
     }
 }

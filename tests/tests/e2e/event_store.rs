@@ -660,3 +660,65 @@ async fn batches_touching_the_same_streams_in_opposite_orders_never_deadlock() {
         assert_eq!(wins, 2, "each stream has exactly one winner: {a:?} {b:?}");
     }
 }
+
+/// A commit with an event that names a run (a workflow step's job, a child run) is also hinted
+/// on the runs' channel, which alone wakes the orchestrator; other commits are not.
+#[tokio::test]
+async fn only_commits_with_an_event_that_names_a_run_are_hinted_to_the_orchestrator() {
+    use futures::StreamExt;
+    let env = TestEnv::new().await;
+    let pool = store::connect(&env.database_url, 4).await.unwrap();
+    store::migrate(&pool).await.unwrap();
+    let queue = capibara_shared::queue::Queue::connect(&env.redis_url, &env.redis_prefix)
+        .await
+        .unwrap();
+    let appender = Appender::start(
+        pool.clone(),
+        Some(std::sync::Arc::new(queue.clone())),
+        Default::default(),
+    );
+    let client = redis::Client::open(env.redis_url.as_str()).unwrap();
+    let mut pubsub = client.get_async_pubsub().await.unwrap();
+    pubsub
+        .subscribe(&[queue.run_hints_channel(), queue.hints_channel()][..])
+        .await
+        .unwrap();
+    let mut messages = pubsub.on_message();
+
+    let plain = Uuid::now_v7();
+    appender
+        .append(append(plain, Expected::NoStream, 1))
+        .await
+        .unwrap();
+    let step = Uuid::now_v7();
+    let mut correlated = append(step, Expected::NoStream, 1);
+    correlated.metadata.correlation_id = Some(Uuid::now_v7());
+    appender.append(correlated).await.unwrap();
+
+    let mut seen: Vec<(String, String)> = Vec::new();
+    while seen.len() < 3 {
+        let m = tokio::time::timeout(Duration::from_secs(5), messages.next())
+            .await
+            .expect("three hints within 5 s")
+            .unwrap();
+        seen.push((m.get_channel_name().to_string(), m.get_payload().unwrap()));
+    }
+    // Nothing else arrives: the plain commit was not hinted to the orchestrator.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), messages.next())
+            .await
+            .is_err(),
+        "a fourth hint: {seen:?}"
+    );
+    let on = |channel: &str| -> Vec<String> {
+        seen.iter()
+            .filter(|(c, _)| c == channel)
+            .map(|(_, p)| p.clone())
+            .collect()
+    };
+    assert_eq!(
+        on(&queue.hints_channel()),
+        vec![plain.to_string(), step.to_string()]
+    );
+    assert_eq!(on(&queue.run_hints_channel()), vec![step.to_string()]);
+}
