@@ -69,25 +69,36 @@ impl DelivererOptions {
 /// Run until `stop`: lead when possible, follow the log, create deliveries.
 pub async fn run(store: Store, queue: Queue, opts: DelivererOptions, stop: CancellationToken) {
     let wake = std::sync::Arc::new(Notify::new());
-    tokio::spawn(listen_hints(queue.clone(), wake.clone(), stop.clone()));
+    let channels = vec![queue.hints_channel()];
+    tokio::spawn(listen_hints(
+        queue.clone(),
+        channels,
+        wake.clone(),
+        stop.clone(),
+        |_| true,
+    ));
     crate::leader::run("deliverer", &stop, || lead(&store, &opts, &wake, &stop)).await;
 }
 
-/// Wake the follower on every stream hint (any committed append).
+/// Wake a log follower on the hints of `channels` that `wakes` accepts (it gets the channel's
+/// name), resubscribing after a lost connection (and waking then: hints may have been missed).
 pub(crate) async fn listen_hints(
     queue: Queue,
+    channels: Vec<String>,
     wake: std::sync::Arc<Notify>,
     stop: CancellationToken,
+    mut wakes: impl FnMut(&str) -> bool + Send,
 ) {
-    let channel = queue.hints_channel();
     loop {
         if let Ok(mut pubsub) = queue.redis().pubsub().await {
-            if pubsub.subscribe(&channel).await.is_ok() {
+            if pubsub.subscribe(&channels[..]).await.is_ok() {
                 let mut messages = pubsub.on_message();
                 loop {
                     tokio::select! {
                         m = messages.next() => match m {
-                            Some(_) => wake.notify_one(),
+                            Some(m) => if wakes(m.get_channel_name()) {
+                                wake.notify_one();
+                            },
                             None => break,
                         },
                         _ = stop.cancelled() => return,
@@ -95,6 +106,7 @@ pub(crate) async fn listen_hints(
                 }
             }
         }
+        wake.notify_one();
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
             _ = stop.cancelled() => return,

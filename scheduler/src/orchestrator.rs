@@ -30,7 +30,6 @@ use capibara_shared::{
         Append, AppendError, Effect, Store,
     },
 };
-use futures::StreamExt;
 use serde_json::Value;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -75,38 +74,16 @@ const FOLLOW_ALL_FOR: Duration = Duration::from_millis(100);
 /// transaction still open holds the horizon back), and a later commit is what moves it.
 async fn listen_run_hints(queue: Queue, wake: Arc<Notify>, stop: CancellationToken) {
     let runs = queue.run_hints_channel();
-    let channels = [runs.clone(), queue.hints_channel()];
-    loop {
-        if let Ok(mut pubsub) = queue.redis().pubsub().await {
-            if pubsub.subscribe(&channels[..]).await.is_ok() {
-                let mut messages = pubsub.on_message();
-                let mut run_hint_at: Option<Instant> = None;
-                loop {
-                    tokio::select! {
-                        m = messages.next() => match m {
-                            Some(m) if m.get_channel_name() == runs => {
-                                run_hint_at = Some(Instant::now());
-                                wake.notify_one();
-                            }
-                            Some(_) => {
-                                if run_hint_at.is_some_and(|t| t.elapsed() < FOLLOW_ALL_FOR) {
-                                    wake.notify_one();
-                                }
-                            }
-                            None => break,
-                        },
-                        _ = stop.cancelled() => return,
-                    }
-                }
-            }
+    let channels = vec![runs.clone(), queue.hints_channel()];
+    let mut run_hint_at: Option<Instant> = None;
+    let wakes = move |channel: &str| {
+        if channel == runs {
+            run_hint_at = Some(Instant::now());
+            return true;
         }
-        // Reconnected: hints may have been missed.
-        wake.notify_one();
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-            _ = stop.cancelled() => return,
-        }
-    }
+        run_hint_at.is_some_and(|t| t.elapsed() < FOLLOW_ALL_FOR)
+    };
+    crate::deliverer::listen_hints(queue, channels, wake, stop, wakes).await;
 }
 
 async fn lead(

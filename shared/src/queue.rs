@@ -717,7 +717,6 @@ impl Queue {
         }
     }
 
-    /// The command of [`Queue::publish_hints`], added to `pipe`.
     /// The changed streams on the hints channel, and on the runs' channel too when an event
     /// names a run (what the orchestrator follows: it wakes for nothing else).
     fn add_hints(&self, pipe: &mut redis::Pipeline, changed: Changed<'_>) {
