@@ -1,6 +1,9 @@
 //! One leader per role among scheduler replicas (the deliverer, the orchestrator): a
 //! session-level advisory lock held on a connection of its own. The lock goes with the
-//! connection, so a replica that dies or loses Postgres hands leadership over by itself.
+//! connection, so a replica that dies or loses Postgres hands leadership over by itself, and
+//! a replica that stops leading closes that connection: back in the pool it would keep the lock
+//! (a session lock outlives the borrow), and no replica could lead that role again while the
+//! connection lived, held as another role's lock connection or serving other queries.
 //! `capibara_scheduler_leader{role}` is 1 on the replica that holds a role's lock, so an alert
 //! can tell when no replica leads one.
 
@@ -18,7 +21,8 @@ const CONFIRM_EVERY: Duration = Duration::from_secs(1);
 /// How long a replica that is not leading waits before trying again.
 const RETRY_EVERY: Duration = Duration::from_secs(2);
 
-/// A held leader lock; dropping it sets the role's leader gauge back to 0.
+/// A held leader lock; dropping it closes its connection (which releases the lock) and sets the
+/// role's leader gauge back to 0.
 pub struct Leadership {
     conn: PoolConnection<Postgres>,
     confirmed: Instant,
@@ -62,6 +66,7 @@ impl Leadership {
 
 impl Drop for Leadership {
     fn drop(&mut self) {
+        self.conn.close_on_drop();
         metrics::gauge!("capibara_scheduler_leader", "role" => self.role).set(0.0);
     }
 }

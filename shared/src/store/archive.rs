@@ -176,8 +176,11 @@ pub async fn archive_old(
         report.busy = true;
         return Ok(report);
     }
+    // The connection is closed after, not put back in the pool: if the unlock below never runs
+    // (this future dropped) or fails, the session lock goes with the connection instead of
+    // staying held by a pooled one, which would keep every later pass `busy`.
+    lock.close_on_drop();
     let result = archive_locked(pool, store, retention, halt, &mut report).await;
-    // The lock goes with the connection if this fails.
     let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
         .bind(ARCHIVE_LOCK)
         .execute(&mut *lock)
