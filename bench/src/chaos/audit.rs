@@ -132,6 +132,22 @@ pub(crate) async fn open_work(pool: &PgPool) -> Result<i64> {
     .await?)
 }
 
+/// Each log follower's saved position and when it saved it, against the log's head.
+pub(crate) async fn followers(pool: &PgPool) -> Result<Vec<String>> {
+    let head: Option<i64> = sqlx::query_scalar("SELECT max(position) FROM events")
+        .fetch_one(pool)
+        .await?;
+    let rows: Vec<(String, i64, chrono::DateTime<chrono::Utc>)> =
+        sqlx::query_as("SELECT name, position, updated_at FROM log_checkpoints ORDER BY name")
+            .fetch_all(pool)
+            .await?;
+    let mut lines = vec![format!("log head: position {}", head.unwrap_or(0))];
+    lines.extend(rows.into_iter().map(|(name, position, at)| {
+        format!("follower {name}: position {position}, saved at {at}")
+    }));
+    Ok(lines)
+}
+
 pub(crate) async fn check(
     pool: &PgPool,
     accepted: &[Accepted],

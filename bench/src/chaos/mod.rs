@@ -396,6 +396,13 @@ pub async fn run(a: ChaosArgs) -> Result<()> {
             open.to_string()
         }
     );
+    if open != 0 {
+        // Where the log followers stopped: a follower far behind the log's head is the first
+        // suspect of work that did not drain.
+        for line in audit::followers(&pool).await.unwrap_or_default() {
+            println!("  {line}");
+        }
+    }
 
     let accepted = sub.answers.accepted();
     let mut result = audit::check(&pool, &accepted, &receiver).await?;
