@@ -376,6 +376,13 @@ end
 return woken
 "#;
 
+/// What a pop handed out, and how soon a group it held back by a rate limit may go.
+#[derive(Debug, Default)]
+pub struct Popped {
+    pub ids: Vec<Uuid>,
+    pub due: Option<Duration>,
+}
+
 /// Handle to the dispatch queues; cheap to clone.
 #[derive(Clone)]
 pub struct Queue {
@@ -793,18 +800,15 @@ impl Queue {
     /// Pop up to `max` jobs across `lanes` without blocking: groups take turns, each group's
     /// limits and pauses are checked first (docs/flow-control.md).
     pub async fn pop(&self, lanes: &[String], max: usize) -> Result<Vec<Uuid>, QueueError> {
-        Ok(self.pop_due(lanes, max).await?.0)
+        Ok(self.pop_due(lanes, max).await?.ids)
     }
 
-    /// [`Queue::pop`], and how soon a group held back by a rate limit may go. With several
-    /// shards, one script per shard until `max` are taken, starting at the shard after the one
-    /// the previous pop started at (so no shard's groups wait behind another's); a shard that
-    /// fails is skipped when another hands out work.
-    async fn pop_due(
-        &self,
-        lanes: &[String],
-        max: usize,
-    ) -> Result<(Vec<Uuid>, Option<Duration>), QueueError> {
+    /// [`Queue::pop`], and how soon a group held back by a rate limit may go (what
+    /// [`Queue::wait_and_pop`] needs after a pop that found nothing). With several shards, one
+    /// script per shard until `max` are taken, starting at the shard after the one the previous
+    /// pop started at (so no shard's groups wait behind another's); a shard that fails is
+    /// skipped when another hands out work.
+    pub async fn pop_due(&self, lanes: &[String], max: usize) -> Result<Popped, QueueError> {
         let n = usize::from(self.shards);
         let first = self.turn.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % n;
         let mut ids = Vec::new();
@@ -846,7 +850,7 @@ impl Queue {
         }
         match failed {
             Some(e) if ids.is_empty() => Err(e.into()),
-            _ => Ok((ids, due)),
+            _ => Ok(Popped { ids, due }),
         }
     }
 
@@ -856,19 +860,19 @@ impl Queue {
         Ok(self.redis.connect_blocking().await?)
     }
 
-    /// Wait up to `timeout` for one job across `lanes`: pop, else block until a push (or a
-    /// release) wakes this fetcher or a rate-limited group is due, and pop again. The wake
-    /// lists carry the deployment's own tag whatever the shards, so one `BLPOP` waits on all.
-    pub async fn blocking_pop(
+    /// After a pop that found nothing (`due`: what it said of the rate-limited groups), block
+    /// up to `timeout` until a push (or a release) wakes this fetcher or a rate-limited group is
+    /// due, then pop one job. It does not pop first: the caller just did, and a push since then
+    /// left its wake token in the list, so the `BLPOP` returns at once (one pop script per idle
+    /// wait instead of two). The wake lists carry the deployment's own tag whatever the shards,
+    /// so one `BLPOP` waits on all.
+    pub async fn wait_and_pop(
         &self,
         conn: &mut RedisConn,
         lanes: &[String],
         timeout: Duration,
-    ) -> Result<Option<Uuid>, QueueError> {
-        let (ids, due) = self.pop_due(lanes, 1).await?;
-        if let Some(id) = ids.into_iter().next() {
-            return Ok(Some(id));
-        }
+        due: Option<Duration>,
+    ) -> Result<Popped, QueueError> {
         let keys: Vec<String> = lanes.iter().map(|l| self.wake_key(l)).collect();
         let slot_key = keys.first().cloned().unwrap_or_else(|| self.base());
         match due.filter(|d| *d < timeout) {
@@ -906,7 +910,7 @@ impl Queue {
                     .await?;
             }
         }
-        Ok(self.pop_due(lanes, 1).await?.0.into_iter().next())
+        self.pop_due(lanes, 1).await
     }
 
     /// Take a job that will not run off its group (after a cancel); harmless if absent.

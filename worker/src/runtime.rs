@@ -304,8 +304,8 @@ async fn fetch_loop(inner: &Arc<Inner>, tasks: &TaskTracker, shutdown: &Cancella
         };
         let want = slots.available_permits() + 1;
         let lanes = inner.lanes();
-        let mut ids = match inner.queue.pop(&lanes, want).await {
-            Ok(ids) => ids,
+        let popped = match inner.queue.pop_due(&lanes, want).await {
+            Ok(popped) => popped,
             Err(e) => {
                 tracing::warn!(error = %e, "popping from Redis failed; retrying");
                 tokio::select! {
@@ -314,6 +314,7 @@ async fn fetch_loop(inner: &Arc<Inner>, tasks: &TaskTracker, shutdown: &Cancella
                 }
             }
         };
+        let mut ids = popped.ids;
         if ids.is_empty() {
             if blocking.is_none() {
                 blocking = inner.queue.blocking_connection().await.ok();
@@ -323,9 +324,9 @@ async fn fetch_loop(inner: &Arc<Inner>, tasks: &TaskTracker, shutdown: &Cancella
                 continue;
             };
             tokio::select! {
-                r = inner.queue.blocking_pop(conn, &lanes, Duration::from_secs(1)) => match r {
-                    Ok(Some(id)) => ids.push(id),
-                    Ok(None) => continue,
+                r = inner.queue.wait_and_pop(conn, &lanes, Duration::from_secs(1), popped.due) => match r {
+                    Ok(woken) if !woken.ids.is_empty() => ids = woken.ids,
+                    Ok(_) => continue,
                     Err(e) => {
                         tracing::debug!(error = %e, "blocking pop failed");
                         blocking = None;

@@ -417,12 +417,12 @@ pub async fn lease(
     let term = state.config.visibility_timeout;
     let mut jobs = Vec::new();
     loop {
-        let ids = state
+        let popped = state
             .queue
-            .pop(&lanes, max as usize)
+            .pop_due(&lanes, max as usize)
             .await
             .map_err(|_| ApiError::Unavailable)?;
-        claim_all(&state, &w, ids, term, &mut jobs).await?;
+        claim_all(&state, &w, popped.ids, term, &mut jobs).await?;
         if !jobs.is_empty() {
             break;
         }
@@ -430,7 +430,7 @@ pub async fn lease(
         if left.is_zero() {
             break;
         }
-        let Some(first) = wait_for_one(&state, &lanes, left).await? else {
+        let Some(first) = wait_for_one(&state, &lanes, left, popped.due).await? else {
             break;
         };
         // Deregistered while it waited (here at once, elsewhere within WORKER_TTL): the job
@@ -499,11 +499,13 @@ async fn give_back(state: &AppState, ids: &[Uuid]) {
     }
 }
 
-/// Wait up to `left` for one job on `lanes` (a blocking pop on a pooled connection).
+/// After a pop on `lanes` that found nothing (`due`: what it said of rate-limited groups), wait
+/// up to `left` for one job (blocking waits on a pooled connection).
 async fn wait_for_one(
     state: &AppState,
     lanes: &[String],
     left: Duration,
+    mut due: Option<Duration>,
 ) -> Result<Option<Uuid>, ApiError> {
     let polls = &state.long_polls;
     let Ok(_slot) = polls.slots.clone().try_acquire_owned() else {
@@ -529,14 +531,16 @@ async fn wait_for_one(
         }
         match state
             .queue
-            .blocking_pop(&mut conn, lanes, left.min(BLOCK_SLICE))
+            .wait_and_pop(&mut conn, lanes, left.min(BLOCK_SLICE), due)
             .await
         {
-            Ok(Some(id)) => {
-                found = Some(id);
-                break;
+            Ok(popped) => {
+                if let Some(id) = popped.ids.into_iter().next() {
+                    found = Some(id);
+                    break;
+                }
+                due = popped.due;
             }
-            Ok(None) => continue,
             Err(_) => return Err(ApiError::Unavailable),
         }
     }

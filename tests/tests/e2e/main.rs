@@ -12,6 +12,7 @@ mod connectors;
 mod dashboard;
 mod deliveries;
 mod deploy;
+mod dispatch;
 mod event_archive;
 mod event_store;
 mod examples;

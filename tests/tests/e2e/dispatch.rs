@@ -1,0 +1,47 @@
+//! The dispatch queue in Redis, driven directly: what an idle fetcher (the built-in worker, the
+//! HTTP protocol's long poll) relies on when it blocks straight after a pop that found nothing.
+
+use std::time::Duration;
+
+use capibara_shared::queue::Queue;
+use capibara_tests::{dispatch_entry, TestEnv};
+
+/// A job pushed between a fetcher's empty pop and its blocking wait is not missed: the push's
+/// wake token stays in the list, so the wait returns it at once instead of sleeping out its
+/// timeout (`Queue::wait_and_pop` does not pop before it blocks).
+#[tokio::test]
+async fn a_push_between_the_empty_pop_and_the_wait_wakes_the_fetcher_at_once() {
+    let env = TestEnv::new().await;
+    let queue = Queue::connect(&env.redis_url, &env.redis_prefix)
+        .await
+        .unwrap();
+    let lanes = vec!["default".to_string()];
+    let mut conn = queue.blocking_connection().await.unwrap();
+
+    let empty = queue.pop_due(&lanes, 4).await.unwrap();
+    assert!(empty.ids.is_empty(), "{empty:?}");
+    assert_eq!(empty.due, None, "no rate-limited group");
+
+    let id = uuid::Uuid::now_v7();
+    queue
+        .push(&[dispatch_entry("default", "echo", id)])
+        .await
+        .unwrap();
+
+    // A minute's timeout: a wait that missed the push would outlive the 10 s allowed here.
+    let woken = tokio::time::timeout(
+        Duration::from_secs(10),
+        queue.wait_and_pop(&mut conn, &lanes, Duration::from_secs(60), empty.due),
+    )
+    .await
+    .expect("the wait returned on the push's wake token, not at its timeout")
+    .unwrap();
+    assert_eq!(woken.ids, vec![id]);
+
+    // Nothing left: the next wait sleeps out its (short) timeout and finds nothing.
+    let idle = queue
+        .wait_and_pop(&mut conn, &lanes, Duration::from_millis(200), None)
+        .await
+        .unwrap();
+    assert!(idle.ids.is_empty(), "{idle:?}");
+}
