@@ -12,6 +12,17 @@ use capibara_shared::store::{self, StoreError};
 
 const KEY: i64 = 0x7e57_1ead;
 
+/// The replica on `pool` cannot take the lock: another one leads.
+async fn assert_led_elsewhere(pool: &sqlx::PgPool, why: &str) {
+    assert!(
+        matches!(
+            Leadership::acquire(pool, KEY, "test").await,
+            Err(StoreError::Conflict)
+        ),
+        "{why}"
+    );
+}
+
 #[tokio::test]
 async fn a_replica_that_stops_leading_hands_the_lock_to_another() {
     let env = capibara_tests::TestEnv::new().await;
@@ -20,13 +31,7 @@ async fn a_replica_that_stops_leading_hands_the_lock_to_another() {
     let b = store::connect(&env.database_url, 1).await.unwrap();
 
     let leading = Leadership::acquire(&a, KEY, "test").await.unwrap();
-    assert!(
-        matches!(
-            Leadership::acquire(&b, KEY, "test").await,
-            Err(StoreError::Conflict)
-        ),
-        "one leader at a time"
-    );
+    assert_led_elsewhere(&b, "one leader at a time").await;
 
     // A stops leading; its pool goes on serving its other loops.
     drop(leading);
@@ -40,13 +45,7 @@ async fn a_replica_that_stops_leading_hands_the_lock_to_another() {
     )
     .await;
     taken.confirm().await.unwrap();
-    assert!(
-        matches!(
-            Leadership::acquire(&a, KEY, "test").await,
-            Err(StoreError::Conflict)
-        ),
-        "A does not lead beside B"
-    );
+    assert_led_elsewhere(&a, "A does not lead beside B").await;
 
     // And back: B stops, A leads again.
     drop(taken);
