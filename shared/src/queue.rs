@@ -383,6 +383,19 @@ pub struct Popped {
     pub due: Option<Duration>,
 }
 
+impl Popped {
+    /// The pop script's answer: how soon a held-back group is due (ms, or -1), then the ids.
+    fn of(out: &[String]) -> Popped {
+        let due = out
+            .first()
+            .and_then(|d| d.parse::<i64>().ok())
+            .filter(|d| *d >= 0)
+            .map(|d| Duration::from_millis(d as u64 + 1));
+        let ids = out.iter().skip(1).filter_map(|s| s.parse().ok()).collect();
+        Popped { ids, due }
+    }
+}
+
 /// Handle to the dispatch queues; cheap to clone.
 #[derive(Clone)]
 pub struct Queue {
@@ -837,16 +850,12 @@ impl Queue {
                 }
                 Err(e) => return Err(e.into()),
             };
-            let d = out
-                .first()
-                .and_then(|d| d.parse::<i64>().ok())
-                .filter(|d| *d >= 0)
-                .map(|d| Duration::from_millis(d as u64 + 1));
-            due = match (due, d) {
+            let got = Popped::of(&out);
+            due = match (due, got.due) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
-            ids.extend(out.iter().skip(1).filter_map(|s| s.parse::<Uuid>().ok()));
+            ids.extend(got.ids);
         }
         match failed {
             Some(e) if ids.is_empty() => Err(e.into()),
@@ -866,6 +875,12 @@ impl Queue {
     /// left its wake token in the list, so the `BLPOP` returns at once (one pop script per idle
     /// wait instead of two). The wake lists carry the deployment's own tag whatever the shards,
     /// so one `BLPOP` waits on all.
+    ///
+    /// With one shard on one Redis the pop script rides behind the `BLPOP` in one pipeline:
+    /// Redis runs a blocked client's next command as soon as its wait ends, so a woken fetcher
+    /// gets its job in the same answer as the wake-up instead of asking again (one round trip
+    /// and one wake-up of this process less between a push and its start). After a wait that
+    /// timed out, that pop is the one the caller would have made next.
     pub async fn wait_and_pop(
         &self,
         conn: &mut RedisConn,
@@ -875,7 +890,20 @@ impl Queue {
     ) -> Result<Popped, QueueError> {
         let keys: Vec<String> = lanes.iter().map(|l| self.wake_key(l)).collect();
         let slot_key = keys.first().cloned().unwrap_or_else(|| self.base());
-        match due.filter(|d| *d < timeout) {
+        let mut pipe = redis::pipe();
+        pipe.cmd("BLPOP")
+            .arg(&keys)
+            .arg(timeout.as_secs_f64().max(0.01))
+            .ignore();
+        let behind = self.shards == 1 && matches!(conn, RedisConn::Single(_));
+        if behind {
+            pipe.add_command(self.pop_cmd(&self.base(), lanes, 1));
+        }
+        // Empty when no pop rode along.
+        let wait = async |conn: &mut RedisConn| -> redis::RedisResult<Vec<Vec<String>>> {
+            pipe.query_async(conn).await
+        };
+        let answer = match due.filter(|d| *d < timeout) {
             // Redis times out a blocked client only at its cron's pace (100 ms at the default
             // `hz`), too coarse to space a rate limit's starts: sleep here, precisely, and
             // unblock the client when the group is due.
@@ -885,12 +913,10 @@ impl Queue {
                 let client: i64 = conn
                     .query_at_key(redis::cmd("CLIENT").arg("ID"), &slot_key)
                     .await?;
-                let mut cmd = redis::cmd("BLPOP");
-                cmd.arg(&keys).arg(timeout.as_secs_f64().max(0.01));
-                let blpop = cmd.query_async::<Option<(String, String)>>(conn);
+                let blpop = wait(conn);
                 tokio::pin!(blpop);
                 tokio::select! {
-                    r = &mut blpop => { r?; }
+                    r = &mut blpop => r,
                     _ = tokio::time::sleep(due) => {
                         let mut main = self.conn.clone();
                         main.query_at_key::<i64>(
@@ -898,19 +924,30 @@ impl Queue {
                             &slot_key,
                         )
                         .await?;
-                        blpop.await?;
+                        blpop.await
                     }
                 }
             }
-            None => {
-                let _: Option<(String, String)> = redis::cmd("BLPOP")
-                    .arg(&keys)
-                    .arg(timeout.as_secs_f64().max(0.01))
-                    .query_async(conn)
-                    .await?;
-            }
+            None => wait(conn).await,
+        };
+        match answer {
+            Ok(out) if behind => Ok(Popped::of(out.first().map_or(&[][..], |o| o))),
+            Ok(_) => self.pop_due(lanes, 1).await,
+            // The script is not in this Redis' cache yet (a restart): the pop loads it.
+            Err(e) if e.kind() == redis::ErrorKind::NoScriptError => self.pop_due(lanes, 1).await,
+            Err(e) => Err(e.into()),
         }
-        self.pop_due(lanes, 1).await
+    }
+
+    /// The pop script as a command of a pipeline (`EVALSHA`: a pipeline cannot load it).
+    fn pop_cmd(&self, shard: &str, lanes: &[String], max: usize) -> redis::Cmd {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(self.pop.get_hash()).arg(lanes.len());
+        for l in lanes {
+            cmd.arg(self.ring_key(shard, l));
+        }
+        cmd.arg(shard).arg(max).arg(lanes);
+        cmd
     }
 
     /// Take a job that will not run off its group (after a cancel); harmless if absent.

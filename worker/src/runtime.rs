@@ -20,7 +20,7 @@ use capibara_shared::{
         kinds::{self, user::PushTarget},
         storable, DomainEvent, FieldError,
     },
-    queue::Queue,
+    queue::{Popped, Queue},
     store::{
         self,
         dispatch::DispatchEntry,
@@ -297,6 +297,8 @@ async fn fetch_loop(inner: &Arc<Inner>, tasks: &TaskTracker, shutdown: &Cancella
     let slots = Arc::new(Semaphore::new(inner.opts.concurrency));
     metrics::gauge!("capibara_worker_slots").set(inner.opts.concurrency as f64);
     let mut blocking = None;
+    // Set when a wait ended without a job: the pop that ended it found nothing (its due time).
+    let mut waited_empty: Option<Option<Duration>> = None;
     loop {
         let first = tokio::select! {
             p = slots.clone().acquire_owned() => p.expect("semaphore open"),
@@ -304,7 +306,14 @@ async fn fetch_loop(inner: &Arc<Inner>, tasks: &TaskTracker, shutdown: &Cancella
         };
         let want = slots.available_permits() + 1;
         let lanes = inner.lanes();
-        let popped = match inner.queue.pop_due(&lanes, want).await {
+        let popped = match waited_empty.take() {
+            Some(due) => Ok(Popped {
+                ids: Vec::new(),
+                due,
+            }),
+            None => inner.queue.pop_due(&lanes, want).await,
+        };
+        let popped = match popped {
             Ok(popped) => popped,
             Err(e) => {
                 tracing::warn!(error = %e, "popping from Redis failed; retrying");
@@ -326,7 +335,10 @@ async fn fetch_loop(inner: &Arc<Inner>, tasks: &TaskTracker, shutdown: &Cancella
             tokio::select! {
                 r = inner.queue.wait_and_pop(conn, &lanes, Duration::from_secs(1), popped.due) => match r {
                     Ok(woken) if !woken.ids.is_empty() => ids = woken.ids,
-                    Ok(_) => continue,
+                    Ok(empty) => {
+                        waited_empty = Some(empty.due);
+                        continue;
+                    }
                     Err(e) => {
                         tracing::debug!(error = %e, "blocking pop failed");
                         blocking = None;
