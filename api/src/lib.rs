@@ -81,7 +81,7 @@ impl AppState {
             limiter: auth::RateLimiter::new(config.rate_limit_rps),
             auth_failures: auth::FailureLimiter::per_minute(config.auth_failures_per_min),
             streams: streams::StreamSlots::new(config.sse_max_streams_per_key),
-            firehose: firehose::Firehose::new(store.log_pool().clone(), &watch),
+            firehose: firehose::Firehose::new(store.generic_pool().clone(), &watch),
             artifacts: capibara_shared::artifacts::ArtifactStore::open(&config.artifacts)
                 .map_err(|e| e.to_string()),
             long_polls: Default::default(),

@@ -152,7 +152,7 @@ async fn lead(
         let read_at = Instant::now();
         // Which events happened, not their data: a delivery's payload is the job's state.
         let (events, next) =
-            store::events::read_all_headers(store.log_pool(), cursor, PAGE).await?;
+            store::events::read_all_headers(store.generic_pool(), cursor, PAGE).await?;
         if saved != cursor && last_save.elapsed() > SAVE_EVERY {
             store::checkpoints::save(&store.pool, CHECKPOINT, cursor).await?;
             saved = cursor;
@@ -367,7 +367,7 @@ async fn process(
     } else {
         sqlx::query_as("SELECT id, callback_url, callback_events FROM jobs WHERE id = ANY($1)")
             .bind(&ids)
-            .fetch_all(&store.pool)
+            .fetch_all(store.generic_pool())
             .await?
     };
     // A job missing from the projection was deleted (`JobDeleted`) before its events were

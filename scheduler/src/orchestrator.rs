@@ -115,7 +115,8 @@ async fn lead(
         notified.as_mut().enable();
         // Only the events of workflows, read past the rest in SQL.
         let page =
-            store::events::read_all_filtered(store.log_pool(), cursor, &filter, PAGE, SCAN).await?;
+            store::events::read_all_filtered(store.generic_pool(), cursor, &filter, PAGE, SCAN)
+                .await?;
         let next = page.next;
         let events: Vec<EventEnvelope> = page.events.into_iter().map(|(_, e)| e).collect();
         if events.is_empty() {

@@ -412,7 +412,7 @@ async fn load_popped(
 ) -> Option<Vec<Job>> {
     let mut wait = Duration::from_millis(100);
     loop {
-        match store::jobs::get_many(&inner.store.pool, ids).await {
+        match store::jobs::get_many(inner.store.generic_pool(), ids).await {
             Ok(jobs) => return Some(jobs),
             Err(e @ store::StoreError::Unavailable(_)) => {
                 tracing::warn!(error = %e, jobs = ids.len(), "loading popped jobs failed; retrying");

@@ -125,7 +125,8 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, StoreErr
 
 /// A pool on the same database as `pool` whose connections plan each prepared statement once,
 /// generically (`plan_cache_mode = force_generic_plan`), for the hot statements whose plan does
-/// not depend on their values: the append (docs/write-path.md) and the reads of the log.
+/// not depend on their values: the append (docs/write-path.md), the reads of the log, and
+/// loads by primary key ([`Store::generic_pool`]).
 ///
 /// Left to choose (`auto`), Postgres plans these again on every execution: a custom plan
 /// knows the arrays' lengths, so it always looks cheaper than the generic one, and planning a
@@ -185,9 +186,11 @@ impl Store {
         Self { pool, appender }
     }
 
-    /// The pool for the log's followers: generic plans ([`with_generic_plans`]), shared with
-    /// the appender.
-    pub fn log_pool(&self) -> &PgPool {
+    /// The pool whose connections plan each prepared statement once ([`with_generic_plans`]),
+    /// shared with the appender: for the hot statements whose plan does not depend on their
+    /// values (the log's reads, the worker's load of popped jobs, the deliverer's callback
+    /// lookup), where planning costs more than running.
+    pub fn generic_pool(&self) -> &PgPool {
         self.appender.pool()
     }
 
