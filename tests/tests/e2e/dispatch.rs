@@ -3,20 +3,25 @@
 
 use std::time::Duration;
 
-use capibara_shared::queue::Queue;
+use capibara_shared::{queue::Queue, redis_conn::RedisConn};
 use capibara_tests::{dispatch_entry, TestEnv};
+
+/// A test's queue, the `default` lane, and an idle fetcher's own blocking connection.
+async fn fetcher() -> (TestEnv, Queue, Vec<String>, RedisConn) {
+    let env = TestEnv::new().await;
+    let queue = Queue::connect(&env.redis_url, &env.redis_prefix)
+        .await
+        .unwrap();
+    let conn = queue.blocking_connection().await.unwrap();
+    (env, queue, vec!["default".to_string()], conn)
+}
 
 /// A job pushed between a fetcher's empty pop and its blocking wait is not missed: the push's
 /// wake token stays in the list, so the wait returns it at once instead of sleeping out its
 /// timeout (`Queue::wait_and_pop` does not pop before it blocks).
 #[tokio::test]
 async fn a_push_between_the_empty_pop_and_the_wait_wakes_the_fetcher_at_once() {
-    let env = TestEnv::new().await;
-    let queue = Queue::connect(&env.redis_url, &env.redis_prefix)
-        .await
-        .unwrap();
-    let lanes = vec!["default".to_string()];
-    let mut conn = queue.blocking_connection().await.unwrap();
+    let (_env, queue, lanes, mut conn) = fetcher().await;
 
     let empty = queue.pop_due(&lanes, 4).await.unwrap();
     assert!(empty.ids.is_empty(), "{empty:?}");
@@ -68,12 +73,7 @@ async fn last_command(queue: &Queue, client: i64) -> String {
 /// that cannot ride along (`NOSCRIPT`) is made on its own, and the job is not lost.
 #[tokio::test]
 async fn a_woken_fetcher_gets_its_job_in_the_wake_up_answer() {
-    let env = TestEnv::new().await;
-    let queue = Queue::connect(&env.redis_url, &env.redis_prefix)
-        .await
-        .unwrap();
-    let lanes = vec!["default".to_string()];
-    let mut conn = queue.blocking_connection().await.unwrap();
+    let (_env, queue, lanes, mut conn) = fetcher().await;
     let client: i64 = redis::cmd("CLIENT")
         .arg("ID")
         .query_async(&mut conn)
