@@ -832,17 +832,21 @@ impl Queue {
                 break;
             }
             let shard = self.shard_base(((first + i) % n) as u16);
-            let mut inv = self.pop.prepare_invoke();
-            for l in lanes {
-                inv.key(self.ring_key(&shard, l));
-            }
-            inv.arg(&shard).arg(max - ids.len());
-            for l in lanes {
-                inv.arg(l);
-            }
+            let cmd = self.pop_cmd(&shard, lanes, max - ids.len());
             let mut conn = self.conn.clone();
+            // The script is loaded when Redis lacks it (first use, a restart), as
+            // `Script::invoke_async` does.
+            let out = match cmd.query_async::<Vec<String>>(&mut conn).await {
+                Err(e) if e.kind() == redis::ErrorKind::NoScriptError => {
+                    match self.pop.load_async(&mut conn).await {
+                        Ok(_) => cmd.query_async(&mut conn).await,
+                        Err(e) => Err(e),
+                    }
+                }
+                r => r,
+            };
             // A shard whose master is failing over does not stop the others' work.
-            let out: Vec<String> = match inv.invoke_async(&mut conn).await {
+            let out: Vec<String> = match out {
                 Ok(out) => out,
                 Err(e) if n > 1 => {
                     failed.get_or_insert(e);
@@ -939,7 +943,8 @@ impl Queue {
         }
     }
 
-    /// The pop script as a command of a pipeline (`EVALSHA`: a pipeline cannot load it).
+    /// The pop script's `EVALSHA` for `lanes` of shard `shard` (alone, or in a pipeline, which
+    /// cannot load it: [`Queue::pop_due`] loads it when Redis lacks it).
     fn pop_cmd(&self, shard: &str, lanes: &[String], max: usize) -> redis::Cmd {
         let mut cmd = redis::cmd("EVALSHA");
         cmd.arg(self.pop.get_hash()).arg(lanes.len());

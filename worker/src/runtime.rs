@@ -20,7 +20,7 @@ use capibara_shared::{
         kinds::{self, user::PushTarget},
         storable, DomainEvent, FieldError,
     },
-    queue::{Popped, Queue},
+    queue::Queue,
     store::{
         self,
         dispatch::DispatchEntry,
@@ -297,23 +297,14 @@ async fn fetch_loop(inner: &Arc<Inner>, tasks: &TaskTracker, shutdown: &Cancella
     let slots = Arc::new(Semaphore::new(inner.opts.concurrency));
     metrics::gauge!("capibara_worker_slots").set(inner.opts.concurrency as f64);
     let mut blocking = None;
-    // Set when a wait ended without a job: the pop that ended it found nothing (its due time).
-    let mut waited_empty: Option<Option<Duration>> = None;
-    loop {
+    'fetch: loop {
         let first = tokio::select! {
             p = slots.clone().acquire_owned() => p.expect("semaphore open"),
             _ = shutdown.cancelled() => return,
         };
         let want = slots.available_permits() + 1;
         let lanes = inner.lanes();
-        let popped = match waited_empty.take() {
-            Some(due) => Ok(Popped {
-                ids: Vec::new(),
-                due,
-            }),
-            None => inner.queue.pop_due(&lanes, want).await,
-        };
-        let popped = match popped {
+        let popped = match inner.queue.pop_due(&lanes, want).await {
             Ok(popped) => popped,
             Err(e) => {
                 tracing::warn!(error = %e, "popping from Redis failed; retrying");
@@ -332,22 +323,25 @@ async fn fetch_loop(inner: &Arc<Inner>, tasks: &TaskTracker, shutdown: &Cancella
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 continue;
             };
-            tokio::select! {
-                r = inner.queue.wait_and_pop(conn, &lanes, Duration::from_secs(1), popped.due) => match r {
-                    Ok(woken) if !woken.ids.is_empty() => ids = woken.ids,
-                    Ok(empty) => {
-                        waited_empty = Some(empty.due);
-                        continue;
-                    }
-                    Err(e) => {
-                        tracing::debug!(error = %e, "blocking pop failed");
-                        blocking = None;
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                        continue;
-                    }
-                },
-                _ = shutdown.cancelled() => return,
-            }
+            // Each wait ends in a pop (`wait_and_pop`); one that found nothing says when to
+            // wait until next, so no pop of its own comes between two waits.
+            let mut due = popped.due;
+            ids = loop {
+                let lanes = inner.lanes();
+                tokio::select! {
+                    r = inner.queue.wait_and_pop(conn, &lanes, Duration::from_secs(1), due) => match r {
+                        Ok(woken) if !woken.ids.is_empty() => break woken.ids,
+                        Ok(empty) => due = empty.due,
+                        Err(e) => {
+                            tracing::debug!(error = %e, "blocking pop failed");
+                            blocking = None;
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                            continue 'fetch;
+                        }
+                    },
+                    _ = shutdown.cancelled() => return,
+                }
+            };
         }
         let Some(jobs) = load_popped(inner, &ids, shutdown).await else {
             return;
