@@ -23,15 +23,15 @@ use std::{
 };
 
 use serde_json::Value;
-use sqlx::{PgExecutor, PgPool, Postgres, Transaction};
+use sqlx::{types::Json, PgExecutor, PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
 use super::{
-    append::{Append, AppendError, Appended, Effect, Expected},
+    append::{Append, AppendError, Appended, CommandRecord, Effect, Expected},
     dispatch::DispatchEntry,
     lease::Lease,
 };
-use crate::domain::job::Job;
+use crate::domain::{event::EventMetadata, job::Job};
 
 /// The core of every batch in one statement. `$17` turns the guard on (autocommit); its branch
 /// has no `FROM`, so it runs once even when nothing was inserted.
@@ -215,22 +215,22 @@ struct Core<'a> {
     new_ids: Vec<Uuid>,
     new_types: Vec<&'static str>,
     new_ns: Vec<&'a str>,
-    commands: Value,
+    commands: Json<Vec<&'a CommandRecord>>,
     command_ids: Vec<(usize, Uuid)>,
     ev_stream: Vec<Uuid>,
     ev_type_stream: Vec<&'static str>,
     ev_version: Vec<i64>,
     ev_type: Vec<&'a str>,
-    ev_data: Vec<Value>,
-    ev_meta: Vec<Value>,
+    ev_data: Vec<&'a Value>,
+    ev_meta: Vec<Json<&'a EventMetadata>>,
     ev_at: Vec<chrono::DateTime<chrono::Utc>>,
     tip_stream: Vec<Uuid>,
     tip_version: Vec<i64>,
-    jobs: Value,
+    jobs: Json<Vec<&'a Job>>,
     undispatch: Vec<Uuid>,
-    dispatch: Value,
+    dispatch: Json<Vec<&'a DispatchEntry>>,
     release: Vec<Uuid>,
-    leases: Value,
+    leases: Json<Vec<&'a Lease>>,
 }
 
 /// What [`CORE`] returned: inserted events `(stream, version) → position`, created streams,
@@ -243,12 +243,12 @@ struct CoreOut {
 }
 
 impl<'a> Core<'a> {
-    fn new(appends: &'a [Append], ok: &[usize], rows: &Rows<'_>) -> Core<'a> {
+    fn new(appends: &'a [Append], ok: &[usize], rows: &Rows<'a>) -> Core<'a> {
         let mut core = Core {
             new_ids: Vec::new(),
             new_types: Vec::new(),
             new_ns: Vec::new(),
-            commands: Value::Null,
+            commands: Json(Vec::new()),
             command_ids: Vec::new(),
             ev_stream: Vec::new(),
             ev_type_stream: Vec::new(),
@@ -259,11 +259,11 @@ impl<'a> Core<'a> {
             ev_at: Vec::new(),
             tip_stream: Vec::new(),
             tip_version: Vec::new(),
-            jobs: json_rows(rows.jobs()),
+            jobs: json_rows(rows.jobs().copied()),
             undispatch: rows.undispatch.clone(),
-            dispatch: json_rows(rows.dispatch.iter()),
+            dispatch: json_rows(rows.dispatch.iter().copied()),
             release: rows.release.clone(),
-            leases: json_rows(rows.leases.iter()),
+            leases: json_rows(rows.leases.iter().copied()),
         };
         let mut commands = Vec::new();
         let mut in_batch = HashSet::new();
@@ -294,21 +294,20 @@ impl<'a> Core<'a> {
                 core.command_ids.push((i, c.id));
             }
             let base = a.new_version() - a.events.len() as i64;
-            let meta = serde_json::to_value(&a.metadata).expect("metadata serializes");
             for (k, e) in a.events.iter().enumerate() {
                 core.ev_stream.push(a.stream_id);
                 core.ev_type_stream.push(a.stream_type.as_str());
                 core.ev_version.push(base + 1 + k as i64);
                 core.ev_type.push(&e.event_type);
-                core.ev_data.push(e.data.clone());
-                core.ev_meta.push(meta.clone());
+                core.ev_data.push(&e.data);
+                core.ev_meta.push(Json(&a.metadata));
                 core.ev_at.push(e.recorded_at.unwrap_or(a.recorded_at));
             }
         }
         commands.sort_by(|a, b| {
             (&a.namespace, &a.idempotency_key).cmp(&(&b.namespace, &b.idempotency_key))
         });
-        core.commands = json_rows(commands.iter());
+        core.commands = Json(commands);
         core
     }
 
@@ -449,11 +448,25 @@ impl<'a> Core<'a> {
     }
 }
 
-fn json_rows<T: serde::Serialize>(rows: impl Iterator<Item = T>) -> Value {
-    Value::Array(
-        rows.map(|r| serde_json::to_value(r).expect("rows serialize"))
-            .collect(),
-    )
+/// Rows bound as one `jsonb` array, serialized straight from the domain types into the
+/// statement's buffer (no `serde_json::Value` tree built and dropped per row).
+fn json_rows<T: serde::Serialize>(rows: impl Iterator<Item = T>) -> Json<Vec<T>> {
+    Json(rows.collect())
+}
+
+/// Run `sql`, an upsert of whole rows from the `jsonb` array `$1`, for `rows` (if any).
+async fn upsert<T: serde::Serialize>(
+    tx: &mut Transaction<'_, Postgres>,
+    sql: &str,
+    rows: impl ExactSizeIterator<Item = T>,
+) -> Result<(), sqlx::Error> {
+    if rows.len() > 0 {
+        sqlx::query(sql)
+            .bind(json_rows(rows))
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(())
 }
 
 /// The rows a batch's effects write, the last effect per row winning.
@@ -623,55 +636,48 @@ impl<'a> Rows<'a> {
 
     /// The rows outside [`CORE`], inside the batch's transaction.
     async fn write_others(&self, tx: &mut Transaction<'_, Postgres>) -> Result<(), sqlx::Error> {
-        let upserts: [(&str, Value); 12] = [
-            (
-                super::deliveries::UPSERT_DELIVERIES,
-                json_rows(self.deliveries.values()),
-            ),
-            (
-                super::schedules::UPSERT_SCHEDULES,
-                json_rows(self.schedules.values()),
-            ),
-            (
-                super::triggers::UPSERT_TRIGGERS,
-                json_rows(self.triggers.values()),
-            ),
-            (
-                super::user_kinds::UPSERT_USER_KINDS,
-                json_rows(self.user_kinds.values()),
-            ),
-            (
-                super::workflows::UPSERT_WORKFLOWS,
-                json_rows(self.workflows.values()),
-            ),
-            (super::runs::UPSERT_RUNS, json_rows(self.runs.values())),
-            (
-                super::connectors::UPSERT_CONNECTORS,
-                json_rows(self.connectors.values()),
-            ),
-            (
-                super::models::UPSERT_MODELS,
-                json_rows(self.models.values()),
-            ),
-            (
-                super::llm_providers::UPSERT_LLM_PROVIDERS,
-                json_rows(self.llm_providers.values()),
-            ),
-            (
-                super::limits::UPSERT_LIMITS,
-                json_rows(self.limits.values()),
-            ),
-            (
-                super::limits::UPSERT_PAUSES,
-                json_rows(self.pauses.values()),
-            ),
-            (super::bulk::UPSERT_BULK, json_rows(self.bulk.values())),
-        ];
-        for (sql, rows) in upserts {
-            if rows.as_array().is_some_and(|r| !r.is_empty()) {
-                sqlx::query(sql).bind(rows).execute(&mut **tx).await?;
-            }
-        }
+        upsert(
+            tx,
+            super::deliveries::UPSERT_DELIVERIES,
+            self.deliveries.values(),
+        )
+        .await?;
+        upsert(
+            tx,
+            super::schedules::UPSERT_SCHEDULES,
+            self.schedules.values(),
+        )
+        .await?;
+        upsert(tx, super::triggers::UPSERT_TRIGGERS, self.triggers.values()).await?;
+        upsert(
+            tx,
+            super::user_kinds::UPSERT_USER_KINDS,
+            self.user_kinds.values(),
+        )
+        .await?;
+        upsert(
+            tx,
+            super::workflows::UPSERT_WORKFLOWS,
+            self.workflows.values(),
+        )
+        .await?;
+        upsert(tx, super::runs::UPSERT_RUNS, self.runs.values()).await?;
+        upsert(
+            tx,
+            super::connectors::UPSERT_CONNECTORS,
+            self.connectors.values(),
+        )
+        .await?;
+        upsert(tx, super::models::UPSERT_MODELS, self.models.values()).await?;
+        upsert(
+            tx,
+            super::llm_providers::UPSERT_LLM_PROVIDERS,
+            self.llm_providers.values(),
+        )
+        .await?;
+        upsert(tx, super::limits::UPSERT_LIMITS, self.limits.values()).await?;
+        upsert(tx, super::limits::UPSERT_PAUSES, self.pauses.values()).await?;
+        upsert(tx, super::bulk::UPSERT_BULK, self.bulk.values()).await?;
         if !self.deleted_jobs.is_empty() {
             let ids: Vec<Uuid> = self.deleted_jobs.iter().copied().collect();
             sqlx::query("DELETE FROM jobs WHERE id = ANY($1)")

@@ -6,7 +6,7 @@
 use chrono::{DateTime, Utc};
 use futures::{StreamExt, TryStreamExt};
 use serde_json::Value;
-use sqlx::PgPool;
+use sqlx::{types::Json, PgPool};
 use uuid::Uuid;
 
 use super::{archive, jobs::UPSERT_JOBS, StoreError};
@@ -109,8 +109,7 @@ pub async fn rebuild_jobs(
             }
             if rows.len() >= 500 {
                 report.jobs += rows.len() as u64;
-                let batch =
-                    serde_json::to_value(std::mem::take(&mut rows)).expect("jobs serialize");
+                let batch = Json(std::mem::take(&mut rows));
                 sqlx::query(UPSERT_JOBS)
                     .bind(batch)
                     .execute(&mut *tx)
@@ -123,7 +122,7 @@ pub async fn rebuild_jobs(
     }
     if !rows.is_empty() {
         report.jobs += rows.len() as u64;
-        let batch = serde_json::to_value(rows).expect("jobs serialize");
+        let batch = Json(rows);
         sqlx::query(UPSERT_JOBS)
             .bind(batch)
             .execute(&mut *tx)
@@ -188,8 +187,7 @@ where
             }
             if rows.len() >= 500 {
                 written += rows.len() as u64;
-                let batch =
-                    serde_json::to_value(std::mem::take(&mut rows)).expect("rows serialize");
+                let batch = Json(std::mem::take(&mut rows));
                 sqlx::query(upsert).bind(batch).execute(&mut *tx).await?;
             }
         }
@@ -199,7 +197,7 @@ where
     }
     if !rows.is_empty() {
         written += rows.len() as u64;
-        let batch = serde_json::to_value(rows).expect("rows serialize");
+        let batch = Json(rows);
         sqlx::query(upsert).bind(batch).execute(&mut *tx).await?;
     }
     tx.commit().await?;
