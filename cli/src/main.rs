@@ -156,8 +156,12 @@ enum SecretsCommand {
     Rotate,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    // Sized for a machine shared with Postgres and Redis (CAPIBARA_RUNTIME_THREADS).
+    capibara_shared::runtime::build()?.block_on(run())
+}
+
+async fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Dev(args) => dev::run(args).await,

@@ -6,8 +6,12 @@ use anyhow::Context;
 use capibara_scheduler::housekeeping;
 use capibara_shared::{config::Config, metric_catalog, ops, shutdown, store, telemetry};
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    // Sized for a machine shared with Postgres and Redis (CAPIBARA_RUNTIME_THREADS).
+    capibara_shared::runtime::build()?.block_on(run())
+}
+
+async fn run() -> anyhow::Result<()> {
     let config = Arc::new(Config::from_env()?);
     // Secrets are encrypted at rest: no key, no start (docs/security.md).
     capibara_shared::crypto::install_from_env()?;

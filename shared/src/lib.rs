@@ -29,6 +29,7 @@ pub mod outbound;
 pub mod problem;
 pub mod queue;
 pub mod redis_conn;
+pub mod runtime;
 pub mod shutdown;
 pub mod startup;
 pub mod store;

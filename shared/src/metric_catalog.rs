@@ -201,6 +201,14 @@ pub const METRICS: &[MetricSpec] = &[
         labels: &[],
     },
     MetricSpec {
+        name: "capibara_runtime_worker_threads",
+        kind: Gauge,
+        help: "Worker threads of this process's async runtime (CAPIBARA_RUNTIME_THREADS; default half the cores, at least one).",
+        unit: None,
+        on: ALL,
+        labels: &[],
+    },
+    MetricSpec {
         name: "capibara_append_queue_full_total",
         kind: Counter,
         help: "Writes refused because the group-commit queue stayed full for the append timeout (Postgres not keeping up).",

@@ -83,6 +83,9 @@ pub fn init_metrics(components: &[Component], labels: &Labels) {
     for c in components {
         crate::metric_catalog::register(*c, labels);
     }
+    if let Ok(rt) = tokio::runtime::Handle::try_current() {
+        metrics::gauge!("capibara_runtime_worker_threads").set(rt.metrics().num_workers() as f64);
+    }
     let process = PROCESS.get_or_init(metrics_process::Collector::default);
     process.describe();
     process.collect();

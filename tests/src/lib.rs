@@ -660,3 +660,28 @@ pub async fn on_redis(
         .expect("Redis answers")
         .is_empty()
 }
+
+/// Run `c` to its exit (at most 60 s), as an operator would (no backtraces asked for); returns
+/// its status and stderr.
+pub fn run_to_exit(mut c: Command) -> (std::process::ExitStatus, String) {
+    let mut child = c
+        .env_remove("RUST_BACKTRACE")
+        .env_remove("RUST_LIB_BACKTRACE")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+            return (status, err);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("it kept running");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -30,8 +30,12 @@ struct Args {
     device: capibara_worker::models::device::DeviceChoice,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    // Sized for a machine shared with Postgres and Redis (CAPIBARA_RUNTIME_THREADS).
+    capibara_shared::runtime::build()?.block_on(run())
+}
+
+async fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     let config = Arc::new(Config::from_env()?);
     // Secrets are encrypted at rest: no key, no start (docs/security.md).

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use capibara_tests::{eventually, find_free_port, wait_http_ok, TestEnv, ADMIN_KEY};
+use capibara_tests::{eventually, find_free_port, run_to_exit, wait_http_ok, TestEnv, ADMIN_KEY};
 use serde_json::json;
 
 #[tokio::test]
@@ -104,6 +104,58 @@ fn value(metrics: &str, name: &str) -> Option<f64> {
         let (n, v) = l.split_once(' ')?;
         (n == name).then(|| v.trim().parse().ok())?
     })
+}
+
+/// The `capibara_runtime_worker_threads` gauge of the `/metrics` at `base`.
+async fn runtime_threads(base: &str) -> Option<f64> {
+    wait_http_ok(&format!("{base}/healthz")).await;
+    let m = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    value(&m, "capibara_runtime_worker_threads")
+}
+
+#[tokio::test]
+async fn each_binary_runs_on_half_the_cores_or_the_runtime_threads_it_is_given() {
+    let mut env = TestEnv::new().await;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let half = (cores / 2).max(1) as f64;
+    let (wport, sport) = (find_free_port(), find_free_port());
+    env.extra_env
+        .push(("CAPIBARA_WORKER_ADDR".into(), format!("127.0.0.1:{wport}")));
+    env.extra_env.push((
+        "CAPIBARA_SCHEDULER_ADDR".into(),
+        format!("127.0.0.1:{sport}"),
+    ));
+    // Defaults: half the cores, at least one, in every binary.
+    {
+        let _procs = env.spawn_all().await;
+        assert_eq!(runtime_threads(&env.api_url()).await, Some(half), "api");
+        let worker = format!("http://127.0.0.1:{wport}");
+        assert_eq!(runtime_threads(&worker).await, Some(half), "worker");
+        let scheduler = format!("http://127.0.0.1:{sport}");
+        assert_eq!(runtime_threads(&scheduler).await, Some(half), "scheduler");
+    }
+    // CAPIBARA_RUNTIME_THREADS, then Tokio's own variable.
+    for (var, n) in [("CAPIBARA_RUNTIME_THREADS", 3), ("TOKIO_WORKER_THREADS", 2)] {
+        env.extra_env.push((var.into(), n.to_string()));
+        let port = find_free_port();
+        let _api = env.spawn_api_on(port).await;
+        let base = format!("http://127.0.0.1:{port}");
+        assert_eq!(runtime_threads(&base).await, Some(n as f64), "{var}");
+        env.extra_env.pop();
+    }
+    // A value that is not a count stops the start, naming the variable.
+    for bin in ["capibara-api", "capibara-worker", "capibara-scheduler"] {
+        let mut c = env.command_for(bin);
+        c.env("CAPIBARA_RUNTIME_THREADS", "0");
+        let (status, err) = run_to_exit(c);
+        assert!(!status.success(), "{bin} started with 0 threads");
+        assert!(err.contains("CAPIBARA_RUNTIME_THREADS"), "{bin}: {err}");
+    }
 }
 
 #[tokio::test]

@@ -3,11 +3,11 @@
 //! table of the database as text, the events, the job inputs, the processes' logs, `/metrics`
 //! and error responses. A process without the key refuses to start, and keys rotate.
 
-use std::{path::Path, process::Command, time::Duration};
+use std::{path::Path, time::Duration};
 
 use capibara_shared::crypto::Key;
 use capibara_tests::{
-    find_free_port,
+    find_free_port, run_to_exit,
     runs::{create, ended, start, step},
     Api, Proc, TestEnv,
 };
@@ -250,31 +250,6 @@ async fn secret_values_are_encrypted_at_rest_and_appear_nowhere_after_a_run() {
         for v in values {
             assert!(!log.contains(v), "{name}'s log shows a secret");
         }
-    }
-}
-
-/// Run `c` to its exit (at most 60 s), as an operator would (no backtraces asked for); returns
-/// its status and stderr.
-fn run_to_exit(mut c: Command) -> (std::process::ExitStatus, String) {
-    let mut child = c
-        .env_remove("RUST_BACKTRACE")
-        .env_remove("RUST_LIB_BACKTRACE")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            let mut err = String::new();
-            std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
-            return (status, err);
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("it kept running");
-        }
-        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
