@@ -569,9 +569,12 @@ async fn flow_control_holds_with_the_dispatch_spread_over_shards() {
         .await;
     assert_eq!(r.status, 201, "{r:?}");
     tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Each tenant's first job in each queue runs 600 ms, so the job held behind it waits longer
+    // than the scheduler's 250 ms between reads of the recorded waits (a wait whose job started
+    // before that read is not written down; with 60 ms jobs only, a run could miss them all).
     let limited: Vec<Value> = (0..16)
         .map(|i| {
-            json!({"kind": "sleep", "input": {"ms": 60},
+            json!({"kind": "sleep", "input": {"ms": if i < 4 { 600 } else { 60 }},
                    "queue": if i % 2 == 0 { "default" } else { "reports" },
                    "tags": {"tenant": format!("t{}", i % 4 / 2)}})
         })
