@@ -6,9 +6,9 @@ use std::time::Duration;
 use capibara_tests::{eventually, find_free_port, run_to_exit, wait_http_ok, TestEnv, ADMIN_KEY};
 use serde_json::json;
 
-#[tokio::test]
-async fn every_binary_serves_health_readiness_and_metrics() {
-    let mut env = TestEnv::new().await;
+/// Give the worker and the scheduler of `env`'s processes an HTTP port each (health, metrics);
+/// returns them.
+fn serve_worker_and_scheduler(env: &mut TestEnv) -> (u16, u16) {
     let (wport, sport) = (find_free_port(), find_free_port());
     env.extra_env
         .push(("CAPIBARA_WORKER_ADDR".into(), format!("127.0.0.1:{wport}")));
@@ -16,6 +16,13 @@ async fn every_binary_serves_health_readiness_and_metrics() {
         "CAPIBARA_SCHEDULER_ADDR".into(),
         format!("127.0.0.1:{sport}"),
     ));
+    (wport, sport)
+}
+
+#[tokio::test]
+async fn every_binary_serves_health_readiness_and_metrics() {
+    let mut env = TestEnv::new().await;
+    let (wport, sport) = serve_worker_and_scheduler(&mut env);
     let _procs = env.spawn_all().await;
     let api = env.client();
     let id = api.submit_id(json!({"kind": "echo"})).await;
@@ -123,13 +130,7 @@ async fn each_binary_runs_on_half_the_cores_or_the_runtime_threads_it_is_given()
     let mut env = TestEnv::new().await;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let half = (cores / 2).max(1) as f64;
-    let (wport, sport) = (find_free_port(), find_free_port());
-    env.extra_env
-        .push(("CAPIBARA_WORKER_ADDR".into(), format!("127.0.0.1:{wport}")));
-    env.extra_env.push((
-        "CAPIBARA_SCHEDULER_ADDR".into(),
-        format!("127.0.0.1:{sport}"),
-    ));
+    let (wport, sport) = serve_worker_and_scheduler(&mut env);
     // Defaults: half the cores, at least one, in every binary.
     {
         let _procs = env.spawn_all().await;
@@ -161,13 +162,7 @@ async fn each_binary_runs_on_half_the_cores_or_the_runtime_threads_it_is_given()
 #[tokio::test]
 async fn the_first_scrape_describes_every_metric_and_the_process() {
     let mut env = TestEnv::new().await;
-    let (wport, sport) = (find_free_port(), find_free_port());
-    env.extra_env
-        .push(("CAPIBARA_WORKER_ADDR".into(), format!("127.0.0.1:{wport}")));
-    env.extra_env.push((
-        "CAPIBARA_SCHEDULER_ADDR".into(),
-        format!("127.0.0.1:{sport}"),
-    ));
+    let (wport, sport) = serve_worker_and_scheduler(&mut env);
     // No traffic at all: each binary is scraped as soon as it answers.
     let _procs = env.spawn_all().await;
     let http = reqwest::Client::new();
