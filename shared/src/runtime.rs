@@ -11,21 +11,23 @@
 use std::num::NonZeroUsize;
 
 /// The variable that sets the number of runtime worker threads.
-pub const THREADS_VAR: &str = "CAPIBARA_RUNTIME_THREADS";
+const THREADS_VAR: &str = "CAPIBARA_RUNTIME_THREADS";
+/// Tokio's own variable for it, read when ours is unset.
+const TOKIO_VAR: &str = "TOKIO_WORKER_THREADS";
 
 /// Worker threads for this process: `CAPIBARA_RUNTIME_THREADS`, else Tokio's own
 /// `TOKIO_WORKER_THREADS`, else half the available cores (at least one).
-pub fn threads() -> Result<usize, String> {
+fn threads() -> Result<usize, String> {
     let cores = std::thread::available_parallelism().map_or(1, NonZeroUsize::get);
     threads_from(
         std::env::var(THREADS_VAR).ok().as_deref(),
-        std::env::var("TOKIO_WORKER_THREADS").ok().as_deref(),
+        std::env::var(TOKIO_VAR).ok().as_deref(),
         cores,
     )
 }
 
 fn threads_from(ours: Option<&str>, tokio: Option<&str>, cores: usize) -> Result<usize, String> {
-    for (name, value) in [(THREADS_VAR, ours), ("TOKIO_WORKER_THREADS", tokio)] {
+    for (name, value) in [(THREADS_VAR, ours), (TOKIO_VAR, tokio)] {
         if let Some(v) = value.map(str::trim).filter(|v| !v.is_empty()) {
             return match v.parse::<usize>() {
                 Ok(n) if n >= 1 => Ok(n),

@@ -455,7 +455,7 @@ fn json_rows<T: serde::Serialize>(rows: impl Iterator<Item = T>) -> Json<Vec<T>>
 }
 
 /// Run `sql`, an upsert of whole rows from the `jsonb` array `$1`, for `rows` (if any).
-async fn upsert<T: serde::Serialize>(
+pub(super) async fn upsert<T: serde::Serialize>(
     tx: &mut Transaction<'_, Postgres>,
     sql: &str,
     rows: impl ExactSizeIterator<Item = T>,

@@ -6,10 +6,10 @@
 use chrono::{DateTime, Utc};
 use futures::{StreamExt, TryStreamExt};
 use serde_json::Value;
-use sqlx::{types::Json, PgPool};
+use sqlx::PgPool;
 use uuid::Uuid;
 
-use super::{archive, jobs::UPSERT_JOBS, StoreError};
+use super::{archive, batch::upsert, jobs::UPSERT_JOBS, StoreError};
 use crate::artifacts::ArtifactStore;
 use crate::domain::{
     job::{Job, JobEvent},
@@ -109,11 +109,7 @@ pub async fn rebuild_jobs(
             }
             if rows.len() >= 500 {
                 report.jobs += rows.len() as u64;
-                let batch = Json(std::mem::take(&mut rows));
-                sqlx::query(UPSERT_JOBS)
-                    .bind(batch)
-                    .execute(&mut *tx)
-                    .await?;
+                upsert(&mut tx, UPSERT_JOBS, std::mem::take(&mut rows).iter()).await?;
             }
         }
         if let Some(done) = current.take().filter(|j| !j.deleted) {
@@ -122,11 +118,7 @@ pub async fn rebuild_jobs(
     }
     if !rows.is_empty() {
         report.jobs += rows.len() as u64;
-        let batch = Json(rows);
-        sqlx::query(UPSERT_JOBS)
-            .bind(batch)
-            .execute(&mut *tx)
-            .await?;
+        upsert(&mut tx, UPSERT_JOBS, rows.iter()).await?;
     }
     tx.commit().await?;
     Ok(report)
@@ -140,7 +132,7 @@ async fn rebuild_stream<T, E>(
     pool: &PgPool,
     stream_type: &str,
     table: &str,
-    upsert: &str,
+    sql: &str,
     apply: Fold<T, E>,
     archives: Option<&ArtifactStore>,
 ) -> Result<(u64, u64), StoreError>
@@ -187,8 +179,7 @@ where
             }
             if rows.len() >= 500 {
                 written += rows.len() as u64;
-                let batch = Json(std::mem::take(&mut rows));
-                sqlx::query(upsert).bind(batch).execute(&mut *tx).await?;
+                upsert(&mut tx, sql, std::mem::take(&mut rows).iter()).await?;
             }
         }
         if let Some((_, row)) = current {
@@ -197,8 +188,7 @@ where
     }
     if !rows.is_empty() {
         written += rows.len() as u64;
-        let batch = Json(rows);
-        sqlx::query(upsert).bind(batch).execute(&mut *tx).await?;
+        upsert(&mut tx, sql, rows.iter()).await?;
     }
     tx.commit().await?;
     Ok((events, written))
