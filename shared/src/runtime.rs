@@ -15,6 +15,9 @@ const THREADS_VAR: &str = "CAPIBARA_RUNTIME_THREADS";
 /// Tokio's own variable for it, read when ours is unset.
 const TOKIO_VAR: &str = "TOKIO_WORKER_THREADS";
 
+/// The name of the runtime's threads (in `top -H`, `perf` and panics).
+const THREAD_NAME: &str = "capibara-rt";
+
 /// Worker threads for this process: `CAPIBARA_RUNTIME_THREADS`, else Tokio's own
 /// `TOKIO_WORKER_THREADS`, else half the available cores (at least one).
 fn threads() -> Result<usize, String> {
@@ -43,8 +46,30 @@ pub fn build() -> anyhow::Result<tokio::runtime::Runtime> {
     let threads = threads().map_err(anyhow::Error::msg)?;
     Ok(tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads)
+        .thread_name(THREAD_NAME)
         .enable_all()
         .build()?)
+}
+
+/// Build the runtime ([`build`]) and run `main` on it as a task, on a worker thread.
+///
+/// `block_on` would poll `main` on the calling thread, which does not drive the runtime's I/O:
+/// every socket `main` waits on (the worker's Redis pop, the job loads that follow it, the
+/// API's accept loop) would be woken by a worker thread across threads, an `eventfd` write and
+/// a context switch per hop, on a machine whose cores Postgres and Redis also want. As a
+/// spawned task it is woken where its I/O arrives. A panic in `main` is resumed here.
+pub fn run<F, T>(main: F) -> anyhow::Result<T>
+where
+    F: std::future::Future<Output = anyhow::Result<T>> + Send + 'static,
+    T: Send + 'static,
+{
+    build()?.block_on(async move {
+        match tokio::spawn(main).await {
+            Ok(done) => done,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => Err(anyhow::anyhow!("the main task was canceled: {e}")),
+        }
+    })
 }
 
 #[cfg(test)]
@@ -65,6 +90,34 @@ mod tests {
         assert_eq!(threads_from(None, Some("4"), 2), Ok(4));
         assert_eq!(threads_from(Some("2"), Some("4"), 2), Ok(2));
         assert_eq!(threads_from(Some(" "), Some("4"), 2), Ok(4));
+    }
+
+    #[test]
+    fn main_runs_as_a_task_on_a_worker_thread() {
+        let caller = std::thread::current().id();
+        let (on, name) = super::run(async {
+            Ok((
+                std::thread::current().id(),
+                std::thread::current().name().map(String::from),
+            ))
+        })
+        .unwrap();
+        assert_ne!(on, caller, "main ran on the calling thread");
+        assert_eq!(name.as_deref(), Some(super::THREAD_NAME));
+    }
+
+    #[test]
+    fn main_s_error_and_panic_reach_the_caller() {
+        let e = super::run(async { Err::<(), _>(anyhow::anyhow!("no config")) }).unwrap_err();
+        assert_eq!(e.to_string(), "no config");
+        let boom = async {
+            if true {
+                panic!("boom");
+            }
+            Ok(())
+        };
+        let panic = std::panic::catch_unwind(|| super::run(boom)).unwrap_err();
+        assert_eq!(panic.downcast_ref::<&str>(), Some(&"boom"));
     }
 
     #[test]

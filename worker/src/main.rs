@@ -32,7 +32,7 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     // Sized for a machine shared with Postgres and Redis (CAPIBARA_RUNTIME_THREADS).
-    capibara_shared::runtime::build()?.block_on(run())
+    capibara_shared::runtime::run(run())
 }
 
 async fn run() -> anyhow::Result<()> {
