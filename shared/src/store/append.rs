@@ -27,7 +27,7 @@ use std::{
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::Value;
-use sqlx::PgPool;
+use sqlx::{pool::PoolConnection, PgConnection, PgPool, Postgres};
 use tokio::sync::{mpsc, oneshot, Mutex};
 use uuid::Uuid;
 
@@ -306,6 +306,9 @@ impl From<&crate::config::Config> for AppenderOptions {
     }
 }
 
+/// How long a flusher keeps one connection before handing it back to the pool.
+const HOLD_FOR: Duration = Duration::from_secs(60);
+
 /// Handle to the group-commit writer; cheap to clone.
 #[derive(Clone)]
 pub struct Appender {
@@ -326,11 +329,18 @@ impl Appender {
         let pool = super::with_generic_plans(&pool);
         let (tx, rx) = mpsc::channel::<Pending>(opts.queue.max(1));
         let rx = Arc::new(Mutex::new(rx));
-        for _ in 0..opts.flushers.max(1) {
+        let flushers = opts.flushers.max(1);
+        // Flushers keep their connections only while that leaves one for everything else.
+        let hold = pool.options().get_max_connections() as usize > flushers;
+        for _ in 0..flushers {
             let rx = rx.clone();
             let pool = pool.clone();
             let listener = listener.clone();
             tokio::spawn(async move {
+                // Held from one batch to the next (see `flush`), for at most HOLD_FOR: then
+                // the pool takes it back and applies its idle and lifetime limits.
+                let mut conn = None;
+                let mut taken = Instant::now();
                 loop {
                     let batch = {
                         let mut rx = rx.lock().await;
@@ -344,7 +354,14 @@ impl Appender {
                         }
                         batch
                     };
-                    flush(&pool, listener.as_deref(), batch, opts.timeout).await;
+                    let had = conn.is_some();
+                    flush(&pool, &mut conn, listener.as_deref(), batch, opts.timeout).await;
+                    if !had {
+                        taken = Instant::now();
+                    }
+                    if !hold || taken.elapsed() > HOLD_FOR {
+                        conn = None;
+                    }
                 }
             });
         }
@@ -382,10 +399,10 @@ impl Appender {
             return Err(AppendError::Invalid(why));
         }
         let mut results: Vec<Option<Result<Appended, AppendError>>> = vec![None; appends.len()];
-        let written = tokio::time::timeout(
-            self.timeout,
-            try_flush(&self.pool, &appends, &mut results, &HashSet::new(), true),
-        )
+        let written = tokio::time::timeout(self.timeout, async {
+            let mut conn = self.pool.acquire().await?;
+            try_flush(&mut conn, &appends, &mut results, &HashSet::new(), true).await
+        })
         .await
         .unwrap_or_else(|_| Err(timed_out(self.timeout)));
         match written {
@@ -449,8 +466,14 @@ fn timed_out(timeout: Duration) -> sqlx::Error {
     ))
 }
 
+/// Write `batch` on `conn`, the flusher's own connection, acquired when it has none. A flusher
+/// keeps its connection from one batch to the next: returning it to the pool after each batch
+/// would cost a round trip (sqlx tests every connection it takes back) and a wake-up of its
+/// Postgres backend, per batch, on the path of every write. A connection that failed or timed
+/// out is closed, not reused; the next batch takes a fresh one.
 async fn flush(
     pool: &PgPool,
+    conn: &mut Option<PoolConnection<Postgres>>,
     listener: Option<&dyn CommitListener>,
     batch: Vec<Pending>,
     timeout: Duration,
@@ -474,16 +497,26 @@ async fn flush(
     }
     // A stalled connection never answers: give up after `timeout` (dropping the write closes
     // its connection) so callers get an answer and the flusher serves the next batch.
-    let (committed, failed) = match tokio::time::timeout(
-        timeout,
-        write_isolating(pool, &appends, &mut results, candidates),
-    )
+    let (committed, failed) = match tokio::time::timeout(timeout, async {
+        let held = match conn {
+            Some(c) => c,
+            None => match pool.acquire().await {
+                Ok(c) => conn.insert(c),
+                Err(e) => return (Written::default(), Some(e)),
+            },
+        };
+        write_isolating(held, &appends, &mut results, candidates).await
+    })
     .await
     {
         Ok(done) => done,
         Err(_) => (Written::default(), Some(timed_out(timeout))),
     };
     if let Some(e) = failed {
+        // Broken, or stopped mid-statement: its state is unknown.
+        if let Some(mut c) = conn.take() {
+            c.close_on_drop();
+        }
         let msg = e.to_string();
         tracing::warn!(error = %msg, size, "append batch failed");
         for r in results.iter_mut().filter(|r| r.is_none()) {
@@ -507,7 +540,7 @@ async fn flush(
 /// there is one. Returns what committed, and the error (of the connection or the server) that
 /// stopped the rest; appends without a result then are unanswered.
 async fn write_isolating(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     appends: &[Append],
     results: &mut [Option<Result<Appended, AppendError>>],
     part: Vec<usize>,
@@ -524,7 +557,7 @@ async fn write_isolating(
             .filter(|i| !members.contains(i))
             .collect();
         loop {
-            match try_flush(pool, appends, results, &excluded, false).await {
+            match try_flush(conn, appends, results, &excluded, false).await {
                 Ok(Ok(done)) => {
                     committed.dispatched.extend(done.dispatched);
                     committed.released.extend(done.released);
@@ -602,7 +635,7 @@ async fn after_commit(listener: Option<&dyn CommitListener>, done: Written) {
 /// One attempt at writing the batch ([`super::batch`]). `Ok(Err(losers))` = it rolled back;
 /// retry without them.
 async fn try_flush(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     appends: &[Append],
     results: &mut [Option<Result<Appended, AppendError>>],
     excluded: &HashSet<usize>,
@@ -615,5 +648,5 @@ async fn try_flush(
     if ok.is_empty() {
         return Ok(Ok(Written::default()));
     }
-    super::batch::write(pool, appends, &ok, results).await
+    super::batch::write(conn, appends, &ok, results).await
 }

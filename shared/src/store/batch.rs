@@ -23,7 +23,7 @@ use std::{
 };
 
 use serde_json::Value;
-use sqlx::{types::Json, PgExecutor, PgPool, Postgres, Transaction};
+use sqlx::{types::Json, Connection, PgConnection, PgExecutor, Postgres, Transaction};
 use uuid::Uuid;
 
 use super::{
@@ -96,7 +96,7 @@ pub(super) struct Written {
 /// One try at writing the appends `ok` (checked by [`check_batch`]): `Ok(Err(losers))` means it
 /// rolled back because those lost (their `results` say why); retry without them.
 pub(super) async fn write(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     appends: &[Append],
     ok: &[usize],
     results: &mut [Option<Result<Appended, AppendError>>],
@@ -104,7 +104,7 @@ pub(super) async fn write(
     let rows = Rows::collect(appends, ok);
     let core = Core::new(appends, ok, &rows);
     if rows.core_only() {
-        match core.run(pool, true).await {
+        match core.run(&mut *conn, true).await {
             Ok(out) => return Ok(Ok(core.written(appends, ok, results, &out, &rows))),
             Err(e) if did_not_apply(&e) => {
                 metrics::counter!("capibara_append_retried_in_transaction_total").increment(1);
@@ -112,7 +112,7 @@ pub(super) async fn write(
             Err(e) => return Err(e),
         }
     }
-    let mut tx = pool.begin().await?;
+    let mut tx = conn.begin().await?;
     rows.write_others(&mut tx).await?;
     let out = core.run(&mut *tx, false).await?;
     let losers = core.losers(appends, ok, &out);
@@ -126,7 +126,7 @@ pub(super) async fn write(
         .filter(|(_, e)| matches!(e, AppendError::Conflict { .. }))
         .map(|(i, _)| appends[*i].stream_id)
         .collect();
-    let actual = versions(pool, &conflicted).await?;
+    let actual = versions(conn, &conflicted).await?;
     let mut out = Vec::with_capacity(losers.len());
     for (i, e) in losers {
         results[i] = Some(Err(match e {
@@ -146,7 +146,10 @@ fn did_not_apply(e: &sqlx::Error) -> bool {
 }
 
 /// The current versions of `streams` (absent: no such stream).
-async fn versions(pool: &PgPool, streams: &[Uuid]) -> Result<HashMap<Uuid, i64>, sqlx::Error> {
+async fn versions(
+    conn: &mut PgConnection,
+    streams: &[Uuid],
+) -> Result<HashMap<Uuid, i64>, sqlx::Error> {
     if streams.is_empty() {
         return Ok(HashMap::new());
     }
@@ -154,7 +157,7 @@ async fn versions(pool: &PgPool, streams: &[Uuid]) -> Result<HashMap<Uuid, i64>,
         "SELECT stream_id, max(version) FROM events WHERE stream_id = ANY($1) GROUP BY stream_id",
     )
     .bind(streams)
-    .fetch_all(pool)
+    .fetch_all(conn)
     .await?;
     Ok(rows.into_iter().collect())
 }

@@ -722,3 +722,108 @@ async fn only_commits_with_an_event_that_names_a_run_are_hinted_to_the_orchestra
     );
     assert_eq!(on(&queue.run_hints_channel()), vec![step.to_string()]);
 }
+
+/// Appends until one succeeds, counting the failures (at most `tries`).
+async fn append_until_ok(appender: &Appender, stream: Uuid, version: i64, tries: usize) -> usize {
+    for failed in 0..tries {
+        match appender
+            .append(append(stream, Expected::Version(version), 1))
+            .await
+        {
+            Ok(_) => return failed,
+            Err(AppendError::Unavailable(_)) => {}
+            Err(e) => panic!("append at version {version}: {e}"),
+        }
+    }
+    panic!("no append succeeded in {tries} tries");
+}
+
+#[tokio::test]
+async fn a_flusher_keeps_its_connection_and_replaces_one_that_broke() {
+    let env = TestEnv::new().await;
+    let pool = store::connect(&env.database_url, 16).await.unwrap();
+    store::migrate(&pool).await.unwrap();
+    let appender = Appender::start(
+        pool.clone(),
+        None,
+        store::AppenderOptions {
+            flushers: 1,
+            ..Default::default()
+        },
+    );
+    let stream = Uuid::now_v7();
+    appender
+        .append(append(stream, Expected::NoStream, 1))
+        .await
+        .unwrap();
+    for v in 1..5 {
+        appender
+            .append(append(stream, Expected::Version(v), 1))
+            .await
+            .unwrap();
+    }
+    // Time for a connection handed back to settle in the pool (sqlx tests it first).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let own = appender.pool();
+    assert_eq!(
+        own.size() as usize - own.num_idle(),
+        1,
+        "the flusher holds its connection between batches (size {}, idle {})",
+        own.size(),
+        own.num_idle()
+    );
+
+    // Its backend ends (a Postgres restart, an administrator): at most one write fails, then
+    // the flusher writes on a fresh connection instead of failing every batch on the dead one.
+    let admin = capibara_tests::sqlx_connect(&env.database_url).await;
+    let ended: Vec<(bool,)> = sqlx::query_as(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = current_database() AND pid <> pg_backend_pid()",
+    )
+    .fetch_all(&admin)
+    .await
+    .unwrap();
+    assert!(!ended.is_empty());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let failed = append_until_ok(&appender, stream, 5, 3).await;
+    assert!(
+        failed <= 1,
+        "{failed} writes failed after the backend ended"
+    );
+    for v in 6..10 {
+        appender
+            .append(append(stream, Expected::Version(v), 1))
+            .await
+            .unwrap();
+    }
+    assert_eq!(events_of(&admin, stream).await, 10);
+}
+
+#[tokio::test]
+async fn flushers_hand_their_connections_back_when_holding_would_leave_none() {
+    let env = TestEnv::new().await;
+    let pool = store::connect(&env.database_url, 2).await.unwrap();
+    store::migrate(&pool).await.unwrap();
+    let appender = Appender::start(
+        pool.clone(),
+        None,
+        store::AppenderOptions {
+            flushers: 2,
+            timeout: Duration::from_secs(3),
+            ..Default::default()
+        },
+    );
+    let streams: Vec<Uuid> = (0..20).map(|_| Uuid::now_v7()).collect();
+    let writes = streams
+        .iter()
+        .map(|s| appender.append(append(*s, Expected::NoStream, 1)));
+    for r in futures::future::join_all(writes).await {
+        r.unwrap();
+    }
+    // Both connections of the pool went to the flushers; the log readers' queries still get one.
+    let n: (i64,) = sqlx::query_as("SELECT count(*) FROM events")
+        .fetch_one(appender.pool())
+        .await
+        .expect("a connection for a reader");
+    assert_eq!(n.0, 20);
+}
