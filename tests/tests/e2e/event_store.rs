@@ -20,10 +20,29 @@ use serde_json::json;
 use uuid::Uuid;
 
 async fn appender(env: &TestEnv) -> (sqlx::PgPool, Appender) {
-    let pool = store::connect(&env.database_url, 16).await.unwrap();
+    appender_with(env, 16, Default::default()).await
+}
+
+/// An appender with `opts` on a migrated pool of `connections`.
+async fn appender_with(
+    env: &TestEnv,
+    connections: u32,
+    opts: store::AppenderOptions,
+) -> (sqlx::PgPool, Appender) {
+    let pool = store::connect(&env.database_url, connections)
+        .await
+        .unwrap();
     store::migrate(&pool).await.unwrap();
-    let appender = Appender::start(pool.clone(), None, Default::default());
+    let appender = Appender::start(pool.clone(), None, opts);
     (pool, appender)
+}
+
+/// One flusher: every append goes through the same connection, one batch at a time.
+fn one_flusher() -> store::AppenderOptions {
+    store::AppenderOptions {
+        flushers: 1,
+        ..Default::default()
+    }
 }
 
 fn append(stream: Uuid, expected: Expected, n: usize) -> Append {
@@ -484,17 +503,8 @@ async fn events_of(pool: &sqlx::PgPool, stream: Uuid) -> i64 {
 #[tokio::test]
 async fn a_poison_append_fails_alone_and_the_rest_of_its_batch_commits() {
     let env = TestEnv::new().await;
-    let pool = store::connect(&env.database_url, 16).await.unwrap();
-    store::migrate(&pool).await.unwrap();
     // One flusher: every append below goes through the same batch.
-    let appender = Appender::start(
-        pool.clone(),
-        None,
-        store::AppenderOptions {
-            flushers: 1,
-            ..Default::default()
-        },
-    );
+    let (pool, appender) = appender_with(&env, 16, one_flusher()).await;
     let schedule = Uuid::now_v7();
     let tick = capibara_shared::domain::now();
     let with = |effects: Vec<store::Effect>| {
@@ -741,16 +751,7 @@ async fn append_until_ok(appender: &Appender, stream: Uuid, version: i64, tries:
 #[tokio::test]
 async fn a_flusher_keeps_its_connection_and_replaces_one_that_broke() {
     let env = TestEnv::new().await;
-    let pool = store::connect(&env.database_url, 16).await.unwrap();
-    store::migrate(&pool).await.unwrap();
-    let appender = Appender::start(
-        pool.clone(),
-        None,
-        store::AppenderOptions {
-            flushers: 1,
-            ..Default::default()
-        },
-    );
+    let (_pool, appender) = appender_with(&env, 16, one_flusher()).await;
     let stream = Uuid::now_v7();
     appender
         .append(append(stream, Expected::NoStream, 1))
@@ -802,17 +803,12 @@ async fn a_flusher_keeps_its_connection_and_replaces_one_that_broke() {
 #[tokio::test]
 async fn flushers_hand_their_connections_back_when_holding_would_leave_none() {
     let env = TestEnv::new().await;
-    let pool = store::connect(&env.database_url, 2).await.unwrap();
-    store::migrate(&pool).await.unwrap();
-    let appender = Appender::start(
-        pool.clone(),
-        None,
-        store::AppenderOptions {
-            flushers: 2,
-            timeout: Duration::from_secs(3),
-            ..Default::default()
-        },
-    );
+    let opts = store::AppenderOptions {
+        flushers: 2,
+        timeout: Duration::from_secs(3),
+        ..Default::default()
+    };
+    let (_pool, appender) = appender_with(&env, 2, opts).await;
     let streams: Vec<Uuid> = (0..20).map(|_| Uuid::now_v7()).collect();
     let writes = streams
         .iter()
