@@ -24,12 +24,13 @@ use capibara_shared::{
     },
     queue::Queue,
     store::{
-        self, deliveries::delivery_append, events::LogCursor, Append, AppendError, Effect, Store,
+        self, deliveries::delivery_append, events::LogCursor, held::HeldConnection, Append,
+        AppendError, Effect, Store,
     },
 };
 use futures::StreamExt;
 use serde_json::{json, Value};
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -128,6 +129,12 @@ async fn lead(
         .await?
         .unwrap_or_default();
     let mut subs = SubscriptionCache::default();
+    // The reads of each page (the log, subscriptions, callbacks) keep one connection
+    // (store::held), if that leaves the pool one for others besides the appender's flushers.
+    let pool = store.generic_pool();
+    let hold =
+        pool.options().get_max_connections() as usize > store.appender.held_connections() + 1;
+    let mut db = HeldConnection::new(pool.clone(), hold);
     let mut last_release = Instant::now();
     // A page that creates nothing moves the cursor in memory only; the checkpoint follows
     // every SAVE_EVERY (a restart reads those pages again and again creates nothing: a
@@ -151,14 +158,15 @@ async fn lead(
         notified.as_mut().enable();
         let read_at = Instant::now();
         // Which events happened, not their data: a delivery's payload is the job's state.
-        let (events, next) =
-            store::events::read_all_headers(store.generic_pool(), cursor, PAGE).await?;
+        let read = store::events::read_all_headers(db.get().await?, cursor, PAGE).await;
+        let (events, next) = read.inspect_err(|_| db.broke())?;
         if saved != cursor && last_save.elapsed() > SAVE_EVERY {
             store::checkpoints::save(&store.pool, CHECKPOINT, cursor).await?;
             saved = cursor;
             last_save = Instant::now();
         }
         if events.is_empty() {
+            db.done();
             tokio::select! {
                 _ = &mut notified => {}
                 _ = tokio::time::sleep(opts.poll) => {}
@@ -166,8 +174,11 @@ async fn lead(
             }
             continue;
         }
-        subs.refresh_for(&store.pool, &events).await?;
-        match process(store, opts, &subs, &events, next).await {
+        let read = subs.refresh_for(db.get().await?, &events).await;
+        read.inspect_err(|_| db.broke())?;
+        let processed = process(store, &mut db, opts, &subs, &events, next).await;
+        db.done();
+        match processed {
             Ok(n) => {
                 if n > 0 {
                     metrics::counter!("capibara_deliveries_created_total").increment(n as u64);
@@ -214,7 +225,7 @@ struct SubscriptionCache {
 impl SubscriptionCache {
     async fn refresh_for(
         &mut self,
-        pool: &PgPool,
+        db: &mut PgConnection,
         events: &[EventEnvelope],
     ) -> Result<(), store::StoreError> {
         let newest = events.iter().map(|e| e.recorded_at).max();
@@ -223,7 +234,7 @@ impl SubscriptionCache {
         }
         let at = domain::now();
         self.by_namespace.clear();
-        for s in store::subscriptions::active(pool).await? {
+        for s in store::subscriptions::active(db).await? {
             self.by_namespace
                 .entry(s.namespace.clone())
                 .or_default()
@@ -330,6 +341,7 @@ fn renamed(payload: &Value, name: &str, as_name: &str) -> Value {
 /// Turn one page of events into deliveries; returns how many were created.
 async fn process(
     store: &Store,
+    db: &mut HeldConnection,
     opts: &DelivererOptions,
     subs: &SubscriptionCache,
     events: &[EventEnvelope],
@@ -367,8 +379,9 @@ async fn process(
     } else {
         sqlx::query_as("SELECT id, callback_url, callback_events FROM jobs WHERE id = ANY($1)")
             .bind(&ids)
-            .fetch_all(store.generic_pool())
-            .await?
+            .fetch_all(db.get().await?)
+            .await
+            .inspect_err(|_| db.broke())?
     };
     // A job missing from the projection was deleted (`JobDeleted`) before its events were
     // delivered: its callback comes from its history below, so deleting never drops one.

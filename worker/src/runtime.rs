@@ -24,6 +24,7 @@ use capibara_shared::{
     store::{
         self,
         dispatch::DispatchEntry,
+        held::HeldConnection,
         jobs::{job_append, JobWrite},
         secrets::Redactor,
         workers::WorkerInfo,
@@ -297,6 +298,12 @@ async fn fetch_loop(inner: &Arc<Inner>, tasks: &TaskTracker, shutdown: &Cancella
     let slots = Arc::new(Semaphore::new(inner.opts.concurrency));
     metrics::gauge!("capibara_worker_slots").set(inner.opts.concurrency as f64);
     let mut blocking = None;
+    // The loads of popped jobs keep one connection, if that leaves the pool one for others
+    // besides the appender's flushers (store::held).
+    let pool = inner.store.generic_pool();
+    let hold =
+        pool.options().get_max_connections() as usize > inner.store.appender.held_connections() + 1;
+    let mut db = HeldConnection::new(pool.clone(), hold);
     'fetch: loop {
         let first = tokio::select! {
             p = slots.clone().acquire_owned() => p.expect("semaphore open"),
@@ -343,7 +350,7 @@ async fn fetch_loop(inner: &Arc<Inner>, tasks: &TaskTracker, shutdown: &Cancella
                 }
             };
         }
-        let Some(jobs) = load_popped(inner, &ids, shutdown).await else {
+        let Some(jobs) = load_popped(&mut db, &ids, shutdown).await else {
             return;
         };
         let mut permit = Some(first);
@@ -400,15 +407,23 @@ async fn fetch_loop(inner: &Arc<Inner>, tasks: &TaskTracker, shutdown: &Cancella
 /// does not decode) drops the batch as before, for the relay, so one bad row cannot stop the
 /// worker. None on shutdown (the relay pushes them again).
 async fn load_popped(
-    inner: &Inner,
+    db: &mut HeldConnection,
     ids: &[Uuid],
     shutdown: &CancellationToken,
 ) -> Option<Vec<Job>> {
     let mut wait = Duration::from_millis(100);
     loop {
-        match store::jobs::get_many(inner.store.generic_pool(), ids).await {
-            Ok(jobs) => return Some(jobs),
+        let loaded = match db.get().await {
+            Ok(conn) => store::jobs::get_many(conn, ids).await,
+            Err(e) => Err(e.into()),
+        };
+        match loaded {
+            Ok(jobs) => {
+                db.done();
+                return Some(jobs);
+            }
             Err(e @ store::StoreError::Unavailable(_)) => {
+                db.broke();
                 tracing::warn!(error = %e, jobs = ids.len(), "loading popped jobs failed; retrying");
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
@@ -417,6 +432,7 @@ async fn load_popped(
                 wait = (wait * 2).min(Duration::from_secs(2));
             }
             Err(e) => {
+                db.done();
                 tracing::error!(error = %e, jobs = ids.len(), "popped jobs cannot be loaded; the relay pushes them again");
                 return Some(Vec::new());
             }

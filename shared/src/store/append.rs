@@ -27,11 +27,13 @@ use std::{
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::Value;
-use sqlx::{pool::PoolConnection, PgConnection, PgPool, Postgres};
+use sqlx::{PgConnection, PgPool};
 use tokio::sync::{mpsc, oneshot, Mutex};
 use uuid::Uuid;
 
-use super::{batch::Written, dispatch::DispatchEntry, lease::Lease, StoreError};
+use super::{
+    batch::Written, dispatch::DispatchEntry, held::HeldConnection, lease::Lease, StoreError,
+};
 use crate::domain::{
     event::{DomainEvent, EventMetadata, StreamType},
     job::Job,
@@ -306,9 +308,6 @@ impl From<&crate::config::Config> for AppenderOptions {
     }
 }
 
-/// How long a flusher keeps one connection before handing it back to the pool.
-const HOLD_FOR: Duration = Duration::from_secs(60);
-
 /// Handle to the group-commit writer; cheap to clone.
 #[derive(Clone)]
 pub struct Appender {
@@ -316,6 +315,8 @@ pub struct Appender {
     pool: PgPool,
     listener: Option<Arc<dyn CommitListener>>,
     timeout: Duration,
+    /// How many of the pool's connections the flushers keep (0 where holding is off).
+    held: usize,
 }
 
 impl Appender {
@@ -337,10 +338,8 @@ impl Appender {
             let pool = pool.clone();
             let listener = listener.clone();
             tokio::spawn(async move {
-                // Held from one batch to the next (see `flush`), for at most HOLD_FOR: then
-                // the pool takes it back and applies its idle and lifetime limits.
-                let mut conn = None;
-                let mut taken = Instant::now();
+                // Held from one batch to the next (see `flush`).
+                let mut conn = HeldConnection::new(pool, hold);
                 loop {
                     let batch = {
                         let mut rx = rx.lock().await;
@@ -354,14 +353,8 @@ impl Appender {
                         }
                         batch
                     };
-                    let had = conn.is_some();
-                    flush(&pool, &mut conn, listener.as_deref(), batch, opts.timeout).await;
-                    if !had {
-                        taken = Instant::now();
-                    }
-                    if !hold || taken.elapsed() > HOLD_FOR {
-                        conn = None;
-                    }
+                    flush(&mut conn, listener.as_deref(), batch, opts.timeout).await;
+                    conn.done();
                 }
             });
         }
@@ -370,7 +363,14 @@ impl Appender {
             pool,
             listener,
             timeout: opts.timeout,
+            held: if hold { flushers } else { 0 },
         }
+    }
+
+    /// How many of the pool's connections the flushers keep between batches: another loop
+    /// that would hold one too ([`HeldConnection`]) checks that one is still left.
+    pub fn held_connections(&self) -> usize {
+        self.held
     }
 
     /// The appender's pool: generic plans ([`super::with_generic_plans`]).
@@ -466,14 +466,11 @@ fn timed_out(timeout: Duration) -> sqlx::Error {
     ))
 }
 
-/// Write `batch` on `conn`, the flusher's own connection, acquired when it has none. A flusher
-/// keeps its connection from one batch to the next: returning it to the pool after each batch
-/// would cost a round trip (sqlx tests every connection it takes back) and a wake-up of its
-/// Postgres backend, per batch, on the path of every write. A connection that failed or timed
-/// out is closed, not reused; the next batch takes a fresh one.
+/// Write `batch` on `conn`, the flusher's own connection ([`HeldConnection`]: kept from one
+/// batch to the next). A connection that failed or timed out is closed, not reused; the next
+/// batch takes a fresh one.
 async fn flush(
-    pool: &PgPool,
-    conn: &mut Option<PoolConnection<Postgres>>,
+    conn: &mut HeldConnection,
     listener: Option<&dyn CommitListener>,
     batch: Vec<Pending>,
     timeout: Duration,
@@ -498,12 +495,9 @@ async fn flush(
     // A stalled connection never answers: give up after `timeout` (dropping the write closes
     // its connection) so callers get an answer and the flusher serves the next batch.
     let (committed, failed) = match tokio::time::timeout(timeout, async {
-        let held = match conn {
-            Some(c) => c,
-            None => match pool.acquire().await {
-                Ok(c) => conn.insert(c),
-                Err(e) => return (Written::default(), Some(e)),
-            },
+        let held = match conn.get().await {
+            Ok(c) => c,
+            Err(e) => return (Written::default(), Some(e)),
         };
         write_isolating(held, &appends, &mut results, candidates).await
     })
@@ -514,9 +508,7 @@ async fn flush(
     };
     if let Some(e) = failed {
         // Broken, or stopped mid-statement: its state is unknown.
-        if let Some(mut c) = conn.take() {
-            c.close_on_drop();
-        }
+        conn.broke();
         let msg = e.to_string();
         tracing::warn!(error = %msg, size, "append batch failed");
         for r in results.iter_mut().filter(|r| r.is_none()) {

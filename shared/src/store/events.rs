@@ -126,27 +126,27 @@ impl LogCursor {
 
 /// Events of the whole log after `cursor`, gap-safe (see the module docs). Returns the events and
 /// the cursor to continue from.
-pub async fn read_all(
-    pool: &PgPool,
+pub async fn read_all<'c>(
+    db: impl sqlx::PgExecutor<'c>,
     cursor: LogCursor,
     limit: i64,
 ) -> Result<(Vec<EventEnvelope>, LogCursor), StoreError> {
-    read_all_with(pool, cursor, limit, true).await
+    read_all_with(db, cursor, limit, true).await
 }
 
 /// [`read_all`] without the events' `data` (JSON `null` in its place): for a follower that needs
 /// only which event happened to which stream (the deliverer reads the job's state itself), so
 /// Postgres neither reads nor sends the payloads.
-pub async fn read_all_headers(
-    pool: &PgPool,
+pub async fn read_all_headers<'c>(
+    db: impl sqlx::PgExecutor<'c>,
     cursor: LogCursor,
     limit: i64,
 ) -> Result<(Vec<EventEnvelope>, LogCursor), StoreError> {
-    read_all_with(pool, cursor, limit, false).await
+    read_all_with(db, cursor, limit, false).await
 }
 
-async fn read_all_with(
-    pool: &PgPool,
+async fn read_all_with<'c>(
+    db: impl sqlx::PgExecutor<'c>,
     cursor: LogCursor,
     limit: i64,
     with_data: bool,
@@ -163,7 +163,7 @@ async fn read_all_with(
     .bind(cursor.position)
     .bind(limit)
     .bind(with_data)
-    .fetch_all(pool)
+    .fetch_all(db)
     .await?;
     let mut next = cursor;
     let events = rows

@@ -256,10 +256,13 @@ pub async fn pending_debounce(
 }
 
 /// Jobs by id, any namespace (workers, housekeeping).
-pub async fn get_many(pool: &PgPool, ids: &[Uuid]) -> Result<Vec<Job>, StoreError> {
+pub async fn get_many<'c>(
+    db: impl sqlx::PgExecutor<'c>,
+    ids: &[Uuid],
+) -> Result<Vec<Job>, StoreError> {
     let rows: Vec<(Value,)> = sqlx::query_as("SELECT to_jsonb(j) FROM jobs j WHERE id = ANY($1)")
         .bind(ids)
-        .fetch_all(pool)
+        .fetch_all(db)
         .await?;
     rows.into_iter().map(|(v,)| decode(v)).collect()
 }

@@ -30,6 +30,7 @@ pub mod connectors;
 pub mod deliveries;
 pub mod dispatch;
 pub mod events;
+pub mod held;
 pub mod jobs;
 pub mod keys;
 pub mod lease;

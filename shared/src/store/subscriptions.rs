@@ -99,11 +99,11 @@ pub async fn list(pool: &PgPool, namespace: &str) -> Result<Vec<Subscription>, S
 }
 
 /// Every active subscription (the deliverer caches them).
-pub async fn active(pool: &PgPool) -> Result<Vec<Subscription>, StoreError> {
+pub async fn active<'c>(db: impl sqlx::PgExecutor<'c>) -> Result<Vec<Subscription>, StoreError> {
     let rows: Vec<Row> = sqlx::query_as(&format!(
         "SELECT {COLUMNS} FROM subscriptions WHERE status = 'active' ORDER BY id"
     ))
-    .fetch_all(pool)
+    .fetch_all(db)
     .await?;
     Ok(rows.into_iter().map(Subscription::from).collect())
 }
