@@ -398,6 +398,9 @@ async fn fetch_loop(inner: &Arc<Inner>, tasks: &TaskTracker, shutdown: &Cancella
                 .instrument(span),
             );
         }
+        // Let the attempts just spawned send their claims before this loop's next pop: on a
+        // runtime with one thread they would otherwise wait behind it.
+        tokio::task::yield_now().await;
     }
 }
 
