@@ -134,8 +134,15 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, StoreErr
 /// statement over the partitioned `events` table costs more than running it (0.9 ms of
 /// planning against 0.4 ms of execution for a lone submit; 0.8 ms for a 0.07 ms log read).
 /// Their generic plans are the same index probes and ordered index scans, and Postgres
-/// replans them when `ANALYZE` changes a table's statistics. Lazy, like `pool`: a connection
-/// opens on first use.
+/// replans them when `ANALYZE` changes a table's statistics.
+///
+/// These connections also `SET enable_seqscan = off`. A generic plan is made once, with the
+/// statistics of that moment, and kept until `ANALYZE` runs: made while a table is still small
+/// (a fresh database, the first minutes of a benchmark, a new `events` partition), it reads
+/// the whole table to find one row (`jobs` by id, `dispatch` by job id, the append's probe of
+/// the expected event), and keeps doing so as the table grows. Every statement on this pool
+/// finds its rows by key, so the index path is the right one at any size; a statement with
+/// no index to use still scans. Lazy, like `pool`: a connection opens on first use.
 pub fn with_generic_plans(pool: &PgPool) -> PgPool {
     let opts = pool.options();
     PgPoolOptions::new()
@@ -146,7 +153,11 @@ pub fn with_generic_plans(pool: &PgPool) -> PgPool {
         .test_before_acquire(false)
         .after_connect(|conn, _meta| {
             Box::pin(async move {
-                sqlx::Executor::execute(conn, "SET plan_cache_mode = force_generic_plan").await?;
+                sqlx::Executor::execute(
+                    conn,
+                    "SET plan_cache_mode = force_generic_plan; SET enable_seqscan = off",
+                )
+                .await?;
                 Ok(())
             })
         })

@@ -823,3 +823,29 @@ async fn flushers_hand_their_connections_back_when_holding_would_leave_none() {
         .expect("a connection for a reader");
     assert_eq!(n.0, 20);
 }
+
+/// A generic plan is made once per connection, with the statistics of that moment, and kept
+/// until `ANALYZE`. Made on a fresh database, where every table is empty, it must still find
+/// rows by key: a plan that scans the table would keep scanning it as the table grows (the
+/// worker's load of popped jobs, the append's probes).
+#[tokio::test]
+async fn generic_plans_made_on_an_empty_database_find_rows_by_key() {
+    let env = TestEnv::new().await;
+    let (_pool, appender) = appender(&env).await;
+    let mut tx = appender.pool().begin().await.unwrap();
+    let found = store::jobs::get_many(&mut *tx, &[Uuid::now_v7()])
+        .await
+        .unwrap();
+    assert!(found.is_empty());
+    let scans: (i64, i64) = sqlx::query_as(
+        "SELECT seq_scan, coalesce(idx_scan, 0) FROM pg_stat_xact_user_tables WHERE relname = 'jobs'",
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .unwrap();
+    assert_eq!(
+        scans,
+        (0, 1),
+        "(sequential scans, index scans) of jobs for one load by id"
+    );
+}
