@@ -1,5 +1,5 @@
 //! A Postgres connection a hot loop keeps from one use to the next: the appender's flushers
-//! (one per flusher) and the worker's load of popped jobs.
+//! (one per flusher), the worker's load of popped jobs and the deliverer's reads of each page.
 //!
 //! sqlx tests every connection given back to its pool with a round trip (`sqlx-core` 0.8.6,
 //! `PoolConnection::return_to_pool`; `test_before_acquire(false)` does not cover it). On a loop
@@ -48,11 +48,6 @@ impl HeldConnection {
             }
         };
         Ok(&mut **self.conn.insert(conn))
-    }
-
-    /// Whether a connection is held now.
-    pub fn is_held(&self) -> bool {
-        self.conn.is_some()
     }
 
     /// The last use failed or was cut off mid-statement: its state is unknown, so it is closed
