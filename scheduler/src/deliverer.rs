@@ -129,12 +129,8 @@ async fn lead(
         .await?
         .unwrap_or_default();
     let mut subs = SubscriptionCache::default();
-    // The reads of each page (the log, subscriptions, callbacks) keep one connection
-    // (store::held), if that leaves the pool one for others besides the appender's flushers.
-    let pool = store.generic_pool();
-    let hold =
-        pool.options().get_max_connections() as usize > store.appender.held_connections() + 1;
-    let mut db = HeldConnection::new(pool.clone(), hold);
+    // The reads of each page (the log, subscriptions, callbacks) keep one connection.
+    let mut db = store.held_connection();
     let mut last_release = Instant::now();
     // A page that creates nothing moves the cursor in memory only; the checkpoint follows
     // every SAVE_EVERY (a restart reads those pages again and again creates nothing: a

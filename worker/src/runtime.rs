@@ -298,12 +298,8 @@ async fn fetch_loop(inner: &Arc<Inner>, tasks: &TaskTracker, shutdown: &Cancella
     let slots = Arc::new(Semaphore::new(inner.opts.concurrency));
     metrics::gauge!("capibara_worker_slots").set(inner.opts.concurrency as f64);
     let mut blocking = None;
-    // The loads of popped jobs keep one connection, if that leaves the pool one for others
-    // besides the appender's flushers (store::held).
-    let pool = inner.store.generic_pool();
-    let hold =
-        pool.options().get_max_connections() as usize > inner.store.appender.held_connections() + 1;
-    let mut db = HeldConnection::new(pool.clone(), hold);
+    // The loads of popped jobs keep one connection.
+    let mut db = inner.store.held_connection();
     'fetch: loop {
         let first = tokio::select! {
             p = slots.clone().acquire_owned() => p.expect("semaphore open"),

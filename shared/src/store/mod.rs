@@ -206,6 +206,16 @@ impl Store {
         self.appender.pool()
     }
 
+    /// A connection of [`Self::generic_pool`] for one hot loop to keep between uses
+    /// ([`held::HeldConnection`]): kept only if the pool still has one for everyone else
+    /// besides the appender's flushers and this loop.
+    pub fn held_connection(&self) -> held::HeldConnection {
+        let pool = self.generic_pool();
+        let hold =
+            pool.options().get_max_connections() as usize > self.appender.held_connections() + 1;
+        held::HeldConnection::new(pool.clone(), hold)
+    }
+
     /// Liveness check for `/readyz`.
     pub async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
