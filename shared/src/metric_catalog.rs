@@ -331,6 +331,14 @@ pub const METRICS: &[MetricSpec] = &[
         labels: &[],
     },
     MetricSpec {
+        name: "capibara_dispatch_carried_stale_total",
+        kind: Counter,
+        help: "Popped jobs whose carried copy was not the job as it stands (the attempt's first append conflicted): what the attempt did was discarded and the job put back on the queue.",
+        unit: None,
+        on: &[Worker],
+        labels: &[],
+    },
+    MetricSpec {
         name: "capibara_worker_protocol_leased_total",
         kind: Counter,
         help: "Jobs handed to workers of the HTTP protocol by lease calls.",

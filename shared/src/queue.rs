@@ -19,17 +19,20 @@
 //! keep the deployment's tag `{<prefix>}`: one `BLPOP` waits on every lane of a fetcher
 //! (docs/redis-cluster.md, "How keys are tagged").
 
-use std::time::Duration;
+use std::{collections::HashMap, time::Duration};
 
 use redis::{AsyncCommands, Script};
 use uuid::Uuid;
 
 use crate::{
-    domain::limit::{Group, Limit},
+    domain::{
+        job::Job,
+        limit::{Group, Limit},
+    },
     redis_conn::{Redis, RedisConn},
     store::{
         append::Changed,
-        dispatch::{DispatchEntry, Release},
+        dispatch::{DispatchEntry, Release, CARRY_TTL_MS},
     },
 };
 
@@ -125,7 +128,10 @@ impl QueueError {
 /// Pop up to `ARGV[2]` jobs from the lanes whose rings are `KEYS` (lane names in `ARGV[3..]`),
 /// taking turns between groups and checking each group's pauses, ordering key and limits before
 /// handing out its head. Returns the ms until the next rate-delayed group is due (-1: none),
-/// then the job ids. See docs/flow-control-design.md.
+/// then for each job its id and the copy of the job that rode with its entry (taken off; empty
+/// when none: [`crate::store::dispatch::carried`]). A wait recorded for a group's head (it
+/// becomes a `JobWaiting` event, a new version of the job) drops the head's copy, which would
+/// no longer be the job. See docs/flow-control-design.md.
 const POP_SCRIPT: &str = r#"
 local P = ARGV[1]
 local want = tonumber(ARGV[2])
@@ -161,6 +167,7 @@ local function waited(lane, gid, head, w)
   local field = lane .. '\n' .. gid
   if redis.call('HGET', P .. ':lastwait', field) ~= mark then
     redis.call('HSET', P .. ':lastwait', field, mark)
+    redis.call('DEL', P .. ':body:' .. head)
     w.job = head
     w.at_ms = now
     redis.call('RPUSH', P .. ':waits', cjson.encode(w))
@@ -173,9 +180,9 @@ local function park(ring, lane, gid, blocker, head, w)
   redis.call('SADD', P .. ':parkedsets', P .. ':parked:' .. blocker)
   waited(lane, gid, head, w)
 end
-local out = {}
+local out, taken = {}, 0
 local budget = want + 64
-while #out < want and budget > 0 do
+while taken < want and budget > 0 do
   budget = budget - 1
   local bi, gid, bscore = nil, nil, nil
   for i, ring in ipairs(KEYS) do
@@ -271,7 +278,12 @@ while #out < want and budget > 0 do
       end
       if holds then redis.call('HSET', P .. ':held', head, lane .. '\n' .. gid) end
       redis.call('HDEL', P .. ':lastwait', lane .. '\n' .. gid)
+      taken = taken + 1
       out[#out + 1] = head
+      local bk = P .. ':body:' .. head
+      local body = redis.call('GET', bk)
+      if body then redis.call('DEL', bk) end
+      out[#out + 1] = body or ''
       local n = redis.call('ZRANGE', gk, 0, 0, 'WITHSCORES')
       if n[1] then
         local s = tonumber(n[2])
@@ -381,18 +393,48 @@ return woken
 pub struct Popped {
     pub ids: Vec<Uuid>,
     pub due: Option<Duration>,
+    /// The jobs whose copy rode with their entry ([`crate::store::dispatch::carried`]), as
+    /// their entry's commit wrote them: the job only until its claim says otherwise.
+    pub carried: HashMap<Uuid, Job>,
 }
 
 impl Popped {
-    /// The pop script's answer: how soon a held-back group is due (ms, or -1), then the ids.
+    /// The pop script's answer: how soon a held-back group is due (ms, or -1), then each id
+    /// and its carried copy (empty: none). A copy that does not decode is left out: the job is
+    /// loaded from Postgres instead.
     fn of(out: &[String]) -> Popped {
         let due = out
             .first()
             .and_then(|d| d.parse::<i64>().ok())
             .filter(|d| *d >= 0)
             .map(|d| Duration::from_millis(d as u64 + 1));
-        let ids = out.iter().skip(1).filter_map(|s| s.parse().ok()).collect();
-        Popped { ids, due }
+        let mut popped = Popped {
+            due,
+            ..Popped::default()
+        };
+        for pair in out.get(1..).unwrap_or_default().chunks(2) {
+            let Some(id) = pair[0].parse::<Uuid>().ok() else {
+                continue;
+            };
+            popped.ids.push(id);
+            let copy = pair.get(1).filter(|b| !b.is_empty());
+            if let Some(job) = copy.and_then(|b| serde_json::from_str::<Job>(b).ok()) {
+                if job.id == id {
+                    popped.carried.insert(id, job);
+                }
+            }
+        }
+        popped
+    }
+
+    /// Add what another pop handed out.
+    fn extend(&mut self, other: Popped) {
+        self.ids.extend(other.ids);
+        self.carried.extend(other.carried);
+        self.due = match (self.due, other.due) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
     }
 }
 
@@ -715,6 +757,14 @@ impl Queue {
                 .arg(e.score)
                 .arg(group)
                 .ignore();
+            if let Some(job) = &e.carried {
+                pipe.cmd("SET")
+                    .arg(format!("{shard}:body:{}", e.job_id))
+                    .arg(job.as_bytes())
+                    .arg("PX")
+                    .arg(CARRY_TTL_MS)
+                    .ignore();
+            }
             *wakes.entry(e.queue.clone()).or_default() += 1;
         }
         wakes
@@ -824,15 +874,14 @@ impl Queue {
     pub async fn pop_due(&self, lanes: &[String], max: usize) -> Result<Popped, QueueError> {
         let n = usize::from(self.shards);
         let first = self.turn.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % n;
-        let mut ids = Vec::new();
-        let mut due: Option<Duration> = None;
+        let mut popped = Popped::default();
         let mut failed = None;
         for i in 0..n {
-            if ids.len() >= max {
+            if popped.ids.len() >= max {
                 break;
             }
             let shard = self.shard_base(((first + i) % n) as u16);
-            let cmd = self.pop_cmd(&shard, lanes, max - ids.len());
+            let cmd = self.pop_cmd(&shard, lanes, max - popped.ids.len());
             let mut conn = self.conn.clone();
             // The script is loaded when Redis lacks it (first use, a restart), as
             // `Script::invoke_async` does.
@@ -854,16 +903,11 @@ impl Queue {
                 }
                 Err(e) => return Err(e.into()),
             };
-            let got = Popped::of(&out);
-            due = match (due, got.due) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
-            ids.extend(got.ids);
+            popped.extend(Popped::of(&out));
         }
         match failed {
-            Some(e) if ids.is_empty() => Err(e.into()),
-            _ => Ok(Popped { ids, due }),
+            Some(e) if popped.ids.is_empty() => Err(e.into()),
+            _ => Ok(popped),
         }
     }
 
@@ -959,11 +1003,16 @@ impl Queue {
     pub async fn remove(&self, entry: &DispatchEntry) -> Result<(), QueueError> {
         let mut conn = self.conn.clone();
         let shard = self.shard_base(self.shard_of(&entry.namespace));
-        conn.zrem::<_, _, ()>(
-            self.group_key(&shard, &entry.queue, &group_id(entry)),
-            entry.job_id.to_string(),
-        )
-        .await?;
+        redis::pipe()
+            .zrem(
+                self.group_key(&shard, &entry.queue, &group_id(entry)),
+                entry.job_id.to_string(),
+            )
+            .ignore()
+            .del(format!("{shard}:body:{}", entry.job_id))
+            .ignore()
+            .query_async::<()>(&mut conn)
+            .await?;
         Ok(())
     }
 

@@ -138,6 +138,15 @@ impl Inner {
             || self.push_target(job).is_some()
     }
 
+    /// Whether `job`'s attempts are claimed before they start (a push call, or a built-in
+    /// executor that is not repeatable): only those may start from a carried copy.
+    fn claims_first(&self, job: &Job) -> bool {
+        match self.registry.executor(&job.namespace, &job.kind) {
+            Some(e) => !e.repeatable(),
+            None => self.push_target(job).is_some(),
+        }
+    }
+
     /// The executor of `job`'s next attempt: a built-in one, or a call to its push endpoint.
     fn executor_for(&self, job: &Job) -> Option<Arc<dyn Executor>> {
         if let Some(e) = self.registry.executor(&job.namespace, &job.kind) {
@@ -317,8 +326,8 @@ async fn fetch_loop(inner: &Arc<Inner>, tasks: &TaskTracker, shutdown: &Cancella
                 }
             }
         };
-        let mut ids = popped.ids;
-        if ids.is_empty() {
+        let mut popped = popped;
+        if popped.ids.is_empty() {
             if blocking.is_none() {
                 blocking = inner.queue.blocking_connection().await.ok();
             }
@@ -329,11 +338,11 @@ async fn fetch_loop(inner: &Arc<Inner>, tasks: &TaskTracker, shutdown: &Cancella
             // Each wait ends in a pop (`wait_and_pop`); one that found nothing says when to
             // wait until next, so no pop of its own comes between two waits.
             let mut due = popped.due;
-            ids = loop {
+            popped = loop {
                 let lanes = inner.lanes();
                 tokio::select! {
                     r = inner.queue.wait_and_pop(conn, &lanes, Duration::from_secs(1), due) => match r {
-                        Ok(woken) if !woken.ids.is_empty() => break woken.ids,
+                        Ok(woken) if !woken.ids.is_empty() => break woken,
                         Ok(empty) => due = empty.due,
                         Err(e) => {
                             tracing::debug!(error = %e, "blocking pop failed");
@@ -346,11 +355,29 @@ async fn fetch_loop(inner: &Arc<Inner>, tasks: &TaskTracker, shutdown: &Cancella
                 }
             };
         }
-        let Some(jobs) = load_popped(&mut db, &ids, shutdown).await else {
-            return;
+        // A job whose copy rode with its pop starts from that copy (its first append checks
+        // it: [`run_job`]); the others are read from Postgres.
+        let mut carried = Vec::new();
+        let mut load = Vec::new();
+        for id in popped.ids {
+            match popped.carried.remove(&id) {
+                Some(job) => carried.push(job),
+                None => load.push(id),
+            }
+        }
+        let loaded = match load.is_empty() {
+            true => Vec::new(),
+            false => match load_popped(&mut db, &load, shutdown).await {
+                Some(jobs) => jobs,
+                None => return,
+            },
         };
+        let jobs = carried
+            .into_iter()
+            .map(|job| (job, Source::Carried))
+            .chain(loaded.into_iter().map(|job| (job, Source::Loaded)));
         let mut permit = Some(first);
-        for job in jobs {
+        for (job, source) in jobs {
             if job.status != JobStatus::Queued {
                 metrics::counter!("capibara_dispatch_stale_total").increment(1);
                 continue;
@@ -387,7 +414,7 @@ async fn fetch_loop(inner: &Arc<Inner>, tasks: &TaskTracker, shutdown: &Cancella
                 async move {
                     let busy = metrics::gauge!("capibara_worker_busy_slots");
                     busy.increment(1.0);
-                    run_job(&inner, job).await;
+                    run_job(&inner, job, source).await;
                     busy.decrement(1.0);
                     drop(p);
                 }
@@ -462,6 +489,23 @@ struct AttemptState {
     redactor: Redactor,
     /// Notes ([`ProgressSink::note`]) waiting for the attempt's next write.
     pending: Vec<JobEvent>,
+    /// `job` is a carried copy that no append has checked yet ([`run_job`]).
+    copy: bool,
+}
+
+impl AttemptState {
+    /// The next attempt of `job`, not claimed yet, its execution beginning at `started_at`.
+    fn new(job: Job, started_at: chrono::DateTime<chrono::Utc>) -> AttemptState {
+        AttemptState {
+            attempt: job.attempt + 1,
+            job,
+            claimed: false,
+            started_at,
+            redactor: Redactor::default(),
+            pending: Vec::new(),
+            copy: false,
+        }
+    }
 }
 
 /// `events` with every resolved secret value replaced (outputs, errors, progress, chunks).
@@ -537,14 +581,74 @@ fn attempt_span(job: &Job) -> tracing::Span {
     span
 }
 
-async fn run_job(inner: &Arc<Inner>, job: Job) {
+/// Where a popped job's state came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    /// Read from Postgres after the pop.
+    Loaded,
+    /// The copy that rode with its dispatch entry ([`store::dispatch::carried`]): the job as a
+    /// commit wrote it, maybe not as it stands now.
+    Carried,
+}
+
+/// Run the next attempt of `job`. A carried copy may not be the job as it stands: the first
+/// append of the attempt (its claim, or its outcome with `JobStarted`) expects the copy's
+/// version, so one that commits proves the copy was the job (every write of a job's row is an
+/// append to its stream), and one that conflicts ends the attempt and puts the job back on the
+/// queue as it stands ([`requeue_changed`]). An attempt with outside effects is claimed before
+/// anything else is done with its copy (secrets, the push call); a repeatable one runs on it at
+/// once, and what it did is discarded if the copy lost.
+async fn run_job(inner: &Arc<Inner>, job: Job, source: Source) {
+    let mut st = AttemptState::new(job.clone(), domain::now());
+    if source == Source::Loaded {
+        return run_loaded(inner, job, st).await;
+    }
+    st.copy = true;
+    if inner.claims_first(&job) {
+        // The claim stands in for the load of a popped job, and is tried again as that load is
+        // while Postgres cannot be reached ([`load_popped`]).
+        let mut wait = Duration::from_millis(100);
+        loop {
+            match try_claim(inner, &mut st).await {
+                Claim::Ours => break,
+                Claim::NotOurs | Claim::Changed => return,
+                Claim::Failed => tokio::select! {
+                    _ = tokio::time::sleep(wait) => wait = (wait * 2).min(Duration::from_secs(2)),
+                    _ = inner.hard_stop.cancelled() => return,
+                },
+            }
+        }
+    }
+    run_loaded(inner, job, st).await
+}
+
+/// A carried copy lost its check: what the attempt did is discarded, and the job, read again,
+/// goes back on the queue if it is still queued (with a copy of itself as it stands).
+async fn requeue_changed(inner: &Inner, id: Uuid) {
+    metrics::counter!("capibara_dispatch_carried_stale_total").increment(1);
+    match store::jobs::get_any(&inner.store.pool, id).await {
+        Ok(Some(fresh)) if fresh.status == JobStatus::Queued => {
+            let entry = DispatchEntry::of(&fresh, fresh.queued_at.unwrap_or_else(domain::now));
+            if let Err(e) = inner.queue.push(&[entry]).await {
+                tracing::warn!(job_id = %id, error = %e, "putting a changed job back failed; the relay will dispatch it again");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => {
+            tracing::warn!(job_id = %id, error = %e, "reading a changed job failed; the relay will dispatch it again");
+        }
+    }
+}
+
+/// [`run_job`] of `job`, its attempt's state `st` (claimed already, or not yet).
+async fn run_loaded(inner: &Arc<Inner>, job: Job, mut st: AttemptState) {
     let attempt = job.attempt + 1;
     let id = job.id;
     let kind = job.kind.clone();
     let Some(executor) = inner.executor_for(&job) else {
         return;
     };
-    let started_at = domain::now();
+    let started_at = st.started_at;
     if let Some(q) = job.queued_at {
         let latency = (started_at - q).num_microseconds().unwrap_or(0) as f64 / 1e6;
         metrics::histogram!("capibara_job_pickup_latency_seconds", "queue" => job.queue.clone())
@@ -596,14 +700,8 @@ async fn run_job(inner: &Arc<Inner>, job: Job) {
             ))),
         ),
     };
-    let state = Arc::new(Mutex::new(AttemptState {
-        job: job.clone(),
-        claimed: false,
-        attempt,
-        started_at,
-        redactor,
-        pending: Vec::new(),
-    }));
+    st.redactor = redactor;
+    let state = Arc::new(Mutex::new(st));
     let progress = Arc::new(Progress {
         inner: inner.clone(),
         state: state.clone(),
@@ -687,11 +785,39 @@ async fn run_job(inner: &Arc<Inner>, job: Job) {
     inner.running.lock().expect("running lock").remove(&id);
 }
 
+/// What a claim found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Claim {
+    /// `JobStarted` is recorded: the attempt is this worker's.
+    Ours,
+    /// Not this worker's to run (a duplicate delivery, canceled or started elsewhere).
+    NotOurs,
+    /// The claim could not be written (Postgres unreachable, say): unless it is tried again,
+    /// the relay dispatches the job again.
+    Failed,
+    /// The attempt started from a carried copy that is not the job as it stands: it is
+    /// not this worker's, and the job went back on the queue ([`requeue_changed`]).
+    Changed,
+}
+
 /// Append `JobStarted` with the version we loaded: a duplicate delivery, or a job canceled or
 /// started elsewhere meanwhile, loses the version check. Returns whether the attempt is ours.
 async fn claim(inner: &Arc<Inner>, st: &mut AttemptState) -> bool {
+    match try_claim(inner, st).await {
+        Claim::Ours => true,
+        Claim::Failed => {
+            tracing::warn!(job_id = %st.job.id, "the relay will dispatch the job again");
+            false
+        }
+        Claim::NotOurs | Claim::Changed => false,
+    }
+}
+
+/// [`claim`]. On a conflict the job is read again and claimed while it is still queued for
+/// this attempt, unless the attempt started from a carried copy ([`Claim::Changed`]).
+async fn try_claim(inner: &Arc<Inner>, st: &mut AttemptState) -> Claim {
     if st.claimed {
-        return true;
+        return Claim::Ours;
     }
     for _ in 0..3 {
         let mut w = JobWrite::new(metadata(inner, &st.job), domain::now());
@@ -702,33 +828,38 @@ async fn claim(inner: &Arc<Inner>, st: &mut AttemptState) -> bool {
             worker: inner.name.clone(),
         }];
         let Ok((started, append)) = job_append(Some(&st.job), st.job.id, &events, w) else {
-            return false;
+            return Claim::NotOurs;
         };
         match inner.store.appender.append(append).await {
             Ok(_) => {
                 st.job = started;
                 st.claimed = true;
-                return true;
+                st.copy = false;
+                return Claim::Ours;
+            }
+            Err(AppendError::Conflict { .. }) if st.copy => {
+                requeue_changed(inner, st.job.id).await;
+                return Claim::Changed;
             }
             Err(AppendError::Conflict { .. }) => {
                 let Ok(Some(fresh)) = store::jobs::get_any(&inner.store.pool, st.job.id).await
                 else {
-                    return false;
+                    return Claim::NotOurs;
                 };
                 if fresh.status != JobStatus::Queued || fresh.attempt + 1 != st.attempt {
                     metrics::counter!("capibara_dispatch_duplicates_total").increment(1);
                     tracing::debug!(job_id = %st.job.id, "duplicate delivery fenced off");
-                    return false;
+                    return Claim::NotOurs;
                 }
                 st.job = fresh;
             }
             Err(e) => {
-                tracing::warn!(job_id = %st.job.id, error = %e, "claim failed; the relay will dispatch the job again");
-                return false;
+                tracing::warn!(job_id = %st.job.id, error = %e, "claim failed");
+                return Claim::Failed;
             }
         }
     }
-    false
+    Claim::NotOurs
 }
 
 /// The events of `outcome`: the domain's decision ([`Job::end_attempt`]).
@@ -830,6 +961,13 @@ async fn report(inner: &Arc<Inner>, state: &Arc<Mutex<AttemptState>>, mut outcom
             Ok(()) => {
                 st.job = new;
                 st.claimed = true;
+                st.copy = false;
+                return;
+            }
+            // Started from a carried copy that was not the job as it stands: the attempt ran
+            // on what may be another job's state, so its result goes nowhere.
+            Err(AppendError::Conflict { .. }) if st.copy && !st.claimed => {
+                requeue_changed(inner, st.job.id).await;
                 return;
             }
             Err(AppendError::Conflict { .. }) => {

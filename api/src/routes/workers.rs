@@ -29,6 +29,7 @@ use capibara_shared::{
         },
         now, FieldError,
     },
+    queue::Popped,
     redis_conn::RedisConn,
     store::{
         self,
@@ -422,7 +423,8 @@ pub async fn lease(
             .pop_due(&lanes, max as usize)
             .await
             .map_err(|_| ApiError::Unavailable)?;
-        claim_all(&state, &w, popped.ids, term, &mut jobs).await?;
+        let due = popped.due;
+        claim_all(&state, &w, popped, term, &mut jobs).await?;
         if !jobs.is_empty() {
             break;
         }
@@ -430,20 +432,20 @@ pub async fn lease(
         if left.is_zero() {
             break;
         }
-        let Some(first) = wait_for_one(&state, &lanes, left, popped.due).await? else {
+        let Some(first) = wait_for_one(&state, &lanes, left, due).await? else {
             break;
         };
         // Deregistered while it waited (here at once, elsewhere within WORKER_TTL): the job
         // goes back to the queue, not to a worker that is gone.
         if let Err(e) = worker(&state, &auth, w.id).await {
-            give_back(&state, &[first]).await;
+            give_back(&state, &first.ids).await;
             return Err(e);
         }
-        claim_all(&state, &w, vec![first], term, &mut jobs).await?;
+        claim_all(&state, &w, first, term, &mut jobs).await?;
         if max > 1 && !jobs.is_empty() {
             let more = state
                 .queue
-                .pop(&lanes, max as usize - jobs.len())
+                .pop_due(&lanes, max as usize - jobs.len())
                 .await
                 .map_err(|_| ApiError::Unavailable)?;
             claim_all(&state, &w, more, term, &mut jobs).await?;
@@ -458,16 +460,17 @@ pub async fn lease(
     Ok(Json(Leased { jobs }))
 }
 
-/// Claim each popped id for `w`; ids that are not its to run any more are skipped.
+/// Claim each popped job for `w`; those that are not its to run any more are skipped.
 async fn claim_all(
     state: &AppState,
     w: &RemoteWorker,
-    ids: Vec<Uuid>,
+    popped: Popped,
     term: Duration,
     out: &mut Vec<LeasedJob>,
 ) -> Result<(), ApiError> {
-    let claimed = command::leases::claim_many(&state.store, w, &ids, term).await?;
-    let stale = ids.len() - claimed.len();
+    let popped_n = popped.ids.len();
+    let claimed = command::leases::claim_many(&state.store, w, popped, term).await?;
+    let stale = popped_n - claimed.len();
     if stale > 0 {
         metrics::counter!("capibara_dispatch_stale_total").increment(stale as u64);
     }
@@ -506,7 +509,7 @@ async fn wait_for_one(
     lanes: &[String],
     left: Duration,
     mut due: Option<Duration>,
-) -> Result<Option<Uuid>, ApiError> {
+) -> Result<Option<Popped>, ApiError> {
     let polls = &state.long_polls;
     let Ok(_slot) = polls.slots.clone().try_acquire_owned() else {
         // Too many long polls here: let the worker come back.
@@ -535,8 +538,8 @@ async fn wait_for_one(
             .await
         {
             Ok(popped) => {
-                if let Some(id) = popped.ids.into_iter().next() {
-                    found = Some(id);
+                if !popped.ids.is_empty() {
+                    found = Some(popped);
                     break;
                 }
                 due = popped.due;

@@ -21,6 +21,7 @@ use crate::{
         model::{self, ModelInfo, Registration},
         now, FieldError,
     },
+    queue::Popped,
     store::{
         self,
         jobs::{job_append, JobWrite},
@@ -91,20 +92,30 @@ pub fn metadata(w: &RemoteWorker) -> EventMetadata {
     }
 }
 
-/// Start the next attempt of each popped job of `ids` for worker `w`, holding its lease for
-/// `term`: the jobs are read in one query and their claims committed together (one group
-/// commit). Jobs that are not this worker's to run any more are left out (a duplicate delivery,
-/// canceled or started elsewhere meanwhile, another namespace, a kind it did not declare).
+/// Start the next attempt of each job `popped` for worker `w`, holding its lease for `term`:
+/// the jobs are read in one query and their claims committed together (one group commit).
+/// A job whose copy rode with its pop is not read: its claim expects the copy's version, and
+/// one that conflicts reads the job again ([`store::dispatch::carried`]). Jobs that are not
+/// this worker's to run any more are left out (a duplicate delivery, canceled or started
+/// elsewhere meanwhile, another namespace, a kind it did not declare).
 pub async fn claim_many(
     store: &Store,
     w: &RemoteWorker,
-    ids: &[Uuid],
+    popped: Popped,
     term: Duration,
 ) -> Result<Vec<(Job, LeaseToken, DateTime<Utc>)>, StoreError> {
-    if ids.is_empty() {
-        return Ok(Vec::new());
+    let Popped {
+        ids, mut carried, ..
+    } = popped;
+    let load: Vec<Uuid> = ids
+        .iter()
+        .filter(|id| !carried.contains_key(id))
+        .copied()
+        .collect();
+    let mut jobs: Vec<Job> = ids.iter().filter_map(|id| carried.remove(id)).collect();
+    if !load.is_empty() {
+        jobs.extend(store::jobs::get_many(&store.pool, &load).await?);
     }
-    let jobs = store::jobs::get_many(&store.pool, ids).await?;
     let claims = futures::future::join_all(
         jobs.into_iter()
             .filter(|j| j.namespace == w.namespace)

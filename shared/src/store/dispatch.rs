@@ -3,6 +3,8 @@
 //! ([`crate::domain::job::Follow::Undispatch`]). After the commit the appender hands new rows to
 //! the queue (the fast path); the relay sweeps the outbox for what Redis does not hold.
 
+use std::sync::Arc;
+
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::PgPool;
@@ -23,6 +25,31 @@ pub struct DispatchEntry {
     /// rows written before groups existed (the queue then groups by namespace and queue).
     #[serde(rename = "grp")]
     pub group: String,
+    /// The job as this entry's commit wrote it (JSON), pushed to Redis with the entry for the
+    /// worker that pops it ([`carried`]); not part of the outbox row.
+    #[serde(skip)]
+    pub carried: Option<Arc<str>>,
+}
+
+/// The most bytes of a job's JSON that ride with its dispatch entry ([`carried`]).
+pub const CARRY_MAX_BYTES: usize = 4096;
+
+/// How long Redis keeps a carried copy that no pop took (a job that waits longer is loaded
+/// from Postgres, as any other).
+pub const CARRY_TTL_MS: u64 = 60_000;
+
+/// The copy of `job` to carry with its dispatch entry, or None when its JSON is larger than
+/// [`CARRY_MAX_BYTES`] (Redis holds a bounded copy or none).
+///
+/// A worker that pops the entry starts from the copy instead of reading the job from Postgres,
+/// but nothing it records stands on the copy unchecked: its first append (the claim, or an
+/// attempt's outcome with its `JobStarted`) expects the copy's version, and a job's version
+/// changes with every write of its row, so an append that commits proves the copy was the job
+/// as it stands. One that conflicts discards what the attempt did and puts the job back on the
+/// queue as it stands (docs/write-path.md, "The job rides with its pop").
+pub fn carried(job: &crate::domain::job::Job) -> Option<Arc<str>> {
+    let json = serde_json::to_string(job).ok()?;
+    (json.len() <= CARRY_MAX_BYTES).then(|| Arc::from(json))
 }
 
 /// What a job held in the queue while it ran, given back after the commit that ended its
@@ -53,6 +80,7 @@ impl DispatchEntry {
         };
         let mut e = Self::new(job.id, &job.namespace, &lane, job.priority, since);
         e.group = crate::flow::group_of(job).id();
+        e.carried = carried(job);
         e
     }
 
@@ -70,6 +98,7 @@ impl DispatchEntry {
             score: enqueued_at.timestamp_millis() - priority.head_start_ms(),
             enqueued_at,
             group: String::new(),
+            carried: None,
         }
     }
 }
@@ -120,6 +149,7 @@ fn entry((job_id, namespace, queue, score, enqueued_at, group): Row) -> Dispatch
         score,
         enqueued_at,
         group,
+        carried: None,
     }
 }
 

@@ -3,8 +3,22 @@
 
 use std::time::Duration;
 
-use capibara_shared::{queue::Queue, redis_conn::RedisConn};
+use capibara_shared::{
+    domain::{
+        event::EventMetadata,
+        job::{Job, Submission},
+    },
+    queue::Queue,
+    redis_conn::RedisConn,
+    store::{
+        dispatch::{self, DispatchEntry},
+        jobs::{job_append, JobWrite},
+        Effect,
+    },
+};
 use capibara_tests::{dispatch_entry, TestEnv};
+use redis::AsyncCommands;
+use serde_json::json;
 
 /// A test's queue, the `default` lane, and an idle fetcher's own blocking connection.
 async fn fetcher() -> (TestEnv, Queue, Vec<String>, RedisConn) {
@@ -126,4 +140,100 @@ async fn a_woken_fetcher_gets_its_job_in_the_wake_up_answer() {
         .unwrap();
     assert!(idle.ids.is_empty(), "{idle:?}");
     assert_eq!(last_command(&queue, client).await, "evalsha");
+}
+
+/// The job of `kind` (queue `q`, namespace `default`) as its submission writes it, and the
+/// dispatch entry that submission pushes.
+fn submitted(kind: &str) -> (Job, DispatchEntry) {
+    let sub: Submission = serde_json::from_value(
+        json!({"kind": kind, "input": {"n": 1}, "queue": "q", "priority": "normal", "max_attempts": 3}),
+    )
+    .unwrap();
+    let at = capibara_shared::domain::now();
+    let meta = EventMetadata {
+        namespace: "default".into(),
+        ..Default::default()
+    };
+    let (job, append) = job_append(
+        None,
+        uuid::Uuid::now_v7(),
+        &sub.into_events(at),
+        JobWrite::new(meta, at),
+    )
+    .unwrap();
+    let entry = append
+        .effects
+        .iter()
+        .find_map(|e| match e {
+            Effect::Dispatch(d) => Some(d.clone()),
+            _ => None,
+        })
+        .expect("a submitted job is dispatched");
+    (job, entry)
+}
+
+/// A job rides with its dispatch entry: the pop hands out the job as its commit wrote it, once
+/// (a later pop of the same id, the relay's re-push, finds no copy), and taking the entry off
+/// (a cancel) takes the copy too; a job too large is not carried (docs/write-path.md, "The job
+/// rides with its pop").
+#[tokio::test]
+async fn a_job_rides_with_its_pop_once() {
+    let (env, queue, _, _) = fetcher().await;
+    let (job, entry) = submitted("echo");
+    assert!(entry.carried.is_some(), "a built-in kind");
+    let (_, user) = submitted("hook.resize");
+    assert!(user.carried.is_some(), "a user kind");
+    let lanes = vec![entry.queue.clone()];
+    queue.push(std::slice::from_ref(&entry)).await.unwrap();
+    let mut popped = queue.pop_due(&lanes, 4).await.unwrap();
+    assert_eq!(popped.ids, vec![job.id]);
+    let copy = popped.carried.remove(&job.id).expect("the copy rode along");
+    assert_eq!(
+        serde_json::to_value(&copy).unwrap(),
+        serde_json::to_value(&job).unwrap(),
+        "the job as its commit wrote it"
+    );
+    assert_eq!(copy.version, 1);
+
+    // A pop of several hands out as many jobs as it may, each with its copy.
+    let (second, second_entry) = submitted("echo");
+    let (third, third_entry) = submitted("echo");
+    queue.push(&[second_entry, third_entry]).await.unwrap();
+    let popped = queue.pop_due(&lanes, 2).await.unwrap();
+    let mut ids = popped.ids.clone();
+    ids.sort();
+    let mut want = vec![second.id, third.id];
+    want.sort();
+    assert_eq!(ids, want, "{popped:?}");
+    assert_eq!(popped.carried.len(), 2, "{popped:?}");
+
+    // The relay pushes the outbox row again (no copy): the pop finds none left behind.
+    let mut again = entry.clone();
+    again.carried = None;
+    queue.push(&[again.clone()]).await.unwrap();
+    let popped = queue.pop_due(&lanes, 4).await.unwrap();
+    assert_eq!(popped.ids, vec![job.id]);
+    assert!(popped.carried.is_empty(), "{popped:?}");
+
+    // Taken off before any pop (a cancel): the copy goes with the entry.
+    let (job, entry) = submitted("echo");
+    queue.push(std::slice::from_ref(&entry)).await.unwrap();
+    let key = format!("{{{}}}:body:{}", env.redis_prefix, job.id);
+    let mut conn = queue.connection();
+    let held: bool = conn.exists(&key).await.unwrap();
+    assert!(held, "{key} holds the copy");
+    let ttl: i64 = conn.pttl(&key).await.unwrap();
+    assert!(
+        ttl > 0 && ttl as u64 <= dispatch::CARRY_TTL_MS,
+        "a copy expires: {ttl} ms"
+    );
+    queue.remove(&entry).await.unwrap();
+    let held: bool = conn.exists(&key).await.unwrap();
+    assert!(!held, "the copy went with its entry");
+    assert!(queue.pop_due(&lanes, 4).await.unwrap().ids.is_empty());
+
+    // Too large to carry: loaded from Postgres instead.
+    let (mut big, _) = submitted("echo");
+    big.input = json!({"text": "x".repeat(dispatch::CARRY_MAX_BYTES)});
+    assert!(dispatch::carried(&big).is_none());
 }

@@ -7,10 +7,11 @@
 use std::time::Duration;
 
 use capibara_tests::{
-    eventually,
+    eventually, find_free_port,
     receiver::{Receiver, ReceiverOptions},
     types, Api, TestEnv,
 };
+use redis::AsyncCommands;
 use serde_json::{json, Value};
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
@@ -177,6 +178,94 @@ async fn a_push_kinds_jobs_are_posted_signed_and_the_answer_is_the_outcome() {
     assert!(
         at(&calls[1]) - at(&calls[0]) >= 1,
         "the retry waited for Retry-After: {calls:?}"
+    );
+}
+
+/// A job rides with its dispatch entry, and `capibara-worker` starts from that copy instead of
+/// reading the job from Postgres, but nothing stands on the copy unless the attempt's first
+/// append, which expects the copy's version, commits (docs/write-path.md, "The job rides with
+/// its pop"). Copies that are not the job as it stands (here one version behind, with another
+/// input) lose that check, whether the attempt claims first (a push call) or runs at once (the
+/// built-in `echo`): the job goes back on the queue, runs again on its own input, and the
+/// endpoint and the output never see the copy's.
+#[tokio::test]
+async fn a_carried_copy_that_is_not_the_job_as_it_stands_is_not_run() {
+    let mut env = env_with_push().await;
+    let wport = find_free_port();
+    env.extra_env
+        .push(("CAPIBARA_WORKER_ADDR".into(), format!("127.0.0.1:{wport}")));
+    let _api = env.spawn_api().await;
+    let _scheduler = env.spawn_scheduler();
+    let api = env.client();
+    let endpoint = Receiver::start(
+        &[SECRET],
+        ReceiverOptions {
+            reply_input: true,
+            ..Default::default()
+        },
+    );
+    put_push_kind(&api, "hook.copy", &endpoint.url).await;
+    // No worker yet: both jobs wait in Redis, each with its copy.
+    let current = api
+        .submit_id(json!({"kind": "hook.copy", "input": {"n": 1}}))
+        .await;
+    let stale = api
+        .submit_id(json!({"kind": "hook.copy", "input": {"n": 2}}))
+        .await;
+    let echo = api
+        .submit_id(json!({"kind": "echo", "input": {"n": 3}}))
+        .await;
+    let mut redis = redis::Client::open(env.redis_url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let key = |id: &str| format!("{{{}}}:body:{id}", env.redis_prefix);
+    for (id, n) in [(&stale, 2), (&echo, 3)] {
+        let copy: String = redis.get(key(id)).await.unwrap();
+        let mut forged: Value = serde_json::from_str(&copy).unwrap();
+        assert_eq!(forged["input"], json!({"n": n}), "{forged}");
+        assert_eq!(forged["version"], 1, "{forged}");
+        forged["input"] = json!({"n": "not the job's"});
+        forged["version"] = json!(0);
+        let _: () = redis.set(key(id), forged.to_string()).await.unwrap();
+    }
+
+    let _worker = env.spawn_worker(&[]);
+    for (id, n) in [(&current, 1), (&stale, 2)] {
+        let job = api.wait_terminal(id, Duration::from_secs(60)).await;
+        assert_eq!(job["status"], "succeeded", "{job}");
+        assert_eq!(job["output"], json!({"input": {"n": n}, "attempt": 1}));
+        assert_eq!(job["attempt"], 1, "one attempt: {job}");
+        let exists: bool = redis.exists(key(id)).await.unwrap();
+        assert!(!exists, "the pop took the copy off");
+    }
+    let job = api.wait_terminal(&echo, Duration::from_secs(60)).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["output"], json!({"n": 3}), "the job's own input: {job}");
+    assert_eq!(job["attempt"], 1, "the discarded run was no attempt: {job}");
+    let calls = endpoint.requests();
+    assert_eq!(calls.len(), 2, "{calls:?}");
+    assert!(
+        calls
+            .iter()
+            .all(|c| c["body"]["job"]["input"]["n"] != "not the job's"),
+        "{calls:?}"
+    );
+    let metrics = reqwest::get(format!("http://127.0.0.1:{wport}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("capibara_dispatch_carried_stale_total 2"),
+        "two copies were set aside: {}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("dispatch"))
+            .collect::<Vec<_>>()
+            .join("\n")
     );
 }
 
