@@ -310,6 +310,17 @@ pub async fn wait_http_ok(url: &str) {
     }
 }
 
+/// The text of `{base}/metrics` (a process's Prometheus scrape); panics when it cannot be read.
+pub async fn scrape(base: &str) -> String {
+    reqwest::get(format!("{base}/metrics"))
+        .await
+        .and_then(|r| r.error_for_status())
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("the /metrics body")
+}
+
 /// Poll `check` every 50 ms until it returns `Some`, or panic after `timeout`.
 pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
 where

@@ -64,12 +64,7 @@ async fn submissions_while_redis_is_cut_or_stalled_are_accepted_and_run_when_it_
         proxy.heal();
     }
     // The writer did not wait for Redis: the pushes it could not make were left to the relay.
-    let metrics = reqwest::get(format!("{}/metrics", env.api_url()))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = capibara_tests::scrape(&env.api_url()).await;
     assert!(
         metric(&metrics, "capibara_dispatch_deferred_total") > 0.0,
         "the fast path deferred to the relay: {metrics}"

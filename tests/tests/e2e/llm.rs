@@ -606,12 +606,7 @@ async fn llm_routes_streams_fails_over_and_breaks_the_circuit_per_provider() {
     );
 
     // Usage and outcomes on the worker's /metrics.
-    let metrics = reqwest::get(format!("http://127.0.0.1:{wport}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = capibara_tests::scrape(&format!("http://127.0.0.1:{wport}")).await;
     for line in [
         r#"capibara_llm_requests_total{provider="secondary",outcome="ok"} 3"#,
         r#"capibara_llm_requests_total{provider="primary",outcome="circuit_open"}"#,

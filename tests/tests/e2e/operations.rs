@@ -51,14 +51,7 @@ async fn every_binary_serves_health_readiness_and_metrics() {
         let metrics = http.get(format!("{base}/metrics")).send().await.unwrap();
         assert_eq!(metrics.status(), 200);
     }
-    let worker_metrics = http
-        .get(format!("http://127.0.0.1:{wport}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let worker_metrics = capibara_tests::scrape(&format!("http://127.0.0.1:{wport}")).await;
     assert!(
         worker_metrics.contains("capibara_jobs_total{kind=\"echo\",outcome=\"succeeded\"} 1"),
         "{worker_metrics}"
@@ -82,14 +75,7 @@ async fn every_binary_serves_health_readiness_and_metrics() {
     );
     assert!(worker_metrics.contains("capibara_job_run_seconds_bucket"));
     let scheduler_metrics = eventually("queue gauges", Duration::from_secs(10), || async {
-        let m = http
-            .get(format!("http://127.0.0.1:{sport}/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let m = capibara_tests::scrape(&format!("http://127.0.0.1:{sport}")).await;
         m.contains("capibara_queue_depth").then_some(m)
     })
     .await;

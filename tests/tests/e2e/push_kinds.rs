@@ -9,7 +9,7 @@ use std::time::Duration;
 use capibara_tests::{
     eventually, find_free_port,
     receiver::{Receiver, ReceiverOptions},
-    types, Api, TestEnv,
+    scrape, types, Api, TestEnv,
 };
 use redis::AsyncCommands;
 use serde_json::{json, Value};
@@ -252,12 +252,7 @@ async fn a_carried_copy_that_is_not_the_job_as_it_stands_is_not_run() {
             .all(|c| c["body"]["job"]["input"]["n"] != "not the job's"),
         "{calls:?}"
     );
-    let metrics = reqwest::get(format!("http://127.0.0.1:{wport}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = scrape(&format!("http://127.0.0.1:{wport}")).await;
     assert!(
         metrics.contains("capibara_dispatch_carried_stale_total 2"),
         "two copies were set aside: {}",

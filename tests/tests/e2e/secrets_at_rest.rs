@@ -230,12 +230,7 @@ async fn secret_values_are_encrypted_at_rest_and_appear_nowhere_after_a_run() {
 
     // Nor does any process's /metrics, nor its log.
     for url in [env.api_url(), hooks.clone(), worker.clone()] {
-        let metrics = reqwest::get(format!("{url}/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let metrics = capibara_tests::scrape(&url).await;
         assert!(metrics.contains("# TYPE"), "{url}: {metrics}");
         for v in values {
             assert!(!metrics.contains(v), "{url}/metrics shows a secret");

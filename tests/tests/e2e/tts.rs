@@ -480,14 +480,7 @@ async fn the_worker_loads_the_default_voice_before_the_first_request() {
         "the first job used the model loaded at start: {}",
         r.body["output"]
     );
-    let metrics = http
-        .get(format!("{worker}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = capibara_tests::scrape(&worker).await;
     assert!(
         metrics.contains("capibara_tts_model_loads_total{during=\"warm_up\"} 1"),
         "{metrics}"
