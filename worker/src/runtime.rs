@@ -139,7 +139,8 @@ impl Inner {
     }
 
     /// Whether `job`'s attempts are claimed before they start (a push call, or a built-in
-    /// executor that is not repeatable): only those may start from a carried copy.
+    /// executor that is not repeatable): a carried copy of such a job is claimed before
+    /// anything else is done with it ([`run_job`]).
     fn claims_first(&self, job: &Job) -> bool {
         match self.registry.executor(&job.namespace, &job.kind) {
             Some(e) => !e.repeatable(),
