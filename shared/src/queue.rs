@@ -861,13 +861,10 @@ impl Queue {
     }
 
     /// Pop up to `max` jobs across `lanes` without blocking: groups take turns, each group's
-    /// limits and pauses are checked first (docs/flow-control.md).
-    pub async fn pop(&self, lanes: &[String], max: usize) -> Result<Vec<Uuid>, QueueError> {
-        Ok(self.pop_due(lanes, max).await?.ids)
-    }
-
-    /// [`Queue::pop`], and how soon a group held back by a rate limit may go (what
-    /// [`Queue::wait_and_pop`] needs after a pop that found nothing). With several shards, one
+    /// limits and pauses are checked first (docs/flow-control.md). Also says how soon a group
+    /// held back by a rate limit may go (what [`Queue::wait_and_pop`] needs after a pop that
+    /// found nothing). The jobs' carried copies come with them: a caller that drops them makes
+    /// their workers read the jobs from Postgres. With several shards, one
     /// script per shard until `max` are taken, starting at the shard after the one the previous
     /// pop started at (so no shard's groups wait behind another's); a shard that fails is
     /// skipped when another hands out work.
