@@ -427,6 +427,22 @@ impl Popped {
         popped
     }
 
+    /// The jobs whose copies came with them, and the ids of those to read from Postgres.
+    pub fn split(self) -> (Vec<Job>, Vec<Uuid>) {
+        let Popped {
+            ids, mut carried, ..
+        } = self;
+        let mut copies = Vec::with_capacity(carried.len());
+        let mut load = Vec::new();
+        for id in ids {
+            match carried.remove(&id) {
+                Some(job) => copies.push(job),
+                None => load.push(id),
+            }
+        }
+        (copies, load)
+    }
+
     /// Add what another pop handed out.
     fn extend(&mut self, other: Popped) {
         self.ids.extend(other.ids);
@@ -598,6 +614,11 @@ impl Queue {
         format!("{{{}}}:wake:{}", self.prefix, lane)
     }
 
+    /// Where job `id`'s carried copy waits (the pop script names it `P .. ':body:' .. id`).
+    fn body_key(&self, shard: &str, id: Uuid) -> String {
+        format!("{shard}:body:{id}")
+    }
+
     fn epoch_key(&self, shard: &str) -> String {
         format!("{shard}:epoch")
     }
@@ -759,7 +780,7 @@ impl Queue {
                 .ignore();
             if let Some(job) = &e.carried {
                 pipe.cmd("SET")
-                    .arg(format!("{shard}:body:{}", e.job_id))
+                    .arg(self.body_key(shard, e.job_id))
                     .arg(job.as_bytes())
                     .arg("PX")
                     .arg(CARRY_TTL_MS)
@@ -1006,7 +1027,7 @@ impl Queue {
                 entry.job_id.to_string(),
             )
             .ignore()
-            .del(format!("{shard}:body:{}", entry.job_id))
+            .del(self.body_key(&shard, entry.job_id))
             .ignore()
             .query_async::<()>(&mut conn)
             .await?;

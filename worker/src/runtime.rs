@@ -358,14 +358,7 @@ async fn fetch_loop(inner: &Arc<Inner>, tasks: &TaskTracker, shutdown: &Cancella
         }
         // A job whose copy rode with its pop starts from that copy (its first append checks
         // it: [`run_job`]); the others are read from Postgres.
-        let mut carried = Vec::new();
-        let mut load = Vec::new();
-        for id in popped.ids {
-            match popped.carried.remove(&id) {
-                Some(job) => carried.push(job),
-                None => load.push(id),
-            }
-        }
+        let (carried, load) = popped.split();
         let loaded = match load.is_empty() {
             true => Vec::new(),
             false => match load_popped(&mut db, &load, shutdown).await {

@@ -104,15 +104,7 @@ pub async fn claim_many(
     popped: Popped,
     term: Duration,
 ) -> Result<Vec<(Job, LeaseToken, DateTime<Utc>)>, StoreError> {
-    let Popped {
-        ids, mut carried, ..
-    } = popped;
-    let load: Vec<Uuid> = ids
-        .iter()
-        .filter(|id| !carried.contains_key(id))
-        .copied()
-        .collect();
-    let mut jobs: Vec<Job> = ids.iter().filter_map(|id| carried.remove(id)).collect();
+    let (mut jobs, load) = popped.split();
     if !load.is_empty() {
         jobs.extend(store::jobs::get_many(&store.pool, &load).await?);
     }
