@@ -30,6 +30,10 @@ class State:
         self.drop_sse_after: Optional[int] = None  # break an SSE connection after N events
         self.requests: List[Tuple[str, str]] = []
         self.batches: List[int] = []  # the size of each batch of completions
+        self.lease_delay_s = 0.0  # each lease call's answer waits this long (a claim's commit)
+        self.asked: List[int] = []  # max_jobs of the lease calls in flight
+        self.most_asked = 0  # the most slots lease calls in flight asked for together
+        self.most_lease_calls = 0  # the most lease calls in flight at once
 
     def append(self, job_id: str, type_: str, data: Any) -> None:
         self.position += 1
@@ -255,8 +259,23 @@ class Handler(BaseHTTPRequestHandler):
     def _lease(self, worker_id: str, body: Dict[str, Any]) -> None:
         st = self.server.state
         end = time.monotonic() + body.get("wait_ms", 30000) / 1000.0
+        out: List[Dict[str, Any]] = []
+        with st.cond:
+            st.asked.append(body.get("max_jobs", 1))
+            st.most_asked = max(st.most_asked, sum(st.asked))
+            st.most_lease_calls = max(st.most_lease_calls, len(st.asked))
+        try:
+            self._take(worker_id, body, end, out)
+            if st.lease_delay_s:
+                time.sleep(st.lease_delay_s)
+        finally:
+            with st.cond:
+                st.asked.remove(body.get("max_jobs", 1))
+        self._send(200, {"jobs": out})
+
+    def _take(self, worker_id: str, body: Dict[str, Any], end: float, out: List[Dict[str, Any]]) -> None:
+        st = self.server.state
         kinds = {k if isinstance(k, str) else k["name"] for k in st.workers[worker_id]["kinds"]}
-        out = []
         with st.cond:
             while True:
                 for job_id in list(st.queue):
@@ -275,7 +294,6 @@ class Handler(BaseHTTPRequestHandler):
                     break
                 st.cond.wait(min(0.05, max(0.0, end - time.monotonic())))
                 st.reap()
-        self._send(200, {"jobs": out})
 
     def _complete_many(self, jobs: List[Dict[str, Any]]) -> None:
         st = self.server.state

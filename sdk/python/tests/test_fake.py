@@ -222,6 +222,64 @@ class WorkerTest(FakeTestCase):
         self.assertLess(len(batches), 8, f"no two successes shared a request: {batches}")
         self.assertEqual([self.types(j.id).count("JobSucceeded") for j in jobs], [1] * 8)
 
+    def test_two_lease_calls_go_out_together_and_never_ask_for_more_than_the_free_slots(self) -> None:
+        self.server.state.lease_delay_s = 0.05  # each answer waits, as for a claim's commit
+        w = self.worker(concurrency=4)
+        lock = threading.Lock()
+        running, most = [0], [0]
+
+        @w.handler("quick")
+        def quick(job: capibara.JobContext) -> Any:
+            with lock:
+                running[0] += 1
+                most[0] = max(most[0], running[0])
+            time.sleep(0.01 * (job.input["n"] % 3))
+            with lock:
+                running[0] -= 1
+            return job.input["n"]
+
+        self.start_worker(w)
+        jobs = [self.client.submit("quick", {"n": i}) for i in range(40)]
+        done = [self.client.wait(j.id, timeout=20) for j in jobs]
+        self.assertEqual([d.output for d in done], list(range(40)))
+        st = self.server.state
+        self.assertEqual(st.most_lease_calls, 2, "slots freed during a lease call wait for it")
+        self.assertLessEqual(st.most_asked, 4, "lease calls together asked for more than the free slots")
+        self.assertLessEqual(most[0], 4)
+
+    def test_handler_threads_are_kept_from_one_job_to_the_next(self) -> None:
+        w = self.worker(concurrency=4)
+        names = set()
+
+        @w.handler("which")
+        def which(job: capibara.JobContext) -> Any:
+            names.add(threading.current_thread().name)
+            return None
+
+        self.start_worker(w)
+        for i in range(20):
+            self.client.wait(self.client.submit("which", {"n": i}).id, timeout=10)
+        self.assertLessEqual(len(names), 4, names)
+
+    def test_a_handler_that_never_returns_holds_only_its_own_thread(self) -> None:
+        w = self.worker(concurrency=2)
+        release = threading.Event()
+        self.addCleanup(release.set)
+
+        @w.handler("stuck")
+        def stuck(job: capibara.JobContext) -> Any:
+            release.wait(30)
+
+        @w.handler("quick")
+        def quick(job: capibara.JobContext) -> Any:
+            return job.input["n"]
+
+        self.start_worker(w)
+        held = self.client.submit("stuck")
+        eventually(lambda: self.client.get(held.id).status == "running")
+        for i in range(5):
+            self.assertEqual(self.client.wait(self.client.submit("quick", {"n": i}).id, timeout=10).output, i)
+
     def test_a_lost_lease_drops_the_result_and_the_worker_goes_on(self) -> None:
         w = self.worker(heartbeat_s=60)  # no heartbeat: the 1.5 s lease expires
         calls: List[Any] = []

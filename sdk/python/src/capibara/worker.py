@@ -8,6 +8,7 @@ import inspect
 import json
 import logging
 import os
+import queue
 import signal
 import socket
 import threading
@@ -114,6 +115,74 @@ class _Completions:
                 c.done.set()
 
 
+class _Threads:
+    """Threads for sync handlers, kept from one job to the next. Starting a thread per job made
+    the lease thread wait in `Thread.start` for each new thread to get the GIL: under load that
+    was most of its time. A job goes to an idle thread; a new one starts only when none is idle
+    (a handler that never returns holds its thread, not the others'); a thread idle for
+    `IDLE_S` ends, and `close` ends them all once their jobs are done."""
+
+    IDLE_S = 60.0
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._lock = threading.Lock()
+        self._tasks: "queue.SimpleQueue[Optional[Tuple[Callable[..., Any], Tuple[Any, ...]]]]" = queue.SimpleQueue()
+        self._idle = 0  # threads waiting for a task that no submit has counted on yet
+        self._alive = 0
+        self._started = 0
+        self._closed = False
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> None:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the handler threads are closed")
+            spawn = self._idle == 0
+            if spawn:
+                self._alive += 1
+                self._started += 1
+                name = f"{self._name}-{self._started}"
+            else:
+                self._idle -= 1
+        self._tasks.put((fn, args))
+        if spawn:
+            threading.Thread(target=self._serve, name=name, daemon=True).start()
+
+    def close(self) -> None:
+        """Let every thread end once the jobs it has are done."""
+        with self._lock:
+            self._closed = True
+            alive = self._alive
+        for _ in range(alive):
+            self._tasks.put(None)
+
+    def _serve(self) -> None:
+        try:
+            while True:
+                try:
+                    task = self._tasks.get(timeout=self.IDLE_S)
+                except queue.Empty:
+                    with self._lock:
+                        if self._idle > 0:  # nobody counts on this thread: it may end
+                            self._idle -= 1
+                            return
+                    continue  # a submit counted on it: its task is on the way
+                if task is None:
+                    return
+                fn, args = task
+                try:
+                    fn(*args)
+                except BaseException:  # a task's failure is its own (they catch theirs)
+                    log.exception("capibara: a handler thread's task raised")
+                with self._lock:
+                    if self._closed:
+                        return
+                    self._idle += 1
+        finally:
+            with self._lock:
+                self._alive -= 1
+
+
 class _Running:
     """One leased job while the worker holds it."""
 
@@ -168,6 +237,9 @@ class Worker:
     fails the attempt (retried per the job's policy) with the exception's class name as type.
     """
 
+    #: Lease calls out at once (see `_lease_loop`).
+    LEASES_IN_FLIGHT = 2
+
     def __init__(
         self,
         client: Optional[Client] = None,
@@ -196,9 +268,12 @@ class Worker:
         self._specs: Dict[str, _Spec] = {}
         self._running: Dict[str, _Running] = {}
         self._completions = _Completions(self.client)
+        self._threads = _Threads("capibara-handler")
         self._active = 0  # handlers still executing (a timed-out sync one included)
+        self._asked = 0  # slots that lease calls in flight may fill
         self._reporting = 0  # final reports under way on handler threads
         self._cond = threading.Condition()
+        self._registering = threading.Lock()
         self._stop = threading.Event()
         self._force = threading.Event()
         self._done = threading.Event()
@@ -333,21 +408,24 @@ class Worker:
             loop_thread = self._start_loop()
         try:
             self._register()
-            lease_thread = threading.Thread(target=self._lease_loop, name="capibara-lease", daemon=True)
+            lease_threads = [threading.Thread(target=self._lease_loop, name=f"capibara-lease-{i + 1}", daemon=True)
+                             for i in range(self.LEASES_IN_FLIGHT)]
             monitor = threading.Thread(target=self._monitor_loop, name="capibara-monitor", daemon=True)
-            lease_thread.start()
+            for t in lease_threads:
+                t.start()
             monitor.start()
             self.ready.set()
             while not self._stop.wait(0.5):
                 pass
             log.info("capibara: worker %s stopping", self.worker_id)
-            self._drain(lease_thread)
+            self._drain(lease_threads)
             self._done.set()
             monitor.join(timeout=5)
             self._io.shutdown(wait=True)  # queued reports (async handlers', timeouts') go out
             self._deregister()
         finally:
             self._done.set()
+            self._threads.close()
             if loop_thread is not None and self._loop is not None:
                 self._loop.call_soon_threadsafe(self._loop.stop)
                 loop_thread.join(timeout=5)
@@ -405,26 +483,32 @@ class Worker:
     # Leasing.
 
     def _free(self) -> int:
-        return self.concurrency - self._active
+        return self.concurrency - self._active - self._asked
 
     def _lease_loop(self) -> None:
+        """One of `LEASES_IN_FLIGHT` loops: each asks for the slots that are free and not asked
+        for by the other, so that slots freed while one lease call waits for its answer (a
+        claim's commit) are asked for at once instead of after it. An idle worker has one long
+        poll out: the loop that asked first asked for every slot."""
         failures = 0
         while not self._stop.is_set():
             with self._cond:
                 while self._free() <= 0 and not self._stop.is_set():
                     self._cond.wait(0.5)
-                free = self._free()
-            if self._stop.is_set():
-                return
+                if self._stop.is_set():
+                    return
+                want = min(self._free(), 100)
+                self._asked += want
+            leases: List[Lease] = []
+            asked_as = self.worker_id
             try:
-                leases = self.client.lease(self.worker_id or "", max_jobs=min(free, 100),
+                leases = self.client.lease(asked_as or "", max_jobs=want,
                                            wait_ms=int(self.poll_s * 1000))
                 failures = 0
             except (NotFound, Conflict) as e:  # unknown, or deregistered by someone else
                 if self._stop.is_set():
                     return
-                log.warning("capibara: worker %s: %s; registering again", self.worker_id, e)
-                self._retry_register()
+                self._retry_register(asked_as, e)
                 continue
             except Exception as e:  # never let the loop die: back off and try again
                 failures += 1
@@ -432,18 +516,30 @@ class Worker:
                 log.warning("capibara: lease failed (%s); retrying in %.1f s", e, delay)
                 self._stop.wait(delay)
                 continue
+            finally:
+                with self._cond:
+                    # The leased jobs hold their slots from here on (`_start` runs them).
+                    self._asked -= want
+                    self._active += len(leases)
+                    self._cond.notify_all()
             for lease in leases:
                 if self._stop.is_set():
                     self._release(lease)
+                    self._slot_done()
                 else:
                     self._start(lease)
 
-    def _retry_register(self) -> None:
-        try:
-            self._register()
-        except CapibaraError as e:
-            log.warning("capibara: registering failed: %s", e)
-            self._stop.wait(2.0)
+    def _retry_register(self, lost: Optional[str], why: BaseException) -> None:
+        """Register again after registration `lost` was refused, once for both lease loops."""
+        with self._registering:
+            if self.worker_id != lost:  # the other loop registered again already
+                return
+            log.warning("capibara: worker %s: %s; registering again", lost, why)
+            try:
+                self._register()
+            except CapibaraError as e:
+                log.warning("capibara: registering failed: %s", e)
+                self._stop.wait(2.0)
 
     def _release(self, lease: Lease) -> None:
         try:
@@ -459,6 +555,7 @@ class Worker:
         if spec is None:
             self._io_submit(self._report_fail, lease, "unknown_kind",
                             f"this worker has no handler for kind {lease.job.get('kind')!r}", False, None)
+            self._slot_done()
             return
         outbox = _Outbox(self._io) if spec.is_async and self._io is not None else None
         ctx = JobContext(self.client, lease, outbox)
@@ -467,12 +564,10 @@ class Worker:
         run.worker_id = self.worker_id or ""
         with self._cond:
             self._running[run.lease.token] = run
-            self._active += 1
         if spec.is_async and self._loop is not None:
             run.future = asyncio.run_coroutine_threadsafe(self._run_async(run), self._loop)
         else:
-            threading.Thread(target=self._run_sync, args=(run,), name=f"capibara-job-{run.id[:8]}",
-                             daemon=True).start()
+            self._threads.submit(self._run_sync, run)
 
     # Handlers.
 
@@ -512,6 +607,12 @@ class Worker:
             self._report(run, outcome)
         finally:
             self._finished(run)
+
+    def _slot_done(self) -> None:
+        """A leased job that never ran gives its slot back."""
+        with self._cond:
+            self._active -= 1
+            self._cond.notify_all()
 
     def _free_slot(self, run: _Running) -> None:
         """Count the job's handler as done (under `_cond`): another job may start."""
@@ -630,7 +731,7 @@ class Worker:
 
     # Shutdown.
 
-    def _drain(self, lease_thread: threading.Thread) -> None:
+    def _drain(self, lease_threads: List[threading.Thread]) -> None:
         deadline = time.monotonic() + self.grace_s
         with self._cond:
             while not self._force.is_set() and any(not r.finalized for r in self._running.values()):
@@ -641,7 +742,9 @@ class Worker:
         # The last long poll returns (what it brings is released) before handlers are released,
         # so that a released job is not leased again by this worker.
         if not self._force.is_set():
-            lease_thread.join(timeout=self.poll_s + self.client._http.timeout + 5)
+            end = time.monotonic() + self.poll_s + self.client._http.timeout + 5
+            for t in lease_threads:
+                t.join(timeout=max(0.0, end - time.monotonic()))
         with self._cond:
             left_over = [r for r in self._running.values() if not r.finalized]
         for run in left_over:
