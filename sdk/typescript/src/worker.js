@@ -20,6 +20,9 @@ import {
 import { Completions } from "./completions.js";
 import { backoffMs, sleep } from "./http.js";
 
+// Lease calls out at once (see #loop).
+const LEASES_IN_FLIGHT = 2;
+
 const SPEC_FIELDS = {
   description: "description",
   queue: "queue",
@@ -101,11 +104,13 @@ export class Worker {
   #completions = null;
   #jobs = new Map(); // job id → entry
   #busy = 0; // handlers still running: what counts against the concurrency
+  #asked = 0; // slots that lease calls in flight may fill
   #stopping = false;
   #pollCtrl = new AbortController();
   #stopCtrl = new AbortController();
-  #wake = null;
+  #wakers = []; // lease loops waiting for a free slot
   #loopDone = null;
+  #reregistering = null;
   #startPromise = null;
   #stopPromise = null;
   #skipGrace = null;
@@ -182,6 +187,12 @@ export class Worker {
     return this.registration;
   }
 
+  // Register again after the registration was lost; the lease loops share one call.
+  #reregister() {
+    this.#reregistering ??= this.#register().finally(() => (this.#reregistering = null));
+    return this.#reregistering;
+  }
+
   /**
    * Register, then lease and run jobs in the background. Resolves the registration once
    * registered; `stop()` ends it.
@@ -191,7 +202,8 @@ export class Worker {
       this.#startPromise = (async () => {
         if (this.#handlers.size === 0) throw new Error("no handlers: call handle() first");
         await this.#register();
-        this.#loopDone = this.#loop();
+        const loops = Array.from({ length: LEASES_IN_FLIGHT }, () => this.#loop());
+        this.#loopDone = Promise.all(loops);
         return this.registration;
       })();
     }
@@ -221,18 +233,25 @@ export class Worker {
     await this.stop();
   }
 
+  // One of LEASES_IN_FLIGHT loops: each asks for the slots that are free and not asked for by
+  // the other, so that slots freed while one lease call waits for its answer (a claim's commit)
+  // are asked for at once instead of after it. An idle worker has one long poll out: the loop
+  // that asked first asked for every slot.
   async #loop() {
     let failures = 0;
     while (!this.#stopping) {
-      const free = this.concurrency - this.#busy;
+      const free = this.concurrency - this.#busy - this.#asked;
       if (free <= 0) {
-        await new Promise((r) => (this.#wake = r));
+        await new Promise((r) => this.#wakers.push(r));
         continue;
       }
+      const want = Math.min(free, 100);
+      const id = this.id;
       let leases;
+      this.#asked += want;
       try {
-        leases = await this.client.leaseJobs(this.id, {
-          maxJobs: Math.min(free, 100),
+        leases = await this.client.leaseJobs(id, {
+          maxJobs: want,
           waitMs: this.pollMs,
           signal: this.#pollCtrl.signal,
         });
@@ -240,10 +259,11 @@ export class Worker {
       } catch (err) {
         if (this.#stopping) break;
         this.logger.warn(`lease failed: ${err?.message ?? err}`);
-        if (err instanceof NotFoundError || (err instanceof ConflictError && !(err instanceof LeaseLostError))) {
-          // The registration is gone (or was deregistered): register again.
+        const gone = err instanceof NotFoundError || (err instanceof ConflictError && !(err instanceof LeaseLostError));
+        // The registration is gone (or was deregistered): register again, once for both loops.
+        if (gone && this.id === id) {
           try {
-            await this.#register();
+            await this.#reregister();
           } catch (e) {
             this.logger.warn(`re-register failed: ${e?.message ?? e}`);
           }
@@ -254,6 +274,9 @@ export class Worker {
           break;
         }
         continue;
+      } finally {
+        this.#asked -= want;
+        this.#wake();
       }
       for (const lease of leases) {
         if (this.#stopping) {
@@ -294,9 +317,14 @@ export class Worker {
     if (entry.slotFree) return;
     entry.slotFree = true;
     this.#busy -= 1;
-    const w = this.#wake;
-    this.#wake = null;
-    w?.();
+    this.#wake();
+  }
+
+  // Wake the lease loops waiting for a slot.
+  #wake() {
+    const wakers = this.#wakers;
+    this.#wakers = [];
+    for (const w of wakers) w();
   }
 
   #heartbeats(entry) {
@@ -461,9 +489,7 @@ export class Worker {
     this.#stopping = true;
     this.#pollCtrl.abort(new ShutdownError("worker stopping"));
     this.#stopCtrl.abort(new ShutdownError("worker stopping"));
-    const w = this.#wake;
-    this.#wake = null;
-    w?.();
+    this.#wake();
     this.#stopPromise = (async () => {
       await this.#startPromise?.catch(() => {});
       await this.#loopDone;

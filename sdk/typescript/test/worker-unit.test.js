@@ -215,6 +215,31 @@ describe("worker (fake server)", () => {
     assert.equal(peak, 2);
   });
 
+  test("two lease calls go out together and never ask for more than the free slots", async () => {
+    fake.leasing.delayMs = 50; // each answer waits, as for a claim's commit
+    fake.leasing.mostAsked = fake.leasing.mostCalls = 0;
+    try {
+      const w = newWorker({ concurrency: 4 });
+      let now = 0;
+      let peak = 0;
+      w.handle("t.pipelined", async (job) => {
+        peak = Math.max(peak, ++now);
+        await new Promise((r) => setTimeout(r, 10 * (job.input.n % 3)));
+        now--;
+        return job.input.n;
+      });
+      await w.start();
+      const jobs = await Promise.all([...Array(40).keys()].map((n) => client.submit("t.pipelined", { n })));
+      for (const [n, j] of jobs.entries()) assert.equal((await client.wait(j.id, { timeoutMs: 20000 })).output, n);
+      await w.stop();
+      assert.equal(fake.leasing.mostCalls, 2, "slots freed during a lease call waited for it");
+      assert.ok(fake.leasing.mostAsked <= 4, `lease calls together asked for ${fake.leasing.mostAsked} slots`);
+      assert.ok(peak <= 4);
+    } finally {
+      fake.leasing.delayMs = 0;
+    }
+  });
+
   test("a lost lease drops the job without crashing the worker", async () => {
     const logger = memoryLogger();
     const w = newWorker({ logger });

@@ -12,6 +12,9 @@ export async function startFakeServer({ leaseS = 3, backoffMs = 100 } = {}) {
   const jobs = new Map();
   const kinds = new Map();
   const workers = new Map();
+  // Lease calls: `delayMs` holds each answer (as a claim's commit would); `asked` holds the
+  // max_jobs of the calls in flight; `mostAsked` / `mostCalls` the most seen together.
+  const leasing = { delayMs: 0, asked: [], mostAsked: 0, mostCalls: 0 };
   const log = []; // every event, in order
   let nextEvent = 1;
   const waiters = new Set();
@@ -199,8 +202,25 @@ export async function startFakeServer({ leaseS = 3, backoffMs = 100 } = {}) {
       if (!w) return problem(res, 404, "not-found", "no worker");
       const body = await readJson(req);
       const deadline = Date.now() + (body.wait_ms ?? 30000);
+      const asked = body.max_jobs ?? 1;
+      leasing.asked.push(asked);
+      leasing.mostAsked = Math.max(leasing.mostAsked, leasing.asked.reduce((a, b) => a + b, 0));
+      leasing.mostCalls = Math.max(leasing.mostCalls, leasing.asked.length);
+      let inFlight = true;
+      const done = () => {
+        if (inFlight) leasing.asked.splice(leasing.asked.indexOf(asked), 1);
+        inFlight = false;
+      };
       let closed = false;
-      res.on("close", () => (closed = true));
+      res.on("close", () => {
+        closed = true;
+        done();
+      });
+      const answer = async (status, body) => {
+        if (leasing.delayMs) await new Promise((r) => setTimeout(r, leasing.delayMs));
+        done();
+        return json(res, status, body);
+      };
       for (;;) {
         if (closed) return;
         const out = [];
@@ -215,7 +235,7 @@ export async function startFakeServer({ leaseS = 3, backoffMs = 100 } = {}) {
           append(job, "JobStarted", { attempt: job.attempt, worker: w.id });
           out.push({ job: view(job), lease: { token: job.lease.token, expires_at: new Date(job.lease.expires).toISOString() } });
         }
-        if (out.length || Date.now() >= deadline) return json(res, 200, { jobs: out });
+        if (out.length || Date.now() >= deadline) return answer(200, { jobs: out });
         await changed();
       }
     }
@@ -360,6 +380,7 @@ export async function startFakeServer({ leaseS = 3, backoffMs = 100 } = {}) {
     apiKey: "fake-key",
     jobs,
     workers,
+    leasing,
     requests,
     batches,
     events: (id) => jobs.get(id).events,
