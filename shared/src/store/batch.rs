@@ -11,7 +11,8 @@
 //! - **One round trip**: a batch that writes nothing but the core runs [`CORE`] alone, in
 //!   autocommit, with its guard on: if any part did not apply, `capibara_append_applied` raises
 //!   (SQLSTATE `CBC01`) and the statement rolls back as a whole. A submit is one round trip and
-//!   one commit.
+//!   one commit. A batch that also writes workflow runs and log checkpoints (the orchestrator's
+//!   plans, a run's creation) runs [`CORE_RUNS`] the same way: the core with two more CTEs.
 //! - **In a transaction**: a batch that also writes other projections (deliveries, schedules,
 //!   runs, …), or whose one-statement try did not apply, runs the other rows and [`CORE`]
 //!   (guard off) in a transaction, reads who lost from the result, and rolls back so the caller
@@ -35,9 +36,35 @@ use crate::domain::{event::EventMetadata, job::Job};
 
 /// The core of every batch in one statement. `$17` turns the guard on (autocommit); its branch
 /// has no `FROM`, so it runs once even when nothing was inserted.
-static CORE: LazyLock<String> = LazyLock::new(|| {
+static CORE: LazyLock<String> = LazyLock::new(|| core_statement(false));
+
+/// [`CORE`] that also upserts `runs` rows (`$24`) and saves log checkpoints (`$25`–`$27`), for
+/// the batches that write those and nothing else outside the core: one round trip instead of a
+/// transaction of five. The runs go first (the first branch of the result), as in a batch's
+/// transaction, so two writers of a run take its row and its events in the same order.
+static CORE_RUNS: LazyLock<String> = LazyLock::new(|| core_statement(true));
+
+fn core_statement(runs: bool) -> String {
+    let (extra_ctes, extra_rows) = if runs {
+        (
+            format!(
+                "ru AS ({} RETURNING id),
+        ck AS (
+            INSERT INTO log_checkpoints (name, tx_id, position, updated_at)
+            SELECT c.name, c.tx_id::xid8, c.position, now()
+            FROM unnest($25::text[], $26::text[], $27::bigint[]) AS c(name, tx_id, position)
+            ON CONFLICT (name) DO UPDATE SET tx_id = EXCLUDED.tx_id, position = EXCLUDED.position, updated_at = now()),
+        ",
+                super::runs::UPSERT_RUNS.replace("$1", "$24")
+            ),
+            "SELECT NULL::bigint, NULL::uuid, NULL::bigint, NULL::uuid FROM ru
+        UNION ALL ",
+        )
+    } else {
+        (String::new(), "")
+    };
     format!(
-        "WITH st AS (
+        "WITH {extra_ctes}st AS (
             INSERT INTO streams (stream_id, stream_type, namespace)
             SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[])
             ON CONFLICT (stream_id) DO NOTHING RETURNING stream_id),
@@ -62,7 +89,7 @@ static CORE: LazyLock<String> = LazyLock::new(|| {
         di AS ({dispatch}),
         ld AS (DELETE FROM leases WHERE job_id = ANY($15)),
         li AS ({leases})
-        SELECT position, stream_id, version, NULL::uuid FROM ev
+        {extra_rows}SELECT position, stream_id, version, NULL::uuid FROM ev
         UNION ALL SELECT NULL, stream_id, NULL, NULL FROM st
         UNION ALL SELECT NULL, NULL, NULL, id FROM cmd
         UNION ALL SELECT NULL, stream_id, version, NULL FROM tip
@@ -73,7 +100,7 @@ static CORE: LazyLock<String> = LazyLock::new(|| {
         dispatch = super::dispatch::PUT.replace("$1", "$14"),
         leases = super::lease::GRANT.replace("$1", "$16"),
     )
-});
+}
 
 /// A row [`CORE`] returns: an event `(position, stream, version)`, a created stream, or a
 /// recorded command.
@@ -103,8 +130,8 @@ pub(super) async fn write(
 ) -> Result<Result<Written, Vec<usize>>, sqlx::Error> {
     let rows = Rows::collect(appends, ok);
     let core = Core::new(appends, ok, &rows);
-    if rows.core_only() {
-        match core.run(&mut *conn, true).await {
+    if let Some(runs) = rows.one_statement() {
+        match core.run(&mut *conn, true, runs.as_ref()).await {
             Ok(out) => return Ok(Ok(core.written(appends, ok, results, &out, &rows))),
             Err(e) if did_not_apply(&e) => {
                 metrics::counter!("capibara_append_retried_in_transaction_total").increment(1);
@@ -114,7 +141,7 @@ pub(super) async fn write(
     }
     let mut tx = conn.begin().await?;
     rows.write_others(&mut tx).await?;
-    let out = core.run(&mut *tx, false).await?;
+    let out = core.run(&mut *tx, false, None).await?;
     let losers = core.losers(appends, ok, &out);
     if losers.is_empty() {
         tx.commit().await?;
@@ -314,8 +341,15 @@ impl<'a> Core<'a> {
         core
     }
 
-    async fn run<'e, E: PgExecutor<'e>>(&self, db: E, guard: bool) -> Result<CoreOut, sqlx::Error> {
-        let rows: Vec<CoreRow> = sqlx::query_as(&CORE)
+    /// Run [`CORE`], or [`CORE_RUNS`] with `runs`.
+    async fn run<'e, E: PgExecutor<'e>>(
+        &self,
+        db: E,
+        guard: bool,
+        runs: Option<&RunRows<'_>>,
+    ) -> Result<CoreOut, sqlx::Error> {
+        let sql: &str = if runs.is_some() { &CORE_RUNS } else { &CORE };
+        let query = sqlx::query_as(sql)
             .bind(&self.new_ids)
             .bind(&self.new_types)
             .bind(&self.new_ns)
@@ -338,9 +372,16 @@ impl<'a> Core<'a> {
             .bind(self.command_ids.len() as i32)
             .bind(&self.tip_stream)
             .bind(&self.tip_version)
-            .bind(self.tip_stream.len() as i32)
-            .fetch_all(db)
-            .await?;
+            .bind(self.tip_stream.len() as i32);
+        let query = match runs {
+            Some(r) => query
+                .bind(&r.runs)
+                .bind(&r.checkpoint_names)
+                .bind(&r.checkpoint_tx_ids)
+                .bind(&r.checkpoint_positions),
+            None => query,
+        };
+        let rows: Vec<CoreRow> = query.fetch_all(db).await?;
         let mut out = CoreOut {
             positions: HashMap::with_capacity(rows.len()),
             created: HashSet::new(),
@@ -470,6 +511,15 @@ pub(super) async fn upsert<T: serde::Serialize>(
             .await?;
     }
     Ok(())
+}
+
+/// What [`CORE_RUNS`] binds besides the core: the runs rows (in id order) and the checkpoints.
+#[derive(Default)]
+struct RunRows<'a> {
+    runs: Json<Vec<&'a crate::domain::run::Run>>,
+    checkpoint_names: Vec<&'a str>,
+    checkpoint_tx_ids: Vec<String>,
+    checkpoint_positions: Vec<i64>,
 }
 
 /// The rows a batch's effects write, the last effect per row winning.
@@ -615,14 +665,37 @@ impl<'a> Rows<'a> {
         jobs.into_iter()
     }
 
-    /// Whether [`CORE`] writes everything (no other projection is touched).
-    fn core_only(&self) -> bool {
+    /// Whether one statement writes everything: `Some(None)` for [`CORE`] alone (no other
+    /// projection is touched), `Some(Some(rows))` for [`CORE_RUNS`] (runs and checkpoints
+    /// besides), `None` for a transaction.
+    fn one_statement(&self) -> Option<Option<RunRows<'a>>> {
+        if !self.core_and_runs_only() {
+            return None;
+        }
+        if self.runs.is_empty() && self.checkpoints.is_empty() {
+            return Some(None);
+        }
+        let mut runs: Vec<&crate::domain::run::Run> = self.runs.values().copied().collect();
+        runs.sort_by_key(|r| r.id); // key order, as everywhere (see [`Core::new`])
+        let mut rows = RunRows {
+            runs: Json(runs),
+            ..RunRows::default()
+        };
+        for (name, cursor) in &self.checkpoints {
+            rows.checkpoint_names.push(name);
+            rows.checkpoint_tx_ids.push(cursor.tx_id.to_string());
+            rows.checkpoint_positions.push(cursor.position);
+        }
+        Some(Some(rows))
+    }
+
+    /// Whether nothing but the core, runs and checkpoints is written.
+    fn core_and_runs_only(&self) -> bool {
         self.deleted_jobs.is_empty()
             && self.deliveries.is_empty()
             && self.schedules.is_empty()
             && self.triggers.is_empty()
             && self.workflows.is_empty()
-            && self.runs.is_empty()
             && self.user_kinds.is_empty()
             && self.connectors.is_empty()
             && self.models.is_empty()
@@ -634,7 +707,6 @@ impl<'a> Rows<'a> {
             && self.ticks.0.is_empty()
             && self.credentials.is_empty()
             && self.receipts.is_empty()
-            && self.checkpoints.is_empty()
     }
 
     /// The rows outside [`CORE`], inside the batch's transaction.

@@ -849,3 +849,120 @@ async fn generic_plans_made_on_an_empty_database_find_rows_by_key() {
         "(sequential scans, index scans) of jobs for one load by id"
     );
 }
+
+/// A run's plan with a log checkpoint (what the orchestrator commits, and a run's creation by
+/// the API) is one statement: the `runs` row and the checkpoint ride in the core's statement
+/// instead of a transaction of five round trips. A trigger notes the top-level statement that
+/// wrote each `runs` row. A plan that loses (its run moved on) writes no row at all.
+#[tokio::test]
+async fn a_runs_plan_and_its_checkpoint_are_written_by_the_core_statement() {
+    use capibara_shared::{domain::workflow::WorkflowDef, store::runs};
+    let env = TestEnv::new().await;
+    let (pool, appender) = appender_with(&env, 4, one_flusher()).await;
+    for ddl in [
+        "CREATE TABLE seen_statements (q text)",
+        "CREATE FUNCTION note_statement() RETURNS trigger LANGUAGE plpgsql AS
+         $$ BEGIN INSERT INTO seen_statements VALUES (current_query()); RETURN NULL; END $$",
+        "CREATE TRIGGER note AFTER INSERT OR UPDATE ON runs FOR EACH STATEMENT
+         EXECUTE FUNCTION note_statement()",
+    ] {
+        sqlx::query(ddl).execute(&pool).await.unwrap();
+    }
+    let def: std::sync::Arc<WorkflowDef> = std::sync::Arc::new(
+        serde_json::from_value(json!({"name": "one", "steps": [{"id": "a", "kind": "echo"}]}))
+            .unwrap(),
+    );
+    let at = capibara_shared::domain::now();
+    let new_run = |id: Uuid| runs::NewRun {
+        id,
+        namespace: "default".into(),
+        workflow_id: Uuid::now_v7(),
+        workflow_name: "one".into(),
+        version: 1,
+        input: json!({}),
+        parent: None,
+        callback_url: None,
+    };
+    let plan_of = |id: Uuid| {
+        let (run, plan) = runs::start(&def, new_run(id), at);
+        runs::RunChange {
+            prev_version: None,
+            run,
+            def: def.clone(),
+            plan,
+        }
+    };
+    let checkpoint = |position: i64| store::Effect::Checkpoint {
+        name: "orchestrator".into(),
+        cursor: LogCursor { tx_id: 7, position },
+    };
+
+    let id = Uuid::now_v7();
+    let mut built = runs::build(&pool, vec![plan_of(id)], "test", at)
+        .await
+        .unwrap();
+    assert_eq!(built.appends.len(), 2, "the run and its first step's job");
+    built.appends[0].effects.push(checkpoint(41));
+    appender.append_all(built.appends).await.unwrap();
+
+    let seen: Vec<(String,)> = sqlx::query_as("SELECT DISTINCT q FROM seen_statements")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    for part in [
+        "INSERT INTO runs",
+        "INSERT INTO events",
+        "INSERT INTO log_checkpoints",
+    ] {
+        assert!(seen[0].0.contains(part), "not one statement: {}", seen[0].0);
+    }
+    let (status, version): (String, i64) =
+        sqlx::query_as("SELECT status, stream_version FROM runs WHERE id = $1")
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        (status.as_str(), version),
+        ("running", events_of(&pool, id).await)
+    );
+    let (tx_id, position): (String, i64) = sqlx::query_as(
+        "SELECT tx_id::text, position FROM log_checkpoints WHERE name = 'orchestrator'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!((tx_id.as_str(), position), ("7", 41));
+    let (jobs,): (i64,) = sqlx::query_as("SELECT count(*) FROM jobs")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(jobs, 1);
+
+    // The same run started again: its stream exists, so the plan loses as a whole. Neither
+    // its `runs` row nor the checkpoint moves, and no second step job is written.
+    let mut again = runs::build(&pool, vec![plan_of(id)], "test", at)
+        .await
+        .unwrap();
+    again.appends[0].effects.push(checkpoint(99));
+    let results = appender.append_all(again.appends).await;
+    assert!(results.is_err(), "{results:?}");
+    let (position,): (i64,) =
+        sqlx::query_as("SELECT position FROM log_checkpoints WHERE name = 'orchestrator'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(position, 41);
+    let (jobs,): (i64,) = sqlx::query_as("SELECT count(*) FROM jobs")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(jobs, 1);
+    let (version,): (i64,) = sqlx::query_as("SELECT stream_version FROM runs WHERE id = $1")
+        .bind(id)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(version, events_of(&pool, id).await);
+}
