@@ -17,6 +17,7 @@ pub mod auth;
 pub mod error;
 pub mod extract;
 pub mod firehose;
+pub mod kept_leases;
 pub mod mcp;
 pub mod openapi;
 pub mod outbound;
@@ -63,6 +64,8 @@ pub struct AppState {
     pub long_polls: routes::workers::LongPolls,
     /// Protocol workers and user kinds read recently (short-lived caches).
     pub known_workers: routes::workers::KnownWorkers,
+    /// Jobs handed out by this process's lease calls, until their final report.
+    pub kept_leases: Arc<kept_leases::KeptLeases>,
     pub user_kinds: routes::kinds::KnownKinds,
     /// The key that signs stream tokens (config, or loaded once from Postgres).
     pub stream_secret: stream_tokens::TokenSecret,
@@ -86,6 +89,7 @@ impl AppState {
                 .map_err(|e| e.to_string()),
             long_polls: Default::default(),
             known_workers: Default::default(),
+            kept_leases: Default::default(),
             user_kinds: Default::default(),
             stream_secret: Default::default(),
             backlog: capibara_shared::backlog::Backlog::new(store.pool.clone(), config.max_backlog),

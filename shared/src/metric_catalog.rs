@@ -347,6 +347,14 @@ pub const METRICS: &[MetricSpec] = &[
         labels: &[],
     },
     MetricSpec {
+        name: "capibara_worker_protocol_final_reports_total",
+        kind: Counter,
+        help: "Final reports (complete, fail) of protocol workers by where the job they decided on came from: kept since this process's lease call handed it out, or read from Postgres (another replica leased it, or it was not kept).",
+        unit: None,
+        on: &[Api],
+        labels: &[("job", Values::Fixed(&["kept", "read"]))],
+    },
+    MetricSpec {
         name: "capibara_kind_live_workers",
         kind: Gauge,
         help: "Registered workers of the HTTP protocol that declared a user kind and were seen recently (0: nothing runs its jobs).",

@@ -474,17 +474,16 @@ async fn claim_all(
     if stale > 0 {
         metrics::counter!("capibara_dispatch_stale_total").increment(stale as u64);
     }
-    out.extend(
-        claimed
-            .into_iter()
-            .map(|(job, token, expires_at)| LeasedJob {
-                job,
-                lease: LeaseInfo {
-                    token: token.to_string(),
-                    expires_at,
-                },
-            }),
-    );
+    out.extend(claimed.into_iter().map(|(job, token, expires_at)| {
+        state.kept_leases.keep(&job);
+        LeasedJob {
+            job,
+            lease: LeaseInfo {
+                token: token.to_string(),
+                expires_at,
+            },
+        }
+    }));
     Ok(())
 }
 
@@ -644,6 +643,14 @@ async fn record_for(
     report: Report,
 ) -> Result<Job, ApiError> {
     let id = token.job_id;
+    // The job as its lease call left it, if this process handed it out (crate::kept_leases).
+    let last = matches!(report, Report::End(_) | Report::Trained(_));
+    if loaded.is_none() {
+        loaded = match last {
+            true => state.kept_leases.take(id),
+            false => state.kept_leases.get(id),
+        };
+    }
     // The kind's output schema, when a success is reported.
     let mut kind = None;
     if let Report::End(AttemptEnd::Succeeded { .. }) = report {
@@ -663,12 +670,17 @@ async fn record_for(
             kind = state.user_kinds.get(state, &w.namespace, &job.kind).await?;
         }
     }
-    command::leases::report_on(&state.store, w, token, loaded, report, |out| match &kind {
-        Some(k) => k.check_output(out),
-        None => Ok(()),
-    })
-    .await
-    .map_err(|e| ApiError::from_command(e, "job", id))
+    let after =
+        command::leases::report_on(&state.store, w, token, loaded, report, |out| match &kind {
+            Some(k) => k.check_output(out),
+            None => Ok(()),
+        })
+        .await
+        .map_err(|e| ApiError::from_command(e, "job", id))?;
+    if !last {
+        state.kept_leases.refresh(&after);
+    }
+    Ok(after)
 }
 
 /// Answer to a heartbeat.
@@ -1017,16 +1029,27 @@ pub async fn complete_many(
     if jobs.is_empty() || jobs.len() > 100 {
         return Err(ApiError::field("jobs", "must hold 1 to 100 jobs"));
     }
-    // One read for the batch; each job's report decides on its row (and reads again only if
-    // it changed meanwhile).
-    let ids: Vec<Uuid> = jobs.iter().filter_map(|c| c.id.parse().ok()).collect();
-    let mut loaded: std::collections::HashMap<Uuid, Job> =
-        store::jobs::get_many(&state.store.pool, &ids)
-            .await?
-            .into_iter()
-            .filter(|j| j.namespace == auth.namespace())
-            .map(|j| (j.id, j))
-            .collect();
+    // The jobs this process handed out as their lease calls left them, one read for the rest;
+    // each job's report decides on its row (and reads again only if it changed meanwhile).
+    let mut loaded: std::collections::HashMap<Uuid, Job> = std::collections::HashMap::new();
+    let mut unread = Vec::new();
+    for id in jobs.iter().filter_map(|c| c.id.parse::<Uuid>().ok()) {
+        match state.kept_leases.take(id) {
+            Some(job) => {
+                loaded.insert(id, job);
+            }
+            None => unread.push(id),
+        }
+    }
+    if !unread.is_empty() {
+        loaded.extend(
+            store::jobs::get_many(&state.store.pool, &unread)
+                .await?
+                .into_iter()
+                .map(|j| (j.id, j)),
+        );
+    }
+    loaded.retain(|_, j| j.namespace == auth.namespace());
     let results = futures::future::join_all(jobs.into_iter().enumerate().map(|(i, c)| {
         let (state, auth) = (&state, &auth);
         // The token must name this id (checked below), so the row read for it is the job's.

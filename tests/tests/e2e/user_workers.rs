@@ -936,3 +936,73 @@ async fn a_batch_completes_each_job_as_the_one_job_call_would_and_refuses_only_t
         "{r:?}"
     );
 }
+
+/// The value of `capibara_worker_protocol_final_reports_total{job="<from>"}` on the API.
+async fn final_reports(env: &TestEnv, from: &str) -> u64 {
+    let metrics = capibara_tests::scrape(&env.api_url()).await;
+    let line = format!("capibara_worker_protocol_final_reports_total{{job=\"{from}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&line))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or(0)
+}
+
+/// A final report decides on the job as its lease call left it (kept by the API that handed it
+/// out, not read again), and a kept job that changed since (here a cancel) is read again: the
+/// report is decided on the job as it stands.
+#[tokio::test]
+async fn a_final_report_decides_on_the_job_its_lease_kept_and_reads_one_that_changed() {
+    let env = TestEnv::new().await;
+    let (_api, _scheduler) = (env.spawn_api().await, env.spawn_scheduler());
+    let api = env.client();
+    put_kind(&api, "kept.thing", json!({})).await;
+    let w = Proto::register(&api, json!({"kinds": ["kept.thing"]})).await;
+
+    let id = api.submit_id(json!({"kind": "kept.thing"})).await;
+    let j = w.lease_one(Duration::from_secs(10)).await;
+    let r = w.call(&j, "progress", json!({"percent": 50})).await;
+    assert_eq!(r.status, 204, "{r:?}");
+    let r = api
+        .post(
+            &format!("/v1/workers/{}/complete", w.id),
+            json!({"jobs": [{"id": j.id, "lease": j.token, "output": {"ok": true}}]}),
+        )
+        .await;
+    assert_eq!(r.body["results"][0]["status"], 200, "{r:?}");
+    let job = api.job(&id).await;
+    assert_eq!(
+        (&job["status"], &job["output"], &job["progress"]["percent"]),
+        (&json!("succeeded"), &json!({"ok": true}), &json!(50.0))
+    );
+    assert_eq!(
+        (
+            final_reports(&env, "kept").await,
+            final_reports(&env, "read").await
+        ),
+        (1, 0)
+    );
+
+    // Canceled after the lease: the kept job does not know, the report's append conflicts,
+    // and the job read again decides (a non-retryable failure of a job whose cancel was
+    // asked for is its cancel; decided on the kept job it would have been `failed`).
+    let id = api.submit_id(json!({"kind": "kept.thing"})).await;
+    let j = w.lease_one(Duration::from_secs(10)).await;
+    let r = api.post(&format!("/v1/jobs/{id}/cancel"), json!({})).await;
+    assert_eq!(r.status, 202, "{r:?}");
+    let r = w
+        .call(
+            &j,
+            "fail",
+            json!({"error": {"type": "stopped", "message": "no"}, "retryable": false}),
+        )
+        .await;
+    assert_eq!(r.body["status"], "canceled", "{r:?}");
+    assert_eq!(final_reports(&env, "kept").await, 2);
+    let events = types(&api.events(&id).await);
+    assert_eq!(
+        events.iter().filter(|t| *t == "JobCanceled").count(),
+        1,
+        "{events:?}"
+    );
+}
