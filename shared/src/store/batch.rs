@@ -681,7 +681,14 @@ impl<'a> Rows<'a> {
             runs: Json(runs),
             ..RunRows::default()
         };
-        for (name, cursor) in &self.checkpoints {
+        // One row per name, the last one winning (as the transaction's one upsert each): an
+        // upsert may not touch a row twice in one statement.
+        let mut last: Vec<(&'a str, super::events::LogCursor)> = Vec::new();
+        for &(name, cursor) in &self.checkpoints {
+            last.retain(|(n, _)| *n != name);
+            last.push((name, cursor));
+        }
+        for (name, cursor) in last {
             rows.checkpoint_names.push(name);
             rows.checkpoint_tx_ids.push(cursor.tx_id.to_string());
             rows.checkpoint_positions.push(cursor.position);

@@ -965,4 +965,19 @@ async fn a_runs_plan_and_its_checkpoint_are_written_by_the_core_statement() {
         .await
         .unwrap();
     assert_eq!(version, events_of(&pool, id).await);
+
+    // Two checkpoints of one name in a batch: the last one wins, as in a transaction (an upsert
+    // may not touch a row twice in one statement).
+    let mut two = runs::build(&pool, vec![plan_of(Uuid::now_v7())], "test", at)
+        .await
+        .unwrap();
+    two.appends[0].effects.push(checkpoint(50));
+    two.appends[1].effects.push(checkpoint(51));
+    appender.append_all(two.appends).await.unwrap();
+    let (position,): (i64,) =
+        sqlx::query_as("SELECT position FROM log_checkpoints WHERE name = 'orchestrator'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(position, 51);
 }
