@@ -850,6 +850,14 @@ async fn generic_plans_made_on_an_empty_database_find_rows_by_key() {
     );
 }
 
+/// Where the orchestrator's checkpoint stands.
+async fn checkpoint_position(pool: &sqlx::PgPool) -> i64 {
+    sqlx::query_scalar("SELECT position FROM log_checkpoints WHERE name = 'orchestrator'")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
 /// A run's plan with a log checkpoint (what the orchestrator commits, and a run's creation by
 /// the API) is one statement: the `runs` row and the checkpoint ride in the core's statement
 /// instead of a transaction of five round trips. A trigger notes the top-level statement that
@@ -948,11 +956,7 @@ async fn a_runs_plan_and_its_checkpoint_are_written_by_the_core_statement() {
     again.appends[0].effects.push(checkpoint(99));
     let results = appender.append_all(again.appends).await;
     assert!(results.is_err(), "{results:?}");
-    let (position,): (i64,) =
-        sqlx::query_as("SELECT position FROM log_checkpoints WHERE name = 'orchestrator'")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+    let position = checkpoint_position(&pool).await;
     assert_eq!(position, 41);
     let (jobs,): (i64,) = sqlx::query_as("SELECT count(*) FROM jobs")
         .fetch_one(&pool)
@@ -974,10 +978,6 @@ async fn a_runs_plan_and_its_checkpoint_are_written_by_the_core_statement() {
     two.appends[0].effects.push(checkpoint(50));
     two.appends[1].effects.push(checkpoint(51));
     appender.append_all(two.appends).await.unwrap();
-    let (position,): (i64,) =
-        sqlx::query_as("SELECT position FROM log_checkpoints WHERE name = 'orchestrator'")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+    let position = checkpoint_position(&pool).await;
     assert_eq!(position, 51);
 }
