@@ -25,8 +25,9 @@ pub struct KeptLeases {
 #[derive(Default)]
 struct Inner {
     jobs: HashMap<Uuid, Job>,
-    /// Insertion order, for evicting the oldest (an id may appear twice; its stale entry
-    /// then evicts the newer one early, which costs a read, nothing else).
+    /// Insertion order, for evicting the oldest. Ids taken since stay until the order is
+    /// compacted (when it grows to twice the capacity); an id may appear twice, and its stale
+    /// entry then evicts the newer one early, which costs a read, nothing else.
     order: VecDeque<Uuid>,
 }
 
@@ -50,6 +51,10 @@ impl KeptLeases {
         }
         if inner.jobs.insert(job.id, job.clone()).is_none() {
             inner.order.push_back(job.id);
+        }
+        if inner.order.len() >= 2 * Self::CAPACITY {
+            let Inner { jobs, order } = &mut *inner;
+            order.retain(|id| jobs.contains_key(id));
         }
     }
 
@@ -130,6 +135,23 @@ mod tests {
         let big = job(serde_json::json!({"s": "x".repeat(KeptLeases::MAX_INPUT_BYTES)}));
         kept.keep(&big);
         assert!(kept.get(big.id).is_none());
+    }
+
+    #[test]
+    fn jobs_taken_leave_no_trace_behind() {
+        let kept = KeptLeases::default();
+        for _ in 0..3 * KeptLeases::CAPACITY {
+            let j = job(serde_json::json!({}));
+            kept.keep(&j);
+            assert!(kept.take(j.id).is_some());
+        }
+        let inner = kept.inner.lock().unwrap();
+        assert!(inner.jobs.is_empty());
+        assert!(
+            inner.order.len() < 2 * KeptLeases::CAPACITY,
+            "{}",
+            inner.order.len()
+        );
     }
 
     #[test]
