@@ -616,21 +616,12 @@ async fn run_job(inner: &Arc<Inner>, job: Job, source: Source) {
     run_loaded(inner, job, st).await
 }
 
-/// A carried copy lost its check: what the attempt did is discarded, and the job, read again,
-/// goes back on the queue if it is still queued (with a copy of itself as it stands).
+/// A carried copy lost its check: what the attempt did is discarded, and the job goes back on
+/// the queue as its outbox entry stands, if it still waits for a worker.
 async fn requeue_changed(inner: &Inner, id: Uuid) {
     metrics::counter!("capibara_dispatch_carried_stale_total").increment(1);
-    match store::jobs::get_any(&inner.store.pool, id).await {
-        Ok(Some(fresh)) if fresh.status == JobStatus::Queued => {
-            let entry = DispatchEntry::of(&fresh, fresh.queued_at.unwrap_or_else(domain::now));
-            if let Err(e) = inner.queue.push(&[entry]).await {
-                tracing::warn!(job_id = %id, error = %e, "putting a changed job back failed; the relay will dispatch it again");
-            }
-        }
-        Ok(_) => {}
-        Err(e) => {
-            tracing::warn!(job_id = %id, error = %e, "reading a changed job failed; the relay will dispatch it again");
-        }
+    if let Err(e) = store::dispatch::put_back(&inner.store.pool, &inner.queue, &[id]).await {
+        tracing::warn!(job_id = %id, error = %e, "putting a changed job back failed; the relay will dispatch it again");
     }
 }
 

@@ -489,14 +489,7 @@ async fn claim_all(
 
 /// Put popped `ids` back on the queue (best effort: the relay re-pushes what Redis lacks).
 async fn give_back(state: &AppState, ids: &[Uuid]) {
-    let entries = match store::dispatch::of_jobs(&state.store.pool, ids).await {
-        Ok(entries) => entries,
-        Err(e) => {
-            tracing::warn!(error = %e, "reading popped jobs to give back failed");
-            return;
-        }
-    };
-    if let Err(e) = state.queue.push(&entries).await {
+    if let Err(e) = store::dispatch::put_back(&state.store.pool, &state.queue, ids).await {
         tracing::warn!(error = %e, "giving popped jobs back failed");
     }
 }

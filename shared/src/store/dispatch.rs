@@ -163,3 +163,25 @@ pub async fn of_jobs(pool: &PgPool, ids: &[Uuid]) -> Result<Vec<DispatchEntry>, 
     .await?;
     Ok(rows.into_iter().map(entry).collect())
 }
+
+/// Why [`put_back`] put nothing back.
+#[derive(Debug, thiserror::Error)]
+pub enum PutBackError {
+    #[error("reading the outbox: {0}")]
+    Read(#[from] StoreError),
+    #[error("pushing to the queue: {0}")]
+    Push(#[from] crate::queue::QueueError),
+}
+
+/// Push the outbox entries of `ids` to the queue again: those of jobs still waiting for a
+/// worker (a job taken off since has no entry). For jobs popped and not run (a worker gone, a
+/// carried copy that was not the job); best effort, as the relay re-pushes what Redis lacks.
+pub async fn put_back(
+    pool: &PgPool,
+    queue: &crate::queue::Queue,
+    ids: &[Uuid],
+) -> Result<(), PutBackError> {
+    let entries = of_jobs(pool, ids).await?;
+    queue.push(&entries).await?;
+    Ok(())
+}
