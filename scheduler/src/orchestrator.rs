@@ -15,6 +15,7 @@ use std::{
 };
 
 use capibara_shared::{
+    command::runs::ORCHESTRATOR,
     domain::{
         self,
         event::EventEnvelope,
@@ -277,7 +278,7 @@ async fn process(
         let run_id = change.run.id;
         shares.push((
             run_id,
-            build(&store.pool, vec![change], "orchestrator", at).await?,
+            build(&store.pool, vec![change], ORCHESTRATOR, at).await?,
         ));
     }
     let mut appends: Vec<Append> = shares
@@ -303,17 +304,9 @@ async fn process(
     }
     metrics::counter!("capibara_runs_advanced_total").increment(1);
     for (_, b) in shares {
-        publish_cancels(queue, b.cancel_running).await;
+        queue.tell_canceled(&b.cancel_running).await;
     }
     Ok(true)
-}
-
-async fn publish_cancels(queue: &Queue, jobs: Vec<Uuid>) {
-    for job_id in jobs {
-        if let Err(e) = queue.publish_cancel(job_id).await {
-            tracing::warn!(error = %e, "cancel notice not published; the worker sees it at its next heartbeat");
-        }
-    }
 }
 
 /// Commit each run's share on its own. A share the store refuses while it accepts others is
@@ -330,7 +323,7 @@ async fn commit_each(
 ) -> Result<bool, store::StoreError> {
     for (run_id, b) in shares {
         match store.appender.append_all(b.appends).await {
-            Ok(_) => publish_cancels(queue, b.cancel_running).await,
+            Ok(_) => queue.tell_canceled(&b.cancel_running).await,
             Err(AppendError::Conflict { .. }) => return Err(store::StoreError::Conflict),
             Err(AppendError::Unavailable(e)) => return Err(store::StoreError::Unavailable(e)),
             Err(e) => {
@@ -358,12 +351,12 @@ async fn commit_each(
                         def,
                         plan,
                     }],
-                    "orchestrator",
+                    ORCHESTRATOR,
                     at,
                 )
                 .await?;
                 match store.appender.append_all(failed.appends).await {
-                    Ok(_) => publish_cancels(queue, failed.cancel_running).await,
+                    Ok(_) => queue.tell_canceled(&failed.cancel_running).await,
                     Err(AppendError::Conflict { .. }) => return Err(store::StoreError::Conflict),
                     Err(e) => {
                         store.ping().await?;

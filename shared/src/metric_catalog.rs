@@ -436,6 +436,14 @@ pub const METRICS: &[MetricSpec] = &[
         labels: &[],
     },
     MetricSpec {
+        name: "capibara_runs_advanced_in_report_total",
+        kind: Counter,
+        help: "Workflow runs advanced in the commit of a step job's report, without the orchestrator.",
+        unit: None,
+        on: &[Worker],
+        labels: &[],
+    },
+    MetricSpec {
         name: "capibara_dispatch_deferred_total",
         kind: Counter,
         help: "Jobs committed as queued whose after-commit push to Redis failed or was skipped while Redis did not answer; the relay dispatches them.",

@@ -1283,6 +1283,17 @@ impl Queue {
         Ok(())
     }
 
+    /// [`Queue::publish_cancel`] of each of `jobs` (step jobs a run's plan stopped, after its
+    /// commit). A notice that is not published is logged: the worker sees the cancel at its
+    /// next heartbeat.
+    pub async fn tell_canceled(&self, jobs: &[Uuid]) {
+        for &job_id in jobs {
+            if let Err(e) = self.publish_cancel(job_id).await {
+                tracing::warn!(job_id = %job_id, error = %e, "cancel notice not published; the worker sees it at its next heartbeat");
+            }
+        }
+    }
+
     /// Liveness check for `/readyz`.
     pub async fn ping(&self) -> Result<(), QueueError> {
         let mut conn = self.conn.clone();

@@ -40,6 +40,8 @@ async fn run() -> anyhow::Result<()> {
     let config = Arc::new(Config::from_env()?);
     // Secrets are encrypted at rest: no key, no start (docs/security.md).
     capibara_shared::crypto::install_from_env()?;
+    // A step job's report plans its run with the orchestrator's planner, on the same limits.
+    capibara_shared::installed::install(&config);
     telemetry::init_logs(config.log_format, "capibara-worker");
     // Before any model loads: every tensor of the models lives on this device.
     let device = capibara_worker::models::device::init(args.device).map_err(anyhow::Error::msg)?;

@@ -12,7 +12,7 @@ use std::{
 
 use async_trait::async_trait;
 use capibara_shared::{
-    command::leases::LeaseToken,
+    command::{self, leases::LeaseToken},
     domain::{
         self,
         event::EventMetadata,
@@ -905,6 +905,9 @@ async fn report(inner: &Arc<Inner>, state: &Arc<Mutex<AttemptState>>, mut outcom
         }
     }
     let notes = std::mem::take(&mut st.pending);
+    // A step job's report plans its run in the same commit, until that conflicts or is refused:
+    // then the report commits alone and the orchestrator plans the run from the log.
+    let mut plan_run = st.job.run_id.is_some();
     loop {
         let attempt = st.attempt;
         let mut events = Vec::new();
@@ -935,9 +938,22 @@ async fn report(inner: &Arc<Inner>, state: &Arc<Mutex<AttemptState>>, mut outcom
             _ => Vec::new(),
         };
         let with_also = !also.is_empty();
+        let planned = match plan_run && !with_also {
+            true => command::runs::plan_with_report(&inner.store, &st.job, &events)
+                .await
+                .unwrap_or_else(|e| {
+                    tracing::debug!(job_id = %st.job.id, error = %e, "the run is left to the orchestrator");
+                    None
+                }),
+            false => None,
+        };
         let written = if with_also {
             let mut all = vec![append];
             all.extend(also);
+            inner.store.appender.append_all(all).await.map(drop)
+        } else if let Some(plan) = &planned {
+            let mut all = vec![append];
+            all.extend(plan.appends.iter().cloned());
             inner.store.appender.append_all(all).await.map(drop)
         } else {
             inner.store.appender.append(append).await.map(drop)
@@ -947,8 +963,16 @@ async fn report(inner: &Arc<Inner>, state: &Arc<Mutex<AttemptState>>, mut outcom
                 st.job = new;
                 st.claimed = true;
                 st.copy = false;
+                if let Some(plan) = planned {
+                    metrics::counter!("capibara_runs_advanced_in_report_total").increment(1);
+                    inner.queue.tell_canceled(&plan.cancel_running).await;
+                }
                 return;
             }
+            // The run moved since it was read (another step's report, a signal, the
+            // orchestrator), the store refused its events, or the commit failed: the report is
+            // written as if it had planned nothing, and the orchestrator plans the run.
+            Err(_) if planned.is_some() => plan_run = false,
             // Started from a carried copy that was not the job as it stands: the attempt ran
             // on what may be another job's state, so its result goes nowhere.
             Err(AppendError::Conflict { .. }) if st.copy && !st.claimed => {

@@ -220,11 +220,7 @@ async fn change(
     let changed = command::runs::change(&state.store, auth.namespace(), id, &auth.actor(), decide)
         .await
         .map_err(|e| ApiError::from_command(e, "run", id))?;
-    for job in changed.cancel_running {
-        if let Err(e) = state.queue.publish_cancel(job).await {
-            tracing::warn!(error = %e, "cancel notice not published; the worker sees it at its next heartbeat");
-        }
-    }
+    state.queue.tell_canceled(&changed.cancel_running).await;
     Ok(changed.run)
 }
 

@@ -436,6 +436,40 @@ fn validate_kind_input(kind: &str, input: &Value, ctx: &dyn KindContext) -> Resu
 }
 
 impl WorkflowDef {
+    /// Whether step `id` always runs alone: it is not a `map` (whose items run side by side),
+    /// and every other step is upstream or downstream of it, so none can be in flight while it
+    /// runs. A chain's steps run alone; the branches of a fan-out do not; the join after them
+    /// does. `false` for an id that is not a step (a map item's `id[index]`).
+    pub fn runs_alone(&self, id: &str) -> bool {
+        let Some(step) = self.steps.iter().find(|s| s.id == id) else {
+            return false;
+        };
+        if step.kind == "map" {
+            return false;
+        }
+        // The steps upstream of `id` (along `depends_on`) and downstream (along its reverse).
+        let mut up: HashMap<&str, Vec<&str>> = HashMap::new();
+        let mut down: HashMap<&str, Vec<&str>> = HashMap::new();
+        for s in &self.steps {
+            for d in &s.depends_on {
+                up.entry(s.id.as_str()).or_default().push(d.as_str());
+                down.entry(d.as_str()).or_default().push(s.id.as_str());
+            }
+        }
+        let mut related: HashSet<&str> = HashSet::from([id]);
+        for edges in [&up, &down] {
+            let mut todo = vec![id];
+            while let Some(at) = todo.pop() {
+                for &next in edges.get(at).into_iter().flatten() {
+                    if related.insert(next) {
+                        todo.push(next);
+                    }
+                }
+            }
+        }
+        self.steps.iter().all(|s| related.contains(s.id.as_str()))
+    }
+
     /// The job kinds the definition's steps name (map children's included), to resolve the
     /// user kinds among them before [`WorkflowDef::validate`].
     pub fn kind_names(&self) -> Vec<String> {
@@ -655,6 +689,37 @@ mod tests {
 
     fn def(steps: Value) -> WorkflowDef {
         WorkflowDef::from_value(json!({"name": "t", "steps": steps})).unwrap()
+    }
+
+    #[test]
+    fn a_step_runs_alone_when_every_other_step_is_upstream_or_downstream_of_it() {
+        let d = def(json!([
+            {"id": "root", "kind": "echo"},
+            {"id": "x", "kind": "echo", "depends_on": ["root"]},
+            {"id": "y", "kind": "echo", "depends_on": ["root"]},
+            {"id": "x2", "kind": "echo", "depends_on": ["x"]},
+            {"id": "join", "kind": "echo", "depends_on": ["x2", "y"]},
+            {"id": "each", "kind": "map", "depends_on": ["join"],
+             "input": {"items": "{{ [1, 2] }}", "step": {"kind": "echo"}}},
+            {"id": "end", "kind": "echo", "depends_on": ["each"]},
+        ]));
+        let alone: Vec<&str> = d
+            .steps
+            .iter()
+            .map(|s| s.id.as_str())
+            .filter(|id| d.runs_alone(id))
+            .collect();
+        // `x`, `x2` and `y` are branches; `each` runs its items side by side.
+        assert_eq!(alone, ["root", "join", "end"]);
+        assert!(!d.runs_alone("each[0]"), "a map item");
+        assert!(!d.runs_alone("nope"));
+        let chain = def(json!([
+            {"id": "a", "kind": "echo"},
+            {"id": "b", "kind": "echo", "depends_on": ["a"]},
+        ]));
+        assert!(chain.runs_alone("a") && chain.runs_alone("b"));
+        let apart = def(json!([{"id": "a", "kind": "echo"}, {"id": "b", "kind": "echo"}]));
+        assert!(!apart.runs_alone("a") && !apart.runs_alone("b"));
     }
 
     fn err(steps: Value) -> FieldError {

@@ -321,6 +321,105 @@ async fn fifty_branches_finishing_together_start_the_join_once() {
     drop(api_proc);
 }
 
+/// A step's report plans its run in its own commit when no other step of the run is in flight:
+/// a chain runs to its end with no scheduler at all, its history as the orchestrator writes it.
+/// Steps that run in parallel are left to the orchestrator: without it the run waits after
+/// the branches, and once it runs the join starts once.
+#[tokio::test]
+async fn a_steps_report_plans_its_run_and_parallel_steps_wait_for_the_orchestrator() {
+    let mut env = TestEnv::new().await;
+    let wport = capibara_tests::find_free_port();
+    env.extra_env
+        .push(("CAPIBARA_WORKER_ADDR".into(), format!("127.0.0.1:{wport}")));
+    let _api = env.spawn_api().await;
+    let _worker = env.spawn_worker(&[]);
+    let api = env.client();
+    let pool = env.pool().await;
+
+    let chain = create(
+        &api,
+        json!({"name": "chain", "steps": [
+            {"id": "a", "kind": "echo", "input": {"n": "{{ input.n }}"}},
+            {"id": "b", "kind": "echo", "depends_on": ["a"], "input": {"n": "{{ steps.a.output.n }}"}},
+            {"id": "c", "kind": "echo", "depends_on": ["b"], "input": {"n": "{{ steps.b.output.n }}"}},
+        ]}),
+    )
+    .await;
+    let run = start(&api, &chain, json!({"n": 7})).await;
+    let done = ended(&api, &run, Duration::from_secs(20)).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(step(&done, "c")["output"]["n"], 7, "{done}");
+    let metrics = capibara_tests::scrape(&format!("http://127.0.0.1:{wport}")).await;
+    assert!(
+        metrics.contains("capibara_runs_advanced_in_report_total 3"),
+        "{metrics}"
+    );
+    // The run's history is the orchestrator's: each step ready, started and succeeded once,
+    // then the run's end, all written by the orchestrator's planning.
+    let history: Vec<(String, String)> = sqlx::query_as(
+        "SELECT type, metadata->>'actor' FROM events WHERE stream_id = $1::uuid AND version > 1 \
+         ORDER BY version",
+    )
+    .bind(&run)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let types: Vec<&str> = history.iter().map(|(t, _)| t.as_str()).collect();
+    let step_events = ["StepReady", "StepStarted", "StepSucceeded"];
+    let mut want: Vec<&str> = step_events.repeat(3);
+    want.push("RunSucceeded");
+    assert_eq!(types, want, "{history:?}");
+    // The first step was made ready by the run's start (the API); the rest by the planning.
+    assert!(
+        history[1..]
+            .iter()
+            .all(|(_, actor)| actor == "orchestrator"),
+        "{history:?}"
+    );
+
+    let fan = create(
+        &api,
+        json!({"name": "fan", "steps": [
+            {"id": "x", "kind": "echo"},
+            {"id": "y", "kind": "echo"},
+            {"id": "join", "kind": "echo", "depends_on": ["x", "y"]},
+        ]}),
+    )
+    .await;
+    let run = start(&api, &fan, json!({})).await;
+    let ran = |step: &'static str| {
+        let (pool, run) = (pool.clone(), run.clone());
+        async move {
+            count(
+                &pool,
+                &format!(
+                    "SELECT count(*) FROM jobs WHERE run_id = $1::uuid AND step_id = '{step}' \
+                     AND status = 'succeeded'"
+                ),
+                &run,
+            )
+            .await
+        }
+    };
+    eventually(
+        "both branches succeeded",
+        Duration::from_secs(15),
+        || async { (ran("x").await == 1 && ran("y").await == 1).then_some(()) },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let joins = "SELECT count(*) FROM jobs WHERE run_id = $1::uuid AND step_id = 'join'";
+    assert_eq!(
+        count(&pool, joins, &run).await,
+        0,
+        "planned without the orchestrator"
+    );
+    let _scheduler = env.spawn_scheduler();
+    let done = ended(&api, &run, Duration::from_secs(20)).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(count(&pool, joins, &run).await, 1);
+}
+
 #[tokio::test]
 async fn crashes_mid_run_lose_and_duplicate_nothing_and_a_rebuild_reproduces_runs() {
     let env = TestEnv::new().await;

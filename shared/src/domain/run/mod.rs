@@ -614,6 +614,17 @@ impl Run {
         self.steps.iter_mut().find(|s| s.id == id)
     }
 
+    /// Whether a step or map item other than the one of job `job_id` is ready or running.
+    pub fn busy_besides(&self, job_id: Uuid) -> bool {
+        let busy = |status: StepStatus, job: Option<Uuid>| {
+            matches!(status, StepStatus::Ready | StepStatus::Running) && job != Some(job_id)
+        };
+        self.steps.iter().any(|s| match &s.items {
+            Some(items) => items.iter().any(|i| busy(i.status, i.job_id)),
+            None => busy(s.status, s.job_id),
+        })
+    }
+
     /// The step (and map index) a job belongs to.
     pub fn find_job(&self, job_id: Uuid) -> Option<(&StepState, Option<u32>)> {
         for s in &self.steps {

@@ -116,6 +116,35 @@ pub fn apply_and_advance(
     plan
 }
 
+/// What the events of one report of step job `job_id` mean for `run`, planned as the
+/// orchestrator plans a page of the log: each event's fact folded in, in order, then what
+/// follows. `None` when no event is news to the run, or when another step (or map item) of the
+/// run is ready or running: its report would plan the same run at the same version, so a run
+/// with work in parallel is left to the orchestrator, which plans a page of reports in one
+/// commit (docs/workflows.md, "A step's report plans its run").
+pub fn plan_report(
+    def: &WorkflowDef,
+    run: &mut Run,
+    job_id: Uuid,
+    events: &[crate::domain::job::JobEvent],
+    at: DateTime<Utc>,
+) -> Option<Plan> {
+    if run.status.is_terminal() || run.busy_besides(job_id) {
+        return None;
+    }
+    let mut plan = Plan::default();
+    for e in events {
+        if let Some(fact) = job_fact(run, job_id, e) {
+            plan.record(run, fact, at);
+        }
+    }
+    if plan.events.is_empty() {
+        return None;
+    }
+    advance(def, run, &mut plan, at);
+    Some(plan)
+}
+
 /// The fact a step job's event means for the run, if any (ignores jobs the run no longer
 /// waits for, e.g. after a cancel or a retry).
 pub fn job_fact(run: &Run, job_id: Uuid, event: &crate::domain::job::JobEvent) -> Option<RunEvent> {
@@ -790,6 +819,52 @@ mod tests {
         };
         let fact = job_fact(run, job, &ev).expect("a fact");
         apply_and_advance(d, run, vec![fact], crate::domain::now())
+    }
+
+    #[test]
+    fn a_report_plans_its_run_only_when_no_other_step_is_in_flight() {
+        let d = def(json!({"name": "fan", "steps": [
+            {"id": "a", "kind": "echo"},
+            {"id": "b", "kind": "echo"},
+            {"id": "join", "kind": "echo", "depends_on": ["a", "b"]},
+        ]}));
+        let (mut run, plan) = start(&d, json!({}));
+        let first = jobs(&plan);
+        assert_eq!(first.len(), 2);
+        let (a, b) = (first[0].job_id, first[1].job_id);
+        let at = crate::domain::now();
+        let report = [
+            JobEvent::JobStarted {
+                attempt: 1,
+                worker: "w".into(),
+            },
+            JobEvent::JobSucceeded {
+                attempt: 1,
+                output: json!({"ok": true}),
+                artifacts: vec![],
+            },
+        ];
+        // `b` is ready too: `a`'s report leaves the run to the orchestrator, untouched.
+        let before = run.clone();
+        assert!(plan_report(&d, &mut run, a, &report, at).is_none());
+        assert_eq!(run, before);
+        // Once `a`'s end is recorded, `b`'s report plans the run: its own facts, then the join.
+        succeed(&d, &mut run, a, json!({}));
+        let plan = plan_report(&d, &mut run, b, &report, at).expect("planned");
+        let types: Vec<&str> = plan.events.iter().map(DomainEvent::type_name).collect();
+        assert_eq!(types, ["StepStarted", "StepSucceeded", "StepReady"]);
+        let join = jobs(&plan);
+        assert_eq!(join.len(), 1);
+        assert_eq!(join[0].step_id, "join");
+        // The same report again (the orchestrator reading it from the log) is no news.
+        assert!(plan_report(&d, &mut run, b, &report, at).is_none());
+        // The join's report ends the run.
+        let plan = plan_report(&d, &mut run, join[0].job_id, &report, at).expect("planned");
+        assert_eq!(
+            plan.events.last().map(DomainEvent::type_name),
+            Some("RunSucceeded")
+        );
+        assert!(run.status.is_terminal());
     }
 
     #[test]
