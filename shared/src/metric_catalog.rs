@@ -440,7 +440,7 @@ pub const METRICS: &[MetricSpec] = &[
         kind: Counter,
         help: "Workflow runs advanced in the commit of a step job's report, without the orchestrator.",
         unit: None,
-        on: &[Worker],
+        on: &[Api, Worker],
         labels: &[],
     },
     MetricSpec {

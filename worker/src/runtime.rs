@@ -947,13 +947,14 @@ async fn report(inner: &Arc<Inner>, state: &Arc<Mutex<AttemptState>>, mut outcom
                 }),
             false => None,
         };
+        let with_plan = planned.is_some();
         let written = if with_also {
             let mut all = vec![append];
             all.extend(also);
             inner.store.appender.append_all(all).await.map(drop)
-        } else if let Some(plan) = &planned {
+        } else if let Some(plan) = planned {
             let mut all = vec![append];
-            all.extend(plan.appends.iter().cloned());
+            all.extend(plan);
             inner.store.appender.append_all(all).await.map(drop)
         } else {
             inner.store.appender.append(append).await.map(drop)
@@ -963,16 +964,15 @@ async fn report(inner: &Arc<Inner>, state: &Arc<Mutex<AttemptState>>, mut outcom
                 st.job = new;
                 st.claimed = true;
                 st.copy = false;
-                if let Some(plan) = planned {
+                if with_plan {
                     metrics::counter!("capibara_runs_advanced_in_report_total").increment(1);
-                    inner.queue.tell_canceled(&plan.cancel_running).await;
                 }
                 return;
             }
             // The run moved since it was read (another step's report, a signal, the
             // orchestrator), the store refused its events, or the commit failed: the report is
             // written as if it had planned nothing, and the orchestrator plans the run.
-            Err(_) if planned.is_some() => plan_run = false,
+            Err(_) if with_plan => plan_run = false,
             // Started from a carried copy that was not the job as it stands: the attempt ran
             // on what may be another job's state, so its result goes nowhere.
             Err(AppendError::Conflict { .. }) if st.copy && !st.claimed => {

@@ -7,7 +7,12 @@
 //! moved the job on, so a stale token is refused ([`LeaseError::Lost`]) and records nothing —
 //! the same guarantee as the built-in worker's version fence.
 
-use std::{fmt, str::FromStr, time::Duration};
+use std::{
+    fmt,
+    str::FromStr,
+    sync::atomic::{AtomicBool, Ordering},
+    time::Duration,
+};
 
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
@@ -204,6 +209,11 @@ pub async fn report(
 
 /// [`report`] decided first on `loaded`, the job as the caller read it (a batch of reports
 /// reads its jobs at once); a job that changed since is read again.
+///
+/// The end of a workflow step's job plans its run in the same commit when the step runs alone
+/// ([`super::runs::plan_with_report`], as the built-in worker's reports do), on the first try
+/// only: a try that conflicts is decided again without it, and one the store refuses is
+/// recorded again without it; the orchestrator then plans the run from the log.
 pub async fn report_on(
     store: &Store,
     w: &RemoteWorker,
@@ -212,9 +222,60 @@ pub async fn report_on(
     report: Report,
     check_output: impl Fn(&serde_json::Value) -> Result<(), crate::domain::FieldError>,
 ) -> Result<Job, CommandError<LeaseError>> {
+    let ends = matches!(report, Report::End(_));
+    let planned = AtomicBool::new(false);
+    let first = report_as(
+        store,
+        w,
+        token,
+        loaded.clone(),
+        &report,
+        &check_output,
+        ends,
+        &planned,
+    );
+    match first.await {
+        Ok(job) => {
+            if planned.load(Ordering::Relaxed) {
+                metrics::counter!("capibara_runs_advanced_in_report_total").increment(1);
+            }
+            Ok(job)
+        }
+        Err(CommandError::Store(_)) if planned.load(Ordering::Relaxed) => {
+            report_as(
+                store,
+                w,
+                token,
+                loaded,
+                &report,
+                &check_output,
+                false,
+                &planned,
+            )
+            .await
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// [`report_on`], planning the run in the first try when `plan`; `planned` tells whether the
+/// last try did.
+#[allow(clippy::too_many_arguments)]
+async fn report_as(
+    store: &Store,
+    w: &RemoteWorker,
+    token: LeaseToken,
+    loaded: Option<Job>,
+    report: &Report,
+    check_output: &impl Fn(&serde_json::Value) -> Result<(), crate::domain::FieldError>,
+    plan: bool,
+    planned: &AtomicBool,
+) -> Result<Job, CommandError<LeaseError>> {
     let meta = metadata(w);
     let loaded = loaded.filter(|j| j.id == token.job_id && j.namespace == w.namespace);
-    let (report, check_output, meta) = (&report, &check_output, &meta);
+    let meta = &meta;
+    let plan = AtomicBool::new(plan);
+    let plan = &plan;
     execute_async_from(
         store,
         &w.namespace,
@@ -263,6 +324,14 @@ pub async fn report_on(
                     appends: Vec::new(),
                     out: job,
                 });
+            }
+            planned.store(false, Ordering::Relaxed);
+            if plan.swap(false, Ordering::Relaxed) {
+                // A plan that cannot be made (the run cannot be read) is the orchestrator's.
+                if let Ok(Some(run)) = super::runs::plan_with_report(store, &job, &events).await {
+                    with.extend(run);
+                    planned.store(true, Ordering::Relaxed);
+                }
             }
             let (after, append) = job.append(job.id, &events, meta, now())?;
             with.insert(0, append);

@@ -18,11 +18,7 @@ use crate::{
         run::{planner, Plan, Run},
         workflow::WorkflowDef,
     },
-    store::{
-        self,
-        runs::{Built, RunChange},
-        Store, StoreError,
-    },
+    store::{self, runs::RunChange, Append, Store, StoreError},
 };
 
 /// The actor of the run events the orchestrator's planning appends, whoever commits them.
@@ -93,7 +89,7 @@ pub async fn plan_with_report(
     store: &Store,
     job: &Job,
     events: &[JobEvent],
-) -> Result<Option<Built>, StoreError> {
+) -> Result<Option<Vec<Append>>, StoreError> {
     let (Some(run_id), Some(step)) = (job.run_id, job.step_id.as_deref()) else {
         return Ok(None);
     };
@@ -127,9 +123,10 @@ pub async fn plan_with_report(
         def,
         plan,
     };
-    store::runs::build(&store.pool, vec![change], ORCHESTRATOR, at)
-        .await
-        .map(Some)
+    let built = store::runs::build(&store.pool, vec![change], ORCHESTRATOR, at).await?;
+    // Running jobs to stop after the commit: none while the step runs alone; should there be
+    // any, the orchestrator plans it, and tells their workers.
+    Ok(built.cancel_running.is_empty().then_some(built.appends))
 }
 
 /// The definitions of the runs whose step reports this process planned lately (a run's pinned

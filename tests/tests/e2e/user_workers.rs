@@ -610,6 +610,51 @@ async fn workflows_run_user_kind_steps_next_to_built_in_ones() {
     .await;
 }
 
+/// A protocol worker's report of a step that runs alone plans the run in its commit, as the
+/// built-in worker's does: a chain of user-kind steps runs to its end with no scheduler, through
+/// the one-job and the batch completion alike.
+#[tokio::test]
+async fn a_protocol_workers_report_plans_its_run_with_no_orchestrator() {
+    let env = TestEnv::new().await;
+    let _api = env.spawn_api().await;
+    let api = env.client();
+    put_kind(&api, "wf.inc", json!({})).await;
+    let wf = runs::create(
+        &api,
+        json!({"name": "incs", "steps": [
+            {"id": "one", "kind": "wf.inc", "input": {"n": "{{ input.n }}"}},
+            {"id": "two", "kind": "wf.inc", "depends_on": ["one"],
+             "input": {"n": "{{ steps.one.output.n }}"}}
+        ]}),
+    )
+    .await;
+    let run = runs::start(&api, &wf, json!({"n": 1})).await;
+    let w = Proto::register(&api, json!({"kinds": ["wf.inc"]})).await;
+    let j = w.lease_one(Duration::from_secs(10)).await;
+    let n = j.job["input"]["n"].as_i64().unwrap();
+    let r = w
+        .call(&j, "complete", json!({"output": {"n": n + 1}}))
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let j = w.lease_one(Duration::from_secs(10)).await;
+    assert_eq!(j.job["input"]["n"], 2, "{:?}", j.job);
+    let r = api
+        .post(
+            &format!("/v1/workers/{}/complete", w.id),
+            json!({"jobs": [{"id": j.id, "lease": j.token, "output": {"n": 3}}]}),
+        )
+        .await;
+    assert_eq!(r.body["results"][0]["status"], 200, "{r:?}");
+    let ended = runs::ended(&api, &run, Duration::from_secs(10)).await;
+    assert_eq!(ended["status"], "succeeded", "{ended}");
+    assert_eq!(runs::step(&ended, "two")["output"], json!({"n": 3}));
+    let metrics = capibara_tests::scrape(&env.api_url()).await;
+    assert!(
+        metrics.contains("capibara_runs_advanced_in_report_total 2"),
+        "{metrics}"
+    );
+}
+
 #[tokio::test]
 async fn schedules_and_triggers_submit_user_kinds_and_metrics_show_their_live_workers() {
     let mut env = TestEnv::new().await;
