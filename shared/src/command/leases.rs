@@ -228,7 +228,7 @@ pub async fn report_on(
         store,
         w,
         token,
-        loaded.clone(),
+        loaded,
         &report,
         &check_output,
         ends,
@@ -241,12 +241,13 @@ pub async fn report_on(
             }
             Ok(job)
         }
+        // The caller's copy went into the refused try: the job is read again (a rare path).
         Err(CommandError::Store(_)) if planned.load(Ordering::Relaxed) => {
             report_as(
                 store,
                 w,
                 token,
-                loaded,
+                None,
                 &report,
                 &check_output,
                 false,

@@ -612,9 +612,10 @@ async fn workflows_run_user_kind_steps_next_to_built_in_ones() {
 
 /// A protocol worker's report of a step that runs alone plans the run in its commit, as the
 /// built-in worker's does: a chain of user-kind steps runs to its end with no scheduler, through
-/// the one-job and the batch completion alike.
+/// the one-job and the batch completion alike. A plan the store refuses leaves the report to
+/// commit alone.
 #[tokio::test]
-async fn a_protocol_workers_report_plans_its_run_with_no_orchestrator() {
+async fn a_protocol_workers_report_plans_its_run_with_no_orchestrator_and_never_fails_for_it() {
     let env = TestEnv::new().await;
     let _api = env.spawn_api().await;
     let api = env.client();
@@ -653,6 +654,40 @@ async fn a_protocol_workers_report_plans_its_run_with_no_orchestrator() {
         metrics.contains("capibara_runs_advanced_in_report_total 2"),
         "{metrics}"
     );
+
+    // A plan the store refuses (Postgres refuses the next step's job) never refuses the report:
+    // it is recorded alone, and the orchestrator fails the run with the refusal.
+    let pool = env.pool().await;
+    for sql in [
+        "CREATE FUNCTION refuse_poison() RETURNS trigger AS $$ BEGIN
+           IF NEW.input ? 'poison' THEN
+             RAISE EXCEPTION 'unsupported Unicode escape sequence' USING ERRCODE = '22P05';
+           END IF;
+           RETURN NEW;
+         END $$ LANGUAGE plpgsql",
+        "CREATE TRIGGER refuse_poison BEFORE INSERT OR UPDATE ON jobs
+         FOR EACH ROW EXECUTE FUNCTION refuse_poison()",
+    ] {
+        sqlx::query(sql).execute(&pool).await.unwrap();
+    }
+    let wf = runs::create(
+        &api,
+        json!({"name": "refused", "steps": [
+            {"id": "one", "kind": "wf.inc"},
+            {"id": "two", "kind": "wf.inc", "depends_on": ["one"],
+             "input": {"poison": "{{ steps.one.output.n }}"}}
+        ]}),
+    )
+    .await;
+    let run = runs::start(&api, &wf, json!({})).await;
+    let j = w.lease_one(Duration::from_secs(10)).await;
+    let r = w.call(&j, "complete", json!({"output": {"n": 1}})).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.body["status"], "succeeded", "{r:?}");
+    let _scheduler = env.spawn_scheduler();
+    let ended = runs::ended(&api, &run, Duration::from_secs(15)).await;
+    assert_eq!(ended["status"], "failed", "{ended}");
+    assert_eq!(ended["error"]["type"], "store_rejected", "{ended}");
 }
 
 #[tokio::test]
