@@ -541,3 +541,59 @@ async fn processes_started_while_postgres_and_redis_are_unreachable_wait_for_the
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A slot goes to the next job when its handler ends, and the report commits behind it: while
+/// Postgres holds the reports back (a lock on the jobs' rows), a worker with one slot still runs
+/// the next job; once its one report place is taken it stops popping; and when the lock goes,
+/// every report commits.
+#[tokio::test]
+async fn a_report_waiting_for_postgres_holds_a_report_place_not_a_handlers_slot() {
+    let mut env = TestEnv::new().await;
+    let wport = capibara_tests::find_free_port();
+    env.extra_env.extend([
+        ("CAPIBARA_WORKER_ADDR".into(), format!("127.0.0.1:{wport}")),
+        // A report waits for the lock for the whole test rather than timing out and retrying.
+        ("CAPIBARA_APPEND_TIMEOUT".into(), "60s".into()),
+    ]);
+    let _api = env.spawn_api().await;
+    let api = env.client();
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        ids.push(
+            api.submit_id(json!({"kind": "echo", "input": {"i": i}}))
+                .await,
+        );
+    }
+    let pool = env.pool().await;
+    let mut lock = pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM jobs WHERE id::text = ANY($1) FOR UPDATE")
+        .bind(&ids)
+        .fetch_all(&mut *lock)
+        .await
+        .unwrap();
+    let _worker = env.spawn_worker(&["--concurrency", "1"]);
+    let metrics = format!("http://127.0.0.1:{wport}");
+    capibara_tests::wait_http_ok(&format!("{metrics}/healthz")).await;
+    let ran = |n: u32| format!("capibara_jobs_total{{kind=\"echo\",outcome=\"succeeded\"}} {n}");
+    eventually("two handlers ran", Duration::from_secs(15), || async {
+        let m = capibara_tests::scrape(&metrics).await;
+        m.contains(&ran(2)).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let m = capibara_tests::scrape(&metrics).await;
+    assert!(
+        m.contains(&ran(2)),
+        "the third job waits for a report place: {m}"
+    );
+    for id in &ids {
+        assert_eq!(api.job(id).await["status"], "queued");
+    }
+    lock.rollback().await.unwrap();
+    for id in &ids {
+        eventually("the job succeeded", Duration::from_secs(15), || async {
+            (api.job(id).await["status"] == "succeeded").then_some(())
+        })
+        .await;
+    }
+}
