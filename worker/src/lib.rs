@@ -26,7 +26,6 @@ pub mod memory_port;
 pub mod model_port;
 pub mod models;
 pub mod runtime;
-mod slot;
 pub mod sources;
 mod supervisor;
 

@@ -39,7 +39,6 @@ use uuid::Uuid;
 
 use crate::{
     executors::{push::PushCall, ExecError, Executor, JobContext, ProgressSink, Registry},
-    slot::Slot,
     supervisor::{supervise, InvalidOutput, Outcome, Stops},
 };
 
@@ -307,7 +306,6 @@ fn hostname() -> String {
 
 async fn fetch_loop(inner: &Arc<Inner>, tasks: &TaskTracker, shutdown: &CancellationToken) {
     let slots = Arc::new(Semaphore::new(inner.opts.concurrency));
-    let reports = Arc::new(Semaphore::new(inner.opts.concurrency));
     metrics::gauge!("capibara_worker_slots").set(inner.opts.concurrency as f64);
     let mut blocking = None;
     // The loads of popped jobs keep one connection.
@@ -406,8 +404,16 @@ async fn fetch_loop(inner: &Arc<Inner>, tasks: &TaskTracker, shutdown: &Cancella
             };
             let inner = inner.clone();
             let span = attempt_span(&job);
-            let slot = Slot::taken(p, reports.clone());
-            tasks.spawn(async move { run_job(&inner, job, source, slot).await }.instrument(span));
+            tasks.spawn(
+                async move {
+                    let busy = metrics::gauge!("capibara_worker_busy_slots");
+                    busy.increment(1.0);
+                    run_job(&inner, job, source).await;
+                    busy.decrement(1.0);
+                    drop(p);
+                }
+                .instrument(span),
+            );
         }
         // Let the attempts just spawned send their claims before this loop's next pop: on a
         // runtime with one thread they would otherwise wait behind it.
@@ -586,10 +592,10 @@ enum Source {
 /// queue as it stands ([`requeue_changed`]). An attempt with outside effects is claimed before
 /// anything else is done with its copy (secrets, the push call); a repeatable one runs on it at
 /// once, and what it did is discarded if the copy lost.
-async fn run_job(inner: &Arc<Inner>, job: Job, source: Source, slot: Slot) {
+async fn run_job(inner: &Arc<Inner>, job: Job, source: Source) {
     let mut st = AttemptState::new(job.clone(), domain::now());
     if source == Source::Loaded {
-        return run_loaded(inner, job, st, slot).await;
+        return run_loaded(inner, job, st).await;
     }
     st.copy = true;
     if inner.claims_first(&job) {
@@ -607,7 +613,7 @@ async fn run_job(inner: &Arc<Inner>, job: Job, source: Source, slot: Slot) {
             }
         }
     }
-    run_loaded(inner, job, st, slot).await
+    run_loaded(inner, job, st).await
 }
 
 /// A carried copy lost its check: what the attempt did is discarded, and the job goes back on
@@ -619,8 +625,8 @@ async fn requeue_changed(inner: &Inner, id: Uuid) {
     }
 }
 
-/// [`run_job`] of `job`, its attempt's state `st` (claimed already, or not yet), in `slot`.
-async fn run_loaded(inner: &Arc<Inner>, job: Job, mut st: AttemptState, slot: Slot) {
+/// [`run_job`] of `job`, its attempt's state `st` (claimed already, or not yet).
+async fn run_loaded(inner: &Arc<Inner>, job: Job, mut st: AttemptState) {
     let attempt = job.attempt + 1;
     let id = job.id;
     let kind = job.kind.clone();
@@ -760,8 +766,6 @@ async fn run_loaded(inner: &Arc<Inner>, job: Job, mut st: AttemptState, slot: Sl
         .increment(1);
     tracing::debug!(job_id = %id, outcome = label, elapsed, "executed; reporting");
     metrics::histogram!("capibara_job_run_seconds", "kind" => kind).record(elapsed);
-    // The handler has ended: its slot goes to the next job, and the report commits behind it.
-    let _place = slot.hand_over().await;
     report(inner, &state, outcome).await;
     inner.running.lock().expect("running lock").remove(&id);
 }
