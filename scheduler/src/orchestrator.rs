@@ -234,6 +234,9 @@ async fn process(
         .collect();
     let at = domain::now();
     let mut changes = Vec::new();
+    // Each run as its facts left it, before what was planned on them: what a run the store
+    // refuses fails from (its steps' ends are facts, recorded whatever follows them).
+    let mut recorded: HashMap<Uuid, Recorded> = HashMap::new();
     for run_id in order {
         let Some(mut run) = loaded.get(&run_id).cloned() else {
             continue;
@@ -260,6 +263,14 @@ async fn process(
         if plan.events.is_empty() {
             continue;
         }
+        recorded.insert(
+            run_id,
+            Recorded {
+                prev,
+                run: run.clone(),
+                facts: plan.events.clone(),
+            },
+        );
         run::advance(&def, &mut run, &mut plan, at);
         changes.push(RunChange {
             prev_version: Some(prev),
@@ -298,7 +309,7 @@ async fn process(
             // One run's events the store refuses (a value Postgres cannot store): commit run by
             // run, failing the runs refused, then move on. An outage retries the page instead.
             tracing::warn!(error = %e, "a page of run changes was refused; committing run by run");
-            return commit_each(store, queue, &loaded, shares, next, at).await;
+            return commit_each(store, queue, &loaded, &recorded, shares, next, at).await;
         }
         Err(e) => return Err(e.into()),
     }
@@ -309,14 +320,24 @@ async fn process(
     Ok(true)
 }
 
+/// A run as a page's facts left it (steps started and ended), before what was planned on them.
+struct Recorded {
+    /// The run's version before the facts.
+    prev: i64,
+    run: domain::run::Run,
+    facts: Vec<RunEvent>,
+}
+
 /// Commit each run's share on its own. A share the store refuses while it accepts others is
 /// that run's own data: the run fails with `store_rejected` (and the refusal as the message)
-/// instead, so one run never holds up the others. A conflict plans the page again; an outage
-/// retries it.
+/// instead, so one run never holds up the others. It fails with the page's facts recorded (a
+/// step whose job succeeded shows as succeeded), or, if the store refuses those too, from the
+/// state before them. A conflict plans the page again; an outage retries it.
 async fn commit_each(
     store: &Store,
     queue: &Queue,
     before: &HashMap<Uuid, domain::run::Run>,
+    recorded: &HashMap<Uuid, Recorded>,
     shares: Vec<(Uuid, Built)>,
     next: LogCursor,
     at: chrono::DateTime<chrono::Utc>,
@@ -329,38 +350,51 @@ async fn commit_each(
             Err(e) => {
                 tracing::warn!(run = %run_id, error = %e, "the store refused a run's events; failing the run");
                 metrics::counter!("capibara_runs_refused_total").increment(1);
-                let Some(mut run) = before.get(&run_id).cloned() else {
-                    continue;
-                };
-                let Some(def) =
-                    store::runs::definition(&store.pool, run.workflow_id, run.version).await?
-                else {
-                    continue;
-                };
-                let prev = run.stream_version;
                 let error = serde_json::json!({
                     "type": "store_rejected",
                     "message": format!("the run's next events could not be stored: {}", e.to_string().replace('\0', "\\u0000")),
                 });
-                let plan = run::fail_run(&mut run, error, at);
-                let failed = build(
-                    &store.pool,
-                    vec![RunChange {
-                        prev_version: Some(prev),
-                        run,
-                        def,
-                        plan,
-                    }],
-                    ORCHESTRATOR,
-                    at,
-                )
-                .await?;
-                match store.appender.append_all(failed.appends).await {
-                    Ok(_) => queue.tell_canceled(&failed.cancel_running).await,
-                    Err(AppendError::Conflict { .. }) => return Err(store::StoreError::Conflict),
-                    Err(e) => {
-                        store.ping().await?;
-                        tracing::error!(run = %run_id, error = %e, "the run's failure could not be stored either; leaving it");
+                // With the facts first; from the state before them if those are refused too.
+                let tries = [
+                    recorded
+                        .get(&run_id)
+                        .map(|r| (r.prev, r.run.clone(), r.facts.clone())),
+                    before
+                        .get(&run_id)
+                        .map(|r| (r.stream_version, r.clone(), Vec::new())),
+                ];
+                for (prev, mut run, facts) in tries.into_iter().flatten() {
+                    let Some(def) =
+                        store::runs::definition(&store.pool, run.workflow_id, run.version).await?
+                    else {
+                        break;
+                    };
+                    let mut plan = run::fail_run(&mut run, error.clone(), at);
+                    plan.events.splice(0..0, facts);
+                    let failed = build(
+                        &store.pool,
+                        vec![RunChange {
+                            prev_version: Some(prev),
+                            run,
+                            def,
+                            plan,
+                        }],
+                        ORCHESTRATOR,
+                        at,
+                    )
+                    .await?;
+                    match store.appender.append_all(failed.appends).await {
+                        Ok(_) => {
+                            queue.tell_canceled(&failed.cancel_running).await;
+                            break;
+                        }
+                        Err(AppendError::Conflict { .. }) => {
+                            return Err(store::StoreError::Conflict)
+                        }
+                        Err(e) => {
+                            store.ping().await?;
+                            tracing::error!(run = %run_id, error = %e, "the run's failure could not be stored");
+                        }
                     }
                 }
             }

@@ -117,6 +117,8 @@ async fn a_poisoned_run_fails_alone_and_other_namespaces_advance_also_after_a_re
     let done = ended(&hostile, &refused_run, Duration::from_secs(15)).await;
     assert_eq!(done["status"], "failed", "{done}");
     assert_eq!(done["error"]["type"], "store_rejected", "{done}");
+    // The first step's job succeeded, and the run shows so: it fails with its facts recorded.
+    assert_eq!(step(&done, "a")["status"], "succeeded", "{done}");
 
     // Another refused run while the scheduler is down: after the restart it fails, and the
     // other tenant's run started after it succeeds.

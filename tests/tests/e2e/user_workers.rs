@@ -688,6 +688,14 @@ async fn a_protocol_workers_report_plans_its_run_with_no_orchestrator_and_never_
     let ended = runs::ended(&api, &run, Duration::from_secs(15)).await;
     assert_eq!(ended["status"], "failed", "{ended}");
     assert_eq!(ended["error"]["type"], "store_rejected", "{ended}");
+    // The step whose job succeeded shows so; the refused one never started.
+    assert_eq!(runs::step(&ended, "one")["status"], "succeeded", "{ended}");
+    assert_eq!(
+        runs::step(&ended, "one")["output"],
+        json!({"n": 1}),
+        "{ended}"
+    );
+    assert_eq!(runs::step(&ended, "two")["status"], "canceled", "{ended}");
 }
 
 #[tokio::test]
