@@ -234,9 +234,9 @@ async fn process(
         .collect();
     let at = domain::now();
     let mut changes = Vec::new();
-    // Each run as its facts left it, before what was planned on them: what a run the store
-    // refuses fails from (its steps' ends are facts, recorded whatever follows them).
-    let mut recorded: HashMap<Uuid, Recorded> = HashMap::new();
+    // Each run's facts, before what was planned on them: a run the store refuses fails with
+    // them recorded (its steps' ends are facts, whatever follows them).
+    let mut recorded: HashMap<Uuid, Vec<RunEvent>> = HashMap::new();
     for run_id in order {
         let Some(mut run) = loaded.get(&run_id).cloned() else {
             continue;
@@ -263,14 +263,7 @@ async fn process(
         if plan.events.is_empty() {
             continue;
         }
-        recorded.insert(
-            run_id,
-            Recorded {
-                prev,
-                run: run.clone(),
-                facts: plan.events.clone(),
-            },
-        );
+        recorded.insert(run_id, plan.events.clone());
         run::advance(&def, &mut run, &mut plan, at);
         changes.push(RunChange {
             prev_version: Some(prev),
@@ -320,14 +313,6 @@ async fn process(
     Ok(true)
 }
 
-/// A run as a page's facts left it (steps started and ended), before what was planned on them.
-struct Recorded {
-    /// The run's version before the facts.
-    prev: i64,
-    run: domain::run::Run,
-    facts: Vec<RunEvent>,
-}
-
 /// Commit each run's share on its own. A share the store refuses while it accepts others is
 /// that run's own data: the run fails with `store_rejected` (and the refusal as the message)
 /// instead, so one run never holds up the others. It fails with the page's facts recorded (a
@@ -337,7 +322,7 @@ async fn commit_each(
     store: &Store,
     queue: &Queue,
     before: &HashMap<Uuid, domain::run::Run>,
-    recorded: &HashMap<Uuid, Recorded>,
+    recorded: &HashMap<Uuid, Vec<RunEvent>>,
     shares: Vec<(Uuid, Built)>,
     next: LogCursor,
     at: chrono::DateTime<chrono::Utc>,
@@ -354,23 +339,26 @@ async fn commit_each(
                     "type": "store_rejected",
                     "message": format!("the run's next events could not be stored: {}", e.to_string().replace('\0', "\\u0000")),
                 });
-                // With the facts first; from the state before them if those are refused too.
-                let tries = [
-                    recorded
-                        .get(&run_id)
-                        .map(|r| (r.prev, r.run.clone(), r.facts.clone())),
-                    before
-                        .get(&run_id)
-                        .map(|r| (r.stream_version, r.clone(), Vec::new())),
-                ];
-                for (prev, mut run, facts) in tries.into_iter().flatten() {
+                let Some(loaded) = before.get(&run_id) else {
+                    continue;
+                };
+                // With the page's facts first; without them if those are refused too.
+                let facts = recorded.get(&run_id).cloned().unwrap_or_default();
+                for facts in [facts, Vec::new()] {
+                    let mut run = loaded.clone();
+                    let prev = run.stream_version;
                     let Some(def) =
                         store::runs::definition(&store.pool, run.workflow_id, run.version).await?
                     else {
                         break;
                     };
-                    let mut plan = run::fail_run(&mut run, error.clone(), at);
-                    plan.events.splice(0..0, facts);
+                    let mut plan = Plan::default();
+                    for fact in facts {
+                        plan.record(&mut run, fact, at);
+                    }
+                    let failure = run::fail_run(&mut run, error.clone(), at);
+                    plan.events.extend(failure.events);
+                    plan.actions = failure.actions;
                     let failed = build(
                         &store.pool,
                         vec![RunChange {
