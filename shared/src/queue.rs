@@ -180,15 +180,36 @@ local function park(ring, lane, gid, blocker, head, w)
   redis.call('SADD', P .. ':parkedsets', P .. ':parked:' .. blocker)
   waited(lane, gid, head, w)
 end
+-- Each ring's first group, read again only for the ring an iteration changed: every write of
+-- an iteration (take, park, delay, drop an empty group) is to the ring it picked. A group's
+-- decoded name and its pause flags are read once per call: nothing here writes them.
+local heads = {}
+local function head_of(i)
+  local f = redis.call('ZRANGE', KEYS[i], 0, 0, 'WITHSCORES')
+  heads[i] = f[1] and {f[1], tonumber(f[2])} or false
+end
+for i = 1, #KEYS do head_of(i) end
+local groups = {}
+local function group(gid)
+  local e = groups[gid]
+  if e == nil then
+    local g = cjson.decode(gid)
+    local fields = {'queue:' .. g.ns .. '/' .. g.queue, 'kind:' .. g.ns .. '/' .. g.kind}
+    for _, l in ipairs(g.lim or {}) do fields[#fields + 1] = 'key:' .. g.ns .. '/' .. l[1] .. '/' .. l[2] end
+    e = {g, fields, redis.call('HMGET', P .. ':paused', unpack(fields))}
+    groups[gid] = e
+  end
+  return e[1], e[2], e[3]
+end
 local out, taken = {}, 0
 local budget = want + 64
 while taken < want and budget > 0 do
   budget = budget - 1
   local bi, gid, bscore = nil, nil, nil
-  for i, ring in ipairs(KEYS) do
-    local f = redis.call('ZRANGE', ring, 0, 0, 'WITHSCORES')
-    if f[1] and (bscore == nil or tonumber(f[2]) < bscore) then
-      bi, gid, bscore = i, f[1], tonumber(f[2])
+  for i = 1, #KEYS do
+    local f = heads[i]
+    if f and (bscore == nil or f[2] < bscore) then
+      bi, gid, bscore = i, f[1], f[2]
     end
   end
   if not bi then break end
@@ -199,13 +220,10 @@ while taken < want and budget > 0 do
     redis.call('ZREM', ring, gid)
   else
     local head = h[1]
-    local g = cjson.decode(gid)
+    local g, fields, pv = group(gid)
     local ns = g.ns
     local lim = g.lim or {}
     local blocked = false
-    local fields = {'queue:' .. ns .. '/' .. g.queue, 'kind:' .. ns .. '/' .. g.kind}
-    for _, l in ipairs(lim) do fields[#fields + 1] = 'key:' .. ns .. '/' .. l[1] .. '/' .. l[2] end
-    local pv = redis.call('HMGET', P .. ':paused', unpack(fields))
     for i = 1, #fields do
       if pv[i] then
         park(ring, lane, gid, 'pause:' .. fields[i], head, {reason = 'paused', target = fields[i]})
@@ -293,6 +311,9 @@ while taken < want and budget > 0 do
         redis.call('ZREM', ring, gid)
       end
     end
+  end
+  for i = 1, #KEYS do
+    if KEYS[i] == ring then head_of(i) end
   end
 end
 return {tostring(next_due), unpack(out)}
