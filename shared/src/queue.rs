@@ -145,12 +145,16 @@ local function due_in(d)
 end
 for i, ring in ipairs(KEYS) do
   local dk = P .. ':delayed:' .. lanes[i]
-  local due = redis.call('ZRANGEBYSCORE', dk, '-inf', now)
-  for _, g in ipairs(due) do
-    redis.call('ZADD', ring, 'NX', now, g)
-    redis.call('ZREM', dk, g)
-  end
+  -- The first entry says whether any is due: most lanes have none, and read once.
   local nd = redis.call('ZRANGE', dk, 0, 0, 'WITHSCORES')
+  if nd[2] and tonumber(nd[2]) <= now then
+    local due = redis.call('ZRANGEBYSCORE', dk, '-inf', now)
+    for _, g in ipairs(due) do
+      redis.call('ZADD', ring, 'NX', now, g)
+      redis.call('ZREM', dk, g)
+    end
+    nd = redis.call('ZRANGE', dk, 0, 0, 'WITHSCORES')
+  end
   if nd[2] then due_in(tonumber(nd[2]) - now) end
 end
 local cfgs = {}
@@ -162,11 +166,14 @@ local function cfg(ns, name)
   end
   return cfgs[k]
 end
+-- Whether any group has a wait recorded: when none has, a taken head has none to clear.
+local waits_recorded = redis.call('EXISTS', P .. ':lastwait') == 1
 local function waited(lane, gid, head, w)
   local mark = head .. '|' .. w.reason .. '|' .. (w.limit or w.target or w.key or '')
   local field = lane .. '\n' .. gid
   if redis.call('HGET', P .. ':lastwait', field) ~= mark then
     redis.call('HSET', P .. ':lastwait', field, mark)
+    waits_recorded = true
     redis.call('DEL', P .. ':body:' .. head)
     w.job = head
     w.at_ms = now
@@ -295,7 +302,7 @@ while taken < want and budget > 0 do
         holds = true
       end
       if holds then redis.call('HSET', P .. ':held', head, lane .. '\n' .. gid) end
-      redis.call('HDEL', P .. ':lastwait', lane .. '\n' .. gid)
+      if waits_recorded then redis.call('HDEL', P .. ':lastwait', lane .. '\n' .. gid) end
       taken = taken + 1
       out[#out + 1] = head
       local bk = P .. ':body:' .. head
