@@ -602,11 +602,13 @@ pub async fn submit_batch(
         .map_err(StoreError::from)?;
     metrics::counter!("capibara_jobs_submitted_total", "kind" => "batch")
         .increment(created.len() as u64);
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(serde_json::json!({"items": created})),
-    )
-        .into_response())
+    // Serialized straight from the jobs: through a `Value` tree first, a batch of 1,000 spent
+    // more of the API's CPU building and dropping that tree than writing the answer.
+    #[derive(Serialize)]
+    struct Items {
+        items: Vec<Job>,
+    }
+    Ok((StatusCode::ACCEPTED, Json(Items { items: created })).into_response())
 }
 
 pub fn nest(e: ApiError, prefix: &str) -> ApiError {
