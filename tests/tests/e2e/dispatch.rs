@@ -172,6 +172,37 @@ fn submitted(kind: &str) -> (Job, DispatchEntry) {
     (job, entry)
 }
 
+/// One pop across lanes takes the oldest head first, whichever lane holds it. The pop script
+/// reads each lane's first group once per call and again only for the lane it took from; had it
+/// kept lane a's first read, the second job here would be lane a's (300) instead of lane b's
+/// older one (200).
+#[tokio::test]
+async fn one_pop_across_lanes_takes_the_oldest_head_first_whichever_lane_holds_it() {
+    let (_env, queue, _, _) = fetcher().await;
+    let entry = |lane: &str, score: i64| {
+        let mut e = dispatch_entry(lane, "echo", uuid::Uuid::now_v7());
+        e.score = score;
+        e
+    };
+    let a = [entry("a", 100), entry("a", 300), entry("a", 500)];
+    let b = [entry("b", 200), entry("b", 400)];
+    queue.push(&a).await.unwrap();
+    queue.push(&b).await.unwrap();
+    let lanes = vec!["a".to_string(), "b".to_string()];
+    let popped = queue.pop_due(&lanes, 5).await.unwrap();
+    assert_eq!(
+        popped.ids[..2],
+        [a[0].job_id, b[0].job_id],
+        "the oldest of both lanes, then the oldest left: {popped:?}"
+    );
+    let mut all = popped.ids.clone();
+    all.sort();
+    let mut want: Vec<_> = a.iter().chain(&b).map(|e| e.job_id).collect();
+    want.sort();
+    assert_eq!(all, want, "each job once");
+    assert!(queue.pop_due(&lanes, 5).await.unwrap().ids.is_empty());
+}
+
 /// A job rides with its dispatch entry: the pop hands out the job as its commit wrote it, once
 /// (a later pop of the same id, the relay's re-push, finds no copy), and taking the entry off
 /// (a cancel) takes the copy too; a job too large is not carried (docs/write-path.md, "The job
