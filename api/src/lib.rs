@@ -17,6 +17,7 @@ pub mod auth;
 pub mod error;
 pub mod extract;
 pub mod firehose;
+pub mod handed_out;
 pub mod kept_leases;
 pub mod mcp;
 pub mod openapi;
@@ -66,6 +67,8 @@ pub struct AppState {
     pub known_workers: routes::workers::KnownWorkers,
     /// Jobs handed out by this process's lease calls, until their final report.
     pub kept_leases: Arc<kept_leases::KeptLeases>,
+    /// Claims of attempts this process's lease calls handed out, waiting for their report.
+    pub handed_out: Arc<handed_out::HandedOut>,
     pub user_kinds: routes::kinds::KnownKinds,
     /// The key that signs stream tokens (config, or loaded once from Postgres).
     pub stream_secret: stream_tokens::TokenSecret,
@@ -90,6 +93,7 @@ impl AppState {
             long_polls: Default::default(),
             known_workers: Default::default(),
             kept_leases: Default::default(),
+            handed_out: Default::default(),
             user_kinds: Default::default(),
             stream_secret: Default::default(),
             backlog: capibara_shared::backlog::Backlog::new(store.pool.clone(), config.max_backlog),

@@ -49,6 +49,10 @@ pub struct Config {
     pub mcp_wait: Duration,
     /// How long a running attempt's lease lasts without a heartbeat.
     pub visibility_timeout: Duration,
+    /// How long an attempt a protocol worker leased may run before its claim is written on its
+    /// own (`CAPIBARA_WORKER_CLAIM_AFTER_MS`, default 25; 0 claims it before the lease call
+    /// answers). A report sooner records `JobStarted` with it (docs/workers.md).
+    pub worker_claim_after: Duration,
     /// How long a starting process waits for Postgres and Redis to answer before it gives up
     /// (`CAPIBARA_STARTUP_WAIT_S`, default 60; 0 fails at the first refusal).
     pub startup_wait: Duration,
@@ -304,6 +308,9 @@ impl Config {
             ),
             visibility_timeout: Duration::from_secs_f64(
                 parse("CAPIBARA_VISIBILITY_TIMEOUT_S", 30.0f64)?.max(0.5),
+            ),
+            worker_claim_after: Duration::from_millis(
+                parse("CAPIBARA_WORKER_CLAIM_AFTER_MS", 25u64)?.min(60_000),
             ),
             startup_wait: Duration::from_secs_f64(
                 parse("CAPIBARA_STARTUP_WAIT_S", 60.0f64)?.clamp(0.0, 86_400.0),

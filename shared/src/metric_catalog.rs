@@ -347,6 +347,14 @@ pub const METRICS: &[MetricSpec] = &[
         labels: &[],
     },
     MetricSpec {
+        name: "capibara_worker_protocol_claims_total",
+        kind: Counter,
+        help: "Attempts handed out to protocol workers before their claim, by what claimed them: their first report (JobStarted in its append: a fast attempt), or the lease call's own claim 25 ms after it handed them out.",
+        unit: None,
+        on: &[Api],
+        labels: &[("by", Values::Fixed(&["report", "lease"]))],
+    },
+    MetricSpec {
         name: "capibara_worker_protocol_final_reports_total",
         kind: Counter,
         help: "Final reports (complete, fail) of protocol workers by where the job they decided on came from: kept since this process's lease call handed it out, or read from Postgres (another replica leased it, or it was not kept).",

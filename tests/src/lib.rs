@@ -530,6 +530,20 @@ impl Api {
         }
     }
 
+    /// Wait until the job's status is `status` (polling every 5 ms): for example an attempt a
+    /// protocol worker leased, claimed 25 ms after its lease call unless its report came first.
+    pub async fn wait_status(&self, id: &str, status: &str, timeout: Duration) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let job = self.job(id).await;
+            if job["status"] == status {
+                return job;
+            }
+            assert!(Instant::now() < deadline, "job {id} is not {status}: {job}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     /// The job's events (JSON list).
     pub async fn events(&self, id: &str) -> Vec<Value> {
         let r = self.get(&format!("/v1/jobs/{id}/events?limit=500")).await;

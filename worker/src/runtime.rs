@@ -160,6 +160,7 @@ impl Inner {
             job_id: job.id,
             attempt,
             worker_id: self.id,
+            handed: None,
         };
         let expires_at =
             domain::now() + chrono::Duration::from_std(self.opts.lease).unwrap_or_default();

@@ -460,7 +460,8 @@ pub async fn lease(
     Ok(Json(Leased { jobs }))
 }
 
-/// Claim each popped job for `w`; those that are not its to run any more are skipped.
+/// Hand out each popped job to `w`, its claim appended later unless a report comes first
+/// ([`crate::handed_out`]); those that are not its to run any more are skipped.
 async fn claim_all(
     state: &AppState,
     w: &RemoteWorker,
@@ -469,22 +470,46 @@ async fn claim_all(
     out: &mut Vec<LeasedJob>,
 ) -> Result<(), ApiError> {
     let popped_n = popped.ids.len();
-    let claimed = command::leases::claim_many(&state.store, w, popped, term).await?;
-    let stale = popped_n - claimed.len();
+    let handed = command::leases::hand_out_many(&state.store, w, popped, term).await?;
+    let stale = popped_n - handed.len();
     if stale > 0 {
         metrics::counter!("capibara_dispatch_stale_total").increment(stale as u64);
     }
-    out.extend(claimed.into_iter().map(|(job, token, expires_at)| {
-        state.kept_leases.keep(&job);
-        LeasedJob {
-            job,
-            lease: LeaseInfo {
-                token: token.to_string(),
-                expires_at,
-            },
+    let after = state.config.worker_claim_after;
+    if after.is_zero() {
+        // Claimed before the answer: the worker is given only what its claim committed.
+        let claims = handed.iter().map(|h| (h.started.clone(), h.claim.clone()));
+        let claimed = command::leases::claim_handed(&state.store, claims.collect()).await;
+        for h in handed
+            .into_iter()
+            .filter(|h| claimed.iter().any(|j| j.id == h.job.id))
+        {
+            state.kept_leases.keep(&h.started);
+            out.push(leased_job(&h));
         }
-    }));
+        return Ok(());
+    }
+    let mut claims = Vec::with_capacity(handed.len());
+    for h in handed {
+        // A report decides on the job as it stands, queued; the worker gets it as its claim
+        // will leave it.
+        state.kept_leases.keep(&h.job);
+        out.push(leased_job(&h));
+        claims.push((h.started, h.claim));
+    }
+    state.handed_out.claim_later(state, claims, after);
     Ok(())
+}
+
+/// What a lease call answers for the attempt `h` handed out.
+fn leased_job(h: &command::leases::HandedOut) -> LeasedJob {
+    LeasedJob {
+        job: h.started.clone(),
+        lease: LeaseInfo {
+            token: h.token.to_string(),
+            expires_at: h.expires_at,
+        },
+    }
 }
 
 /// Put popped `ids` back on the queue (best effort: the relay re-pushes what Redis lacks).
@@ -663,17 +688,41 @@ async fn record_for(
             kind = state.user_kinds.get(state, &w.namespace, &job.kind).await?;
         }
     }
+    let term = state.config.visibility_timeout;
     let after =
-        command::leases::report_on(&state.store, w, token, loaded, report, |out| match &kind {
-            Some(k) => k.check_output(out),
-            None => Ok(()),
-        })
+        command::leases::report_on(
+            &state.store,
+            w,
+            token,
+            term,
+            loaded,
+            report,
+            |out| match &kind {
+                Some(k) => k.check_output(out),
+                None => Ok(()),
+            },
+        )
         .await
         .map_err(|e| ApiError::from_command(e, "job", id))?;
+    // A report recorded claims an attempt handed out unclaimed, in its own append: the claim
+    // waiting in this process is not needed any more. (One refused leaves it waiting.)
+    if token.handed.is_some() {
+        state.handed_out.forget(id);
+    }
     if !last {
         state.kept_leases.refresh(&after);
     }
     Ok(after)
+}
+
+/// Claim the attempt `token` names if it was handed out unclaimed and is not claimed yet (a
+/// call that needs the attempt running: a heartbeat, an upload, a trainer's success); nothing
+/// otherwise.
+async fn settle(state: &AppState, w: &RemoteWorker, token: LeaseToken) -> Result<(), ApiError> {
+    if token.handed.is_some() {
+        record_for(state, w, token, None, Report::Start).await?;
+    }
+    Ok(())
 }
 
 /// Answer to a heartbeat.
@@ -695,6 +744,7 @@ pub async fn heartbeat(
     Path(id): Path<String>,
 ) -> Result<Json<Heartbeat>, ApiError> {
     let (w, token) = leased(&state, &auth, &headers, &id).await?;
+    settle(&state, &w, token).await?;
     let id = token.job_id;
     let term = state.config.visibility_timeout.as_secs_f64();
     let renewed =
@@ -951,7 +1001,10 @@ async fn completed(
         }
         if let Some(job) = loaded.as_ref().filter(|j| j.kind == trainers::TRAINER_KIND) {
             // The lease first: a stale token is a 409 whatever it reports.
-            command::leases::holds(job, w, token)?;
+            // (An attempt handed out unclaimed is claimed by the report.)
+            if !command::leases::unclaimed(job, w, token) {
+                command::leases::holds(job, w, token)?;
+            }
             let trained = trainers::trained(state, output, artifacts).await?;
             return record_for(state, w, token, loaded, Report::Trained(Box::new(trained))).await;
         }
@@ -1200,6 +1253,7 @@ pub async fn upload_artifact(
     body: axum::body::Bytes,
 ) -> Result<impl IntoResponse, ApiError> {
     let (w, token) = leased(&state, &auth, &headers, &id).await?;
+    settle(&state, &w, token).await?;
     if !capibara_shared::artifacts::valid_name(&name) {
         return Err(ApiError::field(
             "name",

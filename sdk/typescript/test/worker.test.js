@@ -5,7 +5,7 @@ import assert from "node:assert/strict";
 import { describe, test } from "node:test";
 
 import { CanceledError, Client, FatalError, JobTimeoutError, RetryAfterError, Worker } from "../src/index.js";
-import { SERVER, memoryLogger, needsServer, uniqueKind } from "../testing/helpers.js";
+import { SERVER, memoryLogger, needsServer, uniqueKind, until } from "../testing/helpers.js";
 
 const FAST_RETRY = { initial_ms: 100, factor: 2, max_ms: 1000 };
 
@@ -153,6 +153,9 @@ describe("worker (real server)", needsServer, () => {
     try {
       const sub = await client.submit(kind, {});
       await running;
+      // Claimed 25 ms after its lease (no report came first): a running attempt to cancel.
+      // (One canceled sooner is canceled at once, and its handler told its lease is lost.)
+      await until(async () => (await client.get(sub.id)).status === "running", { what: "its claim" });
       const t0 = Date.now();
       const c = await client.cancel(sub.id);
       assert.equal(c.cancel_requested, true);

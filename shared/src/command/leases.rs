@@ -35,13 +35,17 @@ use crate::{
     },
 };
 
-/// Names one attempt of one job held by one worker: `{job}.{attempt}.{worker}`. Opaque to
-/// clients. Not a secret (the caller is authenticated by its key): a fencing token.
+/// Names one attempt of one job held by one worker: `{job}.{attempt}.{worker}`, and for an
+/// attempt handed out before its claim, `.{version}` of the job as it was handed out (see
+/// [`hand_out_many`]). Opaque to clients. Not a secret (the caller is authenticated by its
+/// key): a fencing token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LeaseToken {
     pub job_id: Uuid,
     pub attempt: u32,
     pub worker_id: Uuid,
+    /// The job's version when the attempt was handed out unclaimed.
+    pub handed: Option<i64>,
 }
 
 impl fmt::Display for LeaseToken {
@@ -52,7 +56,11 @@ impl fmt::Display for LeaseToken {
             self.job_id.simple(),
             self.attempt,
             self.worker_id.simple()
-        )
+        )?;
+        match self.handed {
+            Some(v) => write!(f, ".{v}"),
+            None => Ok(()),
+        }
     }
 }
 
@@ -60,15 +68,20 @@ impl FromStr for LeaseToken {
     type Err = ();
     fn from_str(s: &str) -> Result<Self, ()> {
         let mut parts = s.trim().split('.');
-        let (Some(j), Some(a), Some(w), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
+        let (Some(j), Some(a), Some(w), v, None) = (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) else {
             return Err(());
         };
         Ok(LeaseToken {
             job_id: j.parse().map_err(drop)?,
             attempt: a.parse().map_err(drop)?,
             worker_id: w.parse().map_err(drop)?,
+            handed: v.map(|v| v.parse().map_err(drop)).transpose()?,
         })
     }
 }
@@ -97,78 +110,112 @@ pub fn metadata(w: &RemoteWorker) -> EventMetadata {
     }
 }
 
-/// Start the next attempt of each job `popped` for worker `w`, holding its lease for `term`:
-/// the jobs are read in one query and their claims committed together (one group commit).
-/// A job whose copy rode with its pop is not read: its claim expects the copy's version, and
-/// one that conflicts reads the job again ([`store::dispatch::carried`]). Jobs that are not
-/// this worker's to run any more are left out (a duplicate delivery, canceled or started
-/// elsewhere meanwhile, another namespace, a kind it did not declare).
-pub async fn claim_many(
+/// An attempt handed out to a worker of the protocol before its claim is committed (a fast
+/// attempt, docs/workers.md): the worker starts at once, and the attempt's first report records
+/// `JobStarted` with it in one append; the claim is appended on its own only if no report came
+/// first ([`claim_handed`], 25 ms later in the API).
+#[derive(Debug)]
+pub struct HandedOut {
+    /// The job as it stands, queued: what a report of the attempt decides on.
+    pub job: Job,
+    /// The job as its claim leaves it: what the worker is given.
+    pub started: Job,
+    /// The claim, expecting the job as handed out.
+    pub claim: Append,
+    pub token: LeaseToken,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// Hand out the next attempt of each job `popped` to worker `w`, unclaimed, its lease to last
+/// `term` once claimed. The jobs are read from Postgres (one query), not taken from the copies
+/// that rode with their pop: a worker runs what it is given before anything is committed, so
+/// what it is given must be the job as it stands, not as its dispatch wrote it. Jobs that are
+/// not this worker's to run any more are left out (a duplicate delivery, canceled or started
+/// elsewhere meanwhile, another namespace, a kind it did not declare); the rest keep the
+/// pop's order.
+pub async fn hand_out_many(
     store: &Store,
     w: &RemoteWorker,
     popped: Popped,
     term: Duration,
-) -> Result<Vec<(Job, LeaseToken, DateTime<Utc>)>, StoreError> {
-    let (mut jobs, load) = popped.split();
-    if !load.is_empty() {
-        jobs.extend(store::jobs::get_many(&store.pool, &load).await?);
+) -> Result<Vec<HandedOut>, StoreError> {
+    if popped.ids.is_empty() {
+        return Ok(Vec::new());
     }
-    let claims = futures::future::join_all(
-        jobs.into_iter()
-            .filter(|j| j.namespace == w.namespace)
-            .map(|job| claim(store, w, job, term)),
-    )
-    .await;
-    claims.into_iter().filter_map(Result::transpose).collect()
+    let mut jobs = store::jobs::get_many(store.generic_pool(), &popped.ids).await?;
+    jobs.sort_by_key(|j| popped.ids.iter().position(|id| *id == j.id));
+    let at = now();
+    jobs.into_iter()
+        .filter(|j| {
+            j.namespace == w.namespace && j.status == JobStatus::Queued && w.kinds.contains(&j.kind)
+        })
+        .map(|job| hand_out(w, job, term, at))
+        .collect()
 }
 
-/// Claim `job` (as read) for `w`; on a conflict read it again and retry while it is still
-/// queued.
-async fn claim(
-    store: &Store,
+/// [`hand_out_many`] of one job read as `job`, at `at`.
+fn hand_out(
     w: &RemoteWorker,
-    mut job: Job,
+    job: Job,
     term: Duration,
-) -> Result<Option<(Job, LeaseToken, DateTime<Utc>)>, StoreError> {
-    for _ in 0..3 {
-        if job.status != JobStatus::Queued || !w.kinds.contains(&job.kind) {
-            return Ok(None);
-        }
-        let at = now();
-        let mut write = JobWrite::new(metadata(w), at);
-        write.lease = Some((w.name.clone(), term));
-        let attempt = job.attempt + 1;
-        let events = [JobEvent::JobStarted {
-            attempt,
-            worker: w.name.clone(),
-        }];
-        let (started, append) = job_append(Some(&job), job.id, &events, write)
-            .map_err(|e| StoreError::Internal(e.to_string()))?;
-        match store.appender.append(append).await {
-            Ok(_) => {
-                let token = LeaseToken {
-                    job_id: job.id,
-                    attempt,
-                    worker_id: w.id,
-                };
-                let expires = at + chrono::Duration::from_std(term).unwrap_or_default();
-                return Ok(Some((started, token, expires)));
-            }
-            Err(AppendError::Conflict { .. }) => {
-                match store::jobs::get(&store.pool, &w.namespace, job.id).await? {
-                    Some(fresh) => job = fresh,
-                    None => return Ok(None),
-                }
-            }
-            Err(e) => return Err(e.into()),
-        }
+    at: DateTime<Utc>,
+) -> Result<HandedOut, StoreError> {
+    let attempt = job.attempt + 1;
+    let mut write = JobWrite::new(metadata(w), at);
+    write.lease = Some((w.name.clone(), term));
+    let (started, claim) = job_append(Some(&job), job.id, &[start(w, attempt)], write)
+        .map_err(|e| StoreError::Internal(e.to_string()))?;
+    let token = LeaseToken {
+        job_id: job.id,
+        attempt,
+        worker_id: w.id,
+        handed: Some(job.version),
+    };
+    let expires_at = at + chrono::Duration::from_std(term).unwrap_or_default();
+    Ok(HandedOut {
+        job,
+        started,
+        claim,
+        token,
+        expires_at,
+    })
+}
+
+/// The event that starts attempt `attempt` on worker `w`.
+fn start(w: &RemoteWorker, attempt: u32) -> JobEvent {
+    JobEvent::JobStarted {
+        attempt,
+        worker: w.name.clone(),
     }
-    Ok(None)
+}
+
+/// Commit `claims` of attempts handed out ([`HandedOut::claim`] with the job it leaves) whose
+/// report did not come first, in one group commit. A claim expects the job as it was handed
+/// out, so one whose job moved since (its report claimed it, a cancel) conflicts and is left:
+/// the attempt's token decides again on the job as it stands. Returns the jobs claimed.
+pub async fn claim_handed(store: &Store, claims: Vec<(Job, Append)>) -> Vec<Job> {
+    let appended = futures::future::join_all(claims.into_iter().map(|(started, claim)| async {
+        match store.appender.append(claim).await {
+            Ok(_) => Some(started),
+            Err(AppendError::Conflict { .. }) => None,
+            Err(e) => {
+                // The attempt's next report (or heartbeat) claims it; failing that, the relay
+                // dispatches the job again once its entry is past the grace period.
+                tracing::warn!(job_id = %started.id, error = %e, "claiming a handed-out attempt failed");
+                None
+            }
+        }
+    }))
+    .await;
+    appended.into_iter().flatten().collect()
 }
 
 /// What a worker reports about its attempt.
 #[derive(Debug, Clone)]
 pub enum Report {
+    /// The attempt runs: its claim, if it was handed out unclaimed and is not yet (a heartbeat,
+    /// an upload); nothing otherwise.
+    Start,
     Progress {
         percent: Option<f64>,
         message: Option<String>,
@@ -197,14 +244,18 @@ pub struct Trained {
 
 /// Record `report` on the attempt `token` names, if worker `w` still holds it. Returns the job
 /// after it.
+///
+/// An attempt handed out unclaimed ([`hand_out_many`]) and not claimed since is claimed by its
+/// report: `JobStarted` and what the report records in one append, the lease lasting `term`.
 pub async fn report(
     store: &Store,
     w: &RemoteWorker,
     token: LeaseToken,
+    term: Duration,
     report: Report,
     check_output: impl Fn(&serde_json::Value) -> Result<(), crate::domain::FieldError>,
 ) -> Result<Job, CommandError<LeaseError>> {
-    report_on(store, w, token, None, report, check_output).await
+    report_on(store, w, token, term, None, report, check_output).await
 }
 
 /// [`report`] decided first on `loaded`, the job as the caller read it (a batch of reports
@@ -218,6 +269,7 @@ pub async fn report_on(
     store: &Store,
     w: &RemoteWorker,
     token: LeaseToken,
+    term: Duration,
     loaded: Option<Job>,
     report: Report,
     check_output: impl Fn(&serde_json::Value) -> Result<(), crate::domain::FieldError>,
@@ -228,6 +280,7 @@ pub async fn report_on(
         store,
         w,
         token,
+        term,
         loaded,
         &report,
         &check_output,
@@ -247,6 +300,7 @@ pub async fn report_on(
                 store,
                 w,
                 token,
+                term,
                 None,
                 &report,
                 &check_output,
@@ -266,6 +320,7 @@ async fn report_as(
     store: &Store,
     w: &RemoteWorker,
     token: LeaseToken,
+    term: Duration,
     loaded: Option<Job>,
     report: &Report,
     check_output: &impl Fn(&serde_json::Value) -> Result<(), crate::domain::FieldError>,
@@ -283,9 +338,21 @@ async fn report_as(
         token.job_id,
         loaded,
         |job: Job| async move {
-            holds(&job, w, token).map_err(CommandError::Rejected)?;
+            // An attempt handed out unclaimed is claimed by this report, in its append.
+            let claim = unclaimed(&job, w, token).then(|| start(w, token.attempt));
+            let running = match &claim {
+                Some(started) => {
+                    job.append(job.id, std::slice::from_ref(started), meta, now())?
+                        .0
+                }
+                None => {
+                    holds(&job, w, token).map_err(CommandError::Rejected)?;
+                    job.clone()
+                }
+            };
             let mut with = Vec::new();
             let events = match report {
+                Report::Start => Vec::new(),
                 Report::Progress {
                     percent,
                     message,
@@ -312,15 +379,15 @@ async fn report_as(
                             CommandError::Rejected(LeaseError::Invalid(e.under("output")))
                         })?;
                     }
-                    job.end_attempt(token.attempt, end.clone(), now())
+                    running.end_attempt(token.attempt, end.clone(), now())
                 }
                 Report::Trained(trained) => {
-                    let (end, registration) = registered(store, &job, w, trained).await?;
+                    let (end, registration) = registered(store, &running, w, trained).await?;
                     with.push(registration);
-                    job.end_attempt(token.attempt, end, now())
+                    running.end_attempt(token.attempt, end, now())
                 }
             };
-            if events.is_empty() {
+            if events.is_empty() && claim.is_none() {
                 return Ok(Writes {
                     appends: Vec::new(),
                     out: job,
@@ -329,12 +396,17 @@ async fn report_as(
             planned.store(false, Ordering::Relaxed);
             if plan.swap(false, Ordering::Relaxed) {
                 // A plan that cannot be made (the run cannot be read) is the orchestrator's.
-                if let Ok(Some(run)) = super::runs::plan_with_report(store, &job, &events).await {
+                if let Ok(Some(run)) = super::runs::plan_with_report(store, &running, &events).await
+                {
                     with.extend(run);
                     planned.store(true, Ordering::Relaxed);
                 }
             }
-            let (after, append) = job.append(job.id, &events, meta, now())?;
+            let events: Vec<JobEvent> = claim.into_iter().chain(events).collect();
+            let mut write = JobWrite::new(meta.clone(), now());
+            write.lease = Some((w.name.clone(), term));
+            let (after, append) = job_append(Some(&job), job.id, &events, write)
+                .map_err(|e| StoreError::Internal(e.to_string()))?;
             with.insert(0, append);
             Ok(Writes {
                 appends: with,
@@ -407,6 +479,17 @@ async fn registered(
     Ok((end, append))
 }
 
+/// Whether `token` names an attempt handed out to worker `w` unclaimed ([`hand_out_many`]) that
+/// is not claimed yet: the job is still queued as it was handed out.
+pub fn unclaimed(job: &Job, w: &RemoteWorker, token: LeaseToken) -> bool {
+    token.handed == Some(job.version)
+        && job.status == JobStatus::Queued
+        && job.attempt + 1 == token.attempt
+        && token.worker_id == w.id
+        && !w.builtin
+        && w.kinds.contains(&job.kind)
+}
+
 /// Whether worker `w` holds the attempt `token` names on `job`.
 pub fn holds(job: &Job, w: &RemoteWorker, token: LeaseToken) -> Result<(), LeaseError> {
     // A built-in worker's token is only ever handed to push endpoints: user kinds only.
@@ -437,9 +520,23 @@ mod tests {
             job_id: Uuid::now_v7(),
             attempt: 3,
             worker_id: Uuid::now_v7(),
+            handed: None,
         };
         assert_eq!(t.to_string().parse::<LeaseToken>(), Ok(t));
-        for bad in ["", "x", "a.b.c", &format!("{}.x.{}", t.job_id, t.worker_id)] {
+        let handed = LeaseToken {
+            handed: Some(7),
+            ..t
+        };
+        assert_eq!(handed.to_string(), format!("{t}.7"));
+        assert_eq!(handed.to_string().parse::<LeaseToken>(), Ok(handed));
+        for bad in [
+            "",
+            "x",
+            "a.b.c",
+            &format!("{}.x.{}", t.job_id, t.worker_id),
+            &format!("{t}.x"),
+            &format!("{t}.7.8"),
+        ] {
             assert!(bad.parse::<LeaseToken>().is_err(), "{bad}");
         }
     }

@@ -442,8 +442,11 @@ async fn cancel_retries_release_and_output_schemas_follow_the_job_policy() {
     let w = Proto::register(&api, json!({"kinds": ["pol.thing"]})).await;
 
     // Cancel reaches the worker through its heartbeat; a non-retryable failure is the cancel.
+    // (The attempt is claimed 25 ms after its lease call, its report not having come first.)
     let id = api.submit_id(json!({"kind": "pol.thing"})).await;
     let j = w.lease_one(Duration::from_secs(10)).await;
+    api.wait_status(&id, "running", Duration::from_secs(10))
+        .await;
     let r = api.post(&format!("/v1/jobs/{id}/cancel"), json!({})).await;
     assert_eq!(r.status, 202, "{r:?}");
     let r = w.call(&j, "heartbeat", json!({})).await;
@@ -930,6 +933,9 @@ async fn a_batch_completes_each_job_as_the_one_job_call_would_and_refuses_only_t
         leased.extend(w.lease(4, 1000).await);
     }
     leased.sort_by_key(|j| ids.iter().position(|i| i == &j.id));
+    // The one whose report is refused as a whole: claimed 25 ms after its lease call.
+    api.wait_status(&leased[3].id, "running", Duration::from_secs(10))
+        .await;
     let before = api.events(&leased[3].id).await.len();
     let path = format!("/v1/workers/{}/complete", w.id);
     let r = api
@@ -968,7 +974,9 @@ async fn a_batch_completes_each_job_as_the_one_job_call_would_and_refuses_only_t
             Some(&"JobSucceeded".to_string())
         );
     }
-    assert_eq!(api.job(&leased[2].id).await["status"], "running");
+    // Its report refused, the attempt is claimed 25 ms after its lease call all the same.
+    api.wait_status(&leased[2].id, "running", Duration::from_secs(10))
+        .await;
     assert_eq!(
         api.events(&leased[3].id).await.len(),
         before,
@@ -1071,11 +1079,13 @@ async fn a_final_report_decides_on_the_job_its_lease_kept_and_reads_one_that_cha
         (1, 0)
     );
 
-    // Canceled after the lease: the kept job does not know, the report's append conflicts,
-    // and the job read again decides (a non-retryable failure of a job whose cancel was
-    // asked for is its cancel; decided on the kept job it would have been `failed`).
+    // Canceled after the attempt's claim: the kept job does not know, the report's append
+    // conflicts, and the job read again decides (a non-retryable failure of a job whose cancel
+    // was asked for is its cancel; decided on the kept job it would have been `failed`).
     let id = api.submit_id(json!({"kind": "kept.thing"})).await;
     let j = w.lease_one(Duration::from_secs(10)).await;
+    api.wait_status(&id, "running", Duration::from_secs(10))
+        .await;
     let r = api.post(&format!("/v1/jobs/{id}/cancel"), json!({})).await;
     assert_eq!(r.status, 202, "{r:?}");
     let r = w
@@ -1093,4 +1103,176 @@ async fn a_final_report_decides_on_the_job_its_lease_kept_and_reads_one_that_cha
         1,
         "{events:?}"
     );
+}
+
+/// The value of counter `capibara_worker_protocol_claims_total{by}`.
+async fn claims_by(env: &TestEnv, by: &str) -> u64 {
+    let metrics = capibara_tests::scrape(&env.api_url()).await;
+    let line = format!("capibara_worker_protocol_claims_total{{by=\"{by}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&line))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or(0)
+}
+
+/// `(type, transaction)` of each event of job `id`, in order.
+async fn event_txs(pool: &sqlx::PgPool, id: &str) -> Vec<(String, String)> {
+    sqlx::query_as(
+        "SELECT type, tx_id::text FROM events WHERE stream_id = $1::uuid ORDER BY version",
+    )
+    .bind(id)
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+/// Start an API whose lease calls claim their attempts `ms` after handing them out.
+async fn api_claiming_after(env: &mut TestEnv, ms: u64) -> capibara_tests::Proc {
+    env.extra_env
+        .retain(|(k, _)| k != "CAPIBARA_WORKER_CLAIM_AFTER_MS");
+    env.extra_env
+        .push(("CAPIBARA_WORKER_CLAIM_AFTER_MS".into(), ms.to_string()));
+    env.spawn_api().await
+}
+
+/// A lease hands the attempt out before its claim (a fast attempt): the worker gets the job as
+/// its claim will leave it, and its report records `JobStarted` with its end in one transaction
+/// (no claim of its own). A token of an attempt handed out is refused once the job moved on (a
+/// cancel before its claim) and records nothing, and so is one naming a version the job never
+/// had. (Here the lease call's own claim is held back a minute, so that the report comes
+/// first whatever the machine's speed; `a_lease_claims_the_attempt_its_worker_does_not_report`
+/// covers that claim.)
+#[tokio::test]
+async fn a_lease_hands_the_attempt_out_before_its_claim_and_the_report_claims_it() {
+    let mut env = TestEnv::new().await;
+    let _api = api_claiming_after(&mut env, 60_000).await;
+    let _scheduler = env.spawn_scheduler();
+    let api = env.client();
+    let pool = env.pool().await;
+    put_kind(&api, "fast.thing", json!({})).await;
+    let w = Proto::register(&api, json!({"kinds": ["fast.thing"]})).await;
+
+    let id = api.submit_id(json!({"kind": "fast.thing"})).await;
+    let j = w.lease_one(Duration::from_secs(10)).await;
+    assert_eq!(
+        (&j.job["status"], &j.job["attempt"]),
+        (&json!("running"), &json!(1))
+    );
+    assert!(j.job["worker_id"].is_string(), "{:?}", j.job);
+    assert_eq!(api.job(&id).await["status"], "queued", "not claimed yet");
+    let r = w.call(&j, "complete", json!({"output": {"ok": 1}})).await;
+    assert_eq!(
+        (&r.body["status"], &r.body["attempt"]),
+        (&json!("succeeded"), &json!(1)),
+        "{r:?}"
+    );
+    let events = event_txs(&pool, &id).await;
+    let n = events.len();
+    let types: Vec<&str> = events.iter().map(|(t, _)| t.as_str()).collect();
+    assert_eq!(&types[n - 2..], ["JobStarted", "JobSucceeded"]);
+    assert_eq!(
+        events[n - 2].1,
+        events[n - 1].1,
+        "one transaction: {events:?}"
+    );
+    assert_eq!(claims_by(&env, "report").await, 1);
+    assert!(api.job(&id).await["started_at"].is_string());
+    let leases: i64 = sqlx::query_scalar("SELECT count(*) FROM leases")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(leases, 0, "no lease row written and left");
+
+    // A progress report claims the attempt in its own append; the rest follows as before.
+    let id = api.submit_id(json!({"kind": "fast.thing"})).await;
+    let j = w.lease_one(Duration::from_secs(10)).await;
+    let r = w.call(&j, "progress", json!({"percent": 10})).await;
+    assert_eq!(r.status, 204, "{r:?}");
+    assert_eq!(api.job(&id).await["status"], "running");
+    let r = w.call(&j, "heartbeat", json!({})).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let r = w.call(&j, "complete", json!({"output": {"ok": 2}})).await;
+    assert_eq!(r.body["status"], "succeeded", "{r:?}");
+    let types: Vec<String> = event_txs(&pool, &id)
+        .await
+        .into_iter()
+        .map(|e| e.0)
+        .collect();
+    assert_eq!(
+        types[types.len() - 3..],
+        ["JobStarted", "JobProgress", "JobSucceeded"]
+    );
+
+    // Canceled before its claim: canceled at once; the handed-out token is refused and
+    // records nothing.
+    let id = api.submit_id(json!({"kind": "fast.thing"})).await;
+    let j = w.lease_one(Duration::from_secs(10)).await;
+    let r = api.post(&format!("/v1/jobs/{id}/cancel"), json!({})).await;
+    assert_eq!(
+        (r.status, &r.body["status"]),
+        (200, &json!("canceled")),
+        "{r:?}"
+    );
+    let n = api.events(&id).await.len();
+    for what in ["heartbeat", "complete"] {
+        let r = w.call(&j, what, json!({"output": {"ok": 3}})).await;
+        assert_eq!(r.status, 409, "{what}: {r:?}");
+    }
+    assert_eq!(api.events(&id).await.len(), n, "nothing recorded");
+
+    // A token naming a version the job never had is refused; the real one is not.
+    let id = api.submit_id(json!({"kind": "fast.thing"})).await;
+    let j = w.lease_one(Duration::from_secs(10)).await;
+    let forged = Leased {
+        token: format!("{}0", j.token),
+        ..j.clone()
+    };
+    let r = w.call(&forged, "complete", json!({"output": {}})).await;
+    assert_eq!(r.status, 409, "{r:?}");
+    let r = w.call(&j, "complete", json!({"output": {}})).await;
+    assert_eq!(r.body["status"], "succeeded", "{r:?}");
+    assert_eq!(api.job(&id).await["attempt"], 1);
+}
+
+/// An attempt whose worker reports nothing within `CAPIBARA_WORKER_CLAIM_AFTER_MS` (25 ms) is
+/// claimed by the lease call (its `JobStarted` in a transaction of its own, timed at the lease),
+/// and with 0 before the lease call answers.
+#[tokio::test]
+async fn a_lease_claims_the_attempt_its_worker_does_not_report() {
+    let mut env = TestEnv::new().await;
+    let api_proc = env.spawn_api().await;
+    let _scheduler = env.spawn_scheduler();
+    let api = env.client();
+    let pool = env.pool().await;
+    put_kind(&api, "slow.thing", json!({})).await;
+    let w = Proto::register(&api, json!({"kinds": ["slow.thing"]})).await;
+
+    let id = api.submit_id(json!({"kind": "slow.thing"})).await;
+    let j = w.lease_one(Duration::from_secs(10)).await;
+    let job = api
+        .wait_status(&id, "running", Duration::from_secs(10))
+        .await;
+    assert_eq!(claims_by(&env, "lease").await, 1);
+    assert_eq!(job["attempt"], 1);
+    let r = w.call(&j, "complete", json!({"output": {"ok": 1}})).await;
+    assert_eq!(r.body["status"], "succeeded", "{r:?}");
+    let events = event_txs(&pool, &id).await;
+    let n = events.len();
+    assert_eq!(events[n - 2].0, "JobStarted");
+    assert_ne!(events[n - 2].1, events[n - 1].1, "{events:?}");
+
+    drop(api_proc);
+    let _api = api_claiming_after(&mut env, 0).await;
+    let id = api.submit_id(json!({"kind": "slow.thing"})).await;
+    let j = w.lease_one(Duration::from_secs(10)).await;
+    assert_eq!(
+        api.job(&id).await["status"],
+        "running",
+        "claimed before the answer"
+    );
+    let r = api.post(&format!("/v1/jobs/{id}/cancel"), json!({})).await;
+    assert_eq!(r.status, 202, "asked of the worker: {r:?}");
+    let r = w.call(&j, "heartbeat", json!({})).await;
+    assert_eq!(r.body["cancel_requested"], true, "{r:?}");
 }
