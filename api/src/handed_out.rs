@@ -1,6 +1,7 @@
 //! Attempts this API process handed out to protocol workers before their claim (fast attempts,
-//! docs/workers.md): the claim of each waits here `CAPIBARA_WORKER_CLAIM_AFTER_MS` (25 ms, as
-//! the built-in worker's fast attempts), and is appended then only if no report of the attempt
+//! docs/workers.md): the claim of each waits here `CAPIBARA_WORKER_CLAIM_AFTER_MS` (250 ms by
+//! default: a protocol worker's report comes back over HTTP, often batched, where the built-in
+//! worker's fast attempts wait 25 ms), and is appended then only if no report of the attempt
 //! came first. A short job's report records `JobStarted` and its end
 //! in one append, so its claim is never written (one append per job instead of two).
 //!
@@ -17,7 +18,7 @@ use crate::AppState;
 
 #[derive(Default)]
 pub struct HandedOut {
-    /// Each waiting claim with the job it leaves.
+    /// Each waiting claim with the job it leaves, until it is appended (or its report came).
     claims: Mutex<HashMap<Uuid, (Job, Append)>>,
 }
 
@@ -36,19 +37,27 @@ impl HandedOut {
         let state = state.clone();
         tokio::spawn(async move {
             tokio::time::sleep(after).await;
-            let due = state.handed_out.take(&ids);
-            if due.is_empty() {
-                return;
+            let due = state.handed_out.due(&ids);
+            if !due.is_empty() {
+                metrics::counter!("capibara_worker_protocol_claims_total", "by" => "lease")
+                    .increment(due.len() as u64);
+                for job in leases::claim_handed(&state.store, due).await {
+                    state.kept_leases.refresh(&job);
+                }
             }
-            metrics::counter!("capibara_worker_protocol_claims_total", "by" => "lease")
-                .increment(due.len() as u64);
-            for job in leases::claim_handed(&state.store, due).await {
-                state.kept_leases.refresh(&job);
-            }
+            // Out only now: until its claim is appended, a job popped again (the relay pushes
+            // an entry Redis lost, or one popped and not started yet) is not handed out again.
+            state.handed_out.done(&ids);
         });
     }
 
-    /// Whether attempt `id`'s claim still waited (it is not appended now): its report claims
+    /// Whether the attempt of job `id` this process handed out is not claimed yet: a pop of
+    /// the job again is a duplicate delivery, not handed out.
+    pub fn is_out(&self, id: Uuid) -> bool {
+        self.claims.lock().expect("handed out").contains_key(&id)
+    }
+
+    /// Whether attempt `id`'s claim still waited (it is not appended now): its report claimed
     /// it instead.
     pub fn forget(&self, id: Uuid) -> bool {
         let waited = self
@@ -64,9 +73,19 @@ impl HandedOut {
         waited
     }
 
-    /// The claims of `ids` that still wait, no longer waiting.
-    fn take(&self, ids: &[Uuid]) -> Vec<(Job, Append)> {
+    /// The claims of `ids` that still wait, to be appended (they stay until [`Self::done`]).
+    fn due(&self, ids: &[Uuid]) -> Vec<(Job, Append)> {
+        let claims = self.claims.lock().expect("handed out");
+        ids.iter()
+            .filter_map(|id| claims.get(id).cloned())
+            .collect()
+    }
+
+    /// The claims of `ids` appended (or conflicting): no longer waiting.
+    fn done(&self, ids: &[Uuid]) {
         let mut claims = self.claims.lock().expect("handed out");
-        ids.iter().filter_map(|id| claims.remove(id)).collect()
+        for id in ids {
+            claims.remove(id);
+        }
     }
 }

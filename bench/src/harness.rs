@@ -277,8 +277,13 @@ impl Env {
         let out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let err = out.try_clone()?;
         let mut c = Command::new(self.bin_dir.join(bin));
+        // The servers get the bench's settings only, and the settings named in
+        // `CAPIBARA_BENCH_KEEP_ENV` (comma-separated: a setting measured on purpose).
+        let keep = std::env::var("CAPIBARA_BENCH_KEEP_ENV").unwrap_or_default();
+        let keep: Vec<&str> = keep.split(',').map(str::trim).collect();
         for (k, _) in std::env::vars_os() {
-            if k.to_string_lossy().starts_with("CAPIBARA_") {
+            let name = k.to_string_lossy();
+            if name.starts_with("CAPIBARA_") && !keep.contains(&name.as_ref()) {
                 c.env_remove(k);
             }
         }

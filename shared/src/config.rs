@@ -50,7 +50,7 @@ pub struct Config {
     /// How long a running attempt's lease lasts without a heartbeat.
     pub visibility_timeout: Duration,
     /// How long an attempt a protocol worker leased may run before its claim is written on its
-    /// own (`CAPIBARA_WORKER_CLAIM_AFTER_MS`, default 25; 0 claims it before the lease call
+    /// own (`CAPIBARA_WORKER_CLAIM_AFTER_MS`, default 250; 0 claims it before the lease call
     /// answers). A report sooner records `JobStarted` with it (docs/workers.md).
     pub worker_claim_after: Duration,
     /// How long a starting process waits for Postgres and Redis to answer before it gives up
@@ -310,7 +310,7 @@ impl Config {
                 parse("CAPIBARA_VISIBILITY_TIMEOUT_S", 30.0f64)?.max(0.5),
             ),
             worker_claim_after: Duration::from_millis(
-                parse("CAPIBARA_WORKER_CLAIM_AFTER_MS", 25u64)?.min(60_000),
+                parse("CAPIBARA_WORKER_CLAIM_AFTER_MS", 250u64)?.min(60_000),
             ),
             startup_wait: Duration::from_secs_f64(
                 parse("CAPIBARA_STARTUP_WAIT_S", 60.0f64)?.clamp(0.0, 86_400.0),

@@ -349,7 +349,7 @@ pub const METRICS: &[MetricSpec] = &[
     MetricSpec {
         name: "capibara_worker_protocol_claims_total",
         kind: Counter,
-        help: "Attempts handed out to protocol workers before their claim, by what claimed them: their first report (JobStarted in its append: a fast attempt), or the lease call's own claim 25 ms after it handed them out.",
+        help: "Attempts handed out to protocol workers before their claim, by what claimed them: their first report (JobStarted in its append: a fast attempt), or the lease call's own claim CAPIBARA_WORKER_CLAIM_AFTER_MS (250 ms) after it handed them out.",
         unit: None,
         on: &[Api],
         labels: &[("by", Values::Fixed(&["report", "lease"]))],

@@ -470,7 +470,11 @@ async fn claim_all(
     out: &mut Vec<LeasedJob>,
 ) -> Result<(), ApiError> {
     let popped_n = popped.ids.len();
-    let handed = command::leases::hand_out_many(&state.store, w, popped, term).await?;
+    let mut handed = command::leases::hand_out_many(&state.store, w, popped, term).await?;
+    // A job whose attempt this process handed out and has not claimed yet is still queued in
+    // Postgres, so a second delivery of it (the relay pushing again an entry it found popped)
+    // reads as one to hand out: it is not.
+    handed.retain(|h| !state.handed_out.is_out(h.job.id));
     let stale = popped_n - handed.len();
     if stale > 0 {
         metrics::counter!("capibara_dispatch_stale_total").increment(stale as u64);

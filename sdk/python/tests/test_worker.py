@@ -65,7 +65,7 @@ class WorkerTest(ServerTestCase):
         self.start_worker(w)
         job = self.client.submit(kind)
         self.assertTrue(started.wait(10))
-        # Claimed 25 ms after its lease (no report came first): a running attempt to cancel.
+        # Claimed 250 ms after its lease (no report came first): a running attempt to cancel.
         # (One canceled sooner is canceled at once, and its handler told its lease is lost.)
         wait_status(self.client, job.id, {"running"})
         self.assertEqual(self.client.cancel(job.id).cancel_requested, True)

@@ -41,7 +41,7 @@ describe("worker processes (real server)", { ...needsServer, concurrency: true }
       await w1.next((m) => m.event === "registered");
       const sub = await client.submit(kind, { sleep_ms: 60000, slow_attempts: 1 }, { backoff: FAST_RETRY });
       await w1.next((m) => m.event === "started" && m.job === sub.id);
-      // Claimed 25 ms after its lease (no report came first): a job with a lease to lose.
+      // Claimed 250 ms after its lease (no report came first): a job with a lease to lose.
       await until(async () => (await client.get(sub.id)).status === "running", { what: "its claim" });
       w1.child.kill("SIGKILL");
       assert.equal((await w1.exited).signal, "SIGKILL");

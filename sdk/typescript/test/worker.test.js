@@ -153,7 +153,7 @@ describe("worker (real server)", needsServer, () => {
     try {
       const sub = await client.submit(kind, {});
       await running;
-      // Claimed 25 ms after its lease (no report came first): a running attempt to cancel.
+      // Claimed 250 ms after its lease (no report came first): a running attempt to cancel.
       // (One canceled sooner is canceled at once, and its handler told its lease is lost.)
       await until(async () => (await client.get(sub.id)).status === "running", { what: "its claim" });
       const t0 = Date.now();

@@ -36,16 +36,24 @@ use crate::{
 };
 
 /// Names one attempt of one job held by one worker: `{job}.{attempt}.{worker}`, and for an
-/// attempt handed out before its claim, `.{version}` of the job as it was handed out (see
-/// [`hand_out_many`]). Opaque to clients. Not a secret (the caller is authenticated by its
-/// key): a fencing token.
+/// attempt handed out before its claim, `.{version}.{ms}`: the job's version as it was handed
+/// out and when (see [`hand_out_many`]). Opaque to clients. Not a secret (the caller is
+/// authenticated by its key): a fencing token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LeaseToken {
     pub job_id: Uuid,
     pub attempt: u32,
     pub worker_id: Uuid,
-    /// The job's version when the attempt was handed out unclaimed.
-    pub handed: Option<i64>,
+    /// Set when the attempt was handed out unclaimed.
+    pub handed: Option<Handed>,
+}
+
+/// The job an attempt was handed out unclaimed on: its version then, and the time (ms since
+/// the Unix epoch) its `JobStarted` records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Handed {
+    pub version: i64,
+    pub at_ms: i64,
 }
 
 impl fmt::Display for LeaseToken {
@@ -58,7 +66,7 @@ impl fmt::Display for LeaseToken {
             self.worker_id.simple()
         )?;
         match self.handed {
-            Some(v) => write!(f, ".{v}"),
+            Some(h) => write!(f, ".{}.{}", h.version, h.at_ms),
             None => Ok(()),
         }
     }
@@ -68,20 +76,22 @@ impl FromStr for LeaseToken {
     type Err = ();
     fn from_str(s: &str) -> Result<Self, ()> {
         let mut parts = s.trim().split('.');
-        let (Some(j), Some(a), Some(w), v, None) = (
-            parts.next(),
-            parts.next(),
-            parts.next(),
-            parts.next(),
-            parts.next(),
-        ) else {
+        let (Some(j), Some(a), Some(w)) = (parts.next(), parts.next(), parts.next()) else {
             return Err(());
+        };
+        let handed = match (parts.next(), parts.next(), parts.next()) {
+            (None, _, _) => None,
+            (Some(v), Some(at), None) => Some(Handed {
+                version: v.parse().map_err(drop)?,
+                at_ms: at.parse().map_err(drop)?,
+            }),
+            _ => return Err(()),
         };
         Ok(LeaseToken {
             job_id: j.parse().map_err(drop)?,
             attempt: a.parse().map_err(drop)?,
             worker_id: w.parse().map_err(drop)?,
-            handed: v.map(|v| v.parse().map_err(drop)).transpose()?,
+            handed,
         })
     }
 }
@@ -113,7 +123,7 @@ pub fn metadata(w: &RemoteWorker) -> EventMetadata {
 /// An attempt handed out to a worker of the protocol before its claim is committed (a fast
 /// attempt, docs/workers.md): the worker starts at once, and the attempt's first report records
 /// `JobStarted` with it in one append; the claim is appended on its own only if no report came
-/// first ([`claim_handed`], 25 ms later in the API).
+/// first ([`claim_handed`], 250 ms later in the API, by default).
 #[derive(Debug)]
 pub struct HandedOut {
     /// The job as it stands, queued: what a report of the attempt decides on.
@@ -169,7 +179,10 @@ fn hand_out(
         job_id: job.id,
         attempt,
         worker_id: w.id,
-        handed: Some(job.version),
+        handed: Some(Handed {
+            version: job.version,
+            at_ms: at.timestamp_millis(),
+        }),
     };
     let expires_at = at + chrono::Duration::from_std(term).unwrap_or_default();
     Ok(HandedOut {
@@ -402,9 +415,18 @@ async fn report_as(
                     planned.store(true, Ordering::Relaxed);
                 }
             }
-            let events: Vec<JobEvent> = claim.into_iter().chain(events).collect();
-            let mut write = JobWrite::new(meta.clone(), now());
+            let at = now();
+            let mut write = JobWrite::new(meta.clone(), at);
             write.lease = Some((w.name.clone(), term));
+            if claim.is_some() {
+                // The attempt started when it was handed out (a time the token carries, so
+                // never later than now nor earlier than the job as it was handed out).
+                write.started_at = token
+                    .handed
+                    .and_then(|h| DateTime::<Utc>::from_timestamp_millis(h.at_ms))
+                    .map(|t| t.clamp(job.updated_at.min(at), at));
+            }
+            let events: Vec<JobEvent> = claim.into_iter().chain(events).collect();
             let (after, append) = job_append(Some(&job), job.id, &events, write)
                 .map_err(|e| StoreError::Internal(e.to_string()))?;
             with.insert(0, append);
@@ -482,7 +504,7 @@ async fn registered(
 /// Whether `token` names an attempt handed out to worker `w` unclaimed ([`hand_out_many`]) that
 /// is not claimed yet: the job is still queued as it was handed out.
 pub fn unclaimed(job: &Job, w: &RemoteWorker, token: LeaseToken) -> bool {
-    token.handed == Some(job.version)
+    token.handed.is_some_and(|h| h.version == job.version)
         && job.status == JobStatus::Queued
         && job.attempt + 1 == token.attempt
         && token.worker_id == w.id
@@ -524,18 +546,22 @@ mod tests {
         };
         assert_eq!(t.to_string().parse::<LeaseToken>(), Ok(t));
         let handed = LeaseToken {
-            handed: Some(7),
+            handed: Some(Handed {
+                version: 7,
+                at_ms: 1_796_000_000_123,
+            }),
             ..t
         };
-        assert_eq!(handed.to_string(), format!("{t}.7"));
+        assert_eq!(handed.to_string(), format!("{t}.7.1796000000123"));
         assert_eq!(handed.to_string().parse::<LeaseToken>(), Ok(handed));
         for bad in [
             "",
             "x",
             "a.b.c",
             &format!("{}.x.{}", t.job_id, t.worker_id),
-            &format!("{t}.x"),
-            &format!("{t}.7.8"),
+            &format!("{t}.7"),
+            &format!("{t}.x.8"),
+            &format!("{t}.7.8.9"),
         ] {
             assert!(bad.parse::<LeaseToken>().is_err(), "{bad}");
         }

@@ -442,7 +442,7 @@ async fn cancel_retries_release_and_output_schemas_follow_the_job_policy() {
     let w = Proto::register(&api, json!({"kinds": ["pol.thing"]})).await;
 
     // Cancel reaches the worker through its heartbeat; a non-retryable failure is the cancel.
-    // (The attempt is claimed 25 ms after its lease call, its report not having come first.)
+    // (The attempt is claimed 250 ms after its lease call, its report not having come first.)
     let id = api.submit_id(json!({"kind": "pol.thing"})).await;
     let j = w.lease_one(Duration::from_secs(10)).await;
     api.wait_status(&id, "running", Duration::from_secs(10))
@@ -933,7 +933,7 @@ async fn a_batch_completes_each_job_as_the_one_job_call_would_and_refuses_only_t
         leased.extend(w.lease(4, 1000).await);
     }
     leased.sort_by_key(|j| ids.iter().position(|i| i == &j.id));
-    // The one whose report is refused as a whole: claimed 25 ms after its lease call.
+    // The one whose report is refused as a whole: claimed 250 ms after its lease call.
     api.wait_status(&leased[3].id, "running", Duration::from_secs(10))
         .await;
     let before = api.events(&leased[3].id).await.len();
@@ -974,7 +974,7 @@ async fn a_batch_completes_each_job_as_the_one_job_call_would_and_refuses_only_t
             Some(&"JobSucceeded".to_string())
         );
     }
-    // Its report refused, the attempt is claimed 25 ms after its lease call all the same.
+    // Its report refused, the attempt is claimed 250 ms after its lease call all the same.
     api.wait_status(&leased[2].id, "running", Duration::from_secs(10))
         .await;
     assert_eq!(
@@ -1177,7 +1177,13 @@ async fn a_lease_hands_the_attempt_out_before_its_claim_and_the_report_claims_it
         "one transaction: {events:?}"
     );
     assert_eq!(claims_by(&env, "report").await, 1);
-    assert!(api.job(&id).await["started_at"].is_string());
+    // Started when it was handed out (the token carries the time), not when it was reported.
+    let job = api.job(&id).await;
+    let at = |f: &str| {
+        chrono::DateTime::parse_from_rfc3339(job[f].as_str().unwrap())
+            .unwrap_or_else(|e| panic!("{f}: {e}: {job}"))
+    };
+    assert!(at("started_at") < at("finished_at"), "{job}");
     let leases: i64 = sqlx::query_scalar("SELECT count(*) FROM leases")
         .fetch_one(&pool)
         .await
@@ -1224,8 +1230,11 @@ async fn a_lease_hands_the_attempt_out_before_its_claim_and_the_report_claims_it
     // A token naming a version the job never had is refused; the real one is not.
     let id = api.submit_id(json!({"kind": "fast.thing"})).await;
     let j = w.lease_one(Duration::from_secs(10)).await;
+    let mut parts: Vec<String> = j.token.split('.').map(String::from).collect();
+    assert_eq!(parts.len(), 5, "{}", j.token);
+    parts[3] = "99".into();
     let forged = Leased {
-        token: format!("{}0", j.token),
+        token: parts.join("."),
         ..j.clone()
     };
     let r = w.call(&forged, "complete", json!({"output": {}})).await;
@@ -1235,7 +1244,7 @@ async fn a_lease_hands_the_attempt_out_before_its_claim_and_the_report_claims_it
     assert_eq!(api.job(&id).await["attempt"], 1);
 }
 
-/// An attempt whose worker reports nothing within `CAPIBARA_WORKER_CLAIM_AFTER_MS` (25 ms) is
+/// An attempt whose worker reports nothing within `CAPIBARA_WORKER_CLAIM_AFTER_MS` (250 ms by default) is
 /// claimed by the lease call (its `JobStarted` in a transaction of its own, timed at the lease),
 /// and with 0 before the lease call answers.
 #[tokio::test]
