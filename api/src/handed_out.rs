@@ -39,9 +39,10 @@ impl HandedOut {
             tokio::time::sleep(after).await;
             let due = state.handed_out.due(&ids);
             if !due.is_empty() {
+                let claimed = leases::claim_handed(&state.store, due).await;
                 metrics::counter!("capibara_worker_protocol_claims_total", "by" => "lease")
-                    .increment(due.len() as u64);
-                for job in leases::claim_handed(&state.store, due).await {
+                    .increment(claimed.len() as u64);
+                for job in claimed {
                     state.kept_leases.refresh(&job);
                 }
             }

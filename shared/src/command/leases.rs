@@ -354,13 +354,13 @@ async fn report_as(
             // An attempt handed out unclaimed is claimed by this report, in its append.
             let claim = unclaimed(&job, w, token).then(|| start(w, token.attempt));
             let running = match &claim {
-                Some(started) => {
+                Some(started) => std::borrow::Cow::Owned(
                     job.append(job.id, std::slice::from_ref(started), meta, now())?
-                        .0
-                }
+                        .0,
+                ),
                 None => {
                     holds(&job, w, token).map_err(CommandError::Rejected)?;
-                    job.clone()
+                    std::borrow::Cow::Borrowed(&job)
                 }
             };
             let mut with = Vec::new();
