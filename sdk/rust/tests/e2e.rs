@@ -69,6 +69,23 @@ async fn recv<T>(rx: &mut mpsc::UnboundedReceiver<T>, what: &str) -> T {
         .unwrap_or_else(|| panic!("channel closed waiting for {what}"))
 }
 
+/// Wait until job `id` reads `running`: the attempt a lease call handed out is claimed with its
+/// first report, or 250 ms after the lease (docs/workers.md, "Fast attempts").
+async fn claimed(c: &Client, id: uuid::Uuid) -> capibara_sdk::Job {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let job = c.get(id).await.unwrap();
+        if job.status == JobStatus::Running {
+            return job;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "job {id} was never claimed: {job:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn submit_and_wait_returns_the_builtin_workers_output() {
     let s = stack().await;
@@ -440,7 +457,8 @@ async fn cancel_reaches_the_running_handler_and_the_job_ends_canceled() {
         .unwrap();
     let job = c.submit(kind, json!({})).await.unwrap();
     assert_eq!(recv(&mut rx, "the handler to start").await, "started");
-    assert_eq!(c.get(job.id).await.unwrap().status, JobStatus::Running);
+    // A running attempt to cancel (one canceled before its claim is canceled at once).
+    claimed(c, job.id).await;
     let t0 = Instant::now();
     let asked = c.cancel(job.id).await.unwrap();
     assert!(asked.cancel_requested);
@@ -750,8 +768,7 @@ async fn shutdown_releases_a_handler_still_running_after_the_grace_period() {
     let job = c.submit(kind, json!({})).await.unwrap();
     let run = tokio::spawn(builder.run());
     assert_eq!(recv(&mut rx, "the handler to start").await, "started");
-    let running = c.get(job.id).await.unwrap();
-    assert_eq!(running.status, JobStatus::Running);
+    let running = claimed(c, job.id).await;
     let worker_name = running.worker_id.unwrap();
 
     let t0 = Instant::now();
