@@ -111,6 +111,9 @@ pub struct LeaseInfo {
 /// A leased job.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct LeasedJob {
+    /// The job as its attempt's claim leaves it (`running`, the next `attempt`). The claim is
+    /// written with the attempt's first report, or `CAPIBARA_WORKER_CLAIM_AFTER_MS` (250 ms)
+    /// after the lease if none came by then (docs/workers.md, "Fast attempts").
     pub job: Job,
     pub lease: LeaseInfo,
 }
