@@ -321,6 +321,18 @@ pub async fn scrape(base: &str) -> String {
         .expect("the /metrics body")
 }
 
+/// The value of the series `series` (name and labels as `/metrics` prints them, e.g.
+/// `jobs_total{kind="echo"}`) on the process at `base`; 0 when it is not printed yet.
+pub async fn metric(base: &str, series: &str) -> u64 {
+    let line = format!("{series} ");
+    scrape(base)
+        .await
+        .lines()
+        .find_map(|l| l.strip_prefix(&line))
+        .map(|v| v.trim().parse::<f64>().expect("a metric's value") as u64)
+        .unwrap_or(0)
+}
+
 /// Poll `check` every 50 ms until it returns `Some`, or panic after `timeout`.
 pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
 where

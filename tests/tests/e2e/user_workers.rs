@@ -1035,13 +1035,8 @@ async fn a_batch_completes_each_job_as_the_one_job_call_would_and_refuses_only_t
 
 /// The value of `capibara_worker_protocol_final_reports_total{job="<from>"}` on the API.
 async fn final_reports(env: &TestEnv, from: &str) -> u64 {
-    let metrics = capibara_tests::scrape(&env.api_url()).await;
-    let line = format!("capibara_worker_protocol_final_reports_total{{job=\"{from}\"}} ");
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(&line))
-        .map(|v| v.trim().parse().unwrap())
-        .unwrap_or(0)
+    let series = format!("capibara_worker_protocol_final_reports_total{{job=\"{from}\"}}");
+    capibara_tests::metric(&env.api_url(), &series).await
 }
 
 /// A final report decides on the job as its lease call left it (kept by the API that handed it
@@ -1107,13 +1102,8 @@ async fn a_final_report_decides_on_the_job_its_lease_kept_and_reads_one_that_cha
 
 /// The value of counter `capibara_worker_protocol_claims_total{by}`.
 async fn claims_by(env: &TestEnv, by: &str) -> u64 {
-    let metrics = capibara_tests::scrape(&env.api_url()).await;
-    let line = format!("capibara_worker_protocol_claims_total{{by=\"{by}\"}} ");
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(&line))
-        .map(|v| v.trim().parse().unwrap())
-        .unwrap_or(0)
+    let series = format!("capibara_worker_protocol_claims_total{{by=\"{by}\"}}");
+    capibara_tests::metric(&env.api_url(), &series).await
 }
 
 /// `(type, transaction)` of each event of job `id`, in order.
@@ -1284,4 +1274,59 @@ async fn a_lease_claims_the_attempt_its_worker_does_not_report() {
     assert_eq!(r.status, 202, "asked of the worker: {r:?}");
     let r = w.call(&j, "heartbeat", json!({})).await;
     assert_eq!(r.body["cancel_requested"], true, "{r:?}");
+}
+
+/// The API that handed attempts out is killed (SIGKILL) before claiming them: no job is lost.
+/// The worker's report, to the API started again, claims and ends its attempt in one append
+/// (the token carries what it needs); a job whose worker never reports is still queued, and the
+/// relay dispatches it again (its entry was popped): leased again, completed once.
+#[tokio::test]
+async fn an_api_killed_with_claims_waiting_loses_no_job() {
+    let mut env = TestEnv::new().await;
+    let mut api_proc = api_claiming_after(&mut env, 60_000).await;
+    let _scheduler = env.spawn_scheduler();
+    let api = env.client();
+    put_kind(&api, "crash.thing", json!({})).await;
+    let w = Proto::register(&api, json!({"kinds": ["crash.thing"]})).await;
+    let reported = api.submit_id(json!({"kind": "crash.thing"})).await;
+    let j1 = w.lease_one(Duration::from_secs(10)).await;
+    let silent = api.submit_id(json!({"kind": "crash.thing"})).await;
+    let j2 = w.lease_one(Duration::from_secs(10)).await;
+    assert_eq!(
+        (j1.id.as_str(), j2.id.as_str()),
+        (reported.as_str(), silent.as_str())
+    );
+
+    api_proc.kill();
+    let _api = env.spawn_api().await;
+    let r = w.call(&j1, "complete", json!({"output": {"ok": 1}})).await;
+    assert_eq!(
+        (&r.body["status"], &r.body["attempt"]),
+        (&json!("succeeded"), &json!(1)),
+        "{r:?}"
+    );
+    let types: Vec<String> = api
+        .events(&reported)
+        .await
+        .iter()
+        .map(|e| e["type"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        types.iter().filter(|t| *t == "JobStarted").count(),
+        1,
+        "{types:?}"
+    );
+
+    // Never reported: queued still, its entry gone from Redis; the relay pushes it again.
+    assert_eq!(api.job(&silent).await["status"], "queued");
+    let again = w.lease_one(Duration::from_secs(30)).await;
+    assert_eq!((again.id.as_str(), again.attempt), (silent.as_str(), 1));
+    let r = w
+        .call(&again, "complete", json!({"output": {"ok": 2}}))
+        .await;
+    assert_eq!(r.body["status"], "succeeded", "{r:?}");
+    // The first hand-out of the same attempt is refused now: completed once.
+    let r = w.call(&j2, "complete", json!({"output": {"ok": 3}})).await;
+    assert_eq!(r.status, 409, "{r:?}");
+    assert_eq!(api.job(&silent).await["output"], json!({"ok": 2}));
 }
