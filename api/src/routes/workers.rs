@@ -427,9 +427,16 @@ pub async fn lease(
             .await
             .map_err(|_| ApiError::Unavailable)?;
         let due = popped.due;
+        let took = !popped.ids.is_empty();
         claim_all(&state, &w, popped, term, &mut jobs).await?;
         if !jobs.is_empty() {
             break;
+        }
+        if took {
+            // Everything it took was stale (a duplicate entry of a job that ended or started
+            // meanwhile): the queue may hold jobs behind them, whose pushes' wake tokens other
+            // fetchers may have taken. Pop again rather than wait for one.
+            continue;
         }
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         if left.is_zero() {

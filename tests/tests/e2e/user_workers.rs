@@ -1330,3 +1330,85 @@ async fn an_api_killed_with_claims_waiting_loses_no_job() {
     assert_eq!(r.status, 409, "{r:?}");
     assert_eq!(api.job(&silent).await["output"], json!({"ok": 2}));
 }
+
+/// Entries of jobs that ended already (the relay pushes an entry again when it finds it popped
+/// while the attempt's claim waits) ahead of a queued job, and no wake token left (other
+/// fetchers took them): a lease call pops past the stale entries to the job behind them at once.
+/// It used to wait for a wake token after each pop that found only stale entries, up to its
+/// long poll's end: a few entries per two seconds, and the queued job waited (a backlog of the
+/// SDK benchmark stalled for a minute so).
+#[tokio::test]
+async fn a_lease_pops_past_entries_of_ended_jobs_to_the_queued_job_behind_them() {
+    use capibara_shared::{
+        domain::{job::Priority, kinds::lane, limit::Group},
+        queue::Queue,
+        store::dispatch::DispatchEntry,
+    };
+    let env = TestEnv::new().await;
+    let _api = env.spawn_api().await;
+    let api = env.client();
+    put_kind(&api, "stale.thing", json!({})).await;
+    let w = Proto::register(&api, json!({"kinds": ["stale.thing"]})).await;
+    let mut ended = Vec::new();
+    for _ in 0..40 {
+        ended.push(api.submit_id(json!({"kind": "stale.thing"})).await);
+    }
+    let mut done = 0;
+    while done < ended.len() {
+        for j in w.lease(40, 1000).await {
+            let r = w.call(&j, "complete", json!({})).await;
+            assert_eq!(r.body["status"], "succeeded", "{r:?}");
+            done += 1;
+        }
+    }
+
+    // Their entries again, older than the next job's.
+    let lane = lane("default", "default", "stale.thing");
+    let group = Group {
+        ns: "default".into(),
+        kind: "stale.thing".into(),
+        queue: "default".into(),
+        ord: None,
+        lim: Vec::new(),
+    }
+    .id();
+    let at = chrono::Utc::now() - chrono::Duration::seconds(60);
+    let stale: Vec<DispatchEntry> = ended
+        .iter()
+        .map(|id| {
+            let mut e =
+                DispatchEntry::new(id.parse().unwrap(), "default", &lane, Priority::Normal, at);
+            e.group = group.clone();
+            e
+        })
+        .collect();
+    let queue = Queue::connect(&env.redis_url, &env.redis_prefix)
+        .await
+        .unwrap();
+    queue.push(&stale).await.unwrap();
+    let queued = api.submit_id(json!({"kind": "stale.thing"})).await;
+    let mut conn = redis::Client::open(env.redis_url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let wake = format!("{{{}}}:wake:{lane}", env.redis_prefix);
+    let _: () = redis::cmd("DEL")
+        .arg(&wake)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    // One job at a time and three seconds to wait: waiting after each stale pop took a few
+    // of the forty entries in that time, and answered nothing.
+    let got = w.lease(1, 3000).await;
+    assert_eq!(
+        got.iter().map(|j| j.id.as_str()).collect::<Vec<_>>(),
+        [queued.as_str()],
+        "the queued job behind the stale entries"
+    );
+    assert_eq!(
+        capibara_tests::metric(&env.api_url(), "capibara_dispatch_stale_total").await,
+        40
+    );
+}
