@@ -137,9 +137,10 @@ pub struct HandedOut {
 }
 
 /// Hand out the next attempt of each job `popped` to worker `w`, unclaimed, its lease to last
-/// `term` once claimed. The jobs are read from Postgres (one query), not taken from the copies
-/// that rode with their pop: a worker runs what it is given before anything is committed, so
-/// what it is given must be the job as it stands, not as its dispatch wrote it. Jobs that are
+/// `term` once claimed. A worker runs what it is given before anything is committed, so what it
+/// is given must be the job as it stands, not as its dispatch wrote it: a copy that rode with
+/// its pop is handed out only at the job's current version, read from Postgres (one query of
+/// the versions; the rows of the others, [`store::jobs::as_they_stand`]). Jobs that are
 /// not this worker's to run any more are left out (a duplicate delivery, canceled or started
 /// elsewhere meanwhile, another namespace, a kind it did not declare); the rest keep the
 /// pop's order.
@@ -149,11 +150,7 @@ pub async fn hand_out_many(
     popped: Popped,
     term: Duration,
 ) -> Result<Vec<HandedOut>, StoreError> {
-    if popped.ids.is_empty() {
-        return Ok(Vec::new());
-    }
-    let mut jobs = store::jobs::get_many(store.generic_pool(), &popped.ids).await?;
-    jobs.sort_by_key(|j| popped.ids.iter().position(|id| *id == j.id));
+    let jobs = store::jobs::as_they_stand(store.generic_pool(), popped).await?;
     let at = now();
     jobs.into_iter()
         .filter(|j| {

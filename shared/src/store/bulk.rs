@@ -8,7 +8,7 @@ use uuid::Uuid;
 
 use super::{
     events::LogCursor,
-    jobs::{bind_filter, JobFilter, FILTER_WHERE},
+    jobs::{bind_filter, JobFilter, JobRow, FILTER_WHERE},
     Append, Effect, StoreError,
 };
 use crate::domain::{
@@ -130,19 +130,14 @@ pub async fn page(
            AND ($16::uuid IS NULL OR j.id > $16)
          ORDER BY j.id LIMIT $17"
     );
-    let rows: Vec<(Value,)> = bind_filter(sqlx::query_as(&sql), namespace, f)
+    let rows: Vec<JobRow> = bind_filter(sqlx::query_as(&sql), namespace, f)
         .bind(pin.tx_id.to_string())
         .bind(pin.position)
         .bind(after)
         .bind(limit)
         .fetch_all(pool)
         .await?;
-    rows.into_iter()
-        .map(|(v,)| {
-            serde_json::from_value(v)
-                .map_err(|e| StoreError::Internal(format!("jobs row does not decode: {e}")))
-        })
-        .collect()
+    Ok(rows.into_iter().map(|(j,)| j.0).collect())
 }
 
 /// How many jobs an operation matches when it begins (see [`page`]).

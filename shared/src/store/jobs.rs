@@ -1,6 +1,6 @@
 //! Job projection queries, and [`job_append`] which turns job events into an [`Append`].
 
-use std::time::Duration;
+use std::{collections::HashMap, time::Duration};
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
@@ -18,6 +18,7 @@ use crate::domain::{
     job::{Follow, InvalidTransition, Job, JobEvent, JobStatus, Submission},
     DomainEvent, FieldError,
 };
+use crate::queue::Popped;
 
 /// Upsert of whole rows from a JSON array of [`Job`]s (column names = field names).
 pub const UPSERT_JOBS: &str = "
@@ -223,20 +224,19 @@ fn release(prev: Option<&Job>, new: &Job, events: &[JobEvent]) -> Option<Release
     })
 }
 
-fn decode(v: Value) -> Result<Job, StoreError> {
-    serde_json::from_value(v)
-        .map_err(|e| StoreError::Internal(format!("jobs row does not decode: {e}")))
-}
+/// A `to_jsonb(j)` of `jobs`, decoded straight from the row's bytes into a [`Job`] (not through
+/// a `serde_json::Value` tree: that was most of a lease call's read of its jobs).
+pub(crate) type JobRow = (sqlx::types::Json<Job>,);
 
 /// One job of a namespace.
 pub async fn get(pool: &PgPool, namespace: &str, id: Uuid) -> Result<Option<Job>, StoreError> {
-    let row: Option<(Value,)> =
+    let row: Option<JobRow> =
         sqlx::query_as("SELECT to_jsonb(j) FROM jobs j WHERE id = $1 AND namespace = $2")
             .bind(id)
             .bind(namespace)
             .fetch_optional(pool)
             .await?;
-    row.map(|(v,)| decode(v)).transpose()
+    Ok(row.map(|(j,)| j.0))
 }
 
 /// The job waiting out its delay under `debounce_key` in `namespace`, if any (at most one: a
@@ -246,13 +246,13 @@ pub async fn pending_debounce(
     namespace: &str,
     debounce_key: &str,
 ) -> Result<Option<Job>, StoreError> {
-    let row: Option<(Value,)> =
+    let row: Option<JobRow> =
         sqlx::query_as("SELECT to_jsonb(j) FROM jobs j WHERE namespace = $1 AND debounce_key = $2")
             .bind(namespace)
             .bind(debounce_key)
             .fetch_optional(pool)
             .await?;
-    row.map(|(v,)| decode(v)).transpose()
+    Ok(row.map(|(j,)| j.0))
 }
 
 /// Jobs by id, any namespace (workers, housekeeping).
@@ -260,11 +260,45 @@ pub async fn get_many<'c>(
     db: impl sqlx::PgExecutor<'c>,
     ids: &[Uuid],
 ) -> Result<Vec<Job>, StoreError> {
-    let rows: Vec<(Value,)> = sqlx::query_as("SELECT to_jsonb(j) FROM jobs j WHERE id = ANY($1)")
+    let rows: Vec<JobRow> = sqlx::query_as("SELECT to_jsonb(j) FROM jobs j WHERE id = ANY($1)")
         .bind(ids)
         .fetch_all(db)
         .await?;
-    rows.into_iter().map(|(v,)| decode(v)).collect()
+    Ok(rows.into_iter().map(|(j,)| j.0).collect())
+}
+
+/// The jobs `popped` names as they stand, in the pop's order (an id with no row is left out).
+/// A copy that rode with its pop is the job when it is at the job's current version: one read
+/// of the versions instead of the rows, and a row is read only for a job without a copy or
+/// whose copy an append has passed since its dispatch.
+pub async fn as_they_stand(db: &PgPool, popped: Popped) -> Result<Vec<Job>, StoreError> {
+    let Popped {
+        ids, mut carried, ..
+    } = popped;
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let versions: HashMap<Uuid, i64> =
+        sqlx::query_as::<_, (Uuid, i64)>("SELECT id, version FROM jobs WHERE id = ANY($1)")
+            .bind(&ids)
+            .fetch_all(db)
+            .await?
+            .into_iter()
+            .collect();
+    let mut jobs: HashMap<Uuid, Job> = HashMap::with_capacity(ids.len());
+    let mut read = Vec::new();
+    for id in ids.iter().filter(|id| versions.contains_key(id)) {
+        match carried.remove(id) {
+            Some(copy) if Some(&copy.version) == versions.get(id) => {
+                jobs.insert(*id, copy);
+            }
+            _ => read.push(*id),
+        }
+    }
+    if !read.is_empty() {
+        jobs.extend(get_many(db, &read).await?.into_iter().map(|j| (j.id, j)));
+    }
+    Ok(ids.iter().filter_map(|id| jobs.remove(id)).collect())
 }
 
 /// One job by id, any namespace.
@@ -515,12 +549,12 @@ pub async fn list(
            AND ($14::uuid IS NULL OR j.id < $14)
          ORDER BY j.id DESC LIMIT $15"
     );
-    let rows: Vec<(Value,)> = bind_filter(sqlx::query_as(&sql), namespace, f)
+    let rows: Vec<JobRow> = bind_filter(sqlx::query_as(&sql), namespace, f)
         .bind(f.before)
         .bind(limit)
         .fetch_all(pool)
         .await?;
-    rows.into_iter().map(|(v,)| decode(v)).collect()
+    Ok(rows.into_iter().map(|(j,)| j.0).collect())
 }
 
 /// The `max_attempts` each job was submitted with (its `JobSubmitted`): a manual retry's fresh
@@ -544,19 +578,19 @@ pub async fn submitted_max_attempts(
 
 /// Scheduled jobs whose `run_at` has passed, oldest first.
 pub async fn due(pool: &PgPool, limit: i64) -> Result<Vec<Job>, StoreError> {
-    let rows: Vec<(Value,)> = sqlx::query_as(
+    let rows: Vec<JobRow> = sqlx::query_as(
         "SELECT to_jsonb(j) FROM jobs j WHERE status = 'scheduled' AND run_at <= now() ORDER BY run_at LIMIT $1",
     )
     .bind(limit)
     .fetch_all(pool)
     .await?;
-    rows.into_iter().map(|(v,)| decode(v)).collect()
+    Ok(rows.into_iter().map(|(j,)| j.0).collect())
 }
 
 /// Waiting (queued or scheduled) jobs whose `expires_at` or `deadline_at` passed: the
 /// expirer's work.
 pub async fn expiring(pool: &PgPool, limit: i64) -> Result<Vec<Job>, StoreError> {
-    let rows: Vec<(Value,)> = sqlx::query_as(
+    let rows: Vec<JobRow> = sqlx::query_as(
         "SELECT to_jsonb(j) FROM jobs j
           WHERE status IN ('queued', 'scheduled')
             AND (expires_at IS NOT NULL OR deadline_at IS NOT NULL)
@@ -566,7 +600,7 @@ pub async fn expiring(pool: &PgPool, limit: i64) -> Result<Vec<Job>, StoreError>
     .bind(limit)
     .fetch_all(pool)
     .await?;
-    rows.into_iter().map(|(v,)| decode(v)).collect()
+    Ok(rows.into_iter().map(|(j,)| j.0).collect())
 }
 
 /// Queue statistics for `GET /v1/queues`.
